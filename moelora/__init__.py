@@ -1,0 +1,1 @@
+"""moelora: serve Mixture-of-Experts LLMs with many LoRA adapters in one batch."""

@@ -1,0 +1,54 @@
+"""RMSNorm, computed in fp32 and cast back before the weight, as Hugging Face does."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelora.loader.spec import WeightSpec, sharded, whole
+from moelora.parallel import comm
+from moelora.parallel.sharding import shard_range
+from moelora.parallel.state import ParallelState
+
+
+class RMSNorm(nn.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)) over the last dimension."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def weight_specs(self, key: str) -> list[WeightSpec]:
+        return [whole(self.weight, key)]
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a dimension split across TP ranks (OLMoE's q/k norm over the whole projection).
+
+    Each rank holds `size / tp` features; the mean of squares needs the sum over all ranks, so this norm
+    does its own all-reduce of one float per token.
+    """
+
+    def __init__(self, size: int, eps: float, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.size, self.eps, self.ps = size, eps, ps
+        self.cols = shard_range(size, ps.tp_size, ps.tp_rank, "q/k norm size")
+        self.weight = nn.Parameter(
+            torch.empty(self.cols.stop - self.cols.start, dtype=dtype), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(-1, keepdim=True)
+        sum_sq = comm.all_reduce(sum_sq, self.ps)
+        xf = xf * torch.rsqrt(sum_sq / self.size + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def weight_specs(self, key: str) -> list[WeightSpec]:
+        return [sharded(self.weight, key, (self.size,), (self.cols,))]

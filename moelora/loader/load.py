@@ -1,0 +1,77 @@
+"""Fill a model's parameters from a checkpoint, with errors that name the tensor, the file and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from moelora.loader.checkpoint import Checkpoint, CheckpointError
+from moelora.loader.spec import Form, WeightSpec
+
+# Tensors some published checkpoints carry that no model needs (old rotary caches).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MAX_LISTED = 8
+
+
+def _listing(keys: Sequence[str]) -> str:
+    shown = ", ".join(sorted(keys)[:_MAX_LISTED])
+    return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+def _check_unexpected(ckpt: Checkpoint, specs: Sequence[WeightSpec], ignored: set[str]) -> None:
+    known: set[str] = set(ignored)
+    for spec in specs:
+        for form in spec.forms:
+            known |= form.all_claims()
+    extra = [k for k in ckpt.keys() - known if not k.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        raise CheckpointError(
+            f"unexpected tensors in {ckpt.folder}: {_listing(extra)}; the checkpoint does not match its "
+            f"config.json (another architecture or size?)"
+        )
+
+
+def _choose_form(ckpt: Checkpoint, spec: WeightSpec, present: set[str]) -> Form:
+    for form in spec.forms:
+        if all(p.key in present for p in form.pieces):
+            return form
+    missing = [p.key for p in spec.forms[0].pieces if p.key not in present]
+    alternatives = "".join(
+        f"; nor in the {f.name} form ({_listing([p.key for p in f.pieces if p.key not in present])})"
+        for f in spec.forms[1:]
+    )
+    raise CheckpointError(f"missing tensors in {ckpt.folder}: {_listing(missing)}{alternatives}")
+
+
+def _fill(ckpt: Checkpoint, spec: WeightSpec, form: Form) -> None:
+    for piece in form.pieces:
+        found = ckpt.shape(piece.key)
+        if found != piece.shape:
+            raise CheckpointError(
+                f"tensor '{piece.key}' in {ckpt.file_of(piece.key).name} has shape {list(found)}, the model "
+                f"config expects {list(piece.shape)}"
+            )
+        target = spec.param[piece.dst] if piece.dst else spec.param
+        target.copy_(ckpt.read(piece.key, piece.src).to(target.dtype))
+
+
+def load_weights(
+    model: torch.nn.Module,
+    specs: Sequence[WeightSpec],
+    ckpt: Checkpoint,
+    *,
+    ignored: set[str],
+    progress: bool,
+) -> None:
+    """Fill every parameter of `model` from `ckpt` as `specs` say; `ignored` keys may be present unused."""
+    covered = {id(s.param) for s in specs}
+    unfilled = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if unfilled:
+        raise AssertionError(f"model parameters without a weight spec: {unfilled}")
+    _check_unexpected(ckpt, specs, ignored)
+    present = ckpt.keys()
+    with torch.no_grad():
+        for spec in tqdm(specs, desc=f"Loading {ckpt.folder.name}", unit="tensor", disable=not progress):
+            _fill(ckpt, spec, _choose_form(ckpt, spec, present))

@@ -1,0 +1,57 @@
+"""How a parameter is filled from checkpoint tensors: declared by the layers, carried out by the loader.
+
+A layer knows its own sharding, so it states, for each of its parameters, which checkpoint tensors (and
+which slice of each) land where. A parameter may have several on-disk forms (per-expert keys or fused 3-D
+keys); the loader takes the first form whose tensors are all present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+Index = tuple[slice | int, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Checkpoint tensor `key` (of full shape `shape`): its part `src` goes to `param[dst]`."""
+
+    key: str
+    shape: tuple[int, ...]
+    src: tuple[slice, ...] = ()
+    dst: Index = ()
+
+
+@dataclass(frozen=True)
+class Form:
+    """One on-disk form of a parameter.
+
+    `claims` are all the checkpoint keys of this form, including the parts other ranks own, so that a
+    tensor is "unexpected" only when no rank of any layout would read it.
+    """
+
+    name: str
+    pieces: tuple[Piece, ...]
+    claims: frozenset[str] = field(default=frozenset())
+
+    def all_claims(self) -> frozenset[str]:
+        return self.claims | {p.key for p in self.pieces}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    param: torch.Tensor
+    forms: tuple[Form, ...]
+
+
+def whole(param: torch.Tensor, key: str) -> WeightSpec:
+    """The parameter is the checkpoint tensor `key`, unsharded."""
+    return WeightSpec(param, (Form("", (Piece(key, tuple(param.shape)),)),))
+
+
+def sharded(param: torch.Tensor, key: str, full_shape: Iterable[int], src: tuple[slice, ...]) -> WeightSpec:
+    """The parameter is the `src` part of the checkpoint tensor `key` of shape `full_shape`."""
+    return WeightSpec(param, (Form("", (Piece(key, tuple(full_shape), src),)),))

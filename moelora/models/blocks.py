@@ -1,0 +1,154 @@
+"""The blocks every supported family is made of: attention, dense MLP, sparse MoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelora import ops
+from moelora.batch import ForwardBatch
+from moelora.layers.linear import ColumnLinear, OutPart, RowLinear, split_part, whole_part
+from moelora.layers.moe import ExpertNames, FusedMoE, route
+from moelora.layers.norm import RMSNorm, ShardedRMSNorm
+from moelora.layers.rotary import RotaryEmbedding
+from moelora.loader.spec import WeightSpec
+from moelora.models.config import ModelConfig
+from moelora.parallel import comm
+from moelora.parallel.state import ParallelState
+
+
+def kv_part(name: str, cfg: ModelConfig, ps: ParallelState) -> OutPart:
+    """K or V rows of this rank: split by heads, or one head replicated when tp_size > kv heads."""
+    d, kv = cfg.head_dim, cfg.num_kv_heads
+    if kv >= ps.tp_size:
+        if kv % ps.tp_size:
+            raise ValueError(f"tp_size {ps.tp_size} does not divide the {kv} key/value heads")
+        return split_part(name, kv * d, ps)
+    if ps.tp_size % kv:
+        raise ValueError(f"{kv} key/value heads cannot be replicated evenly over tp_size {ps.tp_size}")
+    head = ps.tp_rank * kv // ps.tp_size
+    return OutPart(name, kv * d, slice(head * d, (head + 1) * d))
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention over this rank's heads; returns the all-reduced output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        if cfg.num_heads % ps.tp_size:
+            raise ValueError(f"tp_size {ps.tp_size} does not divide the {cfg.num_heads} attention heads")
+        if cfg.qk_norm == "full" and cfg.num_kv_heads < ps.tp_size:
+            raise ValueError("a q/k norm over the whole projection needs tp_size <= the key/value heads")
+        self.ps, self.head_dim, self.clip = ps, cfg.head_dim, cfg.clip_qkv
+        self.window, self.scale = cfg.sliding_windows[layer], cfg.head_dim**-0.5
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        parts = [split_part("q_proj", q_size, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
+        self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype)
+        self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm: RMSNorm | ShardedRMSNorm | None = None
+        self.k_norm: RMSNorm | ShardedRMSNorm | None = None
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "full":
+            self.q_norm = ShardedRMSNorm(q_size, cfg.rms_norm_eps, ps, dtype)
+            self.k_norm = ShardedRMSNorm(kv_size, cfg.rms_norm_eps, ps, dtype)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.qkv.out_sizes, dim=-1)  # [T, Hq_loc * D], [T, Hkv_loc * D] x2
+        if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        t, d = x.shape[0], self.head_dim
+        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        if self.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
+        out = self.o_proj(o.reshape(t, -1))
+        return comm.all_reduce(out, self.ps)
+
+    def weight_specs(self, prefix: str) -> list[WeightSpec]:
+        specs = self.qkv.weight_specs(prefix) + self.o_proj.weight_specs(prefix)
+        if self.q_norm is not None and self.k_norm is not None:
+            specs += self.q_norm.weight_specs(f"{prefix}.q_norm.weight")
+            specs += self.k_norm.weight_specs(f"{prefix}.k_norm.weight")
+        return specs
+
+
+class DenseMLP(nn.Module):
+    """silu(gate(x)) * up(x) -> down, split over TP by the intermediate size; returns the partial sum."""
+
+    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        parts = [split_part("gate_proj", inter, ps), split_part("up_proj", inter, ps)]
+        self.gate_up = ColumnLinear(hidden, parts, False, dtype)
+        self.down = RowLinear("down_proj", inter, hidden, False, ps, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def weight_specs(self, prefix: str) -> list[WeightSpec]:
+        return self.gate_up.weight_specs(prefix) + self.down.weight_specs(prefix)
+
+
+class DenseBlock(nn.Module):
+    """A dense MLP layer: the MLP and its all-reduce."""
+
+    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ps, self.mlp = ps, DenseMLP(hidden, inter, ps, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(self.mlp(x), self.ps)
+
+    def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
+        return self.mlp.weight_specs(prefixes[0])
+
+
+class SparseMoeBlock(nn.Module):
+    """Router, this rank's experts, the optional gated shared expert, and one all-reduce of their sum."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ps, self.top_k = ps, cfg.top_k
+        self.renormalize, self.fp32_weights = cfg.norm_topk_prob, cfg.router_fp32_weights
+        self.router = ColumnLinear(cfg.hidden_size, [whole_part("gate", cfg.num_experts)], False, dtype)
+        self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype)
+        self.shared: DenseMLP | None = None
+        self.shared_gate: ColumnLinear | None = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ps, dtype)
+            self.shared_gate = ColumnLinear(
+                cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, global_ids = route(self.router(x), self.top_k, self.renormalize, self.fp32_weights)
+        out = self.experts(x, weights, global_ids)
+        if self.shared is not None and self.shared_gate is not None:
+            # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return comm.all_reduce(out, self.ps)
+
+    def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
+        """Specs whose forms cover every accepted block name (Mixtral: block_sparse_moe or mlp)."""
+        per_prefix = [self._specs(p, names) for p in prefixes]
+        groups = zip(*per_prefix, strict=True)
+        return [WeightSpec(g[0].param, tuple(f for s in g for f in s.forms)) for g in groups]
+
+    def _specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:
+        specs = self.router.weight_specs(prefix) + self.experts.weight_specs(f"{prefix}.experts", names)
+        if self.shared is not None and self.shared_gate is not None:
+            specs += self.shared.weight_specs(f"{prefix}.shared_expert") + self.shared_gate.weight_specs(
+                prefix
+            )
+        return specs

@@ -1,0 +1,113 @@
+"""The architecture facts a model needs, read once from a Hugging Face config into a frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+QKNorm = Literal["none", "head", "full"]
+
+# RoPE variants whose frequencies depend on the sequence length at run time.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model code reads; layers get plain values from it, never the HF config."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_inv_freq: tuple[float, ...]
+    rope_attention_scaling: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: QKNorm
+    clip_qkv: float | None
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full causal attention
+    moe_layers: tuple[bool, ...]  # per layer; False = dense MLP
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    dense_intermediate_size: int
+    shared_expert_intermediate_size: int  # 0 = no shared expert
+    norm_topk_prob: bool
+    router_fp32_weights: bool
+    dtype: torch.dtype  # the checkpoint's own dtype
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
+            raise ValueError("moe_layers and sliding_windows need one entry per layer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of {self.num_kv_heads}")
+        if any(self.moe_layers) and not 0 < self.top_k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.top_k} must be in [1, num_experts={self.num_experts}]"
+            )
+
+
+def rope_from_hf(hf: Any) -> tuple[tuple[float, ...], float]:
+    """(inv_freq, attention scaling) from `rope_parameters` or the older `rope_theta` / `rope_scaling`."""
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if rope_type == "default":
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (float(params["rope_theta"]) ** exponent)
+        return tuple(inv_freq.tolist()), 1.0
+    if rope_type in _DYNAMIC_ROPE:
+        raise ValueError(f"rope_type '{rope_type}' changes with sequence length and is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"unknown rope_type '{rope_type}' (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})"
+        )
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    return tuple(inv_freq.float().tolist()), float(scaling)
+
+
+def checkpoint_dtype(raw: dict[str, Any]) -> torch.dtype:
+    """The dtype config.json declares (`dtype`, or `torch_dtype` in older files); float32 if none."""
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config.json declares dtype '{name}', which is not a floating-point torch dtype")
+    return dtype
+
+
+def eos_ids(hf: Any) -> tuple[int, ...]:
+    eos = getattr(hf, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def sparse_layers(hf: Any) -> tuple[bool, ...]:
+    """Qwen's rule: layer i is MoE unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf, "mlp_only_layers", None) or [])
+    n_exp = num_experts_of(hf)
+    return tuple(i not in dense and n_exp > 0 and (i + 1) % step == 0 for i in range(hf.num_hidden_layers))
+
+
+def num_experts_of(hf: Any) -> int:
+    """Official Qwen configs say `num_experts`, transformers 5 writes `num_local_experts`: read both."""
+    for name in ("num_experts", "num_local_experts"):
+        value = getattr(hf, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("config.json has neither 'num_experts' nor 'num_local_experts'")

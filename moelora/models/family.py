@@ -1,0 +1,56 @@
+"""What distinguishes one model family: how its config is read and how its checkpoint names things."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from moelora.layers.moe import ExpertNames
+from moelora.models.config import ModelConfig, checkpoint_dtype, eos_ids, num_experts_of, rope_from_hf
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registry entry: HF architecture names, the config reader, and checkpoint naming."""
+
+    name: str
+    architectures: tuple[str, ...]
+    read_config: Callable[[Any, dict[str, Any]], ModelConfig]
+    moe_prefixes: tuple[str, ...] = ("mlp",)  # checkpoint name of the MoE block, first one preferred
+    expert_names: ExpertNames = field(default_factory=ExpertNames)
+
+
+def common_fields(hf: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """The config fields every supported family reads the same way."""
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act '{hf.hidden_act}' is not supported (only silu)")
+    inv_freq, scaling = rope_from_hf(hf)
+    return {
+        "architecture": raw["architectures"][0],
+        "vocab_size": hf.vocab_size,
+        "hidden_size": hf.hidden_size,
+        "num_layers": hf.num_hidden_layers,
+        "num_heads": hf.num_attention_heads,
+        "num_kv_heads": getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        "rms_norm_eps": hf.rms_norm_eps,
+        "rope_inv_freq": inv_freq,
+        "rope_attention_scaling": scaling,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
+        "sliding_windows": sliding_windows(hf),
+        "num_experts": num_experts_of(hf),
+        "top_k": hf.num_experts_per_tok,
+        "dtype": checkpoint_dtype(raw),
+        "eos_token_ids": eos_ids(hf),
+    }
+
+
+def sliding_windows(hf: Any) -> tuple[int | None, ...]:
+    """Per-layer window: from `layer_types` where the config has them, else one window (or none) for all."""
+    window = getattr(hf, "sliding_window", None) or None
+    types = getattr(hf, "layer_types", None)
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (window,) * hf.num_hidden_layers

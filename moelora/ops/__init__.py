@@ -1,0 +1,35 @@
+"""Compute ops with one signature each; the backend is chosen here and nowhere else.
+
+Every op has a PyTorch implementation in `ops/torch/` (the CPU path and the test oracle); GPU kernels in
+`ops/triton/` share the signature. Model code calls these functions and never imports Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelora.ops.torch import attention as _torch_attention
+from moelora.ops.torch import moe as _torch_moe
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics."""
+    return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`."""
+    return _torch_attention.prefill_attention(q, k, v, seq_lens, scale, window)

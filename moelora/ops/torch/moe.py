@@ -1,0 +1,50 @@
+"""PyTorch twin of the routed-expert MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts of one MoE layer on this rank.
+
+    Shapes: T tokens, k choices, H hidden, E_loc local experts, I_loc this rank's intermediate size.
+    x [T, H]; w_gate_up [E_loc, 2 * I_loc, H] (rows :I_loc gate, I_loc: up); w_down [E_loc, H, I_loc];
+    local_ids [T, k] int (local expert ids); weights [T, k] (router weights, any float dtype).
+
+    Semantics: for token t and choice j with e = local_ids[t, j] in [0, E_loc) (any other id, -1 for
+    experts of other ranks included, contributes nothing):
+        g, u = split(w_gate_up[e] @ x[t]);  h = silu(g) * u;  d = w_down[e] @ h
+        y[t] += weights[t, j] * d
+    The sum is accumulated in fp32; y [T, H] has x's dtype.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, inter = w_down.shape[0], w_down.shape[2]
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    ids = local_ids.reshape(-1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    pair = valid.nonzero().squeeze(1)  # (token, choice) pairs that run here
+    if pair.numel() == 0:
+        return out.to(x.dtype)
+    sorted_ids, order = ids[pair].sort(stable=True)
+    pair = pair[order]
+    counts = torch.bincount(sorted_ids, minlength=num_experts).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = pair[start : start + n]
+        start += n
+        tok = rows // local_ids.shape[1]
+        gate_up = F.linear(x[tok], w_gate_up[e])
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        d = F.linear(h, w_down[e])
+        out.index_add_(0, tok, (d * weights.reshape(-1)[rows, None]).float())
+    return out.to(x.dtype)
