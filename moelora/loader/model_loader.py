@@ -1,0 +1,93 @@
+"""Build a model from a checkpoint folder: read config.json, pick the family, allocate, fill the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelora.loader.checkpoint import Checkpoint, CheckpointError
+from moelora.loader.load import load_weights
+from moelora.models.config import ModelConfig
+from moelora.models.decoder import MoeForCausalLM
+from moelora.models.family import Family
+from moelora.models.registry import family_for
+from moelora.parallel.state import ParallelState
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def read_model_config(folder: Path) -> tuple[ModelConfig, Family]:
+    """The family and the ModelConfig of the checkpoint in `folder`; clear errors for bad config.json."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {folder}: is it a Hugging Face model folder?")
+    try:
+        raw: Any = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    family = family_for(raw.get("architectures"), str(path))
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(folder))
+        return family.read_config(hf, raw), family
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path} cannot be read as a {family.name} config: {e}") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """'auto' is the checkpoint's own dtype; otherwise one of float32, bfloat16, float16."""
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype == "auto":
+        chosen = checkpoint_dtype
+    elif dtype in _DTYPES:
+        chosen = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPE_CHOICES)}")
+    if chosen not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {chosen} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+    return chosen
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' is the first CUDA device if there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for but torch sees no CUDA device")
+    return chosen
+
+
+def load_model(
+    folder: Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    ps: ParallelState | None = None,
+    progress: bool = True,
+) -> MoeForCausalLM:
+    """This rank's share of the model in `folder`, weights read lazily straight into place."""
+    cfg, family = read_model_config(folder)
+    chosen_dtype = resolve_dtype(dtype, cfg.dtype)
+    chosen_device = resolve_device(device)
+    with Checkpoint(folder) as ckpt:
+        with torch.device(chosen_device):
+            model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
+        load_weights(model, model.weight_specs(), ckpt, ignored=model.ignored_keys(), progress=progress)
+    return model.eval()

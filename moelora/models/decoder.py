@@ -1,0 +1,88 @@
+"""The decoder-only MoE language model every supported family is: embeddings, layers, final norm, LM head."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from moelora.batch import ForwardBatch
+from moelora.layers.embedding import LMHead, VocabEmbedding
+from moelora.layers.norm import RMSNorm
+from moelora.layers.rotary import RotaryEmbedding
+from moelora.loader.spec import WeightSpec
+from moelora.models.blocks import DenseBlock, SelfAttention, SparseMoeBlock
+from moelora.models.config import ModelConfig
+from moelora.models.family import Family
+from moelora.parallel.state import ParallelState
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(.)) where mlp is a dense MLP or a sparse MoE block."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = SelfAttention(cfg, layer, ps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp: DenseBlock | SparseMoeBlock
+        if cfg.moe_layers[layer]:
+            self.mlp = SparseMoeBlock(cfg, ps, dtype)
+        else:
+            self.mlp = DenseBlock(cfg.hidden_size, cfg.dense_intermediate_size, ps, dtype)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def weight_specs(self, prefix: str, family: Family) -> list[WeightSpec]:
+        names = family.moe_prefixes if isinstance(self.mlp, SparseMoeBlock) else ("mlp",)
+        mlp_prefixes = tuple(f"{prefix}.{n}" for n in names)
+        return [
+            *self.input_layernorm.weight_specs(f"{prefix}.input_layernorm.weight"),
+            *self.self_attn.weight_specs(f"{prefix}.self_attn"),
+            *self.post_attention_layernorm.weight_specs(f"{prefix}.post_attention_layernorm.weight"),
+            *self.mlp.weight_specs(mlp_prefixes, family.expert_names),
+        ]
+
+
+class MoeForCausalLM(nn.Module):
+    """One rank's share of the model. forward: token ids [T] -> final hidden states [T, H]."""
+
+    def __init__(self, cfg: ModelConfig, family: Family, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg, self.family, self.ps, self.dtype = cfg, family, ps, dtype
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ps, dtype)
+        self.rotary = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ps, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = LMHead(self.embed_tokens, cfg.tie_word_embeddings, dtype)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.decoder_layers():
+            x = layer(x, batch, cos, sin)
+        return self.norm(x)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> fp32 logits [N, vocab] over the full vocabulary (gathered across TP)."""
+        return self.lm_head(hidden)
+
+    def weight_specs(self) -> list[WeightSpec]:
+        specs = self.embed_tokens.weight_specs("model.embed_tokens.weight")
+        for i, layer in enumerate(self.decoder_layers()):
+            specs += layer.weight_specs(f"model.layers.{i}", self.family)
+        specs += self.norm.weight_specs("model.norm.weight")
+        specs += self.lm_head.weight_specs("lm_head.weight")
+        return specs
+
+    def ignored_keys(self) -> set[str]:
+        """Checkpoint keys that may be present but are not read (a tied checkpoint's saved LM head)."""
+        return {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()

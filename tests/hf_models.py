@@ -1,0 +1,128 @@
+"""Tiny random models of each supported family, built with Hugging Face transformers (the reference).
+
+Weights are random, with the LM head and routers scaled so that logits and expert choices have clear
+margins: rounding differences then cannot flip a greedy token or an expert choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+VOCAB = 160
+
+COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+}
+
+
+def family_configs() -> dict[str, Any]:
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    return {
+        # Dense layer 1 via mlp_only_layers; linear RoPE scaling from rope_parameters; untied head.
+        "qwen3_moe": Qwen3MoeConfig(
+            **COMMON,
+            head_dim=16,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+        ),
+        # Only layer 1 is sparse (decoder_sparse_step=2); shared expert; no top-k renormalisation.
+        "qwen2_moe": Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+        # Tied embeddings, fp32 routing weights, experts w1/w3/w2.
+        "mixtral": MixtralConfig(
+            **COMMON,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=True,
+        ),
+        # q/k norm over the whole projection, clip_qkv.
+        "olmoe": OlmoeConfig(
+            **COMMON,
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=3,
+            clip_qkv=1.5,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    }
+
+
+FAMILIES = tuple(family_configs())
+
+
+def build_hf_model(family: str, seed: int = 0) -> Any:
+    """A random fp32 transformers model of `family`, with eager attention and experts."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = family_configs()[family]
+    model = AutoModelForCausalLM.from_config(
+        cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2)  # not all ones, so a wrong norm shows
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.2)
+            if name.endswith(("mlp.gate.weight", "router.weight")) or ".gate.weight" in name:
+                p.mul_(6.0)  # router margins
+        model.lm_head.weight.mul_(2.0 if cfg.tie_word_embeddings else 8.0)
+    return model.eval()
+
+
+def save_per_expert(model: Any, folder: Path, **kwargs: Any) -> Path:
+    """The checkpoint as transformers saves it: per-expert keys (kwargs: e.g. max_shard_size)."""
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def save_fused(model: Any, folder: Path) -> Path:
+    """The same weights with fused 3-D expert keys (`experts.gate_up_proj`, `experts.down_proj`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    assert any(k.endswith("experts.gate_up_proj") for k in state), "transformers no longer fuses experts"
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+@torch.no_grad()
+def hf_logprobs(model: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """log-softmax of the reference model's logits, one sequence at a time (no padding involved)."""
+    return [model(torch.tensor([s])).logits[0].float().log_softmax(-1) for s in seqs]

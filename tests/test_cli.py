@@ -1,0 +1,37 @@
+"""The `moelora` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from moelora.cli import build_parser, main
+
+
+def test_forward_on_demo_prints_top_tokens(capsys):
+    assert main(["forward", "demo", "--prompt", "Hello", "--prompt", "The weather", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("prompt: ") == 2
+    probs = [float(line.split()[0]) for line in out.splitlines() if line.startswith("  ")]
+    assert len(probs) == 6 and all(0 < p <= 1 for p in probs)
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    assert main(["forward", str(tmp_path / "absent"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_flags_come_from_config_fields():
+    args = build_parser().parse_args(["forward", "--dtype", "bfloat16", "--no-progress", "--seed", "3"])
+    assert (args.model, args.dtype, args.progress, args.seed) == ("demo", "bfloat16", False, 3)
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "moelora.cli", "forward", "--no-progress", "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prompt: 'Hi'" in result.stdout
