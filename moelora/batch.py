@@ -7,17 +7,37 @@ from dataclasses import dataclass
 
 import torch
 
+from moelora.cache.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """Where this step's keys and values are written, and which cached ones each sequence reads.
+
+    cache: the paged K/V tensors of every layer.
+    slot_mapping [T] int64: cache slot (block * block_size + offset) of each new token.
+    block_tables [B, max_blocks] int32: each sequence's blocks in order (padded with 0).
+    kv_lens: per sequence, the tokens in the cache after this step's writes (context + new).
+    """
+
+    cache: KVCache
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    kv_lens: tuple[int, ...]
+
 
 @dataclass(frozen=True)
 class ForwardBatch:
     """A batch of B sequences flattened to T tokens, in sequence order.
 
     positions [T] int64: position of each token within its sequence.
-    seq_lens: the B sequence lengths (host side; they sum to T).
+    seq_lens: the B query lengths, the tokens each sequence runs this step (host side; they sum to T).
+    kv: the paged KV cache and its metadata; None for a cacheless forward of whole sequences.
     """
 
     positions: torch.Tensor
     seq_lens: tuple[int, ...]
+    kv: PagedKV | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -25,7 +45,7 @@ class ForwardBatch:
 
     @staticmethod
     def prefill(seq_lens: Sequence[int], device: torch.device | str = "cpu") -> ForwardBatch:
-        """Whole sequences from position 0."""
+        """Whole sequences from position 0, without a KV cache."""
         if not seq_lens or min(seq_lens) < 1:
             raise ValueError(f"every sequence needs at least one token, got lengths {list(seq_lens)}")
         positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in seq_lens]).to(device)

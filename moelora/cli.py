@@ -8,7 +8,28 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moelora.config import ModelArgs
+from moelora.config import EngineArgs, ModelArgs, ParallelArgs
+from moelora.sampling_params import SamplingParams
+
+_SAMPLING_HELP = {
+    "n": "completions per prompt",
+    "temperature": "softmax temperature; 0 = greedy",
+    "top_p": "nucleus sampling mass",
+    "top_k": "keep the k likeliest tokens; -1 = off",
+    "min_p": "drop tokens below min_p x the likeliest one's probability",
+    "repetition_penalty": "penalty for tokens of the prompt and output; 1 = off",
+    "presence_penalty": "subtracted from logits of tokens already generated",
+    "frequency_penalty": "subtracted per occurrence in the output",
+    "seed": "per-request sampling seed",
+    "max_tokens": "most tokens to generate",
+    "min_tokens": "no EOS or stop token before this many tokens",
+    "stop": "stop string, excluded from the text (repeatable)",
+    "stop_token_ids": "token id that stops generation (repeatable)",
+    "ignore_eos": "keep generating after EOS",
+    "logprobs": "print the top-N log-probs of each generated token",
+    "prompt_logprobs": "top-N log-probs of each prompt token",
+    "skip_special_tokens": "leave special tokens out of the text",
+}
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: Sequence[str] = ()) -> None:
@@ -25,8 +46,43 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: S
             continue
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
-        kind = type(default) if default is not None else str
+        kind = _field_type(f)
         parser.add_argument(*flags, dest=f.name, type=kind, default=default, **kwargs)
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    """int, float or str from the field's annotation (`int | None` -> int)."""
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    for name, kind in (("int", int), ("float", float)):
+        if annotation.split(" | ")[0] == name:
+            return kind
+    return str
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for SamplingParams (`--sampling-seed` for its seed: `--seed` is the engine's)."""
+    for f in dataclasses.fields(SamplingParams):
+        flag = "--sampling-seed" if f.name == "seed" else f"--{f.name.replace('_', '-')}"
+        kwargs: dict[str, Any] = {
+            "dest": f"sp_{f.name}",
+            "default": f.default,
+            "help": _SAMPLING_HELP[f.name],
+        }
+        if f.name in ("stop", "stop_token_ids"):
+            kwargs["default"] = None
+            parser.add_argument(
+                flag, action="append", type=int if f.name == "stop_token_ids" else str, **kwargs
+            )
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, type=_field_type(f), **kwargs)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        **{f.name: getattr(args, f"sp_{f.name}") for f in dataclasses.fields(SamplingParams)}
+    )
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -44,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(forward, ModelArgs, positional=("model",))
     forward.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     forward.add_argument("--top", type=int, default=5, help="how many next tokens to print (default: 5)")
+    generate = commands.add_parser("generate", help="generate completions of one or more prompts")
+    add_dataclass_args(generate, ModelArgs, positional=("model",))
+    add_dataclass_args(generate, ParallelArgs)
+    add_dataclass_args(generate, EngineArgs)
+    add_sampling_args(generate)
+    generate.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    generate.set_defaults(sp_max_tokens=32)
     return parser
 
 
@@ -61,11 +125,44 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from moelora.llm import LLM
+
+    margs: ModelArgs = from_args(ModelArgs, args)
+    pargs: ParallelArgs = from_args(ParallelArgs, args)
+    eargs: EngineArgs = from_args(EngineArgs, args)
+    params = sampling_from_args(args)
+    prompts = args.prompt or ["The weather today is"]
+    with LLM(
+        margs.model,
+        dtype=margs.dtype,
+        device=margs.device,
+        seed=margs.seed,
+        progress=margs.progress,
+        tp_size=pargs.tp_size,
+        ep_size=pargs.ep_size,
+        **dataclasses.asdict(eargs),
+    ) as llm:
+        if args.chat:
+            prompts = [llm.chat_prompt(p) for p in prompts]
+        for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+            print(f"prompt: {prompt!r}")
+            for c in out.outputs:
+                label = f"[{c.index}] " if len(out.outputs) > 1 else ""
+                print(f"{label}completion ({c.finish_reason}, {len(c.token_ids)} tokens): {c.text!r}")
+                for tok, lps in zip(c.token_ids, c.logprobs or [], strict=False):
+                    top = ", ".join(f"{llm.decode([t])!r}: {v:.3f}" for t, v in lps.items())
+                    print(f"    {llm.decode([tok])!r} <- {{{top}}}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "forward":
             return _forward(args)
+        if args.command == "generate":
+            return _generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"moelora: error: {e}", file=sys.stderr)
         return 2

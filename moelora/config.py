@@ -28,3 +28,44 @@ class ModelArgs:
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     seed: int = option(0, "random seed for everything the model does")
     progress: bool = option(True, "show a progress bar while loading")
+
+
+@dataclass(frozen=True)
+class ParallelArgs:
+    """How the model is split over processes (tensor and expert parallelism)."""
+
+    tp_size: int = option(
+        1, "tensor-parallel processes (attention heads, MLPs, vocabulary)", aliases=("--tp",)
+    )
+    ep_size: int = option(1, "expert-parallel groups the routed experts are split over", aliases=("--ep",))
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The KV cache and the scheduler."""
+
+    max_model_len: int | None = option(
+        None, "longest prompt + completion in tokens; default: the model's limit, capped by the KV cache"
+    )
+    block_size: int = option(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = option(None, "number of KV cache blocks (overrides --kv-cache-memory)")
+    kv_cache_memory: float | None = option(
+        None,
+        "KV cache budget: bytes if > 1, else a fraction of free device memory; "
+        "default 0.8 of free memory on CUDA, on CPU what max_num_seqs x max_model_len needs up to 1 GiB",
+    )
+    max_num_seqs: int = option(256, "most sequences in one step")
+    max_num_batched_tokens: int | None = option(
+        None, "most tokens in one step (prefill chunks are whole prompts); default max(8192, max_model_len)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "num_kv_blocks", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,12 @@ from typing import Any
 import torch
 
 from moelora.batch import ForwardBatch
-from moelora.config import ModelArgs
+from moelora.config import EngineArgs, ModelArgs, ParallelArgs
+from moelora.engine.engine import Engine
 from moelora.loader.model_loader import load_model
 from moelora.loader.resolve import resolve_model
+from moelora.outputs import RequestOutput
+from moelora.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -27,6 +32,36 @@ def load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def generation_eos_ids(folder: Path) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (official checkpoints list more there than in config.json)."""
+    path = folder / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ()
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # one prompt of token ids
+    return items
+
+
+def _per_prompt(value: Any, n: int, name: str, kind: type) -> list[Any]:
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts: give one, or one per prompt")
+    return values
+
+
 class LLM:
     """A loaded model. `LLM("demo")` needs no download; a folder or a cached Hugging Face id works too.
 
@@ -39,15 +74,38 @@ class LLM:
         *,
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
+        max_model_len: int | None = None,
         seed: int = 0,
+        tp_size: int = 1,
+        ep_size: int = 1,
         progress: bool = True,
+        **engine_args: Any,
     ) -> None:
+        """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...)."""
         self.args = ModelArgs(model=str(model), dtype=str(dtype), device=device, seed=seed, progress=progress)
+        self.parallel = ParallelArgs(tp_size=tp_size, ep_size=ep_size)
+        if (tp_size, ep_size) != (1, 1):
+            raise ValueError(
+                f"tp_size={tp_size}, ep_size={ep_size}: the multi-process launcher is not implemented yet; "
+                f"this version runs tp_size=1, ep_size=1 only"
+            )
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments {unknown}; engine arguments are {sorted(known)}")
+        self.engine_args = EngineArgs(max_model_len=max_model_len, **engine_args)
         self.model_path = resolve_model(model)
         torch.manual_seed(seed)
         self.model = load_model(self.model_path, dtype=dtype, device=device, progress=progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            self.engine_args,
+            seed=seed,
+            eos_token_ids=generation_eos_ids(self.model_path),
+        )
 
     def __enter__(self) -> LLM:
         return self
@@ -56,7 +114,10 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Drop the model; further calls fail."""
+        """Stop the engine (running requests end with an error) and drop the model; further calls fail."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.shutdown()
         self.__dict__.pop("model", None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -77,6 +138,13 @@ class LLM:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return ids
 
+    def chat_prompt(self, user_message: str) -> str:
+        """The prompt text for one user turn, through the tokenizer's chat template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_path} has no chat template")
+        messages = [{"role": "user", "content": user_message}]
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (`<id>` placeholders when the model folder has no tokenizer)."""
         if self.tokenizer is None:
@@ -96,6 +164,30 @@ class LLM:
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(self.model(ids, batch)).cpu()
         return list(logits.split(batch.seq_lens))
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (one batch, continuously scheduled); outputs in prompt order.
+
+        prompts: a string, a list of token ids, or a list of either. sampling_params: one for all prompts
+        or one per prompt. lora: None (base model), an adapter name, or one per prompt.
+        """
+        batch = _as_prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(batch), "sampling_params", SamplingParams)
+        loras = _per_prompt(lora, len(batch), "lora", str)
+        streams = []
+        try:
+            for prompt, sp, name in zip(batch, params, loras, strict=True):
+                streams.append(self.engine.submit_stream(prompt, sp or SamplingParams(), name))
+        except BaseException:
+            for stream in streams:
+                self.engine.abort(stream.request_id)
+            raise
+        return [s.result() for s in streams]
 
     def top_next_tokens(self, prompts: Sequence[Prompt], k: int = 5) -> list[list[tuple[str, float]]]:
         """For each prompt, the k likeliest next tokens and their probabilities."""

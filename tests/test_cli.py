@@ -35,3 +35,23 @@ def test_console_script_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "prompt: 'Hi'" in result.stdout
+
+
+def test_generate_on_demo(capsys):
+    argv = ["generate", "--no-progress", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "5"]
+    assert main([*argv, "--logprobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "completion (length, 5 tokens)" in out and out.count(" <- {") == 5
+
+
+def test_generate_flags_from_dataclasses():
+    args = build_parser().parse_args(
+        ["generate", "m", "--tp", "2", "--ep", "1", "--num-kv-blocks", "9", "--stop", "a", "--stop", "b"]
+    )
+    assert (args.model, args.tp_size, args.ep_size, args.num_kv_blocks) == ("m", 2, 1, 9)
+    assert args.sp_stop == ["a", "b"] and args.max_model_len is None
+
+
+def test_generate_bad_sampling_is_a_clear_error(capsys):
+    assert main(["generate", "--no-progress", "--temperature", "-2"]) == 2
+    assert "temperature" in capsys.readouterr().err

@@ -40,11 +40,12 @@ class SelfAttention(nn.Module):
             raise ValueError(f"tp_size {ps.tp_size} does not divide the {cfg.num_heads} attention heads")
         if cfg.qk_norm == "full" and cfg.num_kv_heads < ps.tp_size:
             raise ValueError("a q/k norm over the whole projection needs tp_size <= the key/value heads")
-        self.ps, self.head_dim, self.clip = ps, cfg.head_dim, cfg.clip_qkv
+        self.ps, self.layer, self.head_dim, self.clip = ps, layer, cfg.head_dim, cfg.clip_qkv
         self.window, self.scale = cfg.sliding_windows[layer], cfg.head_dim**-0.5
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         parts = [split_part("q_proj", q_size, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
         self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype)
+        self.kv_heads = parts[1].size // cfg.head_dim  # this rank's KV heads (the KV cache's width)
         self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype)
         self.qk_norm = cfg.qk_norm
         self.q_norm: RMSNorm | ShardedRMSNorm | None = None
@@ -71,7 +72,15 @@ class SelfAttention(nn.Module):
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
-        o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
+        if batch.kv is None:
+            o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
+        else:
+            kv = batch.kv
+            k_cache, v_cache = kv.cache.k[self.layer], kv.cache.v[self.layer]
+            ops.write_kv(k, v, k_cache, v_cache, kv.slot_mapping)
+            o = ops.paged_attention(
+                q, k_cache, v_cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale, self.window
+            )
         out = self.o_proj(o.reshape(t, -1))
         return comm.all_reduce(out, self.ps)
 

@@ -33,3 +33,26 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`."""
     return _torch_attention.prefill_attention(q, k, v, seq_lens, scale, window)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values in the paged cache; see `moelora.ops.torch.attention.write_kv`."""
+    _torch_attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`."""
+    return _torch_attention.paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window
+    )

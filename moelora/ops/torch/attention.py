@@ -40,3 +40,55 @@ def prefill_attention(
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
         out[sl] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's keys and values in the paged cache.
+
+    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64.
+    Semantics: cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t] (and v), for every token t.
+    """
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached keys and values (prefill or decode).
+
+    Shapes: q [T, Hq, D] (sequences back to back, seq_lens[b] new tokens each); k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] already holding this step's keys; block_tables [B, max_blocks] int32;
+    kv_lens[b] = tokens of sequence b in the cache, the new ones last. -> o [T, Hq, D].
+
+    Semantics: the new tokens of sequence b sit at positions kv_lens[b] - seq_lens[b] + i; the query at
+    position p attends key position j iff j <= p and (window is None or p - j < window), with
+    score = scale * q.k; o = softmax(score) @ v, softmax in fp32. Query head h reads KV head h // (Hq / Hkv).
+    """
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    start = 0
+    for b, (n, total) in enumerate(zip(seq_lens, kv_lens, strict=True)):
+        blocks = block_tables[b, : (total + block_size - 1) // block_size].long()
+        ks = k_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vs = v_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        qs = q[start : start + n].transpose(0, 1).float()  # [Hq, n, D]
+        pos = torch.arange(total - n, total, device=q.device)[:, None]
+        key = torch.arange(total, device=q.device)[None, :]
+        allowed = key <= pos
+        if window is not None:
+            allowed &= (pos - key) < window
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        out[start : start + n] = o.transpose(0, 1).to(q.dtype)
+        start += n
+    return out

@@ -1,0 +1,1 @@
+"""Device memory pools: the paged KV cache (and, with multi-LoRA, the adapter slots)."""

@@ -1,0 +1,76 @@
+"""The paged KV cache: fixed-size blocks of keys and values per layer, and the allocator of those blocks."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+
+class OutOfBlocksError(RuntimeError):
+    """The allocator has fewer free blocks than asked for (the scheduler checks first; this is a bug)."""
+
+
+class BlockAllocator:
+    """Hands out block ids in [0, num_blocks); a block is owned by at most one sequence at a time."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise AssertionError(f"KV block {b} freed twice or never allocated")
+            self._used.remove(b)
+            self._free.append(b)
+
+
+class KVCache:
+    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim] each, for this rank's KV heads."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * kv_heads * head_dim * itemsize
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return math.ceil(num_tokens / block_size)

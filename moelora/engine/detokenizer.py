@@ -1,0 +1,105 @@
+"""Token ids -> streamed text, a token at a time, with stop strings cut out and never half-streamed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Prompt tokens decoded along with the first generated ones: tokenizers such as SentencePiece drop the
+# leading space of the first token of a decode, so a token's text is only right after some context.
+_PROMPT_CONTEXT = 5
+_INCOMPLETE = "\ufffd"  # what a decode ends with while a multi-byte character is still split
+
+
+class IncrementalDetokenizer:
+    """Decodes one sequence's generated tokens incrementally (the prefix/read offset technique).
+
+    Each add() decodes only the window ids[prefix:] against ids[prefix:read]: `read` is where the
+    emitted text ends, `prefix` a few tokens before it for context. New text is taken only once the
+    window's decode does not end in U+FFFD, so a character split over tokens comes out whole.
+
+    The trailing characters that could begin a stop string are held back, so a stop string is never
+    streamed in part. Invariant: the add() returns plus finish() concatenate to `text`, which is
+    tokenizer.decode(generated ids, skip_special_tokens=...) unless a stop string cut it (for tokenizers
+    that decode a token's text independently of what precedes it, such as byte-level BPE).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any | None,
+        prompt_token_ids: Sequence[int],
+        stop: Sequence[str],
+        skip_special_tokens: bool,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if any(not s for s in self._stop):
+            raise ValueError(f"stop strings must be non-empty, got {self._stop!r}")
+        self._skip_special_tokens = skip_special_tokens
+        self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])  # context, then the generated ids
+        self._read = len(self._ids)
+        self._prefix = 0
+        if tokenizer is not None and self._decode(0, self._read).endswith(_INCOMPLETE):
+            self._prefix = self._read  # context ending inside a character would shift the text: use none
+        self._text = ""  # generated text decoded so far, cut before a stop string once one appears
+        self._emitted = 0  # length of the prefix of _text already returned
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string appeared in the generated text; later tokens are ignored."""
+        return self._stopped
+
+    @property
+    def text(self) -> str:
+        """All generated text so far, stop string excluded (held-back text included)."""
+        return self._text
+
+    def add(self, token_id: int) -> str:
+        """Append a generated token; return the text that became final (often "")."""
+        if self._tokenizer is None or self._stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._prefix, self._read)
+        window_text = self._decode(self._prefix, len(self._ids))
+        if len(window_text) <= len(prefix_text) or window_text.endswith(_INCOMPLETE):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._extend(window_text[len(prefix_text) :], hold_back=True)
+
+    def finish(self) -> str:
+        """Return the text still held back (pending partial characters included); call once at the end."""
+        if self._tokenizer is None or self._stopped:
+            return ""
+        prefix_text = self._decode(self._prefix, self._read)
+        window_text = self._decode(self._prefix, len(self._ids))
+        self._prefix = self._read = len(self._ids)
+        return self._extend(window_text[len(prefix_text) :], hold_back=False)
+
+    def _extend(self, new_text: str, hold_back: bool) -> str:
+        """Add decoded text, cut at the first stop string, and return what can be streamed now."""
+        start = max(0, len(self._text) - max((len(s) for s in self._stop), default=0) + 1)
+        self._text += new_text
+        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+        if hits:
+            self._text = self._text[: min(hits)]
+            self._stopped = True
+            hold_back = False
+        end = len(self._text) - (self._partial_stop_length() if hold_back else 0)
+        out = self._text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+    def _partial_stop_length(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of some stop string."""
+        longest = min(max((len(s) for s in self._stop), default=1) - 1, len(self._text))
+        for n in range(longest, 0, -1):
+            tail = self._text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
+    def _decode(self, start: int, end: int) -> str:
+        assert self._tokenizer is not None
+        ids = self._ids[start:end]
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)) if ids else ""

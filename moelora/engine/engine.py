@@ -1,0 +1,354 @@
+"""The engine: one loop thread owning the scheduler, KV cache and model; any thread may submit or abort.
+
+Callers never touch engine state: `submit` validates and tokenises in the caller's thread, then hands
+the request to the loop through a queue; the loop admits it between steps (continuous batching) and
+streams deltas back through the request's `RequestStream`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from moelora.cache.kv_cache import BlockAllocator, KVCache
+from moelora.config import EngineArgs
+from moelora.engine.detokenizer import IncrementalDetokenizer
+from moelora.engine.request import Request, Sequence, Status
+from moelora.engine.runner import ModelRunner
+from moelora.engine.sampler import Sampled, SamplingInput, sample
+from moelora.engine.scheduler import Scheduler
+from moelora.engine.stream import EngineDeadError, RequestStream
+from moelora.models.decoder import MoeForCausalLM
+from moelora.outputs import Logprobs, RequestDelta
+from moelora.sampling_params import SamplingParams
+
+_LOG = logging.getLogger(__name__)
+_CPU_KV_CAP = 1 << 30
+_CUDA_KV_FRACTION = 0.8
+
+Prompt = str | Seq[int]
+
+
+def _available_cpu_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_kv_blocks(args: EngineArgs, bytes_per_block: int, model_len: int, device: torch.device) -> int:
+    """Blocks from an explicit count, a byte budget, or a fraction of free device memory."""
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks
+    budget = args.kv_cache_memory
+    if budget is not None and budget > 1:
+        return int(budget) // bytes_per_block
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free * (budget or _CUDA_KV_FRACTION)) // bytes_per_block
+    if budget is not None:
+        return int(_available_cpu_memory() * budget) // bytes_per_block
+    needed = args.max_num_seqs * math.ceil(model_len / args.block_size)
+    return min(needed, _CPU_KV_CAP // bytes_per_block)
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache."""
+
+    def __init__(
+        self,
+        model: MoeForCausalLM,
+        tokenizer: Any | None,
+        args: EngineArgs | None = None,
+        *,
+        seed: int = 0,
+        eos_token_ids: tuple[int, ...] = (),
+        loras: frozenset[str] = frozenset(),
+    ) -> None:
+        self.model, self.tokenizer, self.args = model, tokenizer, args or EngineArgs()
+        self.cfg = model.cfg
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
+        self.loras = loras
+        device = next(model.parameters()).device
+        kv_heads = model.decoder_layers()[0].self_attn.kv_heads
+        a = self.args
+        per_block = KVCache.bytes_per_block(
+            self.cfg.num_layers, a.block_size, kv_heads, self.cfg.head_dim, model.dtype
+        )
+        wanted_len = a.max_model_len or self.cfg.max_position_embeddings
+        num_blocks = plan_kv_blocks(a, per_block, wanted_len, device)
+        capacity = num_blocks * a.block_size
+        if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {a.block_size} tokens ({capacity} tokens, "
+                f"{per_block} bytes per block), too few for max_model_len {a.max_model_len}: give more "
+                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len"
+            )
+        self.max_model_len = min(wanted_len, capacity)
+        self.cache = KVCache(
+            self.cfg.num_layers, num_blocks, a.block_size, kv_heads, self.cfg.head_dim, model.dtype, device
+        )
+        self.allocator = BlockAllocator(num_blocks)
+        step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
+        self.scheduler = Scheduler(self.allocator, a.block_size, a.max_num_seqs, step_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.device = device
+
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._streams: dict[str, RequestStream] = {}
+        self._requests: dict[str, Request] = {}  # loop thread only
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side (any thread)
+
+    def submit(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        lora: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Its deltas arrive on `stream(request_id)`."""
+        return self.submit_stream(prompt, sampling_params, lora, request_id).request_id
+
+    def submit_stream(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        lora: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Like `submit`, returning the request's stream."""
+        self._check_alive()
+        params = sampling_params or SamplingParams()
+        if lora is not None and lora not in self.loras:
+            loaded = ", ".join(sorted(self.loras)) or "none"
+            raise ValueError(f"unknown adapter '{lora}' (loaded adapters: {loaded})")
+        text, ids = self._tokenize(prompt)
+        with self._lock:
+            n = next(self._counter)
+            rid = request_id if request_id is not None else f"req-{n}"
+            if rid in self._streams:
+                raise ValueError(f"request id '{rid}' is already in use")
+            stream = RequestStream(rid, self._forget)
+            self._streams[rid] = stream
+        request = Request(rid, text, ids, params, lora, stream, arrival=n)
+        request.seqs = [self._new_sequence(request, i) for i in range(params.n)]
+        self._inbox.put(("submit", request))
+        self._wake.set()
+        return stream
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def stream(self, request_id: str) -> RequestStream:
+        with self._lock:
+            if request_id not in self._streams:
+                raise KeyError(f"no running request '{request_id}'")
+            return self._streams[request_id]
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its completions finish with reason "abort" and its KV blocks are freed."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still running end with an error."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._error!r}") from self._error
+        if self._stopping:
+            raise EngineDeadError("the engine has been shut down")
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: give prompts as lists of token ids")
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            text: str | None = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("a prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must leave "
+                f"room for at least one generated token"
+            )
+        return text, ids
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        p = request.params
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(p.seed + index)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens
+        )
+        seq = Sequence(request, index, list(request.prompt_token_ids), detok, generator)
+        if p.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _loop(self) -> None:
+        try:
+            torch.set_grad_enabled(False)
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as e:  # the loop must never die silently: every request learns why
+            _LOG.exception("engine loop failed")
+            self._error = e
+        self._drain_inbox()
+        reason = self._error or EngineDeadError("the engine was shut down before the request finished")
+        for request in list(self._requests.values()):
+            request.stream.put(EngineDeadError(f"request failed: {reason!r}"))
+        self._requests.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._requests[item.request_id] = item
+                for seq in item.seqs:
+                    self.scheduler.add(seq)
+            elif kind == "abort" and item in self._requests:
+                self._abort(self._requests[item])
+
+    def _abort(self, request: Request) -> None:
+        for seq in request.seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+                self._emit(seq, [], [], None, "")
+
+    def step(self) -> None:
+        """One scheduling step: run the scheduled sequences one token further."""
+        scheduled = self.scheduler.schedule()
+        seqs = scheduled.seqs
+        if not seqs:
+            return
+        logits, prompt_logits = self.runner.run(seqs)
+        for i, pl in prompt_logits.items():
+            self._set_prompt_logprobs(seqs[i], pl)
+        inputs = [
+            SamplingInput(
+                s.request.params,
+                s.token_ids[: s.num_prompt],
+                s.output_ids,
+                s.generator or self.generator,
+                self.eos_token_ids,
+            )
+            for s in seqs
+        ]
+        for seq, sampled in zip(seqs, sample(logits, inputs), strict=True):
+            seq.num_cached = len(seq.token_ids)
+            self._append(seq, sampled)
+
+    def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        n = seq.request.params.prompt_logprobs or 0
+        raw = logits.float().log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[1 : seq.num_prompt], device=raw.device)
+        actual = raw.gather(1, targets[:, None]).squeeze(1).tolist()
+        top_vals, top_ids = raw.topk(n, dim=-1) if n else (raw[:, :0], raw[:, :0].long())
+        result: list[Logprobs | None] = [None]
+        for tok, lp, ids, vals in zip(
+            targets.tolist(), actual, top_ids.tolist(), top_vals.tolist(), strict=True
+        ):
+            entry = dict(zip(ids, vals, strict=True))
+            entry[tok] = lp
+            result.append(entry)
+        seq.request.prompt_logprobs = result
+
+    def _append(self, seq: Sequence, s: Sampled) -> None:
+        p = seq.request.params
+        seq.token_ids.append(s.token)
+        new_logprobs = []
+        if seq.logprobs is not None:
+            entry = dict(s.top_logprobs or {})
+            entry[s.token] = s.logprob
+            seq.logprobs.append(entry)
+            new_logprobs.append(entry)
+        num_out = len(seq.token_ids) - seq.num_prompt
+        stop_token = num_out > p.min_tokens - 1 and (
+            (s.token in self.eos_token_ids and not p.ignore_eos) or s.token in p.stop_token_ids
+        )
+        text = "" if stop_token else seq.detokenizer.add(s.token)
+        reason = None
+        if stop_token or seq.detokenizer.stopped:
+            reason = "stop"
+        elif (p.max_tokens is not None and num_out >= p.max_tokens) or len(
+            seq.token_ids
+        ) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if not seq.detokenizer.stopped:
+                text += seq.detokenizer.finish()
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+        self._emit(seq, [s.token], new_logprobs, reason, text)
+
+    def _emit(
+        self, seq: Sequence, tokens: list[int], logprobs: list[Logprobs], reason: str | None, text: str
+    ) -> None:
+        request = seq.request
+        prompt_logprobs = None
+        if not request.prompt_logprobs_sent and request.prompt_logprobs is not None:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+        done = request.finished
+        output = request.output() if done else None
+        delta = RequestDelta(
+            request.request_id,
+            seq.index,
+            tokens,
+            text,
+            logprobs if seq.logprobs is not None else None,
+            reason,
+            prompt_logprobs,
+            done,
+            output,
+        )
+        request.stream.put(delta)
+        if done:
+            self._requests.pop(request.request_id, None)

@@ -1,0 +1,213 @@
+"""One decoding step's token choice: penalties, temperature, top-k/top-p/min-p truncation, a seeded draw.
+
+Shapes: B sequences (one logits row each), V vocabulary entries, R rows of a sub-batch that needs an option.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moelora.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInput:
+    """One sequence's sampling state for this step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    # The request's seeded generator, or the engine's shared one; None means torch's default generator.
+    generator: torch.Generator | None
+    # Token ids that end the sequence (masked while fewer than params.min_tokens tokens are out).
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The chosen token of one sequence, with log-probs from the model's own distribution."""
+
+    token: int
+    # Raw log-prob of the chosen token: log_softmax of the logits, before penalties and temperature.
+    logprob: float
+    # If params.logprobs is not None: the top-N raw log-probs (likeliest first) plus the chosen token.
+    top_logprobs: dict[int, float] | None
+
+
+def sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:
+    """Choose one token per row of `logits` [B, V] (fp32, any device), row i belonging to inputs[i].
+
+    Semantics, per row with params p, prompt ids P and output ids O:
+      raw = log_softmax(logits); every returned log-prob comes from raw.
+      x = logits, then in order:
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty, for t in P + O
+        x[t] -= p.frequency_penalty * count(t in O) + p.presence_penalty * (count(t in O) > 0)
+        x[t] = -inf for t in eos_token_ids + p.stop_token_ids while len(O) < p.min_tokens,
+          unless that leaves no finite logit (then the row is left as it was)
+      greedy (p.temperature == 0): token = argmax(x)
+      otherwise: q = softmax(x / p.temperature), then zero out
+        top-k: all but the p.top_k largest (off for -1 or 0),
+        top-p: all but the smallest likeliest-first set whose mass reaches p.top_p of what top-k kept
+          (the likeliest token always stays),
+        min-p: tokens with q[t] < p.min_p * max(q),
+      and draw token ~ q / sum(q) as argmax(q / e) with e[t] ~ Exp(1) from the row's generator (the
+      exponential race: scale-free, so no renormalisation is needed). The draw depends only on the row's
+      own distribution and generator, never on the other rows of the batch.
+    Rows whose options are off skip that option's work (in particular, no sort without top-k or top-p).
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(inputs):
+        raise ValueError(f"logits must have shape [{len(inputs)}, V] (one row per input), got {logits.shape}")
+    if not inputs:
+        return []
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    work = logits.to(torch.float32, copy=True)  # [B, V]
+    _apply_repetition_penalty(work, inputs)
+    _apply_output_penalties(work, inputs)
+    _mask_early_stops(work, inputs)
+    return _results(raw, _choose(work, inputs), inputs)
+
+
+def _apply_repetition_penalty(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
+    rows = [i for i, x in enumerate(inputs) if x.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    ids = [itertools.chain(inputs[i].prompt_token_ids, inputs[i].output_token_ids) for i in rows]
+    seen = _token_counts(ids, work.shape[1], work.device) > 0  # [R, V]
+    idx = _index(rows, work.device)
+    sub = work[idx]  # [R, V]
+    penalty = _column([inputs[i].params.repetition_penalty for i in rows], work.device)  # [R, 1]
+    work[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+
+
+def _apply_output_penalties(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
+    rows = [
+        i
+        for i, x in enumerate(inputs)
+        if (x.params.frequency_penalty != 0 or x.params.presence_penalty != 0) and x.output_token_ids
+    ]
+    if not rows:
+        return
+    counts = _token_counts([inputs[i].output_token_ids for i in rows], work.shape[1], work.device)  # [R, V]
+    frequency = _column([inputs[i].params.frequency_penalty for i in rows], work.device)  # [R, 1]
+    presence = _column([inputs[i].params.presence_penalty for i in rows], work.device)  # [R, 1]
+    idx = _index(rows, work.device)
+    work[idx] -= frequency * counts + presence * (counts > 0)
+
+
+def _mask_early_stops(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
+    """While a row is below min_tokens, its end tokens get -inf (ids outside the vocabulary are ignored)."""
+    vocab = work.shape[1]
+    banned: dict[int, list[int]] = {}
+    for i, x in enumerate(inputs):
+        if len(x.output_token_ids) < x.params.min_tokens:
+            ends = [t for t in (*x.eos_token_ids, *(x.params.stop_token_ids or ())) if 0 <= t < vocab]
+            if ends:
+                banned[i] = ends
+    if not banned:
+        return
+    ban = _token_counts(list(banned.values()), vocab, work.device) > 0  # [R, V]
+    idx = _index(list(banned), work.device)
+    sub = work[idx]  # [R, V]
+    masked = sub.masked_fill(ban, float("-inf"))
+    nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)  # [R, 1]
+    work[idx] = torch.where(nothing_left, sub, masked)
+
+
+def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+    """Token ids [B] int64: argmax for greedy rows, a draw from the truncated distribution for the rest."""
+    tokens = work.argmax(dim=-1)  # [B]
+    rows = [i for i, x in enumerate(inputs) if not x.params.greedy]
+    if not rows:
+        return tokens
+    probs = _truncated_probs(work[_index(rows, work.device)], [inputs[i].params for i in rows])  # [R, V]
+    drawn = [_draw(probs[j], inputs[i].generator) for j, i in enumerate(rows)]
+    tokens[_index(rows, work.device)] = torch.stack(drawn)
+    return tokens
+
+
+def _truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature-scaled probabilities [R, V] with truncated tokens set to 0 (not renormalised)."""
+    device, vocab = logits.device, logits.shape[1]
+    temperature = _column([p.temperature for p in params], device)  # [R, 1]
+    # Shifting by the row max first keeps tiny temperatures from overflowing to inf - inf = nan.
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # [R, V]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    rows = [j for j, p in enumerate(params) if top_k[j] < vocab or p.top_p < 1]
+    if rows:
+        idx = _index(rows, device)
+        k = torch.tensor([top_k[j] for j in rows], dtype=torch.int64, device=device)[:, None]  # [R', 1]
+        probs[idx] = _top_k_top_p(probs[idx], k, _column([params[j].top_p for j in rows], device))
+    rows = [j for j, p in enumerate(params) if p.min_p > 0]
+    if rows:
+        idx = _index(rows, device)
+        sub = probs[idx]
+        floor = _column([params[j].min_p for j in rows], device) * sub.amax(dim=-1, keepdim=True)
+        probs[idx] = sub.masked_fill(sub < floor, 0.0)
+    return probs
+
+
+def _top_k_top_p(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero all but the k [R, 1] likeliest tokens, then all but the top_p [R, 1] nucleus of those."""
+    ordered, order = probs.sort(dim=-1, descending=True)  # [R, V] each
+    rank = torch.arange(probs.shape[1], device=probs.device)  # [V]
+    in_top_k = rank < k  # [R, V]
+    kept = ordered.masked_fill(~in_top_k, 0.0)
+    mass = kept.cumsum(dim=-1)  # [R, V]
+    # A token stays if the mass before it is short of top_p; top_p == 1 keeps all, whatever the rounding.
+    in_top_p = (mass - kept < top_p * mass[:, -1:]) | (top_p >= 1)
+    keep = torch.zeros_like(in_top_k).scatter_(-1, order, in_top_k & in_top_p)
+    return probs.masked_fill(~keep, 0.0)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id (0-d int64 tensor) ~ probs [V], by the exponential race on the generator's device."""
+    device = probs.device if generator is None else generator.device
+    race = torch.empty(probs.shape, dtype=probs.dtype, device=device).exponential_(generator=generator)
+    # exponential_ may return exactly 0, and 0 / 0 = nan would win argmax for an excluded token.
+    race = race.to(probs.device).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax()
+
+
+def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:
+    """Pack the choices with their raw log-probs, moving everything to the host in one go per tensor."""
+    chosen = raw.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+    wanted = [x.params.logprobs for x in inputs if x.params.logprobs is not None]
+    width = min(max(wanted, default=0), raw.shape[1])
+    top_values, top_ids = raw.topk(width, dim=-1)  # [B, width] each
+    rows = zip(tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+    results = []
+    for x, (token, logprob, ids, values) in zip(inputs, rows, strict=True):
+        top = None
+        if x.params.logprobs is not None:
+            n = x.params.logprobs
+            top = dict(zip(ids[:n], values[:n], strict=True))
+            top[token] = logprob
+        results.append(Sampled(token, logprob, top))
+    return results
+
+
+def _token_counts(id_lists: Sequence[Iterable[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """counts[r, t] = occurrences of token t in id_lists[r], as fp32 [R, V] on device."""
+    flat: list[int] = []
+    rows: list[int] = []
+    for r, ids in enumerate(id_lists):
+        before = len(flat)
+        flat.extend(ids)
+        rows.extend([r] * (len(flat) - before))
+    counts = torch.zeros(len(id_lists), vocab, dtype=torch.float32, device=device)
+    index = (_index(rows, device), _index(flat, device))
+    counts.index_put_(index, torch.ones(len(flat), dtype=torch.float32, device=device), accumulate=True)
+    return counts
+
+
+def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-row parameters as an fp32 column [R, 1] that broadcasts over the vocabulary."""
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]

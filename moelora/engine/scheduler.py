@@ -1,0 +1,103 @@
+"""Continuous batching over the paged KV cache: which sequences run this step, and with how many tokens.
+
+Each step every running sequence decodes one token; waiting sequences (new, or preempted) are admitted
+for prefill in arrival order while there are free sequence slots, token budget and KV blocks. When a
+running sequence needs a block and none is free, the most recently arrived running sequence is preempted:
+its blocks are freed and it waits to be recomputed from its prompt and the tokens it already generated,
+so no request is lost and none sees another's cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from moelora.cache.kv_cache import BlockAllocator, blocks_for
+from moelora.engine.request import Sequence, Status
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """The sequences of one step, in batch order, and the tokens each runs (token_ids[num_cached:])."""
+
+    seqs: list[Sequence]
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.allocator, self.block_size = allocator, block_size
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        preempted = self._grow_running()
+        if not preempted:
+            self._admit_waiting()
+        return ScheduledStep(list(self.running), preempted)
+
+    def _grow_running(self) -> list[Sequence]:
+        """Give every running sequence room for one more token, preempting the newest when blocks run out."""
+        preempted: list[Sequence] = []
+        self.running.sort(key=lambda s: (s.request.arrival, s.index))
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            need = blocks_for(len(seq.token_ids), self.block_size) - len(seq.blocks)
+            while need > self.allocator.num_free:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                if need > 0:
+                    seq.blocks += self.allocator.allocate(need)
+                i += 1
+        return preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.num_cached, seq.status = [], 0, Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back to the head of the queue, oldest first, so it resumes before newer requests start.
+        self.waiting.appendleft(seq)
+        ordered = sorted(self.waiting, key=lambda s: (s.request.arrival, s.index))
+        self.waiting = deque(ordered)
+
+    def _admit_waiting(self) -> None:
+        budget = self.max_num_batched_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            tokens = len(seq.token_ids)
+            need = blocks_for(tokens, self.block_size)
+            if need > self.allocator.num_free or (tokens > budget and self._has_other_work()):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            seq.num_cached, seq.status = 0, Status.RUNNING
+            self.running.append(seq)
+            budget -= tokens
+
+    def _has_other_work(self) -> bool:
+        return bool(self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.status = [], Status.FINISHED

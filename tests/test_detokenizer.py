@@ -1,0 +1,131 @@
+"""IncrementalDetokenizer on the demo BPE: split characters, stop strings, the streaming invariant."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from moelora.demo import demo_model_path
+from moelora.engine.detokenizer import IncrementalDetokenizer
+
+TEXTS = [
+    "The kettle clicked off just as the rain began.",
+    "héllo wörld, café crème",
+    "emoji 😀 and 🎉🎉 in a row",
+    "日本語のテキスト and mixed ascii",
+    "<|im_start|>assistant\nhi<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(demo_model_path()))
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    """Every add() result, then finish()."""
+    return [detok.add(t) for t in ids] + [detok.finish()]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("skip", [True, False])
+def test_stream_concatenates_to_decode(tok, text, skip):
+    ids = encode(tok, text)
+    detok = IncrementalDetokenizer(tok, encode(tok, "Hi there, "), (), skip)
+    pieces = stream(detok, ids)
+    assert "".join(pieces) == detok.text == tok.decode(ids, skip_special_tokens=skip)
+    assert not any("\ufffd" in p for p in pieces)  # split characters come out whole
+    assert not detok.stopped
+
+
+def test_multibyte_characters_really_are_split(tok):
+    for char in ("é", "😀", "日"):
+        assert len(encode(tok, char)) > 1, f"{char!r} is one token: the tests above would prove nothing"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_ids_concatenate_to_decode(tok, seed):
+    rng = random.Random(seed)
+    ids = [rng.randrange(tok.vocab_size) for _ in range(60)]
+    prompt = [rng.randrange(tok.vocab_size) for _ in range(7)]
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, prompt, (), skip)
+        assert "".join(stream(detok, ids)) == detok.text == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_prompt_ending_inside_a_character(tok):
+    ids = encode(tok, "😀 ok")
+    detok = IncrementalDetokenizer(tok, ids[:1], (), True)
+    assert "".join(stream(detok, ids[1:])) == detok.text == tok.decode(ids[1:])
+
+
+def test_text_streams_as_soon_as_characters_are_complete(tok):
+    detok = IncrementalDetokenizer(tok, [], ("zzz",), True)
+    out = "".join(detok.add(t) for t in encode(tok, "one é two"))
+    assert out == "one é two" and detok.finish() == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "want"),
+    [
+        ("The kettle clicked off just as", ("clicked",), "The kettle "),
+        ("The kettle clicked off", ("ettle cl",), "The k"),  # spans token boundaries
+        ("one two three four", ("three", "two"), "one "),  # the earliest hit wins
+        ("one two three four", ("two three four five",), "one two three four"),  # prefix only: no stop
+        ("a 😀 b", ("😀",), "a "),  # a stop string made of a split character
+        ("café crème", ("é c",), "caf"),
+        ("stop at once", ("stop",), ""),
+        ("abcabcabd", ("abd",), "abcabc"),  # overlapping partial matches
+    ],
+)
+def test_stop_strings(tok, text, stop, want):
+    detok = IncrementalDetokenizer(tok, encode(tok, "prompt: "), stop, True)
+    pieces = stream(detok, encode(tok, text))
+    assert detok.text == want and "".join(pieces) == want
+    assert detok.stopped == (want != text)
+
+
+def test_partial_stop_string_is_held_back_until_finish(tok):
+    detok = IncrementalDetokenizer(tok, [], ("world!",), True)
+    streamed = "".join(detok.add(t) for t in encode(tok, "hello world"))
+    assert streamed == "hello " and detok.text == "hello world"
+    assert detok.finish() == "world" and not detok.stopped
+
+
+def test_nothing_after_a_stop(tok):
+    detok = IncrementalDetokenizer(tok, [], ("rain",), True)
+    streamed = "".join(detok.add(t) for t in encode(tok, "the rain"))
+    assert detok.stopped and streamed == detok.text == "the "
+    assert [detok.add(t) for t in encode(tok, " more text")] == [""] * len(encode(tok, " more text"))
+    assert detok.finish() == "" and detok.text == "the "
+
+
+def test_stop_strings_in_the_prompt_do_not_count(tok):
+    detok = IncrementalDetokenizer(tok, encode(tok, "please stop"), ("stop",), True)
+    assert "".join(stream(detok, encode(tok, " now"))) == " now" and not detok.stopped
+
+
+def test_without_a_tokenizer_text_stays_empty():
+    detok = IncrementalDetokenizer(None, [1, 2], ("x",), True)
+    assert stream(detok, [3, 4, 5]) == ["", "", "", ""]
+    assert detok.text == "" and not detok.stopped
+
+
+def test_decoding_cost_is_a_window_not_the_length(tok):
+    calls: list[int] = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens):
+            calls.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = encode(tok, "The kettle clicked off, é 😀 日本. " * 12)
+    detok = IncrementalDetokenizer(Counting(), encode(tok, "a long prompt " * 20), (), True)
+    assert "".join(stream(detok, ids)) == tok.decode(ids)
+    assert len(ids) > 200 and max(calls) <= 10

@@ -1,0 +1,214 @@
+"""Engine behaviour on the demo model: preemption, streaming, aborts, threads, sampling options, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from moelora import LLM, SamplingParams
+
+PROMPTS = ["The weather today is", "Hello", "My computer keeps", "To make a simple soup,"]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=256, block_size=4) as instance:
+        yield instance
+
+
+def wait_idle(llm: LLM, timeout: float = 10.0) -> None:
+    engine, end = llm.engine, time.time() + timeout
+    while engine.allocator.num_free != engine.allocator.num_blocks or engine.scheduler.has_work():
+        assert time.time() < end, "engine did not free its KV blocks"
+        time.sleep(0.005)
+
+
+def alone(llm: LLM, prompt: str, params: SamplingParams = GREEDY) -> list[int]:
+    return llm.generate(prompt, params)[0].token_ids
+
+
+def test_preemption_keeps_every_request_intact(llm: LLM):
+    expected = [alone(llm, p) for p in PROMPTS]
+    # 6 blocks of 4 tokens: each request fits alone (<= 20 tokens), all four together do not.
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=6, block_size=4) as small:
+        outputs = small.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outputs] == expected
+        assert all(o.finish_reason == "length" for o in outputs)
+        assert small.engine.num_preemptions > 0
+        wait_idle(small)
+
+
+def test_streaming_deltas_concatenate_to_the_output(llm: LLM):
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=15, logprobs=2, prompt_logprobs=1)
+    stream = llm.engine.submit_stream(PROMPTS[0], params)
+    deltas = list(stream)
+    final = deltas[-1].output
+    assert final is not None and deltas[-1].finished and final.finished
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids
+    assert "".join(d.text for d in deltas) == final.text
+    assert [lp for d in deltas for lp in (d.logprobs or [])] == final.logprobs
+    assert deltas[0].prompt_logprobs == final.prompt_logprobs
+    assert sum(d.prompt_logprobs is not None for d in deltas) == 1
+
+
+def test_async_streams(llm: LLM):
+    async def consume(prompt: str) -> list[int]:
+        stream = llm.engine.submit_stream(prompt, GREEDY)
+        return [t async for d in stream for t in d.token_ids]
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(consume(p) for p in PROMPTS))
+
+    assert asyncio.run(main()) == [alone(llm, p) for p in PROMPTS]
+
+
+def test_abort_frees_blocks(llm: LLM):
+    stream = llm.engine.submit_stream(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True))
+    first = next(iter(stream))
+    assert first.token_ids
+    llm.engine.abort(stream.request_id)
+    rest = list(stream)
+    assert rest[-1].finished and rest[-1].output is not None
+    assert rest[-1].output.finish_reason == "abort"
+    assert len(rest[-1].output.token_ids) < 200
+    wait_idle(llm)
+
+
+def test_abort_of_a_waiting_request(llm: LLM):
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=5, block_size=4, max_num_seqs=1) as small:
+        busy = small.engine.submit_stream(PROMPTS[0], SamplingParams(max_tokens=10, ignore_eos=True))
+        waiting = small.engine.submit_stream(PROMPTS[1], GREEDY)
+        small.engine.abort(waiting.request_id)
+        out = waiting.result()
+        assert out.finish_reason == "abort" and out.token_ids == []
+        assert busy.result().finish_reason == "length"
+        wait_idle(small)
+
+
+def test_many_threads_submitting_lose_nothing(llm: LLM):
+    expected = {p: alone(llm, p) for p in PROMPTS}
+    results: list[tuple[str, list[int]]] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for i in range(6):
+            prompt = PROMPTS[(k + i) % len(PROMPTS)]
+            tokens = llm.generate(prompt, GREEDY)[0].token_ids
+            with lock:
+                results.append((prompt, tokens))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 48
+    assert all(tokens == expected[p] for p, tokens in results)
+    wait_idle(llm)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm: LLM):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)
+    a = alone(llm, PROMPTS[0], params)
+    batch = llm.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [GREEDY, params, GREEDY])
+    assert batch[1].token_ids == a
+    other = alone(llm, PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, seed=43, max_tokens=12))
+    assert other != a
+
+
+def test_n_completions(llm: LLM):
+    out = llm.generate(
+        PROMPTS[0], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    )
+    (result,) = out
+    assert [c.index for c in result.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in result.outputs)
+    assert len({tuple(c.token_ids) for c in result.outputs}) > 1
+    with pytest.raises(AttributeError, match="3 completions"):
+        _ = result.text
+
+
+def test_repetition_penalty_prevents_repeats(llm: LLM):
+    plain = alone(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert len(set(plain)) < len(plain)  # the demo model loops without a penalty
+    penalised = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=50.0)
+    tokens = alone(llm, PROMPTS[1], penalised)
+    prompt_ids = set(llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False))
+    assert len(set(tokens)) == len(tokens) and not prompt_ids & set(tokens)
+
+
+def test_frequency_and_presence_penalties_change_the_output(llm: LLM):
+    plain = alone(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for kwargs in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        tokens = alone(
+            llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kwargs)
+        )
+        assert tokens != plain
+        assert len(set(tokens)) > len(set(plain))
+
+
+def test_stop_string_is_cut_from_text(llm: LLM):
+    full = llm.generate(PROMPTS[2], GREEDY)[0]
+    stop = full.text[5:8]
+    out = llm.generate(
+        PROMPTS[2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(stop)]
+    assert stop not in out.text
+
+
+def test_stop_token_ids_and_min_tokens(llm: LLM):
+    full = alone(llm, PROMPTS[3])
+    stop_id = full[4]
+    out = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[: full.index(stop_id) + 1]
+    first = full[0]
+    held = llm.generate(
+        PROMPTS[3], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[first], min_tokens=3)
+    )[0]
+    assert first not in held.token_ids[:3] and len(held.token_ids) >= 3
+
+
+def test_eos_stops_unless_ignored(llm: LLM):
+    eos = llm.engine.eos_token_ids
+    sampled = SamplingParams(n=12, temperature=1.0, seed=0, max_tokens=150)
+    outs = llm.generate(PROMPTS[1], sampled)[0].outputs
+    stopped = [o for o in outs if o.finish_reason == "stop"]
+    assert stopped, "with this seed some completions end with EOS"
+    assert all(o.token_ids[-1] in eos and not set(o.token_ids[:-1]) & set(eos) for o in stopped)
+    assert all(len(o.token_ids) == 150 for o in outs if o.finish_reason == "length")
+    ignored = SamplingParams(n=12, temperature=1.0, seed=0, max_tokens=150, ignore_eos=True)
+    assert all(o.finish_reason == "length" for o in llm.generate(PROMPTS[1], ignored)[0].outputs)
+
+
+def test_max_model_len(llm: LLM):
+    with LLM("demo", device="cpu", progress=False, max_model_len=12, num_kv_blocks=16) as short:
+        prompt = short.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+        out = short.generate(PROMPTS[0], SamplingParams(max_tokens=None, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == 12
+        with pytest.raises(ValueError, match="max_model_len is 12"):
+            short.generate([5] * 12)
+
+
+def test_bad_requests_fail_clearly(llm: LLM):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        llm.generate("Hi", lora="nope")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 100000]])
+    with pytest.raises(ValueError, match="2 entries for 3 prompts"):
+        llm.generate(PROMPTS[:3], [GREEDY, GREEDY])
+    with pytest.raises(ValueError, match="too few for max_model_len"):
+        LLM("demo", device="cpu", progress=False, num_kv_blocks=2, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="multi-process launcher"):
+        LLM("demo", device="cpu", progress=False, tp_size=2)
+    wait_idle(llm)
+    assert alone(llm, PROMPTS[0]) == alone(llm, PROMPTS[0])  # refused requests left nothing behind

@@ -1,0 +1,91 @@
+"""Generation through the engine against Hugging Face transformers (`generate` and full forwards)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moelora import LLM, SamplingParams
+from tests.hf_models import FAMILIES, VOCAB
+
+NEW_TOKENS = 16
+NEAR_TIE = 1e-3
+TOL = 1e-4
+
+
+@torch.no_grad()
+def hf_greedy(model: Any, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """HF greedy continuation (EOS ignored) and the top-2 logit margin at each step."""
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    margins = [float(v[0, 0] - v[0, 1]) for v in (step.topk(2).values for step in out.logits)]
+    return out.sequences[0, len(prompt) :].tolist(), margins
+
+
+def agree_until_near_tie(ours: list[int], ref: list[int], margins: list[float]) -> None:
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        if margins[i] < NEAR_TIE:
+            return
+        assert a == b, f"token {i}: moelora {a}, transformers {b} (margin {margins[i]:.4f})"
+
+
+@pytest.fixture(scope="module")
+def llms(checkpoints: dict[str, Path]):
+    engines = {f: LLM(str(checkpoints[f]), device="cpu", progress=False, num_kv_blocks=64) for f in FAMILIES}
+    yield engines
+    for llm in engines.values():
+        llm.shutdown()
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 13, 1, 9)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_and_logprobs_match_transformers_with_staggered_arrivals(
+    family: str, hf_models: dict[str, Any], llms: dict[str, LLM]
+):
+    model, engine = hf_models[family], llms[family].engine
+    params = SamplingParams(
+        temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3, prompt_logprobs=2
+    )
+    streams = []
+    for p in prompts():
+        stream = engine.submit_stream(p, params)
+        streams.append(stream)
+        # Let the running batch take a few steps before the next request joins it.
+        while engine.stream(stream.request_id) and not stream._items and not stream.finished:
+            time.sleep(0.001)
+    outputs = [s.result() for s in streams]
+    for prompt, out in zip(prompts(), outputs, strict=True):
+        ref_tokens, margins = hf_greedy(model, prompt)
+        agree_until_near_tie(out.token_ids, ref_tokens, margins)
+        assert out.finish_reason == "length" and len(out.token_ids) == NEW_TOKENS
+        # Log-probs of our own sequence, recomputed by transformers in one forward pass.
+        full = prompt + out.token_ids
+        with torch.no_grad():
+            ref = model(torch.tensor([full])).logits[0].log_softmax(-1)
+        assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+        for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            assert entry is not None and full[i] in entry and len(entry) <= 3
+            for tok, lp in entry.items():
+                assert abs(lp - ref[i - 1, tok].item()) < TOL
+        assert out.logprobs is not None and len(out.logprobs) == NEW_TOKENS
+        for j, entry in enumerate(out.logprobs):
+            pos = len(prompt) + j - 1
+            top = ref[pos].topk(3).indices.tolist()
+            assert set(top) <= set(entry) and out.token_ids[j] in entry
+            for tok, lp in entry.items():
+                assert abs(lp - ref[pos, tok].item()) < TOL
