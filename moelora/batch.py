@@ -33,11 +33,14 @@ class ForwardBatch:
     positions [T] int64: position of each token within its sequence.
     seq_lens: the B query lengths, the tokens each sequence runs this step (host side; they sum to T).
     kv: the paged KV cache and its metadata; None for a cacheless forward of whole sequences.
+    token_slot [T] int32: each token's adapter slot, -1 for the base model; None when no token of the
+        batch uses an adapter (then no LoRA work is done at all).
     """
 
     positions: torch.Tensor
     seq_lens: tuple[int, ...]
     kv: PagedKV | None = None
+    token_slot: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

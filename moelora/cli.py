@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moelora.config import EngineArgs, ModelArgs, ParallelArgs
+from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs
 from moelora.sampling_params import SamplingParams
 
 _SAMPLING_HELP = {
@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(generate)
     generate.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    add_dataclass_args(generate, LoraArgs)
+    generate.add_argument(
+        "--lora", action="append", metavar="NAME=PATH", help="load a PEFT adapter (repeatable)"
+    )
+    generate.add_argument(
+        "--use",
+        action="append",
+        metavar="NAME",
+        help="run every prompt on this adapter ('base' for none; repeatable; "
+        "default: base and every adapter)",
+    )
+    generate.add_argument(
+        "--no-demo-adapters", action="store_true", help="with the demo model, do not load its demo adapters"
+    )
     generate.set_defaults(sp_max_tokens=32)
     return parser
 
@@ -125,13 +139,32 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lora_modules(items: Sequence[str] | None) -> dict[str, str]:
+    """`NAME=PATH` pairs from repeated --lora flags."""
+    modules: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora expects NAME=PATH, got '{item}'")
+        if name in modules:
+            raise ValueError(f"--lora names '{name}' twice")
+        modules[name] = path
+    return modules
+
+
 def _generate(args: argparse.Namespace) -> int:
+    from moelora.demo import DEMO_NAME, demo_adapter_paths
     from moelora.llm import LLM
 
     margs: ModelArgs = from_args(ModelArgs, args)
     pargs: ParallelArgs = from_args(ParallelArgs, args)
     eargs: EngineArgs = from_args(EngineArgs, args)
+    largs: LoraArgs = from_args(LoraArgs, args)
     params = sampling_from_args(args)
+    modules: dict[str, Any] = dict(parse_lora_modules(args.lora))
+    if not modules and margs.model == DEMO_NAME and not args.no_demo_adapters:
+        modules = dict(demo_adapter_paths())
+    uses: list[str | None] = [None if u == "base" else u for u in (args.use or ["base", *modules])]
     prompts = args.prompt or ["The weather today is"]
     with LLM(
         margs.model,
@@ -141,18 +174,22 @@ def _generate(args: argparse.Namespace) -> int:
         progress=margs.progress,
         tp_size=pargs.tp_size,
         ep_size=pargs.ep_size,
+        lora_modules=modules,
+        **dataclasses.asdict(largs),
         **dataclasses.asdict(eargs),
     ) as llm:
         if args.chat:
             prompts = [llm.chat_prompt(p) for p in prompts]
-        for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
-            print(f"prompt: {prompt!r}")
+        batch = [(p, u) for p in prompts for u in uses]  # one mixed batch: every prompt on every adapter
+        outputs = llm.generate([p for p, _ in batch], params, lora=[u for _, u in batch])
+        for (prompt, use), out in zip(batch, outputs, strict=True):
+            print(f"prompt: {prompt!r}  adapter: {use or 'base model'}")
             for c in out.outputs:
                 label = f"[{c.index}] " if len(out.outputs) > 1 else ""
-                print(f"{label}completion ({c.finish_reason}, {len(c.token_ids)} tokens): {c.text!r}")
+                print(f"  {label}completion ({c.finish_reason}, {len(c.token_ids)} tokens): {c.text!r}")
                 for tok, lps in zip(c.token_ids, c.logprobs or [], strict=False):
                     top = ", ".join(f"{llm.decode([t])!r}: {v:.3f}" for t, v in lps.items())
-                    print(f"    {llm.decode([tok])!r} <- {{{top}}}")
+                    print(f"      {llm.decode([tok])!r} <- {{{top}}}")
     return 0
 
 

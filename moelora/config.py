@@ -69,3 +69,26 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """Adapter slots on the device and the CPU cache of adapters."""
+
+    enable_lora: bool = option(False, "reserve adapter slots even when no adapter is given at start")
+    max_loras_per_batch: int = option(4, "device adapter slots: the most distinct adapters in one step")
+    max_lora_rank: int | None = option(
+        None,
+        "largest adapter rank the slots hold; default: the largest among the start adapters (16 if none)",
+    )
+    max_cpu_loras: int | None = option(
+        None, "adapters kept in CPU memory; least recently used ones beyond it are re-read when needed"
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
+            raise ValueError(f"max_cpu_loras must be >= 1, got {self.max_cpu_loras}")

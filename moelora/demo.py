@@ -373,3 +373,139 @@ def _linear(name: str, out_features: int, in_features: int, gain: float = 1.0) -
 def _norm(name: str, width: int) -> _Param:
     """An RMSNorm weight near 1, jittered so a bug that ignores norm weights shows up in outputs."""
     return _Param(name, (width,), _NORM_NOISE, offset=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+_ADAPTER_DIR = "demo-adapters-v1"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_LORA_STD = 0.35
+
+
+@dataclass(frozen=True)
+class _AdapterSpec:
+    """A demo adapter: its rank, on-disk form and what it covers."""
+
+    name: str
+    rank: int
+    alpha: float
+    form: str  # "per_expert" or "fused" (PEFT target_parameters)
+    attention: tuple[str, ...]
+    experts: tuple[int, ...]
+    layers: tuple[int, ...]
+    dense_mlp: bool
+    use_rslora: bool = False
+
+
+DEMO_ADAPTERS = (
+    _AdapterSpec(
+        "expert-r8", 8, 16.0, "per_expert", ("q_proj", "v_proj"), tuple(range(_EXPERTS)), (0, 1, 2), True
+    ),
+    _AdapterSpec(
+        "fused-r16",
+        16,
+        16.0,
+        "fused",
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        tuple(range(_EXPERTS)),
+        (0, 2),
+        False,
+    ),
+    _AdapterSpec("partial-r4", 4, 8.0, "per_expert", ("o_proj",), (0, 1, 2, 3), (0,), False, use_rslora=True),
+)
+
+
+def demo_adapter_paths(cache_dir: Path | None = None) -> dict[str, Path]:
+    """Folders of the demo model's PEFT adapters (built on first use and cached), by adapter name.
+
+    expert-r8: per-expert keys, rank 8, every expert, q/v and the dense layer's MLP.
+    fused-r16: PEFT's fused `target_parameters` form, rank 16, q/k/v/o, MoE layers 0 and 2.
+    partial-r4: per-expert keys, rank 4, rsLoRA, only experts 0-3 of layer 0, plus o_proj there.
+    """
+    root = _cache_root(cache_dir)
+    final = root / _ADAPTER_DIR
+    if not all(_adapter_complete(final / spec.name) for spec in DEMO_ADAPTERS):
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{_ADAPTER_DIR}.tmp-", dir=root))
+        staging.chmod(0o755)
+        try:
+            for spec in DEMO_ADAPTERS:
+                _write_demo_adapter(staging / spec.name, spec)
+            if final.exists() and not all(_adapter_complete(final / s.name) for s in DEMO_ADAPTERS):
+                trash = final.with_name(f".{final.name}.stale-{os.getpid()}")
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not all(_adapter_complete(final / s.name) for s in DEMO_ADAPTERS):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {spec.name: final / spec.name for spec in DEMO_ADAPTERS}
+
+
+def _adapter_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _ADAPTER_FILES)
+
+
+def _write_demo_adapter(folder: Path, spec: _AdapterSpec) -> None:
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(_SEED + spec.rank)
+    r = spec.rank
+
+    def pair(
+        key: str, out_features: int, in_features: int, rows: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        a = torch.randn(rows or r, in_features, generator=generator) * _LORA_STD / math.sqrt(in_features)
+        b = torch.randn(out_features, rows or r, generator=generator) * _LORA_STD / math.sqrt(r)
+        return {f"{key}.lora_A.weight": a.contiguous(), f"{key}.lora_B.weight": b.contiguous()}
+
+    widths = {"q_proj": (_HEADS * _HEAD_DIM, _HIDDEN), "k_proj": (_KV_HEADS * _HEAD_DIM, _HIDDEN)}
+    widths |= {"v_proj": widths["k_proj"], "o_proj": (_HIDDEN, _HEADS * _HEAD_DIM)}
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in spec.layers:
+        base = f"base_model.model.model.layers.{layer}"
+        for target in spec.attention:
+            tensors |= pair(f"{base}.self_attn.{target}", *widths[target])
+        if layer in _DENSE_LAYERS:
+            if spec.dense_mlp:
+                tensors |= pair(f"{base}.mlp.gate_proj", _DENSE_INTERMEDIATE, _HIDDEN)
+                tensors |= pair(f"{base}.mlp.up_proj", _DENSE_INTERMEDIATE, _HIDDEN)
+                tensors |= pair(f"{base}.mlp.down_proj", _HIDDEN, _DENSE_INTERMEDIATE)
+            continue
+        if spec.form == "fused":
+            rows = r * _EXPERTS  # expert-major A rows, rank-major B columns (PEFT's layout)
+            gate_up = pair(f"{base}.mlp.experts.base_layer", 2 * _MOE_INTERMEDIATE, _HIDDEN, rows)
+            tensors |= gate_up | pair(f"{base}.mlp.experts", _HIDDEN, _MOE_INTERMEDIATE, rows)
+            continue
+        for e in spec.experts:
+            key = f"{base}.mlp.experts.{e}"
+            tensors |= pair(f"{key}.gate_proj", _MOE_INTERMEDIATE, _HIDDEN)
+            tensors |= pair(f"{key}.up_proj", _MOE_INTERMEDIATE, _HIDDEN)
+            tensors |= pair(f"{key}.down_proj", _HIDDEN, _MOE_INTERMEDIATE)
+    targets = list(spec.attention) + (
+        ["gate_proj", "up_proj", "down_proj"] if spec.form == "per_expert" else []
+    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": DEMO_NAME,
+        "r": r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "use_rslora": spec.use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "target_modules": sorted(targets),
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        if spec.form == "fused"
+        else None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    _write_json(folder / "adapter_config.json", config)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moelora.batch import ForwardBatch
-from moelora.config import EngineArgs, ModelArgs, ParallelArgs
+from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs
 from moelora.engine.engine import Engine
 from moelora.loader.model_loader import load_model
 from moelora.loader.resolve import resolve_model
+from moelora.lora.adapter import read_adapter
+from moelora.lora.manager import LoraInfo
 from moelora.outputs import RequestOutput
 from moelora.sampling_params import SamplingParams
 
@@ -79,9 +81,19 @@ class LLM:
         tp_size: int = 1,
         ep_size: int = 1,
         progress: bool = True,
+        lora_modules: Mapping[str, str | Path] | None = None,
+        max_loras_per_batch: int = 4,
+        max_lora_rank: int | None = None,
+        max_cpu_loras: int | None = None,
+        enable_lora: bool = False,
         **engine_args: Any,
     ) -> None:
-        """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...)."""
+        """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...).
+
+        `lora_modules` {name: PEFT adapter folder} are loaded at start; adapters can also be loaded later
+        with `load_lora` when adapters are on (`lora_modules` given or `enable_lora=True`).
+        """
+        self.lora_args = LoraArgs(enable_lora, max_loras_per_batch, max_lora_rank, max_cpu_loras)
         self.args = ModelArgs(model=str(model), dtype=str(dtype), device=device, seed=seed, progress=progress)
         self.parallel = ParallelArgs(tp_size=tp_size, ep_size=ep_size)
         if (tp_size, ep_size) != (1, 1):
@@ -99,13 +111,25 @@ class LLM:
         self.model = load_model(self.model_path, dtype=dtype, device=device, progress=progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
+        start_adapters = {
+            name: read_adapter(name, path, self.model.cfg, self.model.family, max_lora_rank)
+            for name, path in (lora_modules or {}).items()
+        }
+        lora_rank = None
+        if start_adapters or enable_lora or max_lora_rank is not None:
+            lora_rank = max_lora_rank or max((a.rank for a in start_adapters.values()), default=16)
         self.engine = Engine(
             self.model,
             self.tokenizer,
             self.engine_args,
             seed=seed,
             eos_token_ids=generation_eos_ids(self.model_path),
+            lora_rank=lora_rank,
+            lora_args=self.lora_args,
         )
+        for name, adapter in start_adapters.items():
+            assert self.engine.loras is not None
+            self.engine.loras.register(name, Path(adapter.path), adapter, pinned=False)
 
     def __enter__(self) -> LLM:
         return self
@@ -164,6 +188,18 @@ class LLM:
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(self.model(ids, batch)).cpu()
         return list(logits.split(batch.seq_lens))
+
+    def load_lora(self, name: str, path: str | Path, pinned: bool = False) -> None:
+        """Load a PEFT adapter under `name` (safe while requests run). `pinned` keeps it in a device slot."""
+        self.engine.load_lora(name, path, pinned)
+
+    def unload_lora(self, name: str) -> None:
+        """Requests already running on `name` finish; new ones for it fail with an unknown-adapter error."""
+        self.engine.unload_lora(name)
+
+    def list_loras(self) -> list[LoraInfo]:
+        """Name, path, rank, pinned and whether it holds a device slot now, for every loaded adapter."""
+        return self.engine.list_loras()
 
     def generate(
         self,

@@ -41,7 +41,22 @@ def test_generate_on_demo(capsys):
     argv = ["generate", "--no-progress", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "5"]
     assert main([*argv, "--logprobs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "completion (length, 5 tokens)" in out and out.count(" <- {") == 5
+    # One mixed batch: the prompt on the base model and on each demo adapter.
+    for name in ("base model", "expert-r8", "fused-r16", "partial-r4"):
+        assert f"adapter: {name}" in out
+    assert out.count("completion (length, 5 tokens)") == 4 and out.count(" <- {") == 20
+
+
+def test_generate_with_chosen_adapters(capsys):
+    from moelora.demo import demo_adapter_paths
+
+    path = demo_adapter_paths()["partial-r4"]
+    argv = ["generate", "--no-progress", "--max-tokens", "3", "--lora", f"mine={path}", "--use", "mine"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("adapter: ") == 1 and "adapter: mine" in out
+    assert main(["generate", "--no-progress", "--lora", "oops"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
 
 
 def test_generate_flags_from_dataclasses():

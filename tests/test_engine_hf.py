@@ -81,7 +81,7 @@ def test_greedy_and_logprobs_match_transformers_with_staggered_arrivals(
         for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
             assert entry is not None and full[i] in entry and len(entry) <= 3
             for tok, lp in entry.items():
-                assert abs(lp - ref[i - 1, tok].item()) < TOL
+                assert abs(lp - ref[i - 1, tok].item()) < TOL, (i, tok, lp, ref[i - 1].topk(3))
         assert out.logprobs is not None and len(out.logprobs) == NEW_TOKENS
         for j, entry in enumerate(out.logprobs):
             pos = len(prompt) + j - 1

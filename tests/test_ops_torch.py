@@ -63,3 +63,99 @@ def test_prefill_attention_per_query(window):
                 expect = sum(p[m] * v[start + j, kv] for m, j in enumerate(js))
                 assert torch.allclose(out[start + i, h], expect, atol=1e-5)
         start += n
+
+
+def rand(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def test_add_lora_per_token_with_invalid_slots():
+    from moelora.ops.torch.lora import add_lora
+
+    g = torch.Generator().manual_seed(11)
+    t, d_in, d_out, s, r = 9, 12, 10, 3, 4
+    x, y0 = rand(g, t, d_in), rand(g, t, d_out)
+    a, b = rand(g, s, r, d_in), rand(g, s, d_out, r)
+    a[1, 2:] = 0  # slot 1 holds a rank-2 adapter, zero-padded
+    b[1, :, 2:] = 0
+    slot = torch.tensor([0, -1, 1, 2, s, -5, s + 2, 1, 0], dtype=torch.int32)
+    y = y0.clone()
+    add_lora(y, x, a, b, slot)
+    for i in range(t):
+        si = int(slot[i])
+        expect = y0[i].double()
+        if 0 <= si < s:
+            expect = expect + b[si].double() @ (a[si].double() @ x[i].double())
+        assert torch.allclose(y[i].double(), expect, atol=1e-4)
+
+
+def test_add_lora_into_a_column_slice():
+    from moelora.ops.torch.lora import add_lora
+
+    g = torch.Generator().manual_seed(12)
+    x, wide = rand(g, 4, 6), rand(g, 4, 10)
+    a, b = rand(g, 2, 3, 6), rand(g, 2, 4, 3)
+    slot = torch.tensor([1, 0, -1, 1], dtype=torch.int32)
+    out = wide.clone()
+    add_lora(out[:, 3:7], x, a, b, slot)
+    assert torch.equal(out[:, :3], wide[:, :3]) and torch.equal(out[:, 7:], wide[:, 7:])
+    assert torch.allclose(out[0, 3:7], wide[0, 3:7] + b[1] @ (a[1] @ x[0]), atol=1e-5)
+
+
+def per_token_moe_lora(x, w_gu, w_dn, ids, weights, slot, a_gu, b_gu, a_dn, b_dn):
+    e_loc, inter, s_max = w_dn.shape[0], w_dn.shape[2], a_gu.shape[0]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        s = int(slot[t])
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not 0 <= e < e_loc:
+                continue
+            xt = x[t].double()
+            g = w_gu[e, :inter].double() @ xt
+            u = w_gu[e, inter:].double() @ xt
+            if 0 <= s < s_max:
+                g = g + b_gu[s, e, 0].double() @ (a_gu[s, e, 0].double() @ xt)
+                u = u + b_gu[s, e, 1].double() @ (a_gu[s, e, 1].double() @ xt)
+            h = F.silu(g) * u
+            d = w_dn[e].double() @ h
+            if 0 <= s < s_max:
+                d = d + b_dn[s, e].double() @ (a_dn[s, e].double() @ h)
+            y[t] += float(weights[t, j]) * d
+    return y
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 40])
+def test_fused_moe_lora_per_token(num_tokens: int):
+    from moelora.ops.torch.lora import fused_moe_lora
+
+    g = torch.Generator().manual_seed(100 + num_tokens)
+    e_loc, h, inter, k, s, r = 4, 16, 8, 2, 3, 4
+    x = rand(g, num_tokens, h)
+    w_gu, w_dn = rand(g, e_loc, 2 * inter, h), rand(g, e_loc, h, inter)
+    a_gu, b_gu = rand(g, s, e_loc, 2, r, h), rand(g, s, e_loc, 2, inter, r)
+    a_dn, b_dn = rand(g, s, e_loc, r, inter), rand(g, s, e_loc, h, r)
+    a_gu[2, :, :, 3:] = 0  # slot 2: rank 3 in the rank-4 buffers
+    b_gu[2, :, :, :, 3:] = 0
+    choices = torch.tensor([-1, -7, 0, 1, 2, 3, e_loc, e_loc + 3])
+    ids = choices[torch.randint(0, len(choices), (num_tokens, k), generator=g)].to(torch.int32)
+    slots = torch.tensor([-1, 0, 1, 2, s, s + 4, -3])
+    slot = slots[torch.randint(0, len(slots), (num_tokens,), generator=g)].to(torch.int32)
+    weights = torch.rand(num_tokens, k, generator=g)
+    out = fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, a_gu, b_gu, a_dn, b_dn)
+    ref = per_token_moe_lora(x, w_gu, w_dn, ids, weights, slot, a_gu, b_gu, a_dn, b_dn)
+    assert torch.allclose(out.double(), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_fused_moe_lora_without_valid_slots_equals_base():
+    from moelora.ops.torch.lora import fused_moe_lora
+
+    g = torch.Generator().manual_seed(5)
+    x, w_gu, w_dn = rand(g, 6, 8), rand(g, 3, 8, 8), rand(g, 3, 8, 4)
+    ids = torch.randint(-1, 4, (6, 2), generator=g).to(torch.int32)
+    weights = torch.rand(6, 2, generator=g)
+    bufs = (rand(g, 2, 3, 2, 2, 8), rand(g, 2, 3, 2, 4, 2), rand(g, 2, 3, 2, 4), rand(g, 2, 3, 8, 2))
+    slot = torch.tensor([-1, 2, -1, 5, -1, -2], dtype=torch.int32)
+    assert torch.allclose(
+        fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs), fused_moe(x, w_gu, w_dn, ids, weights)
+    )

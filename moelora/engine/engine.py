@@ -14,18 +14,22 @@ import os
 import queue
 import threading
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from moelora.cache.kv_cache import BlockAllocator, KVCache
-from moelora.config import EngineArgs
+from moelora.cache.lora_pool import LoraPool
+from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.detokenizer import IncrementalDetokenizer
 from moelora.engine.request import Request, Sequence, Status
 from moelora.engine.runner import ModelRunner
 from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
 from moelora.engine.stream import EngineDeadError, RequestStream
+from moelora.lora.adapter import LoraAdapter, read_adapter
+from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.sampling_params import SamplingParams
@@ -75,13 +79,17 @@ class Engine:
         *,
         seed: int = 0,
         eos_token_ids: tuple[int, ...] = (),
-        loras: frozenset[str] = frozenset(),
+        lora_rank: int | None = None,
+        lora_args: LoraArgs | None = None,
     ) -> None:
+        """`lora_rank`: the adapter slots' rank, or None for no adapter support (no memory reserved)."""
         self.model, self.tokenizer, self.args = model, tokenizer, args or EngineArgs()
         self.cfg = model.cfg
         self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
-        self.loras = loras
         device = next(model.parameters()).device
+        self.loras: LoraManager | None = None
+        if lora_rank is not None:
+            self.loras = self._lora_manager(lora_args or LoraArgs(), lora_rank, device)
         kv_heads = model.decoder_layers()[0].self_attn.kv_heads
         a = self.args
         per_block = KVCache.bytes_per_block(
@@ -102,7 +110,8 @@ class Engine:
         )
         self.allocator = BlockAllocator(num_blocks)
         step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
-        self.scheduler = Scheduler(self.allocator, a.block_size, a.max_num_seqs, step_tokens)
+        fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
+        self.scheduler = Scheduler(self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits)
         self.runner = ModelRunner(model, self.cache)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.device = device
@@ -117,6 +126,55 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
         self._thread.start()
+
+    def _lora_manager(self, la: LoraArgs, rank: int, device: torch.device) -> LoraManager:
+        need = LoraPool.estimate_bytes(self.model, la.max_loras_per_batch, rank)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_cpu_memory()
+        if need > free:
+            raise ValueError(
+                f"adapter slots need {need / 2**30:.2f} GiB "
+                f"({la.max_loras_per_batch} slots of rank {rank}) but "
+                f"{free / 2**30:.2f} GiB is free: lower max_loras_per_batch or max_lora_rank"
+            )
+        pool = LoraPool(self.model, la.max_loras_per_batch, rank)
+        _LOG.info("adapter slots: %d of rank %d, %.1f MiB", pool.num_slots, rank, pool.num_bytes / 2**20)
+
+        def reread(name: str, path: Path) -> LoraAdapter:
+            return read_adapter(name, path, self.cfg, self.model.family, rank)
+
+        return LoraManager(pool, reread, la.max_cpu_loras)
+
+    # ------------------------------------------------------------------ adapters (any thread)
+
+    def _require_loras(self, wanted: str | None = None) -> LoraManager:
+        if self.loras is None:
+            what = f"unknown adapter '{wanted}': " if wanted is not None else ""
+            raise ValueError(
+                f"{what}adapters are off: start with lora_modules={{...}} or enable_lora=True "
+                "(CLI: --lora or --enable-lora)"
+            )
+        return self.loras
+
+    def load_lora(self, name: str, path: str | Path, pinned: bool = False) -> None:
+        """Read, validate and register an adapter; safe while requests run (they are not disturbed)."""
+        loras = self._require_loras()
+        if not name or "/" in name:
+            raise ValueError(f"adapter name '{name}' must be non-empty and contain no '/'")
+        folder = Path(path).expanduser()
+        adapter = read_adapter(name, folder, self.cfg, self.model.family, loras.pool.max_rank)
+        entry = loras.register(name, folder, adapter, pinned)
+        if pinned:
+            self._inbox.put(("pin", entry))
+            self._wake.set()
+
+    def unload_lora(self, name: str) -> None:
+        """New requests for `name` fail from now on; requests already running on it finish first."""
+        self._require_loras().unregister(name)
+        self._inbox.put(("collect", None))
+        self._wake.set()
+
+    def list_loras(self) -> list[LoraInfo]:
+        return self.loras.info() if self.loras is not None else []
 
     # ------------------------------------------------------------------ caller side (any thread)
 
@@ -140,18 +198,18 @@ class Engine:
         """Like `submit`, returning the request's stream."""
         self._check_alive()
         params = sampling_params or SamplingParams()
-        if lora is not None and lora not in self.loras:
-            loaded = ", ".join(sorted(self.loras)) or "none"
-            raise ValueError(f"unknown adapter '{lora}' (loaded adapters: {loaded})")
         text, ids = self._tokenize(prompt)
+        entry = self._require_loras(lora).use(lora) if lora is not None else None
         with self._lock:
             n = next(self._counter)
             rid = request_id if request_id is not None else f"req-{n}"
             if rid in self._streams:
+                if entry is not None and self.loras is not None:
+                    self.loras.release(entry)
                 raise ValueError(f"request id '{rid}' is already in use")
             stream = RequestStream(rid, self._forget)
             self._streams[rid] = stream
-        request = Request(rid, text, ids, params, lora, stream, arrival=n)
+        request = Request(rid, text, ids, params, lora, stream, arrival=n, lora_entry=entry)
         request.seqs = [self._new_sequence(request, i) for i in range(params.n)]
         self._inbox.put(("submit", request))
         self._wake.set()
@@ -255,6 +313,17 @@ class Engine:
                     self.scheduler.add(seq)
             elif kind == "abort" and item in self._requests:
                 self._abort(self._requests[item])
+            elif kind == "pin" and self.loras is not None:
+                self._place_pinned(item)
+            elif kind == "collect" and self.loras is not None:
+                self.loras.collect()
+
+    def _place_pinned(self, entry: AdapterEntry) -> None:
+        """Give a newly pinned adapter its slot now if one is free or held by an adapter not running."""
+        assert self.loras is not None
+        running = {s.request.lora_entry for s in self.scheduler.running if s.request.lora_entry is not None}
+        if entry.slot is None and not entry.unloaded and self.loras.fits(running | {entry}):
+            self.loras.acquire([*running, entry])
 
     def _abort(self, request: Request) -> None:
         for seq in request.seqs:
@@ -269,6 +338,10 @@ class Engine:
         seqs = scheduled.seqs
         if not seqs:
             return
+        if self.loras is not None:
+            entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
+            if entries:
+                self.loras.acquire(list(entries))
         logits, prompt_logits = self.runner.run(seqs)
         for i, pl in prompt_logits.items():
             self._set_prompt_logprobs(seqs[i], pl)
@@ -352,3 +425,7 @@ class Engine:
         request.stream.put(delta)
         if done:
             self._requests.pop(request.request_id, None)
+            if request.lora_entry is not None and self.loras is not None:
+                self.loras.release(request.lora_entry)
+                if request.lora_entry.unloaded:
+                    self.loras.collect()

@@ -13,6 +13,7 @@ from moelora.outputs import CompletionOutput, Logprobs, RequestOutput
 if TYPE_CHECKING:
     from moelora.engine.detokenizer import IncrementalDetokenizer
     from moelora.engine.stream import RequestStream
+    from moelora.lora.manager import AdapterEntry
     from moelora.sampling_params import SamplingParams
 
 
@@ -37,6 +38,7 @@ class Sequence:
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    skips: int = 0  # times later requests were admitted first because this one's adapter did not fit
 
     @property
     def num_prompt(self) -> int:
@@ -70,6 +72,7 @@ class Request:
     lora: str | None
     stream: RequestStream
     arrival: int  # submission order; earlier requests are scheduled first and preempted last
+    lora_entry: AdapterEntry | None = None
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[Logprobs | None] | None = None
     prompt_logprobs_sent: bool = False

@@ -40,7 +40,14 @@ class ModelRunner:
             tables.to(dev),
             tuple(kv_lens),
         )
-        batch = ForwardBatch(torch.tensor(positions, dtype=torch.int64, device=dev), tuple(seq_lens), kv)
+        entries = [s.request.lora_entry for s in seqs]
+        lora_slots = [-1 if e is None or e.slot is None else e.slot for e in entries]
+        token_slot = None
+        if any(slot >= 0 for slot in lora_slots):
+            per_seq = torch.tensor(lora_slots, dtype=torch.int32)
+            token_slot = per_seq.repeat_interleave(torch.tensor(seq_lens)).to(dev)
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        batch = ForwardBatch(positions_t, tuple(seq_lens), kv, token_slot)
         return torch.tensor(ids, dtype=torch.int64, device=dev), batch
 
     @torch.inference_mode()

@@ -10,7 +10,9 @@ so no request is lost and none sees another's cache.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Set
 from dataclasses import dataclass
+from typing import Any
 
 from moelora.cache.kv_cache import BlockAllocator, blocks_for
 from moelora.engine.request import Sequence, Status
@@ -24,11 +26,22 @@ class ScheduledStep:
     preempted: list[Sequence]
 
 
+# A waiting sequence whose adapter does not fit the batch lets later ones pass at most this many times;
+# after that nothing behind it is admitted until it is, so no adapter starves while others keep arriving.
+MAX_SKIPS = 4
+
+
 class Scheduler:
     def __init__(
-        self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        adapters_fit: Callable[[Set[Any]], bool] = lambda adapters: True,
     ) -> None:
         self.allocator, self.block_size = allocator, block_size
+        self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -77,21 +90,29 @@ class Scheduler:
         self.waiting = deque(ordered)
 
     def _admit_waiting(self) -> None:
+        """Admit in arrival order while sequences, tokens and blocks allow; at most S adapters per batch."""
         budget = self.max_num_batched_tokens - len(self.running)
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        adapters = {s.request.lora_entry for s in self.running if s.request.lora_entry is not None}
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
+                break
+            entry = seq.request.lora_entry
+            if entry is not None and entry not in adapters and not self.adapters_fit(adapters | {entry}):
+                seq.skips += 1
+                if seq.skips > MAX_SKIPS:
+                    break
+                continue
             tokens = len(seq.token_ids)
             need = blocks_for(tokens, self.block_size)
-            if need > self.allocator.num_free or (tokens > budget and self._has_other_work()):
+            if need > self.allocator.num_free or (tokens > budget and self.running):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.blocks = self.allocator.allocate(need)
-            seq.num_cached, seq.status = 0, Status.RUNNING
+            seq.num_cached, seq.status, seq.skips = 0, Status.RUNNING, 0
             self.running.append(seq)
             budget -= tokens
-
-    def _has_other_work(self) -> bool:
-        return bool(self.running)
+            if entry is not None:
+                adapters.add(entry)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelora import ops
 from moelora.loader.spec import Form, Piece, WeightSpec, sharded
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
@@ -41,6 +42,35 @@ def whole_part(name: str, full_out: int) -> OutPart:
     return OutPart(name, full_out, slice(0, full_out))
 
 
+@dataclass
+class LinearLora:
+    """A linear layer's adapter slots: a [S, P, R, in_loc] (one A per stacked part), b [S, out_loc, R].
+
+    Filled by `moelora.cache.lora_pool.LoraPool`; sharded like the base weight (column layers: A whole,
+    B rows split; row layers: A columns split, B whole).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def apply_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora: LinearLora | None,
+    sizes: tuple[int, ...],
+    token_slot: torch.Tensor | None,
+) -> torch.Tensor:
+    """y plus each token's adapter delta, part by part (no work when the batch has no adapter)."""
+    if lora is None or token_slot is None:
+        return y
+    offset = 0
+    for p, n in enumerate(sizes):
+        ops.add_lora(y[:, offset : offset + n], x, lora.a[:, p], lora.b[:, offset : offset + n], token_slot)
+        offset += n
+    return y
+
+
 class ColumnLinear(nn.Module):
     """y = x W^T + b, W [sum of part sizes, in]: the parts' rows stacked in order."""
 
@@ -52,9 +82,10 @@ class ColumnLinear(nn.Module):
         out = sum(self.out_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
+        self.lora: LinearLora | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_lora(F.linear(x, self.weight, self.bias), x, self.lora, self.out_sizes, token_slot)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         specs = [self._spec(self.weight, prefix, "weight", (self.in_features,))]
@@ -85,9 +116,12 @@ class RowLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_loc, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
         self.adds_bias = ps.tp_rank == 0
+        self.lora: LinearLora | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias if self.adds_bias else None)
+    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
+        """Partial output; the LoRA delta of this rank's input columns rides the caller's all-reduce."""
+        y = F.linear(x, self.weight, self.bias if self.adds_bias else None)
+        return apply_lora(y, x, self.lora, (self.out,), token_slot)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         key = f"{prefix}.{self.name}"

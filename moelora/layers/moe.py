@@ -39,6 +39,20 @@ def route(
     return weights, ids.to(torch.int32)
 
 
+@dataclass
+class ExpertLora:
+    """Per-expert adapter slots of this rank's experts (the op contract's layout).
+
+    a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R] (slice 0 gate, 1 up), a_dn [S, E_loc, R, I_loc],
+    b_dn [S, E_loc, H, R]; indexed by local expert id, so they hold only the experts this rank owns.
+    """
+
+    a_gu: torch.Tensor
+    b_gu: torch.Tensor
+    a_dn: torch.Tensor
+    b_dn: torch.Tensor
+
+
 class FusedMoE(nn.Module):
     """This rank's experts: E_loc = its placement's count, I_loc = I / moe_tp_size.
 
@@ -60,11 +74,23 @@ class FusedMoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e_loc, hidden, inter_loc, dtype=dtype), requires_grad=False)
         self.expert_map: torch.Tensor
         self.register_buffer("expert_map", self.placement.expert_map(), persistent=False)
+        self.lora: ExpertLora | None = None
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        global_ids: torch.Tensor,
+        token_slot: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # The one place ids change convention: global -> local, -1 for experts of other ranks.
         local_ids = self.expert_map[global_ids.long()]
-        return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
+        if self.lora is None or token_slot is None:
+            return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
+        lo = self.lora
+        return ops.fused_moe_lora(
+            x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.b_dn
+        )
 
     def weight_specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:
         """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`."""

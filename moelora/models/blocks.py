@@ -60,7 +60,9 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.qkv.out_sizes, dim=-1)  # [T, Hq_loc * D], [T, Hkv_loc * D] x2
+        q, k, v = self.qkv(x, batch.token_slot).split(
+            self.qkv.out_sizes, dim=-1
+        )  # [T, Hq_loc * D], [T, Hkv_loc * D] x2
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
@@ -81,7 +83,7 @@ class SelfAttention(nn.Module):
             o = ops.paged_attention(
                 q, k_cache, v_cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale, self.window
             )
-        out = self.o_proj(o.reshape(t, -1))
+        out = self.o_proj(o.reshape(t, -1), batch.token_slot)
         return comm.all_reduce(out, self.ps)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
@@ -101,9 +103,9 @@ class DenseMLP(nn.Module):
         self.gate_up = ColumnLinear(hidden, parts, False, dtype)
         self.down = RowLinear("down_proj", inter, hidden, False, ps, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
+        gate, up = self.gate_up(x, token_slot).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up, token_slot)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         return self.gate_up.weight_specs(prefix) + self.down.weight_specs(prefix)
@@ -116,8 +118,8 @@ class DenseBlock(nn.Module):
         super().__init__()
         self.ps, self.mlp = ps, DenseMLP(hidden, inter, ps, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return comm.all_reduce(self.mlp(x), self.ps)
+    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
+        return comm.all_reduce(self.mlp(x, token_slot), self.ps)
 
     def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
         return self.mlp.weight_specs(prefixes[0])
@@ -140,12 +142,12 @@ class SparseMoeBlock(nn.Module):
                 cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
         weights, global_ids = route(self.router(x), self.top_k, self.renormalize, self.fp32_weights)
-        out = self.experts(x, weights, global_ids)
+        out = self.experts(x, weights, global_ids, token_slot)
         if self.shared is not None and self.shared_gate is not None:
             # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
-            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x, token_slot)
         return comm.all_reduce(out, self.ps)
 
     def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:

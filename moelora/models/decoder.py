@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.token_slot)
 
     def weight_specs(self, prefix: str, family: Family) -> list[WeightSpec]:
         names = family.moe_prefixes if isinstance(self.mlp, SparseMoeBlock) else ("mlp",)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from moelora.ops.torch import attention as _torch_attention
+from moelora.ops.torch import lora as _torch_lora
 from moelora.ops.torch import moe as _torch_moe
 
 
@@ -55,4 +56,29 @@ def paged_attention(
     """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`."""
     return _torch_attention.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window
+    )
+
+
+def add_lora(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
+) -> None:
+    """Dense multi-LoRA added in place; see `moelora.ops.torch.lora.add_lora`."""
+    _torch_lora.add_lora(y, x, a, b, token_slot)
+
+
+def fused_moe_lora(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+    token_slot: torch.Tensor,
+    a_gu: torch.Tensor,
+    b_gu: torch.Tensor,
+    a_dn: torch.Tensor,
+    b_dn: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
+    return _torch_lora.fused_moe_lora(
+        x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn
     )

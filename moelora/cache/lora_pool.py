@@ -1,0 +1,176 @@
+"""Device slots for adapters: per-layer LoRA buffers laid out as the op contract says, and slot writes.
+
+`S = num_slots` slots, `R = max_rank`. Every served target gets zeroed buffers at start (an adapter that
+does not touch a target leaves zeros there, which add nothing); a smaller rank is zero-padded to R. Each
+buffer is sharded like the base weight it modifies, and the expert buffers hold only this rank's experts
+(their local ids come from the layer's one expert placement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from moelora.layers.linear import ColumnLinear, LinearLora, RowLinear
+from moelora.layers.moe import ExpertLora, FusedMoE
+from moelora.lora.adapter import LoraAdapter, LoraWeights
+from moelora.models.blocks import DenseBlock, DenseMLP, SparseMoeBlock
+from moelora.models.decoder import MoeForCausalLM
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A linear layer with adapter buffers, and the adapter target name of each of its stacked parts."""
+
+    layer: int
+    module: ColumnLinear | RowLinear
+    names: tuple[str, ...]
+
+
+def _mlp_targets(layer: int, mlp: DenseMLP, prefix: str) -> list[_Target]:
+    return [
+        _Target(layer, mlp.gate_up, (f"{prefix}gate_proj", f"{prefix}up_proj")),
+        _Target(layer, mlp.down, (f"{prefix}down_proj",)),
+    ]
+
+
+def _targets(model: MoeForCausalLM) -> Iterator[_Target | tuple[int, FusedMoE]]:
+    for i, layer in enumerate(model.decoder_layers()):
+        attn = layer.self_attn
+        yield _Target(i, attn.qkv, ("q_proj", "k_proj", "v_proj"))
+        yield _Target(i, attn.o_proj, ("o_proj",))
+        if isinstance(layer.mlp, DenseBlock):
+            yield from _mlp_targets(i, layer.mlp.mlp, "")
+        elif isinstance(layer.mlp, SparseMoeBlock):
+            if layer.mlp.shared is not None:
+                yield from _mlp_targets(i, layer.mlp.shared, "shared_expert.")
+            yield i, layer.mlp.experts
+
+
+class LoraPool:
+    """Allocates every layer's adapter buffers once and attaches them to the layers."""
+
+    def __init__(self, model: MoeForCausalLM, num_slots: int, max_rank: int) -> None:
+        self.num_slots, self.max_rank = num_slots, max_rank
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self._linears: list[_Target] = []
+        self._experts: list[tuple[int, FusedMoE]] = []
+        s, r = num_slots, max_rank
+        new = self._zeros
+        for t in _targets(model):
+            if isinstance(t, _Target):
+                w = t.module.weight
+                t.module.lora = LinearLora(new(s, len(t.names), r, w.shape[1]), new(s, w.shape[0], r))
+                self._linears.append(t)
+            else:
+                _, moe = t
+                e_loc, i_loc, h = moe.w_down.shape[0], moe.w_down.shape[2], moe.w_down.shape[1]
+                moe.lora = ExpertLora(
+                    new(s, e_loc, 2, r, h),
+                    new(s, e_loc, 2, i_loc, r),
+                    new(s, e_loc, r, i_loc),
+                    new(s, e_loc, h, r),
+                )
+                self._experts.append(t)
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        for t in self._linears:
+            assert t.module.lora is not None
+            yield t.module.lora.a
+            yield t.module.lora.b
+        for _, moe in self._experts:
+            assert moe.lora is not None
+            yield from (moe.lora.a_gu, moe.lora.b_gu, moe.lora.a_dn, moe.lora.b_dn)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @staticmethod
+    def estimate_bytes(model: MoeForCausalLM, num_slots: int, max_rank: int) -> int:
+        """The bytes a pool for `model` would take, computed without allocating it."""
+        itemsize = next(model.parameters()).element_size()
+        total = 0
+        for t in _targets(model):
+            if isinstance(t, _Target):
+                out, inp = t.module.weight.shape
+                total += num_slots * max_rank * (len(t.names) * inp + out)
+            else:
+                e_loc, h, i_loc = t[1].w_down.shape
+                total += num_slots * e_loc * max_rank * (2 * h + 2 * i_loc + i_loc + h)
+        return total * itemsize
+
+    def clear(self, slot: int) -> None:
+        for b in self.buffers():
+            b[slot].zero_()
+
+    def write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Put `adapter` into `slot`: this rank's shards of every target, zeros where it has none."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(
+                f"adapter '{adapter.name}' has rank {adapter.rank}, "
+                f"above the pool's max_lora_rank {self.max_rank}"
+            )
+        self.clear(slot)
+        for t in self._linears:
+            lora = t.module.lora
+            assert lora is not None
+            offset = 0
+            for p, name in enumerate(t.names):
+                rows = _part_rows(t.module, p)
+                w = adapter.dense.get((t.layer, name))
+                if w is not None:
+                    self._write_linear(lora, slot, p, offset, rows, t.module, w)
+                offset += rows.stop - rows.start
+        for layer, moe in self._experts:
+            self._write_experts(slot, layer, moe, adapter)
+
+    def _write_linear(
+        self,
+        lora: LinearLora,
+        slot: int,
+        part: int,
+        offset: int,
+        rows: slice,
+        module: ColumnLinear | RowLinear,
+        w: LoraWeights,
+    ) -> None:
+        r = w.rank
+        if isinstance(module, RowLinear):  # A split on its input columns, B whole
+            lora.a[slot, part, :r] = w.A[:, module.cols].to(self.dtype)
+            lora.b[slot, :, :r] = w.B.to(self.dtype)
+        else:  # A whole, B split on its output rows
+            n = rows.stop - rows.start
+            lora.a[slot, part, :r] = w.A.to(self.dtype)
+            lora.b[slot, offset : offset + n, :r] = w.B[rows].to(self.dtype)
+
+    def _write_experts(self, slot: int, layer: int, moe: FusedMoE, adapter: LoraAdapter) -> None:
+        lora = moe.lora
+        assert lora is not None
+        cols = moe.cols  # this rank's share of the intermediate dimension
+        for proj in ("gate", "up", "down"):
+            by_expert = adapter.experts.get((layer, proj), {})
+            for g, w in by_expert.items():
+                if not moe.placement.owns(g):
+                    continue  # another EP rank's expert: nothing of it is held here
+                e, r = moe.placement.local_id(g), w.rank
+                if proj == "down":
+                    lora.a_dn[slot, e, :r] = w.A[:, cols].to(self.dtype)
+                    lora.b_dn[slot, e, :, :r] = w.B.to(self.dtype)
+                else:
+                    half = 0 if proj == "gate" else 1
+                    lora.a_gu[slot, e, half, :r] = w.A.to(self.dtype)
+                    lora.b_gu[slot, e, half, :, :r] = w.B[cols].to(self.dtype)
+
+
+def _part_rows(module: ColumnLinear | RowLinear, part: int) -> slice:
+    """Rows of the full checkpoint weight that part `part` of this rank's output holds."""
+    if isinstance(module, RowLinear):
+        return slice(0, module.out)
+    return module.parts[part].rows

@@ -1,0 +1,1 @@
+"""LoRA adapters: reading, validating and normalising PEFT adapter folders."""

@@ -1,0 +1,537 @@
+"""Read a PEFT LoRA adapter folder, check it against the base model and normalise it (design invariant 4).
+
+Whatever the layout on disk (docs: reference/peft_moe_format.md): per-expert keys, PEFT's fused
+`target_parameters` form or its rank-2r converted form, an adapter becomes A [r, in] and B [out, r] in fp32
+per (layer, dense target), and per (layer, gate|up|down, global expert id), with the scale (alpha / r, or
+alpha / sqrt(r) with rsLoRA, after rank_pattern / alpha_pattern) folded into B. Reading is pure: an error
+leaves nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moelora.loader.checkpoint import CheckpointError, _check_complete
+from moelora.models.config import ModelConfig
+from moelora.models.family import Family
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+DENSE_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "shared_expert.gate_proj",
+    "shared_expert.up_proj",
+    "shared_expert.down_proj",
+)
+EXPERT_PROJS = ("gate", "up", "down")
+SERVED = (
+    "q/k/v/o_proj, the dense MLP's and the shared expert's gate/up/down_proj, "
+    "and the routed experts' gate/up/down"
+)
+
+# adapter_config.json fields (peft 0.21 LoraConfig) whose non-default values change what the adapter computes.
+_REFUSED = {
+    "use_dora": "DoRA (a learned magnitude per output row)",
+    "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D base weights)",
+    "lora_bias": "lora_bias (a bias on LoRA B)",
+    "modules_to_save": "modules_to_save (fully trained module copies)",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows)",
+    "layer_replication": "layer_replication (a model with repeated layers)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (pooled LoRA inputs)",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+    "arrow_config": "Arrow routing between LoRA experts",
+    "kasa_config": "KaSA (a singular-value diagonal and a truncated base weight)",
+    "monteclora_config": "MonteCLoRA (sampled LoRA weights)",
+}
+# Fields that do not change what a trained adapter computes at inference (checked ones are parsed below).
+_HARMLESS_WORDS = (
+    "task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode r "
+    "lora_alpha use_rslora rank_pattern alpha_pattern target_modules target_parameters exclude_modules "
+    "lora_dropout bias init_lora_weights layers_to_transform layers_pattern megatron_config megatron_core "
+    "loftq_config eva_config corda_config lora_ga_config velora_config qalora_group_size runtime_config "
+    "ensure_weight_tying"
+)
+_HARMLESS = frozenset(_HARMLESS_WORDS.split())
+# init_lora_weights values that leave the base weights untouched (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
+# rewrite them, so their adapters only fit the rewritten model).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight")
+_VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_ATTN = re.compile(r"self_attn\.([qkvo]_proj)")
+_MLP = re.compile(r"mlp\.((?:shared_expert\.)?(?:gate|up|down)_proj)")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One projection's LoRA: delta W = B @ A, the scale already folded into B."""
+
+    A: torch.Tensor  # [r, in] float32
+    B: torch.Tensor  # [out, r] float32
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def num_bytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter in canonical form; a projection without an entry has no LoRA."""
+
+    name: str
+    path: Path
+    dense: dict[tuple[int, str], LoraWeights]  # (layer, target in DENSE_TARGETS)
+    experts: dict[tuple[int, str], dict[int, LoraWeights]]  # (layer, proj in EXPERT_PROJS) -> {global id: w}
+
+    @property
+    def rank(self) -> int:
+        """The largest per-projection rank (0 for an adapter without tensors)."""
+        return max((w.rank for w in self._weights()), default=0)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the normalised tensors (gate and up count their shared A twice, as a slot stores it)."""
+        return sum(w.num_bytes for w in self._weights())
+
+    def _weights(self) -> Iterator[LoraWeights]:
+        yield from self.dense.values()
+        for per_expert in self.experts.values():
+            yield from per_expert.values()
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message names the adapter, the tensor or field, and the fix."""
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The adapter_config.json fields that decide ranks and scales."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_parameters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where one A/B pair applies: kind dense (target), expert (proj, expert) or fused (gate_up|down)."""
+
+    kind: str
+    layer: int
+    target: str
+    module: str  # the module name rank_pattern / alpha_pattern keys are matched against
+    expert: int = -1
+
+
+_Dest = tuple[int, str, int]  # (layer, dense target or expert proj, global expert id or -1)
+
+
+def read_adapter(
+    name: str, path: str | Path, cfg: ModelConfig, family: Family, max_rank: int | None = None
+) -> LoraAdapter:
+    """The adapter in folder `path` for the base model `cfg`, normalised; AdapterError if not servable."""
+    return _Reader(name, Path(path), cfg, family).read(max_rank)
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key p such that `(.*\\.)?(p)$` matches."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class _Reader:
+    def __init__(self, name: str, folder: Path, cfg: ModelConfig, family: Family) -> None:
+        self.name, self.folder, self.cfg = name, folder, cfg
+        prefixes = "|".join(re.escape(p) for p in family.moe_prefixes)
+        names = family.expert_names
+        self.proj_of = {names.gate: "gate", names.up: "up", names.down: "down"}
+        projs = "|".join(re.escape(n) for n in self.proj_of)
+        self.expert_re = re.compile(rf"({prefixes})\.experts\.(\d+)\.({projs})")
+        self.fused_re = re.compile(rf"({prefixes})\.experts(\.base_layer)?")
+
+    def fail(self, message: str) -> AdapterError:
+        return AdapterError(f"adapter '{self.name}': {message}")
+
+    def read(self, max_rank: int | None) -> LoraAdapter:
+        if not self.folder.is_dir():
+            what = "is not a directory" if self.folder.exists() else "does not exist"
+            raise self.fail(
+                f"'{self.folder}' {what}: an adapter is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
+        self.opts = _parse_options(self._config(), self.fail)
+        self.tensors = self._tensors()
+        adapter = LoraAdapter(self.name, self.folder, {}, {})
+        origin: dict[_Dest, str] = {}
+        for module, (a_key, b_key) in self._pairs().items():
+            for dest, weights in self._normalise(self._site(module, a_key), a_key, b_key):
+                self._place(adapter, dest, weights, a_key, origin)
+        if not origin:
+            raise self.fail(f"{self.folder / WEIGHTS_FILE} holds no LoRA tensors")
+        if max_rank is not None and adapter.rank > max_rank:
+            key = next(origin[d] for d in origin if _lookup(adapter, d).rank == adapter.rank)
+            raise self.fail(
+                f"rank {adapter.rank} in '{key}' is above max_lora_rank {max_rank}: raise max_lora_rank to "
+                f"at least {adapter.rank} (or retrain the adapter at a lower rank)"
+            )
+        return adapter
+
+    def _config(self) -> dict[str, Any]:
+        path = self.folder / CONFIG_FILE
+        if not path.is_file():
+            raise self.fail(f"no {CONFIG_FILE} in {self.folder}: is it a PEFT adapter folder?")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self.fail(f"{path} is not valid JSON ({e}): save the adapter again") from e
+        if not isinstance(raw, dict):
+            raise self.fail(f"{path} must hold a JSON object, found {type(raw).__name__}")
+        return raw
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        path = self.folder / WEIGHTS_FILE
+        if not path.is_file():
+            found = (
+                " (there is an adapter_model.bin" if (self.folder / "adapter_model.bin").exists() else " ("
+            )
+            raise self.fail(
+                f"no {WEIGHTS_FILE} in {self.folder}{found}; adapter_model.bin is not read: save the adapter "
+                f"with safetensors, e.g. save_pretrained(..., safe_serialization=True))"
+            )
+        try:
+            _check_complete(path)
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except CheckpointError as e:
+            raise self.fail(str(e).replace("checkpoint file", "file")) from e
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self.fail(f"'{path}' cannot be read as safetensors ({e}): copy or save it again") from e
+
+    def _pairs(self) -> dict[str, tuple[str, str]]:
+        """module -> (lora_A key, lora_B key); every other tensor is an error."""
+        found: dict[str, dict[str, str]] = {}
+        for key in sorted(self.tensors):
+            if _VELORA_BUFFER.fullmatch(key):
+                continue
+            m = _KEY.fullmatch(key)
+            if m is None:
+                raise self._unserved(
+                    key, "it is not a LoRA A/B weight (an embedding LoRA, a bias, a DoRA vector?)"
+                )
+            ab = found.setdefault(m["module"], {})
+            if m["ab"] in ab:
+                raise self.fail(
+                    f"'{ab[m['ab']]}' and '{key}' are both {m['ab']} of '{m['module']}' (two adapters in one "
+                    f"file?): keep one"
+                )
+            ab[m["ab"]] = key
+        for module, ab in found.items():
+            if len(ab) == 1:
+                (have, key), want = next(iter(ab.items())), "lora_B" if "lora_A" in ab else "lora_A"
+                raise self.fail(f"'{key}' ({have}) has no {want} for '{module}': the file is incomplete")
+        return {module: (ab["lora_A"], ab["lora_B"]) for module, ab in found.items()}
+
+    def _unserved(self, key: str, why: str) -> AdapterError:
+        return self.fail(
+            f"tensor '{key}' cannot be served: {why}. moelora serves LoRA on {SERVED}: retrain the adapter "
+            f"on those targets only"
+        )
+
+    def _site(self, module: str, key: str) -> _Site:
+        m = _LAYER.fullmatch(module)
+        if m is None:
+            raise self._unserved(key, f"'{module}' is not a target moelora serves")
+        layer, rest, cfg = int(m[1]), m[2], self.cfg
+        if layer >= cfg.num_layers:
+            raise self.fail(
+                f"'{key}' is for layer {layer}, but the base model has {cfg.num_layers} layers: "
+                f"an adapter for another model?"
+            )
+        if t := _ATTN.fullmatch(rest):
+            return _Site("dense", layer, t[1], module)
+        if t := _MLP.fullmatch(rest):
+            return _Site("dense", layer, self._mlp_target(layer, t[1], key), module)
+        if t := self.expert_re.fullmatch(rest):
+            expert = self._expert_id(layer, int(t[2]), key)
+            return _Site("expert", layer, self.proj_of[t[3]], module, expert)
+        if t := self.fused_re.fullmatch(rest):
+            self._expert_id(layer, 0, key)
+            experts = module.removesuffix(".base_layer")
+            proj = self._fused_proj(experts, t[2] is not None, key)
+            return _Site("fused", layer, proj, f"{experts}.{proj}_proj")
+        raise self._unserved(key, f"'{rest}' is not a target moelora serves")
+
+    def _mlp_target(self, layer: int, target: str, key: str) -> str:
+        moe = self.cfg.moe_layers[layer]
+        if target.startswith("shared_expert."):
+            if not self.cfg.shared_expert_intermediate_size:
+                raise self.fail(f"'{key}' targets a shared expert, which the base model does not have")
+            if not moe:
+                raise self.fail(f"'{key}' targets a shared expert, but layer {layer} is a dense-MLP layer")
+        elif moe:
+            raise self.fail(f"'{key}' targets a dense MLP, but layer {layer} is a MoE layer (routed experts)")
+        return target
+
+    def _expert_id(self, layer: int, expert: int, key: str) -> int:
+        if not self.cfg.moe_layers[layer]:
+            raise self.fail(f"'{key}' targets routed experts, but layer {layer} is a dense-MLP layer")
+        if expert >= self.cfg.num_experts:
+            raise self.fail(
+                f"'{key}' is for expert {expert}, but the base model has {self.cfg.num_experts} experts "
+                f"per layer: an adapter for another model?"
+            )
+        return expert
+
+    def _fused_proj(self, experts: str, nested: bool, key: str) -> str:
+        """Which 3-D parameter a fused pair adapts, from target_parameters (`experts.lora_*` is ambiguous).
+
+        With both targeted, PEFT nests the first-registered parameter, gate_up_proj, as `base_layer`."""
+        targets = self.opts.target_parameters
+        hit = [p for p in ("gate_up", "down") if _targets(targets, f"{experts}.{p}_proj")]
+        if len(hit) == 2:
+            return "gate_up" if nested else "down"
+        if len(hit) == 1 and not nested:
+            return hit[0]
+        raise self.fail(
+            f"'{key}' is a fused expert LoRA, but target_parameters {list(targets)} in {CONFIG_FILE} "
+            f"does not tell whether it adapts '{experts}.gate_up_proj' or '{experts}.down_proj': "
+            f"list the targeted expert parameters there"
+        )
+
+    def _normalise(self, site: _Site, a_key: str, b_key: str) -> list[tuple[_Dest, LoraWeights]]:
+        cfg = self.cfg
+        if site.kind == "dense":
+            in_f, out_f = _dense_shape(cfg, site.target)
+            A, B = self._checked(a_key, b_key, in_f, out_f, 1, f"{site.target} of layer {site.layer}")
+            s = self._scale(site.module, A.shape[0], a_key)
+            return [((site.layer, site.target, -1), LoraWeights(A, B * s))]
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        if site.kind == "expert":
+            in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, inter)
+            what = f"expert {site.expert}'s {site.target} in layer {site.layer}"
+            A, B = self._checked(a_key, b_key, in_f, out_f, 1, what)
+            s = self._scale(site.module, A.shape[0], a_key)
+            return [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
+        n_exp = cfg.num_experts
+        in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
+        A, B = self._checked(
+            a_key, b_key, in_f, out_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
+        )
+        rank = A.shape[0] // n_exp
+        s = self._scale(site.module, rank, a_key)
+        a3 = A.view(n_exp, rank, in_f)  # expert-major rows
+        b3 = (B.view(out_f, rank, n_exp) * s).permute(2, 0, 1)  # rank-major columns j * E + e -> [E, out, r]
+        if site.target == "down":
+            return [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
+        return _split_gate_up(site.layer, a3, b3, inter)
+
+    def _checked(
+        self, a_key: str, b_key: str, in_f: int, out_f: int, n_exp: int, what: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [r * n_exp, in_f] and B [out_f, r * n_exp] as fp32, or an error naming both shapes."""
+        A, B = self.tensors[a_key], self.tensors[b_key]
+        rows = A.shape[0] if A.dim() == 2 else 0
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or rows == 0
+            or rows % n_exp
+            or (A.shape[1], B.shape)
+            != (
+                in_f,
+                (out_f, rows),
+            )
+        ):
+            r = "r" if n_exp == 1 else f"r*{n_exp}"
+            raise self.fail(
+                f"'{a_key}' has shape {list(A.shape)} and '{b_key}' {list(B.shape)}, but {what} of the base "
+                f"model needs lora_A [{r}, {in_f}] and lora_B [{out_f}, {r}]: an adapter for another model?"
+            )
+        for key, t in ((a_key, A), (b_key, B)):
+            if not t.is_floating_point():
+                raise self.fail(f"'{key}' has dtype {t.dtype}, not a floating-point type: save it again")
+            if not torch.isfinite(t).all():
+                raise self.fail(
+                    f"'{key}' contains NaN or Inf values: the adapter is corrupt, retrain or re-export it"
+                )
+        return A.float().contiguous(), B.float()
+
+    def _scale(self, module: str, rank: int, key: str) -> float:
+        opts = self.opts
+        r = pattern_value(opts.rank_pattern, module, opts.r)
+        if rank != r:
+            raise self.fail(
+                f"'{key}' has rank {rank}, but {CONFIG_FILE} gives '{module}' r = {r} (r / rank_pattern): "
+                f"the config does not belong to these weights"
+            )
+        alpha = pattern_value(opts.alpha_pattern, module, opts.alpha)
+        return alpha / math.sqrt(r) if opts.rslora else alpha / r
+
+    def _place(
+        self, adapter: LoraAdapter, dest: _Dest, weights: LoraWeights, key: str, origin: dict[_Dest, str]
+    ) -> None:
+        layer, target, expert = dest
+        if dest in origin:
+            where = f"expert {expert}'s {target}" if expert >= 0 else target
+            raise self.fail(f"'{origin[dest]}' and '{key}' both adapt {where} in layer {layer}: keep one")
+        origin[dest] = key
+        if expert < 0:
+            adapter.dense[(layer, target)] = weights
+        else:
+            adapter.experts.setdefault((layer, target), {})[expert] = weights
+
+
+def _split_gate_up(
+    layer: int, a3: torch.Tensor, b3: torch.Tensor, inter: int
+) -> list[tuple[_Dest, LoraWeights]]:
+    """Fused gate_up (a3 [E, R, H], b3 [E, 2I, R], scaled) -> gate and up per expert.
+
+    PEFT's conversion of a per-expert adapter stacks gate's and up's A (rank R = 2r) under a block-diagonal B;
+    when the off-diagonal blocks are exactly zero for every expert it splits back to rank r per projection.
+    Otherwise gate and up share the rank-R A (exact too)."""
+    rank = a3.shape[1]
+    half = rank // 2
+    split = rank % 2 == 0 and not b3[:, :inter, half:].any() and not b3[:, inter:, :half].any()
+    gate_rows, up_rows = (slice(0, half), slice(half, rank)) if split else (slice(None), slice(None))
+    out: list[tuple[_Dest, LoraWeights]] = []
+    for e in range(a3.shape[0]):
+        gate = LoraWeights(a3[e, gate_rows].contiguous(), b3[e, :inter, gate_rows].contiguous())
+        up = LoraWeights(a3[e, up_rows].contiguous(), b3[e, inter:, up_rows].contiguous())
+        out += [((layer, "gate", e), gate), ((layer, "up", e), up)]
+    return out
+
+
+def _dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(in, out) features of a dense target."""
+    hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+    }
+    if target in attn:
+        return attn[target]
+    shared = target.startswith("shared_expert.")
+    inter = cfg.shared_expert_intermediate_size if shared else cfg.dense_intermediate_size
+    return (inter, hidden) if target.endswith("down_proj") else (hidden, inter)
+
+
+def _targets(target_parameters: tuple[str, ...], name: str) -> bool:
+    """PEFT's target_parameters match: the full name or a dotted suffix of it."""
+    return any(name == t or name.endswith(f".{t}") for t in target_parameters)
+
+
+def _lookup(adapter: LoraAdapter, dest: _Dest) -> LoraWeights:
+    layer, target, expert = dest
+    return adapter.dense[(layer, target)] if expert < 0 else adapter.experts[(layer, target)][expert]
+
+
+def _parse_options(raw: dict[str, Any], fail: Callable[[str], AdapterError]) -> _Options:
+    """The rank and scale settings of adapter_config.json; an error for every option that changes the math."""
+    _refuse_options(raw, fail)
+    r, alpha, rslora = raw.get("r", 8), raw.get("lora_alpha", 8), raw.get("use_rslora", False)
+    if not _is_rank(r):
+        raise fail(f"{CONFIG_FILE} field 'r' must be a positive integer, found {r!r}: fix the config")
+    if not _is_number(alpha):
+        raise fail(f"{CONFIG_FILE} field 'lora_alpha' must be a number, found {alpha!r}: fix the config")
+    if not isinstance(rslora, bool):
+        raise fail(
+            f"{CONFIG_FILE} field 'use_rslora' must be true or false, found {rslora!r}: fix the config"
+        )
+    targets = raw.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise fail(f"{CONFIG_FILE} field 'target_parameters' must be a list of names, found {targets!r}")
+    return _Options(
+        r,
+        float(alpha),
+        rslora,
+        _pattern(raw, "rank_pattern", _is_rank, fail),
+        _pattern(raw, "alpha_pattern", _is_number, fail),
+        tuple(targets),
+    )
+
+
+def _refuse_options(raw: dict[str, Any], fail: Callable[[str], AdapterError]) -> None:
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise fail(
+            f"{CONFIG_FILE} says peft_type '{peft_type}': moelora serves LoRA adapters (peft_type LORA) only"
+        )
+    for field, what in _REFUSED.items():
+        if not _is_default(raw.get(field)):
+            raise fail(
+                f"{CONFIG_FILE} sets {field} = {raw[field]!r}: {what} is not supported; "
+                f"train a plain LoRA adapter instead"
+            )
+    if raw.get("bias", "none") != "none":
+        raise fail(
+            f"{CONFIG_FILE} sets bias = {raw['bias']!r}: trained base-model biases are not served; "
+            f"retrain with bias='none'"
+        )
+    init = raw.get("init_lora_weights", True)
+    if not isinstance(init, bool) and init not in _PLAIN_INITS:
+        raise fail(
+            f"{CONFIG_FILE} sets init_lora_weights = {init!r}, which rewrites the base weights: "
+            f"convert the adapter to a plain LoRA (PEFT's save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...)) first"
+        )
+    unknown = sorted(k for k in raw if k not in _HARMLESS and k not in _REFUSED and not _is_default(raw[k]))
+    if unknown:
+        raise fail(
+            f"{CONFIG_FILE} sets {', '.join(unknown)}, unknown to moelora (a newer PEFT option?) so it "
+            f"cannot tell whether the adapter is plain LoRA: remove the field if it does not change the math"
+        )
+
+
+def _pattern(
+    raw: dict[str, Any], field: str, valid: Callable[[Any], bool], fail: Callable[[str], AdapterError]
+) -> dict[str, Any]:
+    patterns = raw.get(field) or {}
+    if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+        raise fail(f"{CONFIG_FILE} field '{field}' must map module patterns to numbers, found {patterns!r}")
+    for key in patterns:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise fail(
+                f"{CONFIG_FILE} field '{field}' has key {key!r}, not a valid regular expression ({e})"
+            ) from e
+    return dict(patterns)
+
+
+def _is_default(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,202 @@
+"""Adapter names, the CPU cache of loaded adapters, pins, and which adapter sits in which device slot.
+
+Names are looked up from any thread (under a lock); slots are only touched by the engine thread. An entry
+lives until it is unloaded *and* no request uses it any more, so unloading never disturbs running requests,
+and a new adapter loaded under the same name is a different entry (never mixed with the old one's slot).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moelora.cache.lora_pool import LoraPool
+from moelora.lora.adapter import LoraAdapter
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    name: str
+    path: Path
+    rank: int
+    pinned: bool
+    adapter: LoraAdapter | None  # the CPU copy; None once evicted from the CPU cache (re-read on demand)
+    slot: int | None = None
+    users: int = 0  # requests (waiting or running) that use this entry
+    unloaded: bool = False
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """What `list_loras` reports for one adapter."""
+
+    name: str
+    path: str
+    rank: int
+    pinned: bool
+    resident: bool  # holds a device slot now
+
+
+@dataclass
+class LoraStats:
+    loads: int = 0  # adapter writes into a device slot
+    evictions: int = 0  # adapters pushed out of a device slot to make room
+    cpu_evictions: int = 0  # CPU copies dropped (re-read from disk when needed again)
+    requests: dict[str, int] = field(default_factory=dict)  # per adapter name
+
+
+class LoraManager:
+    def __init__(
+        self,
+        pool: LoraPool,
+        reader: Callable[[str, Path], LoraAdapter],
+        max_cpu_loras: int | None,
+    ) -> None:
+        self.pool, self.reader, self.max_cpu_loras = pool, reader, max_cpu_loras
+        self.num_slots = pool.num_slots
+        self._lock = threading.Lock()
+        self._names: dict[str, AdapterEntry] = {}
+        self._slots: list[AdapterEntry | None] = [None] * self.num_slots
+        self._lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # slot holders, least recent first
+        self._cpu_lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # CPU copies, least recent first
+        self.stats = LoraStats()
+        self.history: list[tuple[str, ...]] = []  # adapters of each step's batch, in the order acquired
+
+    # ---------------------------------------------------------------- any thread
+
+    def register(self, name: str, path: Path, adapter: LoraAdapter, pinned: bool) -> AdapterEntry:
+        with self._lock:
+            if name in self._names:
+                raise ValueError(
+                    f"an adapter named '{name}' is already loaded: unload it first or pick another name"
+                )
+            if pinned:
+                pins = sum(e.pinned for e in self._names.values())
+                if pins + 1 > self.num_slots - 1:
+                    raise ValueError(
+                        f"cannot pin '{name}': {pins} adapters are pinned "
+                        "and at most max_loras_per_batch - 1 "
+                        f"= {self.num_slots - 1} may be, so that unpinned adapters can still run"
+                    )
+            if adapter.rank > self.pool.max_rank:
+                raise ValueError(
+                    f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.pool.max_rank}: "
+                    f"restart with max_lora_rank >= {adapter.rank}"
+                )
+            entry = AdapterEntry(name, path, adapter.rank, pinned, adapter)
+            self._names[name] = entry
+            self._cpu_lru[entry] = None
+            self.stats.requests.setdefault(name, 0)
+            self._trim_cpu_cache()
+            return entry
+
+    def unregister(self, name: str) -> AdapterEntry:
+        """Forget the name; requests already using the entry keep it until they finish."""
+        with self._lock:
+            entry = self._names.pop(name, None)
+            if entry is None:
+                raise KeyError(f"no adapter named '{name}' is loaded")
+            entry.unloaded = True
+            return entry
+
+    def use(self, name: str) -> AdapterEntry:
+        """The entry a new request runs on (counted until `release`)."""
+        with self._lock:
+            entry = self._names.get(name)
+            if entry is None:
+                loaded = ", ".join(sorted(self._names)) or "none"
+                raise ValueError(f"unknown adapter '{name}' (loaded adapters: {loaded})")
+            entry.users += 1
+            self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
+            return entry
+
+    def release(self, entry: AdapterEntry) -> None:
+        with self._lock:
+            entry.users -= 1
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._names)
+
+    def info(self) -> list[LoraInfo]:
+        with self._lock:
+            return [
+                LoraInfo(e.name, str(e.path), e.rank, e.pinned, e.slot is not None)
+                for e in sorted(self._names.values(), key=lambda e: e.name)
+            ]
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(e is not None for e in self._slots)
+
+    # ---------------------------------------------------------------- engine thread
+
+    def fits(self, batch: Iterable[AdapterEntry]) -> bool:
+        """Whether these adapters can share one step: they plus pinned ones holding slots need <= S slots."""
+        wanted = set(batch)
+        held_by_pins = {e for e in self._slots if e is not None and e.pinned and e not in wanted}
+        return len(wanted) + len(held_by_pins) <= self.num_slots
+
+    def acquire(self, batch: Sequence[AdapterEntry]) -> None:
+        """Give every adapter of this step a slot, evicting least-recently-used ones not in the step."""
+        self.history.append(tuple(e.name for e in batch))
+        wanted = set(batch)
+        for entry in batch:
+            if entry.slot is None:
+                self._load(entry, wanted)
+            self._lru.move_to_end(entry)
+
+    def _load(self, entry: AdapterEntry, wanted: set[AdapterEntry]) -> None:
+        slot = next((i for i, e in enumerate(self._slots) if e is None), None)
+        if slot is None:
+            victim = next((e for e in self._lru if e not in wanted and not e.pinned), None)
+            if victim is None:
+                raise AssertionError("no adapter slot can be freed: the scheduler admitted too many adapters")
+            slot = self._evict(victim)
+            self.stats.evictions += 1
+        adapter = entry.adapter
+        if adapter is None:  # dropped from the CPU cache: read it again
+            adapter = self.reader(entry.name, entry.path)
+            with self._lock:
+                entry.adapter = adapter
+                self._cpu_lru[entry] = None
+                self._trim_cpu_cache(keep=entry)
+        self.pool.write(slot, adapter)
+        self._slots[slot], entry.slot = entry, slot
+        self._lru[entry] = None
+        self.stats.loads += 1
+        with self._lock:
+            if entry in self._cpu_lru:
+                self._cpu_lru.move_to_end(entry)
+
+    def _evict(self, entry: AdapterEntry) -> int:
+        slot = entry.slot
+        assert slot is not None
+        self._slots[slot], entry.slot = None, None
+        self._lru.pop(entry, None)
+        return slot
+
+    def collect(self) -> None:
+        """Free the slots and CPU copies of unloaded adapters no request uses any more."""
+        for entry in [e for e in self._lru if e.unloaded and e.users == 0]:
+            self.pool.clear(self._evict(entry))
+        with self._lock:
+            for entry in [e for e in self._cpu_lru if e.unloaded and e.users == 0]:
+                self._cpu_lru.pop(entry)
+                entry.adapter = None
+
+    def _trim_cpu_cache(self, keep: AdapterEntry | None = None) -> None:
+        """Drop the least recently used CPU copies beyond max_cpu_loras (never a pinned one). Lock held."""
+        if self.max_cpu_loras is None:
+            return
+        for entry in list(self._cpu_lru):
+            if len(self._cpu_lru) <= self.max_cpu_loras:
+                return
+            if entry is keep or entry.pinned:
+                continue
+            self._cpu_lru.pop(entry)
+            entry.adapter = None
+            self.stats.cpu_evictions += 1

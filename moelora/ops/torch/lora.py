@@ -1,0 +1,83 @@
+"""PyTorch twins of the LoRA ops: dense multi-LoRA and the routed experts with per-expert LoRA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
+    valid = token_slot[(token_slot >= 0) & (token_slot < num_slots)]
+    return [int(s) for s in valid.unique().tolist()]
+
+
+def add_lora(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
+) -> None:
+    """Dense multi-LoRA, added in place.
+
+    Shapes: T tokens, S slots, R the pool's rank. y [T, out] (may be a column slice of a wider output);
+    x [T, in]; a [S, R, in]; b [S, out, R] (scale folded in, ranks below R zero-padded); token_slot [T] int.
+
+    Semantics: y[t] += b[s] @ (a[s] @ x[t]) for s = token_slot[t] in [0, S); tokens with any other slot
+    (-1 for the base model) are left alone. The product is computed in fp32 and added in y's dtype.
+    """
+    for s in _slots(token_slot, a.shape[0]):
+        rows = (token_slot == s).nonzero().squeeze(1)
+        delta = (x[rows].float() @ a[s].float().T) @ b[s].float().T
+        y[rows] = (y[rows].float() + delta).to(y.dtype)
+
+
+def fused_moe_lora(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+    token_slot: torch.Tensor,
+    a_gu: torch.Tensor,
+    b_gu: torch.Tensor,
+    a_dn: torch.Tensor,
+    b_dn: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md).
+
+    Shapes: as `fused_moe`, plus token_slot [T] int; a_gu [S, E_loc, 2, R, H]; b_gu [S, E_loc, 2, I_loc, R]
+    (slice 0 gate, 1 up); a_dn [S, E_loc, R, I_loc]; b_dn [S, E_loc, H, R]; scales folded into b.
+
+    Semantics: for token t, choice j with e = local_ids[t, j] in [0, E_loc) (other ids contribute nothing),
+    weight w = weights[t, j] and s = token_slot[t]:
+        g = W_gate[e] x + (b_gu[s,e,0] a_gu[s,e,0] x  if s in [0, S))
+        u = W_up[e] x   + (b_gu[s,e,1] a_gu[s,e,1] x  if s in [0, S))
+        h = silu(g) * u
+        d = W_down[e] h + (b_dn[s,e] a_dn[s,e] h      if s in [0, S))
+        y[t] += w * d
+    Sums are accumulated in fp32; y [T, H] has x's dtype.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, inter = w_down.shape[0], w_down.shape[2]
+    num_slots, k = a_gu.shape[0], local_ids.shape[1]
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    ids = local_ids.reshape(-1).long()
+    pair_slot = token_slot.long().repeat_interleave(k)
+    for e in range(num_experts):
+        rows = (ids == e).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        tok = rows // k
+        xe = x[tok]
+        gate_up = F.linear(xe, w_gate_up[e]).float()
+        slot = pair_slot[rows]
+        for s in _slots(slot, num_slots):
+            m = (slot == s).nonzero().squeeze(1)
+            xs = xe[m].float()
+            for half in (0, 1):
+                delta = (xs @ a_gu[s, e, half].float().T) @ b_gu[s, e, half].float().T
+                gate_up[m, half * inter : (half + 1) * inter] += delta
+        h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+        d = F.linear(h, w_down[e]).float()
+        for s in _slots(slot, num_slots):
+            m = (slot == s).nonzero().squeeze(1)
+            d[m] += (h[m].float() @ a_dn[s, e].float().T) @ b_dn[s, e].float().T
+        out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].float())
+    return out.to(x.dtype)

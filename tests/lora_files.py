@@ -1,0 +1,316 @@
+"""Writers of PEFT adapter folders in each on-disk layout, and a manual-merge reference; no moelora code.
+
+Layouts (reference/peft_moe_format.md): "per_expert" (one A/B pair per expert and projection; Mixtral's
+w1/w3/w2 under block_sparse_moe), "fused" (PEFT `target_parameters`: gate and up share A, A rows expert-major,
+B columns rank-major `j * E + e`, gate_up nested as `base_layer` when down is targeted too) and "converted"
+(what PEFT makes of a per-expert adapter: gate_up of rank 2r with a block-diagonal B, and `.*\\.gate_up_proj`
+entries of 2r / 2*alpha in rank_pattern / alpha_pattern). Weights are random and non-zero (B too), large
+enough to change the logits of the tiny models in tests/hf_models.py visibly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors.torch import save_file
+
+FORMS = ("per_expert", "fused", "converted")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+STD = 0.3
+Weights = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r] unscaled, scale)
+
+
+@dataclass
+class ExpectedLora:
+    """What a correct reader must produce, kept independently for the reference merge."""
+
+    dense: dict[tuple[int, str], Weights]  # (layer, target) -> (A, B, scale)
+    experts: dict[tuple[int, str, int], Weights]  # (layer, "gate"|"up"|"down", expert) -> (A, B, scale)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """The sizes and names an adapter must fit, read from the HF config by rules of its own."""
+
+    layers: int
+    hidden: int
+    q_out: int
+    kv_out: int
+    dense_inter: int
+    shared_inter: int
+    moe_inter: int
+    num_experts: int
+    moe_layers: tuple[bool, ...]
+    expert_block: str  # where per-expert keys live
+    expert_names: dict[str, str]  # gate/up/down -> checkpoint name
+
+
+def _arch(family: str, hf: Any) -> _Arch:
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    n = hf.num_hidden_layers
+    mixtral = family == "mixtral"
+    if family in ("qwen3_moe", "qwen2_moe"):
+        step, dense = hf.decoder_sparse_step or 1, set(hf.mlp_only_layers or [])
+        moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
+        moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
+    else:
+        moe, moe_inter, dense_inter = (True,) * n, hf.intermediate_size, 0
+    return _Arch(
+        layers=n,
+        hidden=hf.hidden_size,
+        q_out=hf.num_attention_heads * head_dim,
+        kv_out=hf.num_key_value_heads * head_dim,
+        dense_inter=dense_inter,
+        shared_inter=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+        moe_inter=moe_inter,
+        num_experts=hf.num_local_experts if mixtral else hf.num_experts,
+        moe_layers=moe,
+        expert_block="block_sparse_moe" if mixtral else "mlp",
+        expert_names=dict(
+            zip(
+                ("gate", "up", "down"),
+                ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj"),
+                strict=True,
+            )
+        ),
+    )
+
+
+class _Writer:
+    def __init__(
+        self, arch: _Arch, rank: int, alpha: float, seed: int, rslora: bool, ranks: dict, alphas: dict
+    ):
+        self.arch, self.rank, self.alpha, self.rslora = arch, rank, alpha, rslora
+        self.ranks, self.alphas = ranks, alphas
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.expected = ExpectedLora({}, {})
+
+    def r_of(self, module: str) -> int:
+        key = get_pattern_key(list(self.ranks), module)
+        return self.ranks.get(key, self.rank)
+
+    def scale(self, module: str, r: int) -> float:
+        key = get_pattern_key(list(self.alphas), module)
+        alpha = self.alphas.get(key, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen) * STD
+
+    def pair(self, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous()
+        self.tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous()
+
+    def dense(self, layer: int, target: str) -> None:
+        a = self.arch
+        inter = a.shared_inter if target.startswith("shared_expert.") else a.dense_inter
+        sizes = {
+            "q_proj": (a.hidden, a.q_out),
+            "k_proj": (a.hidden, a.kv_out),
+            "v_proj": (a.hidden, a.kv_out),
+            "o_proj": (a.q_out, a.hidden),
+        }
+        proj = target.rpartition(".")[2]
+        in_f, out_f = sizes.get(proj) or ((inter, a.hidden) if proj == "down_proj" else (a.hidden, inter))
+        module = f"model.layers.{layer}.{'self_attn' if target in ATTENTION else 'mlp'}.{target}"
+        r = self.r_of(module)
+        A, B = self.randn(r, in_f), self.randn(out_f, r)
+        self.pair(module, A, B)
+        self.expected.dense[(layer, target)] = (A, B, self.scale(module, r))
+
+    def expert_shape(self, proj: str) -> tuple[int, int]:
+        a = self.arch
+        return (a.moe_inter, a.hidden) if proj == "down" else (a.hidden, a.moe_inter)
+
+    def per_expert(
+        self, layer: int, experts: Sequence[int], projs: Sequence[str], fixed: dict[str, int] | None = None
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """Independent (A, B) per expert and projection, in one drawing order for both forms that use it;
+        written as per-expert keys unless the ranks are `fixed` (by the converted form)."""
+        out, block, names = {}, f"model.layers.{layer}.{self.arch.expert_block}", self.arch.expert_names
+        for e in experts:
+            for proj in projs:
+                module = f"{block}.experts.{e}.{names[proj]}"
+                r = fixed[proj] if fixed else self.r_of(module)
+                in_f, out_f = self.expert_shape(proj)
+                out[proj, e] = (self.randn(r, in_f), self.randn(out_f, r))
+                if not fixed:
+                    self.pair(module, *out[proj, e])
+                    self.expected.experts[(layer, proj, e)] = (*out[proj, e], self.scale(module, r))
+        return out
+
+    def fused_pair(self, module: str, a3: torch.Tensor, b3: torch.Tensor) -> None:
+        """a3 [E, r, in] -> A [E * r, in] expert-major; b3 [E, out, r] -> B [out, r * E], column j * E + e."""
+        self.pair(module, a3.reshape(-1, a3.shape[-1]), b3.permute(1, 2, 0).reshape(b3.shape[1], -1))
+
+    def fused(self, layer: int, projs: Sequence[str]) -> None:
+        a, experts = self.arch, f"model.layers.{layer}.mlp.experts"
+        gate_up = "gate" in projs
+        if gate_up:
+            r = self.r_of(f"{experts}.gate_up_proj")
+            s = self.scale(f"{experts}.gate_up_proj", r)
+            a3 = self.randn(a.num_experts, r, a.hidden)
+            b3 = self.randn(a.num_experts, 2 * a.moe_inter, r)
+            self.fused_pair(experts + (".base_layer" if "down" in projs else ""), a3, b3)
+            for e in range(a.num_experts):
+                self.expected.experts[(layer, "gate", e)] = (a3[e], b3[e, : a.moe_inter], s)
+                self.expected.experts[(layer, "up", e)] = (a3[e], b3[e, a.moe_inter :], s)
+        if "down" in projs:
+            r = self.r_of(f"{experts}.down_proj")
+            s = self.scale(f"{experts}.down_proj", r)
+            a3, b3 = self.randn(a.num_experts, r, a.moe_inter), self.randn(a.num_experts, a.hidden, r)
+            self.fused_pair(experts, a3, b3)
+            for e in range(a.num_experts):
+                self.expected.experts[(layer, "down", e)] = (a3[e], b3[e], s)
+
+    def converted(self, layer: int, projs: Sequence[str]) -> None:
+        """The per-expert draws, packed as PEFT's conversion packs them."""
+        a, experts = self.arch, f"model.layers.{layer}.mlp.experts"
+        big_r, r_down = self.r_of(f"{experts}.gate_up_proj"), self.r_of(f"{experts}.down_proj")
+        assert big_r % 2 == 0, "the converted gate_up rank is twice the per-projection rank"
+        fixed = {"gate": big_r // 2, "up": big_r // 2, "down": r_down}
+        draws = self.per_expert(layer, range(a.num_experts), projs, fixed)
+        if "gate" in projs:
+            s = self.scale(f"{experts}.gate_up_proj", big_r)
+            a3 = torch.stack(
+                [torch.cat([draws["gate", e][0], draws["up", e][0]]) for e in range(a.num_experts)]
+            )
+            b3 = torch.stack(
+                [torch.block_diag(draws["gate", e][1], draws["up", e][1]) for e in range(a.num_experts)]
+            )
+            self.fused_pair(experts + (".base_layer" if "down" in projs else ""), a3, b3)
+            for e in range(a.num_experts):
+                self.expected.experts[(layer, "gate", e)] = (*draws["gate", e], s)
+                self.expected.experts[(layer, "up", e)] = (*draws["up", e], s)
+        if "down" in projs:
+            s = self.scale(f"{experts}.down_proj", r_down)
+            a3 = torch.stack([draws["down", e][0] for e in range(a.num_experts)])
+            b3 = torch.stack([draws["down", e][1] for e in range(a.num_experts)])
+            self.fused_pair(experts, a3, b3)
+            for e in range(a.num_experts):
+                self.expected.experts[(layer, "down", e)] = (*draws["down", e], s)
+
+
+def write_adapter(
+    folder: Path,
+    family: str,
+    hf_config: Any,
+    *,
+    rank: int,
+    alpha: float,
+    form: str,
+    seed: int,
+    experts: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    dense_targets: Sequence[str] = ATTENTION,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    expert_projs: Sequence[str] = ("gate", "up", "down"),
+) -> ExpectedLora:
+    """Write adapter_config.json and adapter_model.safetensors to `folder`; return what they mean.
+
+    experts / layers None = all; dense MLP targets are written in dense layers only, shared-expert targets in
+    MoE layers only. The fused and converted forms cover every expert, and need gate and up together."""
+    assert form in FORMS, form
+    arch = _arch(family, hf_config)
+    projs = [p for p in ("gate", "up", "down") if p in expert_projs]
+    if form != "per_expert":
+        assert experts is None, "the fused forms cover every expert"
+        assert ("gate" in projs) == ("up" in projs), "the fused forms hold gate and up together"
+    ranks, alphas = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    if form == "converted" and "gate" in projs:  # appended after the adapter's own patterns, as PEFT does
+        ranks[r".*\.gate_up_proj"] = 2 * rank
+        alphas[r".*\.gate_up_proj"] = 2 * alpha
+    # PEFT saves the config with sorted keys, and matches patterns in the order they are read back.
+    ranks, alphas = dict(sorted(ranks.items())), dict(sorted(alphas.items()))
+    w = _Writer(arch, rank, alpha, seed, use_rslora, ranks, alphas)
+    for layer in range(arch.layers) if layers is None else layers:
+        moe = arch.moe_layers[layer]
+        for target in dense_targets:
+            shared = target.startswith("shared_expert.")
+            if target in ATTENTION or (shared and moe and arch.shared_inter) or (not shared and not moe):
+                w.dense(layer, target)
+        if not moe or not projs:
+            continue
+        if form == "per_expert":
+            w.per_expert(layer, range(arch.num_experts) if experts is None else experts, projs)
+        else:
+            getattr(w, form)(layer, projs)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(w.tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = _peft_config(family, arch, rank, alpha, form, dense_targets, projs, use_rslora, ranks, alphas)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return w.expected
+
+
+def _peft_config(
+    family: str,
+    arch: _Arch,
+    rank: int,
+    alpha: float,
+    form: str,
+    dense_targets: Sequence[str],
+    projs: Sequence[str],
+    use_rslora: bool,
+    ranks: dict,
+    alphas: dict,
+) -> dict[str, Any]:
+    modules = [t if t in ATTENTION else f"mlp.{t}" for t in dense_targets]
+    params = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
+    if form == "per_expert":
+        modules += [arch.expert_names[p] for p in projs]
+        targets = None
+    else:  # PEFT writes the fused form's names as given, the converted form's as bare parameter names
+        prefix = "mlp.experts." if form == "fused" else ""
+        targets = sorted({prefix + params[p] for p in projs}) or None
+    return {
+        "alpha_pattern": alphas,
+        "base_model_name_or_path": f"tiny-random-{family}",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "peft_version": "0.21.2",
+        "r": rank,
+        "rank_pattern": ranks,
+        "target_modules": sorted(modules),
+        "target_parameters": targets,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": use_rslora,
+    }
+
+
+@torch.no_grad()
+def merged_hf_model(hf_model: Any, expected: ExpectedLora) -> Any:
+    """A deep copy of `hf_model` with W += scale * B @ A folded into every targeted weight (fp32)."""
+    model = copy.deepcopy(hf_model).float()
+    layers = model.model.layers
+    for (layer, target), (A, B, s) in expected.dense.items():
+        owner = layers[layer].self_attn if target in ATTENTION else layers[layer].mlp
+        for part in target.split("."):
+            owner = getattr(owner, part)
+        owner.weight += s * B @ A
+    for (layer, proj, e), (A, B, s) in expected.experts.items():
+        experts = layers[layer].mlp.experts
+        inter = experts.down_proj.shape[-1]
+        if proj == "down":
+            experts.down_proj[e] += s * B @ A
+        else:
+            rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
+            experts.gate_up_proj[e, rows] += s * B @ A
+    return model
