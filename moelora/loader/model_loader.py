@@ -24,8 +24,9 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
+    "float64": torch.float64,  # for exact reference checks on CPU; no kernel is built for it
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
 def read_model_config(folder: Path) -> tuple[ModelConfig, Family]:
@@ -50,7 +51,8 @@ def read_model_config(folder: Path) -> tuple[ModelConfig, Family]:
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """'auto' is the checkpoint's own dtype; otherwise one of float32, bfloat16, float16."""
+    """'auto' is the checkpoint's own dtype; otherwise one of float32, bfloat16, float16 (or float64, for
+    numerical reference checks)."""
     if isinstance(dtype, torch.dtype):
         chosen = dtype
     elif dtype == "auto":
@@ -59,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> to
         chosen = _DTYPES[dtype]
     else:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPE_CHOICES)}")
-    if chosen not in (torch.float32, torch.bfloat16, torch.float16):
+    if chosen not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype {chosen} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
     return chosen
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.torch import acc_dtype
+
 
 def prefill_attention(
     q: torch.Tensor,
@@ -22,17 +24,18 @@ def prefill_attention(
 
     Semantics: for a query at position i of its sequence and key j of the same sequence,
     score = scale * q.k if j <= i and (window is None or i - j < window), else masked;
-    o = softmax(score) @ v, softmax in fp32.
+    o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs).
     """
     group = q.shape[1] // k.shape[1]
+    acc = acc_dtype(q.dtype)
     out = torch.empty_like(q)
     start = 0
     for n in seq_lens:
         sl = slice(start, start + n)
         start += n
-        qs = q[sl].transpose(0, 1).float()  # [Hq, n, D]
-        ks = k[sl].transpose(0, 1).float().repeat_interleave(group, dim=0)
-        vs = v[sl].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        qs = q[sl].transpose(0, 1).to(acc)  # [Hq, n, D]
+        ks = k[sl].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)
+        vs = v[sl].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)
         i = torch.arange(n, device=q.device)
         allowed = i[None, :] <= i[:, None]
         if window is not None:
@@ -72,17 +75,19 @@ def paged_attention(
 
     Semantics: the new tokens of sequence b sit at positions kv_lens[b] - seq_lens[b] + i; the query at
     position p attends key position j iff j <= p and (window is None or p - j < window), with
-    score = scale * q.k; o = softmax(score) @ v, softmax in fp32. Query head h reads KV head h // (Hq / Hkv).
+    score = scale * q.k; o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs).
+    Query head h reads KV head h // (Hq / Hkv).
     """
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
+    acc = acc_dtype(q.dtype)
     out = torch.empty_like(q)
     start = 0
     for b, (n, total) in enumerate(zip(seq_lens, kv_lens, strict=True)):
         blocks = block_tables[b, : (total + block_size - 1) // block_size].long()
-        ks = k_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).float().repeat_interleave(group, dim=0)
-        vs = v_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).float().repeat_interleave(group, dim=0)
-        qs = q[start : start + n].transpose(0, 1).float()  # [Hq, n, D]
+        ks = k_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)
+        vs = v_cache[blocks].flatten(0, 1)[:total].transpose(0, 1).to(acc).repeat_interleave(group, dim=0)
+        qs = q[start : start + n].transpose(0, 1).to(acc)  # [Hq, n, D]
         pos = torch.arange(total - n, total, device=q.device)[:, None]
         key = torch.arange(total, device=q.device)[None, :]
         allowed = key <= pos

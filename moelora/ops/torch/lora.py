@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.torch import acc_dtype
+
 
 def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
     valid = token_slot[(token_slot >= 0) & (token_slot < num_slots)]
@@ -20,12 +22,14 @@ def add_lora(
     x [T, in]; a [S, R, in]; b [S, out, R] (scale folded in, ranks below R zero-padded); token_slot [T] int.
 
     Semantics: y[t] += b[s] @ (a[s] @ x[t]) for s = token_slot[t] in [0, S); tokens with any other slot
-    (-1 for the base model) are left alone. The product is computed in fp32 and added in y's dtype.
+    (-1 for the base model) are left alone. The product is computed in fp32 (fp64 for
+    fp64 inputs) and added in y's dtype.
     """
+    acc = acc_dtype(x.dtype)
     for s in _slots(token_slot, a.shape[0]):
         rows = (token_slot == s).nonzero().squeeze(1)
-        delta = (x[rows].float() @ a[s].float().T) @ b[s].float().T
-        y[rows] = (y[rows].float() + delta).to(y.dtype)
+        delta = (x[rows].to(acc) @ a[s].to(acc).T) @ b[s].to(acc).T
+        y[rows] = (y[rows].to(acc) + delta).to(y.dtype)
 
 
 def fused_moe_lora(
@@ -52,12 +56,13 @@ def fused_moe_lora(
         h = silu(g) * u
         d = W_down[e] h + (b_dn[s,e] a_dn[s,e] h      if s in [0, S))
         y[t] += w * d
-    Sums are accumulated in fp32; y [T, H] has x's dtype.
+    Sums are accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots, k = a_gu.shape[0], local_ids.shape[1]
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    acc = acc_dtype(x.dtype)
+    out = torch.zeros(num_tokens, hidden, dtype=acc, device=x.device)
     ids = local_ids.reshape(-1).long()
     pair_slot = token_slot.long().repeat_interleave(k)
     for e in range(num_experts):
@@ -66,18 +71,18 @@ def fused_moe_lora(
             continue
         tok = rows // k
         xe = x[tok]
-        gate_up = F.linear(xe, w_gate_up[e]).float()
+        gate_up = F.linear(xe, w_gate_up[e]).to(acc)
         slot = pair_slot[rows]
         for s in _slots(slot, num_slots):
             m = (slot == s).nonzero().squeeze(1)
-            xs = xe[m].float()
+            xs = xe[m].to(acc)
             for half in (0, 1):
-                delta = (xs @ a_gu[s, e, half].float().T) @ b_gu[s, e, half].float().T
+                delta = (xs @ a_gu[s, e, half].to(acc).T) @ b_gu[s, e, half].to(acc).T
                 gate_up[m, half * inter : (half + 1) * inter] += delta
         h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
-        d = F.linear(h, w_down[e]).float()
+        d = F.linear(h, w_down[e]).to(acc)
         for s in _slots(slot, num_slots):
             m = (slot == s).nonzero().squeeze(1)
-            d[m] += (h[m].float() @ a_dn[s, e].float().T) @ b_dn[s, e].float().T
-        out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].float())
+            d[m] += (h[m].to(acc) @ a_dn[s, e].to(acc).T) @ b_dn[s, e].to(acc).T
+        out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].to(acc))
     return out.to(x.dtype)

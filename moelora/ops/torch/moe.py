@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.torch import acc_dtype
+
 
 def fused_moe(
     x: torch.Tensor,
@@ -23,11 +25,12 @@ def fused_moe(
     experts of other ranks included, contributes nothing):
         g, u = split(w_gate_up[e] @ x[t]);  h = silu(g) * u;  d = w_down[e] @ h
         y[t] += weights[t, j] * d
-    The sum is accumulated in fp32; y [T, H] has x's dtype.
+    The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    acc = acc_dtype(x.dtype)
+    out = torch.zeros(num_tokens, hidden, dtype=acc, device=x.device)
     ids = local_ids.reshape(-1).long()
     valid = (ids >= 0) & (ids < num_experts)
     pair = valid.nonzero().squeeze(1)  # (token, choice) pairs that run here
@@ -46,5 +49,5 @@ def fused_moe(
         gate_up = F.linear(x[tok], w_gate_up[e])
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         d = F.linear(h, w_down[e])
-        out.index_add_(0, tok, (d * weights.reshape(-1)[rows, None]).float())
+        out.index_add_(0, tok, (d * weights.reshape(-1)[rows, None]).to(acc))
     return out.to(x.dtype)
