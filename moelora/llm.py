@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,12 @@ import torch
 from moelora.batch import ForwardBatch
 from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs
 from moelora.engine.engine import Engine
-from moelora.loader.model_loader import load_model
+from moelora.loader.model_loader import check_layout, load_model, resolve_device
 from moelora.loader.resolve import resolve_model
 from moelora.lora.adapter import read_adapter
 from moelora.lora.manager import LoraInfo
 from moelora.outputs import RequestOutput
+from moelora.parallel.launch import LaunchSpec, WorkerGroup, device_for, run_torchrun_worker, torchrun_rank
 from moelora.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -96,19 +99,18 @@ class LLM:
         self.lora_args = LoraArgs(enable_lora, max_loras_per_batch, max_lora_rank, max_cpu_loras)
         self.args = ModelArgs(model=str(model), dtype=str(dtype), device=device, seed=seed, progress=progress)
         self.parallel = ParallelArgs(tp_size=tp_size, ep_size=ep_size)
-        if (tp_size, ep_size) != (1, 1):
-            raise ValueError(
-                f"tp_size={tp_size}, ep_size={ep_size}: the multi-process launcher is not implemented yet; "
-                f"this version runs tp_size=1, ep_size=1 only"
-            )
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_args) - known)
         if unknown:
             raise TypeError(f"LLM() got unknown arguments {unknown}; engine arguments are {sorted(known)}")
         self.engine_args = EngineArgs(max_model_len=max_model_len, **engine_args)
         self.model_path = resolve_model(model)
+        self.workers: WorkerGroup | None = None
         torch.manual_seed(seed)
-        self.model = load_model(self.model_path, dtype=dtype, device=device, progress=progress)
+        if tp_size == 1 and torchrun_rank(1) is None:
+            self.model = load_model(self.model_path, dtype=dtype, device=device, progress=progress)
+        else:
+            self.model = self._start_parallel(dtype, device, seed, progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
         start_adapters = {
@@ -118,18 +120,54 @@ class LLM:
         lora_rank = None
         if start_adapters or enable_lora or max_lora_rank is not None:
             lora_rank = max_lora_rank or max((a.rank for a in start_adapters.values()), default=16)
-        self.engine = Engine(
-            self.model,
-            self.tokenizer,
-            self.engine_args,
-            seed=seed,
-            eos_token_ids=generation_eos_ids(self.model_path),
-            lora_rank=lora_rank,
-            lora_args=self.lora_args,
-        )
+        try:
+            self.engine = Engine(
+                self.model,
+                self.tokenizer,
+                self.engine_args,
+                seed=seed,
+                eos_token_ids=generation_eos_ids(self.model_path),
+                lora_rank=lora_rank,
+                lora_args=self.lora_args,
+                workers=self.workers,
+            )
+        except BaseException:
+            if self.workers is not None:
+                self.workers.shutdown()
+            raise
         for name, adapter in start_adapters.items():
             assert self.engine.loras is not None
             self.engine.loras.register(name, Path(adapter.path), adapter, pinned=False)
+
+    def _start_parallel(self, dtype: str | torch.dtype, device: str, seed: int, progress: bool) -> Any:
+        """Check the layout, start the worker processes, load rank 0's share; the workers load theirs."""
+        tp, ep = self.parallel.tp_size, self.parallel.ep_size
+        check_layout(self.model_path, tp, ep)
+        device_type = resolve_device(device).type
+        if device_type == "cuda" and torch.cuda.device_count() < tp:
+            raise ValueError(f"tp_size={tp} needs {tp} GPUs; torch sees {torch.cuda.device_count()}")
+        threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // tp))
+        spec = LaunchSpec(
+            str(self.model_path), str(dtype).removeprefix("torch."), device_type, tp, ep, seed, threads
+        )
+        rank = torchrun_rank(tp)
+        if rank is not None and rank != 0:  # under torchrun: this process only serves rank 0, then exits
+            run_torchrun_worker(spec, rank)
+            sys.exit(0)
+        self.workers = WorkerGroup.start(spec)
+        try:
+            model = load_model(
+                self.model_path,
+                dtype=dtype,
+                device=device_for(spec, 0),
+                ps=self.workers.ps,
+                progress=progress,
+            )
+            self.workers.wait_ready()
+        except BaseException:
+            self.workers.shutdown()
+            raise
+        return model
 
     def __enter__(self) -> LLM:
         return self
@@ -142,6 +180,9 @@ class LLM:
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.shutdown()
+        workers = self.__dict__.pop("workers", None)
+        if workers is not None:
+            workers.shutdown()
         self.__dict__.pop("model", None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -184,9 +225,16 @@ class LLM:
         seqs = [self.encode(p) for p in prompts]
         if not seqs:
             return []
+        flat = [t for s in seqs for t in s]
         batch = ForwardBatch.prefill([len(s) for s in seqs], self.device)
-        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(self.model(ids, batch)).cpu()
+        ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        if self.workers is None:
+            logits = self.model.compute_logits(self.model(ids, batch)).cpu()
+        else:
+            workers = self.workers
+            with workers.lock:
+                workers.send(("forward", flat, batch.seq_lens))
+                logits = workers.checked(lambda: self.model.compute_logits(self.model(ids, batch))).cpu()
         return list(logits.split(batch.seq_lens))
 
     def load_lora(self, name: str, path: str | Path, pinned: bool = False) -> None:

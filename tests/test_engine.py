@@ -208,7 +208,7 @@ def test_bad_requests_fail_clearly(llm: LLM):
         llm.generate(PROMPTS[:3], [GREEDY, GREEDY])
     with pytest.raises(ValueError, match="too few for max_model_len"):
         LLM("demo", device="cpu", progress=False, num_kv_blocks=2, block_size=4, max_model_len=64)
-    with pytest.raises(ValueError, match="multi-process launcher"):
-        LLM("demo", device="cpu", progress=False, tp_size=2)
+    with pytest.raises(ValueError, match="ep_size 3 does not divide tp_size 2"):
+        LLM("demo", device="cpu", progress=False, tp_size=2, ep_size=3)
     wait_idle(llm)
     assert alone(llm, PROMPTS[0]) == alone(llm, PROMPTS[0])  # refused requests left nothing behind

@@ -8,8 +8,9 @@ buffer is sharded like the base weight it modifies, and the expert buffers hold 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +55,9 @@ class LoraPool:
 
     def __init__(self, model: MoeForCausalLM, num_slots: int, max_rank: int) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
+        # With several ranks, rank 0's pool sends each write and clear here so every worker repeats it
+        # on its own shards (set by the engine; None with one process).
+        self.mirror: Callable[[tuple[Any, ...]], None] | None = None
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self._linears: list[_Target] = []
@@ -107,6 +111,11 @@ class LoraPool:
         return total * itemsize
 
     def clear(self, slot: int) -> None:
+        if self.mirror is not None:
+            self.mirror(("clear", slot))
+        self._clear(slot)
+
+    def _clear(self, slot: int) -> None:
         for b in self.buffers():
             b[slot].zero_()
 
@@ -117,7 +126,9 @@ class LoraPool:
                 f"adapter '{adapter.name}' has rank {adapter.rank}, "
                 f"above the pool's max_lora_rank {self.max_rank}"
             )
-        self.clear(slot)
+        if self.mirror is not None:
+            self.mirror(("lora", slot, adapter.name, str(adapter.path), self.max_rank))
+        self._clear(slot)
         for t in self._linears:
             lora = t.module.lora
             assert lora is not None

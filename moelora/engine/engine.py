@@ -24,14 +24,16 @@ from moelora.cache.lora_pool import LoraPool
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.detokenizer import IncrementalDetokenizer
 from moelora.engine.request import Request, Sequence, Status
-from moelora.engine.runner import ModelRunner
+from moelora.engine.runner import ModelRunner, step_input
 from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
+from moelora.engine.stats import EngineLoad
 from moelora.engine.stream import EngineDeadError, RequestStream
 from moelora.lora.adapter import LoraAdapter, read_adapter
 from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
+from moelora.parallel.launch import WorkerGroup
 from moelora.sampling_params import SamplingParams
 
 _LOG = logging.getLogger(__name__)
@@ -81,9 +83,12 @@ class Engine:
         eos_token_ids: tuple[int, ...] = (),
         lora_rank: int | None = None,
         lora_args: LoraArgs | None = None,
+        workers: WorkerGroup | None = None,
     ) -> None:
-        """`lora_rank`: the adapter slots' rank, or None for no adapter support (no memory reserved)."""
+        """`lora_rank`: the adapter slots' rank, or None for no adapter support (no memory reserved).
+        `workers`: the other TP ranks (this process is rank 0); each step is sent to them first."""
         self.model, self.tokenizer, self.args = model, tokenizer, args or EngineArgs()
+        self.workers = workers
         self.cfg = model.cfg
         self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
         device = next(model.parameters()).device
@@ -108,6 +113,14 @@ class Engine:
         self.cache = KVCache(
             self.cfg.num_layers, num_blocks, a.block_size, kv_heads, self.cfg.head_dim, model.dtype, device
         )
+        if workers is not None:
+            pool = self.loras.pool if self.loras is not None else None
+            with workers.lock:
+                workers.send(
+                    ("init", num_blocks, a.block_size, pool.num_slots if pool else 0, lora_rank or 0)
+                )
+            if pool is not None:
+                pool.mirror = self._mirror
         self.allocator = BlockAllocator(num_blocks)
         step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
@@ -126,6 +139,12 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
         self._thread.start()
+
+    def _mirror(self, command: tuple[Any, ...]) -> None:
+        """Send an adapter-slot write or clear to the workers (the loop thread calls this)."""
+        assert self.workers is not None
+        with self.workers.lock:
+            self.workers.send(command)
 
     def _lora_manager(self, la: LoraArgs, rank: int, device: torch.device) -> LoraManager:
         need = LoraPool.estimate_bytes(self.model, la.max_loras_per_batch, rank)
@@ -218,6 +237,19 @@ class Engine:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now (for metrics and admission; safe from any thread)."""
+        loras = self.loras
+        return EngineLoad(
+            alive=self._thread.is_alive() and self._error is None and not self._stopping,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.allocator.num_blocks - self.allocator.num_free,
+            kv_blocks_total=self.allocator.num_blocks,
+            lora_slots_used=loras.slots_in_use if loras is not None else 0,
+            lora_slots_total=loras.num_slots if loras is not None else 0,
+        )
 
     def stream(self, request_id: str) -> RequestStream:
         with self._lock:
@@ -342,7 +374,13 @@ class Engine:
             entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
             if entries:
                 self.loras.acquire(list(entries))
-        logits, prompt_logits = self.runner.run(seqs)
+        if self.workers is None:
+            logits, prompt_logits = self.runner.run(seqs)
+        else:
+            workers, step = self.workers, step_input(seqs, self.cache.block_size)
+            with workers.lock:
+                workers.send(("step", step))
+                logits, prompt_logits = workers.checked(lambda: self.runner.execute(step))
         for i, pl in prompt_logits.items():
             self._set_prompt_logprobs(seqs[i], pl)
         inputs = [

@@ -76,6 +76,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return chosen
 
 
+def check_layout(folder: Path, tp_size: int, ep_size: int) -> None:
+    """Fail now, before any process starts, if the model cannot be split over tp_size x ep_size.
+
+    Builds rank 0's share on the meta device (no memory), so every layer's own check runs: ep_size
+    dividing tp_size, tp_size dividing the attention heads (and the vocabulary, the MLP sizes), key/value
+    heads that shard or replicate evenly, no more EP ranks than experts.
+    """
+    cfg, family = read_model_config(folder)
+    try:
+        ps = ParallelState(0, tp_size, ep_size)
+        with torch.device("meta"):
+            MoeForCausalLM(cfg, family, ps, torch.float32)
+    except ValueError as e:
+        raise ValueError(f"tp_size={tp_size}, ep_size={ep_size} does not fit {folder.name}: {e}") from e
+
+
 def load_model(
     folder: Path,
     *,

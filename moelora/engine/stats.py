@@ -1,0 +1,19 @@
+"""`EngineLoad`: a snapshot of what the engine holds now, for metrics, health checks and admission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Counts read from another thread without pausing the loop: each is exact, but they may be a step
+    apart."""
+
+    alive: bool  # the loop runs and has not failed or been shut down
+    running: int  # sequences in the running batch (a request with n completions has n)
+    waiting: int  # sequences queued for prefill (new or preempted); requests still in the inbox not counted
+    kv_blocks_used: int
+    kv_blocks_total: int
+    lora_slots_used: int  # device adapter slots holding an adapter
+    lora_slots_total: int  # 0 when adapters are off

@@ -1,0 +1,221 @@
+"""Tensor and expert parallelism on CPU (gloo, one torch thread per process): every TP x EP layout runs one
+mixed adapter batch and agrees with the single-process run and with transformers (adapters merged by hand).
+
+float64 takes rounding out of the comparison, so the tolerance checks the sharding itself; one fp32 layout
+per family shows the user's dtype works too. Each LLM starts its own worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moelora import LLM, SamplingParams
+from moelora.engine.stream import EngineDeadError
+from moelora.outputs import RequestOutput
+from moelora.parallel.launch import WorkerError
+from tests.hf_models import VOCAB, hf_logprobs
+from tests.lora_files import ExpectedLora, merged_hf_model, write_adapter
+from tests.test_lora_hf import adapter_specs
+
+TOL = 1e-4
+NEAR_TIE = 1e-3
+NEW_TOKENS = 8
+# (family, tp, ep, dtype): the full matrix on Qwen3-MoE, (2, 2) on the others, 6 experts over ep=4.
+LAYOUTS = [
+    *[("qwen3_moe", tp, ep, "float64") for tp, ep in [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]],
+    ("qwen3_moe", 4, 2, "float32"),
+    *[(f, 2, 2, "float64") for f in ("qwen2_moe", "mixtral", "olmoe")],
+    ("olmoe", 2, 1, "float32"),
+    ("qwen2_moe", 4, 4, "float64"),
+]
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(23)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 3, 12)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapters(hf_models, tmp_path_factory) -> dict[str, dict[str, tuple[Path, ExpectedLora]]]:
+    out: dict[str, dict[str, tuple[Path, ExpectedLora]]] = {}
+    for family, hf in hf_models.items():
+        num_experts = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
+        root = tmp_path_factory.mktemp(f"par-adapters-{family}")
+        out[family] = {
+            name: (root / name, write_adapter(root / name, family, hf.config, **spec))
+            for name, spec in adapter_specs(num_experts).items()
+        }
+    return out
+
+
+def run_batch(
+    checkpoint: Path, adapters: dict[str, tuple[Path, ExpectedLora]], tp: int, ep: int, dtype: str
+) -> tuple[list[str | None], list[RequestOutput], list[torch.Tensor]]:
+    names: list[str | None] = [None, *adapters]
+    lora = [n for n in names for _ in prompts()]
+    batch = [p for _ in names for p in prompts()]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=3)
+    with LLM(
+        str(checkpoint),
+        device="cpu",
+        dtype=dtype,
+        progress=False,
+        tp_size=tp,
+        ep_size=ep,
+        num_kv_blocks=64,
+        lora_modules={n: str(folder) for n, (folder, _) in adapters.items()},
+        max_loras_per_batch=3,
+    ) as llm:
+        outs = llm.generate(batch, params, lora=lora)
+        logits = llm.logits(prompts())  # the cacheless forward goes through the workers too
+    return lora, outs, logits
+
+
+@torch.no_grad()
+def greedy_margins(model: Any, prompt: list[int]) -> tuple[list[int], list[float]]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    margins = [float(v[0, 0] - v[0, 1]) for v in (step.topk(2).values for step in out.logits)]
+    return out.sequences[0, len(prompt) :].tolist(), margins
+
+
+@pytest.fixture(scope="module")
+def single(checkpoints, adapters, one_thread) -> dict[tuple[str, str], Any]:
+    """The single-process run of each (family, dtype) a layout needs, computed once."""
+    wanted = {(f, d) for f, _, _, d in LAYOUTS}
+    return {(f, d): run_batch(checkpoints[f], adapters[f], 1, 1, d) for f, d in sorted(wanted)}
+
+
+@pytest.mark.parametrize(
+    ("family", "tp", "ep", "dtype"), LAYOUTS, ids=[f"{f}-tp{t}-ep{e}-{d}" for f, t, e, d in LAYOUTS]
+)
+def test_layout_matches_single_process_and_transformers(
+    family, tp, ep, dtype, hf_models, checkpoints, adapters, single, one_thread
+):
+    lora, outs, logits = run_batch(checkpoints[family], adapters[family], tp, ep, dtype)
+    _, ref_outs, ref_logits = single[family, dtype]
+    base = copy.deepcopy(hf_models[family]).to(getattr(torch, dtype))
+    if True:
+        references = {None: base} | {
+            n: merged_hf_model(base, exp).to(base.dtype) for n, (_, exp) in adapters[family].items()
+        }
+        for name, prompt, out, ref in zip(
+            lora, [p for _ in range(4) for p in prompts()], outs, ref_outs, strict=True
+        ):
+            where = f"{family} tp={tp} ep={ep} {name or 'base'}"
+            model = references[name]
+            hf_tokens, margins = greedy_margins(model, prompt)
+            for i, (a, b, c) in enumerate(zip(out.token_ids, ref.token_ids, hf_tokens, strict=True)):
+                if margins[i] < NEAR_TIE:
+                    break
+                assert a == b == c, (where, i, out.token_ids, ref.token_ids, hf_tokens)
+            (hf,) = hf_logprobs(model, [prompt])
+            assert out.prompt_logprobs is not None and ref.prompt_logprobs is not None
+            for i, (got, want) in enumerate(
+                zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True), 1
+            ):
+                assert got is not None and want is not None and set(got) == set(want), (where, i)
+                for tok, lp in got.items():
+                    assert abs(lp - want[tok]) < TOL, (where, "vs single process", i, tok)
+                    assert abs(lp - hf[i - 1, tok].item()) < TOL, (where, "vs transformers", i, tok)
+        for got, want in zip(logits, ref_logits, strict=True):
+            torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+# ---- failures are clear and fast
+
+
+def test_bad_layouts_fail_before_any_process_starts(checkpoints, tmp_path: Path):
+    from transformers import Qwen3MoeConfig
+
+    with pytest.raises(ValueError, match="ep_size 3 does not divide tp_size 4"):
+        LLM(str(checkpoints["qwen3_moe"]), device="cpu", tp_size=4, ep_size=3, progress=False)
+    with pytest.raises(ValueError, match=r"tp_size=8.*does not divide the 4 attention heads"):
+        LLM(str(checkpoints["qwen3_moe"]), device="cpu", tp_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"tp_size=3.*vocab size \(160\) is not divisible by 3"):
+        LLM(str(checkpoints["qwen3_moe"]), device="cpu", tp_size=3, progress=False)
+    two = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        moe_intermediate_size=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+    )
+    two.architectures = ["Qwen3MoeForCausalLM"]
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="ep_size 4 is larger than the model's 2 experts"):
+        LLM(str(tmp_path / "two"), device="cpu", tp_size=4, ep_size=4, progress=False)
+
+
+def test_a_dead_worker_fails_the_driver_with_its_rank(checkpoints, one_thread):
+    llm = LLM(str(checkpoints["mixtral"]), device="cpu", tp_size=2, progress=False, num_kv_blocks=16)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        assert len(llm.generate([[5, 6, 7]], params)[0].token_ids) == 4
+        assert llm.workers is not None
+        proc = llm.workers._procs[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        start = time.monotonic()
+        with pytest.raises((EngineDeadError, WorkerError), match="worker rank 1 exited with code -9"):
+            llm.generate([[5, 6, 7]], params)
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerError, match="worker rank 1"):
+            llm.logits([[1, 2, 3]])
+    finally:
+        llm.shutdown()
+
+
+def test_a_worker_that_cannot_load_names_its_rank(checkpoints, tmp_path: Path, one_thread):
+    """The driver's own share loads; rank 1's expert file is gone: the error names rank 1 and the file."""
+    import json
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(checkpoints["qwen3_moe"], folder)
+    # Split the checkpoint so that rank 1's experts (4..7 with ep=2) live in a file of their own, then
+    # truncate that file: rank 0 never opens it.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    late = {k: v for k, v in state.items() if any(f".experts.{e}." in k for e in range(4, 8))}
+    early = {k: v for k, v in state.items() if k not in late}
+    (folder / "model.safetensors").unlink()
+    save_file(early, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(late, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in early}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in late}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    late_file = folder / "model-00002-of-00002.safetensors"
+    late_file.write_bytes(late_file.read_bytes()[:-100])
+    with pytest.raises(WorkerError, match=r"worker rank 1 .*model-00002-of-00002"):
+        LLM(str(folder), device="cpu", tp_size=2, ep_size=2, progress=False)
