@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs
+from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, ServerArgs
 from moelora.sampling_params import SamplingParams
 
 _SAMPLING_HELP = {
@@ -122,7 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-demo-adapters", action="store_true", help="with the demo model, do not load its demo adapters"
     )
     generate.set_defaults(sp_max_tokens=32)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_dataclass_args(serve, ModelArgs, positional=("model",))
+    add_dataclass_args(serve, ServerArgs)
+    add_dataclass_args(serve, ParallelArgs)
+    add_dataclass_args(serve, EngineArgs)
+    add_dataclass_args(serve, LoraArgs)
+    serve.add_argument(
+        "--lora", action="append", metavar="NAME=PATH", help="load a PEFT adapter at start (repeatable)"
+    )
+    serve.add_argument(
+        "--no-demo-adapters", action="store_true", help="with the demo model, do not load its demo adapters"
+    )
 
 
 def _forward(args: argparse.Namespace) -> int:
@@ -153,7 +169,6 @@ def parse_lora_modules(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from moelora.demo import DEMO_NAME, demo_adapter_paths
     from moelora.llm import LLM
 
     margs: ModelArgs = from_args(ModelArgs, args)
@@ -161,9 +176,7 @@ def _generate(args: argparse.Namespace) -> int:
     eargs: EngineArgs = from_args(EngineArgs, args)
     largs: LoraArgs = from_args(LoraArgs, args)
     params = sampling_from_args(args)
-    modules: dict[str, Any] = dict(parse_lora_modules(args.lora))
-    if not modules and margs.model == DEMO_NAME and not args.no_demo_adapters:
-        modules = dict(demo_adapter_paths())
+    modules = _start_modules(args, margs.model)
     uses: list[str | None] = [None if u == "base" else u for u in (args.use or ["base", *modules])]
     prompts = args.prompt or ["The weather today is"]
     with LLM(
@@ -193,6 +206,47 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_modules(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Adapters to load at start: --lora, or the demo model's own unless --no-demo-adapters."""
+    from moelora.demo import DEMO_NAME, demo_adapter_paths
+
+    modules: dict[str, Any] = dict(parse_lora_modules(args.lora))
+    if not modules and model == DEMO_NAME and not args.no_demo_adapters:
+        modules = dict(demo_adapter_paths())
+    return modules
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from moelora.llm import LLM
+    from moelora.server.app import serve
+    from moelora.server.context import default_served_name
+
+    margs: ModelArgs = from_args(ModelArgs, args)
+    sargs: ServerArgs = from_args(ServerArgs, args)
+    pargs: ParallelArgs = from_args(ParallelArgs, args)
+    largs: LoraArgs = from_args(LoraArgs, args)
+    eargs: EngineArgs = from_args(EngineArgs, args)
+    # Runtime loading needs adapter slots even when no adapter is given at start.
+    largs = dataclasses.replace(largs, enable_lora=largs.enable_lora or sargs.lora_dir is not None)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    with LLM(
+        margs.model,
+        dtype=margs.dtype,
+        device=margs.device,
+        seed=margs.seed,
+        progress=margs.progress,
+        tp_size=pargs.tp_size,
+        ep_size=pargs.ep_size,
+        lora_modules=_start_modules(args, margs.model),
+        **dataclasses.asdict(largs),
+        **dataclasses.asdict(eargs),
+    ) as llm:
+        serve(llm, sargs, sargs.served_model_name or default_served_name(margs.model))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -200,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _forward(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"moelora: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Python API, the CLI and the docs cannot drift apart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +93,40 @@ class LoraArgs:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError(f"max_cpu_loras must be >= 1, got {self.max_cpu_loras}")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """The OpenAI-compatible HTTP server (`moelora serve`)."""
+
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(8000, "TCP port to listen on")
+    served_model_name: str | None = option(
+        None, "the `model` name of the base model in the API; default: the model folder's name (or the id)"
+    )
+    api_key: str | None = option(
+        None, "require `Authorization: Bearer <key>` on every route but /health; default: no auth"
+    )
+    lora_dir: str | None = option(
+        None,
+        "allow loading adapters at runtime (/v1/load_lora_adapter), only from folders inside this one; "
+        "default: runtime loading off",
+    )
+    max_waiting: int = option(
+        1024, "most requests waiting for their first token; more are refused with 503 until some start"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.served_model_name is not None and (
+            not self.served_model_name or ":" in self.served_model_name
+        ):
+            raise ValueError(
+                f"served_model_name must be non-empty and contain no ':' (it separates the adapter), "
+                f"got '{self.served_model_name}'"
+            )
+        if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
+            raise ValueError(f"lora_dir '{self.lora_dir}' is not a directory: create it or fix the path")

@@ -70,3 +70,29 @@ def test_generate_flags_from_dataclasses():
 def test_generate_bad_sampling_is_a_clear_error(capsys):
     assert main(["generate", "--no-progress", "--temperature", "-2"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_serve_flags_from_dataclasses():
+    argv = ["serve", "--port", "9", "--api-key", "k", "--lora-dir", "/tmp", "--max-waiting", "3", "--tp", "2"]
+    args = build_parser().parse_args([*argv, "--served-model-name", "x", "--lora", "a=b"])
+    assert (args.model, args.port, args.api_key, args.lora_dir, args.max_waiting) == (
+        "demo",
+        9,
+        "k",
+        "/tmp",
+        3,
+    )
+    assert (args.served_model_name, args.tp_size, args.lora, args.host) == ("x", 2, ["a=b"], "127.0.0.1")
+
+
+def test_serve_bad_settings_are_clear_errors(capsys, tmp_path):
+    assert main(["serve", "--no-progress", "--lora-dir", str(tmp_path / "absent")]) == 2
+    assert "lora_dir" in capsys.readouterr().err
+    assert main(["serve", "--no-progress", "--served-model-name", "a:b"]) == 2
+    assert "':'" in capsys.readouterr().err
+
+
+def test_engine_and_cli_do_not_import_the_server_stack():
+    code = "import sys, moelora.cli, moelora.llm; print(sorted({'fastapi', 'uvicorn'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

@@ -1,0 +1,113 @@
+"""What every route needs: the loaded model, the server's settings, model-name resolution, adapter paths,
+and starting engine requests under the --max-waiting bound."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moelora.config import ServerArgs
+from moelora.engine.stream import EngineDeadError
+from moelora.llm import LLM
+from moelora.sampling_params import SamplingParams
+from moelora.server.metrics import ServerMetrics
+from moelora.server.protocol import ApiError
+from moelora.server.runs import Run
+
+
+def default_served_name(model: str) -> str:
+    """The model folder's name for a folder; the name as given for 'demo' or a Hugging Face id."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
+@dataclass
+class ServerContext:
+    llm: LLM
+    args: ServerArgs
+    served_name: str
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def lora_dir(self) -> Path | None:
+        return Path(self.args.lora_dir).resolve() if self.args.lora_dir is not None else None
+
+    def adapter_names(self) -> list[str]:
+        loras = self.llm.engine.loras
+        return loras.names() if loras is not None else []
+
+    def resolve_model(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for anything else."""
+        if model == self.served_name:
+            return None
+        prefix = f"{self.served_name}:"
+        name = model[len(prefix) :] if model.startswith(prefix) else model
+        if name in self.adapter_names():
+            return name
+        known = ", ".join([self.served_name, *self.adapter_names()])
+        raise ApiError(
+            404,
+            f"model '{model}' does not exist: use the base model '{self.served_name}' or an adapter, "
+            f"as 'NAME' or '{self.served_name}:NAME' (served: {known})",
+            param="model",
+            code="model_not_found",
+        )
+
+    def checked_lora_path(self, raw: str) -> Path:
+        """`raw` (absolute, or relative to --lora-dir) resolved; 403 unless it stays inside --lora-dir."""
+        root = self.lora_dir
+        if root is None:
+            raise ApiError(
+                403, "loading adapters at runtime is off: restart the server with --lora-dir DIR to allow it"
+            )
+        given = Path(raw)
+        if ".." in given.parts:
+            raise ApiError(403, f"lora_path '{raw}' must not contain '..'", param="lora_path")
+        resolved = (given if given.is_absolute() else root / given).resolve()
+        if not resolved.is_relative_to(root):
+            raise ApiError(
+                403,
+                f"lora_path '{raw}' resolves to '{resolved}', outside --lora-dir '{root}' "
+                "(symbolic links out of it are refused too)",
+                param="lora_path",
+            )
+        return resolved
+
+    def start(
+        self, prompts: Sequence[str | list[int]], params: SamplingParams, adapter: str | None
+    ) -> list[Run]:
+        """Submit one engine request per prompt; all or none (a failure aborts the ones already started)."""
+        runs: list[Run] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                runs.append(self._start_one(prompt, params, adapter, i * params.n))
+        except BaseException:
+            for run in runs:
+                run.cancel(self.llm.engine)
+            raise
+        self.metrics.requests.labels(adapter or self.served_name).inc(len(runs))
+        return runs
+
+    def _start_one(
+        self, prompt: str | list[int], params: SamplingParams, adapter: str | None, at: int
+    ) -> Run:
+        limit = self.args.max_waiting
+        if not self.metrics.pending.try_add(limit):
+            raise ApiError(
+                503,
+                f"{limit} requests are already waiting for their first token (--max-waiting {limit}): "
+                "retry later",
+            )
+        timer = self.metrics.timer()
+        try:
+            stream = self.llm.engine.submit_stream(prompt, params, adapter)
+        except ValueError as e:
+            timer.close()
+            raise ApiError(400, str(e), param="prompt" if "prompt" in str(e) else None) from e
+        except EngineDeadError as e:
+            timer.close()
+            raise ApiError(503, f"the engine is not running: {e}") from e
+        return Run(stream, timer, at)
