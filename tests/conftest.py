@@ -7,17 +7,19 @@ import pytest
 import torch
 
 from tests.hf_models import FAMILIES, build_hf_model, save_per_expert
+from tests.lora_files import ExpectedLora, adapter_specs, write_adapter
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and gpus == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        marker = item.get_closest_marker("multigpu")
+        if marker is not None and gpus < marker.args[0]:
+            item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0]} CUDA GPUs, {gpus} present"))
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,19 @@ def checkpoints(hf_models: dict[str, Any], tmp_path_factory: pytest.TempPathFact
     """Each family's model saved the way transformers saves it (per-expert keys)."""
     root = tmp_path_factory.mktemp("ckpt")
     return {f: save_per_expert(m, root / f) for f, m in hf_models.items()}
+
+
+@pytest.fixture(scope="session")
+def mixed_adapters(
+    hf_models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, tuple[Path, ExpectedLora]]]:
+    """family -> the three adapters of `adapter_specs` (ranks 4, 8, 16; one covering half the experts)."""
+    out: dict[str, dict[str, tuple[Path, ExpectedLora]]] = {}
+    for family, hf in hf_models.items():
+        num_experts = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
+        root = tmp_path_factory.mktemp(f"adapters-{family}")
+        out[family] = {
+            name: (root / name, write_adapter(root / name, family, hf.config, **spec))
+            for name, spec in adapter_specs(num_experts).items()
+        }
+    return out

@@ -314,3 +314,31 @@ def merged_hf_model(hf_model: Any, expected: ExpectedLora) -> Any:
             rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
             experts.gate_up_proj[e, rows] += s * B @ A
     return model
+
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+SHARED = tuple(f"shared_expert.{p}" for p in MLP)
+
+
+def adapter_specs(num_experts: int) -> dict[str, dict[str, Any]]:
+    """Three adapters of different ranks and forms; the rank-16 one covers half the experts (rsLoRA).
+
+    Alphas keep each s * B @ A about half the size of the base weights: large enough to move the log-probs
+    far beyond the tolerance, small enough that the merged model stays well conditioned (with deltas
+    several times the base weights, fp32 rounding alone moves the reference's log-probs by ~3e-4)."""
+    return {
+        "r4-per-expert": dict(
+            form="per_expert", rank=4, alpha=2.0, seed=1, dense_targets=ATTENTION + MLP + SHARED
+        ),
+        "r8-fused": dict(form="fused", rank=8, alpha=4.0, seed=2),
+        "r16-half": dict(
+            form="per_expert",
+            rank=16,
+            alpha=1.0,
+            seed=3,
+            experts=list(range(0, num_experts, 2)),
+            dense_targets=("o_proj", "down_proj", "shared_expert.up_proj"),
+            use_rslora=True,
+            alpha_pattern={"o_proj": 2.0},
+        ),
+    }

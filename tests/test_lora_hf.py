@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,55 +13,21 @@ import torch
 from moelora import LLM, SamplingParams
 from moelora.engine.request import RequestOutput
 from tests.hf_models import FAMILIES, VOCAB, hf_logprobs
-from tests.lora_files import ATTENTION, ExpectedLora, merged_hf_model, write_adapter
+from tests.lora_files import merged_hf_model
 from tests.test_engine_hf import NEW_TOKENS, TOL, agree_until_near_tie, hf_greedy
-
-MLP = ("gate_proj", "up_proj", "down_proj")
-SHARED = tuple(f"shared_expert.{p}" for p in MLP)
-
-
-def adapter_specs(num_experts: int) -> dict[str, dict[str, Any]]:
-    """Three adapters of different ranks and forms; the rank-16 one covers half the experts (rsLoRA).
-
-    Alphas keep each s * B @ A about half the size of the base weights: large enough to move the log-probs
-    far beyond the tolerance, small enough that the merged model stays well conditioned (with deltas
-    several times the base weights, fp32 rounding alone moves the reference's log-probs by ~3e-4)."""
-    return {
-        "r4-per-expert": dict(
-            form="per_expert", rank=4, alpha=2.0, seed=1, dense_targets=ATTENTION + MLP + SHARED
-        ),
-        "r8-fused": dict(form="fused", rank=8, alpha=4.0, seed=2),
-        "r16-half": dict(
-            form="per_expert",
-            rank=16,
-            alpha=1.0,
-            seed=3,
-            experts=list(range(0, num_experts, 2)),
-            dense_targets=("o_proj", "down_proj", "shared_expert.up_proj"),
-            use_rslora=True,
-            alpha_pattern={"o_proj": 2.0},
-        ),
-    }
-
 
 LAYOUTS = [(f, d) for f in FAMILIES for d in ("float32", "float64")]
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=[f"{f}-{d}" for f, d in LAYOUTS])
-def setup(request, hf_models, checkpoints, tmp_path_factory):
+def setup(request, checkpoints, mixed_adapters):
     """(family, dtype, LLM with the three adapters, {name: (folder, ExpectedLora)}) per family and dtype.
 
     float32 is what users run, compared with transformers in fp32. float64 takes fp32 rounding out of
     both sides (transformers keeps only its norms, rotary angles and router softmax in fp32 then), so the
     same tolerance there bounds the LoRA arithmetic far more tightly."""
     family, dtype = request.param
-    hf = hf_models[family]
-    num_experts = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
-    root = tmp_path_factory.mktemp(f"adapters-{family}")
-    adapters: dict[str, tuple[Path, ExpectedLora]] = {}
-    for name, spec in adapter_specs(num_experts).items():
-        folder = root / name
-        adapters[name] = (folder, write_adapter(folder, family, hf.config, **spec))
+    adapters = mixed_adapters[family]
     llm = LLM(
         str(checkpoints[family]),
         device="cpu",

@@ -22,8 +22,7 @@ from moelora.engine.stream import EngineDeadError
 from moelora.outputs import RequestOutput
 from moelora.parallel.launch import WorkerError
 from tests.hf_models import VOCAB, hf_logprobs
-from tests.lora_files import ExpectedLora, merged_hf_model, write_adapter
-from tests.test_lora_hf import adapter_specs
+from tests.lora_files import ExpectedLora, merged_hf_model
 
 TOL = 1e-4
 NEAR_TIE = 1e-3
@@ -51,21 +50,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def adapters(hf_models, tmp_path_factory) -> dict[str, dict[str, tuple[Path, ExpectedLora]]]:
-    out: dict[str, dict[str, tuple[Path, ExpectedLora]]] = {}
-    for family, hf in hf_models.items():
-        num_experts = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
-        root = tmp_path_factory.mktemp(f"par-adapters-{family}")
-        out[family] = {
-            name: (root / name, write_adapter(root / name, family, hf.config, **spec))
-            for name, spec in adapter_specs(num_experts).items()
-        }
-    return out
-
-
 def run_batch(
-    checkpoint: Path, adapters: dict[str, tuple[Path, ExpectedLora]], tp: int, ep: int, dtype: str
+    checkpoint: Path,
+    adapters: dict[str, tuple[Path, ExpectedLora]],
+    tp: int,
+    ep: int,
+    dtype: str,
+    device: str = "cpu",
 ) -> tuple[list[str | None], list[RequestOutput], list[torch.Tensor]]:
     names: list[str | None] = [None, *adapters]
     lora = [n for n in names for _ in prompts()]
@@ -73,7 +64,7 @@ def run_batch(
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=3)
     with LLM(
         str(checkpoint),
-        device="cpu",
+        device=device,
         dtype=dtype,
         progress=False,
         tp_size=tp,
@@ -103,24 +94,24 @@ def greedy_margins(model: Any, prompt: list[int]) -> tuple[list[int], list[float
 
 
 @pytest.fixture(scope="module")
-def single(checkpoints, adapters, one_thread) -> dict[tuple[str, str], Any]:
+def single(checkpoints, mixed_adapters, one_thread) -> dict[tuple[str, str], Any]:
     """The single-process run of each (family, dtype) a layout needs, computed once."""
     wanted = {(f, d) for f, _, _, d in LAYOUTS}
-    return {(f, d): run_batch(checkpoints[f], adapters[f], 1, 1, d) for f, d in sorted(wanted)}
+    return {(f, d): run_batch(checkpoints[f], mixed_adapters[f], 1, 1, d) for f, d in sorted(wanted)}
 
 
 @pytest.mark.parametrize(
     ("family", "tp", "ep", "dtype"), LAYOUTS, ids=[f"{f}-tp{t}-ep{e}-{d}" for f, t, e, d in LAYOUTS]
 )
 def test_layout_matches_single_process_and_transformers(
-    family, tp, ep, dtype, hf_models, checkpoints, adapters, single, one_thread
+    family, tp, ep, dtype, hf_models, checkpoints, mixed_adapters, single, one_thread
 ):
-    lora, outs, logits = run_batch(checkpoints[family], adapters[family], tp, ep, dtype)
+    lora, outs, logits = run_batch(checkpoints[family], mixed_adapters[family], tp, ep, dtype)
     _, ref_outs, ref_logits = single[family, dtype]
     base = copy.deepcopy(hf_models[family]).to(getattr(torch, dtype))
     if True:
         references = {None: base} | {
-            n: merged_hf_model(base, exp).to(base.dtype) for n, (_, exp) in adapters[family].items()
+            n: merged_hf_model(base, exp).to(base.dtype) for n, (_, exp) in mixed_adapters[family].items()
         }
         for name, prompt, out, ref in zip(
             lora, [p for _ in range(4) for p in prompts()], outs, ref_outs, strict=True
