@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernel tests run in Triton's interpreter. triton.jit reads this flag when
+    # triton.language is imported, which the imports below already do (peft -> torch._dynamo), so it is
+    # set first. Nothing else on CPU runs Triton code.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.hf_models import FAMILIES, build_hf_model, save_per_expert
 from tests.lora_files import ExpectedLora, adapter_specs, write_adapter

@@ -2,15 +2,56 @@
 
 Every op has a PyTorch implementation in `ops/torch/` (the CPU path and the test oracle); GPU kernels in
 `ops/triton/` share the signature. Model code calls these functions and never imports Triton.
+
+Backend: Triton when the tensors are on CUDA and Triton imports, the PyTorch twin otherwise.
+`MOELORA_BACKEND=torch` forces the twins; `MOELORA_BACKEND=triton` forces the kernels, on any device
+(CPU tensors then need `TRITON_INTERPRET=1`). Read once, at import.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+from types import ModuleType
+
 import torch
 
+from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
 from moelora.ops.torch import lora as _torch_lora
 from moelora.ops.torch import moe as _torch_moe
+
+_BACKEND = os.environ.get("MOELORA_BACKEND", "auto")
+if _BACKEND not in ("auto", "torch", "triton"):
+    raise ValueError(f"MOELORA_BACKEND={_BACKEND!r}: use auto, torch or triton")
+
+
+@functools.cache
+def _triton_module(name: str) -> ModuleType | None:
+    """`moelora.ops.triton.<name>`, or None where Triton does not import (then the twin runs)."""
+    try:
+        return importlib.import_module(f"moelora.ops.triton.{name}")
+    except ImportError:
+        if _BACKEND == "triton":
+            raise
+        return None
+
+
+def _kernels(name: str, t: torch.Tensor) -> ModuleType | None:
+    """The Triton module to run for tensors like `t`, None for the PyTorch twin."""
+    if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):
+        return None
+    return _triton_module(name)
+
+
+def moe_align(
+    local_ids: torch.Tensor, token_slot: torch.Tensor | None, num_experts: int, num_slots: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs grouped by local expert, slot-sorted, padded; see `moelora.ops.torch.align.moe_align`."""
+    mod = _kernels("align", local_ids)
+    impl = mod.moe_align if mod is not None else _torch_align.moe_align
+    return impl(local_ids, token_slot, num_experts, num_slots, block_m)
 
 
 def fused_moe(
@@ -21,7 +62,9 @@ def fused_moe(
     weights: torch.Tensor,
 ) -> torch.Tensor:
     """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics."""
-    return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights)
+    mod = _kernels("moe", x)
+    impl = mod.fused_moe if mod is not None else _torch_moe.fused_moe
+    return impl(x, w_gate_up, w_down, local_ids, weights)
 
 
 def prefill_attention(
@@ -63,7 +106,9 @@ def add_lora(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
 ) -> None:
     """Dense multi-LoRA added in place; see `moelora.ops.torch.lora.add_lora`."""
-    _torch_lora.add_lora(y, x, a, b, token_slot)
+    mod = _kernels("lora", x)
+    impl = mod.add_lora if mod is not None else _torch_lora.add_lora
+    impl(y, x, a, b, token_slot)
 
 
 def fused_moe_lora(
@@ -79,6 +124,6 @@ def fused_moe_lora(
     b_dn: torch.Tensor,
 ) -> torch.Tensor:
     """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
-    return _torch_lora.fused_moe_lora(
-        x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn
-    )
+    mod = _kernels("moe", x)
+    impl = mod.fused_moe_lora if mod is not None else _torch_lora.fused_moe_lora
+    return impl(x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn)

@@ -1,0 +1,231 @@
+"""MoE and MoE-LoRA layer timings under CUDA-graph replay, against byte floors (issue 6).
+
+Rows: model shape x M tokens x (adapters, rank); uniform random routing, a new adapter every 4 tokens.
+Per row: base MoE (Triton), torch._grouped_mm MoE (the bar, when available), MoE with per-expert LoRA,
+the LoRA delta (total - base, alignment included), its byte floor (LoRA weights of the (adapter, expert)
+pairs the batch touches, at --tbps) and the share of the floor reached. Run a subset with the flags, e.g.
+    python bench/moe_lora.py --models qwen3 --m 1,8,32 --lora 4x16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from moelora import ops
+from moelora.ops.triton import tiles
+from moelora.ops.triton.tiles import Tiles, moe_tiles
+
+SHAPES = {  # name: (H, I, E, top-k)
+    "qwen3": (2048, 768, 128, 8),
+    "mixtral": (4096, 14336, 8, 2),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    m: int
+    adapters: int
+    rank: int
+    base_us: float
+    grouped_mm_us: float
+    total_us: float
+    lora_us: float
+    lora_floor_us: float
+    lora_share: float
+    base_floor_us: float
+    align_us: float
+
+
+def graph_time_us(fn: Callable[[], object], reps: int) -> float:
+    """Median of `reps` CUDA-graph replays of fn (captured after one eager warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def grouped_mm_moe(x, w_gu_t, w_dn_t, ids, weights, num_experts):
+    """Torch MoE over torch._grouped_mm: sort pairs by expert, two grouped GEMMs, weighted scatter-add."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    offs = torch.searchsorted(flat[order], torch.arange(1, num_experts + 1, device=x.device)).to(torch.int32)
+    xs = x[order // k]
+    gu = torch._grouped_mm(xs, w_gu_t, offs=offs)
+    inter = gu.shape[1] // 2
+    h = F.silu(gu[:, :inter]) * gu[:, inter:]
+    d = torch._grouped_mm(h, w_dn_t, offs=offs) * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, order // k, d)
+
+
+def route(m: int, num_experts: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(m, num_experts, generator=gen, device="cuda")
+    w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+    return ids.to(torch.int32), (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+
+
+def lora_buffers(s: int, e: int, h: int, i: int, r: int) -> tuple[torch.Tensor, ...]:
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    return (
+        torch.randn(s, e, 2, r, h, **dt) * h**-0.5,
+        torch.randn(s, e, 2, i, r, **dt) * r**-0.5,
+        torch.randn(s, e, r, i, **dt) * i**-0.5,
+        torch.randn(s, e, h, r, **dt) * r**-0.5,
+    )
+
+
+def bench_model(name: str, ms: list[int], loras: list[tuple[int, int]], args: argparse.Namespace):
+    hidden, inter, num_experts, _ = SHAPES[name]
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
+    w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
+    bufs = {(s, r): lora_buffers(s, num_experts, hidden, inter, r) for s, r in loras}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for m in ms:
+        yield from bench_m(name, m, w_gu, w_dn, bufs, gen, args)
+        torch.cuda.empty_cache()
+
+
+def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
+    """Rows of one model and token count: the base MoE once, then each (adapters, rank)."""
+    hidden, inter, num_experts, k = SHAPES[name]
+    x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
+    ids, weights = route(m, num_experts, k, gen)
+    reps = args.reps if m <= 512 else max(5, args.reps // 4)
+    base = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps)
+    try:
+        gmm_fn = partial(grouped_mm_moe, x, w_gu.transpose(1, 2), w_dn.transpose(1, 2), ids, weights)
+        gmm = graph_time_us(partial(gmm_fn, num_experts), reps)
+    except (RuntimeError, AttributeError) as err:  # not every build has it
+        print(f"# torch._grouped_mm: {str(err).splitlines()[0]}", file=sys.stderr)
+        gmm = float("nan")
+    base_floor = ids.unique().numel() * 3 * hidden * inter * 2 / (args.tbps * 1e12) * 1e6
+    block_m = moe_tiles(m * k, num_experts, lora=True).block_m
+    for (s, r), (a_gu, b_gu, a_dn, b_dn) in bufs.items():
+        slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
+        lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot)
+        total = graph_time_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn), reps)
+        align = graph_time_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps)
+        pairs = (slot.long()[:, None] * num_experts + ids.long()).unique().numel()
+        floor = pairs * 2 * r * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
+        lora = total - base
+        yield Row(name, m, s, r, base, gmm, total, lora, floor, floor / max(lora, 1e-3), base_floor, align)
+
+
+SWEEP = (
+    Tiles(16, 32, 128, 4, 3),
+    Tiles(16, 64, 128, 4, 3),
+    Tiles(32, 64, 64, 4, 3),
+    Tiles(64, 64, 64, 4, 3),
+    Tiles(64, 128, 64, 8, 3),
+    Tiles(128, 64, 64, 8, 3),
+    Tiles(128, 128, 64, 8, 3),
+    Tiles(128, 64, 64, 8, 4),
+)
+
+
+def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
+    """Base MoE time per tile configuration (the table patched to one entry), to fill the tile table."""
+    hidden, inter, num_experts, k = SHAPES[name]
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
+    w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    saved = tiles._MOE_TABLE
+    for m in ms:
+        x = torch.randn(m, hidden, **dt)
+        ids, weights = route(m, num_experts, k, gen)
+        flops = 2 * m * k * 3 * hidden * inter
+        for t in SWEEP:
+            if t.block_m > 2 * m * k:
+                continue
+            tiles._MOE_TABLE = ((float("inf"), t, t),)
+            label = f"| sweep | {name} | {m} | {t.block_m}x{t.block_n}x{t.block_k} w{t.warps} s{t.stages} |"
+            try:
+                us = graph_time_us(
+                    partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), max(5, args.reps // 2)
+                )
+                print(f"{label} {us:.0f} | {flops / us / 1e6:.0f} TFLOP/s |", flush=True)
+            except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
+                print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
+        tiles._MOE_TABLE = saved
+
+
+def dense_tflops() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    us = graph_time_us(lambda: a @ a, 10)
+    return 2 * 8192**3 / (us * 1e-6) / 1e12
+
+
+def fmt(r: Row) -> str:
+    return (
+        f"| {r.model} | {r.adapters}, {r.rank} | {r.m} | {r.base_us:.0f} | {r.grouped_mm_us:.0f} | "
+        f"{r.total_us:.0f} | {r.lora_us:.0f} | {r.align_us:.0f} | {r.lora_floor_us:.1f} | "
+        f"{100 * r.lora_share:.0f}% | {r.base_floor_us:.0f} |"
+    )
+
+
+HEADER = (
+    "| model | adapters, rank | M | base MoE | grouped_mm MoE | base+LoRA | LoRA delta | align | "
+    "LoRA floor | share | base byte floor |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3,mixtral", help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--m", default="1,8,32,128,512,2048,8192", help="comma list of token counts")
+    p.add_argument("--lora", default="4x16,16x64", help="comma list of ADAPTERSxRANK")
+    p.add_argument("--reps", type=int, default=40, help="graph replays per timing (fewer for large M)")
+    p.add_argument("--tbps", type=float, default=3.0, help="bandwidth of the byte floors, TB/s")
+    p.add_argument("--json", default="", help="append one JSON line per row to this file")
+    p.add_argument("--sweep", default="", help="comma list of M: time the base MoE per tile config instead")
+    args = p.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
+    loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
+    t0 = time.time()
+    card = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    print(f"# {card}; times in us, floors at {args.tbps} TB/s")
+    print(f"# dense bf16 GEMM 8192^3: {dense_tflops():.0f} TFLOP/s", flush=True)
+    if args.sweep:
+        for name in args.models.split(","):
+            sweep(name, [int(v) for v in args.sweep.split(",")], args)
+        return
+    rows = []
+    for name in args.models.split(","):
+        for row in bench_model(name, ms, loras, args):
+            rows.append(row)
+            print(fmt(row), f"({time.time() - t0:.0f} s)", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(asdict(row)) + "\n")
+    print(HEADER)
+    for row in rows:
+        print(fmt(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Token alignment in Triton: pairs grouped by local expert, slot-sorted, padded; fully parallel, no sync."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moelora.ops.torch.align import align_sizes
+
+_PAIRS_PER_PROGRAM = 1024
+_BLOCKS_PER_PROGRAM = 64
+
+
+@triton.jit
+def _count_kernel(
+    ids_ptr,
+    slot_ptr,
+    counts_ptr,
+    bucket_ptr,
+    rank_ptr,
+    num_pairs,
+    top_k,
+    num_experts,
+    num_slots,
+    HAS_SLOT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Each valid pair takes the next free place in its (expert, slot class) bucket.
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = p < num_pairs
+    # Range checks before any narrowing, so that no wide id can wrap into range.
+    e = tl.load(ids_ptr + p, mask=in_range, other=-1)
+    ok = in_range & (e >= 0) & (e < num_experts)
+    cls = tl.full([BLOCK], 0, tl.int32) + num_slots
+    if HAS_SLOT:
+        s = tl.load(slot_ptr + p // top_k, mask=in_range, other=-1)
+        cls = tl.where((s >= 0) & (s < num_slots), s.to(tl.int32), cls)
+    bucket = tl.where(ok, e, 0).to(tl.int32) * (num_slots + 1) + cls
+    rank = tl.atomic_add(counts_ptr + bucket, 1, mask=ok)
+    tl.store(bucket_ptr + p, tl.where(ok, bucket, -1), mask=in_range)
+    tl.store(rank_ptr + p, rank, mask=ok)
+
+
+@triton.jit
+def _prefix_kernel(
+    counts_ptr, start_ptr, seg_ptr, num_experts, classes, block_m, E_PAD: tl.constexpr, C_PAD: tl.constexpr
+):
+    # One program: bucket starts (experts padded to block_m, classes in order inside each expert).
+    e = tl.arange(0, E_PAD)
+    c = tl.arange(0, C_PAD)
+    ok = (e[:, None] < num_experts) & (c[None, :] < classes)
+    idx = e[:, None] * classes + c[None, :]
+    cnt = tl.load(counts_ptr + idx, mask=ok, other=0)
+    total = tl.sum(cnt, axis=1)
+    padded = (total + block_m - 1) // block_m * block_m
+    seg_end = tl.cumsum(padded, axis=0)
+    seg_start = seg_end - padded
+    tl.store(start_ptr + idx, seg_start[:, None] + tl.cumsum(cnt, axis=1) - cnt, mask=ok)
+    tl.store(seg_ptr + e, seg_end, mask=e < num_experts)
+    tl.store(seg_ptr + E_PAD + e, seg_start + total, mask=e < num_experts)
+
+
+@triton.jit
+def _scatter_kernel(
+    bucket_ptr, rank_ptr, start_ptr, seg_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, num_blocks, num_experts,
+    BLOCK: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    # Pairs of this program go to their bucket's next rows.
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = p < num_pairs
+    bucket = tl.load(bucket_ptr + p, mask=in_range, other=-1)
+    ok = in_range & (bucket >= 0)
+    rank = tl.load(rank_ptr + p, mask=ok, other=0)
+    start = tl.load(start_ptr + bucket, mask=ok, other=0)
+    tl.store(sorted_ptr + start + rank, p, mask=ok)
+    # Blocks of this program: their expert (the first whose segment ends past the block), and the
+    # sentinel in every row past the expert's pairs. Disjoint from the rows written above.
+    b = pid * BLOCKS + tl.arange(0, BLOCKS)
+    b_ok = b < num_blocks
+    e = tl.arange(0, E_PAD)
+    seg_end = tl.load(seg_ptr + e, mask=e < num_experts, other=2147483647)
+    row0 = b * BLOCK_M
+    expert = tl.sum((seg_end[None, :] <= row0[:, None]).to(tl.int32), axis=1)
+    used = expert < num_experts
+    tl.store(block_expert_ptr + b, tl.where(used, expert, -1), mask=b_ok)
+    fill_end = tl.load(seg_ptr + E_PAD + expert, mask=b_ok & used, other=0)
+    rows = row0[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    pad = b_ok[:, None] & (rows >= fill_end[:, None])
+    tl.store(sorted_ptr + rows, tl.full([BLOCKS, BLOCK_M], 0, tl.int32) + num_pairs, mask=pad)
+
+
+def moe_align(
+    local_ids: torch.Tensor,
+    token_slot: torch.Tensor | None,
+    num_experts: int,
+    num_slots: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.align.moe_align`.
+
+    Four launches: zero the E * (S + 1) bucket counts, count (atomics give each pair its place in its
+    bucket), one program of prefix sums, scatter (pairs to rows, sentinels, block experts). Every size
+    comes from the shapes, so it is CUDA-graph safe.
+    """
+    num_tokens, top_k = local_ids.shape
+    num_pairs = num_tokens * top_k
+    rows, blocks = align_sizes(num_pairs, num_experts, block_m)
+    dev = local_ids.device
+    ids = local_ids.contiguous()
+    classes = num_slots + 1
+    e_pad = triton.next_power_of_2(num_experts)
+    counts = torch.zeros(num_experts * classes, dtype=torch.int32, device=dev)
+    bucket = torch.empty(num_pairs, dtype=torch.int32, device=dev)
+    rank = torch.empty(num_pairs, dtype=torch.int32, device=dev)
+    slot = token_slot.contiguous() if token_slot is not None else ids
+    _count_kernel[(triton.cdiv(num_pairs, _PAIRS_PER_PROGRAM),)](
+        ids, slot, counts, bucket, rank, num_pairs, top_k, num_experts, num_slots,
+        HAS_SLOT=token_slot is not None, BLOCK=_PAIRS_PER_PROGRAM,
+    )  # fmt: skip
+    start = torch.empty_like(counts)
+    seg = torch.empty(2, e_pad, dtype=torch.int32, device=dev)  # segment ends, ends of the real rows
+    _prefix_kernel[(1,)](
+        counts, start, seg, num_experts, classes, block_m, E_PAD=e_pad, C_PAD=triton.next_power_of_2(classes)
+    )
+    sorted_pairs = torch.empty(rows, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=dev)
+    grid = (max(triton.cdiv(num_pairs, _PAIRS_PER_PROGRAM), triton.cdiv(blocks, _BLOCKS_PER_PROGRAM)),)
+    _scatter_kernel[grid](
+        bucket, rank, start, seg, sorted_pairs, block_expert, num_pairs, blocks, num_experts,
+        BLOCK=_PAIRS_PER_PROGRAM, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_M=block_m, E_PAD=e_pad,
+    )  # fmt: skip
+    return sorted_pairs, block_expert

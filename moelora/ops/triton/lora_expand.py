@@ -1,0 +1,57 @@
+"""Dense multi-LoRA expand, added in place: y[t] += B[s] @ xa[t] (one pass per slot of a block)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_expand_kernel(
+    xa_ptr, b_ptr, y_ptr, slot_ptr, num_tokens, out_dim, rank, num_slots,
+    sb_s, sb_n, sb_r, sy_t, sy_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = t < num_tokens
+    n_ok = n < out_dim
+    slot = tl.load(slot_ptr + t, mask=t_ok, other=-1)
+    slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s = tl.min(slot)
+    if s < num_slots:
+        while s < num_slots:
+            xa = tl.load(
+                xa_ptr + t[:, None] * rank + r[None, :], mask=(slot == s)[:, None] & r_ok[None, :], other=0.0
+            )
+            b = tl.load(
+                b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r,
+                mask=r_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xa, b.to(tl.float32), acc)
+            s = tl.min(tl.where(slot > s, slot, num_slots))
+        # Only tokens with a slot are read and written: base tokens keep y untouched.
+        y_ptrs = y_ptr + t[:, None].to(tl.int64) * sy_t + n[None, :] * sy_n
+        mask = (slot < num_slots)[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_expand(
+    y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor, block_m: int
+) -> None:
+    """y[t] += b[s] @ xa[t] in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
+    xa [T, R] fp32 from `lora_shrink`, b [S, out, R] (any strides)."""
+    num_tokens, out_dim = y.shape
+    num_slots, rank = b.shape[0], b.shape[2]
+    block_n = 64
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_dim, block_n))
+    _lora_expand_kernel[grid](
+        xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, *b.stride(), *y.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+    )  # fmt: skip

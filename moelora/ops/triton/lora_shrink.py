@@ -1,0 +1,58 @@
+"""Dense multi-LoRA shrink: xa[t] = A[s] @ x[t] for each token's slot s (one pass per slot of a block)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, xa_ptr, slot_ptr, num_tokens, rank, num_slots,
+    sx_t, sx_k, sa_s, sa_r, sa_k,
+    IN_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = t < num_tokens
+    slot = tl.load(slot_ptr + t, mask=t_ok, other=-1)
+    slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+    r = tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    # Distinct slots of the block in increasing order; tokens of other slots load nothing.
+    s = tl.min(slot)
+    while s < num_slots:
+        sel = slot == s
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, IN_DIM, BLOCK_K):
+            k_ok = kk < IN_DIM - k0
+            xk = tl.load(
+                x_ptr + t[:, None].to(tl.int64) * sx_t + (k0 + kk)[None, :] * sx_k,
+                mask=sel[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            ak = tl.load(
+                a_ptr + s.to(tl.int64) * sa_s + r[None, :] * sa_r + (k0 + kk)[:, None] * sa_k,
+                mask=k_ok[:, None] & (r < rank)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xk, ak, acc)
+        out += acc
+        s = tl.min(tl.where(slot > s, slot, num_slots))
+    tl.store(xa_ptr + t[:, None] * rank + r[None, :], out, mask=t_ok[:, None] & (r < rank)[None, :])
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slot: torch.Tensor, block_m: int) -> torch.Tensor:
+    """-> xa [T, R] fp32, xa[t] = a[s] @ x[t] for s = token_slot[t] in [0, S), zeros for other tokens.
+
+    x [T, in]; a [S, R, in] (any strides); token_slot [T] int.
+    """
+    num_tokens, in_dim = x.shape
+    num_slots, rank = a.shape[0], a.shape[1]
+    xa = torch.empty(num_tokens, rank, dtype=torch.float32, device=x.device)
+    _lora_shrink_kernel[(triton.cdiv(num_tokens, block_m),)](
+        x, a, xa, token_slot, num_tokens, rank, num_slots, *x.stride(), *a.stride(),
+        IN_DIM=in_dim, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+    )  # fmt: skip
+    return xa

@@ -1,0 +1,96 @@
+"""Routed experts in Triton, with and without per-expert LoRA: align -> gate/up -> down -> weighted sum.
+
+The LoRA deltas are fused into the base grouped GEMMs' epilogues (the expand), after one small shrink
+pass per projection, so the base weights are streamed once per row block whatever the slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelora.ops.triton.align import moe_align
+from moelora.ops.triton.moe_down import moe_down
+from moelora.ops.triton.moe_gate_up import moe_gate_up
+from moelora.ops.triton.moe_shrink import moe_lora_shrink
+from moelora.ops.triton.moe_sum import moe_sum
+from moelora.ops.triton.tiles import moe_tiles
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Same signature and Semantics as `moelora.ops.torch.moe.fused_moe`."""
+    _check(x, w_gate_up, w_down, local_ids, weights)
+    num_tokens, top_k = local_ids.shape
+    num_experts = w_down.shape[0]
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=False)
+    sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
+    h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
+    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None)
+    return moe_sum(d, local_ids, weights, num_experts)
+
+
+def fused_moe_lora(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    weights: torch.Tensor,
+    token_slot: torch.Tensor,
+    a_gu: torch.Tensor,
+    b_gu: torch.Tensor,
+    a_dn: torch.Tensor,
+    b_dn: torch.Tensor,
+) -> torch.Tensor:
+    """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`."""
+    _check(x, w_gate_up, w_down, local_ids, weights)
+    num_tokens, top_k = local_ids.shape
+    num_experts, inter = w_down.shape[0], w_down.shape[2]
+    num_slots, rank = a_gu.shape[0], a_gu.shape[3]
+    hidden = x.shape[1]
+    want = {
+        "a_gu": (a_gu, (num_slots, num_experts, 2, rank, hidden)),
+        "b_gu": (b_gu, (num_slots, num_experts, 2, inter, rank)),
+        "a_dn": (a_dn, (num_slots, num_experts, rank, inter)),
+        "b_dn": (b_dn, (num_slots, num_experts, hidden, rank)),
+    }
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {shape} (the op contract's layout)"
+            )
+    if token_slot.shape != (num_tokens,):
+        raise ValueError(f"token_slot has shape {tuple(token_slot.shape)}, expected ({num_tokens},)")
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=True)
+    slot = token_slot.contiguous()
+    sorted_pairs, block_expert = moe_align(local_ids, slot, num_experts, num_slots, tiles.block_m)
+    xa = moe_lora_shrink(x, a_gu, sorted_pairs, block_expert, slot, top_k, True, tiles.block_m)
+    h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, (slot, xa, b_gu))
+    ha = moe_lora_shrink(h, a_dn, sorted_pairs, block_expert, slot, top_k, False, tiles.block_m)
+    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, (slot, ha, b_dn))
+    return moe_sum(d, local_ids, weights, num_experts)
+
+
+def _check(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, local_ids: torch.Tensor, w: torch.Tensor
+) -> None:
+    num_experts, hidden, inter = w_down.shape
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, {hidden}] (w_down is [E, H, I])")
+    if tuple(w_gate_up.shape) != (num_experts, 2 * inter, hidden):
+        raise ValueError(
+            f"w_gate_up has shape {tuple(w_gate_up.shape)}, expected {(num_experts, 2 * inter, hidden)}"
+        )
+    if local_ids.dim() != 2 or local_ids.shape[0] != x.shape[0] or w.shape != local_ids.shape:
+        raise ValueError(
+            f"local_ids {tuple(local_ids.shape)} and weights {tuple(w.shape)} "
+            f"must both be [T={x.shape[0]}, k]"
+        )

@@ -1,0 +1,101 @@
+"""Grouped gate/up GEMM over aligned rows, LoRA expand fused, then SiLU(gate) * up."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moelora.ops.triton.tiles import Tiles
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr,
+    num_pairs, top_k, inter, rank, num_slots,
+    sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    row_ok = pair < num_pairs
+    tok = tl.where(row_ok, pair // top_k, 0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < inter
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None].to(tl.int64) * sx_t + kk[None, :] * sx_k
+    g_ptrs = w_ptr + e * sw_e + n[None, :] * sw_n + kk[:, None] * sw_k
+    u_ptrs = g_ptrs + inter * sw_n
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = kk < HIDDEN - k0
+        xk = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(xk, wg, acc_g)
+        acc_u = tl.dot(xk, wu, acc_u)
+        x_ptrs += BLOCK_K * sx_k
+        g_ptrs += BLOCK_K * sw_k
+        u_ptrs += BLOCK_K * sw_k
+    if HAS_LORA:
+        slot = tl.load(slot_ptr + tok, mask=row_ok, other=-1)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < rank
+        xa_rows = xa_ptr + rows[:, None].to(tl.int64) * (2 * rank) + r[None, :]
+        # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
+        s = tl.min(slot)
+        while s < num_slots:
+            sel = (slot == s)[:, None] & r_ok[None, :]
+            b_base = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
+            b_mask = r_ok[:, None] & n_ok[None, :]
+            bg = tl.load(b_base, mask=b_mask, other=0.0).to(tl.float32)
+            bu = tl.load(b_base + sb_h, mask=b_mask, other=0.0).to(tl.float32)
+            acc_g = tl.dot(tl.load(xa_rows, mask=sel, other=0.0), bg, acc_g)
+            acc_u = tl.dot(tl.load(xa_rows + rank, mask=sel, other=0.0), bu, acc_u)
+            s = tl.min(tl.where(slot > s, slot, num_slots))
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
+    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def moe_gate_up(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    block_expert: torch.Tensor,
+    top_k: int,
+    tiles: Tiles,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """-> h [rows, I_loc] in x's dtype: silu(gate) * up of each aligned row's pair (padding rows unset).
+
+    x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [rows, 2, R] fp32 from the
+    shrink, b_gu [S, E_loc, 2, I_loc, R]) adds b_gu[s, e, half] @ xa[row, half] before the activation.
+    """
+    num_tokens, hidden = x.shape
+    inter = w_gate_up.shape[1] // 2
+    rows, blocks = sorted_pairs.numel(), block_expert.numel()
+    h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    if lora is None:
+        slot, xa, b, rank, num_slots = sorted_pairs, x, w_gate_up.unsqueeze(0).unsqueeze(0), 1, 0
+    else:
+        slot, xa, b = lora
+        num_slots, rank = b.shape[0], b.shape[-1]
+    grid = (blocks, triton.cdiv(inter, tiles.block_n))
+    _gate_up_kernel[grid](
+        x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b,
+        num_tokens * top_k, top_k, inter, rank, num_slots,
+        x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
+        HIDDEN=hidden, HAS_LORA=lora is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return h

@@ -1,0 +1,243 @@
+"""Each Triton kernel against its PyTorch twin, with invalid expert ids and slots mixed in.
+
+Without CUDA they run in Triton's interpreter (tiny shapes, fp32/fp16: bf16 `tl.dot` is broken there).
+`TRITON_INTERPRET` must be set before `triton.language` is imported: tests/conftest.py sets it; the line
+below covers running this file with another conftest. Loop bounds are constexpr in the kernels, since the
+interpreter (with numpy >= 2.4) cannot take a run-time integer as a `range` bound.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from moelora.ops.torch import align as torch_align  # noqa: E402
+from moelora.ops.torch import lora as torch_lora  # noqa: E402
+from moelora.ops.torch import moe as torch_moe  # noqa: E402
+from moelora.ops.triton import align as triton_align  # noqa: E402
+from moelora.ops.triton import lora as triton_lora  # noqa: E402
+from moelora.ops.triton import moe as triton_moe  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * scale).to(DEV)
+
+
+def pick(g: torch.Generator, choices: list[int], *shape: int) -> torch.Tensor:
+    c = torch.tensor(choices)
+    return c[torch.randint(0, len(c), shape, generator=g)].to(torch.int32).to(DEV)
+
+
+def expert_ids(g: torch.Generator, num_tokens: int, k: int, e_loc: int, empty: int) -> torch.Tensor:
+    """Local ids with the invalid ones of the op contract mixed in; expert `empty` is never chosen."""
+    valid = [e for e in range(e_loc) if e != empty]
+    return pick(g, [-1, -7, e_loc, e_loc + 3, *valid, *valid], num_tokens, k)
+
+
+def slots(g: torch.Generator, num_tokens: int, num_slots: int) -> torch.Tensor:
+    return pick(g, [-1, -4, num_slots, num_slots + 2, *range(num_slots), *range(num_slots)], num_tokens)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Max error relative to the reference's largest entry (LoRA deltas and sums mix magnitudes)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= tol * max(1.0, ref.double().abs().max().item()), err
+
+
+def canonical(sorted_pairs: torch.Tensor, block_expert: torch.Tensor, cls: torch.Tensor) -> list[list[int]]:
+    """Each expert segment's pairs sorted by (slot class, pair), the order the contract leaves free."""
+    bm = sorted_pairs.numel() // block_expert.numel()
+    out = []
+    for e in block_expert.unique_consecutive().tolist():
+        rows = (block_expert == e).repeat_interleave(bm)
+        seg = sorted_pairs[rows].tolist()
+        key = [(cls[p], p) if p < len(cls) else (1 << 30, p) for p in seg]
+        assert [k[0] for k in key] == sorted(k[0] for k in key), "segment not sorted by slot class"
+        out.append([e, *(p for _, p in sorted(key))])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "e_loc", "num_slots", "block_m"),
+    [(1, 2, 4, 3, 16), (7, 3, 5, 0, 16), (45, 4, 6, 4, 16), (300, 2, 3, 2, 64), (200, 8, 100, 16, 16)],
+)
+def test_align_matches_twin(num_tokens: int, k: int, e_loc: int, num_slots: int, block_m: int):
+    g = torch.Generator().manual_seed(num_tokens * 31 + k)
+    ids = expert_ids(g, num_tokens, k, e_loc, empty=1)
+    slot = slots(g, num_tokens, num_slots) if num_slots else None
+    got = triton_align.moe_align(ids, slot, e_loc, num_slots, block_m)
+    ref = torch_align.moe_align(ids.cpu(), None if slot is None else slot.cpu(), e_loc, num_slots, block_m)
+    assert torch.equal(got[1].cpu(), ref[1])
+    cls = [num_slots] * (num_tokens * k)
+    if slot is not None:
+        cls = [s if 0 <= s < num_slots else num_slots for s in slot.cpu().repeat_interleave(k).tolist()]
+    assert canonical(got[0].cpu(), got[1].cpu(), torch.tensor(cls)) == canonical(*ref, torch.tensor(cls))
+    assert torch.equal(
+        got[0].cpu()[ref[1].repeat_interleave(block_m) < 0], ref[0][ref[1].repeat_interleave(block_m) < 0]
+    )
+    valid = ((ids >= 0) & (ids < e_loc)).sum().item()
+    assert (ref[0] < num_tokens * k).sum().item() == valid
+
+
+def moe_weights(g: torch.Generator, e_loc: int, hidden: int, inter: int, dtype: torch.dtype):
+    w_gu = rand(g, e_loc, 2 * inter, hidden, scale=hidden**-0.5).to(dtype)
+    w_dn = rand(g, e_loc, hidden, inter, scale=inter**-0.5).to(dtype)
+    return w_gu, w_dn
+
+
+def lora_buffers(g: torch.Generator, num_slots: int, e_loc: int, hidden: int, inter: int, rank: int, dtype):
+    a_gu = rand(g, num_slots, e_loc, 2, rank, hidden, scale=hidden**-0.5)
+    b_gu = rand(g, num_slots, e_loc, 2, inter, rank, scale=rank**-0.5)
+    a_dn = rand(g, num_slots, e_loc, rank, inter, scale=inter**-0.5)
+    b_dn = rand(g, num_slots, e_loc, hidden, rank, scale=rank**-0.5)
+    # Slot 1 holds a lower-rank adapter, zero-padded to the buffers' rank.
+    low = max(1, rank // 2)
+    for a, b in ((a_gu, b_gu), (a_dn, b_dn)):
+        a[1, ..., low:, :] = 0
+        b[1, ..., low:] = 0
+    return tuple(t.to(dtype) for t in (a_gu, b_gu, a_dn, b_dn))
+
+
+CPU_CASES = [
+    # (T, k, E_loc, H, I, dtype): T = 1, T not a multiple of any block, rows per expert over 64.
+    (1, 2, 4, 32, 48, torch.float32),
+    (37, 3, 5, 32, 80, torch.float32),
+    (13, 2, 4, 64, 32, torch.float16),
+    (70, 4, 2, 32, 48, torch.float32),
+]
+CPU_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+def moe_inputs(case, seed: int):
+    num_tokens, k, e_loc, hidden, inter, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    x = rand(g, num_tokens, hidden).to(dtype)
+    w_gu, w_dn = moe_weights(g, e_loc, hidden, inter, dtype)
+    ids = expert_ids(g, num_tokens, k, e_loc, empty=e_loc - 1)
+    weights = torch.rand(num_tokens, k, generator=g).to(DEV).to(dtype)
+    return g, x, w_gu, w_dn, ids, weights
+
+
+def check_fused_moe(case, seed: int) -> None:
+    _, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
+    out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights)
+    assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), CPU_TOL[x.dtype])
+
+
+def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
+    g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
+    bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
+    slot = slots(g, x.shape[0], num_slots)
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    assert_close(out, ref, CPU_TOL[x.dtype])
+    base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
+    assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_fused_moe_matches_twin(case):
+    check_fused_moe(case, seed=case[0])
+
+
+@pytest.mark.parametrize(
+    ("case", "rank"), [(CPU_CASES[0], 4), (CPU_CASES[1], 8), (CPU_CASES[2], 16), (CPU_CASES[3], 4)]
+)
+def test_fused_moe_lora_matches_twin(case, rank: int):
+    check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
+
+
+def test_fused_moe_ids_all_elsewhere_give_zeros():
+    _, x, w_gu, w_dn, _, weights = moe_inputs(CPU_CASES[1], seed=3)
+    ids = torch.tensor([-1, -7, 5, 8], dtype=torch.int32, device=DEV).repeat(x.shape[0], 1)[:, :3]
+    assert torch.equal(triton_moe.fused_moe(x, w_gu, w_dn, ids, weights), torch.zeros_like(x))
+
+
+def test_fused_moe_lora_without_valid_slots_equals_base():
+    g, x, w_gu, w_dn, ids, weights = moe_inputs(CPU_CASES[1], seed=4)
+    bufs = lora_buffers(g, 2, 5, 32, 80, 4, x.dtype)
+    slot = pick(g, [-1, -3, 2, 9], x.shape[0])
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), 1e-5)
+
+
+def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtype, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out, parts = 48, 40, 2
+    x = rand(g, num_tokens, d_in).to(dtype)
+    # The caller passes one stacked part of A (strided) and a column slice of y and B.
+    a = rand(g, num_slots, parts, rank, d_in, scale=d_in**-0.5).to(dtype)
+    b = rand(g, num_slots, d_out + 8, rank, scale=rank**-0.5).to(dtype)
+    a[1, :, rank // 2 :] = 0
+    b[1, :, rank // 2 :] = 0
+    slot = slots(g, num_tokens, num_slots)
+    wide = rand(g, num_tokens, d_out + 8).to(dtype)
+    got, ref = wide.clone(), wide.clone()
+    triton_lora.add_lora(got[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot)
+    torch_lora.add_lora(ref[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot)
+    assert torch.equal(got[:, :3], wide[:, :3]) and torch.equal(got[:, 3 + d_out :], wide[:, 3 + d_out :])
+    base = (slot < 0) | (slot >= num_slots)
+    assert torch.equal(got[base], wide[base]), "tokens without a valid slot must be left alone"
+    assert_close(got, ref, CPU_TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "rank", "dtype"), [(1, 4, torch.float32), (37, 8, torch.float32), (70, 16, torch.float16)]
+)
+def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype):
+    check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens)
+
+
+GPU_CASES = [
+    (1, 8, 16, 256, 192, torch.bfloat16),
+    (33, 8, 16, 256, 192, torch.bfloat16),
+    (300, 2, 8, 512, 384, torch.bfloat16),
+    (2048, 8, 16, 256, 128, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_fused_moe_gpu(case):
+    check_fused_moe(case, seed=case[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "rank"), [(c, r) for c in GPU_CASES for r in (16, 64)])
+def test_fused_moe_lora_gpu(case, rank: int):
+    check_fused_moe_lora(case, seed=case[0] + 7, num_slots=16, rank=rank)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 37, 1000])
+def test_add_lora_gpu(num_tokens: int):
+    check_add_lora(num_tokens, num_slots=8, rank=32, dtype=torch.bfloat16, seed=num_tokens)
+
+
+@pytest.mark.gpu
+def test_fused_moe_lora_cuda_graph_replay():
+    case = GPU_CASES[1]
+    g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
+    bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)
+    slot = slots(g, x.shape[0], 4)
+    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    for seed in (1, 2):
+        g2 = torch.Generator().manual_seed(seed)
+        ids.copy_(expert_ids(g2, x.shape[0], case[1], case[2], empty=0))
+        slot.copy_(slots(g2, x.shape[0], 4))
+        graph.replay()
+        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+        assert_close(out, ref, CPU_TOL[x.dtype])
