@@ -208,3 +208,52 @@ def test_no_adapter_starves(adapters):
         steps_a = [i for i, batch in enumerate(loras.history) if "expert-r8" in batch]
         # b ran before the a's submitted after it were all done: they did not overtake it for ever.
         assert steps_b and steps_b[0] < steps_a[-1]
+
+
+def test_adapter_files_changed_or_gone_after_load_fail_only_their_requests(
+    adapters, reference, tmp_path: Path
+):
+    """An adapter evicted from the CPU cache is re-read from disk for its next slot; if its files changed
+    (or vanished) meanwhile, its requests fail with the reason and it is unloaded; everything else runs."""
+    changed, gone = tmp_path / "changed", tmp_path / "gone"
+    shutil.copytree(adapters["expert-r8"], changed)
+    shutil.copytree(adapters["fused-r16"], gone)
+    modules = {
+        "changed": changed,
+        "gone": gone,
+        "partial-r4": adapters["partial-r4"],
+        "other": adapters["expert-r8-copy"],
+    }
+    with LLM(
+        "demo", device="cpu", progress=False, lora_modules=modules, max_loras_per_batch=2, max_cpu_loras=1
+    ) as llm:
+        assert (
+            llm.generate(PROMPTS[0], GREEDY, lora="changed")[0].token_ids
+            == reference[("expert-r8", PROMPTS[0])]
+        )
+        llm.generate(PROMPTS[0], GREEDY, lora="gone")
+        llm.generate(PROMPTS[0], GREEDY, lora="partial-r4")  # these two evict both from the slots
+        llm.generate(PROMPTS[1], GREEDY, lora="other")  # and the CPU cache
+        time.sleep(0.01)
+        (changed / "adapter_config.json").write_text((changed / "adapter_config.json").read_text() + "\n")
+        shutil.rmtree(gone)
+        streams = [
+            llm.engine.submit_stream(PROMPTS[2], GREEDY, lora=name) for name in ("changed", None, "gone")
+        ]
+        with pytest.raises(
+            AdapterError, match=r"adapter 'changed': the files in .* changed since it was loaded"
+        ):
+            streams[0].result()
+        with pytest.raises(AdapterError, match=r"adapter 'gone'.* does not exist"):
+            streams[2].result()
+        assert streams[1].result().token_ids == reference[(None, PROMPTS[2])]
+        assert {i.name for i in llm.list_loras()} == {"partial-r4", "other"}
+        with pytest.raises(ValueError, match="unknown adapter 'changed'"):
+            llm.generate(PROMPTS[0], GREEDY, lora="changed")
+        llm.load_lora("changed", changed)  # the new version loads under the freed name
+        assert (
+            llm.generate(PROMPTS[0], GREEDY, lora="changed")[0].token_ids
+            == reference[("expert-r8", PROMPTS[0])]
+        )
+        wait_idle(llm)
+        assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks

@@ -210,3 +210,34 @@ def test_a_worker_that_cannot_load_names_its_rank(checkpoints, tmp_path: Path, o
     late_file.write_bytes(late_file.read_bytes()[:-100])
     with pytest.raises(WorkerError, match=r"worker rank 1 .*model-00002-of-00002"):
         LLM(str(folder), device="cpu", tp_size=2, ep_size=2, progress=False)
+
+
+def test_a_worker_that_finds_changed_adapter_files_fails_only_that_adapter(
+    checkpoints, mixed_adapters, tmp_path: Path, one_thread
+):
+    """Rank 0 serves its CPU copy, each worker reads the adapter from disk when it takes a slot; files
+    changed in between would make the ranks disagree, so every rank leaves the slot empty instead, the
+    adapter's requests fail with the reason and the rest of the batch runs."""
+    import shutil
+
+    folder = tmp_path / "r4"
+    shutil.copytree(mixed_adapters["mixtral"]["r4-per-expert"][0], folder)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(
+        str(checkpoints["mixtral"]),
+        device="cpu",
+        tp_size=2,
+        ep_size=2,
+        progress=False,
+        num_kv_blocks=32,
+        lora_modules={"r4": str(folder), "r8": str(mixed_adapters["mixtral"]["r8-fused"][0])},
+    ) as llm:
+        base = llm.generate([[5, 6, 7]], params)[0].token_ids
+        time.sleep(0.01)
+        (folder / "adapter_config.json").write_text((folder / "adapter_config.json").read_text() + "\n")
+        streams = [llm.engine.submit_stream([5, 6, 7], params, lora=n) for n in ("r4", None, "r8")]
+        with pytest.raises(ValueError, match=r"adapter 'r4': the files .* changed .*\(on worker rank 1\)"):
+            streams[0].result()
+        assert streams[1].result().token_ids == base
+        assert len(streams[2].result().token_ids) == 4
+        assert [i.name for i in llm.list_loras()] == ["r8"]

@@ -56,7 +56,8 @@ class LoraPool:
     def __init__(self, model: MoeForCausalLM, num_slots: int, max_rank: int) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
         # With several ranks, rank 0's pool sends each write and clear here so every worker repeats it
-        # on its own shards (set by the engine; None with one process).
+        # on its own shards (set by the engine; None with one process). A write that fails on a worker
+        # raises AdapterError here, before rank 0 writes anything, and every rank's slot stays empty.
         self.mirror: Callable[[tuple[Any, ...]], None] | None = None
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -127,7 +128,7 @@ class LoraPool:
                 f"above the pool's max_lora_rank {self.max_rank}"
             )
         if self.mirror is not None:
-            self.mirror(("lora", slot, adapter.name, str(adapter.path), self.max_rank))
+            self.mirror(("lora", slot, adapter.name, str(adapter.path), self.max_rank, adapter.fingerprint))
         self._clear(slot)
         for t in self._linears:
             lora = t.module.lora

@@ -29,7 +29,7 @@ from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
 from moelora.engine.stats import EngineLoad
 from moelora.engine.stream import EngineDeadError, RequestStream
-from moelora.lora.adapter import LoraAdapter, read_adapter
+from moelora.lora.adapter import AdapterError, LoraAdapter, read_adapter, reread_adapter
 from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
@@ -141,10 +141,19 @@ class Engine:
         self._thread.start()
 
     def _mirror(self, command: tuple[Any, ...]) -> None:
-        """Send an adapter-slot write or clear to the workers (the loop thread calls this)."""
-        assert self.workers is not None
-        with self.workers.lock:
-            self.workers.send(command)
+        """Send an adapter-slot write or clear to the workers (the loop thread calls this). A write is
+        answered by every worker; if one could not re-read the adapter, all of them leave the slot empty
+        and this raises its reason."""
+        workers = self.workers
+        assert workers is not None
+        with workers.lock:
+            workers.send(command)
+            if command[0] != "lora":
+                return
+            errors = workers.checked(lambda: workers.gather(None))
+        for rank, error in enumerate(errors):
+            if error is not None:
+                raise AdapterError(f"{error} (on worker rank {rank})")
 
     def _lora_manager(self, la: LoraArgs, rank: int, device: torch.device) -> LoraManager:
         need = LoraPool.estimate_bytes(self.model, la.max_loras_per_batch, rank)
@@ -158,8 +167,8 @@ class Engine:
         pool = LoraPool(self.model, la.max_loras_per_batch, rank)
         _LOG.info("adapter slots: %d of rank %d, %.1f MiB", pool.num_slots, rank, pool.num_bytes / 2**20)
 
-        def reread(name: str, path: Path) -> LoraAdapter:
-            return read_adapter(name, path, self.cfg, self.model.family, rank)
+        def reread(name: str, path: Path, fingerprint: tuple[int, ...]) -> LoraAdapter:
+            return reread_adapter(name, path, fingerprint, self.cfg, self.model.family, rank)
 
         return LoraManager(pool, reread, la.max_cpu_loras)
 
@@ -355,7 +364,19 @@ class Engine:
         assert self.loras is not None
         running = {s.request.lora_entry for s in self.scheduler.running if s.request.lora_entry is not None}
         if entry.slot is None and not entry.unloaded and self.loras.fits(running | {entry}):
-            self.loras.acquire([*running, entry])
+            for error in self.loras.acquire([*running, entry]).values():
+                _LOG.error("%s", error)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        """End a request with an error (its stream raises it); its blocks and adapter reference are freed."""
+        for seq in request.seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq)
+        request.stream.put(error)
+        self._requests.pop(request.request_id, None)
+        if request.lora_entry is not None and self.loras is not None:
+            self.loras.release(request.lora_entry)
+            self.loras.collect()
 
     def _abort(self, request: Request) -> None:
         for seq in request.seqs:
@@ -372,8 +393,14 @@ class Engine:
             return
         if self.loras is not None:
             entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
-            if entries:
-                self.loras.acquire(list(entries))
+            failed = self.loras.acquire(list(entries)) if entries else {}
+            for entry, error in failed.items():
+                _LOG.error("%s", error)
+                for request in [r for r in self._requests.values() if r.lora_entry is entry]:
+                    self._fail(request, error)
+            seqs = [s for s in seqs if s.request.lora_entry not in failed]
+            if not seqs:
+                return
         if self.workers is None:
             logits, prompt_logits = self.runner.run(seqs)
         else:

@@ -103,6 +103,9 @@ class LoraAdapter:
     path: Path
     dense: dict[tuple[int, str], LoraWeights]  # (layer, target in DENSE_TARGETS)
     experts: dict[tuple[int, str], dict[int, LoraWeights]]  # (layer, proj in EXPERT_PROJS) -> {global id: w}
+    # (size, mtime_ns) of the config and weights files as read: a later re-read (after a CPU-cache
+    # eviction, or on another rank) must find the same files, or it would serve different weights.
+    fingerprint: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -157,6 +160,28 @@ def read_adapter(
     return _Reader(name, Path(path), cfg, family).read(max_rank)
 
 
+def file_fingerprint(folder: Path) -> tuple[int, ...]:
+    """(size, mtime_ns) of the adapter's two files; () if one cannot be read (reading then reports why)."""
+    try:
+        stats = [(folder / f).stat() for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return ()
+    return tuple(v for st in stats for v in (st.st_size, st.st_mtime_ns))
+
+
+def reread_adapter(
+    name: str, path: Path, fingerprint: tuple[int, ...], cfg: ModelConfig, family: Family, max_rank: int
+) -> LoraAdapter:
+    """Read an adapter again and check that its files are the ones first read (AdapterError if not)."""
+    adapter = read_adapter(name, path, cfg, family, max_rank)
+    if adapter.fingerprint != fingerprint:
+        raise AdapterError(
+            f"adapter '{name}': the files in '{path}' changed since it was loaded, so it can no longer be "
+            f"served consistently; load the new version under a new name (or unload and load it again)"
+        )
+    return adapter
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule (peft.utils.other.get_pattern_key): the first key p such that `(.*\\.)?(p)$` matches."""
     for key, value in patterns.items():
@@ -184,9 +209,10 @@ class _Reader:
             raise self.fail(
                 f"'{self.folder}' {what}: an adapter is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
+        fingerprint = file_fingerprint(self.folder)
         self.opts = _parse_options(self._config(), self.fail)
         self.tensors = self._tensors()
-        adapter = LoraAdapter(self.name, self.folder, {}, {})
+        adapter = LoraAdapter(self.name, self.folder, {}, {}, fingerprint)
         origin: dict[_Dest, str] = {}
         for module, (a_key, b_key) in self._pairs().items():
             for dest, weights in self._normalise(self._site(module, a_key), a_key, b_key):

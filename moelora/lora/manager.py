@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelora.cache.lora_pool import LoraPool
-from moelora.lora.adapter import LoraAdapter
+from moelora.lora.adapter import AdapterError, LoraAdapter
 
 
 @dataclass(eq=False)
@@ -24,6 +24,7 @@ class AdapterEntry:
     rank: int
     pinned: bool
     adapter: LoraAdapter | None  # the CPU copy; None once evicted from the CPU cache (re-read on demand)
+    fingerprint: tuple[int, ...] = ()  # of the files first read; a re-read must find the same
     slot: int | None = None
     users: int = 0  # requests (waiting or running) that use this entry
     unloaded: bool = False
@@ -52,7 +53,7 @@ class LoraManager:
     def __init__(
         self,
         pool: LoraPool,
-        reader: Callable[[str, Path], LoraAdapter],
+        reader: Callable[[str, Path, tuple[int, ...]], LoraAdapter],
         max_cpu_loras: int | None,
     ) -> None:
         self.pool, self.reader, self.max_cpu_loras = pool, reader, max_cpu_loras
@@ -86,7 +87,7 @@ class LoraManager:
                     f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.pool.max_rank}: "
                     f"restart with max_lora_rank >= {adapter.rank}"
                 )
-            entry = AdapterEntry(name, path, adapter.rank, pinned, adapter)
+            entry = AdapterEntry(name, path, adapter.rank, pinned, adapter, adapter.fingerprint)
             self._names[name] = entry
             self._cpu_lru[entry] = None
             self.stats.requests.setdefault(name, 0)
@@ -140,14 +141,35 @@ class LoraManager:
         held_by_pins = {e for e in self._slots if e is not None and e.pinned and e not in wanted}
         return len(wanted) + len(held_by_pins) <= self.num_slots
 
-    def acquire(self, batch: Sequence[AdapterEntry]) -> None:
-        """Give every adapter of this step a slot, evicting least-recently-used ones not in the step."""
+    def acquire(self, batch: Sequence[AdapterEntry]) -> dict[AdapterEntry, AdapterError]:
+        """Give every adapter of this step a slot, evicting least-recently-used ones not in the step.
+
+        An adapter that cannot be placed (its files, re-read after a CPU-cache eviction or by another
+        rank, are gone or changed) gets no slot and is unloaded; it is returned with the reason, so the
+        caller fails its requests while every other request runs on.
+        """
         self.history.append(tuple(e.name for e in batch))
         wanted = set(batch)
+        failed: dict[AdapterEntry, AdapterError] = {}
         for entry in batch:
             if entry.slot is None:
-                self._load(entry, wanted)
+                try:
+                    self._load(entry, wanted)
+                except AdapterError as e:
+                    failed[entry] = e
+                    self._drop(entry)
+                    continue
             self._lru.move_to_end(entry)
+        return failed
+
+    def _drop(self, entry: AdapterEntry) -> None:
+        """Unload a broken adapter: its name is free again, its requests fail, its CPU copy goes."""
+        with self._lock:
+            if self._names.get(entry.name) is entry:
+                del self._names[entry.name]
+            entry.unloaded = True
+            self._cpu_lru.pop(entry, None)
+            entry.adapter = None
 
     def _load(self, entry: AdapterEntry, wanted: set[AdapterEntry]) -> None:
         slot = next((i for i, e in enumerate(self._slots) if e is None), None)
@@ -159,7 +181,7 @@ class LoraManager:
             self.stats.evictions += 1
         adapter = entry.adapter
         if adapter is None:  # dropped from the CPU cache: read it again
-            adapter = self.reader(entry.name, entry.path)
+            adapter = self.reader(entry.name, entry.path, entry.fingerprint)
             with self._lock:
                 entry.adapter = adapter
                 self._cpu_lru[entry] = None

@@ -8,7 +8,9 @@ and then repeats, in order, every command rank 0 broadcasts:
     ("init", num_kv_blocks, block_size, lora_slots, lora_rank)  build the KV cache and adapter slots
     ("step", StepInput)                                        run one engine step's forward pass
     ("forward", ids, seq_lens)                                 a cacheless forward (LLM.logits)
-    ("lora", slot, name, path, max_rank)                       read an adapter, write this rank's shards
+    ("lora", slot, name, path, max_rank, fingerprint)          re-read an adapter, write this rank's shards;
+                                                               every rank answers (all_gather) None or why
+                                                               it could not, and then all clear the slot
     ("clear", slot)                                            zero an adapter slot
     ("stop",)                                                  leave the loop and exit
 
@@ -188,6 +190,12 @@ class WorkerGroup:
             raise WorkerError(dead)
         self.checked(lambda: dist.broadcast_object_list([command], src=0, group=self._ctrl))
 
+    def gather(self, mine: Any) -> list[Any]:
+        """Every rank's answer to the last command (rank 0's is `mine`), in rank order."""
+        answers: list[Any] = [None] * self.spec.tp_size
+        dist.all_gather_object(answers, mine, group=self._ctrl)
+        return answers
+
     def checked(self, fn: Callable[[], T]) -> T:
         """Run `fn` (which meets the workers in collectives); a failure names the worker that died."""
         try:
@@ -290,7 +298,7 @@ class Worker:
         from moelora.cache.kv_cache import KVCache
         from moelora.cache.lora_pool import LoraPool
         from moelora.engine.runner import ModelRunner
-        from moelora.lora.adapter import read_adapter
+        from moelora.lora.adapter import AdapterError, reread_adapter
 
         kind, args = command[0], command[1:]
         model = self.model
@@ -314,9 +322,18 @@ class Worker:
             device = next(model.parameters()).device
             batch = ForwardBatch.prefill(seq_lens, device)
             model.compute_logits(model(torch.tensor(ids, dtype=torch.int64, device=device), batch))
-        elif kind == "lora":
-            slot, name, path, max_rank = args
-            self.pool.write(slot, read_adapter(name, Path(path), model.cfg, model.family, max_rank))
+        elif kind == "lora":  # answered: None, or why this rank could not write it
+            slot, name, path, max_rank, fingerprint = args
+            error = None
+            try:
+                adapter = reread_adapter(name, Path(path), fingerprint, model.cfg, model.family, max_rank)
+                self.pool.write(slot, adapter)
+            except AdapterError as e:
+                error = str(e)
+            answers: list[Any] = [None] * self.spec.tp_size
+            dist.all_gather_object(answers, error, group=self.ctrl)
+            if any(a is not None for a in answers):
+                self.pool.clear(slot)
         elif kind == "clear":
             self.pool.clear(args[0])
         else:
