@@ -16,21 +16,25 @@ from tests.hf_models import FAMILIES, VOCAB, hf_logprobs
 from tests.lora_files import merged_hf_model
 from tests.test_engine_hf import NEW_TOKENS, TOL, agree_until_near_tie, hf_greedy
 
-LAYOUTS = [(f, d) for f in FAMILIES for d in ("float32", "float64")]
+LAYOUTS = [
+    *[pytest.param((f, d, "cpu"), id=f"{f}-{d}") for f in FAMILIES for d in ("float32", "float64")],
+    # On a GPU the same batch runs through the Triton MoE and LoRA kernels (fp32: full-precision dots).
+    *[pytest.param((f, "float32", "cuda"), id=f"{f}-float32-cuda", marks=pytest.mark.gpu) for f in FAMILIES],
+]
 
 
-@pytest.fixture(scope="module", params=LAYOUTS, ids=[f"{f}-{d}" for f, d in LAYOUTS])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def setup(request, checkpoints, mixed_adapters):
     """(family, dtype, LLM with the three adapters, {name: (folder, ExpectedLora)}) per family and dtype.
 
     float32 is what users run, compared with transformers in fp32. float64 takes fp32 rounding out of
     both sides (transformers keeps only its norms, rotary angles and router softmax in fp32 then), so the
     same tolerance there bounds the LoRA arithmetic far more tightly."""
-    family, dtype = request.param
+    family, dtype, device = request.param
     adapters = mixed_adapters[family]
     llm = LLM(
         str(checkpoints[family]),
-        device="cpu",
+        device=device,
         progress=False,
         num_kv_blocks=96,
         lora_modules={name: str(folder) for name, (folder, _) in adapters.items()},

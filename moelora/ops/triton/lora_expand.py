@@ -6,12 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.tiles import dot_precision
+
 
 @triton.jit
 def _lora_expand_kernel(
     xa_ptr, b_ptr, y_ptr, slot_ptr, num_tokens, out_dim, rank, num_slots,
     sb_s, sb_n, sb_r, sy_t, sy_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,7 +36,7 @@ def _lora_expand_kernel(
                 mask=r_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            acc = tl.dot(xa, b.to(tl.float32), acc)
+            acc = tl.dot(xa, b.to(tl.float32), acc, input_precision=PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
         # Only tokens with a slot are read and written: base tokens keep y untouched.
         y_ptrs = y_ptr + t[:, None].to(tl.int64) * sy_t + n[None, :] * sy_n
@@ -54,4 +57,5 @@ def lora_expand(
     _lora_expand_kernel[grid](
         xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, *b.stride(), *y.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=dot_precision(y.dtype),
     )  # fmt: skip

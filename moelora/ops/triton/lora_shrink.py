@@ -6,12 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.tiles import dot_precision
+
 
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, slot_ptr, num_tokens, rank, num_slots,
     sx_t, sx_k, sa_s, sa_r, sa_k,
     IN_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < num_tokens
@@ -37,7 +40,7 @@ def _lora_shrink_kernel(
                 mask=k_ok[:, None] & (r < rank)[None, :],
                 other=0.0,
             )
-            acc = tl.dot(xk, ak, acc)
+            acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
         out += acc
         s = tl.min(tl.where(slot > s, slot, num_slots))
     tl.store(xa_ptr + t[:, None] * rank + r[None, :], out, mask=t_ok[:, None] & (r < rank)[None, :])
@@ -54,5 +57,6 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slot: torch.Tensor, bloc
     _lora_shrink_kernel[(triton.cdiv(num_tokens, block_m),)](
         x, a, xa, token_slot, num_tokens, rank, num_slots, *x.stride(), *a.stride(),
         IN_DIM=in_dim, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
     return xa

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.tiles import Tiles
+from moelora.ops.triton.tiles import Tiles, dot_precision
 
 
 @triton.jit
@@ -16,6 +16,7 @@ def _down_kernel(
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -35,7 +36,7 @@ def _down_kernel(
         k_ok = kk < INTER - k0
         hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(hk, wk, acc)
+        acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
     if HAS_LORA:
@@ -51,7 +52,7 @@ def _down_kernel(
             sel = (slot == s)[:, None] & r_ok[None, :]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             bk = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(tl.load(ha_rows, mask=sel, other=0.0), bk, acc)
+            acc = tl.dot(tl.load(ha_rows, mask=sel, other=0.0), bk, acc, input_precision=PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     dst = d_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :]
     tl.store(dst, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -87,6 +88,7 @@ def moe_down(
         *w_down.stride(), *b.stride(),
         INTER=inter, HAS_LORA=lora is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, num_stages=tiles.stages,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=dot_precision(h.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return d

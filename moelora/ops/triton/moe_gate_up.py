@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.tiles import Tiles
+from moelora.ops.triton.tiles import Tiles, dot_precision
 
 
 @triton.jit
@@ -16,6 +16,7 @@ def _gate_up_kernel(
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
     HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -39,8 +40,8 @@ def _gate_up_kernel(
         xk = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(xk, wg, acc_g)
-        acc_u = tl.dot(xk, wu, acc_u)
+        acc_g = tl.dot(xk, wg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(xk, wu, acc_u, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sx_k
         g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
@@ -58,8 +59,8 @@ def _gate_up_kernel(
             b_mask = r_ok[:, None] & n_ok[None, :]
             bg = tl.load(b_base, mask=b_mask, other=0.0).to(tl.float32)
             bu = tl.load(b_base + sb_h, mask=b_mask, other=0.0).to(tl.float32)
-            acc_g = tl.dot(tl.load(xa_rows, mask=sel, other=0.0), bg, acc_g)
-            acc_u = tl.dot(tl.load(xa_rows + rank, mask=sel, other=0.0), bu, acc_u)
+            acc_g = tl.dot(tl.load(xa_rows, mask=sel, other=0.0), bg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(tl.load(xa_rows + rank, mask=sel, other=0.0), bu, acc_u, input_precision=PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
@@ -96,6 +97,7 @@ def moe_gate_up(
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
         HIDDEN=hidden, HAS_LORA=lora is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, num_stages=tiles.stages,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return h

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.tiles import dot_precision
+
 _SUB_M = 32
 
 
@@ -16,6 +18,7 @@ def _shrink_kernel(
     s_in_row, s_in_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     IN_DIM: tl.constexpr, GATHER: tl.constexpr, ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     half = tl.program_id(1)
@@ -52,7 +55,7 @@ def _shrink_kernel(
                 mask=k_ok[:, None] & (r < rank)[None, :],
                 other=0.0,
             )
-            acc = tl.dot(xk, ak, acc)
+            acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
         out += acc
         s = tl.min(tl.where(slot > s, slot, num_slots))
     dst = out_ptr + rows[:, None].to(tl.int64) * (halves * rank) + half * rank + r[None, :]
@@ -89,5 +92,6 @@ def moe_lora_shrink(
         inp.stride(0), inp.stride(1), *a5.stride(),
         IN_DIM=in_dim, GATHER=gather, ALIGN_M=block_m,
         BLOCK_M=sub_m, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION=dot_precision(inp.dtype),
     )  # fmt: skip
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -35,3 +37,10 @@ def moe_tiles(num_pairs: int, num_experts: int, lora: bool) -> Tiles:
 def lora_block_m(num_tokens: int) -> int:
     """Token rows per program of the dense LoRA kernels."""
     return 16 if num_tokens <= 64 else 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: full fp32 ("ieee") for fp32 tensors, as torch's own fp32 matmuls on CUDA
+    (TF32 would silently lose mantissa bits); "tf32" for 16-bit inputs, where it only affects the fp32
+    LoRA intermediates, which carry far more precision than the bf16/fp16 values they feed."""
+    return "ieee" if dtype == torch.float32 else "tf32"
