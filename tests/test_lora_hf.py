@@ -16,6 +16,8 @@ from tests.hf_models import FAMILIES, VOCAB, hf_logprobs
 from tests.lora_files import merged_hf_model
 from tests.test_engine_hf import NEW_TOKENS, TOL, agree_until_near_tie, hf_greedy
 
+GPU_TOL = 3e-4
+
 LAYOUTS = [
     *[pytest.param((f, d, "cpu"), id=f"{f}-{d}") for f in FAMILIES for d in ("float32", "float64")],
     # On a GPU the same batch runs through the Triton MoE and LoRA kernels (fp32: full-precision dots).
@@ -50,7 +52,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 11, 2)]
 
 
-def check_against(model: Any, prompt: list[int], out: RequestOutput, where: str) -> None:
+def check_against(model: Any, prompt: list[int], out: RequestOutput, where: str, tol: float = TOL) -> None:
     """Greedy tokens up to the reference's first near-tie; every reported log-prob within TOL."""
     ref_tokens, margins = hf_greedy(model, prompt)
     agree_until_near_tie(out.token_ids, ref_tokens, margins)
@@ -60,7 +62,7 @@ def check_against(model: Any, prompt: list[int], out: RequestOutput, where: str)
     for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
         assert entry is not None and full[i] in entry
         for tok, lp in entry.items():
-            assert abs(lp - ref[i - 1, tok].item()) < TOL, (
+            assert abs(lp - ref[i - 1, tok].item()) < tol, (
                 where,
                 "prompt",
                 i,
@@ -72,12 +74,17 @@ def check_against(model: Any, prompt: list[int], out: RequestOutput, where: str)
     for j, entry in enumerate(out.logprobs):
         pos = len(prompt) + j - 1
         for tok, lp in entry.items():
-            assert abs(lp - ref[pos, tok].item()) < TOL, (where, "decode", j, tok, lp, ref[pos, tok].item())
+            assert abs(lp - ref[pos, tok].item()) < tol, (where, "decode", j, tok, lp, ref[pos, tok].item())
 
 
 def test_mixed_batch_matches_merged_transformers(setup, hf_models):
     family, dtype, llm, adapters = setup
     base = hf_models[family]
+    # On a GPU the sums run in another order than transformers' on CPU. On these tiny models (logits near
+    # 40) fp32 order alone moves log-probs by up to ~3e-4 (transformers' own fp32 result is that far from
+    # its fp64 one), so the GPU run is held to the fp64 reference within GPU_TOL instead.
+    on_gpu = llm.device.type == "cuda"
+    ref_dtype, tol = (torch.float64, GPU_TOL) if on_gpu else (dtype, TOL)
     names: list[str | None] = [None, *adapters]
     lora = [name for name in names for _ in prompts()]
     batch = [p for _ in names for p in prompts()]
@@ -87,11 +94,11 @@ def test_mixed_batch_matches_merged_transformers(setup, hf_models):
     outs = llm.generate(batch, params, lora=lora)
     # The adapters took part in the same steps as the base requests: one batch, all four present.
     assert any(len(set(step)) >= 3 for step in llm.engine.loras.history), llm.engine.loras.history
-    references = {None: copy.deepcopy(base).to(dtype)} | {
-        n: merged_hf_model(base, exp).to(dtype) for n, (_, exp) in adapters.items()
+    references = {None: copy.deepcopy(base).to(ref_dtype)} | {
+        n: merged_hf_model(base, exp).to(ref_dtype) for n, (_, exp) in adapters.items()
     }
     for name, prompt, out in zip(lora, batch, outs, strict=True):
-        check_against(references[name], prompt, out, f"{family}/{name or 'base'}")
+        check_against(references[name], prompt, out, f"{family}/{name or 'base'}", tol)
     # Each adapter moves the log-probs well beyond the tolerance, so a dropped LoRA cannot pass.
     (plain,) = hf_logprobs(references[None], [prompts()[1]])
     for name in adapters:
