@@ -18,12 +18,14 @@ class PagedKV:
     slot_mapping [T] int64: cache slot (block * block_size + offset) of each new token.
     block_tables [B, max_blocks] int32: each sequence's blocks in order (padded with 0).
     kv_lens: per sequence, the tokens in the cache after this step's writes (context + new).
+    kv_lens_dev [B] int32: kv_lens on the device (for GPU kernels that must not copy them per layer).
     """
 
     cache: KVCache
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     kv_lens: tuple[int, ...]
+    kv_lens_dev: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

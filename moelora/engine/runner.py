@@ -75,6 +75,7 @@ class ModelRunner:
             torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
             torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
             step.kv_lens,
+            torch.tensor(step.kv_lens, dtype=torch.int32, device=dev),
         )
         token_slot = None
         if any(slot >= 0 for slot in step.lora_slots):

@@ -81,7 +81,15 @@ class SelfAttention(nn.Module):
             k_cache, v_cache = kv.cache.k[self.layer], kv.cache.v[self.layer]
             ops.write_kv(k, v, k_cache, v_cache, kv.slot_mapping)
             o = ops.paged_attention(
-                q, k_cache, v_cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale, self.window
+                q,
+                k_cache,
+                v_cache,
+                kv.block_tables,
+                batch.seq_lens,
+                kv.kv_lens,
+                self.scale,
+                self.window,
+                kv.kv_lens_dev,
             )
         out = self.o_proj(o.reshape(t, -1), batch.token_slot)
         return comm.all_reduce(out, self.ps)

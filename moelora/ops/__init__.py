@@ -45,6 +45,17 @@ def _kernels(name: str, t: torch.Tensor) -> ModuleType | None:
     return _triton_module(name)
 
 
+def _attention_kernels(q: torch.Tensor, kv: torch.Tensor) -> ModuleType | None:
+    """Triton attention for fp16/bf16 CUDA tensors with the cache in q's dtype. fp32 stays on the twin
+    (the kernels' fp32 path is checked only in the interpreter) unless MOELORA_BACKEND=triton."""
+    mod = _kernels("attention", q)
+    # (bf16 or fp16; note `torch` in this module is the moelora.ops.torch package once it is imported)
+    half = q.element_size() == 2 and kv.dtype == q.dtype
+    if mod is not None and _BACKEND == "auto" and not half:
+        return None
+    return mod
+
+
 def moe_align(
     local_ids: torch.Tensor, token_slot: torch.Tensor | None, num_experts: int, num_slots: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +87,9 @@ def prefill_attention(
     window: int | None,
 ) -> torch.Tensor:
     """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`."""
-    return _torch_attention.prefill_attention(q, k, v, seq_lens, scale, window)
+    mod = _attention_kernels(q, k)
+    impl = mod.prefill_attention if mod is not None else _torch_attention.prefill_attention
+    return impl(q, k, v, seq_lens, scale, window)
 
 
 def write_kv(
@@ -95,10 +108,19 @@ def paged_attention(
     kv_lens: tuple[int, ...],
     scale: float,
     window: int | None,
+    kv_lens_dev: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`."""
-    return _torch_attention.paged_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window
+    """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`.
+
+    `kv_lens_dev`: kv_lens as an int32 tensor on q's device, built once per step, so that the GPU
+    decode path needs no per-layer copy of the lengths (the twin does not need it)."""
+    mod = _attention_kernels(q, k_cache)
+    if mod is None:
+        return _torch_attention.paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window
+        )
+    return mod.paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev=kv_lens_dev
     )
 
 

@@ -1,0 +1,205 @@
+"""Decode attention over the paged KV cache, split over the KV length (flash-decoding).
+
+One program per (sequence, KV head, split): the GQA group's query heads share every K/V tile it loads.
+The grid and the buffers depend on shapes only (the split count comes from the block table's width), so
+a launch can be captured in a CUDA graph and replayed with other lengths and block tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moelora.ops.triton.attn_combine import combine_splits
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    block_n: int  # keys per loop iteration
+    warps: int
+    stages: int
+    min_chunk: int  # fewest keys a split is sized for: bounds the split count from the context capacity
+    waves: int  # programs aimed at per multiprocessor when choosing the split count
+
+
+# The H200 sweep of docs/benchmarks.md: these tiles were best or within 4% at B = 1, 16, 64 and 8k keys;
+# 128-key chunks (64 splits at B=1, 8k) beat 256 there (10.3 vs 11.7 us) and change nothing at B >= 16.
+DECODE_TILES = DecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2)
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32; exact fp32 products for fp32 inputs (no TF32), as the twin computes."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_tile(
+    q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, end, b, kvh, d, d_ok, qk_scale,
+    sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of the group's rows with keys [n0, n0 + BLOCK_N) ∩ [.., end)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < end
+    page = tl.load(bt_ptr + b * sbt_b + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    kd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        k_ptr + (page * sk_b + (n % PAGE) * sk_s + kvh * sk_h)[:, None] + d[None, :], mask=kd_ok, other=0.0
+    )
+    v = tl.load(
+        v_ptr + (page * sv_b + (n % PAGE) * sv_s + kvh * sv_h)[:, None] + d[None, :], mask=kd_ok, other=0.0
+    )
+    s = mma(q, tl.trans(k), IEEE)
+    s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 domain; every tile has a valid key
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, window,
+    sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr, PIPELINED: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    kv_len = tl.load(lens_ptr + b)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - window, 0)
+    # This sequence's keys [lo, kv_len) cut into `splits` chunks of whole BLOCK_N tiles.
+    chunk = tl.cdiv(tl.cdiv(kv_len - lo, splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, kv_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0
+    )
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    # The interpreter cannot run `range` over loaded bounds; on GPU the `for` is software-pipelined.
+    if PIPELINED:
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _decode_tile(
+                q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, end, b, kvh, d, d_ok, qk_scale,
+                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, PAGE, BLOCK_N, IEEE,
+            )  # fmt: skip
+    else:
+        n0 = start
+        while n0 < end:
+            acc, m_i, l_i = _decode_tile(
+                q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, end, b, kvh, d, d_ok, qk_scale,
+                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, PAGE, BLOCK_N, IEEE,
+            )  # fmt: skip
+            n0 += BLOCK_N
+    # An empty split (short sequence) leaves l_i = 0: it writes zeros and lse = -inf, weight 0 later.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = o_ptr + b * so_t + heads[:, None] * so_h + split * so_s + d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits + split, lse, mask=g_ok)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: split as an H100/H200 would
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
+    """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk."""
+    want = triton.cdiv(tiles.waves * _num_sms(device), batch * kv_heads)
+    cap = triton.cdiv(max_kv_len, tiles.min_chunk)
+    return triton.next_power_of_2(max(1, min(want, cap)))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+    tiles: DecodeTiles = DECODE_TILES,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over its paged keys and values; CUDA-graph safe.
+
+    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
+    kv_lens [B] int32 on q's device, each >= 1 and <= max_blocks * block_size. -> o [B, Hq, D].
+    Semantics: those of `moelora.ops.torch.attention.paged_attention` with every seq_lens[b] = 1.
+    `splits` overrides the shape-derived split count (tests, benchmarks).
+    """
+    batch, q_heads, head_dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    check_cache(q, k_cache, v_cache, block_tables)
+    if tuple(kv_lens.shape) != (batch,) or kv_lens.device != q.device:
+        raise ValueError(f"paged_decode: kv_lens {tuple(kv_lens.shape)} must be [B={batch}] on {q.device}")
+    if splits is None:
+        splits = num_splits(batch, kv_heads, block_tables.shape[1] * page, q.device, tiles)
+    group = q_heads // kv_heads
+    out = torch.empty_like(q)
+    if splits == 1:
+        part, lse = out.unsqueeze(2), out  # written directly; lse unused
+    else:
+        part = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, kv_lens, part, lse, scale * LOG2E, window or 0,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        *part.stride()[:3],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, BLOCK_N=tiles.block_n, WRITE_LSE=splits > 1,
+        HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    if splits > 1:
+        combine_splits(part, lse, out)
+    return out
+
+
+def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor) -> None:
+    """The layout the attention kernels assume: unit stride over D, GQA heads dividing evenly."""
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+            f"[num_blocks, block_size, Hkv, D={head_dim}]"
+        )
+    if q_heads % k_cache.shape[2]:
+        raise ValueError(
+            f"attention: {q_heads} query heads are not a multiple of {k_cache.shape[2]} KV heads"
+        )
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("attention: q, k_cache and v_cache need unit stride over the head dim")
+    if tables.dim() != 2 or tables.dtype != torch.int32 or tables.stride(1) != 1:
+        raise ValueError(
+            f"attention: block_tables must be [B, max_blocks] int32 with unit stride, got "
+            f"{tuple(tables.shape)} {tables.dtype} strides {tables.stride()}"
+        )

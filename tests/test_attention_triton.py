@@ -1,0 +1,173 @@
+"""The Triton attention kernels against their PyTorch twins: ragged batches, lengths off the block size,
+GQA ratios 1, 4 and 8, head dims 64 and 128, sliding windows, cached prefixes, split-KV decode.
+
+Without CUDA they run in Triton's interpreter (tiny shapes, fp32/fp16: bf16 `tl.dot` is broken there);
+`TRITON_INTERPRET` must be set before the kernels are decorated, hence before the imports below (as in
+tests/test_kernels_triton.py). Cache slots no sequence owns hold NaN, so a kernel reading outside a
+sequence's keys fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from moelora.ops.torch import attention as twin  # noqa: E402
+from moelora.ops.triton import attention as kern  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+SCALE = 0.3
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= TOL[out.dtype] * max(1.0, ref.double().abs().max().item()), err
+
+
+def paged_problem(
+    seed: int, kv_lens: tuple[int, ...], q_tokens: int, heads: tuple[int, int], d: int, page: int, dtype
+):
+    """q [q_tokens, Hq, D]; a NaN-filled cache whose owned slots hold random K/V; shuffled block tables."""
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    need = [-(-n // page) for n in kv_lens]
+    num_blocks = sum(need) + 3
+    k_cache = torch.full((num_blocks, page, hkv, d), float("nan"))
+    v_cache = torch.full((num_blocks, page, hkv, d), float("nan"))
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(kv_lens), max(need) + 2, dtype=torch.int32)  # padded with block 0, as the engine
+    for b, n in enumerate(kv_lens):
+        blocks, order = order[: need[b]], order[need[b] :]
+        tables[b, : need[b]] = torch.tensor(blocks)
+        flat = torch.tensor([blk * page + i for blk in blocks for i in range(page)][:n])
+        k_cache.view(-1, hkv, d)[flat] = torch.randn(n, hkv, d, generator=g)
+        v_cache.view(-1, hkv, d)[flat] = torch.randn(n, hkv, d, generator=g)
+    q = torch.randn(q_tokens, hq, d, generator=g)
+    return (t.to(DEV) for t in (q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables))
+
+
+def check_paged(seed, seq_lens, kv_lens, heads, d, page, dtype, window) -> None:
+    q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, sum(seq_lens), heads, d, page, dtype)
+    out = kern.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window)
+    assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window))
+
+
+def check_decode_splits(seed, kv_lens, heads, d, page, dtype, window, splits) -> None:
+    q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, len(kv_lens), heads, d, page, dtype)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits)
+    ones = (1,) * len(kv_lens)
+    assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, kv_lens, SCALE, window))
+
+
+def check_prefill(seed, seq_lens, heads, d, dtype, window) -> None:
+    g = torch.Generator().manual_seed(seed)
+    t = sum(seq_lens)
+    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEV) for h in (heads[0], heads[1], heads[1]))
+    out = kern.prefill_attention(q, k, v, seq_lens, SCALE, window)
+    assert_close(out, twin.prefill_attention(q, k, v, seq_lens, SCALE, window))
+
+
+# (seq_lens, kv_lens, (Hq, Hkv), D, block_size, dtype, window)
+CPU_DECODE = [
+    ((1, 1, 1), (1, 17, 40), (4, 4), 64, 16, torch.float32, None),
+    ((1, 1, 1, 1), (33, 5, 16, 70), (8, 2), 128, 16, torch.float16, None),
+    ((1, 1), (45, 3), (8, 1), 64, 8, torch.float32, 7),
+]
+CPU_PAGED_PREFILL = [
+    # a prompt from scratch, a decode and a prompt continuing a cached prefix, in one batch
+    ((5, 1, 20), (5, 30, 50), (4, 4), 64, 16, torch.float32, None),
+    ((19, 3), (19, 40), (8, 2), 128, 16, torch.float16, None),
+    ((17, 2, 1), (40, 2, 9), (8, 1), 64, 8, torch.float32, 6),
+    ((150,), (170,), (4, 1), 64, 16, torch.float16, None),  # two query tiles
+]
+
+
+@pytest.mark.parametrize("case", CPU_DECODE + CPU_PAGED_PREFILL)
+def test_paged_attention_matches_twin(case):
+    check_paged(len(case[0]) + case[1][0], *case)
+
+
+@pytest.mark.parametrize(
+    ("kv_lens", "heads", "d", "dtype", "window", "splits"),
+    [
+        ((1, 37, 64), (8, 1), 128, torch.float16, None, 4),  # splits without keys for the short sequences
+        ((50, 23), (4, 4), 64, torch.float32, 9, 3),
+        ((80,), (8, 2), 64, torch.float32, None, 8),
+    ],
+)
+def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
+    check_decode_splits(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits)
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "heads", "d", "dtype", "window"),
+    [
+        ((5, 1, 20), (4, 4), 64, torch.float32, None),
+        ((13, 30), (8, 2), 128, torch.float16, 5),
+        ((140, 7), (8, 1), 64, torch.float32, None),
+    ],
+)
+def test_prefill_attention_matches_twin(seq_lens, heads, d, dtype, window):
+    check_prefill(seq_lens[0], seq_lens, heads, d, dtype, window)
+
+
+def test_paged_attention_rejects_inconsistent_lengths():
+    q, k_cache, v_cache, tables = paged_problem(0, (5, 9), 3, (4, 2), 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        kern.paged_attention(q, k_cache, v_cache, tables, (1, 1), (5, 9), SCALE, None)
+    with pytest.raises(ValueError, match="kv_lens"):
+        kern.paged_attention(q, k_cache, v_cache, tables, (2, 1), (1, 9), SCALE, None)
+
+
+GPU_DECODE = [
+    ((1,) * 13, (1, 16, 17, 255, 256, 1000, 3000, 4097, 77, 5, 64, 2048, 129), h, d, 16, torch.bfloat16, w)
+    for h, d, w in [((32, 4), 128, None), ((8, 8), 64, None), ((16, 2), 128, 1024), ((32, 4), 64, 100)]
+]
+GPU_PAGED_PREFILL = [
+    ((1000, 1, 300, 7), (1000, 3000, 2348, 7), (32, 4), 128, 16, torch.bfloat16, None),
+    ((513, 1, 64), (4000, 90, 64), (8, 8), 64, 16, torch.bfloat16, 256),
+    ((700, 260), (700, 1500), (16, 2), 128, 32, torch.bfloat16, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_DECODE + GPU_PAGED_PREFILL)
+def test_paged_attention_gpu(case):
+    check_paged(len(case[0]) + 7, *case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("seq_lens", "heads", "d", "window"),
+    [((2048,), (32, 4), 128, None), ((1000, 1, 517), (8, 1), 64, None), ((900, 33), (16, 2), 128, 200)],
+)
+def test_prefill_attention_gpu(seq_lens, heads, d, window):
+    check_prefill(len(seq_lens), seq_lens, heads, d, torch.bfloat16, window)
+
+
+@pytest.mark.gpu
+def test_paged_decode_cuda_graph_replay():
+    """Captured once, replayed with other lengths and block tables: no host sync, shapes-only sizing."""
+    q, k_cache, v_cache, tables = paged_problem(5, (3000,) * 4, 4, (32, 4), 128, 16, torch.bfloat16)
+    lens = torch.tensor((3000, 17, 1, 800), dtype=torch.int32, device=DEV)
+    kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None)
+    for new_lens in ((2999, 40, 2, 1), (16, 3000, 1000, 33)):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        tables.copy_(tables.roll(1, 0))
+        graph.replay()
+        ones = (1,) * len(new_lens)
+        assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, new_lens, SCALE, None))
