@@ -9,7 +9,9 @@ import torch
 from tests.test_parallel import run_batch
 
 LAYOUTS = [(2, 1), (2, 2), (4, 2), (4, 4)]
-TOL = {"float32": 2e-3, "bfloat16": 0.15}
+# (absolute, relative): a bf16 logit near 40 is only known to a quarter (its ulp), so a deep-tail
+# log-prob of -42 may move by ~0.2 when the sums run in another order.
+TOL = {"float32": (2e-3, 0.0), "bfloat16": (0.1, 2**-7)}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,13 @@ def test_gpu_layout_matches_one_gpu(tp, ep, dtype, checkpoints, mixed_adapters, 
             zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True), 1
         ):
             for tok in set(got) & set(want):
-                assert abs(got[tok] - want[tok]) < tol, (where, i, tok, got[tok], want[tok])
+                atol, rtol = tol
+                assert abs(got[tok] - want[tok]) < atol + rtol * abs(want[tok]), (
+                    where,
+                    i,
+                    tok,
+                    got[tok],
+                    want[tok],
+                )
         if dtype == "float32":
             assert out.token_ids == ref.token_ids, where
