@@ -1,52 +1,54 @@
-"""TP x EP on GPUs with NCCL: the mixed adapter batch of tests/test_parallel.py agrees with the one-GPU run
-(fp32 tightly, bf16 within bf16 tolerance). Marked `multigpu(n)`: skipped with fewer than n GPUs."""
+"""TP x EP on GPUs with NCCL: the mixed adapter batch of tests/test_parallel.py agrees with the one-GPU run.
+Marked `multigpu(n)`: skipped with fewer than n GPUs.
+
+fp32: the same tokens and log-probs within 2e-3 of one GPU. bf16: rounding alone moves log-probs by tenths
+on these tiny models (logits near 40 have an ulp of 0.25), so a fixed threshold would be either flaky or
+blind. Instead both bf16 runs are measured against the one-GPU fp32 run, and the split run may be at most
+twice as far from it as the one-GPU bf16 run is (plus 0.05): a sharding error moves log-probs by units.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moelora.outputs import RequestOutput
 from tests.test_parallel import run_batch
 
+FAMILY = "qwen3_moe"
 LAYOUTS = [(2, 1), (2, 2), (4, 2), (4, 4)]
-# (absolute, relative): a bf16 logit near 40 is only known to a quarter (its ulp), so a deep-tail
-# log-prob of -42 may move by ~0.2 when the sums run in another order.
-TOL = {"float32": (2e-3, 0.0), "bfloat16": (0.1, 2**-7)}
+DTYPES = ("float32", "bfloat16")
 
 
 @pytest.fixture(scope="module")
-def one_gpu(checkpoints, mixed_adapters) -> dict[str, object]:
+def one_gpu(checkpoints, mixed_adapters) -> dict[str, list[RequestOutput]]:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return {
-        d: run_batch(checkpoints["qwen3_moe"], mixed_adapters["qwen3_moe"], 1, 1, d, device="cuda")
-        for d in TOL
+        d: run_batch(checkpoints[FAMILY], mixed_adapters[FAMILY], 1, 1, d, device="cuda")[1] for d in DTYPES
     }
 
 
-@pytest.mark.parametrize("dtype", list(TOL))
+def distance(outs: list[RequestOutput], refs: list[RequestOutput]) -> float:
+    """Largest |log-prob difference| over every prompt position and token both runs report."""
+    worst = 0.0
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.prompt_logprobs is not None and ref.prompt_logprobs is not None
+        for got, want in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True):
+            assert got is not None and want is not None
+            worst = max([worst, *(abs(got[t] - want[t]) for t in set(got) & set(want))])
+    return worst
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("tp", "ep"), [pytest.param(t, e, marks=pytest.mark.multigpu(t), id=f"tp{t}-ep{e}") for t, e in LAYOUTS]
 )
 def test_gpu_layout_matches_one_gpu(tp, ep, dtype, checkpoints, mixed_adapters, one_gpu):
-    lora, outs, _ = run_batch(
-        checkpoints["qwen3_moe"], mixed_adapters["qwen3_moe"], tp, ep, dtype, device="cuda"
-    )
-    _, ref_outs, _ = one_gpu[dtype]
-    tol = TOL[dtype]
-    for name, out, ref in zip(lora, outs, ref_outs, strict=True):
-        where = f"tp={tp} ep={ep} {dtype} {name or 'base'}"
-        for i, (got, want) in enumerate(
-            zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True), 1
-        ):
-            for tok in set(got) & set(want):
-                atol, rtol = tol
-                assert abs(got[tok] - want[tok]) < atol + rtol * abs(want[tok]), (
-                    where,
-                    i,
-                    tok,
-                    got[tok],
-                    want[tok],
-                )
-        if dtype == "float32":
-            assert out.token_ids == ref.token_ids, where
+    _, outs, _ = run_batch(checkpoints[FAMILY], mixed_adapters[FAMILY], tp, ep, dtype, device="cuda")
+    if dtype == "float32":
+        assert distance(outs, one_gpu["float32"]) < 2e-3
+        assert [o.token_ids for o in outs] == [o.token_ids for o in one_gpu["float32"]]
+    else:
+        split, single = distance(outs, one_gpu["float32"]), distance(one_gpu["bfloat16"], one_gpu["float32"])
+        assert split <= 2 * single + 0.05, (split, single)
