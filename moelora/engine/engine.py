@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from moelora import ops
 from moelora.cache.kv_cache import BlockAllocator, KVCache
 from moelora.cache.lora_pool import LoraPool
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.detokenizer import IncrementalDetokenizer
+from moelora.engine.graphs import DecodeGraphs
 from moelora.engine.request import Request, Sequence, Status
 from moelora.engine.runner import ModelRunner, step_input
 from moelora.engine.sampler import Sampled, SamplingInput, sample
@@ -110,8 +112,17 @@ class Engine:
                 f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len"
             )
         self.max_model_len = min(wanted_len, capacity)
+        probe = next(model.parameters())
+        use_graphs = a.cuda_graphs and workers is None and ops.graph_safe(probe)
+        # With graphs, one block more than the allocator hands out: padded rows of a graph write there.
         self.cache = KVCache(
-            self.cfg.num_layers, num_blocks, a.block_size, kv_heads, self.cfg.head_dim, model.dtype, device
+            self.cfg.num_layers,
+            num_blocks + int(use_graphs),
+            a.block_size,
+            kv_heads,
+            self.cfg.head_dim,
+            model.dtype,
+            device,
         )
         if workers is not None:
             pool = self.loras.pool if self.loras is not None else None
@@ -125,7 +136,11 @@ class Engine:
         step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits)
-        self.runner = ModelRunner(model, self.cache)
+        graphs = None
+        if use_graphs:
+            max_blocks = -(-self.max_model_len // a.block_size)
+            graphs = DecodeGraphs(model, self.cache, num_blocks, a.max_num_seqs, max_blocks)
+        self.runner = ModelRunner(model, self.cache, graphs)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.device = device
 

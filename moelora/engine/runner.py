@@ -14,6 +14,7 @@ import torch
 
 from moelora.batch import ForwardBatch, PagedKV
 from moelora.cache.kv_cache import KVCache
+from moelora.engine.graphs import DecodeGraphs
 from moelora.engine.request import Sequence
 from moelora.models.decoder import MoeForCausalLM
 
@@ -63,8 +64,8 @@ def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: MoeForCausalLM, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: MoeForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
+        self.model, self.cache, self.graphs = model, cache, graphs
         self.device = next(model.parameters()).device
 
     def build_batch(self, step: StepInput) -> tuple[torch.Tensor, ForwardBatch]:
@@ -89,6 +90,12 @@ class ModelRunner:
     def execute(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """-> (fp32 logits [B, V] at each sequence's last token, {sequence index: fp32 logits of every
         prompt position but the last} for `step.prompt_logits`)."""
+        graphs = self.graphs
+        if graphs is not None and graphs.fits(step):
+            logits = graphs.run(
+                step.ids, step.positions, step.slot_mapping, step.block_tables, step.kv_lens, step.lora_slots
+            )
+            return logits, {}
         ids, batch = self.build_batch(step)
         hidden = self.model(ids, batch)
         starts = [0, *torch.tensor(step.seq_lens).cumsum(0).tolist()]

@@ -45,6 +45,12 @@ def _kernels(name: str, t: torch.Tensor) -> ModuleType | None:
     return _triton_module(name)
 
 
+def graph_safe(t: torch.Tensor) -> bool:
+    """Whether every op on tensors like `t` runs a kernel that is CUDA-graph safe (the Triton ones: on
+    CUDA, in fp16/bf16, with Triton importable and not forced off)."""
+    return _kernels("moe", t) is not None and _attention_kernels(t, t) is not None
+
+
 def _attention_kernels(q: torch.Tensor, kv: torch.Tensor) -> ModuleType | None:
     """Triton attention for fp16/bf16 CUDA tensors with the cache in q's dtype. fp32 stays on the twin
     (the kernels' fp32 path is checked only in the interpreter) unless MOELORA_BACKEND=triton."""

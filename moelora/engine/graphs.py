@@ -1,0 +1,145 @@
+"""CUDA graphs of decode steps: one captured forward per padded batch size and LoRA on/off.
+
+A decode step (every sequence runs one token) is the same few hundred kernel launches every time; replaying
+a captured graph replaces the Python and launch work of each layer (the cost that dominates decode on a
+GPU) with one launch. Inputs are copied into static buffers; a batch of B sequences runs in the graph of the
+next bucket size Bp >= B, the extra rows reading and writing one spare KV block that no sequence owns and
+using no adapter slot. Only kernels that are graph safe run here (no host synchronisation, no
+data-dependent sizes): the Triton paths of every op, so graphs are used only on CUDA in fp16/bf16 with one
+rank (the PyTorch twins loop over host-side lengths).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from moelora.batch import ForwardBatch, PagedKV
+from moelora.cache.kv_cache import KVCache
+from moelora.models.decoder import MoeForCausalLM
+
+if TYPE_CHECKING:
+    from moelora.engine.runner import StepInput
+
+_LOG = logging.getLogger(__name__)
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, then multiples of 8 up to 64, then of 32, up to max_batch."""
+    sizes = [1, 2, 4, 8]
+    sizes += range(16, 65, 8)
+    sizes += range(96, max_batch + 32, 32)
+    return sorted({s for s in sizes if s < max_batch} | {max_batch})
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [Bp, V] fp32, written by every replay
+
+
+class DecodeGraphs:
+    """Captures lazily (the first decode step of each size pays a capture) and replays."""
+
+    def __init__(
+        self, model: MoeForCausalLM, cache: KVCache, pad_block: int, max_batch: int, max_blocks: int
+    ) -> None:
+        """`pad_block`: a KV block no sequence owns; `max_blocks`: most blocks one sequence can hold."""
+        self.model, self.cache, self.pad_block = model, cache, pad_block
+        self.sizes = buckets(max_batch)
+        self.max_batch = self.sizes[-1]
+        dev = next(model.parameters()).device
+        n, width = self.max_batch, max_blocks
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self.kv_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.token_slot = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self.replays = 0
+
+    def fits(self, step: StepInput) -> bool:
+        """A decode step (one token per sequence) that a graph of this set can run."""
+        return (
+            max(step.seq_lens) == 1
+            and len(step.ids) <= self.max_batch
+            and len(step.block_tables[0]) <= self.block_tables.shape[1]
+        )
+
+    def size_for(self, batch: int) -> int | None:
+        return next((s for s in self.sizes if s >= batch), None)
+
+    def _forward(self, size: int, lora: bool) -> torch.Tensor:
+        kv = PagedKV(
+            self.cache,
+            self.slot_mapping[:size],
+            self.block_tables[:size],
+            (1,) * size,  # host-side lengths are not read on the graph path (kv_lens_dev is)
+            self.kv_lens[:size],
+        )
+        batch = ForwardBatch(self.positions[:size], (1,) * size, kv, self.token_slot[:size] if lora else None)
+        return self.model.compute_logits(self.model(self.ids[:size], batch))
+
+    def _capture(self, size: int, lora: bool) -> _Graph:
+        self._fill_padding(0, size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(size, lora)  # compiles every kernel variant before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(size, lora)
+        _LOG.info("captured a decode graph for %d sequences%s", size, " with adapters" if lora else "")
+        return _Graph(graph, logits)
+
+    def _fill_padding(self, start: int, stop: int) -> None:
+        bs = self.cache.block_size
+        self.ids[start:stop] = 0
+        self.positions[start:stop] = 0
+        self.slot_mapping[start:stop] = self.pad_block * bs
+        self.block_tables[start:stop] = 0
+        self.block_tables[start:stop, 0] = self.pad_block
+        self.kv_lens[start:stop] = 1
+        self.token_slot[start:stop] = -1
+
+    @torch.inference_mode()
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        kv_lens: tuple[int, ...],
+        lora_slots: list[int],
+    ) -> torch.Tensor:
+        """fp32 logits [B, V] of one decode step of B <= max_batch sequences."""
+        b = len(ids)
+        size = self.size_for(b)
+        assert size is not None, (b, self.max_batch)
+        lora = any(s >= 0 for s in lora_slots)
+        key = (size, lora)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(size, lora)
+        dev = self.ids.device
+        width = len(block_tables[0])
+        host = torch.tensor([ids, positions, slot_mapping], dtype=torch.int64)
+        self.ids[:b].copy_(host[0], non_blocking=True)
+        self.positions[:b].copy_(host[1], non_blocking=True)
+        self.slot_mapping[:b].copy_(host[2], non_blocking=True)
+        self.block_tables[:b, :width].copy_(torch.tensor(block_tables, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:b, width:] = 0
+        small = torch.tensor([list(kv_lens), lora_slots], dtype=torch.int32)
+        self.kv_lens[:b].copy_(small[0], non_blocking=True)
+        self.token_slot[:b].copy_(small[1], non_blocking=True)
+        self._fill_padding(b, size)
+        g = self._graphs[key]
+        g.graph.replay()
+        self.replays += 1
+        assert g.logits.device == dev
+        return g.logits[:b]
