@@ -168,18 +168,16 @@ def parse_lora_modules(items: Sequence[str] | None) -> dict[str, str]:
     return modules
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _make_llm(args: argparse.Namespace, modules: dict[str, Any], enable_lora: bool = False) -> Any:
+    """The LLM the model, parallel, engine and adapter flags describe, with `modules` loaded at start."""
     from moelora.llm import LLM
 
     margs: ModelArgs = from_args(ModelArgs, args)
     pargs: ParallelArgs = from_args(ParallelArgs, args)
     eargs: EngineArgs = from_args(EngineArgs, args)
     largs: LoraArgs = from_args(LoraArgs, args)
-    params = sampling_from_args(args)
-    modules = _start_modules(args, margs.model)
-    uses: list[str | None] = [None if u == "base" else u for u in (args.use or ["base", *modules])]
-    prompts = args.prompt or ["The weather today is"]
-    with LLM(
+    largs = dataclasses.replace(largs, enable_lora=largs.enable_lora or enable_lora)
+    return LLM(
         margs.model,
         dtype=margs.dtype,
         device=margs.device,
@@ -190,7 +188,15 @@ def _generate(args: argparse.Namespace) -> int:
         lora_modules=modules,
         **dataclasses.asdict(largs),
         **dataclasses.asdict(eargs),
-    ) as llm:
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    modules = _start_modules(args, from_args(ModelArgs, args).model)
+    uses: list[str | None] = [None if u == "base" else u for u in (args.use or ["base", *modules])]
+    prompts = args.prompt or ["The weather today is"]
+    with _make_llm(args, modules) as llm:
         if args.chat:
             prompts = [llm.chat_prompt(p) for p in prompts]
         batch = [(p, u) for p in prompts for u in uses]  # one mixed batch: every prompt on every adapter
@@ -219,30 +225,15 @@ def _start_modules(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from moelora.llm import LLM
     from moelora.server.app import serve
     from moelora.server.context import default_served_name
 
     margs: ModelArgs = from_args(ModelArgs, args)
     sargs: ServerArgs = from_args(ServerArgs, args)
-    pargs: ParallelArgs = from_args(ParallelArgs, args)
-    largs: LoraArgs = from_args(LoraArgs, args)
-    eargs: EngineArgs = from_args(EngineArgs, args)
-    # Runtime loading needs adapter slots even when no adapter is given at start.
-    largs = dataclasses.replace(largs, enable_lora=largs.enable_lora or sargs.lora_dir is not None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    with LLM(
-        margs.model,
-        dtype=margs.dtype,
-        device=margs.device,
-        seed=margs.seed,
-        progress=margs.progress,
-        tp_size=pargs.tp_size,
-        ep_size=pargs.ep_size,
-        lora_modules=_start_modules(args, margs.model),
-        **dataclasses.asdict(largs),
-        **dataclasses.asdict(eargs),
-    ) as llm:
+    # Runtime loading needs adapter slots even when no adapter is given at start.
+    modules = _start_modules(args, margs.model)
+    with _make_llm(args, modules, enable_lora=sargs.lora_dir is not None) as llm:
         serve(llm, sargs, sargs.served_model_name or default_served_name(margs.model))
     return 0
 

@@ -18,11 +18,11 @@ TOL = 1e-4
 
 
 @torch.no_grad()
-def hf_greedy(model: Any, prompt: list[int]) -> tuple[list[int], list[float]]:
+def hf_greedy(model: Any, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
     """HF greedy continuation (EOS ignored) and the top-2 logit margin at each step."""
     out = model.generate(
         torch.tensor([prompt]),
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=None,
         pad_token_id=0,

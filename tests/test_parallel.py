@@ -23,6 +23,7 @@ from moelora.outputs import RequestOutput
 from moelora.parallel.launch import WorkerError
 from tests.hf_models import VOCAB, hf_logprobs
 from tests.lora_files import ExpectedLora, merged_hf_model
+from tests.test_engine_hf import hf_greedy
 
 TOL = 1e-4
 NEAR_TIE = 1e-3
@@ -78,21 +79,6 @@ def run_batch(
     return lora, outs, logits
 
 
-@torch.no_grad()
-def greedy_margins(model: Any, prompt: list[int]) -> tuple[list[int], list[float]]:
-    out = model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    margins = [float(v[0, 0] - v[0, 1]) for v in (step.topk(2).values for step in out.logits)]
-    return out.sequences[0, len(prompt) :].tolist(), margins
-
-
 @pytest.fixture(scope="module")
 def single(checkpoints, mixed_adapters, one_thread) -> dict[tuple[str, str], Any]:
     """The single-process run of each (family, dtype) a layout needs, computed once."""
@@ -118,7 +104,7 @@ def test_layout_matches_single_process_and_transformers(
         ):
             where = f"{family} tp={tp} ep={ep} {name or 'base'}"
             model = references[name]
-            hf_tokens, margins = greedy_margins(model, prompt)
+            hf_tokens, margins = hf_greedy(model, prompt, NEW_TOKENS)
             for i, (a, b, c) in enumerate(zip(out.token_ids, ref.token_ids, hf_tokens, strict=True)):
                 if margins[i] < NEAR_TIE:
                     break
