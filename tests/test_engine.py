@@ -212,3 +212,16 @@ def test_bad_requests_fail_clearly(llm: LLM):
         LLM("demo", device="cpu", progress=False, tp_size=2, ep_size=3)
     wait_idle(llm)
     assert alone(llm, PROMPTS[0]) == alone(llm, PROMPTS[0])  # refused requests left nothing behind
+
+
+def test_decode_graph_sizes():
+    from moelora.engine.graphs import buckets
+
+    assert buckets(256) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 160, 192, 224, 256]
+    assert buckets(5) == [1, 2, 4, 5]
+    assert buckets(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100]
+    assert buckets(1) == [1]
+
+
+def test_no_graphs_on_cpu(llm: LLM):
+    assert llm.engine.runner.graphs is None

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured (an op that is not graph safe); the caller runs eagerly."""
+
+
 def buckets(max_batch: int) -> list[int]:
     """Padded batch sizes: 1, 2, 4, 8, then multiples of 8 up to 64, then of 32, up to max_batch."""
     sizes = [1, 2, 4, 8]
@@ -109,32 +113,28 @@ class DecodeGraphs:
         self.token_slot[start:stop] = -1
 
     @torch.inference_mode()
-    def run(
-        self,
-        ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        block_tables: list[list[int]],
-        kv_lens: tuple[int, ...],
-        lora_slots: list[int],
-    ) -> torch.Tensor:
-        """fp32 logits [B, V] of one decode step of B <= max_batch sequences."""
+    def run(self, step: StepInput) -> torch.Tensor:
+        """fp32 logits [B, V] of a decode step that `fits`."""
+        ids, block_tables, lora_slots = step.ids, step.block_tables, step.lora_slots
         b = len(ids)
         size = self.size_for(b)
         assert size is not None, (b, self.max_batch)
         lora = any(s >= 0 for s in lora_slots)
         key = (size, lora)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(size, lora)
+            try:
+                self._graphs[key] = self._capture(size, lora)
+            except Exception as e:
+                raise GraphCaptureError(f"capturing a decode step of {size} sequences failed: {e}") from e
         dev = self.ids.device
         width = len(block_tables[0])
-        host = torch.tensor([ids, positions, slot_mapping], dtype=torch.int64)
+        host = torch.tensor([ids, step.positions, step.slot_mapping], dtype=torch.int64)
         self.ids[:b].copy_(host[0], non_blocking=True)
         self.positions[:b].copy_(host[1], non_blocking=True)
         self.slot_mapping[:b].copy_(host[2], non_blocking=True)
         self.block_tables[:b, :width].copy_(torch.tensor(block_tables, dtype=torch.int32), non_blocking=True)
         self.block_tables[:b, width:] = 0
-        small = torch.tensor([list(kv_lens), lora_slots], dtype=torch.int32)
+        small = torch.tensor([list(step.kv_lens), lora_slots], dtype=torch.int32)
         self.kv_lens[:b].copy_(small[0], non_blocking=True)
         self.token_slot[:b].copy_(small[1], non_blocking=True)
         self._fill_padding(b, size)

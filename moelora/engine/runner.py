@@ -7,6 +7,7 @@ run the identical forward pass (and meet in the same collectives); only the driv
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from moelora.batch import ForwardBatch, PagedKV
 from moelora.cache.kv_cache import KVCache
-from moelora.engine.graphs import DecodeGraphs
+from moelora.engine.graphs import DecodeGraphs, GraphCaptureError
 from moelora.engine.request import Sequence
 from moelora.models.decoder import MoeForCausalLM
 
@@ -63,6 +64,9 @@ def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
     )
 
 
+_LOG = logging.getLogger(__name__)
+
+
 class ModelRunner:
     def __init__(self, model: MoeForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.cache, self.graphs = model, cache, graphs
@@ -92,10 +96,11 @@ class ModelRunner:
         prompt position but the last} for `step.prompt_logits`)."""
         graphs = self.graphs
         if graphs is not None and graphs.fits(step):
-            logits = graphs.run(
-                step.ids, step.positions, step.slot_mapping, step.block_tables, step.kv_lens, step.lora_slots
-            )
-            return logits, {}
+            try:
+                return graphs.run(step), {}
+            except GraphCaptureError:
+                _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
+                self.graphs = None
         ids, batch = self.build_batch(step)
         hidden = self.model(ids, batch)
         starts = [0, *torch.tensor(step.seq_lens).cumsum(0).tolist()]
