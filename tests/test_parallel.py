@@ -227,3 +227,39 @@ def test_a_worker_that_finds_changed_adapter_files_fails_only_that_adapter(
         assert streams[1].result().token_ids == base
         assert len(streams[2].result().token_ids) == 4
         assert [i.name for i in llm.list_loras()] == ["r8"]
+
+
+def test_workers_exit_when_the_driver_is_killed(checkpoints, tmp_path: Path):
+    """A driver that dies without shutting down (SIGKILL) leaves no worker behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from moelora import LLM\n"
+        f"llm = LLM({str(checkpoints['mixtral'])!r}, tp_size=2, device='cpu', progress=False, "
+        "num_kv_blocks=8)\n"
+        "print(llm.workers._procs[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout is not None
+        worker_pid = int(driver.stdout.readline())
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        status = Path(f"/proc/{worker_pid}/status")
+        while time.monotonic() < deadline:
+            try:
+                if "State:\tZ" in status.read_text():  # exited, not yet reaped by its new parent
+                    return
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
+        os.kill(worker_pid, signal.SIGKILL)
+        raise AssertionError("the worker outlived its driver")
+    finally:
+        driver.kill()

@@ -152,3 +152,16 @@ def test_sigterm_lets_running_streams_finish(client, server):
     server.proc.wait(timeout=60)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.base_url}/health")
+
+
+def test_a_tp2_ep2_server_matches_transformers(checkpoints, hf_models, adapter):
+    """The same adapter request through a server whose model is split over 2 TP x 2 EP worker processes."""
+    args = [str(checkpoints[FAMILY]), "--lora", f"r4={adapter[0]}", "--num-kv-blocks", "64"]
+    proc = ServerProcess([*args, "--tp", "2", "--ep", "2"])
+    try:
+        reference = merged_hf_model(hf_models[FAMILY], adapter[1])
+        out = proc.client().completions.create(model="r4", prompt=prompts(), **GREEDY)
+        for prompt, choice in zip(prompts(), out.choices, strict=True):
+            check(reference, prompt, choice)
+    finally:
+        proc.stop()

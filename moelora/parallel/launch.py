@@ -233,8 +233,22 @@ class WorkerGroup:
 # ---------------------------------------------------------------------------------------- worker side
 
 
+def _exit_with_parent() -> None:
+    """Exit when the process that started this worker is gone (killed, crashed): never linger orphaned,
+    blocked in a collective nobody else will join."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moelora-parent-watch", daemon=True).start()
+
+
 def _worker_main(spec: LaunchSpec, rank: int, port: int) -> None:
     """Entry of a worker started by WorkerGroup: report through the store, load, serve."""
+    _exit_with_parent()
     rendezvous = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", port, spec.tp_size, is_master=False, timeout=rendezvous)
     store.set(f"hello/{rank}", "1")
