@@ -263,3 +263,46 @@ def test_workers_exit_when_the_driver_is_killed(checkpoints, tmp_path: Path):
         raise AssertionError("the worker outlived its driver")
     finally:
         driver.kill()
+
+
+def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
+    """The worker's own guard, for collectives that would not notice a dead driver (NCCL): a process
+    calling _exit_with_parent exits once its parent is gone, even while blocked."""
+    import subprocess
+    import sys
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import time\n"
+        "from moelora.parallel.launch import _exit_with_parent\n"
+        "_exit_with_parent()\n"
+        "print('armed', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, {str(child)!r}], stdout=sys.stdout)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        child_pid = int(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "armed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        status = Path(f"/proc/{child_pid}/status")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if "State:\tZ" in status.read_text():
+                    return
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
+        os.kill(child_pid, signal.SIGKILL)
+        raise AssertionError("the orphan kept running")
+    finally:
+        proc.kill()
