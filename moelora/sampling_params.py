@@ -40,7 +40,7 @@ class SamplingParams:
     seed: int | None = None
     # Most tokens to generate; None means until the context (max_model_len) is full.
     max_tokens: int | None = 16
-    # EOS and stop_token_ids cannot end generation before this many tokens.
+    # EOS, stop_token_ids and stop strings cannot end generation before this many tokens.
     min_tokens: int = 0
     # Stop when the generated text contains one of these strings (it is excluded from the output text).
     stop: str | Sequence[str] = ()

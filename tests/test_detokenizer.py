@@ -129,3 +129,14 @@ def test_decoding_cost_is_a_window_not_the_length(tok):
     detok = IncrementalDetokenizer(Counting(), encode(tok, "a long prompt " * 20), (), True)
     assert "".join(stream(detok, ids)) == tok.decode(ids)
     assert len(ids) > 200 and max(calls) <= 10
+
+
+def test_stop_strings_wait_for_min_tokens(tok):
+    """A stop string that ends before min_tokens generated tokens is ordinary text; the next one stops."""
+    ids = encode(tok, "rain falls, then rain stops")
+    first_rain_end = next(i for i in range(1, len(ids) + 1) if "rain" in tok.decode(ids[:i]))
+    detok = IncrementalDetokenizer(tok, [], ("rain",), True, min_tokens=first_rain_end + 1)
+    out = "".join(stream(detok, ids))
+    assert detok.stopped and out == detok.text == "rain falls, then "
+    plain = IncrementalDetokenizer(tok, [], ("rain",), True)
+    assert "".join(stream(plain, ids)) == "" and plain.stopped

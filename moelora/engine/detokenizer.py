@@ -30,8 +30,12 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         stop: Sequence[str],
         skip_special_tokens: bool,
+        min_tokens: int = 0,
     ) -> None:
+        """`min_tokens`: a stop string only counts once it ends at or after that many generated tokens
+        (as stop token ids and EOS, which the sampler masks until then)."""
         self._tokenizer = tokenizer
+        self._min_tokens, self._count = min_tokens, 0
         self._stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if any(not s for s in self._stop):
             raise ValueError(f"stop strings must be non-empty, got {self._stop!r}")
@@ -60,6 +64,7 @@ class IncrementalDetokenizer:
         if self._tokenizer is None or self._stopped:
             return ""
         self._ids.append(token_id)
+        self._count += 1
         prefix_text = self._decode(self._prefix, self._read)
         window_text = self._decode(self._prefix, len(self._ids))
         if len(window_text) <= len(prefix_text) or window_text.endswith(_INCOMPLETE):
@@ -80,7 +85,8 @@ class IncrementalDetokenizer:
         """Add decoded text, cut at the first stop string, and return what can be streamed now."""
         start = max(0, len(self._text) - max((len(s) for s in self._stop), default=0) + 1)
         self._text += new_text
-        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+        stops = self._stop if self._count >= self._min_tokens else ()
+        hits = [i for i in (self._text.find(s, start) for s in stops) if i >= 0]
         if hits:
             self._text = self._text[: min(hits)]
             self._stopped = True

@@ -329,7 +329,7 @@ class Engine:
         if p.seed is not None:
             generator = torch.Generator(self.device).manual_seed(p.seed + index)
         detok = IncrementalDetokenizer(
-            self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens
+            self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, p.min_tokens
         )
         seq = Sequence(request, index, list(request.prompt_token_ids), detok, generator)
         if p.logprobs is not None:
