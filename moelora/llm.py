@@ -229,7 +229,8 @@ class LLM:
         batch = ForwardBatch.prefill([len(s) for s in seqs], self.device)
         ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
         if self.workers is None:
-            logits = self.model.compute_logits(self.model(ids, batch)).cpu()
+            with self.engine.runner.lock:
+                logits = self.model.compute_logits(self.model(ids, batch)).cpu()
         else:
             workers = self.workers
             with workers.lock:

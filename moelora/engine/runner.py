@@ -8,6 +8,7 @@ run the identical forward pass (and meet in the same collectives); only the driv
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ _LOG = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: MoeForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.cache, self.graphs = model, cache, graphs
+        # Held by every forward of the model, here and in LLM.logits: a CUDA graph capture must not
+        # see another thread's kernels, and two forwards never interleave on the device.
+        self.lock = threading.Lock()
         self.device = next(model.parameters()).device
 
     def build_batch(self, step: StepInput) -> tuple[torch.Tensor, ForwardBatch]:
@@ -94,6 +98,10 @@ class ModelRunner:
     def execute(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """-> (fp32 logits [B, V] at each sequence's last token, {sequence index: fp32 logits of every
         prompt position but the last} for `step.prompt_logits`)."""
+        with self.lock:
+            return self._execute(step)
+
+    def _execute(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         graphs = self.graphs
         if graphs is not None and graphs.fits(step):
             try:
