@@ -299,3 +299,25 @@ def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(client, serve
     idle = wait_for(server, lambda m: m["moelora_requests_running"] == 0 and m["moelora_kv_blocks_used"] == 0)
     assert idle["moelora_requests_running"] == 0 and idle["moelora_kv_blocks_used"] == 0
     assert idle["moelora_generation_tokens_total"] - before["moelora_generation_tokens_total"] < 1500
+
+
+def test_adapter_files_changed_after_loading_give_400_and_the_rest_runs(tmp_path: Path):
+    """With one CPU copy kept (the last loaded, "other"), "changed" is re-read for its slot; changed files fail its request with
+    the reason (400) and unload it, while the base model and other adapters keep serving."""
+    changed = tmp_path / "changed"
+    shutil.copytree(demo_adapter_paths()["expert-r8"], changed)
+    args = ["demo", "--lora", f"changed={changed}", "--lora", f"other={demo_adapter_paths()['fused-r16']}"]
+    proc = ServerProcess([*args, "--max-cpu-loras", "1", "--max-loras-per-batch", "2"])
+    try:
+        client = proc.client()
+        time.sleep(0.01)
+        config = changed / "adapter_config.json"
+        config.write_text(config.read_text() + "\n")
+        with pytest.raises(openai.BadRequestError, match="changed since it was loaded"):
+            client.completions.create(model="changed", prompt="Hello", max_tokens=4)
+        assert {m.id for m in client.models.list().data} == {"demo", "other"}
+        for model in ("demo", "other"):
+            out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+            assert out.choices[0].finish_reason == "length"
+    finally:
+        proc.stop()

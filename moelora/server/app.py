@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from moelora.config import ServerArgs
 from moelora.llm import LLM
+from moelora.lora.adapter import AdapterError
 from moelora.server.context import ServerContext
 from moelora.server.metrics import ServerMetrics
 from moelora.server.protocol import ApiError
@@ -60,6 +61,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(AdapterError)
+    async def adapter_failed(_: Request, exc: AdapterError) -> Response:
+        # An adapter whose files changed or vanished after it was loaded: its requests fail, it is unloaded.
+        return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception) -> Response:
