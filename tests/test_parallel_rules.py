@@ -14,6 +14,7 @@ from moelora.cache.lora_pool import LoraPool
 from moelora.loader.checkpoint import Checkpoint
 from moelora.loader.model_loader import load_model, read_model_config
 from moelora.lora.adapter import read_adapter
+from moelora.parallel.sharding import place_experts
 from moelora.parallel.state import ParallelState
 from tests.hf_models import save_fused
 from tests.lora_files import write_adapter
@@ -155,3 +156,49 @@ def test_each_rank_holds_exactly_its_share(checkpoints, tp: int, ep: int):
             )
             assert lora_bytes == slots * e_loc * rank_ * (2 * hidden + 2 * i_loc + i_loc + hidden) * 4
         assert pool.num_bytes == LoraPool.estimate_bytes(model, slots, rank_)
+
+
+def test_a_rank_reads_only_its_experts_adapter_tensors(hf_models, checkpoints, tmp_path: Path, monkeypatch):
+    """EP rank 2 of 4 (experts 4, 5) reads the dense tensors and experts 4 and 5 of a per-expert adapter,
+    nothing of the other experts; an adapter touching only other experts gives it nothing, not an error."""
+    from safetensors import safe_open
+
+    hf = hf_models["qwen3_moe"]
+    cfg, family = read_model_config(checkpoints["qwen3_moe"])
+    write_sparse_adapter(tmp_path / "a", hf, [1, 4, 5, 7])
+    owns = place_experts(8, 4, 2).owns
+    full = read_adapter("a", tmp_path / "a", cfg, family)
+    reads: list[str] = []
+    original = safe_open
+
+    class Recording:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.inner = original(*args, **kwargs)
+
+        def __enter__(self) -> Recording:
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return list(self.inner.keys())
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            reads.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr("moelora.lora.adapter.safe_open", Recording)
+    mine = read_adapter("a", tmp_path / "a", cfg, family, owns_expert=owns)
+    assert reads and not [k for k in reads if any(f".experts.{e}." in k for e in (1, 7))]
+    assert mine.dense.keys() == full.dense.keys()
+    for key, per_expert in full.experts.items():
+        assert sorted(mine.experts.get(key, {})) == [e for e in sorted(per_expert) if owns(e)]
+        for e, w in mine.experts.get(key, {}).items():
+            assert torch.equal(w.A, per_expert[e].A) and torch.equal(w.B, per_expert[e].B)
+
+    write_adapter(tmp_path / "b", "qwen3_moe", hf.config, form="per_expert", rank=4, alpha=8.0, seed=3,
+                  experts=[0, 7], dense_targets=())  # fmt: skip
+    other = read_adapter("b", tmp_path / "b", cfg, family, owns_expert=owns)
+    assert not other.dense and not any(other.experts.values())

@@ -154,10 +154,20 @@ _Dest = tuple[int, str, int]  # (layer, dense target or expert proj, global expe
 
 
 def read_adapter(
-    name: str, path: str | Path, cfg: ModelConfig, family: Family, max_rank: int | None = None
+    name: str,
+    path: str | Path,
+    cfg: ModelConfig,
+    family: Family,
+    max_rank: int | None = None,
+    owns_expert: Callable[[int], bool] | None = None,
 ) -> LoraAdapter:
-    """The adapter in folder `path` for the base model `cfg`, normalised; AdapterError if not servable."""
-    return _Reader(name, Path(path), cfg, family).read(max_rank)
+    """The adapter in folder `path` for the base model `cfg`, normalised; AdapterError if not servable.
+
+    `owns_expert`: read per-expert tensors only for the experts it accepts (an EP rank's own); the others
+    are not even read from disk. Fused 3-D tensors are read whole. The whole adapter must have been
+    validated elsewhere (rank 0 reads it all) since skipped tensors are not checked here.
+    """
+    return _Reader(name, Path(path), cfg, family, owns_expert).read(max_rank)
 
 
 def file_fingerprint(folder: Path) -> tuple[int, ...]:
@@ -170,10 +180,16 @@ def file_fingerprint(folder: Path) -> tuple[int, ...]:
 
 
 def reread_adapter(
-    name: str, path: Path, fingerprint: tuple[int, ...], cfg: ModelConfig, family: Family, max_rank: int
+    name: str,
+    path: Path,
+    fingerprint: tuple[int, ...],
+    cfg: ModelConfig,
+    family: Family,
+    max_rank: int,
+    owns_expert: Callable[[int], bool] | None = None,
 ) -> LoraAdapter:
     """Read an adapter again and check that its files are the ones first read (AdapterError if not)."""
-    adapter = read_adapter(name, path, cfg, family, max_rank)
+    adapter = read_adapter(name, path, cfg, family, max_rank, owns_expert)
     if adapter.fingerprint != fingerprint:
         raise AdapterError(
             f"adapter '{name}': the files in '{path}' changed since it was loaded, so it can no longer be "
@@ -191,8 +207,16 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 class _Reader:
-    def __init__(self, name: str, folder: Path, cfg: ModelConfig, family: Family) -> None:
-        self.name, self.folder, self.cfg = name, folder, cfg
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        cfg: ModelConfig,
+        family: Family,
+        owns_expert: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.name, self.folder, self.cfg, self.owns_expert = name, folder, cfg, owns_expert
+        self.skipped = 0  # per-expert tensors of experts `owns_expert` rejects, left unread
         prefixes = "|".join(re.escape(p) for p in family.moe_prefixes)
         names = family.expert_names
         self.proj_of = {names.gate: "gate", names.up: "up", names.down: "down"}
@@ -217,7 +241,7 @@ class _Reader:
         for module, (a_key, b_key) in self._pairs().items():
             for dest, weights in self._normalise(self._site(module, a_key), a_key, b_key):
                 self._place(adapter, dest, weights, a_key, origin)
-        if not origin:
+        if not origin and not self.skipped:
             raise self.fail(f"{self.folder / WEIGHTS_FILE} holds no LoRA tensors")
         if max_rank is not None and adapter.rank > max_rank:
             key = next(origin[d] for d in origin if _lookup(adapter, d).rank == adapter.rank)
@@ -252,11 +276,21 @@ class _Reader:
         try:
             _check_complete(path)
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                keys = [k for k in f.keys() if self._wanted(k)]  # noqa: SIM118 (safe_open has no __iter__)
+                return {k: f.get_tensor(k) for k in keys}
         except CheckpointError as e:
             raise self.fail(str(e).replace("checkpoint file", "file")) from e
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise self.fail(f"'{path}' cannot be read as safetensors ({e}): copy or save it again") from e
+
+    def _wanted(self, key: str) -> bool:
+        if self.owns_expert is None:
+            return True
+        m = self.expert_re.search(key)
+        if m is None or self.owns_expert(int(m.group(2))):
+            return True
+        self.skipped += 1
+        return False
 
     def _pairs(self) -> dict[str, tuple[str, str]]:
         """module -> (lora_A key, lora_B key); every other tensor is an error."""

@@ -313,6 +313,7 @@ class Worker:
         from moelora.cache.lora_pool import LoraPool
         from moelora.engine.runner import ModelRunner
         from moelora.lora.adapter import AdapterError, reread_adapter
+        from moelora.parallel.sharding import place_experts
 
         kind, args = command[0], command[1:]
         model = self.model
@@ -340,7 +341,10 @@ class Worker:
             slot, name, path, max_rank, fingerprint = args
             error = None
             try:
-                adapter = reread_adapter(name, Path(path), fingerprint, model.cfg, model.family, max_rank)
+                owns = place_experts(model.cfg.num_experts, self.ps.ep_size, self.ps.ep_rank).owns
+                adapter = reread_adapter(
+                    name, Path(path), fingerprint, model.cfg, model.family, max_rank, owns_expert=owns
+                )
                 self.pool.write(slot, adapter)
             except AdapterError as e:
                 error = str(e)
