@@ -302,8 +302,8 @@ def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(client, serve
 
 
 def test_adapter_files_changed_after_loading_give_400_and_the_rest_runs(tmp_path: Path):
-    """With one CPU copy kept (the last loaded, "other"), "changed" is re-read for its slot; changed files fail its request with
-    the reason (400) and unload it, while the base model and other adapters keep serving."""
+    """With one CPU copy kept (the last loaded, "other"), "changed" is re-read for its slot; its changed
+    files fail its request with the reason (400) and unload it; the base model and "other" keep serving."""
     changed = tmp_path / "changed"
     shutil.copytree(demo_adapter_paths()["expert-r8"], changed)
     args = ["demo", "--lora", f"changed={changed}", "--lora", f"other={demo_adapter_paths()['fused-r16']}"]
