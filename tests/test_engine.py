@@ -225,3 +225,42 @@ def test_decode_graph_sizes():
 
 def test_no_graphs_on_cpu(llm: LLM):
     assert llm.engine.runner.graphs is None
+
+
+def test_n_completions_compute_the_prompt_once(llm: LLM):
+    """Completions 1..n-1 start from completion 0's prompt blocks (full ones shared, the partial one
+    copied): each equals the same completion run as its own request, and the prompt runs once."""
+    prompt = "To make a simple soup, first chop an onion and"
+    size = len(llm.encode(prompt))
+    assert size % 4 != 0  # the last prompt block is partial (block_size 4), so it is copied
+    params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=9, ignore_eos=True)
+    fed: list[int] = []
+    runner = llm.engine.runner
+    original = runner.execute
+
+    def counting(step):
+        fed.append(len(step.ids))
+        return original(step)
+
+    runner.execute = counting
+    try:
+        (shared,) = llm.generate(prompt, params)
+    finally:
+        del runner.execute
+    assert sum(fed) == size + 4 * (9 - 1)
+    for i, completion in enumerate(shared.outputs):
+        one = SamplingParams(temperature=1.0, seed=11 + i, max_tokens=9, ignore_eos=True)
+        assert completion.token_ids == alone(llm, prompt, one), i
+    wait_idle(llm)
+
+
+def test_n_completions_survive_preemption():
+    prompt = "Hello there, how"
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=64, block_size=4) as roomy:
+        expected = [c.token_ids for c in roomy.generate([prompt, PROMPTS[0]], params)[0].outputs]
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=9, block_size=4) as small:
+        out = small.generate([prompt, PROMPTS[0]], params)
+        assert [c.token_ids for c in out[0].outputs] == expected
+        assert small.engine.num_preemptions > 0
+        wait_idle(small)

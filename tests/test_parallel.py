@@ -306,3 +306,17 @@ def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
         raise AssertionError("the orphan kept running")
     finally:
         proc.kill()
+
+
+def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
+    """The copy of a shared prompt's partial block is repeated on the workers: same completions."""
+    params = SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=6, ignore_eos=True)
+    prompt = [5, 17, 33, 2, 90, 41, 7]  # 7 tokens: the last block (of 4) is partial
+    outs = {}
+    for tp in (1, 2):
+        with LLM(
+            str(checkpoints["qwen3_moe"]), device="cpu", dtype="float64", tp_size=tp, ep_size=tp,
+            progress=False, num_kv_blocks=32, block_size=4,
+        ) as llm:  # fmt: skip
+            outs[tp] = [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
+    assert outs[1] == outs[2]

@@ -14,12 +14,13 @@ class OutOfBlocksError(RuntimeError):
 
 
 class BlockAllocator:
-    """Hands out block ids in [0, num_blocks); a block is owned by at most one sequence at a time."""
+    """Hands out block ids in [0, num_blocks), reference counted: the completions of one prompt share its
+    full prompt blocks (which nobody writes again); a block is free once every holder has let it go."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -29,15 +30,26 @@ class BlockAllocator:
         if n > len(self._free):
             raise OutOfBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
         blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
+        self._refs.update(dict.fromkeys(blocks, 1))
+        return blocks
+
+    def share(self, blocks: Iterable[int]) -> list[int]:
+        """One more holder for each of these allocated blocks; returns them."""
+        blocks = list(blocks)
+        for b in blocks:
+            if b not in self._refs:
+                raise AssertionError(f"KV block {b} shared while free")
+            self._refs[b] += 1
         return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
         for b in blocks:
-            if b not in self._used:
+            if b not in self._refs:
                 raise AssertionError(f"KV block {b} freed twice or never allocated")
-            self._used.remove(b)
-            self._free.append(b)
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                del self._refs[b]
+                self._free.append(b)
 
 
 class KVCache:
@@ -59,6 +71,12 @@ class KVCache:
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s keys and values, in every layer, into block `dst`."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
 
     @staticmethod
     def bytes_per_block(

@@ -365,8 +365,9 @@ class Engine:
                 return
             if kind == "submit":
                 self._requests[item.request_id] = item
-                for seq in item.seqs:
-                    self.scheduler.add(seq)
+                # Completion 0 computes the prompt; the others start from its cached blocks (_fork).
+                first, *item.forks = item.seqs
+                self.scheduler.add(first)
             elif kind == "abort" and item in self._requests:
                 self._abort(self._requests[item])
             elif kind == "pin" and self.loras is not None:
@@ -435,9 +436,43 @@ class Engine:
             )
             for s in seqs
         ]
-        for seq, sampled in zip(seqs, sample(logits, inputs), strict=True):
+        for i, (seq, sampled) in enumerate(zip(seqs, sample(logits, inputs), strict=True)):
             seq.num_cached = len(seq.token_ids)
+            if seq.request.forks and seq.index == 0:  # its prompt was computed in this step
+                self._fork(seq, logits[i])
             self._append(seq, sampled)
+
+    def _fork(self, first: Sequence, logits: torch.Tensor) -> None:
+        """Start completions 1..n-1 from completion 0's freshly computed prompt: they share its full prompt
+        blocks, get a copy of the last partial one, and draw their first token from the same logits. One
+        that finds no room (sequence slots, a free block) waits and computes the prompt itself."""
+        request, n = first.request, first.num_prompt
+        forks, request.forks = request.forks, []
+        full, partial = divmod(n, self.cache.block_size)
+        for seq in forks:
+            if seq.status is Status.FINISHED:
+                continue
+            room = len(self.scheduler.running) < self.scheduler.max_num_seqs
+            if not room or self.allocator.num_free < int(partial > 0):
+                self.scheduler.add(seq)
+                continue
+            blocks = self.allocator.share(first.blocks[:full])
+            if partial:
+                (copy,) = self.allocator.allocate(1)
+                self._copy_block(first.blocks[full], copy)
+                blocks.append(copy)
+            seq.blocks, seq.num_cached, seq.status = blocks, n, Status.RUNNING
+            self.scheduler.running.append(seq)
+            inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.generator or self.generator,
+                                    self.eos_token_ids)]  # fmt: skip
+            (sampled,) = sample(logits[None], inputs)
+            self._append(seq, sampled)
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        if self.workers is not None:
+            with self.workers.lock:
+                self.workers.send(("copy", src, dst))
+        self.cache.copy_block(src, dst)
 
     def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         n = seq.request.params.prompt_logprobs or 0

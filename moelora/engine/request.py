@@ -76,6 +76,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[Logprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    # Completions 1..n-1 before completion 0's prompt is in the cache: they then start from its blocks.
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

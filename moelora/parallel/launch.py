@@ -12,6 +12,7 @@ and then repeats, in order, every command rank 0 broadcasts:
                                                                every rank answers (all_gather) None or why
                                                                it could not, and then all clear the slot
     ("clear", slot)                                            zero an adapter slot
+    ("copy", src, dst)                                         copy a KV block (a prompt shared by n > 1)
     ("stop",)                                                  leave the loop and exit
 
 Only rank 0 samples, so slot assignment and every decision is made once, by the driver. A worker that
@@ -354,6 +355,8 @@ class Worker:
                 self.pool.clear(slot)
         elif kind == "clear":
             self.pool.clear(args[0])
+        elif kind == "copy":
+            self.runner.cache.copy_block(*args)
         else:
             raise ValueError(f"unknown worker command {kind!r}")
         return True
