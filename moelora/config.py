@@ -59,6 +59,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = option(
         None, "most tokens in one step (prefill chunks are whole prompts); default max(8192, max_model_len)"
     )
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"
+    )
     cuda_graphs: bool = option(
         True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16 with one rank)"
     )

@@ -15,6 +15,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
+def adapters_llm(tmp_path_factory):
+    from moelora.demo import demo_adapter_paths
+
+    adapters = demo_adapter_paths(tmp_path_factory.mktemp("demo-adapters"))
+    with LLM("demo", device="cpu", progress=False, block_size=4, lora_modules=adapters) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
 def llm():
     with LLM("demo", device="cpu", progress=False, num_kv_blocks=256, block_size=4) as instance:
         yield instance
@@ -264,3 +273,79 @@ def test_n_completions_survive_preemption():
         assert [c.token_ids for c in out[0].outputs] == expected
         assert small.engine.num_preemptions > 0
         wait_idle(small)
+
+
+def fed_tokens(llm: LLM) -> list[int]:
+    """Tokens run through the model per step, recorded from now until the list is dropped."""
+    fed: list[int] = []
+    runner = llm.engine.runner
+    original = type(runner).execute
+
+    def counting(step):
+        fed.append(len(step.ids))
+        return original(runner, step)
+
+    runner.execute = counting
+    return fed
+
+
+def test_prefix_cache_reuses_a_prompt_per_adapter(adapters_llm: LLM):
+    llm = adapters_llm
+    prompt = "The kettle clicked off just as the rain began to fall on the roof"
+    size = len(llm.encode(prompt))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    first = llm.generate(prompt, params)[0]
+    hits = llm.engine.allocator.hits
+    fed = fed_tokens(llm)
+    try:
+        again = llm.generate(prompt, params)[0]
+        cached = (size - 1) // 4 * 4  # whole blocks only, and the last prompt token is always computed
+        assert fed[0] == size - cached and llm.engine.allocator.hits == hits + cached // 4
+        assert again.token_ids == first.token_ids
+        for a, b in zip(again.logprobs, first.logprobs, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+        fed.clear()
+        llm.generate(prompt, params, lora="expert-r8")  # same tokens, other adapter: other keys and values
+        assert fed[0] == size
+        fed.clear()
+        with_prompt_logprobs = llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+        assert fed[0] == size and len(with_prompt_logprobs.prompt_logprobs) == size  # needs every position
+    finally:
+        del llm.engine.runner.execute
+
+
+def test_evicted_prefix_blocks_are_never_read_stale():
+    """A 12-block cache: other prompts take A's cached blocks for their own; A then computes afresh."""
+    a = "The kettle clicked off just as the rain began"
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM("demo", device="cpu", progress=False, num_kv_blocks=12, block_size=4) as llm:
+        expected = llm.generate(a, params)[0].token_ids
+        for p in PROMPTS * 2:
+            llm.generate(p + " and then some more words to fill blocks", params)
+        hits = llm.engine.allocator.hits
+        assert llm.generate(a, params)[0].token_ids == expected
+        assert llm.engine.allocator.hits == hits  # A's blocks were all taken: nothing to reuse
+        assert llm.generate(a, params)[0].token_ids == expected and llm.engine.allocator.hits > hits
+        wait_idle(llm)
+
+
+def test_a_reused_block_orphans_the_cached_blocks_after_it():
+    """Block keys name the previous block by id and generation: once block 0 is evicted and holds other
+    tokens, the cached block that followed its old content never matches again."""
+    from moelora.cache.kv_cache import BlockAllocator
+
+    alloc = BlockAllocator(2)
+    b0, b1 = alloc.allocate(2)
+    alloc.register(b0, (-1, 0, (1, 2), 0))
+    alloc.register(b1, (b0, alloc.generation[b0], (3, 4), 0))
+    alloc.free([b0, b1])
+    assert (
+        alloc.lookup((-1, 0, (1, 2), 0)) == b0 and alloc.lookup((b0, alloc.generation[b0], (3, 4), 0)) == b1
+    )
+    alloc.free([b0, b1])
+    (reused,) = alloc.allocate(1)  # least recently freed first: b0, now for other tokens
+    assert reused == b0
+    alloc.register(b0, (-1, 0, (9, 9), 0))
+    assert alloc.lookup((-1, 0, (1, 2), 0)) is None
+    assert alloc.lookup((-1, 0, (9, 9), 0)) == b0
+    assert alloc.lookup((b0, alloc.generation[b0], (3, 4), 0)) is None  # b1 still cached, but orphaned

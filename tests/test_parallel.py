@@ -309,7 +309,8 @@ def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
 
 
 def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
-    """The copy of a shared prompt's partial block is repeated on the workers: same completions."""
+    """The copy of a shared prompt's partial block is repeated on the workers, and a prompt's cached
+    prefix blocks are reused on every rank: the same completions as one process."""
     params = SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=6, ignore_eos=True)
     prompt = [5, 17, 33, 2, 90, 41, 7]  # 7 tokens: the last block (of 4) is partial
     outs = {}
@@ -319,4 +320,7 @@ def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
             progress=False, num_kv_blocks=32, block_size=4,
         ) as llm:  # fmt: skip
             outs[tp] = [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
+            hits = llm.engine.allocator.hits
+            again = [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
+            assert llm.engine.allocator.hits > hits and again == outs[tp]
     assert outs[1] == outs[2]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -13,14 +13,29 @@ class OutOfBlocksError(RuntimeError):
     """The allocator has fewer free blocks than asked for (the scheduler checks first; this is a bug)."""
 
 
+# A full block's identity in the prefix cache: (previous block id, its generation, the block's tokens,
+# adapter uid). Blocks are named by id and generation, so a key is exact and hashes in O(block size): a
+# block that is evicted and reused gets a new generation, and no key naming its old content matches again.
+BlockKey = tuple[int, int, tuple[int, ...], int]
+
+
 class BlockAllocator:
     """Hands out block ids in [0, num_blocks), reference counted: the completions of one prompt share its
-    full prompt blocks (which nobody writes again); a block is free once every holder has let it go."""
+    full prompt blocks (which nobody writes again); a block is free once every holder has let it go.
+
+    Prefix cache: a full block whose keys and values are computed can be registered under its BlockKey.
+    It stays cached while free, until allocate() hands it out again (least recently freed first), so a
+    later prompt with the same prefix (and adapter) reuses it instead of computing it again.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs: dict[int, int] = {}
+        self._cached: dict[BlockKey, int] = {}
+        self._key_of: dict[int, BlockKey] = {}
+        self.generation = [0] * num_blocks
+        self.hits = 0  # blocks reused from the prefix cache
 
     @property
     def num_free(self) -> int:
@@ -29,9 +44,36 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
+        for b in blocks:
+            key = self._key_of.pop(b, None)
+            if key is not None:  # evict its cached content
+                del self._cached[key]
+                self.generation[b] += 1
         self._refs.update(dict.fromkeys(blocks, 1))
         return blocks
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """Cache an allocated, full, computed block under `key` (kept if another block already is)."""
+        if key not in self._cached and block not in self._key_of:
+            self._cached[key] = block
+            self._key_of[block] = key
+
+    def key_of(self, block: int) -> BlockKey | None:
+        return self._key_of.get(block)
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The cached block with this key, now held once more (taken off the free list if free)."""
+        block = self._cached.get(key)
+        if block is None:
+            return None
+        if block in self._free:
+            del self._free[block]
+            self._refs[block] = 1
+        else:
+            self._refs[block] += 1
+        self.hits += 1
+        return block
 
     def share(self, blocks: Iterable[int]) -> list[int]:
         """One more holder for each of these allocated blocks; returns them."""
@@ -49,7 +91,7 @@ class BlockAllocator:
             self._refs[b] -= 1
             if self._refs[b] == 0:
                 del self._refs[b]
-                self._free.append(b)
+                self._free[b] = None
 
 
 class KVCache:

@@ -135,7 +135,9 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
-        self.scheduler = Scheduler(self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits)
+        self.scheduler = Scheduler(
+            self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits, a.enable_prefix_caching
+        )
         graphs = None
         if use_graphs:
             max_blocks = -(-self.max_model_len // a.block_size)
@@ -438,6 +440,7 @@ class Engine:
         ]
         for i, (seq, sampled) in enumerate(zip(seqs, sample(logits, inputs), strict=True)):
             seq.num_cached = len(seq.token_ids)
+            self.scheduler.cache_blocks(seq)
             if seq.request.forks and seq.index == 0:  # its prompt was computed in this step
                 self._fork(seq, logits[i])
             self._append(seq, sampled)
@@ -462,6 +465,7 @@ class Engine:
                 self._copy_block(first.blocks[full], copy)
                 blocks.append(copy)
             seq.blocks, seq.num_cached, seq.status = blocks, n, Status.RUNNING
+            seq.num_registered = full
             self.scheduler.running.append(seq)
             inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.generator or self.generator,
                                     self.eos_token_ids)]  # fmt: skip

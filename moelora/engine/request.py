@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # leading tokens whose keys/values are in the cache
+    num_registered: int = 0  # leading blocks offered to the prefix cache
     status: Status = Status.WAITING
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None

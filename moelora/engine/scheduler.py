@@ -14,7 +14,7 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Any
 
-from moelora.cache.kv_cache import BlockAllocator, blocks_for
+from moelora.cache.kv_cache import BlockAllocator, BlockKey, blocks_for
 from moelora.engine.request import Sequence, Status
 
 
@@ -39,8 +39,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         adapters_fit: Callable[[Set[Any]], bool] = lambda adapters: True,
+        prefix_caching: bool = False,
     ) -> None:
         self.allocator, self.block_size = allocator, block_size
+        self.prefix_caching = prefix_caching
         self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -81,7 +83,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
-        seq.blocks, seq.num_cached, seq.status = [], 0, Status.WAITING
+        seq.blocks, seq.num_cached, seq.num_registered, seq.status = [], 0, 0, Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         # Back to the head of the queue, oldest first, so it resumes before newer requests start.
@@ -103,16 +105,49 @@ class Scheduler:
                     break
                 continue
             tokens = len(seq.token_ids)
-            need = blocks_for(tokens, self.block_size)
-            if need > self.allocator.num_free or (tokens > budget and self.running):
+            cached = self._claim_prefix(seq)
+            compute = tokens - len(cached) * self.block_size
+            need = blocks_for(tokens, self.block_size) - len(cached)
+            if need > self.allocator.num_free or (compute > budget and self.running):
+                self.allocator.free(cached)
                 break
             self.waiting.remove(seq)
-            seq.blocks = self.allocator.allocate(need)
-            seq.num_cached, seq.status, seq.skips = 0, Status.RUNNING, 0
+            seq.blocks = cached + self.allocator.allocate(need)
+            seq.num_cached, seq.num_registered = len(cached) * self.block_size, len(cached)
+            seq.status, seq.skips = Status.RUNNING, 0
             self.running.append(seq)
-            budget -= tokens
+            budget -= compute
             if entry is not None:
                 adapters.add(entry)
+
+    def _key(self, seq: Sequence, j: int, parent: int) -> BlockKey:
+        """The prefix-cache key of block j of `seq`, whose block j-1 is `parent` (-1 for j = 0)."""
+        bs, entry = self.block_size, seq.request.lora_entry
+        generation = self.allocator.generation[parent] if parent >= 0 else 0
+        return parent, generation, tuple(seq.token_ids[j * bs : (j + 1) * bs]), entry.uid if entry else 0
+
+    def _claim_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks of seq's longest cached prefix, held for it; at least one token is left to
+        compute (its logits are needed). None for a sequence that wants prompt log-probs (it needs the
+        logits of every prompt position)."""
+        if not self.prefix_caching or seq.wants_prompt_logprobs:
+            return []
+        blocks: list[int] = []
+        for j in range((len(seq.token_ids) - 1) // self.block_size):
+            block = self.allocator.lookup(self._key(seq, j, blocks[-1] if blocks else -1))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Offer seq's blocks that became full and computed to the prefix cache."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_cached // self.block_size
+        for j in range(seq.num_registered, full):
+            self.allocator.register(seq.blocks[j], self._key(seq, j, seq.blocks[j - 1] if j else -1))
+        seq.num_registered = max(seq.num_registered, full)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""

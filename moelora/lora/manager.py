@@ -7,6 +7,7 @@ and a new adapter loaded under the same name is a different entry (never mixed w
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from moelora.cache.lora_pool import LoraPool
 from moelora.lora.adapter import AdapterError, LoraAdapter
+
+_UIDS = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -28,6 +31,7 @@ class AdapterEntry:
     slot: int | None = None
     users: int = 0  # requests (waiting or running) that use this entry
     unloaded: bool = False
+    uid: int = field(default_factory=lambda: next(_UIDS))  # never reused: names its cached KV blocks
 
 
 @dataclass(frozen=True)
