@@ -290,6 +290,12 @@ def test_metrics_count_requests_tokens_and_latencies(client, server):
     assert after["moelora_lora_slots_total"] == 4
     for name in ("moelora_requests_waiting", "moelora_lora_evictions_total"):
         assert name in after
+    # The same long prompt again on the same adapter reuses its cached KV blocks.
+    prompt = "The kettle clicked off just as the rain began to fall on the roof of the house"
+    complete(client, model="partial-r4", max_tokens=2, prompt=prompt)
+    hits = server.metrics()["moelora_prefix_cache_hits_total"]
+    complete(client, model="partial-r4", max_tokens=2, prompt=prompt)
+    assert server.metrics()["moelora_prefix_cache_hits_total"] > hits
 
 
 def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(client, server):

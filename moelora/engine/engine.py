@@ -275,6 +275,7 @@ class Engine:
             kv_blocks_total=self.allocator.num_blocks,
             lora_slots_used=loras.slots_in_use if loras is not None else 0,
             lora_slots_total=loras.num_slots if loras is not None else 0,
+            prefix_cache_hits=self.allocator.hits,
         )
 
     def stream(self, request_id: str) -> RequestStream:

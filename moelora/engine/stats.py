@@ -17,3 +17,4 @@ class EngineLoad:
     kv_blocks_total: int
     lora_slots_used: int  # device adapter slots holding an adapter
     lora_slots_total: int  # 0 when adapters are off
+    prefix_cache_hits: int = 0  # KV blocks reused from the prefix cache since start

@@ -39,6 +39,9 @@ class _EngineCollector(Collector):
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "moelora_prefix_cache_hits", "KV blocks reused from the prefix cache", load.prefix_cache_hits
+        )
         loras = self.engine.loras
         if loras is None:
             return
