@@ -229,6 +229,20 @@ def test_a_worker_that_finds_changed_adapter_files_fails_only_that_adapter(
         assert [i.name for i in llm.list_loras()] == ["r8"]
 
 
+def exits_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` exits (or is a zombie: exited, not yet reaped) in time; killed if not."""
+    status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in status.read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
 def test_workers_exit_when_the_driver_is_killed(checkpoints, tmp_path: Path):
     """A driver that dies without shutting down (SIGKILL) leaves no worker behind."""
     import subprocess
@@ -250,17 +264,7 @@ def test_workers_exit_when_the_driver_is_killed(checkpoints, tmp_path: Path):
         worker_pid = int(driver.stdout.readline())
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        status = Path(f"/proc/{worker_pid}/status")
-        while time.monotonic() < deadline:
-            try:
-                if "State:\tZ" in status.read_text():  # exited, not yet reaped by its new parent
-                    return
-            except FileNotFoundError:
-                return
-            time.sleep(0.2)
-        os.kill(worker_pid, signal.SIGKILL)
-        raise AssertionError("the worker outlived its driver")
+        assert exits_within(worker_pid, 15), "the worker outlived its driver"
     finally:
         driver.kill()
 
@@ -293,17 +297,7 @@ def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
         assert proc.stdout.readline().strip() == "armed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        status = Path(f"/proc/{child_pid}/status")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if "State:\tZ" in status.read_text():
-                    return
-            except FileNotFoundError:
-                return
-            time.sleep(0.2)
-        os.kill(child_pid, signal.SIGKILL)
-        raise AssertionError("the orphan kept running")
+        assert exits_within(child_pid, 10), "the orphan kept running"
     finally:
         proc.kill()
 
