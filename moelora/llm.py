@@ -113,14 +113,14 @@ class LLM:
             self.model = self._start_parallel(dtype, device, seed, progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
-        start_adapters = {
-            name: read_adapter(name, path, self.model.cfg, self.model.family, max_lora_rank)
-            for name, path in (lora_modules or {}).items()
-        }
-        lora_rank = None
-        if start_adapters or enable_lora or max_lora_rank is not None:
-            lora_rank = max_lora_rank or max((a.rank for a in start_adapters.values()), default=16)
-        try:
+        try:  # from here on a failure must not leave worker processes or the engine thread behind
+            start_adapters = {
+                name: read_adapter(name, path, self.model.cfg, self.model.family, max_lora_rank)
+                for name, path in (lora_modules or {}).items()
+            }
+            lora_rank = None
+            if start_adapters or enable_lora or max_lora_rank is not None:
+                lora_rank = max_lora_rank or max((a.rank for a in start_adapters.values()), default=16)
             self.engine = Engine(
                 self.model,
                 self.tokenizer,
@@ -131,13 +131,12 @@ class LLM:
                 lora_args=self.lora_args,
                 workers=self.workers,
             )
+            for name, adapter in start_adapters.items():
+                assert self.engine.loras is not None
+                self.engine.loras.register(name, Path(adapter.path), adapter, pinned=False)
         except BaseException:
-            if self.workers is not None:
-                self.workers.shutdown()
+            self.shutdown()
             raise
-        for name, adapter in start_adapters.items():
-            assert self.engine.loras is not None
-            self.engine.loras.register(name, Path(adapter.path), adapter, pinned=False)
 
     def _start_parallel(self, dtype: str | torch.dtype, device: str, seed: int, progress: bool) -> Any:
         """Check the layout, start the worker processes, load rank 0's share; the workers load theirs."""

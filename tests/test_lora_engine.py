@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_mixed_batch_matches_single_runs(adapters, reference):
         assert [o.lora for o in outs] == [n for n, _ in pairs]
 
 
-def lru_loads(history: list[tuple[str, ...]], slots: int) -> int:
+def lru_loads(history: Iterable[tuple[str, ...]], slots: int) -> int:
     """Slot loads an LRU policy makes for this sequence of batches (the spec the manager follows)."""
     resident: OrderedDict[str, None] = OrderedDict()
     loads = 0

@@ -318,3 +318,24 @@ def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
             again = [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
             assert llm.engine.allocator.hits > hits and again == outs[tp]
     assert outs[1] == outs[2]
+
+
+def test_a_refused_start_adapter_leaves_no_worker_behind(checkpoints, tmp_path: Path, one_thread):
+    from moelora.lora.adapter import AdapterError
+
+    def my_workers() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"moelora.parallel.worker" in (proc / "cmdline").read_bytes():
+                    stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(stat[1]) == os.getpid() and stat[0] != "Z":
+                        found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    with pytest.raises(AdapterError, match="adapter 'bad'"):
+        LLM(str(checkpoints["mixtral"]), device="cpu", tp_size=2, progress=False,
+            lora_modules={"bad": str(tmp_path / "missing")})  # fmt: skip
+    assert my_workers() == []

@@ -8,6 +8,7 @@ buffer is sharded like the base weight it modifies, and the expert buffers hold 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,16 @@ def _targets(model: MoeForCausalLM) -> Iterator[_Target | tuple[int, FusedMoE]]:
             yield i, layer.mlp.experts
 
 
+def _shapes(t: _Target | tuple[int, FusedMoE], s: int, r: int) -> list[tuple[int, ...]]:
+    """The buffer shapes of one target for s slots of rank r: (a, b) of a linear layer, or the experts'
+    (a_gu, b_gu, a_dn, b_dn), in the op contract's layout."""
+    if isinstance(t, _Target):
+        out, inp = t.module.weight.shape
+        return [(s, len(t.names), r, inp), (s, out, r)]
+    e_loc, h, i_loc = t[1].w_down.shape
+    return [(s, e_loc, 2, r, h), (s, e_loc, 2, i_loc, r), (s, e_loc, r, i_loc), (s, e_loc, h, r)]
+
+
 class LoraPool:
     """Allocates every layer's adapter buffers once and attaches them to the layers."""
 
@@ -63,26 +74,17 @@ class LoraPool:
         self.dtype, self.device = param.dtype, param.device
         self._linears: list[_Target] = []
         self._experts: list[tuple[int, FusedMoE]] = []
-        s, r = num_slots, max_rank
-        new = self._zeros
         for t in _targets(model):
+            buffers = [
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for shape in _shapes(t, num_slots, max_rank)
+            ]
             if isinstance(t, _Target):
-                w = t.module.weight
-                t.module.lora = LinearLora(new(s, len(t.names), r, w.shape[1]), new(s, w.shape[0], r))
+                t.module.lora = LinearLora(*buffers)
                 self._linears.append(t)
             else:
-                _, moe = t
-                e_loc, i_loc, h = moe.w_down.shape[0], moe.w_down.shape[2], moe.w_down.shape[1]
-                moe.lora = ExpertLora(
-                    new(s, e_loc, 2, r, h),
-                    new(s, e_loc, 2, i_loc, r),
-                    new(s, e_loc, r, i_loc),
-                    new(s, e_loc, h, r),
-                )
+                t[1].lora = ExpertLora(*buffers)
                 self._experts.append(t)
-
-    def _zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def buffers(self) -> Iterator[torch.Tensor]:
         for t in self._linears:
@@ -101,15 +103,8 @@ class LoraPool:
     def estimate_bytes(model: MoeForCausalLM, num_slots: int, max_rank: int) -> int:
         """The bytes a pool for `model` would take, computed without allocating it."""
         itemsize = next(model.parameters()).element_size()
-        total = 0
-        for t in _targets(model):
-            if isinstance(t, _Target):
-                out, inp = t.module.weight.shape
-                total += num_slots * max_rank * (len(t.names) * inp + out)
-            else:
-                e_loc, h, i_loc = t[1].w_down.shape
-                total += num_slots * e_loc * max_rank * (2 * h + 2 * i_loc + i_loc + h)
-        return total * itemsize
+        shapes = (shape for t in _targets(model) for shape in _shapes(t, num_slots, max_rank))
+        return itemsize * sum(math.prod(shape) for shape in shapes)
 
     def clear(self, slot: int) -> None:
         if self.mirror is not None:

@@ -392,10 +392,16 @@ class Engine:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq)
         request.stream.put(error)
+        self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        """Forget a request that has ended; free its adapter once an unloaded adapter has no user left."""
         self._requests.pop(request.request_id, None)
-        if request.lora_entry is not None and self.loras is not None:
-            self.loras.release(request.lora_entry)
-            self.loras.collect()
+        entry = request.lora_entry
+        if entry is not None and self.loras is not None:
+            self.loras.release(entry)
+            if entry.unloaded:
+                self.loras.collect()
 
     def _abort(self, request: Request) -> None:
         for seq in request.seqs:
@@ -420,10 +426,11 @@ class Engine:
             seqs = [s for s in seqs if s.request.lora_entry not in failed]
             if not seqs:
                 return
+        step = step_input(seqs, self.cache.block_size)
         if self.workers is None:
-            logits, prompt_logits = self.runner.run(seqs)
+            logits, prompt_logits = self.runner.execute(step)
         else:
-            workers, step = self.workers, step_input(seqs, self.cache.block_size)
+            workers = self.workers
             with workers.lock:
                 workers.send(("step", step))
                 logits, prompt_logits = workers.checked(lambda: self.runner.execute(step))
@@ -454,8 +461,6 @@ class Engine:
         forks, request.forks = request.forks, []
         full, partial = divmod(n, self.cache.block_size)
         for seq in forks:
-            if seq.status is Status.FINISHED:
-                continue
             room = len(self.scheduler.running) < self.scheduler.max_num_seqs
             if not room or self.allocator.num_free < int(partial > 0):
                 self.scheduler.add(seq)
@@ -544,8 +549,4 @@ class Engine:
         )
         request.stream.put(delta)
         if done:
-            self._requests.pop(request.request_id, None)
-            if request.lora_entry is not None and self.loras is not None:
-                self.loras.release(request.lora_entry)
-                if request.lora_entry.unloaded:
-                    self.loras.collect()
+            self._retire(request)

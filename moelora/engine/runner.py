@@ -118,7 +118,3 @@ class ModelRunner:
             i: self.model.compute_logits(hidden[starts[i] : starts[i] + n]) for i, n in step.prompt_logits
         }
         return logits, prompt_logits
-
-    def run(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Build the step of the scheduled sequences and execute it on this rank."""
-        return self.execute(step_input(seqs, self.cache.block_size))

@@ -128,7 +128,7 @@ class Scheduler:
 
     def _claim_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks of seq's longest cached prefix, held for it; at least one token is left to
-        compute (its logits are needed). None for a sequence that wants prompt log-probs (it needs the
+        compute (its logits are needed). Nothing for a sequence that wants prompt log-probs (it needs the
         logits of every prompt position)."""
         if not self.prefix_caching or seq.wants_prompt_logprobs:
             return []

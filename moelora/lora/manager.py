@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ from moelora.cache.lora_pool import LoraPool
 from moelora.lora.adapter import AdapterError, LoraAdapter
 
 _UIDS = itertools.count(1)
+_HISTORY_STEPS = 4096
 
 
 @dataclass(eq=False)
@@ -68,7 +69,8 @@ class LoraManager:
         self._lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # slot holders, least recent first
         self._cpu_lru: OrderedDict[AdapterEntry, None] = OrderedDict()  # CPU copies, least recent first
         self.stats = LoraStats()
-        self.history: list[tuple[str, ...]] = []  # adapters of each step's batch, in the order acquired
+        # Adapters of each recent step's batch, in the order acquired (bounded: it grows every step).
+        self.history: deque[tuple[str, ...]] = deque(maxlen=_HISTORY_STEPS)
 
     # ---------------------------------------------------------------- any thread
 

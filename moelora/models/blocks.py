@@ -60,9 +60,8 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x, batch.token_slot).split(
-            self.qkv.out_sizes, dim=-1
-        )  # [T, Hq_loc * D], [T, Hkv_loc * D] x2
+        # [T, Hq_loc * D], [T, Hkv_loc * D] x2
+        q, k, v = self.qkv(x, batch.token_slot).split(self.qkv.out_sizes, dim=-1)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)

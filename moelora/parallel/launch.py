@@ -172,14 +172,15 @@ class WorkerGroup:
             self._wait_for("ready")
 
     def _dead(self) -> str | None:
-        """A message naming the first worker that has exited or reported an error, else None."""
+        """A message naming the first worker that has exited (with the reason it reported, if any), else
+        None. Cheap when all are alive (one waitpid each): it runs before every command."""
         for rank, proc in enumerate(self._procs, start=1):
-            failed = self._store is not None and self._store.check([f"error/{rank}"])
-            if proc.poll() is not None or failed:
-                detail = self._store.get(f"error/{rank}").decode() if failed else "see its output above"
-                code = proc.poll()
-                how = f"exited with code {code}" if code is not None else "failed"
-                return f"worker rank {rank} {how}: {detail}"
+            code = proc.poll()
+            if code is not None:
+                key = f"error/{rank}"
+                reported = self._store is not None and self._store.check([key])
+                detail = self._store.get(key).decode() if reported else "see its output above"
+                return f"worker rank {rank} exited with code {code}: {detail}"
         return None
 
     def send(self, command: tuple[Any, ...]) -> None:
