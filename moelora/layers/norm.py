@@ -1,10 +1,11 @@
-"""RMSNorm, computed in fp32 and cast back before the weight, as Hugging Face does."""
+"""RMSNorm (the math in `ops.rms_norm`: fp32, cast back before the weight, as Hugging Face does)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from moelora import ops
 from moelora.loader.spec import WeightSpec, sharded, whole
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
@@ -20,9 +21,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and the norm in one op."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
     def weight_specs(self, key: str) -> list[WeightSpec]:
         return [whole(self.weight, key)]

@@ -9,7 +9,8 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """q, k [T, heads, D] -> rotated by angle positions[t] * inv_freq (inv_freq [D/2], from the config)."""
+    """cos, sin of the angles positions[t] * inv_freq (inv_freq [D/2], from the config), which
+    `ops.rotary` applies to q and k."""
 
     def __init__(self, inv_freq: Sequence[float], attention_scaling: float) -> None:
         super().__init__()
@@ -22,9 +23,3 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -11,7 +11,6 @@ from moelora.batch import ForwardBatch
 from moelora.layers.linear import ColumnLinear, OutPart, RowLinear, split_part, whole_part
 from moelora.layers.moe import ExpertNames, FusedMoE, route
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
-from moelora.layers.rotary import RotaryEmbedding
 from moelora.loader.spec import WeightSpec
 from moelora.models.config import ModelConfig
 from moelora.parallel import comm
@@ -70,9 +69,11 @@ class SelfAttention(nn.Module):
         t, d = x.shape[0], self.head_dim
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
         if self.qk_norm == "head":
-            assert self.q_norm is not None and self.k_norm is not None
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+            assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
+            qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin)
+        else:
+            q, k = ops.rotary(q, k, cos, sin)
         if batch.kv is None:
             o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
         else:

@@ -19,7 +19,11 @@ from moelora.parallel.state import ParallelState
 
 
 class DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(.)) where mlp is a dense MLP or a sparse MoE block."""
+    """x + attn(norm(x)), then + mlp(norm(.)) where mlp is a dense MLP or a sparse MoE block.
+
+    The residual stream is carried as (x, residual) with hidden state x + residual, so that every
+    residual add runs inside the norm that follows it (the next layer's, or the model's final norm).
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
@@ -33,10 +37,20 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseBlock(cfg.hidden_size, cfg.dense_intermediate_size, ps, dtype)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.token_slot)
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (MLP output, residual before the MLP); residual None for the first layer."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, batch, cos, sin), residual)
+        return self.mlp(h, batch.token_slot), residual
 
     def weight_specs(self, prefix: str, family: Family) -> list[WeightSpec]:
         names = family.moe_prefixes if isinstance(self.mlp, SparseMoeBlock) else ("mlp",)
@@ -64,9 +78,10 @@ class MoeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        residual: torch.Tensor | None = None
         for layer in self.decoder_layers():
-            x = layer(x, batch, cos, sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch, cos, sin)
+        return self.norm(x) if residual is None else self.norm.add_norm(x, residual)[0]
 
     def decoder_layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.layers]

@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 from types import ModuleType
+from typing import overload
 
 import torch
 
@@ -21,6 +22,8 @@ from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
 from moelora.ops.torch import lora as _torch_lora
 from moelora.ops.torch import moe as _torch_moe
+from moelora.ops.torch import norm as _torch_norm
+from moelora.ops.torch import rotary as _torch_rotary
 
 _BACKEND = os.environ.get("MOELORA_BACKEND", "auto")
 if _BACKEND not in ("auto", "torch", "triton"):
@@ -48,15 +51,15 @@ def _kernels(name: str, t: torch.Tensor) -> ModuleType | None:
 def graph_safe(t: torch.Tensor) -> bool:
     """Whether every op on tensors like `t` runs a kernel that is CUDA-graph safe (the Triton ones: on
     CUDA, in fp16/bf16, with Triton importable and not forced off)."""
-    return _kernels("moe", t) is not None and _attention_kernels(t, t) is not None
+    return _kernels("moe", t) is not None and _half_kernels("attention", t) is not None
 
 
-def _attention_kernels(q: torch.Tensor, kv: torch.Tensor) -> ModuleType | None:
-    """Triton attention for fp16/bf16 CUDA tensors with the cache in q's dtype. fp32 stays on the twin
-    (the kernels' fp32 path is checked only in the interpreter) unless MOELORA_BACKEND=triton."""
-    mod = _kernels("attention", q)
+def _half_kernels(name: str, t: torch.Tensor, *others: torch.Tensor) -> ModuleType | None:
+    """Triton `name` for fp16/bf16 CUDA tensors, `others` in t's dtype. fp32 stays on the twin (the
+    kernels' fp32 path is checked only in the interpreter) unless MOELORA_BACKEND=triton."""
+    mod = _kernels(name, t)
     # (bf16 or fp16; note `torch` in this module is the moelora.ops.torch package once it is imported)
-    half = q.element_size() == 2 and kv.dtype == q.dtype
+    half = t.element_size() == 2 and all(o.dtype == t.dtype for o in others)
     if mod is not None and _BACKEND == "auto" and not half:
         return None
     return mod
@@ -93,7 +96,7 @@ def prefill_attention(
     window: int | None,
 ) -> torch.Tensor:
     """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`."""
-    mod = _attention_kernels(q, k)
+    mod = _half_kernels("attention", q, k)
     impl = mod.prefill_attention if mod is not None else _torch_attention.prefill_attention
     return impl(q, k, v, seq_lens, scale, window)
 
@@ -102,7 +105,52 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store new keys/values in the paged cache; see `moelora.ops.torch.attention.write_kv`."""
-    _torch_attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    mod = _half_kernels("kv_write", k, k_cache)
+    impl = mod.write_kv if mod is not None else _torch_attention.write_kv
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+
+
+@overload
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm, after the residual add when given; see `moelora.ops.torch.norm.rms_norm`."""
+    mod = _half_kernels("norm", x)
+    impl = mod.rms_norm if mod is not None else _torch_norm.rms_norm
+    return impl(x, weight, eps, residual)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k; see `moelora.ops.torch.rotary.rotary`."""
+    mod = _half_kernels("rotary", q, k, cos)
+    impl = mod.rotary if mod is not None else _torch_rotary.rotary
+    return impl(q, k, cos, sin)
+
+
+def qk_norm_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head q/k RMSNorm, then rotary embedding; see `moelora.ops.torch.rotary.qk_norm_rotary`."""
+    mod = _half_kernels("rotary", q, k, cos)
+    impl = mod.qk_norm_rotary if mod is not None else _torch_rotary.qk_norm_rotary
+    return impl(q, k, q_weight, k_weight, eps, cos, sin)
 
 
 def paged_attention(
@@ -120,7 +168,7 @@ def paged_attention(
 
     `kv_lens_dev`: kv_lens as an int32 tensor on q's device, built once per step, so that the GPU
     decode path needs no per-layer copy of the lengths (the twin does not need it)."""
-    mod = _attention_kernels(q, k_cache)
+    mod = _half_kernels("attention", q, k_cache)
     if mod is None:
         return _torch_attention.paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window

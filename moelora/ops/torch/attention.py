@@ -51,7 +51,10 @@ def write_kv(
     """Store this step's keys and values in the paged cache.
 
     k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64.
-    Semantics: cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t] (and v), for every token t.
+    Semantics: cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t] (and v, cast to the cache's dtype), for
+    every token t. Slots must lie in [0, num_blocks * block_size) (the engine pads with a block no
+    sequence owns, never -1): the Triton kernel writes nothing for a slot outside, this twin would index
+    with it.
     """
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
