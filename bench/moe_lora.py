@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from moelora import ops
+from moelora.ops.triton import moe as triton_moe
 from moelora.ops.triton import tiles
-from moelora.ops.triton.tiles import Tiles, moe_tiles
+from moelora.ops.triton.tiles import DecodeTiles, LoraTiles, Tiles, moe_tiles
 
 SHAPES = {  # name: (H, I, E, top-k)
     "qwen3": (2048, 768, 128, 8),
@@ -136,42 +137,142 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
 
 
 SWEEP = (
-    Tiles(16, 32, 128, 4, 3),
     Tiles(16, 64, 128, 4, 3),
     Tiles(32, 64, 64, 4, 3),
     Tiles(64, 64, 64, 4, 3),
-    Tiles(64, 128, 64, 8, 3),
-    Tiles(128, 64, 64, 8, 3),
-    Tiles(128, 128, 64, 8, 3),
-    Tiles(128, 64, 64, 8, 4),
+    Tiles(128, 128, 64, 8, 3, group_m=1 << 20),  # row blocks fastest: the order before grouping
+    Tiles(128, 128, 64, 8, 3, group_m=1),
+    Tiles(128, 128, 64, 8, 3, group_m=8),
+    Tiles(128, 128, 64, 8, 3, group_m=32),
+)
+DECODE_SWEEP = (
+    DecodeTiles(8, 256, 4),
+    DecodeTiles(8, 512, 4),
+    DecodeTiles(16, 128, 4),
+    DecodeTiles(16, 256, 4),
+    DecodeTiles(16, 256, 8),
+    DecodeTiles(32, 128, 4),
+)
+LORA_SWEEP = (
+    LoraTiles(16, 128, 256, 64, 4, 2),
+    LoraTiles(16, 128, 512, 64, 4, 2),
+    LoraTiles(16, 64, 128, 64, 4, 2),
+    LoraTiles(16, 256, 1 << 30, 64, 4, 3),
+    LoraTiles(32, 128, 512, 128, 4, 3),
+    LoraTiles(64, 128, 1 << 30, 128, 4, 3),
+    LoraTiles(64, 128, 512, 128, 4, 3),
 )
 
 
 def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
-    """Base MoE time per tile configuration (the table patched to one entry), to fill the tile table."""
+    """Base MoE and MoE-LoRA (4 adapters, rank 16) time per tile configuration (the tables patched to one
+    entry), to fill the tile tables: the grouped-GEMM table, or the decode tiles where M takes that path."""
+    hidden, inter, num_experts, k = SHAPES[name]
+    dt = dict(dtype=torch.bfloat16, device="cuda")
+    w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
+    w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
+    bufs = lora_buffers(4, num_experts, hidden, inter, 16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    saved = tiles._MOE_TABLE, tiles.DECODE_TILES
+    for m in ms:
+        x = torch.randn(m, hidden, **dt)
+        ids, weights = route(m, num_experts, k, gen)
+        slot = ((torch.arange(m, device="cuda") // 4) % 4).to(torch.int32)
+        flops = 2 * m * k * 3 * hidden * inter
+        decode = tiles.use_decode_path(m * k, num_experts, k)
+        if decode:  # the aligned path at the same M, for reference
+            triton_moe.use_decode_path = lambda *_: False
+            us = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), args.reps)
+            lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
+            aligned = moe_tiles(m * k, num_experts, lora=False)
+            lora_us = graph_time_us(lora_fn, args.reps)
+            print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | lora 4x16 {lora_us:.0f} |")
+            triton_moe.use_decode_path = tiles.use_decode_path
+        for t in DECODE_SWEEP if decode else SWEEP:
+            if isinstance(t, Tiles):
+                if t.block_m > 2 * m * k:
+                    continue
+                tiles._MOE_TABLE = ((float("inf"), t, t),)
+            else:
+                tiles.DECODE_TILES = t
+            label = f"| sweep | {name} | {m} | {t} |"
+            try:
+                reps = max(5, args.reps // 2)
+                us = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps)
+                lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
+                lora = graph_time_us(lora_fn, reps)
+                tflops = flops / us / 1e6
+                print(f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | lora 4x16 {lora:.0f} |", flush=True)
+            except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
+                print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
+        tiles._MOE_TABLE, tiles.DECODE_TILES = saved
+
+
+def sweep_dense(args: argparse.Namespace) -> None:
+    """Dense multi-LoRA (`add_lora`, q projection of Qwen3-30B-A3B: 2048 -> 4096) per tile configuration;
+    4 adapters of rank 16 and 16 of rank 64, a new adapter every 4 tokens up to 64 tokens, every 128 above."""
+    d_in, d_out = 2048, 4096
+    saved = tiles._LORA_TABLE
+    for num_tokens in (1, 16, 64, 2048, 8192):
+        x = torch.randn(num_tokens, d_in, dtype=torch.bfloat16, device="cuda")
+        y = torch.randn(num_tokens, d_out, dtype=torch.bfloat16, device="cuda")
+        seg = 4 if num_tokens <= 64 else 128
+        for s, r in ((4, 16), (16, 64)):
+            a = torch.randn(s, r, d_in, dtype=torch.bfloat16, device="cuda") * d_in**-0.5
+            b = torch.randn(s, d_out, r, dtype=torch.bfloat16, device="cuda") * r**-0.5
+            slot = ((torch.arange(num_tokens, device="cuda") // seg) % s).to(torch.int32)
+            floor = (num_tokens * (d_in + 2 * d_out) + s * r * (d_in + d_out)) * 2 / (args.tbps * 1e12) * 1e6
+            for t in LORA_SWEEP:
+                tiles._LORA_TABLE = ((float("inf"), t),)
+                label = f"| dense | {num_tokens} | {s}x{r} | {t} |"
+                try:
+                    us = graph_time_us(partial(ops.add_lora, y, x, a, b, slot), max(5, args.reps // 2))
+                    print(f"{label} {us:.1f} | floor {floor:.1f} |", flush=True)
+                except Exception as err:
+                    print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
+    tiles._LORA_TABLE = saved
+
+
+def profile(name: str, ms: list[int], loras: list[tuple[int, int]]) -> None:
+    """Per-kernel GPU time (us per call, eager) of the base MoE and the MoE-LoRA, to see where time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     hidden, inter, num_experts, k = SHAPES[name]
     dt = dict(dtype=torch.bfloat16, device="cuda")
     w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
     w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
     gen = torch.Generator(device="cuda").manual_seed(0)
-    saved = tiles._MOE_TABLE
+    calls = 10
     for m in ms:
         x = torch.randn(m, hidden, **dt)
         ids, weights = route(m, num_experts, k, gen)
-        flops = 2 * m * k * 3 * hidden * inter
-        for t in SWEEP:
-            if t.block_m > 2 * m * k:
-                continue
-            tiles._MOE_TABLE = ((float("inf"), t, t),)
-            label = f"| sweep | {name} | {m} | {t.block_m}x{t.block_n}x{t.block_k} w{t.warps} s{t.stages} |"
-            try:
-                us = graph_time_us(
-                    partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), max(5, args.reps // 2)
-                )
-                print(f"{label} {us:.0f} | {flops / us / 1e6:.0f} TFLOP/s |", flush=True)
-            except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
-                print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
-        tiles._MOE_TABLE = saved
+        fns = {"base": partial(ops.fused_moe, x, w_gu, w_dn, ids, weights)}
+        for s, r in loras:
+            slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
+            fns[f"lora {s}x{r}"] = partial(
+                ops.fused_moe_lora,
+                x,
+                w_gu,
+                w_dn,
+                ids,
+                weights,
+                slot,
+                *lora_buffers(s, num_experts, hidden, inter, r),
+            )
+        for label, fn in fns.items():
+            fn()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            times: dict[str, float] = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    times[ev.name[:60]] = times.get(ev.name[:60], 0.0) + ev.device_time / calls
+            body = "; ".join(f"{n} {t:.1f}" for n, t in sorted(times.items(), key=lambda kv: -kv[1]))
+            print(f"| profile | {name} | {m} | {label} | {sum(times.values()):.1f} us | {body} |", flush=True)
 
 
 def dense_tflops() -> float:
@@ -203,6 +304,7 @@ def main() -> None:
     p.add_argument("--tbps", type=float, default=3.0, help="bandwidth of the byte floors, TB/s")
     p.add_argument("--json", default="", help="append one JSON line per row to this file")
     p.add_argument("--sweep", default="", help="comma list of M: time the base MoE per tile config instead")
+    p.add_argument("--profile", action="store_true", help="per-kernel GPU times (eager) instead of rows")
     args = p.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
@@ -210,9 +312,14 @@ def main() -> None:
     card = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"# {card}; times in us, floors at {args.tbps} TB/s")
     print(f"# dense bf16 GEMM 8192^3: {dense_tflops():.0f} TFLOP/s", flush=True)
+    if args.profile:
+        for name in args.models.split(","):
+            profile(name, ms, loras)
+        return
     if args.sweep:
         for name in args.models.split(","):
             sweep(name, [int(v) for v in args.sweep.split(",")], args)
+        sweep_dense(args)
         return
     rows = []
     for name in args.models.split(","):

@@ -24,6 +24,7 @@ from moelora.ops.torch import moe as torch_moe  # noqa: E402
 from moelora.ops.triton import align as triton_align  # noqa: E402
 from moelora.ops.triton import lora as triton_lora  # noqa: E402
 from moelora.ops.triton import moe as triton_moe  # noqa: E402
+from moelora.ops.triton import tiles as tile_table  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -145,25 +146,38 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
 
 
+@pytest.fixture(params=["aligned", "decode"])
+def path(request, monkeypatch) -> str:
+    """Both MoE paths on every case: the aligned grouped GEMMs and the alignment-free decode GEMVs."""
+    monkeypatch.setattr(triton_moe, "use_decode_path", lambda *_: request.param == "decode")
+    return request.param
+
+
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_fused_moe_matches_twin(case):
+def test_fused_moe_matches_twin(case, path: str):
     check_fused_moe(case, seed=case[0])
 
 
 @pytest.mark.parametrize(
     ("case", "rank"), [(CPU_CASES[0], 4), (CPU_CASES[1], 8), (CPU_CASES[2], 16), (CPU_CASES[3], 4)]
 )
-def test_fused_moe_lora_matches_twin(case, rank: int):
+def test_fused_moe_lora_matches_twin(case, rank: int, path: str):
     check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
 
 
-def test_fused_moe_ids_all_elsewhere_give_zeros():
+def test_decode_path_is_taken_for_few_pairs():
+    """The choice itself: a decode step of a wide MoE skips the alignment, a prefill does not."""
+    assert triton_moe.use_decode_path(8, 128, 8) and triton_moe.use_decode_path(2, 8, 2)
+    assert not triton_moe.use_decode_path(64 * 8, 128, 8) and not triton_moe.use_decode_path(4, 8, 2)
+
+
+def test_fused_moe_ids_all_elsewhere_give_zeros(path: str):
     _, x, w_gu, w_dn, _, weights = moe_inputs(CPU_CASES[1], seed=3)
     ids = torch.tensor([-1, -7, 5, 8], dtype=torch.int32, device=DEV).repeat(x.shape[0], 1)[:, :3]
     assert torch.equal(triton_moe.fused_moe(x, w_gu, w_dn, ids, weights), torch.zeros_like(x))
 
 
-def test_fused_moe_lora_without_valid_slots_equals_base():
+def test_fused_moe_lora_without_valid_slots_equals_base(path: str):
     g, x, w_gu, w_dn, ids, weights = moe_inputs(CPU_CASES[1], seed=4)
     bufs = lora_buffers(g, 2, 5, 32, 80, 4, x.dtype)
     slot = pick(g, [-1, -3, 2, 9], x.shape[0])
@@ -191,10 +205,20 @@ def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtyp
     assert_close(got, ref, CPU_TOL[dtype])
 
 
+@pytest.fixture(params=["table", "split-k"])
+def lora_tiles(request, monkeypatch) -> str:
+    """The dense LoRA tile table as shipped, and one that splits the shrink's sum (in = 48: 32 + 16)."""
+    if request.param == "split-k":
+        monkeypatch.setattr(
+            tile_table, "_LORA_TABLE", ((float("inf"), tile_table.LoraTiles(16, 16, 32, 32, 4, 2)),)
+        )
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("num_tokens", "rank", "dtype"), [(1, 4, torch.float32), (37, 8, torch.float32), (70, 16, torch.float16)]
 )
-def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype):
+def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_tiles: str):
     check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens)
 
 
@@ -208,24 +232,24 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_fused_moe_gpu(case):
+def test_fused_moe_gpu(case, path: str):
     check_fused_moe(case, seed=case[0])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "rank"), [(c, r) for c in GPU_CASES for r in (16, 64)])
-def test_fused_moe_lora_gpu(case, rank: int):
+def test_fused_moe_lora_gpu(case, rank: int, path: str):
     check_fused_moe_lora(case, seed=case[0] + 7, num_slots=16, rank=rank)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 37, 1000])
-def test_add_lora_gpu(num_tokens: int):
+def test_add_lora_gpu(num_tokens: int, lora_tiles: str):
     check_add_lora(num_tokens, num_slots=8, rank=32, dtype=torch.bfloat16, seed=num_tokens)
 
 
 @pytest.mark.gpu
-def test_fused_moe_lora_cuda_graph_replay():
+def test_fused_moe_lora_cuda_graph_replay(path: str):
     case = GPU_CASES[1]
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
     bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)

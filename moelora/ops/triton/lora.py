@@ -6,7 +6,7 @@ import torch
 
 from moelora.ops.triton.lora_expand import lora_expand
 from moelora.ops.triton.lora_shrink import lora_shrink
-from moelora.ops.triton.tiles import lora_block_m
+from moelora.ops.triton.tiles import lora_tiles
 
 
 def add_lora(
@@ -26,7 +26,7 @@ def add_lora(
         )
     if num_tokens == 0:
         return
-    block_m = lora_block_m(num_tokens)
+    tiles = lora_tiles(num_tokens)
     slot = token_slot.contiguous()
-    xa = lora_shrink(x, a, slot, block_m)
-    lora_expand(y, xa, b, slot, block_m)
+    xa = lora_shrink(x, a, slot, tiles)
+    lora_expand(y, xa, b, slot, tiles)

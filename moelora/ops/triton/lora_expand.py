@@ -6,15 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.tiles import dot_precision
+from moelora.ops.triton.common import add_expand
+from moelora.ops.triton.tiles import LoraTiles, dot_precision
 
 
 @triton.jit
 def _lora_expand_kernel(
     xa_ptr, b_ptr, y_ptr, slot_ptr, num_tokens, out_dim, rank, num_slots,
     sb_s, sb_n, sb_r, sy_t, sy_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HI_LO: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -27,16 +28,16 @@ def _lora_expand_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s = tl.min(slot)
     if s < num_slots:
+        # xa of every token with a slot: the shrink's partial sums added up.
+        xa_ptrs = xa_ptr + t[:, None].to(tl.int64) * rank + r[None, :]
+        xa_mask = (slot < num_slots)[:, None] & r_ok[None, :]
+        xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i in range(0, SPLITS):
+            xa += tl.load(xa_ptrs + i * num_tokens * rank, mask=xa_mask, other=0.0)
+        b_mask = r_ok[:, None] & n_ok[None, :]
         while s < num_slots:
-            xa = tl.load(
-                xa_ptr + t[:, None] * rank + r[None, :], mask=(slot == s)[:, None] & r_ok[None, :], other=0.0
-            )
-            b = tl.load(
-                b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r,
-                mask=r_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(xa, b.to(tl.float32), acc, input_precision=PRECISION)
+            b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
+            acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
         # Only tokens with a slot are read and written: base tokens keep y untouched.
         y_ptrs = y_ptr + t[:, None].to(tl.int64) * sy_t + n[None, :] * sy_n
@@ -46,16 +47,16 @@ def _lora_expand_kernel(
 
 
 def lora_expand(
-    y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor, block_m: int
+    y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor, tiles: LoraTiles
 ) -> None:
-    """y[t] += b[s] @ xa[t] in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
-    xa [T, R] fp32 from `lora_shrink`, b [S, out, R] (any strides)."""
+    """y[t] += b[s] @ sum(xa[:, t]) in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
+    xa [splits, T, R] fp32 partial sums from `lora_shrink`, b [S, out, R] (any strides)."""
     num_tokens, out_dim = y.shape
     num_slots, rank = b.shape[0], b.shape[2]
-    block_n = 64
-    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_dim, block_n))
+    grid = (triton.cdiv(num_tokens, tiles.block_m), triton.cdiv(out_dim, tiles.expand_n))
     _lora_expand_kernel[grid](
         xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, *b.stride(), *y.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        PRECISION=dot_precision(y.dtype),
+        SPLITS=xa.shape[0], BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        HI_LO=b.element_size() == 2, PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
     )  # fmt: skip

@@ -1,4 +1,6 @@
-"""Dense multi-LoRA shrink: xa[t] = A[s] @ x[t] for each token's slot s (one pass per slot of a block)."""
+"""Dense multi-LoRA shrink: xa[t] = A[s] @ x[t] for each token's slot s (one pass per slot of a block),
+split along the input dimension into partial sums that the expand adds up (small batches need the
+parallelism; it stays deterministic, unlike atomics)."""
 
 from __future__ import annotations
 
@@ -6,30 +8,32 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.tiles import dot_precision
+from moelora.ops.triton.tiles import LoraTiles, dot_precision
 
 
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, slot_ptr, num_tokens, rank, num_slots,
     sx_t, sx_k, sa_s, sa_r, sa_k,
-    IN_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     t_ok = t < num_tokens
     slot = tl.load(slot_ptr + t, mask=t_ok, other=-1)
     slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
     r = tl.arange(0, BLOCK_R)
-    kk = tl.arange(0, BLOCK_K)
+    kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     out = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     # Distinct slots of the block in increasing order; tokens of other slots load nothing.
     s = tl.min(slot)
     while s < num_slots:
         sel = slot == s
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, IN_DIM, BLOCK_K):
-            k_ok = kk < IN_DIM - k0
+        for k0 in range(0, K_CHUNK, BLOCK_K):
+            k_ok = kk + k0 < IN_DIM
             xk = tl.load(
                 x_ptr + t[:, None].to(tl.int64) * sx_t + (k0 + kk)[None, :] * sx_k,
                 mask=sel[:, None] & k_ok[None, :],
@@ -43,20 +47,26 @@ def _lora_shrink_kernel(
             acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
         out += acc
         s = tl.min(tl.where(slot > s, slot, num_slots))
-    tl.store(xa_ptr + t[:, None] * rank + r[None, :], out, mask=t_ok[:, None] & (r < rank)[None, :])
+    dst = xa_ptr + (split * num_tokens + t[:, None]).to(tl.int64) * rank + r[None, :]
+    tl.store(dst, out, mask=t_ok[:, None] & (r < rank)[None, :])
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slot: torch.Tensor, block_m: int) -> torch.Tensor:
-    """-> xa [T, R] fp32, xa[t] = a[s] @ x[t] for s = token_slot[t] in [0, S), zeros for other tokens.
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slot: torch.Tensor, tiles: LoraTiles) -> torch.Tensor:
+    """-> xa [splits, T, R] fp32 partial sums, sum over splits of xa[:, t] = a[s] @ x[t] for
+    s = token_slot[t] in [0, S), zeros for other tokens.
 
     x [T, in]; a [S, R, in] (any strides); token_slot [T] int.
     """
     num_tokens, in_dim = x.shape
     num_slots, rank = a.shape[0], a.shape[1]
-    xa = torch.empty(num_tokens, rank, dtype=torch.float32, device=x.device)
-    _lora_shrink_kernel[(triton.cdiv(num_tokens, block_m),)](
+    block_k = min(tiles.shrink_k, triton.next_power_of_2(in_dim))
+    k_chunk = max(block_k, min(tiles.k_chunk, triton.cdiv(in_dim, block_k) * block_k))
+    splits = triton.cdiv(in_dim, k_chunk)
+    xa = torch.empty(splits, num_tokens, rank, dtype=torch.float32, device=x.device)
+    _lora_shrink_kernel[(triton.cdiv(num_tokens, tiles.block_m), splits)](
         x, a, xa, token_slot, num_tokens, rank, num_slots, *x.stride(), *a.stride(),
-        IN_DIM=in_dim, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        PRECISION=dot_precision(x.dtype),
+        IN_DIM=in_dim, K_CHUNK=k_chunk, BLOCK_M=tiles.block_m, BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=dot_precision(x.dtype),
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return xa

@@ -1,7 +1,8 @@
 """Routed experts in Triton, with and without per-expert LoRA: align -> gate/up -> down -> weighted sum.
 
 The LoRA deltas are fused into the base grouped GEMMs' epilogues (the expand), after one small shrink
-pass per projection, so the base weights are streamed once per row block whatever the slots.
+pass per projection, so the base weights are streamed once per row block whatever the slots. A handful of
+pairs (decode) takes the alignment-free path of `moe_decode` instead.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from moelora.ops.triton.align import moe_align
+from moelora.ops.triton.moe_decode import decode_moe
 from moelora.ops.triton.moe_down import moe_down
 from moelora.ops.triton.moe_gate_up import moe_gate_up
 from moelora.ops.triton.moe_shrink import moe_lora_shrink
 from moelora.ops.triton.moe_sum import moe_sum
-from moelora.ops.triton.tiles import moe_tiles
+from moelora.ops.triton.tiles import moe_tiles, use_decode_path
 
 
 def fused_moe(
@@ -29,6 +31,8 @@ def fused_moe(
     num_experts = w_down.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(x)
+    if use_decode_path(num_tokens * top_k, num_experts, top_k):
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, None)
     tiles = moe_tiles(num_tokens * top_k, num_experts, lora=False)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
     h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
@@ -69,8 +73,10 @@ def fused_moe_lora(
         raise ValueError(f"token_slot has shape {tuple(token_slot.shape)}, expected ({num_tokens},)")
     if num_tokens == 0:
         return torch.zeros_like(x)
-    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=True)
     slot = token_slot.contiguous()
+    if use_decode_path(num_tokens * top_k, num_experts, top_k):
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, a_gu, b_gu, a_dn, b_dn))
+    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=True)
     sorted_pairs, block_expert = moe_align(local_ids, slot, num_experts, num_slots, tiles.block_m)
     xa = moe_lora_shrink(x, a_gu, sorted_pairs, block_expert, slot, top_k, True, tiles.block_m)
     h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, (slot, xa, b_gu))

@@ -6,20 +6,20 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import add_expand, grouped_pid, num_blocks_grid
 from moelora.ops.triton.tiles import Tiles, dot_precision
 
 
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr,
-    num_pairs, top_k, hidden, rank, num_slots,
+    num_pairs, top_k, hidden, rank, num_slots, num_blocks,
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HI_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
@@ -46,13 +46,14 @@ def _down_kernel(
         r = tl.arange(0, BLOCK_R)
         r_ok = r < rank
         ha_rows = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
+        ha = tl.load(ha_rows, mask=(row_ok & (slot < num_slots))[:, None] & r_ok[None, :], other=0.0)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:
-            sel = (slot == s)[:, None] & r_ok[None, :]
+            sel = (slot == s)[:, None]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
-            bk = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(tl.load(ha_rows, mask=sel, other=0.0), bk, acc, input_precision=PRECISION)
+            b_mask = r_ok[:, None] & n_ok[None, :]
+            acc = add_expand(acc, tl.where(sel, ha, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     dst = d_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :]
     tl.store(dst, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -81,14 +82,14 @@ def moe_down(
     else:
         slot, ha, b = lora
         num_slots, rank = b.shape[0], b.shape[-1]
-    grid = (block_expert.numel(), triton.cdiv(hidden, tiles.block_n))
-    _down_kernel[grid](
+    blocks = block_expert.numel()
+    _down_kernel[num_blocks_grid(blocks, hidden, tiles.block_n)](
         h, w_down, d, sorted_pairs, block_expert, slot, ha, b,
-        num_pairs, top_k, hidden, rank, num_slots,
+        num_pairs, top_k, hidden, rank, num_slots, blocks,
         *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None,
+        INTER=inter, HAS_LORA=lora is not None, HI_LO=h.element_size() == 2,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(h.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return d

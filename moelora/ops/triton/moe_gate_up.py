@@ -6,20 +6,20 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import add_expand, grouped_pid, num_blocks_grid
 from moelora.ops.triton.tiles import Tiles, dot_precision
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr,
-    num_pairs, top_k, inter, rank, num_slots,
+    num_pairs, top_k, inter, rank, num_slots, num_blocks,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HI_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
@@ -51,16 +51,17 @@ def _gate_up_kernel(
         r = tl.arange(0, BLOCK_R)
         r_ok = r < rank
         xa_rows = xa_ptr + rows[:, None].to(tl.int64) * (2 * rank) + r[None, :]
+        xa_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
+        xa_g = tl.load(xa_rows, mask=xa_mask, other=0.0)
+        xa_u = tl.load(xa_rows + rank, mask=xa_mask, other=0.0)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:
-            sel = (slot == s)[:, None] & r_ok[None, :]
+            sel = (slot == s)[:, None]
             b_base = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             b_mask = r_ok[:, None] & n_ok[None, :]
-            bg = tl.load(b_base, mask=b_mask, other=0.0).to(tl.float32)
-            bu = tl.load(b_base + sb_h, mask=b_mask, other=0.0).to(tl.float32)
-            acc_g = tl.dot(tl.load(xa_rows, mask=sel, other=0.0), bg, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(tl.load(xa_rows + rank, mask=sel, other=0.0), bu, acc_u, input_precision=PRECISION)
+            acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, HI_LO, PRECISION)
+            acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
@@ -90,14 +91,13 @@ def moe_gate_up(
     else:
         slot, xa, b = lora
         num_slots, rank = b.shape[0], b.shape[-1]
-    grid = (blocks, triton.cdiv(inter, tiles.block_n))
-    _gate_up_kernel[grid](
+    _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b,
-        num_tokens * top_k, top_k, inter, rank, num_slots,
+        num_tokens * top_k, top_k, inter, rank, num_slots, blocks,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None,
+        HIDDEN=hidden, HAS_LORA=lora is not None, HI_LO=x.element_size() == 2,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return h

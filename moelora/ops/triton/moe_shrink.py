@@ -16,13 +16,11 @@ def _shrink_kernel(
     in_ptr, a_ptr, out_ptr, sorted_ptr, block_expert_ptr, slot_ptr,
     num_pairs, top_k, rank, num_slots,
     s_in_row, s_in_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-    IN_DIM: tl.constexpr, GATHER: tl.constexpr, ALIGN_M: tl.constexpr,
+    IN_DIM: tl.constexpr, HALVES: tl.constexpr, GATHER: tl.constexpr, ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    half = tl.program_id(1)
-    halves = tl.num_programs(1)
     e = tl.load(block_expert_ptr + pid_m * BLOCK_M // ALIGN_M).to(tl.int64)
     if e < 0:
         return
@@ -34,14 +32,17 @@ def _shrink_kernel(
     slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
     # A gathered row (x of the pair's token) or the aligned row itself (h of the pair).
     in_row = tok if GATHER else rows
-    r = tl.arange(0, BLOCK_R)
+    # Output column j: half j // rank, rank lane j % rank; both halves read each input row once.
+    j = tl.arange(0, BLOCK_R)
+    j_ok = j < HALVES * rank
+    a_col = (j // rank) * sa_h + (j % rank) * sa_r
     kk = tl.arange(0, BLOCK_K)
     out = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     # Rows are slot-sorted within the expert: one pass per distinct slot of this block.
     s = tl.min(slot)
     while s < num_slots:
         sel = slot == s
-        a_base = a_ptr + s.to(tl.int64) * sa_s + e * sa_e + half * sa_h
+        a_base = a_ptr + s.to(tl.int64) * sa_s + e * sa_e
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, IN_DIM, BLOCK_K):
             k_ok = kk < IN_DIM - k0
@@ -51,15 +52,15 @@ def _shrink_kernel(
                 other=0.0,
             )
             ak = tl.load(
-                a_base + r[None, :] * sa_r + (k0 + kk)[:, None] * sa_k,
-                mask=k_ok[:, None] & (r < rank)[None, :],
+                a_base + a_col[None, :] + (k0 + kk)[:, None] * sa_k,
+                mask=k_ok[:, None] & j_ok[None, :],
                 other=0.0,
             )
             acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
         out += acc
         s = tl.min(tl.where(slot > s, slot, num_slots))
-    dst = out_ptr + rows[:, None].to(tl.int64) * (halves * rank) + half * rank + r[None, :]
-    tl.store(dst, out, mask=row_ok[:, None] & (r < rank)[None, :])
+    dst = out_ptr + rows[:, None].to(tl.int64) * (HALVES * rank) + j[None, :]
+    tl.store(dst, out, mask=row_ok[:, None] & j_ok[None, :])
 
 
 def moe_lora_shrink(
@@ -86,12 +87,12 @@ def moe_lora_shrink(
     # Sub-blocks of the alignment's row blocks: each pass over a slot's rows computes all of the
     # sub-block's rows, so fewer rows per program waste less where a block holds several slots.
     sub_m = min(block_m, _SUB_M)
-    _shrink_kernel[(blocks * (block_m // sub_m), halves)](
+    _shrink_kernel[(blocks * (block_m // sub_m),)](
         inp, a5, out, sorted_pairs, block_expert, token_slot,
         num_pairs, top_k, rank, num_slots,
         inp.stride(0), inp.stride(1), *a5.stride(),
-        IN_DIM=in_dim, GATHER=gather, ALIGN_M=block_m,
-        BLOCK_M=sub_m, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        IN_DIM=in_dim, HALVES=halves, GATHER=gather, ALIGN_M=block_m,
+        BLOCK_M=sub_m, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(halves * rank)),
         PRECISION=dot_precision(inp.dtype),
     )  # fmt: skip
     return out

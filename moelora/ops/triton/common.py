@@ -1,0 +1,40 @@
+"""Pieces shared by the Triton GEMM kernels: grouped program order, and the LoRA expand of a tile."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row block, column tile) of program `pid`, the column tiles of GROUP_M row blocks in turn: programs
+    running together share their rows and (same expert) their weight tiles in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def add_expand(acc, u, b_ptrs, b_mask, HI_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += u @ b for fp32 LoRA intermediates u [BM, BR] and b [BR, BN] loaded in the weights' dtype.
+
+    HI_LO (16-bit weights): u enters the tensor cores as two 16-bit parts, hi + lo, so the product keeps
+    about 16 bits of u's mantissa (as the fp32 twin, to 2^-16) at the 16-bit dot rate."""
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if HI_LO:
+        hi = u.to(b.dtype)
+        lo = (u - hi.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(hi, b, acc)
+        acc = tl.dot(lo, b, acc)
+    else:
+        acc = tl.dot(u, b.to(tl.float32), acc, input_precision=PRECISION)
+    return acc
+
+
+def num_blocks_grid(blocks: int, cols: int, block_n: int) -> tuple[int]:
+    """The 1-D grid of a grouped GEMM over `blocks` row blocks and `cols` output columns."""
+    return (blocks * triton.cdiv(cols, block_n),)

@@ -1,0 +1,128 @@
+"""Compiles every Triton kernel for the GPU (Hopper, sm_90) in bf16 with the shipped tile configurations;
+prints one line per failure and exits non-zero if any. Run without TRITON_INTERPRET (the tests run it in a
+subprocess, as their conftest turns the interpreter on):  python -m tests.kernel_compile
+
+The interpreter runs the kernels' Python, not Triton's compiler, so errors the compiler raises (a variable
+that changes type inside an `if`, a tile needing more shared memory than the chip has) pass every CPU test
+and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel brings the assembler.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moelora.ops.triton import (
+    align,
+    attn_combine,
+    attn_decode,
+    attn_prefill,
+    kv_write,
+    lora_expand,
+    lora_shrink,
+    moe_decode,
+    moe_down,
+    moe_gate_up,
+    moe_shrink,
+    moe_sum,
+    norm,
+    rotary,
+)
+from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
+
+HOPPER = GPUTarget("cuda", 90, 32)
+INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
+INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr"}
+FP32_PTRS = {"xa_ptr", "ha_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
+FLOATS = {"qk_scale", "eps"}
+Case = tuple[Callable, dict, int]  # kernel, constexpr values, warps
+
+
+def compile_for_hopper(kernel, constexprs: dict, warps: int = 4) -> None:
+    """Pointers are bf16 unless named as int or fp32 buffers; other run-time arguments are i32."""
+    signature, constants = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            constants[(i,)] = constexprs[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name in INT_PTRS else "*fp32" if name in FP32_PTRS else "*bf16"
+        elif name.isupper():
+            raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options={"num_warps": warps})
+
+
+def moe_cases() -> Iterator[Case]:
+    """The grouped GEMMs at every entry of the tile table, with and without LoRA (rank 16 and 64)."""
+    for _, base, lora in _MOE_TABLE:
+        for t, has_lora in ((base, False), (lora, True)):
+            for rank in (16, 64) if has_lora else (16,):
+                common = dict(HAS_LORA=has_lora, HI_LO=True, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+                common |= dict(BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m, PRECISION="tf32")
+                yield moe_gate_up._gate_up_kernel, dict(HIDDEN=2048, **common), t.warps
+                yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
+    for halves, gather in ((2, True), (1, False)):
+        shrink = dict(IN_DIM=2048 if gather else 768, HALVES=halves, GATHER=gather, ALIGN_M=128)
+        yield (
+            moe_shrink._shrink_kernel,
+            shrink | dict(BLOCK_M=32, BLOCK_K=128, BLOCK_R=32, PRECISION="tf32"),
+            4,
+        )
+    yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
+    yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4
+    yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
+    yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024), 4
+
+
+def decode_cases() -> Iterator[Case]:
+    t = DECODE_TILES
+    for has_lora in (False, True):
+        tiles = dict(HAS_LORA=has_lora, SPLITS=8, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
+        yield moe_decode._decode_gate_up_kernel, dict(HIDDEN=2048, **tiles), t.warps
+        yield moe_decode._decode_down_kernel, dict(INTER=768, **tiles), t.warps
+    for halves, gather in ((2, True), (1, False)):
+        shrink = dict(IN_DIM=2048, HALVES=halves, GATHER=gather, K_CHUNK=256, BLOCK_K=64, BLOCK_R=128)
+        yield moe_decode._decode_shrink_kernel, shrink, 4
+
+
+def dense_lora_cases() -> Iterator[Case]:
+    for _, t in _LORA_TABLE:
+        shrink = dict(IN_DIM=2048, K_CHUNK=min(t.k_chunk, 2048), BLOCK_M=t.block_m, BLOCK_K=t.shrink_k)
+        yield lora_shrink._lora_shrink_kernel, shrink | dict(BLOCK_R=64, PRECISION="tf32"), t.warps
+        expand = dict(
+            SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64, HI_LO=True, PRECISION="tf32"
+        )
+        yield lora_expand._lora_expand_kernel, expand, t.warps
+
+
+def attention_and_small_op_cases() -> Iterator[Case]:
+    head = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, IEEE=False, PIPELINED=True)
+    yield attn_decode._decode_kernel, head | dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True), 4
+    yield attn_prefill._prefill_kernel, head | dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64), 4
+    yield attn_combine._combine_kernel, dict(HEADS=32, BLOCK_S=16, HEAD_DIM=128, BLOCK_D=128), 4
+    yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
+    yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
+    yield rotary._rotary_kernel, dict(HAS_NORM=True, BLOCK_H=4, BLOCK_HALF=64), 4
+
+
+def main() -> int:
+    cases = [*moe_cases(), *decode_cases(), *dense_lora_cases(), *attention_and_small_op_cases()]
+    failed = 0
+    for kernel, constexprs, warps in cases:
+        try:
+            compile_for_hopper(kernel, constexprs, warps)
+        except Exception as err:  # report every failing kernel, not only the first
+            failed += 1
+            print(f"FAILED {kernel.__name__} {constexprs} warps={warps}: {str(err)[-800:]}")
+    print(f"{len(cases) - failed} of {len(cases)} kernels compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
