@@ -230,7 +230,28 @@ def sweep_dense(args: argparse.Namespace) -> None:
                     print(f"{label} {us:.1f} | floor {floor:.1f} |", flush=True)
                 except Exception as err:
                     print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
+            tiles._LORA_TABLE = saved
+            qkv(x, slot, s, r, args)
     tiles._LORA_TABLE = saved
+
+
+def qkv(x: torch.Tensor, slot: torch.Tensor, s: int, r: int, args: argparse.Namespace) -> None:
+    """q/k/v LoRA of Qwen3-30B-A3B (4096 + 512 + 512 outputs): one stacked shrink vs one add_lora per part."""
+    sizes = (4096, 512, 512)
+    a = torch.randn(s, 3, r, x.shape[1], dtype=torch.bfloat16, device="cuda") * x.shape[1] ** -0.5
+    b = torch.randn(s, sum(sizes), r, dtype=torch.bfloat16, device="cuda") * r**-0.5
+    y = torch.randn(x.shape[0], sum(sizes), dtype=torch.bfloat16, device="cuda")
+
+    def per_part() -> None:
+        offset = 0
+        for p, n in enumerate(sizes):
+            ops.add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], slot)
+            offset += n
+
+    reps = max(5, args.reps // 2)
+    stacked = graph_time_us(partial(ops.add_lora_parts, y, x, a, b, slot, sizes), reps)
+    parts = graph_time_us(per_part, reps)
+    print(f"| qkv | {x.shape[0]} | {s}x{r} | stacked {stacked:.1f} | per part {parts:.1f} |", flush=True)
 
 
 def profile(name: str, ms: list[int], loras: list[tuple[int, int]]) -> None:

@@ -222,6 +222,34 @@ def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, l
     check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens)
 
 
+def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: int) -> None:
+    """q/k/v-like stacked parts: one shrink over the stacked A (or part by part for wide stacks)."""
+    g = torch.Generator().manual_seed(seed)
+    d_in, sizes, num_slots = 48, (40, 8, 24), 3
+    x = rand(g, num_tokens, d_in).to(dtype)
+    a = rand(g, num_slots, len(sizes), rank, d_in, scale=d_in**-0.5).to(dtype)
+    b = rand(g, num_slots, sum(sizes), rank, scale=rank**-0.5).to(dtype)
+    a[1, :, rank // 2 :] = 0
+    b[1, :, rank // 2 :] = 0
+    slot = slots(g, num_tokens, num_slots)
+    slot[0] = num_slots - 1  # at least one token with an adapter
+    y = rand(g, num_tokens, sum(sizes)).to(dtype)
+    got, ref = y.clone(), y.clone()
+    triton_lora.add_lora_parts(got, x, a, b, slot, sizes)
+    torch_lora.add_lora_parts(ref, x, a, b, slot, sizes)
+    base = (slot < 0) | (slot >= num_slots)
+    assert torch.equal(got[base], y[base]), "tokens without a valid slot must be left alone"
+    assert_close(got, ref, CPU_TOL[dtype])
+    assert (ref - y).abs().max() > 10 * CPU_TOL[dtype], "the LoRA delta must be visible"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "rank", "dtype"), [(1, 8, torch.float32), (37, 16, torch.float16), (70, 48, torch.float32)]
+)
+def test_add_lora_parts_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_tiles: str):
+    check_add_lora_parts(num_tokens, rank, dtype, seed=num_tokens + 5)
+
+
 GPU_CASES = [
     (1, 8, 16, 256, 192, torch.bfloat16),
     (33, 8, 16, 256, 192, torch.bfloat16),
@@ -246,6 +274,12 @@ def test_fused_moe_lora_gpu(case, rank: int, path: str):
 @pytest.mark.parametrize("num_tokens", [1, 37, 1000])
 def test_add_lora_gpu(num_tokens: int, lora_tiles: str):
     check_add_lora(num_tokens, num_slots=8, rank=32, dtype=torch.bfloat16, seed=num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_tokens", "rank"), [(1, 16), (64, 32), (1000, 16), (1000, 64)])
+def test_add_lora_parts_gpu(num_tokens: int, rank: int, lora_tiles: str):
+    check_add_lora_parts(num_tokens, rank, torch.bfloat16, seed=num_tokens)
 
 
 @pytest.mark.gpu

@@ -61,13 +61,13 @@ def apply_lora(
     sizes: tuple[int, ...],
     token_slot: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y plus each token's adapter delta, part by part (no work when the batch has no adapter)."""
+    """y plus each token's adapter delta, all parts at once (no work when the batch has no adapter)."""
     if lora is None or token_slot is None:
         return y
-    offset = 0
-    for p, n in enumerate(sizes):
-        ops.add_lora(y[:, offset : offset + n], x, lora.a[:, p], lora.b[:, offset : offset + n], token_slot)
-        offset += n
+    if len(sizes) == 1:
+        ops.add_lora(y, x, lora.a[:, 0], lora.b, token_slot)
+    else:
+        ops.add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes)
     return y
 
 

@@ -187,6 +187,20 @@ def add_lora(
     impl(y, x, a, b, token_slot)
 
 
+def add_lora_parts(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    sizes: tuple[int, ...],
+) -> None:
+    """Dense multi-LoRA of stacked output parts (q/k/v); see `moelora.ops.torch.lora.add_lora_parts`."""
+    mod = _kernels("lora", x)
+    impl = mod.add_lora_parts if mod is not None else _torch_lora.add_lora_parts
+    impl(y, x, a, b, token_slot, sizes)
+
+
 def fused_moe_lora(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,

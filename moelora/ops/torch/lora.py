@@ -32,6 +32,28 @@ def add_lora(
         y[rows] = (y[rows].to(acc) + delta).to(y.dtype)
 
 
+def add_lora_parts(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    sizes: tuple[int, ...],
+) -> None:
+    """Dense multi-LoRA of a layer whose output stacks P parts (q/k/v, gate/up), added in place.
+
+    Shapes: y [T, sum(sizes)]; x [T, in]; a [S, P, R, in] (one A per part); b [S, sum(sizes), R] (the
+    parts' rows stacked like y's columns); token_slot [T] int.
+
+    Semantics: part p (columns o_p .. o_p + sizes[p] of y and rows of b) is `add_lora` with a[:, p]:
+    y[t, part] += b[s, part] @ (a[s, p] @ x[t]) for s = token_slot[t] in [0, S).
+    """
+    offset = 0
+    for p, n in enumerate(sizes):
+        add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot)
+        offset += n
+
+
 def fused_moe_lora(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,

@@ -1,8 +1,10 @@
-"""Dense multi-LoRA in Triton: shrink then expand, each token block one pass per distinct slot."""
+"""Dense multi-LoRA in Triton: shrink then expand, each token block one pass per distinct slot. A layer
+with stacked output parts (q/k/v) runs one shrink over its stacked A (x read once) and one expand per part."""
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from moelora.ops.triton.lora_expand import lora_expand
 from moelora.ops.triton.lora_shrink import lora_shrink
@@ -30,3 +32,46 @@ def add_lora(
     slot = token_slot.contiguous()
     xa = lora_shrink(x, a, slot, tiles)
     lora_expand(y, xa, b, slot, tiles)
+
+
+_MAX_STACKED_RANK = 128  # lanes of one shrink; wider stacks shrink part by part
+
+
+def add_lora_parts(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    sizes: tuple[int, ...],
+) -> None:
+    """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`."""
+    num_tokens, in_dim = x.shape
+    num_slots, parts, rank = a.shape[0], a.shape[1], a.shape[2]
+    out = sum(sizes)
+    if tuple(a.shape) != (num_slots, len(sizes), rank, in_dim) or tuple(b.shape) != (num_slots, out, rank):
+        raise ValueError(
+            f"add_lora_parts: a {tuple(a.shape)} must be [S, P={len(sizes)}, R, in={in_dim}] and b "
+            f"{tuple(b.shape)} [S, out={out}, R]"
+        )
+    if tuple(y.shape) != (num_tokens, out) or token_slot.shape != (num_tokens,):
+        raise ValueError(
+            f"add_lora_parts: y {tuple(y.shape)} must be [T={num_tokens}, {out}], token_slot "
+            f"{tuple(token_slot.shape)} [T]"
+        )
+    if num_tokens == 0:
+        return
+    if triton.next_power_of_2(parts * rank) > _MAX_STACKED_RANK:
+        offset = 0
+        for p, n in enumerate(sizes):
+            add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot)
+            offset += n
+        return
+    tiles = lora_tiles(num_tokens)
+    slot = token_slot.contiguous()
+    xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles)
+    offset = 0
+    for p, n in enumerate(sizes):
+        part_xa = xa[:, :, p * rank : (p + 1) * rank]
+        lora_expand(y[:, offset : offset + n], part_xa, b[:, offset : offset + n], slot, tiles)
+        offset += n

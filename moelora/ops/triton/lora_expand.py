@@ -13,7 +13,7 @@ from moelora.ops.triton.tiles import LoraTiles, dot_precision
 @triton.jit
 def _lora_expand_kernel(
     xa_ptr, b_ptr, y_ptr, slot_ptr, num_tokens, out_dim, rank, num_slots,
-    sb_s, sb_n, sb_r, sy_t, sy_n,
+    sxa_s, sxa_t, sb_s, sb_n, sb_r, sy_t, sy_n,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HI_LO: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -29,11 +29,11 @@ def _lora_expand_kernel(
     s = tl.min(slot)
     if s < num_slots:
         # xa of every token with a slot: the shrink's partial sums added up.
-        xa_ptrs = xa_ptr + t[:, None].to(tl.int64) * rank + r[None, :]
+        xa_ptrs = xa_ptr + t[:, None].to(tl.int64) * sxa_t + r[None, :]
         xa_mask = (slot < num_slots)[:, None] & r_ok[None, :]
         xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, SPLITS):
-            xa += tl.load(xa_ptrs + i * num_tokens * rank, mask=xa_mask, other=0.0)
+            xa += tl.load(xa_ptrs + i * sxa_s, mask=xa_mask, other=0.0)
         b_mask = r_ok[:, None] & n_ok[None, :]
         while s < num_slots:
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
@@ -50,12 +50,14 @@ def lora_expand(
     y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor, tiles: LoraTiles
 ) -> None:
     """y[t] += b[s] @ sum(xa[:, t]) in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
-    xa [splits, T, R] fp32 partial sums from `lora_shrink`, b [S, out, R] (any strides)."""
+    xa [splits, T, R] fp32 partial sums from `lora_shrink` (its last dimension contiguous: a column slice
+    of a stacked shrink's output is fine), b [S, out, R] (any strides)."""
     num_tokens, out_dim = y.shape
     num_slots, rank = b.shape[0], b.shape[2]
     grid = (triton.cdiv(num_tokens, tiles.block_m), triton.cdiv(out_dim, tiles.expand_n))
     _lora_expand_kernel[grid](
-        xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, *b.stride(), *y.stride(),
+        xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, xa.stride(0), xa.stride(1),
+        *b.stride(), *y.stride(),
         SPLITS=xa.shape[0], BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         HI_LO=b.element_size() == 2, PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
