@@ -60,7 +60,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slot: torch.Tensor, tile
     num_tokens, in_dim = x.shape
     num_slots, rank = a.shape[0], a.shape[1]
     block_k = min(tiles.shrink_k, triton.next_power_of_2(in_dim))
-    k_chunk = max(block_k, min(tiles.k_chunk, triton.cdiv(in_dim, block_k) * block_k))
+    # Columns per program: a whole number of steps (a partial step would add the next split's columns).
+    k_chunk = triton.cdiv(min(tiles.k_chunk, in_dim), block_k) * block_k
     splits = triton.cdiv(in_dim, k_chunk)
     xa = torch.empty(splits, num_tokens, rank, dtype=torch.float32, device=x.device)
     _lora_shrink_kernel[(triton.cdiv(num_tokens, tiles.block_m), splits)](

@@ -169,7 +169,7 @@ def _decode_shrink(
     num_slots, num_experts, halves, rank, in_dim = a5.shape
     num_pairs = local_ids.numel()
     block_k = min(_SHRINK_K, triton.next_power_of_2(in_dim))
-    chunk = max(block_k, min(_SHRINK_CHUNK, triton.cdiv(in_dim, block_k) * block_k))
+    chunk = triton.cdiv(min(_SHRINK_CHUNK, in_dim), block_k) * block_k  # whole steps per program
     splits = triton.cdiv(in_dim, chunk)
     out = torch.empty(splits, num_pairs, halves * rank, dtype=torch.float32, device=inp.device)
     _decode_shrink_kernel[(num_pairs, splits)](
