@@ -29,9 +29,11 @@ from moelora.layers.rotary import RotaryEmbedding
 from moelora.ops.torch import attention as twin_attention
 from moelora.ops.torch import norm as twin_norm
 from moelora.ops.torch import rotary as twin_rotary
+from moelora.ops.torch import router as twin_router
 from moelora.ops.triton import kv_write as kern_kv
 from moelora.ops.triton import norm as kern_norm
 from moelora.ops.triton import rotary as kern_rotary
+from moelora.ops.triton import router as kern_router
 
 EPS = 1e-6
 
@@ -43,10 +45,12 @@ class Shapes:
     hkv: int
     d: int
     page: int
+    experts: int
+    top_k: int
 
 
-QWEN3 = Shapes(hidden=2048, hq=32, hkv=4, d=128, page=16)
-TINY = Shapes(hidden=96, hq=4, hkv=2, d=32, page=4)
+QWEN3 = Shapes(hidden=2048, hq=32, hkv=4, d=128, page=16, experts=128, top_k=8)
+TINY = Shapes(hidden=96, hq=4, hkv=2, d=32, page=4, experts=8, top_k=2)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
     caches = [rnd(blocks, s.page, s.hkv, s.d) for _ in range(2)]  # [blocks, page, Hkv, D]: kernel's k, v
     caches += [c.clone() for c in caches]  # the twin's
     slots = torch.randperm(blocks * s.page, generator=g)[:t].to(dev)
+    logits = rnd(t, s.experts)
     e = x.element_size()
     hidden, heads, rope, kv = (
         t * s.hidden * e,
@@ -113,6 +118,13 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
             twin_rotary,
             kern_rotary,
             2 * heads + rope,
+        ),
+        (
+            "router top-k (softmax, top-k, renormalise)",
+            lambda m: m.route(logits, s.top_k, True, False),
+            twin_router,
+            kern_router,
+            t * (s.experts + s.top_k) * e + t * s.top_k * 4,
         ),
     ]
     cases = [Case(op, partial(f, tw), partial(f, kern), n) for op, f, tw, kern, n in calls]

@@ -31,6 +31,7 @@ from moelora.ops.triton import (
     moe_sum,
     norm,
     rotary,
+    router,
 )
 from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 
@@ -78,6 +79,10 @@ def moe_cases() -> Iterator[Case]:
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
     yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024), 4
+    for top_k, experts in ((8, 128), (2, 8)):
+        route = dict(TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True, BLOCK_T=min(16, 4096 // experts))
+        route |= dict(BLOCK_E=experts)
+        yield router._route_kernel, route, 4
 
 
 def decode_cases() -> Iterator[Case]:

@@ -21,9 +21,11 @@ triton = pytest.importorskip("triton")
 from moelora.ops.torch import align as torch_align  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch import moe as torch_moe  # noqa: E402
+from moelora.ops.torch import router as torch_router  # noqa: E402
 from moelora.ops.triton import align as triton_align  # noqa: E402
 from moelora.ops.triton import lora as triton_lora  # noqa: E402
 from moelora.ops.triton import moe as triton_moe  # noqa: E402
+from moelora.ops.triton import router as triton_router  # noqa: E402
 from moelora.ops.triton import tiles as tile_table  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,6 +252,47 @@ def test_add_lora_parts_matches_twin(num_tokens: int, rank: int, dtype: torch.dt
     check_add_lora_parts(num_tokens, rank, dtype, seed=num_tokens + 5)
 
 
+def router_logits(g: torch.Generator, num_tokens: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Distinct logits in every row (0.05 apart, exact in 16 bits), so that the top-k has no ties."""
+    ranks = torch.stack([torch.randperm(num_experts, generator=g) for _ in range(num_tokens)])
+    logits = ranks.float() * 0.05 - 3 + torch.randn(num_tokens, 1, generator=g)
+    return logits.to(dtype).to(DEV)
+
+
+def check_route(num_tokens: int, num_experts: int, k: int, dtype: torch.dtype, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = router_logits(g, num_tokens, num_experts, dtype)
+    for renormalize in (False, True):
+        for fp32_weights in (False, True):
+            w, ids = triton_router.route(logits, k, renormalize, fp32_weights)
+            w_ref, ids_ref = torch_router.route(logits, k, renormalize, fp32_weights)
+            assert torch.equal(ids, ids_ref)
+            assert_close(w, w_ref, 1e-6 if w.dtype == torch.float32 else CPU_TOL[w.dtype])
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k", "dtype"),
+    [
+        (1, 8, 2, torch.float32),
+        (7, 60, 4, torch.float16),
+        (33, 128, 8, torch.float32),
+        (5, 4, 1, torch.float16),
+    ],
+)
+def test_route_matches_twin(num_tokens: int, num_experts: int, k: int, dtype: torch.dtype):
+    check_route(num_tokens, num_experts, k, dtype, seed=num_tokens)
+
+
+def test_route_strided_logits_and_bad_k():
+    g = torch.Generator().manual_seed(0)
+    wide = router_logits(g, 9, 20, torch.float32)
+    w, ids = triton_router.route(wide[:, 2:18], 3, True, False)
+    w_ref, ids_ref = torch_router.route(wide[:, 2:18], 3, True, False)
+    assert torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k 17 must be in"):
+        triton_router.route(wide[:, 2:18], 17, True, False)
+
+
 GPU_CASES = [
     (1, 8, 16, 256, 192, torch.bfloat16),
     (33, 8, 16, 256, 192, torch.bfloat16),
@@ -280,6 +323,14 @@ def test_add_lora_gpu(num_tokens: int, lora_tiles: str):
 @pytest.mark.parametrize(("num_tokens", "rank"), [(1, 16), (64, 32), (1000, 16), (1000, 64)])
 def test_add_lora_parts_gpu(num_tokens: int, rank: int, lora_tiles: str):
     check_add_lora_parts(num_tokens, rank, torch.bfloat16, seed=num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k"), [(1, 128, 8), (4096, 128, 8), (300, 8, 2), (64, 60, 4)]
+)
+def test_route_gpu(num_tokens: int, num_experts: int, k: int):
+    check_route(num_tokens, num_experts, k, torch.bfloat16, seed=num_tokens)
 
 
 @pytest.mark.gpu

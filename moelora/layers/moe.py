@@ -1,4 +1,4 @@
-"""Routed experts: this rank's share of the expert weights, the router, and the global->local id rewrite."""
+"""Routed experts: this rank's share of the expert weights and the global->local id rewrite."""
 
 from __future__ import annotations
 
@@ -20,23 +20,6 @@ class ExpertNames:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
-
-
-def route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts in fp32, then top-k: -> (weights [T, k], global ids [T, k] int32).
-
-    Weights are renormalised to sum to 1 if `renormalize`, and cast back to the logits' dtype unless
-    `fp32_weights` (Mixtral keeps them in fp32).
-    """
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if not fp32_weights:
-        weights = weights.to(router_logits.dtype)
-    return weights, ids.to(torch.int32)
 
 
 @dataclass

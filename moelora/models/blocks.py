@@ -9,7 +9,7 @@ from torch import nn
 from moelora import ops
 from moelora.batch import ForwardBatch
 from moelora.layers.linear import ColumnLinear, OutPart, RowLinear, split_part, whole_part
-from moelora.layers.moe import ExpertNames, FusedMoE, route
+from moelora.layers.moe import ExpertNames, FusedMoE
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
 from moelora.loader.spec import WeightSpec
 from moelora.models.config import ModelConfig
@@ -151,7 +151,7 @@ class SparseMoeBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
-        weights, global_ids = route(self.router(x), self.top_k, self.renormalize, self.fp32_weights)
+        weights, global_ids = ops.route(self.router(x), self.top_k, self.renormalize, self.fp32_weights)
         out = self.experts(x, weights, global_ids, token_slot)
         if self.shared is not None and self.shared_gate is not None:
             # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.

@@ -24,6 +24,7 @@ from moelora.ops.torch import lora as _torch_lora
 from moelora.ops.torch import moe as _torch_moe
 from moelora.ops.torch import norm as _torch_norm
 from moelora.ops.torch import rotary as _torch_rotary
+from moelora.ops.torch import router as _torch_router
 
 _BACKEND = os.environ.get("MOELORA_BACKEND", "auto")
 if _BACKEND not in ("auto", "torch", "triton"):
@@ -72,6 +73,15 @@ def moe_align(
     mod = _kernels("align", local_ids)
     impl = mod.moe_align if mod is not None else _torch_align.moe_align
     return impl(local_ids, token_slot, num_experts, num_slots, block_m)
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k experts and weights; see `moelora.ops.torch.router.route`."""
+    mod = _half_kernels("router", router_logits)
+    impl = mod.route if mod is not None else _torch_router.route
+    return impl(router_logits, top_k, renormalize, fp32_weights)
 
 
 def fused_moe(
