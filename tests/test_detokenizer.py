@@ -140,3 +140,34 @@ def test_stop_strings_wait_for_min_tokens(tok):
     assert detok.stopped and out == detok.text == "rain falls, then "
     plain = IncrementalDetokenizer(tok, [], ("rain",), True)
     assert "".join(stream(plain, ids)) == "" and plain.stopped
+
+
+def test_token_decoder_equals_decode_and_skips_the_wrapper(tok):
+    """The fast path (the Rust backend) gives decode's text, special tokens kept or skipped; a tokenizer
+    with the clean-up pass, or any other object, goes through its own decode."""
+    import random
+
+    from moelora.engine.detokenizer import token_decoder
+
+    rng = random.Random(0)
+    fast = token_decoder(tok)
+    assert fast.__closure__ is not None and any(
+        c.cell_contents is tok.backend_tokenizer for c in fast.__closure__
+    )
+    specials = list(tok.all_special_ids)
+    for _ in range(200):
+        ids = [
+            rng.choice(specials) if rng.random() < 0.2 else rng.randrange(len(tok))
+            for _ in range(rng.randint(1, 12))
+        ]
+        for skip in (False, True):
+            assert fast(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+
+    class Cleaning:
+        clean_up_tokenization_spaces = True
+        backend_tokenizer = tok.backend_tokenizer
+
+        def decode(self, ids, skip_special_tokens):
+            return "own"
+
+    assert token_decoder(Cleaning())([1], True) == "own"
