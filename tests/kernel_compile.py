@@ -24,7 +24,9 @@ from moelora.ops.triton import (
     kv_write,
     lora_expand,
     lora_shrink,
-    moe_decode,
+    moe_decode_down,
+    moe_decode_gate_up,
+    moe_decode_shrink,
     moe_down,
     moe_gate_up,
     moe_shrink,
@@ -89,11 +91,11 @@ def decode_cases() -> Iterator[Case]:
     t = DECODE_TILES
     for has_lora in (False, True):
         tiles = dict(HAS_LORA=has_lora, SPLITS=8, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
-        yield moe_decode._decode_gate_up_kernel, dict(HIDDEN=2048, **tiles), t.warps
-        yield moe_decode._decode_down_kernel, dict(INTER=768, **tiles), t.warps
+        yield moe_decode_gate_up._decode_gate_up_kernel, dict(HIDDEN=2048, **tiles), t.warps
+        yield moe_decode_down._decode_down_kernel, dict(INTER=768, **tiles), t.warps
     for halves, gather in ((2, True), (1, False)):
         shrink = dict(IN_DIM=2048, HALVES=halves, GATHER=gather, K_CHUNK=256, BLOCK_K=64, BLOCK_R=128)
-        yield moe_decode._decode_shrink_kernel, shrink, 4
+        yield moe_decode_shrink._decode_shrink_kernel, shrink, 4
 
 
 def dense_lora_cases() -> Iterator[Case]:

@@ -1,0 +1,76 @@
+"""Down GEMV of the decode path: one program per (pair, output tile), the LoRA expand from the shrink's
+partial sums; each pair's unweighted output (the weighted sum follows)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moelora.ops.triton.decode_common import add_partial_expand, fma_step, pair_expert, pair_slot
+from moelora.ops.triton.tiles import DecodeTiles
+
+
+@triton.jit
+def _decode_down_kernel(
+    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr,
+    top_k, hidden, num_experts, rank, num_slots, num_pairs,
+    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    p = tl.program_id(0)
+    t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
+    if runs:
+        e64 = e.to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < hidden
+        kk = tl.arange(0, BLOCK_K)
+        h_row = h_ptr + p.to(tl.int64) * INTER + kk
+        w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            k_ok = kk < INTER - k0
+            hk = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
+            acc = fma_step(acc, w_ptrs, n_ok[:, None] & k_ok[None, :], hk)
+            h_row += BLOCK_K
+            w_ptrs += BLOCK_K * sw_k
+        d = tl.sum(acc, axis=1)
+        if HAS_LORA:
+            s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
+            r = tl.arange(0, BLOCK_R)
+            b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
+            ha_row = ha_ptr + p.to(tl.int64) * rank
+            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, rank, on, SPLITS)
+        tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
+
+
+def decode_down(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    tiles: DecodeTiles,
+) -> torch.Tensor:
+    """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair whose expert runs here (other rows unset).
+    h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; lora = (token_slot [T], ha [splits,
+    T * k, R] fp32 partial sums from `decode_shrink`, b_dn [S, E_loc, H, R])."""
+    num_pairs, inter = h.shape
+    top_k = local_ids.shape[1]
+    num_experts, hidden = w_down.shape[0], w_down.shape[1]
+    d = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    if lora is None:  # placeholders, never read (HAS_LORA is off)
+        slot, ha, b = local_ids, h, w_down.unsqueeze(0)
+        num_slots, rank, splits = 0, 1, 1
+    else:
+        slot, ha, b = lora
+        num_slots, rank, splits = b.shape[0], b.shape[-1], ha.shape[0]
+    _decode_down_kernel[(num_pairs, triton.cdiv(hidden, tiles.block_n))](
+        h, local_ids, w_down, d, slot, ha, b,
+        top_k, hidden, num_experts, rank, num_slots, num_pairs,
+        *local_ids.stride(), *w_down.stride(), *b.stride(),
+        INTER=inter, HAS_LORA=lora is not None, SPLITS=splits,
+        BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
+    )  # fmt: skip
+    return d
