@@ -66,17 +66,15 @@ def moe_cases() -> Iterator[Case]:
     for _, base, lora in _MOE_TABLE:
         for t, has_lora in ((base, False), (lora, True)):
             for rank in (16, 64) if has_lora else (16,):
-                common = dict(HAS_LORA=has_lora, HI_LO=True, BLOCK_M=t.block_m, BLOCK_N=t.block_n)
-                common |= dict(BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m, PRECISION="tf32")
+                common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, HI_LO=True, BLOCK_M=t.block_m)
+                common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
+                common |= dict(PRECISION="tf32")
                 yield moe_gate_up._gate_up_kernel, dict(HIDDEN=2048, **common), t.warps
                 yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
     for halves, gather in ((2, True), (1, False)):
         shrink = dict(IN_DIM=2048 if gather else 768, HALVES=halves, GATHER=gather, ALIGN_M=128)
-        yield (
-            moe_shrink._shrink_kernel,
-            shrink | dict(BLOCK_M=32, BLOCK_K=128, BLOCK_R=32, PRECISION="tf32"),
-            4,
-        )
+        shrink |= dict(HAS_RANK=True, BLOCK_M=32, BLOCK_K=128, BLOCK_R=32, PRECISION="tf32")
+        yield moe_shrink._shrink_kernel, shrink, 4
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
@@ -90,21 +88,23 @@ def moe_cases() -> Iterator[Case]:
 def decode_cases() -> Iterator[Case]:
     t = DECODE_TILES
     for has_lora in (False, True):
-        tiles = dict(HAS_LORA=has_lora, SPLITS=8, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
+        tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, SPLITS=8, BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+        tiles |= dict(BLOCK_R=64)
         yield moe_decode_gate_up._decode_gate_up_kernel, dict(HIDDEN=2048, **tiles), t.warps
         yield moe_decode_down._decode_down_kernel, dict(INTER=768, **tiles), t.warps
     for halves, gather in ((2, True), (1, False)):
         shrink = dict(IN_DIM=2048, HALVES=halves, GATHER=gather, K_CHUNK=256, BLOCK_K=64, BLOCK_R=128)
+        shrink |= dict(HAS_RANK=True)
         yield moe_decode_shrink._decode_shrink_kernel, shrink, 4
 
 
 def dense_lora_cases() -> Iterator[Case]:
     for _, t in _LORA_TABLE:
         shrink = dict(IN_DIM=2048, K_CHUNK=min(t.k_chunk, 2048), BLOCK_M=t.block_m, BLOCK_K=t.shrink_k)
-        yield lora_shrink._lora_shrink_kernel, shrink | dict(BLOCK_R=64, PRECISION="tf32"), t.warps
-        expand = dict(
-            SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64, HI_LO=True, PRECISION="tf32"
-        )
+        shrink |= dict(BLOCK_R=64, PRECISION="tf32", HAS_RANK=True)
+        yield lora_shrink._lora_shrink_kernel, shrink, t.warps
+        expand = dict(SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64)
+        expand |= dict(HI_LO=True, PRECISION="tf32", HAS_RANK=True)
         yield lora_expand._lora_expand_kernel, expand, t.warps
 
 

@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from moelora import LLM, SamplingParams, ops  # noqa: E402
+from moelora.demo import demo_adapter_paths  # noqa: E402
 from moelora.ops.torch import align as torch_align  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch import moe as torch_moe  # noqa: E402
@@ -146,6 +148,16 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     assert_close(out, ref, CPU_TOL[x.dtype])
     base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
+    # Given each slot's rank, the kernels must not read the padding: NaN there changes nothing (a NaN
+    # read on either side, shrink or expand, would reach the output through the dot products).
+    slot_rank = torch.full((num_slots,), rank, dtype=torch.int32, device=DEV)
+    slot_rank[1] = max(1, rank // 2)
+    noisy = tuple(t.clone() for t in bufs)
+    for a, b in ((noisy[0], noisy[1]), (noisy[2], noisy[3])):
+        a[1, ..., max(1, rank // 2) :, :] = float("nan")
+        b[1, ..., max(1, rank // 2) :] = float("nan")
+    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *noisy, slot_rank=slot_rank)
+    assert_close(got, ref, CPU_TOL[x.dtype])
 
 
 @pytest.fixture(params=["aligned", "decode"])
@@ -165,6 +177,20 @@ def test_fused_moe_matches_twin(case, path: str):
 )
 def test_fused_moe_lora_matches_twin(case, rank: int, path: str):
     check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
+
+
+def test_decode_shrink_skips_rank_padding():
+    """The decode path's expand reads only the shrink's lanes below the rank, so check the shrink's own
+    output: with NaN in A's padding and the slot's rank given, every lane stays finite."""
+    from moelora.ops.triton.moe_decode_shrink import decode_shrink
+
+    g, x, _, _, ids, _ = moe_inputs(CPU_CASES[1], seed=11)
+    a_gu = lora_buffers(g, 3, CPU_CASES[1][2], CPU_CASES[1][3], CPU_CASES[1][4], 8, x.dtype)[0]
+    a_gu[1, ..., 4:, :] = float("nan")
+    slot = slots(g, x.shape[0], 3)
+    slot_rank = torch.tensor([8, 4, 8], dtype=torch.int32, device=DEV)
+    out = decode_shrink(x, ids, slot, a_gu, True, slot_rank)
+    assert torch.isfinite(out).all()
 
 
 def test_decode_path_is_taken_for_few_pairs():
@@ -205,6 +231,14 @@ def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtyp
     base = (slot < 0) | (slot >= num_slots)
     assert torch.equal(got[base], wide[base]), "tokens without a valid slot must be left alone"
     assert_close(got, ref, CPU_TOL[dtype])
+    # Given each slot's rank (a strided column, as the layers pass it), the padding (NaN) is not read.
+    ranks = torch.full((num_slots, parts), rank, dtype=torch.int32, device=DEV)
+    ranks[1, 1] = rank // 2
+    a[1, :, rank // 2 :] = float("nan")
+    b[1, :, rank // 2 :] = float("nan")
+    noisy = wide.clone()
+    triton_lora.add_lora(noisy[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot, ranks[:, 1])
+    assert_close(noisy, ref, CPU_TOL[dtype])
 
 
 @pytest.fixture(params=["table", "split-k"])
@@ -243,6 +277,18 @@ def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: i
     assert torch.equal(got[base], y[base]), "tokens without a valid slot must be left alone"
     assert_close(got, ref, CPU_TOL[dtype])
     assert (ref - y).abs().max() > 10 * CPU_TOL[dtype], "the LoRA delta must be visible"
+    # Per-part ranks: slot 1 uses rank // 2 in every part, slot 2 nothing in part 1 (its lanes zeroed
+    # in the reference); the kernels must not read the padding: NaN there changes nothing.
+    ranks = torch.full((num_slots, len(sizes)), rank, dtype=torch.int32, device=DEV)
+    ranks[1], ranks[2, 1] = rank // 2, 0
+    a[2, 1], b[2, sizes[0] : sizes[0] + sizes[1]] = 0, 0
+    ref = y.clone()
+    torch_lora.add_lora_parts(ref, x, a, b, slot, sizes)
+    a[1, :, rank // 2 :], b[1, :, rank // 2 :] = float("nan"), float("nan")
+    a[2, 1], b[2, sizes[0] : sizes[0] + sizes[1]] = float("nan"), float("nan")
+    noisy = y.clone()
+    triton_lora.add_lora_parts(noisy, x, a, b, slot, sizes, ranks)
+    assert_close(noisy, ref, CPU_TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -291,6 +337,29 @@ def test_route_strided_logits_and_bad_k():
     assert torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, atol=1e-6)
     with pytest.raises(ValueError, match="top_k 17 must be in"):
         triton_router.route(wide[:, 2:18], 17, True, False)
+
+
+def prompt_logprobs(adapters: dict, prompts: list[str], names: list[str | None]) -> list[list[float]]:
+    """Each prompt's token log-probs under its adapter, all in one mixed batch (fp32, no sampling)."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    kwargs = dict(progress=False, lora_modules=adapters, max_loras_per_batch=4, cuda_graphs=False)
+    with LLM("demo", device=DEV, **kwargs) as llm:
+        outs = llm.generate(prompts, params, lora=names)
+    return [[next(iter(lp.values())) for lp in out.prompt_logprobs[1:]] for out in outs]
+
+
+def test_demo_adapters_through_the_kernels_match_the_twins(tmp_path, monkeypatch):
+    """End to end through the layers: the demo's adapters (ranks 8, 16 and 4 in a rank-16 pool, so the
+    slots' ranks differ) through the MoE, LoRA and router kernels (fp32; the interpreter on CPU) give the
+    twins' prompt log-probs: the pool's per-slot ranks reach the kernels and skip only padding."""
+    adapters = demo_adapter_paths(tmp_path)
+    prompts = ["The weather today is", "Hello there", "My computer keeps", "To make a simple soup,"]
+    names: list[str | None] = [None, *adapters]
+    ref = prompt_logprobs(adapters, prompts, names)
+    monkeypatch.setattr(ops, "_BACKEND", "triton")  # every op on its kernel, CPU tensors included
+    got = prompt_logprobs(adapters, prompts, names)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-4), (g, r)
 
 
 GPU_CASES = [

@@ -59,6 +59,14 @@ def test_sparse_adapter_fills_only_the_rank_s_experts(hf_models, checkpoints, tm
             assert torch.equal(lora.a_dn[1, local], A)
             torch.testing.assert_close(lora.b_dn[1, local], s * B, rtol=1e-6, atol=0)
         assert not lora.a_gu[0].any()  # the other slot untouched
+        assert lora.rank.tolist() == [0, 4]  # the slot's rank, which the kernels read up to
+    qkv = model.decoder_layers()[0].self_attn.qkv.lora
+    assert qkv.rank[0].tolist() == [0, 0, 0]
+    parts = ("q_proj", "k_proj", "v_proj")
+    assert qkv.rank[1].tolist() == [4 if (0, n) in adapter.dense else 0 for n in parts]
+    assert qkv.rank[1].any()
+    pool.clear(1)
+    assert not qkv.rank.any() and not model.decoder_layers()[0].mlp.experts.lora.rank.any()
 
     write_sparse_adapter(tmp_path / "b", hf, [4, 5])
     other = read_adapter("b", tmp_path / "b", cfg, family)
@@ -68,6 +76,7 @@ def test_sparse_adapter_fills_only_the_rank_s_experts(hf_models, checkpoints, tm
     for layer in MOE_LAYERS:
         lora = rank0.decoder_layers()[layer].mlp.experts.lora
         assert not any(t[0].any() for t in (lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn))
+        assert lora.rank[0] == 0  # none of this rank's experts: its rank here is 0, nothing to read
     # The adapter's attention LoRA still reaches rank 0 (it is not expert-local).
     assert rank0.decoder_layers()[0].self_attn.qkv.lora.a[0].any()
 

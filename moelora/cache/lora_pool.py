@@ -79,11 +79,16 @@ class LoraPool:
                 torch.zeros(shape, dtype=self.dtype, device=self.device)
                 for shape in _shapes(t, num_slots, max_rank)
             ]
+            # Each slot's rank per target (per part for stacked layers): kernels skip the padding above it.
+            ranks = (num_slots, len(t.names)) if isinstance(t, _Target) else (num_slots,)
+            rank = torch.zeros(ranks, dtype=torch.int32, device=self.device)
             if isinstance(t, _Target):
-                t.module.lora = LinearLora(*buffers)
+                a, b = buffers
+                t.module.lora = LinearLora(a, b, rank)
                 self._linears.append(t)
             else:
-                t[1].lora = ExpertLora(*buffers)
+                a_gu, b_gu, a_dn, b_dn = buffers
+                t[1].lora = ExpertLora(a_gu, b_gu, a_dn, b_dn, rank)
                 self._experts.append(t)
 
     def buffers(self) -> Iterator[torch.Tensor]:
@@ -114,6 +119,12 @@ class LoraPool:
     def _clear(self, slot: int) -> None:
         for b in self.buffers():
             b[slot].zero_()
+        for t in self._linears:
+            assert t.module.lora is not None
+            t.module.lora.rank[slot] = 0
+        for _, moe in self._experts:
+            assert moe.lora is not None
+            moe.lora.rank[slot] = 0
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
         """Put `adapter` into `slot`: this rank's shards of every target, zeros where it has none."""
@@ -149,6 +160,7 @@ class LoraPool:
         w: LoraWeights,
     ) -> None:
         r = w.rank
+        lora.rank[slot, part] = r
         if isinstance(module, RowLinear):  # A split on its input columns, B whole
             lora.a[slot, part, :r] = w.A[:, module.cols].to(self.dtype)
             lora.b[slot, :, :r] = w.B.to(self.dtype)
@@ -161,12 +173,14 @@ class LoraPool:
         lora = moe.lora
         assert lora is not None
         cols = moe.cols  # this rank's share of the intermediate dimension
+        top = 0  # the slot's largest rank among these experts
         for proj in ("gate", "up", "down"):
             by_expert = adapter.experts.get((layer, proj), {})
             for g, w in by_expert.items():
                 if not moe.placement.owns(g):
                     continue  # another EP rank's expert: nothing of it is held here
                 e, r = moe.placement.local_id(g), w.rank
+                top = max(top, r)
                 if proj == "down":
                     lora.a_dn[slot, e, :r] = w.A[:, cols].to(self.dtype)
                     lora.b_dn[slot, e, :, :r] = w.B.to(self.dtype)
@@ -174,6 +188,7 @@ class LoraPool:
                     half = 0 if proj == "gate" else 1
                     lora.a_gu[slot, e, half, :r] = w.A.to(self.dtype)
                     lora.b_gu[slot, e, half, :, :r] = w.B[cols].to(self.dtype)
+        lora.rank[slot] = top
 
 
 def _part_rows(module: ColumnLinear | RowLinear, part: int) -> slice:

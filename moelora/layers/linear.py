@@ -44,7 +44,8 @@ def whole_part(name: str, full_out: int) -> OutPart:
 
 @dataclass
 class LinearLora:
-    """A linear layer's adapter slots: a [S, P, R, in_loc] (one A per stacked part), b [S, out_loc, R].
+    """A linear layer's adapter slots: a [S, P, R, in_loc] (one A per stacked part), b [S, out_loc, R],
+    rank [S, P] int32 (each slot's rank per part, 0 where empty: lanes from there up are zero padding).
 
     Filled by `moelora.cache.lora_pool.LoraPool`; sharded like the base weight (column layers: A whole,
     B rows split; row layers: A columns split, B whole).
@@ -52,6 +53,7 @@ class LinearLora:
 
     a: torch.Tensor
     b: torch.Tensor
+    rank: torch.Tensor
 
 
 def apply_lora(
@@ -65,9 +67,9 @@ def apply_lora(
     if lora is None or token_slot is None:
         return y
     if len(sizes) == 1:
-        ops.add_lora(y, x, lora.a[:, 0], lora.b, token_slot)
+        ops.add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0])
     else:
-        ops.add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes)
+        ops.add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank)
     return y
 
 

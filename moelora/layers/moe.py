@@ -28,12 +28,15 @@ class ExpertLora:
 
     a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R] (slice 0 gate, 1 up), a_dn [S, E_loc, R, I_loc],
     b_dn [S, E_loc, H, R]; indexed by local expert id, so they hold only the experts this rank owns.
+    rank [S] int32: each slot's largest rank over these experts' projections, 0 where empty (lanes from
+    there up are zero padding in every buffer).
     """
 
     a_gu: torch.Tensor
     b_gu: torch.Tensor
     a_dn: torch.Tensor
     b_dn: torch.Tensor
+    rank: torch.Tensor
 
 
 class FusedMoE(nn.Module):
@@ -71,8 +74,9 @@ class FusedMoE(nn.Module):
         if self.lora is None or token_slot is None:
             return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
         lo = self.lora
+        bufs = (lo.a_gu, lo.b_gu, lo.a_dn, lo.b_dn)
         return ops.fused_moe_lora(
-            x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.b_dn
+            x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, *bufs, slot_rank=lo.rank
         )
 
     def weight_specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:

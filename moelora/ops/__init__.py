@@ -189,12 +189,17 @@ def paged_attention(
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Dense multi-LoRA added in place; see `moelora.ops.torch.lora.add_lora`."""
     mod = _kernels("lora", x)
     impl = mod.add_lora if mod is not None else _torch_lora.add_lora
-    impl(y, x, a, b, token_slot)
+    impl(y, x, a, b, token_slot, slot_rank)
 
 
 def add_lora_parts(
@@ -204,11 +209,12 @@ def add_lora_parts(
     b: torch.Tensor,
     token_slot: torch.Tensor,
     sizes: tuple[int, ...],
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Dense multi-LoRA of stacked output parts (q/k/v); see `moelora.ops.torch.lora.add_lora_parts`."""
     mod = _kernels("lora", x)
     impl = mod.add_lora_parts if mod is not None else _torch_lora.add_lora_parts
-    impl(y, x, a, b, token_slot, sizes)
+    impl(y, x, a, b, token_slot, sizes, slot_rank)
 
 
 def fused_moe_lora(
@@ -222,8 +228,9 @@ def fused_moe_lora(
     b_gu: torch.Tensor,
     a_dn: torch.Tensor,
     b_dn: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
     mod = _kernels("moe", x)
     impl = mod.fused_moe_lora if mod is not None else _torch_lora.fused_moe_lora
-    return impl(x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn)
+    return impl(x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn, slot_rank)

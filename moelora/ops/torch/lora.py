@@ -14,12 +14,19 @@ def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Dense multi-LoRA, added in place.
 
     Shapes: T tokens, S slots, R the pool's rank. y [T, out] (may be a column slice of a wider output);
-    x [T, in]; a [S, R, in]; b [S, out, R] (scale folded in, ranks below R zero-padded); token_slot [T] int.
+    x [T, in]; a [S, R, in]; b [S, out, R] (scale folded in, ranks below R zero-padded); token_slot [T] int;
+    slot_rank None or [S] int (each slot's rank: its lanes from there up are the zero padding, which
+    kernels may skip; the result is the same).
 
     Semantics: y[t] += b[s] @ (a[s] @ x[t]) for s = token_slot[t] in [0, S); tokens with any other slot
     (-1 for the base model) are left alone. The product is computed in fp32 (fp64 for
@@ -39,11 +46,13 @@ def add_lora_parts(
     b: torch.Tensor,
     token_slot: torch.Tensor,
     sizes: tuple[int, ...],
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Dense multi-LoRA of a layer whose output stacks P parts (q/k/v, gate/up), added in place.
 
     Shapes: y [T, sum(sizes)]; x [T, in]; a [S, P, R, in] (one A per part); b [S, sum(sizes), R] (the
-    parts' rows stacked like y's columns); token_slot [T] int.
+    parts' rows stacked like y's columns); token_slot [T] int; slot_rank None or [S, P] int (as in
+    `add_lora`, per part).
 
     Semantics: part p (columns o_p .. o_p + sizes[p] of y and rows of b) is `add_lora` with a[:, p]:
     y[t, part] += b[s, part] @ (a[s, p] @ x[t]) for s = token_slot[t] in [0, S).
@@ -65,11 +74,14 @@ def fused_moe_lora(
     b_gu: torch.Tensor,
     a_dn: torch.Tensor,
     b_dn: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md).
 
     Shapes: as `fused_moe`, plus token_slot [T] int; a_gu [S, E_loc, 2, R, H]; b_gu [S, E_loc, 2, I_loc, R]
-    (slice 0 gate, 1 up); a_dn [S, E_loc, R, I_loc]; b_dn [S, E_loc, H, R]; scales folded into b.
+    (slice 0 gate, 1 up); a_dn [S, E_loc, R, I_loc]; b_dn [S, E_loc, H, R]; scales folded into b;
+    slot_rank None or [S] int (each slot's largest rank over the experts: lanes from there up are zero
+    padding, which kernels may skip; the result is the same).
 
     Semantics: for token t, choice j with e = local_ids[t, j] in [0, E_loc) (other ids contribute nothing),
     weight w = weights[t, j] and s = token_slot[t]:

@@ -12,7 +12,12 @@ from moelora.ops.triton.tiles import lora_tiles
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Same signature and Semantics as `moelora.ops.torch.lora.add_lora`."""
     num_tokens, in_dim = x.shape
@@ -30,8 +35,8 @@ def add_lora(
         return
     tiles = lora_tiles(num_tokens)
     slot = token_slot.contiguous()
-    xa = lora_shrink(x, a, slot, tiles)
-    lora_expand(y, xa, b, slot, tiles)
+    xa = lora_shrink(x, a, slot, tiles, None if slot_rank is None else slot_rank[:, None])
+    lora_expand(y, xa, b, slot, tiles, slot_rank)
 
 
 _MAX_STACKED_RANK = 128  # lanes of one shrink; wider stacks shrink part by part
@@ -44,6 +49,7 @@ def add_lora_parts(
     b: torch.Tensor,
     token_slot: torch.Tensor,
     sizes: tuple[int, ...],
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`."""
     num_tokens, in_dim = x.shape
@@ -64,14 +70,16 @@ def add_lora_parts(
     if triton.next_power_of_2(parts * rank) > _MAX_STACKED_RANK:
         offset = 0
         for p, n in enumerate(sizes):
-            add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot)
+            part_rank = None if slot_rank is None else slot_rank[:, p]
+            add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot, part_rank)
             offset += n
         return
     tiles = lora_tiles(num_tokens)
     slot = token_slot.contiguous()
-    xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles)
+    xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles, slot_rank)
     offset = 0
     for p, n in enumerate(sizes):
         part_xa = xa[:, :, p * rank : (p + 1) * rank]
-        lora_expand(y[:, offset : offset + n], part_xa, b[:, offset : offset + n], slot, tiles)
+        part_rank = None if slot_rank is None else slot_rank[:, p]
+        lora_expand(y[:, offset : offset + n], part_xa, b[:, offset : offset + n], slot, tiles, part_rank)
         offset += n

@@ -12,9 +12,10 @@ from moelora.ops.triton.tiles import LoraTiles, dot_precision
 
 @triton.jit
 def _lora_expand_kernel(
-    xa_ptr, b_ptr, y_ptr, slot_ptr, num_tokens, out_dim, rank, num_slots,
-    sxa_s, sxa_t, sb_s, sb_n, sb_r, sy_t, sy_n,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    xa_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, num_tokens, out_dim, rank, num_slots,
+    sxa_s, sxa_t, sb_s, sb_n, sb_r, sy_t, sy_n, s_rs,
+    SPLITS: tl.constexpr, HAS_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HI_LO: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -34,8 +35,10 @@ def _lora_expand_kernel(
         xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, SPLITS):
             xa += tl.load(xa_ptrs + i * sxa_s, mask=xa_mask, other=0.0)
-        b_mask = r_ok[:, None] & n_ok[None, :]
         while s < num_slots:
+            b_mask = r_ok[:, None] & n_ok[None, :]
+            if HAS_RANK:  # B's columns from the slot's rank up are padding: not read
+                b_mask = b_mask & (r < tl.load(rank_ptr + s * s_rs))[:, None]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
             acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
@@ -47,18 +50,25 @@ def _lora_expand_kernel(
 
 
 def lora_expand(
-    y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, token_slot: torch.Tensor, tiles: LoraTiles
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    token_slot: torch.Tensor,
+    tiles: LoraTiles,
+    slot_rank: torch.Tensor | None = None,
 ) -> None:
     """y[t] += b[s] @ sum(xa[:, t]) in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
     xa [splits, T, R] fp32 partial sums from `lora_shrink` (its last dimension contiguous: a column slice
-    of a stacked shrink's output is fine), b [S, out, R] (any strides)."""
+    of a stacked shrink's output is fine), b [S, out, R] (any strides); slot_rank None or [S] int (any
+    stride): B's columns at or above a slot's rank are padding, not read."""
     num_tokens, out_dim = y.shape
     num_slots, rank = b.shape[0], b.shape[2]
     grid = (triton.cdiv(num_tokens, tiles.block_m), triton.cdiv(out_dim, tiles.expand_n))
+    ranks = token_slot if slot_rank is None else slot_rank  # a placeholder when there is none
     _lora_expand_kernel[grid](
-        xa, b, y, token_slot, num_tokens, out_dim, rank, num_slots, xa.stride(0), xa.stride(1),
-        *b.stride(), *y.stride(),
-        SPLITS=xa.shape[0], BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
+        xa, b, y, token_slot, ranks, num_tokens, out_dim, rank, num_slots, xa.stride(0), xa.stride(1),
+        *b.stride(), *y.stride(), ranks.stride(0),
+        SPLITS=xa.shape[0], HAS_RANK=slot_rank is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         HI_LO=b.element_size() == 2, PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
     )  # fmt: skip

@@ -51,6 +51,7 @@ def fused_moe_lora(
     b_gu: torch.Tensor,
     a_dn: torch.Tensor,
     b_dn: torch.Tensor,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`."""
     _check(x, w_gate_up, w_down, local_ids, weights)
@@ -71,17 +72,21 @@ def fused_moe_lora(
             )
     if token_slot.shape != (num_tokens,):
         raise ValueError(f"token_slot has shape {tuple(token_slot.shape)}, expected ({num_tokens},)")
+    if slot_rank is not None and slot_rank.shape != (num_slots,):
+        raise ValueError(f"slot_rank has shape {tuple(slot_rank.shape)}, expected ({num_slots},)")
     if num_tokens == 0:
         return torch.zeros_like(x)
     slot = token_slot.contiguous()
     if use_decode_path(num_tokens * top_k, num_experts, top_k):
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, a_gu, b_gu, a_dn, b_dn))
+        lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora)
     tiles = moe_tiles(num_tokens * top_k, num_experts, lora=True)
     sorted_pairs, block_expert = moe_align(local_ids, slot, num_experts, num_slots, tiles.block_m)
-    xa = moe_lora_shrink(x, a_gu, sorted_pairs, block_expert, slot, top_k, True, tiles.block_m)
-    h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, (slot, xa, b_gu))
-    ha = moe_lora_shrink(h, a_dn, sorted_pairs, block_expert, slot, top_k, False, tiles.block_m)
-    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, (slot, ha, b_dn))
+    rows = (sorted_pairs, block_expert)
+    xa = moe_lora_shrink(x, a_gu, *rows, slot, top_k, True, tiles.block_m, slot_rank)
+    h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
+    ha = moe_lora_shrink(h, a_dn, *rows, slot, top_k, False, tiles.block_m, slot_rank)
+    d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
     return moe_sum(d, local_ids, weights, num_experts)
 
 

@@ -13,7 +13,7 @@ from moelora.ops.triton.moe_decode_gate_up import decode_gate_up
 from moelora.ops.triton.moe_decode_shrink import decode_shrink
 from moelora.ops.triton.moe_sum import moe_sum
 
-LoraBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+LoraBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def decode_moe(
@@ -24,17 +24,18 @@ def decode_moe(
     weights: torch.Tensor,
     lora: LoraBuffers | None,
 ) -> torch.Tensor:
-    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, a_gu, b_gu, a_dn, b_dn)) for few
-    pairs: three launches (five with LoRA), no alignment, every size from the shapes (CUDA-graph safe)."""
+    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, a_gu, b_gu, a_dn, b_dn,
+    slot_rank)) for few pairs: three launches (five with LoRA), no alignment, every size from the shapes
+    (CUDA-graph safe)."""
     tiles = tile_table.DECODE_TILES  # read per call, so a sweep can patch the table
     num_experts = w_down.shape[0]
     if lora is None:
         h = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
         d = decode_down(h, w_down, local_ids, None, tiles)
     else:
-        slot, a_gu, b_gu, a_dn, b_dn = lora
-        xa = decode_shrink(x, local_ids, slot, a_gu, gather=True)
-        h = decode_gate_up(x, w_gate_up, local_ids, (slot, xa, b_gu), tiles)
-        ha = decode_shrink(h, local_ids, slot, a_dn, gather=False)
-        d = decode_down(h, w_down, local_ids, (slot, ha, b_dn), tiles)
+        slot, a_gu, b_gu, a_dn, b_dn, slot_rank = lora
+        xa = decode_shrink(x, local_ids, slot, a_gu, True, slot_rank)
+        h = decode_gate_up(x, w_gate_up, local_ids, (slot, xa, b_gu, slot_rank), tiles)
+        ha = decode_shrink(h, local_ids, slot, a_dn, False, slot_rank)
+        d = decode_down(h, w_down, local_ids, (slot, ha, b_dn, slot_rank), tiles)
     return moe_sum(d, local_ids, weights, num_experts)

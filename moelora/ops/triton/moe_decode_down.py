@@ -13,10 +13,10 @@ from moelora.ops.triton.tiles import DecodeTiles
 
 @triton.jit
 def _decode_down_kernel(
-    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr,
+    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
     top_k, hidden, num_experts, rank, num_slots, num_pairs,
     s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, SPLITS: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -38,10 +38,13 @@ def _decode_down_kernel(
         d = tl.sum(acc, axis=1)
         if HAS_LORA:
             s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
+            lane_rank = rank  # B's columns from the slot's rank up are padding: not read
+            if HAS_RANK:
+                lane_rank = tl.load(rank_ptr + s)
             r = tl.arange(0, BLOCK_R)
             b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
             ha_row = ha_ptr + p.to(tl.int64) * rank
-            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, rank, on, SPLITS)
+            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, lane_rank, on, SPLITS)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -49,27 +52,29 @@ def decode_down(
     h: torch.Tensor,
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair whose expert runs here (other rows unset).
     h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; lora = (token_slot [T], ha [splits,
-    T * k, R] fp32 partial sums from `decode_shrink`, b_dn [S, E_loc, H, R])."""
+    T * k, R] fp32 partial sums from `decode_shrink`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
+    columns at or above it are padding, not read)."""
     num_pairs, inter = h.shape
     top_k = local_ids.shape[1]
     num_experts, hidden = w_down.shape[0], w_down.shape[1]
     d = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    slot_rank = None
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         slot, ha, b = local_ids, h, w_down.unsqueeze(0)
         num_slots, rank, splits = 0, 1, 1
     else:
-        slot, ha, b = lora
+        slot, ha, b, slot_rank = lora
         num_slots, rank, splits = b.shape[0], b.shape[-1], ha.shape[0]
     _decode_down_kernel[(num_pairs, triton.cdiv(hidden, tiles.block_n))](
-        h, local_ids, w_down, d, slot, ha, b,
+        h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank,
         top_k, hidden, num_experts, rank, num_slots, num_pairs,
         *local_ids.stride(), *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, SPLITS=splits,
+        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, SPLITS=splits,
         BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
     )  # fmt: skip

@@ -14,10 +14,11 @@ _SHRINK_K = 64
 
 @triton.jit
 def _decode_shrink_kernel(
-    in_ptr, ids_ptr, slot_ptr, a_ptr, out_ptr,
+    in_ptr, ids_ptr, slot_ptr, a_ptr, out_ptr, rank_ptr,
     top_k, num_experts, rank, num_slots, num_pairs,
     s_in_row, s_in_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     IN_DIM: tl.constexpr, HALVES: tl.constexpr, GATHER: tl.constexpr, K_CHUNK: tl.constexpr,
+    HAS_RANK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # out[split, p, j] = part of a[s, e, j // rank, j % rank] @ in[row] over this split's columns.
@@ -28,6 +29,8 @@ def _decode_shrink_kernel(
     e64 = tl.where(runs, e, 0).to(tl.int64)
     j = tl.arange(0, BLOCK_R)
     j_ok = (j < HALVES * rank) & on & runs
+    if HAS_RANK:  # A's rank lanes from the slot's rank up are padding: not read
+        j_ok = j_ok & (j % rank < tl.load(rank_ptr + s))
     row = t if GATHER else p
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     a_ptrs = (
@@ -44,10 +47,16 @@ def _decode_shrink_kernel(
 
 
 def decode_shrink(
-    inp: torch.Tensor, local_ids: torch.Tensor, slot: torch.Tensor, a: torch.Tensor, gather: bool
+    inp: torch.Tensor,
+    local_ids: torch.Tensor,
+    slot: torch.Tensor,
+    a: torch.Tensor,
+    gather: bool,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> [splits, pairs, halves * R] fp32 partial sums of a[s, e, half] @ inp[row] (row: the pair's token
-    if `gather`, else the pair itself); zeros for pairs without a valid slot or expert."""
+    if `gather`, else the pair itself); zeros for pairs without a valid slot or expert. slot_rank [S] or
+    None: A's rank lanes at or above it are padding, not read."""
     a5 = a if a.dim() == 5 else a.unsqueeze(2)
     num_slots, num_experts, halves, rank, in_dim = a5.shape
     num_pairs = local_ids.numel()
@@ -56,10 +65,10 @@ def decode_shrink(
     splits = triton.cdiv(in_dim, chunk)
     out = torch.empty(splits, num_pairs, halves * rank, dtype=torch.float32, device=inp.device)
     _decode_shrink_kernel[(num_pairs, splits)](
-        inp, local_ids, slot, a5, out,
+        inp, local_ids, slot, a5, out, slot if slot_rank is None else slot_rank,
         local_ids.shape[1], num_experts, rank, num_slots, num_pairs,
         *inp.stride(), *local_ids.stride(), *a5.stride(),
-        IN_DIM=in_dim, HALVES=halves, GATHER=gather, K_CHUNK=chunk,
+        IN_DIM=in_dim, HALVES=halves, GATHER=gather, K_CHUNK=chunk, HAS_RANK=slot_rank is not None,
         BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(halves * rank)),
     )  # fmt: skip
     return out

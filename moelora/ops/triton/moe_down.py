@@ -12,10 +12,10 @@ from moelora.ops.triton.tiles import Tiles, dot_precision
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr,
+    h_ptr, w_ptr, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
     num_pairs, top_k, hidden, rank, num_slots, num_blocks,
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HI_LO: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, HI_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -53,6 +53,8 @@ def _down_kernel(
             sel = (slot == s)[:, None]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             b_mask = r_ok[:, None] & n_ok[None, :]
+            if HAS_RANK:  # B's columns from the slot's rank up are padding: not read
+                b_mask = b_mask & (r < tl.load(rank_ptr + s))[:, None]
             acc = add_expand(acc, tl.where(sel, ha, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     dst = d_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :]
@@ -67,27 +69,29 @@ def moe_down(
     num_tokens: int,
     top_k: int,
     tiles: Tiles,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset).
 
     h [rows, I_loc] aligned rows; w_down [E_loc, H, I_loc]; lora = (token_slot [T], ha [rows, 1, R] fp32,
-    b_dn [S, E_loc, H, R]) adds b_dn[s, e] @ ha[row].
+    b_dn [S, E_loc, H, R], slot_rank [S] or None) adds b_dn[s, e] @ ha[row] (B's columns at or above the
+    slot's rank are padding, not read).
     """
     hidden, inter = w_down.shape[1], w_down.shape[2]
     num_pairs = num_tokens * top_k
     d = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    slot_rank = None
     if lora is None:
         slot, ha, b, rank, num_slots = sorted_pairs, h, w_down.unsqueeze(0), 1, 0
     else:
-        slot, ha, b = lora
+        slot, ha, b, slot_rank = lora
         num_slots, rank = b.shape[0], b.shape[-1]
     blocks = block_expert.numel()
     _down_kernel[num_blocks_grid(blocks, hidden, tiles.block_n)](
-        h, w_down, d, sorted_pairs, block_expert, slot, ha, b,
+        h, w_down, d, sorted_pairs, block_expert, slot, ha, b, slot if slot_rank is None else slot_rank,
         num_pairs, top_k, hidden, rank, num_slots, blocks,
         *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, HI_LO=h.element_size() == 2,
+        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, HI_LO=h.element_size() == 2,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(h.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

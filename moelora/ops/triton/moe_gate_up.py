@@ -12,10 +12,10 @@ from moelora.ops.triton.tiles import Tiles, dot_precision
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr,
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr,
     num_pairs, top_k, inter, rank, num_slots, num_blocks,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HI_LO: tl.constexpr,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, HI_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -60,6 +60,8 @@ def _gate_up_kernel(
             sel = (slot == s)[:, None]
             b_base = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             b_mask = r_ok[:, None] & n_ok[None, :]
+            if HAS_RANK:  # B's columns from the slot's rank up are padding: not read
+                b_mask = b_mask & (r < tl.load(rank_ptr + s))[:, None]
             acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, HI_LO, PRECISION)
             acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
@@ -75,27 +77,29 @@ def moe_gate_up(
     block_expert: torch.Tensor,
     top_k: int,
     tiles: Tiles,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
 ) -> torch.Tensor:
     """-> h [rows, I_loc] in x's dtype: silu(gate) * up of each aligned row's pair (padding rows unset).
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [rows, 2, R] fp32 from the
-    shrink, b_gu [S, E_loc, 2, I_loc, R]) adds b_gu[s, e, half] @ xa[row, half] before the activation.
+    shrink, b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds b_gu[s, e, half] @ xa[row, half]
+    before the activation (B's columns at or above the slot's rank are padding, not read).
     """
     num_tokens, hidden = x.shape
     inter = w_gate_up.shape[1] // 2
     rows, blocks = sorted_pairs.numel(), block_expert.numel()
     h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    slot_rank = None
     if lora is None:
         slot, xa, b, rank, num_slots = sorted_pairs, x, w_gate_up.unsqueeze(0).unsqueeze(0), 1, 0
     else:
-        slot, xa, b = lora
+        slot, xa, b, slot_rank = lora
         num_slots, rank = b.shape[0], b.shape[-1]
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
-        x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b,
+        x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
         num_tokens * top_k, top_k, inter, rank, num_slots, blocks,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, HI_LO=x.element_size() == 2,
+        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, HI_LO=x.element_size() == 2,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

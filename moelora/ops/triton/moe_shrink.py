@@ -13,10 +13,11 @@ _SUB_M = 32
 
 @triton.jit
 def _shrink_kernel(
-    in_ptr, a_ptr, out_ptr, sorted_ptr, block_expert_ptr, slot_ptr,
+    in_ptr, a_ptr, out_ptr, sorted_ptr, block_expert_ptr, slot_ptr, rank_ptr,
     num_pairs, top_k, rank, num_slots,
     s_in_row, s_in_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     IN_DIM: tl.constexpr, HALVES: tl.constexpr, GATHER: tl.constexpr, ALIGN_M: tl.constexpr,
+    HAS_RANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -43,6 +44,9 @@ def _shrink_kernel(
     while s < num_slots:
         sel = slot == s
         a_base = a_ptr + s.to(tl.int64) * sa_s + e * sa_e
+        lane_ok = j_ok
+        if HAS_RANK:  # A's rank lanes from the slot's rank up are padding: not read
+            lane_ok = j_ok & (j % rank < tl.load(rank_ptr + s))
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, IN_DIM, BLOCK_K):
             k_ok = kk < IN_DIM - k0
@@ -53,7 +57,7 @@ def _shrink_kernel(
             )
             ak = tl.load(
                 a_base + a_col[None, :] + (k0 + kk)[:, None] * sa_k,
-                mask=k_ok[:, None] & j_ok[None, :],
+                mask=k_ok[:, None] & lane_ok[None, :],
                 other=0.0,
             )
             acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
@@ -72,12 +76,14 @@ def moe_lora_shrink(
     top_k: int,
     gather: bool,
     block_m: int,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> out [rows, halves, R] fp32: out[row, h] = a[s, e, h] @ inp[src] for the row's pair (t, j).
 
     a [S, E_loc, halves, R, K] (gate/up) or [S, E_loc, R, K] (down, one half); src = t if `gather`
     (inp [T, K]) else the aligned row (inp [rows, K]). Rows whose slot is outside [0, S) hold zeros,
-    padding rows are not written.
+    padding rows are not written. slot_rank [S] or None: A's rank lanes at or above it are padding, not
+    read.
     """
     a5 = a if a.dim() == 5 else a.unsqueeze(2)
     num_slots, _, halves, rank, in_dim = a5.shape
@@ -88,10 +94,10 @@ def moe_lora_shrink(
     # sub-block's rows, so fewer rows per program waste less where a block holds several slots.
     sub_m = min(block_m, _SUB_M)
     _shrink_kernel[(blocks * (block_m // sub_m),)](
-        inp, a5, out, sorted_pairs, block_expert, token_slot,
+        inp, a5, out, sorted_pairs, block_expert, token_slot, token_slot if slot_rank is None else slot_rank,
         num_pairs, top_k, rank, num_slots,
         inp.stride(0), inp.stride(1), *a5.stride(),
-        IN_DIM=in_dim, HALVES=halves, GATHER=gather, ALIGN_M=block_m,
+        IN_DIM=in_dim, HALVES=halves, GATHER=gather, ALIGN_M=block_m, HAS_RANK=slot_rank is not None,
         BLOCK_M=sub_m, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(halves * rank)),
         PRECISION=dot_precision(inp.dtype),
     )  # fmt: skip
