@@ -88,14 +88,16 @@ def route(m: int, num_experts: int, k: int, gen: torch.Generator) -> tuple[torch
     return ids.to(torch.int32), (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
 
 
-def lora_buffers(s: int, e: int, h: int, i: int, r: int) -> tuple[torch.Tensor, ...]:
+def lora_buffers(s: int, e: int, h: int, i: int, r: int, used: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random adapter buffers of rank r; with `used`, lanes from there up are zero (a lower-rank adapter)."""
     dt = dict(dtype=torch.bfloat16, device="cuda")
-    return (
-        torch.randn(s, e, 2, r, h, **dt) * h**-0.5,
-        torch.randn(s, e, 2, i, r, **dt) * r**-0.5,
-        torch.randn(s, e, r, i, **dt) * i**-0.5,
-        torch.randn(s, e, h, r, **dt) * r**-0.5,
-    )
+    a_gu, b_gu = torch.randn(s, e, 2, r, h, **dt) * h**-0.5, torch.randn(s, e, 2, i, r, **dt) * r**-0.5
+    a_dn, b_dn = torch.randn(s, e, r, i, **dt) * i**-0.5, torch.randn(s, e, h, r, **dt) * r**-0.5
+    if 0 < used < r:
+        for a, b in ((a_gu, b_gu), (a_dn, b_dn)):
+            a[..., used:, :] = 0
+            b[..., used:] = 0
+    return a_gu, b_gu, a_dn, b_dn
 
 
 def bench_model(name: str, ms: list[int], loras: list[tuple[int, int]], args: argparse.Namespace):
@@ -103,7 +105,7 @@ def bench_model(name: str, ms: list[int], loras: list[tuple[int, int]], args: ar
     dt = dict(dtype=torch.bfloat16, device="cuda")
     w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
     w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
-    bufs = {(s, r): lora_buffers(s, num_experts, hidden, inter, r) for s, r in loras}
+    bufs = {(s, r): lora_buffers(s, num_experts, hidden, inter, r, args.used_rank) for s, r in loras}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for m in ms:
         yield from bench_m(name, m, w_gu, w_dn, bufs, gen, args)
@@ -127,11 +129,14 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
     block_m = moe_tiles(m * k, num_experts, lora=True).block_m
     for (s, r), (a_gu, b_gu, a_dn, b_dn) in bufs.items():
         slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
+        # --used-rank: adapters of that rank in the pool of rank r (lanes above it zero, skipped by rank).
+        used = min(args.used_rank or r, r)
+        slot_rank = torch.full((s,), used, dtype=torch.int32, device="cuda")
         lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot)
-        total = graph_time_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn), reps)
+        total = graph_time_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank), reps)
         align = graph_time_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps)
         pairs = (slot.long()[:, None] * num_experts + ids.long()).unique().numel()
-        floor = pairs * 2 * r * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
+        floor = pairs * 2 * used * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
         lora = total - base
         yield Row(name, m, s, r, base, gmm, total, lora, floor, floor / max(lora, 1e-3), base_floor, align)
 
@@ -326,6 +331,9 @@ def main() -> None:
     p.add_argument("--json", default="", help="append one JSON line per row to this file")
     p.add_argument("--sweep", default="", help="comma list of M: time the base MoE per tile config instead")
     p.add_argument("--profile", action="store_true", help="per-kernel GPU times (eager) instead of rows")
+    p.add_argument(
+        "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
+    )
     args = p.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
