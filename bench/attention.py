@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from timing import events_us, graph_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moelora.ops.torch import attention as twin
@@ -56,41 +57,6 @@ class PrefillRow:
     sdpa_us: float
     paged_vs_sdpa: float
     paged_tflops: float
-
-
-def events_us(fn: Callable[[], object], reps: int) -> float:
-    """Mean time per call of `reps` back-to-back eager calls (after warm-up), host overhead included."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
-def graph_us(fn: Callable[[], object], calls: int = 20, reps: int = 7) -> float:
-    """Median over `reps` replays of a graph of `calls` captured calls, per call."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def copy_tbps() -> float:
@@ -133,7 +99,7 @@ def decode_problem(batch: int, context: int, seed: int = 0):
 def bench_decode(batch: int, context: int, copy: float, tiles: DecodeTiles) -> DecodeRow:
     q, k_cache, v_cache, tables, lens = decode_problem(batch, context)
     splits = num_splits(batch, HKV, tables.shape[1] * PAGE, q.device, tiles)
-    us = graph_us(lambda: paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None, tiles))
+    us = graph_us(lambda: paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None, tiles), calls=20)
     seq_lens, kv_lens = (1,) * batch, (context,) * batch
     eager = events_us(
         lambda: kern.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, None), 20

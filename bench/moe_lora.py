@@ -13,12 +13,12 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import graph_us
 
 from moelora import ops
 from moelora.ops.triton import moe as triton_moe
@@ -45,27 +45,6 @@ class Row:
     lora_share: float
     base_floor_us: float
     align_us: float
-
-
-def graph_time_us(fn: Callable[[], object], reps: int) -> float:
-    """Median of `reps` CUDA-graph replays of fn (captured after one eager warm-up call)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def grouped_mm_moe(x, w_gu_t, w_dn_t, ids, weights, num_experts):
@@ -118,10 +97,10 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
     x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
     ids, weights = route(m, num_experts, k, gen)
     reps = args.reps if m <= 512 else max(5, args.reps // 4)
-    base = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps)
+    base = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=reps)
     try:
         gmm_fn = partial(grouped_mm_moe, x, w_gu.transpose(1, 2), w_dn.transpose(1, 2), ids, weights)
-        gmm = graph_time_us(partial(gmm_fn, num_experts), reps)
+        gmm = graph_us(partial(gmm_fn, num_experts), reps=reps)
     except (RuntimeError, AttributeError) as err:  # not every build has it
         print(f"# torch._grouped_mm: {str(err).splitlines()[0]}", file=sys.stderr)
         gmm = float("nan")
@@ -133,8 +112,8 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         used = min(args.used_rank or r, r)
         slot_rank = torch.full((s,), used, dtype=torch.int32, device="cuda")
         lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot)
-        total = graph_time_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank), reps)
-        align = graph_time_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps)
+        total = graph_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank), reps=reps)
+        align = graph_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps=reps)
         pairs = (slot.long()[:, None] * num_experts + ids.long()).unique().numel()
         floor = pairs * 2 * used * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
         lora = total - base
@@ -187,10 +166,10 @@ def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
         decode = tiles.use_decode_path(m * k, num_experts, k)
         if decode:  # the aligned path at the same M, for reference
             triton_moe.use_decode_path = lambda *_: False
-            us = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), args.reps)
+            us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=args.reps)
             lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
             aligned = moe_tiles(m * k, num_experts, lora=False)
-            lora_us = graph_time_us(lora_fn, args.reps)
+            lora_us = graph_us(lora_fn, reps=args.reps)
             print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | lora 4x16 {lora_us:.0f} |")
             triton_moe.use_decode_path = tiles.use_decode_path
         for t in DECODE_SWEEP if decode else SWEEP:
@@ -203,9 +182,9 @@ def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
             label = f"| sweep | {name} | {m} | {t} |"
             try:
                 reps = max(5, args.reps // 2)
-                us = graph_time_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps)
+                us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=reps)
                 lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
-                lora = graph_time_us(lora_fn, reps)
+                lora = graph_us(lora_fn, reps=reps)
                 tflops = flops / us / 1e6
                 print(f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | lora 4x16 {lora:.0f} |", flush=True)
             except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
@@ -231,7 +210,7 @@ def sweep_dense(args: argparse.Namespace) -> None:
                 tiles._LORA_TABLE = ((float("inf"), t),)
                 label = f"| dense | {num_tokens} | {s}x{r} | {t} |"
                 try:
-                    us = graph_time_us(partial(ops.add_lora, y, x, a, b, slot), max(5, args.reps // 2))
+                    us = graph_us(partial(ops.add_lora, y, x, a, b, slot), reps=max(5, args.reps // 2))
                     print(f"{label} {us:.1f} | floor {floor:.1f} |", flush=True)
                 except Exception as err:
                     print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
@@ -254,8 +233,8 @@ def qkv(x: torch.Tensor, slot: torch.Tensor, s: int, r: int, args: argparse.Name
             offset += n
 
     reps = max(5, args.reps // 2)
-    stacked = graph_time_us(partial(ops.add_lora_parts, y, x, a, b, slot, sizes), reps)
-    parts = graph_time_us(per_part, reps)
+    stacked = graph_us(partial(ops.add_lora_parts, y, x, a, b, slot, sizes), reps=reps)
+    parts = graph_us(per_part, reps=reps)
     print(f"| qkv | {x.shape[0]} | {s}x{r} | stacked {stacked:.1f} | per part {parts:.1f} |", flush=True)
 
 
@@ -303,7 +282,7 @@ def profile(name: str, ms: list[int], loras: list[tuple[int, int]]) -> None:
 
 def dense_tflops() -> float:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    us = graph_time_us(lambda: a @ a, 10)
+    us = graph_us(lambda: a @ a, reps=10)
     return 2 * 8192**3 / (us * 1e-6) / 1e12
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
+from timing import events_us, graph_us
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.language is imported
@@ -138,48 +138,6 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
     return [*cases, write_kv]
 
 
-def events_us(fn: Callable[[], object], reps: int) -> float:
-    """Mean time per call of `reps` back-to-back eager calls (after warm-up), host overhead included."""
-    for _ in range(3):
-        fn()
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) * 1e6 / reps
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
-def graph_us(fn: Callable[[], object], calls: int = 20, reps: int = 7) -> float | None:
-    """Median over `reps` replays of a graph of `calls` captured calls, per call; None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
 def max_err(case: Case) -> float:
     ours, ref = as_list(case.kernel()), as_list(case.twin())
     if case.written is not None:
@@ -190,7 +148,9 @@ def max_err(case: Case) -> float:
 def bench(case: Case, tokens: int, reps: int) -> Row:
     err = max_err(case)
     twin_us, kernel_us = events_us(case.twin, reps), events_us(case.kernel, reps)
-    twin_graph, kernel_graph = graph_us(case.twin), graph_us(case.kernel)
+    cuda = torch.cuda.is_available()
+    twin_graph = graph_us(case.twin, calls=20) if cuda else None
+    kernel_graph = graph_us(case.kernel, calls=20) if cuda else None
     us = kernel_graph if kernel_graph is not None else kernel_us
     return Row(case.op, tokens, twin_us, kernel_us, twin_graph, kernel_graph, case.nbytes / us / 1e3, err)
 

@@ -56,7 +56,6 @@ class IncrementalDetokenizer:
     ) -> None:
         """`min_tokens`: a stop string only counts once it ends at or after that many generated tokens
         (as stop token ids and EOS, which the sampler masks until then)."""
-        self._tokenizer = tokenizer
         self._decode_ids = token_decoder(tokenizer) if tokenizer is not None else None
         self._min_tokens, self._count = min_tokens, 0
         self._stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -84,7 +83,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append a generated token; return the text that became final (often "")."""
-        if self._tokenizer is None or self._stopped:
+        if self._decode_ids is None or self._stopped:
             return ""
         self._ids.append(token_id)
         self._count += 1
@@ -97,7 +96,7 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Return the text still held back (pending partial characters included); call once at the end."""
-        if self._tokenizer is None or self._stopped:
+        if self._decode_ids is None or self._stopped:
             return ""
         prefix_text = self._decode(self._prefix, self._read)
         window_text = self._decode(self._prefix, len(self._ids))

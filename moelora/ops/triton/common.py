@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton GEMM kernels: grouped program order, and the LoRA expand of a tile."""
+"""Pieces shared by the Triton kernels: grouped program order, the rank lanes a slot uses, and the LoRA
+expand of a tile."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK: tl.constexpr):
+    """Which rank lanes r to read for slot s: below the buffers' rank and, when slot ranks are given
+    (rank_ptr[s]), below the slot's own; the lanes above it hold zero padding."""
+    ok = r < rank
+    if HAS_RANK:
+        ok = ok & (r < tl.load(rank_ptr + s))
+    return ok
 
 
 @triton.jit

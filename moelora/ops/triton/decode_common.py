@@ -33,9 +33,9 @@ def pair_slot(slot_ptr, t, num_slots, HAS_LORA: tl.constexpr):
 
 
 @triton.jit
-def add_partial_expand(acc, u_ptr, u_stride, b_ptrs, n_ok, r, rank, on, SPLITS: tl.constexpr):
-    """acc [N] += b [N, R] @ u, u the sum of SPLITS partial shrink vectors (stride u_stride apart)."""
-    r_ok = (r < rank) & on
+def add_partial_expand(acc, u_ptr, u_stride, b_ptrs, n_ok, r, r_ok, SPLITS: tl.constexpr):
+    """acc [N] += b [N, R] @ u, u the sum of SPLITS partial shrink vectors (stride u_stride apart); lanes
+    r read where r_ok."""
     u = tl.zeros(r.shape, dtype=tl.float32)
     for i in range(0, SPLITS):
         u += tl.load(u_ptr + i * u_stride + r, mask=r_ok, other=0.0)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand
+from moelora.ops.triton.common import add_expand, lanes_in_rank
 from moelora.ops.triton.tiles import LoraTiles, dot_precision
 
 
@@ -36,9 +36,7 @@ def _lora_expand_kernel(
         for i in range(0, SPLITS):
             xa += tl.load(xa_ptrs + i * sxa_s, mask=xa_mask, other=0.0)
         while s < num_slots:
-            b_mask = r_ok[:, None] & n_ok[None, :]
-            if HAS_RANK:  # B's columns from the slot's rank up are padding: not read
-                b_mask = b_mask & (r < tl.load(rank_ptr + s * s_rs))[:, None]
+            b_mask = lanes_in_rank(r, rank, rank_ptr, s * s_rs, HAS_RANK)[:, None] & n_ok[None, :]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
             acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import lanes_in_rank
 from moelora.ops.triton.decode_common import add_partial_expand, fma_step, pair_expert, pair_slot
 from moelora.ops.triton.tiles import DecodeTiles
 
@@ -38,13 +39,11 @@ def _decode_down_kernel(
         d = tl.sum(acc, axis=1)
         if HAS_LORA:
             s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
-            lane_rank = rank  # B's columns from the slot's rank up are padding: not read
-            if HAS_RANK:
-                lane_rank = tl.load(rank_ptr + s)
             r = tl.arange(0, BLOCK_R)
+            r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
             b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
             ha_row = ha_ptr + p.to(tl.int64) * rank
-            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, lane_rank, on, SPLITS)
+            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, r_ok, SPLITS)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
 
 

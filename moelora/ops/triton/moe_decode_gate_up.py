@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import lanes_in_rank
 from moelora.ops.triton.decode_common import add_partial_expand, fma_step, pair_expert, pair_slot
 from moelora.ops.triton.tiles import DecodeTiles
 
@@ -44,15 +45,13 @@ def _decode_gate_up_kernel(
         u = tl.sum(acc_u, axis=1)
         if HAS_LORA:
             s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
-            lane_rank = rank  # B's columns from the slot's rank up are padding: not read
-            if HAS_RANK:
-                lane_rank = tl.load(rank_ptr + s)
             r = tl.arange(0, BLOCK_R)
+            r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
             bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
-            g = add_partial_expand(g, xa_row, num_pairs * 2 * rank, bg_ptrs, n_ok, r, lane_rank, on, SPLITS)
+            g = add_partial_expand(g, xa_row, num_pairs * 2 * rank, bg_ptrs, n_ok, r, r_ok, SPLITS)
             u = add_partial_expand(
-                u, xa_row + rank, num_pairs * 2 * rank, bg_ptrs + sb_h, n_ok, r, lane_rank, on, SPLITS
+                u, xa_row + rank, num_pairs * 2 * rank, bg_ptrs + sb_h, n_ok, r, r_ok, SPLITS
             )
         h = g / (1.0 + tl.exp(-g)) * u
         tl.store(h_ptr + p.to(tl.int64) * inter + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)

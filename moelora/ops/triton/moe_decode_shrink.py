@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import lanes_in_rank
 from moelora.ops.triton.decode_common import fma_step, pair_expert, pair_slot
 
 _SHRINK_CHUNK = 256  # input columns per program
@@ -29,8 +30,7 @@ def _decode_shrink_kernel(
     e64 = tl.where(runs, e, 0).to(tl.int64)
     j = tl.arange(0, BLOCK_R)
     j_ok = (j < HALVES * rank) & on & runs
-    if HAS_RANK:  # A's rank lanes from the slot's rank up are padding: not read
-        j_ok = j_ok & (j % rank < tl.load(rank_ptr + s))
+    j_ok = j_ok & lanes_in_rank(j % rank, rank, rank_ptr, s, HAS_RANK)
     row = t if GATHER else p
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     a_ptrs = (

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, grouped_pid, num_blocks_grid
+from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid
 from moelora.ops.triton.tiles import Tiles, dot_precision
 
 
@@ -59,9 +59,7 @@ def _gate_up_kernel(
         while s < num_slots:
             sel = (slot == s)[:, None]
             b_base = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
-            b_mask = r_ok[:, None] & n_ok[None, :]
-            if HAS_RANK:  # B's columns from the slot's rank up are padding: not read
-                b_mask = b_mask & (r < tl.load(rank_ptr + s))[:, None]
+            b_mask = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)[:, None] & n_ok[None, :]
             acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, HI_LO, PRECISION)
             acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, HI_LO, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))

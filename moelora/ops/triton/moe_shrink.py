@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import lanes_in_rank
 from moelora.ops.triton.tiles import dot_precision
 
 _SUB_M = 32
@@ -44,9 +45,7 @@ def _shrink_kernel(
     while s < num_slots:
         sel = slot == s
         a_base = a_ptr + s.to(tl.int64) * sa_s + e * sa_e
-        lane_ok = j_ok
-        if HAS_RANK:  # A's rank lanes from the slot's rank up are padding: not read
-            lane_ok = j_ok & (j % rank < tl.load(rank_ptr + s))
+        lane_ok = j_ok & lanes_in_rank(j % rank, rank, rank_ptr, s, HAS_RANK)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, IN_DIM, BLOCK_K):
             k_ok = kk < IN_DIM - k0

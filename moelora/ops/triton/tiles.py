@@ -77,6 +77,6 @@ def lora_tiles(num_tokens: int) -> LoraTiles:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: full fp32 ("ieee") for fp32 tensors, as torch's own fp32 matmuls on CUDA
-    (TF32 would silently lose mantissa bits); "tf32" for 16-bit inputs, where it only affects the fp32
-    LoRA intermediates, which carry far more precision than the bf16/fp16 values they feed."""
+    (TF32 would silently lose mantissa bits); "tf32" for 16-bit inputs, where no dot has fp32 operands
+    (the fp32 LoRA intermediates enter as 16-bit hi + lo parts, see `common.add_expand`)."""
     return "ieee" if dtype == torch.float32 else "tf32"
