@@ -89,7 +89,9 @@ def test_eviction_with_two_slots(adapters, reference):
         assert loras is not None
         assert all(len(set(batch)) <= 2 for batch in loras.history)
         assert loras.stats.loads == lru_loads(loras.history, 2)
-        assert loras.stats.loads > 6 and loras.stats.evictions == loras.stats.loads - 2
+        # Six adapters through two slots: at least four evictions. How many reloads beyond the six first
+        # loads depends on how the engine's steps interleave with the submissions (LRU is checked above).
+        assert loras.stats.loads >= 6 and loras.stats.evictions == loras.stats.loads - 2
 
 
 def test_cpu_cache_drops_and_rereads(adapters, reference):
