@@ -113,6 +113,12 @@ def lora_buffers(g: torch.Generator, num_slots: int, e_loc: int, hidden: int, in
     return tuple(t.to(dtype) for t in (a_gu, b_gu, a_dn, b_dn))
 
 
+def lanes_read(rank: int) -> int:
+    """The rank lanes a kernel may read for a slot of this rank (`common.lanes_in_rank`: up to 8 lanes
+    of zero padding past it, so the loads stay 16-byte vectors)."""
+    return -(-rank // 8) * 8
+
+
 CPU_CASES = [
     # (T, k, E_loc, H, I, dtype): T = 1, T not a multiple of any block, rows per expert over 64.
     (1, 2, 4, 32, 48, torch.float32),
@@ -148,14 +154,15 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     assert_close(out, ref, CPU_TOL[x.dtype])
     base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
-    # Given each slot's rank, the kernels must not read the padding: NaN there changes nothing (a NaN
-    # read on either side, shrink or expand, would reach the output through the dot products).
+    # Given each slot's rank, the kernels must not read the padding past the lanes they may read: NaN
+    # there changes nothing (a NaN read on either side, shrink or expand, would reach the output through
+    # the dot products).
     slot_rank = torch.full((num_slots,), rank, dtype=torch.int32, device=DEV)
     slot_rank[1] = max(1, rank // 2)
     noisy = tuple(t.clone() for t in bufs)
     for a, b in ((noisy[0], noisy[1]), (noisy[2], noisy[3])):
-        a[1, ..., max(1, rank // 2) :, :] = float("nan")
-        b[1, ..., max(1, rank // 2) :] = float("nan")
+        a[1, ..., lanes_read(rank // 2) :, :] = float("nan")
+        b[1, ..., lanes_read(rank // 2) :] = float("nan")
     got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *noisy, slot_rank=slot_rank)
     assert_close(got, ref, CPU_TOL[x.dtype])
 
@@ -173,7 +180,7 @@ def test_fused_moe_matches_twin(case, path: str):
 
 
 @pytest.mark.parametrize(
-    ("case", "rank"), [(CPU_CASES[0], 4), (CPU_CASES[1], 8), (CPU_CASES[2], 16), (CPU_CASES[3], 4)]
+    ("case", "rank"), [(CPU_CASES[0], 4), (CPU_CASES[1], 24), (CPU_CASES[2], 16), (CPU_CASES[3], 4)]
 )
 def test_fused_moe_lora_matches_twin(case, rank: int, path: str):
     check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
@@ -185,10 +192,10 @@ def test_decode_shrink_skips_rank_padding():
     from moelora.ops.triton.moe_decode_shrink import decode_shrink
 
     g, x, _, _, ids, _ = moe_inputs(CPU_CASES[1], seed=11)
-    a_gu = lora_buffers(g, 3, CPU_CASES[1][2], CPU_CASES[1][3], CPU_CASES[1][4], 8, x.dtype)[0]
-    a_gu[1, ..., 4:, :] = float("nan")
+    a_gu = lora_buffers(g, 3, CPU_CASES[1][2], CPU_CASES[1][3], CPU_CASES[1][4], 16, x.dtype)[0]
+    a_gu[1, ..., lanes_read(8) :, :] = float("nan")
     slot = slots(g, x.shape[0], 3)
-    slot_rank = torch.tensor([8, 4, 8], dtype=torch.int32, device=DEV)
+    slot_rank = torch.tensor([16, 8, 16], dtype=torch.int32, device=DEV)
     out = decode_shrink(x, ids, slot, a_gu, True, slot_rank)
     assert torch.isfinite(out).all()
 
@@ -234,8 +241,8 @@ def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtyp
     # Given each slot's rank (a strided column, as the layers pass it), the padding (NaN) is not read.
     ranks = torch.full((num_slots, parts), rank, dtype=torch.int32, device=DEV)
     ranks[1, 1] = rank // 2
-    a[1, :, rank // 2 :] = float("nan")
-    b[1, :, rank // 2 :] = float("nan")
+    a[1, :, lanes_read(rank // 2) :] = float("nan")
+    b[1, :, lanes_read(rank // 2) :] = float("nan")
     noisy = wide.clone()
     triton_lora.add_lora(noisy[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot, ranks[:, 1])
     assert_close(noisy, ref, CPU_TOL[dtype])
@@ -284,7 +291,7 @@ def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: i
     a[2, 1], b[2, sizes[0] : sizes[0] + sizes[1]] = 0, 0
     ref = y.clone()
     torch_lora.add_lora_parts(ref, x, a, b, slot, sizes)
-    a[1, :, rank // 2 :], b[1, :, rank // 2 :] = float("nan"), float("nan")
+    a[1, :, lanes_read(rank // 2) :], b[1, :, lanes_read(rank // 2) :] = float("nan"), float("nan")
     a[2, 1], b[2, sizes[0] : sizes[0] + sizes[1]] = float("nan"), float("nan")
     noisy = y.clone()
     triton_lora.add_lora_parts(noisy, x, a, b, slot, sizes, ranks)

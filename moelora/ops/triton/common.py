@@ -22,10 +22,12 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK: tl.constexpr):
     """Which rank lanes r to read for slot s: below the buffers' rank and, when slot ranks are given
-    (rank_ptr[s]), below the slot's own; the lanes above it hold zero padding."""
+    (rank_ptr[s]), below the slot's own rounded up to 8 lanes; the lanes above the slot's rank hold zero
+    padding. The rounding keeps the mask constant over 8 lanes (16 bytes of a 16-bit tensor), so loads
+    along the lanes stay vectorised: a bound loaded at run time, unrounded, splits them into 2-byte loads."""
     ok = r < rank
     if HAS_RANK:
-        ok = ok & (r < tl.load(rank_ptr + s))
+        ok = ok & (r < (tl.load(rank_ptr + s) + 7) // 8 * 8)
     return ok
 
 
