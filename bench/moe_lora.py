@@ -105,8 +105,8 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         print(f"# torch._grouped_mm: {str(err).splitlines()[0]}", file=sys.stderr)
         gmm = float("nan")
     base_floor = ids.unique().numel() * 3 * hidden * inter * 2 / (args.tbps * 1e12) * 1e6
-    block_m = moe_tiles(m * k, num_experts, lora=True).block_m
     for (s, r), (a_gu, b_gu, a_dn, b_dn) in bufs.items():
+        block_m = moe_tiles(m * k, num_experts, s).block_m
         slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
         # --used-rank: adapters of that rank in the pool of rank r (lanes above it zero, skipped by rank).
         used = min(args.used_rank or r, r)
@@ -121,13 +121,13 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
 
 
 SWEEP = (
-    Tiles(16, 64, 128, 4, 3),
     Tiles(32, 64, 64, 4, 3),
     Tiles(64, 64, 64, 4, 3),
+    Tiles(64, 128, 64, 4, 4),
     Tiles(128, 128, 64, 8, 3, group_m=1 << 20),  # row blocks fastest: the order before grouping
-    Tiles(128, 128, 64, 8, 3, group_m=1),
     Tiles(128, 128, 64, 8, 3, group_m=8),
     Tiles(128, 128, 64, 8, 3, group_m=32),
+    Tiles(128, 128, 32, 8, 5),
 )
 DECODE_SWEEP = (
     DecodeTiles(8, 256, 4),
@@ -148,29 +148,40 @@ LORA_SWEEP = (
 )
 
 
+def lora_times(moe: tuple, bufs: dict, reps: int) -> str:
+    """Base + LoRA time of each pool in `bufs` ((adapters, rank) -> buffers), a new adapter every 4 tokens."""
+    out = []
+    for (s, r), buf in bufs.items():
+        slot = ((torch.arange(moe[0].shape[0], device="cuda") // 4) % s).to(torch.int32)
+        fn = partial(ops.fused_moe_lora, *moe, slot, *buf)
+        out.append(f"lora {s}x{r} {graph_us(fn, reps=reps):.0f}")
+    return "; ".join(out)
+
+
 def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
-    """Base MoE and MoE-LoRA (4 adapters, rank 16) time per tile configuration (the tables patched to one
+    """Base MoE and MoE-LoRA (each --lora spec) time per tile configuration (the tables patched to one
     entry), to fill the tile tables: the grouped-GEMM table, or the decode tiles where M takes that path."""
     hidden, inter, num_experts, k = SHAPES[name]
     dt = dict(dtype=torch.bfloat16, device="cuda")
     w_gu = torch.randn(num_experts, 2 * inter, hidden, **dt) * hidden**-0.5
     w_dn = torch.randn(num_experts, hidden, inter, **dt) * inter**-0.5
-    bufs = lora_buffers(4, num_experts, hidden, inter, 16)
+    loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
+    bufs = {(s, r): lora_buffers(s, num_experts, hidden, inter, r) for s, r in loras}
     gen = torch.Generator(device="cuda").manual_seed(0)
     saved = tiles._MOE_TABLE, tiles.DECODE_TILES
     for m in ms:
         x = torch.randn(m, hidden, **dt)
         ids, weights = route(m, num_experts, k, gen)
-        slot = ((torch.arange(m, device="cuda") // 4) % 4).to(torch.int32)
         flops = 2 * m * k * 3 * hidden * inter
         decode = tiles.use_decode_path(m * k, num_experts, k)
+        moe = (x, w_gu, w_dn, ids, weights)
+
         if decode:  # the aligned path at the same M, for reference
             triton_moe.use_decode_path = lambda *_: False
             us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=args.reps)
-            lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
-            aligned = moe_tiles(m * k, num_experts, lora=False)
-            lora_us = graph_us(lora_fn, reps=args.reps)
-            print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | lora 4x16 {lora_us:.0f} |")
+            aligned = moe_tiles(m * k, num_experts)
+            lora = lora_times(moe, bufs, args.reps)
+            print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | {lora} |")
             triton_moe.use_decode_path = tiles.use_decode_path
         for t in DECODE_SWEEP if decode else SWEEP:
             if isinstance(t, Tiles):
@@ -183,10 +194,10 @@ def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
             try:
                 reps = max(5, args.reps // 2)
                 us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=reps)
-                lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, *bufs)
-                lora = graph_us(lora_fn, reps=reps)
                 tflops = flops / us / 1e6
-                print(f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | lora 4x16 {lora:.0f} |", flush=True)
+                print(
+                    f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | {lora_times(moe, bufs, reps)} |", flush=True
+                )
             except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
                 print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
         tiles._MOE_TABLE, tiles.DECODE_TILES = saved
@@ -311,9 +322,23 @@ def main() -> None:
     p.add_argument("--sweep", default="", help="comma list of M: time the base MoE per tile config instead")
     p.add_argument("--profile", action="store_true", help="per-kernel GPU times (eager) instead of rows")
     p.add_argument(
+        "--expand",
+        type=int,
+        default=tiles.EXPAND_16BIT,
+        help="LoRA expand of 16-bit weights: 1 one dot, 2 hi + lo",
+    )
+    p.add_argument(
+        "--down-apart",
+        type=int,
+        default=-1,
+        help="down LoRA expand: 1 bucketed kernel, 0 in the down GEMM's epilogue, -1 by the shape rule",
+    )
+    p.add_argument(
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
+    tiles.EXPAND_16BIT = args.expand
+    tiles.DOWN_EXPAND_APART = None if args.down_apart < 0 else bool(args.down_apart)
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()

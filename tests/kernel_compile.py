@@ -28,6 +28,7 @@ from moelora.ops.triton import (
     moe_decode_gate_up,
     moe_decode_shrink,
     moe_down,
+    moe_expand,
     moe_gate_up,
     moe_shrink,
     moe_sum,
@@ -39,7 +40,7 @@ from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
-INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr"}
+INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 FP32_PTRS = {"xa_ptr", "ha_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
 Case = tuple[Callable, dict, int]  # kernel, constexpr values, warps
@@ -66,15 +67,19 @@ def moe_cases() -> Iterator[Case]:
     for _, base, lora in _MOE_TABLE:
         for t, has_lora in ((base, False), (lora, True)):
             for rank in (16, 64) if has_lora else (16,):
-                common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, HI_LO=True, BLOCK_M=t.block_m)
+                common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
                 common |= dict(PRECISION="tf32")
                 yield moe_gate_up._gate_up_kernel, dict(HIDDEN=2048, **common), t.warps
                 yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
     for halves, gather in ((2, True), (1, False)):
-        shrink = dict(IN_DIM=2048 if gather else 768, HALVES=halves, GATHER=gather, ALIGN_M=128)
-        shrink |= dict(HAS_RANK=True, BLOCK_M=32, BLOCK_K=128, BLOCK_R=32, PRECISION="tf32")
-        yield moe_shrink._shrink_kernel, shrink, 4
+        for block_m, block_r in ((16, 32), (64, 128)):
+            shrink = dict(IN_DIM=2048 if gather else 768, HALVES=halves, GATHER=gather, HAS_RANK=True)
+            shrink |= dict(BLOCK_M=block_m, BLOCK_K=128, BLOCK_R=block_r, PRECISION="tf32")
+            yield moe_shrink._shrink_kernel, shrink, 4
+    for rank in (16, 64):
+        expand = dict(HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank, PRECISION="tf32")
+        yield moe_expand._expand_kernel, expand, 4
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
@@ -104,7 +109,7 @@ def dense_lora_cases() -> Iterator[Case]:
         shrink |= dict(BLOCK_R=64, PRECISION="tf32", HAS_RANK=True)
         yield lora_shrink._lora_shrink_kernel, shrink, t.warps
         expand = dict(SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64)
-        expand |= dict(HI_LO=True, PRECISION="tf32", HAS_RANK=True)
+        expand |= dict(EXPAND=1, PRECISION="tf32", HAS_RANK=True)
         yield lora_expand._lora_expand_kernel, expand, t.warps
 
 

@@ -186,6 +186,21 @@ def test_fused_moe_lora_matches_twin(case, rank: int, path: str):
     check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
 
 
+@pytest.mark.parametrize(("case", "rank"), [(CPU_CASES[1], 24), (CPU_CASES[2], 16)])
+@pytest.mark.parametrize("apart", [True, False])
+def test_fused_moe_lora_down_expand_both_ways(case, rank: int, apart: bool, monkeypatch):
+    """The down LoRA expand apart (bucketed kernel) and in the down GEMM's epilogue, whichever the shape
+    rule would pick."""
+    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", apart)
+    check_fused_moe_lora(case, seed=case[0] + 2, num_slots=3, rank=rank)
+
+
+def test_fused_moe_lora_shrink_in_several_steps(monkeypatch):
+    """Buckets larger than the shrink's rows per step (~47 pairs per bucket, 16 rows a step)."""
+    monkeypatch.setattr(triton_moe, "shrink_rows", lambda *_: 16)
+    check_fused_moe_lora(CPU_CASES[3], seed=21, num_slots=3, rank=16)
+
+
 def test_decode_shrink_skips_rank_padding():
     """The decode path's expand reads only the shrink's lanes below the rank, so check the shrink's own
     output: with NaN in A's padding and the slot's rank given, every lane stays finite."""

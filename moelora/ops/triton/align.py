@@ -99,11 +99,23 @@ def moe_align(
     num_slots: int,
     block_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and Semantics as `moelora.ops.torch.align.moe_align`.
+    """Same signature and Semantics as `moelora.ops.torch.align.moe_align`."""
+    return moe_align_buckets(local_ids, token_slot, num_experts, num_slots, block_m)[:2]
 
-    Four launches: zero the E * (S + 1) bucket counts, count (atomics give each pair its place in its
-    bucket), one program of prefix sums, scatter (pairs to rows, sentinels, block experts). Every size
-    comes from the shapes, so it is CUDA-graph safe.
+
+def moe_align_buckets(
+    local_ids: torch.Tensor,
+    token_slot: torch.Tensor | None,
+    num_experts: int,
+    num_slots: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_align`'s (sorted_pairs, block_expert), then each (expert e, slot class c) bucket's first row
+    and number of pairs, bucket_start and bucket_count [E * (S + 1)] int32 at e * (S + 1) + c.
+
+    Four launches: zero the bucket counts, count (atomics give each pair its place in its bucket), one
+    program of prefix sums, scatter (pairs to rows, sentinels, block experts). Every size comes from the
+    shapes, so it is CUDA-graph safe.
     """
     num_tokens, top_k = local_ids.shape
     num_pairs = num_tokens * top_k
@@ -132,4 +144,4 @@ def moe_align(
         bucket, rank, start, seg, sorted_pairs, block_expert, num_pairs, blocks, num_experts,
         BLOCK=_PAIRS_PER_PROGRAM, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_M=block_m, E_PAD=e_pad,
     )  # fmt: skip
-    return sorted_pairs, block_expert
+    return sorted_pairs, block_expert, start, counts

@@ -32,19 +32,21 @@ def lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK: tl.constexpr):
 
 
 @triton.jit
-def add_expand(acc, u, b_ptrs, b_mask, HI_LO: tl.constexpr, PRECISION: tl.constexpr):
+def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
     """acc += u @ b for fp32 LoRA intermediates u [BM, BR] and b [BR, BN] loaded in the weights' dtype.
 
-    HI_LO (16-bit weights): u enters the tensor cores as two 16-bit parts, hi + lo, so the product keeps
-    about 16 bits of u's mantissa (as the fp32 twin, to 2^-16) at the 16-bit dot rate."""
+    EXPAND (`tiles.expand_mode`): 0, fp32 weights: one fp32 dot at PRECISION. 1, 16-bit weights: u rounded
+    to their dtype, one 16-bit dot (as PEFT computes a 16-bit LoRA: its intermediate is 16-bit too).
+    2, 16-bit weights: u enters as two 16-bit parts, hi + lo, so the product keeps about 16 bits of u's
+    mantissa (as the fp32 twin, to 2^-16) at twice the cost."""
     b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-    if HI_LO:
-        hi = u.to(b.dtype)
-        lo = (u - hi.to(tl.float32)).to(b.dtype)
-        acc = tl.dot(hi, b, acc)
-        acc = tl.dot(lo, b, acc)
-    else:
+    if EXPAND == 0:
         acc = tl.dot(u, b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        hi = u.to(b.dtype)
+        acc = tl.dot(hi, b, acc)
+        if EXPAND == 2:
+            acc = tl.dot((u - hi.to(tl.float32)).to(b.dtype), b, acc)
     return acc
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, lanes_in_rank
-from moelora.ops.triton.tiles import LoraTiles, dot_precision
+from moelora.ops.triton.tiles import LoraTiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -16,7 +16,7 @@ def _lora_expand_kernel(
     sxa_s, sxa_t, sb_s, sb_n, sb_r, sy_t, sy_n, s_rs,
     SPLITS: tl.constexpr, HAS_RANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HI_LO: tl.constexpr, PRECISION: tl.constexpr,
+    EXPAND: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,7 +38,7 @@ def _lora_expand_kernel(
         while s < num_slots:
             b_mask = lanes_in_rank(r, rank, rank_ptr, s * s_rs, HAS_RANK)[:, None] & n_ok[None, :]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
-            acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
+            acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, EXPAND, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
         # Only tokens with a slot are read and written: base tokens keep y untouched.
         y_ptrs = y_ptr + t[:, None].to(tl.int64) * sy_t + n[None, :] * sy_n
@@ -68,5 +68,5 @@ def lora_expand(
         *b.stride(), *y.stride(), ranks.stride(0),
         SPLITS=xa.shape[0], HAS_RANK=slot_rank is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        HI_LO=b.element_size() == 2, PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
+        EXPAND=expand_mode(b.dtype), PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
     )  # fmt: skip

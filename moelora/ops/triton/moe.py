@@ -1,21 +1,22 @@
 """Routed experts in Triton, with and without per-expert LoRA: align -> gate/up -> down -> weighted sum.
 
 The LoRA deltas are fused into the base grouped GEMMs' epilogues (the expand), after one small shrink
-pass per projection, so the base weights are streamed once per row block whatever the slots. A handful of
-pairs (decode) takes the alignment-free path of `moe_decode` instead.
+pass per projection over the alignment's (expert, slot) buckets, so the base weights are streamed once per
+row block whatever the slots. A handful of pairs (decode) takes the alignment-free path of `moe_decode`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moelora.ops.triton.align import moe_align
+from moelora.ops.triton.align import moe_align, moe_align_buckets
 from moelora.ops.triton.moe_decode import decode_moe
 from moelora.ops.triton.moe_down import moe_down
+from moelora.ops.triton.moe_expand import moe_lora_expand
 from moelora.ops.triton.moe_gate_up import moe_gate_up
 from moelora.ops.triton.moe_shrink import moe_lora_shrink
 from moelora.ops.triton.moe_sum import moe_sum
-from moelora.ops.triton.tiles import moe_tiles, use_decode_path
+from moelora.ops.triton.tiles import down_expand_apart, moe_tiles, shrink_rows, use_decode_path
 
 
 def fused_moe(
@@ -33,7 +34,7 @@ def fused_moe(
         return torch.zeros_like(x)
     if use_decode_path(num_tokens * top_k, num_experts, top_k):
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, None)
-    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=False)
+    tiles = moe_tiles(num_tokens * top_k, num_experts)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
     h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
     d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None)
@@ -80,13 +81,20 @@ def fused_moe_lora(
     if use_decode_path(num_tokens * top_k, num_experts, top_k):
         lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora)
-    tiles = moe_tiles(num_tokens * top_k, num_experts, lora=True)
-    sorted_pairs, block_expert = moe_align(local_ids, slot, num_experts, num_slots, tiles.block_m)
+    tiles = moe_tiles(num_tokens * top_k, num_experts, num_slots)
+    aligned = moe_align_buckets(local_ids, slot, num_experts, num_slots, tiles.block_m)
+    sorted_pairs, block_expert, start, count = aligned
     rows = (sorted_pairs, block_expert)
-    xa = moe_lora_shrink(x, a_gu, *rows, slot, top_k, True, tiles.block_m, slot_rank)
+    buckets = (sorted_pairs, start, count, top_k)
+    step = shrink_rows(num_tokens * top_k, num_experts, num_slots)
+    xa = moe_lora_shrink(x, a_gu, *buckets, True, step, slot_rank)
     h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
-    ha = moe_lora_shrink(h, a_dn, *rows, slot, top_k, False, tiles.block_m, slot_rank)
-    d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
+    ha = moe_lora_shrink(h, a_dn, *buckets, False, step, slot_rank)
+    if down_expand_apart(tiles, num_tokens * top_k, num_experts, num_slots):
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
+        moe_lora_expand(d, ha, b_dn, sorted_pairs, start, count, step, slot_rank)
+    else:
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
     return moe_sum(d, local_ids, weights, num_experts)
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid
-from moelora.ops.triton.tiles import Tiles, dot_precision
+from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -15,7 +15,7 @@ def _down_kernel(
     h_ptr, w_ptr, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
     num_pairs, top_k, hidden, rank, num_slots, num_blocks,
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, HI_LO: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -53,7 +53,7 @@ def _down_kernel(
             sel = (slot == s)[:, None]
             b_ptrs = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             b_mask = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)[:, None] & n_ok[None, :]
-            acc = add_expand(acc, tl.where(sel, ha, 0.0), b_ptrs, b_mask, HI_LO, PRECISION)
+            acc = add_expand(acc, tl.where(sel, ha, 0.0), b_ptrs, b_mask, EXPAND, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     dst = d_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :]
     tl.store(dst, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -89,7 +89,7 @@ def moe_down(
         h, w_down, d, sorted_pairs, block_expert, slot, ha, b, slot if slot_rank is None else slot_rank,
         num_pairs, top_k, hidden, rank, num_slots, blocks,
         *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, HI_LO=h.element_size() == 2,
+        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(h.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(h.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

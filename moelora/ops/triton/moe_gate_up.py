@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid
-from moelora.ops.triton.tiles import Tiles, dot_precision
+from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -15,7 +15,7 @@ def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr,
     num_pairs, top_k, inter, rank, num_slots, num_blocks,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, HI_LO: tl.constexpr,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -60,8 +60,8 @@ def _gate_up_kernel(
             sel = (slot == s)[:, None]
             b_base = b_ptr + s.to(tl.int64) * sb_s + e * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
             b_mask = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)[:, None] & n_ok[None, :]
-            acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, HI_LO, PRECISION)
-            acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, HI_LO, PRECISION)
+            acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, EXPAND, PRECISION)
+            acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, EXPAND, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
@@ -97,7 +97,7 @@ def moe_gate_up(
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
         num_tokens * top_k, top_k, inter, rank, num_slots, blocks,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, HI_LO=x.element_size() == 2,
+        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

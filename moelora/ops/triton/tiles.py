@@ -19,21 +19,32 @@ class Tiles:
 
 # (largest mean rows per expert, base MoE tiles, MoE-LoRA tiles) for the grouped GEMMs. Decode rows are
 # few per expert, so small row blocks keep padding under one 16-row block per touched expert; the wide tiles
-# won the H200 sweeps of docs/benchmarks.md (bench/moe_lora.py --sweep). With LoRA, a row block runs one
-# expand per distinct adapter among its rows: at 64-256 rows per expert, 64-row blocks hold fewer adapters
-# (16 adapters of rank 64 at M = 2048: 1092 us of LoRA with them, 1427 with the 128-row blocks).
+# won the H200 sweeps of docs/benchmarks.md (bench/moe_lora.py --sweep). With LoRA, a row block of the
+# gate/up GEMM runs one expand per distinct adapter among its rows, so where the base tiles' blocks would
+# hold many adapters (`moe_tiles`) the LoRA tiles are shorter (16 adapters of rank 64 at M = 2048: 1362 us
+# on 64-row blocks, 1576 on 128-row ones; 4 adapters of rank 16: 676 against 645).
 _MOE_TABLE: tuple[tuple[float, Tiles, Tiles], ...] = (
     (16.0, Tiles(16, 64, 128, 4, 3), Tiles(16, 64, 128, 4, 3)),
     (64.0, Tiles(32, 64, 64, 4, 3), Tiles(32, 64, 64, 4, 3)),
     (256.0, Tiles(128, 128, 64, 8, 3), Tiles(64, 64, 64, 4, 3)),
-    (float("inf"), Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 64, 8, 3)),
+    (float("inf"), Tiles(128, 128, 64, 8, 3, group_m=32), Tiles(128, 128, 64, 8, 3, group_m=32)),
 )
 
 
-def moe_tiles(num_pairs: int, num_experts: int, lora: bool) -> Tiles:
-    """Tiles for a grouped GEMM of `num_pairs` (token, choice) rows over `num_experts` experts."""
+def moe_tiles(num_pairs: int, num_experts: int, num_slots: int = 0) -> Tiles:
+    """Tiles for a grouped GEMM of `num_pairs` (token, choice) rows over `num_experts` experts, with LoRA
+    of `num_slots` adapter slots (0: none). A row block of the base tiles holds about block_m / (mean rows
+    per (expert, slot)) distinct adapters; up to 4 it keeps the base tiles."""
     mean = num_pairs / max(1, num_experts)
-    return next(t_lora if lora else t_base for limit, t_base, t_lora in _MOE_TABLE if mean <= limit)
+    base, lora = next((t_base, t_lora) for limit, t_base, t_lora in _MOE_TABLE if mean <= limit)
+    return base if base.block_m * num_slots <= 4 * mean else lora
+
+
+def shrink_rows(num_pairs: int, num_experts: int, num_slots: int) -> int:
+    """Rows per step of the MoE-LoRA shrink (one program per (expert, slot) bucket): the mean bucket's,
+    at least the dot's smallest tile, at most 64 (a larger bucket takes several steps)."""
+    mean = num_pairs // max(1, num_experts * num_slots)
+    return min(64, max(16, 1 << max(0, mean - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -78,5 +89,38 @@ def lora_tiles(num_tokens: int) -> LoraTiles:
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: full fp32 ("ieee") for fp32 tensors, as torch's own fp32 matmuls on CUDA
     (TF32 would silently lose mantissa bits); "tf32" for 16-bit inputs, where no dot has fp32 operands
-    (the fp32 LoRA intermediates enter as 16-bit hi + lo parts, see `common.add_expand`)."""
+    (the fp32 LoRA intermediates enter in 16 bits, see `expand_mode`)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# How the LoRA expand of 16-bit weights takes its fp32 intermediates (`common.add_expand`): 1 rounds them
+# to the weights' dtype (one dot, as PEFT's own 16-bit LoRA), 2 splits them into hi + lo parts (two dots,
+# fp32-like). The rounding error is 2^-9 of the delta, itself a fraction of an output that is stored in
+# 16 bits; the second dot doubled the MoE expand, which with many adapters per row block costs as much as
+# the base GEMM (docs/benchmarks.md, 2026-11-29b).
+EXPAND_16BIT = 1
+
+
+# The down projection's LoRA expand: in the down GEMM's epilogue (False) or apart, over the alignment's
+# (expert, slot) buckets, adding into the GEMM's output (True; `moe_expand`); None: `down_expand_apart`.
+DOWN_EXPAND_APART: bool | None = None
+
+
+def down_expand_apart(tiles: Tiles, num_pairs: int, num_experts: int, num_slots: int) -> bool:
+    """Whether the down LoRA expand runs apart: where row blocks hold several large buckets, or where
+    there are few buckets. In the epilogue each distinct adapter of a block costs a full-height dot;
+    apart, d's rows are read and written once more, and every (expert, slot, column tile) is a program,
+    most of them empty at small M. H200, Qwen3 shape, 16 adapters of rank 64: apart 1376 against 1575 us
+    at M = 8192 (4 buckets of ~32 rows per block), equal at 2048 (8 of ~8), 10-20% slower at M <= 128;
+    4 adapters of rank 16 at 8192 (one bucket per block): 390 against 265. Mixtral (8 experts), 16 of
+    rank 64: 227 against 303 us at M = 128, 723 against 913 at 2048."""
+    if DOWN_EXPAND_APART is not None:
+        return DOWN_EXPAND_APART
+    mean = num_pairs / max(1, num_experts)
+    bucket = mean / max(1, num_slots)
+    return num_experts * num_slots <= 128 or (bucket >= 16 and min(tiles.block_m, mean) >= 4 * bucket)
+
+
+def expand_mode(dtype: torch.dtype) -> int:
+    """`add_expand`'s EXPAND for LoRA weights of this dtype: 0 (fp32 dot) or EXPAND_16BIT."""
+    return 0 if dtype == torch.float32 else EXPAND_16BIT
