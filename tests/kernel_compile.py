@@ -78,7 +78,8 @@ def moe_cases() -> Iterator[Case]:
             shrink |= dict(BLOCK_M=block_m, BLOCK_K=128, BLOCK_R=block_r, PRECISION="tf32")
             yield moe_shrink._shrink_kernel, shrink, 4
     for rank in (16, 64):
-        expand = dict(HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank, PRECISION="tf32")
+        expand = dict(HIDDEN=2048, TILES=4, HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank)
+        expand |= dict(PRECISION="tf32")
         yield moe_expand._expand_kernel, expand, 4
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4

@@ -195,6 +195,18 @@ def test_fused_moe_lora_down_expand_both_ways(case, rank: int, apart: bool, monk
     check_fused_moe_lora(case, seed=case[0] + 2, num_slots=3, rank=rank)
 
 
+@pytest.mark.parametrize("programs", [24, 36])
+def test_fused_moe_lora_down_expand_column_splits(programs: int, monkeypatch):
+    """The bucketed down expand with each bucket's 4 column tiles split over 2 programs (2 tiles each) and
+    over 3 (the last one's second tile past the columns)."""
+    from moelora.ops.triton import moe_expand
+
+    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", True)
+    monkeypatch.setattr(moe_expand, "_BLOCK_N", 16)
+    monkeypatch.setattr(moe_expand, "_PROGRAMS", programs)  # 4 experts x 3 slots = 12 buckets
+    check_fused_moe_lora(CPU_CASES[2], seed=31, num_slots=3, rank=16)
+
+
 def test_fused_moe_lora_shrink_in_several_steps(monkeypatch):
     """Buckets larger than the shrink's rows per step (~47 pairs per bucket, 16 rows a step)."""
     monkeypatch.setattr(triton_moe, "shrink_rows", lambda *_: 16)

@@ -90,7 +90,7 @@ def fused_moe_lora(
     xa = moe_lora_shrink(x, a_gu, *buckets, True, step, slot_rank)
     h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
     ha = moe_lora_shrink(h, a_dn, *buckets, False, step, slot_rank)
-    if down_expand_apart(tiles, num_tokens * top_k, num_experts, num_slots):
+    if down_expand_apart(tiles, num_tokens * top_k, num_experts, num_slots, rank):
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
         moe_lora_expand(d, ha, b_dn, sorted_pairs, start, count, step, slot_rank)
     else:

@@ -2,8 +2,8 @@
 
 In the down GEMM's epilogue a row block holding n distinct adapters runs n full-height dots, one after
 another, each waiting on its B tile; with 16 adapters that cost more than the base GEMM itself. Here each
-program holds one bucket's B tile and its rows, so each (adapter, expert) B tile is read once per column
-tile and the dots cover only the bucket's rows; the price is one read and write of those rows of d."""
+program holds one bucket's B tile and its rows, so each (adapter, expert) B tile is read once per step of
+rows and the dots cover only the bucket's rows; the price is one read and write of those rows of d."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ import triton.language as tl
 from moelora.ops.triton.common import add_expand, lanes_in_rank
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
+_BLOCK_N = 128
+_PROGRAMS = 1024  # at least this many programs (several per SM of an H100 / H200) where columns allow
+
 
 @triton.jit
 def _expand_kernel(
     d_ptr, ha_ptr, b_ptr, sorted_ptr, start_ptr, count_ptr, rank_ptr,
-    hidden, rank, num_slots, sb_s, sb_e, sb_n, sb_r,
-    HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
+    rank, num_slots, sb_s, sb_e, sb_n, sb_r,
+    HIDDEN: tl.constexpr, TILES: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     e = tl.program_id(0) // num_slots
@@ -29,11 +32,10 @@ def _expand_kernel(
     if count == 0:
         return
     start = tl.load(start_ptr + bucket)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < hidden
     r = tl.arange(0, BLOCK_R)
-    b_ptrs = b_ptr + s.to(tl.int64) * sb_s + e.to(tl.int64) * sb_e + n[None, :] * sb_n + r[:, None] * sb_r
-    b_mask = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)[:, None] & n_ok[None, :]
+    r_ok = r < rank
+    lanes = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)
+    b_bucket = b_ptr + s.to(tl.int64) * sb_s + e.to(tl.int64) * sb_e + r[:, None] * sb_r
     m0 = 0
     while m0 < count:
         i = m0 + tl.arange(0, BLOCK_M)
@@ -41,13 +43,18 @@ def _expand_kernel(
         rows = start + i
         pair = tl.load(sorted_ptr + rows, mask=ok, other=0)
         ha_ptrs = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
-        ha = tl.load(ha_ptrs, mask=ok[:, None] & (r < rank)[None, :], other=0.0)
-        delta = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        delta = add_expand(delta, ha, b_ptrs, b_mask, EXPAND, PRECISION)
-        dst = d_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :]
-        d_mask = ok[:, None] & n_ok[None, :]
-        d = tl.load(dst, mask=d_mask, other=0.0).to(tl.float32)
-        tl.store(dst, (d + delta).to(d_ptr.dtype.element_ty), mask=d_mask)
+        ha = tl.load(ha_ptrs, mask=ok[:, None] & r_ok[None, :], other=0.0)
+        d_rows = d_ptr + pair[:, None].to(tl.int64) * HIDDEN
+        # This program's column tiles of these rows in turn: the rows' intermediates stay in registers.
+        for t in range(0, TILES):
+            n = (tl.program_id(1) + t * tl.num_programs(1)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < HIDDEN
+            b_mask = lanes[:, None] & n_ok[None, :]
+            delta = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            delta = add_expand(delta, ha, b_bucket + n[None, :] * sb_n, b_mask, EXPAND, PRECISION)
+            d_mask = ok[:, None] & n_ok[None, :]
+            d = tl.load(d_rows + n[None, :], mask=d_mask, other=0.0).to(tl.float32)
+            tl.store(d_rows + n[None, :], (d + delta).to(d_ptr.dtype.element_ty), mask=d_mask)
         m0 += BLOCK_M
 
 
@@ -70,12 +77,15 @@ def moe_lora_expand(
     num_slots, num_experts, hidden, rank = b.shape
     if num_slots == 0:
         return
-    block_n = 128
+    # Column tiles split over enough programs to fill the GPU when the buckets are few (8 experts); with
+    # many buckets one program takes all of a bucket's columns (no empty programs per column tile).
+    col_tiles = triton.cdiv(hidden, _BLOCK_N)
+    splits = min(col_tiles, triton.cdiv(_PROGRAMS, num_experts * num_slots))
     ranks = bucket_count if slot_rank is None else slot_rank
-    _expand_kernel[(num_experts * num_slots, triton.cdiv(hidden, block_n))](
+    _expand_kernel[(num_experts * num_slots, splits)](
         d, ha, b, sorted_pairs, bucket_start, bucket_count, ranks,
-        hidden, rank, num_slots, *b.stride(),
-        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(d.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        PRECISION=dot_precision(d.dtype),
+        rank, num_slots, *b.stride(),
+        HIDDEN=hidden, TILES=triton.cdiv(col_tiles, splits), HAS_RANK=slot_rank is not None,
+        EXPAND=expand_mode(d.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=dot_precision(d.dtype),
     )  # fmt: skip

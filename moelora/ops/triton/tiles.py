@@ -106,19 +106,21 @@ EXPAND_16BIT = 1
 DOWN_EXPAND_APART: bool | None = None
 
 
-def down_expand_apart(tiles: Tiles, num_pairs: int, num_experts: int, num_slots: int) -> bool:
-    """Whether the down LoRA expand runs apart: where row blocks hold several large buckets, or where
-    there are few buckets. In the epilogue each distinct adapter of a block costs a full-height dot;
-    apart, d's rows are read and written once more, and every (expert, slot, column tile) is a program,
-    most of them empty at small M. H200, Qwen3 shape, 16 adapters of rank 64: apart 1376 against 1575 us
-    at M = 8192 (4 buckets of ~32 rows per block), equal at 2048 (8 of ~8), 10-20% slower at M <= 128;
-    4 adapters of rank 16 at 8192 (one bucket per block): 390 against 265. Mixtral (8 experts), 16 of
-    rank 64: 227 against 303 us at M = 128, 723 against 913 at 2048."""
+def down_expand_apart(tiles: Tiles, num_pairs: int, num_experts: int, num_slots: int, rank: int) -> bool:
+    """Whether the down LoRA expand runs apart (`moe_expand`) rather than in the down GEMM's epilogue.
+
+    In the epilogue each distinct adapter of a row block costs a full-height dot of the LoRA's rank;
+    apart, d's rows are read and written once more. H200, Qwen3 shape, 16 adapters of rank 64: apart
+    1234 against 1558 us at M = 8192 (4 buckets of ~32 rows per block), equal at 2048 (8 of ~8), 5-20%
+    slower at M <= 128; 4 adapters of rank 16: 679 against 650 us at 2048 (4 of ~32), 420 against 271 at
+    8192 (1 of ~128). Mixtral (8 experts, few buckets), 16 of rank 64: 227 against 303 us at M = 128,
+    723 against 913 at 2048."""
     if DOWN_EXPAND_APART is not None:
         return DOWN_EXPAND_APART
     mean = num_pairs / max(1, num_experts)
     bucket = mean / max(1, num_slots)
-    return num_experts * num_slots <= 128 or (bucket >= 16 and min(tiles.block_m, mean) >= 4 * bucket)
+    adapters_per_block = min(tiles.block_m, mean) / max(1.0, bucket)
+    return num_experts * num_slots <= 128 or (bucket >= 16 and adapters_per_block * rank >= 256)
 
 
 def expand_mode(dtype: torch.dtype) -> int:
