@@ -60,6 +60,7 @@ class Case:
     kernel: Callable[[], object]
     nbytes: int  # bytes the op must read and write
     written: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (kernel's, twin's) if in place
+    compare: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None  # outputs -> compared values
 
 
 @dataclass
@@ -127,7 +128,16 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
             t * (s.experts + s.top_k) * e + t * s.top_k * 4,
         ),
     ]
-    cases = [Case(op, partial(f, tw), partial(f, kern), n) for op, f, tw, kern, n in calls]
+    cases = [Case(op, partial(f, tw), partial(f, kern), n) for op, f, tw, kern, n in calls[:-1]]
+
+    def chosen(out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The router's choice, blind to ties (bf16 logits tie often, and a tie may go either way): the
+        chosen logits and the weights, each token's sorted."""
+        ids, w = out
+        return [logits.gather(1, ids.long()).sort(dim=1).values, w.sort(dim=1).values]
+
+    op, f, tw, kern, n = calls[-1]
+    cases.append(Case(op, partial(f, tw), partial(f, kern), n, compare=chosen))
     write_kv = Case(
         "write_kv",
         lambda: twin_attention.write_kv(k, v, caches[2], caches[3], slots),
@@ -142,6 +152,8 @@ def max_err(case: Case) -> float:
     ours, ref = as_list(case.kernel()), as_list(case.twin())
     if case.written is not None:
         ours, ref = case.written
+    if case.compare is not None:
+        ours, ref = case.compare(ours), case.compare(ref)
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, ref, strict=True))
 
 
