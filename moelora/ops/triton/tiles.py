@@ -97,7 +97,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # to the weights' dtype (one dot, as PEFT's own 16-bit LoRA), 2 splits them into hi + lo parts (two dots,
 # fp32-like). The rounding error is 2^-9 of the delta, itself a fraction of an output that is stored in
 # 16 bits; the second dot doubled the MoE expand, which with many adapters per row block costs as much as
-# the base GEMM (docs/benchmarks.md, 2026-11-29b).
+# the base GEMM (docs/benchmarks.md, 2026-11-29, second session).
 EXPAND_16BIT = 1
 
 
