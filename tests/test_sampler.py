@@ -245,3 +245,18 @@ def test_rows_without_top_k_or_top_p_are_not_sorted(monkeypatch):
     monkeypatch.setattr("moelora.engine.sampler._top_k_top_p", no_sort)
     inputs = [make_input(generator=seeded(0), min_p=0.1, temperature=0.5), make_input(temperature=0)]
     sample(random_logits(2, 16, seed=15), inputs)
+
+
+def test_the_callers_logits_are_never_written():
+    """The sampler reads fp32 logits in place (no copy unless a penalty changes a row): every option that
+    edits logits must leave the caller's tensor as it was."""
+    logits = random_logits(4, 30, seed=21)
+    before = logits.clone()
+    inputs = [
+        make_input(output=[1, 2], repetition_penalty=1.5),
+        make_input(output=[3, 3], frequency_penalty=0.5, presence_penalty=0.5),
+        make_input(eos=[4], min_tokens=2),
+        make_input(temperature=0.7, top_k=3, top_p=0.9, min_p=0.1, generator=seeded(2)),
+    ]
+    sample(logits, inputs)
+    assert torch.equal(logits, before)

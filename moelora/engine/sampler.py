@@ -63,43 +63,51 @@ def sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sample
         raise ValueError(f"logits must have shape [{len(inputs)}, V] (one row per input), got {logits.shape}")
     if not inputs:
         return []
-    raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    work = logits.to(torch.float32, copy=True)  # [B, V]
-    _apply_repetition_penalty(work, inputs)
-    _apply_output_penalties(work, inputs)
-    _mask_early_stops(work, inputs)
+    x = logits.float()  # [B, V]: the caller's own tensor when it is fp32, never written
+    raw = torch.log_softmax(x, dim=-1)  # [B, V]
+    # Copied only where a penalty or an early-stop mask changes a row (a [B, V] copy per step otherwise).
+    work = _apply_repetition_penalty(x, inputs)
+    work = _apply_output_penalties(work, inputs)
+    work = _mask_early_stops(work, inputs)
     return _results(raw, _choose(work, inputs), inputs)
 
 
-def _apply_repetition_penalty(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
+def _apply_repetition_penalty(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+    """-> work with the penalty applied to the rows that have one (a copy; `work` itself if none do)."""
     rows = [i for i, x in enumerate(inputs) if x.params.repetition_penalty != 1.0]
     if not rows:
-        return
+        return work
+    work = work.clone()
     ids = [itertools.chain(inputs[i].prompt_token_ids, inputs[i].output_token_ids) for i in rows]
     seen = _token_counts(ids, work.shape[1], work.device) > 0  # [R, V]
     idx = _index(rows, work.device)
     sub = work[idx]  # [R, V]
     penalty = _column([inputs[i].params.repetition_penalty for i in rows], work.device)  # [R, 1]
     work[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    return work
 
 
-def _apply_output_penalties(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
+def _apply_output_penalties(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+    """-> work with frequency and presence penalties applied (a copy; `work` itself if no row has one)."""
     rows = [
         i
         for i, x in enumerate(inputs)
         if (x.params.frequency_penalty != 0 or x.params.presence_penalty != 0) and x.output_token_ids
     ]
     if not rows:
-        return
+        return work
+    work = work.clone()
     counts = _token_counts([inputs[i].output_token_ids for i in rows], work.shape[1], work.device)  # [R, V]
     frequency = _column([inputs[i].params.frequency_penalty for i in rows], work.device)  # [R, 1]
     presence = _column([inputs[i].params.presence_penalty for i in rows], work.device)  # [R, 1]
     idx = _index(rows, work.device)
     work[idx] -= frequency * counts + presence * (counts > 0)
+    return work
 
 
-def _mask_early_stops(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> None:
-    """While a row is below min_tokens, its end tokens get -inf (ids outside the vocabulary are ignored)."""
+def _mask_early_stops(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+    """While a row is below min_tokens, its end tokens get -inf (ids outside the vocabulary are ignored);
+    a copy, or `work` itself if no row is below."""
     vocab = work.shape[1]
     banned: dict[int, list[int]] = {}
     for i, x in enumerate(inputs):
@@ -108,13 +116,15 @@ def _mask_early_stops(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> No
             if ends:
                 banned[i] = ends
     if not banned:
-        return
+        return work
+    work = work.clone()
     ban = _token_counts(list(banned.values()), vocab, work.device) > 0  # [R, V]
     idx = _index(list(banned), work.device)
     sub = work[idx]  # [R, V]
     masked = sub.masked_fill(ban, float("-inf"))
     nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)  # [R, 1]
     work[idx] = torch.where(nothing_left, sub, masked)
+    return work
 
 
 def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
