@@ -1,5 +1,5 @@
-"""Pieces shared by the Triton kernels: grouped program order, the rank lanes a slot uses, and the LoRA
-expand of a tile."""
+"""Pieces shared by the Triton kernels: grouped program order, the (expert, slot) bucket a program takes,
+the rank lanes a slot uses, and the LoRA expand of a tile."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def bucket_of_program(start_ptr, count_ptr, num_slots):
+    """(expert e, slot s, first row, rows) of the (expert, slot) bucket this program takes: programs
+    run over e * num_slots + s, the alignment's buckets sit at e * (num_slots + 1) + s (class S last)."""
+    e = tl.program_id(0) // num_slots
+    s = tl.program_id(0) % num_slots
+    bucket = e * (num_slots + 1) + s
+    return e, s, tl.load(start_ptr + bucket), tl.load(count_ptr + bucket)
 
 
 @triton.jit

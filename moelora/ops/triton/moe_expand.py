@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, lanes_in_rank
+from moelora.ops.triton.common import add_expand, bucket_of_program, lanes_in_rank
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
 _BLOCK_N = 128
@@ -25,13 +25,9 @@ def _expand_kernel(
     HIDDEN: tl.constexpr, TILES: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    e = tl.program_id(0) // num_slots
-    s = tl.program_id(0) % num_slots
-    bucket = e * (num_slots + 1) + s  # the alignment's (expert, slot class) index
-    count = tl.load(count_ptr + bucket)
+    e, s, start, count = bucket_of_program(start_ptr, count_ptr, num_slots)
     if count == 0:
         return
-    start = tl.load(start_ptr + bucket)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
     lanes = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)

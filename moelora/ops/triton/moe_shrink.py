@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import lanes_in_rank
+from moelora.ops.triton.common import bucket_of_program, lanes_in_rank
 from moelora.ops.triton.tiles import dot_precision
 
 
@@ -22,13 +22,9 @@ def _shrink_kernel(
     IN_DIM: tl.constexpr, HALVES: tl.constexpr, GATHER: tl.constexpr, HAS_RANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    e = tl.program_id(0) // num_slots
-    s = tl.program_id(0) % num_slots
-    bucket = e * (num_slots + 1) + s  # the alignment's (expert, slot class) index
-    count = tl.load(count_ptr + bucket)
+    e, s, start, count = bucket_of_program(start_ptr, count_ptr, num_slots)
     if count == 0:
         return
-    start = tl.load(start_ptr + bucket)
     # Output column j: half j // rank, rank lane j % rank; both halves read each input row once.
     j = tl.arange(0, BLOCK_R)
     j_ok = j < HALVES * rank
