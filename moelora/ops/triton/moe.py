@@ -78,19 +78,21 @@ def fused_moe_lora(
     if num_tokens == 0:
         return torch.zeros_like(x)
     slot = token_slot.contiguous()
-    if use_decode_path(num_tokens * top_k, num_experts, top_k):
+    num_pairs = num_tokens * top_k
+    if use_decode_path(num_pairs, num_experts, top_k):
         lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora)
-    tiles = moe_tiles(num_tokens * top_k, num_experts, num_slots)
-    aligned = moe_align_buckets(local_ids, slot, num_experts, num_slots, tiles.block_m)
-    sorted_pairs, block_expert, start, count = aligned
+    tiles = moe_tiles(num_pairs, num_experts, num_slots)
+    sorted_pairs, block_expert, start, count = moe_align_buckets(
+        local_ids, slot, num_experts, num_slots, tiles.block_m
+    )
     rows = (sorted_pairs, block_expert)
+    step = shrink_rows(num_pairs, num_experts, num_slots)
     buckets = (sorted_pairs, start, count, top_k)
-    step = shrink_rows(num_tokens * top_k, num_experts, num_slots)
     xa = moe_lora_shrink(x, a_gu, *buckets, True, step, slot_rank)
     h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
     ha = moe_lora_shrink(h, a_dn, *buckets, False, step, slot_rank)
-    if down_expand_apart(tiles, num_tokens * top_k, num_experts, num_slots, rank):
+    if down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank):
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
         moe_lora_expand(d, ha, b_dn, sorted_pairs, start, count, step, slot_rank)
     else:
