@@ -204,11 +204,18 @@ def main() -> None:
         help="down LoRA expand: 1 bucketed kernel, 0 in the down GEMM's epilogue, -1 by the shape rule",
     )
     p.add_argument(
+        "--decode-pairs",
+        type=int,
+        default=-1,
+        help="at most this many (token, choice) pairs take the decode path; -1: the shape rule",
+    )
+    p.add_argument(
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
     tiles.EXPAND_16BIT = args.expand
     tiles.DOWN_EXPAND_APART = None if args.down_apart < 0 else bool(args.down_apart)
+    tiles.DECODE_PAIRS = None if args.decode_pairs < 0 else args.decode_pairs
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()

@@ -26,7 +26,6 @@ from moelora.ops.triton import (
     lora_shrink,
     moe_decode_down,
     moe_decode_gate_up,
-    moe_decode_shrink,
     moe_down,
     moe_expand,
     moe_gate_up,
@@ -41,7 +40,8 @@ from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 HOPPER = GPUTarget("cuda", 90, 32)
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
-FP32_PTRS = {"xa_ptr", "ha_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
+INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr"}
+FP32_PTRS = {"xa_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
 Case = tuple[Callable, dict, int]  # kernel, constexpr values, warps
 
@@ -94,14 +94,10 @@ def moe_cases() -> Iterator[Case]:
 def decode_cases() -> Iterator[Case]:
     t = DECODE_TILES
     for has_lora in (False, True):
-        tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, SPLITS=8, BLOCK_N=t.block_n, BLOCK_K=t.block_k)
-        tiles |= dict(BLOCK_R=64)
-        yield moe_decode_gate_up._decode_gate_up_kernel, dict(HIDDEN=2048, **tiles), t.warps
+        tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
+        gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
+        yield moe_decode_gate_up._decode_gate_up_kernel, gate_up, t.warps
         yield moe_decode_down._decode_down_kernel, dict(INTER=768, **tiles), t.warps
-    for halves, gather in ((2, True), (1, False)):
-        shrink = dict(IN_DIM=2048, HALVES=halves, GATHER=gather, K_CHUNK=256, BLOCK_K=64, BLOCK_R=128)
-        shrink |= dict(HAS_RANK=True)
-        yield moe_decode_shrink._decode_shrink_kernel, shrink, 4
 
 
 def dense_lora_cases() -> Iterator[Case]:

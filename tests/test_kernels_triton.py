@@ -213,18 +213,27 @@ def test_fused_moe_lora_shrink_in_several_steps(monkeypatch):
     check_fused_moe_lora(CPU_CASES[3], seed=21, num_slots=3, rank=16)
 
 
-def test_decode_shrink_skips_rank_padding():
-    """The decode path's expand reads only the shrink's lanes below the rank, so check the shrink's own
-    output: with NaN in A's padding and the slot's rank given, every lane stays finite."""
-    from moelora.ops.triton.moe_decode_shrink import decode_shrink
+def test_decode_gate_up_lora_counters_and_padding():
+    """The decode gate/up launch with LoRA (shrinks inside it, ordered by counters): afterwards every counter
+    is zero again, a second launch gives the same h and ha bit for bit, and with NaN in a slot's padding
+    past the lanes it may read, ha (the down shrink) stays finite on every lane."""
+    from moelora.ops.triton import moe_decode_gate_up as gu
 
-    g, x, _, _, ids, _ = moe_inputs(CPU_CASES[1], seed=11)
-    a_gu = lora_buffers(g, 3, CPU_CASES[1][2], CPU_CASES[1][3], CPU_CASES[1][4], 16, x.dtype)[0]
-    a_gu[1, ..., lanes_read(8) :, :] = float("nan")
+    case = CPU_CASES[1]
+    g, x, w_gu, _, ids, _ = moe_inputs(case, seed=11)
+    a_gu, b_gu, a_dn, _ = lora_buffers(g, 3, case[2], case[3], case[4], 16, x.dtype)
+    for t in (a_gu, a_dn):
+        t[1, ..., lanes_read(8) :, :] = float("nan")
+    b_gu[1, ..., lanes_read(8) :] = float("nan")
     slot = slots(g, x.shape[0], 3)
     slot_rank = torch.tensor([16, 8, 16], dtype=torch.int32, device=DEV)
-    out = decode_shrink(x, ids, slot, a_gu, True, slot_rank)
-    assert torch.isfinite(out).all()
+    lora = (slot, a_gu, b_gu, a_dn, slot_rank)
+    h, ha = gu.decode_gate_up(x, w_gu, ids, lora, tile_table.DECODE_TILES)
+    assert not gu._sync_buffer(x.device).any()
+    h2, ha2 = gu.decode_gate_up(x, w_gu, ids, lora, tile_table.DECODE_TILES)
+    runs = ((ids >= 0) & (ids < case[2])).view(-1)
+    assert torch.equal(h[runs], h2[runs]) and torch.equal(ha, ha2)
+    assert torch.isfinite(ha).all() and ha.abs().sum() > 0
 
 
 def test_decode_path_is_taken_for_few_pairs():

@@ -1,5 +1,6 @@
-"""Pieces shared by the decode-path kernels (one program per (token, choice) pair): the pair's expert and
-slot, a GEMV step, and the LoRA expand from split-K partial sums."""
+"""Pieces shared by the decode-path kernels (one program per (token, choice) pair and output tile): the
+pair's expert and slot, a GEMV step, sums of split partials, the LoRA expand of a GEMV tile, and the
+device-scope counters that let one launch order its programs (`ticket`, `wait_for`, `last_one`)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,45 @@ def pair_slot(slot_ptr, t, num_slots, HAS_LORA: tl.constexpr):
 
 
 @triton.jit
-def add_partial_expand(acc, u_ptr, u_stride, b_ptrs, n_ok, r, r_ok, SPLITS: tl.constexpr):
-    """acc [N] += b [N, R] @ u, u the sum of SPLITS partial shrink vectors (stride u_stride apart); lanes
-    r read where r_ok."""
-    u = tl.zeros(r.shape, dtype=tl.float32)
-    for i in range(0, SPLITS):
-        u += tl.load(u_ptr + i * u_stride + r, mask=r_ok, other=0.0)
+def sum_partials(ptr, stride, lanes, lanes_ok, COUNT: tl.constexpr, ROWS: tl.constexpr):
+    """sum over i < COUNT of ptr[i * stride + lanes] (fp32; lanes read where lanes_ok), ROWS partials a
+    load. Read past L1 (.cg): other programs of the same launch wrote them."""
+    acc = tl.zeros(lanes.shape, dtype=tl.float32)
+    i = tl.arange(0, ROWS)
+    for i0 in range(0, COUNT, ROWS):
+        mask = (i0 + i < COUNT)[:, None] & lanes_ok[None, :]
+        ptrs = ptr + (i0 + i)[:, None] * stride + lanes[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.jit
+def expand_fma(acc, u, b_ptrs, n_ok, r_ok):
+    """acc [N] += b [N, R] @ u [R] in fp32; b's lanes read where r_ok."""
     b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     return acc + tl.sum(b.to(tl.float32) * u[None, :], axis=1)
+
+
+@triton.jit
+def ticket(counter_ptr):
+    """This program's place in the order programs started (0, 1, ...). A program that waits only for
+    programs with lower tickets cannot deadlock: they hold a ticket, so they are running."""
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+
+
+@triton.jit
+def wait_for(counter_ptr, target):
+    """Spin until *counter_ptr >= target; what the programs counted there wrote is visible after it."""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while seen < target:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def last_one(counter_ptr, count):
+    """Count this program in; True for the last of `count` programs, which then sees all their writes
+    and resets the counter to zero for the next launch."""
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == count - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0)
+    return last

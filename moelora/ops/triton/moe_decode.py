@@ -1,7 +1,6 @@
 """Routed experts for a handful of (token, choice) pairs, without the alignment: per-pair GEMVs that stream
-each pair's expert rows, the LoRA shrink once per pair (split-K partial sums that the GEMVs' epilogues add
-up before the expand), then the weighted sum. Used where pairs rarely share an expert
-(`tiles.use_decode_path`)."""
+each pair's expert rows (the LoRA shrinks run inside the gate/up launch, the expands in the GEMVs'
+epilogues), then the weighted sum. Used where pairs rarely share an expert (`tiles.use_decode_path`)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import torch
 from moelora.ops.triton import tiles as tile_table
 from moelora.ops.triton.moe_decode_down import decode_down
 from moelora.ops.triton.moe_decode_gate_up import decode_gate_up
-from moelora.ops.triton.moe_decode_shrink import decode_shrink
 from moelora.ops.triton.moe_sum import moe_sum
 
 LoraBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -25,17 +23,16 @@ def decode_moe(
     lora: LoraBuffers | None,
 ) -> torch.Tensor:
     """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, a_gu, b_gu, a_dn, b_dn,
-    slot_rank)) for few pairs: three launches (five with LoRA), no alignment, every size from the shapes
+    slot_rank)) for few pairs: three launches with or without LoRA, no alignment, every size from the shapes
     (CUDA-graph safe)."""
     tiles = tile_table.DECODE_TILES  # read per call, so a sweep can patch the table
     num_experts = w_down.shape[0]
     if lora is None:
-        h = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
+        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
         d = decode_down(h, w_down, local_ids, None, tiles)
     else:
         slot, a_gu, b_gu, a_dn, b_dn, slot_rank = lora
-        xa = decode_shrink(x, local_ids, slot, a_gu, True, slot_rank)
-        h = decode_gate_up(x, w_gate_up, local_ids, (slot, xa, b_gu, slot_rank), tiles)
-        ha = decode_shrink(h, local_ids, slot, a_dn, False, slot_rank)
+        h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, a_gu, b_gu, a_dn, slot_rank), tiles)
+        assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
         d = decode_down(h, w_down, local_ids, (slot, ha, b_dn, slot_rank), tiles)
     return moe_sum(d, local_ids, weights, num_experts)

@@ -1,5 +1,5 @@
-"""Down GEMV of the decode path: one program per (pair, output tile), the LoRA expand from the shrink's
-partial sums; each pair's unweighted output (the weighted sum follows)."""
+"""Down GEMV of the decode path: one program per (pair, output tile), the LoRA expand of the shrink that
+`decode_gate_up` computed; each pair's unweighted output (the weighted sum follows)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import lanes_in_rank
-from moelora.ops.triton.decode_common import add_partial_expand, fma_step, pair_expert, pair_slot
+from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot
 from moelora.ops.triton.tiles import DecodeTiles
 
 
@@ -17,7 +17,7 @@ def _decode_down_kernel(
     h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
     top_k, hidden, num_experts, rank, num_slots, num_pairs,
     s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -42,8 +42,8 @@ def _decode_down_kernel(
             r = tl.arange(0, BLOCK_R)
             r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
             b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
-            ha_row = ha_ptr + p.to(tl.int64) * rank
-            d = add_partial_expand(d, ha_row, num_pairs * rank, b_ptrs, n_ok, r, r_ok, SPLITS)
+            ha = tl.load(ha_ptr + p.to(tl.int64) * rank + r, mask=r_ok, other=0.0)
+            d = expand_fma(d, ha, b_ptrs, n_ok, r_ok)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -55,8 +55,8 @@ def decode_down(
     tiles: DecodeTiles,
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair whose expert runs here (other rows unset).
-    h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; lora = (token_slot [T], ha [splits,
-    T * k, R] fp32 partial sums from `decode_shrink`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
+    h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; lora = (token_slot [T], ha [T * k, R]
+    fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
     columns at or above it are padding, not read)."""
     num_pairs, inter = h.shape
     top_k = local_ids.shape[1]
@@ -65,15 +65,15 @@ def decode_down(
     slot_rank = None
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         slot, ha, b = local_ids, h, w_down.unsqueeze(0)
-        num_slots, rank, splits = 0, 1, 1
+        num_slots, rank = 0, 1
     else:
         slot, ha, b, slot_rank = lora
-        num_slots, rank, splits = b.shape[0], b.shape[-1], ha.shape[0]
+        num_slots, rank = b.shape[0], b.shape[-1]
     _decode_down_kernel[(num_pairs, triton.cdiv(hidden, tiles.block_n))](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank,
         top_k, hidden, num_experts, rank, num_slots, num_pairs,
         *local_ids.stride(), *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, SPLITS=splits,
+        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None,
         BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
     )  # fmt: skip

@@ -1,5 +1,12 @@
-"""Gate/up GEMV of the decode path: one program per (pair, output tile) streams its expert's rows, adds the
-LoRA expand from the shrink's partial sums, then SiLU(gate) * up."""
+"""Gate/up GEMV of the decode path, with the LoRA shrinks of both projections in the same launch.
+
+One program per (pair, output tile) streams its expert's rows, then SiLU(gate) * up. With LoRA the launch
+also runs the gate/up shrink: its first programs (by start order: `decode_common.ticket`) each take one
+pair's A over one chunk of the input and write fp32 partial sums; the GEMV programs wait for them before
+their epilogue adds the expand. Each GEMV program then multiplies its h tile by its columns of the down
+projection's A, and the last tile of a pair to finish adds those partials up (in tile order, so the result
+does not depend on timing) into ha, which the down GEMV expands. Three launches in all, as without LoRA.
+"""
 
 from __future__ import annotations
 
@@ -8,84 +15,220 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import lanes_in_rank
-from moelora.ops.triton.decode_common import add_partial_expand, fma_step, pair_expert, pair_slot
+from moelora.ops.triton.decode_common import (
+    expand_fma,
+    fma_step,
+    last_one,
+    pair_expert,
+    pair_slot,
+    sum_partials,
+    ticket,
+    wait_for,
+)
 from moelora.ops.triton.tiles import DecodeTiles
+
+_SHRINK_CHUNK = 256  # input columns per shrink program
+_SHRINK_K = 64  # input columns per step of a shrink program
+_PARTS = tl.constexpr(16)  # partial sums per load where they are added up
+
+# The counters of `_sync_buffer`: tickets, shrink programs done, programs done, then one per pair (its
+# tiles done). All zero between launches: each is reset by the last program that counts on it.
+MAX_PAIRS = 1 << 16
+_SYNC: dict[torch.device, tuple[torch.Tensor, bool]] = {}
+
+
+@triton.jit
+def _shrink_part(
+    x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, item, top_k, num_experts, rank, num_slots, num_pairs,
+    sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
+    HIDDEN: tl.constexpr, SPLITS: tl.constexpr, HAS_RANK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R2: tl.constexpr,
+):  # fmt: skip
+    # xa[split, p, j] = part of a[s, e, j // rank, j % rank] @ x[t] over this split's input columns.
+    p = item // SPLITS
+    split = item % SPLITS
+    t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
+    s, on = pair_slot(slot_ptr, t, num_slots, True)
+    j = tl.arange(0, BLOCK_R2)
+    j_ok = (j < 2 * rank) & lanes_in_rank(j % rank, rank, rank_ptr, s, HAS_RANK) & on & runs
+    kk = split * CHUNK + tl.arange(0, BLOCK_K)
+    e64 = tl.where(runs, e, 0).to(tl.int64)
+    a_rows = a_ptr + s * sa_s + e64 * sa_e + (j // rank) * sa_h + (j % rank) * sa_r
+    a_ptrs = a_rows[:, None] + kk[None, :] * sa_k
+    x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
+    acc = tl.zeros([BLOCK_R2, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, CHUNK, BLOCK_K):
+        k_ok = kk + k0 < HIDDEN
+        v = tl.load(x_row + k0 * sx_k, mask=k_ok & on & runs, other=0.0).to(tl.float32)
+        acc = fma_step(acc, a_ptrs + k0 * sa_k, j_ok[:, None] & k_ok[None, :], v)
+    dst = xa_ptr + (split * num_pairs + p).to(tl.int64) * (2 * rank) + j
+    tl.store(dst, tl.sum(acc, axis=1), mask=j < 2 * rank)
+
+
+@triton.jit
+def _gemv_gate_up(x_ptr, w_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
+                  HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t."""
+    kk = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
+    g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
+    u_ptrs = g_ptrs + inter * sw_n
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = kk < HIDDEN - k0
+        xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        acc_g = fma_step(acc_g, g_ptrs, w_mask, xk)
+        acc_u = fma_step(acc_u, u_ptrs, w_mask, xk)
+        x_row += BLOCK_K * sx_k
+        g_ptrs += BLOCK_K * sw_k
+        u_ptrs += BLOCK_K * sw_k
+    return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+
+
+@triton.jit
+def _down_shrink_part(hp_ptr, ha_ptr, count_ptr, a_ptr, h, s, e64, n, n_ok, r, r_ok, p, tile, rank,
+                      num_pairs, sa_s, sa_e, sa_r, sa_k, N_TILES: tl.constexpr):  # fmt: skip
+    """hp[tile, p] = a_dn[s, e][:, n] @ h (this tile's part of the down shrink); the pair's last tile
+    to finish writes ha[p] = the sum of its N_TILES parts."""
+    a = tl.load(
+        a_ptr + s * sa_s + e64 * sa_e + r[:, None] * sa_r + n[None, :] * sa_k,
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    part = tl.sum(a.to(tl.float32) * h[None, :], axis=1)
+    tl.store(hp_ptr + (tile * num_pairs + p).to(tl.int64) * rank + r, part, mask=r < rank)
+    if last_one(count_ptr, N_TILES):
+        ha = sum_partials(hp_ptr + p.to(tl.int64) * rank, num_pairs * rank, r, r < rank, N_TILES, _PARTS)
+        tl.store(ha_ptr + p.to(tl.int64) * rank + r, ha, mask=r < rank)
 
 
 @triton.jit
 def _decode_gate_up_kernel(
-    x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr,
-    top_k, inter, num_experts, rank, num_slots, num_pairs,
-    sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
+    x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, ha_ptr, rank_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, top_k, inter, num_experts, rank, num_slots, num_pairs,
+    sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
+    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k,
     HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
+    CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    p = tl.program_id(0)
-    t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
-    if runs:
-        e64 = e.to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
+    num_shrink = 0
+    item = tl.program_id(0)
+    if HAS_LORA:
+        num_shrink = num_pairs * SPLITS
+        item = ticket(ticket_ptr)
+    if item < num_shrink:
+        _shrink_part(
+            x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, item, top_k, num_experts, rank, num_slots,
+            num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
+            HIDDEN, SPLITS, HAS_RANK, CHUNK, SHRINK_K, 2 * BLOCK_R,
+        )  # fmt: skip
+        tl.atomic_add(shrunk_ptr, 1, sem="release")
+    else:
+        p = (item - num_shrink) // N_TILES
+        tile = (item - num_shrink) % N_TILES
+        t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
+        e64 = tl.where(runs, e, 0).to(tl.int64)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
-        kk = tl.arange(0, BLOCK_K)
-        x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
-        g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
-        u_ptrs = g_ptrs + inter * sw_n
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BLOCK_K):
-            k_ok = kk < HIDDEN - k0
-            xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            acc_g = fma_step(acc_g, g_ptrs, w_mask, xk)
-            acc_u = fma_step(acc_u, u_ptrs, w_mask, xk)
-            x_row += BLOCK_K * sx_k
-            g_ptrs += BLOCK_K * sw_k
-            u_ptrs += BLOCK_K * sw_k
-        g = tl.sum(acc_g, axis=1)
-        u = tl.sum(acc_u, axis=1)
+        g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if runs:
+            g, u = _gemv_gate_up(x_ptr, w_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
+                                 HIDDEN, BLOCK_N, BLOCK_K)  # fmt: skip
+        s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
+        r = tl.arange(0, BLOCK_R)
+        r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
         if HAS_LORA:
-            s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
-            r = tl.arange(0, BLOCK_R)
-            r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
-            bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
-            g = add_partial_expand(g, xa_row, num_pairs * 2 * rank, bg_ptrs, n_ok, r, r_ok, SPLITS)
-            u = add_partial_expand(
-                u, xa_row + rank, num_pairs * 2 * rank, bg_ptrs + sb_h, n_ok, r, r_ok, SPLITS
-            )
-        h = g / (1.0 + tl.exp(-g)) * u
-        tl.store(h_ptr + p.to(tl.int64) * inter + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+            if on & runs:
+                wait_for(shrunk_ptr, num_shrink)
+                bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
+                xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
+                xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
+                g = expand_fma(g, xg, bg_ptrs, n_ok, r_ok)
+                u = expand_fma(u, xu, bg_ptrs + sb_h, n_ok, r_ok)
+        h = (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + p.to(tl.int64) * inter + n, h, mask=n_ok & runs)
+        if HAS_LORA:
+            _down_shrink_part(
+                hp_ptr, ha_ptr, pair_count_ptr + p, a_dn_ptr, h.to(tl.float32), s, e64, n, n_ok, r, r_ok,
+                p, tile, rank, num_pairs, sd_s, sd_e, sd_r, sd_k, N_TILES,
+            )  # fmt: skip
+    if HAS_LORA:
+        programs = num_shrink + num_pairs * N_TILES
+        if last_one(exited_ptr, programs):
+            tl.atomic_xchg(ticket_ptr, 0)
+            tl.atomic_xchg(shrunk_ptr, 0)
+
+
+def _sync_buffer(device: torch.device) -> torch.Tensor:
+    """The launch counters of `device` (int32 [3 + MAX_PAIRS]: tickets, shrink parts done, programs
+    done, each pair's tiles done; all zero between launches: each launch
+    resets what it counted). Made once per device; if first made while a CUDA graph is captured, its
+    zeroing is part of the graph, so the next call outside a capture zeroes it first."""
+    buf, zeroed = _SYNC.get(device, (None, False))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if buf is None:
+        buf = torch.zeros(3 + MAX_PAIRS, dtype=torch.int32, device=device)
+        zeroed = not capturing
+    elif not zeroed and not capturing:
+        buf.zero_()
+        zeroed = True
+    _SYNC[device] = (buf, zeroed)
+    return buf
 
 
 def decode_gate_up(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
     local_ids: torch.Tensor,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
-) -> torch.Tensor:
-    """-> h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here (other rows
-    unset). x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; local_ids [T, k]; lora = (token_slot [T],
-    xa [splits, T * k, 2R] fp32 partial sums from `decode_shrink`, b_gu [S, E_loc, 2, I_loc, R],
-    slot_rank [S] or None: B's columns at or above it are padding, not read)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here, other rows
+    unset; ha [T * k, R] fp32: a_dn[s, e] @ h of each pair with a valid slot, or None without LoRA).
+    x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; local_ids [T, k]; lora = (token_slot [T],
+    a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R], a_dn [S, E_loc, R, I_loc], slot_rank [S] or
+    None: A's and B's lanes at or above it are padding, not read). Launches on one device run one after
+    another (the counters of `_sync_buffer` are shared), as on one stream."""
     num_tokens, hidden = x.shape
     top_k = local_ids.shape[1]
     num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     num_pairs = num_tokens * top_k
+    n_tiles = triton.cdiv(inter, tiles.block_n)
+    shrink_k = min(_SHRINK_K, triton.next_power_of_2(hidden))
+    chunk = splits = 1
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    slot_rank = None
     if lora is None:  # placeholders, never read (HAS_LORA is off)
-        slot, xa, b = local_ids, h, w_gate_up.unsqueeze(0).unsqueeze(2)
-        num_slots, rank, splits = 0, 1, 1
+        slot, a, a_dn, rank_of = local_ids, w_gate_up[None, :, None], w_gate_up[None], None
+        b = a
+        xa = hp = ha_buf = h
+        sync = h.view(-1)
+        num_slots, rank = 0, 1
     else:
-        slot, xa, b, slot_rank = lora
-        num_slots, rank, splits = b.shape[0], b.shape[-1], xa.shape[0]
-    _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.block_n))](
-        x, local_ids, w_gate_up, h, slot, xa, b, slot if slot_rank is None else slot_rank,
+        slot, a, b, a_dn, rank_of = lora
+        num_slots, rank = a.shape[0], a.shape[3]
+        if num_pairs > MAX_PAIRS:
+            raise ValueError(f"the decode path takes at most {MAX_PAIRS} pairs, got {num_pairs}")
+        chunk = triton.cdiv(min(_SHRINK_CHUNK, hidden), shrink_k) * shrink_k  # whole steps per program
+        splits = triton.cdiv(hidden, chunk)
+        xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
+        hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
+        ha_buf = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
+        sync = _sync_buffer(x.device)
+    programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
+    regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
+    _decode_gate_up_kernel[(programs,)](
+        x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
+        sync, sync[1:], sync[2:], sync[3:],
         top_k, inter, num_experts, rank, num_slots, num_pairs,
-        *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, SPLITS=splits,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        num_warps=tiles.warps,
+        *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
+        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits,
+        CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, **regs,
     )  # fmt: skip
-    return h
+    return h, (ha_buf if lora is not None else None)
