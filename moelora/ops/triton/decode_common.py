@@ -1,6 +1,5 @@
 """Pieces shared by the decode-path kernels (one program per (token, choice) pair and output tile): the
-pair's expert and slot, a GEMV step, sums of split partials, the LoRA expand of a GEMV tile, and the
-device-scope counters that let one launch order its programs (`ticket`, `wait_for`, `last_one`)."""
+pair's expert and slot, a GEMV step, sums of split partials, the LoRA expand of a GEMV tile."""
 
 from __future__ import annotations
 
@@ -51,28 +50,3 @@ def expand_fma(acc, u, b_ptrs, n_ok, r_ok):
     """acc [N] += b [N, R] @ u [R] in fp32; b's lanes read where r_ok."""
     b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     return acc + tl.sum(b.to(tl.float32) * u[None, :], axis=1)
-
-
-@triton.jit
-def ticket(counter_ptr):
-    """This program's place in the order programs started (0, 1, ...). A program that waits only for
-    programs with lower tickets cannot deadlock: they hold a ticket, so they are running."""
-    return tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-
-
-@triton.jit
-def wait_for(counter_ptr, target):
-    """Spin until *counter_ptr >= target; what the programs counted there wrote is visible after it."""
-    seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-    while seen < target:
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-
-
-@triton.jit
-def last_one(counter_ptr, count):
-    """Count this program in; True for the last of `count` programs, which then sees all their writes
-    and resets the counter to zero for the next launch."""
-    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == count - 1
-    if last:
-        tl.atomic_xchg(counter_ptr, 0)
-    return last

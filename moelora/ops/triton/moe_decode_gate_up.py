@@ -15,26 +15,16 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import lanes_in_rank
-from moelora.ops.triton.decode_common import (
-    expand_fma,
-    fma_step,
-    last_one,
-    pair_expert,
-    pair_slot,
-    sum_partials,
-    ticket,
-    wait_for,
-)
+from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
+from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot, sum_partials
 from moelora.ops.triton.tiles import DecodeTiles
 
 _SHRINK_CHUNK = 256  # input columns per shrink program
 _SHRINK_K = 64  # input columns per step of a shrink program
 _PARTS = tl.constexpr(16)  # partial sums per load where they are added up
 
-# The counters of `_sync_buffer`: tickets, shrink programs done, programs done, then one per pair (its
-# tiles done). All zero between launches: each is reset by the last program that counts on it.
-MAX_PAIRS = 1 << 16
-_SYNC: dict[torch.device, tuple[torch.Tensor, bool]] = {}
+# Its counters (`counters.launch_counters`): tickets, shrink programs done, programs done, then one per
+# pair (its tiles done).
 
 
 @triton.jit
@@ -126,7 +116,7 @@ def _decode_gate_up_kernel(
             num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
             HIDDEN, SPLITS, HAS_RANK, CHUNK, SHRINK_K, 2 * BLOCK_R,
         )  # fmt: skip
-        tl.atomic_add(shrunk_ptr, 1, sem="release")
+        signal(shrunk_ptr)
     else:
         p = (item - num_shrink) // N_TILES
         tile = (item - num_shrink) % N_TILES
@@ -165,23 +155,6 @@ def _decode_gate_up_kernel(
             tl.atomic_xchg(shrunk_ptr, 0)
 
 
-def _sync_buffer(device: torch.device) -> torch.Tensor:
-    """The launch counters of `device` (int32 [3 + MAX_PAIRS]: tickets, shrink parts done, programs
-    done, each pair's tiles done; all zero between launches: each launch
-    resets what it counted). Made once per device; if first made while a CUDA graph is captured, its
-    zeroing is part of the graph, so the next call outside a capture zeroes it first."""
-    buf, zeroed = _SYNC.get(device, (None, False))
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if buf is None:
-        buf = torch.zeros(3 + MAX_PAIRS, dtype=torch.int32, device=device)
-        zeroed = not capturing
-    elif not zeroed and not capturing:
-        buf.zero_()
-        zeroed = True
-    _SYNC[device] = (buf, zeroed)
-    return buf
-
-
 def decode_gate_up(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -194,7 +167,7 @@ def decode_gate_up(
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; local_ids [T, k]; lora = (token_slot [T],
     a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R], a_dn [S, E_loc, R, I_loc], slot_rank [S] or
     None: A's and B's lanes at or above it are padding, not read). Launches on one device run one after
-    another (the counters of `_sync_buffer` are shared), as on one stream."""
+    another (they share `counters.launch_counters`), as on one stream."""
     num_tokens, hidden = x.shape
     top_k = local_ids.shape[1]
     num_experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
@@ -212,14 +185,12 @@ def decode_gate_up(
     else:
         slot, a, b, a_dn, rank_of = lora
         num_slots, rank = a.shape[0], a.shape[3]
-        if num_pairs > MAX_PAIRS:
-            raise ValueError(f"the decode path takes at most {MAX_PAIRS} pairs, got {num_pairs}")
         chunk = triton.cdiv(min(_SHRINK_CHUNK, hidden), shrink_k) * shrink_k  # whole steps per program
         splits = triton.cdiv(hidden, chunk)
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
         ha_buf = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
-        sync = _sync_buffer(x.device)
+        sync = launch_counters(x.device, 3 + num_pairs)
     programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     _decode_gate_up_kernel[(programs,)](
