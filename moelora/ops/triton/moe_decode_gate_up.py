@@ -1,7 +1,7 @@
 """Gate/up GEMV of the decode path, with the LoRA shrinks of both projections in the same launch.
 
 One program per (pair, output tile) streams its expert's rows, then SiLU(gate) * up. With LoRA the launch
-also runs the gate/up shrink: its first programs (by start order: `decode_common.ticket`) each take one
+also runs the gate/up shrink: its first programs (by start order: `counters.ticket`) each take one
 pair's A over one chunk of the input and write fp32 partial sums; the GEMV programs wait for them before
 their epilogue adds the expand. Each GEMV program then multiplies its h tile by its columns of the down
 projection's A, and the last tile of a pair to finish adds those partials up (in tile order, so the result
@@ -23,8 +23,8 @@ _SHRINK_CHUNK = 256  # input columns per shrink program
 _SHRINK_K = 64  # input columns per step of a shrink program
 _PARTS = tl.constexpr(16)  # partial sums per load where they are added up
 
-# Its counters (`counters.launch_counters`): tickets, shrink programs done, programs done, then one per
-# pair (its tiles done).
+# The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done,
+# then one per pair (its tiles done).
 
 
 @triton.jit
