@@ -27,6 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("multigpu")
         if marker is not None and gpus < marker.args[0]:
             item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0]} CUDA GPUs, {gpus} present"))
+        if item.get_closest_marker("cuda_graphs") and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
+            # Capture takes its memory from the caching allocator; with it off (as for compute-sanitizer)
+            # every allocation is a cudaMalloc, which stream capture forbids.
+            item.add_marker(pytest.mark.skip(reason="CUDA graphs need the caching allocator"))
 
 
 @pytest.fixture(scope="session")

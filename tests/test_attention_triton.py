@@ -157,6 +157,7 @@ def test_prefill_attention_gpu(seq_lens, heads, d, window):
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_graphs
 def test_paged_decode_cuda_graph_replay():
     """Captured once, replayed with other lengths and block tables: no host sync, shapes-only sizing."""
     q, k_cache, v_cache, tables = paged_problem(5, (3000,) * 4, 4, (32, 4), 128, 16, torch.bfloat16)

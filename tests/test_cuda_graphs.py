@@ -7,7 +7,7 @@ import pytest
 from moelora import LLM, SamplingParams
 from moelora.demo import demo_adapter_paths
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.cuda_graphs]
 
 PROMPTS = ["The weather today is", "Hello", "My computer keeps", "To make a simple soup,", "Travelling light"]
 

@@ -447,6 +447,7 @@ def test_route_gpu(num_tokens: int, num_experts: int, k: int):
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_graphs
 def test_fused_moe_lora_cuda_graph_replay(path: str):
     case = GPU_CASES[1]
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)

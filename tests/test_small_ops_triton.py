@@ -249,6 +249,7 @@ def test_write_kv_gpu(t, hkv, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_graphs
 def test_small_ops_cuda_graph_replay():
     """Captured once, replayed with new inputs, positions and slots: no host sync, shapes-only sizing."""
     g = torch.Generator().manual_seed(9)
