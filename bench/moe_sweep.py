@@ -26,12 +26,12 @@ SWEEP = (
     Tiles(128, 128, 32, 8, 5),
 )
 DECODE_SWEEP = (
-    DecodeTiles(8, 256, 4, 128),
-    DecodeTiles(8, 512, 4, 128),
-    DecodeTiles(16, 128, 4, 128),
-    DecodeTiles(16, 256, 4, 128),
-    DecodeTiles(16, 256, 8, 128),
-    DecodeTiles(32, 128, 4, 128),
+    DecodeTiles(8, 256, 4),
+    DecodeTiles(8, 512, 4),
+    DecodeTiles(16, 128, 4),
+    DecodeTiles(16, 256, 4),
+    DecodeTiles(16, 256, 8),
+    DecodeTiles(32, 128, 4),
 )
 LORA_SWEEP = (
     LoraTiles(16, 128, 256, 64, 4, 2),

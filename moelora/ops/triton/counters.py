@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_COUNTERS = (1 << 16) + 3
+MAX_COUNTERS = 1 << 16
 _BUFFERS: dict[torch.device, tuple[torch.Tensor, bool]] = {}
 
 

@@ -53,13 +53,13 @@ class DecodeTiles:
     block_n: int
     block_k: int
     warps: int
-    lora_regs: int  # register cap of the gate/up launch with LoRA (0: none)
+    lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
 # With LoRA the gate/up kernel needs 138 registers a thread (sm_90): 3 programs an SM instead of the base's
 # 4, so one Qwen3 token's 448 programs took two waves; capped at 128 it spills 32 bytes and fits one.
-DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4, lora_regs=128)
+DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
 
 
 # At most this many (token, choice) pairs take the decode path; None: `use_decode_path`'s rule.
