@@ -210,12 +210,19 @@ def main() -> None:
         help="at most this many (token, choice) pairs take the decode path; -1: the shape rule",
     )
     p.add_argument(
+        "--shrink-splits",
+        type=int,
+        default=-1,
+        help="input splits of the MoE-LoRA shrink (aligned path); -1: the shape rule",
+    )
+    p.add_argument(
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
     tiles.EXPAND_16BIT = args.expand
     tiles.DOWN_EXPAND_APART = None if args.down_apart < 0 else bool(args.down_apart)
     tiles.DECODE_PAIRS = None if args.decode_pairs < 0 else args.decode_pairs
+    tiles.SHRINK_SPLITS = None if args.shrink_splits < 0 else args.shrink_splits
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()

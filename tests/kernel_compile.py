@@ -40,7 +40,7 @@ from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 HOPPER = GPUTarget("cuda", 90, 32)
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
-INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr"}
+INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr"}
 FP32_PTRS = {"xa_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
 Case = tuple[Callable, dict, int]  # kernel, constexpr values, warps
@@ -69,20 +69,23 @@ def moe_cases() -> Iterator[Case]:
             for rank in (16, 64) if has_lora else (16,):
                 common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
-                common |= dict(PRECISION="tf32")
+                common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
                 yield moe_gate_up._gate_up_kernel, dict(HIDDEN=2048, **common), t.warps
                 yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):
-            shrink = dict(IN_DIM=2048 if gather else 768, HALVES=halves, GATHER=gather, HAS_RANK=True)
+            in_dim = 2048 if gather else 768
+            shrink = dict(IN_DIM=in_dim, CHUNK=256 if block_m == 16 else in_dim, HALVES=halves, GATHER=gather)
+            shrink |= dict(HAS_RANK=True)
             shrink |= dict(BLOCK_M=block_m, BLOCK_K=128, BLOCK_R=block_r, PRECISION="tf32")
             yield moe_shrink._shrink_kernel, shrink, 4
     for rank in (16, 64):
-        expand = dict(HIDDEN=2048, TILES=4, HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128, BLOCK_R=rank)
+        expand = dict(HIDDEN=2048, TILES=4, PARTS=3, HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128)
+        expand |= dict(BLOCK_R=rank)
         expand |= dict(PRECISION="tf32")
         yield moe_expand._expand_kernel, expand, 4
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
-    yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32), 4
+    yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32, BUSY_PAD=2048), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
     yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024), 4
     for top_k, experts in ((8, 128), (2, 8)):

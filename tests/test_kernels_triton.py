@@ -92,6 +92,11 @@ def test_align_matches_twin(num_tokens: int, k: int, e_loc: int, num_slots: int,
     )
     valid = ((ids >= 0) & (ids < e_loc)).sum().item()
     assert (ref[0] < num_tokens * k).sum().item() == valid
+    # The busy list: each bucket of a slot that holds pairs, in bucket order, then -1.
+    _, _, _, count, busy = triton_align.moe_align_buckets(ids, slot, e_loc, num_slots, block_m)
+    classes = torch.arange(count.numel()) % (num_slots + 1)
+    want = ((count.cpu() > 0) & (classes < num_slots)).nonzero().squeeze(1).tolist()
+    assert busy.cpu().tolist() == want + [-1] * (busy.numel() - len(want))
 
 
 def moe_weights(g: torch.Generator, e_loc: int, hidden: int, inter: int, dtype: torch.dtype):
@@ -167,10 +172,17 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     assert_close(got, ref, CPU_TOL[x.dtype])
 
 
-@pytest.fixture(params=["aligned", "decode"])
+@pytest.fixture(params=["aligned", "split", "decode"])
 def path(request, monkeypatch) -> str:
-    """Both MoE paths on every case: the aligned grouped GEMMs and the alignment-free decode GEMVs."""
+    """Every MoE path on every case: the aligned grouped GEMMs, with the LoRA shrinks' input in one piece
+    or split in up to 3 (16-column steps, so the tiny shapes split, a last split part-filled), and the
+    alignment-free decode GEMVs."""
+    from moelora.ops.triton import moe_shrink
+
     monkeypatch.setattr(triton_moe, "use_decode_path", lambda *_: request.param == "decode")
+    monkeypatch.setattr(tile_table, "SHRINK_SPLITS", 3 if request.param == "split" else None)
+    if request.param == "split":
+        monkeypatch.setattr(moe_shrink, "_BLOCK_K", 16)
     return request.param
 
 
@@ -241,6 +253,13 @@ def test_decode_path_is_taken_for_few_pairs():
     """The choice itself: a decode step of a wide MoE skips the alignment, a prefill does not."""
     assert triton_moe.use_decode_path(8, 128, 8) and triton_moe.use_decode_path(2, 8, 2)
     assert not triton_moe.use_decode_path(64 * 8, 128, 8) and not triton_moe.use_decode_path(4, 8, 2)
+
+
+def test_shrink_splits_rule():
+    """The MoE-LoRA shrink splits its input for small batches only, in whole 256-column parts, at most 16."""
+    splits = tile_table.shrink_splits
+    assert splits(64, 128, 4, 2048) == 8 and splits(64, 128, 4, 768) == 3 and splits(16, 8, 4, 14336) == 16
+    assert splits(8 * 2048, 128, 4, 2048) == 1 and splits(4, 128, 4, 200) == 1
 
 
 def test_fused_moe_ids_all_elsewhere_give_zeros(path: str):

@@ -44,8 +44,9 @@ def _count_kernel(
 
 @triton.jit
 def _prefix_kernel(
-    counts_ptr, start_ptr, seg_ptr, num_experts, classes, block_m, E_PAD: tl.constexpr, C_PAD: tl.constexpr
-):
+    counts_ptr, start_ptr, seg_ptr, busy_ptr, num_experts, classes, block_m, num_busy,
+    E_PAD: tl.constexpr, C_PAD: tl.constexpr, BUSY_PAD: tl.constexpr,
+):  # fmt: skip
     # One program: bucket starts (experts padded to block_m, classes in order inside each expert).
     e = tl.arange(0, E_PAD)
     c = tl.arange(0, C_PAD)
@@ -59,6 +60,13 @@ def _prefix_kernel(
     tl.store(start_ptr + idx, seg_start[:, None] + tl.cumsum(cnt, axis=1) - cnt, mask=ok)
     tl.store(seg_ptr + e, seg_end, mask=e < num_experts)
     tl.store(seg_ptr + E_PAD + e, seg_start + total, mask=e < num_experts)
+    # The non-empty buckets of slots (class < S), in bucket order, then -1 up to num_busy.
+    busy = (ok & (c[None, :] < classes - 1) & (cnt > 0)).to(tl.int32)
+    per_expert = tl.sum(busy, axis=1)
+    pos = (tl.cumsum(per_expert, axis=0) - per_expert)[:, None] + tl.cumsum(busy, axis=1) - busy
+    tl.store(busy_ptr + pos, idx, mask=busy > 0)
+    q = tl.arange(0, BUSY_PAD)
+    tl.store(busy_ptr + q, -1, mask=(q >= tl.sum(per_expert, axis=0)) & (q < num_busy))
 
 
 @triton.jit
@@ -103,15 +111,22 @@ def moe_align(
     return moe_align_buckets(local_ids, token_slot, num_experts, num_slots, block_m)[:2]
 
 
+def busy_size(num_pairs: int, num_experts: int, num_slots: int) -> int:
+    """Length of `moe_align_buckets`' busy list: at most this many buckets of slots hold pairs."""
+    return max(1, min(num_pairs, num_experts * num_slots))
+
+
 def moe_align_buckets(
     local_ids: torch.Tensor,
     token_slot: torch.Tensor | None,
     num_experts: int,
     num_slots: int,
     block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`moe_align`'s (sorted_pairs, block_expert), then each (expert e, slot class c) bucket's first row
-    and number of pairs, bucket_start and bucket_count [E * (S + 1)] int32 at e * (S + 1) + c.
+    and number of pairs, bucket_start and bucket_count [E * (S + 1)] int32 at e * (S + 1) + c, and busy
+    [`busy_size`] int32: the index e * (S + 1) + s of each bucket of a slot s in [0, S) that holds pairs,
+    in index order, then -1 (the LoRA kernels run one program per entry, not per bucket).
 
     Four launches: zero the bucket counts, count (atomics give each pair its place in its bucket), one
     program of prefix sums, scatter (pairs to rows, sentinels, block experts). Every size comes from the
@@ -134,9 +149,12 @@ def moe_align_buckets(
     )  # fmt: skip
     start = torch.empty_like(counts)
     seg = torch.empty(2, e_pad, dtype=torch.int32, device=dev)  # segment ends, ends of the real rows
+    num_busy = busy_size(num_pairs, num_experts, num_slots)
+    busy = torch.empty(num_busy, dtype=torch.int32, device=dev)
     _prefix_kernel[(1,)](
-        counts, start, seg, num_experts, classes, block_m, E_PAD=e_pad, C_PAD=triton.next_power_of_2(classes)
-    )
+        counts, start, seg, busy, num_experts, classes, block_m, num_busy,
+        E_PAD=e_pad, C_PAD=triton.next_power_of_2(classes), BUSY_PAD=triton.next_power_of_2(num_busy),
+    )  # fmt: skip
     sorted_pairs = torch.empty(rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=dev)
     grid = (max(triton.cdiv(num_pairs, _PAIRS_PER_PROGRAM), triton.cdiv(blocks, _BLOCKS_PER_PROGRAM)),)
@@ -144,4 +162,4 @@ def moe_align_buckets(
         bucket, rank, start, seg, sorted_pairs, block_expert, num_pairs, blocks, num_experts,
         BLOCK=_PAIRS_PER_PROGRAM, BLOCKS=_BLOCKS_PER_PROGRAM, BLOCK_M=block_m, E_PAD=e_pad,
     )  # fmt: skip
-    return sorted_pairs, block_expert, start, counts
+    return sorted_pairs, block_expert, start, counts, busy

@@ -20,13 +20,14 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def bucket_of_program(start_ptr, count_ptr, num_slots):
-    """(expert e, slot s, first row, rows) of the (expert, slot) bucket this program takes: programs
-    run over e * num_slots + s, the alignment's buckets sit at e * (num_slots + 1) + s (class S last)."""
-    e = tl.program_id(0) // num_slots
-    s = tl.program_id(0) % num_slots
-    bucket = e * (num_slots + 1) + s
-    return e, s, tl.load(start_ptr + bucket), tl.load(count_ptr + bucket)
+def busy_bucket(busy_ptr, i, start_ptr, count_ptr, num_slots):
+    """(expert e, slot s, first row, rows) of entry i of the alignment's busy list (a bucket of a slot that
+    holds pairs; rows 0 past the list's end). Buckets sit at e * (num_slots + 1) + s."""
+    bucket = tl.load(busy_ptr + i)
+    used = bucket >= 0
+    bucket = tl.where(used, bucket, 0)
+    count = tl.where(used, tl.load(count_ptr + bucket), 0)
+    return bucket // (num_slots + 1), bucket % (num_slots + 1), tl.load(start_ptr + bucket), count
 
 
 @triton.jit

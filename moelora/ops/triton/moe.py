@@ -16,7 +16,13 @@ from moelora.ops.triton.moe_expand import moe_lora_expand
 from moelora.ops.triton.moe_gate_up import moe_gate_up
 from moelora.ops.triton.moe_shrink import moe_lora_shrink
 from moelora.ops.triton.moe_sum import moe_sum
-from moelora.ops.triton.tiles import down_expand_apart, moe_tiles, shrink_rows, use_decode_path
+from moelora.ops.triton.tiles import (
+    down_expand_apart,
+    moe_tiles,
+    shrink_rows,
+    shrink_splits,
+    use_decode_path,
+)
 
 
 def fused_moe(
@@ -83,20 +89,21 @@ def fused_moe_lora(
         lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora)
     tiles = moe_tiles(num_pairs, num_experts, num_slots)
-    sorted_pairs, block_expert, start, count = moe_align_buckets(
+    sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m
     )
     rows = (sorted_pairs, block_expert)
     step = shrink_rows(num_pairs, num_experts, num_slots)
-    buckets = (sorted_pairs, start, count, top_k)
-    xa = moe_lora_shrink(x, a_gu, *buckets, True, step, slot_rank)
+    buckets = (sorted_pairs, start, count, busy)
+    splits = [shrink_splits(num_pairs, num_experts, num_slots, dim) for dim in (hidden, inter)]
+    xa = moe_lora_shrink(x, a_gu, *buckets, top_k, True, step, splits[0], slot_rank)
     h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
-    ha = moe_lora_shrink(h, a_dn, *buckets, False, step, slot_rank)
+    ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank)
     if down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank):
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
-        moe_lora_expand(d, ha, b_dn, sorted_pairs, start, count, step, slot_rank)
+        moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank)
     else:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha.squeeze(2), b_dn, slot_rank))
     return moe_sum(d, local_ids, weights, num_experts)
 
 

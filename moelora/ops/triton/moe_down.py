@@ -13,9 +13,10 @@ from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    num_pairs, top_k, hidden, rank, num_slots, num_blocks,
+    num_pairs, top_k, hidden, rank, num_slots, num_blocks, part_stride,
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
+    INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
+    EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -46,7 +47,10 @@ def _down_kernel(
         r = tl.arange(0, BLOCK_R)
         r_ok = r < rank
         ha_rows = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
-        ha = tl.load(ha_rows, mask=(row_ok & (slot < num_slots))[:, None] & r_ok[None, :], other=0.0)
+        ha_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
+        ha = tl.load(ha_rows, mask=ha_mask, other=0.0)
+        for part in range(1, PARTS):  # the shrink's input splits, added in order
+            ha += tl.load(ha_rows + part * part_stride, mask=ha_mask, other=0.0)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:
@@ -71,25 +75,28 @@ def moe_down(
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset).
 
-    h [rows, I_loc] aligned rows; w_down [E_loc, H, I_loc]; lora = (token_slot [T], ha [rows, 1, R] fp32,
-    b_dn [S, E_loc, H, R], slot_rank [S] or None) adds b_dn[s, e] @ ha[row] (B's columns at or above the
-    slot's rank are padding, not read).
+    h [rows, I_loc] aligned rows; w_down [E_loc, H, I_loc]; lora = (token_slot [T], ha [P, rows, R] fp32,
+    b_dn [S, E_loc, H, R], slot_rank [S] or None) adds b_dn[s, e] @ sum_p ha[p, row] (B's columns at or
+    above the slot's rank are padding, not read); P input splits of the shrink.
     """
     hidden, inter = w_down.shape[1], w_down.shape[2]
     num_pairs = num_tokens * top_k
     d = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
-    slot_rank = None
+    slot_rank, parts = None, 1
     if lora is None:
         slot, ha, b, rank, num_slots = sorted_pairs, h, w_down.unsqueeze(0), 1, 0
     else:
         slot, ha, b, slot_rank = lora
-        num_slots, rank = b.shape[0], b.shape[-1]
+        num_slots, rank, parts = b.shape[0], b.shape[-1], ha.shape[0]
+        if tuple(ha.shape[1:]) != (sorted_pairs.numel(), rank) or not ha.is_contiguous():
+            raise ValueError(f"ha {tuple(ha.shape)}: expected contiguous [P, {sorted_pairs.numel()}, {rank}]")
     blocks = block_expert.numel()
     _down_kernel[num_blocks_grid(blocks, hidden, tiles.block_n)](
         h, w_down, d, sorted_pairs, block_expert, slot, ha, b, slot if slot_rank is None else slot_rank,
-        num_pairs, top_k, hidden, rank, num_slots, blocks,
+        num_pairs, top_k, hidden, rank, num_slots, blocks, sorted_pairs.numel() * rank,
         *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(h.dtype),
+        INTER=inter, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
+        EXPAND=expand_mode(h.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(h.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, bucket_of_program, lanes_in_rank
+from moelora.ops.triton.common import add_expand, busy_bucket, lanes_in_rank
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
 _BLOCK_N = 128
@@ -20,12 +20,13 @@ _PROGRAMS = 1024  # at least this many programs (several per SM of an H100 / H20
 
 @triton.jit
 def _expand_kernel(
-    d_ptr, ha_ptr, b_ptr, sorted_ptr, start_ptr, count_ptr, rank_ptr,
-    rank, num_slots, sb_s, sb_e, sb_n, sb_r,
-    HIDDEN: tl.constexpr, TILES: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    d_ptr, ha_ptr, b_ptr, sorted_ptr, start_ptr, count_ptr, busy_ptr, rank_ptr,
+    rank, num_slots, part_stride, sb_s, sb_e, sb_n, sb_r,
+    HIDDEN: tl.constexpr, TILES: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
+    EXPAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    e, s, start, count = bucket_of_program(start_ptr, count_ptr, num_slots)
+    e, s, start, count = busy_bucket(busy_ptr, tl.program_id(0), start_ptr, count_ptr, num_slots)
     if count == 0:
         return
     r = tl.arange(0, BLOCK_R)
@@ -40,6 +41,8 @@ def _expand_kernel(
         pair = tl.load(sorted_ptr + rows, mask=ok, other=0)
         ha_ptrs = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
         ha = tl.load(ha_ptrs, mask=ok[:, None] & r_ok[None, :], other=0.0)
+        for part in range(1, PARTS):  # the shrink's input splits, added in order
+            ha += tl.load(ha_ptrs + part * part_stride, mask=ok[:, None] & r_ok[None, :], other=0.0)
         d_rows = d_ptr + pair[:, None].to(tl.int64) * HIDDEN
         # This program's column tiles of these rows in turn: the rows' intermediates stay in registers.
         for t in range(0, TILES):
@@ -61,27 +64,29 @@ def moe_lora_expand(
     sorted_pairs: torch.Tensor,
     bucket_start: torch.Tensor,
     bucket_count: torch.Tensor,
+    busy: torch.Tensor,
     block_m: int,
     slot_rank: torch.Tensor | None = None,
 ) -> None:
-    """d[p] += b[s, e] @ ha[row] for each aligned row of a pair p with a slot s in [0, S) (in place).
+    """d[p] += b[s, e] @ sum_q ha[q, row] for each aligned row of a pair p with a slot s in [0, S) (in
+    place).
 
-    d [P, H] (the down GEMM's output, by pair); ha [rows, 1, R] fp32 from the shrink; b [S, E_loc, H, R];
-    bucket_start / bucket_count from `align.moe_align_buckets`; block_m rows per step. slot_rank [S] or
-    None: B's columns at or above it are padding, not read.
+    d [P, H] (the down GEMM's output, by pair); ha [Q, rows, 1, R] fp32 from the shrink (Q input splits);
+    b [S, E_loc, H, R]; bucket_start / bucket_count / busy from `align.moe_align_buckets`; block_m rows per
+    step. slot_rank [S] or None: B's columns at or above it are padding, not read.
     """
-    num_slots, num_experts, hidden, rank = b.shape
+    num_slots, _, hidden, rank = b.shape
     if num_slots == 0:
         return
     # Column tiles split over enough programs to fill the GPU when the buckets are few (8 experts); with
     # many buckets one program takes all of a bucket's columns (no empty programs per column tile).
     col_tiles = triton.cdiv(hidden, _BLOCK_N)
-    splits = min(col_tiles, triton.cdiv(_PROGRAMS, num_experts * num_slots))
+    splits = min(col_tiles, triton.cdiv(_PROGRAMS, busy.numel()))
     ranks = bucket_count if slot_rank is None else slot_rank
-    _expand_kernel[(num_experts * num_slots, splits)](
-        d, ha, b, sorted_pairs, bucket_start, bucket_count, ranks,
-        rank, num_slots, *b.stride(),
-        HIDDEN=hidden, TILES=triton.cdiv(col_tiles, splits), HAS_RANK=slot_rank is not None,
-        EXPAND=expand_mode(d.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+    _expand_kernel[(busy.numel(), splits)](
+        d, ha, b, sorted_pairs, bucket_start, bucket_count, busy, ranks,
+        rank, num_slots, ha[0].numel(), *b.stride(),
+        HIDDEN=hidden, TILES=triton.cdiv(col_tiles, splits), PARTS=ha.shape[0],
+        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(d.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=dot_precision(d.dtype),
     )  # fmt: skip

@@ -13,9 +13,10 @@ from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr,
-    num_pairs, top_k, inter, rank, num_slots, num_blocks,
+    num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
+    EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -54,6 +55,9 @@ def _gate_up_kernel(
         xa_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
         xa_g = tl.load(xa_rows, mask=xa_mask, other=0.0)
         xa_u = tl.load(xa_rows + rank, mask=xa_mask, other=0.0)
+        for part in range(1, PARTS):  # the shrink's input splits, added in order
+            xa_g += tl.load(xa_rows + part * part_stride, mask=xa_mask, other=0.0)
+            xa_u += tl.load(xa_rows + part * part_stride + rank, mask=xa_mask, other=0.0)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:
@@ -79,25 +83,27 @@ def moe_gate_up(
 ) -> torch.Tensor:
     """-> h [rows, I_loc] in x's dtype: silu(gate) * up of each aligned row's pair (padding rows unset).
 
-    x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [rows, 2, R] fp32 from the
-    shrink, b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds b_gu[s, e, half] @ xa[row, half]
-    before the activation (B's columns at or above the slot's rank are padding, not read).
+    x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
+    shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
+    b_gu[s, e, half] @ sum_p xa[p, row, half] before the activation (B's columns at or above the slot's
+    rank are padding, not read).
     """
     num_tokens, hidden = x.shape
     inter = w_gate_up.shape[1] // 2
     rows, blocks = sorted_pairs.numel(), block_expert.numel()
     h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    slot_rank = None
+    slot_rank, parts = None, 1
     if lora is None:
         slot, xa, b, rank, num_slots = sorted_pairs, x, w_gate_up.unsqueeze(0).unsqueeze(0), 1, 0
     else:
         slot, xa, b, slot_rank = lora
-        num_slots, rank = b.shape[0], b.shape[-1]
+        num_slots, rank, parts = b.shape[0], b.shape[-1], xa.shape[0]
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
-        num_tokens * top_k, top_k, inter, rank, num_slots, blocks,
+        num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype),
+        HIDDEN=hidden, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
+        EXPAND=expand_mode(x.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
