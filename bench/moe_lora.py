@@ -216,6 +216,12 @@ def main() -> None:
         help="input splits of the MoE-LoRA shrink (aligned path); -1: the shape rule",
     )
     p.add_argument(
+        "--down-shrink-in-gate-up",
+        type=int,
+        default=-1,
+        help="down LoRA shrink: 1 in the gate/up GEMM's epilogue, 0 its own launch, -1 by the shape rule",
+    )
+    p.add_argument(
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
@@ -223,6 +229,8 @@ def main() -> None:
     tiles.DOWN_EXPAND_APART = None if args.down_apart < 0 else bool(args.down_apart)
     tiles.DECODE_PAIRS = None if args.decode_pairs < 0 else args.decode_pairs
     tiles.SHRINK_SPLITS = None if args.shrink_splits < 0 else args.shrink_splits
+    gate_up_shrink = args.down_shrink_in_gate_up
+    tiles.DOWN_SHRINK_IN_GATE_UP = None if gate_up_shrink < 0 else bool(gate_up_shrink)
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()

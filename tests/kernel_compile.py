@@ -70,7 +70,9 @@ def moe_cases() -> Iterator[Case]:
                 common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
                 common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
-                yield moe_gate_up._gate_up_kernel, dict(HIDDEN=2048, **common), t.warps
+                for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
+                    gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, **common)
+                    yield moe_gate_up._gate_up_kernel, gate_up, t.warps
                 yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):

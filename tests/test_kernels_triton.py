@@ -175,12 +175,15 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
 @pytest.fixture(params=["aligned", "split", "decode"])
 def path(request, monkeypatch) -> str:
     """Every MoE path on every case: the aligned grouped GEMMs, with the LoRA shrinks' input in one piece
-    or split in up to 3 (16-column steps, so the tiny shapes split, a last split part-filled), and the
-    alignment-free decode GEMVs."""
+    (the rule's splits) or split in up to 3 (16-column steps, so the tiny shapes split, a last split
+    part-filled) and the down shrink in the gate/up GEMM's epilogue, and the alignment-free decode GEMVs."""
     from moelora.ops.triton import moe_shrink
 
     monkeypatch.setattr(triton_moe, "use_decode_path", lambda *_: request.param == "decode")
     monkeypatch.setattr(tile_table, "SHRINK_SPLITS", 3 if request.param == "split" else None)
+    monkeypatch.setattr(tile_table, "DOWN_SHRINK_IN_GATE_UP", request.param == "split")
+    if request.param == "split":  # (the shape rule would put the tiny cases' down expand apart)
+        monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", False)
     if request.param == "split":
         monkeypatch.setattr(moe_shrink, "_BLOCK_K", 16)
     return request.param
@@ -256,10 +259,15 @@ def test_decode_path_is_taken_for_few_pairs():
 
 
 def test_shrink_splits_rule():
-    """The MoE-LoRA shrink splits its input for small batches only, in whole 256-column parts, at most 16."""
+    """The MoE-LoRA shrink splits its input for small batches only, in whole 256-column parts, at most 16;
+    the gate/up GEMM writes the down shrink for small batches only, in few parts."""
     splits = tile_table.shrink_splits
     assert splits(64, 128, 4, 2048) == 8 and splits(64, 128, 4, 768) == 3 and splits(16, 8, 4, 14336) == 16
     assert splits(8 * 2048, 128, 4, 2048) == 1 and splits(4, 128, 4, 200) == 1
+    small = tile_table.moe_tiles(64, 128, 4)
+    assert tile_table.down_shrink_in_gate_up(64, 128, 768, small)
+    assert not tile_table.down_shrink_in_gate_up(1024, 128, 768, small)
+    assert not tile_table.down_shrink_in_gate_up(16, 8, 14336, small)  # 224 column tiles: too many parts
 
 
 def test_fused_moe_ids_all_elsewhere_give_zeros(path: str):

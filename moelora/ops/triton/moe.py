@@ -2,7 +2,9 @@
 
 The LoRA deltas are fused into the base grouped GEMMs' epilogues (the expand), after one small shrink
 pass per projection over the alignment's (expert, slot) buckets, so the base weights are streamed once per
-row block whatever the slots. A handful of pairs (decode) takes the alignment-free path of `moe_decode`.
+row block whatever the slots. Small batches split the shrinks' input over more programs, and the gate/up
+GEMM writes the down shrink itself. A handful of pairs (decode) takes the alignment-free path of
+`moe_decode`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from moelora.ops.triton.moe_shrink import moe_lora_shrink
 from moelora.ops.triton.moe_sum import moe_sum
 from moelora.ops.triton.tiles import (
     down_expand_apart,
+    down_shrink_in_gate_up,
     moe_tiles,
     shrink_rows,
     shrink_splits,
@@ -42,7 +45,7 @@ def fused_moe(
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, None)
     tiles = moe_tiles(num_tokens * top_k, num_experts)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
-    h = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
+    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
     d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None)
     return moe_sum(d, local_ids, weights, num_experts)
 
@@ -97,9 +100,15 @@ def fused_moe_lora(
     buckets = (sorted_pairs, start, count, busy)
     splits = [shrink_splits(num_pairs, num_experts, num_slots, dim) for dim in (hidden, inter)]
     xa = moe_lora_shrink(x, a_gu, *buckets, top_k, True, step, splits[0], slot_rank)
-    h = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
+    apart = down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank)
+    if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles):
+        h, ha_parts = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank), a_dn)
+        assert ha_parts is not None  # given a_dn, the gate/up GEMM writes the down shrink
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha_parts, b_dn, slot_rank))
+        return moe_sum(d, local_ids, weights, num_experts)
+    h, _ = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
     ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank)
-    if down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank):
+    if apart:
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
         moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank)
     else:

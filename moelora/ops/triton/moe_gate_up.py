@@ -12,11 +12,11 @@ from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr,
-    num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride,
-    sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
-    EXPAND: tl.constexpr,
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr, ad_ptr, ha_ptr,
+    num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
+    sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k,
+    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
+    HAS_RANK: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -67,9 +67,22 @@ def _gate_up_kernel(
             acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, EXPAND, PRECISION)
             acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, EXPAND, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(h_ptr.dtype.element_ty)
     dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
-    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(dst, h, mask=row_ok[:, None] & n_ok[None, :])
+    if DOWN_SHRINK:
+        # This column tile's part of the down shrink, a_dn[s, e][:, n] @ h[row, n] for each row's slot s:
+        # part pid_n of ha, which the down GEMM adds up (no shrink launch of its own).
+        ha = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        s = tl.min(slot)
+        while s < num_slots:
+            lanes = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK)
+            ad_ptrs = ad_ptr + s.to(tl.int64) * sd_s + e * sd_e + r[None, :] * sd_r + n[:, None] * sd_k
+            ad = tl.load(ad_ptrs, mask=n_ok[:, None] & lanes[None, :], other=0.0)
+            ha = tl.dot(tl.where((slot == s)[:, None], h, 0.0), ad, ha, input_precision=PRECISION)
+            s = tl.min(tl.where(slot > s, slot, num_slots))
+        ha_dst = ha_ptr + (pid_n * num_rows + rows[:, None]).to(tl.int64) * rank + r[None, :]
+        tl.store(ha_dst, ha, mask=xa_mask)
 
 
 def moe_gate_up(
@@ -80,32 +93,43 @@ def moe_gate_up(
     top_k: int,
     tiles: Tiles,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
-) -> torch.Tensor:
-    """-> h [rows, I_loc] in x's dtype: silu(gate) * up of each aligned row's pair (padding rows unset).
+    a_dn: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
+    unset); ha None, or with a_dn the down projection's LoRA shrink in parts.
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
     shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
     b_gu[s, e, half] @ sum_p xa[p, row, half] before the activation (B's columns at or above the slot's
-    rank are padding, not read).
+    rank are padding, not read). a_dn [S, E_loc, R, I_loc] (with lora): ha [Q, rows, R] fp32,
+    Q = cdiv(I_loc, tiles.block_n), part q of a row of slot s holding a_dn[s, e][:, cols] @ h[row, cols]
+    over the q-th block_n columns, so that sum_q ha[q, row] is the down shrink (rows without a slot in
+    [0, S) are not written).
     """
     num_tokens, hidden = x.shape
     inter = w_gate_up.shape[1] // 2
     rows, blocks = sorted_pairs.numel(), block_expert.numel()
     h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    slot_rank, parts = None, 1
+    slot_rank, parts, ha, ad = None, 1, None, x
     if lora is None:
         slot, xa, b, rank, num_slots = sorted_pairs, x, w_gate_up.unsqueeze(0).unsqueeze(0), 1, 0
     else:
         slot, xa, b, slot_rank = lora
         num_slots, rank, parts = b.shape[0], b.shape[-1], xa.shape[0]
+        if a_dn is not None:
+            ad = a_dn
+            num_parts = triton.cdiv(inter, tiles.block_n)
+            ha = torch.empty(num_parts, rows, rank, dtype=torch.float32, device=x.device)
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
-        num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank,
+        ad, x if ha is None else ha,
+        num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank, rows,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
-        EXPAND=expand_mode(x.dtype),
+        *(ad.stride() if ha is not None else (0, 0, 0, 0)),
+        HIDDEN=hidden, HAS_LORA=lora is not None, PARTS=parts, DOWN_SHRINK=ha is not None,
+        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    return h
+    return h, ha

@@ -67,6 +67,20 @@ def shrink_splits(num_pairs: int, num_experts: int, num_slots: int, in_dim: int)
     return max(1, min(16, in_dim // 256, 1024 // buckets))
 
 
+# Where the down projection's LoRA shrink runs: in the gate/up GEMM's epilogue, in parts per column tile
+# (True), or in a launch of its own (False); None: `down_shrink_in_gate_up`'s rule.
+DOWN_SHRINK_IN_GATE_UP: bool | None = None
+
+
+def down_shrink_in_gate_up(num_pairs: int, num_experts: int, inter: int, tiles: Tiles) -> bool:
+    """Whether the gate/up GEMM writes the down shrink (a part per column tile, added up by the down GEMM)
+    instead of a shrink launch: while experts hold about 2 pairs or fewer, so a row block's rows have one
+    or two adapters (one dot each), and the parts are few (at most 16 column tiles)."""
+    if DOWN_SHRINK_IN_GATE_UP is not None:
+        return DOWN_SHRINK_IN_GATE_UP
+    return num_pairs <= 2 * num_experts and -(-inter // tiles.block_n) <= 16
+
+
 @dataclass(frozen=True)
 class DecodeTiles:
     block_n: int
