@@ -119,8 +119,10 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         yield Row(name, m, s, r, base, gmm, total, lora, floor, floor / max(lora, 1e-3), base_floor, align)
 
 
-def profile(name: str, ms: list[int], loras: list[tuple[int, int]]) -> None:
-    """Per-kernel GPU time (us per call, eager) of the base MoE and the MoE-LoRA, to see where time goes."""
+def profile(name: str, ms: list[int], loras: list[tuple[int, int]], ncu: bool = False) -> None:
+    """Per-kernel GPU time (us per call, eager) of the base MoE and the MoE-LoRA, to see where time goes.
+    With `ncu`, one warm eager call of each inside cudaProfilerStart/Stop instead, for
+    `ncu --profile-from-start off` (labels on stdout in call order)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -149,6 +151,13 @@ def profile(name: str, ms: list[int], loras: list[tuple[int, int]]) -> None:
         for label, fn in fns.items():
             fn()
             torch.cuda.synchronize()
+            if ncu:
+                print(f"# ncu call: {name} M={m} {label}", flush=True)
+                torch.cuda.profiler.start()
+                fn()
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
+                continue
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(calls):
                     fn()
@@ -191,6 +200,11 @@ def main() -> None:
     p.add_argument("--json", default="", help="append one JSON line per row to this file")
     p.add_argument("--sweep", default="", help="comma list of M: time the base MoE per tile config instead")
     p.add_argument("--profile", action="store_true", help="per-kernel GPU times (eager) instead of rows")
+    p.add_argument(
+        "--ncu",
+        action="store_true",
+        help="one eager call per row inside cudaProfilerStart/Stop, for ncu --profile-from-start off",
+    )
     p.add_argument(
         "--expand",
         type=int,
@@ -237,9 +251,9 @@ def main() -> None:
     card = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"# {card}; times in us, floors at {args.tbps} TB/s")
     print(f"# dense bf16 GEMM 8192^3: {dense_tflops():.0f} TFLOP/s", flush=True)
-    if args.profile:
+    if args.profile or args.ncu:
         for name in args.models.split(","):
-            profile(name, ms, loras)
+            profile(name, ms, loras, args.ncu)
         return
     if args.sweep:
         from moe_sweep import sweep, sweep_dense  # imports this module's shapes and buffers
