@@ -184,6 +184,20 @@ def fmt(r: Row) -> str:
     )
 
 
+# Flags that force a kernel variant or path for A/B runs: (flag, the `tiles` override it sets, its type,
+# what it picks). -1 leaves the shape rule.
+OVERRIDES = (
+    ("--down-apart", "DOWN_EXPAND_APART", bool, "down LoRA expand: 1 bucketed kernel, 0 in the down GEMM"),
+    ("--decode-pairs", "DECODE_PAIRS", int, "at most this many (token, choice) pairs take the decode path"),
+    ("--shrink-splits", "SHRINK_SPLITS", int, "input splits of the MoE-LoRA shrink (aligned path)"),
+    (
+        "--down-shrink-in-gate-up",
+        "DOWN_SHRINK_IN_GATE_UP",
+        bool,
+        "down LoRA shrink: 1 in the gate/up GEMM, 0 apart",
+    ),
+)
+
 HEADER = (
     "| model | adapters, rank | M | base MoE | grouped_mm MoE | base+LoRA | LoRA delta | align | "
     "LoRA floor | share | base byte floor |\n|---|---|---|---|---|---|---|---|---|---|---|"
@@ -211,40 +225,16 @@ def main() -> None:
         default=tiles.EXPAND_16BIT,
         help="LoRA expand of 16-bit weights: 1 one dot, 2 hi + lo",
     )
-    p.add_argument(
-        "--down-apart",
-        type=int,
-        default=-1,
-        help="down LoRA expand: 1 bucketed kernel, 0 in the down GEMM's epilogue, -1 by the shape rule",
-    )
-    p.add_argument(
-        "--decode-pairs",
-        type=int,
-        default=-1,
-        help="at most this many (token, choice) pairs take the decode path; -1: the shape rule",
-    )
-    p.add_argument(
-        "--shrink-splits",
-        type=int,
-        default=-1,
-        help="input splits of the MoE-LoRA shrink (aligned path); -1: the shape rule",
-    )
-    p.add_argument(
-        "--down-shrink-in-gate-up",
-        type=int,
-        default=-1,
-        help="down LoRA shrink: 1 in the gate/up GEMM's epilogue, 0 its own launch, -1 by the shape rule",
-    )
+    for flag, _, _, what in OVERRIDES:
+        p.add_argument(flag, type=int, default=-1, help=f"{what}; -1: the shape rule")
     p.add_argument(
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
     tiles.EXPAND_16BIT = args.expand
-    tiles.DOWN_EXPAND_APART = None if args.down_apart < 0 else bool(args.down_apart)
-    tiles.DECODE_PAIRS = None if args.decode_pairs < 0 else args.decode_pairs
-    tiles.SHRINK_SPLITS = None if args.shrink_splits < 0 else args.shrink_splits
-    gate_up_shrink = args.down_shrink_in_gate_up
-    tiles.DOWN_SHRINK_IN_GATE_UP = None if gate_up_shrink < 0 else bool(gate_up_shrink)
+    for flag, name, kind, _ in OVERRIDES:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        setattr(tiles, name, None if value < 0 else kind(value))
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()

@@ -1,5 +1,5 @@
 """Pieces shared by the Triton kernels: grouped program order, the (expert, slot) bucket a program takes,
-the rank lanes a slot uses, and the LoRA expand of a tile."""
+the sum of a shrink's input splits, the rank lanes a slot uses, and the LoRA expand of a tile."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def busy_bucket(busy_ptr, i, start_ptr, count_ptr, num_slots):
     bucket = tl.where(used, bucket, 0)
     count = tl.where(used, tl.load(count_ptr + bucket), 0)
     return bucket // (num_slots + 1), bucket % (num_slots + 1), tl.load(start_ptr + bucket), count
+
+
+@triton.jit
+def sum_parts(ptrs, stride, mask, PARTS: tl.constexpr):
+    """The fp32 tile at ptrs plus those at ptrs + p * stride for 0 < p < PARTS, added in that order (a
+    shrink's input splits: the sum does not depend on timing)."""
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for p in range(1, PARTS):
+        acc += tl.load(ptrs + p * stride, mask=mask, other=0.0)
+    return acc
 
 
 @triton.jit

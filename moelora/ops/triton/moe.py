@@ -101,18 +101,18 @@ def fused_moe_lora(
     splits = [shrink_splits(num_pairs, num_experts, num_slots, dim) for dim in (hidden, inter)]
     xa = moe_lora_shrink(x, a_gu, *buckets, top_k, True, step, splits[0], slot_rank)
     apart = down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank)
-    if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles):
-        h, ha_parts = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank), a_dn)
-        assert ha_parts is not None  # given a_dn, the gate/up GEMM writes the down shrink
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha_parts, b_dn, slot_rank))
-        return moe_sum(d, local_ids, weights, num_experts)
-    h, _ = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank))
-    ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank)
+    # Small batches: the gate/up GEMM writes the down shrink too (in parts), else a shrink launch does.
+    a_dn_in_gate_up = (
+        a_dn if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles) else None
+    )
+    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank), a_dn_in_gate_up)
+    if ha is None:
+        ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank).squeeze(2)
     if apart:
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
         moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank)
     else:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha.squeeze(2), b_dn, slot_rank))
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
     return moe_sum(d, local_ids, weights, num_experts)
 
 

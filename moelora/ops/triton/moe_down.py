@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid
+from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid, sum_parts
 from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 
 
@@ -48,9 +48,7 @@ def _down_kernel(
         r_ok = r < rank
         ha_rows = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
         ha_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
-        ha = tl.load(ha_rows, mask=ha_mask, other=0.0)
-        for part in range(1, PARTS):  # the shrink's input splits, added in order
-            ha += tl.load(ha_rows + part * part_stride, mask=ha_mask, other=0.0)
+        ha = sum_parts(ha_rows, part_stride, ha_mask, PARTS)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:

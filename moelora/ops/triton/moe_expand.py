@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, busy_bucket, lanes_in_rank
+from moelora.ops.triton.common import add_expand, busy_bucket, lanes_in_rank, sum_parts
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
 _BLOCK_N = 128
@@ -40,9 +40,7 @@ def _expand_kernel(
         rows = start + i
         pair = tl.load(sorted_ptr + rows, mask=ok, other=0)
         ha_ptrs = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
-        ha = tl.load(ha_ptrs, mask=ok[:, None] & r_ok[None, :], other=0.0)
-        for part in range(1, PARTS):  # the shrink's input splits, added in order
-            ha += tl.load(ha_ptrs + part * part_stride, mask=ok[:, None] & r_ok[None, :], other=0.0)
+        ha = sum_parts(ha_ptrs, part_stride, ok[:, None] & r_ok[None, :], PARTS)
         d_rows = d_ptr + pair[:, None].to(tl.int64) * HIDDEN
         # This program's column tiles of these rows in turn: the rows' intermediates stay in registers.
         for t in range(0, TILES):
@@ -71,7 +69,7 @@ def moe_lora_expand(
     """d[p] += b[s, e] @ sum_q ha[q, row] for each aligned row of a pair p with a slot s in [0, S) (in
     place).
 
-    d [P, H] (the down GEMM's output, by pair); ha [Q, rows, 1, R] fp32 from the shrink (Q input splits);
+    d [P, H] (the down GEMM's output, by pair); ha [Q, rows, R] fp32 from the shrink (Q input splits);
     b [S, E_loc, H, R]; bucket_start / bucket_count / busy from `align.moe_align_buckets`; block_m rows per
     step. slot_rank [S] or None: B's columns at or above it are padding, not read.
     """

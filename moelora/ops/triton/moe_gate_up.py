@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid
+from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid, sum_parts
 from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
 
 
@@ -53,11 +53,8 @@ def _gate_up_kernel(
         r_ok = r < rank
         xa_rows = xa_ptr + rows[:, None].to(tl.int64) * (2 * rank) + r[None, :]
         xa_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
-        xa_g = tl.load(xa_rows, mask=xa_mask, other=0.0)
-        xa_u = tl.load(xa_rows + rank, mask=xa_mask, other=0.0)
-        for part in range(1, PARTS):  # the shrink's input splits, added in order
-            xa_g += tl.load(xa_rows + part * part_stride, mask=xa_mask, other=0.0)
-            xa_u += tl.load(xa_rows + part * part_stride + rank, mask=xa_mask, other=0.0)
+        xa_g = sum_parts(xa_rows, part_stride, xa_mask, PARTS)
+        xa_u = sum_parts(xa_rows + rank, part_stride, xa_mask, PARTS)
         # Rows are slot-sorted within the expert: one expand per distinct slot of this block.
         s = tl.min(slot)
         while s < num_slots:
