@@ -10,7 +10,7 @@ and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -38,28 +38,38 @@ from moelora.ops.triton import (
 from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 
 HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H200 (227 KiB)
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr"}
 FP32_PTRS = {"xa_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
-Case = tuple[Callable, dict, int]  # kernel, constexpr values, warps
+Case = tuple  # kernel, constexpr values, warps[, stages]
 
 
-def compile_for_hopper(kernel, constexprs: dict, warps: int = 4) -> None:
-    """Pointers are bf16 unless named as int or fp32 buffers; other run-time arguments are i32."""
+def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> None:
+    """Pointers are bf16 unless named as int or fp32 buffers; `*_desc` arguments are bf16 tensor descriptors
+    of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32."""
     signature, constants = {}, {}
+    descs = constexprs.pop("descs", {})
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
-        elif name.endswith("_ptr"):
+        elif name in descs:
+            signature[name] = f"tensordesc<bf16[{', '.join(map(str, descs[name]))}]>"
+        elif name.endswith("_ptr") or name.endswith("_desc"):
             signature[name] = "*i32" if name in INT_PTRS else "*fp32" if name in FP32_PTRS else "*bf16"
         elif name.isupper():
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
-    triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options={"num_warps": warps})
+    options = {"num_warps": warps, "num_stages": stages}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options=options)
+    if compiled.metadata.shared > HOPPER_SHARED:
+        raise ValueError(
+            f"needs {compiled.metadata.shared} bytes of shared memory, the SM has {HOPPER_SHARED}"
+        )
 
 
 def moe_cases() -> Iterator[Case]:
@@ -71,9 +81,16 @@ def moe_cases() -> Iterator[Case]:
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
                 common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
                 for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
-                    gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, **common)
+                    gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, IL_EXPAND=rank <= 16, **common)
                     yield moe_gate_up._gate_up_kernel, gate_up, t.warps
-                yield moe_down._down_kernel, dict(INTER=768, **common), t.warps
+                d = t.for_down(rank if has_lora else 0)
+                persistent = d.tma_down and not has_lora
+                down = {**common, "INTER": 768, "BLOCK_N": d.block_n, "PIPELINED": True}
+                down |= {"PERSISTENT": persistent, "BLOCKS_PAD": 1024 if persistent else 1}
+                for tma in (True, False) if d.tma_down else (False,):
+                    descs = {"h_desc": [d.block_m, d.block_k], "w_desc": [d.block_n, d.block_k]}
+                    down |= {"TMA": tma, "descs": descs if tma else {}}
+                    yield moe_down._down_kernel, dict(down), t.warps, d.stages
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):
             in_dim = 2048 if gather else 768
@@ -128,9 +145,9 @@ def attention_and_small_op_cases() -> Iterator[Case]:
 def main() -> int:
     cases = [*moe_cases(), *decode_cases(), *dense_lora_cases(), *attention_and_small_op_cases()]
     failed = 0
-    for kernel, constexprs, warps in cases:
+    for kernel, constexprs, warps, *stages in cases:
         try:
-            compile_for_hopper(kernel, constexprs, warps)
+            compile_for_hopper(kernel, constexprs, warps, *stages)
         except Exception as err:  # report every failing kernel, not only the first
             failed += 1
             print(f"FAILED {kernel.__name__} {constexprs} warps={warps}: {str(err)[-800:]}")

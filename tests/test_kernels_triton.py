@@ -172,13 +172,19 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     assert_close(got, ref, CPU_TOL[x.dtype])
 
 
-@pytest.fixture(params=["aligned", "split", "decode"])
+@pytest.fixture(params=["aligned", "split", "persistent", "decode"])
 def path(request, monkeypatch) -> str:
     """Every MoE path on every case: the aligned grouped GEMMs, with the LoRA shrinks' input in one piece
     (the rule's splits) or split in up to 3 (16-column steps, so the tiny shapes split, a last split
-    part-filled) and the down shrink in the gate/up GEMM's epilogue, and the alignment-free decode GEMVs."""
+    part-filled) and the down shrink in the gate/up GEMM's epilogue, or with the large batches' TMA-fed
+    down GEMM (persistent without LoRA: 3 programs over all tiles; 32-column K steps, so I is not a whole
+    number of them), and the alignment-free decode GEMVs."""
     from moelora.ops.triton import moe_shrink
 
+    if request.param == "persistent":
+        big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
+        monkeypatch.setattr(tile_table, "_MOE_TABLE", ((float("inf"), big, big),))
+        monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 3)
     monkeypatch.setattr(triton_moe, "use_decode_path", lambda *_: request.param == "decode")
     monkeypatch.setattr(tile_table, "SHRINK_SPLITS", 3 if request.param == "split" else None)
     monkeypatch.setattr(tile_table, "DOWN_SHRINK_IN_GATE_UP", request.param == "split")
@@ -226,6 +232,24 @@ def test_fused_moe_lora_shrink_in_several_steps(monkeypatch):
     """Buckets larger than the shrink's rows per step (~47 pairs per bucket, 16 rows a step)."""
     monkeypatch.setattr(triton_moe, "shrink_rows", lambda *_: 16)
     check_fused_moe_lora(CPU_CASES[3], seed=21, num_slots=3, rank=16)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_big_down_gemm_with_and_without_tma(tma: bool, monkeypatch):
+    """The large batches' down GEMM reads h and the weights through tensor descriptors where it can, by
+    pointers where not (before Hopper, rows not 16-byte aligned): persistent over 2 programs without LoRA,
+    one program per tile with the LoRA expand fused."""
+    from moelora.ops.triton import moe_down
+
+    big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
+    monkeypatch.setattr(tile_table, "_MOE_TABLE", ((float("inf"), big, big),))
+    monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 2)
+    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", False)
+    calls = []
+    monkeypatch.setattr(moe_down, "tma_ok", lambda *t: calls.append(t) or tma)
+    check_fused_moe(CPU_CASES[1], seed=22)
+    check_fused_moe_lora(CPU_CASES[1], seed=22, num_slots=3, rank=8)
+    assert len(calls) >= 2, "the big tiles did not reach the down GEMM"
 
 
 def test_decode_gate_up_lora_counters_and_padding():

@@ -7,7 +7,6 @@ a launch can be captured in a CUDA graph and replayed with other lengths and blo
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.attn_combine import combine_splits
+from moelora.ops.triton.common import num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -124,16 +124,9 @@ def _decode_kernel(
         tl.store(lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits + split, lse, mask=g_ok)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: split as an H100/H200 would
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
     """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk."""
-    want = triton.cdiv(tiles.waves * _num_sms(device), batch * kv_heads)
+    want = triton.cdiv(tiles.waves * num_sms(device), batch * kv_heads)
     cap = triton.cdiv(max_kv_len, tiles.min_chunk)
     return triton.next_power_of_2(max(1, min(want, cap)))
 

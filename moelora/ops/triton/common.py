@@ -1,8 +1,12 @@
 """Pieces shared by the Triton kernels: grouped program order, the (expert, slot) bucket a program takes,
-the sum of a shrink's input splits, the rank lanes a slot uses, and the LoRA expand of a tile."""
+the sum of a shrink's input splits, the rank lanes a slot uses, the LoRA expand of a tile; the device's
+SM count and whether it takes tensor descriptors (TMA)."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -74,3 +78,26 @@ def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.const
 def num_blocks_grid(blocks: int, cols: int, block_n: int) -> tuple[int]:
     """The 1-D grid of a grouped GEMM over `blocks` row blocks and `cols` output columns."""
     return (blocks * triton.cdiv(cols, block_n),)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; 132 (an H100/H200) for the interpreter's CPU tensors."""
+    if device.type != "cuda":
+        return 132
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether kernels can read these 2-D tensors through tensor descriptors: Hopper or newer (the
+    interpreter emulates them), rows contiguous and 16-byte aligned."""
+    first = tensors[0].device
+    if first.type == "cuda" and torch.cuda.get_device_capability(first)[0] < 9:
+        return False
+    return all(
+        t.dim() == 2
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in tensors
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,18 @@ class Tiles:
     warps: int
     stages: int
     group_m: int = 8  # row blocks per program group: neighbours share weight tiles and rows in L2
+    down_n: int = 0  # the down GEMM's output columns per tile (0: block_n)
+    down_stages: int = 0  # its pipeline stages (0: stages)
+    tma_down: bool = False  # the down GEMM reads h and its weights through TMA; without LoRA, persistent
+
+    def for_down(self, lanes: int = 0) -> Tiles:
+        """The down GEMM's tiles (same row blocks as the gate/up GEMM: they share the alignment), with a
+        LoRA expand over `lanes` rank lanes (0: none): past 16 its B tile leaves shared memory for 3
+        stages only."""
+        stages = self.down_stages or self.stages
+        if lanes > 16:
+            stages = min(stages, 3)
+        return replace(self, block_n=self.down_n or self.block_n, stages=stages)
 
 
 # (largest mean rows per expert, base MoE tiles, MoE-LoRA tiles) for the grouped GEMMs. Decode rows are
@@ -23,13 +35,19 @@ class Tiles:
 # gate/up GEMM runs one expand per distinct adapter among its rows, so where the base tiles' blocks would
 # hold many adapters (`moe_tiles`) the LoRA tiles are shorter (16 adapters of rank 64 at M = 2048: 1362 us
 # on 64-row blocks, 1576 on 128-row ones; 4 adapters of rank 16: 676 against 645). Past 256 rows per expert
-# groups of 32 row blocks share weight tiles longer (qwen3 M = 8192: 1389 us against 1446 with 8).
+# groups of 32 row blocks share weight tiles longer (qwen3 M = 8192: 1389 us against 1446 with 8). On
+# 128-row blocks the down GEMM (a short K of I) is TMA-fed, on 256 columns in 4 stages, and without LoRA
+# persistent (H200, qwen3: 362 against 478 us at M = 8192, 149 against 177 at 2048).
+_BIG = Tiles(128, 128, 64, 8, 3, down_n=256, down_stages=4, tma_down=True)
 _MOE_TABLE: tuple[tuple[float, Tiles, Tiles], ...] = (
     (16.0, Tiles(16, 64, 128, 4, 3), Tiles(16, 64, 128, 4, 3)),
     (64.0, Tiles(32, 64, 64, 4, 3), Tiles(32, 64, 64, 4, 3)),
-    (256.0, Tiles(128, 128, 64, 8, 3), Tiles(64, 64, 64, 4, 3)),
-    (float("inf"), Tiles(128, 128, 64, 8, 3, group_m=32), Tiles(128, 128, 64, 8, 3, group_m=32)),
+    (256.0, _BIG, Tiles(64, 64, 64, 4, 3)),
+    (float("inf"), replace(_BIG, group_m=32), replace(_BIG, group_m=32)),
 )
+
+# Programs of a persistent down GEMM (`Tiles.tma_down`, without LoRA); None: one per SM.
+PERSISTENT_PROGRAMS: int | None = None
 
 
 def moe_tiles(num_pairs: int, num_experts: int, num_slots: int = 0) -> Tiles:
