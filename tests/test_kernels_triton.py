@@ -252,6 +252,30 @@ def test_big_down_gemm_with_and_without_tma(tma: bool, monkeypatch):
     assert len(calls) >= 2, "the big tiles did not reach the down GEMM"
 
 
+def test_big_down_gemm_takes_strided_weights(monkeypatch):
+    """Weights that are a slice of a wider tensor (no TMA descriptor fits them) take the pointer loads:
+    every pair's row is w_down[e] @ h[row], persistent over 2 programs."""
+    from moelora.ops.triton.moe_down import moe_down
+
+    big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
+    monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 2)
+    gen = torch.Generator().manual_seed(23)
+    num_tokens, top_k, num_experts, hidden, inter = 21, 2, 3, 48, 40
+    ids = torch.randint(-1, num_experts + 1, (num_tokens, top_k), generator=gen, dtype=torch.int32)
+    sorted_pairs, block_expert = triton_align.moe_align(ids, None, num_experts, 0, big.block_m)
+    h = torch.randn(sorted_pairs.numel(), inter, generator=gen)
+    wide = torch.randn(num_experts, hidden, inter + 8, generator=gen)
+    w_down = wide[..., :inter]
+    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, big, None)
+    checked = 0
+    for row, pair in enumerate(sorted_pairs.tolist()):
+        if pair < num_tokens * top_k:
+            e = int(ids.view(-1)[pair])
+            torch.testing.assert_close(d[pair], w_down[e] @ h[row], rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == int(((ids >= 0) & (ids < num_experts)).sum())
+
+
 def test_decode_gate_up_lora_counters_and_padding():
     """The decode gate/up launch with LoRA (shrinks inside it, ordered by counters): afterwards every counter
     is zero again, a second launch gives the same h and ha bit for bit, and with NaN in a slot's padding

@@ -154,7 +154,7 @@ def moe_down(
     block_r = max(16, triton.next_power_of_2(rank))
     t = tiles.for_down(0 if lora is None else block_r)
     num_n = triton.cdiv(hidden, t.block_n)
-    use_tma = t.tma_down and tma_ok(h, w_down.view(-1, inter))
+    use_tma = t.tma_down and w_down.is_contiguous() and tma_ok(h, w_down.view(-1, inter))
     # Persistent only without LoRA: the expand's loop over a block's slots inside the flattened loop of
     # tiles stops the pipelining (qwen3 M = 8192, 4 adapters of rank 16: 527 against 464 us one program
     # per tile; 16 of rank 64: 2602 against 757).
