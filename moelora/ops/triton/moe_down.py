@@ -30,7 +30,8 @@ def _down_tile(
     n_ok = n < hidden
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if TMA:
-        # Boxes past I read zeros; weight rows past the expert's H feed only columns not stored.
+        # Boxes past I read zeros; weight rows past the expert's H feed only columns not stored. Padding
+        # rows of h are unset (anything, NaN included) and feed only their own rows, not stored either.
         w_row = (e * hidden + pid_n * BLOCK_N).to(tl.int32)
         for k0 in range(0, INTER, BLOCK_K):
             hk = h_desc.load([pid_m * BLOCK_M, k0])
