@@ -83,7 +83,7 @@ def moe_cases() -> Iterator[Case]:
                 for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
                     gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, IL_EXPAND=rank <= 16, **common)
                     yield moe_gate_up._gate_up_kernel, gate_up, t.warps
-                d = t.for_down(rank if has_lora else 0)
+                d = t.for_down(rank if has_lora else 0)  # rank is a power of 2: its BLOCK_R
                 persistent = d.tma_down and not has_lora
                 down = {**common, "INTER": 768, "BLOCK_N": d.block_n, "PIPELINED": True}
                 down |= {"PERSISTENT": persistent, "BLOCKS_PAD": 1024 if persistent else 1}

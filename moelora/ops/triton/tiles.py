@@ -19,12 +19,12 @@ class Tiles:
     down_stages: int = 0  # its pipeline stages (0: stages)
     tma_down: bool = False  # the down GEMM reads h and its weights through TMA; without LoRA, persistent
 
-    def for_down(self, lanes: int = 0) -> Tiles:
+    def for_down(self, block_r: int = 0) -> Tiles:
         """The down GEMM's tiles (same row blocks as the gate/up GEMM: they share the alignment), with a
-        LoRA expand over `lanes` rank lanes (0: none): past 16 its B tile leaves shared memory for 3
-        stages only."""
+        fused LoRA expand of `block_r` rank lanes (0: none): past 16 its B tile leaves shared memory for
+        3 stages only."""
         stages = self.down_stages or self.stages
-        if lanes > 16:
+        if block_r > 16:
             stages = min(stages, 3)
         return replace(self, block_n=self.down_n or self.block_n, stages=stages)
 
