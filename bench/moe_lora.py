@@ -162,12 +162,32 @@ def profile(name: str, ms: list[int], loras: list[tuple[int, int]], ncu: bool = 
                 for _ in range(calls):
                     fn()
                 torch.cuda.synchronize()
+            kernels = sorted(
+                (ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda ev: ev.time_range.start,
+            )
+            labels = kernel_labels([ev.name[:60] for ev in kernels], calls)
             times: dict[str, float] = {}
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    times[ev.name[:60]] = times.get(ev.name[:60], 0.0) + ev.device_time / calls
+            for kernel, ev in zip(labels, kernels, strict=True):
+                times[kernel] = times.get(kernel, 0.0) + ev.device_time / calls
             body = "; ".join(f"{n} {t:.1f}" for n, t in sorted(times.items(), key=lambda kv: -kv[1]))
             print(f"| profile | {name} | {m} | {label} | {sum(times.values()):.1f} us | {body} |", flush=True)
+
+
+def kernel_labels(names: list[str], calls: int) -> list[str]:
+    """A label per kernel launch of `calls` identical calls (names in launch order): the name, numbered
+    by its place in the call ("#1", "#2") where one call launches it more than once (the two MoE-LoRA
+    shrinks), so that their times stay apart. Plain names if the calls differ."""
+    per_call = len(names) // max(1, calls)
+    first = names[:per_call]
+    if per_call == 0 or names != first * calls:
+        return names
+    seen: dict[str, int] = {}
+    numbered = []
+    for name in first:
+        seen[name] = seen.get(name, 0) + 1
+        numbered.append(f"{name} #{seen[name]}" if first.count(name) > 1 else name)
+    return numbered * calls
 
 
 def dense_tflops() -> float:
