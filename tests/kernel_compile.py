@@ -10,7 +10,7 @@ and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -44,7 +44,7 @@ INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr",
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr"}
 FP32_PTRS = {"xa_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
-Case = tuple  # kernel, constexpr values, warps[, stages]
+Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
 def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from moelora.ops.triton.align import busy_size
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -79,7 +81,7 @@ def shrink_splits(num_pairs: int, num_experts: int, num_slots: int, in_dim: int)
     GEMM that takes them reads back."""
     if SHRINK_SPLITS is not None:
         return SHRINK_SPLITS
-    buckets = max(1, min(num_pairs, num_experts * num_slots))
+    buckets = busy_size(num_pairs, num_experts, num_slots)
     if num_pairs > 16 * buckets:
         return 1
     return max(1, min(16, in_dim // 256, 1024 // buckets))
