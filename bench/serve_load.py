@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.server_proc
-
 import httpx
 import openai
 
+from moelora.benchmark.server_proc import ServerProcess
 from moelora.demo import demo_adapter_paths
-from tests.server_proc import ServerProcess
 
 PROMPTS = ["The weather today is", "Hello", "To make a simple soup,", "Fresh bread", "She measured the flour"]
 START_ADAPTERS = ("expert-r8", "fused-r16", "partial-r4", "extra")  # "extra": a copy of fused-r16

@@ -6,29 +6,68 @@ Python API, the CLI and the docs cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from moelora.loader.model_loader import DTYPE_CHOICES
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def option(
-    default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None
+    default: Any,
+    help: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    nargs: str | None = None,
 ) -> Any:
-    """A dataclass field with the metadata the CLI builds its flag from."""
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+    """A dataclass field with the metadata the CLI builds its flag from (`nargs="+"` for a tuple field)."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "nargs": nargs}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """Which model to load and how."""
 
-    model: str = option("demo", "model folder, a Hugging Face id already in the local cache, or 'demo'")
+    model: str = option(
+        "demo",
+        "model folder, a Hugging Face id already in the local cache, 'demo', or 'preset:NAME' (a published "
+        "model's config, random weights)",
+    )
     dtype: str = option("auto", "weight and activation dtype; auto = the checkpoint's", choices=DTYPE_CHOICES)
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     seed: int = option(0, "random seed for everything the model does")
     progress: bool = option(True, "show a progress bar while loading")
+    load_format: str = option(
+        "auto",
+        "safetensors: read the checkpoint; dummy: random weights drawn on the device, from config.json "
+        "alone (benchmarks; nothing read or written); auto: dummy for a preset, else safetensors",
+        choices=LOAD_FORMATS,
+    )
+    hf_overrides: str | None = option(
+        None, "JSON object of config.json fields to replace, e.g. '{\"num_hidden_layers\": 4}'"
+    )
+
+    def __post_init__(self) -> None:
+        parse_overrides(self.hf_overrides)
+
+
+def parse_overrides(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """`hf_overrides` as a dict: given as one, or as the text of a JSON object."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"hf_overrides must be a JSON object, got '{text}': {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"hf_overrides must be a JSON object such as '{{\"num_hidden_layers\": 4}}', got '{text}'"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,6 +138,25 @@ class LoraArgs:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError(f"max_cpu_loras must be >= 1, got {self.max_cpu_loras}")
+
+
+@dataclass(frozen=True)
+class DummyLoraArgs:
+    """Random adapters made in memory at start, named dummy-0, dummy-1, ... (benchmarks; no files)."""
+
+    dummy_loras: int = option(0, "random adapters to load at start, named dummy-0, dummy-1, ...")
+    dummy_lora_rank: int = option(16, "rank of the dummy adapters")
+    dummy_lora_targets: str = option(
+        "attn,experts",
+        "what the dummy adapters adapt, comma-separated: attn (q/k/v/o), experts (every routed expert), "
+        "shared (the shared expert), mlp (dense MLP layers)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.dummy_loras < 0:
+            raise ValueError(f"dummy_loras must be >= 0, got {self.dummy_loras}")
+        if self.dummy_lora_rank < 1:
+            raise ValueError(f"dummy_lora_rank must be >= 1, got {self.dummy_lora_rank}")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from moelora.batch import ForwardBatch
-from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs
+from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_overrides
 from moelora.engine.engine import Engine
-from moelora.loader.model_loader import check_layout, load_model, resolve_device
+from moelora.loader.model_loader import check_layout, load_model, resolve_device, resolve_load_format
 from moelora.loader.resolve import resolve_model
-from moelora.lora.adapter import read_adapter
+from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import LoraInfo
+from moelora.lora.source import as_source, load_adapter
 from moelora.outputs import RequestOutput
 from moelora.parallel.launch import LaunchSpec, WorkerGroup, device_for, run_torchrun_worker, torchrun_rank
 from moelora.sampling_params import SamplingParams
@@ -84,20 +85,36 @@ class LLM:
         tp_size: int = 1,
         ep_size: int = 1,
         progress: bool = True,
-        lora_modules: Mapping[str, str | Path] | None = None,
+        lora_modules: Mapping[str, str | Path | DummyLora] | None = None,
         max_loras_per_batch: int = 4,
         max_lora_rank: int | None = None,
         max_cpu_loras: int | None = None,
         enable_lora: bool = False,
+        load_format: str = "auto",
+        hf_overrides: Mapping[str, Any] | str | None = None,
         **engine_args: Any,
     ) -> None:
         """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...).
+
+        `load_format="dummy"` draws random weights on the device from config.json alone (benchmarks; the
+        default "auto" does so for `preset:NAME` models); `hf_overrides` replaces config.json fields, e.g.
+        {"num_hidden_layers": 4}.
 
         `lora_modules` {name: PEFT adapter folder} are loaded at start; adapters can also be loaded later
         with `load_lora` when adapters are on (`lora_modules` given or `enable_lora=True`).
         """
         self.lora_args = LoraArgs(enable_lora, max_loras_per_batch, max_lora_rank, max_cpu_loras)
-        self.args = ModelArgs(model=str(model), dtype=str(dtype), device=device, seed=seed, progress=progress)
+        overrides = parse_overrides(dict(hf_overrides) if isinstance(hf_overrides, Mapping) else hf_overrides)
+        self.args = ModelArgs(
+            model=str(model),
+            dtype=str(dtype),
+            device=device,
+            seed=seed,
+            progress=progress,
+            load_format=load_format,
+            hf_overrides=json.dumps(overrides) if overrides else None,
+        )
+        self.hf_overrides = overrides
         self.parallel = ParallelArgs(tp_size=tp_size, ep_size=ep_size)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_args) - known)
@@ -105,18 +122,27 @@ class LLM:
             raise TypeError(f"LLM() got unknown arguments {unknown}; engine arguments are {sorted(known)}")
         self.engine_args = EngineArgs(max_model_len=max_model_len, **engine_args)
         self.model_path = resolve_model(model)
+        self.load_format = resolve_load_format(load_format, self.model_path)  # auto resolved
         self.workers: WorkerGroup | None = None
         torch.manual_seed(seed)
         if tp_size == 1 and torchrun_rank(1) is None:
-            self.model = load_model(self.model_path, dtype=dtype, device=device, progress=progress)
+            self.model = load_model(self.model_path, device=device, **self._load_options(dtype))
         else:
             self.model = self._start_parallel(dtype, device, seed, progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
         try:  # from here on a failure must not leave worker processes or the engine thread behind
             start_adapters = {
-                name: read_adapter(name, path, self.model.cfg, self.model.family, max_lora_rank)
-                for name, path in (lora_modules or {}).items()
+                name: load_adapter(
+                    name,
+                    as_source(src),
+                    self.model.cfg,
+                    self.model.family,
+                    max_lora_rank,
+                    dtype=self.model.dtype,
+                    device=self.device,
+                )
+                for name, src in (lora_modules or {}).items()
             }
             lora_rank = None
             if start_adapters or enable_lora or max_lora_rank is not None:
@@ -133,21 +159,40 @@ class LLM:
             )
             for name, adapter in start_adapters.items():
                 assert self.engine.loras is not None
-                self.engine.loras.register(name, Path(adapter.path), adapter, pinned=False)
+                self.engine.loras.register(name, adapter, pinned=False)
         except BaseException:
             self.shutdown()
             raise
 
+    def _load_options(self, dtype: str | torch.dtype) -> dict[str, Any]:
+        """The load_model arguments every rank uses alike (the device and parallel state differ)."""
+        a = self.args
+        return dict(
+            dtype=dtype,
+            progress=a.progress,
+            load_format=a.load_format,
+            hf_overrides=self.hf_overrides,
+            seed=a.seed,
+        )
+
     def _start_parallel(self, dtype: str | torch.dtype, device: str, seed: int, progress: bool) -> Any:
         """Check the layout, start the worker processes, load rank 0's share; the workers load theirs."""
         tp, ep = self.parallel.tp_size, self.parallel.ep_size
-        check_layout(self.model_path, tp, ep)
+        check_layout(self.model_path, tp, ep, self.hf_overrides)
         device_type = resolve_device(device).type
         if device_type == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"tp_size={tp} needs {tp} GPUs; torch sees {torch.cuda.device_count()}")
         threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // tp))
         spec = LaunchSpec(
-            str(self.model_path), str(dtype).removeprefix("torch."), device_type, tp, ep, seed, threads
+            str(self.model_path),
+            str(dtype).removeprefix("torch."),
+            device_type,
+            tp,
+            ep,
+            seed,
+            threads,
+            load_format=self.args.load_format,
+            hf_overrides=self.hf_overrides or None,
         )
         rank = torchrun_rank(tp)
         if rank is not None and rank != 0:  # under torchrun: this process only serves rank 0, then exits
@@ -156,11 +201,7 @@ class LLM:
         self.workers = WorkerGroup.start(spec)
         try:
             model = load_model(
-                self.model_path,
-                dtype=dtype,
-                device=device_for(spec, 0),
-                ps=self.workers.ps,
-                progress=progress,
+                self.model_path, device=device_for(spec, 0), ps=self.workers.ps, **self._load_options(dtype)
             )
             self.workers.wait_ready()
         except BaseException:
@@ -237,9 +278,10 @@ class LLM:
                 logits = workers.checked(lambda: self.model.compute_logits(self.model(ids, batch))).cpu()
         return list(logits.split(batch.seq_lens))
 
-    def load_lora(self, name: str, path: str | Path, pinned: bool = False) -> None:
-        """Load a PEFT adapter under `name` (safe while requests run). `pinned` keeps it in a device slot."""
-        self.engine.load_lora(name, path, pinned)
+    def load_lora(self, name: str, source: str | Path | DummyLora, pinned: bool = False) -> None:
+        """Load a PEFT adapter folder (or a `DummyLora`, random weights) under `name`; safe while requests
+        run. `pinned` keeps it in a device slot."""
+        self.engine.load_lora(name, source, pinned)
 
     def unload_lora(self, name: str) -> None:
         """Requests already running on `name` finish; new ones for it fail with an unknown-adapter error."""
@@ -263,14 +305,7 @@ class LLM:
         batch = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(batch), "sampling_params", SamplingParams)
         loras = _per_prompt(lora, len(batch), "lora", str)
-        streams = []
-        try:
-            for prompt, sp, name in zip(batch, params, loras, strict=True):
-                streams.append(self.engine.submit_stream(prompt, sp or SamplingParams(), name))
-        except BaseException:
-            for stream in streams:
-                self.engine.abort(stream.request_id)
-            raise
+        streams = self.engine.submit_many(list(zip(batch, params, loras, strict=True)))
         return [s.result() for s in streams]
 
     def top_next_tokens(self, prompts: Sequence[Prompt], k: int = 5) -> list[list[tuple[str, float]]]:

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
+from moelora.benchmark.server_proc import ServerProcess
 from moelora.demo import demo_adapter_paths
-from tests.server_proc import ServerProcess
 
 KEY = "test-key"
 GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True, "return_token_ids": True})

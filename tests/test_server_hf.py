@@ -15,9 +15,9 @@ import openai
 import pytest
 import torch
 
+from moelora.benchmark.server_proc import ServerProcess
 from tests.hf_models import VOCAB, hf_logprobs
 from tests.lora_files import ATTENTION, ExpectedLora, merged_hf_model, write_adapter
-from tests.server_proc import ServerProcess
 from tests.test_engine_hf import NEW_TOKENS, TOL, agree_until_near_tie, hf_greedy
 
 FAMILY = "qwen3_moe"

@@ -134,7 +134,7 @@ class LoraPool:
                 f"above the pool's max_lora_rank {self.max_rank}"
             )
         if self.mirror is not None:
-            self.mirror(("lora", slot, adapter.name, str(adapter.path), self.max_rank, adapter.fingerprint))
+            self.mirror(("lora", slot, adapter.name, adapter.source, self.max_rank, adapter.fingerprint))
         self._clear(slot)
         for t in self._linears:
             lora = t.module.lora

@@ -13,6 +13,8 @@ import math
 import os
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,12 @@ from moelora.engine.request import Request, Sequence, Status
 from moelora.engine.runner import ModelRunner, step_input
 from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
-from moelora.engine.stats import EngineLoad
+from moelora.engine.stats import EngineLoad, StepRecord
 from moelora.engine.stream import EngineDeadError, RequestStream
-from moelora.lora.adapter import AdapterError, LoraAdapter, read_adapter, reread_adapter
+from moelora.lora.adapter import AdapterError, LoraAdapter
+from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager
+from moelora.lora.source import AdapterSource, as_source, load_adapter
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.parallel.launch import WorkerGroup
@@ -41,6 +45,7 @@ from moelora.sampling_params import SamplingParams
 _LOG = logging.getLogger(__name__)
 _CPU_KV_CAP = 1 << 30
 _CUDA_KV_FRACTION = 0.8
+_STEP_LOG = 1 << 16  # steps whose StepRecord is kept (a few MB)
 
 Prompt = str | Seq[int]
 
@@ -152,6 +157,7 @@ class Engine:
         self._counter = itertools.count()
         self._streams: dict[str, RequestStream] = {}
         self._requests: dict[str, Request] = {}  # loop thread only
+        self._step_log: deque[StepRecord] = deque(maxlen=_STEP_LOG)  # appended by the loop thread
         self._error: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
@@ -184,8 +190,16 @@ class Engine:
         pool = LoraPool(self.model, la.max_loras_per_batch, rank)
         _LOG.info("adapter slots: %d of rank %d, %.1f MiB", pool.num_slots, rank, pool.num_bytes / 2**20)
 
-        def reread(name: str, path: Path, fingerprint: tuple[int, ...]) -> LoraAdapter:
-            return reread_adapter(name, path, fingerprint, self.cfg, self.model.family, rank)
+        def reread(name: str, source: AdapterSource, fingerprint: tuple[int, ...]) -> LoraAdapter:
+            return load_adapter(
+                name,
+                source,
+                self.cfg,
+                self.model.family,
+                rank,
+                fingerprint=fingerprint,
+                **self._draw_on,
+            )
 
         return LoraManager(pool, reread, la.max_cpu_loras)
 
@@ -200,17 +214,26 @@ class Engine:
             )
         return self.loras
 
-    def load_lora(self, name: str, path: str | Path, pinned: bool = False) -> None:
-        """Read, validate and register an adapter; safe while requests run (they are not disturbed)."""
+    def load_lora(self, name: str, source: str | Path | DummyLora, pinned: bool = False) -> None:
+        """Read, validate and register an adapter (a PEFT folder, or a DummyLora made in memory); safe
+        while requests run (they are not disturbed)."""
         loras = self._require_loras()
         if not name or "/" in name:
             raise ValueError(f"adapter name '{name}' must be non-empty and contain no '/'")
-        folder = Path(path).expanduser()
-        adapter = read_adapter(name, folder, self.cfg, self.model.family, loras.pool.max_rank)
-        entry = loras.register(name, folder, adapter, pinned)
+        adapter = self.read_adapter(name, source, loras.pool.max_rank)
+        entry = loras.register(name, adapter, pinned)
         if pinned:
             self._inbox.put(("pin", entry))
             self._wake.set()
+
+    def read_adapter(self, name: str, source: str | Path | DummyLora, max_rank: int | None) -> LoraAdapter:
+        """The adapter `source` holds, validated against this model (nothing registered)."""
+        return load_adapter(name, as_source(source), self.cfg, self.model.family, max_rank, **self._draw_on)
+
+    @property
+    def _draw_on(self) -> dict[str, Any]:
+        """Where dummy adapters are drawn: the model's dtype and device."""
+        return {"dtype": self.model.dtype, "device": self.device}
 
     def unload_lora(self, name: str) -> None:
         """New requests for `name` fail from now on; requests already running on it finish first."""
@@ -241,8 +264,34 @@ class Engine:
         request_id: str | None = None,
     ) -> RequestStream:
         """Like `submit`, returning the request's stream."""
+        (stream,) = self.submit_many([(prompt, sampling_params, lora)], [request_id])
+        return stream
+
+    def submit_many(
+        self,
+        items: Seq[tuple[Prompt, SamplingParams | None, str | None]],
+        request_ids: Seq[str | None] | None = None,
+    ) -> list[RequestStream]:
+        """Queue (prompt, params, adapter) requests that the loop admits together, in order; all or none:
+        if one is invalid (its error is raised) none is queued."""
         self._check_alive()
-        params = sampling_params or SamplingParams()
+        ids = list(request_ids) if request_ids is not None else [None] * len(items)
+        requests: list[Request] = []
+        try:
+            for (prompt, params, lora), rid in zip(items, ids, strict=True):
+                requests.append(self._prepare(prompt, params or SamplingParams(), lora, rid))
+        except BaseException:
+            for request in requests:
+                self._unprepare(request)
+            raise
+        self._inbox.put(("submit", requests))
+        self._wake.set()
+        return [r.stream for r in requests]
+
+    def _prepare(
+        self, prompt: Prompt, params: SamplingParams, lora: str | None, request_id: str | None
+    ) -> Request:
+        """A validated request with its stream registered and its adapter counted (not yet queued)."""
         text, ids = self._tokenize(prompt)
         entry = self._require_loras(lora).use(lora) if lora is not None else None
         with self._lock:
@@ -256,9 +305,13 @@ class Engine:
             self._streams[rid] = stream
         request = Request(rid, text, ids, params, lora, stream, arrival=n, lora_entry=entry)
         request.seqs = [self._new_sequence(request, i) for i in range(params.n)]
-        self._inbox.put(("submit", request))
-        self._wake.set()
-        return stream
+        return request
+
+    def _unprepare(self, request: Request) -> None:
+        """Undo `_prepare` for a request that was never queued."""
+        self._forget(request.request_id)
+        if request.lora_entry is not None and self.loras is not None:
+            self.loras.release(request.lora_entry)
 
     @property
     def num_preemptions(self) -> int:
@@ -277,6 +330,29 @@ class Engine:
             lora_slots_total=loras.num_slots if loras is not None else 0,
             prefix_cache_hits=self.allocator.hits,
         )
+
+    def capture_graphs(self) -> int:
+        """Capture the decode CUDA graphs of every batch size now (with adapters too when adapters are
+        on) instead of at each size's first step; the number captured (0 when graphs are not used)."""
+        runner = self.runner
+        with runner.lock:
+            graphs = runner.graphs
+            if graphs is None:
+                return 0
+            try:
+                count = graphs.capture_all(lora=False)
+                if self.loras is not None:
+                    count += graphs.capture_all(lora=True)
+            except Exception:
+                _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
+                runner.graphs = None
+                return 0
+            return count
+
+    def step_records(self, since: float = 0.0) -> list[StepRecord]:
+        """The most recent steps (up to 65,536) that started at or after `since` (a perf_counter time)."""
+        with self._lock:
+            return [r for r in self._step_log if r.start >= since]
 
     def stream(self, request_id: str) -> RequestStream:
         with self._lock:
@@ -367,10 +443,11 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit":
-                self._requests[item.request_id] = item
-                # Completion 0 computes the prompt; the others start from its cached blocks (_fork).
-                first, *item.forks = item.seqs
-                self.scheduler.add(first)
+                for request in item:
+                    self._requests[request.request_id] = request
+                    # Completion 0 computes the prompt; the others start from its cached blocks (_fork).
+                    first, *request.forks = request.seqs
+                    self.scheduler.add(first)
             elif kind == "abort" and item in self._requests:
                 self._abort(self._requests[item])
             elif kind == "pin" and self.loras is not None:
@@ -412,6 +489,7 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling step: run the scheduled sequences one token further."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         seqs = scheduled.seqs
         if not seqs:
@@ -427,6 +505,7 @@ class Engine:
             if not seqs:
                 return
         step = step_input(seqs, self.cache.block_size)
+        prefill = sum(n for s, n in zip(seqs, step.seq_lens, strict=True) if s.num_cached < s.num_prompt)
         if self.workers is None:
             logits, prompt_logits = self.runner.execute(step)
         else:
@@ -452,6 +531,10 @@ class Engine:
             if seq.request.forks and seq.index == 0:  # its prompt was computed in this step
                 self._fork(seq, logits[i])
             self._append(seq, sampled)
+        adapters = len({s.request.lora_entry for s in seqs if s.request.lora_entry is not None})
+        record = StepRecord(start, time.perf_counter(), len(seqs), prefill, len(step.ids) - prefill, adapters)
+        with self._lock:
+            self._step_log.append(record)
 
     def _fork(self, first: Sequence, logits: torch.Tensor) -> None:
         """Start completions 1..n-1 from completion 0's freshly computed prompt: they share its full prompt

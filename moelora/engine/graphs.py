@@ -75,6 +75,14 @@ class DecodeGraphs:
             and len(step.block_tables[0]) <= self.block_tables.shape[1]
         )
 
+    def capture_all(self, lora: bool) -> int:
+        """Capture every size's graph now (with adapters or without), so that no later step pays a capture;
+        the number captured. The caller holds the runner's lock."""
+        missing = [s for s in self.sizes if (s, lora) not in self._graphs]
+        for size in missing:
+            self._graphs[(size, lora)] = self._capture(size, lora)
+        return len(missing)
+
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 

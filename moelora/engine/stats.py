@@ -1,4 +1,5 @@
-"""`EngineLoad`: a snapshot of what the engine holds now, for metrics, health checks and admission."""
+"""`EngineLoad`: a snapshot of what the engine holds now, for metrics, health checks and admission;
+`StepRecord`: when each engine step ran and what it computed, for benchmarks."""
 
 from __future__ import annotations
 
@@ -18,3 +19,19 @@ class EngineLoad:
     lora_slots_used: int  # device adapter slots holding an adapter
     lora_slots_total: int  # 0 when adapters are off
     prefix_cache_hits: int = 0  # KV blocks reused from the prefix cache since start
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step as the loop thread saw it (`time.perf_counter()` seconds).
+
+    `start`: before scheduling; `end`: once the step's tokens were sampled and handed to their streams.
+    Sampling copies the tokens to the host, so `end` is after the device finished the step's work.
+    """
+
+    start: float
+    end: float
+    num_seqs: int  # sequences in the step
+    prefill_tokens: int  # prompt tokens computed (new or preempted sequences)
+    decode_tokens: int  # sequences that ran one generated token
+    num_adapters: int  # distinct adapters in the step (base requests not counted)

@@ -63,7 +63,10 @@ def _key_to_file(folder: Path) -> dict[str, Path]:
             if any(folder.glob("*.bin"))
             else ""
         )
-        raise CheckpointError(f"no *.safetensors files in {folder}{extra}")
+        raise CheckpointError(
+            f"no *.safetensors files in {folder}{extra}; for random weights of this config (benchmarks), "
+            f"use load_format='dummy' (--load-format dummy)"
+        )
     mapping: dict[str, Path] = {}
     for path in paths:
         _check_complete(path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from moelora.loader.checkpoint import Checkpoint, CheckpointError
+from moelora.loader.checkpoint import CheckpointError
 from moelora.loader.spec import Form, WeightSpec
 
 # Tensors some published checkpoints carry that no model needs (old rotary caches).
@@ -15,12 +17,23 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _MAX_LISTED = 8
 
 
+class TensorSource(Protocol):
+    """What the loader reads tensors from: a `Checkpoint`, or a `DummyCheckpoint` drawing random ones."""
+
+    folder: Path
+
+    def keys(self) -> set[str]: ...
+    def file_of(self, key: str) -> Path: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def read(self, key: str, index: tuple[slice, ...] = ()) -> torch.Tensor: ...
+
+
 def _listing(keys: Sequence[str]) -> str:
     shown = ", ".join(sorted(keys)[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
 
 
-def _check_unexpected(ckpt: Checkpoint, specs: Sequence[WeightSpec], ignored: set[str]) -> None:
+def _check_unexpected(ckpt: TensorSource, specs: Sequence[WeightSpec], ignored: set[str]) -> None:
     known: set[str] = set(ignored)
     for spec in specs:
         for form in spec.forms:
@@ -33,7 +46,7 @@ def _check_unexpected(ckpt: Checkpoint, specs: Sequence[WeightSpec], ignored: se
         )
 
 
-def _choose_form(ckpt: Checkpoint, spec: WeightSpec, present: set[str]) -> Form:
+def _choose_form(ckpt: TensorSource, spec: WeightSpec, present: set[str]) -> Form:
     for form in spec.forms:
         if all(p.key in present for p in form.pieces):
             return form
@@ -45,7 +58,7 @@ def _choose_form(ckpt: Checkpoint, spec: WeightSpec, present: set[str]) -> Form:
     raise CheckpointError(f"missing tensors in {ckpt.folder}: {_listing(missing)}{alternatives}")
 
 
-def _fill(ckpt: Checkpoint, spec: WeightSpec, form: Form) -> None:
+def _fill(ckpt: TensorSource, spec: WeightSpec, form: Form) -> None:
     for piece in form.pieces:
         found = ckpt.shape(piece.key)
         if found != piece.shape:
@@ -60,10 +73,11 @@ def _fill(ckpt: Checkpoint, spec: WeightSpec, form: Form) -> None:
 def load_weights(
     model: torch.nn.Module,
     specs: Sequence[WeightSpec],
-    ckpt: Checkpoint,
+    ckpt: TensorSource,
     *,
     ignored: set[str],
     progress: bool,
+    desc: str | None = None,
 ) -> None:
     """Fill every parameter of `model` from `ckpt` as `specs` say; `ignored` keys may be present unused."""
     covered = {id(s.param) for s in specs}
@@ -73,5 +87,7 @@ def load_weights(
     _check_unexpected(ckpt, specs, ignored)
     present = ckpt.keys()
     with torch.no_grad():
-        for spec in tqdm(specs, desc=f"Loading {ckpt.folder.name}", unit="tensor", disable=not progress):
+        for spec in tqdm(
+            specs, desc=desc or f"Loading {ckpt.folder.name}", unit="tensor", disable=not progress
+        ):
             _fill(ckpt, spec, _choose_form(ckpt, spec, present))

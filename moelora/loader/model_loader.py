@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moelora.config import DTYPE_CHOICES, LOAD_FORMATS
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
-from moelora.loader.load import load_weights
+from moelora.loader.dummy import DummyCheckpoint
+from moelora.loader.load import TensorSource, load_weights
+from moelora.loader.presets import is_preset
 from moelora.models.config import ModelConfig
 from moelora.models.decoder import MoeForCausalLM
 from moelora.models.family import Family
@@ -26,11 +30,11 @@ _DTYPES = {
     "half": torch.float16,
     "float64": torch.float64,  # for exact reference checks on CPU; no kernel is built for it
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
-def read_model_config(folder: Path) -> tuple[ModelConfig, Family]:
-    """The family and the ModelConfig of the checkpoint in `folder`; clear errors for bad config.json."""
+def read_model_config(folder: Path, hf_overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, Family]:
+    """The family and the ModelConfig of the checkpoint in `folder`, with `hf_overrides` replacing
+    config.json fields (e.g. {"num_hidden_layers": 4}); clear errors for a bad config.json."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {folder}: is it a Hugging Face model folder?")
@@ -40,11 +44,13 @@ def read_model_config(folder: Path) -> tuple[ModelConfig, Family]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    overrides = dict(hf_overrides or {})
+    raw.update(overrides)
     family = family_for(raw.get("architectures"), str(path))
     from transformers import AutoConfig
 
     try:
-        hf = AutoConfig.from_pretrained(str(folder))
+        hf = AutoConfig.from_pretrained(str(folder), **overrides)
         return family.read_config(hf, raw), family
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path} cannot be read as a {family.name} config: {e}") from e
@@ -76,14 +82,30 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return chosen
 
 
-def check_layout(folder: Path, tp_size: int, ep_size: int) -> None:
+def resolve_load_format(load_format: str, folder: Path) -> str:
+    """'auto' is 'dummy' for a preset (it has no weights) and 'safetensors' for any other folder."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format '{load_format}' is not one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "auto":
+        return "dummy" if is_preset(folder) else "safetensors"
+    if load_format == "safetensors" and is_preset(folder):
+        raise ValueError(
+            f"preset '{folder.name}' has no weights, only its config: use load_format 'dummy' (random "
+            f"weights) or give the folder of the real checkpoint"
+        )
+    return load_format
+
+
+def check_layout(
+    folder: Path, tp_size: int, ep_size: int, hf_overrides: dict[str, Any] | None = None
+) -> None:
     """Fail now, before any process starts, if the model cannot be split over tp_size x ep_size.
 
     Builds rank 0's share on the meta device (no memory), so every layer's own check runs: ep_size
     dividing tp_size, tp_size dividing the attention heads (and the vocabulary, the MLP sizes), key/value
     heads that shard or replicate evenly, no more EP ranks than experts.
     """
-    cfg, family = read_model_config(folder)
+    cfg, family = read_model_config(folder, hf_overrides)
     try:
         ps = ParallelState(0, tp_size, ep_size)
         with torch.device("meta"):
@@ -99,13 +121,23 @@ def load_model(
     device: str | torch.device = "auto",
     ps: ParallelState | None = None,
     progress: bool = True,
+    load_format: str = "auto",
+    hf_overrides: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> MoeForCausalLM:
-    """This rank's share of the model in `folder`, weights read lazily straight into place."""
-    cfg, family = read_model_config(folder)
+    """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
+    random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them)."""
+    fmt = resolve_load_format(load_format, folder)
+    cfg, family = read_model_config(folder, hf_overrides)
     chosen_dtype = resolve_dtype(dtype, cfg.dtype)
     chosen_device = resolve_device(device)
-    with Checkpoint(folder) as ckpt:
+    with ExitStack() as stack:
+        # A real checkpoint is opened (its headers checked) before anything is allocated.
+        ckpt = None if fmt == "dummy" else stack.enter_context(Checkpoint(folder))
         with torch.device(chosen_device):
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
-        load_weights(model, model.weight_specs(), ckpt, ignored=model.ignored_keys(), progress=progress)
+        specs = model.weight_specs()
+        source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
+        desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
+        load_weights(model, specs, source, ignored=model.ignored_keys(), progress=progress, desc=desc)
     return model.eval()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moelora.loader.presets import PRESET_PREFIX, preset_path
+
 
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither a folder, the demo, nor already in the local Hugging Face cache."""
@@ -13,14 +15,20 @@ class ModelNotFoundError(FileNotFoundError):
 def resolve_model(model: str | os.PathLike[str], hf_cache_dir: str | None = None) -> Path:
     """A local folder holding config.json and the weights. Never downloads anything.
 
-    `model` is a folder, the name "demo" (built locally on first use), or a Hugging Face id such as
-    "Qwen/Qwen3-30B-A3B" whose files are already in the local Hugging Face cache.
+    `model` is a folder, the name "demo" (built locally on first use), "preset:NAME" (a published model's
+    config shipped with moelora, for dummy weights), or a Hugging Face id such as "Qwen/Qwen3-30B-A3B"
+    whose files are already in the local Hugging Face cache.
     """
     from moelora.demo import DEMO_NAME, demo_model_path
 
     text = os.fspath(model)
     if text == DEMO_NAME:
         return demo_model_path()
+    if text.startswith(PRESET_PREFIX):
+        try:
+            return preset_path(text.removeprefix(PRESET_PREFIX))
+        except FileNotFoundError as e:
+            raise ModelNotFoundError(str(e)) from None
     path = Path(text).expanduser()
     if path.is_dir():
         return path

@@ -100,7 +100,7 @@ class LoraAdapter:
     """An adapter in canonical form; a projection without an entry has no LoRA."""
 
     name: str
-    path: Path
+    source: Any  # the folder (Path) or the DummyLora it was made from (see lora/source.py)
     dense: dict[tuple[int, str], LoraWeights]  # (layer, target in DENSE_TARGETS)
     experts: dict[tuple[int, str], dict[int, LoraWeights]]  # (layer, proj in EXPERT_PROJS) -> {global id: w}
     # (size, mtime_ns) of the config and weights files as read: a later re-read (after a CPU-cache
@@ -386,7 +386,7 @@ class _Reader:
     def _normalise(self, site: _Site, a_key: str, b_key: str) -> list[tuple[_Dest, LoraWeights]]:
         cfg = self.cfg
         if site.kind == "dense":
-            in_f, out_f = _dense_shape(cfg, site.target)
+            in_f, out_f = dense_shape(cfg, site.target)
             A, B = self._checked(a_key, b_key, in_f, out_f, 1, f"{site.target} of layer {site.layer}")
             s = self._scale(site.module, A.shape[0], a_key)
             return [((site.layer, site.target, -1), LoraWeights(A, B * s))]
@@ -486,7 +486,7 @@ def _split_gate_up(
     return out
 
 
-def _dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     """(in, out) features of a dense target."""
     hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     attn = {

@@ -12,10 +12,10 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from moelora.cache.lora_pool import LoraPool
 from moelora.lora.adapter import AdapterError, LoraAdapter
+from moelora.lora.source import AdapterSource
 
 _UIDS = itertools.count(1)
 _HISTORY_STEPS = 4096
@@ -24,7 +24,7 @@ _HISTORY_STEPS = 4096
 @dataclass(eq=False)
 class AdapterEntry:
     name: str
-    path: Path
+    source: AdapterSource
     rank: int
     pinned: bool
     adapter: LoraAdapter | None  # the CPU copy; None once evicted from the CPU cache (re-read on demand)
@@ -58,7 +58,7 @@ class LoraManager:
     def __init__(
         self,
         pool: LoraPool,
-        reader: Callable[[str, Path, tuple[int, ...]], LoraAdapter],
+        reader: Callable[[str, AdapterSource, tuple[int, ...]], LoraAdapter],
         max_cpu_loras: int | None,
     ) -> None:
         self.pool, self.reader, self.max_cpu_loras = pool, reader, max_cpu_loras
@@ -74,7 +74,7 @@ class LoraManager:
 
     # ---------------------------------------------------------------- any thread
 
-    def register(self, name: str, path: Path, adapter: LoraAdapter, pinned: bool) -> AdapterEntry:
+    def register(self, name: str, adapter: LoraAdapter, pinned: bool) -> AdapterEntry:
         with self._lock:
             if name in self._names:
                 raise ValueError(
@@ -93,7 +93,7 @@ class LoraManager:
                     f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.pool.max_rank}: "
                     f"restart with max_lora_rank >= {adapter.rank}"
                 )
-            entry = AdapterEntry(name, path, adapter.rank, pinned, adapter, adapter.fingerprint)
+            entry = AdapterEntry(name, adapter.source, adapter.rank, pinned, adapter, adapter.fingerprint)
             self._names[name] = entry
             self._cpu_lru[entry] = None
             self.stats.requests.setdefault(name, 0)
@@ -128,10 +128,16 @@ class LoraManager:
         with self._lock:
             return sorted(self._names)
 
+    def cpu_copy(self, name: str) -> LoraAdapter | None:
+        """The loaded adapter `name` as held in CPU memory (None if unknown or evicted from the CPU cache)."""
+        with self._lock:
+            entry = self._names.get(name)
+            return entry.adapter if entry is not None else None
+
     def info(self) -> list[LoraInfo]:
         with self._lock:
             return [
-                LoraInfo(e.name, str(e.path), e.rank, e.pinned, e.slot is not None)
+                LoraInfo(e.name, str(e.source), e.rank, e.pinned, e.slot is not None)
                 for e in sorted(self._names.values(), key=lambda e: e.name)
             ]
 
@@ -187,7 +193,7 @@ class LoraManager:
             self.stats.evictions += 1
         adapter = entry.adapter
         if adapter is None:  # dropped from the CPU cache: read it again
-            adapter = self.reader(entry.name, entry.path, entry.fingerprint)
+            adapter = self.reader(entry.name, entry.source, entry.fingerprint)
             with self._lock:
                 entry.adapter = adapter
                 self._cpu_lru[entry] = None

@@ -8,7 +8,7 @@ and then repeats, in order, every command rank 0 broadcasts:
     ("init", num_kv_blocks, block_size, lora_slots, lora_rank)  build the KV cache and adapter slots
     ("step", StepInput)                                        run one engine step's forward pass
     ("forward", ids, seq_lens)                                 a cacheless forward (LLM.logits)
-    ("lora", slot, name, path, max_rank, fingerprint)          re-read an adapter, write this rank's shards;
+    ("lora", slot, name, source, max_rank, fingerprint)        re-read an adapter, write this rank's shards;
                                                                every rank answers (all_gather) None or why
                                                                it could not, and then all clear the slot
     ("clear", slot)                                            zero an adapter slot
@@ -64,6 +64,8 @@ class LaunchSpec:
     seed: int = 0
     threads: int = 1  # torch threads per worker on CPU
     timeout_s: float = 600.0  # a collective that waits longer than this fails
+    load_format: str = "auto"
+    hf_overrides: dict[str, Any] | None = None
 
 
 def _backend(device_type: str) -> str:
@@ -291,7 +293,16 @@ class Worker:
         ps = ParallelState(rank, spec.tp_size, spec.ep_size, tp_group)
         torch.manual_seed(spec.seed)
         device = device_for(spec, rank)
-        model = load_model(Path(spec.model_path), dtype=spec.dtype, device=device, ps=ps, progress=False)
+        model = load_model(
+            Path(spec.model_path),
+            dtype=spec.dtype,
+            device=device,
+            ps=ps,
+            progress=False,
+            load_format=spec.load_format,
+            hf_overrides=spec.hf_overrides,
+            seed=spec.seed,
+        )
         return cls(spec, ps, ctrl, model)
 
     def serve_forever(self) -> None:
@@ -314,7 +325,8 @@ class Worker:
         from moelora.cache.kv_cache import KVCache
         from moelora.cache.lora_pool import LoraPool
         from moelora.engine.runner import ModelRunner
-        from moelora.lora.adapter import AdapterError, reread_adapter
+        from moelora.lora.adapter import AdapterError
+        from moelora.lora.source import load_adapter
         from moelora.parallel.sharding import place_experts
 
         kind, args = command[0], command[1:]
@@ -340,12 +352,20 @@ class Worker:
             batch = ForwardBatch.prefill(seq_lens, device)
             model.compute_logits(model(torch.tensor(ids, dtype=torch.int64, device=device), batch))
         elif kind == "lora":  # answered: None, or why this rank could not write it
-            slot, name, path, max_rank, fingerprint = args
+            slot, name, source, max_rank, fingerprint = args
             error = None
             try:
                 owns = place_experts(model.cfg.num_experts, self.ps.ep_size, self.ps.ep_rank).owns
-                adapter = reread_adapter(
-                    name, Path(path), fingerprint, model.cfg, model.family, max_rank, owns_expert=owns
+                adapter = load_adapter(
+                    name,
+                    source,
+                    model.cfg,
+                    model.family,
+                    max_rank,
+                    fingerprint=fingerprint,
+                    dtype=model.dtype,
+                    device=next(model.parameters()).device,
+                    owns_expert=owns,
                 )
                 self.pool.write(slot, adapter)
             except AdapterError as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 from moelora.config import ServerArgs
 from moelora.engine.stream import EngineDeadError
 from moelora.llm import LLM
+from moelora.loader.presets import PRESET_PREFIX
 from moelora.sampling_params import SamplingParams
 from moelora.server.metrics import ServerMetrics
 from moelora.server.protocol import ApiError
@@ -18,7 +19,10 @@ from moelora.server.runs import Run
 
 
 def default_served_name(model: str) -> str:
-    """The model folder's name for a folder; the name as given for 'demo' or a Hugging Face id."""
+    """The model folder's name for a folder, the preset's name for `preset:NAME` (no ':', which separates
+    an adapter); the name as given for 'demo' or a Hugging Face id."""
+    if model.startswith(PRESET_PREFIX):
+        return model.removeprefix(PRESET_PREFIX)
     path = Path(model).expanduser()
     return path.resolve().name if path.is_dir() else model
 

@@ -1,4 +1,5 @@
-"""A real `moelora serve` process on a free localhost port, for tests and the load benchmark."""
+"""A real `moelora serve` process on a free localhost port: `moelora bench serve` starts one when given no
+--base-url, and the server tests drive one. Needs httpx (the `bench` extra)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, **kwargs: Any) -> Any:
+        """An OpenAI client of this server (the openai package is a test dependency)."""
         import openai
 
         return openai.OpenAI(

@@ -1,0 +1,183 @@
+"""`moelora bench latency`: fixed batches of fresh prompts; prefill time, and the time of every decode step
+from the engine's own per-step timestamps (never the difference of two runs)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from moelora.benchmark.args import LatencyArgs
+from moelora.benchmark.floors import prefill_flops
+from moelora.benchmark.report import fmt, percentile, print_table
+from moelora.benchmark.session import Session
+from moelora.benchmark.workload import Mix
+from moelora.engine.stats import StepRecord
+from moelora.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """One timed run of a batch: prefill (submission to the end of the last step with prompt tokens), the
+    decode steps after it (each from the previous step's end to its own), and the tokens generated."""
+
+    prefill_s: float
+    decode_steps_s: list[float]
+    generated: int
+    wall_s: float
+    preemptions: int
+
+
+def split_steps(records: list[StepRecord], submitted: float) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) of one run's steps, in order."""
+    last = max((i for i, r in enumerate(records) if r.prefill_tokens), default=-1)
+    prefill_end = records[last].end if last >= 0 else submitted
+    ends = [prefill_end] + [r.end for r in records[last + 1 :]]
+    return prefill_end - submitted, [b - a for a, b in itertools.pairwise(ends)]
+
+
+def run_batch(session: Session, batch: int, mix: Mix) -> Iteration:
+    llm, w = session.llm, session.workload
+    params = SamplingParams(temperature=w.temperature, max_tokens=w.output_len, ignore_eos=True)
+    prompts, loras = session.prompts.make(batch), mix.assign(batch)
+    preempted = llm.engine.num_preemptions
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora=loras)
+    wall = time.perf_counter() - start
+    prefill, steps = split_steps(llm.engine.step_records(since=start), start)
+    generated = sum(len(o.token_ids) for o in outs)
+    return Iteration(prefill, steps, generated, wall, llm.engine.num_preemptions - preempted)
+
+
+@dataclass
+class Row:
+    batch: int
+    mix: str
+    iterations: list[Iteration] = field(default_factory=list)
+    floor_ms: float = 0.0
+    prefill_gflop: float = 0.0
+
+    @property
+    def steps_ms(self) -> list[float]:
+        return [s * 1e3 for it in self.iterations for s in it.decode_steps_s]
+
+    @property
+    def decode_tok_s(self) -> float:
+        seconds = sum(sum(it.decode_steps_s) for it in self.iterations)
+        return self.batch * len(self.steps_ms) / seconds if seconds else float("nan")
+
+    @property
+    def prefill_ms(self) -> float:
+        return percentile([it.prefill_s * 1e3 for it in self.iterations], 50)
+
+    @property
+    def spread(self) -> float:
+        """Slowest over fastest run's mean decode step (1.0 = steady)."""
+        means = [
+            sum(it.decode_steps_s) / len(it.decode_steps_s) for it in self.iterations if it.decode_steps_s
+        ]
+        return max(means) / min(means) if means else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        steps = self.steps_ms
+        return {
+            "batch": self.batch,
+            "mix": self.mix,
+            "prefill_ms": self.prefill_ms,
+            "decode_ms_p50": percentile(steps, 50),
+            "decode_ms_p90": percentile(steps, 90),
+            "decode_ms_p99": percentile(steps, 99),
+            "decode_tok_s": self.decode_tok_s,
+            "floor_ms": self.floor_ms,
+            "floor_share": self.floor_ms / percentile(steps, 50) if steps else None,
+            "spread": self.spread,
+            "prefill_gflop": self.prefill_gflop,
+            "generated_tokens": sum(it.generated for it in self.iterations),
+            "preemptions": sum(it.preemptions for it in self.iterations),
+            "iterations": [asdict(it) for it in self.iterations],
+        }
+
+
+def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
+    w = session.workload
+    context = w.input_len + w.output_len / 2  # the mean KV length a decode step reads
+    rows = [Row(b, m.name) for b in args.batch_size for m in session.mixes]
+    mixes = {m.name: m for m in session.mixes}
+    total = len(rows) * (args.num_iters + args.num_iters_warmup)
+    mb, cfg = session.model, session.llm.model.cfg
+    with tqdm(total=total, desc="bench latency", unit="run", disable=not session.llm.args.progress) as bar:
+        for row in rows:
+            mix = mixes[row.mix]
+            row.floor_ms = session.floor_ms(mix, row.batch, context)
+            lens = [w.input_len] * row.batch
+            row.prefill_gflop = prefill_flops(mb, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
+            for i in range(args.num_iters_warmup + args.num_iters):
+                it = run_batch(session, row.batch, mix)
+                if i >= args.num_iters_warmup:
+                    row.iterations.append(it)
+                bar.update()
+            s = row.summary()
+            bar.write(
+                f"batch {row.batch} {row.mix}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
+                f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
+                f"{fmt(s['decode_tok_s'], 0)} tok/s"
+            )
+            if args.profile:
+                profile_row(session, row, mix, Path(args.profile))
+    return rows
+
+
+def print_latency(session: Session, rows: list[Row]) -> None:
+    base = {r.batch: r.decode_tok_s for r in rows if r.mix == "base"}
+    gemm = session.ceilings.gemm_flops
+    table = []
+    for r in rows:
+        s = r.summary()
+        share = s["floor_share"]
+        flag = " BELOW FLOOR" if share is not None and share > 1 else ""
+        prefill_rate = r.prefill_gflop * 1e9 / (r.prefill_ms / 1e3) if r.prefill_ms else float("nan")
+        table.append(
+            [
+                str(r.batch),
+                r.mix,
+                fmt(s["prefill_ms"], 1),
+                fmt(prefill_rate / gemm * 100, 0) + "%" if gemm else "-",
+                f"{fmt(s['decode_ms_p50'])} / {fmt(s['decode_ms_p90'])} / {fmt(s['decode_ms_p99'])}",
+                fmt(s["decode_tok_s"], 0),
+                fmt(s["decode_tok_s"] / base[r.batch] * 100, 0) + "%" if r.batch in base else "-",
+                fmt(r.floor_ms),
+                (fmt(share * 100, 0) + "%" if share is not None else "-") + flag,
+                fmt(s["spread"], 3),
+            ]
+        )
+    w = session.workload
+    print_table(
+        f"bench latency: input {w.input_len}, output {w.output_len}, {session.env['device']}, "
+        f"{session.settings()['dtype']}; floor = bytes a decode step reads at "
+        f"{session.ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (measured copy)",
+        ["batch", "mix", "prefill ms", "prefill / GEMM rate", "decode ms/step p50 / p90 / p99",
+         "decode tok/s", "vs base", "floor ms", "floor / p50", "spread"],
+        table,
+    )  # fmt: skip
+
+
+def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
+    """A torch.profiler table of one more run of the row (8 new tokens), by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm, w = session.llm, session.workload
+    params = SamplingParams(temperature=w.temperature, max_tokens=min(8, w.output_len), ignore_eos=True)
+    activities = [ProfilerActivity.CPU]
+    if llm.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    prompts, loras = session.prompts.make(row.batch), mix.assign(row.batch)
+    with profile(activities=activities) as prof:
+        llm.generate(prompts, params, lora=loras)
+    key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}.txt"
+    (folder / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))

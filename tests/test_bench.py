@@ -1,0 +1,132 @@
+"""`moelora bench`: fresh prompts, decode steps from the engine's own timestamps, floors, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from moelora import LLM
+from moelora.benchmark.args import LatencyArgs, WorkloadArgs
+from moelora.benchmark.latency import run_latency, split_steps
+from moelora.benchmark.session import open_session
+from moelora.benchmark.workload import BASE, Mix, PromptMaker, build_mixes
+from moelora.cli import main
+from moelora.lora.dummy import DummyLora
+
+TINY = "preset:tiny-qwen3-moe"
+
+
+def test_prompts_are_fresh_across_runs_unless_a_prefix_is_shared():
+    maker = PromptMaker(512, WorkloadArgs(input_len=40), seed=0)
+    runs = [maker.make(64) for _ in range(5)]
+    prompts = [tuple(p) for run in runs for p in run]
+    assert len(set(prompts)) == len(prompts) and all(len(p) == 40 for p in prompts)
+    assert len({p[:16] for p in prompts}) == len(prompts)  # no two share even a first KV block
+    shared = PromptMaker(512, WorkloadArgs(input_len=40, shared_prefix_len=20), seed=0).make(8)
+    assert len({tuple(p[:20]) for p in shared}) == 1 and len({tuple(p[20:36]) for p in shared}) == 8
+    with pytest.raises(ValueError, match="distinct prompts"):
+        PromptMaker(4, WorkloadArgs(input_len=1), seed=0).make(5)
+
+
+def test_mixes_spread_adapters_over_the_batch():
+    names = [f"dummy-{i}" for i in range(8)]
+    (base, mixed) = build_mixes(WorkloadArgs(), names)
+    assert base.assign(3) == [None] * 3 and sorted(mixed.assign(8)) == names
+    assert mixed.assign(1) == ["dummy-0"]
+    (quarter,) = build_mixes(WorkloadArgs(loras_per_batch=2, base_share=0.5, base_row=False), names)
+    assert quarter.assign(8).count(None) == 4 and quarter.assign(8).count("dummy-1") == 2
+    mix = Mix("m", ((None, 1.0), ("a", 3.0)))
+    assert mix.assign(4) == ["a", None, "a", "a"]
+    with pytest.raises(ValueError, match="'nope', which is not loaded"):
+        build_mixes(WorkloadArgs(lora_mix=("base:0.5,nope:0.5",)), names)
+    with pytest.raises(ValueError, match="NAME:SHARE"):
+        build_mixes(WorkloadArgs(lora_mix=("dummy-0",)), names)
+    with pytest.raises(ValueError, match="--loras-per-batch 9 but 8"):
+        build_mixes(WorkloadArgs(loras_per_batch=9), names)
+    assert [m.name for m in build_mixes(WorkloadArgs(), [])] == [BASE]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    adapters = {f"dummy-{i}": DummyLora(rank=8, seed=i) for i in range(2)}
+    with LLM(TINY, device="cpu", progress=False, lora_modules=adapters, max_loras_per_batch=2) as llm:
+        yield llm
+
+
+def test_latency_decode_steps_are_the_engine_s_timestamps(tiny_llm):
+    """Every decode step the bench reports is the gap between two consecutive engine step ends, after the
+    last step that computed prompt tokens; every request generated all its tokens."""
+    w = WorkloadArgs(input_len=24, output_len=6)
+    session = open_session(tiny_llm, w, ["dummy-0", "dummy-1"], seed=0)
+    assert [m.name for m in session.mixes] == ["base", "2 adapters"]
+    rows = run_latency(session, LatencyArgs(batch_size=(3,), num_iters=2, num_iters_warmup=0))
+    for row in rows:
+        for it in row.iterations:
+            assert it.generated == 3 * w.output_len and it.preemptions == 0
+            assert len(it.decode_steps_s) == w.output_len - 1
+            assert it.prefill_s + sum(it.decode_steps_s) <= it.wall_s
+            assert it.wall_s - (it.prefill_s + sum(it.decode_steps_s)) < 0.25 * it.wall_s
+        s = row.summary()
+        assert s["floor_ms"] > 0 and s["decode_ms_p50"] <= s["decode_ms_p99"]
+    last_run = tiny_llm.engine.step_records()[-w.output_len :]  # one prefill step, then decode steps
+    assert [(r.prefill_tokens, r.decode_tokens) for r in last_run] == [(3 * 24, 0)] + [(0, 3)] * 5
+    assert [r.num_adapters for r in last_run] == [2] * w.output_len
+    prefill, steps = split_steps(last_run, last_run[0].start)
+    assert prefill == last_run[0].end - last_run[0].start
+    assert steps == [b.end - a.end for a, b in itertools.pairwise(last_run)]
+
+
+def test_bench_cli_runs_and_writes_json(tmp_path: Path, capsys):
+    out, png = tmp_path / "lat.json", tmp_path / "lat.png"
+    argv = ["bench", "latency", TINY, "--no-progress", "--dummy-loras", "2", "--max-loras-per-batch", "2",
+            "--batch-size", "1", "2", "--input-len", "16", "--output-len", "4", "--num-iters", "1",
+            "--num-iters-warmup", "0", "--output-json", str(out), "--plot", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    assert png.stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "floor / p50" in text and "| 2 | 2 adapters |" in text and "dummy weights" in text
+    data = json.loads(out.read_text())
+    assert [(r["batch"], r["mix"]) for r in data["rows"]] == [
+        (1, "base"), (1, "2 adapters"), (2, "base"), (2, "2 adapters"),
+    ]  # fmt: skip
+    assert data["settings"]["prefix_caching"] is True and data["rows"][0]["generated_tokens"] == 4
+    argv = ["bench", "throughput", TINY, "--no-progress", "--num-prompts", "6", "--num-prompts-warmup", "0",
+            "--input-len", "8", "--output-len", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| base | 6 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-mix", "base:1,ghost:1"], "'ghost', which is not loaded"),
+        (["--batch-size", "0"], "--batch-size needs sizes >= 1"),
+        (["--dummy-loras", "2", "--loras-per-batch", "3"], "--loras-per-batch 3 but 2"),
+        (["--dummy-loras", "5"], "raise --max-loras-per-batch to 5"),
+        (["--input-len", "5000"], "above max_model_len"),
+        (["--load-format", "safetensors"], "has no weights"),
+        (["--dummy-loras", "1", "--dummy-lora-targets", "router"], "choose from attn"),
+        (["--hf-overrides", "[1]"], "must be a JSON object"),
+    ],
+)
+def test_bench_errors_are_clear(flags, message, capsys):
+    argv = ["bench", "latency", TINY, "--no-progress", "--input-len", "8", "--output-len", "2", *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_serve_starts_a_server_with_the_model_flags(tmp_path: Path, capsys):
+    """Without --base-url the bench starts `moelora serve` with the same model and adapter flags and
+    streams every request of each mix through it."""
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", TINY, "--no-progress", "--dummy-loras", "2", "--max-loras-per-batch", "2",
+            "--num-prompts", "6", "--input-len", "8", "--output-len", "3", "--request-rate", "50",
+            "--goodput", "ttft:60000", "--output-json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mix"] for r in rows] == ["base", "2 adapters"]
+    assert all(r["failed"] == 0 and r["generated_tokens"] == 18 and r["goodput"] > 0 for r in rows)
+    assert "TTFT ms p50 / p99" in capsys.readouterr().out
