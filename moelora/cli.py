@@ -15,10 +15,12 @@ from moelora.flags import (
     add_sampling_args,
     from_args,
     make_llm,
-    model_kwargs,
     sampling_from_args,
     start_modules,
 )
+from moelora.sampling_params import MAX_LOGPROBS
+
+_GENERATE_DEFAULTS = {"max_tokens": 32}  # `generate`'s own, where the model's generation config has none
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,24 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_args(forward, ModelArgs, positional=("model",))
     forward.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    forward.add_argument("--top", type=int, default=5, help="how many next tokens to print (default: 5)")
+    forward.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help=f"how many next tokens to print, at most {MAX_LOGPROBS} (default: 5)",
+    )
+    add_model_flags(forward)
+    _add_use(forward)
     generate = commands.add_parser("generate", help="generate completions of one or more prompts")
     add_dataclass_args(generate, ModelArgs, positional=("model",))
-    add_sampling_args(generate)
+    add_sampling_args(generate, _GENERATE_DEFAULTS)
     generate.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     add_model_flags(generate)
-    generate.add_argument(
+    _add_use(generate)
+    _add_serve(commands)
+    add_bench_commands(commands)
+    return parser
+
+
+def _add_use(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--use",
         action="append",
         metavar="NAME",
         help="run every prompt on this adapter ('base' for none; repeatable; "
         "default: base and every adapter)",
     )
-    generate.set_defaults(sp_max_tokens=32)
-    _add_serve(commands)
-    add_bench_commands(commands)
-    return parser
+
+
+def _uses(args: argparse.Namespace, modules: dict[str, Any]) -> list[str | None]:
+    return [None if u == "base" else u for u in (args.use or ["base", *modules])]
 
 
 def _add_serve(commands: Any) -> None:
@@ -59,24 +75,26 @@ def _add_serve(commands: Any) -> None:
 
 
 def _forward(args: argparse.Namespace) -> int:
-    from moelora.llm import LLM
-
-    margs: ModelArgs = from_args(ModelArgs, args)
+    modules = start_modules(args, from_args(ModelArgs, args).model)
+    uses = _uses(args, modules)
     prompts = args.prompt or ["The capital of France is"]
-    with LLM(**model_kwargs(margs)) as llm:
-        for prompt, top in zip(prompts, llm.top_next_tokens(prompts, args.top), strict=True):
-            print(f"prompt: {prompt!r}")
+    with make_llm(args, modules) as llm:
+        batch = [(p, u) for p in prompts for u in uses]
+        tops = llm.top_next_tokens([p for p, _ in batch], args.top, lora=[u for _, u in batch])
+        for (prompt, use), top in zip(batch, tops, strict=True):
+            print(f"prompt: {prompt!r}" + (f"  adapter: {use}" if len(uses) > 1 or use else ""))
             for token, prob in top:
                 print(f"  {prob:7.4f}  {token!r}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    params = sampling_from_args(args)
+    sampling_from_args(args, {}, _GENERATE_DEFAULTS)  # bad sampling flags fail before the model loads
     modules = start_modules(args, from_args(ModelArgs, args).model)
-    uses: list[str | None] = [None if u == "base" else u for u in (args.use or ["base", *modules])]
+    uses = _uses(args, modules)
     prompts = args.prompt or ["The weather today is"]
     with make_llm(args, modules) as llm:
+        params = sampling_from_args(args, llm.sampling_defaults, _GENERATE_DEFAULTS)
         if args.chat:
             prompts = [llm.chat_prompt(p) for p in prompts]
         batch = [(p, u) for p in prompts for u in uses]  # one mixed batch: every prompt on every adapter
@@ -95,12 +113,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from moelora.server.app import serve
+    from moelora.server.app import check_port_free, serve
     from moelora.server.context import default_served_name
 
     margs: ModelArgs = from_args(ModelArgs, args)
     sargs: ServerArgs = from_args(ServerArgs, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    check_port_free(sargs.host, sargs.port)  # before minutes of loading, not after
     # Runtime loading needs adapter slots even when no adapter is given at start.
     modules = start_modules(args, margs.model)
     with make_llm(args, modules, enable_lora=sargs.lora_dir is not None) as llm:
@@ -108,7 +127,44 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# vLLM flags that mean nothing here: each gets an error that says why and what to use instead.
+VLLM_ONLY = {
+    "--pipeline-parallel-size": "moelora splits models by tensor and expert parallelism: --tp and --ep",
+    "-pp": "moelora splits models by tensor and expert parallelism: --tp and --ep",
+    "--data-parallel-size": "run one moelora server per replica; inside one, --tp and --ep",
+    "--swap-space": "preempted requests are recomputed, never swapped: size the KV cache with "
+    "--kv-cache-memory or --gpu-memory-utilization",
+    "--cpu-offload-gb": "weights stay on the device: lower --max-model-len or use more GPUs (--tp)",
+    "--quantization": "weights are served in --dtype (bfloat16, float16 or float32)",
+    "--kv-cache-dtype": "the KV cache is kept in --dtype",
+    "--tokenizer": "the tokenizer is read from the model folder",
+    "--tokenizer-mode": "the tokenizer is read from the model folder",
+    "--download-dir": "moelora never downloads: `hf download ID` first, or give the folder",
+    "--revision": "moelora never downloads: give the folder of the revision you want",
+    "--chat-template": "the chat template is the tokenizer's, from the model folder",
+    "--lora-extra-vocab-size": "adapters that add tokens are refused; nothing to size",
+    "--fully-sharded-loras": "adapters are always sharded like the weights they modify",
+    "--max-seq-len-to-capture": "decode graphs cover every batch size up to --max-num-seqs",
+    "--disable-log-requests": "moelora logs no per-request lines; drop the flag",
+    "--disable-log-stats": "moelora logs no periodic stats (see /metrics); drop the flag",
+}
+
+
+def _vllm_only(argv: Sequence[str]) -> str | None:
+    """The error for the first vLLM flag in argv that means nothing here, if any."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in VLLM_ONLY:
+            return f"{flag} is a vLLM flag with no meaning here: {VLLM_ONLY[flag]}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refused = _vllm_only(argv)
+    if refused:
+        print(f"moelora: error: {refused}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "forward":
@@ -122,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"moelora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: whatever ran has already shut down cleanly
+        print("moelora: interrupted", file=sys.stderr)
+        return 130
     raise AssertionError(f"unhandled command {args.command}")
 
 

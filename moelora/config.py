@@ -50,6 +50,15 @@ class ModelArgs:
     hf_overrides: str | None = option(
         None, "JSON object of config.json fields to replace, e.g. '{\"num_hidden_layers\": 4}'"
     )
+    generation_config: str = option(
+        "auto",
+        "default sampling parameters: auto = the model's generation_config.json (temperature, top_p, "
+        "top_k, min_p, repetition_penalty, max_new_tokens; do_sample false = greedy), vllm = none, or a "
+        "folder holding a generation_config.json; a request's own values always win",
+    )
+    trust_remote_code: bool = option(
+        False, "accepted for vLLM compatibility; moelora never runs a model's own code (no effect)"
+    )
 
     def __post_init__(self) -> None:
         parse_overrides(self.hf_overrides)
@@ -75,9 +84,26 @@ class ParallelArgs:
     """How the model is split over processes (tensor and expert parallelism)."""
 
     tp_size: int = option(
-        1, "tensor-parallel processes (attention heads, MLPs, vocabulary)", aliases=("--tp",)
+        1,
+        "tensor-parallel processes (attention heads, MLPs, vocabulary)",
+        aliases=("--tp", "--tensor-parallel-size", "-tp"),
     )
     ep_size: int = option(1, "expert-parallel groups the routed experts are split over", aliases=("--ep",))
+    enable_expert_parallel: bool = option(
+        False, "vLLM's switch: the routed experts split over all TP ranks (ep_size = tp_size)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.enable_expert_parallel and self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"--enable-expert-parallel means ep_size = tp_size = {self.tp_size}, but ep_size is "
+                f"{self.ep_size}: give one of the two"
+            )
+
+    @property
+    def experts_over(self) -> int:
+        """The EP size these flags mean."""
+        return self.tp_size if self.enable_expert_parallel else self.ep_size
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,12 @@ class EngineArgs:
     cuda_graphs: bool = option(
         True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16 with one rank)"
     )
+    gpu_memory_utilization: float | None = option(
+        None,
+        "vLLM's budget: the share of the card's memory this process may fill; the KV cache gets what is "
+        "left of it after the weights and adapter slots, less 10%% for activations (overrides "
+        "--kv-cache-memory; CUDA only)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs"):
@@ -115,6 +147,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -122,10 +156,12 @@ class LoraArgs:
     """Adapter slots on the device and the CPU cache of adapters."""
 
     enable_lora: bool = option(False, "reserve adapter slots even when no adapter is given at start")
-    max_loras_per_batch: int = option(4, "device adapter slots: the most distinct adapters in one step")
+    max_loras_per_batch: int = option(
+        4, "device adapter slots: the most distinct adapters in one step", aliases=("--max-loras",)
+    )
     max_lora_rank: int | None = option(
         None,
-        "largest adapter rank the slots hold; default: the largest among the start adapters (16 if none)",
+        "largest adapter rank the slots hold; default: 16, or the largest start adapter's rank if larger",
     )
     max_cpu_loras: int | None = option(
         None, "adapters kept in CPU memory; least recently used ones beyond it are re-read when needed"

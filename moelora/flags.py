@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,17 +66,25 @@ def _field_type(f: dataclasses.Field[Any]) -> type:
     return str
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for SamplingParams (`--sampling-seed` for its seed: `--seed` is the engine's)."""
+# SamplingParams fields a model's generation config may set (see moelora.generation_config).
+_MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """Flags for SamplingParams (`--sampling-seed` for its seed: `--seed` is the engine's). A flag not
+    given is absent from the namespace: the model's generation config, then `defaults`, then
+    SamplingParams' own default apply (`sampling_from_args`)."""
     for f in dataclasses.fields(SamplingParams):
         flag = "--sampling-seed" if f.name == "seed" else f"--{f.name.replace('_', '-')}"
+        shown = (defaults or {}).get(f.name, f.default)
+        shown = "none" if shown in ((), None) else shown
+        where = "the model's generation config, else " if f.name in _MODEL_DEFAULTS else ""
         kwargs: dict[str, Any] = {
             "dest": f"sp_{f.name}",
-            "default": f.default,
-            "help": _SAMPLING_HELP[f.name],
+            "default": argparse.SUPPRESS,
+            "help": f"{_SAMPLING_HELP[f.name]} (default: {where}{shown})",
         }
         if f.name in ("stop", "stop_token_ids"):
-            kwargs["default"] = None
             parser.add_argument(
                 flag, action="append", type=int if f.name == "stop_token_ids" else str, **kwargs
             )
@@ -85,10 +94,16 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_field_type(f), **kwargs)
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        **{f.name: getattr(args, f"sp_{f.name}") for f in dataclasses.fields(SamplingParams)}
-    )
+def sampling_from_args(
+    args: argparse.Namespace, model_defaults: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> SamplingParams:
+    """The sampling flags given, over the model's defaults, over `defaults` (e.g. the command's own)."""
+    given = {
+        f.name: getattr(args, f"sp_{f.name}")
+        for f in dataclasses.fields(SamplingParams)
+        if hasattr(args, f"sp_{f.name}")
+    }
+    return SamplingParams(**((defaults or {}) | model_defaults | given))
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -125,7 +140,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--lora", action="append", metavar="NAME=PATH", help="load a PEFT adapter at start (repeatable)"
     )
     parser.add_argument(
+        "--lora-modules",
+        action="extend",
+        nargs="+",
+        metavar="NAME=PATH",
+        help='vLLM\'s form of --lora: several NAME=PATH (or JSON {"name": ..., "path": ...}) at once',
+    )
+    parser.add_argument(
         "--no-demo-adapters", action="store_true", help="with the demo model, do not load its demo adapters"
+    )
+    parser.add_argument(
+        "--enforce-eager", dest="cuda_graphs", action="store_false", help="vLLM's name for --no-cuda-graphs"
     )
 
 
@@ -135,11 +160,20 @@ def model_kwargs(margs: ModelArgs) -> dict[str, Any]:
 
 
 def parse_lora_modules(items: Sequence[str] | None) -> dict[str, str]:
-    """`NAME=PATH` pairs from repeated --lora flags."""
+    """`NAME=PATH` pairs (or vLLM's JSON objects with "name" and "path") from --lora / --lora-modules."""
     modules: dict[str, str] = {}
     for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = str(spec["name"]), str(spec["path"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f'--lora-modules JSON needs "name" and "path", got \'{item}\'') from e
+        else:
+            name, sep, path = item.partition("=")
+            if not sep:
+                name = path = ""
+        if not name or not path:
             raise ValueError(f"--lora expects NAME=PATH, got '{item}'")
         if name in modules:
             raise ValueError(f"--lora names '{name}' twice")
@@ -158,8 +192,7 @@ def make_llm(args: argparse.Namespace, modules: dict[str, Any], enable_lora: boo
     largs = dataclasses.replace(largs, enable_lora=largs.enable_lora or enable_lora)
     return LLM(
         **model_kwargs(margs),
-        tp_size=pargs.tp_size,
-        ep_size=pargs.ep_size,
+        **dataclasses.asdict(pargs),
         lora_modules=modules,
         **dataclasses.asdict(largs),
         **dataclasses.asdict(eargs),
@@ -172,7 +205,7 @@ def start_modules(args: argparse.Namespace, model: str) -> dict[str, Any]:
     from moelora.demo import DEMO_NAME, demo_adapter_paths
     from moelora.lora.dummy import DummyLora, parse_targets
 
-    modules: dict[str, Any] = dict(parse_lora_modules(args.lora))
+    modules: dict[str, Any] = dict(parse_lora_modules([*(args.lora or []), *(args.lora_modules or [])]))
     dummy: DummyLoraArgs = from_args(DummyLoraArgs, args)
     if dummy.dummy_loras:
         targets = parse_targets(dummy.dummy_lora_targets)

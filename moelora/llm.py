@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import torch
 
 from moelora.batch import ForwardBatch
 from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_overrides
+from moelora.demo import DEMO_NAME, demo_adapter_paths
+from moelora.engine.detokenizer import token_bytes
 from moelora.engine.engine import Engine
+from moelora.generation_config import sampling_defaults
 from moelora.loader.model_loader import check_layout, load_model, resolve_device, resolve_load_format
 from moelora.loader.resolve import resolve_model
 from moelora.lora.dummy import DummyLora
@@ -25,6 +29,7 @@ from moelora.parallel.launch import LaunchSpec, WorkerGroup, device_for, run_tor
 from moelora.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+_DEFAULT_LORA_RANK = 16  # vLLM's default max_lora_rank
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -84,6 +89,7 @@ class LLM:
         seed: int = 0,
         tp_size: int = 1,
         ep_size: int = 1,
+        enable_expert_parallel: bool = False,
         progress: bool = True,
         lora_modules: Mapping[str, str | Path | DummyLora] | None = None,
         max_loras_per_batch: int = 4,
@@ -92,16 +98,22 @@ class LLM:
         enable_lora: bool = False,
         load_format: str = "auto",
         hf_overrides: Mapping[str, Any] | str | None = None,
+        generation_config: str = "auto",
+        trust_remote_code: bool = False,
         **engine_args: Any,
     ) -> None:
         """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...).
 
         `load_format="dummy"` draws random weights on the device from config.json alone (benchmarks; the
         default "auto" does so for `preset:NAME` models); `hf_overrides` replaces config.json fields, e.g.
-        {"num_hidden_layers": 4}.
+        {"num_hidden_layers": 4}. `generation_config`: where default sampling parameters come from ("auto":
+        the model's generation_config.json, "vllm": none, or a folder). `trust_remote_code` is accepted
+        for vLLM compatibility and changes nothing: moelora never runs a model's own code.
 
-        `lora_modules` {name: PEFT adapter folder} are loaded at start; adapters can also be loaded later
-        with `load_lora` when adapters are on (`lora_modules` given or `enable_lora=True`).
+        `lora_modules` {name: PEFT adapter folder or DummyLora} are loaded at start (for "demo", its demo
+        adapters unless given); adapters can also be loaded later with `load_lora` when adapters are on
+        (`lora_modules` given or `enable_lora=True`). Adapter slots hold rank `max_lora_rank`, default 16
+        or the largest start adapter's rank if that is larger.
         """
         self.lora_args = LoraArgs(enable_lora, max_loras_per_batch, max_lora_rank, max_cpu_loras)
         overrides = parse_overrides(dict(hf_overrides) if isinstance(hf_overrides, Mapping) else hf_overrides)
@@ -113,9 +125,11 @@ class LLM:
             progress=progress,
             load_format=load_format,
             hf_overrides=json.dumps(overrides) if overrides else None,
+            generation_config=generation_config,
+            trust_remote_code=trust_remote_code,
         )
         self.hf_overrides = overrides
-        self.parallel = ParallelArgs(tp_size=tp_size, ep_size=ep_size)
+        self.parallel = ParallelArgs(tp_size, ep_size, enable_expert_parallel)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_args) - known)
         if unknown:
@@ -123,6 +137,10 @@ class LLM:
         self.engine_args = EngineArgs(max_model_len=max_model_len, **engine_args)
         self.model_path = resolve_model(model)
         self.load_format = resolve_load_format(load_format, self.model_path)  # auto resolved
+        # Request fields left unset take these (the model's generation config by default).
+        self.sampling_defaults = sampling_defaults(generation_config, self.model_path)
+        if lora_modules is None and str(model) == DEMO_NAME:
+            lora_modules = dict(demo_adapter_paths())
         self.workers: WorkerGroup | None = None
         torch.manual_seed(seed)
         if tp_size == 1 and torchrun_rank(1) is None:
@@ -131,6 +149,7 @@ class LLM:
             self.model = self._start_parallel(dtype, device, seed, progress)
         self.device = next(self.model.parameters()).device
         self.tokenizer: Any = load_tokenizer(self.model_path)
+        self._token_bytes: Callable[[int], bytes] | None = None
         try:  # from here on a failure must not leave worker processes or the engine thread behind
             start_adapters = {
                 name: load_adapter(
@@ -146,7 +165,9 @@ class LLM:
             }
             lora_rank = None
             if start_adapters or enable_lora or max_lora_rank is not None:
-                lora_rank = max_lora_rank or max((a.rank for a in start_adapters.values()), default=16)
+                lora_rank = max_lora_rank or max(
+                    [_DEFAULT_LORA_RANK, *(a.rank for a in start_adapters.values())]
+                )
             self.engine = Engine(
                 self.model,
                 self.tokenizer,
@@ -177,7 +198,7 @@ class LLM:
 
     def _start_parallel(self, dtype: str | torch.dtype, device: str, seed: int, progress: bool) -> Any:
         """Check the layout, start the worker processes, load rank 0's share; the workers load theirs."""
-        tp, ep = self.parallel.tp_size, self.parallel.ep_size
+        tp, ep = self.parallel.tp_size, self.parallel.experts_over
         check_layout(self.model_path, tp, ep, self.hf_overrides)
         device_type = resolve_device(device).type
         if device_type == "cuda" and torch.cuda.device_count() < tp:
@@ -250,6 +271,15 @@ class LLM:
         messages = [{"role": "user", "content": user_message}]
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (part of a character for some tokens; `<id>` without a
+        tokenizer)."""
+        if self.tokenizer is None:
+            return f"<{token}>".encode()
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes(self.tokenizer)
+        return self._token_bytes(token)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (`<id>` placeholders when the model folder has no tokenizer)."""
         if self.tokenizer is None:
@@ -291,6 +321,10 @@ class LLM:
         """Name, path, rank, pinned and whether it holds a device slot now, for every loaded adapter."""
         return self.engine.list_loras()
 
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's defaults (its generation config; see `generation_config`)."""
+        return SamplingParams(**self.sampling_defaults)
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -300,19 +334,26 @@ class LLM:
         """Generate for every prompt (one batch, continuously scheduled); outputs in prompt order.
 
         prompts: a string, a list of token ids, or a list of either. sampling_params: one for all prompts
-        or one per prompt. lora: None (base model), an adapter name, or one per prompt.
+        or one per prompt; None takes the model's defaults (`default_sampling_params`). lora: None (base
+        model), an adapter name, or one per prompt. Always a list, one RequestOutput per prompt (a single
+        prompt gives a list of one).
         """
         batch = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(batch), "sampling_params", SamplingParams)
+        params = [p or self.default_sampling_params() for p in params]
         loras = _per_prompt(lora, len(batch), "lora", str)
         streams = self.engine.submit_many(list(zip(batch, params, loras, strict=True)))
         return [s.result() for s in streams]
 
-    def top_next_tokens(self, prompts: Sequence[Prompt], k: int = 5) -> list[list[tuple[str, float]]]:
-        """For each prompt, the k likeliest next tokens and their probabilities."""
+    def top_next_tokens(
+        self, prompts: Sequence[Prompt], k: int = 5, lora: str | Sequence[str | None] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """For each prompt (on its adapter, if any), the k <= 20 likeliest next tokens and their
+        probabilities, likeliest first."""
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=k)
         result = []
-        for logit in self.logits(prompts):
-            probs = torch.softmax(logit[-1], dim=-1)
-            values, ids = probs.topk(min(k, probs.numel()))
-            result.append([(self.decode([i]), float(v)) for v, i in zip(values, ids.tolist(), strict=True)])
+        for out in self.generate(list(prompts), params, lora=lora):
+            (entry,) = out.logprobs or [{}]
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            result.append([(self.decode([t]), math.exp(lp)) for t, lp in ranked])
         return result

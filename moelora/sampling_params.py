@@ -36,7 +36,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     # Subtract this times the number of occurrences in the output from each token's logit.
     frequency_penalty: float = 0.0
-    # Seed of this request's own random generator; None uses the engine's shared generator.
+    # Seed of this request's draws (completion i uses seed + i); None derives one from the engine's seed
+    # and the request's place in the submission order.
     seed: int | None = None
     # Most tokens to generate; None means until the context (max_model_len) is full.
     max_tokens: int | None = 16

@@ -6,6 +6,7 @@ margins: rounding differences then cannot flip a greedy token or an expert choic
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,35 @@ def save_fused(model: Any, folder: Path) -> Path:
     return folder
 
 
+# How far moelora's log-probs may be from the float64 reference, by the dtype moelora computes in.
+# fp32: rounding (eps 1.2e-7) of logits of magnitude ~40 (the test models are scaled for clear top-1
+# margins), accumulated over sums of length ~64 across a few layers: 1.2e-7 x 40 x 64 = 3e-4. Seen:
+# 1.1-1.24e-4 between torch/transformers releases on CPU, up to ~3e-4 with the GPU's summation order.
+# float64: transformers keeps its norms, rotary angles and router softmax in fp32 even then, so 1e-4.
+LOGPROB_TOL = {torch.float32: 3e-4, torch.float64: 1e-4}
+
+
+def logprob_tol(dtype: torch.dtype | str) -> float:
+    return LOGPROB_TOL[getattr(torch, dtype) if isinstance(dtype, str) else dtype]
+
+
+_FP64: dict[int, tuple[Any, Any]] = {}
+
+
+def float64(model: Any) -> Any:
+    """A float64 copy of a reference model (cached while the model lives), so the reference itself
+    carries no fp32 rounding whatever the torch and transformers versions."""
+    if next(model.parameters()).dtype == torch.float64:
+        return model
+    cached = _FP64.get(id(model))
+    if cached is None or cached[0] is not model:
+        cached = (model, copy.deepcopy(model).to(torch.float64))
+        _FP64[id(model)] = cached
+    return cached[1]
+
+
 @torch.no_grad()
 def hf_logprobs(model: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """log-softmax of the reference model's logits, one sequence at a time (no padding involved)."""
-    return [model(torch.tensor([s])).logits[0].float().log_softmax(-1) for s in seqs]
+    """log-softmax of the reference model's logits in float64, one sequence at a time (no padding)."""
+    ref = float64(model)
+    return [ref(torch.tensor([s])).logits[0].log_softmax(-1) for s in seqs]

@@ -297,22 +297,22 @@ def _peft_config(
 
 @torch.no_grad()
 def merged_hf_model(hf_model: Any, expected: ExpectedLora) -> Any:
-    """A deep copy of `hf_model` with W += scale * B @ A folded into every targeted weight (fp32)."""
-    model = copy.deepcopy(hf_model).float()
+    """A deep copy of `hf_model` in float64 with W += scale * B @ A folded into every targeted weight."""
+    model = copy.deepcopy(hf_model).to(torch.float64)
     layers = model.model.layers
     for (layer, target), (A, B, s) in expected.dense.items():
         owner = layers[layer].self_attn if target in ATTENTION else layers[layer].mlp
         for part in target.split("."):
             owner = getattr(owner, part)
-        owner.weight += s * B @ A
+        owner.weight += s * B.double() @ A.double()
     for (layer, proj, e), (A, B, s) in expected.experts.items():
         experts = layers[layer].mlp.experts
         inter = experts.down_proj.shape[-1]
         if proj == "down":
-            experts.down_proj[e] += s * B @ A
+            experts.down_proj[e] += s * B.double() @ A.double()
         else:
             rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
-            experts.gate_up_proj[e, rows] += s * B @ A
+            experts.gate_up_proj[e, rows] += s * B.double() @ A.double()
     return model
 
 

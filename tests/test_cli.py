@@ -9,11 +9,19 @@ from moelora.cli import build_parser, main
 
 
 def test_forward_on_demo_prints_top_tokens(capsys):
-    assert main(["forward", "demo", "--prompt", "Hello", "--prompt", "The weather", "--top", "3"]) == 0
+    argv = ["forward", "demo", "--prompt", "Hello", "--prompt", "The weather", "--top", "3"]
+    assert main([*argv, "--no-demo-adapters"]) == 0
     out = capsys.readouterr().out
     assert out.count("prompt: ") == 2
     probs = [float(line.split()[0]) for line in out.splitlines() if line.startswith("  ")]
     assert len(probs) == 6 and all(0 < p <= 1 for p in probs)
+    assert probs[:3] == sorted(probs[:3], reverse=True)
+    # With the demo adapters, each prompt also runs on each adapter, and the adapters change the answer.
+    assert main([*argv, "--use", "base", "--use", "fused-r16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("prompt: ") == 4 and out.count("adapter: fused-r16") == 2
+    blocks = out.split("prompt: ")[1:]
+    assert blocks[0].split("\n", 1)[1] != blocks[1].split("\n", 1)[1]
 
 
 def test_missing_model_is_a_clear_error(capsys, tmp_path):

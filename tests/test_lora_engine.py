@@ -171,7 +171,10 @@ def test_threads_loading_and_generating(adapters, reference):
 
 
 def test_refused_adapters_leave_nothing_behind(adapters, tmp_path: Path):
-    with LLM("demo", device="cpu", progress=False, enable_lora=True, max_lora_rank=8) as llm:
+    no_demo_adapters: dict[str, Path] = {}
+    with LLM(
+        "demo", device="cpu", progress=False, enable_lora=True, max_lora_rank=8, lora_modules=no_demo_adapters
+    ) as llm:
         llm.load_lora("a", adapters["expert-r8"])
         with pytest.raises(ValueError, match="already loaded"):
             llm.load_lora("a", adapters["partial-r4"])
@@ -187,7 +190,7 @@ def test_refused_adapters_leave_nothing_behind(adapters, tmp_path: Path):
 
 
 def test_adapters_off_is_a_clear_error():
-    with LLM("demo", device="cpu", progress=False) as llm:
+    with LLM("demo", device="cpu", progress=False, lora_modules={}) as llm:
         with pytest.raises(ValueError, match="adapters are off"):
             llm.load_lora("a", "/nowhere")
         with pytest.raises(ValueError, match="adapters are off"):

@@ -11,9 +11,10 @@ from moelora.engine.sampler import SamplingInput, sample
 from moelora.sampling_params import SamplingParams
 
 
-def make_input(prompt=(5,), output=(), generator=None, eos=(), **params) -> SamplingInput:
-    """One row; keyword arguments other than the SamplingInput fields go to SamplingParams."""
-    return SamplingInput(SamplingParams(**params), list(prompt), list(output), generator, tuple(eos))
+def make_input(prompt=(5,), output=(), row_seed=0, eos=(), **params) -> SamplingInput:
+    """One row (its draws from `row_seed`); keyword arguments other than the SamplingInput fields go to
+    SamplingParams."""
+    return SamplingInput(SamplingParams(**params), list(prompt), list(output), row_seed, tuple(eos))
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -32,7 +33,7 @@ def test_raw_logprobs_ignore_temperature_penalties_and_truncation():
     logits = random_logits(4, 50)
     raw = torch.log_softmax(logits, dim=-1)
     inputs = [
-        make_input(temperature=0.3, top_k=5, top_p=0.8, logprobs=5, generator=seeded(1)),
+        make_input(temperature=0.3, top_k=5, top_p=0.8, logprobs=5, row_seed=1),
         make_input(output=[1, 2, 2], repetition_penalty=1.7, frequency_penalty=1.0, logprobs=3),
         make_input(temperature=0, presence_penalty=-2.0, output=[7], logprobs=0),
         make_input(output=[], eos=[int(logits[3].argmax())], min_tokens=3, temperature=5.0, min_p=0.2),
@@ -51,14 +52,14 @@ def test_greedy_is_argmax():
 
 def test_tiny_temperature_does_not_overflow():
     logits = random_logits(3, 40, seed=4, scale=30.0)
-    inputs = [make_input(temperature=1e-30, generator=seeded(i)) for i in range(3)]
+    inputs = [make_input(temperature=1e-30, row_seed=i) for i in range(3)]
     assert tokens(logits, inputs) == logits.argmax(dim=-1).tolist()
 
 
 def test_seeded_draws_are_reproducible():
     logits = random_logits(1, 30, seed=5, scale=0.5)
-    first = [tokens(logits, [make_input(generator=seeded(s))])[0] for s in range(20)]
-    again = [tokens(logits, [make_input(generator=seeded(s))])[0] for s in range(20)]
+    first = [tokens(logits, [make_input(row_seed=s)])[0] for s in range(20)]
+    again = [tokens(logits, [make_input(row_seed=s)])[0] for s in range(20)]
     assert first == again
     assert len(set(first)) > 5  # the seeds really do give different draws
 
@@ -67,15 +68,15 @@ def test_seeded_draws_are_reproducible():
 def test_seeded_draw_is_independent_of_the_batch(options):
     vocab = 64
     target = random_logits(1, vocab, seed=6, scale=0.5)
-    alone = [tokens(target, [make_input(generator=seeded(s), **options)])[0] for s in range(10)]
+    alone = [tokens(target, [make_input(row_seed=s, **options)])[0] for s in range(10)]
     others = random_logits(4, vocab, seed=7)
     for s in range(10):
         batch = [
             make_input(temperature=0),
-            make_input(generator=seeded(100 + s), top_p=0.5),
-            make_input(generator=None, top_k=3),
-            make_input(generator=seeded(s), **options),
-            make_input(generator=seeded(s), repetition_penalty=1.5, output=[1, 2]),
+            make_input(row_seed=100 + s, top_p=0.5),
+            make_input(row_seed=77, top_k=3),
+            make_input(row_seed=s, **options),
+            make_input(row_seed=s, repetition_penalty=1.5, output=[1, 2]),
         ]
         logits = torch.cat([others[:3], target, others[3:]])
         order = torch.randperm(5, generator=seeded(s)).tolist()
@@ -86,7 +87,7 @@ def test_seeded_draw_is_independent_of_the_batch(options):
 @pytest.mark.parametrize("options", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}])
 def test_full_truncation_is_greedy(options):
     logits = random_logits(8, 200, seed=8, scale=0.3)
-    inputs = [make_input(generator=seeded(i), temperature=1.5, **options) for i in range(8)]
+    inputs = [make_input(row_seed=i, temperature=1.5, **options) for i in range(8)]
     assert tokens(logits, inputs) == logits.argmax(dim=-1).tolist()
 
 
@@ -110,7 +111,7 @@ SKEWED = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
 )
 def test_truncation_keeps_exactly_the_allowed_tokens(options, allowed):
     logits = SKEWED.expand(300, 4)
-    drawn = set(tokens(logits, [make_input(generator=seeded(i), **options) for i in range(300)]))
+    drawn = set(tokens(logits, [make_input(row_seed=i, **options) for i in range(300)]))
     assert drawn == allowed
 
 
@@ -160,7 +161,7 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
     assert tokens(logits, [make_input(output=[3, 3], **rule)]) == [0]
     drawn = tokens(
         logits.expand(50, 4),
-        [make_input(generator=seeded(i), **{**rule, "temperature": 1}) for i in range(50)],
+        [make_input(row_seed=i, **{**rule, "temperature": 1}) for i in range(50)],
     )
     assert set(drawn) == {2, 3}
 
@@ -173,8 +174,7 @@ def test_min_tokens_leaves_a_row_alone_when_everything_would_be_masked():
 
 def test_temperature_one_matches_softmax():
     logits = random_logits(1, 4, seed=9, scale=1.0).expand(4000, 4)
-    generator = seeded(10)
-    drawn = torch.tensor(tokens(logits, [make_input(generator=generator) for _ in range(4000)]))
+    drawn = torch.tensor(tokens(logits, [make_input(row_seed=10_000 + i) for i in range(4000)]))
     freq = torch.bincount(drawn, minlength=4).float() / 4000
     assert torch.allclose(freq, torch.softmax(logits[0], dim=-1), atol=0.03)
 
@@ -182,7 +182,7 @@ def test_temperature_one_matches_softmax():
 def test_temperature_and_top_k_reshape_the_distribution():
     logits = random_logits(1, 4, seed=11, scale=1.0).expand(4000, 4)
     drawn = torch.tensor(
-        tokens(logits, [make_input(generator=seeded(i), temperature=0.5, top_k=3) for i in range(4000)])
+        tokens(logits, [make_input(row_seed=i, temperature=0.5, top_k=3) for i in range(4000)])
     )
     want = torch.softmax(logits[0] / 0.5, dim=-1)
     want[want.argmin()] = 0
@@ -220,22 +220,16 @@ def test_shape_mismatch_is_an_error():
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu_with_generators_on_either_device():
+def test_cuda_draws_equal_cpu_draws():
+    """The draws are a function of (seed, position, token) alone: the same on either device."""
     logits = random_logits(6, 500, seed=14, scale=0.5)
     options: list[dict[str, Any]] = [
         {},
         {"top_k": 20},
         {"top_p": 0.8, "repetition_penalty": 1.3, "output": [1, 2]},
     ]
-    cpu = [make_input(generator=seeded(i), **options[i % 3]) for i in range(6)]
-    on_cuda = [make_input(generator=seeded(i), **options[i % 3]) for i in range(6)]
-    assert tokens(logits.cuda(), on_cuda) == tokens(logits, cpu)
-    cuda_inputs = [
-        make_input(generator=torch.Generator("cuda").manual_seed(i), **options[i % 3]) for i in range(6)
-    ]
-    again = [make_input(generator=torch.Generator("cuda").manual_seed(i), **options[i % 3]) for i in range(6)]
-    assert tokens(logits.cuda(), cuda_inputs) == tokens(logits.cuda(), again)
-    assert sample(logits[:1].cuda(), [make_input(generator=None)])[0].token in range(500)
+    inputs = [make_input(row_seed=i, **options[i % 3]) for i in range(6)]
+    assert tokens(logits.cuda(), inputs) == tokens(logits, inputs)
 
 
 def test_rows_without_top_k_or_top_p_are_not_sorted(monkeypatch):
@@ -243,7 +237,7 @@ def test_rows_without_top_k_or_top_p_are_not_sorted(monkeypatch):
         raise AssertionError("sorted a row that needs no sort")
 
     monkeypatch.setattr("moelora.engine.sampler._top_k_top_p", no_sort)
-    inputs = [make_input(generator=seeded(0), min_p=0.1, temperature=0.5), make_input(temperature=0)]
+    inputs = [make_input(row_seed=0, min_p=0.1, temperature=0.5), make_input(temperature=0)]
     sample(random_logits(2, 16, seed=15), inputs)
 
 
@@ -256,7 +250,15 @@ def test_the_callers_logits_are_never_written():
         make_input(output=[1, 2], repetition_penalty=1.5),
         make_input(output=[3, 3], frequency_penalty=0.5, presence_penalty=0.5),
         make_input(eos=[4], min_tokens=2),
-        make_input(temperature=0.7, top_k=3, top_p=0.9, min_p=0.1, generator=seeded(2)),
+        make_input(temperature=0.7, top_k=3, top_p=0.9, min_p=0.1, row_seed=2),
     ]
     sample(logits, inputs)
     assert torch.equal(logits, before)
+
+
+def test_one_seed_s_draws_along_its_positions_follow_the_distribution():
+    """A sequence's draws at successive positions (one seed) are as independent as draws across seeds."""
+    logits = random_logits(1, 5, seed=22, scale=1.0).expand(4000, 5)
+    rows = [make_input(row_seed=123, output=[0] * i) for i in range(4000)]
+    freq = torch.bincount(torch.tensor(tokens(logits, rows)), minlength=5).float() / 4000
+    assert torch.allclose(freq, torch.softmax(logits[0], dim=-1), atol=0.03)

@@ -51,7 +51,7 @@ class Session:
             "hf_overrides": llm.hf_overrides,
             "dtype": str(llm.model.dtype).removeprefix("torch."),
             "tp_size": llm.parallel.tp_size,
-            "ep_size": llm.parallel.ep_size,
+            "ep_size": llm.parallel.experts_over,
             "prefix_caching": engine.args.enable_prefix_caching,
             "cuda_graphs": engine.runner.graphs is not None,
             "max_num_seqs": engine.args.max_num_seqs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -131,3 +132,46 @@ class IncrementalDetokenizer:
         assert self._decode_ids is not None
         ids = self._ids[start:end]
         return self._decode_ids(ids, self._skip_special_tokens) if ids else ""
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte, inverted."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
+    """token id -> the bytes it stands for, also for a token holding part of a multi-byte character
+    (its text alone would be the replacement character): byte-level BPE pieces are mapped back through
+    the byte alphabet, SentencePiece byte-fallback pieces (<0xE2>) are the byte; any other token is its
+    decoded text in UTF-8."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = type(getattr(backend, "decoder", None)).__name__
+    alphabet = _byte_level_alphabet() if decoder == "ByteLevel" else {}
+
+    def lookup(token: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        text = str(tokenizer.decode([token]))
+        if isinstance(piece, str):
+            match = _BYTE_PIECE.fullmatch(piece)
+            if match:
+                return bytes([int(match.group(1), 16)])
+            if alphabet and all(c in alphabet for c in piece) and text != piece:
+                return bytes(alphabet[c] for c in piece)
+        return text.encode()
+
+    return lookup

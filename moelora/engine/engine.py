@@ -45,6 +45,7 @@ from moelora.sampling_params import SamplingParams
 _LOG = logging.getLogger(__name__)
 _CPU_KV_CAP = 1 << 30
 _CUDA_KV_FRACTION = 0.8
+_ACTIVATION_RESERVE = 0.1  # of a gpu_memory_utilization budget left to activations
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (a few MB)
 
 Prompt = str | Seq[int]
@@ -61,10 +62,23 @@ def _available_cpu_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def derived_seed(engine_seed: int, arrival: int, index: int) -> int:
+    """The seed of completion `index` of the `arrival`-th request submitted to an engine seeded so."""
+    mixed = engine_seed * 0x9E3779B97F4A7C15 + (arrival + 1) * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+    return mixed % 2**64
+
+
 def plan_kv_blocks(args: EngineArgs, bytes_per_block: int, model_len: int, device: torch.device) -> int:
-    """Blocks from an explicit count, a byte budget, or a fraction of free device memory."""
+    """Blocks from an explicit count, a share of the card (gpu_memory_utilization), a byte budget, or a
+    fraction of free device memory."""
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks
+    if args.gpu_memory_utilization is not None:
+        if device.type != "cuda":
+            raise ValueError("gpu_memory_utilization sizes a CUDA card's memory: on CPU give kv_cache_memory")
+        free, total = torch.cuda.mem_get_info(device)
+        left = args.gpu_memory_utilization * total - (total - free)  # of this share, after what is in use
+        return int(max(0.0, left) * (1 - _ACTIVATION_RESERVE)) // bytes_per_block
     budget = args.kv_cache_memory
     if budget is not None and budget > 1:
         return int(budget) // bytes_per_block
@@ -148,7 +162,7 @@ class Engine:
             max_blocks = -(-self.max_model_len // a.block_size)
             graphs = DecodeGraphs(model, self.cache, num_blocks, a.max_num_seqs, max_blocks)
         self.runner = ModelRunner(model, self.cache, graphs)
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.seed = seed
         self.device = device
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -404,13 +418,13 @@ class Engine:
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         p = request.params
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(p.seed + index)
+        # Unseeded requests get a seed from the engine seed and their place in the submission order, so
+        # a script submitting the same requests in the same order samples the same text at any timing.
+        seed = p.seed + index if p.seed is not None else derived_seed(self.seed, request.arrival, index)
         detok = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, p.min_tokens
         )
-        seq = Sequence(request, index, list(request.prompt_token_ids), detok, generator)
+        seq = Sequence(request, index, list(request.prompt_token_ids), detok, seed)
         if p.logprobs is not None:
             seq.logprobs = []
         return seq
@@ -520,7 +534,7 @@ class Engine:
                 s.request.params,
                 s.token_ids[: s.num_prompt],
                 s.output_ids,
-                s.generator or self.generator,
+                s.seed,
                 self.eos_token_ids,
             )
             for s in seqs
@@ -556,8 +570,7 @@ class Engine:
             seq.blocks, seq.num_cached, seq.status = blocks, n, Status.RUNNING
             seq.num_registered = full
             self.scheduler.running.append(seq)
-            inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.generator or self.generator,
-                                    self.eos_token_ids)]  # fmt: skip
+            inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.seed, self.eos_token_ids)]
             (sampled,) = sample(logits[None], inputs)
             self._append(seq, sampled)
 

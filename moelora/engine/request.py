@@ -6,8 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from moelora.outputs import CompletionOutput, Logprobs, RequestOutput
 
 if TYPE_CHECKING:
@@ -31,7 +29,7 @@ class Sequence:
     index: int
     token_ids: list[int]
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
+    seed: int  # its draws: params.seed + index, or derived from the engine seed and the arrival order
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # leading tokens whose keys/values are in the cache
     num_registered: int = 0  # leading blocks offered to the prefix cache

@@ -21,8 +21,8 @@ class SamplingInput:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    # The request's seeded generator, or the engine's shared one; None means torch's default generator.
-    generator: torch.Generator | None
+    # The sequence's seed (any int): its draw for output position t depends on (seed, t) alone.
+    seed: int
     # Token ids that end the sequence (masked while fewer than params.min_tokens tokens are out).
     eos_token_ids: tuple[int, ...]
 
@@ -54,9 +54,10 @@ def sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sample
         top-p: all but the smallest likeliest-first set whose mass reaches p.top_p of what top-k kept
           (the likeliest token always stays),
         min-p: tokens with q[t] < p.min_p * max(q),
-      and draw token ~ q / sum(q) as argmax(q / e) with e[t] ~ Exp(1) from the row's generator (the
-      exponential race: scale-free, so no renormalisation is needed). The draw depends only on the row's
-      own distribution and generator, never on the other rows of the batch.
+      and draw token ~ q / sum(q) as argmax(q / e) with e[t] = -log(u[t]), u[t] uniform in (0, 1) from
+      a counter-based hash of (the row's seed, len(O), t) (the exponential race: scale-free, so no
+      renormalisation is needed). The draw depends only on the row's own distribution, seed and position:
+      never on the other rows of the batch, the timing, or the device.
     Rows whose options are off skip that option's work (in particular, no sort without top-k or top-p).
     """
     if logits.dim() != 2 or logits.shape[0] != len(inputs):
@@ -134,8 +135,9 @@ def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor
     if not rows:
         return tokens
     probs = _truncated_probs(work[_index(rows, work.device)], [inputs[i].params for i in rows])  # [R, V]
-    drawn = [_draw(probs[j], inputs[i].generator) for j, i in enumerate(rows)]
-    tokens[_index(rows, work.device)] = torch.stack(drawn)
+    keys = [(inputs[i].seed, len(inputs[i].output_token_ids)) for i in rows]
+    race = exponential_race_noise(keys, probs.shape[1], probs.device)  # [R, V]
+    tokens[_index(rows, work.device)] = (probs / race).argmax(dim=-1)
     return tokens
 
 
@@ -173,13 +175,33 @@ def _top_k_top_p(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> t
     return probs.masked_fill(~keep, 0.0)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id (0-d int64 tensor) ~ probs [V], by the exponential race on the generator's device."""
-    device = probs.device if generator is None else generator.device
-    race = torch.empty(probs.shape, dtype=probs.dtype, device=device).exponential_(generator=generator)
-    # exponential_ may return exactly 0, and 0 / 0 = nan would win argmax for an excluded token.
-    race = race.to(probs.device).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax()
+_MASK32 = 0xFFFFFFFF
+# Multipliers below 2^31, so a 32-bit value times one stays below 2^63 in int64 (no overflow anywhere).
+_MULT = (0x7FEB352D, 0x68E31DA5)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xor-shift-multiply, two rounds) of int64 values in [0, 2^32)."""
+    for mult in _MULT:
+        x = x ^ (x >> 16)
+        x = (x * mult) & _MASK32
+    return x ^ (x >> 15)
+
+
+def exponential_race_noise(keys: Sequence[tuple[int, int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """e [R, V] fp32 with e[r, t] = -log(u), u uniform in (0, 1) a function of (seed, position) = keys[r]
+    and t alone: the same numbers on every device, in every batch."""
+    rows = []
+    for seed, position in keys:
+        s = seed % 2**64
+        key = (s & _MASK32, s >> 32, position & _MASK32)
+        rows.append(key)
+    k = torch.tensor(rows, dtype=torch.int64, device=device)  # [R, 3]
+    row = _hash32(_hash32(_hash32(k[:, 0]) ^ k[:, 1]) ^ k[:, 2])  # [R]
+    column = _hash32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x9E3779B9)  # [V]
+    bits = _hash32(row[:, None] ^ column[None, :])  # [R, V]
+    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 random bits, never 0 or 1
+    return -torch.log(u)
 
 
 def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:

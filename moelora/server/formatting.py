@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from moelora.outputs import Logprobs, RequestOutput
 
 Decode = Callable[[Sequence[int]], str]
+
+
+class Tokens(Protocol):
+    """Token ids as text, and one token as the bytes it stands for (an `LLM`)."""
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
 
 
 def _top(entry: Logprobs, n: int) -> list[tuple[int, float]]:
@@ -43,13 +50,13 @@ class CompletionLogprobs:
 
 
 def chat_logprobs(
-    decode: Decode, n: int, token_ids: Sequence[int], entries: Sequence[Logprobs]
+    tokens: Tokens, n: int, token_ids: Sequence[int], entries: Sequence[Logprobs]
 ) -> dict[str, Any]:
-    """Chat's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    """Chat's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}; `bytes` are the
+    token's own, also where it holds part of a multi-byte character (its text is then U+FFFD)."""
 
     def item(token: int, logprob: float) -> dict[str, Any]:
-        text = decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": tokens.decode([token]), "logprob": logprob, "bytes": list(tokens.token_bytes(token))}
 
     content = [
         item(t, e[t]) | {"top_logprobs": [item(k, v) for k, v in _top(e, n)]}
@@ -85,7 +92,7 @@ def completion_choices(
 
 
 def chat_choices(
-    outputs: Sequence[RequestOutput], decode: Decode, logprobs: int | None, token_ids: bool
+    outputs: Sequence[RequestOutput], tokens: Tokens, logprobs: int | None, token_ids: bool
 ) -> list[dict[str, Any]]:
     choices = []
     for c in outputs[0].outputs:
@@ -96,7 +103,7 @@ def chat_choices(
             "finish_reason": c.finish_reason,
         }
         if logprobs is not None and c.logprobs is not None:
-            choice["logprobs"] = chat_logprobs(decode, logprobs, c.token_ids, c.logprobs)
+            choice["logprobs"] = chat_logprobs(tokens, logprobs, c.token_ids, c.logprobs)
         if token_ids:
             choice["token_ids"] = c.token_ids
         choices.append(choice)

@@ -32,9 +32,18 @@ def _ctx(http: Request) -> ServerContext:
     return ctx
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, lp: int | None) -> Any:
+def _params(
+    ctx: ServerContext,
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    lp: int | None,
+) -> Any:
+    """The request's sampling parameters over the model's defaults (its generation config)."""
+    defaults = ctx.llm.sampling_defaults
+    if max_tokens is None and "max_tokens" not in defaults:
+        max_tokens = body.DEFAULT_MAX_TOKENS
     try:
-        return body.sampling_params(max_tokens, lp)
+        return body.sampling_params(defaults, max_tokens, lp)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=field if field in type(body).model_fields else None) from e
@@ -53,7 +62,7 @@ async def completions(body: CompletionRequest, http: Request) -> Response:
     ctx = _ctx(http)
     body.refuse_unsupported()
     adapter = ctx.resolve_model(body.model)
-    params: SamplingParams = _params(body, body.max_tokens, body.logprobs)
+    params: SamplingParams = _params(ctx, body, body.max_tokens, body.logprobs)
     runs = ctx.start(body.prompts(), params, adapter)
     envelope = _envelope("cmpl", "text_completion", body.model)
     if body.stream:
@@ -82,17 +91,17 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     ctx = _ctx(http)
     body.refuse_unsupported()
     adapter = ctx.resolve_model(body.model)
-    params: SamplingParams = _params(body, body.token_limit, body.logprob_count)
+    params: SamplingParams = _params(ctx, body, body.token_limit, body.logprob_count)
     runs: Sequence[Run] = ctx.start([_chat_prompt(ctx, body)], params, adapter)
     envelope = _envelope("chatcmpl", "chat.completion", body.model)
     lp = body.logprob_count
     if body.stream:
-        choice = chat_choice_fn(ctx.llm.decode, lp, body.return_token_ids)
+        choice = chat_choice_fn(ctx.llm, lp, body.return_token_ids)
         chunk = envelope | {"object": "chat.completion.chunk"}
         stream = events(runs, ctx.llm.engine, chunk, choice, body.include_usage, chat_prelude(body.n))
         return _sse(stream)
     outputs = await collect(runs, ctx.llm.engine, http)
-    choices = chat_choices(outputs, ctx.llm.decode, lp, body.return_token_ids)
+    choices = chat_choices(outputs, ctx.llm, lp, body.return_token_ids)
     return JSONResponse(envelope | {"choices": choices, "usage": usage(outputs)})
 
 

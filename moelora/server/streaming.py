@@ -13,7 +13,7 @@ from typing import Any
 
 from moelora.engine.engine import Engine
 from moelora.outputs import RequestDelta, RequestOutput
-from moelora.server.formatting import CompletionLogprobs, Decode, chat_logprobs, usage
+from moelora.server.formatting import CompletionLogprobs, Decode, Tokens, chat_logprobs, usage
 from moelora.server.protocol import ApiError
 from moelora.server.runs import Run, deltas
 
@@ -73,7 +73,7 @@ def completion_choice_fn(decode: Decode, logprobs: int | None, token_ids: bool) 
     return choice
 
 
-def chat_choice_fn(decode: Decode, logprobs: int | None, token_ids: bool) -> ChoiceFn:
+def chat_choice_fn(tokens: Tokens, logprobs: int | None, token_ids: bool) -> ChoiceFn:
     def choice(index: int, delta: RequestDelta) -> dict[str, Any]:
         part: dict[str, Any] = {
             "index": index,
@@ -82,7 +82,7 @@ def chat_choice_fn(decode: Decode, logprobs: int | None, token_ids: bool) -> Cho
             "finish_reason": delta.finish_reason,
         }
         if logprobs is not None and delta.logprobs is not None:
-            part["logprobs"] = chat_logprobs(decode, logprobs, delta.token_ids, delta.logprobs)
+            part["logprobs"] = chat_logprobs(tokens, logprobs, delta.token_ids, delta.logprobs)
         if token_ids:
             part["token_ids"] = delta.token_ids
         return part
