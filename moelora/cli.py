@@ -113,8 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from moelora.server.app import check_port_free, serve
     from moelora.server.context import default_served_name
+    from moelora.server.serving import check_port_free, serve
 
     margs: ModelArgs = from_args(ModelArgs, args)
     sargs: ServerArgs = from_args(ServerArgs, args)

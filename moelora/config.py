@@ -213,7 +213,23 @@ class ServerArgs:
         "default: runtime loading off",
     )
     max_waiting: int = option(
-        1024, "most requests waiting for their first token; more are refused with 503 until some start"
+        1024,
+        "most sequences (a request with n completions counts n) waiting for their first token; more are "
+        "refused with 503 until some start",
+    )
+    max_n: int = option(128, "most completions one request may ask for (n); more are refused with 400")
+    timeout_graceful_shutdown: int = option(
+        30,
+        "seconds running requests get to finish after SIGINT/SIGTERM; then they end with an error "
+        "(streams with an error event and [DONE])",
+    )
+    max_body_bytes: int = option(
+        32 * 2**20, "largest request body in bytes; larger ones are refused with 413 before they are parsed"
+    )
+    max_prompt_chars: int | None = option(
+        None,
+        "longest prompt (or chat messages together) in characters, checked before tokenising; default: "
+        "32 x max_model_len",
     )
 
     def __post_init__(self) -> None:
@@ -221,6 +237,10 @@ class ServerArgs:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        for name in ("max_n", "max_body_bytes", "max_prompt_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.served_model_name is not None and (
             not self.served_model_name or ":" in self.served_model_name
         ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from moelora.batch import ForwardBatch
 from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_overrides
 from moelora.demo import DEMO_NAME, demo_adapter_paths
 from moelora.engine.detokenizer import token_bytes
-from moelora.engine.engine import Engine
+from moelora.engine.engine import Engine, encode_prompt
 from moelora.generation_config import sampling_defaults
 from moelora.loader.model_loader import check_layout, load_model, resolve_device, resolve_load_format
 from moelora.loader.resolve import resolve_model
@@ -71,6 +72,10 @@ def _per_prompt(value: Any, n: int, name: str, kind: type) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} prompts: give one, or one per prompt")
     return values
+
+
+class LLMShutDownError(RuntimeError):
+    """An LLM used after `shutdown()` (or after its `with` block)."""
 
 
 class LLM:
@@ -237,32 +242,34 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop the engine (running requests end with an error) and drop the model; further calls fail."""
+        """Stop the engine (running requests end with an error), the workers, and free the device memory
+        of the weights, KV cache, adapter slots and CUDA graphs now, even while this object (or one of
+        its request streams) is still referenced; any later use raises LLMShutDownError."""
+        self.__dict__["_shut_down"] = True
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.shutdown()
+            engine.release()
         workers = self.__dict__.pop("workers", None)
         if workers is not None:
             workers.shutdown()
         self.__dict__.pop("model", None)
+        del engine
+        gc.collect()  # the engine's reference cycles (callbacks, threads) hold the model otherwise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for attributes not set: those shutdown() dropped raise LLMShutDownError."""
+        if name in ("engine", "model", "workers") and self.__dict__.get("_shut_down"):
+            raise LLMShutDownError(
+                f"this LLM ({self.__dict__['args'].model}) has been shut down: create a new one"
+            )
+        raise AttributeError(f"'LLM' object has no attribute '{name}'")
+
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (a string is tokenised as is, no chat template); validated."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.model_path} has no tokenizer: give prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("a prompt needs at least one token")
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, self.model.cfg.vocab_size)
 
     def chat_prompt(self, user_message: str) -> str:
         """The prompt text for one user turn, through the tokenizer's chat template."""

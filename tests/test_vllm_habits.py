@@ -18,8 +18,9 @@ from moelora.cli import build_parser, main
 from moelora.config import ServerArgs
 from moelora.demo import demo_adapter_paths
 from moelora.flags import parse_lora_modules
-from moelora.server.app import build_app, describe
+from moelora.server.app import build_app
 from moelora.server.formatting import chat_logprobs
+from moelora.server.serving import describe
 
 
 @pytest.fixture(scope="module")

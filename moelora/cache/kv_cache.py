@@ -127,6 +127,10 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * kv_heads * head_dim * itemsize
 
+    def release(self) -> None:
+        """Drop the cache tensors (the engine has stopped; nothing reads them any more)."""
+        self.k, self.v = [], []
+
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -91,6 +91,14 @@ class LoraPool:
                 t[1].lora = ExpertLora(a_gu, b_gu, a_dn, b_dn, rank)
                 self._experts.append(t)
 
+    def release(self) -> None:
+        """Detach and drop every buffer (the engine has stopped)."""
+        for t in self._linears:
+            t.module.lora = None
+        for _, moe in self._experts:
+            moe.lora = None
+        self._linears, self._experts = [], []
+
     def buffers(self) -> Iterator[torch.Tensor]:
         for t in self._linears:
             assert t.module.lora is not None

@@ -27,7 +27,7 @@ from moelora.cache.lora_pool import LoraPool
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.detokenizer import IncrementalDetokenizer
 from moelora.engine.graphs import DecodeGraphs
-from moelora.engine.request import Request, Sequence, Status
+from moelora.engine.request import InvalidRequestError, Request, Sequence, Status
 from moelora.engine.runner import ModelRunner, step_input
 from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
@@ -35,7 +35,7 @@ from moelora.engine.stats import EngineLoad, StepRecord
 from moelora.engine.stream import EngineDeadError, RequestStream
 from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.dummy import DummyLora
-from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager
+from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager, check_adapter_name
 from moelora.lora.source import AdapterSource, as_source, load_adapter
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
@@ -60,6 +60,31 @@ def _available_cpu_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def encode_prompt(tokenizer: Any | None, prompt: Prompt, vocab_size: int) -> list[int]:
+    """A prompt's token ids (text tokenised as is, no special tokens added), checked: valid Unicode, not
+    empty, every id in the vocabulary; InvalidRequestError (param "prompt") otherwise."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InvalidRequestError(
+                "this model folder has no tokenizer: give prompts as lists of token ids", "prompt"
+            )
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"the prompt is not valid Unicode text (a lone surrogate at character {e.start})", "prompt"
+            ) from None
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise InvalidRequestError("a prompt needs at least one token", "prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+    return ids
 
 
 def derived_seed(engine_seed: int, arrival: int, index: int) -> int:
@@ -174,6 +199,7 @@ class Engine:
         self._step_log: deque[StepRecord] = deque(maxlen=_STEP_LOG)  # appended by the loop thread
         self._error: BaseException | None = None
         self._stopping = False
+        self._stop_reason = ""
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
         self._thread.start()
 
@@ -232,8 +258,7 @@ class Engine:
         """Read, validate and register an adapter (a PEFT folder, or a DummyLora made in memory); safe
         while requests run (they are not disturbed)."""
         loras = self._require_loras()
-        if not name or "/" in name:
-            raise ValueError(f"adapter name '{name}' must be non-empty and contain no '/'")
+        check_adapter_name(name)
         adapter = self.read_adapter(name, source, loras.pool.max_rank)
         entry = loras.register(name, adapter, pinned)
         if pinned:
@@ -268,7 +293,9 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Its deltas arrive on `stream(request_id)`."""
-        return self.submit_stream(prompt, sampling_params, lora, request_id).request_id
+        items = [(prompt, sampling_params, lora)]
+        (stream,) = self._submit(items, [request_id], claimed=False)
+        return stream.request_id
 
     def submit_stream(
         self,
@@ -288,6 +315,14 @@ class Engine:
     ) -> list[RequestStream]:
         """Queue (prompt, params, adapter) requests that the loop admits together, in order; all or none:
         if one is invalid (its error is raised) none is queued."""
+        return self._submit(items, request_ids, claimed=True)
+
+    def _submit(
+        self,
+        items: Seq[tuple[Prompt, SamplingParams | None, str | None]],
+        request_ids: Seq[str | None] | None,
+        claimed: bool,
+    ) -> list[RequestStream]:
         self._check_alive()
         ids = list(request_ids) if request_ids is not None else [None] * len(items)
         requests: list[Request] = []
@@ -298,6 +333,8 @@ class Engine:
             for request in requests:
                 self._unprepare(request)
             raise
+        for request in requests:
+            request.stream.claimed = claimed
         self._inbox.put(("submit", requests))
         self._wake.set()
         return [r.stream for r in requests]
@@ -307,6 +344,13 @@ class Engine:
     ) -> Request:
         """A validated request with its stream registered and its adapter counted (not yet queued)."""
         text, ids = self._tokenize(prompt)
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} is more than the {room} tokens the context leaves after "
+                f"the prompt's {len(ids)} (max_model_len {self.max_model_len}): ask for at most {room}",
+                "max_tokens",
+            )
         entry = self._require_loras(lora).use(lora) if lora is not None else None
         with self._lock:
             n = next(self._counter)
@@ -369,22 +413,46 @@ class Engine:
             return [r for r in self._step_log if r.start >= since]
 
     def stream(self, request_id: str) -> RequestStream:
+        """The stream of a request submitted with `submit` (once: the engine then forgets the id when the
+        request ends); a request whose stream was never asked for stays known until it is."""
         with self._lock:
-            if request_id not in self._streams:
+            stream = self._streams.get(request_id)
+            if stream is None:
                 raise KeyError(f"no running request '{request_id}'")
-            return self._streams[request_id]
+            stream.claimed = True
+            if stream.finished:
+                del self._streams[request_id]
+            return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request: its completions finish with reason "abort" and its KV blocks are freed."""
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    def shutdown(self) -> None:
-        """Stop the loop; requests still running end with an error."""
+    def shutdown(self, reason: str = "the engine was shut down before the request finished") -> None:
+        """Stop the loop; requests still running end with an EngineDeadError saying `reason`."""
+        if not self._stopping:
+            self._stop_reason = reason
         self._stopping = True
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+
+    def release(self) -> None:
+        """After shutdown: drop the device memory the engine holds (CUDA graphs and their pool, the KV
+        cache, the adapter slots' contents) even if something still references the engine."""
+        if self._thread.is_alive():
+            raise RuntimeError("release() needs the engine loop stopped: call shutdown() first")
+        self.runner.graphs = None
+        self.cache.release()
+        if self.loras is not None:
+            self.loras.pool.release()
+
+    def failure(self) -> str | None:
+        """Why the engine no longer runs (a loop error, or shutdown); None while it runs."""
+        if self._error is not None:
+            return f"the engine stopped after an error: {self._error!r}"
+        return self._stop_reason if self._stopping else None
 
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -397,24 +465,14 @@ class Engine:
             self._streams.pop(request_id, None)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model folder has no tokenizer: give prompts as lists of token ids")
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-            text: str | None = prompt
-        else:
-            ids, text = [int(t) for t in prompt], None
-        if not ids:
-            raise ValueError("a prompt needs at least one token")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        ids = encode_prompt(self.tokenizer, prompt, self.cfg.vocab_size)
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must leave "
-                f"room for at least one generated token"
+                f"room for at least one generated token",
+                "prompt",
             )
-        return text, ids
+        return (prompt if isinstance(prompt, str) else None), ids
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         p = request.params
@@ -445,10 +503,13 @@ class Engine:
             _LOG.exception("engine loop failed")
             self._error = e
         self._drain_inbox()
-        reason = self._error or EngineDeadError("the engine was shut down before the request finished")
         for request in list(self._requests.values()):
-            request.stream.put(EngineDeadError(f"request failed: {reason!r}"))
+            request.stream.put(EngineDeadError(f"request failed: {self.failure()}"))
+            if request.lora_entry is not None and self.loras is not None:
+                self.loras.release(request.lora_entry)
         self._requests.clear()
+        with self._lock:
+            self._streams.clear()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -486,8 +547,11 @@ class Engine:
         self._retire(request)
 
     def _retire(self, request: Request) -> None:
-        """Forget a request that has ended; free its adapter once an unloaded adapter has no user left."""
+        """Forget a request that has ended, for whatever reason (its stream entry too, once a consumer
+        holds the stream); free its adapter once an unloaded adapter has no user left."""
         self._requests.pop(request.request_id, None)
+        if request.stream.claimed:
+            self._forget(request.request_id)
         entry = request.lora_entry
         if entry is not None and self.loras is not None:
             self.loras.release(entry)

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from moelora.sampling_params import SamplingParams
 
 
+class InvalidRequestError(ValueError):
+    """A request refused before it starts; `param` names the request field at fault (for the API)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # not in the KV cache (new, or preempted and to be recomputed)
     RUNNING = "running"

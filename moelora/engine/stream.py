@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -24,7 +26,9 @@ class RequestStream:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._output: RequestOutput | None = None
         self._error: BaseException | None = None
-        self._on_close = on_close
+        # Held weakly: a stream the caller keeps must not keep the engine (and its model) alive.
+        self._on_close = weakref.WeakMethod(on_close) if inspect.ismethod(on_close) else on_close
+        self.claimed = False  # handed to a consumer: the engine forgets it when the request ends
 
     # -- engine side --
     def put(self, item: RequestDelta | BaseException) -> None:
@@ -55,9 +59,10 @@ class RequestStream:
         return item
 
     def _close(self) -> None:
-        if self._on_close is not None:
-            self._on_close(self.request_id)
-            self._on_close = None
+        callback = self._on_close() if isinstance(self._on_close, weakref.WeakMethod) else self._on_close
+        self._on_close = None
+        if callback is not None:
+            callback(self.request_id)
 
     def __iter__(self) -> Iterator[RequestDelta]:
         while True:

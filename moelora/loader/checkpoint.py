@@ -23,7 +23,8 @@ class CheckpointError(ValueError):
 
 
 def _check_complete(path: Path) -> None:
-    """Raise if the file is shorter than its own header says (an interrupted download or copy)."""
+    """Raise if the file's header is malformed or promises more bytes than the file has (an interrupted
+    download or copy)."""
     size = path.stat().st_size
     try:
         with path.open("rb") as f:
@@ -36,12 +37,39 @@ def _check_complete(path: Path) -> None:
             f"checkpoint file '{path}' is truncated or not a safetensors file (its header is unreadable): "
             f"copy or download it again"
         ) from e
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    data_end = max((_data_end(path, k, v) for k, v in _entries(path, header)), default=0)
     if 8 + header_len + data_end > size:
         raise CheckpointError(
             f"checkpoint file '{path}' is truncated: its header promises {8 + header_len + data_end} bytes, "
             f"the file has {size}; copy or download it again"
         )
+
+
+def _entries(path: Path, header: Any) -> list[tuple[str, Any]]:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint file '{path}' has a malformed header (not a JSON object)")
+    return [(k, v) for k, v in header.items() if k != "__metadata__"]
+
+
+def _data_end(path: Path, key: str, entry: Any) -> int:
+    """Where tensor `key`'s bytes end; CheckpointError unless its header entry is well formed."""
+    fields: dict[str, Any] = entry if isinstance(entry, dict) else {}
+    shape, offsets = fields.get("shape"), fields.get("data_offsets")
+    ok = (
+        isinstance(fields.get("dtype"), str)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+    if not ok or not isinstance(offsets, list):
+        raise CheckpointError(
+            f"checkpoint file '{path}' has a malformed header entry for tensor {key[:80]!r} (needs dtype, "
+            f"shape and data_offsets): copy or save the file again"
+        )
+    return int(offsets[1])
 
 
 def _key_to_file(folder: Path) -> dict[str, Path]:

@@ -68,6 +68,11 @@ def _fill(ckpt: TensorSource, spec: WeightSpec, form: Form) -> None:
             )
         target = spec.param[piece.dst] if piece.dst else spec.param
         target.copy_(ckpt.read(piece.key, piece.src).to(target.dtype))
+        if not bool(torch.isfinite(target).all()):  # read values, or values the dtype cannot hold
+            raise CheckpointError(
+                f"tensor '{piece.key}' in {ckpt.file_of(piece.key).name} holds NaN or Inf values (in "
+                f"{target.dtype}): the checkpoint is corrupt, or too large for this dtype"
+            )
 
 
 def load_weights(

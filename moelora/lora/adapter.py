@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -198,11 +199,20 @@ def reread_adapter(
     return adapter
 
 
+_PATTERN_TIMEOUT_S = 0.05  # per match: a config's regex must not stall loading (catastrophic backtracking)
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule (peft.utils.other.get_pattern_key): the first key p such that `(.*\\.)?(p)$` matches."""
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key p such that `(.*\\.)?(p)$` matches.
+    ValueError if a key takes too long to match (the matcher is bounded in time)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=_PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise ValueError(
+                f"pattern {key[:64]!r} takes too long to match (catastrophic backtracking): simplify it"
+            ) from None
     return default
 
 
@@ -280,7 +290,7 @@ class _Reader:
                 return {k: f.get_tensor(k) for k in keys}
         except CheckpointError as e:
             raise self.fail(str(e).replace("checkpoint file", "file")) from e
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise self.fail(f"'{path}' cannot be read as safetensors ({e}): copy or save it again") from e
 
     def _wanted(self, key: str) -> bool:
@@ -403,12 +413,26 @@ class _Reader:
             a_key, b_key, in_f, out_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
         )
         rank = A.shape[0] // n_exp
+        self._check_expert_count(site.module, A.shape[0], n_exp, a_key)
         s = self._scale(site.module, rank, a_key)
         a3 = A.view(n_exp, rank, in_f)  # expert-major rows
         b3 = (B.view(out_f, rank, n_exp) * s).permute(2, 0, 1)  # rank-major columns j * E + e -> [E, out, r]
         if site.target == "down":
             return [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
         return _split_gate_up(site.layer, a3, b3, inter)
+
+    def _check_expert_count(self, module: str, rows: int, n_exp: int, key: str) -> None:
+        """A fused tensor of r * E rows with another E than this model's: name the shape mismatch (a rank
+        error would blame the config)."""
+        try:
+            r = pattern_value(self.opts.rank_pattern, module, self.opts.r)
+        except ValueError:
+            return  # reported by _scale
+        if rows != r * n_exp and rows % r == 0:
+            raise self.fail(
+                f"'{key}' holds the LoRA of {rows // r} experts (rank {r}), but this model has {n_exp} "
+                f"routed experts per layer: the adapter belongs to another model"
+            )
 
     def _checked(
         self, a_key: str, b_key: str, in_f: int, out_f: int, n_exp: int, what: str
@@ -443,13 +467,16 @@ class _Reader:
 
     def _scale(self, module: str, rank: int, key: str) -> float:
         opts = self.opts
-        r = pattern_value(opts.rank_pattern, module, opts.r)
+        try:
+            r = pattern_value(opts.rank_pattern, module, opts.r)
+            alpha = pattern_value(opts.alpha_pattern, module, opts.alpha)
+        except ValueError as e:
+            raise self.fail(f"{CONFIG_FILE}: rank_pattern / alpha_pattern: {e}") from e
         if rank != r:
             raise self.fail(
                 f"'{key}' has rank {rank}, but {CONFIG_FILE} gives '{module}' r = {r} (r / rank_pattern): "
                 f"the config does not belong to these weights"
             )
-        alpha = pattern_value(opts.alpha_pattern, module, opts.alpha)
         return alpha / math.sqrt(r) if opts.rslora else alpha / r
 
     def _place(

@@ -8,6 +8,7 @@ and a new adapter loaded under the same name is a different entry (never mixed w
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +19,19 @@ from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.source import AdapterSource
 
 _UIDS = itertools.count(1)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+
+
+def check_adapter_name(name: str) -> None:
+    """The one rule for adapter names (the API reaches an adapter by name, `SERVED:NAME` too): letters,
+    digits and . _ @ + -, starting with a letter or digit, at most 128 characters."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name[:64]!r} is not allowed: use letters, digits and . _ @ + - (starting with a "
+            "letter or digit, at most 128 characters)"
+        )
+
+
 _HISTORY_STEPS = 4096
 
 
@@ -75,6 +89,7 @@ class LoraManager:
     # ---------------------------------------------------------------- any thread
 
     def register(self, name: str, adapter: LoraAdapter, pinned: bool) -> AdapterEntry:
+        check_adapter_name(name)
         with self._lock:
             if name in self._names:
                 raise ValueError(
@@ -107,6 +122,7 @@ class LoraManager:
             if entry is None:
                 raise KeyError(f"no adapter named '{name}' is loaded")
             entry.unloaded = True
+            self.stats.requests.pop(name, None)  # no metric series outlives its adapter
             return entry
 
     def use(self, name: str) -> AdapterEntry:
@@ -179,6 +195,7 @@ class LoraManager:
         with self._lock:
             if self._names.get(entry.name) is entry:
                 del self._names[entry.name]
+                self.stats.requests.pop(entry.name, None)
             entry.unloaded = True
             self._cpu_lru.pop(entry, None)
             entry.adapter = None

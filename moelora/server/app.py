@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 import moelora
 from moelora.config import ServerArgs
+from moelora.engine.stream import EngineDeadError
 from moelora.llm import LLM
 from moelora.lora.adapter import AdapterError
 from moelora.server.context import ServerContext
@@ -23,9 +25,6 @@ from moelora.server.protocol import ApiError
 from moelora.server.routes import router
 
 _LOG = logging.getLogger(__name__)
-# On SIGINT/SIGTERM uvicorn stops accepting and lets running requests finish for this long; then the
-# engine shuts down and requests still running end with an error.
-GRACEFUL_SHUTDOWN_S = 30
 
 
 def _api_key_check(key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -69,6 +68,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: HTTPException) -> Response:
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
+        return JSONResponse(ApiError(503, f"the engine is not running: {exc}").body(), status_code=503)
+
     @app.exception_handler(AdapterError)
     async def adapter_failed(_: Request, exc: AdapterError) -> Response:
         # An adapter whose files changed or vanished after it was loaded: its requests fail, it is unloaded.
@@ -80,6 +83,55 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(500, f"internal error: {exc!r}").body(), status_code=500)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body above `limit` bytes gets 413 before anything parses it (by its
+    Content-Length, or as it streams in)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            ApiError(413, f"the request body is larger than {self.limit} bytes (--max-body-bytes)").body()
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def build_app(llm: LLM, args: ServerArgs, served_name: str) -> FastAPI:
     """The app serving `llm`; the engine is shut down when the app's lifespan ends."""
 
@@ -89,7 +141,9 @@ def build_app(llm: LLM, args: ServerArgs, served_name: str) -> FastAPI:
         _LOG.info("shutting down the engine")
         llm.shutdown()
 
-    app = FastAPI(title="moelora", lifespan=lifespan)
+    # No /docs or /redoc (they load assets from a CDN); the schema is at /openapi.json, behind the key.
+    app = FastAPI(title="moelora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=args.max_body_bytes)
     app.state.ctx = ServerContext(llm, args, served_name, ServerMetrics(llm.engine))
     _install_error_handlers(app)
     auth = Depends(_api_key_check(args.api_key))
@@ -97,9 +151,15 @@ def build_app(llm: LLM, args: ServerArgs, served_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if not llm.engine.load().alive:
-            return JSONResponse(ApiError(503, "the engine is not running").body(), status_code=503)
+        engine = getattr(llm, "engine", None)
+        if engine is None or not engine.load().alive:
+            why = engine.failure() if engine is not None else "the model has been shut down"
+            return JSONResponse(ApiError(503, f"the engine is not running: {why}").body(), status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+    async def openapi() -> Response:
+        return JSONResponse(app.openapi())
 
     @app.get("/version", dependencies=[auth])
     async def version() -> Response:
@@ -110,46 +170,3 @@ def build_app(llm: LLM, args: ServerArgs, served_name: str) -> FastAPI:
         return Response(app.state.ctx.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def check_port_free(host: str, port: int) -> None:
-    """ValueError now if (host, port) cannot be bound (in use, or no such address)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from e
-
-
-def describe(llm: LLM, served_name: str, args: ServerArgs) -> str:
-    """One start-up line: what is served, how, and with what capacity."""
-    engine = llm.engine
-    blocks, size = engine.allocator.num_blocks, engine.args.block_size
-    kv_gib = engine.cache.num_bytes / 2**30
-    adapters = ", ".join(i.name for i in llm.list_loras()) or "none"
-    slots = (
-        f"{engine.loras.num_slots} adapter slots of rank {engine.loras.pool.max_rank}"
-        if engine.loras is not None
-        else "adapters off"
-    )
-    return (
-        f"serving {llm.model_path} as '{served_name}' ({str(llm.model.dtype).removeprefix('torch.')}, "
-        f"{llm.load_format} weights, tp {llm.parallel.tp_size} ep {llm.parallel.experts_over}) on "
-        f"http://{args.host}:{args.port}; adapters: {adapters}; {slots}; max_model_len "
-        f"{engine.max_model_len}; KV cache {blocks} blocks of {size} tokens ({blocks * size} tokens, "
-        f"{kv_gib:.2f} GiB)"
-    )
-
-
-def serve(llm: LLM, args: ServerArgs, served_name: str) -> None:
-    """Run the server until SIGINT/SIGTERM (graceful: running requests get GRACEFUL_SHUTDOWN_S to finish)."""
-    import uvicorn
-
-    _LOG.info("%s", describe(llm, served_name, args))
-    app = build_app(llm, args, served_name)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info"
-    )
-    uvicorn.Server(config).run()

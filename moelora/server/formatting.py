@@ -22,6 +22,13 @@ class Tokens(Protocol):
     def token_bytes(self, token: int) -> bytes: ...
 
 
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token of probability 0 reports this (as vLLM does)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps nan to the floor
+
+
 def _top(entry: Logprobs, n: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
 
@@ -43,8 +50,8 @@ class CompletionLogprobs:
             self.offset += len(text)
         return {
             "tokens": tokens,
-            "token_logprobs": [e[t] for t, e in zip(token_ids, entries, strict=True)],
-            "top_logprobs": [{self.decode([k]): v for k, v in _top(e, self.n)} for e in entries],
+            "token_logprobs": [_finite(e[t]) for t, e in zip(token_ids, entries, strict=True)],
+            "top_logprobs": [{self.decode([k]): _finite(v) for k, v in _top(e, self.n)} for e in entries],
             "text_offset": offsets,
         }
 
@@ -56,7 +63,8 @@ def chat_logprobs(
     token's own, also where it holds part of a multi-byte character (its text is then U+FFFD)."""
 
     def item(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": tokens.decode([token]), "logprob": logprob, "bytes": list(tokens.token_bytes(token))}
+        text, raw = tokens.decode([token]), list(tokens.token_bytes(token))
+        return {"token": text, "logprob": _finite(logprob), "bytes": raw}
 
     content = [
         item(t, e[t]) | {"top_logprobs": [item(k, v) for k, v in _top(e, n)]}

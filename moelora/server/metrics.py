@@ -5,6 +5,7 @@ Each app has its own registry, so several servers (tests) can live in one proces
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -65,16 +66,17 @@ class _Pending:
         self._lock = threading.Lock()
         self.count = 0
 
-    def try_add(self, limit: int) -> bool:
+    def try_add(self, limit: int, n: int = 1) -> bool:
+        """Count n more sequences if that stays within `limit`."""
         with self._lock:
-            if self.count >= limit:
+            if self.count + n > limit:
                 return False
-            self.count += 1
+            self.count += n
             return True
 
-    def done(self) -> None:
+    def done(self, n: int = 1) -> None:
         with self._lock:
-            self.count -= 1
+            self.count -= n
 
 
 class ServerMetrics:
@@ -102,18 +104,23 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+    def forget_model(self, name: str) -> None:
+        """Drop an unloaded adapter's request series (no series outlives its adapter)."""
+        with contextlib.suppress(KeyError):  # no request named it
+            self.requests.remove(name)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self) -> RequestTimer:
-        return RequestTimer(self)
+    def timer(self, sequences: int = 1) -> RequestTimer:
+        return RequestTimer(self, sequences)
 
 
 class RequestTimer:
     """Times one engine request from arrival: first token (TTFT) and the gaps between tokens (ITL)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: ServerMetrics, sequences: int = 1) -> None:
+        self.metrics, self.sequences = metrics, sequences
         self.start = time.perf_counter()
         self._last: dict[int, float] = {}  # completion index -> time of its latest token
         self._pending = True
@@ -126,7 +133,7 @@ class RequestTimer:
         now = time.perf_counter()
         if self._pending:
             self._pending = False
-            self.metrics.pending.done()
+            self.metrics.pending.done(self.sequences)
             self.metrics.ttft.observe(now - self.start)
         last = self._last.get(delta.index)
         if last is not None:
@@ -138,4 +145,4 @@ class RequestTimer:
         """The request ended (finished, failed or aborted): it no longer counts as pending."""
         if self._pending:
             self._pending = False
-            self.metrics.pending.done()
+            self.metrics.pending.done(self.sequences)

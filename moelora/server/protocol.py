@@ -15,7 +15,6 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES: ClassVar[dict[int, str]] = {
-        400: "invalid_request_error",
         401: "authentication_error",
         403: "permission_error",
         404: "not_found_error",
@@ -27,7 +26,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = self.TYPES.get(self.status, "server_error")
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

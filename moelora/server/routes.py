@@ -11,7 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from moelora.lora.manager import check_adapter_name
 from moelora.sampling_params import SamplingParams
+from moelora.server.chat import chat_prompt_ids
 from moelora.server.context import ServerContext
 from moelora.server.formatting import chat_choices, completion_choices, usage
 from moelora.server.protocol import (
@@ -21,7 +23,7 @@ from moelora.server.protocol import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
-from moelora.server.runs import Run, collect
+from moelora.server.runs import CLIENT_GONE, Run, collect
 from moelora.server.streaming import chat_choice_fn, chat_prelude, completion_choice_fn, events
 
 router = APIRouter()
@@ -63,27 +65,30 @@ async def completions(body: CompletionRequest, http: Request) -> Response:
     body.refuse_unsupported()
     adapter = ctx.resolve_model(body.model)
     params: SamplingParams = _params(ctx, body, body.max_tokens, body.logprobs)
-    runs = ctx.start(body.prompts(), params, adapter)
+    prompts = body.prompts()
+    ctx.check_texts([p for p in prompts if isinstance(p, str)], "prompt")
+    # Tokenising runs in a worker thread: a long prompt must not stall the event loop (/health, others).
+    runs = await run_in_threadpool(ctx.start, prompts, params, adapter)
     envelope = _envelope("cmpl", "text_completion", body.model)
     if body.stream:
         choice = completion_choice_fn(ctx.llm.decode, body.logprobs, body.return_token_ids)
         return _sse(events(runs, ctx.llm.engine, envelope, choice, body.include_usage))
     outputs = await collect(runs, ctx.llm.engine, http)
+    if outputs is None:
+        return Response(status_code=CLIENT_GONE)
     choices = completion_choices(outputs, ctx.llm.decode, body.logprobs, body.return_token_ids)
     return JSONResponse(envelope | {"choices": choices, "usage": usage(outputs)})
 
 
-def _chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> str:
+def _chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
     tokenizer = ctx.llm.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ApiError(
             400, f"model '{ctx.served_name}' has no chat template: use /v1/completions", param="messages"
         )
     messages = [m.template_dict() for m in body.messages]
-    try:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    except Exception as e:  # templates raise their own errors (e.g. on role order); report them as given
-        raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from e
+    ctx.check_texts([m["content"] for m in messages], "messages")
+    return chat_prompt_ids(tokenizer, messages)
 
 
 @router.post("/v1/chat/completions")
@@ -92,7 +97,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     body.refuse_unsupported()
     adapter = ctx.resolve_model(body.model)
     params: SamplingParams = _params(ctx, body, body.token_limit, body.logprob_count)
-    runs: Sequence[Run] = ctx.start([_chat_prompt(ctx, body)], params, adapter)
+    prompt = await run_in_threadpool(_chat_prompt, ctx, body)
+    runs: Sequence[Run] = await run_in_threadpool(ctx.start, [prompt], params, adapter)
     envelope = _envelope("chatcmpl", "chat.completion", body.model)
     lp = body.logprob_count
     if body.stream:
@@ -101,6 +107,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
         stream = events(runs, ctx.llm.engine, chunk, choice, body.include_usage, chat_prelude(body.n))
         return _sse(stream)
     outputs = await collect(runs, ctx.llm.engine, http)
+    if outputs is None:
+        return Response(status_code=CLIENT_GONE)
     choices = chat_choices(outputs, ctx.llm, lp, body.return_token_ids)
     return JSONResponse(envelope | {"choices": choices, "usage": usage(outputs)})
 
@@ -128,13 +136,18 @@ async def models(http: Request) -> dict[str, Any]:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraRequest, http: Request) -> dict[str, Any]:
     ctx = _ctx(http)
-    path = ctx.checked_lora_path(body.lora_path)
     if body.lora_name == ctx.served_name:
         raise ApiError(400, f"lora_name '{body.lora_name}' is the base model's name", param="lora_name")
     try:
+        check_adapter_name(body.lora_name)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="lora_name") from e
+    path = ctx.checked_lora_path(body.lora_path)
+    try:
         await run_in_threadpool(ctx.llm.load_lora, body.lora_name, path, body.pinned)
     except (ValueError, OSError) as e:  # AdapterError is a ValueError; its message names the fix
-        raise ApiError(400, str(e), param="lora_path") from e
+        param = "lora_name" if "already loaded" in str(e) else "lora_path"
+        raise ApiError(400, str(e), param=param) from e
     return _card(ctx, body.lora_name, str(path), ctx.served_name)
 
 
@@ -147,4 +160,5 @@ async def unload_lora_adapter(body: UnloadLoraRequest, http: Request) -> dict[st
         ctx.llm.unload_lora(body.lora_name)
     except KeyError as e:
         raise ApiError(404, e.args[0], param="lora_name", code="model_not_found") from e
+    ctx.metrics.forget_model(body.lora_name)
     return {"id": body.lora_name, "object": "model", "deleted": True}

@@ -16,6 +16,7 @@ from moelora.outputs import RequestDelta, RequestOutput
 from moelora.server.metrics import RequestTimer
 
 _DISCONNECT_POLL_S = 0.25
+CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (nginx's)
 
 
 @dataclass
@@ -63,8 +64,8 @@ async def deltas(runs: Sequence[Run], engine: Engine) -> AsyncIterator[tuple[Run
             run.cancel(engine)
 
 
-async def collect(runs: Sequence[Run], engine: Engine, http: Request) -> list[RequestOutput]:
-    """Wait for every run's output; if the client disconnects first, abort them all and raise."""
+async def collect(runs: Sequence[Run], engine: Engine, http: Request) -> list[RequestOutput] | None:
+    """Every run's output; None if the client disconnected first (all of them are then aborted)."""
     outputs: dict[int, RequestOutput] = {}
 
     async def consume() -> None:
@@ -78,7 +79,7 @@ async def collect(runs: Sequence[Run], engine: Engine, http: Request) -> list[Re
             await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
             if not task.done() and await http.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("the client disconnected")
+                return None
         task.result()
     finally:
         if not task.done():
