@@ -19,6 +19,7 @@ from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_
 from moelora.demo import DEMO_NAME, demo_adapter_paths
 from moelora.engine.detokenizer import token_bytes
 from moelora.engine.engine import Engine, encode_prompt
+from moelora.engine.graphs import free_cublas_workspaces
 from moelora.generation_config import sampling_defaults
 from moelora.loader.model_loader import check_layout, load_model, resolve_device, resolve_load_format
 from moelora.loader.resolve import resolve_model
@@ -257,6 +258,7 @@ class LLM:
         del engine
         gc.collect()  # the engine's reference cycles (callbacks, threads) hold the model otherwise
         if torch.cuda.is_available():
+            free_cublas_workspaces()
             torch.cuda.empty_cache()
 
     def __getattr__(self, name: str) -> Any:

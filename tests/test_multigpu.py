@@ -15,17 +15,24 @@ import torch
 from moelora.outputs import RequestOutput
 from tests.test_parallel import run_batch
 
-FAMILY = "qwen3_moe"
-LAYOUTS = [(2, 1), (2, 2), (4, 2), (4, 4)]
+# (family, tp, ep): the Qwen3-MoE matrix, and Qwen2-MoE's 6 experts over ep=4 (2, 2, 1, 1: uneven).
+LAYOUTS = [
+    *[("qwen3_moe", tp, ep) for tp, ep in [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]],
+    ("qwen2_moe", 2, 2),
+    ("qwen2_moe", 4, 4),
+]
 DTYPES = ("float32", "bfloat16")
 
 
 @pytest.fixture(scope="module")
-def one_gpu(checkpoints, mixed_adapters) -> dict[str, list[RequestOutput]]:
+def one_gpu(checkpoints, mixed_adapters) -> dict[tuple[str, str], list[RequestOutput]]:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    families = sorted({f for f, _, _ in LAYOUTS})
     return {
-        d: run_batch(checkpoints[FAMILY], mixed_adapters[FAMILY], 1, 1, d, device="cuda")[1] for d in DTYPES
+        (f, d): run_batch(checkpoints[f], mixed_adapters[f], 1, 1, d, device="cuda")[1]
+        for f in families
+        for d in DTYPES
     }
 
 
@@ -42,13 +49,15 @@ def distance(outs: list[RequestOutput], refs: list[RequestOutput]) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("tp", "ep"), [pytest.param(t, e, marks=pytest.mark.multigpu(t), id=f"tp{t}-ep{e}") for t, e in LAYOUTS]
+    ("family", "tp", "ep"),
+    [pytest.param(f, t, e, marks=pytest.mark.multigpu(t), id=f"{f}-tp{t}-ep{e}") for f, t, e in LAYOUTS],
 )
-def test_gpu_layout_matches_one_gpu(tp, ep, dtype, checkpoints, mixed_adapters, one_gpu):
-    _, outs, _ = run_batch(checkpoints[FAMILY], mixed_adapters[FAMILY], tp, ep, dtype, device="cuda")
+def test_gpu_layout_matches_one_gpu(family, tp, ep, dtype, checkpoints, mixed_adapters, one_gpu):
+    _, outs, _ = run_batch(checkpoints[family], mixed_adapters[family], tp, ep, dtype, device="cuda")
+    fp32 = one_gpu[(family, "float32")]
     if dtype == "float32":
-        assert distance(outs, one_gpu["float32"]) < 2e-3
-        assert [o.token_ids for o in outs] == [o.token_ids for o in one_gpu["float32"]]
+        assert distance(outs, fp32) < 2e-3
+        assert [o.token_ids for o in outs] == [o.token_ids for o in fp32]
     else:
-        split, single = distance(outs, one_gpu["float32"]), distance(one_gpu["bfloat16"], one_gpu["float32"])
+        split, single = distance(outs, fp32), distance(one_gpu[(family, "bfloat16")], fp32)
         assert split <= 2 * single + 0.05, (split, single)

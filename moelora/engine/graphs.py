@@ -12,6 +12,7 @@ rank (the PyTorch twins loop over host-side lengths).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,28 @@ if TYPE_CHECKING:
     from moelora.engine.runner import StepInput
 
 _LOG = logging.getLogger(__name__)
+
+
+# One capture stream per device for every DecodeGraphs of the process. cuBLAS keeps a workspace (32 MiB
+# on Hopper) per stream it has run on, for the life of the process: a new stream per capture left 32 MiB
+# behind per batch size and per LLM (found by tests/test_gpu_memory.py).
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_LIVE: weakref.WeakSet[DecodeGraphs] = weakref.WeakSet()
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
+def free_cublas_workspaces() -> None:
+    """Give back cuBLAS's per-stream workspaces when no decode graph of this process is alive (a captured
+    graph has its workspace's address baked in); they are allocated again on the next cuBLAS call."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_available() and not _LIVE:
+        torch.cuda.synchronize()
+        clear()
 
 
 class GraphCaptureError(RuntimeError):
@@ -66,6 +89,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.replays = 0
+        self.stream = _capture_stream(dev)
+        _LIVE.add(self)
 
     def fits(self, step: StepInput) -> bool:
         """A decode step (one token per sequence) that a graph of this set can run."""
@@ -99,13 +124,13 @@ class DecodeGraphs:
 
     def _capture(self, size: int, lora: bool) -> _Graph:
         self._fill_padding(0, size)
-        stream = torch.cuda.Stream()
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(size, lora)  # compiles every kernel variant before capture
+            self._forward(size, lora)  # compiles every kernel variant (and makes cuBLAS's workspace)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             logits = self._forward(size, lora)
         _LOG.info("captured a decode graph for %d sequences%s", size, " with adapters" if lora else "")
         return _Graph(graph, logits)
