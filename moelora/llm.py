@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from moelora.batch import ForwardBatch
 from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_overrides
 from moelora.demo import DEMO_NAME, demo_adapter_paths
 from moelora.engine.detokenizer import token_bytes
 from moelora.engine.engine import Engine, encode_prompt
 from moelora.engine.graphs import free_cublas_workspaces
+from moelora.engine.messages import Stop
+from moelora.engine.worker import run_torchrun_worker
 from moelora.generation_config import sampling_defaults
 from moelora.loader.model_loader import check_layout, load_model, resolve_device, resolve_load_format
 from moelora.loader.resolve import resolve_model
@@ -27,7 +28,7 @@ from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import LoraInfo
 from moelora.lora.source import as_source, load_adapter
 from moelora.outputs import RequestOutput
-from moelora.parallel.launch import LaunchSpec, WorkerGroup, device_for, run_torchrun_worker, torchrun_rank
+from moelora.parallel.launch import LaunchSpec, WorkerGroup, device_for, torchrun_rank
 from moelora.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -232,7 +233,7 @@ class LLM:
             )
             self.workers.wait_ready()
         except BaseException:
-            self.workers.shutdown()
+            self.workers.shutdown(Stop())
             raise
         return model
 
@@ -253,7 +254,7 @@ class LLM:
             engine.release()
         workers = self.__dict__.pop("workers", None)
         if workers is not None:
-            workers.shutdown()
+            workers.shutdown(Stop())
         self.__dict__.pop("model", None)
         del engine
         gc.collect()  # the engine's reference cycles (callbacks, threads) hold the model otherwise
@@ -304,18 +305,9 @@ class LLM:
         seqs = [self.encode(p) for p in prompts]
         if not seqs:
             return []
-        flat = [t for s in seqs for t in s]
-        batch = ForwardBatch.prefill([len(s) for s in seqs], self.device)
-        ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
-        if self.workers is None:
-            with self.engine.runner.lock:
-                logits = self.model.compute_logits(self.model(ids, batch)).cpu()
-        else:
-            workers = self.workers
-            with workers.lock:
-                workers.send(("forward", flat, batch.seq_lens))
-                logits = workers.checked(lambda: self.model.compute_logits(self.model(ids, batch))).cpu()
-        return list(logits.split(batch.seq_lens))
+        lens = tuple(len(s) for s in seqs)
+        logits = self.engine.forward_logits([t for s in seqs for t in s], lens).cpu()
+        return list(logits.split(lens))
 
     def load_lora(self, name: str, source: str | Path | DummyLora, pinned: bool = False) -> None:
         """Load a PEFT adapter folder (or a `DummyLora`, random weights) under `name`; safe while requests

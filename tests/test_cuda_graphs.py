@@ -33,7 +33,7 @@ def test_graph_replay_equals_eager(tmp_path):
     eager, llm_e = run(False, tmp_path)
     llm_e.shutdown()
     graphed, llm_g = run(True, tmp_path)
-    graphs = llm_g.engine.runner.graphs
+    graphs = llm_g.engine.executor.runner.graphs
     try:
         assert graphs is not None and graphs.replays > 20
         assert {lora for _, lora in graphs._graphs} == {True, False}

@@ -233,7 +233,7 @@ def test_decode_graph_sizes():
 
 
 def test_no_graphs_on_cpu(llm: LLM):
-    assert llm.engine.runner.graphs is None
+    assert llm.engine.executor.runner.graphs is None
 
 
 def test_n_completions_compute_the_prompt_once(llm: LLM):
@@ -244,7 +244,7 @@ def test_n_completions_compute_the_prompt_once(llm: LLM):
     assert size % 4 != 0  # the last prompt block is partial (block_size 4), so it is copied
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=9, ignore_eos=True)
     fed: list[int] = []
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     original = runner.execute
 
     def counting(step):
@@ -278,7 +278,7 @@ def test_n_completions_survive_preemption():
 def fed_tokens(llm: LLM) -> list[int]:
     """Tokens run through the model per step, recorded from now until the list is dropped."""
     fed: list[int] = []
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     original = type(runner).execute
 
     def counting(step):
@@ -311,7 +311,7 @@ def test_prefix_cache_reuses_a_prompt_per_adapter(adapters_llm: LLM):
         with_prompt_logprobs = llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
         assert fed[0] == size and len(with_prompt_logprobs.prompt_logprobs) == size  # needs every position
     finally:
-        del llm.engine.runner.execute
+        del llm.engine.executor.runner.execute
 
 
 def test_evicted_prefix_blocks_are_never_read_stale():

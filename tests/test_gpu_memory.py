@@ -48,7 +48,7 @@ def test_forward_with_invalid_expert_ids_and_slots_stays_in_bounds():
         slots = torch.tensor([0, -1, 4, 1, 99, 2, 3, -7] * 2, dtype=torch.int32, device=llm.device)
         batch = replace(ForwardBatch.prefill(lens, llm.device), token_slot=slots[: sum(lens)])
         ids = torch.randint(0, llm.model.cfg.vocab_size, (sum(lens),), device=llm.device)
-        with llm.engine.runner.lock:
+        with llm.engine.executor.runner.lock:
             hidden = llm.model(ids, batch)
             logits = llm.model.compute_logits(hidden)
         torch.cuda.synchronize()

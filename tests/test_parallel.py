@@ -271,15 +271,15 @@ def test_workers_exit_when_the_driver_is_killed(checkpoints, tmp_path: Path):
 
 def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
     """The worker's own guard, for collectives that would not notice a dead driver (NCCL): a process
-    calling _exit_with_parent exits once its parent is gone, even while blocked."""
+    calling exit_with_parent exits once its parent is gone, even while blocked."""
     import subprocess
     import sys
 
     child = tmp_path / "child.py"
     child.write_text(
         "import time\n"
-        "from moelora.parallel.launch import _exit_with_parent\n"
-        "_exit_with_parent()\n"
+        "from moelora.parallel.launch import exit_with_parent\n"
+        "exit_with_parent()\n"
         "print('armed', flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -327,7 +327,7 @@ def test_a_refused_start_adapter_leaves_no_worker_behind(checkpoints, tmp_path: 
         found = []
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and b"moelora.parallel.worker" in (proc / "cmdline").read_bytes():
+                if proc.name.isdigit() and b"moelora.engine.worker" in (proc / "cmdline").read_bytes():
                     stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                     if int(stat[1]) == os.getpid() and stat[0] != "Z":
                         found.append(int(proc.name))

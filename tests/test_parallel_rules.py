@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelora.cache.lora_pool import LoraPool
 from moelora.loader.checkpoint import Checkpoint
 from moelora.loader.model_loader import load_model, read_model_config
 from moelora.lora.adapter import read_adapter
+from moelora.lora.pool import LoraPool, pool_bytes
 from moelora.parallel.sharding import place_experts
 from moelora.parallel.state import ParallelState
 from tests.hf_models import save_fused
@@ -164,7 +164,7 @@ def test_each_rank_holds_exactly_its_share(checkpoints, tp: int, ep: int):
                 t.numel() * t.element_size() for t in (lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn)
             )
             assert lora_bytes == slots * e_loc * rank_ * (2 * hidden + 2 * i_loc + i_loc + hidden) * 4
-        assert pool.num_bytes == LoraPool.estimate_bytes(model, slots, rank_)
+        assert pool.num_bytes == pool_bytes(model, slots, rank_)
 
 
 def test_a_rank_reads_only_its_experts_adapter_tensors(hf_models, checkpoints, tmp_path: Path, monkeypatch):

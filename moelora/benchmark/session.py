@@ -53,7 +53,7 @@ class Session:
             "tp_size": llm.parallel.tp_size,
             "ep_size": llm.parallel.experts_over,
             "prefix_caching": engine.args.enable_prefix_caching,
-            "cuda_graphs": engine.runner.graphs is not None,
+            "cuda_graphs": engine.executor.runner.graphs is not None,
             "max_num_seqs": engine.args.max_num_seqs,
             "kv_blocks": engine.allocator.num_blocks,
             "max_model_len": engine.max_model_len,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import os
 import queue
 import threading
 import time
@@ -22,102 +20,42 @@ from typing import Any
 import torch
 
 from moelora import ops
+from moelora.cache.budget import free_memory, plan_kv_blocks
 from moelora.cache.kv_cache import BlockAllocator, KVCache
-from moelora.cache.lora_pool import LoraPool
 from moelora.config import EngineArgs, LoraArgs
+from moelora.engine.adapters import EngineAdapters
 from moelora.engine.detokenizer import IncrementalDetokenizer
-from moelora.engine.graphs import DecodeGraphs
-from moelora.engine.request import InvalidRequestError, Request, Sequence, Status
-from moelora.engine.runner import ModelRunner, step_input
+from moelora.engine.executor import Executor, ExecutorPlan
+from moelora.engine.request import (
+    InvalidRequestError,
+    Prompt,
+    Request,
+    Sequence,
+    Status,
+    derived_seed,
+    encode_prompt,
+)
+from moelora.engine.runner import step_input
 from moelora.engine.sampler import Sampled, SamplingInput, sample
 from moelora.engine.scheduler import Scheduler
 from moelora.engine.stats import EngineLoad, StepRecord
 from moelora.engine.stream import EngineDeadError, RequestStream
-from moelora.lora.adapter import AdapterError, LoraAdapter
+from moelora.lora.adapter import LoraAdapter
 from moelora.lora.dummy import DummyLora
-from moelora.lora.manager import AdapterEntry, LoraInfo, LoraManager, check_adapter_name
-from moelora.lora.source import AdapterSource, as_source, load_adapter
+from moelora.lora.manager import LoraInfo, LoraManager
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.parallel.launch import WorkerGroup
 from moelora.sampling_params import SamplingParams
 
 _LOG = logging.getLogger(__name__)
-_CPU_KV_CAP = 1 << 30
-_CUDA_KV_FRACTION = 0.8
-_ACTIVATION_RESERVE = 0.1  # of a gpu_memory_utilization budget left to activations
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (a few MB)
-
-Prompt = str | Seq[int]
-
-
-def _available_cpu_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def encode_prompt(tokenizer: Any | None, prompt: Prompt, vocab_size: int) -> list[int]:
-    """A prompt's token ids (text tokenised as is, no special tokens added), checked: valid Unicode, not
-    empty, every id in the vocabulary; InvalidRequestError (param "prompt") otherwise."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise InvalidRequestError(
-                "this model folder has no tokenizer: give prompts as lists of token ids", "prompt"
-            )
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(
-                f"the prompt is not valid Unicode text (a lone surrogate at character {e.start})", "prompt"
-            ) from None
-        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
-    else:
-        ids = [int(t) for t in prompt]
-    if not ids:
-        raise InvalidRequestError("a prompt needs at least one token", "prompt")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
-    return ids
-
-
-def derived_seed(engine_seed: int, arrival: int, index: int) -> int:
-    """The seed of completion `index` of the `arrival`-th request submitted to an engine seeded so."""
-    mixed = engine_seed * 0x9E3779B97F4A7C15 + (arrival + 1) * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
-    return mixed % 2**64
-
-
-def plan_kv_blocks(args: EngineArgs, bytes_per_block: int, model_len: int, device: torch.device) -> int:
-    """Blocks from an explicit count, a share of the card (gpu_memory_utilization), a byte budget, or a
-    fraction of free device memory."""
-    if args.num_kv_blocks is not None:
-        return args.num_kv_blocks
-    if args.gpu_memory_utilization is not None:
-        if device.type != "cuda":
-            raise ValueError("gpu_memory_utilization sizes a CUDA card's memory: on CPU give kv_cache_memory")
-        free, total = torch.cuda.mem_get_info(device)
-        left = args.gpu_memory_utilization * total - (total - free)  # of this share, after what is in use
-        return int(max(0.0, left) * (1 - _ACTIVATION_RESERVE)) // bytes_per_block
-    budget = args.kv_cache_memory
-    if budget is not None and budget > 1:
-        return int(budget) // bytes_per_block
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return int(free * (budget or _CUDA_KV_FRACTION)) // bytes_per_block
-    if budget is not None:
-        return int(_available_cpu_memory() * budget) // bytes_per_block
-    needed = args.max_num_seqs * math.ceil(model_len / args.block_size)
-    return min(needed, _CPU_KV_CAP // bytes_per_block)
 
 
 class Engine:
-    """Continuous-batching generation over a paged KV cache."""
+    """Continuous-batching generation over a paged KV cache: the life cycle of requests (inbox,
+    scheduling, sampling, stop rules, outputs). What runs on the device, on every rank, is the
+    executor's."""
 
     def __init__(
         self,
@@ -132,63 +70,25 @@ class Engine:
         workers: WorkerGroup | None = None,
     ) -> None:
         """`lora_rank`: the adapter slots' rank, or None for no adapter support (no memory reserved).
-        `workers`: the other TP ranks (this process is rank 0); each step is sent to them first."""
+        `workers`: the other TP ranks (this process is rank 0); the executor sends them every command."""
         self.model, self.tokenizer, self.args = model, tokenizer, args or EngineArgs()
-        self.workers = workers
-        self.cfg = model.cfg
+        self.cfg, self.seed = model.cfg, seed
         self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
-        device = next(model.parameters()).device
-        self.loras: LoraManager | None = None
-        if lora_rank is not None:
-            self.loras = self._lora_manager(lora_args or LoraArgs(), lora_rank, device)
-        kv_heads = model.decoder_layers()[0].self_attn.kv_heads
+        self.device = device = next(model.parameters()).device
+        la = lora_args or LoraArgs()
+        self.adapters = (
+            None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
+        )
+        self.loras = self.adapters.manager if self.adapters is not None else None
+        plan = self._plan(lora_rank, la, workers)
+        self.executor = Executor(model, plan, workers=workers)
+        self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
-        per_block = KVCache.bytes_per_block(
-            self.cfg.num_layers, a.block_size, kv_heads, self.cfg.head_dim, model.dtype
-        )
-        wanted_len = a.max_model_len or self.cfg.max_position_embeddings
-        num_blocks = plan_kv_blocks(a, per_block, wanted_len, device)
-        capacity = num_blocks * a.block_size
-        if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {a.block_size} tokens ({capacity} tokens, "
-                f"{per_block} bytes per block), too few for max_model_len {a.max_model_len}: give more "
-                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len"
-            )
-        self.max_model_len = min(wanted_len, capacity)
-        probe = next(model.parameters())
-        use_graphs = a.cuda_graphs and workers is None and ops.graph_safe(probe)
-        # With graphs, one block more than the allocator hands out: padded rows of a graph write there.
-        self.cache = KVCache(
-            self.cfg.num_layers,
-            num_blocks + int(use_graphs),
-            a.block_size,
-            kv_heads,
-            self.cfg.head_dim,
-            model.dtype,
-            device,
-        )
-        if workers is not None:
-            pool = self.loras.pool if self.loras is not None else None
-            with workers.lock:
-                workers.send(
-                    ("init", num_blocks, a.block_size, pool.num_slots if pool else 0, lora_rank or 0)
-                )
-            if pool is not None:
-                pool.mirror = self._mirror
-        self.allocator = BlockAllocator(num_blocks)
         step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(
             self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits, a.enable_prefix_caching
         )
-        graphs = None
-        if use_graphs:
-            max_blocks = -(-self.max_model_len // a.block_size)
-            graphs = DecodeGraphs(model, self.cache, num_blocks, a.max_num_seqs, max_blocks)
-        self.runner = ModelRunner(model, self.cache, graphs)
-        self.seed = seed
-        self.device = device
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -203,76 +103,58 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
         self._thread.start()
 
-    def _mirror(self, command: tuple[Any, ...]) -> None:
-        """Send an adapter-slot write or clear to the workers (the loop thread calls this). A write is
-        answered by every worker; if one could not re-read the adapter, all of them leave the slot empty
-        and this raises its reason."""
-        workers = self.workers
-        assert workers is not None
-        with workers.lock:
-            workers.send(command)
-            if command[0] != "lora":
-                return
-            errors = workers.checked(lambda: workers.gather(None))
-        for rank, error in enumerate(errors):
-            if error is not None:
-                raise AdapterError(f"{error} (on worker rank {rank})")
-
-    def _lora_manager(self, la: LoraArgs, rank: int, device: torch.device) -> LoraManager:
-        need = LoraPool.estimate_bytes(self.model, la.max_loras_per_batch, rank)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_cpu_memory()
-        if need > free:
+    def _plan(self, lora_rank: int | None, la: LoraArgs, workers: WorkerGroup | None) -> ExecutorPlan:
+        """The KV cache from the memory budget (the model's length limit checked against it), and what
+        every rank builds."""
+        a, cfg, model = self.args, self.cfg, self.model
+        kv_heads = model.decoder_layers()[0].self_attn.kv_heads
+        per_block = KVCache.bytes_per_block(cfg.num_layers, a.block_size, kv_heads, cfg.head_dim, model.dtype)
+        wanted_len = a.max_model_len or cfg.max_position_embeddings
+        num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device)
+        capacity = num_blocks * a.block_size
+        if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
             raise ValueError(
-                f"adapter slots need {need / 2**30:.2f} GiB "
-                f"({la.max_loras_per_batch} slots of rank {rank}) but "
-                f"{free / 2**30:.2f} GiB is free: lower max_loras_per_batch or max_lora_rank"
+                f"the KV cache holds {num_blocks} blocks of {a.block_size} tokens ({capacity} tokens, "
+                f"{per_block} bytes per block), too few for max_model_len {a.max_model_len}: give more "
+                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len"
             )
-        pool = LoraPool(self.model, la.max_loras_per_batch, rank)
-        _LOG.info("adapter slots: %d of rank %d, %.1f MiB", pool.num_slots, rank, pool.num_bytes / 2**20)
-
-        def reread(name: str, source: AdapterSource, fingerprint: tuple[int, ...]) -> LoraAdapter:
-            return load_adapter(
-                name,
-                source,
-                self.cfg,
-                self.model.family,
-                rank,
-                fingerprint=fingerprint,
-                **self._draw_on,
-            )
-
-        return LoraManager(pool, reread, la.max_cpu_loras)
+        self.max_model_len = min(wanted_len, capacity)
+        graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
+        return ExecutorPlan(
+            num_blocks=num_blocks,
+            block_size=a.block_size,
+            lora_slots=la.max_loras_per_batch if lora_rank is not None else 0,
+            lora_rank=lora_rank or 0,
+            graphs=graphs,
+            max_num_seqs=a.max_num_seqs,
+            max_blocks=-(-self.max_model_len // a.block_size),
+        )
 
     # ------------------------------------------------------------------ adapters (any thread)
 
-    def _require_loras(self, wanted: str | None = None) -> LoraManager:
-        if self.loras is None:
+    def _require_adapters(self, wanted: str | None = None) -> EngineAdapters:
+        if self.adapters is None:
             what = f"unknown adapter '{wanted}': " if wanted is not None else ""
             raise ValueError(
                 f"{what}adapters are off: start with lora_modules={{...}} or enable_lora=True "
                 "(CLI: --lora or --enable-lora)"
             )
-        return self.loras
+        return self.adapters
+
+    def _require_loras(self, wanted: str | None = None) -> LoraManager:
+        return self._require_adapters(wanted).manager
 
     def load_lora(self, name: str, source: str | Path | DummyLora, pinned: bool = False) -> None:
         """Read, validate and register an adapter (a PEFT folder, or a DummyLora made in memory); safe
         while requests run (they are not disturbed)."""
-        loras = self._require_loras()
-        check_adapter_name(name)
-        adapter = self.read_adapter(name, source, loras.pool.max_rank)
-        entry = loras.register(name, adapter, pinned)
+        entry = self._require_adapters().load(name, source, pinned)
         if pinned:
             self._inbox.put(("pin", entry))
             self._wake.set()
 
     def read_adapter(self, name: str, source: str | Path | DummyLora, max_rank: int | None) -> LoraAdapter:
         """The adapter `source` holds, validated against this model (nothing registered)."""
-        return load_adapter(name, as_source(source), self.cfg, self.model.family, max_rank, **self._draw_on)
-
-    @property
-    def _draw_on(self) -> dict[str, Any]:
-        """Where dummy adapters are drawn: the model's dtype and device."""
-        return {"dtype": self.model.dtype, "device": self.device}
+        return self._require_adapters().read(name, source, max_rank)
 
     def unload_lora(self, name: str) -> None:
         """New requests for `name` fail from now on; requests already running on it finish first."""
@@ -392,20 +274,16 @@ class Engine:
     def capture_graphs(self) -> int:
         """Capture the decode CUDA graphs of every batch size now (with adapters too when adapters are
         on) instead of at each size's first step; the number captured (0 when graphs are not used)."""
-        runner = self.runner
-        with runner.lock:
-            graphs = runner.graphs
-            if graphs is None:
-                return 0
-            try:
-                count = graphs.capture_all(lora=False)
-                if self.loras is not None:
-                    count += graphs.capture_all(lora=True)
-            except Exception:
-                _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
-                runner.graphs = None
-                return 0
-            return count
+        try:
+            return self.executor.capture_graphs(lora=self.loras is not None)
+        except Exception:
+            _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
+            self.executor.runner.graphs = None
+            return 0
+
+    def forward_logits(self, ids: list[int], seq_lens: tuple[int, ...]) -> torch.Tensor:
+        """A cacheless forward pass of prompts given flat (every rank): fp32 logits [len(ids), V]."""
+        return self.executor.forward_logits(ids, seq_lens)
 
     def step_records(self, since: float = 0.0) -> list[StepRecord]:
         """The most recent steps (up to 65,536) that started at or after `since` (a perf_counter time)."""
@@ -443,10 +321,7 @@ class Engine:
         cache, the adapter slots' contents) even if something still references the engine."""
         if self._thread.is_alive():
             raise RuntimeError("release() needs the engine loop stopped: call shutdown() first")
-        self.runner.graphs = None
-        self.cache.release()
-        if self.loras is not None:
-            self.loras.pool.release()
+        self.executor.release()
 
     def failure(self) -> str | None:
         """Why the engine no longer runs (a loop error, or shutdown); None while it runs."""
@@ -525,18 +400,11 @@ class Engine:
                     self.scheduler.add(first)
             elif kind == "abort" and item in self._requests:
                 self._abort(self._requests[item])
-            elif kind == "pin" and self.loras is not None:
-                self._place_pinned(item)
-            elif kind == "collect" and self.loras is not None:
-                self.loras.collect()
-
-    def _place_pinned(self, entry: AdapterEntry) -> None:
-        """Give a newly pinned adapter its slot now if one is free or held by an adapter not running."""
-        assert self.loras is not None
-        running = {s.request.lora_entry for s in self.scheduler.running if s.request.lora_entry is not None}
-        if entry.slot is None and not entry.unloaded and self.loras.fits(running | {entry}):
-            for error in self.loras.acquire([*running, entry]).values():
-                _LOG.error("%s", error)
+            elif kind == "pin" and self.adapters is not None:
+                running = {s.request.lora_entry for s in self.scheduler.running if s.request.lora_entry}
+                self.adapters.place_pinned(item, running, self.executor)
+            elif kind == "collect" and self.adapters is not None:
+                self.adapters.collect(self.executor)
 
     def _fail(self, request: Request, error: BaseException) -> None:
         """End a request with an error (its stream raises it); its blocks and adapter reference are freed."""
@@ -553,10 +421,10 @@ class Engine:
         if request.stream.claimed:
             self._forget(request.request_id)
         entry = request.lora_entry
-        if entry is not None and self.loras is not None:
-            self.loras.release(entry)
+        if entry is not None and self.adapters is not None:
+            self.adapters.manager.release(entry)
             if entry.unloaded:
-                self.loras.collect()
+                self.adapters.collect(self.executor)
 
     def _abort(self, request: Request) -> None:
         for seq in request.seqs:
@@ -572,9 +440,9 @@ class Engine:
         seqs = scheduled.seqs
         if not seqs:
             return
-        if self.loras is not None:
+        if self.adapters is not None:
             entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
-            failed = self.loras.acquire(list(entries)) if entries else {}
+            failed = self.adapters.acquire(list(entries), self.executor) if entries else {}
             for entry, error in failed.items():
                 _LOG.error("%s", error)
                 for request in [r for r in self._requests.values() if r.lora_entry is entry]:
@@ -582,15 +450,9 @@ class Engine:
             seqs = [s for s in seqs if s.request.lora_entry not in failed]
             if not seqs:
                 return
-        step = step_input(seqs, self.cache.block_size)
+        step = step_input(seqs, self.args.block_size)
         prefill = sum(n for s, n in zip(seqs, step.seq_lens, strict=True) if s.num_cached < s.num_prompt)
-        if self.workers is None:
-            logits, prompt_logits = self.runner.execute(step)
-        else:
-            workers = self.workers
-            with workers.lock:
-                workers.send(("step", step))
-                logits, prompt_logits = workers.checked(lambda: self.runner.execute(step))
+        logits, prompt_logits = self.executor.step(step)
         for i, pl in prompt_logits.items():
             self._set_prompt_logprobs(seqs[i], pl)
         inputs = [
@@ -620,7 +482,7 @@ class Engine:
         that finds no room (sequence slots, a free block) waits and computes the prompt itself."""
         request, n = first.request, first.num_prompt
         forks, request.forks = request.forks, []
-        full, partial = divmod(n, self.cache.block_size)
+        full, partial = divmod(n, self.args.block_size)
         for seq in forks:
             room = len(self.scheduler.running) < self.scheduler.max_num_seqs
             if not room or self.allocator.num_free < int(partial > 0):
@@ -629,7 +491,7 @@ class Engine:
             blocks = self.allocator.share(first.blocks[:full])
             if partial:
                 (copy,) = self.allocator.allocate(1)
-                self._copy_block(first.blocks[full], copy)
+                self.executor.copy_block(first.blocks[full], copy)
                 blocks.append(copy)
             seq.blocks, seq.num_cached, seq.status = blocks, n, Status.RUNNING
             seq.num_registered = full
@@ -637,12 +499,6 @@ class Engine:
             inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.seed, self.eos_token_ids)]
             (sampled,) = sample(logits[None], inputs)
             self._append(seq, sampled)
-
-    def _copy_block(self, src: int, dst: int) -> None:
-        if self.workers is not None:
-            with self.workers.lock:
-                self.workers.send(("copy", src, dst))
-        self.cache.copy_block(src, dst)
 
     def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         n = seq.request.params.prompt_logprobs or 0

@@ -1,10 +1,12 @@
-"""A request and its sequences (one per completion), as the engine thread tracks them."""
+"""A request and its sequences (one per completion), as the engine thread tracks them; a prompt checked
+and tokenised; the seed of an unseeded completion."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moelora.outputs import CompletionOutput, Logprobs, RequestOutput
 
@@ -13,6 +15,9 @@ if TYPE_CHECKING:
     from moelora.engine.stream import RequestStream
     from moelora.lora.manager import AdapterEntry
     from moelora.sampling_params import SamplingParams
+
+
+Prompt = str | Seq[int]
 
 
 class InvalidRequestError(ValueError):
@@ -99,3 +104,34 @@ class Request:
             [s.completion() for s in self.seqs],
             self.lora,
         )
+
+
+def encode_prompt(tokenizer: Any | None, prompt: Prompt, vocab_size: int) -> list[int]:
+    """A prompt's token ids (text tokenised as is, no special tokens added), checked: valid Unicode, not
+    empty, every id in the vocabulary; InvalidRequestError (param "prompt") otherwise."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InvalidRequestError(
+                "this model folder has no tokenizer: give prompts as lists of token ids", "prompt"
+            )
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"the prompt is not valid Unicode text (a lone surrogate at character {e.start})", "prompt"
+            ) from None
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise InvalidRequestError("a prompt needs at least one token", "prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+    return ids
+
+
+def derived_seed(engine_seed: int, arrival: int, index: int) -> int:
+    """The seed of completion `index` of the `arrival`-th request submitted to an engine seeded so."""
+    mixed = engine_seed * 0x9E3779B97F4A7C15 + (arrival + 1) * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+    return mixed % 2**64

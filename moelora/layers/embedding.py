@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelora.loader.spec import WeightSpec, sharded
+from moelora.layers.spec import WeightSpec, sharded
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState

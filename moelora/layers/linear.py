@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelora import ops
-from moelora.loader.spec import Form, Piece, WeightSpec, sharded
+from moelora.layers.spec import Form, Piece, WeightSpec, sharded
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
 
@@ -47,13 +47,23 @@ class LinearLora:
     """A linear layer's adapter slots: a [S, P, R, in_loc] (one A per stacked part), b [S, out_loc, R],
     rank [S, P] int32 (each slot's rank per part, 0 where empty: lanes from there up are zero padding).
 
-    Filled by `moelora.cache.lora_pool.LoraPool`; sharded like the base weight (column layers: A whole,
+    Filled by `moelora.lora.pool.LoraPool`; sharded like the base weight (column layers: A whole,
     B rows split; row layers: A columns split, B whole).
     """
 
     a: torch.Tensor
     b: torch.Tensor
     rank: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """A linear layer adapters may modify (declared by the block that owns it), and the adapter target
+    name of each of its stacked parts (`q_proj`, `shared_expert.gate_proj`, ...)."""
+
+    layer: int
+    module: ColumnLinear | RowLinear
+    names: tuple[str, ...]
 
 
 def apply_lora(

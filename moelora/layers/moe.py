@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moelora import ops
-from moelora.loader.spec import Form, Piece, WeightSpec
+from moelora.layers.spec import Form, Piece, WeightSpec
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
 
@@ -37,6 +37,14 @@ class ExpertLora:
     a_dn: torch.Tensor
     b_dn: torch.Tensor
     rank: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertsTarget:
+    """A layer's routed experts as a LoRA target (per-expert adapter buffers, `ExpertLora`)."""
+
+    layer: int
+    module: FusedMoE
 
 
 class FusedMoE(nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moelora import ops
-from moelora.loader.spec import WeightSpec, sharded, whole
+from moelora.layers.spec import WeightSpec, sharded, whole
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState

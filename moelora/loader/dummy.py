@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moelora.loader.spec import WeightSpec
+from moelora.layers.spec import WeightSpec
 
 INIT_STD = 0.02
 

@@ -9,8 +9,8 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from moelora.layers.spec import Form, WeightSpec
 from moelora.loader.checkpoint import CheckpointError
-from moelora.loader.spec import Form, WeightSpec
 
 # Tensors some published checkpoints carry that no model needs (old rotary caches).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

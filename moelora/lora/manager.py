@@ -14,7 +14,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from moelora.cache.lora_pool import LoraPool
 from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.source import AdapterSource
 
@@ -68,15 +67,24 @@ class LoraStats:
     requests: dict[str, int] = field(default_factory=dict)  # per adapter name
 
 
+# Writes an adapter into a device slot on every rank (the executor's write_slot); AdapterError if a rank
+# could not (then no rank holds it).
+SlotWriter = Callable[[int, LoraAdapter], None]
+
+
 class LoraManager:
+    """Bookkeeping only: which adapter holds which slot. Writing a slot is the caller's (the executor's),
+    handed to `acquire` and `collect` for that call, never stored here."""
+
     def __init__(
         self,
-        pool: LoraPool,
+        num_slots: int,
+        max_rank: int,
         reader: Callable[[str, AdapterSource, tuple[int, ...]], LoraAdapter],
         max_cpu_loras: int | None,
     ) -> None:
-        self.pool, self.reader, self.max_cpu_loras = pool, reader, max_cpu_loras
-        self.num_slots = pool.num_slots
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.reader, self.max_cpu_loras = reader, max_cpu_loras
         self._lock = threading.Lock()
         self._names: dict[str, AdapterEntry] = {}
         self._slots: list[AdapterEntry | None] = [None] * self.num_slots
@@ -103,9 +111,9 @@ class LoraManager:
                         "and at most max_loras_per_batch - 1 "
                         f"= {self.num_slots - 1} may be, so that unpinned adapters can still run"
                     )
-            if adapter.rank > self.pool.max_rank:
+            if adapter.rank > self.max_rank:
                 raise ValueError(
-                    f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.pool.max_rank}: "
+                    f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.max_rank}: "
                     f"restart with max_lora_rank >= {adapter.rank}"
                 )
             entry = AdapterEntry(name, adapter.source, adapter.rank, pinned, adapter, adapter.fingerprint)
@@ -169,8 +177,9 @@ class LoraManager:
         held_by_pins = {e for e in self._slots if e is not None and e.pinned and e not in wanted}
         return len(wanted) + len(held_by_pins) <= self.num_slots
 
-    def acquire(self, batch: Sequence[AdapterEntry]) -> dict[AdapterEntry, AdapterError]:
-        """Give every adapter of this step a slot, evicting least-recently-used ones not in the step.
+    def acquire(self, batch: Sequence[AdapterEntry], write: SlotWriter) -> dict[AdapterEntry, AdapterError]:
+        """Give every adapter of this step a slot (`write` puts it there), evicting least-recently-used
+        ones not in the step.
 
         An adapter that cannot be placed (its files, re-read after a CPU-cache eviction or by another
         rank, are gone or changed) gets no slot and is unloaded; it is returned with the reason, so the
@@ -182,7 +191,7 @@ class LoraManager:
         for entry in batch:
             if entry.slot is None:
                 try:
-                    self._load(entry, wanted)
+                    self._load(entry, wanted, write)
                 except AdapterError as e:
                     failed[entry] = e
                     self._drop(entry)
@@ -200,7 +209,7 @@ class LoraManager:
             self._cpu_lru.pop(entry, None)
             entry.adapter = None
 
-    def _load(self, entry: AdapterEntry, wanted: set[AdapterEntry]) -> None:
+    def _load(self, entry: AdapterEntry, wanted: set[AdapterEntry], write: SlotWriter) -> None:
         slot = next((i for i, e in enumerate(self._slots) if e is None), None)
         if slot is None:
             victim = next((e for e in self._lru if e not in wanted and not e.pinned), None)
@@ -215,7 +224,7 @@ class LoraManager:
                 entry.adapter = adapter
                 self._cpu_lru[entry] = None
                 self._trim_cpu_cache(keep=entry)
-        self.pool.write(slot, adapter)
+        write(slot, adapter)
         self._slots[slot], entry.slot = entry, slot
         self._lru[entry] = None
         self.stats.loads += 1
@@ -230,10 +239,10 @@ class LoraManager:
         self._lru.pop(entry, None)
         return slot
 
-    def collect(self) -> None:
-        """Free the slots and CPU copies of unloaded adapters no request uses any more."""
+    def collect(self, clear: Callable[[int], None]) -> None:
+        """Free the slots (`clear` empties one) and CPU copies of unloaded adapters no request uses."""
         for entry in [e for e in self._lru if e.unloaded and e.users == 0]:
-            self.pool.clear(self._evict(entry))
+            clear(self._evict(entry))
         with self._lock:
             for entry in [e for e in self._cpu_lru if e.unloaded and e.users == 0]:
                 self._cpu_lru.pop(entry)

@@ -8,10 +8,10 @@ from torch import nn
 
 from moelora import ops
 from moelora.batch import ForwardBatch
-from moelora.layers.linear import ColumnLinear, OutPart, RowLinear, split_part, whole_part
-from moelora.layers.moe import ExpertNames, FusedMoE
+from moelora.layers.linear import ColumnLinear, LoraTarget, OutPart, RowLinear, split_part, whole_part
+from moelora.layers.moe import ExpertNames, ExpertsTarget, FusedMoE
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
-from moelora.loader.spec import WeightSpec
+from moelora.layers.spec import WeightSpec
 from moelora.models.config import ModelConfig
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
@@ -94,6 +94,12 @@ class SelfAttention(nn.Module):
         out = self.o_proj(o.reshape(t, -1), batch.token_slot)
         return comm.all_reduce(out, self.ps)
 
+    def lora_targets(self) -> list[LoraTarget]:
+        return [
+            LoraTarget(self.layer, self.qkv, ("q_proj", "k_proj", "v_proj")),
+            LoraTarget(self.layer, self.o_proj, ("o_proj",)),
+        ]
+
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         specs = self.qkv.weight_specs(prefix) + self.o_proj.weight_specs(prefix)
         if self.q_norm is not None and self.k_norm is not None:
@@ -115,6 +121,13 @@ class DenseMLP(nn.Module):
         gate, up = self.gate_up(x, token_slot).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up, token_slot)
 
+    def lora_targets(self, layer: int, prefix: str = "") -> list[LoraTarget]:
+        """`prefix`: `shared_expert.` for a MoE block's shared expert."""
+        return [
+            LoraTarget(layer, self.gate_up, (f"{prefix}gate_proj", f"{prefix}up_proj")),
+            LoraTarget(layer, self.down, (f"{prefix}down_proj",)),
+        ]
+
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         return self.gate_up.weight_specs(prefix) + self.down.weight_specs(prefix)
 
@@ -128,6 +141,9 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
         return comm.all_reduce(self.mlp(x, token_slot), self.ps)
+
+    def lora_targets(self, layer: int) -> list[LoraTarget | ExpertsTarget]:
+        return list(self.mlp.lora_targets(layer))
 
     def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
         return self.mlp.weight_specs(prefixes[0])
@@ -157,6 +173,10 @@ class SparseMoeBlock(nn.Module):
             # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x, token_slot)
         return comm.all_reduce(out, self.ps)
+
+    def lora_targets(self, layer: int) -> list[LoraTarget | ExpertsTarget]:
+        shared = self.shared.lora_targets(layer, "shared_expert.") if self.shared is not None else []
+        return [*shared, ExpertsTarget(layer, self.experts)]
 
     def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
         """Specs whose forms cover every accepted block name (Mixtral: block_sparse_moe or mlp)."""

@@ -9,9 +9,11 @@ from torch import nn
 
 from moelora.batch import ForwardBatch
 from moelora.layers.embedding import LMHead, VocabEmbedding
+from moelora.layers.linear import LoraTarget
+from moelora.layers.moe import ExpertsTarget
 from moelora.layers.norm import RMSNorm
 from moelora.layers.rotary import RotaryEmbedding
-from moelora.loader.spec import WeightSpec
+from moelora.layers.spec import WeightSpec
 from moelora.models.blocks import DenseBlock, SelfAttention, SparseMoeBlock
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
@@ -82,6 +84,14 @@ class MoeForCausalLM(nn.Module):
         for layer in self.decoder_layers():
             x, residual = layer(x, residual, batch, cos, sin)
         return self.norm(x) if residual is None else self.norm.add_norm(x, residual)[0]
+
+    def lora_targets(self) -> list[LoraTarget | ExpertsTarget]:
+        """Every layer adapters may modify, as each block declares them (attention first, then the MLP's)."""
+        targets: list[LoraTarget | ExpertsTarget] = []
+        for i, layer in enumerate(self.decoder_layers()):
+            targets += layer.self_attn.lora_targets()
+            targets += layer.mlp.lora_targets(i)
+        return targets
 
     def decoder_layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.layers]

@@ -1,23 +1,15 @@
-"""Worker processes for tensor and expert parallelism: rank 0 (the driver) drives ranks 1..tp_size-1.
+"""Processes for tensor and expert parallelism and the channel between them: rank 0 (the driver)
+starts and drives ranks 1..tp_size-1.
 
-`WorkerGroup.start` spawns the workers (or, under `torchrun`, joins the processes torchrun started), sets
-up the process groups (gloo on CPU, NCCL on GPU for the model's collectives; a gloo group for control
-messages) and hands back rank 0's `ParallelState`. Each worker loads its own share of the model from disk
-and then repeats, in order, every command rank 0 broadcasts:
+`WorkerGroup.start` spawns the workers (`python -m moelora.engine.worker`) or, under `torchrun`, joins
+the processes torchrun started; it sets up the process groups (gloo on CPU, NCCL on GPU for the model's
+collectives; a gloo group for control messages) and hands back rank 0's `ParallelState`. The driver
+broadcasts messages (`send`) and gathers answers (`gather`); a worker's `WorkerChannel` receives and
+answers them. What the messages are and do is the executor's business (`moelora.engine`), not this
+module's: it only moves them.
 
-    ("init", num_kv_blocks, block_size, lora_slots, lora_rank)  build the KV cache and adapter slots
-    ("step", StepInput)                                        run one engine step's forward pass
-    ("forward", ids, seq_lens)                                 a cacheless forward (LLM.logits)
-    ("lora", slot, name, source, max_rank, fingerprint)        re-read an adapter, write this rank's shards;
-                                                               every rank answers (all_gather) None or why
-                                                               it could not, and then all clear the slot
-    ("clear", slot)                                            zero an adapter slot
-    ("copy", src, dst)                                         copy a KV block (a prompt shared by n > 1)
-    ("stop",)                                                  leave the loop and exit
-
-Only rank 0 samples, so slot assignment and every decision is made once, by the driver. A worker that
-fails prints its traceback and exits non-zero; the driver then fails with an error naming that rank
-instead of hanging (gloo reports the closed connection; every group has a timeout besides).
+A worker that fails prints its traceback and exits non-zero; the driver then fails with an error naming
+that rank instead of hanging (gloo reports the closed connection; every group has a timeout besides).
 """
 
 from __future__ import annotations
@@ -32,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +59,7 @@ class LaunchSpec:
     hf_overrides: dict[str, Any] | None = None
 
 
-def _backend(device_type: str) -> str:
+def backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
@@ -78,11 +69,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _groups(spec: LaunchSpec) -> tuple[Any, Any]:
+def groups(spec: LaunchSpec) -> tuple[Any, Any]:
     """The model's TP group and the gloo control group; every rank creates them in the same order."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     ranks = list(range(spec.tp_size))
-    tp_group = dist.new_group(ranks, timeout=timeout, backend=_backend(spec.device_type))
+    tp_group = dist.new_group(ranks, timeout=timeout, backend=backend(spec.device_type))
     ctrl = dist.new_group(ranks, timeout=timeout, backend="gloo")
     return tp_group, ctrl
 
@@ -123,16 +114,16 @@ class WorkerGroup:
     def start(cls, spec: LaunchSpec) -> WorkerGroup:
         """Start (or, under torchrun, join) the workers; rank 0's ParallelState is `.ps`.
 
-        Workers are fresh interpreters (`python -m moelora.parallel.worker`), so scripts need no
+        Workers are fresh interpreters (`python -m moelora.engine.worker`), so scripts need no
         `if __name__ == "__main__"` guard and notebooks work. They report through the rendezvous store:
         `hello/r` once running, `ready/r` once their share is loaded, `error/r` with the reason if not.
         """
         ParallelState(0, spec.tp_size, spec.ep_size)  # the layout errors, before any process starts
         group = cls(spec)
         rendezvous = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
-        backend = _backend(spec.device_type)
+        kind = backend(spec.device_type)
         if torchrun_rank(spec.tp_size) is not None:
-            dist.init_process_group(backend, timeout=rendezvous)
+            dist.init_process_group(kind, timeout=rendezvous)
         else:
             port = _free_port()
             group._store = dist.TCPStore(
@@ -143,17 +134,17 @@ class WorkerGroup:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             spec_json = json.dumps(dataclasses.asdict(spec))
             for rank in range(1, spec.tp_size):
-                cmd = [sys.executable, "-m", "moelora.parallel.worker", spec_json, str(rank), str(port)]
+                cmd = [sys.executable, "-m", "moelora.engine.worker", spec_json, str(rank), str(port)]
                 group._procs.append(subprocess.Popen(cmd, env=env))
             try:
                 group._wait_for("hello")
                 dist.init_process_group(
-                    backend, store=group._store, rank=0, world_size=spec.tp_size, timeout=rendezvous
+                    kind, store=group._store, rank=0, world_size=spec.tp_size, timeout=rendezvous
                 )
             except BaseException:
                 group.shutdown()
                 raise
-        tp_group, group._ctrl = _groups(spec)
+        tp_group, group._ctrl = groups(spec)
         group.ps = ParallelState(0, spec.tp_size, spec.ep_size, tp_group)
         return group
 
@@ -185,14 +176,14 @@ class WorkerGroup:
                 return f"worker rank {rank} exited with code {code}: {detail}"
         return None
 
-    def send(self, command: tuple[Any, ...]) -> None:
-        """Broadcast one command to every worker (hold `lock` across it and the collectives after it)."""
+    def send(self, message: Any) -> None:
+        """Broadcast one message to every worker (hold `lock` across it and the collectives after it)."""
         if self._closed:
             raise WorkerError("the worker group has been shut down")
         dead = self._dead()
         if dead:
             raise WorkerError(dead)
-        self.checked(lambda: dist.broadcast_object_list([command], src=0, group=self._ctrl))
+        self.checked(lambda: dist.broadcast_object_list([message], src=0, group=self._ctrl))
 
     def gather(self, mine: Any) -> list[Any]:
         """Every rank's answer to the last command (rank 0's is `mine`), in rank order."""
@@ -213,15 +204,15 @@ class WorkerGroup:
                 time.sleep(0.1)
             raise WorkerError(dead or f"a collective with the workers failed: {e}") from e
 
-    def shutdown(self) -> None:
-        """Stop the workers (politely, then by force) and leave the process groups."""
+    def shutdown(self, stop: Any = None) -> None:
+        """Stop the workers (politely, with the `stop` message, then by force) and leave the groups."""
         if self._closed:
             return
         self._closed = True
         if self._ctrl is not None and self._dead() is None:
             try:
                 with self.lock:
-                    dist.broadcast_object_list([("stop",)], src=0, group=self._ctrl)
+                    dist.broadcast_object_list([stop], src=0, group=self._ctrl)
             except Exception:  # a worker already gone: the waits below clean up
                 _LOG.warning("could not send stop to the workers", exc_info=True)
         for proc in self._procs:
@@ -234,10 +225,28 @@ class WorkerGroup:
             dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------- worker side
+class WorkerChannel:
+    """A worker's end: receive rank 0's messages in order, answer the ones that want an answer."""
+
+    def __init__(self, ctrl: Any, world: int) -> None:
+        self.ctrl, self.world = ctrl, world
+
+    def receive(self) -> Any:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=self.ctrl)
+        return box[0]
+
+    def gather(self, mine: Any) -> list[Any]:
+        answers: list[Any] = [None] * self.world
+        dist.all_gather_object(answers, mine, group=self.ctrl)
+        return answers
 
 
-def _exit_with_parent() -> None:
+def rendezvous_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
+
+
+def exit_with_parent() -> None:
     """Exit when the process that started this worker is gone (killed, crashed): never linger orphaned,
     blocked in a collective nobody else will join."""
     parent = os.getppid()
@@ -248,141 +257,3 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="moelora-parent-watch", daemon=True).start()
-
-
-def _worker_main(spec: LaunchSpec, rank: int, port: int) -> None:
-    """Entry of a worker started by WorkerGroup: report through the store, load, serve."""
-    _exit_with_parent()
-    rendezvous = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
-    store = dist.TCPStore("127.0.0.1", port, spec.tp_size, is_master=False, timeout=rendezvous)
-    store.set(f"hello/{rank}", "1")
-    try:
-        torch.set_num_threads(spec.threads)
-        dist.init_process_group(
-            _backend(spec.device_type), store=store, rank=rank, world_size=spec.tp_size, timeout=rendezvous
-        )
-        worker = Worker.create(spec, rank)
-    except BaseException as e:
-        traceback.print_exc()
-        store.set(f"error/{rank}", f"{type(e).__name__}: {e}")
-        sys.exit(1)
-    store.set(f"ready/{rank}", "1")
-    worker.serve_forever()
-
-
-def run_torchrun_worker(spec: LaunchSpec, rank: int) -> None:
-    """Body of a non-zero rank under torchrun: join, load, serve rank 0's commands, then exit."""
-    timeout = datetime.timedelta(seconds=_RENDEZVOUS_TIMEOUT_S)
-    dist.init_process_group(_backend(spec.device_type), timeout=timeout)
-    Worker.create(spec, rank).serve_forever()
-
-
-class Worker:
-    """One non-zero rank: its share of the model, its KV cache and adapter slots."""
-
-    def __init__(self, spec: LaunchSpec, ps: ParallelState, ctrl: Any, model: Any) -> None:
-        self.spec, self.ps, self.ctrl, self.model = spec, ps, ctrl, model
-        self.runner: Any = None
-        self.pool: Any = None
-
-    @classmethod
-    def create(cls, spec: LaunchSpec, rank: int) -> Worker:
-        from moelora.loader.model_loader import load_model
-
-        tp_group, ctrl = _groups(spec)
-        ps = ParallelState(rank, spec.tp_size, spec.ep_size, tp_group)
-        torch.manual_seed(spec.seed)
-        device = device_for(spec, rank)
-        model = load_model(
-            Path(spec.model_path),
-            dtype=spec.dtype,
-            device=device,
-            ps=ps,
-            progress=False,
-            load_format=spec.load_format,
-            hf_overrides=spec.hf_overrides,
-            seed=spec.seed,
-        )
-        return cls(spec, ps, ctrl, model)
-
-    def serve_forever(self) -> None:
-        try:
-            torch.set_grad_enabled(False)
-            while True:
-                box: list[Any] = [None]
-                dist.broadcast_object_list(box, src=0, group=self.ctrl)
-                if not self.handle(box[0]):
-                    break
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)  # never linger half-alive: the driver sees the exit code
-        dist.destroy_process_group()
-
-    @torch.inference_mode()
-    def handle(self, command: tuple[Any, ...]) -> bool:
-        from moelora.batch import ForwardBatch
-        from moelora.cache.kv_cache import KVCache
-        from moelora.cache.lora_pool import LoraPool
-        from moelora.engine.runner import ModelRunner
-        from moelora.lora.adapter import AdapterError
-        from moelora.lora.source import load_adapter
-        from moelora.parallel.sharding import place_experts
-
-        kind, args = command[0], command[1:]
-        model = self.model
-        if kind == "stop":
-            return False
-        if kind == "init":
-            num_blocks, block_size, lora_slots, lora_rank = args
-            cfg = model.cfg
-            kv_heads = model.decoder_layers()[0].self_attn.kv_heads
-            device = next(model.parameters()).device
-            cache = KVCache(
-                cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, model.dtype, device
-            )
-            self.runner = ModelRunner(model, cache)
-            if lora_slots:
-                self.pool = LoraPool(model, lora_slots, lora_rank)
-        elif kind == "step":
-            self.runner.execute(args[0])
-        elif kind == "forward":
-            ids, seq_lens = args
-            device = next(model.parameters()).device
-            batch = ForwardBatch.prefill(seq_lens, device)
-            model.compute_logits(model(torch.tensor(ids, dtype=torch.int64, device=device), batch))
-        elif kind == "lora":  # answered: None, or why this rank could not write it
-            slot, name, source, max_rank, fingerprint = args
-            error = None
-            try:
-                owns = place_experts(model.cfg.num_experts, self.ps.ep_size, self.ps.ep_rank).owns
-                adapter = load_adapter(
-                    name,
-                    source,
-                    model.cfg,
-                    model.family,
-                    max_rank,
-                    fingerprint=fingerprint,
-                    dtype=model.dtype,
-                    device=next(model.parameters()).device,
-                    owns_expert=owns,
-                )
-                self.pool.write(slot, adapter)
-            except AdapterError as e:
-                error = str(e)
-            answers: list[Any] = [None] * self.spec.tp_size
-            dist.all_gather_object(answers, error, group=self.ctrl)
-            if any(a is not None for a in answers):
-                self.pool.clear(slot)
-        elif kind == "clear":
-            self.pool.clear(args[0])
-        elif kind == "copy":
-            self.runner.cache.copy_block(*args)
-        else:
-            raise ValueError(f"unknown worker command {kind!r}")
-        return True
-
-
-def worker_entry(argv: list[str]) -> None:
-    """`python -m moelora.parallel.worker SPEC_JSON RANK PORT` (what WorkerGroup.start runs)."""
-    _worker_main(LaunchSpec(**json.loads(argv[0])), int(argv[1]), int(argv[2]))

@@ -33,10 +33,10 @@ def describe(llm: LLM, served_name: str, args: ServerArgs) -> str:
     """One start-up line: what is served, how, and with what capacity."""
     engine = llm.engine
     blocks, size = engine.allocator.num_blocks, engine.args.block_size
-    kv_gib = engine.cache.num_bytes / 2**30
+    kv_gib = engine.executor.cache.num_bytes / 2**30
     adapters = ", ".join(i.name for i in llm.list_loras()) or "none"
     slots = (
-        f"{engine.loras.num_slots} adapter slots of rank {engine.loras.pool.max_rank}"
+        f"{engine.loras.num_slots} adapter slots of rank {engine.loras.max_rank}"
         if engine.loras is not None
         else "adapters off"
     )

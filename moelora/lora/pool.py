@@ -1,102 +1,88 @@
 """Device slots for adapters: per-layer LoRA buffers laid out as the op contract says, and slot writes.
 
-`S = num_slots` slots, `R = max_rank`. Every served target gets zeroed buffers at start (an adapter that
-does not touch a target leaves zeros there, which add nothing); a smaller rank is zero-padded to R. Each
-buffer is sharded like the base weight it modifies, and the expert buffers hold only this rank's experts
-(their local ids come from the layer's one expert placement).
+`S = num_slots` slots, `R = max_rank`. Every target the model declares (`MoeForCausalLM.lora_targets`)
+gets zeroed buffers at start (an adapter that does not touch a target leaves zeros there, which add
+nothing); a smaller rank is zero-padded to R. Each buffer is sharded like the base weight it modifies, and
+the expert buffers hold only this rank's experts (their local ids come from the layer's one expert
+placement). The pool writes this rank's shards only: the executor repeats every write on every rank.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 
-from moelora.layers.linear import ColumnLinear, LinearLora, RowLinear
-from moelora.layers.moe import ExpertLora, FusedMoE
+from moelora.layers.linear import ColumnLinear, LinearLora, LoraTarget, RowLinear
+from moelora.layers.moe import ExpertLora, ExpertsTarget, FusedMoE
 from moelora.lora.adapter import LoraAdapter, LoraWeights
-from moelora.models.blocks import DenseBlock, DenseMLP, SparseMoeBlock
 from moelora.models.decoder import MoeForCausalLM
 
-
-@dataclass(frozen=True)
-class _Target:
-    """A linear layer with adapter buffers, and the adapter target name of each of its stacked parts."""
-
-    layer: int
-    module: ColumnLinear | RowLinear
-    names: tuple[str, ...]
+_LOG = logging.getLogger(__name__)
 
 
-def _mlp_targets(layer: int, mlp: DenseMLP, prefix: str) -> list[_Target]:
-    return [
-        _Target(layer, mlp.gate_up, (f"{prefix}gate_proj", f"{prefix}up_proj")),
-        _Target(layer, mlp.down, (f"{prefix}down_proj",)),
-    ]
-
-
-def _targets(model: MoeForCausalLM) -> Iterator[_Target | tuple[int, FusedMoE]]:
-    for i, layer in enumerate(model.decoder_layers()):
-        attn = layer.self_attn
-        yield _Target(i, attn.qkv, ("q_proj", "k_proj", "v_proj"))
-        yield _Target(i, attn.o_proj, ("o_proj",))
-        if isinstance(layer.mlp, DenseBlock):
-            yield from _mlp_targets(i, layer.mlp.mlp, "")
-        elif isinstance(layer.mlp, SparseMoeBlock):
-            if layer.mlp.shared is not None:
-                yield from _mlp_targets(i, layer.mlp.shared, "shared_expert.")
-            yield i, layer.mlp.experts
-
-
-def _shapes(t: _Target | tuple[int, FusedMoE], s: int, r: int) -> list[tuple[int, ...]]:
+def _shapes(t: LoraTarget | ExpertsTarget, s: int, r: int) -> list[tuple[int, ...]]:
     """The buffer shapes of one target for s slots of rank r: (a, b) of a linear layer, or the experts'
     (a_gu, b_gu, a_dn, b_dn), in the op contract's layout."""
-    if isinstance(t, _Target):
+    if isinstance(t, LoraTarget):
         out, inp = t.module.weight.shape
         return [(s, len(t.names), r, inp), (s, out, r)]
-    e_loc, h, i_loc = t[1].w_down.shape
+    e_loc, h, i_loc = t.module.w_down.shape
     return [(s, e_loc, 2, r, h), (s, e_loc, 2, i_loc, r), (s, e_loc, r, i_loc), (s, e_loc, h, r)]
 
 
+def pool_bytes(model: MoeForCausalLM, num_slots: int, max_rank: int) -> int:
+    """The bytes a pool for `model` would take, computed without allocating it."""
+    itemsize = next(model.parameters()).element_size()
+    shapes = (shape for t in model.lora_targets() for shape in _shapes(t, num_slots, max_rank))
+    return itemsize * sum(math.prod(shape) for shape in shapes)
+
+
+def check_pool_fits(model: MoeForCausalLM, num_slots: int, max_rank: int, free_bytes: int) -> None:
+    """ValueError, with the numbers and the knobs, if the pool needs more than `free_bytes`."""
+    need = pool_bytes(model, num_slots, max_rank)
+    if need > free_bytes:
+        raise ValueError(
+            f"adapter slots need {need / 2**30:.2f} GiB ({num_slots} slots of rank {max_rank}) but "
+            f"{free_bytes / 2**30:.2f} GiB is free: lower max_loras_per_batch or max_lora_rank"
+        )
+
+
 class LoraPool:
-    """Allocates every layer's adapter buffers once and attaches them to the layers."""
+    """Allocates every declared target's adapter buffers once and attaches them to the layers."""
 
     def __init__(self, model: MoeForCausalLM, num_slots: int, max_rank: int) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
-        # With several ranks, rank 0's pool sends each write and clear here so every worker repeats it
-        # on its own shards (set by the engine; None with one process). A write that fails on a worker
-        # raises AdapterError here, before rank 0 writes anything, and every rank's slot stays empty.
-        self.mirror: Callable[[tuple[Any, ...]], None] | None = None
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self._linears: list[_Target] = []
-        self._experts: list[tuple[int, FusedMoE]] = []
-        for t in _targets(model):
+        self._linears: list[LoraTarget] = []
+        self._experts: list[ExpertsTarget] = []
+        for t in model.lora_targets():
             buffers = [
                 torch.zeros(shape, dtype=self.dtype, device=self.device)
                 for shape in _shapes(t, num_slots, max_rank)
             ]
             # Each slot's rank per target (per part for stacked layers): kernels skip the padding above it.
-            ranks = (num_slots, len(t.names)) if isinstance(t, _Target) else (num_slots,)
+            ranks = (num_slots, len(t.names)) if isinstance(t, LoraTarget) else (num_slots,)
             rank = torch.zeros(ranks, dtype=torch.int32, device=self.device)
-            if isinstance(t, _Target):
+            if isinstance(t, LoraTarget):
                 a, b = buffers
                 t.module.lora = LinearLora(a, b, rank)
                 self._linears.append(t)
             else:
                 a_gu, b_gu, a_dn, b_dn = buffers
-                t[1].lora = ExpertLora(a_gu, b_gu, a_dn, b_dn, rank)
+                t.module.lora = ExpertLora(a_gu, b_gu, a_dn, b_dn, rank)
                 self._experts.append(t)
+        _LOG.info("adapter slots: %d of rank %d, %.1f MiB", num_slots, max_rank, self.num_bytes / 2**20)
 
     def release(self) -> None:
         """Detach and drop every buffer (the engine has stopped)."""
         for t in self._linears:
             t.module.lora = None
-        for _, moe in self._experts:
-            moe.lora = None
+        for e in self._experts:
+            e.module.lora = None
         self._linears, self._experts = [], []
 
     def buffers(self) -> Iterator[torch.Tensor]:
@@ -104,35 +90,23 @@ class LoraPool:
             assert t.module.lora is not None
             yield t.module.lora.a
             yield t.module.lora.b
-        for _, moe in self._experts:
-            assert moe.lora is not None
-            yield from (moe.lora.a_gu, moe.lora.b_gu, moe.lora.a_dn, moe.lora.b_dn)
+        for e in self._experts:
+            assert e.module.lora is not None
+            yield from (e.module.lora.a_gu, e.module.lora.b_gu, e.module.lora.a_dn, e.module.lora.b_dn)
 
     @property
     def num_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    @staticmethod
-    def estimate_bytes(model: MoeForCausalLM, num_slots: int, max_rank: int) -> int:
-        """The bytes a pool for `model` would take, computed without allocating it."""
-        itemsize = next(model.parameters()).element_size()
-        shapes = (shape for t in _targets(model) for shape in _shapes(t, num_slots, max_rank))
-        return itemsize * sum(math.prod(shape) for shape in shapes)
-
     def clear(self, slot: int) -> None:
-        if self.mirror is not None:
-            self.mirror(("clear", slot))
-        self._clear(slot)
-
-    def _clear(self, slot: int) -> None:
         for b in self.buffers():
             b[slot].zero_()
         for t in self._linears:
             assert t.module.lora is not None
             t.module.lora.rank[slot] = 0
-        for _, moe in self._experts:
-            assert moe.lora is not None
-            moe.lora.rank[slot] = 0
+        for e in self._experts:
+            assert e.module.lora is not None
+            e.module.lora.rank[slot] = 0
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
         """Put `adapter` into `slot`: this rank's shards of every target, zeros where it has none."""
@@ -141,9 +115,7 @@ class LoraPool:
                 f"adapter '{adapter.name}' has rank {adapter.rank}, "
                 f"above the pool's max_lora_rank {self.max_rank}"
             )
-        if self.mirror is not None:
-            self.mirror(("lora", slot, adapter.name, adapter.source, self.max_rank, adapter.fingerprint))
-        self._clear(slot)
+        self.clear(slot)
         for t in self._linears:
             lora = t.module.lora
             assert lora is not None
@@ -154,8 +126,8 @@ class LoraPool:
                 if w is not None:
                     self._write_linear(lora, slot, p, offset, rows, t.module, w)
                 offset += rows.stop - rows.start
-        for layer, moe in self._experts:
-            self._write_experts(slot, layer, moe, adapter)
+        for e in self._experts:
+            self._write_experts(slot, e.layer, e.module, adapter)
 
     def _write_linear(
         self,
