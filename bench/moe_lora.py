@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timing import graph_us
 
 from moelora import ops
-from moelora.ops.triton import tiles
+from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.tiles import moe_tiles
 
 SHAPES = {  # name: (H, I, E, top-k)
@@ -96,7 +96,8 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
     x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
     ids, weights = route(m, num_experts, k, gen)
     reps = args.reps if m <= 512 else max(5, args.reps // 4)
-    base = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=reps)
+    plan: KernelPlan = args.plan
+    base = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights, plan=plan), reps=reps)
     try:
         gmm_fn = partial(grouped_mm_moe, x, w_gu.transpose(1, 2), w_dn.transpose(1, 2), ids, weights)
         gmm = graph_us(partial(gmm_fn, num_experts), reps=reps)
@@ -105,13 +106,13 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         gmm = float("nan")
     base_floor = ids.unique().numel() * 3 * hidden * inter * 2 / (args.tbps * 1e12) * 1e6
     for (s, r), (a_gu, b_gu, a_dn, b_dn) in bufs.items():
-        block_m = moe_tiles(m * k, num_experts, s).block_m
+        block_m = moe_tiles(m * k, num_experts, s, plan).block_m
         slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
         # --used-rank: adapters of that rank in the pool of rank r (lanes above it zero, skipped by rank).
         used = min(args.used_rank or r, r)
         slot_rank = torch.full((s,), used, dtype=torch.int32, device="cuda")
         lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot)
-        total = graph_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank), reps=reps)
+        total = graph_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank, plan=plan), reps=reps)
         align = graph_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps=reps)
         pairs = (slot.long()[:, None] * num_experts + ids.long()).unique().numel()
         floor = pairs * 2 * used * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
@@ -119,7 +120,9 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         yield Row(name, m, s, r, base, gmm, total, lora, floor, floor / max(lora, 1e-3), base_floor, align)
 
 
-def profile(name: str, ms: list[int], loras: list[tuple[int, int]], ncu: bool = False) -> None:
+def profile(
+    name: str, ms: list[int], loras: list[tuple[int, int]], plan: KernelPlan, ncu: bool = False
+) -> None:
     """Per-kernel GPU time (us per call, eager) of the base MoE and the MoE-LoRA, to see where time goes.
     With `ncu`, one warm eager call of each inside cudaProfilerStart/Stop instead, for
     `ncu --profile-from-start off` (labels on stdout in call order)."""
@@ -135,7 +138,7 @@ def profile(name: str, ms: list[int], loras: list[tuple[int, int]], ncu: bool = 
     for m in ms:
         x = torch.randn(m, hidden, **dt)
         ids, weights = route(m, num_experts, k, gen)
-        fns = {"base": partial(ops.fused_moe, x, w_gu, w_dn, ids, weights)}
+        fns = {"base": partial(ops.fused_moe, x, w_gu, w_dn, ids, weights, plan=plan)}
         for s, r in loras:
             slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
             fns[f"lora {s}x{r}"] = partial(
@@ -147,6 +150,7 @@ def profile(name: str, ms: list[int], loras: list[tuple[int, int]], ncu: bool = 
                 weights,
                 slot,
                 *lora_buffers(s, num_experts, hidden, inter, r),
+                plan=plan,
             )
         for label, fn in fns.items():
             fn()
@@ -204,15 +208,15 @@ def fmt(r: Row) -> str:
     )
 
 
-# Flags that force a kernel variant or path for A/B runs: (flag, the `tiles` override it sets, its type,
+# Flags that force a kernel variant or path for A/B runs: (flag, the `KernelPlan` field it sets, its type,
 # what it picks). -1 leaves the shape rule.
 OVERRIDES = (
-    ("--down-apart", "DOWN_EXPAND_APART", bool, "down LoRA expand: 1 bucketed kernel, 0 in the down GEMM"),
-    ("--decode-pairs", "DECODE_PAIRS", int, "at most this many (token, choice) pairs take the decode path"),
-    ("--shrink-splits", "SHRINK_SPLITS", int, "input splits of the MoE-LoRA shrink (aligned path)"),
+    ("--down-apart", "down_expand_apart", bool, "down LoRA expand: 1 bucketed kernel, 0 in the down GEMM"),
+    ("--decode-pairs", "decode_pairs", int, "at most this many (token, choice) pairs take the decode path"),
+    ("--shrink-splits", "shrink_splits", int, "input splits of the MoE-LoRA shrink (aligned path)"),
     (
         "--down-shrink-in-gate-up",
-        "DOWN_SHRINK_IN_GATE_UP",
+        "down_shrink_in_gate_up",
         bool,
         "down LoRA shrink: 1 in the gate/up GEMM, 0 apart",
     ),
@@ -242,7 +246,7 @@ def main() -> None:
     p.add_argument(
         "--expand",
         type=int,
-        default=tiles.EXPAND_16BIT,
+        default=TUNED.expand_16bit,
         help="LoRA expand of 16-bit weights: 1 one dot, 2 hi + lo",
     )
     for flag, _, _, what in OVERRIDES:
@@ -251,10 +255,11 @@ def main() -> None:
         "--used-rank", type=int, default=0, help="adapters of this rank in the --lora pools (padding skipped)"
     )
     args = p.parse_args()
-    tiles.EXPAND_16BIT = args.expand
+    fields = {"expand_16bit": args.expand}
     for flag, name, kind, _ in OVERRIDES:
         value = getattr(args, flag[2:].replace("-", "_"))
-        setattr(tiles, name, None if value < 0 else kind(value))
+        fields[name] = None if value < 0 else kind(value)
+    args.plan = KernelPlan(**fields)  # every kernel call of this run takes it
     ms = [int(v) for v in args.m.split(",")]
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     t0 = time.time()
@@ -263,7 +268,7 @@ def main() -> None:
     print(f"# dense bf16 GEMM 8192^3: {dense_tflops():.0f} TFLOP/s", flush=True)
     if args.profile or args.ncu:
         for name in args.models.split(","):
-            profile(name, ms, loras, args.ncu)
+            profile(name, ms, loras, args.plan, args.ncu)
         return
     if args.sweep:
         from moe_sweep import sweep, sweep_dense  # imports this module's shapes and buffers

@@ -5,6 +5,7 @@ part. Prints one table row per configuration."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -12,9 +13,8 @@ from moe_lora import SHAPES, lora_buffers, route
 from timing import graph_us
 
 from moelora import ops
-from moelora.ops.triton import moe as triton_moe
-from moelora.ops.triton import tiles
-from moelora.ops.triton.tiles import DecodeTiles, LoraTiles, Tiles, moe_tiles
+from moelora.ops.plan import DecodeTiles, KernelPlan, LoraTiles, Tiles
+from moelora.ops.triton.tiles import moe_tiles, use_decode_path
 
 SWEEP = (
     Tiles(32, 64, 64, 4, 3),
@@ -44,12 +44,12 @@ LORA_SWEEP = (
 )
 
 
-def lora_times(moe: tuple, bufs: dict, reps: int) -> str:
+def lora_times(moe: tuple, bufs: dict, reps: int, plan: KernelPlan) -> str:
     """Base + LoRA time of each pool in `bufs` ((adapters, rank) -> buffers), a new adapter every 4 tokens."""
     out = []
     for (s, r), buf in bufs.items():
         slot = ((torch.arange(moe[0].shape[0], device="cuda") // 4) % s).to(torch.int32)
-        fn = partial(ops.fused_moe_lora, *moe, slot, *buf)
+        fn = partial(ops.fused_moe_lora, *moe, slot, *buf, plan=plan)
         out.append(f"lora {s}x{r} {graph_us(fn, reps=reps):.0f}")
     return "; ".join(out)
 
@@ -64,46 +64,44 @@ def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
     loras = [(int(a), int(r)) for a, r in (spec.split("x") for spec in args.lora.split(","))]
     bufs = {(s, r): lora_buffers(s, num_experts, hidden, inter, r) for s, r in loras}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    saved = tiles._MOE_TABLE, tiles.DECODE_TILES
+    plan: KernelPlan = args.plan
     for m in ms:
         x = torch.randn(m, hidden, **dt)
         ids, weights = route(m, num_experts, k, gen)
         flops = 2 * m * k * 3 * hidden * inter
-        decode = tiles.use_decode_path(m * k, num_experts, k)
+        decode = use_decode_path(m * k, num_experts, k, plan)
         moe = (x, w_gu, w_dn, ids, weights)
 
         if decode:  # the aligned path at the same M, for reference
-            triton_moe.use_decode_path = lambda *_: False
-            us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=args.reps)
-            aligned = moe_tiles(m * k, num_experts)
-            lora = lora_times(moe, bufs, args.reps)
+            aligned_plan = replace(plan, decode_pairs=0)
+            us = graph_us(partial(ops.fused_moe, *moe, plan=aligned_plan), reps=args.reps)
+            aligned = moe_tiles(m * k, num_experts, 0, aligned_plan)
+            lora = lora_times(moe, bufs, args.reps, aligned_plan)
             print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | {lora} |")
-            triton_moe.use_decode_path = tiles.use_decode_path
         for t in DECODE_SWEEP if decode else SWEEP:
             if isinstance(t, Tiles):
                 if t.block_m > 2 * m * k:
                     continue
-                tiles._MOE_TABLE = ((float("inf"), t, t),)
+                one = replace(plan, moe_table=((float("inf"), t, t),))
             else:
-                tiles.DECODE_TILES = t
+                one = replace(plan, decode_tiles=t)
             label = f"| sweep | {name} | {m} | {t} |"
             try:
                 reps = max(5, args.reps // 2)
-                us = graph_us(partial(ops.fused_moe, x, w_gu, w_dn, ids, weights), reps=reps)
+                us = graph_us(partial(ops.fused_moe, *moe, plan=one), reps=reps)
                 tflops = flops / us / 1e6
                 print(
-                    f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | {lora_times(moe, bufs, reps)} |", flush=True
+                    f"{label} {us:.0f} | {tflops:.0f} TFLOP/s | {lora_times(moe, bufs, reps, one)} |",
+                    flush=True,
                 )
             except Exception as err:  # a configuration the compiler refuses (shared memory, registers)
                 print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
-        tiles._MOE_TABLE, tiles.DECODE_TILES = saved
 
 
 def sweep_dense(args: argparse.Namespace) -> None:
     """Dense multi-LoRA (`add_lora`, q projection of Qwen3-30B-A3B: 2048 -> 4096) per tile configuration;
     4 adapters of rank 16 and 16 of rank 64, a new adapter every 4 tokens up to 64 tokens, every 128 above."""
     d_in, d_out = 2048, 4096
-    saved = tiles._LORA_TABLE
     for num_tokens in (1, 16, 64, 2048, 8192):
         x = torch.randn(num_tokens, d_in, dtype=torch.bfloat16, device="cuda")
         y = torch.randn(num_tokens, d_out, dtype=torch.bfloat16, device="cuda")
@@ -114,16 +112,15 @@ def sweep_dense(args: argparse.Namespace) -> None:
             slot = ((torch.arange(num_tokens, device="cuda") // seg) % s).to(torch.int32)
             floor = (num_tokens * (d_in + 2 * d_out) + s * r * (d_in + d_out)) * 2 / (args.tbps * 1e12) * 1e6
             for t in LORA_SWEEP:
-                tiles._LORA_TABLE = ((float("inf"), t),)
+                one = replace(args.plan, lora_table=((float("inf"), t),))
                 label = f"| dense | {num_tokens} | {s}x{r} | {t} |"
                 try:
-                    us = graph_us(partial(ops.add_lora, y, x, a, b, slot), reps=max(5, args.reps // 2))
+                    fn = partial(ops.add_lora, y, x, a, b, slot, plan=one)
+                    us = graph_us(fn, reps=max(5, args.reps // 2))
                     print(f"{label} {us:.1f} | floor {floor:.1f} |", flush=True)
                 except Exception as err:
                     print(f"{label} failed: {str(err).splitlines()[0][:80]} |", flush=True)
-            tiles._LORA_TABLE = saved
             qkv(x, slot, s, r, args)
-    tiles._LORA_TABLE = saved
 
 
 def qkv(x: torch.Tensor, slot: torch.Tensor, s: int, r: int, args: argparse.Namespace) -> None:
@@ -136,10 +133,12 @@ def qkv(x: torch.Tensor, slot: torch.Tensor, s: int, r: int, args: argparse.Name
     def per_part() -> None:
         offset = 0
         for p, n in enumerate(sizes):
-            ops.add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], slot)
+            ops.add_lora(
+                y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], slot, plan=args.plan
+            )
             offset += n
 
     reps = max(5, args.reps // 2)
-    stacked = graph_us(partial(ops.add_lora_parts, y, x, a, b, slot, sizes), reps=reps)
+    stacked = graph_us(partial(ops.add_lora_parts, y, x, a, b, slot, sizes, plan=args.plan), reps=reps)
     parts = graph_us(per_part, reps=reps)
     print(f"| qkv | {x.shape[0]} | {s}x{r} | stacked {stacked:.1f} | per part {parts:.1f} |", flush=True)

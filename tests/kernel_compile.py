@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from moelora.ops.plan import TUNED
 from moelora.ops.triton import (
     align,
     attn_combine,
@@ -35,7 +36,6 @@ from moelora.ops.triton import (
     rotary,
     router,
 )
-from moelora.ops.triton.tiles import _LORA_TABLE, _MOE_TABLE, DECODE_TILES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H200 (227 KiB)
@@ -74,7 +74,7 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
 
 def moe_cases() -> Iterator[Case]:
     """The grouped GEMMs at every entry of the tile table, with and without LoRA (rank 16 and 64)."""
-    for _, base, lora in _MOE_TABLE:
+    for _, base, lora in TUNED.moe_table:
         for t, has_lora in ((base, False), (lora, True)):
             for rank in (16, 64) if has_lora else (16,):
                 common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
@@ -96,10 +96,11 @@ def moe_cases() -> Iterator[Case]:
             in_dim = 2048 if gather else 768
             shrink = dict(IN_DIM=in_dim, CHUNK=256 if block_m == 16 else in_dim, HALVES=halves, GATHER=gather)
             shrink |= dict(HAS_RANK=True)
-            shrink |= dict(BLOCK_M=block_m, BLOCK_K=128, BLOCK_R=block_r, PRECISION="tf32")
+            shrink |= dict(BLOCK_M=block_m, BLOCK_K=TUNED.shrink_k, BLOCK_R=block_r, PRECISION="tf32")
             yield moe_shrink._shrink_kernel, shrink, 4
     for rank in (16, 64):
-        expand = dict(HIDDEN=2048, TILES=4, PARTS=3, HAS_RANK=True, EXPAND=1, BLOCK_M=64, BLOCK_N=128)
+        expand = dict(HIDDEN=2048, TILES=4, PARTS=3, HAS_RANK=True, EXPAND=TUNED.expand_16bit, BLOCK_M=64)
+        expand |= dict(BLOCK_N=TUNED.expand_n)
         expand |= dict(BLOCK_R=rank)
         expand |= dict(PRECISION="tf32")
         yield moe_expand._expand_kernel, expand, 4
@@ -114,7 +115,7 @@ def moe_cases() -> Iterator[Case]:
 
 
 def decode_cases() -> Iterator[Case]:
-    t = DECODE_TILES
+    t = TUNED.decode_tiles
     for has_lora in (False, True):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
@@ -123,7 +124,7 @@ def decode_cases() -> Iterator[Case]:
 
 
 def dense_lora_cases() -> Iterator[Case]:
-    for _, t in _LORA_TABLE:
+    for _, t in TUNED.lora_table:
         shrink = dict(IN_DIM=2048, K_CHUNK=min(t.k_chunk, 2048), BLOCK_M=t.block_m, BLOCK_K=t.shrink_k)
         shrink |= dict(BLOCK_R=64, PRECISION="tf32", HAS_RANK=True)
         yield lora_shrink._lora_shrink_kernel, shrink, t.warps

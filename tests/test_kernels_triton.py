@@ -9,6 +9,7 @@ interpreter (with numpy >= 2.4) cannot take a run-time integer as a `range` boun
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 from moelora import LLM, SamplingParams, ops  # noqa: E402
 from moelora.demo import demo_adapter_paths  # noqa: E402
+from moelora.ops.plan import TUNED, KernelPlan, LoraTiles, Tiles  # noqa: E402
 from moelora.ops.torch import align as torch_align  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch import moe as torch_moe  # noqa: E402
@@ -144,17 +146,17 @@ def moe_inputs(case, seed: int):
     return g, x, w_gu, w_dn, ids, weights
 
 
-def check_fused_moe(case, seed: int) -> None:
+def check_fused_moe(case, seed: int, plan: KernelPlan = TUNED) -> None:
     _, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
-    out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights)
+    out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan)
     assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), CPU_TOL[x.dtype])
 
 
-def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
+def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int, plan: KernelPlan = TUNED) -> None:
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
     slot = slots(g, x.shape[0], num_slots)
-    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs, plan=plan)
     ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
     assert_close(out, ref, CPU_TOL[x.dtype])
     base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
@@ -168,70 +170,64 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int) -> None:
     for a, b in ((noisy[0], noisy[1]), (noisy[2], noisy[3])):
         a[1, ..., lanes_read(rank // 2) :, :] = float("nan")
         b[1, ..., lanes_read(rank // 2) :] = float("nan")
-    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *noisy, slot_rank=slot_rank)
+    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *noisy, slot_rank, plan)
     assert_close(got, ref, CPU_TOL[x.dtype])
 
 
+BIG = Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)  # the large batches' tiles, tiny
+
+
 @pytest.fixture(params=["aligned", "split", "persistent", "decode"])
-def path(request, monkeypatch) -> str:
+def path(request) -> KernelPlan:
     """Every MoE path on every case: the aligned grouped GEMMs, with the LoRA shrinks' input in one piece
     (the rule's splits) or split in up to 3 (16-column steps, so the tiny shapes split, a last split
     part-filled) and the down shrink in the gate/up GEMM's epilogue, or with the large batches' TMA-fed
     down GEMM (persistent without LoRA: 3 programs over all tiles; 32-column K steps, so I is not a whole
     number of them), and the alignment-free decode GEMVs."""
-    from moelora.ops.triton import moe_shrink
-
+    decode = request.param == "decode"
+    plan = KernelPlan(decode_pairs=1 << 30 if decode else 0, down_shrink_in_gate_up=False)
     if request.param == "persistent":
-        big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
-        monkeypatch.setattr(tile_table, "_MOE_TABLE", ((float("inf"), big, big),))
-        monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 3)
-    monkeypatch.setattr(triton_moe, "use_decode_path", lambda *_: request.param == "decode")
-    monkeypatch.setattr(tile_table, "SHRINK_SPLITS", 3 if request.param == "split" else None)
-    monkeypatch.setattr(tile_table, "DOWN_SHRINK_IN_GATE_UP", request.param == "split")
+        plan = replace(plan, moe_table=((float("inf"), BIG, BIG),), persistent_programs=3)
     if request.param == "split":  # (the shape rule would put the tiny cases' down expand apart)
-        monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", False)
-    if request.param == "split":
-        monkeypatch.setattr(moe_shrink, "_BLOCK_K", 16)
-    return request.param
+        plan = replace(
+            plan, shrink_splits=3, down_shrink_in_gate_up=True, down_expand_apart=False, shrink_k=16
+        )
+    return plan
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_fused_moe_matches_twin(case, path: str):
-    check_fused_moe(case, seed=case[0])
+def test_fused_moe_matches_twin(case, path: KernelPlan):
+    check_fused_moe(case, seed=case[0], plan=path)
 
 
 @pytest.mark.parametrize(
     ("case", "rank"), [(CPU_CASES[0], 4), (CPU_CASES[1], 24), (CPU_CASES[2], 16), (CPU_CASES[3], 4)]
 )
-def test_fused_moe_lora_matches_twin(case, rank: int, path: str):
-    check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank)
+def test_fused_moe_lora_matches_twin(case, rank: int, path: KernelPlan):
+    check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank, plan=path)
 
 
 @pytest.mark.parametrize(("case", "rank"), [(CPU_CASES[1], 24), (CPU_CASES[2], 16)])
 @pytest.mark.parametrize("apart", [True, False])
-def test_fused_moe_lora_down_expand_both_ways(case, rank: int, apart: bool, monkeypatch):
+def test_fused_moe_lora_down_expand_both_ways(case, rank: int, apart: bool):
     """The down LoRA expand apart (bucketed kernel) and in the down GEMM's epilogue, whichever the shape
     rule would pick."""
-    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", apart)
-    check_fused_moe_lora(case, seed=case[0] + 2, num_slots=3, rank=rank)
+    plan = KernelPlan(down_expand_apart=apart)
+    check_fused_moe_lora(case, seed=case[0] + 2, num_slots=3, rank=rank, plan=plan)
 
 
 @pytest.mark.parametrize("programs", [24, 36])
-def test_fused_moe_lora_down_expand_column_splits(programs: int, monkeypatch):
+def test_fused_moe_lora_down_expand_column_splits(programs: int):
     """The bucketed down expand with each bucket's 4 column tiles split over 2 programs (2 tiles each) and
     over 3 (the last one's second tile past the columns)."""
-    from moelora.ops.triton import moe_expand
-
-    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", True)
-    monkeypatch.setattr(moe_expand, "_BLOCK_N", 16)
-    monkeypatch.setattr(moe_expand, "_PROGRAMS", programs)  # 4 experts x 3 slots = 12 buckets
-    check_fused_moe_lora(CPU_CASES[2], seed=31, num_slots=3, rank=16)
+    # 4 experts x 3 slots = 12 buckets
+    plan = KernelPlan(down_expand_apart=True, expand_n=16, expand_programs=programs)
+    check_fused_moe_lora(CPU_CASES[2], seed=31, num_slots=3, rank=16, plan=plan)
 
 
-def test_fused_moe_lora_shrink_in_several_steps(monkeypatch):
+def test_fused_moe_lora_shrink_in_several_steps():
     """Buckets larger than the shrink's rows per step (~47 pairs per bucket, 16 rows a step)."""
-    monkeypatch.setattr(triton_moe, "shrink_rows", lambda *_: 16)
-    check_fused_moe_lora(CPU_CASES[3], seed=21, num_slots=3, rank=16)
+    check_fused_moe_lora(CPU_CASES[3], seed=21, num_slots=3, rank=16, plan=KernelPlan(shrink_rows=16))
 
 
 @pytest.mark.parametrize("tma", [True, False])
@@ -241,24 +237,20 @@ def test_big_down_gemm_with_and_without_tma(tma: bool, monkeypatch):
     one program per tile with the LoRA expand fused."""
     from moelora.ops.triton import moe_down
 
-    big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
-    monkeypatch.setattr(tile_table, "_MOE_TABLE", ((float("inf"), big, big),))
-    monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 2)
-    monkeypatch.setattr(tile_table, "DOWN_EXPAND_APART", False)
+    plan = KernelPlan(moe_table=((float("inf"), BIG, BIG),), persistent_programs=2, down_expand_apart=False)
     calls = []
-    monkeypatch.setattr(moe_down, "tma_ok", lambda *t: calls.append(t) or tma)
-    check_fused_moe(CPU_CASES[1], seed=22)
-    check_fused_moe_lora(CPU_CASES[1], seed=22, num_slots=3, rank=8)
+    monkeypatch.setattr(moe_down, "tma_ok", lambda *t: calls.append(t) or tma)  # the hardware's answer
+    check_fused_moe(CPU_CASES[1], seed=22, plan=plan)
+    check_fused_moe_lora(CPU_CASES[1], seed=22, num_slots=3, rank=8, plan=plan)
     assert len(calls) >= 2, "the big tiles did not reach the down GEMM"
 
 
-def test_big_down_gemm_takes_strided_weights(monkeypatch):
+def test_big_down_gemm_takes_strided_weights():
     """Weights that are a slice of a wider tensor (no TMA descriptor fits them) take the pointer loads:
     every pair's row is w_down[e] @ h[row], persistent over 2 programs."""
     from moelora.ops.triton.moe_down import moe_down
 
-    big = tile_table.Tiles(16, 32, 32, 4, 2, down_n=64, down_stages=2, tma_down=True)
-    monkeypatch.setattr(tile_table, "PERSISTENT_PROGRAMS", 2)
+    big = BIG
     gen = torch.Generator().manual_seed(23)
     num_tokens, top_k, num_experts, hidden, inter = 21, 2, 3, 48, 40
     ids = torch.randint(-1, num_experts + 1, (num_tokens, top_k), generator=gen, dtype=torch.int32)
@@ -266,7 +258,9 @@ def test_big_down_gemm_takes_strided_weights(monkeypatch):
     h = torch.randn(sorted_pairs.numel(), inter, generator=gen)
     wide = torch.randn(num_experts, hidden, inter + 8, generator=gen)
     w_down = wide[..., :inter]
-    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, big, None)
+    d = moe_down(
+        h, w_down, sorted_pairs, block_expert, num_tokens, top_k, big, None, KernelPlan(persistent_programs=2)
+    )
     checked = 0
     for row, pair in enumerate(sorted_pairs.tolist()):
         if pair < num_tokens * top_k:
@@ -292,9 +286,9 @@ def test_decode_gate_up_lora_counters_and_padding():
     slot = slots(g, x.shape[0], 3)
     slot_rank = torch.tensor([16, 8, 16], dtype=torch.int32, device=DEV)
     lora = (slot, a_gu, b_gu, a_dn, slot_rank)
-    h, ha = gu.decode_gate_up(x, w_gu, ids, lora, tile_table.DECODE_TILES)
+    h, ha = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
     assert not launch_counters(x.device, 0).any()
-    h2, ha2 = gu.decode_gate_up(x, w_gu, ids, lora, tile_table.DECODE_TILES)
+    h2, ha2 = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
     runs = ((ids >= 0) & (ids < case[2])).view(-1)
     assert torch.equal(h[runs], h2[runs]) and torch.equal(ha, ha2)
     assert torch.isfinite(ha).all() and ha.abs().sum() > 0
@@ -332,7 +326,9 @@ def test_fused_moe_lora_without_valid_slots_equals_base(path: str):
     assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), 1e-5)
 
 
-def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtype, seed: int) -> None:
+def check_add_lora(
+    num_tokens: int, num_slots: int, rank: int, dtype: torch.dtype, seed: int, plan: KernelPlan = TUNED
+) -> None:
     g = torch.Generator().manual_seed(seed)
     d_in, d_out, parts = 48, 40, 2
     x = rand(g, num_tokens, d_in).to(dtype)
@@ -344,7 +340,7 @@ def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtyp
     slot = slots(g, num_tokens, num_slots)
     wide = rand(g, num_tokens, d_out + 8).to(dtype)
     got, ref = wide.clone(), wide.clone()
-    triton_lora.add_lora(got[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot)
+    triton_lora.add_lora(got[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot, None, plan)
     torch_lora.add_lora(ref[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot)
     assert torch.equal(got[:, :3], wide[:, :3]) and torch.equal(got[:, 3 + d_out :], wide[:, 3 + d_out :])
     base = (slot < 0) | (slot >= num_slots)
@@ -356,28 +352,28 @@ def check_add_lora(num_tokens: int, num_slots: int, rank: int, dtype: torch.dtyp
     a[1, :, lanes_read(rank // 2) :] = float("nan")
     b[1, :, lanes_read(rank // 2) :] = float("nan")
     noisy = wide.clone()
-    triton_lora.add_lora(noisy[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot, ranks[:, 1])
+    triton_lora.add_lora(noisy[:, 3 : 3 + d_out], x, a[:, 1], b[:, 3 : 3 + d_out], slot, ranks[:, 1], plan)
     assert_close(noisy, ref, CPU_TOL[dtype])
 
 
 @pytest.fixture(params=["table", "split-k"])
-def lora_tiles(request, monkeypatch) -> str:
+def lora_plan(request) -> KernelPlan:
     """The dense LoRA tile table as shipped, and one that splits the shrink's sum (in = 48: 32 + 16)."""
     if request.param == "split-k":
-        monkeypatch.setattr(
-            tile_table, "_LORA_TABLE", ((float("inf"), tile_table.LoraTiles(16, 16, 32, 32, 4, 2)),)
-        )
-    return request.param
+        return KernelPlan(lora_table=((float("inf"), LoraTiles(16, 16, 32, 32, 4, 2)),))
+    return TUNED
 
 
 @pytest.mark.parametrize(
     ("num_tokens", "rank", "dtype"), [(1, 4, torch.float32), (37, 8, torch.float32), (70, 16, torch.float16)]
 )
-def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_tiles: str):
-    check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens)
+def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_plan: KernelPlan):
+    check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens, plan=lora_plan)
 
 
-def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: int) -> None:
+def check_add_lora_parts(
+    num_tokens: int, rank: int, dtype: torch.dtype, seed: int, plan: KernelPlan = TUNED
+) -> None:
     """q/k/v-like stacked parts: one shrink over the stacked A (or part by part for wide stacks)."""
     g = torch.Generator().manual_seed(seed)
     d_in, sizes, num_slots = 48, (40, 8, 24), 3
@@ -390,7 +386,7 @@ def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: i
     slot[0] = num_slots - 1  # at least one token with an adapter
     y = rand(g, num_tokens, sum(sizes)).to(dtype)
     got, ref = y.clone(), y.clone()
-    triton_lora.add_lora_parts(got, x, a, b, slot, sizes)
+    triton_lora.add_lora_parts(got, x, a, b, slot, sizes, None, plan)
     torch_lora.add_lora_parts(ref, x, a, b, slot, sizes)
     base = (slot < 0) | (slot >= num_slots)
     assert torch.equal(got[base], y[base]), "tokens without a valid slot must be left alone"
@@ -406,15 +402,15 @@ def check_add_lora_parts(num_tokens: int, rank: int, dtype: torch.dtype, seed: i
     a[1, :, lanes_read(rank // 2) :], b[1, :, lanes_read(rank // 2) :] = float("nan"), float("nan")
     a[2, 1], b[2, sizes[0] : sizes[0] + sizes[1]] = float("nan"), float("nan")
     noisy = y.clone()
-    triton_lora.add_lora_parts(noisy, x, a, b, slot, sizes, ranks)
+    triton_lora.add_lora_parts(noisy, x, a, b, slot, sizes, ranks, plan)
     assert_close(noisy, ref, CPU_TOL[dtype])
 
 
 @pytest.mark.parametrize(
     ("num_tokens", "rank", "dtype"), [(1, 8, torch.float32), (37, 16, torch.float16), (70, 48, torch.float32)]
 )
-def test_add_lora_parts_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_tiles: str):
-    check_add_lora_parts(num_tokens, rank, dtype, seed=num_tokens + 5)
+def test_add_lora_parts_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_plan: KernelPlan):
+    check_add_lora_parts(num_tokens, rank, dtype, seed=num_tokens + 5, plan=lora_plan)
 
 
 def router_logits(g: torch.Generator, num_tokens: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
@@ -491,26 +487,26 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_fused_moe_gpu(case, path: str):
-    check_fused_moe(case, seed=case[0])
+def test_fused_moe_gpu(case, path: KernelPlan):
+    check_fused_moe(case, seed=case[0], plan=path)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "rank"), [(c, r) for c in GPU_CASES for r in (16, 64)])
-def test_fused_moe_lora_gpu(case, rank: int, path: str):
-    check_fused_moe_lora(case, seed=case[0] + 7, num_slots=16, rank=rank)
+def test_fused_moe_lora_gpu(case, rank: int, path: KernelPlan):
+    check_fused_moe_lora(case, seed=case[0] + 7, num_slots=16, rank=rank, plan=path)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 37, 1000])
-def test_add_lora_gpu(num_tokens: int, lora_tiles: str):
-    check_add_lora(num_tokens, num_slots=8, rank=32, dtype=torch.bfloat16, seed=num_tokens)
+def test_add_lora_gpu(num_tokens: int, lora_plan: KernelPlan):
+    check_add_lora(num_tokens, num_slots=8, rank=32, dtype=torch.bfloat16, seed=num_tokens, plan=lora_plan)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("num_tokens", "rank"), [(1, 16), (64, 32), (1000, 16), (1000, 64)])
-def test_add_lora_parts_gpu(num_tokens: int, rank: int, lora_tiles: str):
-    check_add_lora_parts(num_tokens, rank, torch.bfloat16, seed=num_tokens)
+def test_add_lora_parts_gpu(num_tokens: int, rank: int, lora_plan: KernelPlan):
+    check_add_lora_parts(num_tokens, rank, torch.bfloat16, seed=num_tokens, plan=lora_plan)
 
 
 @pytest.mark.gpu

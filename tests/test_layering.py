@@ -109,3 +109,34 @@ def test_no_import_cycle_between_packages():
     for start in sorted(graph):
         if start not in state and (cycle := visit(start, [start])):
             raise AssertionError(" -> ".join(cycle))
+
+
+def module_values(path: Path) -> dict[str, ast.expr]:
+    """Names a module binds at its top level to a value (not a function, class or import)."""
+    out: dict[str, ast.expr] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and node.value is not None:
+            out.update({t.id: node.value for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and node.value is not None and isinstance(node.target, ast.Name):
+            out[node.target.id] = node.value
+    return out
+
+
+def test_kernel_choices_are_a_value_not_module_state():
+    """Kernel choices live in one frozen `KernelPlan` passed to the ops: the rules' module holds no
+    values (a switch there would be read at call time and patched by benchmarks), no op module keeps an
+    override (a top-level None) or rebinds a global, and every plan type is frozen."""
+    ops_dir = ROOT / "ops"
+    assert set(module_values(ops_dir / "triton" / "tiles.py")) <= {"__all__"}
+    for path in sorted(ops_dir.rglob("*.py")):
+        for name, value in module_values(path).items():
+            assert not (isinstance(value, ast.Constant) and value.value is None), (
+                f"{path.name}: {name} = None"
+            )
+        assert not any(isinstance(n, ast.Global) for n in ast.walk(ast.parse(path.read_text()))), path.name
+    from moelora.ops import plan
+
+    types = [plan.Tiles, plan.DecodeTiles, plan.LoraTiles, plan.KernelPlan]
+    assert all(t.__dataclass_params__.frozen for t in types)  # type: ignore[attr-defined]
+    public = {n for n in module_values(ops_dir / "plan.py") if not n.startswith("_")}
+    assert public == {"TUNED"}

@@ -18,6 +18,7 @@ from typing import overload
 
 import torch
 
+from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
 from moelora.ops.torch import lora as _torch_lora
@@ -90,11 +91,14 @@ def fused_moe(
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
     weights: torch.Tensor,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics."""
+    """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics. `plan`: the
+    kernels' tiles and variants (`ops/plan.py`; the twin has none)."""
     mod = _kernels("moe", x)
-    impl = mod.fused_moe if mod is not None else _torch_moe.fused_moe
-    return impl(x, w_gate_up, w_down, local_ids, weights)
+    if mod is None:
+        return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights)
+    return mod.fused_moe(x, w_gate_up, w_down, local_ids, weights, plan)
 
 
 def prefill_attention(
@@ -195,11 +199,14 @@ def add_lora(
     b: torch.Tensor,
     token_slot: torch.Tensor,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """Dense multi-LoRA added in place; see `moelora.ops.torch.lora.add_lora`."""
     mod = _kernels("lora", x)
-    impl = mod.add_lora if mod is not None else _torch_lora.add_lora
-    impl(y, x, a, b, token_slot, slot_rank)
+    if mod is None:
+        _torch_lora.add_lora(y, x, a, b, token_slot, slot_rank)
+    else:
+        mod.add_lora(y, x, a, b, token_slot, slot_rank, plan)
 
 
 def add_lora_parts(
@@ -210,11 +217,14 @@ def add_lora_parts(
     token_slot: torch.Tensor,
     sizes: tuple[int, ...],
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """Dense multi-LoRA of stacked output parts (q/k/v); see `moelora.ops.torch.lora.add_lora_parts`."""
     mod = _kernels("lora", x)
-    impl = mod.add_lora_parts if mod is not None else _torch_lora.add_lora_parts
-    impl(y, x, a, b, token_slot, sizes, slot_rank)
+    if mod is None:
+        _torch_lora.add_lora_parts(y, x, a, b, token_slot, sizes, slot_rank)
+    else:
+        mod.add_lora_parts(y, x, a, b, token_slot, sizes, slot_rank, plan)
 
 
 def fused_moe_lora(
@@ -229,8 +239,11 @@ def fused_moe_lora(
     a_dn: torch.Tensor,
     b_dn: torch.Tensor,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
     mod = _kernels("moe", x)
-    impl = mod.fused_moe_lora if mod is not None else _torch_lora.fused_moe_lora
-    return impl(x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
+    args = (x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
+    if mod is None:
+        return _torch_lora.fused_moe_lora(*args)
+    return mod.fused_moe_lora(*args, plan)

@@ -8,7 +8,7 @@ import triton
 
 from moelora.ops.triton.lora_expand import lora_expand
 from moelora.ops.triton.lora_shrink import lora_shrink
-from moelora.ops.triton.tiles import lora_tiles
+from moelora.ops.triton.tiles import TUNED, KernelPlan, lora_tiles
 
 
 def add_lora(
@@ -18,6 +18,7 @@ def add_lora(
     b: torch.Tensor,
     token_slot: torch.Tensor,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """Same signature and Semantics as `moelora.ops.torch.lora.add_lora`."""
     num_tokens, in_dim = x.shape
@@ -33,10 +34,10 @@ def add_lora(
         )
     if num_tokens == 0:
         return
-    tiles = lora_tiles(num_tokens)
+    tiles = lora_tiles(num_tokens, plan)
     slot = token_slot.contiguous()
     xa = lora_shrink(x, a, slot, tiles, None if slot_rank is None else slot_rank[:, None])
-    lora_expand(y, xa, b, slot, tiles, slot_rank)
+    lora_expand(y, xa, b, slot, tiles, slot_rank, plan)
 
 
 _MAX_STACKED_RANK = 128  # lanes of one shrink; wider stacks shrink part by part
@@ -50,6 +51,7 @@ def add_lora_parts(
     token_slot: torch.Tensor,
     sizes: tuple[int, ...],
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`."""
     num_tokens, in_dim = x.shape
@@ -71,15 +73,17 @@ def add_lora_parts(
         offset = 0
         for p, n in enumerate(sizes):
             part_rank = None if slot_rank is None else slot_rank[:, p]
-            add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot, part_rank)
+            b_part = b[:, offset : offset + n]
+            add_lora(y[:, offset : offset + n], x, a[:, p], b_part, token_slot, part_rank, plan)
             offset += n
         return
-    tiles = lora_tiles(num_tokens)
+    tiles = lora_tiles(num_tokens, plan)
     slot = token_slot.contiguous()
     xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles, slot_rank)
     offset = 0
     for p, n in enumerate(sizes):
         part_xa = xa[:, :, p * rank : (p + 1) * rank]
         part_rank = None if slot_rank is None else slot_rank[:, p]
-        lora_expand(y[:, offset : offset + n], part_xa, b[:, offset : offset + n], slot, tiles, part_rank)
+        b_part = b[:, offset : offset + n]
+        lora_expand(y[:, offset : offset + n], part_xa, b_part, slot, tiles, part_rank, plan)
         offset += n

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, lanes_in_rank
-from moelora.ops.triton.tiles import LoraTiles, dot_precision, expand_mode
+from moelora.ops.triton.tiles import TUNED, KernelPlan, LoraTiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -54,6 +54,7 @@ def lora_expand(
     token_slot: torch.Tensor,
     tiles: LoraTiles,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """y[t] += b[s] @ sum(xa[:, t]) in place for s = token_slot[t] in [0, S); y [T, out] (any strides),
     xa [splits, T, R] fp32 partial sums from `lora_shrink` (its last dimension contiguous: a column slice
@@ -68,5 +69,5 @@ def lora_expand(
         *b.stride(), *y.stride(), ranks.stride(0),
         SPLITS=xa.shape[0], HAS_RANK=slot_rank is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        EXPAND=expand_mode(b.dtype), PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
     )  # fmt: skip

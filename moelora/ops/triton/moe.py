@@ -19,6 +19,8 @@ from moelora.ops.triton.moe_gate_up import moe_gate_up
 from moelora.ops.triton.moe_shrink import moe_lora_shrink
 from moelora.ops.triton.moe_sum import moe_sum
 from moelora.ops.triton.tiles import (
+    TUNED,
+    KernelPlan,
     down_expand_apart,
     down_shrink_in_gate_up,
     moe_tiles,
@@ -34,19 +36,20 @@ def fused_moe(
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
     weights: torch.Tensor,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """Same signature and Semantics as `moelora.ops.torch.moe.fused_moe`."""
+    """Same signature and Semantics as `moelora.ops.torch.moe.fused_moe`; `plan`: the kernel choices."""
     _check(x, w_gate_up, w_down, local_ids, weights)
     num_tokens, top_k = local_ids.shape
     num_experts = w_down.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(x)
-    if use_decode_path(num_tokens * top_k, num_experts, top_k):
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, None)
-    tiles = moe_tiles(num_tokens * top_k, num_experts)
+    if use_decode_path(num_tokens * top_k, num_experts, top_k, plan):
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan)
+    tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
-    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None)
-    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None)
+    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None, plan=plan)
+    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None, plan)
     return moe_sum(d, local_ids, weights, num_experts)
 
 
@@ -62,8 +65,10 @@ def fused_moe_lora(
     a_dn: torch.Tensor,
     b_dn: torch.Tensor,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`."""
+    """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`; `plan`: the kernel
+    choices."""
     _check(x, w_gate_up, w_down, local_ids, weights)
     num_tokens, top_k = local_ids.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
@@ -88,31 +93,32 @@ def fused_moe_lora(
         return torch.zeros_like(x)
     slot = token_slot.contiguous()
     num_pairs = num_tokens * top_k
-    if use_decode_path(num_pairs, num_experts, top_k):
+    if use_decode_path(num_pairs, num_experts, top_k, plan):
         lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora)
-    tiles = moe_tiles(num_pairs, num_experts, num_slots)
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora, plan)
+    tiles = moe_tiles(num_pairs, num_experts, num_slots, plan)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m
     )
     rows = (sorted_pairs, block_expert)
-    step = shrink_rows(num_pairs, num_experts, num_slots)
+    step = shrink_rows(num_pairs, num_experts, num_slots, plan)
     buckets = (sorted_pairs, start, count, busy)
-    splits = [shrink_splits(num_pairs, num_experts, num_slots, dim) for dim in (hidden, inter)]
-    xa = moe_lora_shrink(x, a_gu, *buckets, top_k, True, step, splits[0], slot_rank)
-    apart = down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank)
+    splits = [shrink_splits(num_pairs, num_experts, num_slots, dim, plan) for dim in (hidden, inter)]
+    xa = moe_lora_shrink(x, a_gu, *buckets, top_k, True, step, splits[0], slot_rank, plan)
+    apart = down_expand_apart(tiles, num_pairs, num_experts, num_slots, rank, plan)
     # Small batches: the gate/up GEMM writes the down shrink too (in parts), else a shrink launch does.
     a_dn_in_gate_up = (
-        a_dn if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles) else None
+        a_dn if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles, plan) else None
     )
-    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, (slot, xa, b_gu, slot_rank), a_dn_in_gate_up)
+    lora_gu = (slot, xa, b_gu, slot_rank)
+    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, lora_gu, a_dn_in_gate_up, plan)
     if ha is None:
-        ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank).squeeze(2)
+        ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank, plan).squeeze(2)
     if apart:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None)
-        moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank)
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan)
+        moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank, plan)
     else:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank))
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank), plan)
     return moe_sum(d, local_ids, weights, num_experts)
 
 

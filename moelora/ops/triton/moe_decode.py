@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moelora.ops.triton import tiles as tile_table
+from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.moe_decode_down import decode_down
 from moelora.ops.triton.moe_decode_gate_up import decode_gate_up
 from moelora.ops.triton.moe_sum import moe_sum
@@ -21,11 +21,12 @@ def decode_moe(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     lora: LoraBuffers | None,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, a_gu, b_gu, a_dn, b_dn,
     slot_rank)) for few pairs: three launches with or without LoRA, no alignment, every size from the shapes
     (CUDA-graph safe)."""
-    tiles = tile_table.DECODE_TILES  # read per call, so a sweep can patch the table
+    tiles = plan.decode_tiles
     num_experts = w_down.shape[0]
     if lora is None:
         h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles)

@@ -8,9 +8,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moelora.ops.triton import tiles as tile_table
 from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_sms, sum_parts, tma_ok
-from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
+from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -133,6 +132,7 @@ def moe_down(
     top_k: int,
     tiles: Tiles,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset).
 
@@ -166,14 +166,14 @@ def moe_down(
         w_desc = TensorDescriptor.from_tensor(w_down.view(-1, inter), [t.block_n, t.block_k])
     programs = blocks * num_n
     if persistent:
-        programs = min(programs, tile_table.PERSISTENT_PROGRAMS or num_sms(h.device))
+        programs = min(programs, plan.persistent_programs or num_sms(h.device))
     _down_kernel[(programs,)](
         h, h_desc, w_down, w_desc, d, sorted_pairs, block_expert, slot, ha, b,
         slot if slot_rank is None else slot_rank,
         num_pairs, top_k, hidden, rank, num_slots, blocks, sorted_pairs.numel() * rank,
         *w_down.stride(), *b.stride(),
         INTER=inter, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
-        EXPAND=expand_mode(h.dtype), TMA=use_tma, PERSISTENT=persistent, PIPELINED=h.is_cuda,
+        EXPAND=expand_mode(h.dtype, plan), TMA=use_tma, PERSISTENT=persistent, PIPELINED=h.is_cuda,
         BLOCKS_PAD=triton.next_power_of_2(blocks) if persistent else 1,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         BLOCK_R=block_r, GROUP_M=t.group_m,

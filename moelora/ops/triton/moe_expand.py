@@ -12,10 +12,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, busy_bucket, lanes_in_rank, sum_parts
-from moelora.ops.triton.tiles import dot_precision, expand_mode
-
-_BLOCK_N = 128
-_PROGRAMS = 1024  # at least this many programs (several per SM of an H100 / H200) where columns allow
+from moelora.ops.triton.tiles import TUNED, KernelPlan, dot_precision, expand_mode
 
 
 @triton.jit
@@ -65,6 +62,7 @@ def moe_lora_expand(
     busy: torch.Tensor,
     block_m: int,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> None:
     """d[p] += b[s, e] @ sum_q ha[q, row] for each aligned row of a pair p with a slot s in [0, S) (in
     place).
@@ -78,13 +76,14 @@ def moe_lora_expand(
         return
     # Column tiles split over enough programs to fill the GPU when the buckets are few (8 experts); with
     # many buckets one program takes all of a bucket's columns (no empty programs per column tile).
-    col_tiles = triton.cdiv(hidden, _BLOCK_N)
-    splits = min(col_tiles, triton.cdiv(_PROGRAMS, busy.numel()))
+    block_n = plan.expand_n
+    col_tiles = triton.cdiv(hidden, block_n)
+    splits = min(col_tiles, triton.cdiv(plan.expand_programs, busy.numel()))
     ranks = bucket_count if slot_rank is None else slot_rank
     _expand_kernel[(busy.numel(), splits)](
         d, ha, b, sorted_pairs, bucket_start, bucket_count, busy, ranks,
         rank, num_slots, ha[0].numel(), *b.stride(),
         HIDDEN=hidden, TILES=triton.cdiv(col_tiles, splits), PARTS=ha.shape[0],
-        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(d.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(d.dtype, plan), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=dot_precision(d.dtype),
     )  # fmt: skip

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid, sum_parts
-from moelora.ops.triton.tiles import Tiles, dot_precision, expand_mode
+from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
 @triton.jit
@@ -115,6 +115,7 @@ def moe_gate_up(
     tiles: Tiles,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     a_dn: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
     unset); ha None, or with a_dn the down projection's LoRA shrink in parts.
@@ -148,7 +149,7 @@ def moe_gate_up(
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
         *(ad.stride() if ha is not None else (0, 0, 0, 0)),
         HIDDEN=hidden, HAS_LORA=lora is not None, PARTS=parts, DOWN_SHRINK=ha is not None,
-        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype), IL_EXPAND=rank <= 16,
+        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan), IL_EXPAND=rank <= 16,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,

@@ -14,9 +14,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import busy_bucket, lanes_in_rank
-from moelora.ops.triton.tiles import dot_precision
-
-_BLOCK_K = 128
+from moelora.ops.triton.tiles import TUNED, KernelPlan, dot_precision
 
 
 @triton.jit
@@ -74,19 +72,21 @@ def moe_lora_shrink(
     block_m: int,
     splits: int = 1,
     slot_rank: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """-> out [P, rows, halves, R] fp32 whose sum over P is a[s, e, h] @ inp[src] for each aligned row
     whose pair (t, j) has a slot s in [0, S) (other rows are not written).
 
     a [S, E_loc, halves, R, K] (gate/up) or [S, E_loc, R, K] (down, one half); src = t if `gather`
     (inp [T, K]) else the aligned row (inp [rows, K]); bucket_start / bucket_count / busy from
-    `align.moe_align_buckets`; block_m rows per step (`tiles.shrink_rows`); the input split in P parts of
-    whole 128-column steps, P <= `splits`. slot_rank [S] or None: A's rank lanes at or above it are
-    padding, not read.
+    `align.moe_align_buckets`; block_m rows per step (`tiles.shrink_rows`); the input split in P parts
+    of whole `plan.shrink_k`-column steps, P <= `splits`. slot_rank [S] or None: A's rank lanes at or
+    above it are padding, not read.
     """
     a5 = a if a.dim() == 5 else a.unsqueeze(2)
     num_slots, _, halves, rank, in_dim = a5.shape
-    chunk = triton.cdiv(triton.cdiv(in_dim, max(1, splits)), _BLOCK_K) * _BLOCK_K
+    block_k = plan.shrink_k
+    chunk = triton.cdiv(triton.cdiv(in_dim, max(1, splits)), block_k) * block_k
     parts = triton.cdiv(in_dim, chunk)
     rows = sorted_pairs.numel()
     out = torch.empty(parts, rows, halves, rank, dtype=torch.float32, device=inp.device)
@@ -98,7 +98,7 @@ def moe_lora_shrink(
         top_k, rank, num_slots, busy.numel(), rows,
         inp.stride(0), inp.stride(1), *a5.stride(),
         IN_DIM=in_dim, CHUNK=chunk, HALVES=halves, GATHER=gather, HAS_RANK=slot_rank is not None,
-        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(halves * rank)),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(halves * rank)),
         PRECISION=dot_precision(inp.dtype),
     )  # fmt: skip
     return out

@@ -1,0 +1,114 @@
+"""The kernel choices of the MoE and LoRA ops as one frozen value: tile tables and the switches between kernel
+variants. The default, `TUNED`, is the table the H200 sweeps of docs/benchmarks.md chose; a benchmark or
+test that wants another variant builds a `KernelPlan` and passes it to the op (`ops.fused_moe(...,
+plan=...)`). Nothing here is read from a module global at call time, so nothing can be patched.
+
+No Triton import: the plan is part of the op signatures, which hold without Triton too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int = 8  # row blocks per program group: neighbours share weight tiles and rows in L2
+    down_n: int = 0  # the down GEMM's output columns per tile (0: block_n)
+    down_stages: int = 0  # its pipeline stages (0: stages)
+    tma_down: bool = False  # the down GEMM reads h and its weights through TMA; without LoRA, persistent
+
+    def for_down(self, block_r: int = 0) -> Tiles:
+        """The down GEMM's tiles (same row blocks as the gate/up GEMM: they share the alignment), with a
+        fused LoRA expand of `block_r` rank lanes (0: none): past 16 its B tile leaves shared memory for
+        3 stages only."""
+        stages = self.down_stages or self.stages
+        if block_r > 16:
+            stages = min(stages, 3)
+        return replace(self, block_n=self.down_n or self.block_n, stages=stages)
+
+
+# (largest mean rows per expert, base MoE tiles, MoE-LoRA tiles) for the grouped GEMMs. Decode rows are
+# few per expert, so small row blocks keep padding under one 16-row block per touched expert; the wide tiles
+# won the H200 sweeps of docs/benchmarks.md (bench/moe_lora.py --sweep). With LoRA, a row block of the
+# gate/up GEMM runs one expand per distinct adapter among its rows, so where the base tiles' blocks would
+# hold many adapters (`moe_tiles`) the LoRA tiles are shorter (16 adapters of rank 64 at M = 2048: 1362 us
+# on 64-row blocks, 1576 on 128-row ones; 4 adapters of rank 16: 676 against 645). Past 256 rows per expert
+# groups of 32 row blocks share weight tiles longer (qwen3 M = 8192: 1389 us against 1446 with 8). On
+# 128-row blocks the down GEMM (a short K of I) is TMA-fed, on 256 columns in 4 stages, and without LoRA
+# persistent (H200, qwen3: 362 against 478 us at M = 8192, 149 against 177 at 2048).
+_BIG = Tiles(128, 128, 64, 8, 3, down_n=256, down_stages=4, tma_down=True)
+_MOE_TABLE: tuple[tuple[float, Tiles, Tiles], ...] = (
+    (16.0, Tiles(16, 64, 128, 4, 3), Tiles(16, 64, 128, 4, 3)),
+    (64.0, Tiles(32, 64, 64, 4, 3), Tiles(32, 64, 64, 4, 3)),
+    (256.0, _BIG, Tiles(64, 64, 64, 4, 3)),
+    (float("inf"), replace(_BIG, group_m=32), replace(_BIG, group_m=32)),
+)
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    block_n: int
+    block_k: int
+    warps: int
+    lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
+
+
+# The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
+# With LoRA the gate/up kernel needs 138 registers a thread (sm_90): 3 programs an SM instead of the base's
+# 4, so one Qwen3 token's 448 programs took two waves; capped at 128 it spills 32 bytes and fits one.
+_DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
+
+
+@dataclass(frozen=True)
+class LoraTiles:
+    block_m: int  # token rows per program, shrink and expand
+    shrink_k: int  # input columns per step of the shrink
+    k_chunk: int  # input columns per shrink program (a split of the sum when below the input size)
+    expand_n: int  # output columns per program of the expand
+    warps: int
+    stages: int
+
+
+# (most tokens, tiles) of the dense multi-LoRA kernels.
+_LORA_TABLE: tuple[tuple[float, LoraTiles], ...] = (
+    (16.0, LoraTiles(16, 128, 512, 64, 4, 2)),
+    (64.0, LoraTiles(16, 128, 256, 64, 4, 2)),
+    (float("inf"), LoraTiles(64, 128, 1 << 30, 128, 4, 3)),
+)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Kernel choices of the routed-expert and dense LoRA ops. A field left None lets its shape rule
+    decide (see the rule of the same name in `ops/triton/tiles.py`)."""
+
+    # (largest mean rows per expert, base tiles, LoRA tiles) of the grouped GEMMs, in increasing order
+    moe_table: tuple[tuple[float, Tiles, Tiles], ...] = _MOE_TABLE
+    decode_tiles: DecodeTiles = _DECODE_TILES  # the alignment-free path's GEMVs
+    # (most tokens, tiles) of the dense multi-LoRA shrink and expand, in increasing order
+    lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
+    decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
+    shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
+    down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
+    down_expand_apart: bool | None = None  # the down LoRA expand in its own launch (not the down GEMM)
+    persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
+    shrink_rows: int | None = None  # rows per step of the aligned MoE-LoRA shrink
+    shrink_k: int = 128  # input columns per step of the aligned MoE-LoRA shrink (its splits are whole steps)
+    expand_n: int = 128  # output columns per tile of the bucketed down LoRA expand (`moe_lora_expand`)
+    expand_programs: int = 1024  # at least this many programs of that expand (several per SM) where
+    # columns allow
+    # How the LoRA expand of 16-bit weights takes its fp32 intermediates: 1 rounds them to the weights'
+    # dtype (one dot, as PEFT's own 16-bit LoRA), 2 splits them into hi + lo parts (two dots, fp32-like).
+    # The rounding error is 2^-9 of the delta, itself a fraction of an output stored in 16 bits; the
+    # second dot doubled the MoE expand, which with many adapters per row block costs as much as the base
+    # GEMM (docs/benchmarks.md, 2026-11-29, second session).
+    expand_16bit: int = 1
+
+
+TUNED = KernelPlan()
