@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timing import graph_us
 
 from moelora import ops
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.tiles import moe_tiles
 
@@ -66,7 +67,7 @@ def route(m: int, num_experts: int, k: int, gen: torch.Generator) -> tuple[torch
     return ids.to(torch.int32), (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
 
 
-def lora_buffers(s: int, e: int, h: int, i: int, r: int, used: int = 0) -> tuple[torch.Tensor, ...]:
+def lora_buffers(s: int, e: int, h: int, i: int, r: int, used: int = 0) -> ExpertLora:
     """Random adapter buffers of rank r; with `used`, lanes from there up are zero (a lower-rank adapter)."""
     dt = dict(dtype=torch.bfloat16, device="cuda")
     a_gu, b_gu = torch.randn(s, e, 2, r, h, **dt) * h**-0.5, torch.randn(s, e, 2, i, r, **dt) * r**-0.5
@@ -75,7 +76,7 @@ def lora_buffers(s: int, e: int, h: int, i: int, r: int, used: int = 0) -> tuple
         for a, b in ((a_gu, b_gu), (a_dn, b_dn)):
             a[..., used:, :] = 0
             b[..., used:] = 0
-    return a_gu, b_gu, a_dn, b_dn
+    return ExpertLora(a_gu, b_gu, a_dn, b_dn)
 
 
 def bench_model(name: str, ms: list[int], loras: list[tuple[int, int]], args: argparse.Namespace):
@@ -105,14 +106,14 @@ def bench_m(name, m, w_gu, w_dn, bufs, gen, args):
         print(f"# torch._grouped_mm: {str(err).splitlines()[0]}", file=sys.stderr)
         gmm = float("nan")
     base_floor = ids.unique().numel() * 3 * hidden * inter * 2 / (args.tbps * 1e12) * 1e6
-    for (s, r), (a_gu, b_gu, a_dn, b_dn) in bufs.items():
+    for (s, r), buf in bufs.items():
         block_m = moe_tiles(m * k, num_experts, s, plan).block_m
         slot = ((torch.arange(m, device="cuda") // 4) % s).to(torch.int32)
         # --used-rank: adapters of that rank in the pool of rank r (lanes above it zero, skipped by rank).
         used = min(args.used_rank or r, r)
         slot_rank = torch.full((s,), used, dtype=torch.int32, device="cuda")
-        lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot)
-        total = graph_us(partial(lora_fn, a_gu, b_gu, a_dn, b_dn, slot_rank, plan=plan), reps=reps)
+        lora_fn = partial(ops.fused_moe_lora, x, w_gu, w_dn, ids, weights, slot, replace(buf, rank=slot_rank))
+        total = graph_us(partial(lora_fn, plan=plan), reps=reps)
         align = graph_us(partial(ops.moe_align, ids, slot, num_experts, s, block_m), reps=reps)
         pairs = (slot.long()[:, None] * num_experts + ids.long()).unique().numel()
         floor = pairs * 2 * used * (3 * hidden + 3 * inter) / (args.tbps * 1e12) * 1e6
@@ -149,7 +150,7 @@ def profile(
                 ids,
                 weights,
                 slot,
-                *lora_buffers(s, num_experts, hidden, inter, r),
+                lora_buffers(s, num_experts, hidden, inter, r),
                 plan=plan,
             )
         for label, fn in fns.items():

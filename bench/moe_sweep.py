@@ -49,7 +49,7 @@ def lora_times(moe: tuple, bufs: dict, reps: int, plan: KernelPlan) -> str:
     out = []
     for (s, r), buf in bufs.items():
         slot = ((torch.arange(moe[0].shape[0], device="cuda") // 4) % s).to(torch.int32)
-        fn = partial(ops.fused_moe_lora, *moe, slot, *buf, plan=plan)
+        fn = partial(ops.fused_moe_lora, *moe, slot, buf, plan=plan)
         out.append(f"lora {s}x{r} {graph_us(fn, reps=reps):.0f}")
     return "; ".join(out)
 

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 from moelora import LLM, SamplingParams, ops  # noqa: E402
 from moelora.demo import demo_adapter_paths  # noqa: E402
+from moelora.ops.expert_lora import ExpertLora  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LoraTiles, Tiles  # noqa: E402
 from moelora.ops.torch import align as torch_align  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
@@ -107,7 +108,9 @@ def moe_weights(g: torch.Generator, e_loc: int, hidden: int, inter: int, dtype: 
     return w_gu, w_dn
 
 
-def lora_buffers(g: torch.Generator, num_slots: int, e_loc: int, hidden: int, inter: int, rank: int, dtype):
+def lora_buffers(
+    g: torch.Generator, num_slots: int, e_loc: int, hidden: int, inter: int, rank: int, dtype
+) -> ExpertLora:
     a_gu = rand(g, num_slots, e_loc, 2, rank, hidden, scale=hidden**-0.5)
     b_gu = rand(g, num_slots, e_loc, 2, inter, rank, scale=rank**-0.5)
     a_dn = rand(g, num_slots, e_loc, rank, inter, scale=inter**-0.5)
@@ -117,7 +120,7 @@ def lora_buffers(g: torch.Generator, num_slots: int, e_loc: int, hidden: int, in
     for a, b in ((a_gu, b_gu), (a_dn, b_dn)):
         a[1, ..., low:, :] = 0
         b[1, ..., low:] = 0
-    return tuple(t.to(dtype) for t in (a_gu, b_gu, a_dn, b_dn))
+    return ExpertLora(*(t.to(dtype) for t in (a_gu, b_gu, a_dn, b_dn)))
 
 
 def lanes_read(rank: int) -> int:
@@ -156,8 +159,8 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int, plan: Kerne
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
     slot = slots(g, x.shape[0], num_slots)
-    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs, plan=plan)
-    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan)
+    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
     assert_close(out, ref, CPU_TOL[x.dtype])
     base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
@@ -166,11 +169,11 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int, plan: Kerne
     # the dot products).
     slot_rank = torch.full((num_slots,), rank, dtype=torch.int32, device=DEV)
     slot_rank[1] = max(1, rank // 2)
-    noisy = tuple(t.clone() for t in bufs)
-    for a, b in ((noisy[0], noisy[1]), (noisy[2], noisy[3])):
+    noisy = ExpertLora(bufs.a_gu.clone(), bufs.b_gu.clone(), bufs.a_dn.clone(), bufs.b_dn.clone(), slot_rank)
+    for a, b in ((noisy.a_gu, noisy.b_gu), (noisy.a_dn, noisy.b_dn)):
         a[1, ..., lanes_read(rank // 2) :, :] = float("nan")
         b[1, ..., lanes_read(rank // 2) :] = float("nan")
-    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *noisy, slot_rank, plan)
+    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, noisy, plan)
     assert_close(got, ref, CPU_TOL[x.dtype])
 
 
@@ -279,7 +282,8 @@ def test_decode_gate_up_lora_counters_and_padding():
 
     case = CPU_CASES[1]
     g, x, w_gu, _, ids, _ = moe_inputs(case, seed=11)
-    a_gu, b_gu, a_dn, _ = lora_buffers(g, 3, case[2], case[3], case[4], 16, x.dtype)
+    bufs = lora_buffers(g, 3, case[2], case[3], case[4], 16, x.dtype)
+    a_gu, b_gu, a_dn = bufs.a_gu, bufs.b_gu, bufs.a_dn
     for t in (a_gu, a_dn):
         t[1, ..., lanes_read(8) :, :] = float("nan")
     b_gu[1, ..., lanes_read(8) :] = float("nan")
@@ -322,7 +326,7 @@ def test_fused_moe_lora_without_valid_slots_equals_base(path: str):
     g, x, w_gu, w_dn, ids, weights = moe_inputs(CPU_CASES[1], seed=4)
     bufs = lora_buffers(g, 2, 5, 32, 80, 4, x.dtype)
     slot = pick(g, [-1, -3, 2, 9], x.shape[0])
-    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
     assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), 1e-5)
 
 
@@ -524,14 +528,14 @@ def test_fused_moe_lora_cuda_graph_replay(path: str):
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
     bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)
     slot = slots(g, x.shape[0], 4)
-    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)  # compile outside the capture
+    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
     for seed in (1, 2):
         g2 = torch.Generator().manual_seed(seed)
         ids.copy_(expert_ids(g2, x.shape[0], case[1], case[2], empty=0))
         slot.copy_(slots(g2, x.shape[0], 4))
         graph.replay()
-        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs)
+        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
         assert_close(out, ref, CPU_TOL[x.dtype])

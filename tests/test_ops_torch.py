@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch.attention import prefill_attention
 from moelora.ops.torch.moe import fused_moe
 
@@ -142,7 +143,7 @@ def test_fused_moe_lora_per_token(num_tokens: int):
     slots = torch.tensor([-1, 0, 1, 2, s, s + 4, -3])
     slot = slots[torch.randint(0, len(slots), (num_tokens,), generator=g)].to(torch.int32)
     weights = torch.rand(num_tokens, k, generator=g)
-    out = fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, a_gu, b_gu, a_dn, b_dn)
+    out = fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, ExpertLora(a_gu, b_gu, a_dn, b_dn))
     ref = per_token_moe_lora(x, w_gu, w_dn, ids, weights, slot, a_gu, b_gu, a_dn, b_dn)
     assert torch.allclose(out.double(), ref, atol=1e-3, rtol=1e-4)
 
@@ -154,8 +155,9 @@ def test_fused_moe_lora_without_valid_slots_equals_base():
     x, w_gu, w_dn = rand(g, 6, 8), rand(g, 3, 8, 8), rand(g, 3, 8, 4)
     ids = torch.randint(-1, 4, (6, 2), generator=g).to(torch.int32)
     weights = torch.rand(6, 2, generator=g)
-    bufs = (rand(g, 2, 3, 2, 2, 8), rand(g, 2, 3, 2, 4, 2), rand(g, 2, 3, 2, 4), rand(g, 2, 3, 8, 2))
+    gate_up = rand(g, 2, 3, 2, 2, 8), rand(g, 2, 3, 2, 4, 2)
+    bufs = ExpertLora(*gate_up, rand(g, 2, 3, 2, 4), rand(g, 2, 3, 8, 2))
     slot = torch.tensor([-1, 2, -1, 5, -1, -2], dtype=torch.int32)
     assert torch.allclose(
-        fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, *bufs), fused_moe(x, w_gu, w_dn, ids, weights)
+        fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs), fused_moe(x, w_gu, w_dn, ids, weights)
     )

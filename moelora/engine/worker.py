@@ -1,7 +1,8 @@
 """A worker process (ranks 1..tp_size-1): load this rank's share of the model, build the executor rank 0
 plans, then apply rank 0's messages in order until Stop.
 
-Started as `python -m moelora.engine.worker SPEC_JSON RANK PORT` by `WorkerGroup.start`, or through
+Started by `WorkerGroup.start` (`python -c` calling `main(SPEC_JSON RANK PORT)`: not `-m`, since the
+package itself imports this module and runpy would run a second copy of it), or through
 `run_torchrun_worker` under torchrun.
 """
 
@@ -96,5 +97,6 @@ def run_torchrun_worker(spec: LaunchSpec, rank: int) -> None:
     serve(*load_share(spec, rank))
 
 
-if __name__ == "__main__":
-    _worker_main(LaunchSpec(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]))
+def main(argv: list[str]) -> None:
+    """`WorkerGroup.start`'s command line: SPEC_JSON RANK PORT."""
+    _worker_main(LaunchSpec(**json.loads(argv[0])), int(argv[1]), int(argv[2]))

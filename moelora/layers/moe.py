@@ -9,6 +9,7 @@ from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
+from moelora.ops.expert_lora import ExpertLora
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
 
@@ -20,23 +21,6 @@ class ExpertNames:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
-
-
-@dataclass
-class ExpertLora:
-    """Per-expert adapter slots of this rank's experts (the op contract's layout).
-
-    a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R] (slice 0 gate, 1 up), a_dn [S, E_loc, R, I_loc],
-    b_dn [S, E_loc, H, R]; indexed by local expert id, so they hold only the experts this rank owns.
-    rank [S] int32: each slot's largest rank over these experts' projections, 0 where empty (lanes from
-    there up are zero padding in every buffer).
-    """
-
-    a_gu: torch.Tensor
-    b_gu: torch.Tensor
-    a_dn: torch.Tensor
-    b_dn: torch.Tensor
-    rank: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -81,11 +65,7 @@ class FusedMoE(nn.Module):
         local_ids = self.expert_map[global_ids.long()]
         if self.lora is None or token_slot is None:
             return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
-        lo = self.lora
-        bufs = (lo.a_gu, lo.b_gu, lo.a_dn, lo.b_dn)
-        return ops.fused_moe_lora(
-            x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, *bufs, slot_rank=lo.rank
-        )
+        return ops.fused_moe_lora(x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, self.lora)
 
     def weight_specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:
         """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`."""

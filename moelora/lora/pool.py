@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import torch
 
 from moelora.layers.linear import ColumnLinear, LinearLora, LoraTarget, RowLinear
-from moelora.layers.moe import ExpertLora, ExpertsTarget, FusedMoE
+from moelora.layers.moe import ExpertsTarget, FusedMoE
 from moelora.lora.adapter import LoraAdapter, LoraWeights
 from moelora.models.decoder import MoeForCausalLM
+from moelora.ops.expert_lora import ExpertLora
 
 _LOG = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class LoraPool:
             assert t.module.lora is not None
             t.module.lora.rank[slot] = 0
         for e in self._experts:
-            assert e.module.lora is not None
+            assert e.module.lora is not None and e.module.lora.rank is not None  # the pool always sets it
             e.module.lora.rank[slot] = 0
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
@@ -151,7 +152,7 @@ class LoraPool:
 
     def _write_experts(self, slot: int, layer: int, moe: FusedMoE, adapter: LoraAdapter) -> None:
         lora = moe.lora
-        assert lora is not None
+        assert lora is not None and lora.rank is not None  # the pool always sets it
         cols = moe.cols  # this rank's share of the intermediate dimension
         top = 0  # the slot's largest rank among these experts
         for proj in ("gate", "up", "down"):

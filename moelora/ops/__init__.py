@@ -18,6 +18,7 @@ from typing import overload
 
 import torch
 
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
@@ -234,16 +235,11 @@ def fused_moe_lora(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     token_slot: torch.Tensor,
-    a_gu: torch.Tensor,
-    b_gu: torch.Tensor,
-    a_dn: torch.Tensor,
-    b_dn: torch.Tensor,
-    slot_rank: torch.Tensor | None = None,
+    lora: ExpertLora,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
     mod = _kernels("moe", x)
-    args = (x, w_gate_up, w_down, local_ids, weights, token_slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
     if mod is None:
-        return _torch_lora.fused_moe_lora(*args)
-    return mod.fused_moe_lora(*args, plan)
+        return _torch_lora.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora)
+    return mod.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, plan)

@@ -1,7 +1,7 @@
 """Processes for tensor and expert parallelism and the channel between them: rank 0 (the driver)
 starts and drives ranks 1..tp_size-1.
 
-`WorkerGroup.start` spawns the workers (`python -m moelora.engine.worker`) or, under `torchrun`, joins
+`WorkerGroup.start` spawns the workers (`moelora.engine.worker.main`) or, under `torchrun`, joins
 the processes torchrun started; it sets up the process groups (gloo on CPU, NCCL on GPU for the model's
 collectives; a gloo group for control messages) and hands back rank 0's `ParallelState`. The driver
 broadcasts messages (`send`) and gathers answers (`gather`); a worker's `WorkerChannel` receives and
@@ -37,6 +37,9 @@ from moelora.parallel.state import ParallelState
 _LOG = logging.getLogger(__name__)
 _RENDEZVOUS_TIMEOUT_S = 120
 T = TypeVar("T")
+# A worker process: `python -c` with this, then SPEC_JSON RANK PORT (the package imports the worker module,
+# so `python -m` would run a second copy of it).
+_WORKER_MAIN = "import sys; from moelora.engine.worker import main; main(sys.argv[1:])"
 
 
 class WorkerError(RuntimeError):
@@ -114,7 +117,7 @@ class WorkerGroup:
     def start(cls, spec: LaunchSpec) -> WorkerGroup:
         """Start (or, under torchrun, join) the workers; rank 0's ParallelState is `.ps`.
 
-        Workers are fresh interpreters (`python -m moelora.engine.worker`), so scripts need no
+        Workers are fresh interpreters (`moelora.engine.worker.main`), so scripts need no
         `if __name__ == "__main__"` guard and notebooks work. They report through the rendezvous store:
         `hello/r` once running, `ready/r` once their share is loaded, `error/r` with the reason if not.
         """
@@ -134,7 +137,7 @@ class WorkerGroup:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             spec_json = json.dumps(dataclasses.asdict(spec))
             for rank in range(1, spec.tp_size):
-                cmd = [sys.executable, "-m", "moelora.engine.worker", spec_json, str(rank), str(port)]
+                cmd = [sys.executable, "-c", _WORKER_MAIN, spec_json, str(rank), str(port)]
                 group._procs.append(subprocess.Popen(cmd, env=env))
             try:
                 group._wait_for("hello")

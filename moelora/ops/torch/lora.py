@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch import acc_dtype
 
 
@@ -70,18 +71,12 @@ def fused_moe_lora(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     token_slot: torch.Tensor,
-    a_gu: torch.Tensor,
-    b_gu: torch.Tensor,
-    a_dn: torch.Tensor,
-    b_dn: torch.Tensor,
-    slot_rank: torch.Tensor | None = None,
+    lora: ExpertLora,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md).
 
-    Shapes: as `fused_moe`, plus token_slot [T] int; a_gu [S, E_loc, 2, R, H]; b_gu [S, E_loc, 2, I_loc, R]
-    (slice 0 gate, 1 up); a_dn [S, E_loc, R, I_loc]; b_dn [S, E_loc, H, R]; scales folded into b;
-    slot_rank None or [S] int (each slot's largest rank over the experts: lanes from there up are zero
-    padding, which kernels may skip; the result is the same).
+    Shapes: as `fused_moe`, plus token_slot [T] int and the slots' buffers `lora` (see `ExpertLora`:
+    a_gu, b_gu, a_dn, b_dn below are its buffers; its ranks only tell kernels which lanes are padding).
 
     Semantics: for token t, choice j with e = local_ids[t, j] in [0, E_loc) (other ids contribute nothing),
     weight w = weights[t, j] and s = token_slot[t]:
@@ -94,7 +89,9 @@ def fused_moe_lora(
     """
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
-    num_slots, k = a_gu.shape[0], local_ids.shape[1]
+    lora.check(num_experts, hidden, inter, num_tokens, token_slot)
+    a_gu, b_gu, a_dn, b_dn = lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn
+    num_slots, k = lora.num_slots, local_ids.shape[1]
     acc = acc_dtype(x.dtype)
     out = torch.zeros(num_tokens, hidden, dtype=acc, device=x.device)
     ids = local_ids.reshape(-1).long()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.triton.align import moe_align, moe_align_buckets
 from moelora.ops.triton.moe_decode import decode_moe
 from moelora.ops.triton.moe_down import moe_down
@@ -60,42 +61,23 @@ def fused_moe_lora(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     token_slot: torch.Tensor,
-    a_gu: torch.Tensor,
-    b_gu: torch.Tensor,
-    a_dn: torch.Tensor,
-    b_dn: torch.Tensor,
-    slot_rank: torch.Tensor | None = None,
+    lora: ExpertLora,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`; `plan`: the kernel
     choices."""
     _check(x, w_gate_up, w_down, local_ids, weights)
     num_tokens, top_k = local_ids.shape
-    num_experts, inter = w_down.shape[0], w_down.shape[2]
-    num_slots, rank = a_gu.shape[0], a_gu.shape[3]
-    hidden = x.shape[1]
-    want = {
-        "a_gu": (a_gu, (num_slots, num_experts, 2, rank, hidden)),
-        "b_gu": (b_gu, (num_slots, num_experts, 2, inter, rank)),
-        "a_dn": (a_dn, (num_slots, num_experts, rank, inter)),
-        "b_dn": (b_dn, (num_slots, num_experts, hidden, rank)),
-    }
-    for name, (t, shape) in want.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {shape} (the op contract's layout)"
-            )
-    if token_slot.shape != (num_tokens,):
-        raise ValueError(f"token_slot has shape {tuple(token_slot.shape)}, expected ({num_tokens},)")
-    if slot_rank is not None and slot_rank.shape != (num_slots,):
-        raise ValueError(f"slot_rank has shape {tuple(slot_rank.shape)}, expected ({num_slots},)")
+    num_experts, hidden, inter = w_down.shape
+    lora.check(num_experts, hidden, inter, num_tokens, token_slot)
     if num_tokens == 0:
         return torch.zeros_like(x)
+    num_slots, rank = lora.num_slots, lora.max_rank
+    a_gu, b_gu, a_dn, b_dn, slot_rank = lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn, lora.rank
     slot = token_slot.contiguous()
     num_pairs = num_tokens * top_k
     if use_decode_path(num_pairs, num_experts, top_k, plan):
-        lora = (slot, a_gu, b_gu, a_dn, b_dn, slot_rank)
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, lora, plan)
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, lora), plan)
     tiles = moe_tiles(num_pairs, num_experts, num_slots, plan)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m

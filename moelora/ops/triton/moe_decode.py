@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.moe_decode_down import decode_down
 from moelora.ops.triton.moe_decode_gate_up import decode_gate_up
 from moelora.ops.triton.moe_sum import moe_sum
-
-LoraBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def decode_moe(
@@ -20,20 +19,19 @@ def decode_moe(
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
     weights: torch.Tensor,
-    lora: LoraBuffers | None,
+    lora: tuple[torch.Tensor, ExpertLora] | None,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, a_gu, b_gu, a_dn, b_dn,
-    slot_rank)) for few pairs: three launches with or without LoRA, no alignment, every size from the shapes
-    (CUDA-graph safe)."""
+    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: three
+    launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles = plan.decode_tiles
     num_experts = w_down.shape[0]
     if lora is None:
         h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
         d = decode_down(h, w_down, local_ids, None, tiles)
     else:
-        slot, a_gu, b_gu, a_dn, b_dn, slot_rank = lora
-        h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, a_gu, b_gu, a_dn, slot_rank), tiles)
+        slot, lo = lora
+        h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles)
         assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-        d = decode_down(h, w_down, local_ids, (slot, ha, b_dn, slot_rank), tiles)
+        d = decode_down(h, w_down, local_ids, (slot, ha, lo.b_dn, lo.rank), tiles)
     return moe_sum(d, local_ids, weights, num_experts)
