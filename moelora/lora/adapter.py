@@ -128,6 +128,16 @@ class AdapterError(ValueError):
     """An adapter that cannot be served; the message names the adapter, the tensor or field, and the fix."""
 
 
+def check_rank(name: str, rank: int, max_rank: int | None, where: str = "") -> None:
+    """AdapterError unless an adapter of `rank` fits slots of `max_rank` (None: any does). The one rank
+    rule, wherever an adapter enters: read, drawn, registered, written into a slot."""
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(
+            f"adapter '{name}': rank {rank}{where} is above max_lora_rank {max_rank}: raise max_lora_rank "
+            f"to at least {rank} (or retrain the adapter at a lower rank)"
+        )
+
+
 @dataclass(frozen=True)
 class _Options:
     """The adapter_config.json fields that decide ranks and scales."""
@@ -255,10 +265,7 @@ class _Reader:
             raise self.fail(f"{self.folder / WEIGHTS_FILE} holds no LoRA tensors")
         if max_rank is not None and adapter.rank > max_rank:
             key = next(origin[d] for d in origin if _lookup(adapter, d).rank == adapter.rank)
-            raise self.fail(
-                f"rank {adapter.rank} in '{key}' is above max_lora_rank {max_rank}: raise max_lora_rank to "
-                f"at least {adapter.rank} (or retrain the adapter at a lower rank)"
-            )
+            check_rank(self.name, adapter.rank, max_rank, f" in '{key}'")
         return adapter
 
     def _config(self) -> dict[str, Any]:

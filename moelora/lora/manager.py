@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from moelora.lora.adapter import AdapterError, LoraAdapter
+from moelora.lora.adapter import AdapterError, LoraAdapter, check_rank
 from moelora.lora.source import AdapterSource
 
 _UIDS = itertools.count(1)
@@ -111,11 +111,7 @@ class LoraManager:
                         "and at most max_loras_per_batch - 1 "
                         f"= {self.num_slots - 1} may be, so that unpinned adapters can still run"
                     )
-            if adapter.rank > self.max_rank:
-                raise ValueError(
-                    f"adapter '{name}' has rank {adapter.rank}, above max_lora_rank {self.max_rank}: "
-                    f"restart with max_lora_rank >= {adapter.rank}"
-                )
+            check_rank(name, adapter.rank, self.max_rank)
             entry = AdapterEntry(name, adapter.source, adapter.rank, pinned, adapter, adapter.fingerprint)
             self._names[name] = entry
             self._cpu_lru[entry] = None

@@ -17,7 +17,7 @@ import torch
 
 from moelora.layers.linear import ColumnLinear, LinearLora, LoraTarget, RowLinear
 from moelora.layers.moe import ExpertsTarget, FusedMoE
-from moelora.lora.adapter import LoraAdapter, LoraWeights
+from moelora.lora.adapter import LoraAdapter, LoraWeights, check_rank
 from moelora.models.decoder import MoeForCausalLM
 from moelora.ops.expert_lora import ExpertLora
 
@@ -111,11 +111,7 @@ class LoraPool:
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
         """Put `adapter` into `slot`: this rank's shards of every target, zeros where it has none."""
-        if adapter.rank > self.max_rank:
-            raise ValueError(
-                f"adapter '{adapter.name}' has rank {adapter.rank}, "
-                f"above the pool's max_lora_rank {self.max_rank}"
-            )
+        check_rank(adapter.name, adapter.rank, self.max_rank)
         self.clear(slot)
         for t in self._linears:
             lora = t.module.lora

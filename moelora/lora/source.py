@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moelora.lora.adapter import AdapterError, LoraAdapter, read_adapter, reread_adapter
+from moelora.lora.adapter import LoraAdapter, check_rank, read_adapter, reread_adapter
 from moelora.lora.dummy import DummyLora, make_dummy_adapter
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
@@ -44,11 +44,7 @@ def load_adapter(
     these experts' weights.
     """
     if isinstance(source, DummyLora):
-        if max_rank is not None and source.rank > max_rank:
-            raise AdapterError(
-                f"adapter '{name}': dummy rank {source.rank} is above max_lora_rank {max_rank}: raise "
-                f"max_lora_rank to at least {source.rank}"
-            )
+        check_rank(name, source.rank, max_rank, " (a dummy adapter)")
         return make_dummy_adapter(name, source, cfg, dtype, owns_expert, device)
     if fingerprint is None:
         return read_adapter(name, source, cfg, family, max_rank, owns_expert)
