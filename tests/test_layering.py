@@ -8,6 +8,7 @@ inside functions (a function-local import is how a back stair hides).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import moelora
@@ -140,3 +141,13 @@ def test_kernel_choices_are_a_value_not_module_state():
     assert all(t.__dataclass_params__.frozen for t in types)  # type: ignore[attr-defined]
     public = {n for n in module_values(ops_dir / "plan.py") if not n.startswith("_")}
     assert public == {"TUNED"}
+
+
+def test_kernels_guard_slots_through_one_helper():
+    """Adapter-slot ids are range-checked in one place (`common.valid_slot`), not by a copy per kernel."""
+    copies = [
+        p.name
+        for p in sorted((ROOT / "ops" / "triton").glob("*.py"))
+        if p.name != "common.py" and re.search(r">= 0\) & \(\w+ < num_slots\)", p.read_text())
+    ]
+    assert copies == []

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.torch.align import align_sizes
+from moelora.ops.triton.common import valid_slot
 
 _PAIRS_PER_PROGRAM = 1024
 _BLOCKS_PER_PROGRAM = 64
@@ -35,7 +36,7 @@ def _count_kernel(
     cls = tl.full([BLOCK], 0, tl.int32) + num_slots
     if HAS_SLOT:
         s = tl.load(slot_ptr + p // top_k, mask=in_range, other=-1)
-        cls = tl.where((s >= 0) & (s < num_slots), s.to(tl.int32), cls)
+        cls = valid_slot(s, num_slots)
     bucket = tl.where(ok, e, 0).to(tl.int32) * (num_slots + 1) + cls
     rank = tl.atomic_add(counts_ptr + bucket, 1, mask=ok)
     tl.store(bucket_ptr + p, tl.where(ok, bucket, -1), mask=in_range)

@@ -24,6 +24,14 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def valid_slot(slot, num_slots):
+    """The one adapter-slot guard of every kernel: each slot id as int32, every id outside [0, num_slots)
+    (-1 for no adapter, or any id no slot holds) mapped to num_slots, the "no adapter" class. The range is
+    checked before the narrowing, so that no wide id can wrap into range."""
+    return tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+
+
+@triton.jit
 def busy_bucket(busy_ptr, i, start_ptr, count_ptr, num_slots):
     """(expert e, slot s, first row, rows) of entry i of the alignment's busy list (a bucket of a slot that
     holds pairs; rows 0 past the list's end). Buckets sit at e * (num_slots + 1) + s."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import valid_slot
+
 
 @triton.jit
 def fma_step(acc, w_ptrs, w_mask, v):
@@ -28,7 +30,8 @@ def pair_slot(slot_ptr, t, num_slots, HAS_LORA: tl.constexpr):
     s = t * 0 - 1
     if HAS_LORA:
         s = tl.load(slot_ptr + t)
-    on = (s >= 0) & (s < num_slots)
+    s = valid_slot(s, num_slots)
+    on = s < num_slots
     return tl.where(on, s, 0).to(tl.int64), on
 
 

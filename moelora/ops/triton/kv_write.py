@@ -9,7 +9,7 @@ import triton.language as tl
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_slots, page, width, d,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, cache_slots, page, width, d,
     sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -17,7 +17,7 @@ def _write_kv_kernel(
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     # A slot outside the cache is never written (no out-of-bounds store); callers pass valid slots.
-    ok = (n < width) & (slot >= 0) & (slot < num_slots)
+    ok = (n < width) & (slot >= 0) & (slot < cache_slots)  # KV-cache slots, not adapter slots
     h, i = n // d, n % d
     blk, off = slot // page, slot % page
     k = tl.load(k_ptr + t * sk_t + h * sk_h + i, mask=ok)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, lanes_in_rank
+from moelora.ops.triton.common import add_expand, lanes_in_rank, valid_slot
 from moelora.ops.triton.tiles import TUNED, KernelPlan, LoraTiles, dot_precision, expand_mode
 
 
@@ -23,7 +23,7 @@ def _lora_expand_kernel(
     t_ok = t < num_tokens
     n_ok = n < out_dim
     slot = tl.load(slot_ptr + t, mask=t_ok, other=-1)
-    slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+    slot = valid_slot(slot, num_slots)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

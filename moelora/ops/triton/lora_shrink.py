@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import valid_slot
 from moelora.ops.triton.tiles import LoraTiles, dot_precision
 
 
@@ -23,7 +24,7 @@ def _lora_shrink_kernel(
     split = tl.program_id(1)
     t_ok = t < num_tokens
     slot = tl.load(slot_ptr + t, mask=t_ok, other=-1)
-    slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+    slot = valid_slot(slot, num_slots)
     r = tl.arange(0, BLOCK_R)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     out = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)

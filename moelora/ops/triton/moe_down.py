@@ -8,7 +8,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_sms, sum_parts, tma_ok
+from moelora.ops.triton.common import (
+    add_expand,
+    grouped_pid,
+    lanes_in_rank,
+    num_sms,
+    sum_parts,
+    tma_ok,
+    valid_slot,
+)
 from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
@@ -50,7 +58,7 @@ def _down_tile(
     if HAS_LORA:
         tok = tl.where(row_ok, pair // top_k, 0)
         slot = tl.load(slot_ptr + tok, mask=row_ok, other=-1)
-        slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+        slot = valid_slot(slot, num_slots)
         r = tl.arange(0, BLOCK_R)
         ha_rows = ha_ptr + rows[:, None].to(tl.int64) * rank + r[None, :]
         ha_mask = (row_ok & (slot < num_slots))[:, None] & (r < rank)[None, :]

@@ -7,7 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, grouped_pid, lanes_in_rank, num_blocks_grid, sum_parts
+from moelora.ops.triton.common import (
+    add_expand,
+    grouped_pid,
+    lanes_in_rank,
+    num_blocks_grid,
+    sum_parts,
+    valid_slot,
+)
 from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
@@ -50,7 +57,7 @@ def _gate_up_kernel(
         w_ptrs += BLOCK_K * sw_k
     if HAS_LORA:
         slot = tl.load(slot_ptr + tok, mask=row_ok, other=-1)
-        slot = tl.where((slot >= 0) & (slot < num_slots), slot, num_slots).to(tl.int32)
+        slot = valid_slot(slot, num_slots)
         r = tl.arange(0, BLOCK_R)
         r_ok = r < rank
         xa_mask = (row_ok & (slot < num_slots))[:, None] & r_ok[None, :]
