@@ -21,7 +21,7 @@ class EngineLoad:
     prefix_cache_hits: int = 0  # KV blocks reused from the prefix cache since start
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepRecord:
     """One engine step as the loop thread saw it (`time.perf_counter()` seconds).
 
