@@ -13,6 +13,7 @@ from typing import Any
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # = moelora.ops.BACKENDS (config sits below ops)
 
 
 def option(
@@ -58,6 +59,12 @@ class ModelArgs:
     )
     trust_remote_code: bool = option(
         False, "accepted for vLLM compatibility; moelora never runs a model's own code (no effect)"
+    )
+    kernel_backend: str = option(
+        "auto",
+        "ops' implementation: auto = Triton kernels on CUDA, PyTorch elsewhere; torch = PyTorch everywhere; "
+        "triton = Triton everywhere (CPU tensors need TRITON_INTERPRET=1). One choice per process",
+        choices=KERNEL_BACKENDS,
     )
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moelora import ops
 from moelora.config import EngineArgs, LoraArgs, ModelArgs, ParallelArgs, parse_overrides
 from moelora.demo import DEMO_NAME, demo_adapter_paths
 from moelora.engine.detokenizer import token_bytes
@@ -107,6 +108,7 @@ class LLM:
         hf_overrides: Mapping[str, Any] | str | None = None,
         generation_config: str = "auto",
         trust_remote_code: bool = False,
+        kernel_backend: str = "auto",
         **engine_args: Any,
     ) -> None:
         """`engine_args`: any field of `moelora.config.EngineArgs` (block_size, num_kv_blocks, ...).
@@ -116,6 +118,7 @@ class LLM:
         {"num_hidden_layers": 4}. `generation_config`: where default sampling parameters come from ("auto":
         the model's generation_config.json, "vllm": none, or a folder). `trust_remote_code` is accepted
         for vLLM compatibility and changes nothing: moelora never runs a model's own code.
+        `kernel_backend`: "auto" (Triton on CUDA), "torch" or "triton", for every op of this process.
 
         `lora_modules` {name: PEFT adapter folder or DummyLora} are loaded at start (for "demo", its demo
         adapters unless given); adapters can also be loaded later with `load_lora` when adapters are on
@@ -134,7 +137,9 @@ class LLM:
             hf_overrides=json.dumps(overrides) if overrides else None,
             generation_config=generation_config,
             trust_remote_code=trust_remote_code,
+            kernel_backend=kernel_backend,
         )
+        ops.use_backend(kernel_backend)
         self.hf_overrides = overrides
         self.parallel = ParallelArgs(tp_size, ep_size, enable_expert_parallel)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
@@ -221,6 +226,7 @@ class LLM:
             threads,
             load_format=self.args.load_format,
             hf_overrides=self.hf_overrides or None,
+            kernel_backend=self.args.kernel_backend,
         )
         rank = torchrun_rank(tp)
         if rank is not None and rank != 0:  # under torchrun: this process only serves rank 0, then exits

@@ -349,3 +349,25 @@ def test_a_reused_block_orphans_the_cached_blocks_after_it():
     assert alloc.lookup((-1, 0, (1, 2), 0)) is None
     assert alloc.lookup((-1, 0, (9, 9), 0)) == b0
     assert alloc.lookup((b0, alloc.generation[b0], (3, 4), 0)) is None  # b1 still cached, but orphaned
+
+
+def test_kernel_backend_is_a_setting():
+    """The ops' backend comes from configuration (`kernel_backend`, `--kernel-backend`), checked before
+    anything loads, and reaches the ops."""
+    import argparse
+
+    from moelora import ops
+    from moelora.config import ModelArgs
+    from moelora.flags import add_dataclass_args, from_args
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ModelArgs)
+    assert from_args(ModelArgs, parser.parse_args(["--kernel-backend", "torch"])).kernel_backend == "torch"
+    with pytest.raises(ValueError, match="kernel_backend 'cuda': use one of auto, torch, triton"):
+        LLM("demo", device="cpu", progress=False, kernel_backend="cuda")
+    try:
+        with LLM("demo", device="cpu", progress=False, kernel_backend="torch") as llm:
+            assert ops._BACKEND == "torch"
+            assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    finally:
+        ops.use_backend("auto")

@@ -458,16 +458,18 @@ def test_route_strided_logits_and_bad_k():
         triton_router.route(wide[:, 2:18], 17, True, False)
 
 
-def prompt_logprobs(adapters: dict, prompts: list[str], names: list[str | None]) -> list[list[float]]:
+def prompt_logprobs(
+    adapters: dict, prompts: list[str], names: list[str | None], backend: str = "auto"
+) -> list[list[float]]:
     """Each prompt's token log-probs under its adapter, all in one mixed batch (fp32, no sampling)."""
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     kwargs = dict(progress=False, lora_modules=adapters, max_loras_per_batch=4, cuda_graphs=False)
-    with LLM("demo", device=DEV, **kwargs) as llm:
+    with LLM("demo", device=DEV, kernel_backend=backend, **kwargs) as llm:
         outs = llm.generate(prompts, params, lora=names)
     return [[next(iter(lp.values())) for lp in out.prompt_logprobs[1:]] for out in outs]
 
 
-def test_demo_adapters_through_the_kernels_match_the_twins(tmp_path, monkeypatch):
+def test_demo_adapters_through_the_kernels_match_the_twins(tmp_path, request):
     """End to end through the layers: the demo's adapters (ranks 8, 16 and 4 in a rank-16 pool, so the
     slots' ranks differ) through the MoE, LoRA and router kernels (fp32; the interpreter on CPU) give the
     twins' prompt log-probs: the pool's per-slot ranks reach the kernels and skip only padding."""
@@ -475,8 +477,8 @@ def test_demo_adapters_through_the_kernels_match_the_twins(tmp_path, monkeypatch
     prompts = ["The weather today is", "Hello there", "My computer keeps", "To make a simple soup,"]
     names: list[str | None] = [None, *adapters]
     ref = prompt_logprobs(adapters, prompts, names)
-    monkeypatch.setattr(ops, "_BACKEND", "triton")  # every op on its kernel, CPU tensors included
-    got = prompt_logprobs(adapters, prompts, names)
+    request.addfinalizer(lambda: ops.use_backend("auto"))  # the process's choice, for the tests after
+    got = prompt_logprobs(adapters, prompts, names, backend="triton")  # every op on its kernel, CPU too
     for g, r in zip(got, ref, strict=True):
         assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-4), (g, r)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moelora import ops
 from moelora.engine.executor import Executor
 from moelora.engine.messages import Init, Stop
 from moelora.loader.model_loader import load_model
@@ -38,6 +39,7 @@ def load_share(spec: LaunchSpec, rank: int) -> tuple[MoeForCausalLM, WorkerChann
     tp_group, ctrl = groups(spec)
     ps = ParallelState(rank, spec.tp_size, spec.ep_size, tp_group)
     torch.manual_seed(spec.seed)
+    ops.use_backend(spec.kernel_backend)
     model = load_model(
         Path(spec.model_path),
         dtype=spec.dtype,

@@ -3,16 +3,16 @@
 Every op has a PyTorch implementation in `ops/torch/` (the CPU path and the test oracle); GPU kernels in
 `ops/triton/` share the signature. Model code calls these functions and never imports Triton.
 
-Backend: Triton when the tensors are on CUDA and Triton imports, the PyTorch twin otherwise.
-`MOELORA_BACKEND=torch` forces the twins; `MOELORA_BACKEND=triton` forces the kernels, on any device
-(CPU tensors then need `TRITON_INTERPRET=1`). Read once, at import.
+Backend: the `kernel_backend` setting (`--kernel-backend`, `LLM(kernel_backend=...)`), applied once per
+process by `use_backend` when an LLM or a worker starts. auto: Triton when the tensors are on CUDA and
+Triton imports, the PyTorch twin otherwise; torch: the twins everywhere; triton: the kernels everywhere
+(CPU tensors then need `TRITON_INTERPRET=1`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 from types import ModuleType
 from typing import overload
 
@@ -28,9 +28,20 @@ from moelora.ops.torch import norm as _torch_norm
 from moelora.ops.torch import rotary as _torch_rotary
 from moelora.ops.torch import router as _torch_router
 
-_BACKEND = os.environ.get("MOELORA_BACKEND", "auto")
-if _BACKEND not in ("auto", "torch", "triton"):
-    raise ValueError(f"MOELORA_BACKEND={_BACKEND!r}: use auto, torch or triton")
+BACKENDS = ("auto", "torch", "triton")
+_BACKEND = "auto"  # this process's choice; only `use_backend` sets it
+
+
+def use_backend(name: str) -> None:
+    """Run every op of this process on `name` (one of BACKENDS): the `kernel_backend` setting, applied
+    when an LLM or a worker starts. One process serves one choice: a second LLM with another one replaces
+    it for both."""
+    global _BACKEND  # the one process-wide choice (see the module docstring)
+    if name not in BACKENDS:
+        raise ValueError(f"kernel_backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name != _BACKEND:
+        _triton_module.cache_clear()  # "triton" must raise where Triton does not import
+    _BACKEND = name
 
 
 @functools.cache
@@ -59,7 +70,7 @@ def graph_safe(t: torch.Tensor) -> bool:
 
 def _half_kernels(name: str, t: torch.Tensor, *others: torch.Tensor) -> ModuleType | None:
     """Triton `name` for fp16/bf16 CUDA tensors, `others` in t's dtype. fp32 stays on the twin (the
-    kernels' fp32 path is checked only in the interpreter) unless MOELORA_BACKEND=triton."""
+    kernels' fp32 path is checked only in the interpreter) unless the backend is triton."""
     mod = _kernels(name, t)
     # (bf16 or fp16; note `torch` in this module is the moelora.ops.torch package once it is imported)
     half = t.element_size() == 2 and all(o.dtype == t.dtype for o in others)

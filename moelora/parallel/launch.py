@@ -60,6 +60,7 @@ class LaunchSpec:
     timeout_s: float = 600.0  # a collective that waits longer than this fails
     load_format: str = "auto"
     hf_overrides: dict[str, Any] | None = None
+    kernel_backend: str = "auto"
 
 
 def backend(device_type: str) -> str:
