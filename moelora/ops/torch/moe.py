@@ -46,8 +46,10 @@ def fused_moe(
         rows = pair[start : start + n]
         start += n
         tok = rows // local_ids.shape[1]
-        gate_up = F.linear(x[tok], w_gate_up[e])
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        d = F.linear(h, w_down[e])
-        out.index_add_(0, tok, (d * weights.reshape(-1)[rows, None]).to(acc))
+        # The same rounding steps as the MoE-LoRA twin's rows without an adapter (and the kernels'):
+        # silu * up in the accumulation dtype, h rounded once to x's dtype, d weighted in it too.
+        gate_up = F.linear(x[tok], w_gate_up[e]).to(acc)
+        h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+        d = F.linear(h, w_down[e]).to(acc)
+        out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].to(acc))
     return out.to(x.dtype)
