@@ -23,6 +23,7 @@ from moelora.ops.triton import (
     attn_decode,
     attn_prefill,
     kv_write,
+    linear,
     lora_expand,
     lora_shrink,
     moe_decode_down,
@@ -41,8 +42,8 @@ HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H200 (227 KiB)
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
-INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr"}
-FP32_PTRS = {"xa_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "part_ptr", "cos_ptr", "sin_ptr"}
+INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
+FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
 FLOATS = {"qk_scale", "eps"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
@@ -133,6 +134,24 @@ def dense_lora_cases() -> Iterator[Case]:
         yield lora_expand._lora_expand_kernel, expand, t.warps
 
 
+def linear_cases() -> Iterator[Case]:
+    """The one-launch linear layer at Qwen3's q/k/v (3 parts, 3 splits) and o (8 splits) shapes, with and
+    without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens."""
+    t = TUNED.linear_tiles
+    for in_dim, parts, splits in ((2048, 3, 3), (4096, 1, 8)):
+        for has_lora in (False, True):
+            for block_m in sorted({16, max(16, triton.next_power_of_2(TUNED.linear_tokens))}):
+                case = dict(IN_DIM=in_dim, HAS_BIAS=not has_lora, HAS_LORA=has_lora, HAS_RANK=has_lora)
+                case |= dict(SPLITS=splits, K_CHUNK=in_dim // splits // t.block_k * t.block_k + t.block_k)
+                chunks = in_dim // t.shrink_chunk
+                case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=t.shrink_chunk)
+                case |= dict(PARTS=parts)
+                case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
+                case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
+                case |= dict(PRECISION="tf32")
+                yield linear._linear_kernel, case, t.warps, t.stages
+
+
 def attention_and_small_op_cases() -> Iterator[Case]:
     head = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, IEEE=False, PIPELINED=True)
     yield attn_decode._decode_kernel, head | dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True), 4
@@ -144,7 +163,8 @@ def attention_and_small_op_cases() -> Iterator[Case]:
 
 
 def main() -> int:
-    cases = [*moe_cases(), *decode_cases(), *dense_lora_cases(), *attention_and_small_op_cases()]
+    cases = [*moe_cases(), *decode_cases(), *dense_lora_cases(), *linear_cases()]
+    cases += list(attention_and_small_op_cases())
     failed = 0
     for kernel, constexprs, warps, *stages in cases:
         try:

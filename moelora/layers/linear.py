@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec, sharded
+from moelora.ops.dense_lora import DenseLora
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
 
@@ -42,20 +42,6 @@ def whole_part(name: str, full_out: int) -> OutPart:
     return OutPart(name, full_out, slice(0, full_out))
 
 
-@dataclass
-class LinearLora:
-    """A linear layer's adapter slots: a [S, P, R, in_loc] (one A per stacked part), b [S, out_loc, R],
-    rank [S, P] int32 (each slot's rank per part, 0 where empty: lanes from there up are zero padding).
-
-    Filled by `moelora.lora.pool.LoraPool`; sharded like the base weight (column layers: A whole,
-    B rows split; row layers: A columns split, B whole).
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    rank: torch.Tensor
-
-
 @dataclass(frozen=True)
 class LoraTarget:
     """A linear layer adapters may modify (declared by the block that owns it), and the adapter target
@@ -64,23 +50,6 @@ class LoraTarget:
     layer: int
     module: ColumnLinear | RowLinear
     names: tuple[str, ...]
-
-
-def apply_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora: LinearLora | None,
-    sizes: tuple[int, ...],
-    token_slot: torch.Tensor | None,
-) -> torch.Tensor:
-    """y plus each token's adapter delta, all parts at once (no work when the batch has no adapter)."""
-    if lora is None or token_slot is None:
-        return y
-    if len(sizes) == 1:
-        ops.add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0])
-    else:
-        ops.add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank)
-    return y
 
 
 class ColumnLinear(nn.Module):
@@ -94,10 +63,11 @@ class ColumnLinear(nn.Module):
         out = sum(self.out_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
-        self.lora: LinearLora | None = None
+        self.lora: DenseLora | None = None
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
-        return apply_lora(F.linear(x, self.weight, self.bias), x, self.lora, self.out_sizes, token_slot)
+        """x W^T + b plus each token's adapter delta (`token_slot`; none when None)."""
+        return ops.linear(x, self.weight, self.bias, self.lora, token_slot, self.out_sizes)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         specs = [self._spec(self.weight, prefix, "weight", (self.in_features,))]
@@ -128,12 +98,12 @@ class RowLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_loc, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
         self.adds_bias = ps.tp_rank == 0
-        self.lora: LinearLora | None = None
+        self.lora: DenseLora | None = None
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
         """Partial output; the LoRA delta of this rank's input columns rides the caller's all-reduce."""
-        y = F.linear(x, self.weight, self.bias if self.adds_bias else None)
-        return apply_lora(y, x, self.lora, (self.out,), token_slot)
+        bias = self.bias if self.adds_bias else None
+        return ops.linear(x, self.weight, bias, self.lora, token_slot, (self.out,))
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         key = f"{prefix}.{self.name}"

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 
 import torch
 
-from moelora.layers.linear import ColumnLinear, LinearLora, LoraTarget, RowLinear
+from moelora.layers.linear import ColumnLinear, LoraTarget, RowLinear
 from moelora.layers.moe import ExpertsTarget, FusedMoE
 from moelora.lora.adapter import LoraAdapter, LoraWeights, check_rank
 from moelora.models.decoder import MoeForCausalLM
+from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_lora import ExpertLora
 
 _LOG = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class LoraPool:
             rank = torch.zeros(ranks, dtype=torch.int32, device=self.device)
             if isinstance(t, LoraTarget):
                 a, b = buffers
-                t.module.lora = LinearLora(a, b, rank)
+                t.module.lora = DenseLora(a, b, rank)
                 self._linears.append(t)
             else:
                 a_gu, b_gu, a_dn, b_dn = buffers
@@ -128,7 +129,7 @@ class LoraPool:
 
     def _write_linear(
         self,
-        lora: LinearLora,
+        lora: DenseLora,
         slot: int,
         part: int,
         offset: int,

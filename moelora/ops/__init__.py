@@ -18,6 +18,7 @@ from typing import overload
 
 import torch
 
+from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
@@ -202,6 +203,25 @@ def paged_attention(
     return mod.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev=kv_lens_dev
     )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    plan: KernelPlan = TUNED,
+) -> torch.Tensor:
+    """A linear layer plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`. On the GPU a
+    layer with adapter slots takes one launch for all of it at a few tokens in fp16/bf16
+    (`ops/triton/linear.py`); otherwise cuBLAS, and the dense LoRA kernels if the batch has adapters."""
+    mod = _kernels("linear", x)
+    if mod is None:
+        return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes)
+    one_launch = _half_kernels("linear", x, weight) is not None
+    return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan)
 
 
 def add_lora(

@@ -84,6 +84,23 @@ _LORA_TABLE: tuple[tuple[float, LoraTiles], ...] = (
 
 
 @dataclass(frozen=True)
+class LinearTiles:
+    """Tiles of the one-launch linear layer (`ops/triton/linear.py`) for a few tokens."""
+
+    block_n: int  # output columns per program (narrower where a stacked part's size needs it)
+    block_k: int  # input columns per step
+    warps: int
+    stages: int
+    programs_per_sm: int  # the input is split until about this many GEMV programs per SM run
+    shrink_chunk: int  # input columns per LoRA shrink program
+
+
+# H200, Qwen3-30B-A3B's q/k/v and o at 1 and 16 tokens (bench/linear.py --sweep, 2026-12-04): 4 stages and
+# one program per SM came first of 48 variants (1-2 us apart in all).
+_LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256)
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     """Kernel choices of the routed-expert and dense LoRA ops. A field left None lets its shape rule
     decide (see the rule of the same name in `ops/triton/tiles.py`)."""
@@ -93,6 +110,8 @@ class KernelPlan:
     decode_tiles: DecodeTiles = _DECODE_TILES  # the alignment-free path's GEMVs
     # (most tokens, tiles) of the dense multi-LoRA shrink and expand, in increasing order
     lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
+    linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
+    linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue

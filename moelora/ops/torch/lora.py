@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch import acc_dtype
 
@@ -62,6 +63,33 @@ def add_lora_parts(
     for p, n in enumerate(sizes):
         add_lora(y[:, offset : offset + n], x, a[:, p], b[:, offset : offset + n], token_slot)
         offset += n
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+) -> torch.Tensor:
+    """A linear layer with its adapters: y = x @ weight^T + bias in x's dtype, then, for every token with
+    a slot s = token_slot[t] in [0, S), the delta of `add_lora_parts` (one A per stacked part, `sizes` the
+    parts' output sizes) added in y's dtype. No delta when lora or token_slot is None.
+
+    Shapes: x [T, in]; weight [out, in]; bias [out] or None; lora: `DenseLora` (a [S, P, R, in],
+    b [S, out, R], rank [S, P]); token_slot [T] int. Kernels may add the delta before rounding the base
+    product to x's dtype (one rounding instead of two); a token without a slot gets the base product
+    only, whatever the other tokens' slots.
+    """
+    y = F.linear(x, weight, bias)
+    if lora is None or token_slot is None:
+        return y
+    if len(sizes) == 1:
+        add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0])
+    else:
+        add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank)
+    return y
 
 
 def fused_moe_lora(

@@ -1,0 +1,130 @@
+"""The linear layers of a decode step: cuBLAS plus the dense LoRA kernels against the one-launch linear
+layer (`ops/triton/linear.py`), Qwen3-30B-A3B shapes (q/k/v 2048 -> 4096 + 512 + 512, o 4096 -> 2048,
+router 2048 -> 128), bf16.
+
+Each row times a CUDA graph of one call per layer over `--layers` layers with distinct weights (more
+bytes than the L2 holds, as in a model's step), median of 7 replays, per layer. Adapters: 8 slots of
+rank 16 on every part, the batch's tokens spread over min(T, 8) of them ("lora") or none ("base").
+Floor: the bytes that must be read (weights, the adapters' A and B, x, y) at --bandwidth. Each
+one-launch result is first checked against cuBLAS plus the LoRA twin.
+
+    python bench/linear.py                 # the rows
+    python bench/linear.py --sweep         # tile variants of the one-launch layer at 1 and 16 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import replace
+
+import torch
+from timing import graph_us
+
+from moelora.ops.dense_lora import DenseLora
+from moelora.ops.plan import TUNED, KernelPlan
+from moelora.ops.torch import lora as twin
+from moelora.ops.triton import linear as kern
+
+SHAPES = {"qkv": (2048, (4096, 512, 512)), "o": (4096, (2048,)), "router": (2048, (128,))}
+SLOTS, RANK = 8, 16
+
+
+class Layer:
+    def __init__(self, g: torch.Generator, in_dim: int, sizes: tuple[int, ...]) -> None:
+        out = sum(sizes)
+        self.w = (torch.randn(out, in_dim, generator=g) * in_dim**-0.5).to("cuda", torch.bfloat16)
+        a = torch.randn(SLOTS, len(sizes), RANK, in_dim, generator=g) * in_dim**-0.5
+        b = torch.randn(SLOTS, out, RANK, generator=g) * RANK**-0.5
+        rank = torch.full((SLOTS, len(sizes)), RANK, dtype=torch.int32)
+        self.lora = DenseLora(a.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16), rank.cuda())
+
+
+def run(layers, x, slot, sizes, one_launch: bool, plan: KernelPlan):
+    """One call per layer; slot None: a batch without adapters on layers that have slots."""
+    for layer in layers:
+        kern.linear_layer(x, layer.w, None, layer.lora, slot, sizes, one_launch, plan)
+
+
+def floor_us(in_dim: int, sizes: tuple[int, ...], tokens: int, adapters: int, bandwidth: float) -> float:
+    out = sum(sizes)
+    weights = out * in_dim * 2
+    lora = adapters * RANK * (len(sizes) * in_dim + out) * 2
+    return (weights + lora + tokens * (in_dim + out) * 2) / bandwidth * 1e6
+
+
+def rows(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    print("| layer | tokens | adapters | cuBLAS + LoRA kernels us | one launch us | floor us | floor / it |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (in_dim, sizes) in SHAPES.items():
+        layers = [Layer(g, in_dim, sizes) for _ in range(args.layers)]
+        for tokens in args.tokens:
+            x = torch.randn(tokens, in_dim, generator=g).to("cuda", torch.bfloat16)
+            for with_lora in (False, True):
+                adapters = min(tokens, SLOTS) if with_lora else 0
+                slot = (torch.arange(tokens) % SLOTS).to("cuda", torch.int32) if with_lora else None
+                if not kern.fits(x, len(sizes) * RANK, sizes, TUNED):
+                    continue
+                lora = layers[0].lora
+                ref = twin.linear(x, layers[0].w, None, lora, slot, sizes)
+                got = kern.linear_layer(x, layers[0].w, None, lora, slot, sizes, True, TUNED)
+                err = (got.float() - ref.float()).abs().max().item()
+                assert err < 0.05 * max(1.0, ref.float().abs().max().item()), f"{name} T={tokens}: {err}"
+                old = graph_us(lambda: run(layers, x, slot, sizes, False, TUNED)) / args.layers  # noqa: B023
+                new = graph_us(lambda: run(layers, x, slot, sizes, True, TUNED)) / args.layers  # noqa: B023
+                fl = floor_us(in_dim, sizes, tokens, adapters, args.bandwidth)
+                cells = f"{old:.2f} | {new:.2f} | {fl:.2f} | {fl / new:.0%}"
+                print(f"| {name} | {tokens} | {adapters} | {cells} |", flush=True)
+
+
+def sweep(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = TUNED.linear_tiles
+    variants = [base]
+    for block_n, block_k, warps, stages, per_sm in itertools.product(
+        (32, 64, 128), (64, 128, 256), (4,), (3, 4), (1, 2, 4)
+    ):
+        v = replace(base, block_n=block_n, block_k=block_k, warps=warps, stages=stages)
+        v = replace(v, programs_per_sm=per_sm)
+        if v != base and block_n * block_k <= 16384:
+            variants.append(v)
+    results: dict = {}
+    for name in ("qkv", "o"):
+        in_dim, sizes = SHAPES[name]
+        layers = [Layer(g, in_dim, sizes) for _ in range(args.layers)]
+        for tokens, with_lora in ((1, False), (1, True), (16, True)):
+            x = torch.randn(tokens, in_dim, generator=g).to("cuda", torch.bfloat16)
+            slot = (torch.arange(tokens) % SLOTS).to("cuda", torch.int32) if with_lora else None
+            for v in variants:
+                plan = KernelPlan(linear_tiles=v)
+                try:
+                    us = graph_us(lambda: run(layers, x, slot, sizes, True, plan)) / args.layers  # noqa: B023
+                except Exception as err:  # a variant that does not compile is reported, not fatal
+                    print(f"skip {v}: {str(err)[:100]}")
+                    continue
+                results.setdefault(v, {})[(name, tokens, with_lora)] = us
+    keys = sorted({k for r in results.values() for k in r})
+    print("| tiles | " + " | ".join(f"{n} T={t}{' lora' if lo else ''}" for n, t, lo in keys) + " | sum |")
+    print("|---" * (len(keys) + 2) + "|")
+    ranked = sorted(results.items(), key=lambda kv: sum(kv[1].values()))
+    for v, r in ranked[: args.top]:
+        cells = " | ".join(f"{r.get(k, float('nan')):.2f}" for k in keys)
+        print(f"| {v.block_n}/{v.block_k}/w{v.warps}/s{v.stages}/p{v.programs_per_sm} | {cells} | "
+              f"{sum(r.values()):.2f} |")  # fmt: skip
+    print(f"shipped: {results.get(base)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--layers", type=int, default=16, help="distinct layers a graph (weights past the L2)")
+    p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the floor (copy rate)")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+    sweep(args) if args.sweep else rows(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""A linear layer for a few tokens (decode) in one launch: the base GEMV split along the input, the bias,
+and the dense multi-LoRA (shrink and expand) together, instead of cuBLAS plus a shrink and an expand per
+stacked part.
+
+Programs, in start order (`counters.ticket`): with LoRA, the shrinks first, one per (distinct slot of the
+batch, input chunk): xa of the slot's tokens over the chunk, the stacked parts' A at once (x and A read
+once). Then one program per (output tile, input split), split 0 of every tile first, each
+an fp32 partial of x @ W^T; split 0's also gets the LoRA delta (after the shrinks: lower tickets, so no
+deadlock), whose latency then hides behind the other splits' GEMV. The last split of a tile to finish
+adds the partials up in split order, then the bias, and stores the tile. A token without an adapter gets
+exactly the base sum: a base row does not depend on which adapters share its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moelora.ops.dense_lora import DenseLora
+from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
+from moelora.ops.triton.common import add_expand, lanes_in_rank, num_sms, valid_slot
+from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
+from moelora.ops.triton.lora import add_lora, add_lora_parts
+from moelora.ops.triton.tiles import dot_precision, expand_mode
+
+_MAX_LANES = 256  # stacked rank lanes (parts x rank) one shrink program holds
+_MAX_PARTS = 4  # stacked output parts (q/k/v: 3) a column tile can tell apart
+
+# The launch's counters (`counters.launch_counters`), in order: tickets, shrinks done, programs done, then
+# one per output tile (its splits done).
+
+
+@triton.jit
+def _tile_part(n0, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr):
+    """The stacked part (0..3) that output column n0 belongs to (ENDi: where part i + 1 starts)."""
+    return (n0 >= END0).to(tl.int32) + (n0 >= END1).to(tl.int32) + (n0 >= END2).to(tl.int32)
+
+
+@triton.jit
+def _shrink(
+    x_ptr, a_ptr, xa_ptr, slot_ptr, rank_ptr, item, num_tokens, num_slots, lanes, part_rank,
+    sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp,
+    IN_DIM: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, HAS_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Shrink `item` = (j, input chunk c): xa[c, t, l] = a[s, l, cols] @ x[t, cols] over the chunk's
+    input columns for the tokens t on s, the batch's j-th distinct slot (rows of other tokens untouched;
+    no work if the batch has j slots or fewer); lane l is part l // part_rank's lane l % part_rank."""
+    j = item // CHUNKS
+    chunk = item % CHUNKS
+    t = tl.arange(0, BLOCK_M)
+    t_ok = t < num_tokens
+    slot = valid_slot(tl.load(slot_ptr + t, mask=t_ok, other=-1), num_slots)
+    # The tokens that are the first of their slot, numbered in token order; s is the j-th one's slot.
+    earlier = (t[None, :] < t[:, None]) & (slot[None, :] == slot[:, None])
+    first = (slot < num_slots) & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
+    order = tl.sum(((t[None, :] < t[:, None]) & first[None, :]).to(tl.int32), axis=1)
+    s = tl.max(tl.where(first & (order == j), slot, -1))
+    sel = slot == s
+    if s >= 0:
+        lane = tl.arange(0, BLOCK_L)
+        l_ok = lane < lanes
+        if HAS_RANK:
+            own = tl.load(rank_ptr + s * s_rs + (lane // part_rank) * s_rp, mask=l_ok, other=0)
+            l_ok = l_ok & (lane % part_rank < (own + 7) // 8 * 8)
+        kk = chunk * CHUNK + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
+        for k0 in range(0, CHUNK, BLOCK_K):
+            k_ok = kk + k0 < IN_DIM
+            xk = tl.load(
+                x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k,
+                mask=sel[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            ak = tl.load(
+                a_ptr + s.to(tl.int64) * sa_s + lane[None, :] * sa_l + (kk + k0)[:, None] * sa_k,
+                mask=k_ok[:, None] & l_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xk, ak, acc, input_precision=PRECISION)
+        dst = xa_ptr + (chunk * num_tokens + t[:, None]) * lanes + lane[None, :]
+        tl.store(dst, acc, mask=sel[:, None] & (lane < lanes)[None, :])
+
+
+@triton.jit
+def _expand(
+    acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
+    sb_s, sb_n, sb_r, s_rs, s_rp,
+    NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, CHUNKS: tl.constexpr, PARTS: tl.constexpr,
+    END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc plus each token's b[s][n] @ xa (its part's lanes, the shrink chunks added up in order), once the
+    shrinks are done; tokens without a slot get nothing added."""
+    slot = valid_slot(tl.load(slot_ptr + t, mask=t_ok, other=-1), NUM_SLOTS)
+    s = tl.min(slot)
+    if s < NUM_SLOTS:
+        wait_for(shrunk_ptr, SHRINKS)
+        part = _tile_part(tile * BLOCK_N, END0, END1, END2)
+        r = tl.arange(0, BLOCK_R)
+        lanes = PARTS * rank
+        xa_ptrs = xa_ptr + t[:, None] * lanes + (part * rank + r)[None, :]
+        xa_mask = (slot < NUM_SLOTS)[:, None] & (r < rank)[None, :]
+        xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for c in range(0, CHUNKS):
+            xa += tl.load(xa_ptrs + c * num_tokens * lanes, mask=xa_mask, other=0.0, cache_modifier=".cg")
+        while s < NUM_SLOTS:  # the batch's distinct slots, in increasing order
+            b_ok = lanes_in_rank(r, rank, rank_ptr + part * s_rp, s * s_rs, HAS_RANK)
+            b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
+            u = tl.where((slot == s)[:, None], xa, 0.0)
+            acc = add_expand(acc, u, b_ptrs, b_ok[:, None] & n_ok[None, :], EXPAND, PRECISION)
+            s = tl.min(tl.where(slot > s, slot, NUM_SLOTS))
+    return acc
+
+
+@triton.jit
+def _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
+               IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N] fp32 over this split's input columns."""
+    t = tl.arange(0, BLOCK_M)
+    kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
+    w_ptrs = w_ptr + n[None, :].to(tl.int64) * sw_n + kk[:, None] * sw_k
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K_CHUNK, BLOCK_K):
+        k_ok = kk + k0 < IN_DIM
+        xk = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sx_k
+        w_ptrs += BLOCK_K * sw_k
+    return acc
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr,
+    num_tokens, out_dim, rank,
+    sx_t, sx_k, sw_n, sw_k, sy_t, sy_n, sa_s, sa_l, sa_k, sb_s, sb_n, sb_r, s_rs, s_rp,
+    IN_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
+    NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
+    END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    n_tiles = tl.cdiv(out_dim, BLOCK_N)
+    num_shrinks = 0
+    item = tl.program_id(0)
+    if HAS_LORA:
+        num_shrinks = SHRINKS
+        item = ticket(ticket_ptr)
+    if item < num_shrinks:
+        _shrink(
+            x_ptr, a_ptr, xa_ptr, slot_ptr, rank_ptr, item, num_tokens, NUM_SLOTS, PARTS * rank, rank,
+            sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp,
+            IN_DIM, CHUNKS, SHRINK_CHUNK, HAS_RANK, BLOCK_M, BLOCK_K, BLOCK_L, PRECISION,
+        )  # fmt: skip
+        signal(shrunk_ptr)
+    else:
+        # Split 0 of every tile first (the lowest tickets): it also adds the LoRA delta, whose latency
+        # then overlaps the other splits' GEMV.
+        tile = (item - num_shrinks) % n_tiles
+        split = (item - num_shrinks) // n_tiles
+        t = tl.arange(0, BLOCK_M)
+        t_ok = t < num_tokens
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < out_dim
+        acc = _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
+                         IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        if HAS_LORA and split == 0:
+            acc = _expand(
+                acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
+                sb_s, sb_n, sb_r, s_rs, s_rp, NUM_SLOTS, SHRINKS, CHUNKS, PARTS, END0, END1, END2, HAS_RANK,
+                BLOCK_M, BLOCK_N, BLOCK_R, EXPAND, PRECISION,
+            )  # fmt: skip
+        mask = t_ok[:, None] & n_ok[None, :]
+        finish = True
+        if SPLITS > 1:
+            # Partials of every split; the tile's last split to finish adds them up in split order.
+            rows = t[:, None] * out_dim + n[None, :]
+            tl.store(part_ptr + split * num_tokens * out_dim + rows, acc, mask=mask)
+            finish = last_one(tile_count_ptr + tile, SPLITS)
+            if finish:
+                acc = tl.load(part_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")
+                for i in range(1, SPLITS):
+                    acc += tl.load(part_ptr + i * num_tokens * out_dim + rows, mask=mask, other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+        if finish:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + t[:, None] * sy_t + n[None, :] * sy_n
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_LORA:
+        programs = num_shrinks + n_tiles * SPLITS
+        if last_one(exited_ptr, programs):
+            tl.atomic_xchg(ticket_ptr, 0)
+            tl.atomic_xchg(shrunk_ptr, 0)
+
+
+def _column_tile(sizes: tuple[int, ...], tiles: LinearTiles) -> int:
+    """The widest column tile (at most the plan's) that no part boundary cuts; 0 if there is none."""
+    block_n = tiles.block_n
+    while block_n >= 16:
+        if all(s % block_n == 0 for s in sizes[:-1]):
+            return block_n
+        block_n //= 2
+    return 0
+
+
+def fits(x: torch.Tensor, lora_lanes: int, sizes: tuple[int, ...], plan: KernelPlan = TUNED) -> bool:
+    """Whether `linear` runs this layer in one launch: few enough tokens, stacked rank lanes and parts,
+    and a column tile that no part boundary cuts."""
+    return (
+        x.shape[0] <= plan.linear_tokens
+        and lora_lanes <= _MAX_LANES
+        and len(sizes) <= _MAX_PARTS
+        and _column_tile(sizes, plan.linear_tiles) > 0
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    sizes: tuple[int, ...],
+    plan: KernelPlan = TUNED,
+) -> torch.Tensor:
+    """y = x @ weight^T + bias, plus each token's adapter delta, in one launch (the caller checks `fits`).
+
+    x [T, in]; weight [out, in]; bias [out] or None; sizes: the stacked parts' output sizes (sum = out);
+    lora None or (a [S, P, R, in], b [S, out, R], slot_rank [S, P] or None, token_slot [T]), as
+    `ops.linear`. Launches on one device run one after another (they share `counters.launch_counters`)."""
+    num_tokens, in_dim = x.shape
+    out_dim = weight.shape[0]
+    tiles = plan.linear_tiles
+    block_n = _column_tile(sizes, tiles)
+    block_k = min(tiles.block_k, max(16, triton.next_power_of_2(in_dim)))
+    n_tiles = triton.cdiv(out_dim, block_n)
+    # Input splits: about tiles.programs_per_sm programs per SM in all, each a whole number of block_k steps.
+    want = max(1, min(tiles.programs_per_sm * num_sms(x.device) // n_tiles, triton.cdiv(in_dim, block_k)))
+    k_chunk = triton.cdiv(triton.cdiv(in_dim, want), block_k) * block_k
+    splits = triton.cdiv(in_dim, k_chunk)
+    y = torch.empty(num_tokens, out_dim, dtype=x.dtype, device=x.device)
+    part = y  # a placeholder, never read with one split
+    if splits > 1:
+        part = torch.empty(splits, num_tokens, out_dim, dtype=torch.float32, device=x.device)
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    ends += [1 << 30] * (3 - len(ends))
+    if lora is None:  # placeholders, never read (HAS_LORA is off)
+        slot, a, b, rank_of = x, weight[None, :, None], weight[None, :, :, None], None
+        xa, num_slots, rank, parts, chunks, shrink_chunk = part, 0, 1, 1, 0, 1
+        a_strides: tuple[int, ...] = (0, 0, 0)
+    else:
+        a4, b, rank_of, slot = lora
+        num_slots, parts, rank = a4.shape[0], a4.shape[1], a4.shape[2]
+        a = a4.reshape(num_slots, parts * rank, in_dim)
+        a_strides = a.stride()
+        shrink_chunk = triton.cdiv(min(tiles.shrink_chunk, in_dim), block_k) * block_k
+        chunks = triton.cdiv(in_dim, shrink_chunk)
+        xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
+    sync = launch_counters(x.device, 3 + n_tiles)
+    ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
+    block_m = max(16, triton.next_power_of_2(num_tokens))
+    shrinks = min(num_tokens, num_slots) * chunks  # a program per (distinct slot, chunk) at most
+    _linear_kernel[(shrinks + n_tiles * splits,)](
+        x, weight, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
+        sync, sync[1:], sync[2:], sync[3:],
+        num_tokens, out_dim, rank,
+        *x.stride(), *weight.stride(), *y.stride(), *a_strides, b.stride(0), b.stride(1), b.stride(-1),
+        ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
+        IN_DIM=in_dim, HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
+        NUM_SLOTS=num_slots, SHRINKS=shrinks, SPLITS=splits, K_CHUNK=k_chunk, CHUNKS=chunks,
+        SHRINK_CHUNK=shrink_chunk,
+        PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_L=max(16, triton.next_power_of_2(parts * rank)),
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype),
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return y
+
+
+def linear_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    one_launch: bool,
+    plan: KernelPlan = TUNED,
+) -> torch.Tensor:
+    """`ops.linear`: one launch (`linear`) for a layer with adapter slots where allowed (`one_launch`:
+    16-bit tensors, or the interpreter) and it `fits`, whether or not this batch uses them, so that a
+    base row gets the same bits in any batch; otherwise cuBLAS and the dense LoRA kernels."""
+    if lora is not None and one_launch and fits(x, lora.a.shape[1] * lora.a.shape[2], sizes, plan):
+        args = None if token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
+        return linear(x, weight, bias, args, sizes, plan)
+    y = F.linear(x, weight, bias)
+    if lora is not None and token_slot is not None:
+        if len(sizes) == 1:
+            add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0], plan)
+        else:
+            add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan)
+    return y

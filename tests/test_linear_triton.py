@@ -1,0 +1,157 @@
+"""The one-launch linear layer (`ops/triton/linear.py`: base GEMV, bias and dense multi-LoRA) against its
+PyTorch twin (`ops.torch.lora.linear`: F.linear, then the LoRA delta), with invalid slots mixed in.
+
+Without CUDA the kernel runs in Triton's interpreter (tiny shapes, fp32/fp16); the GPU cases run bf16 at
+the Qwen3-30B-A3B projection shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from moelora.ops.dense_lora import DenseLora  # noqa: E402
+from moelora.ops.plan import TUNED, KernelPlan, LinearTiles  # noqa: E402
+from moelora.ops.torch import lora as torch_lora  # noqa: E402
+from moelora.ops.triton import linear as triton_linear  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+# Tiny tiles, so that the interpreter's small shapes still split the input (5 splits of 16 columns for
+# in = 80) and the shrink (3 chunks of 32) and cut the output into several column tiles.
+SMALL = KernelPlan(linear_tiles=LinearTiles(16, 16, 4, 2, programs_per_sm=64, shrink_chunk=32))
+
+
+def rand(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * scale).to(DEV)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= tol * max(1.0, ref.float().abs().max().item()), f"max error {err}"
+
+
+def lora_inputs(g: torch.Generator, num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype):
+    num_slots = 4
+    a = rand(g, num_slots, len(sizes), rank, in_dim, scale=in_dim**-0.5).to(dtype)
+    b = rand(g, num_slots, sum(sizes), rank, scale=rank**-0.5).to(dtype)
+    ranks = torch.full((num_slots, len(sizes)), rank, dtype=torch.int32, device=DEV)
+    # Slot 1 has half the rank in every part, slot 2 nothing in its last part: the padding is NaN, which
+    # the kernel must not read (the twin gets zeros there).
+    half = -(-(rank // 2) // 8) * 8  # lanes a kernel may read: the slot's rank rounded up to 8
+    ranks[1], ranks[2, -1] = rank // 2, 0
+    a[1, :, rank // 2 :], b[1, :, rank // 2 :] = 0, 0
+    a[2, -1], b[2, sum(sizes[:-1]) :] = 0, 0
+    noisy_a, noisy_b = a.clone(), b.clone()
+    noisy_a[1, :, half:], noisy_b[1, :, half:] = float("nan"), float("nan")
+    noisy_a[2, -1], noisy_b[2, sum(sizes[:-1]) :] = float("nan"), float("nan")
+    choices = torch.tensor([-1, -3, num_slots, num_slots + 9, 0, 1, 2, 3, 1, 2])
+    slot = choices[torch.randint(0, len(choices), (num_tokens,), generator=g)].to(torch.int32).to(DEV)
+    slot[0] = 1  # at least one token on an adapter
+    return DenseLora(a, b, ranks), DenseLora(noisy_a, noisy_b, ranks), slot
+
+
+def check_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype, bias: bool,
+                 plan: KernelPlan, seed: int) -> None:  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = rand(g, num_tokens, in_dim).to(dtype)
+    w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
+    b = rand(g, sum(sizes)).to(dtype) if bias else None
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
+    assert triton_linear.fits(x, len(sizes) * rank, sizes, plan)
+    base = triton_linear.linear(x, w, b, None, sizes, plan)
+    close(base, torch_lora.linear(x, w, b, None, None, sizes), TOL[dtype])
+    got = triton_linear.linear(x, w, b, (noisy.a, noisy.b, noisy.rank, slot), sizes, plan)
+    ref = torch_lora.linear(x, w, b, lora, slot, sizes)
+    close(got, ref, TOL[dtype])
+    assert (ref - base).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"
+    no_adapter = (slot < 0) | (slot >= lora.a.shape[0])
+    assert torch.equal(got[no_adapter], base[no_adapter]), "a base row must not depend on its neighbours"
+    again = triton_linear.linear(x, w, b, (noisy.a, noisy.b, noisy.rank, slot), sizes, plan)
+    assert torch.equal(again, got), "counters must be back to zero after a launch"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "sizes", "rank", "dtype", "bias"),
+    [
+        (1, (32, 16, 16), 8, torch.float32, False),
+        (5, (48,), 16, torch.float32, True),
+        (16, (32, 16), 8, torch.float16, True),
+        (3, (16, 16, 16, 32), 4, torch.float32, False),
+    ],
+)
+def test_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], rank: int, dtype, bias: bool):
+    check_linear(num_tokens, 80, sizes, rank, dtype, bias, SMALL, seed=num_tokens)
+
+
+def test_linear_in_one_split():
+    """The shipped tiles on a small layer: one input split, no partial sums."""
+    check_linear(2, 96, (64, 32), 8, torch.float32, True, TUNED, seed=3)
+
+
+def test_linear_layer_falls_back_where_it_does_not_fit():
+    """Too many tokens, or a part boundary that cuts every column tile: cuBLAS plus the LoRA kernels,
+    the same result."""
+    g = torch.Generator().manual_seed(0)
+    for num_tokens, sizes in ((17, (32, 16)), (3, (24, 8))):
+        x = rand(g, num_tokens, 40)
+        w = rand(g, sum(sizes), 40, scale=40**-0.5)
+        lora, _, slot = lora_inputs(g, num_tokens, 40, sizes, 8, torch.float32)
+        assert not triton_linear.fits(x, len(sizes) * 8, sizes, SMALL)
+        got = triton_linear.linear_layer(x, w, None, lora, slot, sizes, True, SMALL)
+        close(got, torch_lora.linear(x, w, None, lora, slot, sizes), TOL[torch.float32])
+
+
+def test_linear_layer_one_launch_for_layers_with_slots():
+    """A layer with slots takes the one launch with or without adapters in the batch (a base row gets the
+    same bits either way); a layer without slots stays on F.linear."""
+    g = torch.Generator().manual_seed(4)
+    sizes = (32, 16)
+    x = rand(g, 3, 40)
+    w = rand(g, sum(sizes), 40, scale=40**-0.5)
+    lora, _, slot = lora_inputs(g, 3, 40, sizes, 8, torch.float32)
+    slot[1] = -1
+    mixed = triton_linear.linear_layer(x, w, None, lora, slot, sizes, True, SMALL)
+    base = triton_linear.linear_layer(x, w, None, lora, None, sizes, True, SMALL)
+    assert torch.equal(mixed[1], base[1])
+    assert torch.equal(triton_linear.linear_layer(x, w, None, None, None, sizes, True, SMALL), x @ w.T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4, 16])
+@pytest.mark.parametrize(
+    ("in_dim", "sizes", "bias"),
+    [(2048, (4096, 512, 512), False), (4096, (2048,), True), (2048, (128,), False)],
+)
+def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: bool):
+    """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles."""
+    check_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, bias, TUNED, seed=num_tokens)
+
+
+@pytest.mark.gpu
+def test_linear_cuda_graph_replay():
+    """Captured once, replayed with new inputs and slots: the counters and partials are graph-safe."""
+    g = torch.Generator().manual_seed(1)
+    sizes, in_dim = (512, 128, 128), 1024
+    x = rand(g, 8, in_dim).to(torch.bfloat16)
+    w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(torch.bfloat16)
+    lora, _, slot = lora_inputs(g, 8, in_dim, sizes, 16, torch.bfloat16)
+    args = (lora.a, lora.b, lora.rank, slot)
+    triton_linear.linear(x, w, None, args, sizes)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_linear.linear(x, w, None, args, sizes)
+    for seed in range(3):
+        g2 = torch.Generator().manual_seed(seed + 10)
+        x.copy_(rand(g2, 8, in_dim).to(torch.bfloat16))
+        slot.copy_(torch.randint(-1, 5, (8,), generator=g2).to(torch.int32).to(DEV))
+        graph.replay()
+        close(y, torch_lora.linear(x, w, None, lora, slot, sizes), TOL[torch.bfloat16])
