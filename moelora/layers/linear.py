@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moelora import ops
@@ -55,8 +56,18 @@ class LoraTarget:
 class ColumnLinear(nn.Module):
     """y = x W^T + b, W [sum of part sizes, in]: the parts' rows stacked in order."""
 
-    def __init__(self, in_features: int, parts: Sequence[OutPart], bias: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        parts: Sequence[OutPart],
+        bias: bool,
+        dtype: torch.dtype,
+        lora_target: bool = True,
+    ) -> None:
+        """`lora_target`: whether adapters may modify this layer (False for a router): then its base
+        product runs the same kernel in every batch and on every server, with or without adapters."""
         super().__init__()
+        self.lora_target = lora_target
         self.in_features = in_features
         self.parts = tuple(parts)
         self.out_sizes = tuple(p.size for p in self.parts)
@@ -67,6 +78,8 @@ class ColumnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b plus each token's adapter delta (`token_slot`; none when None)."""
+        if not self.lora_target:
+            return F.linear(x, self.weight, self.bias)
         return ops.linear(x, self.weight, self.bias, self.lora, token_slot, self.out_sizes)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:

@@ -61,8 +61,12 @@ class FusedMoE(nn.Module):
         global_ids: torch.Tensor,
         token_slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # The one place ids change convention: global -> local, -1 for experts of other ranks.
-        local_ids = self.expert_map[global_ids.long()]
+        # The one place ids change convention: global -> local, -1 for experts of other ranks. A rank that
+        # owns every expert has the identity map: no gather launch (the router's ids are int32 already).
+        if self.placement.count == self.placement.num_experts:
+            local_ids = global_ids.to(torch.int32)
+        else:
+            local_ids = self.expert_map[global_ids]
         if self.lora is None or token_slot is None:
             return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
         return ops.fused_moe_lora(x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, self.lora)

@@ -156,14 +156,16 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.ps, self.top_k = ps, cfg.top_k
         self.renormalize, self.fp32_weights = cfg.norm_topk_prob, cfg.router_fp32_weights
-        self.router = ColumnLinear(cfg.hidden_size, [whole_part("gate", cfg.num_experts)], False, dtype)
+        self.router = ColumnLinear(
+            cfg.hidden_size, [whole_part("gate", cfg.num_experts)], False, dtype, lora_target=False
+        )
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype)
         self.shared: DenseMLP | None = None
         self.shared_gate: ColumnLinear | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ps, dtype)
             self.shared_gate = ColumnLinear(
-                cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype
+                cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype, lora_target=False
             )
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:

@@ -214,9 +214,9 @@ def linear(
     sizes: tuple[int, ...],
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """A linear layer plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`. On the GPU a
-    layer with adapter slots takes one launch for all of it at a few tokens in fp16/bf16
-    (`ops/triton/linear.py`); otherwise cuBLAS, and the dense LoRA kernels if the batch has adapters."""
+    """A layer adapters may modify, plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`.
+    On the GPU a few tokens in fp16/bf16 take one launch for all of it (`ops/triton/linear.py`), with or
+    without adapters; more run cuBLAS, and the dense LoRA kernels if the batch has adapters."""
     mod = _kernels("linear", x)
     if mod is None:
         return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes)

@@ -296,11 +296,12 @@ def linear_layer(
     one_launch: bool,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """`ops.linear`: one launch (`linear`) for a layer with adapter slots where allowed (`one_launch`:
-    16-bit tensors, or the interpreter) and it `fits`, whether or not this batch uses them, so that a
-    base row gets the same bits in any batch; otherwise cuBLAS and the dense LoRA kernels."""
-    if lora is not None and one_launch and fits(x, lora.a.shape[1] * lora.a.shape[2], sizes, plan):
-        args = None if token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
+    """`ops.linear`: one launch (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter)
+    and it `fits`, whether or not the layer has slots or the batch adapters, so that a base row gets the
+    same bits in any batch and on a server without adapters; otherwise cuBLAS and the dense LoRA kernels."""
+    lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
+    if one_launch and fits(x, lanes, sizes, plan):
+        args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
         return linear(x, weight, bias, args, sizes, plan)
     y = F.linear(x, weight, bias)
     if lora is not None and token_slot is not None:
