@@ -298,6 +298,33 @@ def test_decode_gate_up_lora_counters_and_padding():
     assert torch.isfinite(ha).all() and ha.abs().sum() > 0
 
 
+def test_decode_down_sums_like_moe_sum():
+    """The decode down launch adds each token's rows up itself (the last pair of a token to finish a tile):
+    the weighted sum `moe_sum` makes of its per-pair rows, a token whose choices all run
+    elsewhere gets zeros, and the counters are zero again afterwards."""
+    from moelora.ops.triton.counters import launch_counters
+    from moelora.ops.triton.moe_decode_down import decode_down
+    from moelora.ops.triton.moe_sum import moe_sum
+
+    g = torch.Generator().manual_seed(31)
+    num_tokens, top_k, num_experts, hidden, inter = 5, 3, 4, 40, 24
+    ids = pick(g, [-1, 9, 0, 1, 2, 3], num_tokens, top_k)
+    ids[0] = -1  # every choice elsewhere
+    h = rand(g, num_tokens * top_k, inter)
+    w_down = rand(g, num_experts, hidden, inter, scale=inter**-0.5)
+    weights = rand(g, num_tokens, top_k)
+    y = decode_down(h, w_down, ids, weights, None, TUNED.decode_tiles)
+    assert not launch_counters(h.device, 0).any()
+    d = torch.zeros(num_tokens * top_k, hidden, device=DEV)
+    for p, e in enumerate(ids.view(-1).tolist()):
+        if 0 <= e < num_experts:
+            d[p] = w_down[e] @ h[p]
+    ref = moe_sum(d, ids, weights, num_experts)
+    assert_close(y, ref, 1e-5)
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+    assert torch.equal(decode_down(h, w_down, ids, weights, None, TUNED.decode_tiles), y)
+
+
 def test_decode_path_is_taken_for_few_pairs():
     """The choice itself: a decode step of a wide MoE skips the alignment, a prefill does not."""
     assert triton_moe.use_decode_path(8, 128, 8) and triton_moe.use_decode_path(2, 8, 2)

@@ -1,6 +1,7 @@
 """Routed experts for a handful of (token, choice) pairs, without the alignment: per-pair GEMVs that stream
 each pair's expert rows (the LoRA shrinks run inside the gate/up launch, the expands in the GEMVs'
-epilogues), then the weighted sum. Used where pairs rarely share an expert (`tiles.use_decode_path`)."""
+epilogues), the weighted sum in the down launch. Used where pairs rarely share an expert
+(`tiles.use_decode_path`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.moe_decode_down import decode_down
 from moelora.ops.triton.moe_decode_gate_up import decode_gate_up
-from moelora.ops.triton.moe_sum import moe_sum
 
 
 def decode_moe(
@@ -22,16 +22,13 @@ def decode_moe(
     lora: tuple[torch.Tensor, ExpertLora] | None,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: three
+    """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: two
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles = plan.decode_tiles
-    num_experts = w_down.shape[0]
     if lora is None:
         h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
-        d = decode_down(h, w_down, local_ids, None, tiles)
-    else:
-        slot, lo = lora
-        h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles)
-        assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-        d = decode_down(h, w_down, local_ids, (slot, ha, lo.b_dn, lo.rank), tiles)
-    return moe_sum(d, local_ids, weights, num_experts)
+        return decode_down(h, w_down, local_ids, weights, None, tiles)
+    slot, lo = lora
+    h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles)
+    assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
+    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), tiles)

@@ -1,5 +1,7 @@
-"""Down GEMV of the decode path: one program per (pair, output tile), the LoRA expand of the shrink that
-`decode_gate_up` computed; each pair's unweighted output (the weighted sum follows)."""
+"""Down GEMV of the decode path and the weighted sum: one program per (pair, output tile), the LoRA expand of
+the shrink that `decode_gate_up` computed; each pair's unweighted output d, and the last of a token's
+pairs to finish a tile adds the token's d rows up with their router weights (in choice order, as
+`moe_sum`: the result does not depend on timing)."""
 
 from __future__ import annotations
 
@@ -8,24 +10,25 @@ import triton
 import triton.language as tl
 
 from moelora.ops.triton.common import lanes_in_rank
+from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot
 from moelora.ops.triton.tiles import DecodeTiles
 
 
 @triton.jit
 def _decode_down_kernel(
-    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    top_k, hidden, num_experts, rank, num_slots, num_pairs,
-    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    INTER: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
+    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr,
+    hidden, num_experts, rank, num_slots, num_pairs,
+    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k,
+    INTER: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
-    t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
+    t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < hidden
     if runs:
         e64 = e.to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < hidden
         kk = tl.arange(0, BLOCK_K)
         h_row = h_ptr + p.to(tl.int64) * INTER + kk
         w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
@@ -45,23 +48,41 @@ def _decode_down_kernel(
             ha = tl.load(ha_ptr + p.to(tl.int64) * rank + r, mask=r_ok, other=0.0)
             d = expand_fma(d, ha, b_ptrs, n_ok, r_ok)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
+    # Every pair counts in, whether its expert runs here or not; the token's last adds the rows up.
+    n_tiles = tl.num_programs(1)
+    if last_one(count_ptr + t * n_tiles + tl.program_id(1), TOP_K):
+        t64 = t.to(tl.int64)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in range(0, TOP_K):
+            ej = tl.load(ids_ptr + t64 * s_id_t + j * s_id_k)
+            ok = (ej >= 0) & (ej < num_experts)
+            wj = tl.where(ok, tl.load(rw_ptr + t64 * s_rw_t + j * s_rw_k).to(tl.float32), 0.0)
+            row = d_ptr + (t64 * TOP_K + j) * hidden + n
+            acc += tl.load(row, mask=n_ok & ok, other=0.0, cache_modifier=".cg").to(tl.float32) * wj
+        tl.store(y_ptr + t64 * hidden + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def decode_down(
     h: torch.Tensor,
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
+    weights: torch.Tensor,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
 ) -> torch.Tensor:
-    """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair whose expert runs here (other rows unset).
-    h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; lora = (token_slot [T], ha [T * k, R]
-    fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
-    columns at or above it are padding, not read)."""
+    """-> y [T, H] in h's dtype: y[t] = sum_j weights[t, j] * d[t * k + j] (fp32, choices in order) over the
+    choices whose expert runs here, d = w_down[e] @ h of the pair rounded to h's dtype (as `moe_sum`).
+    h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; weights [T, k]; lora = (token_slot [T],
+    ha [T * k, R] fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
+    columns at or above it are padding, not read). Launches on one device run one after another (they
+    share `counters.launch_counters`)."""
     num_pairs, inter = h.shape
-    top_k = local_ids.shape[1]
+    num_tokens, top_k = local_ids.shape
     num_experts, hidden = w_down.shape[0], w_down.shape[1]
     d = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    y = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
+    n_tiles = triton.cdiv(hidden, tiles.block_n)
+    counts = launch_counters(h.device, num_tokens * n_tiles)
     slot_rank = None
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         slot, ha, b = local_ids, h, w_down.unsqueeze(0)
@@ -69,12 +90,12 @@ def decode_down(
     else:
         slot, ha, b, slot_rank = lora
         num_slots, rank = b.shape[0], b.shape[-1]
-    _decode_down_kernel[(num_pairs, triton.cdiv(hidden, tiles.block_n))](
-        h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank,
-        top_k, hidden, num_experts, rank, num_slots, num_pairs,
-        *local_ids.stride(), *w_down.stride(), *b.stride(),
-        INTER=inter, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None,
+    _decode_down_kernel[(num_pairs, n_tiles)](
+        h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
+        hidden, num_experts, rank, num_slots, num_pairs,
+        *local_ids.stride(), *w_down.stride(), *b.stride(), *weights.stride(),
+        INTER=inter, TOP_K=top_k, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None,
         BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
     )  # fmt: skip
-    return d
+    return y
