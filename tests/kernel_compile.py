@@ -159,7 +159,8 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     yield attn_combine._combine_kernel, dict(HEADS=32, BLOCK_S=16, HEAD_DIM=128, BLOCK_D=128), 4
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
-    yield rotary._rotary_kernel, dict(HAS_NORM=True, BLOCK_H=4, BLOCK_HALF=64), 4
+    for to_cache in (False, True):
+        yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 from moelora import LLM, SamplingParams, ops  # noqa: E402
 from moelora.layers.rotary import RotaryEmbedding  # noqa: E402
 from moelora.models.config import rope_from_hf  # noqa: E402
+from moelora.ops.cache_write import CacheWrite  # noqa: E402
 from moelora.ops.torch import attention as twin_attention  # noqa: E402
 from moelora.ops.torch import norm as twin_norm  # noqa: E402
 from moelora.ops.torch import rotary as twin_rotary  # noqa: E402
@@ -176,6 +177,38 @@ def test_write_kv_never_writes_outside_the_cache():
     twin_attention.write_kv(k[good], v[good], k_ref, v_ref, slots[good])
     kern_kv.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("case", [CPU_ROTARY[1], CPU_ROTARY[3]])
+def test_rotary_writes_the_cache_like_write_kv(case, norm):
+    """The rotary launch that also stores the step's keys (rotated) and values: the same q and k as the
+    twin, the caches equal to the twin's write_kv of the rotated k (cast to a cache of another dtype
+    too), and slots outside the cache never written."""
+    t, heads, d, dtype = case
+    g = torch.Generator().manual_seed(t + d)
+    q, k, v = qkv_views(g, t, heads, d, dtype)
+    cos, sin = cos_sin(g, t, d, dtype)
+    blocks, page = -(-3 * t // 4), 4
+    for cache_dtype in (dtype, torch.float16):
+        k_cache = randn(g, blocks, page, heads[1], d, dtype=cache_dtype)
+        v_cache = randn(g, blocks, page, heads[1], d, dtype=cache_dtype)
+        slots = torch.randperm(blocks * page, generator=g)[:t].to(DEV)
+        slots[0] = -1 if t > 1 else slots[0]  # outside the cache: nothing written for that token
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        weights = (randn(g, d, dtype=dtype, offset=1.0), randn(g, d, dtype=dtype, offset=1.0))
+        kern_args, twin_args = (k_cache, v_cache), (k_ref, v_ref)
+        if norm:
+            out = kern_rotary.qk_norm_rotary(q, k, *weights, EPS, cos, sin, CacheWrite(v, *kern_args, slots))
+            ref = twin_rotary.qk_norm_rotary(q, k, *weights, EPS, cos, sin)
+        else:
+            out = kern_rotary.rotary(q, k, cos, sin, CacheWrite(v, *kern_args, slots))
+            ref = twin_rotary.rotary(q, k, cos, sin)
+        good = slots >= 0
+        twin_attention.write_kv(out[1][good], v[good], *twin_args, slots[good])
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        assert_close(out[0], ref[0])
+        assert_close(out[1], ref[1])
 
 
 def test_launchers_refuse_mismatched_shapes():

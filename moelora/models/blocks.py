@@ -13,6 +13,7 @@ from moelora.layers.moe import ExpertNames, ExpertsTarget, FusedMoE
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
 from moelora.layers.spec import WeightSpec
 from moelora.models.config import ModelConfig
+from moelora.ops.cache_write import CacheWrite
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
 
@@ -68,18 +69,23 @@ class SelfAttention(nn.Module):
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         t, d = x.shape[0], self.head_dim
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        # With a KV cache, the rotary launch also stores this step's keys and values in it.
+        kv = batch.kv
+        cache = (
+            None
+            if kv is None
+            else CacheWrite(v, kv.cache.k[self.layer], kv.cache.v[self.layer], kv.slot_mapping)
+        )
         if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin)
+            q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin, cache)
         else:
-            q, k = ops.rotary(q, k, cos, sin)
-        if batch.kv is None:
+            q, k = ops.rotary(q, k, cos, sin, cache)
+        if kv is None or cache is None:
             o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
         else:
-            kv = batch.kv
-            k_cache, v_cache = kv.cache.k[self.layer], kv.cache.v[self.layer]
-            ops.write_kv(k, v, k_cache, v_cache, kv.slot_mapping)
+            k_cache, v_cache = cache.k_cache, cache.v_cache
             o = ops.paged_attention(
                 q,
                 k_cache,

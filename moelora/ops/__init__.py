@@ -18,6 +18,7 @@ from typing import overload
 
 import torch
 
+from moelora.ops.cache_write import CacheWrite
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
@@ -157,12 +158,23 @@ def rms_norm(
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheWrite | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q and k; see `moelora.ops.torch.rotary.rotary`."""
-    mod = _half_kernels("rotary", q, k, cos)
+    """Rotary embedding of q and k, and with `cache` the step's keys and values stored in the paged cache;
+    see `moelora.ops.torch.rotary.rotary`."""
+    mod = _rotary_kernels(q, k, cos, cache)
     impl = mod.rotary if mod is not None else _torch_rotary.rotary
-    return impl(q, k, cos, sin)
+    return impl(q, k, cos, sin, cache)
+
+
+def _rotary_kernels(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, cache: CacheWrite | None
+) -> ModuleType | None:
+    """The rotary kernels where both the rotary and (with a cache) the KV write would run on Triton."""
+    mod = _half_kernels("rotary", q, k, cos)
+    if cache is not None and _half_kernels("kv_write", k, cache.k_cache) is None:
+        return None
+    return mod
 
 
 def qk_norm_rotary(
@@ -173,11 +185,13 @@ def qk_norm_rotary(
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    cache: CacheWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head q/k RMSNorm, then rotary embedding; see `moelora.ops.torch.rotary.qk_norm_rotary`."""
-    mod = _half_kernels("rotary", q, k, cos)
+    """Per-head q/k RMSNorm, then rotary embedding (and the cache write with `cache`); see
+    `moelora.ops.torch.rotary.qk_norm_rotary`."""
+    mod = _rotary_kernels(q, k, cos, cache)
     impl = mod.qk_norm_rotary if mod is not None else _torch_rotary.qk_norm_rotary
-    return impl(q, k, q_weight, k_weight, eps, cos, sin)
+    return impl(q, k, q_weight, k_weight, eps, cos, sin, cache)
 
 
 def paged_attention(

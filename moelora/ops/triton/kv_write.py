@@ -26,10 +26,10 @@ def _write_kv_kernel(
     tl.store(vc_ptr + blk * svc_b + off * svc_s + h * svc_h + i, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
-def write_kv(
+def check_write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Same signature and Semantics as `moelora.ops.torch.attention.write_kv`."""
+    """The shapes and strides `write_kv` (and the rotary launch that writes the cache) take."""
     shapes_ok = (
         k.dim() == 3
         and v.shape == k.shape
@@ -46,6 +46,13 @@ def write_kv(
         )
     if k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("write_kv: k, v and the caches need unit stride over the head dim")
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Same signature and Semantics as `moelora.ops.torch.attention.write_kv`."""
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping)
     t, hkv, d = k.shape
     num_blocks, page = k_cache.shape[:2]
     width = hkv * d

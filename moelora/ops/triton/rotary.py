@@ -1,8 +1,10 @@
-"""Rotary embedding of q and k in one launch, optionally after Qwen3's per-head q/k RMSNorm.
+"""Rotary embedding of q and k in one launch, optionally after Qwen3's per-head q/k RMSNorm, and
+optionally storing the step's keys (rotated) and values in the paged cache in the same launch.
 
-One program per (token, block of heads): programs [0, q_blocks) take q's heads, the rest k's. The
-cos/sin row is loaded once per program; each head row is read once and written once. Products and sums
-are rounded to the input dtype where the twin's tensor ops round, so both give the same values.
+One program per (token, block of heads): programs [0, q_blocks) take q's heads, the rest k's (and the
+same heads of v, with a cache). The cos/sin row is loaded once per program; each head row is read once
+and written once. Products and sums are rounded to the input dtype where the twin's tensor ops round, so
+both give the same values.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.cache_write import CacheWrite
+from moelora.ops.triton.kv_write import check_write_kv
+
 
 @triton.jit
 def _heads(
-    x_ptr, o_ptr, w_ptr, t, h0, heads, half, eps, s_t, s_h, c1, c2, s1, s2,
-    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    x_ptr, o_ptr, w_ptr, c_ptr, t, h0, heads, half, eps, s_t, s_h, c1, c2, s1, s2, c_row, sc_h,
+    HAS_NORM: tl.constexpr, TO_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
-    """Heads [h0, h0 + BLOCK_H) of token t: normed (HAS_NORM) and rotated into the contiguous output."""
+    """Heads [h0, h0 + BLOCK_H) of token t: normed (HAS_NORM) and rotated into the contiguous output, and
+    (TO_CACHE) into the cache row at c_row (None: the token's slot lies outside the cache)."""
     h = h0 + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
     ok = (h < heads)[:, None] & (i < half)[None, :]
@@ -37,13 +43,25 @@ def _heads(
     dst = o_ptr + t * heads * 2 * half + h[:, None] * 2 * half + i[None, :]
     tl.store(dst, out1.to(dt), mask=ok)
     tl.store(dst + half, out2.to(dt), mask=ok)
+    if TO_CACHE:
+        _store_row(c_ptr, c_row, h, i, half, sc_h, ok, out1.to(dt), out2.to(dt))
+
+
+@triton.jit
+def _store_row(c_ptr, c_row, h, i, half, sc_h, ok, x1, x2):
+    """Both halves of heads h into the cache row at c_row (nothing when c_row < 0), in the cache's dtype."""
+    ok = ok & (c_row >= 0)
+    dst = c_ptr + c_row + h[:, None] * sc_h + i[None, :]
+    tl.store(dst, x1.to(c_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + half, x2.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, hq, hkv, half, eps, q_blocks,
-    sq_t, sq_h, sk_t, sk_h, sc_t, ss_t,
-    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    hq, hkv, half, eps, q_blocks, cache_slots, page,
+    sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+    HAS_NORM: tl.constexpr, TO_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -55,21 +73,36 @@ def _rotary_kernel(
     s2 = tl.load(sin_ptr + t * ss_t + half + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
     if blk < q_blocks:
         _heads(
-            q_ptr, qo_ptr, qw_ptr, t, blk * BLOCK_H, hq, half, eps, sq_t, sq_h, c1, c2, s1, s2,
-            HAS_NORM, BLOCK_H, BLOCK_HALF,
+            q_ptr, qo_ptr, qw_ptr, qo_ptr, t, blk * BLOCK_H, hq, half, eps, sq_t, sq_h, c1, c2, s1, s2, 0, 0,
+            HAS_NORM, False, BLOCK_H, BLOCK_HALF,
         )  # fmt: skip
     else:
+        h0 = (blk - q_blocks) * BLOCK_H
+        kc_row = -1
+        vc_row = -1
+        if TO_CACHE:
+            # The token's cache rows, -1 for a slot outside the cache (never written, as `write_kv`).
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            inside = (slot >= 0) & (slot < cache_slots)
+            kc_row = tl.where(inside, (slot // page) * skc_b + (slot % page) * skc_s, -1)
+            vc_row = tl.where(inside, (slot // page) * svc_b + (slot % page) * svc_s, -1)
+            h = h0 + tl.arange(0, BLOCK_H)
+            ok = (h < hkv)[:, None] & i_ok[None, :]
+            src = v_ptr + t * sv_t + h[:, None] * sv_h + i[None, :]
+            _store_row(
+                vc_ptr, vc_row, h, i, half, svc_h, ok, tl.load(src, mask=ok), tl.load(src + half, mask=ok)
+            )
         _heads(
-            k_ptr, ko_ptr, kw_ptr, t, (blk - q_blocks) * BLOCK_H, hkv, half, eps, sk_t, sk_h, c1, c2, s1, s2,
-            HAS_NORM, BLOCK_H, BLOCK_HALF,
+            k_ptr, ko_ptr, kw_ptr, kc_ptr, t, h0, hkv, half, eps, sk_t, sk_h, c1, c2, s1, s2, kc_row, skc_h,
+            HAS_NORM, TO_CACHE, BLOCK_H, BLOCK_HALF,
         )  # fmt: skip
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheWrite | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.rotary.rotary`."""
-    return _launch(q, k, cos, sin, None)
+    return _launch(q, k, cos, sin, None, cache)
 
 
 def qk_norm_rotary(
@@ -80,6 +113,7 @@ def qk_norm_rotary(
     eps: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    cache: CacheWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.rotary.qk_norm_rotary`."""
     d = q.shape[-1]
@@ -88,7 +122,7 @@ def qk_norm_rotary(
             f"qk_norm_rotary: q/k norm weights {tuple(q_weight.shape)} {q_weight.dtype}, "
             f"{tuple(k_weight.shape)} {k_weight.dtype} must be [{d}] in q's dtype {q.dtype}"
         )
-    return _launch(q, k, cos, sin, (q_weight.contiguous(), k_weight.contiguous(), eps))
+    return _launch(q, k, cos, sin, (q_weight.contiguous(), k_weight.contiguous(), eps), cache)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -113,8 +147,11 @@ def _launch(
     cos: torch.Tensor,
     sin: torch.Tensor,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    cache: CacheWrite | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, cos, sin)
+    if cache is not None:
+        check_write_kv(k, *cache)
     t, hq, d = q.shape
     hkv = k.shape[1]
     q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -123,9 +160,15 @@ def _launch(
     block_h = min(triton.next_power_of_2(min(hq, hkv)), max(1, 1024 // block_half))
     q_blocks = triton.cdiv(hq, block_h)
     qw, kw, eps = norm if norm is not None else (q, k, 0.0)
+    # Placeholders without a cache, never read (TO_CACHE is off).
+    v, k_cache, v_cache, slots = cache if cache is not None else (k, k[None], k[None], q)
+    slots = slots.contiguous()
+    num_blocks, page = k_cache.shape[:2]
     _rotary_kernel[(t, q_blocks + triton.cdiv(hkv, block_h))](
-        q, k, q_out, k_out, qw, kw, cos, sin, hq, hkv, d // 2, eps, q_blocks,
+        q, k, q_out, k_out, qw, kw, cos, sin, v, k_cache, v_cache, slots,
+        hq, hkv, d // 2, eps, q_blocks, num_blocks * page, page,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        HAS_NORM=norm is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HAS_NORM=norm is not None, TO_CACHE=cache is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
     )  # fmt: skip
     return q_out, k_out
