@@ -19,7 +19,6 @@ from triton.compiler import ASTSource
 from moelora.ops.plan import TUNED
 from moelora.ops.triton import (
     align,
-    attn_combine,
     attn_decode,
     attn_prefill,
     kv_write,
@@ -156,7 +155,6 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     head = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, IEEE=False, PIPELINED=True)
     yield attn_decode._decode_kernel, head | dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True), 4
     yield attn_prefill._prefill_kernel, head | dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64), 4
-    yield attn_combine._combine_kernel, dict(HEADS=32, BLOCK_S=16, HEAD_DIM=128, BLOCK_D=128), 4
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
     for to_cache in (False, True):

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 from moelora.ops.torch import attention as twin  # noqa: E402
 from moelora.ops.triton import attention as kern  # noqa: E402
+from moelora.ops.triton.counters import launch_counters  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -68,6 +69,10 @@ def check_decode_splits(seed, kv_lens, heads, d, page, dtype, window, splits) ->
     out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits)
     ones = (1,) * len(kv_lens)
     assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, kv_lens, SCALE, window))
+    # The last split to finish merges them (counters): zero again afterwards, the same bits next time.
+    assert not launch_counters(q.device, 0).any()
+    again = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits)
+    assert torch.equal(again, out)
 
 
 def check_prefill(seed, seq_lens, heads, d, dtype, window) -> None:

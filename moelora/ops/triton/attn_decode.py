@@ -1,8 +1,10 @@
 """Decode attention over the paged KV cache, split over the KV length (flash-decoding).
 
-One program per (sequence, KV head, split): the GQA group's query heads share every K/V tile it loads.
-The grid and the buffers depend on shapes only (the split count comes from the block table's width), so
-a launch can be captured in a CUDA graph and replayed with other lengths and block tables.
+One program per (sequence, KV head, split): the GQA group's query heads share every K/V tile it loads;
+the last split of a (sequence, KV head) to finish merges the splits' outputs by their log-sum-exps (in
+split order: the result does not depend on timing). The grid and the buffers depend on shapes only (the
+split count comes from the block table's width), so a launch can be captured in a CUDA graph and
+replayed with other lengths and block tables.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.attn_combine import combine_splits
 from moelora.ops.triton.common import num_sms
+from moelora.ops.triton.counters import last_one, launch_counters
 
 LOG2E = 1.4426950408889634
 
@@ -70,8 +72,8 @@ def _decode_tile(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, window,
-    sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, qk_scale, window,
+    sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PIPELINED: tl.constexpr,
@@ -121,7 +123,38 @@ def _decode_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits + split, lse, mask=g_ok)
+        lse_row = lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits
+        tl.store(lse_row + split, lse, mask=g_ok)
+        # The last split of this (sequence, KV head) to finish merges the splits, in split order.
+        if last_one(count_ptr + b * tl.num_programs(1) + kvh, splits):
+            _combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, splits,
+                     out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
+                     GROUP_PAD, BLOCK_D)  # fmt: skip
+
+
+@triton.jit
+def _combine(part_ptrs, lse_row, so_s, splits, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.constexpr,
+             BLOCK_D: tl.constexpr):  # fmt: skip
+    """out = sum_s 2^lse[s] * part[s] / sum_s 2^lse[s] over the splits' normalised outputs (log2 domain;
+    a split without keys has lse -inf and weight 0). Read past L1: other programs wrote them."""
+    top = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    s = 0
+    while s < splits:
+        top = tl.maximum(top, tl.load(lse_row + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+        s += 1
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    mask = g_ok[:, None] & d_ok[None, :]
+    s = 0
+    while s < splits:
+        w = tl.exp2(tl.load(lse_row + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - top)
+        part = tl.load(part_ptrs + s * so_s, mask=mask, other=0.0, cache_modifier=".cg")
+        acc += part * w[:, None]
+        total += w
+        s += 1
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
@@ -159,21 +192,20 @@ def paged_decode(
     group = q_heads // kv_heads
     out = torch.empty_like(q)
     if splits == 1:
-        part, lse = out.unsqueeze(2), out  # written directly; lse unused
+        part, lse, counts = out.unsqueeze(2), out, kv_lens  # written directly; lse and counters unused
     else:
         part = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
+        counts = launch_counters(q.device, batch * kv_heads)
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, kv_lens, part, lse, scale * LOG2E, window or 0,
+        q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        *part.stride()[:3],
+        *part.stride()[:3], out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, BLOCK_N=tiles.block_n, WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    if splits > 1:
-        combine_splits(part, lse, out)
     return out
 
 
