@@ -205,12 +205,17 @@ def exponential_race_noise(keys: Sequence[tuple[int, int]], vocab: int, device: 
 
 
 def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:
-    """Pack the choices with their raw log-probs, moving everything to the host in one go per tensor."""
-    chosen = raw.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+    """Pack the choices with their raw log-probs, moving everything to the host in one copy (one wait for
+    the device a step: token ids and fp32 values are exact in fp64)."""
+    chosen = raw.gather(-1, tokens[:, None])  # [B, 1]
     wanted = [x.params.logprobs for x in inputs if x.params.logprobs is not None]
     width = min(max(wanted, default=0), raw.shape[1])
-    top_values, top_ids = raw.topk(width, dim=-1)  # [B, width] each
-    rows = zip(tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+    columns = [tokens[:, None].double(), chosen.double()]
+    if width:
+        top_values, top_ids = raw.topk(width, dim=-1)  # [B, width] each
+        columns += [top_ids.double(), top_values.double()]
+    packed = torch.cat(columns, dim=1).tolist()  # [B, 2 + 2 * width]
+    rows = [(int(r[0]), r[1], [int(i) for i in r[2 : 2 + width]], r[2 + width :]) for r in packed]
     results = []
     for x, (token, logprob, ids, values) in zip(inputs, rows, strict=True):
         top = None
