@@ -112,6 +112,9 @@ def moe_cases() -> Iterator[Case]:
         route = dict(TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True, BLOCK_T=min(16, 4096 // experts))
         route |= dict(BLOCK_E=experts)
         yield router._route_kernel, route, 4
+        one = dict(IN_DIM=2048, SPLITS=16, K_CHUNK=128, TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True)
+        one |= dict(BLOCK_T=16, BLOCK_E=max(16, experts), BLOCK_K=128, PRECISION="tf32")
+        yield router._router_kernel, one, 4
 
 
 def decode_cases() -> Iterator[Case]:

@@ -475,6 +475,34 @@ def test_route_matches_twin(num_tokens: int, num_experts: int, k: int, dtype: to
     check_route(num_tokens, num_experts, k, dtype, seed=num_tokens)
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k", "in_dim"), [(1, 128, 8, 300), (5, 60, 4, 96), (16, 8, 2, 64)]
+)
+def test_router_matches_twin(num_tokens: int, num_experts: int, k: int, in_dim: int):
+    """The router's linear layer and top-k in one launch (fp16: the interpreter has no bf16 dot), split
+    along the input. Each token's x is one-hot, so its logits are one column of the weights, exact in any
+    summation order: distinct values 0.05 apart give the same ids as the twin, weights to rounding.
+    Random inputs: the same ids wherever the twin's k-th and (k+1)-th probabilities are apart."""
+    g = torch.Generator().manual_seed(num_tokens + in_dim)
+    cols = torch.randint(0, in_dim, (num_tokens,), generator=g)
+    x = torch.zeros(num_tokens, in_dim)
+    x[torch.arange(num_tokens), cols] = 1.0
+    w = torch.randn(num_experts, in_dim, generator=g) * 0.1
+    w[:, cols] = (torch.stack([torch.randperm(num_experts, generator=g) for _ in cols], 1) * 0.05 - 2).float()
+    x, w = x.half().to(DEV), w.half().to(DEV)
+    for renormalize in (False, True):
+        got_w, got_ids = triton_router.router(x, w, k, renormalize, False)
+        ref_w, ref_ids = torch_router.router(x, w, k, renormalize, False)
+        assert torch.equal(got_ids, ref_ids)
+        assert_close(got_w, ref_w, CPU_TOL[torch.float16])
+    x = rand(g, num_tokens, in_dim).half()
+    got_w, got_ids = triton_router.router(x, w, k, True, True)
+    ref_w, ref_ids = torch_router.router(x, w, k, True, True)
+    probs = torch.softmax(torch.nn.functional.linear(x, w).float(), dim=-1).sort(dim=-1, descending=True)[0]
+    clear = (probs[:, k - 1] - probs[:, min(k, num_experts - 1)]) > 1e-2
+    assert torch.equal(got_ids[clear], ref_ids[clear]) and got_w.dtype == torch.float32
+
+
 def test_route_strided_logits_and_bad_k():
     g = torch.Generator().manual_seed(0)
     wide = router_logits(g, 9, 20, torch.float32)

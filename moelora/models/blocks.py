@@ -175,7 +175,9 @@ class SparseMoeBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
-        weights, global_ids = ops.route(self.router(x), self.top_k, self.renormalize, self.fp32_weights)
+        weights, global_ids = ops.router(
+            x, self.router.weight, self.top_k, self.renormalize, self.fp32_weights
+        )
         out = self.experts(x, weights, global_ids, token_slot)
         if self.shared is not None and self.shared_gate is not None:
             # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.

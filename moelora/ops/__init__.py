@@ -99,6 +99,15 @@ def route(
     return impl(router_logits, top_k, renormalize, fp32_weights)
 
 
+def router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's linear layer and its top-k; see `moelora.ops.torch.router.router`."""
+    mod = _half_kernels("router", x, weight)
+    impl = mod.router if mod is not None else _torch_router.router
+    return impl(x, weight, top_k, renormalize, fp32_weights)
+
+
 def fused_moe(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,

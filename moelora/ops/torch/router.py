@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def route(
@@ -21,3 +22,14 @@ def route(
     if not fp32_weights:
         weights = weights.to(router_logits.dtype)
     return weights, ids.to(torch.int32)
+
+
+def router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's linear layer, then `route`: route(x @ weight^T in x's dtype, ...).
+
+    x [T, H]; weight [E, H] (the router's rows, no bias). Kernels may sum the products in another order
+    than F.linear (the logits then differ in their last bit at most).
+    """
+    return route(F.linear(x, weight), top_k, renormalize, fp32_weights)

@@ -1,10 +1,40 @@
-"""The router's top-k in one launch: softmax over the experts in fp32, k rounds of argmax, renormalise."""
+"""The router's top-k in one launch: softmax over the experts in fp32, k rounds of argmax, renormalise; and
+for a few tokens the router's linear layer and its top-k in one launch (`router`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from moelora.ops.triton.counters import last_one, launch_counters
+
+
+@triton.jit
+def _top_k(x, t, t_ok, e, e_ok, w_ptr, ids_ptr,
+           TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):  # fmt: skip
+    """Store the top-k of softmax(x) of rows t (x [BLOCK_T, BLOCK_E] logits in their dtype, e_ok [1, E]):
+    weights (renormalised if asked) and ids, choices in decreasing weight."""
+    x = tl.where(e_ok, x.to(tl.float32), float("-inf"))  # lanes past the experts never win
+    p = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    # k rounds: the largest remaining probability (the lowest id among equals), then take it out.
+    kk = tl.arange(0, K_PAD)
+    weights = tl.zeros([x.shape[0], K_PAD], dtype=tl.float32)
+    ids = tl.zeros([x.shape[0], K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=1)
+        arg = tl.argmax(p, axis=1)
+        weights = tl.where(kk[None, :] == j, best[:, None], weights)
+        ids = tl.where(kk[None, :] == j, arg[:, None].to(tl.int32), ids)
+        p = tl.where(e[None, :] == arg[:, None], -1.0, p)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+    out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
+    out_mask = t_ok[:, None] & (kk < TOP_K)[None, :]
+    tl.store(w_ptr + out, weights.to(w_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + out, ids, mask=out_mask)
 
 
 @triton.jit
@@ -18,25 +48,42 @@ def _route_kernel(
     e = tl.arange(0, BLOCK_E)
     e_ok = (e < num_experts)[None, :]
     x = tl.load(logits_ptr + t[:, None].to(tl.int64) * s_t + e[None, :], mask=t_ok[:, None] & e_ok, other=0.0)
-    x = tl.where(e_ok, x.to(tl.float32), float("-inf"))  # lanes past the experts never win
-    p = tl.exp(x - tl.max(x, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    # k rounds: the largest remaining probability (the lowest id among equals), then take it out.
-    kk = tl.arange(0, K_PAD)
-    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(p, axis=1)
-        arg = tl.argmax(p, axis=1)
-        weights = tl.where(kk[None, :] == j, best[:, None], weights)
-        ids = tl.where(kk[None, :] == j, arg[:, None].to(tl.int32), ids)
-        p = tl.where(e[None, :] == arg[:, None], -1.0, p)
-    if RENORMALIZE:
-        weights = weights / tl.sum(weights, axis=1)[:, None]
-    out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
-    out_mask = t_ok[:, None] & (kk < TOP_K)[None, :]
-    tl.store(w_ptr + out, weights.to(w_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(ids_ptr + out, ids, mask=out_mask)
+    _top_k(x, t, t_ok, e, e_ok, w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, wr_ptr, part_ptr, w_ptr, ids_ptr, count_ptr, num_tokens, num_experts,
+    sx_t, sx_k, swr_e, swr_k,
+    IN_DIM: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr, TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program `split`: the logits' fp32 partial over its input columns; the last to finish adds the
+    partials up in split order, rounds the logits to x's dtype (as the linear layer's output) and takes
+    the top-k."""
+    split = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    t_ok = t < num_tokens
+    e = tl.arange(0, BLOCK_E)
+    e_ok = (e < num_experts)[None, :]
+    kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, K_CHUNK, BLOCK_K):
+        k_ok = kk + k0 < IN_DIM
+        x_mask = t_ok[:, None] & k_ok[None, :]
+        xk = tl.load(x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k, mask=x_mask, other=0.0)
+        w_mask = k_ok[:, None] & e_ok
+        wk = tl.load(wr_ptr + e[None, :] * swr_e + (kk + k0)[:, None] * swr_k, mask=w_mask, other=0.0)
+        acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+    rows = t[:, None] * BLOCK_E + e[None, :]
+    tl.store(part_ptr + split * BLOCK_T * BLOCK_E + rows, acc)
+    if last_one(count_ptr, SPLITS):
+        logits = tl.load(part_ptr + rows, cache_modifier=".cg")
+        for i in range(1, SPLITS):
+            logits += tl.load(part_ptr + i * BLOCK_T * BLOCK_E + rows, cache_modifier=".cg")
+        logits = logits.to(x_ptr.dtype.element_ty)
+        _top_k(logits, t, t_ok, e, e_ok, w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
 
 
 def route(
@@ -56,5 +103,38 @@ def route(
         logits, weights, ids, num_tokens, num_experts, logits.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
         BLOCK_T=block_t, BLOCK_E=block_e,
+    )  # fmt: skip
+    return weights, ids
+
+
+ROUTER_TOKENS = 16  # at most this many tokens take the one-launch router; more: cuBLAS, then `route`
+_ROUTER_K = 128  # input columns per step and per split of the one-launch router
+
+
+def router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
+    16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
+    cuBLAS and `route`."""
+    num_tokens, in_dim = x.shape
+    num_experts = weight.shape[0]
+    if num_tokens > ROUTER_TOKENS or x.element_size() != 2 or weight.dtype != x.dtype or num_experts > 256:
+        return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"router: top_k {top_k} must be in [1, {num_experts}] (the router's experts)")
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_k = min(_ROUTER_K, max(16, triton.next_power_of_2(in_dim)))
+    splits = triton.cdiv(in_dim, block_k)
+    part = torch.empty(splits, 16, block_e, dtype=torch.float32, device=x.device)
+    weights = torch.empty(
+        num_tokens, top_k, dtype=torch.float32 if fp32_weights else x.dtype, device=x.device
+    )
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    _router_kernel[(splits,)](
+        x, weight, part, weights, ids, launch_counters(x.device, 1), num_tokens, num_experts,
+        *x.stride(), *weight.stride(),
+        IN_DIM=in_dim, SPLITS=splits, K_CHUNK=block_k, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize, BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, PRECISION="tf32",
     )  # fmt: skip
     return weights, ids
