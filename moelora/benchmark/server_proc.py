@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+_PORT_ATTEMPTS = 3
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,16 +28,27 @@ class ServerProcess:
     """`python -m moelora.cli serve ARGS --port P`, started and waited for until /health answers."""
 
     def __init__(self, args: Sequence[str], api_key: str | None = None, timeout: float = 120) -> None:
+        self.api_key = api_key
+        # The free port can be taken (by any outgoing connection's ephemeral port) before the server binds
+        # it: then the server exits at once, and another port is tried.
+        for attempt in range(_PORT_ATTEMPTS):
+            self._start(args)
+            try:
+                self._wait_ready(timeout)
+                return
+            except RuntimeError:
+                if attempt + 1 == _PORT_ATTEMPTS or "address already in use" not in self.output():
+                    raise
+
+    def _start(self, args: Sequence[str]) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
         fd, self.log_path = tempfile.mkstemp(prefix="moelora-serve-", suffix=".log")
         cmd = [sys.executable, "-m", "moelora.cli", "serve", "--no-progress", "--port", str(self.port), *args]
-        if api_key is not None:
-            cmd += ["--api-key", api_key]
+        if self.api_key is not None:
+            cmd += ["--api-key", self.api_key]
         self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
