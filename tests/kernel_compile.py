@@ -132,7 +132,7 @@ def dense_lora_cases() -> Iterator[Case]:
         shrink |= dict(BLOCK_R=64, PRECISION="tf32", HAS_RANK=True)
         yield lora_shrink._lora_shrink_kernel, shrink, t.warps
         expand = dict(SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64)
-        expand |= dict(EXPAND=1, PRECISION="tf32", HAS_RANK=True)
+        expand |= dict(EXPAND=1, PRECISION="tf32", HAS_RANK=True, END0=4096, END1=4608, END2=1 << 30)
         yield lora_expand._lora_expand_kernel, expand, t.warps
 
 

@@ -403,11 +403,17 @@ def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, l
 
 
 def check_add_lora_parts(
-    num_tokens: int, rank: int, dtype: torch.dtype, seed: int, plan: KernelPlan = TUNED
+    num_tokens: int,
+    rank: int,
+    dtype: torch.dtype,
+    seed: int,
+    plan: KernelPlan = TUNED,
+    sizes: tuple[int, ...] = (40, 8, 24),
 ) -> None:
-    """q/k/v-like stacked parts: one shrink over the stacked A (or part by part for wide stacks)."""
+    """q/k/v-like stacked parts: one shrink over the stacked A (or part by part for wide stacks), one
+    expand for all parts where no column tile crosses a part (else one per part)."""
     g = torch.Generator().manual_seed(seed)
-    d_in, sizes, num_slots = 48, (40, 8, 24), 3
+    d_in, num_slots = 48, 3
     x = rand(g, num_tokens, d_in).to(dtype)
     a = rand(g, num_slots, len(sizes), rank, d_in, scale=d_in**-0.5).to(dtype)
     b = rand(g, num_slots, sum(sizes), rank, scale=rank**-0.5).to(dtype)
@@ -442,6 +448,15 @@ def check_add_lora_parts(
 )
 def test_add_lora_parts_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, lora_plan: KernelPlan):
     check_add_lora_parts(num_tokens, rank, dtype, seed=num_tokens + 5, plan=lora_plan)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 37])
+def test_add_lora_parts_in_one_expand(num_tokens: int):
+    """Parts whose sizes are whole column tiles (8 here; q/k/v's 4096 + 512 + 512 at 64) take one expand
+    launch, each tile its part's lanes and ranks."""
+    plan = KernelPlan(lora_table=((float("inf"), LoraTiles(16, 16, 32, 8, 4, 2)),))
+    check_add_lora_parts(num_tokens, 8, torch.float32, seed=num_tokens + 9, plan=plan, sizes=(40, 8, 24))
+    check_add_lora_parts(num_tokens, 16, torch.float16, seed=num_tokens, plan=plan, sizes=(16, 8, 8, 24))
 
 
 def router_logits(g: torch.Generator, num_tokens: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:

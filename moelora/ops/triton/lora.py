@@ -1,5 +1,6 @@
 """Dense multi-LoRA in Triton: shrink then expand, each token block one pass per distinct slot. A layer
-with stacked output parts (q/k/v) runs one shrink over its stacked A (x read once) and one expand per part."""
+with stacked output parts (q/k/v) runs one shrink over its stacked A (x read once) and one expand for all
+parts (one per part where a column tile would cross a part boundary)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def add_lora_parts(
     tiles = lora_tiles(num_tokens, plan)
     slot = token_slot.contiguous()
     xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles, slot_rank)
+    if len(sizes) <= 4 and all(n % tiles.expand_n == 0 for n in sizes[:-1]):
+        lora_expand(y, xa, b, slot, tiles, slot_rank, plan, sizes)  # every part in one launch
+        return
     offset = 0
     for p, n in enumerate(sizes):
         part_xa = xa[:, :, p * rank : (p + 1) * rank]
