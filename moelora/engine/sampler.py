@@ -215,7 +215,10 @@ def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingI
         top_values, top_ids = raw.topk(width, dim=-1)  # [B, width] each
         columns += [top_ids.double(), top_values.double()]
     packed = torch.cat(columns, dim=1).tolist()  # [B, 2 + 2 * width]
-    rows = [(int(r[0]), r[1], [int(i) for i in r[2 : 2 + width]], r[2 + width :]) for r in packed]
+    if width:
+        rows = [(int(r[0]), r[1], [int(i) for i in r[2 : 2 + width]], r[2 + width :]) for r in packed]
+    else:  # no inner list per row (the common case; this loop runs for every sequence of every step)
+        rows = [(int(r[0]), r[1], [], []) for r in packed]
     results = []
     for x, (token, logprob, ids, values) in zip(inputs, rows, strict=True):
         top = None
