@@ -20,6 +20,7 @@ from moelora.demo import DEMO_NAME, demo_adapter_paths
 from moelora.engine.detokenizer import token_bytes
 from moelora.engine.engine import Engine, encode_prompt
 from moelora.engine.graphs import free_cublas_workspaces
+from moelora.engine.heap import freeze_heap, thaw_heap
 from moelora.engine.messages import Stop
 from moelora.engine.worker import run_torchrun_worker
 from moelora.generation_config import sampling_defaults
@@ -193,6 +194,7 @@ class LLM:
             for name, adapter in start_adapters.items():
                 assert self.engine.loras is not None
                 self.engine.loras.register(name, adapter, pinned=False)
+            freeze_heap()  # no full collection of the loaded model's objects inside a decode step
         except BaseException:
             self.shutdown()
             raise
@@ -263,6 +265,7 @@ class LLM:
             workers.shutdown(Stop())
         self.__dict__.pop("model", None)
         del engine
+        thaw_heap()  # frozen, the model's objects would never be collected
         gc.collect()  # the engine's reference cycles (callbacks, threads) hold the model otherwise
         if torch.cuda.is_available():
             free_cublas_workspaces()

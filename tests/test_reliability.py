@@ -234,10 +234,14 @@ def test_shutdown_frees_the_model_and_later_use_is_a_clear_error():
     import weakref
 
     llm = LLM("demo", device="cpu", progress=False, num_kv_blocks=32)
+    # The loaded objects are frozen out of the collector (no full collection inside a decode step) ...
+    assert gc.get_freeze_count() > 0
     model, param = weakref.ref(llm.model), weakref.ref(next(llm.model.parameters()))
     held = llm.engine.submit_stream("Hello", SamplingParams(max_tokens=100, ignore_eos=True))  # kept alive
     llm.shutdown()
     gc.collect()
+    # ... and thawed at shutdown, so that the model's reference cycles are freed.
+    assert gc.get_freeze_count() == 0
     assert model() is None and param() is None
     with pytest.raises(LLMShutDownError, match="shut down"):
         llm.generate("Hi")

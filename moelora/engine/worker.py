@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moelora import ops
 from moelora.engine.executor import Executor
+from moelora.engine.heap import freeze_heap
 from moelora.engine.messages import Init, Stop
 from moelora.loader.model_loader import load_model
 from moelora.models.decoder import MoeForCausalLM
@@ -63,6 +64,7 @@ def serve(model: MoeForCausalLM, channel: WorkerChannel) -> None:
             return
         assert isinstance(init, Init), f"the first message must be Init, got {init!r}"
         executor = Executor(model, init.plan, channel=channel)
+        freeze_heap()  # no full collection of the model's objects inside a step
         with torch.inference_mode():
             while not isinstance(message := channel.receive(), Stop):
                 message.apply(executor)
