@@ -82,14 +82,13 @@ class SelfAttention(nn.Module):
             q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin, cache)
         else:
             q, k = ops.rotary(q, k, cos, sin, cache)
-        if kv is None or cache is None:
+        if kv is None:
             o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
         else:
-            k_cache, v_cache = cache.k_cache, cache.v_cache
             o = ops.paged_attention(
                 q,
-                k_cache,
-                v_cache,
+                kv.cache.k[self.layer],
+                kv.cache.v[self.layer],
                 kv.block_tables,
                 batch.seq_lens,
                 kv.kv_lens,

@@ -23,7 +23,7 @@ def _heads(
     HAS_NORM: tl.constexpr, TO_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
     """Heads [h0, h0 + BLOCK_H) of token t: normed (HAS_NORM) and rotated into the contiguous output, and
-    (TO_CACHE) into the cache row at c_row (None: the token's slot lies outside the cache)."""
+    (TO_CACHE) into the cache row at c_row (-1: the token's slot lies outside the cache)."""
     h = h0 + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
     ok = (h < heads)[:, None] & (i < half)[None, :]
