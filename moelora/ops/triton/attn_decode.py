@@ -127,34 +127,44 @@ def _decode_kernel(
         tl.store(lse_row + split, lse, mask=g_ok)
         # The last split of this (sequence, KV head) to finish merges the splits, in split order.
         if last_one(count_ptr + b * tl.num_programs(1) + kvh, splits):
-            _combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, splits,
+            used = tl.cdiv(kv_len - lo, chunk)  # the splits that hold keys: [0, used)
+            _combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, used,
                      out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
-                     GROUP_PAD, BLOCK_D)  # fmt: skip
+                     GROUP_PAD, BLOCK_D, PIPELINED)  # fmt: skip
 
 
 @triton.jit
-def _combine(part_ptrs, lse_row, so_s, splits, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.constexpr,
-             BLOCK_D: tl.constexpr):  # fmt: skip
-    """out = sum_s 2^lse[s] * part[s] / sum_s 2^lse[s] over the splits' normalised outputs (log2 domain;
-    a split without keys has lse -inf and weight 0). Read past L1: other programs wrote them."""
+def _combine(part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.constexpr,
+             BLOCK_D: tl.constexpr, PIPELINED: tl.constexpr):  # fmt: skip
+    """out = sum_s 2^lse[s] * part[s] / sum_s 2^lse[s] over the splits that hold keys (log2 domain), in one
+    pass in split order with a running maximum; the empty splits after them have weight 0 and are not
+    read (the split count follows the cache's capacity, so most are empty at short lengths). Read past
+    L1 (.cg): other programs wrote them."""
     top = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    s = 0
-    while s < splits:
-        top = tl.maximum(top, tl.load(lse_row + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-        s += 1
-    top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     mask = g_ok[:, None] & d_ok[None, :]
-    s = 0
-    while s < splits:
-        w = tl.exp2(tl.load(lse_row + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - top)
-        part = tl.load(part_ptrs + s * so_s, mask=mask, other=0.0, cache_modifier=".cg")
-        acc += part * w[:, None]
-        total += w
-        s += 1
+    if PIPELINED:
+        for s in range(0, used):
+            top, total, acc = _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc)
+    else:
+        s = 0
+        while s < used:
+            top, total, acc = _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc)
+            s += 1
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc):
+    """Add split s (every split read here holds keys: its lse is finite; padded rows read 0)."""
+    lse = tl.load(lse_row + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+    part = tl.load(part_ptrs + s * so_s, mask=mask, other=0.0, cache_modifier=".cg")
+    new_top = tl.maximum(top, lse)
+    alpha = tl.exp2(top - new_top)  # 0 on the first split (top = -inf)
+    w = tl.exp2(lse - new_top)
+    return new_top, total * alpha + w, acc * alpha[:, None] + part * w[:, None]
 
 
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
