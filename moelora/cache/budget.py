@@ -1,5 +1,6 @@
 """How much memory the KV cache may take: an explicit block count, a share of the card
-(gpu_memory_utilization), a byte budget, or a fraction of free memory."""
+(gpu_memory_utilization), a byte budget, or a fraction of free memory; on CUDA the default and the
+share leave room for the activations of the largest step (`activation_bytes`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,36 @@ import os
 import torch
 
 from moelora.config import EngineArgs
+from moelora.models.config import ModelConfig
 
 _CPU_KV_CAP = 1 << 30
 _CUDA_KV_FRACTION = 0.8
-_ACTIVATION_RESERVE = 0.1  # of a gpu_memory_utilization budget left to activations
+_ACTIVATION_RESERVE = 0.1  # of a gpu_memory_utilization budget left to activations, at least
+_ACTIVATION_MARGIN = 1.25  # on the estimate: the caching allocator's rounding and fragmentation
+_FIXED_RESERVE = 1 << 30  # CUDA graphs' pools, cuBLAS workspaces, the sampler's buffers
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtype) -> int:
+    """An upper estimate of what one forward step of `tokens` tokens (`rows` of them sampled) holds at its
+    peak besides weights, adapters and caches: a layer's buffers live one layer at a time. The MoE block
+    keeps per (token, choice) pair the gate/up output, the activation and the down output; attention its
+    q/k/v and output; the residual stream a few rows of the hidden size; the sampler fp32 logits. The
+    full (unsharded) sizes: under TP or EP a rank holds less."""
+    e = dtype.itemsize
+    h = cfg.hidden_size
+    pairs = tokens * cfg.top_k if any(cfg.moe_layers) else 0
+    moe = pairs * ((3 * cfg.moe_intermediate_size + h) * e + 32)  # + ids, weights, sort order
+    dense = cfg.dense_intermediate_size if not all(cfg.moe_layers) else 0
+    mlp = tokens * 3 * max(dense, cfg.shared_expert_intermediate_size) * e
+    attn = tokens * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * e
+    stream = tokens * 4 * h * e
+    logits = rows * cfg.vocab_size * 4 * 2  # the logits and one working copy
+    return moe + mlp + attn + stream + logits
+
+
+def reserve_bytes(activations: int) -> int:
+    """What the KV cache leaves free for a step's activations of (estimated) `activations` bytes."""
+    return int(activations * _ACTIVATION_MARGIN) + _FIXED_RESERVE
 
 
 def free_memory(device: torch.device) -> int:
@@ -29,23 +56,36 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def plan_kv_blocks(args: EngineArgs, bytes_per_block: int, model_len: int, device: torch.device) -> int:
+def plan_kv_blocks(
+    args: EngineArgs,
+    bytes_per_block: int,
+    model_len: int,
+    device: torch.device,
+    activations: int = 0,
+    pending: int = 0,
+) -> int:
     """Blocks from an explicit count, a share of the card (gpu_memory_utilization), a byte budget, or a
-    fraction of free device memory (CPU: what max_num_seqs x model_len needs, up to 1 GiB)."""
+    fraction of free device memory (CPU: what max_num_seqs x model_len needs, up to 1 GiB). `pending`:
+    bytes allocated after the cache (the adapter slots), not free for it. On CUDA the share and the
+    default fraction leave `reserve_bytes(activations)` free for the largest step."""
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks
     if args.gpu_memory_utilization is not None:
         if device.type != "cuda":
             raise ValueError("gpu_memory_utilization sizes a CUDA card's memory: on CPU give kv_cache_memory")
         free, total = torch.cuda.mem_get_info(device)
-        left = args.gpu_memory_utilization * total - (total - free)  # of this share, after what is in use
-        return int(max(0.0, left) * (1 - _ACTIVATION_RESERVE)) // bytes_per_block
+        share = args.gpu_memory_utilization * total
+        left = share - (total - free) - pending  # of this share, after what is in use
+        left -= max(share * _ACTIVATION_RESERVE, reserve_bytes(activations))
+        return int(max(0.0, left)) // bytes_per_block
     budget = args.kv_cache_memory
     if budget is not None and budget > 1:
         return int(budget) // bytes_per_block
+    free = free_memory(device) - pending
     if device.type == "cuda":
-        return int(free_memory(device) * (budget or _CUDA_KV_FRACTION)) // bytes_per_block
+        kv = min(free * (budget or _CUDA_KV_FRACTION), free - reserve_bytes(activations))
+        return int(max(0.0, kv)) // bytes_per_block
     if budget is not None:
-        return int(free_memory(device) * budget) // bytes_per_block
+        return int(max(0, free) * budget) // bytes_per_block
     needed = args.max_num_seqs * math.ceil(model_len / args.block_size)
     return min(needed, _CPU_KV_CAP // bytes_per_block)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moelora import ops
-from moelora.cache.budget import free_memory, plan_kv_blocks
+from moelora.cache.budget import activation_bytes, free_memory, plan_kv_blocks
 from moelora.cache.kv_cache import BlockAllocator, KVCache
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.adapters import EngineAdapters
@@ -43,6 +43,7 @@ from moelora.engine.stream import EngineDeadError, RequestStream
 from moelora.lora.adapter import LoraAdapter
 from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import LoraInfo, LoraManager
+from moelora.lora.pool import pool_bytes
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.parallel.launch import WorkerGroup
@@ -50,6 +51,7 @@ from moelora.sampling_params import SamplingParams
 
 _LOG = logging.getLogger(__name__)
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (8.5 MiB when full)
+_MIN_STEP_TOKENS = 8192  # the default step budget, at least: max(this, max_model_len)
 
 
 class Engine:
@@ -84,7 +86,7 @@ class Engine:
         self.executor = Executor(model, plan, workers=workers)
         self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
-        step_tokens = a.max_num_batched_tokens or max(8192, self.max_model_len)
+        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(
             self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits, a.enable_prefix_caching
@@ -110,20 +112,29 @@ class Engine:
         kv_heads = model.decoder_layers()[0].self_attn.kv_heads
         per_block = KVCache.bytes_per_block(cfg.num_layers, a.block_size, kv_heads, cfg.head_dim, model.dtype)
         wanted_len = a.max_model_len or cfg.max_position_embeddings
-        num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device)
+        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
+        activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
+        slots = la.max_loras_per_batch if lora_rank is not None else 0
+        pool = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0  # made after the cache
+        num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device, activations, pool)
         capacity = num_blocks * a.block_size
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {a.block_size} tokens ({capacity} tokens, "
                 f"{per_block} bytes per block), too few for max_model_len {a.max_model_len}: give more "
-                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len"
+                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len or max_num_batched_tokens"
             )
         self.max_model_len = min(wanted_len, capacity)
+        _LOG.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB); a step of up to %d tokens needs about %.2f GiB "
+            "of activations (kept free on CUDA)",
+            num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
+        )  # fmt: skip
         graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,
-            lora_slots=la.max_loras_per_batch if lora_rank is not None else 0,
+            lora_slots=slots,
             lora_rank=lora_rank or 0,
             graphs=graphs,
             max_num_seqs=a.max_num_seqs,
