@@ -4,6 +4,7 @@ from the engine's own per-step timestamps (never the difference of two runs)."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,5 +180,44 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         llm.generate(prompts, params, lora=loras)
     key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}.txt"
-    (folder / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}"
+    text = prof.key_averages().table(sort_by=key, row_limit=40)
+    if llm.device.type == "cuda":
+        trace = folder / f"{stem}.json"
+        prof.export_chrome_trace(str(trace))
+        text += "\n" + timeline_summary(json.loads(trace.read_text()))
+    (folder / f"{stem}.txt").write_text(text)
+
+
+def timeline_summary(trace: dict[str, Any]) -> str:
+    """Where a step's wall time goes on the device, from a chrome trace: for each launch that put several
+    kernels on the card (a CUDA-graph replay, above all), the span of its kernels, the time the card was
+    busy inside that span, its kernel count, and the idle time since the previous launch's last kernel."""
+    events = trace.get("traceEvents", [])
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_launch: dict[int, list[dict[str, Any]]] = {}
+    for e in device:
+        by_launch.setdefault(int(e.get("args", {}).get("correlation", -1)), []).append(e)
+    groups = sorted((g for g in by_launch.values() if len(g) > 1), key=lambda g: min(e["ts"] for e in g))
+    lines = [
+        "launches of several kernels (graph replays), us:",
+        "kernels   span   busy  busy/span  gap p50  idle before",
+    ]
+    prev_end = None
+    for g in groups:
+        g.sort(key=lambda e: e["ts"])
+        start, end = g[0]["ts"], max(e["ts"] + e["dur"] for e in g)
+        busy, cursor, gaps = 0.0, start, []
+        for e in g:  # the union of the kernels' intervals (they may overlap on several streams)
+            gaps.append(max(0.0, e["ts"] - cursor))
+            lo, hi = max(e["ts"], cursor), e["ts"] + e["dur"]
+            if hi > lo:
+                busy += hi - lo
+                cursor = hi
+        idle = f"{start - prev_end:.0f}" if prev_end is not None else "-"
+        gap = percentile(gaps[1:], 50) if len(gaps) > 1 else 0.0
+        lines.append(
+            f"{len(g):7d} {end - start:6.0f} {busy:6.0f} {busy / (end - start):10.0%} {gap:8.1f} {idle:>12}"
+        )
+        prev_end = end
+    return "\n".join(lines) + "\n"
