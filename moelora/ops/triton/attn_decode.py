@@ -145,26 +145,34 @@ def _combine(part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD: tl
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     mask = g_ok[:, None] & d_ok[None, :]
     if PIPELINED:
-        for s in range(0, used):
-            top, total, acc = _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc)
+        for s0 in range(0, used, _MERGE_UNROLL):
+            top, total, acc = _combine_splits(part_ptrs, lse_row, so_s, s0, used, g_ok, mask, top, total, acc)
     else:
-        s = 0
-        while s < used:
-            top, total, acc = _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc)
-            s += 1
+        s0 = 0
+        while s0 < used:
+            top, total, acc = _combine_splits(part_ptrs, lse_row, so_s, s0, used, g_ok, mask, top, total, acc)
+            s0 += _MERGE_UNROLL
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
+_MERGE_UNROLL: tl.constexpr = tl.constexpr(4)  # splits whose loads are in flight together in the merge
+
+
 @triton.jit
-def _combine_step(part_ptrs, lse_row, so_s, s, g_ok, mask, top, total, acc):
-    """Add split s (every split read here holds keys: its lse is finite; padded rows read 0)."""
-    lse = tl.load(lse_row + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-    part = tl.load(part_ptrs + s * so_s, mask=mask, other=0.0, cache_modifier=".cg")
-    new_top = tl.maximum(top, lse)
-    alpha = tl.exp2(top - new_top)  # 0 on the first split (top = -inf)
-    w = tl.exp2(lse - new_top)
-    return new_top, total * alpha + w, acc * alpha[:, None] + part * w[:, None]
+def _combine_splits(part_ptrs, lse_row, so_s, s0, used, g_ok, mask, top, total, acc):
+    """Add splits s0 .. s0 + _MERGE_UNROLL - 1 below `used`, in order (every split read holds keys: its
+    lse is finite; a padded row reads 0; a split at or past `used` has lse -inf and weight 0)."""
+    for i in tl.static_range(_MERGE_UNROLL):
+        ok = s0 + i < used
+        lse = tl.load(lse_row + s0 + i, mask=g_ok & ok, other=0.0, cache_modifier=".cg")
+        lse = tl.where(ok, lse, float("-inf"))
+        part = tl.load(part_ptrs + (s0 + i) * so_s, mask=mask & ok, other=0.0, cache_modifier=".cg")
+        new_top = tl.maximum(top, lse)
+        alpha = tl.exp2(top - new_top)  # 0 on the first split (top = -inf)
+        w = tl.exp2(lse - new_top)
+        top, total, acc = new_top, total * alpha + w, acc * alpha[:, None] + part * w[:, None]
+    return top, total, acc
 
 
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
