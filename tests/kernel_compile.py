@@ -118,12 +118,13 @@ def moe_cases() -> Iterator[Case]:
 
 
 def decode_cases() -> Iterator[Case]:
-    t = TUNED.decode_tiles
+    t, d = TUNED.decode_tiles, TUNED.decode_down_tiles
     for has_lora in (False, True):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
         yield moe_decode_gate_up._decode_gate_up_kernel, gate_up, t.warps
-        yield moe_decode_down._decode_down_kernel, dict(INTER=768, TOP_K=8, **tiles), t.warps
+        down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
+        yield moe_decode_down._decode_down_kernel, dict(INTER=768, TOP_K=8, **down), d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:

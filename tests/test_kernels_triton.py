@@ -313,7 +313,7 @@ def test_decode_down_sums_like_moe_sum():
     h = rand(g, num_tokens * top_k, inter)
     w_down = rand(g, num_experts, hidden, inter, scale=inter**-0.5)
     weights = rand(g, num_tokens, top_k)
-    y = decode_down(h, w_down, ids, weights, None, TUNED.decode_tiles)
+    y = decode_down(h, w_down, ids, weights, None, TUNED.decode_down_tiles)
     assert not launch_counters(h.device, 0).any()
     d = torch.zeros(num_tokens * top_k, hidden, device=DEV)
     for p, e in enumerate(ids.view(-1).tolist()):
@@ -322,7 +322,7 @@ def test_decode_down_sums_like_moe_sum():
     ref = moe_sum(d, ids, weights, num_experts)
     assert_close(y, ref, 1e-5)
     assert torch.equal(y[0], torch.zeros_like(y[0]))
-    assert torch.equal(decode_down(h, w_down, ids, weights, None, TUNED.decode_tiles), y)
+    assert torch.equal(decode_down(h, w_down, ids, weights, None, TUNED.decode_down_tiles), y)
 
 
 def test_decode_path_is_taken_for_few_pairs():

@@ -63,6 +63,10 @@ class DecodeTiles:
 # With LoRA the gate/up kernel needs 138 registers a thread (sm_90): 3 programs an SM instead of the base's
 # 4, so one Qwen3 token's 448 programs took two waves; capped at 128 it spills 32 bytes and fits one.
 _DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
+# The down GEMV (with the weighted sum in it) apart: H200, Qwen3-30B-A3B, 4 layers of weights per graph
+# (2026-12-04): 16 x 128 took 12.5 / 12.9 us at 1 token (base / 8 adapters r16) against 14.6 / 14.4 for
+# the gate/up's 16 x 256, and 55.9 / 59.8 against 58.5 / 62.9 at 8 tokens; first of 10 variants.
+_DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4)
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class KernelPlan:
 
     # (largest mean rows per expert, base tiles, LoRA tiles) of the grouped GEMMs, in increasing order
     moe_table: tuple[tuple[float, Tiles, Tiles], ...] = _MOE_TABLE
-    decode_tiles: DecodeTiles = _DECODE_TILES  # the alignment-free path's GEMVs
+    decode_tiles: DecodeTiles = _DECODE_TILES  # the alignment-free path's gate/up GEMV
+    decode_down_tiles: DecodeTiles = _DECODE_DOWN_TILES  # and its down GEMV
     # (most tokens, tiles) of the dense multi-LoRA shrink and expand, in increasing order
     lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
