@@ -142,11 +142,13 @@ def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor
 
 
 def _truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature-scaled probabilities [R, V] with truncated tokens set to 0 (not renormalised)."""
+    """Temperature-scaled probabilities [R, V] up to a factor per row (the likeliest token has 1; the draw
+    and every truncation below are scale-free, so a softmax's sum and division are not needed), with
+    truncated tokens set to 0."""
     device, vocab = logits.device, logits.shape[1]
     temperature = _column([p.temperature for p in params], device)  # [R, 1]
     # Shifting by the row max first keeps tiny temperatures from overflowing to inf - inf = nan.
-    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # [R, V]
+    probs = torch.exp((logits - logits.amax(dim=-1, keepdim=True)) / temperature)  # [R, V]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     rows = [j for j, p in enumerate(params) if top_k[j] < vocab or p.top_p < 1]
     if rows:
@@ -188,18 +190,34 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def _hash32_int(x: int) -> int:
+    """`_hash32` of one value, on the host."""
+    for mult in _MULT:
+        x ^= x >> 16
+        x = (x * mult) & _MASK32
+    return x ^ (x >> 15)
+
+
+_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}  # the vocabulary's hashes, made once per device
+
+
+def _column_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    key = (vocab, device)
+    if key not in _COLUMNS:
+        _COLUMNS[key] = _hash32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x9E3779B9)
+    return _COLUMNS[key]
+
+
 def exponential_race_noise(keys: Sequence[tuple[int, int]], vocab: int, device: torch.device) -> torch.Tensor:
     """e [R, V] fp32 with e[r, t] = -log(u), u uniform in (0, 1) a function of (seed, position) = keys[r]
-    and t alone: the same numbers on every device, in every batch."""
+    and t alone: the same numbers on every device, in every batch. The row hashes are made on the host
+    and the column hashes once per device (a step launches only the [R, V] work)."""
     rows = []
     for seed, position in keys:
         s = seed % 2**64
-        key = (s & _MASK32, s >> 32, position & _MASK32)
-        rows.append(key)
-    k = torch.tensor(rows, dtype=torch.int64, device=device)  # [R, 3]
-    row = _hash32(_hash32(_hash32(k[:, 0]) ^ k[:, 1]) ^ k[:, 2])  # [R]
-    column = _hash32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x9E3779B9)  # [V]
-    bits = _hash32(row[:, None] ^ column[None, :])  # [R, V]
+        rows.append(_hash32_int(_hash32_int(_hash32_int(s & _MASK32) ^ (s >> 32)) ^ (position & _MASK32)))
+    row = torch.tensor(rows, dtype=torch.int64, device=device)  # [R]
+    bits = _hash32(row[:, None] ^ _column_hashes(vocab, device)[None, :])  # [R, V]
     u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 random bits, never 0 or 1
     return -torch.log(u)
 
