@@ -125,7 +125,8 @@ class EngineArgs:
     kv_cache_memory: float | None = option(
         None,
         "KV cache budget: bytes if > 1, else a fraction of free device memory; "
-        "default 0.8 of free memory on CUDA, on CPU what max_num_seqs x max_model_len needs up to 1 GiB",
+        "default on CUDA 0.8 of the memory free after the adapter slots, less if the largest step's "
+        "activations need more of it; on CPU what max_num_seqs x max_model_len needs, up to 1 GiB",
     )
     max_num_seqs: int = option(256, "most sequences in one step")
     max_num_batched_tokens: int | None = option(
