@@ -50,7 +50,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_use(generate)
     _add_serve(commands)
     add_bench_commands(commands)
+    _add_adapter(commands)
     return parser
+
+
+def _add_adapter(commands: Any) -> None:
+    adapter = commands.add_parser("adapter", help="inspect or convert a LoRA adapter folder")
+    actions = adapter.add_subparsers(dest="action", required=True)
+    inspect = actions.add_parser(
+        "inspect", help="print the layouts, targets, ranks and scales of an adapter, and whether it fits"
+    )
+    inspect.add_argument("path", help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
+    inspect.add_argument(
+        "--model", help="check the adapter against this model (a folder, cached HF id, demo or preset:NAME)"
+    )
+    convert = actions.add_parser(
+        "convert", help="write an adapter in PEFT's per-expert form (one A/B pair per expert projection)"
+    )
+    convert.add_argument("path", help="the adapter folder to read")
+    convert.add_argument("out", help="the folder to write (new or empty)")
+    convert.add_argument(
+        "--model", required=True, help="the model the adapter is for (only its config is read)"
+    )
+
+
+def _adapter(args: argparse.Namespace) -> int:
+    from moelora.loader.model_loader import read_model_config
+    from moelora.loader.resolve import resolve_model
+    from moelora.lora.inspect import convert_adapter, format_report, inspect_adapter
+
+    model = None
+    if args.model is not None:
+        cfg, family = read_model_config(resolve_model(args.model))
+        model = (args.model, cfg, family)
+    if args.action == "inspect":
+        report = inspect_adapter(args.path, model)
+        print(format_report(report))
+        return 0 if report.fits is not False else 1
+    assert model is not None  # --model is required by the parser
+    out = convert_adapter(args.path, args.out, model)
+    print(f"wrote {out} (PEFT per-expert form for {args.model})")
+    return 0
 
 
 def _add_use(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "adapter":
+            return _adapter(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"moelora: error: {e}", file=sys.stderr)
         return 2

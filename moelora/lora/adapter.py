@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,15 @@ DENSE_TARGETS = (
     "shared_expert.down_proj",
 )
 EXPERT_PROJS = ("gate", "up", "down")
+# The on-disk layouts read, by the name `moelora adapter inspect` prints (docs: reference/peft_moe_format.md).
+FORMATS = {
+    "peft-linear": "PEFT LoRA on a linear layer (target_modules): lora_A [r, in], lora_B [out, r]",
+    "peft-per-expert": "PEFT per-expert keys: experts.{e}.<gate|up|down>.lora_A [r, in] / lora_B [out, r]",
+    "peft-fused": "PEFT target_parameters on the fused experts: lora_A [r*E, in] (expert-major rows), "
+    "lora_B [out, r*E] (rank-major columns); gate and up share A",
+    "peft-fused-2r": "PEFT's conversion of a per-expert adapter to target_parameters: gate_up at rank 2r "
+    "with a block-diagonal B (split back to rank r per projection)",
+}
 SERVED = (
     "q/k/v/o_proj, the dense MLP's and the shared expert's gate/up/down_proj, "
     "and the routed experts' gate/up/down"
@@ -107,6 +116,7 @@ class LoraAdapter:
     # (size, mtime_ns) of the config and weights files as read: a later re-read (after a CPU-cache
     # eviction, or on another rank) must find the same files, or it would serve different weights.
     fingerprint: tuple[int, ...] = ()
+    formats: dict[str, int] = field(default_factory=dict)  # on-disk layout (FORMATS) -> A/B pairs read
 
     @property
     def rank(self) -> int:
@@ -259,8 +269,10 @@ class _Reader:
         adapter = LoraAdapter(self.name, self.folder, {}, {}, fingerprint)
         origin: dict[_Dest, str] = {}
         for module, (a_key, b_key) in self._pairs().items():
-            for dest, weights in self._normalise(self._site(module, a_key), a_key, b_key):
+            fmt, placed = self._normalise(self._site(module, a_key), a_key, b_key)
+            for dest, weights in placed:
                 self._place(adapter, dest, weights, a_key, origin)
+            adapter.formats[fmt] = adapter.formats.get(fmt, 0) + 1
         if not origin and not self.skipped:
             raise self.fail(f"{self.folder / WEIGHTS_FILE} holds no LoRA tensors")
         if max_rank is not None and adapter.rank > max_rank:
@@ -400,20 +412,21 @@ class _Reader:
             f"list the targeted expert parameters there"
         )
 
-    def _normalise(self, site: _Site, a_key: str, b_key: str) -> list[tuple[_Dest, LoraWeights]]:
+    def _normalise(self, site: _Site, a_key: str, b_key: str) -> tuple[str, list[tuple[_Dest, LoraWeights]]]:
+        """(the FORMATS name of the pair, its weights by destination)."""
         cfg = self.cfg
         if site.kind == "dense":
             in_f, out_f = dense_shape(cfg, site.target)
             A, B = self._checked(a_key, b_key, in_f, out_f, 1, f"{site.target} of layer {site.layer}")
             s = self._scale(site.module, A.shape[0], a_key)
-            return [((site.layer, site.target, -1), LoraWeights(A, B * s))]
+            return "peft-linear", [((site.layer, site.target, -1), LoraWeights(A, B * s))]
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         if site.kind == "expert":
             in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, inter)
             what = f"expert {site.expert}'s {site.target} in layer {site.layer}"
             A, B = self._checked(a_key, b_key, in_f, out_f, 1, what)
             s = self._scale(site.module, A.shape[0], a_key)
-            return [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
+            return "peft-per-expert", [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
         n_exp = cfg.num_experts
         in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
         A, B = self._checked(
@@ -425,8 +438,10 @@ class _Reader:
         a3 = A.view(n_exp, rank, in_f)  # expert-major rows
         b3 = (B.view(out_f, rank, n_exp) * s).permute(2, 0, 1)  # rank-major columns j * E + e -> [E, out, r]
         if site.target == "down":
-            return [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
-        return _split_gate_up(site.layer, a3, b3, inter)
+            down = [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
+            return "peft-fused", down
+        split, placed = _split_gate_up(site.layer, a3, b3, inter)
+        return "peft-fused-2r" if split else "peft-fused", placed
 
     def _check_expert_count(self, module: str, rows: int, n_exp: int, key: str) -> None:
         """A fused tensor of r * E rows with another E than this model's: name the shape mismatch (a rank
@@ -502,8 +517,9 @@ class _Reader:
 
 def _split_gate_up(
     layer: int, a3: torch.Tensor, b3: torch.Tensor, inter: int
-) -> list[tuple[_Dest, LoraWeights]]:
-    """Fused gate_up (a3 [E, R, H], b3 [E, 2I, R], scaled) -> gate and up per expert.
+) -> tuple[bool, list[tuple[_Dest, LoraWeights]]]:
+    """Fused gate_up (a3 [E, R, H], b3 [E, 2I, R], scaled) -> (whether split back to rank R/2, gate and up
+    per expert).
 
     PEFT's conversion of a per-expert adapter stacks gate's and up's A (rank R = 2r) under a block-diagonal B;
     when the off-diagonal blocks are exactly zero for every expert it splits back to rank r per projection.
@@ -517,7 +533,7 @@ def _split_gate_up(
         gate = LoraWeights(a3[e, gate_rows].contiguous(), b3[e, :inter, gate_rows].contiguous())
         up = LoraWeights(a3[e, up_rows].contiguous(), b3[e, inter:, up_rows].contiguous())
         out += [((layer, "gate", e), gate), ((layer, "up", e), up)]
-    return out
+    return split, out
 
 
 def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
@@ -577,10 +593,10 @@ def _refuse_options(raw: dict[str, Any], fail: Callable[[str], AdapterError]) ->
         raise fail(
             f"{CONFIG_FILE} says peft_type '{peft_type}': moelora serves LoRA adapters (peft_type LORA) only"
         )
-    for field, what in _REFUSED.items():
-        if not _is_default(raw.get(field)):
+    for option, what in _REFUSED.items():
+        if not _is_default(raw.get(option)):
             raise fail(
-                f"{CONFIG_FILE} sets {field} = {raw[field]!r}: {what} is not supported; "
+                f"{CONFIG_FILE} sets {option} = {raw[option]!r}: {what} is not supported; "
                 f"train a plain LoRA adapter instead"
             )
     if raw.get("bias", "none") != "none":
