@@ -23,6 +23,21 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
 FORMS = ("per_expert", "fused", "converted")
+# Other trainers' expert layouts (PEFT cannot load these; the attention LoRA stays in PEFT's form):
+# "megatron_3d": Megatron-Bridge's per-expert stacks under the packed HF names, as its adapter stream
+#   emits them (NVIDIA-NeMo/Megatron-Bridge, tests/unit_tests/models/test_model_bridge_lora.py,
+#   test_stream_adapter_weights_megatron_to_hf_packed_expert_stacks): experts.gate_up_proj.lora_A
+#   [E, r, H], lora_B [E, 2I, r] (gate rows first, one A for gate and up), experts.down_proj.lora_A
+#   [E, r, I], lora_B [E, H, r].
+# "shared_outer": Megatron-Bridge's SharedOuterGroupedExpertAdapter export (src/megatron/bridge/peft/
+#   utils.py, _stream_shared_outer_adapter_weights): gate's and up's A shared by all experts, written once
+#   as experts.<gate|up>.lora_A [1, r, H], their B per expert; down's B shared, experts.<down>.lora_B
+#   [1, H, r], its A per expert.
+# "automodel": NeMo Automodel's GroupedExpertsLoRA parameters as saved without a conversion to HF
+#   (NVIDIA-NeMo/Automodel, nemo_automodel/components/_peft/lora_experts.py): experts.lora_gate_and_up_A
+#   [E, H, r], lora_gate_and_up_B [E, r, 2I] (gate columns first), lora_down_A [E, I, r], lora_down_B
+#   [E, r, H]; the delta of x is (x @ A[e] @ B[e]) * alpha / r.
+OTHER_FORMS = ("megatron_3d", "shared_outer", "automodel")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 STD = 0.3
 Weights = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r] unscaled, scale)
@@ -172,6 +187,54 @@ class _Writer:
             for e in range(a.num_experts):
                 self.expected.experts[(layer, "down", e)] = (a3[e], b3[e], s)
 
+    def megatron_3d(self, layer: int, projs: Sequence[str]) -> None:
+        self._stacks(layer, projs, "megatron_3d")
+
+    def automodel(self, layer: int, projs: Sequence[str]) -> None:
+        self._stacks(layer, projs, "automodel")
+
+    def _stacks(self, layer: int, projs: Sequence[str], form: str) -> None:
+        a, experts = self.arch, f"base_model.model.model.layers.{layer}.mlp.experts"
+        sizes = {"gate_up": (a.hidden, 2 * a.moe_inter), "down": (a.moe_inter, a.hidden)}
+        for proj in [p for p in ("gate_up", "down") if p in projs or (p == "gate_up" and "gate" in projs)]:
+            module = f"model.layers.{layer}.mlp.experts.{proj}_proj"
+            r, (in_f, out_f) = self.r_of(module), sizes[proj]
+            s = self.scale(module, r)
+            a3, b3 = self.randn(a.num_experts, r, in_f), self.randn(a.num_experts, out_f, r)
+            if form == "megatron_3d":
+                self.tensors[f"{experts}.{proj}_proj.lora_A.weight"] = a3.contiguous()
+                self.tensors[f"{experts}.{proj}_proj.lora_B.weight"] = b3.contiguous()
+            else:  # x @ A[e] @ B[e]: A [E, in, r], B [E, r, out]
+                name = "gate_and_up" if proj == "gate_up" else "down"
+                self.tensors[f"{experts}.lora_{name}_A"] = a3.transpose(1, 2).contiguous()
+                self.tensors[f"{experts}.lora_{name}_B"] = b3.transpose(1, 2).contiguous()
+            for e in range(a.num_experts):
+                if proj == "down":
+                    self.expected.experts[(layer, "down", e)] = (a3[e], b3[e], s)
+                else:
+                    self.expected.experts[(layer, "gate", e)] = (a3[e], b3[e, : a.moe_inter], s)
+                    self.expected.experts[(layer, "up", e)] = (a3[e], b3[e, a.moe_inter :], s)
+
+    def shared_outer(self, layer: int, projs: Sequence[str]) -> None:
+        """gate's and up's A shared by every expert (each its own), down's B shared; the other halves per
+        expert. The rank pattern is read at the shared name."""
+        a, block, names = self.arch, f"model.layers.{layer}.{self.arch.expert_block}", self.arch.expert_names
+        for proj in projs:
+            r = self.r_of(f"{block}.experts.0.{names[proj]}")
+            in_f, out_f = self.expert_shape(proj)
+            shared = self.randn(1, r, in_f) if proj != "down" else self.randn(1, out_f, r)
+            half = "lora_A" if proj != "down" else "lora_B"
+            self.tensors[f"base_model.model.{block}.experts.{names[proj]}.{half}.weight"] = shared
+            for e in range(a.num_experts):
+                module = f"{block}.experts.{e}.{names[proj]}"
+                if proj != "down":
+                    A, B = shared[0], self.randn(out_f, r)
+                    self.tensors[f"base_model.model.{module}.lora_B.weight"] = B
+                else:
+                    A, B = self.randn(r, in_f), shared[0]
+                    self.tensors[f"base_model.model.{module}.lora_A.weight"] = A
+                self.expected.experts[(layer, proj, e)] = (A, B, self.scale(module, r))
+
     def converted(self, layer: int, projs: Sequence[str]) -> None:
         """The per-expert draws, packed as PEFT's conversion packs them."""
         a, experts = self.arch, f"model.layers.{layer}.mlp.experts"
@@ -221,7 +284,7 @@ def write_adapter(
 
     experts / layers None = all; dense MLP targets are written in dense layers only, shared-expert targets in
     MoE layers only. The fused and converted forms cover every expert, and need gate and up together."""
-    assert form in FORMS, form
+    assert form in FORMS + OTHER_FORMS, form
     arch = _arch(family, hf_config)
     projs = [p for p in ("gate", "up", "down") if p in expert_projs]
     if form != "per_expert":
@@ -267,8 +330,11 @@ def _peft_config(
 ) -> dict[str, Any]:
     modules = [t if t in ATTENTION else f"mlp.{t}" for t in dense_targets]
     params = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
-    if form == "per_expert":
+    if form in ("per_expert", "shared_outer"):
         modules += [arch.expert_names[p] for p in projs]
+        targets = None
+    elif form in OTHER_FORMS:  # the trainers name the packed parameters as modules
+        modules += sorted({params[p] for p in projs})
         targets = None
     else:  # PEFT writes the fused form's names as given, the converted form's as bare parameter names
         prefix = "mlp.experts." if form == "fused" else ""

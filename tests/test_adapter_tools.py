@@ -18,7 +18,7 @@ from moelora.cli import main
 from moelora.loader.model_loader import read_model_config
 from moelora.lora.inspect import convert_adapter, format_report, inspect_adapter
 from moelora.models.registry import FAMILIES as REGISTRY
-from tests.hf_models import FAMILIES, build_hf_model, family_configs, logprob_tol
+from tests.hf_models import FAMILIES, build_hf_model, family_configs, hf_logprobs, logprob_tol
 from tests.lora_files import FORMS, ExpectedLora, merged_hf_model, write_adapter
 
 ARCHITECTURE = {f.name: f.architectures[0] for f in REGISTRY}
@@ -135,3 +135,53 @@ def test_cli_convert_then_inspect(models, tmp_path: Path, capsys):
     # An existing adapter is never overwritten.
     code = main(["adapter", "convert", str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(folder)])
     assert code == 2 and "already holds an adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fam", ["qwen3_moe", "mixtral"])
+def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkpoints, tmp_path: Path):
+    """Megatron-Bridge stacks, its shared-outer export and NeMo Automodel's grouped experts, with a PEFT
+    per-expert adapter and base requests, in one fp32 batch: each request against transformers with its
+    adapter merged by hand (float64 reference)."""
+    import copy
+
+    from moelora import LLM, SamplingParams
+    from tests.test_engine_hf import NEW_TOKENS
+    from tests.test_lora_hf import check_against, prompts
+
+    hf = hf_models[fam]
+    specs = {
+        "per-expert": dict(form="per_expert", rank=4, alpha=2.0, seed=21),
+        "megatron-3d": dict(form="megatron_3d", rank=4, alpha=2.0, seed=22),
+        "shared-outer": dict(form="shared_outer", rank=8, alpha=4.0, seed=23),
+        "automodel": dict(form="automodel", rank=4, alpha=2.0, seed=24),
+    }
+    adapters = {n: write_adapter(tmp_path / n, fam, hf.config, **kw) for n, kw in specs.items()}
+    llm = LLM(
+        str(checkpoints[fam]),
+        device="cpu",
+        progress=False,
+        num_kv_blocks=96,
+        lora_modules={n: str(tmp_path / n) for n in specs},
+        max_loras_per_batch=4,
+        dtype="float32",
+    )
+    try:
+        names: list[str | None] = [None, *specs]
+        lora = [n for n in names for _ in prompts()]
+        batch = [p for _ in names for p in prompts()]
+        params = SamplingParams(
+            temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2, prompt_logprobs=2
+        )
+        outs = llm.generate(batch, params, lora=lora)
+        assert any(len(set(step)) >= 4 for step in llm.engine.loras.history)
+    finally:
+        llm.shutdown()
+    refs = {None: copy.deepcopy(hf).to(torch.float64)} | {
+        n: merged_hf_model(hf, exp).to(torch.float64) for n, exp in adapters.items()
+    }
+    for name, prompt, out in zip(lora, batch, outs, strict=True):
+        check_against(refs[name], prompt, out, f"{fam}/{name or 'base'}", logprob_tol(torch.float32))
+    (plain,) = hf_logprobs(refs[None], [prompts()[1]])
+    for name in specs:  # each adapter moves the log-probs far beyond the tolerance: a no-op cannot pass
+        (merged,) = hf_logprobs(refs[name], [prompts()[1]])
+        assert (merged - plain).abs().max() > 100 * logprob_tol(torch.float32), name

@@ -18,7 +18,7 @@ from moelora.loader.model_loader import read_model_config
 from moelora.lora.adapter import DENSE_TARGETS, AdapterError, LoraAdapter, LoraWeights, read_adapter
 from moelora.models.registry import FAMILIES as REGISTRY
 from tests.hf_models import FAMILIES, build_hf_model, family_configs, logprob_tol
-from tests.lora_files import FORMS, ExpectedLora, merged_hf_model, write_adapter
+from tests.lora_files import FORMS, OTHER_FORMS, ExpectedLora, merged_hf_model, write_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -537,3 +537,62 @@ def test_reading_changes_nothing_on_error(write, read):
     with pytest.raises(AdapterError):
         read(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# ---- other trainers' expert layouts (tests/lora_files.py OTHER_FORMS cites each trainer's code)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("form", OTHER_FORMS)
+def test_other_trainers_layouts_read_as_written(write, read, fam, form):
+    folder, expected = write(fam, form, rank=4, alpha=8.0, seed=11)
+    adapter = read(folder, fam)
+    assert_reads_as(adapter, expected)
+    layout = {
+        "megatron_3d": "megatron-3d",
+        "shared_outer": "megatron-shared-outer",
+        "automodel": "nemo-automodel",
+    }
+    assert adapter.formats.get(layout[form], 0) > 0, adapter.formats
+
+
+def test_shared_outer_on_an_expert_parallel_rank(write, models):
+    """A rank that reads only its experts pairs the shared halves with those experts alone."""
+    folder, expected = write("qwen3_moe", "shared_outer", seed=12)
+    _, cfg, family = models["qwen3_moe"]
+    adapter = read_adapter("a", folder, cfg, family, owns_expert=lambda e: e < 4)
+    got = {(layer, proj, e) for (layer, proj), per in adapter.experts.items() for e in per}
+    assert got == {k for k in expected.experts if k[2] < 4}
+
+
+def test_stacked_layout_of_another_model_is_refused(write, read):
+    """Megatron stacks of 6 experts against the model's 8: refused naming both shapes."""
+    folder, _ = write("qwen3_moe", "megatron_3d", dense_targets=())
+    edit_tensors(folder, lambda t: t.update({k: v[:6].contiguous() for k, v in t.items()}))
+    with pytest.raises(AdapterError, match=r"down_proj.lora_A.*\[6, 4, 16\].*E = 8"):
+        read(folder)
+
+
+def test_automodel_layout_with_transposed_stacks_is_refused(write, read):
+    """NeMo Automodel names with Megatron's axis order ([E, r, in]): never read as a no-op or transposed."""
+    folder, _ = write("qwen3_moe", "automodel")
+
+    def swap(t: dict[str, torch.Tensor]) -> None:
+        for k in [k for k in t if "lora_down" in k]:
+            t[k] = t[k].transpose(1, 2).contiguous()
+
+    edit_tensors(folder, swap)
+    with pytest.raises(AdapterError, match=r"lora_down_A.*NeMo Automodel"):
+        read(folder)
+
+
+def test_shared_outer_half_must_have_a_leading_one(write, read):
+    folder, _ = write("qwen3_moe", "shared_outer")
+
+    def widen(t: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in t if k.endswith("experts.gate_proj.lora_A.weight"))
+        t[key] = torch.cat([t[key], t[key]])
+
+    edit_tensors(folder, widen)
+    with pytest.raises(AdapterError, match=r"leading dimension of 1"):
+        read(folder)

@@ -48,6 +48,12 @@ FORMATS = {
     "lora_B [out, r*E] (rank-major columns); gate and up share A",
     "peft-fused-2r": "PEFT's conversion of a per-expert adapter to target_parameters: gate_up at rank 2r "
     "with a block-diagonal B (split back to rank r per projection)",
+    "megatron-3d": "Megatron-Bridge per-expert stacks under the packed names: experts.gate_up_proj / "
+    "down_proj lora_A [E, r, in], lora_B [E, out, r] (gate_up: gate rows first; gate and up share A)",
+    "megatron-shared-outer": "Megatron-Bridge shared-outer: experts.<gate|up>_proj.lora_A [1, r, H] shared, "
+    "per-expert lora_B; experts.down_proj.lora_B [1, H, r] shared, per-expert lora_A",
+    "nemo-automodel": "NeMo Automodel grouped experts: experts.lora_gate_and_up_A [E, H, r] / _B [E, r, 2I] "
+    "(gate columns first), experts.lora_down_A [E, I, r] / _B [E, r, H]; delta x @ A @ B",
 }
 SERVED = (
     "q/k/v/o_proj, the dense MLP's and the shared expert's gate/up/down_proj, "
@@ -83,6 +89,10 @@ _HARMLESS = frozenset(_HARMLESS_WORDS.split())
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
 
 _KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight")
+# NeMo Automodel's grouped-expert parameters, as its adapters name them (no .weight suffix)
+_GROUPED_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?P<experts>.+\.experts)\.lora_(?P<proj>gate_and_up|down)_(?P<ab>[AB])(?:\.weight)?"
+)
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _ATTN = re.compile(r"self_attn\.([qkvo]_proj)")
@@ -253,6 +263,10 @@ class _Reader:
         projs = "|".join(re.escape(n) for n in self.proj_of)
         self.expert_re = re.compile(rf"({prefixes})\.experts\.(\d+)\.({projs})")
         self.fused_re = re.compile(rf"({prefixes})\.experts(\.base_layer)?")
+        self.stacked_re = re.compile(rf"({prefixes})\.experts\.(gate_up|down)_proj")
+        self.grouped_re = re.compile(rf"({prefixes})\.experts\.lora_(gate_and_up|down)")
+        self.outer_re = re.compile(rf"({prefixes})\.experts\.({projs})")
+        self.shared: set[str] = set()  # modules whose A or B is a shared-outer tensor of all experts
 
     def fail(self, message: str) -> AdapterError:
         return AdapterError(f"adapter '{self.name}': {message}")
@@ -322,28 +336,69 @@ class _Reader:
         return False
 
     def _pairs(self) -> dict[str, tuple[str, str]]:
-        """module -> (lora_A key, lora_B key); every other tensor is an error."""
+        """module -> (lora_A key, lora_B key); every other tensor is an error. A shared-outer half (one A or
+        B under `experts.<proj>`, no expert index) pairs with the other half of every expert's module."""
         found: dict[str, dict[str, str]] = {}
         for key in sorted(self.tensors):
             if _VELORA_BUFFER.fullmatch(key):
                 continue
-            m = _KEY.fullmatch(key)
-            if m is None:
+            if g := _GROUPED_KEY.fullmatch(key):
+                module, ab_name = f"{g['experts']}.lora_{g['proj']}", f"lora_{g['ab']}"
+            elif m := _KEY.fullmatch(key):
+                module, ab_name = m["module"], m["ab"]
+            else:
                 raise self._unserved(
                     key, "it is not a LoRA A/B weight (an embedding LoRA, a bias, a DoRA vector?)"
                 )
-            ab = found.setdefault(m["module"], {})
-            if m["ab"] in ab:
+            ab = found.setdefault(module, {})
+            if ab_name in ab:
                 raise self.fail(
-                    f"'{ab[m['ab']]}' and '{key}' are both {m['ab']} of '{m['module']}' (two adapters in one "
+                    f"'{ab[ab_name]}' and '{key}' are both {ab_name} of '{module}' (two adapters in one "
                     f"file?): keep one"
                 )
-            ab[m["ab"]] = key
+            ab[ab_name] = key
+        self._pair_shared_outer(found)
         for module, ab in found.items():
             if len(ab) == 1:
                 (have, key), want = next(iter(ab.items())), "lora_B" if "lora_A" in ab else "lora_A"
                 raise self.fail(f"'{key}' ({have}) has no {want} for '{module}': the file is incomplete")
         return {module: (ab["lora_A"], ab["lora_B"]) for module, ab in found.items()}
+
+    def _expert_of(self, module: str, experts: str, proj: str) -> bool:
+        """Whether `module` is one expert's `proj` under the `experts` module path."""
+        m = _LAYER.fullmatch(module)
+        return (
+            m is not None
+            and module.startswith(f"{experts}.")
+            and (t := self.expert_re.fullmatch(m[2])) is not None
+            and t[3] == proj
+        )
+
+    def _pair_shared_outer(self, found: dict[str, dict[str, str]]) -> None:
+        """Give every expert module holding one half the shared other half of `experts.<proj>` (Megatron-
+        Bridge's shared-outer export: a leading dimension of 1), in place; the shared entry goes."""
+        for module, ab in list(found.items()):
+            m = _LAYER.fullmatch(module)
+            if len(ab) != 1 or m is None or not (t := self.outer_re.fullmatch(m[2])):
+                continue
+            (have, key), want = next(iter(ab.items())), "lora_B" if "lora_A" in ab else "lora_A"
+            experts = module.rsplit(".", 1)[0]
+            partners = [
+                p for p, pab in found.items() if set(pab) == {want} and self._expert_of(p, experts, t[2])
+            ]
+            if not partners and not self.skipped:
+                continue  # reported as incomplete
+            tensor = self.tensors[key]
+            if tensor.dim() != 3 or tensor.shape[0] != 1:
+                raise self.fail(
+                    f"'{key}' has shape {list(tensor.shape)}: a LoRA {have} shared by every expert "
+                    f"(Megatron-Bridge shared-outer) has a leading dimension of 1"
+                )
+            self.tensors[key] = tensor[0]
+            for p in partners:
+                found[p][have] = key
+                self.shared.add(p)
+            del found[module]
 
     def _unserved(self, key: str, why: str) -> AdapterError:
         return self.fail(
@@ -368,6 +423,13 @@ class _Reader:
         if t := self.expert_re.fullmatch(rest):
             expert = self._expert_id(layer, int(t[2]), key)
             return _Site("expert", layer, self.proj_of[t[3]], module, expert)
+        if t := self.stacked_re.fullmatch(rest):
+            self._expert_id(layer, 0, key)
+            return _Site("stacked", layer, t[2], module)
+        if t := self.grouped_re.fullmatch(rest):
+            self._expert_id(layer, 0, key)
+            proj = "gate_up" if t[2] == "gate_and_up" else "down"
+            return _Site("grouped", layer, proj, f"{module.rsplit('.', 1)[0]}.{proj}_proj")
         if t := self.fused_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
             experts = module.removesuffix(".base_layer")
@@ -426,9 +488,17 @@ class _Reader:
             what = f"expert {site.expert}'s {site.target} in layer {site.layer}"
             A, B = self._checked(a_key, b_key, in_f, out_f, 1, what)
             s = self._scale(site.module, A.shape[0], a_key)
-            return "peft-per-expert", [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
+            fmt = "megatron-shared-outer" if site.module in self.shared else "peft-per-expert"
+            return fmt, [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
         n_exp = cfg.num_experts
         in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
+        if site.kind in ("stacked", "grouped"):
+            a3, b3 = self._stacked(site, a_key, b_key, in_f, out_f)
+            s = self._scale(site.module, a3.shape[1], a_key)
+            fmt = "megatron-3d" if site.kind == "stacked" else "nemo-automodel"
+            if site.target == "down":
+                return fmt, [((site.layer, "down", e), LoraWeights(a3[e], b3[e] * s)) for e in range(n_exp)]
+            return fmt, _split_gate_up(site.layer, a3, b3 * s, inter)[1]
         A, B = self._checked(
             a_key, b_key, in_f, out_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
         )
@@ -442,6 +512,37 @@ class _Reader:
             return "peft-fused", down
         split, placed = _split_gate_up(site.layer, a3, b3, inter)
         return "peft-fused-2r" if split else "peft-fused", placed
+
+    def _stacked(
+        self, site: _Site, a_key: str, b_key: str, in_f: int, out_f: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [E, r, in] and B [E, out, r] (fp32, contiguous) of a 3-D per-expert pair: Megatron-Bridge's
+        stacks as they are, NeMo Automodel's [E, in, r] / [E, r, out] transposed; or an error naming both
+        shapes and the layout they were read as."""
+        A, B = self.tensors[a_key], self.tensors[b_key]
+        n_exp = self.cfg.num_experts
+        if site.kind == "grouped" and A.dim() == 3 and B.dim() == 3:
+            A, B = A.transpose(1, 2), B.transpose(1, 2)
+        rank = A.shape[1] if A.dim() == 3 else 0
+        if A.dim() != 3 or B.dim() != 3 or A.shape != (n_exp, rank, in_f) or B.shape != (n_exp, out_f, rank):
+            layout = (
+                f"[E, {in_f}, r] and [E, r, {out_f}]" if site.kind == "grouped"
+                else f"[E, r, {in_f}] and [E, {out_f}, r]"
+            )  # fmt: skip
+            raise self.fail(
+                f"'{a_key}' has shape {list(self.tensors[a_key].shape)} and '{b_key}' "
+                f"{list(self.tensors[b_key].shape)}, but the experts' {site.target} in layer {site.layer} "
+                f"({FORMATS['megatron-3d' if site.kind == 'stacked' else 'nemo-automodel']}) needs {layout} "
+                f"with E = {n_exp}: an adapter for another model, or another layout?"
+            )
+        for key, t in ((a_key, A), (b_key, B)):
+            if not t.is_floating_point():
+                raise self.fail(f"'{key}' has dtype {t.dtype}, not a floating-point type: save it again")
+            if not torch.isfinite(t).all():
+                raise self.fail(
+                    f"'{key}' contains NaN or Inf values: the adapter is corrupt, retrain or re-export it"
+                )
+        return A.float().contiguous(), B.float().contiguous()
 
     def _check_expert_count(self, module: str, rows: int, n_exp: int, key: str) -> None:
         """A fused tensor of r * E rows with another E than this model's: name the shape mismatch (a rank
