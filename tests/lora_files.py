@@ -38,6 +38,11 @@ FORMS = ("per_expert", "fused", "converted")
 #   [E, H, r], lora_gate_and_up_B [E, r, 2I] (gate columns first), lora_down_A [E, I, r], lora_down_B
 #   [E, r, H]; the delta of x is (x @ A[e] @ B[e]) * alpha / r.
 OTHER_FORMS = ("megatron_3d", "shared_outer", "automodel")
+# "fused_pre_0191": PEFT 0.17.0-0.19.0's target_parameters on out-major experts, which it read as
+#   [E, in, out] (peft src/peft/tuners/lora/layer.py, ParamWrapper._get_in_out_features before commit
+#   e84dd8f40, PR #3165): lora_A [r*E, out] (expert-major rows), lora_B [in, r*E] (rank-major columns),
+#   delta W[e] = (s * B_e @ A_e).T; the config records that PEFT version.
+OLD_PEFT_FORM = "fused_pre_0191"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 STD = 0.3
 Weights = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r] unscaled, scale)
@@ -235,6 +240,29 @@ class _Writer:
                     self.tensors[f"base_model.model.{module}.lora_A.weight"] = A
                 self.expected.experts[(layer, proj, e)] = (A, B, self.scale(module, r))
 
+    def fused_pre_0191(self, layer: int, projs: Sequence[str]) -> None:
+        a, experts = self.arch, f"model.layers.{layer}.mlp.experts"
+        sizes = {"gate_up": (a.hidden, 2 * a.moe_inter), "down": (a.moe_inter, a.hidden)}
+        both = "gate" in projs and "down" in projs
+        for proj in [p for p in ("gate_up", "down") if p in projs or (p == "gate_up" and "gate" in projs)]:
+            r = self.r_of(f"{experts}.{proj}_proj")
+            s = self.scale(f"{experts}.{proj}_proj", r)
+            in_f, out_f = sizes[proj]
+            a3, b3 = (
+                self.randn(a.num_experts, r, out_f),
+                self.randn(a.num_experts, in_f, r),
+            )  # read [E, in, out]
+            self.fused_pair(experts + (".base_layer" if both and proj == "gate_up" else ""), a3, b3)
+            for e in range(
+                a.num_experts
+            ):  # delta (b3[e] @ a3[e]).T: A = b3[e].T [r, in], B = a3[e].T [out, r]
+                lin_a, lin_b = b3[e].T, a3[e].T
+                if proj == "down":
+                    self.expected.experts[(layer, "down", e)] = (lin_a, lin_b, s)
+                else:
+                    self.expected.experts[(layer, "gate", e)] = (lin_a, lin_b[: a.moe_inter], s)
+                    self.expected.experts[(layer, "up", e)] = (lin_a, lin_b[a.moe_inter :], s)
+
     def converted(self, layer: int, projs: Sequence[str]) -> None:
         """The per-expert draws, packed as PEFT's conversion packs them."""
         a, experts = self.arch, f"model.layers.{layer}.mlp.experts"
@@ -284,7 +312,7 @@ def write_adapter(
 
     experts / layers None = all; dense MLP targets are written in dense layers only, shared-expert targets in
     MoE layers only. The fused and converted forms cover every expert, and need gate and up together."""
-    assert form in FORMS + OTHER_FORMS, form
+    assert form in (*FORMS, *OTHER_FORMS, OLD_PEFT_FORM), form
     arch = _arch(family, hf_config)
     projs = [p for p in ("gate", "up", "down") if p in expert_projs]
     if form != "per_expert":
@@ -312,6 +340,8 @@ def write_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     save_file(w.tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = _peft_config(family, arch, rank, alpha, form, dense_targets, projs, use_rslora, ranks, alphas)
+    if form == OLD_PEFT_FORM:
+        config["peft_version"] = "0.18.1"
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return w.expected
 
@@ -333,6 +363,8 @@ def _peft_config(
     if form in ("per_expert", "shared_outer"):
         modules += [arch.expert_names[p] for p in projs]
         targets = None
+    elif form == OLD_PEFT_FORM:
+        targets = sorted({"mlp.experts." + params[p] for p in projs}) or None
     elif form in OTHER_FORMS:  # the trainers name the packed parameters as modules
         modules += sorted({params[p] for p in projs})
         targets = None

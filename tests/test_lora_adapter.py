@@ -18,7 +18,7 @@ from moelora.loader.model_loader import read_model_config
 from moelora.lora.adapter import DENSE_TARGETS, AdapterError, LoraAdapter, LoraWeights, read_adapter
 from moelora.models.registry import FAMILIES as REGISTRY
 from tests.hf_models import FAMILIES, build_hf_model, family_configs, logprob_tol
-from tests.lora_files import FORMS, OTHER_FORMS, ExpectedLora, merged_hf_model, write_adapter
+from tests.lora_files import FORMS, OLD_PEFT_FORM, OTHER_FORMS, ExpectedLora, merged_hf_model, write_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -595,4 +595,21 @@ def test_shared_outer_half_must_have_a_leading_one(write, read):
 
     edit_tensors(folder, widen)
     with pytest.raises(AdapterError, match=r"leading dimension of 1"):
+        read(folder)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_fused_experts_saved_by_peft_before_0191(write, read, fam):
+    """PEFT 0.17-0.19.0's orientation (lora_A [r*E, out]): read by the shapes where they differ (down),
+    by the recorded peft_version where in == out (the tiny Qwen3's gate_up: 32 x 32)."""
+    folder, expected = write(fam, OLD_PEFT_FORM, seed=13)
+    adapter = read(folder, fam)
+    assert_reads_as(adapter, expected)
+    assert adapter.formats.get("peft-fused-pre-0.19.1", 0) > 0, adapter.formats
+
+
+def test_square_fused_experts_without_a_peft_version_are_refused(write, read):
+    folder, _ = write("qwen3_moe", OLD_PEFT_FORM, seed=14)
+    edit_config(folder, peft_version=None)
+    with pytest.raises(AdapterError, match=r"both orientations.*peft_version"):
         read(folder)

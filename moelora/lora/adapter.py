@@ -46,6 +46,8 @@ FORMATS = {
     "peft-per-expert": "PEFT per-expert keys: experts.{e}.<gate|up|down>.lora_A [r, in] / lora_B [out, r]",
     "peft-fused": "PEFT target_parameters on the fused experts: lora_A [r*E, in] (expert-major rows), "
     "lora_B [out, r*E] (rank-major columns); gate and up share A",
+    "peft-fused-pre-0.19.1": "PEFT 0.17-0.19.0 target_parameters on out-major experts (Qwen-style): the "
+    "3-D parameter read as [E, in, out], so lora_A [r*E, out], lora_B [in, r*E], delta (B_e @ A_e).T",
     "peft-fused-2r": "PEFT's conversion of a per-expert adapter to target_parameters: gate_up at rank 2r "
     "with a block-diagonal B (split back to rank r per projection)",
     "megatron-3d": "Megatron-Bridge per-expert stacks under the packed names: experts.gate_up_proj / "
@@ -168,6 +170,7 @@ class _Options:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     target_parameters: tuple[str, ...]
+    peft_version: tuple[int, ...] | None  # from adapter_config.json, None where it is not recorded
 
 
 @dataclass(frozen=True)
@@ -499,19 +502,46 @@ class _Reader:
             if site.target == "down":
                 return fmt, [((site.layer, "down", e), LoraWeights(a3[e], b3[e] * s)) for e in range(n_exp)]
             return fmt, _split_gate_up(site.layer, a3, b3 * s, inter)[1]
+        old = self._before_0191(a_key, b_key, in_f, out_f)
+        rows_f, cols_f = (out_f, in_f) if old else (in_f, out_f)  # lora_A's columns, lora_B's rows
         A, B = self._checked(
-            a_key, b_key, in_f, out_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
+            a_key, b_key, rows_f, cols_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
         )
         rank = A.shape[0] // n_exp
         self._check_expert_count(site.module, A.shape[0], n_exp, a_key)
         s = self._scale(site.module, rank, a_key)
-        a3 = A.view(n_exp, rank, in_f)  # expert-major rows
-        b3 = (B.view(out_f, rank, n_exp) * s).permute(2, 0, 1)  # rank-major columns j * E + e -> [E, out, r]
+        a3 = A.view(n_exp, rank, rows_f)  # expert-major rows
+        b3 = B.view(cols_f, rank, n_exp).permute(2, 0, 1)  # rank-major columns j * E + e -> [E, cols_f, r]
+        if old:  # delta W[e] = (b3[e] @ a3[e]).T: the LoRA A [r, in] is b3[e].T, its B [out, r] a3[e].T
+            a3, b3 = b3.transpose(1, 2).contiguous(), a3.transpose(1, 2)
+        b3 = b3 * s
+        fmt = "peft-fused-pre-0.19.1" if old else "peft-fused"
         if site.target == "down":
             down = [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
-            return "peft-fused", down
+            return fmt, down
         split, placed = _split_gate_up(site.layer, a3, b3, inter)
-        return "peft-fused-2r" if split else "peft-fused", placed
+        return "peft-fused-2r" if split else fmt, placed
+
+    def _before_0191(self, a_key: str, b_key: str, in_f: int, out_f: int) -> bool:
+        """Whether a fused pair is in the orientation of PEFT 0.17-0.19.0, which read an out-major 3-D
+        parameter [E, out, in] as [E, in, out] (lora_A [r*E, out], lora_B [in, r*E]). Decided by the
+        shapes; where both fit (in == out) by the peft_version the config records, refused without one."""
+        A, B = self.tensors[a_key], self.tensors[b_key]
+        if A.dim() != 2 or B.dim() != 2:
+            return False
+        new = A.shape[1] == in_f and B.shape[0] == out_f
+        old = A.shape[1] == out_f and B.shape[0] == in_f
+        if not (new and old):
+            return old
+        version = self.opts.peft_version
+        if version is None:
+            raise self.fail(
+                f"'{a_key}' {list(A.shape)} and '{b_key}' {list(B.shape)} fit both orientations PEFT has "
+                f"written fused experts in (before 0.19.1: lora_A [r*E, out]; since: lora_A [r*E, in]; "
+                f"here in = out = {in_f}), and {CONFIG_FILE} records no peft_version: add the PEFT "
+                f'version that saved it as "peft_version"'
+            )
+        return version < (0, 19, 1)
 
     def _stacked(
         self, site: _Site, a_key: str, b_key: str, in_f: int, out_f: int
@@ -685,6 +715,7 @@ def _parse_options(raw: dict[str, Any], fail: Callable[[str], AdapterError]) -> 
         _pattern(raw, "rank_pattern", _is_rank, fail),
         _pattern(raw, "alpha_pattern", _is_number, fail),
         tuple(targets),
+        _version(raw.get("peft_version")),
     )
 
 
@@ -734,6 +765,14 @@ def _pattern(
                 f"{CONFIG_FILE} field '{field}' has key {key!r}, not a valid regular expression ({e})"
             ) from e
     return dict(patterns)
+
+
+def _version(text: Any) -> tuple[int, ...] | None:
+    """(0, 19, 1) from '0.19.1' or '0.19.1.dev0'; None if absent or unreadable."""
+    if not isinstance(text, str):
+        return None
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in m.groups()) if m else None
 
 
 def _is_default(value: Any) -> bool:
