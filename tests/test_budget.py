@@ -9,6 +9,7 @@ import moelora
 from moelora.cache import budget
 from moelora.config import EngineArgs
 from moelora.loader.model_loader import read_model_config
+from moelora.models.config import activation_bytes
 
 GIB = 1 << 30
 CUDA = torch.device("cuda", 0)
@@ -53,10 +54,10 @@ def test_activation_estimate_of_a_published_model():
     """Qwen3-30B-A3B, a step of 40,960 tokens (its default): the MoE pair buffers dominate, 8 choices x
     (3 x 768 + 2048) bf16 values a token; at least those, and not wildly more."""
     cfg, _ = read_model_config(PRESETS / "qwen3-30b-a3b")
-    est = budget.activation_bytes(cfg, 40960, 256, torch.bfloat16)
+    est = activation_bytes(cfg, 40960, 256, torch.bfloat16)
     pair_buffers = 40960 * 8 * (3 * 768 + 2048) * 2
     assert pair_buffers < est < 2 * pair_buffers
-    assert budget.activation_bytes(cfg, 2 * 40960, 256, torch.bfloat16) > 1.9 * est - 1
+    assert activation_bytes(cfg, 2 * 40960, 256, torch.bfloat16) > 1.9 * est - 1
 
 
 def test_adapter_slots_made_after_the_cache_are_not_counted_free(card):

@@ -1,6 +1,6 @@
 """How much memory the KV cache may take: an explicit block count, a share of the card
 (gpu_memory_utilization), a byte budget, or a fraction of free memory; on CUDA the default and the
-share leave room for the activations of the largest step (`activation_bytes`)."""
+share leave room for the activations of the largest step (`models.config.activation_bytes`)."""
 
 from __future__ import annotations
 
@@ -10,31 +10,12 @@ import os
 import torch
 
 from moelora.config import EngineArgs
-from moelora.models.config import ModelConfig
 
 _CPU_KV_CAP = 1 << 30
 _CUDA_KV_FRACTION = 0.8
 _ACTIVATION_RESERVE = 0.1  # of a gpu_memory_utilization budget left to activations, at least
 _ACTIVATION_MARGIN = 1.25  # on the estimate: the caching allocator's rounding and fragmentation
 _FIXED_RESERVE = 1 << 30  # CUDA graphs' pools, cuBLAS workspaces, the sampler's buffers
-
-
-def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtype) -> int:
-    """An upper estimate of what one forward step of `tokens` tokens (`rows` of them sampled) holds at its
-    peak besides weights, adapters and caches: a layer's buffers live one layer at a time. The MoE block
-    keeps per (token, choice) pair the gate/up output, the activation and the down output; attention its
-    q/k/v and output; the residual stream a few rows of the hidden size; the sampler fp32 logits. The
-    full (unsharded) sizes: under TP or EP a rank holds less."""
-    e = dtype.itemsize
-    h = cfg.hidden_size
-    pairs = tokens * cfg.top_k if any(cfg.moe_layers) else 0
-    moe = pairs * ((3 * cfg.moe_intermediate_size + h) * e + 32)  # + ids, weights, sort order
-    dense = cfg.dense_intermediate_size if not all(cfg.moe_layers) else 0
-    mlp = tokens * 3 * max(dense, cfg.shared_expert_intermediate_size) * e
-    attn = tokens * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * e
-    stream = tokens * 4 * h * e
-    logits = rows * cfg.vocab_size * 4 * 2  # the logits and one working copy
-    return moe + mlp + attn + stream + logits
 
 
 def reserve_bytes(activations: int) -> int:

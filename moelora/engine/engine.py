@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moelora import ops
-from moelora.cache.budget import activation_bytes, free_memory, plan_kv_blocks
+from moelora.cache.budget import free_memory, plan_kv_blocks
 from moelora.cache.kv_cache import BlockAllocator, KVCache
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.adapters import EngineAdapters
@@ -44,6 +44,7 @@ from moelora.lora.adapter import LoraAdapter
 from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import LoraInfo, LoraManager
 from moelora.lora.pool import pool_bytes
+from moelora.models.config import activation_bytes
 from moelora.models.decoder import MoeForCausalLM
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.parallel.launch import WorkerGroup

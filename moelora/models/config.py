@@ -111,3 +111,21 @@ def num_experts_of(hf: Any) -> int:
         if value is not None:
             return int(value)
     raise ValueError("config.json has neither 'num_experts' nor 'num_local_experts'")
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtype) -> int:
+    """An upper estimate of what one forward step of `tokens` tokens (`rows` of them sampled) holds at its
+    peak besides weights, adapters and caches: a layer's buffers live one layer at a time. The MoE block
+    keeps per (token, choice) pair the gate/up output, the activation and the down output; attention its
+    q/k/v and output; the residual stream a few rows of the hidden size; the sampler fp32 logits. The
+    full (unsharded) sizes: under TP or EP a rank holds less."""
+    e = dtype.itemsize
+    h = cfg.hidden_size
+    pairs = tokens * cfg.top_k if any(cfg.moe_layers) else 0
+    moe = pairs * ((3 * cfg.moe_intermediate_size + h) * e + 32)  # + ids, weights, sort order
+    dense = cfg.dense_intermediate_size if not all(cfg.moe_layers) else 0
+    mlp = tokens * 3 * max(dense, cfg.shared_expert_intermediate_size) * e
+    attn = tokens * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * e
+    stream = tokens * 4 * h * e
+    logits = rows * cfg.vocab_size * 4 * 2  # the logits and one working copy
+    return moe + mlp + attn + stream + logits
