@@ -377,7 +377,7 @@ def _norm(name: str, width: int) -> _Param:
 
 # ---------------------------------------------------------------------------------------------- adapters
 
-_ADAPTER_DIR = "demo-adapters-v1"
+_ADAPTER_DIR = "demo-adapters-v2"  # v2: the fused adapter records the PEFT version of its layout
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _LORA_STD = 0.35
 
@@ -506,6 +506,7 @@ def _write_demo_adapter(folder: Path, spec: _AdapterSpec) -> None:
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
+        "peft_version": "0.21.2",  # the layout PEFT >= 0.19.1 writes (earlier ones read [E, out, in] swapped)
     }
     _write_json(folder / "adapter_config.json", config)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
