@@ -37,7 +37,12 @@ FORMS = ("per_expert", "fused", "converted")
 #   (NVIDIA-NeMo/Automodel, nemo_automodel/components/_peft/lora_experts.py): experts.lora_gate_and_up_A
 #   [E, H, r], lora_gate_and_up_B [E, r, 2I] (gate columns first), lora_down_A [E, I, r], lora_down_B
 #   [E, r, H]; the delta of x is (x @ A[e] @ B[e]) * alpha / r.
-OTHER_FORMS = ("megatron_3d", "shared_outer", "automodel")
+# "tinker": Tinker's raw download (thinking-machines-lab/tinker-cookbook, tests/weights/conftest.py
+#   save_expert_adapter, tinker_cookbook/weights/_merge.py expand_expert_lora_tensors): experts.w1 (gate) /
+#   w3 (up) with lora_A [1, r, H] shared by every expert and lora_B [E, I, r]; experts.w2 (down) with
+#   lora_A [E, r, I] and lora_B [1, H, r] shared; attention under `attn` (as it names GPT-OSS's,
+#   tests/weights/test_adapter_gpt_oss.py).
+OTHER_FORMS = ("megatron_3d", "shared_outer", "automodel", "tinker")
 # "fused_pre_0191": PEFT 0.17.0-0.19.0's target_parameters on out-major experts, which it read as
 #   [E, in, out] (peft src/peft/tuners/lora/layer.py, ParamWrapper._get_in_out_features before commit
 #   e84dd8f40, PR #3165): lora_A [r*E, out] (expert-major rows), lora_B [in, r*E] (rank-major columns),
@@ -220,6 +225,23 @@ class _Writer:
                     self.expected.experts[(layer, "gate", e)] = (a3[e], b3[e, : a.moe_inter], s)
                     self.expected.experts[(layer, "up", e)] = (a3[e], b3[e, a.moe_inter :], s)
 
+    def tinker(self, layer: int, projs: Sequence[str]) -> None:
+        a, experts = self.arch, f"base_model.model.model.layers.{layer}.mlp.experts"
+        w = {"gate": "w1", "up": "w3", "down": "w2"}
+        for proj in projs:
+            module = f"model.layers.{layer}.mlp.experts.{w[proj]}"
+            r = self.r_of(module)
+            s, (in_f, out_f) = self.scale(module, r), self.expert_shape(proj)
+            if proj == "down":
+                a3, b3 = self.randn(a.num_experts, r, in_f), self.randn(1, out_f, r)
+            else:
+                a3, b3 = self.randn(1, r, in_f), self.randn(a.num_experts, out_f, r)
+            self.tensors[f"{experts}.{w[proj]}.lora_A.weight"] = a3
+            self.tensors[f"{experts}.{w[proj]}.lora_B.weight"] = b3
+            for e in range(a.num_experts):
+                pick_a, pick_b = min(e, a3.shape[0] - 1), min(e, b3.shape[0] - 1)
+                self.expected.experts[(layer, proj, e)] = (a3[pick_a], b3[pick_b], s)
+
     def shared_outer(self, layer: int, projs: Sequence[str]) -> None:
         """gate's and up's A shared by every expert (each its own), down's B shared; the other halves per
         expert. The rank pattern is read at the shared name."""
@@ -337,6 +359,8 @@ def write_adapter(
             w.per_expert(layer, range(arch.num_experts) if experts is None else experts, projs)
         else:
             getattr(w, form)(layer, projs)
+    if form == "tinker":
+        w.tensors = {k.replace(".self_attn.", ".attn."): v for k, v in w.tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(w.tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = _peft_config(family, arch, rank, alpha, form, dense_targets, projs, use_rslora, ranks, alphas)
@@ -362,6 +386,9 @@ def _peft_config(
     params = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
     if form in ("per_expert", "shared_outer"):
         modules += [arch.expert_names[p] for p in projs]
+        targets = None
+    elif form == "tinker":
+        modules += sorted({"gate": "w1", "up": "w3", "down": "w2"}[p] for p in projs)
         targets = None
     elif form == OLD_PEFT_FORM:
         targets = sorted({"mlp.experts." + params[p] for p in projs}) or None

@@ -139,7 +139,8 @@ def test_cli_convert_then_inspect(models, tmp_path: Path, capsys):
 
 @pytest.mark.parametrize("fam", ["qwen3_moe", "mixtral"])
 def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkpoints, tmp_path: Path):
-    """Megatron-Bridge stacks, its shared-outer export and NeMo Automodel's grouped experts, with a PEFT
+    """Megatron-Bridge stacks, its shared-outer export, NeMo Automodel's grouped experts and Tinker's raw
+    expert tensors (attention under `attn`), with a PEFT
     per-expert adapter and base requests, in one fp32 batch: each request against transformers with its
     adapter merged by hand (float64 reference)."""
     import copy
@@ -154,6 +155,7 @@ def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkp
         "megatron-3d": dict(form="megatron_3d", rank=4, alpha=2.0, seed=22),
         "shared-outer": dict(form="shared_outer", rank=8, alpha=4.0, seed=23),
         "automodel": dict(form="automodel", rank=4, alpha=2.0, seed=24),
+        "tinker": dict(form="tinker", rank=4, alpha=4.0, seed=25),
     }
     adapters = {n: write_adapter(tmp_path / n, fam, hf.config, **kw) for n, kw in specs.items()}
     llm = LLM(
@@ -162,7 +164,7 @@ def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkp
         progress=False,
         num_kv_blocks=96,
         lora_modules={n: str(tmp_path / n) for n in specs},
-        max_loras_per_batch=4,
+        max_loras_per_batch=5,
         dtype="float32",
     )
     try:

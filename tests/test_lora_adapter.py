@@ -552,6 +552,7 @@ def test_other_trainers_layouts_read_as_written(write, read, fam, form):
         "megatron_3d": "megatron-3d",
         "shared_outer": "megatron-shared-outer",
         "automodel": "nemo-automodel",
+        "tinker": "tinker",
     }
     assert adapter.formats.get(layout[form], 0) > 0, adapter.formats
 

@@ -52,6 +52,8 @@ FORMATS = {
     "with a block-diagonal B (split back to rank r per projection)",
     "megatron-3d": "Megatron-Bridge per-expert stacks under the packed names: experts.gate_up_proj / "
     "down_proj lora_A [E, r, in], lora_B [E, out, r] (gate_up: gate rows first; gate and up share A)",
+    "tinker": "Tinker's raw expert LoRA: experts.w1 (gate) / w3 (up) lora_A [1, r, H] shared, "
+    "lora_B [E, I, r]; experts.w2 (down) lora_A [E, r, I], lora_B [1, H, r] shared",
     "megatron-shared-outer": "Megatron-Bridge shared-outer: experts.<gate|up>_proj.lora_A [1, r, H] shared, "
     "per-expert lora_B; experts.down_proj.lora_B [1, H, r] shared, per-expert lora_A",
     "nemo-automodel": "NeMo Automodel grouped experts: experts.lora_gate_and_up_A [E, H, r] / _B [E, r, 2I] "
@@ -97,7 +99,7 @@ _GROUPED_KEY = re.compile(
 )
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_ATTN = re.compile(r"self_attn\.([qkvo]_proj)")
+_ATTN = re.compile(r"(?:self_attn|attn)\.([qkvo]_proj)")  # Tinker and ART name GPT-OSS's attention `attn`
 _MLP = re.compile(r"mlp\.((?:shared_expert\.)?(?:gate|up|down)_proj)")
 
 
@@ -267,6 +269,9 @@ class _Reader:
         self.expert_re = re.compile(rf"({prefixes})\.experts\.(\d+)\.({projs})")
         self.fused_re = re.compile(rf"({prefixes})\.experts(\.base_layer)?")
         self.stacked_re = re.compile(rf"({prefixes})\.experts\.(gate_up|down)_proj")
+        # One 3-D pair per projection (Tinker: w1 gate, w3 up, w2 down; or the checkpoint's own names)
+        self.per_proj_re = re.compile(rf"({prefixes})\.experts\.(w1|w2|w3|{projs})")
+        self.per_proj = {"w1": "gate", "w3": "up", "w2": "down"} | self.proj_of
         self.grouped_re = re.compile(rf"({prefixes})\.experts\.lora_(gate_and_up|down)")
         self.outer_re = re.compile(rf"({prefixes})\.experts\.({projs})")
         self.shared: set[str] = set()  # modules whose A or B is a shared-outer tensor of all experts
@@ -429,6 +434,9 @@ class _Reader:
         if t := self.stacked_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
             return _Site("stacked", layer, t[2], module)
+        if (t := self.per_proj_re.fullmatch(rest)) and self.tensors[key].dim() == 3:
+            self._expert_id(layer, 0, key)
+            return _Site("stacked", layer, self.per_proj[t[2]], module)
         if t := self.grouped_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
             proj = "gate_up" if t[2] == "gate_and_up" else "down"
@@ -495,12 +503,18 @@ class _Reader:
             return fmt, [((site.layer, site.target, site.expert), LoraWeights(A, B * s))]
         n_exp = cfg.num_experts
         in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
+        if site.target in ("gate", "up"):
+            out_f = inter
         if site.kind in ("stacked", "grouped"):
             a3, b3 = self._stacked(site, a_key, b_key, in_f, out_f)
             s = self._scale(site.module, a3.shape[1], a_key)
-            fmt = "megatron-3d" if site.kind == "stacked" else "nemo-automodel"
-            if site.target == "down":
-                return fmt, [((site.layer, "down", e), LoraWeights(a3[e], b3[e] * s)) for e in range(n_exp)]
+            fmt = "nemo-automodel" if site.kind == "grouped" else "megatron-3d"
+            if site.module.rsplit(".", 1)[1] in ("w1", "w2", "w3"):
+                fmt = "tinker"
+            if site.target != "gate_up":
+                return fmt, [
+                    ((site.layer, site.target, e), LoraWeights(a3[e], b3[e] * s)) for e in range(n_exp)
+                ]
             return fmt, _split_gate_up(site.layer, a3, b3 * s, inter)[1]
         old = self._before_0191(a_key, b_key, in_f, out_f)
         rows_f, cols_f = (out_f, in_f) if old else (in_f, out_f)  # lora_A's columns, lora_B's rows
@@ -554,10 +568,13 @@ class _Reader:
         if site.kind == "grouped" and A.dim() == 3 and B.dim() == 3:
             A, B = A.transpose(1, 2), B.transpose(1, 2)
         rank = A.shape[1] if A.dim() == 3 else 0
+        if site.kind == "stacked" and A.dim() == 3 and B.dim() == 3:  # a leading 1: shared by every expert
+            A = A.expand(n_exp, *A.shape[1:]) if A.shape[0] == 1 else A
+            B = B.expand(n_exp, *B.shape[1:]) if B.shape[0] == 1 else B
         if A.dim() != 3 or B.dim() != 3 or A.shape != (n_exp, rank, in_f) or B.shape != (n_exp, out_f, rank):
             layout = (
                 f"[E, {in_f}, r] and [E, r, {out_f}]" if site.kind == "grouped"
-                else f"[E, r, {in_f}] and [E, {out_f}, r]"
+                else f"[E or 1, r, {in_f}] and [E or 1, {out_f}, r]"
             )  # fmt: skip
             raise self.fail(
                 f"'{a_key}' has shape {list(self.tensors[a_key].shape)} and '{b_key}' "

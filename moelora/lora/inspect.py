@@ -29,6 +29,9 @@ from moelora.models.family import Family
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 _FUSED = re.compile(r"\.experts(\.base_layer)?\.lora_[AB]")
+_PER_PROJECTION = re.compile(r"\.experts\.(w1|w2|w3|[a-z_]+_proj)\.lora_[AB]")
+_GROUPED = re.compile(r"\.experts\.lora_(gate_and_up|down)_A")
+_GROUPED_ANY = re.compile(r"\.experts\.lora_(gate_and_up|down)_[AB]")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -183,15 +186,20 @@ def _guess_formats(names: list[str]) -> dict[str, int]:
     """Layouts by name alone (no model to check shapes against): pairs of lora_A keys per layout."""
     found: Counter[str] = Counter()
     for key in names:
+        if _GROUPED.search(key):
+            found["nemo-automodel"] += 1
+            continue
         if ".lora_A" not in key:
             continue
         if _PER_EXPERT.search(key):
             found["peft-per-expert"] += 1
         elif _FUSED.search(key):
             found["peft-fused"] += 1
+        elif _PER_PROJECTION.search(key):
+            found["megatron-3d, tinker or megatron-shared-outer (3-D)"] += 1
         else:
             found["peft-linear"] += 1
-    unknown = [k for k in names if ".lora_A" not in k and ".lora_B" not in k]
+    unknown = [k for k in names if ".lora_A" not in k and ".lora_B" not in k and not _GROUPED_ANY.search(k)]
     if unknown:
         found[f"unknown ({len(unknown)} tensors, e.g. {unknown[0]})"] = len(unknown)
     return dict(found)
