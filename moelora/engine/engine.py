@@ -470,7 +470,7 @@ class Engine:
         inputs = [
             SamplingInput(
                 s.request.params,
-                s.token_ids[: s.num_prompt],
+                s.request.prompt_token_ids,  # the prompt itself (token_ids starts with it), not a copy
                 s.output_ids,
                 s.seed,
                 self.eos_token_ids,
