@@ -352,7 +352,8 @@ class LLM:
         params = _per_prompt(sampling_params, len(batch), "sampling_params", SamplingParams)
         params = [p or self.default_sampling_params() for p in params]
         loras = _per_prompt(lora, len(batch), "lora", str)
-        streams = self.engine.submit_many(list(zip(batch, params, loras, strict=True)))
+        items = list(zip(batch, params, loras, strict=True))
+        streams = self.engine.submit_many(items, text_deltas=False)  # only the whole outputs are read
         return [s.result() for s in streams]
 
     def top_next_tokens(

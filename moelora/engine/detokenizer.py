@@ -54,9 +54,13 @@ class IncrementalDetokenizer:
         stop: Sequence[str],
         skip_special_tokens: bool,
         min_tokens: int = 0,
+        deferred: bool = False,
     ) -> None:
         """`min_tokens`: a stop string only counts once it ends at or after that many generated tokens
-        (as stop token ids and EOS, which the sampler masks until then)."""
+        (as stop token ids and EOS, which the sampler masks until then). `deferred` (no stop strings
+        only): add() only collects ids and returns ""; the text is decoded in one call when asked for
+        (`text`, `finish`): for a consumer that reads the whole output, not the deltas (two decodes per
+        generated token saved on the engine's loop)."""
         self._decode_ids = token_decoder(tokenizer) if tokenizer is not None else None
         self._min_tokens, self._count = min_tokens, 0
         self._stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -71,6 +75,7 @@ class IncrementalDetokenizer:
         self._text = ""  # generated text decoded so far, cut before a stop string once one appears
         self._emitted = 0  # length of the prefix of _text already returned
         self._stopped = False
+        self._deferred = deferred and not self._stop
 
     @property
     def stopped(self) -> bool:
@@ -80,6 +85,8 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All generated text so far, stop string excluded (held-back text included)."""
+        if self._deferred and self._read < len(self._ids):
+            self._catch_up()
         return self._text
 
     def add(self, token_id: int) -> str:
@@ -88,6 +95,8 @@ class IncrementalDetokenizer:
             return ""
         self._ids.append(token_id)
         self._count += 1
+        if self._deferred:
+            return ""
         prefix_text = self._decode(self._prefix, self._read)
         window_text = self._decode(self._prefix, len(self._ids))
         if len(window_text) <= len(prefix_text) or window_text.endswith(_INCOMPLETE):
@@ -99,10 +108,21 @@ class IncrementalDetokenizer:
         """Return the text still held back (pending partial characters included); call once at the end."""
         if self._decode_ids is None or self._stopped:
             return ""
+        if self._deferred:
+            self._catch_up()
         prefix_text = self._decode(self._prefix, self._read)
         window_text = self._decode(self._prefix, len(self._ids))
         self._prefix = self._read = len(self._ids)
         return self._extend(window_text[len(prefix_text) :], hold_back=False)
+
+    def _catch_up(self) -> None:
+        """Deferred: decode the ids collected since the last catch-up in one window, as add() would have
+        one token at a time, stopping where a character is still split (finish() takes that part)."""
+        prefix_text = self._decode(self._prefix, self._read)
+        window_text = self._decode(self._prefix, len(self._ids))
+        if len(window_text) > len(prefix_text) and not window_text.endswith(_INCOMPLETE):
+            self._prefix, self._read = self._read, len(self._ids)
+            self._text += window_text[len(prefix_text) :]
 
     def _extend(self, new_text: str, hold_back: bool) -> str:
         """Add decoded text, cut at the first stop string, and return what can be streamed now."""

@@ -206,23 +206,28 @@ class Engine:
         self,
         items: Seq[tuple[Prompt, SamplingParams | None, str | None]],
         request_ids: Seq[str | None] | None = None,
+        *,
+        text_deltas: bool = True,
     ) -> list[RequestStream]:
         """Queue (prompt, params, adapter) requests that the loop admits together, in order; all or none:
-        if one is invalid (its error is raised) none is queued."""
-        return self._submit(items, request_ids, claimed=True)
+        if one is invalid (its error is raised) none is queued. `text_deltas=False`: the caller reads only
+        each request's whole output, so a request without stop strings has its text decoded once at the
+        end instead of token by token (its deltas carry no text until the last)."""
+        return self._submit(items, request_ids, claimed=True, text_deltas=text_deltas)
 
     def _submit(
         self,
         items: Seq[tuple[Prompt, SamplingParams | None, str | None]],
         request_ids: Seq[str | None] | None,
         claimed: bool,
+        text_deltas: bool = True,
     ) -> list[RequestStream]:
         self._check_alive()
         ids = list(request_ids) if request_ids is not None else [None] * len(items)
         requests: list[Request] = []
         try:
             for (prompt, params, lora), rid in zip(items, ids, strict=True):
-                requests.append(self._prepare(prompt, params or SamplingParams(), lora, rid))
+                requests.append(self._prepare(prompt, params or SamplingParams(), lora, rid, text_deltas))
         except BaseException:
             for request in requests:
                 self._unprepare(request)
@@ -234,7 +239,12 @@ class Engine:
         return [r.stream for r in requests]
 
     def _prepare(
-        self, prompt: Prompt, params: SamplingParams, lora: str | None, request_id: str | None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        lora: str | None,
+        request_id: str | None,
+        text_deltas: bool = True,
     ) -> Request:
         """A validated request with its stream registered and its adapter counted (not yet queued)."""
         text, ids = self._tokenize(prompt)
@@ -256,7 +266,7 @@ class Engine:
             stream = RequestStream(rid, self._forget)
             self._streams[rid] = stream
         request = Request(rid, text, ids, params, lora, stream, arrival=n, lora_entry=entry)
-        request.seqs = [self._new_sequence(request, i) for i in range(params.n)]
+        request.seqs = [self._new_sequence(request, i, text_deltas) for i in range(params.n)]
         return request
 
     def _unprepare(self, request: Request) -> None:
@@ -361,13 +371,18 @@ class Engine:
             )
         return (prompt if isinstance(prompt, str) else None), ids
 
-    def _new_sequence(self, request: Request, index: int) -> Sequence:
+    def _new_sequence(self, request: Request, index: int, text_deltas: bool = True) -> Sequence:
         p = request.params
         # Unseeded requests get a seed from the engine seed and their place in the submission order, so
         # a script submitting the same requests in the same order samples the same text at any timing.
         seed = p.seed + index if p.seed is not None else derived_seed(self.seed, request.arrival, index)
         detok = IncrementalDetokenizer(
-            self.tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, p.min_tokens
+            self.tokenizer,
+            request.prompt_token_ids,
+            p.stop,
+            p.skip_special_tokens,
+            p.min_tokens,
+            deferred=not text_deltas,
         )
         seq = Sequence(request, index, list(request.prompt_token_ids), detok, seed)
         if p.logprobs is not None:
