@@ -614,3 +614,17 @@ def test_square_fused_experts_without_a_peft_version_are_refused(write, read):
     edit_config(folder, peft_version=None)
     with pytest.raises(AdapterError, match=r"both orientations.*peft_version"):
         read(folder)
+
+
+@pytest.mark.parametrize("form", ["fused", "megatron_3d"])
+def test_gate_up_with_only_one_half_is_refused(write, read, form):
+    """gate_up's B holding only the gate rows (I instead of 2I): never read as a gate-only or shifted LoRA."""
+    folder, _ = write("qwen3_moe", form, dense_targets=())
+
+    def halve(t: dict[str, torch.Tensor]) -> None:
+        for k in [k for k in t if "lora_B" in k and ("base_layer" in k or "gate_up_proj" in k)]:
+            t[k] = (t[k][:16] if form == "fused" else t[k][:, :16]).contiguous()
+
+    edit_tensors(folder, halve)
+    with pytest.raises(AdapterError, match=r"lora_B.*\[(16, 32|8, 16, 4)\].*another"):
+        read(folder)
