@@ -582,14 +582,18 @@ class _Reader:
                 f"({FORMATS['megatron-3d' if site.kind == 'stacked' else 'nemo-automodel']}) needs {layout} "
                 f"with E = {n_exp}: an adapter for another model, or another layout?"
             )
-        for key, t in ((a_key, A), (b_key, B)):
+        self._check_values((a_key, A), (b_key, B))
+        return A.float().contiguous(), B.float().contiguous()
+
+    def _check_values(self, *tensors: tuple[str, torch.Tensor]) -> None:
+        """Floating point and finite, or an error naming the tensor."""
+        for key, t in tensors:
             if not t.is_floating_point():
                 raise self.fail(f"'{key}' has dtype {t.dtype}, not a floating-point type: save it again")
             if not torch.isfinite(t).all():
                 raise self.fail(
                     f"'{key}' contains NaN or Inf values: the adapter is corrupt, retrain or re-export it"
                 )
-        return A.float().contiguous(), B.float().contiguous()
 
     def _check_expert_count(self, module: str, rows: int, n_exp: int, key: str) -> None:
         """A fused tensor of r * E rows with another E than this model's: name the shape mismatch (a rank
@@ -626,13 +630,7 @@ class _Reader:
                 f"'{a_key}' has shape {list(A.shape)} and '{b_key}' {list(B.shape)}, but {what} of the base "
                 f"model needs lora_A [{r}, {in_f}] and lora_B [{out_f}, {r}]: an adapter for another model?"
             )
-        for key, t in ((a_key, A), (b_key, B)):
-            if not t.is_floating_point():
-                raise self.fail(f"'{key}' has dtype {t.dtype}, not a floating-point type: save it again")
-            if not torch.isfinite(t).all():
-                raise self.fail(
-                    f"'{key}' contains NaN or Inf values: the adapter is corrupt, retrain or re-export it"
-                )
+        self._check_values((a_key, A), (b_key, B))
         return A.float().contiguous(), B.float()
 
     def _scale(self, module: str, rank: int, key: str) -> float:
