@@ -12,6 +12,7 @@ import torch
 from moelora.config import DTYPE_CHOICES, LOAD_FORMATS
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
+from moelora.loader.fp8 import Fp8Checkpoint, fp8_block_size
 from moelora.loader.load import TensorSource, load_weights
 from moelora.loader.presets import is_preset
 from moelora.models.config import ModelConfig
@@ -126,7 +127,8 @@ def load_model(
     seed: int = 0,
 ) -> MoeForCausalLM:
     """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
-    random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them)."""
+    random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them).
+    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`)."""
     fmt = resolve_load_format(load_format, folder)
     cfg, family = read_model_config(folder, hf_overrides)
     chosen_dtype = resolve_dtype(dtype, cfg.dtype)
@@ -138,6 +140,9 @@ def load_model(
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
+        block = fp8_block_size(json.loads((folder / "config.json").read_text()), folder / "config.json")
+        if ckpt is not None and block is not None:
+            source = Fp8Checkpoint(ckpt, block)  # FP8 weights read dequantised into `dtype`
         desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
         load_weights(model, specs, source, ignored=model.ignored_keys(), progress=progress, desc=desc)
     return model.eval()
