@@ -1,10 +1,12 @@
-"""Read a PEFT LoRA adapter folder, check it against the base model and normalise it (design invariant 4).
+"""Read a LoRA adapter folder, check it against the base model and normalise it (design invariant 4).
 
-Whatever the layout on disk (docs: reference/peft_moe_format.md): per-expert keys, PEFT's fused
-`target_parameters` form or its rank-2r converted form, an adapter becomes A [r, in] and B [out, r] in fp32
-per (layer, dense target), and per (layer, gate|up|down, global expert id), with the scale (alpha / r, or
-alpha / sqrt(r) with rsLoRA, after rank_pattern / alpha_pattern) folded into B. Reading is pure: an error
-leaves nothing changed.
+Whatever the layout on disk (`FORMATS`; docs: reference/peft_moe_format.md and the README's table): PEFT's
+per-expert keys, fused `target_parameters` form (both orientations PEFT versions wrote) or rank-2r
+converted form, Megatron-Bridge's expert stacks and shared-outer export, NeMo Automodel's grouped experts,
+Tinker's raw tensors, an adapter becomes A [r, in] and B [out, r] in fp32 per (layer, dense target), and
+per (layer, gate|up|down, global expert id), with the scale (alpha / r, or alpha / sqrt(r) with rsLoRA,
+after rank_pattern / alpha_pattern) folded into B. Every tensor is placed or refused, never skipped.
+Reading is pure: an error leaves nothing changed.
 """
 
 from __future__ import annotations
