@@ -145,9 +145,8 @@ def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkp
     adapter merged by hand (float64 reference)."""
     import copy
 
-    from moelora import LLM, SamplingParams
-    from tests.test_engine_hf import NEW_TOKENS
-    from tests.test_lora_hf import check_against, prompts
+    from moelora import LLM
+    from tests.test_lora_hf import check_against, prompts, run_mixed
 
     hf = hf_models[fam]
     specs = {
@@ -168,13 +167,7 @@ def test_other_trainers_layouts_served_in_one_mixed_batch(fam, hf_models, checkp
         dtype="float32",
     )
     try:
-        names: list[str | None] = [None, *specs]
-        lora = [n for n in names for _ in prompts()]
-        batch = [p for _ in names for p in prompts()]
-        params = SamplingParams(
-            temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2, prompt_logprobs=2
-        )
-        outs = llm.generate(batch, params, lora=lora)
+        lora, batch, outs = run_mixed(llm, list(specs))
         assert any(len(set(step)) >= 4 for step in llm.engine.loras.history)
     finally:
         llm.shutdown()

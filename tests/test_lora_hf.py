@@ -77,19 +77,25 @@ def check_against(model: Any, prompt: list[int], out: RequestOutput, where: str,
             assert abs(lp - ref[pos, tok].item()) < tol, (where, "decode", j, tok, lp, ref[pos, tok].item())
 
 
-def test_mixed_batch_matches_merged_transformers(setup, hf_models):
-    family, dtype, llm, adapters = setup
-    base = hf_models[family]
-    # The references run in float64; moelora's fp32 runs (CPU, or GPU with its own summation order) are
-    # held to them within fp32's tolerance (tests/hf_models.py says how it is derived).
-    ref_dtype, tol = torch.float64, logprob_tol(dtype)
+def run_mixed(llm: LLM, adapters: list[str]) -> tuple[list[str | None], list[list[int]], list[RequestOutput]]:
+    """Every prompt on the base model and on each adapter, in one greedy batch with log-probs:
+    (each request's adapter, its prompt, its output)."""
     names: list[str | None] = [None, *adapters]
     lora = [name for name in names for _ in prompts()]
     batch = [p for _ in names for p in prompts()]
     params = SamplingParams(
         temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2, prompt_logprobs=2
     )
-    outs = llm.generate(batch, params, lora=lora)
+    return lora, batch, llm.generate(batch, params, lora=lora)
+
+
+def test_mixed_batch_matches_merged_transformers(setup, hf_models):
+    family, dtype, llm, adapters = setup
+    base = hf_models[family]
+    # The references run in float64; moelora's fp32 runs (CPU, or GPU with its own summation order) are
+    # held to them within fp32's tolerance (tests/hf_models.py says how it is derived).
+    ref_dtype, tol = torch.float64, logprob_tol(dtype)
+    lora, batch, outs = run_mixed(llm, list(adapters))
     # The adapters took part in the same steps as the base requests: one batch, all four present.
     assert any(len(set(step)) >= 3 for step in llm.engine.loras.history), llm.engine.loras.history
     references = {None: copy.deepcopy(base).to(ref_dtype)} | {

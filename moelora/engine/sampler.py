@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -182,18 +183,14 @@ _MASK32 = 0xFFFFFFFF
 _MULT = (0x7FEB352D, 0x68E31DA5)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (xor-shift-multiply, two rounds) of int64 values in [0, 2^32)."""
+_Ints = TypeVar("_Ints", int, torch.Tensor)
+
+
+def _hash32(x: _Ints) -> _Ints:
+    """A 32-bit integer mix (xor-shift-multiply, two rounds) of values in [0, 2^32): a Python int on the
+    host or an int64 tensor, the same numbers."""
     for mult in _MULT:
         x = x ^ (x >> 16)
-        x = (x * mult) & _MASK32
-    return x ^ (x >> 15)
-
-
-def _hash32_int(x: int) -> int:
-    """`_hash32` of one value, on the host."""
-    for mult in _MULT:
-        x ^= x >> 16
         x = (x * mult) & _MASK32
     return x ^ (x >> 15)
 
@@ -215,7 +212,7 @@ def exponential_race_noise(keys: Sequence[tuple[int, int]], vocab: int, device: 
     rows = []
     for seed, position in keys:
         s = seed % 2**64
-        rows.append(_hash32_int(_hash32_int(_hash32_int(s & _MASK32) ^ (s >> 32)) ^ (position & _MASK32)))
+        rows.append(_hash32(_hash32(_hash32(s & _MASK32) ^ (s >> 32)) ^ (position & _MASK32)))
     row = torch.tensor(rows, dtype=torch.int64, device=device)  # [R]
     bits = _hash32(row[:, None] ^ _column_hashes(vocab, device)[None, :])  # [R, V]
     u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 random bits, never 0 or 1

@@ -140,9 +140,14 @@ def load_model(
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
-        block = fp8_block_size(json.loads((folder / "config.json").read_text()), folder / "config.json")
-        if ckpt is not None and block is not None:
+        if ckpt is not None and (block := _fp8_block(folder, hf_overrides)) is not None:
             source = Fp8Checkpoint(ckpt, block)  # FP8 weights read dequantised into `dtype`
         desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
         load_weights(model, specs, source, ignored=model.ignored_keys(), progress=progress, desc=desc)
     return model.eval()
+
+
+def _fp8_block(folder: Path, hf_overrides: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The block size of the checkpoint's FP8 quantization_config (overrides applied), or None."""
+    raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
+    return fp8_block_size(raw, folder / "config.json")

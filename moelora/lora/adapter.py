@@ -137,14 +137,15 @@ class LoraAdapter:
     @property
     def rank(self) -> int:
         """The largest per-projection rank (0 for an adapter without tensors)."""
-        return max((w.rank for w in self._weights()), default=0)
+        return max((w.rank for w in self.weights()), default=0)
 
     @property
     def num_bytes(self) -> int:
         """Bytes of the normalised tensors (gate and up count their shared A twice, as a slot stores it)."""
-        return sum(w.num_bytes for w in self._weights())
+        return sum(w.num_bytes for w in self.weights())
 
-    def _weights(self) -> Iterator[LoraWeights]:
+    def weights(self) -> Iterator[LoraWeights]:
+        """Every projection's weights, dense then per expert."""
         yield from self.dense.values()
         for per_expert in self.experts.values():
             yield from per_expert.values()
@@ -253,6 +254,20 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def read_adapter_config(folder: Path, fail: Callable[[str], AdapterError]) -> dict[str, Any]:
+    """The JSON object in `folder`'s adapter_config.json, or `fail`'s error saying what is wrong."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise fail(f"no {CONFIG_FILE} in {folder}: is it a PEFT adapter folder?")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise fail(f"{path} is not valid JSON ({e}): save the adapter again") from e
+    if not isinstance(raw, dict):
+        raise fail(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
 class _Reader:
     def __init__(
         self,
@@ -270,10 +285,12 @@ class _Reader:
         projs = "|".join(re.escape(n) for n in self.proj_of)
         self.expert_re = re.compile(rf"({prefixes})\.experts\.(\d+)\.({projs})")
         self.fused_re = re.compile(rf"({prefixes})\.experts(\.base_layer)?")
-        self.stacked_re = re.compile(rf"({prefixes})\.experts\.(gate_up|down)_proj")
-        # One 3-D pair per projection (Tinker: w1 gate, w3 up, w2 down; or the checkpoint's own names)
-        self.per_proj_re = re.compile(rf"({prefixes})\.experts\.(w1|w2|w3|{projs})")
-        self.per_proj = {"w1": "gate", "w3": "up", "w2": "down"} | self.proj_of
+        # One 3-D pair of all experts per parameter (Megatron-Bridge: the packed names; Tinker: w1 gate,
+        # w3 up, w2 down; or the checkpoint's own names)
+        self.stacked_proj = {"gate_up_proj": "gate_up", "down_proj": "down"}
+        self.stacked_proj |= {"w1": "gate", "w3": "up", "w2": "down"} | self.proj_of
+        names_3d = "|".join(re.escape(n) for n in self.stacked_proj)
+        self.stacked_re = re.compile(rf"({prefixes})\.experts\.({names_3d})")
         self.grouped_re = re.compile(rf"({prefixes})\.experts\.lora_(gate_and_up|down)")
         self.outer_re = re.compile(rf"({prefixes})\.experts\.({projs})")
         self.shared: set[str] = set()  # modules whose A or B is a shared-outer tensor of all experts
@@ -288,7 +305,7 @@ class _Reader:
                 f"'{self.folder}' {what}: an adapter is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
         fingerprint = file_fingerprint(self.folder)
-        self.opts = _parse_options(self._config(), self.fail)
+        self.opts = _parse_options(read_adapter_config(self.folder, self.fail), self.fail)
         self.tensors = self._tensors()
         adapter = LoraAdapter(self.name, self.folder, {}, {}, fingerprint)
         origin: dict[_Dest, str] = {}
@@ -303,18 +320,6 @@ class _Reader:
             key = next(origin[d] for d in origin if _lookup(adapter, d).rank == adapter.rank)
             check_rank(self.name, adapter.rank, max_rank, f" in '{key}'")
         return adapter
-
-    def _config(self) -> dict[str, Any]:
-        path = self.folder / CONFIG_FILE
-        if not path.is_file():
-            raise self.fail(f"no {CONFIG_FILE} in {self.folder}: is it a PEFT adapter folder?")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise self.fail(f"{path} is not valid JSON ({e}): save the adapter again") from e
-        if not isinstance(raw, dict):
-            raise self.fail(f"{path} must hold a JSON object, found {type(raw).__name__}")
-        return raw
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         path = self.folder / WEIGHTS_FILE
@@ -435,10 +440,7 @@ class _Reader:
             return _Site("expert", layer, self.proj_of[t[3]], module, expert)
         if t := self.stacked_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
-            return _Site("stacked", layer, t[2], module)
-        if (t := self.per_proj_re.fullmatch(rest)) and self.tensors[key].dim() == 3:
-            self._expert_id(layer, 0, key)
-            return _Site("stacked", layer, self.per_proj[t[2]], module)
+            return _Site("stacked", layer, self.stacked_proj[t[2]], module)
         if t := self.grouped_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
             proj = "gate_up" if t[2] == "gate_and_up" else "down"

@@ -20,9 +20,9 @@ from moelora.lora.adapter import (
     FORMATS,
     WEIGHTS_FILE,
     AdapterError,
-    LoraAdapter,
     LoraWeights,
     read_adapter,
+    read_adapter_config,
 )
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
@@ -57,7 +57,7 @@ class AdapterReport:
 def inspect_adapter(path: str | Path, model: tuple[str, ModelConfig, Family] | None = None) -> AdapterReport:
     """The report of the adapter folder `path`; `model` = (its name, config, family) to check the fit."""
     folder = Path(path).expanduser()
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_adapter_config(folder, AdapterError)
     names = _tensor_names(folder / WEIGHTS_FILE)
     report = AdapterReport(folder, config, _guess_formats(names), len(names))
     if model is None:
@@ -73,8 +73,7 @@ def inspect_adapter(path: str | Path, model: tuple[str, ModelConfig, Family] | N
         report.dense.setdefault(target, []).append(layer)
     for (layer, proj), per_expert in sorted(adapter.experts.items()):
         report.experts.setdefault(proj, {})[layer] = len(per_expert)
-    weights = list(_all_weights(adapter))
-    report.ranks = sorted({w.rank for w in weights})
+    report.ranks = sorted({w.rank for w in adapter.weights()})
     report.scales = _scales(config)
     return report
 
@@ -139,7 +138,7 @@ def convert_adapter(path: str | Path, out: str | Path, model: tuple[str, ModelCo
     rank = max(ranks.values())
     odd = {re.escape(m): r for m, r in ranks.items() if r != rank}
     targets = sorted({m.rsplit(".", 1)[1] for m in ranks})
-    source = _read_json(src / CONFIG_FILE)
+    source = read_adapter_config(src, AdapterError)
     config = {
         "peft_type": "LORA",
         "task_type": source.get("task_type") or "CAUSAL_LM",
@@ -164,13 +163,6 @@ def _put(tensors: dict[str, torch.Tensor], ranks: dict[str, int], module: str, w
     tensors[f"{key}.lora_A.weight"] = w.A.float().clone()  # own storage: gate and up may share an A
     tensors[f"{key}.lora_B.weight"] = w.B.float().clone()
     ranks[module] = w.rank
-
-
-def _all_weights(adapter: LoraAdapter) -> list[LoraWeights]:
-    out = list(adapter.dense.values())
-    for per_expert in adapter.experts.values():
-        out += per_expert.values()
-    return out
 
 
 def _scales(config: dict[str, Any]) -> list[float]:
@@ -203,18 +195,6 @@ def _guess_formats(names: list[str]) -> dict[str, int]:
     if unknown:
         found[f"unknown ({len(unknown)} tensors, e.g. {unknown[0]})"] = len(unknown)
     return dict(found)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise AdapterError(f"no {path.name} in {path.parent}: is it a PEFT adapter folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object")
-    return raw
 
 
 def _tensor_names(path: Path) -> list[str]:
