@@ -10,6 +10,7 @@ one-launch result is first checked against cuBLAS plus the LoRA twin.
 
     python bench/linear.py                 # the rows
     python bench/linear.py --sweep         # tile variants of the one-launch layer at 1 and 16 tokens
+    python bench/linear.py --lora-sweep    # tile variants of the dense LoRA kernels past the one launch
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 from timing import graph_us
 
 from moelora.ops.dense_lora import DenseLora
-from moelora.ops.plan import TUNED, KernelPlan
+from moelora.ops.plan import TUNED, KernelPlan, LoraTiles
 from moelora.ops.torch import lora as twin
 from moelora.ops.triton import linear as kern
+from moelora.ops.triton.tiles import lora_tiles
 
 SHAPES = {"qkv": (2048, (4096, 512, 512)), "o": (4096, (2048,)), "router": (2048, (128,))}
 SLOTS, RANK = 8, 16
@@ -115,15 +117,53 @@ def sweep(args) -> None:
     print(f"shipped: {results.get(base)}")
 
 
+def lora_sweep(args) -> None:
+    """cuBLAS plus the dense LoRA shrink and expand (the path of more than `linear_tokens` tokens) with
+    variants of the LoRA tiles, every token block holding all 8 adapters (tokens spread round-robin)."""
+    g = torch.Generator().manual_seed(0)
+    variants = [
+        LoraTiles(block_m, 128, k_chunk, expand_n, 4, stages)
+        for block_m, k_chunk, expand_n, stages in itertools.product(
+            (16, 32, 64), (256, 512, 1024, 1 << 30), (64, 128), (2, 3)
+        )
+    ]
+    for name in ("qkv", "o"):
+        in_dim, sizes = SHAPES[name]
+        layers = [Layer(g, in_dim, sizes) for _ in range(args.layers)]
+        for tokens in args.sweep_tokens:
+            x = torch.randn(tokens, in_dim, generator=g).to("cuda", torch.bfloat16)
+            slot = torch.arange(tokens) % SLOTS
+            if args.grouped:  # the engine's order: a decode batch's tokens grouped by adapter
+                slot = slot.sort().values
+            slot = slot.to("cuda", torch.int32)
+            shipped = lora_tiles(tokens, TUNED)
+            times = {}
+            for v in [shipped, *variants]:
+                plan = KernelPlan(lora_table=((float("inf"), v),))
+                times[v] = graph_us(lambda: run(layers, x, slot, sizes, False, plan)) / args.layers  # noqa: B023
+            base = graph_us(lambda: run(layers, x, None, sizes, False, TUNED)) / args.layers  # noqa: B023
+            best = sorted(times.items(), key=lambda kv: kv[1])[:4]
+            cells = ", ".join(f"{v.block_m}/{v.k_chunk}/{v.expand_n}/s{v.stages}: {us:.1f}" for v, us in best)
+            print(f"| {name} | {tokens} | {base:.1f} | {times[shipped]:.1f} | {cells} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--layers", type=int, default=16, help="distinct layers a graph (weights past the L2)")
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the floor (copy rate)")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--lora-sweep", action="store_true")
+    p.add_argument("--grouped", action="store_true", help="--lora-sweep with tokens grouped by adapter")
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
-    sweep(args) if args.sweep else rows(args)
+    if args.lora_sweep:
+        head = "| layer | tokens | cuBLAS alone us | + LoRA, shipped tiles us | best 4 (tiles: us) |"
+        print(head + "\n|---|---|---|---|---|")
+        lora_sweep(args)
+    else:
+        sweep(args) if args.sweep else rows(args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from moelora.ops.triton import (
     norm,
     rotary,
     router,
+    sample,
 )
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -42,7 +43,9 @@ HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H2
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
+INT_PTRS |= {"row_hash_ptr", "index_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
+FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr"}
 FLOATS = {"qk_scale", "eps"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
@@ -163,6 +166,10 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
     for to_cache in (False, True):
         yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
+    for from_logits in (False, True):
+        race = dict(FROM_LOGITS=from_logits, SALT=sample.signed32(sample.COLUMN_SALT), M0=sample.MULT[0])
+        race |= dict(M1=sample.MULT[1], CHUNK=sample.CHUNK, BLOCK=sample.BLOCK, INTERPRETED=False)
+        yield sample._race_kernel, race, 4
 
 
 def main() -> int:

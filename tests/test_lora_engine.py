@@ -263,3 +263,27 @@ def test_adapter_files_changed_or_gone_after_load_fail_only_their_requests(
         )
         wait_idle(llm)
         assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+
+
+def test_a_step_runs_its_sequences_grouped_by_adapter(adapters, reference):
+    """The LoRA kernels make one pass per distinct adapter of a block of tokens, so the scheduler orders
+    a step's batch by adapter (base first, then by adapter), arrival order within a group; outputs are
+    those of single runs."""
+    names = [None, "expert-r8", "fused-r16", "partial-r4"]
+    pairs = [(names[i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(12)]
+    with LLM("demo", device="cpu", progress=False, lora_modules=adapters, max_loras_per_batch=4) as llm:
+        scheduler, steps = llm.engine.scheduler, []
+        schedule = scheduler.schedule
+
+        def recorded():
+            step = schedule()
+            steps.append([(s.request.lora_entry, s.request.arrival) for s in step.seqs])
+            return step
+
+        scheduler.schedule = recorded
+        outs = llm.generate([p for _, p in pairs], GREEDY, lora=[n for n, _ in pairs])
+    assert [o.outputs[0].token_ids for o in outs] == [reference[pair] for pair in pairs]
+    assert any(len({entry for entry, _ in step}) == 4 for step in steps)
+    for step in steps:
+        keys = [(0 if entry is None else entry.uid, arrival) for entry, arrival in step]
+        assert keys == sorted(keys)

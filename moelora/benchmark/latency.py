@@ -186,7 +186,36 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         trace = folder / f"{stem}.json"
         prof.export_chrome_trace(str(trace))
         text += "\n" + timeline_summary(json.loads(trace.read_text()))
+    text += "\n" + host_profile(llm, prompts, params, loras)
     (folder / f"{stem}.txt").write_text(text)
+
+
+def host_profile(llm: Any, prompts: list[Any], params: SamplingParams, loras: list[Any]) -> str:
+    """cProfile of the engine's steps (in its loop thread) over one more run of the row: where the host
+    time of a step goes, by function (own time first)."""
+    import cProfile
+    import io
+    import pstats
+
+    engine = llm.engine
+    prof = cProfile.Profile()
+    step = engine.step
+
+    def profiled_step() -> None:
+        prof.enable()  # in the loop thread, which is the one a Profile records
+        try:
+            step()
+        finally:
+            prof.disable()
+
+    engine.step = profiled_step
+    try:
+        llm.generate(prompts, params, lora=loras)
+    finally:
+        del engine.step  # the class's own method again
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    return "host time of the engine's steps (cProfile, one run):\n" + out.getvalue()
 
 
 def timeline_summary(trace: dict[str, Any]) -> str:

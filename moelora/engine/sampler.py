@@ -8,10 +8,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
+from moelora import ops
+from moelora.ops.torch.sample import row_hash
 from moelora.sampling_params import SamplingParams
 
 
@@ -131,36 +132,52 @@ def _mask_early_stops(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> to
 
 def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
     """Token ids [B] int64: argmax for greedy rows, a draw from the truncated distribution for the rest."""
-    tokens = work.argmax(dim=-1)  # [B]
     rows = [i for i, x in enumerate(inputs) if not x.params.greedy]
     if not rows:
-        return tokens
-    probs = _truncated_probs(work[_index(rows, work.device)], [inputs[i].params for i in rows])  # [R, V]
-    keys = [(inputs[i].seed, len(inputs[i].output_token_ids)) for i in rows]
-    race = exponential_race_noise(keys, probs.shape[1], probs.device)  # [R, V]
-    tokens[_index(rows, work.device)] = (probs / race).argmax(dim=-1)
+        return work.argmax(dim=-1)
+    device = work.device
+    idx = None if len(rows) == len(inputs) else _index(rows, device)
+    logits = work if idx is None else work[idx]  # [R, V]
+    params = [inputs[i].params for i in rows]
+    top = logits.amax(dim=-1)  # [R]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    keys = [row_hash(inputs[i].seed, len(inputs[i].output_token_ids)) for i in rows]
+    hashes = torch.tensor(keys, dtype=torch.int32, device=device)  # [R]
+    probs = _truncated_probs(logits, top, temperature, params)
+    if probs is None:  # nothing truncated: the draw makes the weights itself, in the same pass
+        drawn = ops.race_argmax(logits, top, temperature, hashes, from_logits=True)
+    else:
+        drawn = ops.race_argmax(probs, top, temperature, hashes, from_logits=False)
+    if idx is None:
+        return drawn
+    tokens = work.argmax(dim=-1)  # [B]
+    tokens[idx] = drawn
     return tokens
 
 
-def _truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _truncated_probs(
+    logits: torch.Tensor, top: torch.Tensor, temperature: torch.Tensor, params: Sequence[SamplingParams]
+) -> torch.Tensor | None:
     """Temperature-scaled probabilities [R, V] up to a factor per row (the likeliest token has 1; the draw
     and every truncation below are scale-free, so a softmax's sum and division are not needed), with
-    truncated tokens set to 0."""
+    truncated tokens set to 0; None if no row truncates (top-k, top-p or min-p). top [R]: the rows'
+    maxima; temperature [R]."""
     device, vocab = logits.device, logits.shape[1]
-    temperature = _column([p.temperature for p in params], device)  # [R, 1]
-    # Shifting by the row max first keeps tiny temperatures from overflowing to inf - inf = nan.
-    probs = torch.exp((logits - logits.amax(dim=-1, keepdim=True)) / temperature)  # [R, V]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    rows = [j for j, p in enumerate(params) if top_k[j] < vocab or p.top_p < 1]
-    if rows:
-        idx = _index(rows, device)
-        k = torch.tensor([top_k[j] for j in rows], dtype=torch.int64, device=device)[:, None]  # [R', 1]
-        probs[idx] = _top_k_top_p(probs[idx], k, _column([params[j].top_p for j in rows], device))
-    rows = [j for j, p in enumerate(params) if p.min_p > 0]
-    if rows:
-        idx = _index(rows, device)
+    cut = [j for j, p in enumerate(params) if top_k[j] < vocab or p.top_p < 1]
+    floors = [j for j, p in enumerate(params) if p.min_p > 0]
+    if not cut and not floors:
+        return None
+    # Shifting by the row max first keeps tiny temperatures from overflowing to inf - inf = nan.
+    probs = torch.exp((logits - top[:, None]) / temperature[:, None])  # [R, V]
+    if cut:
+        idx = _index(cut, device)
+        k = torch.tensor([top_k[j] for j in cut], dtype=torch.int64, device=device)[:, None]  # [R', 1]
+        probs[idx] = _top_k_top_p(probs[idx], k, _column([params[j].top_p for j in cut], device))
+    if floors:
+        idx = _index(floors, device)
         sub = probs[idx]
-        floor = _column([params[j].min_p for j in rows], device) * sub.amax(dim=-1, keepdim=True)
+        floor = _column([params[j].min_p for j in floors], device) * sub.amax(dim=-1, keepdim=True)
         probs[idx] = sub.masked_fill(sub < floor, 0.0)
     return probs
 
@@ -176,47 +193,6 @@ def _top_k_top_p(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> t
     in_top_p = (mass - kept < top_p * mass[:, -1:]) | (top_p >= 1)
     keep = torch.zeros_like(in_top_k).scatter_(-1, order, in_top_k & in_top_p)
     return probs.masked_fill(~keep, 0.0)
-
-
-_MASK32 = 0xFFFFFFFF
-# Multipliers below 2^31, so a 32-bit value times one stays below 2^63 in int64 (no overflow anywhere).
-_MULT = (0x7FEB352D, 0x68E31DA5)
-
-
-_Ints = TypeVar("_Ints", int, torch.Tensor)
-
-
-def _hash32(x: _Ints) -> _Ints:
-    """A 32-bit integer mix (xor-shift-multiply, two rounds) of values in [0, 2^32): a Python int on the
-    host or an int64 tensor, the same numbers."""
-    for mult in _MULT:
-        x = x ^ (x >> 16)
-        x = (x * mult) & _MASK32
-    return x ^ (x >> 15)
-
-
-_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}  # the vocabulary's hashes, made once per device
-
-
-def _column_hashes(vocab: int, device: torch.device) -> torch.Tensor:
-    key = (vocab, device)
-    if key not in _COLUMNS:
-        _COLUMNS[key] = _hash32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x9E3779B9)
-    return _COLUMNS[key]
-
-
-def exponential_race_noise(keys: Sequence[tuple[int, int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """e [R, V] fp32 with e[r, t] = -log(u), u uniform in (0, 1) a function of (seed, position) = keys[r]
-    and t alone: the same numbers on every device, in every batch. The row hashes are made on the host
-    and the column hashes once per device (a step launches only the [R, V] work)."""
-    rows = []
-    for seed, position in keys:
-        s = seed % 2**64
-        rows.append(_hash32(_hash32(_hash32(s & _MASK32) ^ (s >> 32)) ^ (position & _MASK32)))
-    row = torch.tensor(rows, dtype=torch.int64, device=device)  # [R]
-    bits = _hash32(row[:, None] ^ _column_hashes(vocab, device)[None, :])  # [R, V]
-    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 random bits, never 0 or 1
-    return -torch.log(u)
 
 
 def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:

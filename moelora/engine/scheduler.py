@@ -31,6 +31,11 @@ class ScheduledStep:
 MAX_SKIPS = 4
 
 
+def _adapter_order(seq: Sequence) -> int:
+    entry = seq.request.lora_entry
+    return 0 if entry is None else entry.uid
+
+
 class Scheduler:
     def __init__(
         self,
@@ -59,7 +64,9 @@ class Scheduler:
         preempted = self._grow_running()
         if not preempted:
             self._admit_waiting()
-        return ScheduledStep(list(self.running), preempted)
+        # The batch grouped by adapter (base first), arrival order within a group: the LoRA kernels make
+        # one pass per distinct adapter of a block of tokens, so a block of one adapter costs one pass.
+        return ScheduledStep(sorted(self.running, key=_adapter_order), preempted)
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence room for one more token, preempting the newest when blocks run out."""

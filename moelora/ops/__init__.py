@@ -29,6 +29,7 @@ from moelora.ops.torch import moe as _torch_moe
 from moelora.ops.torch import norm as _torch_norm
 from moelora.ops.torch import rotary as _torch_rotary
 from moelora.ops.torch import router as _torch_router
+from moelora.ops.torch import sample as _torch_sample
 
 BACKENDS = ("auto", "torch", "triton")
 _BACKEND = "auto"  # this process's choice; only `use_backend` sets it
@@ -88,6 +89,15 @@ def moe_align(
     mod = _kernels("align", local_ids)
     impl = mod.moe_align if mod is not None else _torch_align.moe_align
     return impl(local_ids, token_slot, num_experts, num_slots, block_m)
+
+
+def race_argmax(
+    x: torch.Tensor, top: torch.Tensor, temperature: torch.Tensor, row_hashes: torch.Tensor, from_logits: bool
+) -> torch.Tensor:
+    """The sampler's draw, an exponential race per row; see `moelora.ops.torch.sample.race_argmax`."""
+    mod = _kernels("sample", x)
+    impl = mod.race_argmax if mod is not None else _torch_sample.race_argmax
+    return impl(x, top, temperature, row_hashes, from_logits)
 
 
 def route(
