@@ -30,7 +30,7 @@ COMMON: dict[str, Any] = {
 
 
 def family_configs() -> dict[str, Any]:
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return {
         # Dense layer 1 via mlp_only_layers; linear RoPE scaling from rope_parameters; untied head.
@@ -76,6 +76,26 @@ def family_configs() -> dict[str, Any]:
             norm_topk_prob=False,
             tie_word_embeddings=False,
         ),
+        # Layer 0 dense; sigmoid routing with a correction bias in 2 groups of 4 (1 chosen), scaled
+        # weights; an ungated shared expert; half the head rotated; q/k/v bias and per-head q/k norm.
+        "glm4_moe": Glm4MoeConfig(
+            **COMMON,
+            head_dim=16,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.8,
+            norm_topk_prob=True,
+            attention_bias=True,
+            use_qk_norm=True,
+            partial_rotary_factor=0.5,
+            tie_word_embeddings=False,
+        ),
     }
 
 
@@ -100,7 +120,11 @@ def build_hf_model(family: str, seed: int = 0) -> Any:
             else:
                 p.normal_(0, 0.2)
             if name.endswith(("mlp.gate.weight", "router.weight")) or ".gate.weight" in name:
-                p.mul_(6.0)  # router margins
+                # Router margins; sigmoid scores saturate (and tie) past logits of about 15, so less there.
+                p.mul_(2.0 if family == "glm4_moe" else 6.0)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros in a new model: random, so it counts
+                buf.normal_(0, 0.1)
         model.lm_head.weight.mul_(2.0 if cfg.tie_word_embeddings else 8.0)
     return model.eval()
 

@@ -76,16 +76,28 @@ class _Arch:
     moe_layers: tuple[bool, ...]
     expert_block: str  # where per-expert keys live
     expert_names: dict[str, str]  # gate/up/down -> checkpoint name
+    shared_name: str = "shared_expert"  # the shared expert's module (GLM-4.5: shared_experts)
+
+    def module_of(self, target: str) -> str:
+        """A dense target's module under its layer (`shared_expert.` under the model's own name)."""
+        if target in ATTENTION:
+            return f"self_attn.{target}"
+        return "mlp." + target.replace("shared_expert.", f"{self.shared_name}.", 1)
 
 
 def _arch(family: str, hf: Any) -> _Arch:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     n = hf.num_hidden_layers
     mixtral = family == "mixtral"
+    shared_inter = getattr(hf, "shared_expert_intermediate_size", 0) or 0
     if family in ("qwen3_moe", "qwen2_moe"):
         step, dense = hf.decoder_sparse_step or 1, set(hf.mlp_only_layers or [])
         moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
         moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
+    elif family == "glm4_moe":  # transformers' Glm4MoeDecoderLayer: dense below first_k_dense_replace
+        moe = tuple(i >= hf.first_k_dense_replace for i in range(n))
+        moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
+        shared_inter = hf.moe_intermediate_size * hf.n_shared_experts
     else:
         moe, moe_inter, dense_inter = (True,) * n, hf.intermediate_size, 0
     return _Arch(
@@ -94,9 +106,9 @@ def _arch(family: str, hf: Any) -> _Arch:
         q_out=hf.num_attention_heads * head_dim,
         kv_out=hf.num_key_value_heads * head_dim,
         dense_inter=dense_inter,
-        shared_inter=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+        shared_inter=shared_inter,
         moe_inter=moe_inter,
-        num_experts=hf.num_local_experts if mixtral else hf.num_experts,
+        num_experts=hf.num_local_experts if mixtral or family == "glm4_moe" else hf.num_experts,
         moe_layers=moe,
         expert_block="block_sparse_moe" if mixtral else "mlp",
         expert_names=dict(
@@ -106,6 +118,7 @@ def _arch(family: str, hf: Any) -> _Arch:
                 strict=True,
             )
         ),
+        shared_name="shared_experts" if family == "glm4_moe" else "shared_expert",
     )
 
 
@@ -146,7 +159,7 @@ class _Writer:
         }
         proj = target.rpartition(".")[2]
         in_f, out_f = sizes.get(proj) or ((inter, a.hidden) if proj == "down_proj" else (a.hidden, inter))
-        module = f"model.layers.{layer}.{'self_attn' if target in ATTENTION else 'mlp'}.{target}"
+        module = f"model.layers.{layer}.{a.module_of(target)}"
         r = self.r_of(module)
         A, B = self.randn(r, in_f), self.randn(out_f, r)
         self.pair(module, A, B)
@@ -382,7 +395,7 @@ def _peft_config(
     ranks: dict,
     alphas: dict,
 ) -> dict[str, Any]:
-    modules = [t if t in ATTENTION else f"mlp.{t}" for t in dense_targets]
+    modules = [t if t in ATTENTION else arch.module_of(t) for t in dense_targets]
     params = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
     if form in ("per_expert", "shared_outer"):
         modules += [arch.expert_names[p] for p in projs]
@@ -427,6 +440,8 @@ def merged_hf_model(hf_model: Any, expected: ExpectedLora) -> Any:
     layers = model.model.layers
     for (layer, target), (A, B, s) in expected.dense.items():
         owner = layers[layer].self_attn if target in ATTENTION else layers[layer].mlp
+        if hasattr(owner, "shared_experts"):  # GLM-4.5's name for the shared expert
+            target = target.replace("shared_expert.", "shared_experts.", 1)
         for part in target.split("."):
             owner = getattr(owner, part)
         owner.weight += s * B.double() @ A.double()

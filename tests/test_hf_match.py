@@ -75,3 +75,27 @@ def test_auto_dtype_is_the_checkpoints(hf_models: dict[str, Any], tmp_path: Path
     folder = save_per_expert(model.to(torch.bfloat16), tmp_path / "bf16")
     loaded = load_model(folder, device="cpu", progress=False)
     assert loaded.lm_head.head_weight().dtype == torch.bfloat16
+
+
+def test_glm_multi_token_prediction_layers_are_skipped(hf_models: dict[str, Any], tmp_path: Path):
+    """GLM-4.5 checkpoints carry num_nextn_predict_layers MTP layers after the last layer (transformers
+    ignores them on load): they are skipped, and are unexpected tensors when the config declares none."""
+    from safetensors.torch import save_file
+
+    model = hf_models["glm4_moe"]
+    folder = save_fused(model, tmp_path / "mtp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    last = model.config.num_hidden_layers
+    state[f"model.layers.{last}.eh_proj.weight"] = torch.randn(32, 64)
+    state[f"model.layers.{last}.mlp.experts.0.gate_proj.weight"] = torch.randn(16, 32)
+    save_file(state, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    config["architectures"] = ["Glm4MoeForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    seqs = batch_of_prompts(seed=4)
+    assert max_diff(moelora_logprobs(folder, seqs), hf_logprobs(model, seqs)) < TOL
+    config["num_nextn_predict_layers"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=rf"unexpected tensors.*model\.layers\.{last}\."):
+        load_model(folder, device="cpu", progress=False)

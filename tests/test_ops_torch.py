@@ -191,3 +191,29 @@ def test_rows_without_an_adapter_are_the_base_ops_bit_for_bit(dtype: torch.dtype
     base = fused_moe(x, w_gu, w_dn, ids, weights)
     assert torch.equal(mixed[base_rows], base[base_rows])
     assert not torch.equal(mixed[~base_rows], base[~base_rows])  # the adapters did something
+
+
+@pytest.mark.parametrize(("groups", "topk_groups", "top_k"), [(1, 1, 4), (4, 2, 3), (8, 3, 2)])
+def test_grouped_router_per_token(groups: int, topk_groups: int, top_k: int):
+    """DeepSeek-V3's / GLM-4.5's choice, one token at a time from its description: sigmoid scores, the
+    bias for the choice only, groups scored by their two best biased scores, the top_k of the allowed."""
+    from moelora.ops.torch.router import grouped_router
+
+    g = torch.Generator().manual_seed(groups)
+    tokens, hidden, experts = 9, 16, 32
+    x = torch.randn(tokens, hidden, generator=g)
+    weight = torch.randn(experts, hidden, generator=g) * 0.5
+    bias = torch.randn(experts, generator=g) * 0.3
+    weights, ids = grouped_router(x, weight, bias, top_k, groups, topk_groups, True, 2.5)
+    per_group = experts // groups
+    for t in range(tokens):
+        s = torch.sigmoid(weight.double() @ x[t].double())
+        c = s + bias.double()
+        group_score = [sorted(c[i * per_group : (i + 1) * per_group].tolist())[-2:] for i in range(groups)]
+        best = sorted(range(groups), key=lambda i: -sum(group_score[i]))[:topk_groups]
+        allowed = [e for e in range(experts) if e // per_group in best]
+        chosen = sorted(allowed, key=lambda e: -float(c[e]))[:top_k]
+        assert ids[t].tolist() == chosen
+        want = s[chosen] / s[chosen].sum() * 2.5
+        assert torch.allclose(weights[t].double(), want, atol=1e-6)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32

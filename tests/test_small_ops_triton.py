@@ -235,7 +235,8 @@ def generate(folder: Path) -> tuple[list[torch.Tensor], list[list[int]]]:
         return llm.logits(prompts), [out.token_ids for out in llm.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])  # per-head q/k norm; whole-projection norm
+# per-head q/k norm; whole-projection norm; per-head norm with half of each head rotated (GLM-4.5)
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "glm4_moe"])
 def test_model_with_small_kernels_matches_twins(family, checkpoints, monkeypatch):
     """The decoder's residual carry, q/k norm, rotary and KV writes through the kernels (fp32: the
     interpreter on CPU, forced on GPU) give the twins' logits and greedy tokens; other ops as chosen."""

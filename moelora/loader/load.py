@@ -33,12 +33,18 @@ def _listing(keys: Sequence[str]) -> str:
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
 
 
-def _check_unexpected(ckpt: TensorSource, specs: Sequence[WeightSpec], ignored: set[str]) -> None:
+def _check_unexpected(
+    ckpt: TensorSource, specs: Sequence[WeightSpec], ignored: set[str], ignored_prefixes: tuple[str, ...]
+) -> None:
     known: set[str] = set(ignored)
     for spec in specs:
         for form in spec.forms:
             known |= form.all_claims()
-    extra = [k for k in ckpt.keys() - known if not k.endswith(_IGNORED_SUFFIXES)]
+    extra = [
+        k
+        for k in ckpt.keys() - known
+        if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(ignored_prefixes)
+    ]
     if extra:
         raise CheckpointError(
             f"unexpected tensors in {ckpt.folder}: {_listing(extra)}; the checkpoint does not match its "
@@ -83,13 +89,15 @@ def load_weights(
     ignored: set[str],
     progress: bool,
     desc: str | None = None,
+    ignored_prefixes: tuple[str, ...] = (),
 ) -> None:
-    """Fill every parameter of `model` from `ckpt` as `specs` say; `ignored` keys may be present unused."""
+    """Fill every parameter of `model` from `ckpt` as `specs` say; `ignored` keys and keys starting with
+    one of `ignored_prefixes` may be present unused."""
     covered = {id(s.param) for s in specs}
     unfilled = [n for n, p in model.named_parameters() if id(p) not in covered]
     if unfilled:
         raise AssertionError(f"model parameters without a weight spec: {unfilled}")
-    _check_unexpected(ckpt, specs, ignored)
+    _check_unexpected(ckpt, specs, ignored, ignored_prefixes)
     present = ckpt.keys()
     with torch.no_grad():
         for spec in tqdm(

@@ -143,7 +143,15 @@ def load_model(
         if ckpt is not None and (block := _fp8_block(folder, hf_overrides)) is not None:
             source = Fp8Checkpoint(ckpt, block)  # FP8 weights read dequantised into `dtype`
         desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
-        load_weights(model, specs, source, ignored=model.ignored_keys(), progress=progress, desc=desc)
+        load_weights(
+            model,
+            specs,
+            source,
+            ignored=model.ignored_keys(),
+            progress=progress,
+            desc=desc,
+            ignored_prefixes=model.ignored_prefixes(),
+        )
     return model.eval()
 
 

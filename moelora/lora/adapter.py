@@ -102,7 +102,6 @@ _GROUPED_KEY = re.compile(
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _ATTN = re.compile(r"(?:self_attn|attn)\.([qkvo]_proj)")  # Tinker and ART name GPT-OSS's attention `attn`
-_MLP = re.compile(r"mlp\.((?:shared_expert\.)?(?:gate|up|down)_proj)")
 
 
 @dataclass(frozen=True)
@@ -294,6 +293,10 @@ class _Reader:
         self.grouped_re = re.compile(rf"({prefixes})\.experts\.lora_(gate_and_up|down)")
         self.outer_re = re.compile(rf"({prefixes})\.experts\.({projs})")
         self.shared: set[str] = set()  # modules whose A or B is a shared-outer tensor of all experts
+        # A dense MLP's or the shared expert's projections (the shared expert under the family's name,
+        # "shared_expert." in the targets whatever the family calls it)
+        shared_name = re.escape(family.shared_expert_name)
+        self.mlp_re = re.compile(rf"mlp\.(?:({shared_name})\.)?((?:gate|up|down)_proj)")
 
     def fail(self, message: str) -> AdapterError:
         return AdapterError(f"adapter '{self.name}': {message}")
@@ -433,8 +436,9 @@ class _Reader:
             )
         if t := _ATTN.fullmatch(rest):
             return _Site("dense", layer, t[1], module)
-        if t := _MLP.fullmatch(rest):
-            return _Site("dense", layer, self._mlp_target(layer, t[1], key), module)
+        if t := self.mlp_re.fullmatch(rest):
+            target = f"shared_expert.{t[2]}" if t[1] else t[2]
+            return _Site("dense", layer, self._mlp_target(layer, target, key), module)
         if t := self.expert_re.fullmatch(rest):
             expert = self._expert_id(layer, int(t[2]), key)
             return _Site("expert", layer, self.proj_of[t[3]], module, expert)

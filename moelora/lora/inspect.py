@@ -130,7 +130,8 @@ def convert_adapter(path: str | Path, out: str | Path, model: tuple[str, ModelCo
     ranks: dict[str, int] = {}
     for (layer, target), w in sorted(adapter.dense.items()):
         block = "self_attn" if target in _ATTENTION else "mlp"
-        module = f"model.layers.{layer}.{block}.{target}"
+        name = target.replace("shared_expert.", f"{family.shared_expert_name}.", 1)
+        module = f"model.layers.{layer}.{block}.{name}"
         _put(tensors, ranks, module, w)
     for (layer, proj), per_expert in sorted(adapter.experts.items()):
         for e, w in sorted(per_expert.items()):

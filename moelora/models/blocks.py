@@ -9,10 +9,11 @@ from torch import nn
 from moelora import ops
 from moelora.batch import ForwardBatch
 from moelora.layers.linear import ColumnLinear, LoraTarget, OutPart, RowLinear, split_part, whole_part
-from moelora.layers.moe import ExpertNames, ExpertsTarget, FusedMoE
+from moelora.layers.moe import ExpertsTarget, FusedMoE
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
-from moelora.layers.spec import WeightSpec
+from moelora.layers.spec import WeightSpec, whole
 from moelora.models.config import ModelConfig
+from moelora.models.family import Family
 from moelora.ops.cache_write import CacheWrite
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
@@ -48,6 +49,10 @@ class SelfAttention(nn.Module):
         self.kv_heads = parts[1].size // cfg.head_dim  # this rank's KV heads (the KV cache's width)
         self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype)
         self.qk_norm = cfg.qk_norm
+        # GLM-4.5 rotates only the first rot_dim features of each head (transformers' partial rotary).
+        self.rot_dim = 2 * len(cfg.rope_inv_freq)
+        if not 0 < self.rot_dim <= cfg.head_dim:
+            raise ValueError(f"rotary dimension {self.rot_dim} must be in [2, head_dim={cfg.head_dim}]")
         self.q_norm: RMSNorm | ShardedRMSNorm | None = None
         self.k_norm: RMSNorm | ShardedRMSNorm | None = None
         if cfg.qk_norm == "head":
@@ -76,7 +81,9 @@ class SelfAttention(nn.Module):
             if kv is None
             else CacheWrite(v, kv.cache.k[self.layer], kv.cache.v[self.layer], kv.slot_mapping)
         )
-        if self.qk_norm == "head":
+        if self.rot_dim < d:
+            q, k = self._partial_rotary(q, k, cos, sin, cache)
+        elif self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin, cache)
@@ -98,6 +105,22 @@ class SelfAttention(nn.Module):
             )
         out = self.o_proj(o.reshape(t, -1), batch.token_slot)
         return comm.all_reduce(out, self.ps)
+
+    def _partial_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheWrite | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-head q/k norm (if any) over the whole head, rotary on the first rot_dim features, the
+        rest passed through, then the cache write: separate launches (the fused ones rotate whole heads)."""
+        t, d, rot = q.shape[0], self.head_dim, self.rot_dim
+        if self.qk_norm == "head":
+            assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
+            q = ops.rms_norm(q.reshape(-1, d), self.q_norm.weight, self.q_norm.eps).view(t, -1, d)
+            k = ops.rms_norm(k.reshape(-1, d), self.k_norm.weight, self.k_norm.eps).view(t, -1, d)
+        q_rot, k_rot = ops.rotary(q[..., :rot], k[..., :rot], cos, sin)
+        q, k = torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
+        if cache is not None:
+            ops.write_kv(k, cache.v, cache.k_cache, cache.v_cache, cache.slot_mapping)
+        return q, k
 
     def lora_targets(self) -> list[LoraTarget]:
         return [
@@ -150,53 +173,83 @@ class DenseBlock(nn.Module):
     def lora_targets(self, layer: int) -> list[LoraTarget | ExpertsTarget]:
         return list(self.mlp.lora_targets(layer))
 
-    def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
+    def weight_specs(self, prefixes: tuple[str, ...], family: Family) -> list[WeightSpec]:
         return self.mlp.weight_specs(prefixes[0])
 
 
 class SparseMoeBlock(nn.Module):
-    """Router, this rank's experts, the optional gated shared expert, and one all-reduce of their sum."""
+    """Router, this rank's experts, the optional (gated) shared expert, and one all-reduce of their sum."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
-        self.ps, self.top_k = ps, cfg.top_k
+        self.cfg, self.ps, self.top_k = cfg, ps, cfg.top_k
         self.renormalize, self.fp32_weights = cfg.norm_topk_prob, cfg.router_fp32_weights
+        grouped = cfg.routing == "sigmoid_grouped"
+        # transformers keeps a sigmoid router (and its correction bias) in fp32 whatever the model's dtype.
         self.router = ColumnLinear(
-            cfg.hidden_size, [whole_part("gate", cfg.num_experts)], False, dtype, lora_target=False
+            cfg.hidden_size,
+            [whole_part("gate", cfg.num_experts)],
+            False,
+            torch.float32 if grouped else dtype,
+            lora_target=False,
         )
+        self.score_bias: nn.Parameter | None = None
+        if grouped:
+            bias = torch.empty(cfg.num_experts, dtype=torch.float32)
+            self.score_bias = nn.Parameter(bias, requires_grad=False)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype)
         self.shared: DenseMLP | None = None
         self.shared_gate: ColumnLinear | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ps, dtype)
-            self.shared_gate = ColumnLinear(
-                cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype, lora_target=False
-            )
+            if cfg.shared_expert_gated:
+                self.shared_gate = ColumnLinear(
+                    cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype, lora_target=False
+                )
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
-        weights, global_ids = ops.router(
-            x, self.router.weight, self.top_k, self.renormalize, self.fp32_weights
-        )
+        cfg = self.cfg
+        if self.score_bias is not None:
+            weights, global_ids = ops.grouped_router(
+                x,
+                self.router.weight,
+                self.score_bias,
+                self.top_k,
+                cfg.expert_groups,
+                cfg.topk_groups,
+                self.renormalize,
+                cfg.routed_scaling_factor,
+            )
+        else:
+            weights, global_ids = ops.router(
+                x, self.router.weight, self.top_k, self.renormalize, self.fp32_weights
+            )
         out = self.experts(x, weights, global_ids, token_slot)
-        if self.shared is not None and self.shared_gate is not None:
-            # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
-            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x, token_slot)
+        if self.shared is not None:
+            shared = self.shared(x, token_slot)
+            if self.shared_gate is not None:
+                # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         return comm.all_reduce(out, self.ps)
 
     def lora_targets(self, layer: int) -> list[LoraTarget | ExpertsTarget]:
         shared = self.shared.lora_targets(layer, "shared_expert.") if self.shared is not None else []
         return [*shared, ExpertsTarget(layer, self.experts)]
 
-    def weight_specs(self, prefixes: tuple[str, ...], names: ExpertNames) -> list[WeightSpec]:
+    def weight_specs(self, prefixes: tuple[str, ...], family: Family) -> list[WeightSpec]:
         """Specs whose forms cover every accepted block name (Mixtral: block_sparse_moe or mlp)."""
-        per_prefix = [self._specs(p, names) for p in prefixes]
+        per_prefix = [self._specs(p, family) for p in prefixes]
         groups = zip(*per_prefix, strict=True)
         return [WeightSpec(g[0].param, tuple(f for s in g for f in s.forms)) for g in groups]
 
-    def _specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:
-        specs = self.router.weight_specs(prefix) + self.experts.weight_specs(f"{prefix}.experts", names)
-        if self.shared is not None and self.shared_gate is not None:
-            specs += self.shared.weight_specs(f"{prefix}.shared_expert") + self.shared_gate.weight_specs(
-                prefix
-            )
+    def _specs(self, prefix: str, family: Family) -> list[WeightSpec]:
+        specs = self.router.weight_specs(prefix)
+        if self.score_bias is not None:
+            specs.append(whole(self.score_bias, f"{prefix}.gate.e_score_correction_bias"))
+        specs += self.experts.weight_specs(f"{prefix}.experts", family.expert_names)
+        if self.shared is not None:
+            specs += self.shared.weight_specs(f"{prefix}.{family.shared_expert_name}")
+        if self.shared_gate is not None:
+            specs += self.shared_gate.weight_specs(prefix)
         return specs

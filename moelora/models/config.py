@@ -8,6 +8,10 @@ from typing import Any, Literal
 import torch
 
 QKNorm = Literal["none", "head", "full"]
+# How a MoE layer chooses its experts: softmax over the router's logits, top-k (Qwen, Mixtral, OLMoE); or
+# sigmoid scores plus a correction bias for the choice only, top-k within the best groups (DeepSeek-V3,
+# GLM-4.5).
+Routing = Literal["softmax", "sigmoid_grouped"]
 
 # RoPE variants whose frequencies depend on the sequence length at run time.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -44,6 +48,12 @@ class ModelConfig:
     router_fp32_weights: bool
     dtype: torch.dtype  # the checkpoint's own dtype
     eos_token_ids: tuple[int, ...]
+    routing: Routing = "softmax"
+    expert_groups: int = 1  # sigmoid_grouped: the experts fall into this many equal groups
+    topk_groups: int = 1  # sigmoid_grouped: the experts are chosen within this many best groups
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
+    shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
+    unserved_layers: int = 0  # layers after the last one in the checkpoint, not served (GLM's MTP layers)
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -54,6 +64,18 @@ class ModelConfig:
             raise ValueError(
                 f"num_experts_per_tok {self.top_k} must be in [1, num_experts={self.num_experts}]"
             )
+        if self.routing == "sigmoid_grouped":
+            groups, per_group = self.expert_groups, self.num_experts // max(1, self.expert_groups)
+            if groups < 1 or self.num_experts % groups or not 1 <= self.topk_groups <= groups:
+                raise ValueError(
+                    f"n_group {groups} must divide the {self.num_experts} experts and topk_group "
+                    f"{self.topk_groups} be in [1, n_group]"
+                )
+            if groups > 1 and (per_group < 2 or self.top_k > self.topk_groups * per_group):
+                raise ValueError(
+                    f"num_experts_per_tok {self.top_k} needs more than the {self.topk_groups} best of "
+                    f"{groups} groups of {per_group} experts hold"
+                )
 
 
 def rope_from_hf(hf: Any) -> tuple[tuple[float, ...], float]:
@@ -65,7 +87,11 @@ def rope_from_hf(hf: Any) -> tuple[tuple[float, ...], float]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     if rope_type == "default":
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        # GLM-4.5 rotates only the first partial_rotary_factor of each head (transformers' other RoPE
+        # types read the factor themselves).
+        factor = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
+        dim = int(head_dim * float(factor))
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         inv_freq = 1.0 / (float(params["rope_theta"]) ** exponent)
         return tuple(inv_freq.tolist()), 1.0
     if rope_type in _DYNAMIC_ROPE:

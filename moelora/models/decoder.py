@@ -61,7 +61,7 @@ class DecoderLayer(nn.Module):
             *self.input_layernorm.weight_specs(f"{prefix}.input_layernorm.weight"),
             *self.self_attn.weight_specs(f"{prefix}.self_attn"),
             *self.post_attention_layernorm.weight_specs(f"{prefix}.post_attention_layernorm.weight"),
-            *self.mlp.weight_specs(mlp_prefixes, family.expert_names),
+            *self.mlp.weight_specs(mlp_prefixes, family),
         ]
 
 
@@ -111,3 +111,8 @@ class MoeForCausalLM(nn.Module):
     def ignored_keys(self) -> set[str]:
         """Checkpoint keys that may be present but are not read (a tied checkpoint's saved LM head)."""
         return {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
+
+    def ignored_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint key prefixes that are not read: layers after the last one (GLM's MTP layers)."""
+        n = self.cfg.num_layers
+        return tuple(f"model.layers.{i}." for i in range(n, n + self.cfg.unserved_layers))

@@ -19,6 +19,7 @@ class Family:
     read_config: Callable[[Any, dict[str, Any]], ModelConfig]
     moe_prefixes: tuple[str, ...] = ("mlp",)  # checkpoint name of the MoE block, first one preferred
     expert_names: ExpertNames = field(default_factory=ExpertNames)
+    shared_expert_name: str = "shared_expert"  # the MoE block's shared expert (GLM: shared_experts)
 
 
 def common_fields(hf: Any, raw: dict[str, Any]) -> dict[str, Any]:

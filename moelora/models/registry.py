@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moelora.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from moelora.models import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moelora.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (qwen3_moe.FAMILY, qwen2_moe.FAMILY, mixtral.FAMILY, olmoe.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    qwen3_moe.FAMILY,
+    qwen2_moe.FAMILY,
+    mixtral.FAMILY,
+    olmoe.FAMILY,
+    glm4_moe.FAMILY,
+)
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 
 

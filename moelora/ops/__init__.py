@@ -118,6 +118,21 @@ def router(
     return impl(x, weight, top_k, renormalize, fp32_weights)
 
 
+def grouped_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores, a correction bias and group-limited top-k (DeepSeek-V3, GLM-4.5); see
+    `moelora.ops.torch.router.grouped_router`. PyTorch on every device (CUDA-graph safe; no kernel yet)."""
+    return _torch_router.grouped_router(x, weight, bias, top_k, groups, topk_groups, renormalize, scaling)
+
+
 def fused_moe(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,

@@ -33,3 +33,37 @@ def router(
     than F.linear (the logits then differ in their last bit at most).
     """
     return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
+
+
+def grouped_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's and GLM-4.5's choice -> (weights [T, k] fp32, global expert ids [T, k] int32).
+
+    x [T, H]; weight [E, H]; bias [E] fp32 (e_score_correction_bias). Semantics, in fp32 as transformers:
+    s = sigmoid(x @ weight^T); c = s + bias (for the choice only); with groups > 1 the experts form
+    `groups` equal groups, a group scores the sum of its two largest c, and only the experts of the
+    `topk_groups` best groups may be chosen; the ids are the top_k largest c (largest first); the
+    weights are their s, divided by (their sum + 1e-20) if `renormalize`, times `scaling`.
+    """
+    scores = F.linear(x.float(), weight.float()).sigmoid()  # [T, E]
+    choice = scores + bias.float()
+    if groups > 1:
+        tokens, experts = choice.shape
+        grouped = choice.view(tokens, groups, experts // groups)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, groups]
+        best = group_scores.topk(topk_groups, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, groups]
+        choice = grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(tokens, experts)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids.to(torch.int32)
