@@ -371,3 +371,30 @@ def test_kernel_backend_is_a_setting():
             assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
     finally:
         ops.use_backend("auto")
+
+
+def test_generate_decodes_its_texts_in_the_callers_thread(llm: LLM, monkeypatch):
+    """LLM.generate reads whole outputs: the engine's loop never decodes their text (256 completions
+    ending in one step held it for ~10 ms); `result()` decodes each once in the caller's thread, the
+    same text a stream of the same ids gives (greedy, EOS and length endings, n = 2)."""
+    from moelora.engine.detokenizer import IncrementalDetokenizer
+
+    threads: list[str] = []
+    final_text = IncrementalDetokenizer.final_text
+
+    def recorded(self):
+        threads.append(threading.current_thread().name)
+        return final_text(self)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "final_text", recorded)
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (3, 40)]
+    params.append(SamplingParams(temperature=0.8, max_tokens=12, n=2, seed=5))
+    outs = llm.generate(PROMPTS[:3], params)
+    assert threads == [threading.current_thread().name] * 4
+    for out in outs:
+        for c in out.outputs:
+            # What streaming these ids gives (an EOS that ended the completion is not text).
+            detok = IncrementalDetokenizer(llm.tokenizer, out.prompt_token_ids, (), True)
+            ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+            assert c.text == "".join(detok.add(t) for t in ids) + detok.finish()
+            assert c.text

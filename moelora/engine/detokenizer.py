@@ -78,6 +78,17 @@ class IncrementalDetokenizer:
         self._deferred = deferred and not self._stop
 
     @property
+    def deferred(self) -> bool:
+        """Whether add() only collects ids (the text is decoded at the end: `final_text`)."""
+        return self._deferred
+
+    def final_text(self) -> str:
+        """Deferred: the whole generated text, decoded now (after the last add; call once, in place of
+        finish())."""
+        self.finish()
+        return self._text
+
+    @property
     def stopped(self) -> bool:
         """True once a stop string appeared in the generated text; later tokens are ignored."""
         return self._stopped

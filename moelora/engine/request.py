@@ -70,9 +70,10 @@ class Sequence:
         )
 
     def completion(self) -> CompletionOutput:
-        return CompletionOutput(
-            self.index, list(self.output_ids), self.detokenizer.text, self.finish_reason, self.logprobs
-        )
+        """The completion so far; its text is left empty for a deferred detokenizer (the consumer
+        decodes it: `RequestStream.final_texts`)."""
+        text = "" if self.detokenizer.deferred else self.detokenizer.text
+        return CompletionOutput(self.index, list(self.output_ids), text, self.finish_reason, self.logprobs)
 
 
 @dataclass(eq=False)

@@ -29,6 +29,9 @@ class RequestStream:
         # Held weakly: a stream the caller keeps must not keep the engine (and its model) alive.
         self._on_close = weakref.WeakMethod(on_close) if inspect.ismethod(on_close) else on_close
         self.claimed = False  # handed to a consumer: the engine forgets it when the request ends
+        # Set by the engine for a request whose text is decoded by its consumer (`text_deltas=False`): the
+        # completions' final texts, computed by `result()` in the consumer's thread, not the engine's.
+        self.final_texts: Callable[[], list[str]] | None = None
 
     # -- engine side --
     def put(self, item: RequestDelta | BaseException) -> None:
@@ -99,4 +102,8 @@ class RequestStream:
         for _ in self:
             pass
         assert self._output is not None
+        if self.final_texts is not None:
+            texts, self.final_texts = self.final_texts(), None
+            for completion, text in zip(self._output.outputs, texts, strict=True):
+                completion.text = text
         return self._output
