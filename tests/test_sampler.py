@@ -262,3 +262,14 @@ def test_one_seed_s_draws_along_its_positions_follow_the_distribution():
     rows = [make_input(row_seed=123, output=[0] * i) for i in range(4000)]
     freq = torch.bincount(torch.tensor(tokens(logits, rows)), minlength=5).float() / 4000
     assert torch.allclose(freq, torch.softmax(logits[0], dim=-1), atol=0.03)
+
+
+def test_llm_shutdown_forgets_the_vocabulary_hashes():
+    """The race's per-device vocabulary hashes (1.2 MB of device memory for Qwen3) go with the LLM."""
+    from moelora import LLM
+    from moelora.ops.torch import sample as race
+
+    with LLM("demo", device="cpu", progress=False) as llm:
+        llm.generate("Hello", SamplingParams(temperature=1.0, max_tokens=2))
+        assert race._COLUMNS
+    assert not race._COLUMNS

@@ -55,6 +55,11 @@ def _column_hashes(vocab: int, device: torch.device) -> torch.Tensor:
     return _COLUMNS[key]
 
 
+def forget_column_hashes() -> None:
+    """Drop the vocabulary hashes made so far (device memory; remade on the next draw)."""
+    _COLUMNS.clear()
+
+
 def race_noise(row_hashes: torch.Tensor, vocab: int) -> torch.Tensor:
     """e [R, V] fp32, e[r, t] = -log(u) with u = (23 bits of hash32(row_hashes[r] ^ hash32(t + salt)) + 0.5)
     / 2^23, never 0 or 1. row_hashes [R] int32 (`row_hash`'s bit patterns).
