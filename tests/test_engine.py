@@ -398,3 +398,16 @@ def test_generate_decodes_its_texts_in_the_callers_thread(llm: LLM, monkeypatch)
             ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
             assert c.text == "".join(detok.add(t) for t in ids) + detok.finish()
             assert c.text
+
+
+def test_whole_output_requests_get_one_delta(llm: LLM):
+    """submit_many(text_deltas=False), as LLM.generate uses it: no delta per token (each woke the consumer
+    and cost the engine's loop a lock), one at the end with the whole output, logprobs included."""
+    params = SamplingParams(temperature=0.7, seed=4, max_tokens=9, n=2, logprobs=1, prompt_logprobs=1)
+    (stream,) = llm.engine.submit_many([(PROMPTS[0], params, None)], text_deltas=False)
+    deltas = list(stream)
+    assert len(deltas) == 1 and deltas[0].finished
+    out = deltas[0].output
+    assert out is not None and out.prompt_logprobs is not None
+    assert [len(c.token_ids) for c in out.outputs] == [9, 9]
+    assert all(c.logprobs is not None and len(c.logprobs) == 9 for c in out.outputs)

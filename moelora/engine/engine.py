@@ -211,8 +211,9 @@ class Engine:
     ) -> list[RequestStream]:
         """Queue (prompt, params, adapter) requests that the loop admits together, in order; all or none:
         if one is invalid (its error is raised) none is queued. `text_deltas=False`: the caller reads only
-        each request's whole output, so a request without stop strings has its text decoded once at the
-        end instead of token by token (its deltas carry no text until the last)."""
+        each request's whole output (`RequestStream.result()`): the stream gets no delta per token, only
+        the last one, and a request without stop strings has its text decoded once, by `result()` in the
+        caller's thread, instead of token by token on the engine's loop."""
         return self._submit(items, request_ids, claimed=True, text_deltas=text_deltas)
 
     def _submit(
@@ -267,6 +268,7 @@ class Engine:
             self._streams[rid] = stream
         request = Request(rid, text, ids, params, lora, stream, arrival=n, lora_entry=entry)
         request.seqs = [self._new_sequence(request, i, text_deltas) for i in range(params.n)]
+        request.whole_output = not text_deltas
         if all(s.detokenizer.deferred for s in request.seqs):
             # The whole text of each completion, decoded once by the consumer after the request ended
             # (not on the engine's loop, where 256 completions ending in one step held it for ~10 ms).
@@ -578,10 +580,12 @@ class Engine:
         self, seq: Sequence, tokens: list[int], logprobs: list[Logprobs], reason: str | None, text: str
     ) -> None:
         request = seq.request
+        done = request.finished
+        if request.whole_output and not done:
+            return  # its consumer reads only the last delta's output
         prompt_logprobs = None
         if not request.prompt_logprobs_sent and request.prompt_logprobs is not None:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
-        done = request.finished
         output = request.output() if done else None
         delta = RequestDelta(
             request.request_id,

@@ -89,6 +89,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[Logprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    whole_output: bool = False  # its consumer reads only the final output: no delta per token
     # Completions 1..n-1 before completion 0's prompt is in the cache: they then start from its blocks.
     forks: list[Sequence] = field(default_factory=list)
 
