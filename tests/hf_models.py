@@ -30,7 +30,14 @@ COMMON: dict[str, Any] = {
 
 
 def family_configs() -> dict[str, Any]:
-    from transformers import Glm4MoeConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        Glm4MoeConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     return {
         # Dense layer 1 via mlp_only_layers; linear RoPE scaling from rope_parameters; untied head.
@@ -96,6 +103,37 @@ def family_configs() -> dict[str, Any]:
             partial_rotary_factor=0.5,
             tie_word_embeddings=False,
         ),
+        # Latent attention (q through a rank-24 pair, a rank-16 latent, rotary on 8 interleaved dims,
+        # v heads of 12), YaRN with mscale; layer 0 dense; grouped sigmoid routing; a shared expert.
+        "deepseek_v3": DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            tie_word_embeddings=False,
+        ),
     }
 
 
@@ -121,7 +159,7 @@ def build_hf_model(family: str, seed: int = 0) -> Any:
                 p.normal_(0, 0.2)
             if name.endswith(("mlp.gate.weight", "router.weight")) or ".gate.weight" in name:
                 # Router margins; sigmoid scores saturate (and tie) past logits of about 15, so less there.
-                p.mul_(2.0 if family == "glm4_moe" else 6.0)
+                p.mul_(2.0 if family in ("glm4_moe", "deepseek_v3") else 6.0)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros in a new model: random, so it counts
                 buf.normal_(0, 0.1)

@@ -49,6 +49,10 @@ OTHER_FORMS = ("megatron_3d", "shared_outer", "automodel", "tinker")
 #   delta W[e] = (s * B_e @ A_e).T; the config records that PEFT version.
 OLD_PEFT_FORM = "fused_pre_0191"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# DeepSeek's latent attention (with q_a/q_b; o_proj as above)
+MLA_ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# What a request for q/k/v/o targets writes for a model with latent attention
+MLA_FOR = {"q_proj": ("q_a_proj", "q_b_proj"), "k_proj": ("kv_a_proj_with_mqa",), "v_proj": ("kv_b_proj",)}
 STD = 0.3
 Weights = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r] unscaled, scale)
 
@@ -77,10 +81,12 @@ class _Arch:
     expert_block: str  # where per-expert keys live
     expert_names: dict[str, str]  # gate/up/down -> checkpoint name
     shared_name: str = "shared_expert"  # the shared expert's module (GLM-4.5: shared_experts)
+    # (in, out) of the attention projections, when they are not q/k/v/o over q_out / kv_out (DeepSeek)
+    attention: dict[str, tuple[int, int]] | None = None
 
     def module_of(self, target: str) -> str:
         """A dense target's module under its layer (`shared_expert.` under the model's own name)."""
-        if target in ATTENTION:
+        if target in ATTENTION + MLA_ATTENTION:
             return f"self_attn.{target}"
         return "mlp." + target.replace("shared_expert.", f"{self.shared_name}.", 1)
 
@@ -94,7 +100,7 @@ def _arch(family: str, hf: Any) -> _Arch:
         step, dense = hf.decoder_sparse_step or 1, set(hf.mlp_only_layers or [])
         moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
         moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
-    elif family == "glm4_moe":  # transformers' Glm4MoeDecoderLayer: dense below first_k_dense_replace
+    elif family in ("glm4_moe", "deepseek_v3"):  # both: dense below first_k_dense_replace
         moe = tuple(i >= hf.first_k_dense_replace for i in range(n))
         moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
         shared_inter = hf.moe_intermediate_size * hf.n_shared_experts
@@ -108,7 +114,7 @@ def _arch(family: str, hf: Any) -> _Arch:
         dense_inter=dense_inter,
         shared_inter=shared_inter,
         moe_inter=moe_inter,
-        num_experts=hf.num_local_experts if mixtral or family == "glm4_moe" else hf.num_experts,
+        num_experts=getattr(hf, "num_local_experts", None) or hf.num_experts,
         moe_layers=moe,
         expert_block="block_sparse_moe" if mixtral else "mlp",
         expert_names=dict(
@@ -118,8 +124,22 @@ def _arch(family: str, hf: Any) -> _Arch:
                 strict=True,
             )
         ),
-        shared_name="shared_experts" if family == "glm4_moe" else "shared_expert",
+        shared_name="shared_experts" if family in ("glm4_moe", "deepseek_v3") else "shared_expert",
+        attention=_mla_shapes(hf) if family == "deepseek_v3" else None,
     )
+
+
+def _mla_shapes(hf: Any) -> dict[str, tuple[int, int]]:
+    """transformers' DeepseekV3Attention: (in, out) of each projection."""
+    heads, h = hf.num_attention_heads, hf.hidden_size
+    qk = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    return {
+        "q_a_proj": (h, hf.q_lora_rank),
+        "q_b_proj": (hf.q_lora_rank, heads * qk),
+        "kv_a_proj_with_mqa": (h, hf.kv_lora_rank + hf.qk_rope_head_dim),
+        "kv_b_proj": (hf.kv_lora_rank, heads * (hf.qk_nope_head_dim + hf.v_head_dim)),
+        "o_proj": (heads * hf.v_head_dim, h),
+    }
 
 
 class _Writer:
@@ -157,6 +177,7 @@ class _Writer:
             "v_proj": (a.hidden, a.kv_out),
             "o_proj": (a.q_out, a.hidden),
         }
+        sizes |= a.attention or {}
         proj = target.rpartition(".")[2]
         in_f, out_f = sizes.get(proj) or ((inter, a.hidden) if proj == "down_proj" else (a.hidden, inter))
         module = f"model.layers.{layer}.{a.module_of(target)}"
@@ -359,12 +380,17 @@ def write_adapter(
         alphas[r".*\.gate_up_proj"] = 2 * alpha
     # PEFT saves the config with sorted keys, and matches patterns in the order they are read back.
     ranks, alphas = dict(sorted(ranks.items())), dict(sorted(alphas.items()))
+    if arch.attention:  # latent attention: its own projections in place of q/k/v/o
+        dense_targets = list(dict.fromkeys(m for t in dense_targets for m in MLA_FOR.get(t, (t,))))
+    else:  # and none of them for the other models
+        dense_targets = [t for t in dense_targets if t in ATTENTION or t not in MLA_ATTENTION]
+    attention = tuple(arch.attention or ATTENTION)
     w = _Writer(arch, rank, alpha, seed, use_rslora, ranks, alphas)
     for layer in range(arch.layers) if layers is None else layers:
         moe = arch.moe_layers[layer]
         for target in dense_targets:
             shared = target.startswith("shared_expert.")
-            if target in ATTENTION or (shared and moe and arch.shared_inter) or (not shared and not moe):
+            if target in attention or (shared and moe and arch.shared_inter) or (not shared and not moe):
                 w.dense(layer, target)
         if not moe or not projs:
             continue
@@ -395,7 +421,7 @@ def _peft_config(
     ranks: dict,
     alphas: dict,
 ) -> dict[str, Any]:
-    modules = [t if t in ATTENTION else arch.module_of(t) for t in dense_targets]
+    modules = [t if t in ATTENTION + MLA_ATTENTION else arch.module_of(t) for t in dense_targets]
     params = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
     if form in ("per_expert", "shared_outer"):
         modules += [arch.expert_names[p] for p in projs]
@@ -439,7 +465,7 @@ def merged_hf_model(hf_model: Any, expected: ExpectedLora) -> Any:
     model = copy.deepcopy(hf_model).to(torch.float64)
     layers = model.model.layers
     for (layer, target), (A, B, s) in expected.dense.items():
-        owner = layers[layer].self_attn if target in ATTENTION else layers[layer].mlp
+        owner = layers[layer].self_attn if target in ATTENTION + MLA_ATTENTION else layers[layer].mlp
         if hasattr(owner, "shared_experts"):  # GLM-4.5's name for the shared expert
             target = target.replace("shared_expert.", "shared_experts.", 1)
         for part in target.split("."):

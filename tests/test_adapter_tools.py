@@ -19,7 +19,7 @@ from moelora.loader.model_loader import read_model_config
 from moelora.lora.inspect import convert_adapter, format_report, inspect_adapter
 from moelora.models.registry import FAMILIES as REGISTRY
 from tests.hf_models import FAMILIES, build_hf_model, family_configs, hf_logprobs, logprob_tol
-from tests.lora_files import FORMS, ExpectedLora, merged_hf_model, write_adapter
+from tests.lora_files import ATTENTION, FORMS, MLA_ATTENTION, ExpectedLora, merged_hf_model, write_adapter
 
 ARCHITECTURE = {f.name: f.architectures[0] for f in REGISTRY}
 LAYOUT = {"per_expert": "peft-per-expert", "fused": "peft-fused", "converted": "peft-fused-2r"}
@@ -63,7 +63,7 @@ def expected_deltas(fam: str, expected: ExpectedLora) -> dict[str, torch.Tensor]
     prefix, names = EXPERT_NAMES.get(fam, DEFAULT_NAMES)
     out = {}
     for (layer, target), (A, B, s) in expected.dense.items():
-        block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        block = "self_attn" if target in ATTENTION + MLA_ATTENTION else "mlp"
         out[f"model.layers.{layer}.{block}.{target}"] = s * B.double() @ A.double()
     for (layer, proj, e), (A, B, s) in expected.experts.items():
         out[f"model.layers.{layer}.{prefix}.experts.{e}.{names[proj]}"] = s * B.double() @ A.double()

@@ -28,7 +28,7 @@ TOL = 1e-4  # between moelora layouts computing in the same dtype
 NEAR_TIE = 1e-3
 NEW_TOKENS = 8
 # (family, tp, ep, dtype): the full matrix on Qwen3-MoE, (2, 2) on the others, 6 experts over ep=4,
-# GLM-4.5's grouped routing at (4, 4).
+# GLM-4.5's grouped routing and DeepSeek-V3's latent attention (heads split, latent replicated) at (4, 4).
 LAYOUTS = [
     *[("qwen3_moe", tp, ep, "float64") for tp, ep in [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]],
     ("qwen3_moe", 4, 2, "float32"),
@@ -36,6 +36,7 @@ LAYOUTS = [
     ("olmoe", 2, 1, "float32"),
     ("qwen2_moe", 4, 4, "float64"),
     *[("glm4_moe", tp, ep, "float64") for tp, ep in [(2, 2), (4, 4)]],
+    *[("deepseek_v3", tp, ep, "float64") for tp, ep in [(2, 2), (4, 4)]],
 ]
 
 

@@ -83,8 +83,8 @@ def open_session(llm: LLM, workload: WorkloadArgs, adapters: Sequence[str], seed
     model = llm.model
     ceilings = measure_ceilings(llm.device, model.dtype)
     cfg, ps = model.cfg, model.ps
-    kv_heads = model.decoder_layers()[0].self_attn.kv_heads
-    kv_per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim * model.dtype.itemsize
+    kv_heads, k_dim, v_dim = model.kv_layout()
+    kv_per_token = cfg.num_layers * kv_heads * (k_dim + v_dim) * model.dtype.itemsize
     lora_bytes = {}
     for name in adapters:
         copy = engine.loras.cpu_copy(name) if engine.loras is not None else None

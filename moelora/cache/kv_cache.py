@@ -95,7 +95,9 @@ class BlockAllocator:
 
 
 class KVCache:
-    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim] each, for this rank's KV heads."""
+    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim] each, for this rank's KV heads
+    (v's last dimension v_dim where it differs: latent attention keeps a latent in k and the rotated key
+    part in v)."""
 
     def __init__(
         self,
@@ -106,13 +108,15 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        v_dim: int | None = None,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
+        v_shape = (num_blocks, block_size, kv_heads, head_dim if v_dim is None else v_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s keys and values, in every layer, into block `dst`."""
@@ -122,10 +126,16 @@ class KVCache:
 
     @staticmethod
     def bytes_per_block(
-        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+        num_layers: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        v_dim: int | None = None,
     ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * kv_heads * head_dim * itemsize
+        width = head_dim + (head_dim if v_dim is None else v_dim)
+        return num_layers * block_size * kv_heads * width * itemsize
 
     def release(self) -> None:
         """Drop the cache tensors (the engine has stopped; nothing reads them any more)."""

@@ -110,8 +110,8 @@ class Engine:
         """The KV cache from the memory budget (the model's length limit checked against it), and what
         every rank builds."""
         a, cfg, model = self.args, self.cfg, self.model
-        kv_heads = model.decoder_layers()[0].self_attn.kv_heads
-        per_block = KVCache.bytes_per_block(cfg.num_layers, a.block_size, kv_heads, cfg.head_dim, model.dtype)
+        kv_heads, k_dim, v_dim = model.kv_layout()
+        per_block = KVCache.bytes_per_block(cfg.num_layers, a.block_size, kv_heads, k_dim, model.dtype, v_dim)
         wanted_len = a.max_model_len or cfg.max_position_embeddings
         step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
         activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
@@ -131,7 +131,9 @@ class Engine:
             "of activations (kept free on CUDA)",
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
+        # Latent attention runs PyTorch with host-side lengths (no CUDA graphs for it yet).
         graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
+        graphs = graphs and cfg.mla is None
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,

@@ -60,11 +60,11 @@ class Executor:
             with workers.lock:
                 workers.send(Init(plan))
         cfg, device = model.cfg, next(model.parameters()).device
-        kv_heads = model.decoder_layers()[0].self_attn.kv_heads
+        kv_heads, k_dim, v_dim = model.kv_layout()
         # With graphs, one block more than the allocator hands out: padded rows of a graph write there.
         self.cache = KVCache(
-            cfg.num_layers, plan.num_blocks + int(plan.graphs), plan.block_size, kv_heads, cfg.head_dim,
-            model.dtype, device,
+            cfg.num_layers, plan.num_blocks + int(plan.graphs), plan.block_size, kv_heads, k_dim,
+            model.dtype, device, v_dim,
         )  # fmt: skip
         self.pool = LoraPool(model, plan.lora_slots, plan.lora_rank) if plan.lora_slots else None
         graphs = None

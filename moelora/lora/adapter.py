@@ -29,11 +29,14 @@ from moelora.models.family import Family
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Latent attention's projections (DeepSeek-V2/V3), besides q_proj (when it has no q_a/q_b pair) and o_proj.
+MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 DENSE_TARGETS = (
     "q_proj",
     "k_proj",
     "v_proj",
     "o_proj",
+    *MLA_TARGETS,
     "gate_proj",
     "up_proj",
     "down_proj",
@@ -101,7 +104,8 @@ _GROUPED_KEY = re.compile(
 )
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_ATTN = re.compile(r"(?:self_attn|attn)\.([qkvo]_proj)")  # Tinker and ART name GPT-OSS's attention `attn`
+# Tinker and ART name GPT-OSS's attention `attn`
+_ATTN = re.compile(r"(?:self_attn|attn)\.([qkvo]_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)")
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,11 @@ class _Reader:
                 f"an adapter for another model?"
             )
         if t := _ATTN.fullmatch(rest):
+            if t[1] not in attention_targets(cfg):
+                raise self.fail(
+                    f"'{key}' targets {t[1]}, which this model's attention does not have (it has "
+                    f"{', '.join(attention_targets(cfg))})"
+                )
             return _Site("dense", layer, t[1], module)
         if t := self.mlp_re.fullmatch(rest):
             target = f"shared_expert.{t[2]}" if t[1] else t[2]
@@ -690,6 +699,15 @@ def _split_gate_up(
     return split, out
 
 
+def attention_targets(cfg: ModelConfig) -> tuple[str, ...]:
+    """The attention projections of this model an adapter may target."""
+    m = cfg.mla
+    if m is None:
+        return ("q_proj", "k_proj", "v_proj", "o_proj")
+    q = ("q_proj",) if m.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+    return (*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
 def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     """(in, out) features of a dense target."""
     hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -699,6 +717,13 @@ def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
         "v_proj": (hidden, kv_out),
         "o_proj": (q_out, hidden),
     }
+    if (m := cfg.mla) is not None:
+        heads = cfg.num_heads
+        attn["o_proj"] = (heads * m.v_head_dim, hidden)
+        attn["q_a_proj"] = (hidden, m.q_lora_rank or 0)
+        attn["q_b_proj"] = (m.q_lora_rank or 0, heads * m.qk_head_dim)
+        attn["kv_a_proj_with_mqa"] = (hidden, m.kv_lora_rank + m.qk_rope_head_dim)
+        attn["kv_b_proj"] = (m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim))
     if target in attn:
         return attn[target]
     shared = target.startswith("shared_expert.")

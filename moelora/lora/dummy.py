@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moelora.lora.adapter import EXPERT_PROJS, LoraAdapter, LoraWeights, dense_shape
+from moelora.lora.adapter import EXPERT_PROJS, LoraAdapter, LoraWeights, attention_targets, dense_shape
 from moelora.models.config import ModelConfig
 
 TARGET_GROUPS = ("attn", "experts", "shared", "mlp")
@@ -88,7 +88,7 @@ def make_dummy_adapter(
 
 def _dense_targets(groups: set[str], cfg: ModelConfig, layer: int) -> Iterator[str]:
     if "attn" in groups:
-        yield from ("q_proj", "k_proj", "v_proj", "o_proj")
+        yield from attention_targets(cfg)
     moe = cfg.moe_layers[layer]
     if "mlp" in groups and not moe:
         yield from ("gate_proj", "up_proj", "down_proj")

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from moelora.lora.adapter import (
     CONFIG_FILE,
     FORMATS,
+    MLA_TARGETS,
     WEIGHTS_FILE,
     AdapterError,
     LoraWeights,
@@ -32,7 +33,7 @@ _FUSED = re.compile(r"\.experts(\.base_layer)?\.lora_[AB]")
 _PER_PROJECTION = re.compile(r"\.experts\.(w1|w2|w3|[a-z_]+_proj)\.lora_[AB]")
 _GROUPED = re.compile(r"\.experts\.lora_(gate_and_up|down)_A")
 _GROUPED_ANY = re.compile(r"\.experts\.lora_(gate_and_up|down)_[AB]")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_TARGETS)
 
 
 @dataclass

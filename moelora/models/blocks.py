@@ -47,6 +47,7 @@ class SelfAttention(nn.Module):
         parts = [split_part("q_proj", q_size, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
         self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype)
         self.kv_heads = parts[1].size // cfg.head_dim  # this rank's KV heads (the KV cache's width)
+        self.cache_dims = (cfg.head_dim, cfg.head_dim)  # K and V per head
         self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype)
         self.qk_norm = cfg.qk_norm
         # GLM-4.5 rotates only the first rot_dim features of each head (transformers' partial rotary).

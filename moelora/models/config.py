@@ -18,6 +18,25 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 @dataclass(frozen=True)
+class Mla:
+    """Multi-head latent attention (DeepSeek-V2/V3): q through a low-rank pair (or one projection), keys
+    and values expanded per head from one normalised latent per token, which is what the cache holds
+    with the token's rotated key part shared by every head."""
+
+    q_lora_rank: int | None  # None: a plain q_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool  # rotary pairs (x0, x1), (x2, x3), ... instead of the two halves
+    softmax_scale: float  # qk_head_dim^-0.5, times YaRN's mscale^2 where the config asks
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the model code reads; layers get plain values from it, never the HF config."""
 
@@ -54,6 +73,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
     unserved_layers: int = 0  # layers after the last one in the checkpoint, not served (GLM's MTP layers)
+    mla: Mla | None = None  # latent attention instead of GQA (head_dim is then the q/k head dim)
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:

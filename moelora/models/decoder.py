@@ -17,6 +17,7 @@ from moelora.layers.spec import WeightSpec
 from moelora.models.blocks import DenseBlock, SelfAttention, SparseMoeBlock
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
+from moelora.models.mla import LatentAttention
 from moelora.parallel.state import ParallelState
 
 
@@ -30,7 +31,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = SelfAttention(cfg, layer, ps, dtype)
+        self.self_attn: SelfAttention | LatentAttention
+        if cfg.mla is not None:
+            self.self_attn = LatentAttention(cfg, layer, ps, dtype)
+        else:
+            self.self_attn = SelfAttention(cfg, layer, ps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp: DenseBlock | SparseMoeBlock
         if cfg.moe_layers[layer]:
@@ -111,6 +116,12 @@ class MoeForCausalLM(nn.Module):
     def ignored_keys(self) -> set[str]:
         """Checkpoint keys that may be present but are not read (a tied checkpoint's saved LM head)."""
         return {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(this rank's KV heads, K width, V width) of a cache token: its GQA heads of head_dim each, or
+        one latent and one rotated key part with latent attention."""
+        attn = self.decoder_layers()[0].self_attn
+        return attn.kv_heads, *attn.cache_dims
 
     def ignored_prefixes(self) -> tuple[str, ...]:
         """Checkpoint key prefixes that are not read: layers after the last one (GLM's MTP layers)."""

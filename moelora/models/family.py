@@ -55,3 +55,13 @@ def sliding_windows(hf: Any) -> tuple[int | None, ...]:
     if types:
         return tuple(window if t == "sliding_attention" else None for t in types)
     return (window,) * hf.num_hidden_layers
+
+
+def mtp_layers(hf: Any) -> int:
+    """Multi-token-prediction layers the checkpoint holds after the last layer (not served): transformers
+    5 says num_mtp_layers, the published configs num_nextn_predict_layers."""
+    for name in ("num_mtp_layers", "num_nextn_predict_layers"):
+        value = getattr(hf, name, None)
+        if value is not None:
+            return int(value)
+    return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from moelora.models.config import ModelConfig
-from moelora.models.family import Family, common_fields
+from moelora.models.family import Family, common_fields, mtp_layers
 
 
 def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
@@ -35,7 +35,7 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
         topk_groups=int(getattr(hf, "topk_group", 1) or 1),
         routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0)),
         shared_expert_gated=False,
-        unserved_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0),
+        unserved_layers=mtp_layers(hf),
     )
 
 

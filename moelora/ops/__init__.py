@@ -25,6 +25,7 @@ from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
 from moelora.ops.torch import lora as _torch_lora
+from moelora.ops.torch import mla as _torch_mla
 from moelora.ops.torch import moe as _torch_moe
 from moelora.ops.torch import norm as _torch_norm
 from moelora.ops.torch import rotary as _torch_rotary
@@ -116,6 +117,38 @@ def router(
     mod = _half_kernels("router", x, weight)
     impl = mod.router if mod is not None else _torch_router.router
     return impl(x, weight, top_k, renormalize, fp32_weights)
+
+
+def write_latent(
+    latent: torch.Tensor,
+    k_rot: torch.Tensor,
+    latent_cache: torch.Tensor,
+    rot_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store latent-attention keys in the paged cache; see `moelora.ops.torch.mla.write_latent` (PyTorch
+    on every device)."""
+    _torch_mla.write_latent(latent, k_rot, latent_cache, rot_cache, slot_mapping)
+
+
+def gather_latents(
+    latent_cache: torch.Tensor, rot_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's cached latents; see `moelora.ops.torch.mla.gather_latents` (PyTorch)."""
+    return _torch_mla.gather_latents(latent_cache, rot_cache, block_tables, kv_lens)
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention over expanded latents; see `moelora.ops.torch.mla.mla_attention` (PyTorch; the
+    host-side lengths make it unfit for CUDA graphs)."""
+    return _torch_mla.mla_attention(q, k, v, seq_lens, kv_lens, scale)
 
 
 def grouped_router(

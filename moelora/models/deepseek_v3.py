@@ -1,0 +1,65 @@
+"""DeepSeek-V3 (`DeepseekV3ForCausalLM`; also Kimi-K2 and Moonlight, which use the class): multi-head latent
+attention (`models/mla.py`), the first `first_k_dense_replace` layers dense, routed experts chosen by
+sigmoid scores plus a correction bias within the best groups, ungated shared experts
+(`mlp.shared_experts`). The checkpoints' multi-token-prediction layers are not served."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moelora.models.config import Mla, ModelConfig
+from moelora.models.family import Family, common_fields, mtp_layers
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
+    scoring, method = getattr(hf, "scoring_func", "sigmoid"), getattr(hf, "topk_method", "noaux_tc")
+    if scoring != "sigmoid" or method not in ("noaux_tc", None):
+        raise ValueError(
+            f"DeepseekV3ForCausalLM with scoring_func '{scoring}' and topk_method '{method}': moelora serves "
+            f"DeepSeek-V3's routing (sigmoid, noaux_tc), as transformers does for this class"
+        )
+    first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
+    shared = hf.moe_intermediate_size * int(getattr(hf, "n_shared_experts", 0) or 0)
+    qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    scale = qk_head_dim**-0.5
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default" and rope.get("mscale_all_dim"):
+        scale *= _yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"])) ** 2
+    mla = Mla(
+        q_lora_rank=getattr(hf, "q_lora_rank", None),
+        kv_lora_rank=hf.kv_lora_rank,
+        qk_nope_head_dim=hf.qk_nope_head_dim,
+        qk_rope_head_dim=hf.qk_rope_head_dim,
+        v_head_dim=hf.v_head_dim,
+        rope_interleave=bool(getattr(hf, "rope_interleave", True)),
+        softmax_scale=scale,
+    )
+    common = common_fields(hf, raw) | {"head_dim": qk_head_dim, "num_kv_heads": hf.num_attention_heads}
+    return ModelConfig(
+        **common,
+        qkv_bias=bool(getattr(hf, "attention_bias", False)),
+        o_bias=bool(getattr(hf, "attention_bias", False)),
+        qk_norm="none",
+        clip_qkv=None,
+        moe_layers=tuple(i >= first_dense for i in range(hf.num_hidden_layers)),
+        moe_intermediate_size=hf.moe_intermediate_size,
+        dense_intermediate_size=hf.intermediate_size,
+        shared_expert_intermediate_size=shared,
+        norm_topk_prob=bool(hf.norm_topk_prob),
+        router_fp32_weights=True,
+        routing="sigmoid_grouped",
+        expert_groups=int(getattr(hf, "n_group", 1) or 1),
+        topk_groups=int(getattr(hf, "topk_group", 1) or 1),
+        routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0)),
+        shared_expert_gated=False,
+        unserved_layers=mtp_layers(hf),
+        mla=mla,
+    )
+
+
+FAMILY = Family("deepseek_v3", ("DeepseekV3ForCausalLM",), read_config, shared_expert_name="shared_experts")
