@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from moelora.models.config import Mla, ModelConfig
-from moelora.models.family import Family, common_fields, mtp_layers
+from moelora.models.family import Family, common_fields, deepseek_moe_fields
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
@@ -23,8 +23,6 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
             f"DeepseekV3ForCausalLM with scoring_func '{scoring}' and topk_method '{method}': moelora serves "
             f"DeepSeek-V3's routing (sigmoid, noaux_tc), as transformers does for this class"
         )
-    first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
-    shared = hf.moe_intermediate_size * int(getattr(hf, "n_shared_experts", 0) or 0)
     qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     scale = qk_head_dim**-0.5
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
@@ -42,22 +40,11 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
     common = common_fields(hf, raw) | {"head_dim": qk_head_dim, "num_kv_heads": hf.num_attention_heads}
     return ModelConfig(
         **common,
+        **deepseek_moe_fields(hf),
         qkv_bias=bool(getattr(hf, "attention_bias", False)),
         o_bias=bool(getattr(hf, "attention_bias", False)),
         qk_norm="none",
         clip_qkv=None,
-        moe_layers=tuple(i >= first_dense for i in range(hf.num_hidden_layers)),
-        moe_intermediate_size=hf.moe_intermediate_size,
-        dense_intermediate_size=hf.intermediate_size,
-        shared_expert_intermediate_size=shared,
-        norm_topk_prob=bool(hf.norm_topk_prob),
-        router_fp32_weights=True,
-        routing="sigmoid_grouped",
-        expert_groups=int(getattr(hf, "n_group", 1) or 1),
-        topk_groups=int(getattr(hf, "topk_group", 1) or 1),
-        routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0)),
-        shared_expert_gated=False,
-        unserved_layers=mtp_layers(hf),
         mla=mla,
     )
 

@@ -65,3 +65,24 @@ def mtp_layers(hf: Any) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def deepseek_moe_fields(hf: Any) -> dict[str, Any]:
+    """The MoE fields DeepSeek-V3 and GLM-4.5 read the same way: dense layers below first_k_dense_replace,
+    grouped sigmoid routing with its scaling, n_shared_experts ungated shared experts, MTP layers."""
+    first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
+    return {
+        "moe_layers": tuple(i >= first_dense for i in range(hf.num_hidden_layers)),
+        "moe_intermediate_size": hf.moe_intermediate_size,
+        "dense_intermediate_size": hf.intermediate_size,
+        "shared_expert_intermediate_size": hf.moe_intermediate_size
+        * int(getattr(hf, "n_shared_experts", 0) or 0),
+        "norm_topk_prob": bool(hf.norm_topk_prob),
+        "router_fp32_weights": True,
+        "routing": "sigmoid_grouped",
+        "expert_groups": int(getattr(hf, "n_group", 1) or 1),
+        "topk_groups": int(getattr(hf, "topk_group", 1) or 1),
+        "routed_scaling_factor": float(getattr(hf, "routed_scaling_factor", 1.0)),
+        "shared_expert_gated": False,
+        "unserved_layers": mtp_layers(hf),
+    }
