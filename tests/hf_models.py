@@ -31,6 +31,7 @@ COMMON: dict[str, Any] = {
 
 def family_configs() -> dict[str, Any]:
     from transformers import (
+        DeepseekV2Config,
         DeepseekV3Config,
         Glm4MoeConfig,
         MixtralConfig,
@@ -132,6 +133,26 @@ def family_configs() -> dict[str, Any]:
                 "mscale": 1.0,
                 "mscale_all_dim": 1.0,
             },
+            tie_word_embeddings=False,
+        ),
+        # V2-Lite's shape: a plain q_proj; softmax routing within the best of 2 groups, scaled.
+        "deepseek_v2": DeepseekV2Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
             tie_word_embeddings=False,
         ),
     }

@@ -100,7 +100,7 @@ def _arch(family: str, hf: Any) -> _Arch:
         step, dense = hf.decoder_sparse_step or 1, set(hf.mlp_only_layers or [])
         moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(n))
         moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
-    elif family in ("glm4_moe", "deepseek_v3"):  # both: dense below first_k_dense_replace
+    elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2"):  # dense below first_k_dense_replace
         moe = tuple(i >= hf.first_k_dense_replace for i in range(n))
         moe_inter, dense_inter = hf.moe_intermediate_size, hf.intermediate_size
         shared_inter = hf.moe_intermediate_size * hf.n_shared_experts
@@ -124,8 +124,10 @@ def _arch(family: str, hf: Any) -> _Arch:
                 strict=True,
             )
         ),
-        shared_name="shared_experts" if family in ("glm4_moe", "deepseek_v3") else "shared_expert",
-        attention=_mla_shapes(hf) if family == "deepseek_v3" else None,
+        shared_name="shared_experts"
+        if family in ("glm4_moe", "deepseek_v3", "deepseek_v2")
+        else "shared_expert",
+        attention=_mla_shapes(hf) if family in ("deepseek_v3", "deepseek_v2") else None,
     )
 
 
@@ -133,9 +135,11 @@ def _mla_shapes(hf: Any) -> dict[str, tuple[int, int]]:
     """transformers' DeepseekV3Attention: (in, out) of each projection."""
     heads, h = hf.num_attention_heads, hf.hidden_size
     qk = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    q = {"q_proj": (h, heads * qk)}
+    if hf.q_lora_rank is not None:
+        q = {"q_a_proj": (h, hf.q_lora_rank), "q_b_proj": (hf.q_lora_rank, heads * qk)}
     return {
-        "q_a_proj": (h, hf.q_lora_rank),
-        "q_b_proj": (hf.q_lora_rank, heads * qk),
+        **q,
         "kv_a_proj_with_mqa": (h, hf.kv_lora_rank + hf.qk_rope_head_dim),
         "kv_b_proj": (hf.kv_lora_rank, heads * (hf.qk_nope_head_dim + hf.v_head_dim)),
         "o_proj": (heads * hf.v_head_dim, h),
@@ -381,7 +385,9 @@ def write_adapter(
     # PEFT saves the config with sorted keys, and matches patterns in the order they are read back.
     ranks, alphas = dict(sorted(ranks.items())), dict(sorted(alphas.items()))
     if arch.attention:  # latent attention: its own projections in place of q/k/v/o
-        dense_targets = list(dict.fromkeys(m for t in dense_targets for m in MLA_FOR.get(t, (t,))))
+        mla_for = MLA_FOR | ({"q_proj": ("q_proj",)} if "q_proj" in arch.attention else {})
+        dense_targets = list(dict.fromkeys(m for t in dense_targets for m in mla_for.get(t, (t,))))
+        dense_targets = [t for t in dense_targets if t not in MLA_ATTENTION or t in arch.attention]
     else:  # and none of them for the other models
         dense_targets = [t for t in dense_targets if t in ATTENTION or t not in MLA_ATTENTION]
     attention = tuple(arch.attention or ATTENTION)

@@ -70,6 +70,7 @@ def test_presets_build_at_their_published_size():
         "olmoe-1b-7b": 6.9,
         "glm-4.5-air": 106.9,  # "106B total", its multi-token-prediction layer not counted (not served)
         "deepseek-v3": 671.0,  # 671B, the multi-token-prediction layer (14B more on disk) not served
+        "deepseek-v2-lite": 15.7,
     }
     assert set(billions) <= set(preset_names())
     for name, size in billions.items():

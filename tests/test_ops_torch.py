@@ -217,3 +217,24 @@ def test_grouped_router_per_token(groups: int, topk_groups: int, top_k: int):
         want = s[chosen] / s[chosen].sum() * 2.5
         assert torch.allclose(weights[t].double(), want, atol=1e-6)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+
+
+@pytest.mark.parametrize(("groups", "topk_groups", "top_k"), [(1, 1, 4), (4, 2, 3), (8, 3, 2)])
+def test_softmax_grouped_router_per_token(groups: int, topk_groups: int, top_k: int):
+    """DeepSeek-V2's choice, one token at a time: softmax scores, groups scored by their best score, the
+    top_k of the allowed experts, weights their scores times the scaling (not renormalised)."""
+    from moelora.ops.torch.router import softmax_grouped_router
+
+    g = torch.Generator().manual_seed(10 + groups)
+    tokens, hidden, experts = 9, 16, 32
+    x = torch.randn(tokens, hidden, generator=g)
+    weight = torch.randn(experts, hidden, generator=g) * 0.5
+    weights, ids = softmax_grouped_router(x, weight, top_k, groups, topk_groups, 1.5)
+    per_group = experts // groups
+    for t in range(tokens):
+        p = torch.softmax(weight.double() @ x[t].double(), dim=-1)
+        best = sorted(range(groups), key=lambda i: -float(p[i * per_group : (i + 1) * per_group].max()))
+        allowed = [e for e in range(experts) if e // per_group in best[:topk_groups]]
+        chosen = sorted(allowed, key=lambda e: -float(p[e]))[:top_k]
+        assert ids[t].tolist() == chosen
+        assert torch.allclose(weights[t].double(), p[chosen] * 1.5, atol=1e-6)

@@ -37,6 +37,7 @@ LAYOUTS = [
     ("qwen2_moe", 4, 4, "float64"),
     *[("glm4_moe", tp, ep, "float64") for tp, ep in [(2, 2), (4, 4)]],
     *[("deepseek_v3", tp, ep, "float64") for tp, ep in [(2, 2), (4, 4)]],
+    ("deepseek_v2", 2, 2, "float64"),
 ]
 
 

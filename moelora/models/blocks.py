@@ -185,8 +185,9 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.cfg, self.ps, self.top_k = cfg, ps, cfg.top_k
         self.renormalize, self.fp32_weights = cfg.norm_topk_prob, cfg.router_fp32_weights
-        grouped = cfg.routing == "sigmoid_grouped"
-        # transformers keeps a sigmoid router (and its correction bias) in fp32 whatever the model's dtype.
+        grouped = cfg.routing != "softmax"
+        # transformers keeps DeepSeek's and GLM's routers (and the correction bias) in fp32 whatever the
+        # model's dtype.
         self.router = ColumnLinear(
             cfg.hidden_size,
             [whole_part("gate", cfg.num_experts)],
@@ -195,7 +196,7 @@ class SparseMoeBlock(nn.Module):
             lora_target=False,
         )
         self.score_bias: nn.Parameter | None = None
-        if grouped:
+        if cfg.routing == "sigmoid_grouped":
             bias = torch.empty(cfg.num_experts, dtype=torch.float32)
             self.score_bias = nn.Parameter(bias, requires_grad=False)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype)
@@ -219,6 +220,15 @@ class SparseMoeBlock(nn.Module):
                 cfg.expert_groups,
                 cfg.topk_groups,
                 self.renormalize,
+                cfg.routed_scaling_factor,
+            )
+        elif cfg.routing == "softmax_grouped":
+            weights, global_ids = ops.softmax_grouped_router(
+                x,
+                self.router.weight,
+                self.top_k,
+                cfg.expert_groups,
+                cfg.topk_groups,
                 cfg.routed_scaling_factor,
             )
         else:

@@ -11,7 +11,8 @@ QKNorm = Literal["none", "head", "full"]
 # How a MoE layer chooses its experts: softmax over the router's logits, top-k (Qwen, Mixtral, OLMoE); or
 # sigmoid scores plus a correction bias for the choice only, top-k within the best groups (DeepSeek-V3,
 # GLM-4.5).
-Routing = Literal["softmax", "sigmoid_grouped"]
+# softmax_grouped: DeepSeek-V2's softmax scores, top-k within the groups with the best single score.
+Routing = Literal["softmax", "sigmoid_grouped", "softmax_grouped"]
 
 # RoPE variants whose frequencies depend on the sequence length at run time.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -84,7 +85,7 @@ class ModelConfig:
             raise ValueError(
                 f"num_experts_per_tok {self.top_k} must be in [1, num_experts={self.num_experts}]"
             )
-        if self.routing == "sigmoid_grouped":
+        if self.routing != "softmax":
             groups, per_group = self.expert_groups, self.num_experts // max(1, self.expert_groups)
             if groups < 1 or self.num_experts % groups or not 1 <= self.topk_groups <= groups:
                 raise ValueError(

@@ -23,6 +23,12 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
             f"DeepseekV3ForCausalLM with scoring_func '{scoring}' and topk_method '{method}': moelora serves "
             f"DeepSeek-V3's routing (sigmoid, noaux_tc), as transformers does for this class"
         )
+    return ModelConfig(**mla_fields(hf, raw, interleave=bool(getattr(hf, "rope_interleave", True))))
+
+
+def mla_fields(hf: Any, raw: dict[str, Any], interleave: bool) -> dict[str, Any]:
+    """The ModelConfig fields of a DeepSeek model (V2 or V3): latent attention and the MoE layers (V3's
+    grouped sigmoid routing; V2 replaces it)."""
     qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     scale = qk_head_dim**-0.5
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
@@ -34,19 +40,20 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
         qk_nope_head_dim=hf.qk_nope_head_dim,
         qk_rope_head_dim=hf.qk_rope_head_dim,
         v_head_dim=hf.v_head_dim,
-        rope_interleave=bool(getattr(hf, "rope_interleave", True)),
+        rope_interleave=interleave,
         softmax_scale=scale,
     )
-    common = common_fields(hf, raw) | {"head_dim": qk_head_dim, "num_kv_heads": hf.num_attention_heads}
-    return ModelConfig(
-        **common,
+    return {
+        **common_fields(hf, raw),
+        "head_dim": qk_head_dim,
+        "num_kv_heads": hf.num_attention_heads,
         **deepseek_moe_fields(hf),
-        qkv_bias=bool(getattr(hf, "attention_bias", False)),
-        o_bias=bool(getattr(hf, "attention_bias", False)),
-        qk_norm="none",
-        clip_qkv=None,
-        mla=mla,
-    )
+        "qkv_bias": bool(getattr(hf, "attention_bias", False)),
+        "o_bias": bool(getattr(hf, "attention_bias", False)),
+        "qk_norm": "none",
+        "clip_qkv": None,
+        "mla": mla,
+    }
 
 
 FAMILY = Family("deepseek_v3", ("DeepseekV3ForCausalLM",), read_config, shared_expert_name="shared_experts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moelora.models import deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moelora.models import deepseek_v2, deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moelora.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -14,6 +14,7 @@ FAMILIES: tuple[Family, ...] = (
     olmoe.FAMILY,
     glm4_moe.FAMILY,
     deepseek_v3.FAMILY,
+    deepseek_v2.FAMILY,
 )
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 

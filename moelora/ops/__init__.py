@@ -166,6 +166,14 @@ def grouped_router(
     return _torch_router.grouped_router(x, weight, bias, top_k, groups, topk_groups, renormalize, scaling)
 
 
+def softmax_grouped_router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, groups: int, topk_groups: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores and group-limited top-k (DeepSeek-V2); see
+    `moelora.ops.torch.router.softmax_grouped_router`. PyTorch on every device (CUDA-graph safe)."""
+    return _torch_router.softmax_grouped_router(x, weight, top_k, groups, topk_groups, scaling)
+
+
 def fused_moe(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,

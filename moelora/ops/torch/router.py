@@ -67,3 +67,26 @@ def grouped_router(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, ids.to(torch.int32)
+
+
+def softmax_grouped_router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, groups: int, topk_groups: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's choice -> (weights [T, k] fp32, global expert ids [T, k] int32).
+
+    x [T, H]; weight [E, H]. Semantics, in fp32 as transformers: p = softmax(x @ weight^T); with
+    groups > 1 the experts form `groups` equal groups, a group scores its largest p, and only the experts
+    of the `topk_groups` best groups may be chosen ("group_limited_greedy"; "greedy" is groups = 1);
+    the ids are the top_k largest p (largest first), the weights their p times `scaling` (not
+    renormalised).
+    """
+    probs = F.linear(x.float(), weight.float()).softmax(dim=-1)  # [T, E]
+    choice = probs
+    if groups > 1:
+        tokens, experts = probs.shape
+        grouped = probs.view(tokens, groups, experts // groups)
+        best = grouped.amax(dim=-1).topk(topk_groups, dim=-1).indices  # [T, topk_groups]
+        allowed = torch.zeros(tokens, groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+        choice = grouped.masked_fill(~allowed[:, :, None], 0.0).view(tokens, experts)
+    weights, ids = choice.topk(top_k, dim=-1)
+    return weights * scaling, ids.to(torch.int32)
