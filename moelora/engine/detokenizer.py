@@ -58,9 +58,9 @@ class IncrementalDetokenizer:
     ) -> None:
         """`min_tokens`: a stop string only counts once it ends at or after that many generated tokens
         (as stop token ids and EOS, which the sampler masks until then). `deferred` (no stop strings
-        only): add() only collects ids and returns ""; the text is decoded in one call when asked for
-        (`text`, `finish`): for a consumer that reads the whole output, not the deltas (two decodes per
-        generated token saved on the engine's loop)."""
+        only): add() only collects ids and returns "", and `text` stays empty; `final_text()` decodes the
+        whole text in one call at the end: for a consumer that reads the whole output, not the deltas
+        (two decodes per generated token saved on the engine's loop)."""
         self._decode_ids = token_decoder(tokenizer) if tokenizer is not None else None
         self._min_tokens, self._count = min_tokens, 0
         self._stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -79,7 +79,7 @@ class IncrementalDetokenizer:
 
     @property
     def deferred(self) -> bool:
-        """Whether add() only collects ids (the text is decoded at the end: `final_text`)."""
+        """Whether add() only collects ids (the text is decoded at the end by `final_text`)."""
         return self._deferred
 
     def final_text(self) -> str:
@@ -95,9 +95,8 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All generated text so far, stop string excluded (held-back text included)."""
-        if self._deferred and self._read < len(self._ids):
-            self._catch_up()
+        """All generated text so far, stop string excluded (held-back text included); empty while
+        deferred."""
         return self._text
 
     def add(self, token_id: int) -> str:
@@ -119,21 +118,10 @@ class IncrementalDetokenizer:
         """Return the text still held back (pending partial characters included); call once at the end."""
         if self._decode_ids is None or self._stopped:
             return ""
-        if self._deferred:
-            self._catch_up()
         prefix_text = self._decode(self._prefix, self._read)
         window_text = self._decode(self._prefix, len(self._ids))
         self._prefix = self._read = len(self._ids)
         return self._extend(window_text[len(prefix_text) :], hold_back=False)
-
-    def _catch_up(self) -> None:
-        """Deferred: decode the ids collected since the last catch-up in one window, as add() would have
-        one token at a time, stopping where a character is still split (finish() takes that part)."""
-        prefix_text = self._decode(self._prefix, self._read)
-        window_text = self._decode(self._prefix, len(self._ids))
-        if len(window_text) > len(prefix_text) and not window_text.endswith(_INCOMPLETE):
-            self._prefix, self._read = self._read, len(self._ids)
-            self._text += window_text[len(prefix_text) :]
 
     def _extend(self, new_text: str, hold_back: bool) -> str:
         """Add decoded text, cut at the first stop string, and return what can be streamed now."""

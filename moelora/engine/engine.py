@@ -132,8 +132,8 @@ class Engine:
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
         # Latent attention runs PyTorch with host-side lengths (no CUDA graphs for it yet).
-        graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
-        graphs = graphs and cfg.mla is None
+        graphs = a.cuda_graphs and workers is None and cfg.mla is None
+        graphs = graphs and ops.graph_safe(next(model.parameters()))
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,
@@ -271,10 +271,11 @@ class Engine:
         request = Request(rid, text, ids, params, lora, stream, arrival=n, lora_entry=entry)
         request.seqs = [self._new_sequence(request, i, text_deltas) for i in range(params.n)]
         request.whole_output = not text_deltas
-        if all(s.detokenizer.deferred for s in request.seqs):
+        detoks = [s.detokenizer for s in request.seqs]
+        if all(d.deferred for d in detoks):
             # The whole text of each completion, decoded once by the consumer after the request ended
             # (not on the engine's loop, where 256 completions ending in one step held it for ~10 ms).
-            stream.final_texts = lambda: [s.detokenizer.final_text() for s in request.seqs]
+            stream.final_texts = lambda: [d.final_text() for d in detoks]
         return request
 
     def _unprepare(self, request: Request) -> None:

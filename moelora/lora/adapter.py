@@ -31,12 +31,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Latent attention's projections (DeepSeek-V2/V3), besides q_proj (when it has no q_a/q_b pair) and o_proj.
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_TARGETS)
 DENSE_TARGETS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    *MLA_TARGETS,
+    *ATTENTION_TARGETS,
     "gate_proj",
     "up_proj",
     "down_proj",
@@ -105,7 +102,7 @@ _GROUPED_KEY = re.compile(
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Tinker and ART name GPT-OSS's attention `attn`
-_ATTN = re.compile(r"(?:self_attn|attn)\.([qkvo]_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)")
+_ATTN = re.compile(rf"(?:self_attn|attn)\.({'|'.join(ATTENTION_TARGETS)})")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moelora.lora.adapter import (
+    ATTENTION_TARGETS,
     CONFIG_FILE,
     FORMATS,
-    MLA_TARGETS,
     WEIGHTS_FILE,
     AdapterError,
     LoraWeights,
@@ -33,7 +33,6 @@ _FUSED = re.compile(r"\.experts(\.base_layer)?\.lora_[AB]")
 _PER_PROJECTION = re.compile(r"\.experts\.(w1|w2|w3|[a-z_]+_proj)\.lora_[AB]")
 _GROUPED = re.compile(r"\.experts\.lora_(gate_and_up|down)_A")
 _GROUPED_ANY = re.compile(r"\.experts\.lora_(gate_and_up|down)_[AB]")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_TARGETS)
 
 
 @dataclass
@@ -130,7 +129,7 @@ def convert_adapter(path: str | Path, out: str | Path, model: tuple[str, ModelCo
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for (layer, target), w in sorted(adapter.dense.items()):
-        block = "self_attn" if target in _ATTENTION else "mlp"
+        block = "self_attn" if target in ATTENTION_TARGETS else "mlp"
         name = target.replace("shared_expert.", f"{family.shared_expert_name}.", 1)
         module = f"model.layers.{layer}.{block}.{name}"
         _put(tensors, ranks, module, w)

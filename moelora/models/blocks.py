@@ -211,7 +211,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
-        if self.score_bias is not None:
+        if cfg.routing == "sigmoid_grouped":
+            assert self.score_bias is not None
             weights, global_ids = ops.grouped_router(
                 x,
                 self.router.weight,

@@ -69,8 +69,8 @@ class ModelConfig:
     dtype: torch.dtype  # the checkpoint's own dtype
     eos_token_ids: tuple[int, ...]
     routing: Routing = "softmax"
-    expert_groups: int = 1  # sigmoid_grouped: the experts fall into this many equal groups
-    topk_groups: int = 1  # sigmoid_grouped: the experts are chosen within this many best groups
+    expert_groups: int = 1  # the grouped routings: the experts fall into this many equal groups
+    topk_groups: int = 1  # the grouped routings: the experts are chosen within this many best groups
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
     unserved_layers: int = 0  # layers after the last one in the checkpoint, not served (GLM's MTP layers)

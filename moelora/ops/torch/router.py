@@ -56,12 +56,8 @@ def grouped_router(
     scores = F.linear(x.float(), weight.float()).sigmoid()  # [T, E]
     choice = scores + bias.float()
     if groups > 1:
-        tokens, experts = choice.shape
-        grouped = choice.view(tokens, groups, experts // groups)
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, groups]
-        best = group_scores.topk(topk_groups, dim=-1).indices
-        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, groups]
-        choice = grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(tokens, experts)
+        group_scores = choice.view(choice.shape[0], groups, -1).topk(2, dim=-1).values.sum(dim=-1)
+        choice = _within_best_groups(choice, group_scores, topk_groups, float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if renormalize:
@@ -83,10 +79,18 @@ def softmax_grouped_router(
     probs = F.linear(x.float(), weight.float()).softmax(dim=-1)  # [T, E]
     choice = probs
     if groups > 1:
-        tokens, experts = probs.shape
-        grouped = probs.view(tokens, groups, experts // groups)
-        best = grouped.amax(dim=-1).topk(topk_groups, dim=-1).indices  # [T, topk_groups]
-        allowed = torch.zeros(tokens, groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
-        choice = grouped.masked_fill(~allowed[:, :, None], 0.0).view(tokens, experts)
+        group_scores = probs.view(probs.shape[0], groups, -1).amax(dim=-1)
+        choice = _within_best_groups(probs, group_scores, topk_groups, 0.0)
     weights, ids = choice.topk(top_k, dim=-1)
     return weights * scaling, ids.to(torch.int32)
+
+
+def _within_best_groups(
+    scores: torch.Tensor, group_scores: torch.Tensor, topk_groups: int, fill: float
+) -> torch.Tensor:
+    """scores [T, E] with every expert outside the `topk_groups` best of its token's groups (group_scores
+    [T, G], the experts in G equal groups in order) set to `fill`."""
+    best = group_scores.topk(topk_groups, dim=-1).indices  # [T, topk_groups]
+    allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
+    grouped = scores.view(*group_scores.shape, -1)
+    return grouped.masked_fill(~allowed[:, :, None], fill).view(scores.shape)

@@ -5,7 +5,6 @@ every device (the Triton kernel computes it in uint32, this twin in int64 with m
 
 from __future__ import annotations
 
-import functools
 from typing import TypeVar
 
 import torch
@@ -30,14 +29,8 @@ def hash32(x: _Ints) -> _Ints:
 def row_hash(seed: int, position: int) -> int:
     """The race's key of one row, as an int32 bit pattern: a hash of the sequence's seed (any int) and its
     output position."""
-    return signed32(hash32(_seed_hash(seed) ^ (position & MASK32)))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _seed_hash(seed: int) -> int:
-    """The seed's part of `row_hash`, the same for all of a sequence's steps (made once, not every step)."""
     s = seed % 2**64
-    return hash32(hash32(s & MASK32) ^ (s >> 32))
+    return signed32(hash32(hash32(hash32(s & MASK32) ^ (s >> 32)) ^ (position & MASK32)))
 
 
 def signed32(value: int) -> int:
