@@ -138,6 +138,11 @@ class EngineArgs:
     cuda_graphs: bool = option(
         True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16 with one rank)"
     )
+    async_scheduling: bool = option(
+        True,
+        "build and queue each step while the device still runs the one before (its sampled tokens are "
+        "fed to the next step on the device, broadcast to the other ranks there)",
+    )
     gpu_memory_utilization: float | None = option(
         None,
         "vLLM's budget: the share of the card's memory this process may fill; the KV cache gets what is "

@@ -247,9 +247,9 @@ def test_n_completions_compute_the_prompt_once(llm: LLM):
     runner = llm.engine.executor.runner
     original = runner.execute
 
-    def counting(step):
+    def counting(step, previous=None):
         fed.append(len(step.ids))
-        return original(step)
+        return original(step, previous)
 
     runner.execute = counting
     try:
@@ -281,9 +281,9 @@ def fed_tokens(llm: LLM) -> list[int]:
     runner = llm.engine.executor.runner
     original = type(runner).execute
 
-    def counting(step):
+    def counting(step, previous=None):
         fed.append(len(step.ids))
-        return original(runner, step)
+        return original(runner, step, previous)
 
     runner.execute = counting
     return fed
@@ -411,3 +411,84 @@ def test_whole_output_requests_get_one_delta(llm: LLM):
     assert out is not None and out.prompt_logprobs is not None
     assert [len(c.token_ids) for c in out.outputs] == [9, 9]
     assert all(c.logprobs is not None and len(c.logprobs) == 9 for c in out.outputs)
+
+
+def mixed_requests() -> tuple[list[str], list[SamplingParams]]:
+    """Requests that end every way (EOS, stop strings, stop ids, length) with every sampling option."""
+    prompts = [*PROMPTS, "Once upon a time", "The capital of France is"]
+    params = [
+        SamplingParams(temperature=1.0, seed=1, max_tokens=40),  # ends at EOS or length
+        SamplingParams(temperature=0.8, seed=2, max_tokens=30, stop=[" the", "."], logprobs=2),
+        SamplingParams(temperature=0, max_tokens=7, repetition_penalty=1.3, prompt_logprobs=2),
+        SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=25, frequency_penalty=0.5, min_tokens=3),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=33, top_k=20, top_p=0.9, presence_penalty=0.3),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=16, min_p=0.05, stop_token_ids=[11, 13]),
+    ]
+    return prompts, params
+
+
+def assert_same_outputs(a, b) -> None:
+    """Tokens, texts and finish reasons equal; log-probs equal to 1e-4 (a sequence preempted at another
+    step recomputes its prefix in another batch: the last bits of its later log-probs move)."""
+
+    def close(x, y) -> bool:
+        if x is None or y is None:
+            return x is y
+        return len(x) == len(y) and all(
+            e is f or (e.keys() == f.keys() and all(abs(e[t] - f[t]) < 1e-4 for t in e))
+            for e, f in zip(x, y, strict=True)
+        )
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert close(x.prompt_logprobs, y.prompt_logprobs)
+        for c, d in zip(x.outputs, y.outputs, strict=True):
+            assert (c.token_ids, c.text, c.finish_reason) == (d.token_ids, d.text, d.finish_reason)
+            assert close(c.logprobs, d.logprobs)
+
+
+@pytest.mark.parametrize("num_kv_blocks", [256, 12])  # 12 blocks of 4 tokens: preemptions
+def test_async_scheduling_changes_no_output(num_kv_blocks: int):
+    """A step queued before the previous step's tokens reach the host (its last tokens fed on the
+    device) gives the outputs of steps that wait for their tokens: every way of ending, every sampling
+    option, n > 1, preemptions."""
+    prompts, params = mixed_requests()
+    results = {}
+    for overlap in (False, True):
+        kwargs = dict(num_kv_blocks=num_kv_blocks, block_size=4, async_scheduling=overlap)
+        with LLM("demo", device="cpu", progress=False, **kwargs) as instance:
+            fed = fed_steps(instance)
+            results[overlap] = instance.generate(prompts, params)
+            preemptions = instance.engine.num_preemptions
+            wait_idle(instance)
+        assert any(fed) == overlap  # tokens were fed on the device only with async scheduling
+    assert_same_outputs(results[True], results[False])
+    reasons = {c.finish_reason for o in results[True] for c in o.outputs}
+    assert {"stop", "length"} <= reasons
+    assert (preemptions > 0) == (num_kv_blocks == 12)
+
+
+def fed_steps(llm: LLM) -> list[int]:
+    """Per step from now on: how many of its tokens the previous step fed on the device."""
+    counts: list[int] = []
+    runner = llm.engine.executor.runner
+    original = type(runner).execute
+
+    def counting(step, previous=None):
+        counts.append(len(step.fed))
+        return original(runner, step, previous)
+
+    runner.execute = counting
+    return counts
+
+
+def test_async_scheduling_runs_no_step_past_a_length_limit(llm: LLM):
+    """Sequences that end by length run exactly as many steps as when each step waits for its tokens:
+    a token in flight that is a sequence's last is never fed to another step."""
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 9, 14, 14)]
+    fed = fed_steps(llm)
+    outputs = llm.generate(PROMPTS, params)
+    del llm.engine.executor.runner.execute
+    assert [len(o.token_ids) for o in outputs] == [3, 9, 14, 14]
+    # One prefill step, then 13 decode steps, every decode token fed from the step before.
+    assert fed == [0] + [4] * 2 + [3] * 6 + [2] * 5

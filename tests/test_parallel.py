@@ -324,6 +324,37 @@ def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
     assert outs[1] == outs[2]
 
 
+def test_async_scheduling_feeds_every_rank(checkpoints, one_thread):
+    """Steps queued before rank 0 has read the previous step's tokens: the workers get those tokens in a
+    broadcast on the device and compute the same step; the completions equal those of waiting steps
+    (sampled, n > 1, free endings)."""
+    from tests.test_engine import assert_same_outputs
+
+    batch = prompts()
+    params = [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=9),
+        SamplingParams(temperature=0.8, seed=4, max_tokens=6, n=2, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+    ]
+    outs = {}
+    for overlap in (False, True):
+        with LLM(
+            str(checkpoints["qwen3_moe"]), device="cpu", dtype="float64", tp_size=2, ep_size=2,
+            progress=False, num_kv_blocks=32, block_size=4, async_scheduling=overlap,
+        ) as llm:  # fmt: skip
+            runner = llm.engine.executor.runner
+            fed: list[int] = []
+
+            def counting(step, previous=None, runner=runner, fed=fed):
+                fed.append(len(step.fed))
+                return type(runner).execute(runner, step, previous)
+
+            runner.execute = counting
+            outs[overlap] = llm.generate(batch, params)
+        assert any(fed) == overlap
+    assert_same_outputs(outs[True], outs[False])
+
+
 def test_a_refused_start_adapter_leaves_no_worker_behind(checkpoints, tmp_path: Path, one_thread):
     from moelora.lora.adapter import AdapterError
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ from moelora.engine.request import (
     encode_prompt,
 )
 from moelora.engine.runner import step_input
-from moelora.engine.sampler import Sampled, SamplingInput, sample
+from moelora.engine.sampler import PendingSample, Sampled, SamplingInput, launch_sample, sample
 from moelora.engine.scheduler import Scheduler
 from moelora.engine.stats import EngineLoad, StepRecord
 from moelora.engine.stream import EngineDeadError, RequestStream
+from moelora.engine.transfer import to_device
 from moelora.lora.adapter import LoraAdapter
 from moelora.lora.dummy import DummyLora
 from moelora.lora.manager import LoraInfo, LoraManager
@@ -51,6 +53,21 @@ from moelora.parallel.launch import WorkerGroup
 from moelora.sampling_params import SamplingParams
 
 _LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A step whose work is queued and whose choices the host has not read yet."""
+
+    seqs: list[Sequence]  # the sequences sampled, in the order of the choices' rows
+    sampled: PendingSample
+    start: float  # perf_counter before it was scheduled
+    num_seqs: int  # sequences the step ran (some may have ended before their row was sampled)
+    prefill: int
+    decode: int
+    adapters: int
+
+
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (8.5 MiB when full)
 _MIN_STEP_TOKENS = 8192  # the default step budget, at least: max(this, max_model_len)
 
@@ -85,6 +102,9 @@ class Engine:
         self.loras = self.adapters.manager if self.adapters is not None else None
         plan = self._plan(lora_rank, la, workers)
         self.executor = Executor(model, plan, workers=workers)
+        # With workers, the tokens a step is fed reach them in a broadcast from rank 0 on the device.
+        self._overlap = self.args.async_scheduling
+        self._in_flight: _InFlight | None = None
         self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
         step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, self.max_model_len)
@@ -406,6 +426,9 @@ class Engine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    if self._in_flight is not None:  # (it ended its sequences: nothing left to run)
+                        self._finish_in_flight()
+                        continue
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
@@ -470,13 +493,15 @@ class Engine:
                 self._emit(seq, [], [], None, "")
 
     def step(self) -> None:
-        """One scheduling step: run the scheduled sequences one token further."""
+        """One scheduling step: run the scheduled sequences one token further. With async scheduling the
+        step is queued on the device before the previous step's choices are read (its sequences' last
+        tokens are fed on the device), and its own choices are read by the next call: the host's work
+        of one step runs while the device computes the next."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        seqs = scheduled.seqs
-        if not seqs:
-            return
-        if self.adapters is not None:
+        # A sequence whose token in flight is certainly its last (its length limit) runs no further.
+        seqs = [s for s in scheduled.seqs if not self._ends_with_pending(s)]
+        if seqs and self.adapters is not None:
             entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
             failed = self.adapters.acquire(list(entries), self.executor) if entries else {}
             for entry, error in failed.items():
@@ -484,13 +509,25 @@ class Engine:
                 for request in [r for r in self._requests.values() if r.lora_entry is entry]:
                     self._fail(request, error)
             seqs = [s for s in seqs if s.request.lora_entry not in failed]
-            if not seqs:
-                return
+        if not seqs:
+            self._finish_in_flight()
+            return
         step = step_input(seqs, self.args.block_size)
         prefill = sum(n for s, n in zip(seqs, step.seq_lens, strict=True) if s.num_cached < s.num_prompt)
-        logits, prompt_logits = self.executor.step(step)
+        previous = self._in_flight
+        logits, prompt_logits = self.executor.step(step, previous.sampled.tokens if previous else None)
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens
+        self._finish_in_flight()  # the host's work of the previous step, while the device runs this one
         for i, pl in prompt_logits.items():
             self._set_prompt_logprobs(seqs[i], pl)
+        live = [i for i, s in enumerate(seqs) if s.status is Status.RUNNING]  # not ended by the previous
+        for i in live:
+            if seqs[i].request.forks and seqs[i].index == 0:  # its prompt was computed in this step
+                self._fork(seqs[i], logits[i])
+        if len(live) < len(seqs):
+            logits = logits.index_select(0, to_device(live, torch.int64, logits.device))
+        sampled_seqs = [seqs[i] for i in live]
         inputs = [
             SamplingInput(
                 s.request.params,
@@ -499,16 +536,38 @@ class Engine:
                 s.seed,
                 self.eos_token_ids,
             )
-            for s in seqs
+            for s in sampled_seqs
         ]
-        for i, (seq, sampled) in enumerate(zip(seqs, sample(logits, inputs), strict=True)):
-            seq.num_cached = len(seq.token_ids)
-            self.scheduler.cache_blocks(seq)
-            if seq.request.forks and seq.index == 0:  # its prompt was computed in this step
-                self._fork(seq, logits[i])
-            self._append(seq, sampled)
+        sampled = launch_sample(logits, inputs)
+        for row, seq in enumerate(sampled_seqs):
+            seq.pending = row
         adapters = len({s.request.lora_entry for s in seqs if s.request.lora_entry is not None})
-        record = StepRecord(start, time.perf_counter(), len(seqs), prefill, len(step.ids) - prefill, adapters)
+        decode = len(step.ids) - prefill
+        self._in_flight = _InFlight(sampled_seqs, sampled, start, len(seqs), prefill, decode, adapters)
+        if not self._overlap:
+            self._finish_in_flight()
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """Whether the token `seq` has in flight will end it by length (see `_append`)."""
+        if seq.pending < 0:
+            return False
+        n, limit = seq.num_tokens, seq.request.params.max_tokens
+        return n >= self.max_model_len or (limit is not None and n - seq.num_prompt >= limit)
+
+    def _finish_in_flight(self) -> None:
+        """Read the choices of the step in flight and hand them out (stop rules, streams, prefix cache)."""
+        done, self._in_flight = self._in_flight, None
+        if done is None:
+            return
+        for seq, sampled in zip(done.seqs, done.sampled.result(), strict=True):
+            seq.pending = -1
+            if seq.status is Status.FINISHED:  # aborted or failed while its token was on the way
+                continue
+            self.scheduler.cache_blocks(seq)
+            self._append(seq, sampled)
+        record = StepRecord(
+            done.start, time.perf_counter(), done.num_seqs, done.prefill, done.decode, done.adapters
+        )
         with self._lock:
             self._step_log.append(record)
 

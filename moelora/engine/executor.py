@@ -25,6 +25,7 @@ from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.pool import LoraPool
 from moelora.lora.source import load_adapter
 from moelora.models.decoder import MoeForCausalLM
+from moelora.parallel.comm import broadcast
 from moelora.parallel.launch import WorkerChannel, WorkerGroup
 from moelora.parallel.sharding import place_experts
 
@@ -84,9 +85,25 @@ class Executor:
 
     # ---------------------------------------------------------------- commands (rank 0)
 
-    def step(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One engine step: (fp32 logits [B, V], {sequence index: prompt logits}); see ModelRunner."""
-        return self._everywhere(Step(step), lambda: self.runner.execute(step))
+    def step(
+        self, step: StepInput, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One engine step: (fp32 logits [B, V], {sequence index: prompt logits}); see ModelRunner.
+        `previous`: the previous step's chosen ids on the device, for the step's `fed` tokens; the
+        workers get them from rank 0 in a broadcast on the device (no wait for the host)."""
+        rows = 0
+        if step.fed:
+            if previous is None:
+                raise ValueError("a step with fed tokens needs the previous step's chosen ids")
+            rows = previous.shape[0]
+
+        def local() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            if rows and self.workers is not None:
+                assert previous is not None
+                broadcast(previous, self.model.ps)
+            return self.runner.execute(step, previous)
+
+        return self._everywhere(Step(step, rows), local)
 
     def forward_logits(self, ids: list[int], seq_lens: tuple[int, ...]) -> torch.Tensor:
         """A cacheless forward pass over prompts given flat: fp32 logits [sum(seq_lens), V]."""
@@ -131,8 +148,12 @@ class Executor:
 
     # ---------------------------------------------------------------- every rank (workers: from messages)
 
-    def run_step(self, step: StepInput) -> None:
-        self.runner.execute(step)
+    def run_step(self, step: StepInput, fed_rows: int = 0) -> None:
+        previous = None
+        if fed_rows:  # rank 0's chosen ids of the previous step, which the step's fed tokens read
+            previous = torch.empty(fed_rows, dtype=torch.int64, device=self.device)
+            broadcast(previous, self.model.ps)
+        self.runner.execute(step, previous)
 
     @torch.inference_mode()
     def run_forward(self, ids: list[int], seq_lens: tuple[int, ...]) -> torch.Tensor:

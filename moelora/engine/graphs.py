@@ -20,6 +20,7 @@ import torch
 
 from moelora.batch import ForwardBatch, PagedKV
 from moelora.cache.kv_cache import KVCache
+from moelora.engine.transfer import pinned, to_device
 from moelora.models.decoder import MoeForCausalLM
 
 if TYPE_CHECKING:
@@ -48,6 +49,17 @@ def free_cublas_workspaces() -> None:
     if clear is not None and torch.cuda.is_available() and not _LIVE:
         torch.cuda.synchronize()
         clear()
+
+
+def feed(ids: torch.Tensor, fed: list[tuple[int, int]], previous: torch.Tensor | None) -> None:
+    """Write the previous step's chosen ids into a step's token ids on the device: ids[t] = previous[row]
+    for each (t, row) in `fed` (the tokens the host has not seen yet)."""
+    if not fed:
+        return
+    if previous is None:
+        raise ValueError("a step with fed tokens needs the previous step's chosen ids")
+    index = to_device(list(zip(*fed, strict=True)), torch.int64, ids.device)  # [2, F]: token, row
+    ids.index_copy_(0, index[0], previous.index_select(0, index[1]))
 
 
 class GraphCaptureError(RuntimeError):
@@ -146,8 +158,8 @@ class DecodeGraphs:
         self.token_slot[start:stop] = -1
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> torch.Tensor:
-        """fp32 logits [B, V] of a decode step that `fits`."""
+    def run(self, step: StepInput, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [B, V] of a decode step that `fits` (queued; `previous`: see `feed`)."""
         ids, block_tables, lora_slots = step.ids, step.block_tables, step.lora_slots
         b = len(ids)
         size = self.size_for(b)
@@ -159,16 +171,17 @@ class DecodeGraphs:
                 self._graphs[key] = self._capture(size, lora)
             except Exception as e:
                 raise GraphCaptureError(f"capturing a decode step of {size} sequences failed: {e}") from e
-        width = len(block_tables[0])
-        host = torch.tensor([ids, step.positions, step.slot_mapping], dtype=torch.int64)
+        width, dev = len(block_tables[0]), self.ids.device
+        host = pinned([ids, step.positions, step.slot_mapping], torch.int64, dev)
         self.ids[:b].copy_(host[0], non_blocking=True)
         self.positions[:b].copy_(host[1], non_blocking=True)
         self.slot_mapping[:b].copy_(host[2], non_blocking=True)
-        self.block_tables[:b, :width].copy_(torch.tensor(block_tables, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:b, :width].copy_(pinned(block_tables, torch.int32, dev), non_blocking=True)
         self.block_tables[:b, width:] = 0
-        small = torch.tensor([list(step.kv_lens), lora_slots], dtype=torch.int32)
+        small = pinned([list(step.kv_lens), lora_slots], torch.int32, dev)
         self.kv_lens[:b].copy_(small[0], non_blocking=True)
         self.token_slot[:b].copy_(small[1], non_blocking=True)
+        feed(self.ids, step.fed, previous)
         self._fill_padding(b, size)
         g = self._graphs[key]
         g.graph.replay()

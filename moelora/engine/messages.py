@@ -20,12 +20,14 @@ class Init:
 
 @dataclass(frozen=True)
 class Step:
-    """Run one engine step's forward pass."""
+    """Run one engine step's forward pass. `fed_rows`: with async scheduling, the number of ids the
+    previous step chose; rank 0 broadcasts them on the device first (the step's `fed` tokens read them)."""
 
     step: StepInput
+    fed_rows: int = 0
 
     def apply(self, executor: Executor) -> None:
-        executor.run_step(self.step)
+        executor.run_step(self.step, self.fed_rows)
 
 
 @dataclass(frozen=True)

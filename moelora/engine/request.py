@@ -44,7 +44,10 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     seed: int  # its draws: params.seed + index, or derived from the engine seed and the arrival order
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0  # leading tokens whose keys/values are in the cache
+    num_cached: int = 0  # leading tokens whose keys/values are in the cache (or queued to be written)
+    # The row of this sequence's next token among the choices of the step in flight (chosen on the
+    # device, not yet read by the host: async scheduling); -1 when the host has every token.
+    pending: int = -1
     num_registered: int = 0  # leading blocks offered to the prefix cache
     status: Status = Status.WAITING
     logprobs: list[Logprobs] | None = None
@@ -55,6 +58,11 @@ class Sequence:
     @property
     def num_prompt(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens so far, the one still on its way to the host included."""
+        return len(self.token_ids) + (self.pending >= 0)
 
     @property
     def output_ids(self) -> list[int]:

@@ -7,17 +7,19 @@ run the identical forward pass (and meet in the same collectives); only the driv
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from moelora.batch import ForwardBatch, PagedKV
 from moelora.cache.kv_cache import KVCache
-from moelora.engine.graphs import DecodeGraphs, GraphCaptureError
+from moelora.engine.graphs import DecodeGraphs, GraphCaptureError, feed
 from moelora.engine.request import Sequence
+from moelora.engine.transfer import to_device
 from moelora.models.decoder import MoeForCausalLM
 
 
@@ -28,7 +30,9 @@ class StepInput:
     ids, positions, slot_mapping: per token. seq_lens, kv_lens, lora_slots (-1 = base model) and
     block_tables: per sequence. prompt_logits: (sequence index, number of prompt positions) for the
     sequences whose prompt log-probs are wanted this step (their logits at every prompt position but
-    the last).
+    the last). fed: (token index, row) for the tokens that the previous step sampled and the host has
+    not seen yet (async scheduling, one rank only): their entry in ids is a placeholder, the token is
+    read on the device from row `row` of the previous step's chosen ids.
     """
 
     ids: list[int]
@@ -39,17 +43,23 @@ class StepInput:
     block_tables: list[list[int]]
     lora_slots: list[int]
     prompt_logits: list[tuple[int, int]]
+    fed: list[tuple[int, int]] = field(default_factory=list)
 
 
 def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
-    """The StepInput of the scheduled sequences: each runs token_ids[num_cached:]."""
+    """The StepInput of the scheduled sequences: each runs its tokens from num_cached on, the last one
+    fed from the previous step's choices when the host does not have it yet (`Sequence.pending`)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
+    fed: list[tuple[int, int]] = []
     seq_lens, kv_lens, lora_slots, prompt_logits = [], [], [], []
     for i, s in enumerate(seqs):
-        start, end = s.num_cached, len(s.token_ids)
+        start, end = s.num_cached, s.num_tokens
         ids += s.token_ids[start:end]
+        if s.pending >= 0:
+            fed.append((len(ids), s.pending))
+            ids.append(0)
         positions += range(start, end)
         slots += (s.blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
         seq_lens.append(end - start)
@@ -61,7 +71,7 @@ def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
     width = max(len(s.blocks) for s in seqs)
     tables = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
     return StepInput(
-        ids, positions, slots, tuple(seq_lens), tuple(kv_lens), tables, lora_slots, prompt_logits
+        ids, positions, slots, tuple(seq_lens), tuple(kv_lens), tables, lora_slots, prompt_logits, fed
     )
 
 
@@ -76,43 +86,52 @@ class ModelRunner:
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
 
-    def build_batch(self, step: StepInput) -> tuple[torch.Tensor, ForwardBatch]:
-        """Token ids [T] and the ForwardBatch of a step, on this rank's device."""
-        dev = self.device
+    def build_batch(
+        self, step: StepInput, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ForwardBatch]:
+        """Token ids [T] and the ForwardBatch of a step, on this rank's device; `previous`: the previous
+        step's chosen ids [B'] when the step has `fed` tokens."""
+        dev, i32, i64 = self.device, torch.int32, torch.int64
         kv = PagedKV(
             self.cache,
-            torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
-            torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
+            to_device(step.slot_mapping, i64, dev),
+            to_device(step.block_tables, i32, dev),
             step.kv_lens,
-            torch.tensor(step.kv_lens, dtype=torch.int32, device=dev),
+            to_device(step.kv_lens, i32, dev),
         )
         token_slot = None
         if any(slot >= 0 for slot in step.lora_slots):
-            per_seq = torch.tensor(step.lora_slots, dtype=torch.int32)
-            token_slot = per_seq.repeat_interleave(torch.tensor(step.seq_lens)).to(dev)
-        positions = torch.tensor(step.positions, dtype=torch.int64, device=dev)
-        batch = ForwardBatch(positions, step.seq_lens, kv, token_slot)
-        return torch.tensor(step.ids, dtype=torch.int64, device=dev), batch
+            per_seq = [slot for slot, n in zip(step.lora_slots, step.seq_lens, strict=True) for _ in range(n)]
+            token_slot = to_device(per_seq, i32, dev)
+        batch = ForwardBatch(to_device(step.positions, i64, dev), step.seq_lens, kv, token_slot)
+        ids = to_device(step.ids, i64, dev)
+        feed(ids, step.fed, previous)
+        return ids, batch
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def execute(
+        self, step: StepInput, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """-> (fp32 logits [B, V] at each sequence's last token, {sequence index: fp32 logits of every
-        prompt position but the last} for `step.prompt_logits`)."""
+        prompt position but the last} for `step.prompt_logits`). `previous`: the previous step's chosen
+        ids on the device, read by the step's `fed` tokens. Returns once the work is queued."""
         with self.lock:
-            return self._execute(step)
+            return self._execute(step, previous)
 
-    def _execute(self, step: StepInput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _execute(
+        self, step: StepInput, previous: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         graphs = self.graphs
         if graphs is not None and graphs.fits(step):
             try:
-                return graphs.run(step), {}
+                return graphs.run(step, previous), {}
             except GraphCaptureError:
                 _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
                 self.graphs = None
-        ids, batch = self.build_batch(step)
+        ids, batch = self.build_batch(step, previous)
         hidden = self.model(ids, batch)
-        starts = [0, *torch.tensor(step.seq_lens).cumsum(0).tolist()]
-        ends = torch.tensor(starts[1:], device=self.device) - 1
+        starts = [0, *itertools.accumulate(step.seq_lens)]
+        ends = to_device([e - 1 for e in starts[1:]], torch.int64, self.device)
         logits = self.model.compute_logits(hidden[ends])
         prompt_logits = {
             i: self.model.compute_logits(hidden[starts[i] : starts[i] + n]) for i, n in step.prompt_logits

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from moelora import ops
+from moelora.engine.transfer import HostCopy, to_device
 from moelora.ops.torch.sample import row_hash
 from moelora.sampling_params import SamplingParams
 
@@ -41,7 +42,14 @@ class Sampled:
 
 
 def sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:
-    """Choose one token per row of `logits` [B, V] (fp32, any device), row i belonging to inputs[i].
+    """`launch_sample(logits, inputs).result()`: the choices, waited for."""
+    return launch_sample(logits, inputs).result()
+
+
+def launch_sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> PendingSample:
+    """Choose one token per row of `logits` [B, V] (fp32, any device), row i belonging to inputs[i]; the
+    work is queued on the device and nothing waits for it: the chosen ids are on the device at once
+    (`PendingSample.tokens`, what the next step can read), the host learns them from `result()`.
 
     Semantics, per row with params p, prompt ids P and output ids O:
       raw = log_softmax(logits); every returned log-prob comes from raw.
@@ -65,14 +73,14 @@ def sample(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sample
     if logits.dim() != 2 or logits.shape[0] != len(inputs):
         raise ValueError(f"logits must have shape [{len(inputs)}, V] (one row per input), got {logits.shape}")
     if not inputs:
-        return []
+        return PendingSample(torch.zeros(0, dtype=torch.int64, device=logits.device), None, [], 0)
     x = logits.float()  # [B, V]: the caller's own tensor when it is fp32, never written
     raw = torch.log_softmax(x, dim=-1)  # [B, V]
     # Copied only where a penalty or an early-stop mask changes a row (a [B, V] copy per step otherwise).
     work = _apply_repetition_penalty(x, inputs)
     work = _apply_output_penalties(work, inputs)
     work = _mask_early_stops(work, inputs)
-    return _results(raw, _choose(work, inputs), inputs)
+    return _pack(raw, _choose(work, inputs), inputs)
 
 
 def _apply_repetition_penalty(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
@@ -140,9 +148,9 @@ def _choose(work: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor
     logits = work if idx is None else work[idx]  # [R, V]
     params = [inputs[i].params for i in rows]
     top = logits.amax(dim=-1)  # [R]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    temperature = to_device([p.temperature for p in params], torch.float32, device)  # [R]
     keys = [row_hash(inputs[i].seed, len(inputs[i].output_token_ids)) for i in rows]
-    hashes = torch.tensor(keys, dtype=torch.int32, device=device)  # [R]
+    hashes = to_device(keys, torch.int32, device)  # [R]
     probs = _truncated_probs(logits, top, temperature, params)
     if probs is None:  # nothing truncated: the draw makes the weights itself, in the same pass
         drawn = ops.race_argmax(logits, top, temperature, hashes, from_logits=True)
@@ -172,7 +180,7 @@ def _truncated_probs(
     probs = torch.exp((logits - top[:, None]) / temperature[:, None])  # [R, V]
     if cut:
         idx = _index(cut, device)
-        k = torch.tensor([top_k[j] for j in cut], dtype=torch.int64, device=device)[:, None]  # [R', 1]
+        k = to_device([top_k[j] for j in cut], torch.int64, device)[:, None]  # [R', 1]
         probs[idx] = _top_k_top_p(probs[idx], k, _column([params[j].top_p for j in cut], device))
     if floors:
         idx = _index(floors, device)
@@ -195,9 +203,39 @@ def _top_k_top_p(probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> t
     return probs.masked_fill(~keep, 0.0)
 
 
-def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> list[Sampled]:
-    """Pack the choices with their raw log-probs, moving everything to the host in one copy (one wait for
-    the device a step: token ids and fp32 values are exact in fp64)."""
+class PendingSample:
+    """A step's choices: the token ids on the device now, everything on the host once `result()` returns
+    (one copy to the host a step, started when the draw was queued)."""
+
+    def __init__(
+        self, tokens: torch.Tensor, packed: HostCopy | None, inputs: Sequence[SamplingInput], width: int
+    ) -> None:
+        self.tokens = tokens  # [B] int64 on the device
+        self._packed, self._inputs, self._width = packed, inputs, width
+
+    def result(self) -> list[Sampled]:
+        """The choices with their raw log-probs (waits for the device's copy)."""
+        if self._packed is None:
+            return []
+        width, packed = self._width, self._packed.tolist()  # [B, 2 + 2 * width]
+        if width:
+            rows = [(int(r[0]), r[1], [int(i) for i in r[2 : 2 + width]], r[2 + width :]) for r in packed]
+        else:  # no inner list per row (the common case; this loop runs for every sequence of every step)
+            rows = [(int(r[0]), r[1], [], []) for r in packed]
+        results = []
+        for x, (token, logprob, ids, values) in zip(self._inputs, rows, strict=True):
+            top = None
+            if x.params.logprobs is not None:
+                n = x.params.logprobs
+                top = dict(zip(ids[:n], values[:n], strict=True))
+                top[token] = logprob
+            results.append(Sampled(token, logprob, top))
+        return results
+
+
+def _pack(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingInput]) -> PendingSample:
+    """The choices with their raw log-probs in one tensor, its copy to the host started (token ids and
+    fp32 values are exact in fp64)."""
     chosen = raw.gather(-1, tokens[:, None])  # [B, 1]
     wanted = [x.params.logprobs for x in inputs if x.params.logprobs is not None]
     width = min(max(wanted, default=0), raw.shape[1])
@@ -205,20 +243,7 @@ def _results(raw: torch.Tensor, tokens: torch.Tensor, inputs: Sequence[SamplingI
     if width:
         top_values, top_ids = raw.topk(width, dim=-1)  # [B, width] each
         columns += [top_ids.double(), top_values.double()]
-    packed = torch.cat(columns, dim=1).tolist()  # [B, 2 + 2 * width]
-    if width:
-        rows = [(int(r[0]), r[1], [int(i) for i in r[2 : 2 + width]], r[2 + width :]) for r in packed]
-    else:  # no inner list per row (the common case; this loop runs for every sequence of every step)
-        rows = [(int(r[0]), r[1], [], []) for r in packed]
-    results = []
-    for x, (token, logprob, ids, values) in zip(inputs, rows, strict=True):
-        top = None
-        if x.params.logprobs is not None:
-            n = x.params.logprobs
-            top = dict(zip(ids[:n], values[:n], strict=True))
-            top[token] = logprob
-        results.append(Sampled(token, logprob, top))
-    return results
+    return PendingSample(tokens, HostCopy(torch.cat(columns, dim=1)), inputs, width)
 
 
 def _token_counts(id_lists: Sequence[Iterable[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -236,9 +261,9 @@ def _token_counts(id_lists: Sequence[Iterable[int]], vocab: int, device: torch.d
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return to_device(values, torch.int64, device)
 
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Per-row parameters as an fp32 column [R, 1] that broadcasts over the vocabulary."""
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(values, torch.float32, device)[:, None]

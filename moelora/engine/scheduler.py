@@ -75,7 +75,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            need = blocks_for(len(seq.token_ids), self.block_size) - len(seq.blocks)
+            need = blocks_for(seq.num_tokens, self.block_size) - len(seq.blocks)
             while need > self.allocator.num_free:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -103,15 +103,15 @@ class Scheduler:
         budget = self.max_num_batched_tokens - len(self.running)
         adapters = {s.request.lora_entry for s in self.running if s.request.lora_entry is not None}
         for seq in list(self.waiting):
-            if len(self.running) >= self.max_num_seqs:
-                break
+            if len(self.running) >= self.max_num_seqs or seq.pending >= 0:
+                break  # (a sequence preempted this step waits for its last token first)
             entry = seq.request.lora_entry
             if entry is not None and entry not in adapters and not self.adapters_fit(adapters | {entry}):
                 seq.skips += 1
                 if seq.skips > MAX_SKIPS:
                     break
                 continue
-            tokens = len(seq.token_ids)
+            tokens = seq.num_tokens
             cached = self._claim_prefix(seq)
             compute = tokens - len(cached) * self.block_size
             need = blocks_for(tokens, self.block_size) - len(cached)
@@ -148,10 +148,11 @@ class Scheduler:
         return blocks
 
     def cache_blocks(self, seq: Sequence) -> None:
-        """Offer seq's blocks that became full and computed to the prefix cache."""
+        """Offer seq's blocks that became full and computed (their writes queued, their tokens known to
+        the host) to the prefix cache."""
         if not self.prefix_caching:
             return
-        full = seq.num_cached // self.block_size
+        full = min(seq.num_cached, len(seq.token_ids)) // self.block_size
         for j in range(seq.num_registered, full):
             self.allocator.register(seq.blocks[j], self._key(seq, j, seq.blocks[j - 1] if j else -1))
         seq.num_registered = max(seq.num_registered, full)

@@ -25,8 +25,8 @@ class EngineLoad:
 class StepRecord:
     """One engine step as the loop thread saw it (`time.perf_counter()` seconds).
 
-    `start`: before scheduling; `end`: once the step's tokens were sampled and handed to their streams.
-    Sampling copies the tokens to the host, so `end` is after the device finished the step's work.
+    `start`: before scheduling; `end`: once the step's tokens were read and handed to their streams
+    (after the device finished the step's work; with async scheduling the next step was queued first).
     """
 
     start: float

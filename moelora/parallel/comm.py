@@ -22,3 +22,10 @@ def all_gather_last_dim(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(ps.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=ps.tp_group)
     return torch.cat(parts, dim=-1)
+
+
+def broadcast(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Rank 0's `x` on every TP rank, in place (queued on the device with NCCL); returns `x`."""
+    if ps.tp_size > 1:
+        dist.broadcast(x, src=dist.get_global_rank(ps.tp_group, 0), group=ps.tp_group)
+    return x
