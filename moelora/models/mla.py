@@ -2,11 +2,21 @@
 
 q = q_b(norm(q_a(x))) (or q_proj(x)), split per head into a part without position and a rotated part;
 kv_a(x) gives each token one latent (normalised) and one rotated key part shared by every head: those two
-are what the paged cache holds (K cache: the latent, V cache: the rotated part). Each step expands a
-sequence's cached latents through kv_b into per-head keys (with the shared rotated part appended) and
-values. The expansion runs kv_b with the sequence's adapter, so a LoRA on kv_b acts on every cached token
-exactly as a merged kv_b would. Heads are split over TP ranks (q_b, kv_b by rows, o by columns); q_a, kv_a
-and the latent are replicated.
+are what the paged cache holds (K cache: the latent, V cache: the rotated part). Heads are split over TP
+ranks (q_b, kv_b by rows, o by columns); q_a, kv_a and the latent are replicated.
+
+A step with prompt tokens expands each sequence's cached latents through kv_b into per-head keys (the
+shared rotated part appended) and values: kv_b runs with the sequence's adapter, so a LoRA on kv_b acts on
+every cached token exactly as a merged kv_b would. A decode step (one new token per sequence) never
+expands the cache (the absorbed form): kv_b's rows for head h are a key half K_h [dn, R] and a value half
+V_h [dv, R], and with W_h = K_h + B^K_h A (a LoRA B A on kv_b, its head-h rows of B)
+
+    q_nope . (W_h c) = (K_h^T q_nope + A^T (B^K_h^T q_nope)) . c
+
+so the query is projected into the latent space once (the adapter's term too), attends over the cached
+latents c themselves, and the result o_lat is projected out by V_h o_lat + B^V_h (A o_lat): exactly the
+merged model's output, at the cost of a few rank-r products per token instead of kv_b over every cached
+token each step.
 """
 
 from __future__ import annotations
@@ -73,6 +83,11 @@ class LatentAttention(nn.Module):
         q_rot, k_rot3 = ops.rotary(q_rot.contiguous(), k_rot.reshape(t, 1, -1).contiguous(), cos, sin)
         k_rot = k_rot3[:, 0]
         kv = batch.kv
+        if kv is not None and max(batch.seq_lens) == 1:  # decode: the absorbed form
+            latent_cache, rot_cache = kv.cache.k[self.layer], kv.cache.v[self.layer]
+            ops.write_latent(latent, k_rot, latent_cache, rot_cache, kv.slot_mapping)
+            o = self._absorbed(q_nope, q_rot, latent_cache, rot_cache, batch)
+            return comm.all_reduce(self.o_proj(o.reshape(t, -1), slot), self.ps)
         if kv is None:  # whole sequences without a cache
             latents, rots, kv_lens, kv_slot = latent, k_rot, batch.seq_lens, slot
         else:
@@ -88,6 +103,35 @@ class LatentAttention(nn.Module):
         )
         out = self.o_proj(o.reshape(t, -1), slot)
         return comm.all_reduce(out, self.ps)
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rot: torch.Tensor,
+        latent_cache: torch.Tensor,
+        rot_cache: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """Decode attention of one token per sequence in the latent space (see the module's docstring):
+        q_nope [T, H, dn], q_rot [T, H, dr] -> per-head outputs [T, H, dv]."""
+        m, kv = self.mla, batch.kv
+        assert kv is not None
+        dn = m.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(self.heads, dn + m.v_head_dim, m.kv_lora_rank)
+        q_lat = torch.einsum("thd,hdr->thr", q_nope, w[:, :dn])  # [T, H, R]
+        lora = self.kv_b_proj.lora
+        slot = batch.token_slot
+        if lora is not None and slot is not None:
+            a, b, on = _token_lora(lora.a[:, 0], lora.b, slot)  # [T, r, R], [T, out, r], [T, 1, 1]
+            b = b.view(b.shape[0], self.heads, dn + m.v_head_dim, -1)  # [T, H, dn + dv, r]
+            q_lat = q_lat + torch.einsum("thd,thdk,tkr->thr", q_nope, b[:, :, :dn], a) * on
+        o_lat = ops.latent_decode(
+            q_lat, q_rot.contiguous(), latent_cache, rot_cache, kv.block_tables, kv.kv_lens, m.softmax_scale
+        )
+        o = torch.einsum("thr,hdr->thd", o_lat, w[:, dn:])  # [T, H, dv]
+        if lora is not None and slot is not None:
+            o = o + torch.einsum("thr,tkr,thdk->thd", o_lat, a, b[:, :, dn:]) * on
+        return o
 
     def lora_targets(self) -> list[LoraTarget]:
         layers = [self.q_proj, self.q_a_proj, self.q_b_proj, self.kv_a_proj, self.kv_b_proj]
@@ -109,6 +153,16 @@ def _halves(x: torch.Tensor) -> torch.Tensor:
     """[..., (x0, x1, x2, x3, ...)] -> [..., (x0, x2, ..., x1, x3, ...)]: DeepSeek's interleaved rotary
     pairs laid out as the two halves of rotate-half rotary (transformers' cached keys have this layout)."""
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def _token_lora(
+    a: torch.Tensor, b: torch.Tensor, slot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's adapter A [T, r, in] and B [T, out, r] (scales folded in), and a mask [T, 1, 1]: 1
+    where the token has an adapter (slot >= 0), else 0 (its A and B are slot 0's, multiplied away)."""
+    on = (slot >= 0)[:, None, None]
+    index = slot.clamp(min=0).long()
+    return a[index], b[index], on.to(a.dtype)
 
 
 def _per_cached_token(

@@ -138,6 +138,20 @@ def gather_latents(
     return _torch_mla.gather_latents(latent_cache, rot_cache, block_tables, kv_lens)
 
 
+def latent_decode(
+    q_lat: torch.Tensor,
+    q_rot: torch.Tensor,
+    latent_cache: torch.Tensor,
+    rot_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention in the latent space (absorbed form); see `moelora.ops.torch.mla.latent_decode`
+    (PyTorch; host-side lengths)."""
+    return _torch_mla.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, scale)
+
+
 def mla_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,6 +1,9 @@
-"""PyTorch multi-head latent attention (DeepSeek-V2/V3) over a paged cache of latents, in the expanded
-form: each step gathers a sequence's cached latents, the caller expands them to per-head keys and values
-(its kv_b projection, adapters included), and the queries attend causally over them.
+"""PyTorch multi-head latent attention (DeepSeek-V2/V3) over a paged cache of latents. Prefill, in the
+expanded form: each step gathers a sequence's cached latents, the caller expands them to per-head keys and
+values (its kv_b projection, adapters included), and the queries attend causally over them. Decode, in the
+absorbed form (`latent_decode`): the caller projects each head's query into the latent space, the query
+attends over the cached latents themselves, and the caller projects the result out (kv_b never runs over
+the cached tokens).
 
 Cache layout (one "head"): the K cache holds each token's normalised latent [kv_lora_rank], the V cache
 its rotated key part [qk_rope_head_dim], which every head shares."""
@@ -70,4 +73,31 @@ def mla_attention(
         out[start : start + n] = o.transpose(0, 1).to(q.dtype)
         start += n
         kv_start += total
+    return out
+
+
+def latent_decode(
+    q_lat: torch.Tensor,
+    q_rot: torch.Tensor,
+    latent_cache: torch.Tensor,
+    rot_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence attending over all its cached tokens, in the latent space.
+
+    q_lat [B, H, R] (each head's query without position, projected through its key half of kv_b), q_rot
+    [B, H, Dr]; caches as `write_latent`'s (sequence b's kv_lens[b] tokens, its new one included)
+    -> o_lat [B, H, R]. Semantics: score[h, j] = scale * (q_lat[h] . c_j + q_rot[h] . r_j) over b's
+    tokens j, o_lat[h] = softmax(score[h]) @ c, softmax in fp32 (fp64 for fp64 inputs)."""
+    acc = acc_dtype(q_lat.dtype)
+    out = q_lat.new_empty(q_lat.shape)
+    latents, rots = gather_latents(latent_cache, rot_cache, block_tables, kv_lens)
+    start = 0
+    for b, total in enumerate(kv_lens):
+        c, r = latents[start : start + total].to(acc), rots[start : start + total].to(acc)  # [L, R], [L, Dr]
+        score = (q_lat[b].to(acc) @ c.T + q_rot[b].to(acc) @ r.T) * scale  # [H, L]
+        out[b] = (torch.softmax(score, dim=-1) @ c).to(q_lat.dtype)
+        start += total
     return out
