@@ -161,12 +161,37 @@ def family_configs() -> dict[str, Any]:
 FAMILIES = tuple(family_configs())
 
 
+def gpt_oss_config() -> Any:
+    """A tiny GPT-OSS: 4 layers alternating sliding (window 4) and full attention, YaRN rotary, a small
+    SwiGLU limit so that the clamps act on random weights. (Not in FAMILIES: its experts exist only in
+    the fused in-major form, which the per-expert tests of the other families do not cover.)"""
+    from transformers import GptOssConfig
+
+    common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+    return GptOssConfig(
+        **common,
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=32,  # 2I = 64 != H: a transposed gate_up cannot pass; MXFP4 blocks of 32 fit
+        num_local_experts=6,  # over ep=4: 2, 2, 1, 1
+        num_experts_per_tok=2,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        swiglu_limit=0.6,
+        rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+        },
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def build_hf_model(family: str, seed: int = 0) -> Any:
     """A random fp32 transformers model of `family`, with eager attention and experts."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = family_configs()[family]
+    cfg = gpt_oss_config() if family == "gpt_oss" else family_configs()[family]
     model = AutoModelForCausalLM.from_config(
         cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )

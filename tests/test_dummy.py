@@ -71,6 +71,8 @@ def test_presets_build_at_their_published_size():
         "glm-4.5-air": 106.9,  # "106B total", its multi-token-prediction layer not counted (not served)
         "deepseek-v3": 671.0,  # 671B, the multi-token-prediction layer (14B more on disk) not served
         "deepseek-v2-lite": 15.7,
+        "gpt-oss-20b": 20.9,  # "21B", "117B": their MXFP4 experts counted as parameters
+        "gpt-oss-120b": 116.8,
     }
     assert set(billions) <= set(preset_names())
     for name, size in billions.items():

@@ -39,7 +39,18 @@ class FusedMoE(nn.Module):
     forward returns this rank's partial sum; the caller all-reduces.
     """
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        ps: ParallelState,
+        dtype: torch.dtype,
+        bias: bool = False,
+        swiglu: tuple[float, float] | None = None,
+    ):
+        """`bias`: the experts' gate/up and down biases (GPT-OSS); `swiglu`: (limit, alpha) of GPT-OSS's
+        clamped SwiGLU instead of silu(gate) * up."""
         super().__init__()
         self.placement: ExpertPlacement = place_experts(num_experts, ps.ep_size, ps.ep_rank)
         self.hidden, self.inter = hidden, inter
@@ -50,6 +61,15 @@ class FusedMoE(nn.Module):
             torch.empty(e_loc, 2 * inter_loc, hidden, dtype=dtype), requires_grad=False
         )
         self.w_down = nn.Parameter(torch.empty(e_loc, hidden, inter_loc, dtype=dtype), requires_grad=False)
+        self.b_gate_up: nn.Parameter | None = None
+        self.b_down: nn.Parameter | None = None
+        if bias:
+            self.b_gate_up = nn.Parameter(torch.empty(e_loc, 2 * inter_loc, dtype=dtype), requires_grad=False)
+            self.b_down = nn.Parameter(torch.empty(e_loc, hidden, dtype=dtype), requires_grad=False)
+        # The down bias is added once per (token, expert): by the rank holding the intermediate's first
+        # slice (the ranks' partial sums are added up after).
+        self.adds_down_bias = ps.moe_tp_rank == 0
+        self.swiglu = swiglu
         self.expert_map: torch.Tensor
         self.register_buffer("expert_map", self.placement.expert_map(), persistent=False)
         self.lora: ExpertLora | None = None
@@ -67,13 +87,55 @@ class FusedMoE(nn.Module):
             local_ids = global_ids.to(torch.int32)
         else:
             local_ids = self.expert_map[global_ids]
+        extra = self.extras()
         if self.lora is None or token_slot is None:
-            return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights)
-        return ops.fused_moe_lora(x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, self.lora)
+            return ops.fused_moe(x, self.w_gate_up, self.w_down, local_ids, weights, extras=extra)
+        return ops.fused_moe_lora(
+            x, self.w_gate_up, self.w_down, local_ids, weights, token_slot, self.lora, extras=extra
+        )
 
-    def weight_specs(self, prefix: str, names: ExpertNames) -> list[WeightSpec]:
-        """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`."""
+    def extras(self) -> ops.ExpertExtras | None:
+        """GPT-OSS's expert biases and activation, None for the plain SwiGLU experts."""
+        if self.b_gate_up is None and self.swiglu is None:
+            return None
+        b_down = self.b_down if self.adds_down_bias else None
+        return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu)
+
+    def weight_specs(self, prefix: str, names: ExpertNames, in_major: bool = False) -> list[WeightSpec]:
+        """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`;
+        `in_major`: GPT-OSS's fused layout (see `Family.experts_in_major`), biases included."""
+        if in_major:
+            return self._in_major_specs(prefix)
         return [self._gate_up_spec(prefix, names), self._down_spec(prefix, names)]
+
+    def _in_major_specs(self, prefix: str) -> list[WeightSpec]:
+        """gate_up_proj [E, H, 2I] (gate = even columns, up = odd), down_proj [E, I, H], the biases
+        [E, 2I] (interleaved the same way) and [E, H]."""
+        n_loc, experts, e = self.cols.stop - self.cols.start, self._expert_slice(), self.placement.num_experts
+        pair_cols = slice(2 * self.cols.start, 2 * self.cols.stop)  # this rank's gate and up columns
+        gate, up = (slice(None), slice(0, n_loc)), (slice(None), slice(n_loc, None))
+        key, shape = f"{prefix}.gate_up_proj", (e, self.hidden, 2 * self.inter)
+        specs = [
+            WeightSpec(self.w_gate_up, (Form("fused", (
+                Piece(key, shape, (experts, slice(None), pair_cols), gate, ("even", "T")),
+                Piece(key, shape, (experts, slice(None), pair_cols), up, ("odd", "T")),
+            )),)),
+            WeightSpec(self.w_down, (Form("fused", (
+                Piece(f"{prefix}.down_proj", (e, self.inter, self.hidden), (experts, self.cols), (), ("T",)),
+            )),)),
+        ]  # fmt: skip
+        if self.b_gate_up is not None and self.b_down is not None:
+            bias_key, bias_shape = f"{prefix}.gate_up_proj_bias", (e, 2 * self.inter)
+            specs += [
+                WeightSpec(self.b_gate_up, (Form("fused", (
+                    Piece(bias_key, bias_shape, (experts, pair_cols), gate, ("even",)),
+                    Piece(bias_key, bias_shape, (experts, pair_cols), up, ("odd",)),
+                )),)),
+                WeightSpec(self.b_down, (Form("fused", (
+                    Piece(f"{prefix}.down_proj_bias", (e, self.hidden), (experts,)),
+                )),)),
+            ]  # fmt: skip
+        return specs
 
     def _gate_up_spec(self, prefix: str, names: ExpertNames) -> WeightSpec:
         n_loc = self.cols.stop - self.cols.start

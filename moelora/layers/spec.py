@@ -7,7 +7,7 @@ keys); the loader takes the first form whose tensors are all present.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,14 +15,32 @@ import torch
 Index = tuple[slice | int, ...]
 
 
+# What a piece may do to its slice after reading it, in order (safetensors slices have no steps):
+# "even" / "odd" keep the even / odd entries of the last dimension (GPT-OSS interleaves gate and up),
+# "T" swaps the last two dimensions (GPT-OSS stores experts [in, out]).
+TRANSFORMS = {
+    "even": lambda t: t[..., 0::2],
+    "odd": lambda t: t[..., 1::2],
+    "T": lambda t: t.transpose(-1, -2),
+}
+
+
 @dataclass(frozen=True)
 class Piece:
-    """Checkpoint tensor `key` (of full shape `shape`): its part `src` goes to `param[dst]`."""
+    """Checkpoint tensor `key` (of full shape `shape`): its part `src`, then `transform` (names in
+    TRANSFORMS, applied in order), goes to `param[dst]`."""
 
     key: str
     shape: tuple[int, ...]
     src: tuple[slice, ...] = ()
     dst: Index = ()
+    transform: tuple[str, ...] = ()
+
+    def read_from(self, read: Callable[[str, tuple[slice, ...]], torch.Tensor]) -> torch.Tensor:
+        t = read(self.key, self.src)
+        for name in self.transform:
+            t = TRANSFORMS[name](t)
+        return t
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ def fp8_block_size(raw: dict[str, Any], where: Path) -> tuple[int, int] | None:
     if method != "fp8":
         raise CheckpointError(
             f"{where}: quantization_config quant_method {method!r} is not read: moelora loads unquantised "
-            f"checkpoints and block-FP8 ones (quant_method 'fp8' with weight_block_size)"
+            f"checkpoints, block-FP8 ones (quant_method 'fp8' with weight_block_size) and MXFP4 experts "
+            f"(quant_method 'mxfp4')"
         )
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):

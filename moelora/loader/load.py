@@ -73,7 +73,7 @@ def _fill(ckpt: TensorSource, spec: WeightSpec, form: Form) -> None:
                 f"config expects {list(piece.shape)}"
             )
         target = spec.param[piece.dst] if piece.dst else spec.param
-        target.copy_(ckpt.read(piece.key, piece.src).to(target.dtype))
+        target.copy_(piece.read_from(ckpt.read).to(target.dtype))
         if not bool(torch.isfinite(target).all()):  # read values, or values the dtype cannot hold
             raise CheckpointError(
                 f"tensor '{piece.key}' in {ckpt.file_of(piece.key).name} holds NaN or Inf values (in "

@@ -14,6 +14,7 @@ from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
 from moelora.loader.fp8 import Fp8Checkpoint, fp8_block_size
 from moelora.loader.load import TensorSource, load_weights
+from moelora.loader.mxfp4 import Mxfp4Checkpoint
 from moelora.loader.presets import is_preset
 from moelora.models.config import ModelConfig
 from moelora.models.decoder import MoeForCausalLM
@@ -140,8 +141,8 @@ def load_model(
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
-        if ckpt is not None and (block := _fp8_block(folder, hf_overrides)) is not None:
-            source = Fp8Checkpoint(ckpt, block)  # FP8 weights read dequantised into `dtype`
+        if ckpt is not None:
+            source = _quantized(ckpt, folder, hf_overrides)  # FP8 / MXFP4 read dequantised into `dtype`
         desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
         load_weights(
             model,
@@ -155,7 +156,12 @@ def load_model(
     return model.eval()
 
 
-def _fp8_block(folder: Path, hf_overrides: dict[str, Any] | None) -> tuple[int, int] | None:
-    """The block size of the checkpoint's FP8 quantization_config (overrides applied), or None."""
+def _quantized(ckpt: Checkpoint, folder: Path, hf_overrides: dict[str, Any] | None) -> TensorSource:
+    """The checkpoint as the loader reads it: dequantising its block-FP8 or MXFP4 weights if its
+    quantization_config (overrides applied) says so."""
     raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
-    return fp8_block_size(raw, folder / "config.json")
+    q = raw.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "mxfp4":
+        return Mxfp4Checkpoint(ckpt)
+    block = fp8_block_size(raw, folder / "config.json")
+    return ckpt if block is None else Fp8Checkpoint(ckpt, block)

@@ -279,6 +279,7 @@ class _Reader:
     ) -> None:
         self.name, self.folder, self.cfg, self.owns_expert = name, folder, cfg, owns_expert
         self.skipped = 0  # per-expert tensors of experts `owns_expert` rejects, left unread
+        self.in_major = family.experts_in_major  # GPT-OSS: [E, in, out] experts, gate/up interleaved
         prefixes = "|".join(re.escape(p) for p in family.moe_prefixes)
         names = family.expert_names
         self.proj_of = {names.gate: "gate", names.up: "up", names.down: "down"}
@@ -420,6 +421,12 @@ class _Reader:
             del found[module]
 
     def _unserved(self, key: str, why: str) -> AdapterError:
+        if self.in_major and ".experts." in key:  # (Unsloth's gate_up_projs.{i}, per-expert expansions)
+            return self.fail(
+                f"tensor '{key}' cannot be served: {why}. The routed experts of {self.cfg.architecture} are "
+                f"read in PEFT's target_parameters form (lora_A/lora_B under mlp.experts and "
+                f"mlp.experts.base_layer): save the adapter with PEFT's target_parameters"
+            )
         return self.fail(
             f"tensor '{key}' cannot be served: {why}. moelora serves LoRA on {SERVED}: retrain the adapter "
             f"on those targets only"
@@ -519,6 +526,12 @@ class _Reader:
         in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
         if site.target in ("gate", "up"):
             out_f = inter
+        if self.in_major and site.kind != "fused":
+            raise self.fail(
+                f"'{a_key}': this model's experts ({cfg.architecture}) are read in PEFT's target_parameters "
+                f"form only ({FORMATS['peft-fused']}); per-expert and stacked expert layouts are not read "
+                f"for it yet: save the adapter with PEFT's target_parameters"
+            )
         if site.kind in ("stacked", "grouped"):
             a3, b3 = self._stacked(site, a_key, b_key, in_f, out_f)
             s = self._scale(site.module, a3.shape[1], a_key)
@@ -530,7 +543,8 @@ class _Reader:
                     ((site.layer, site.target, e), LoraWeights(a3[e], b3[e] * s)) for e in range(n_exp)
                 ]
             return fmt, _split_gate_up(site.layer, a3, b3 * s, inter)[1]
-        old = self._before_0191(a_key, b_key, in_f, out_f)
+        # PEFT has always read an in-major [E, in, out] parameter (GPT-OSS) the right way round.
+        old = False if self.in_major else self._before_0191(a_key, b_key, in_f, out_f)
         rows_f, cols_f = (out_f, in_f) if old else (in_f, out_f)  # lora_A's columns, lora_B's rows
         A, B = self._checked(
             a_key, b_key, rows_f, cols_f, n_exp, f"the experts' {site.target} in layer {site.layer}"
@@ -547,6 +561,8 @@ class _Reader:
         if site.target == "down":
             down = [((site.layer, "down", e), LoraWeights(a3[e], b3[e].contiguous())) for e in range(n_exp)]
             return fmt, down
+        if self.in_major:  # B's rows follow the interleaved columns (gate even, up odd): gate rows first
+            b3 = torch.cat((b3[:, 0::2], b3[:, 1::2]), dim=1)
         split, placed = _split_gate_up(site.layer, a3, b3, inter)
         return "peft-fused-2r" if split else fmt, placed
 

@@ -120,6 +120,11 @@ def convert_adapter(path: str | Path, out: str | Path, model: tuple[str, ModelCo
     per linear layer and per (expert, gate|up|down), fp32, the scale folded into B (lora_alpha = r for
     every module, so each scale is 1). AdapterError if it does not fit or `out` holds an adapter already."""
     name, cfg, family = model
+    if family.experts_in_major:
+        raise AdapterError(
+            f"{cfg.architecture} has no per-expert modules: its adapters are served (and kept) in PEFT's "
+            f"target_parameters form, which moelora reads as it is; nothing to convert"
+        )
     src, dst = Path(path).expanduser(), Path(out).expanduser()
     if (dst / CONFIG_FILE).exists() or (dst / WEIGHTS_FILE).exists():
         raise AdapterError(f"'{dst}' already holds an adapter: give an empty or new folder")

@@ -11,7 +11,7 @@ from moelora.batch import ForwardBatch
 from moelora.layers.linear import ColumnLinear, LoraTarget, OutPart, RowLinear, split_part, whole_part
 from moelora.layers.moe import ExpertsTarget, FusedMoE
 from moelora.layers.norm import RMSNorm, ShardedRMSNorm
-from moelora.layers.spec import WeightSpec, whole
+from moelora.layers.spec import WeightSpec, sharded, whole
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
 from moelora.ops.cache_write import CacheWrite
@@ -54,6 +54,13 @@ class SelfAttention(nn.Module):
         self.rot_dim = 2 * len(cfg.rope_inv_freq)
         if not 0 < self.rot_dim <= cfg.head_dim:
             raise ValueError(f"rotary dimension {self.rot_dim} must be in [2, head_dim={cfg.head_dim}]")
+        # GPT-OSS: one learned sink logit per query head, split with the heads.
+        self.sinks: nn.Parameter | None = None
+        self.num_heads = cfg.num_heads
+        if cfg.attention_sinks:
+            heads = cfg.num_heads // ps.tp_size
+            self.heads = slice(ps.tp_rank * heads, (ps.tp_rank + 1) * heads)
+            self.sinks = nn.Parameter(torch.empty(heads, dtype=dtype), requires_grad=False)
         self.q_norm: RMSNorm | ShardedRMSNorm | None = None
         self.k_norm: RMSNorm | ShardedRMSNorm | None = None
         if cfg.qk_norm == "head":
@@ -91,7 +98,7 @@ class SelfAttention(nn.Module):
         else:
             q, k = ops.rotary(q, k, cos, sin, cache)
         if kv is None:
-            o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window)
+            o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window, self.sinks)
         else:
             o = ops.paged_attention(
                 q,
@@ -103,6 +110,7 @@ class SelfAttention(nn.Module):
                 self.scale,
                 self.window,
                 kv.kv_lens_dev,
+                self.sinks,
             )
         out = self.o_proj(o.reshape(t, -1), batch.token_slot)
         return comm.all_reduce(out, self.ps)
@@ -131,6 +139,8 @@ class SelfAttention(nn.Module):
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         specs = self.qkv.weight_specs(prefix) + self.o_proj.weight_specs(prefix)
+        if self.sinks is not None:
+            specs.append(sharded(self.sinks, f"{prefix}.sinks", (self.num_heads,), (self.heads,)))
         if self.q_norm is not None and self.k_norm is not None:
             specs += self.q_norm.weight_specs(f"{prefix}.q_norm.weight")
             specs += self.k_norm.weight_specs(f"{prefix}.k_norm.weight")
@@ -191,7 +201,7 @@ class SparseMoeBlock(nn.Module):
         self.router = ColumnLinear(
             cfg.hidden_size,
             [whole_part("gate", cfg.num_experts)],
-            False,
+            cfg.router_bias,
             torch.float32 if grouped else dtype,
             lora_target=False,
         )
@@ -199,7 +209,10 @@ class SparseMoeBlock(nn.Module):
         if cfg.routing == "sigmoid_grouped":
             bias = torch.empty(cfg.num_experts, dtype=torch.float32)
             self.score_bias = nn.Parameter(bias, requires_grad=False)
-        self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype)
+        swiglu = None if cfg.swiglu_limit is None else (cfg.swiglu_limit, cfg.swiglu_alpha)
+        self.experts = FusedMoE(
+            cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype, cfg.expert_bias, swiglu
+        )
         self.shared: DenseMLP | None = None
         self.shared_gate: ColumnLinear | None = None
         if cfg.shared_expert_intermediate_size:
@@ -232,6 +245,9 @@ class SparseMoeBlock(nn.Module):
                 cfg.topk_groups,
                 cfg.routed_scaling_factor,
             )
+        elif self.router.bias is not None:  # GPT-OSS: top-k of the biased logits, softmax over those k
+            logits = F.linear(x, self.router.weight, self.router.bias)
+            weights, global_ids = ops.route(logits, self.top_k, True, self.fp32_weights)
         else:
             weights, global_ids = ops.router(
                 x, self.router.weight, self.top_k, self.renormalize, self.fp32_weights
@@ -257,9 +273,13 @@ class SparseMoeBlock(nn.Module):
 
     def _specs(self, prefix: str, family: Family) -> list[WeightSpec]:
         specs = self.router.weight_specs(prefix)
+        if family.router_name != "gate":  # the same tensors under the family's own name
+            specs = [whole(self.router.weight, f"{prefix}.{family.router_name}.weight")]
+            if self.router.bias is not None:
+                specs.append(whole(self.router.bias, f"{prefix}.{family.router_name}.bias"))
         if self.score_bias is not None:
             specs.append(whole(self.score_bias, f"{prefix}.gate.e_score_correction_bias"))
-        specs += self.experts.weight_specs(f"{prefix}.experts", family.expert_names)
+        specs += self.experts.weight_specs(f"{prefix}.experts", family.expert_names, family.experts_in_major)
         if self.shared is not None:
             specs += self.shared.weight_specs(f"{prefix}.{family.shared_expert_name}")
         if self.shared_gate is not None:

@@ -75,6 +75,22 @@ class ModelConfig:
     shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
     unserved_layers: int = 0  # layers after the last one in the checkpoint, not served (GLM's MTP layers)
     mla: Mla | None = None  # latent attention instead of GQA (head_dim is then the q/k head dim)
+    # GPT-OSS: a learned logit per query head joins each softmax (its weight dropped); the router's linear
+    # layer has a bias (top-k on its logits, softmax over the k chosen); the experts have biases and the
+    # clamped SwiGLU: g = min(g, limit), u = clamp(u, -limit, limit), h = (u + 1) * g * sigmoid(alpha g).
+    attention_sinks: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None  # None: silu(gate) * up
+    swiglu_alpha: float = 1.0
+
+    @property
+    def pytorch_attention_or_experts(self) -> bool:
+        """Layers that run PyTorch ops on every device, with host-side lengths (no CUDA graphs): latent
+        attention, GPT-OSS's sinks and biased experts."""
+        return (
+            self.mla is not None or self.attention_sinks or self.expert_bias or self.swiglu_limit is not None
+        )
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:

@@ -20,6 +20,10 @@ class Family:
     moe_prefixes: tuple[str, ...] = ("mlp",)  # checkpoint name of the MoE block, first one preferred
     expert_names: ExpertNames = field(default_factory=ExpertNames)
     shared_expert_name: str = "shared_expert"  # the MoE block's shared expert (GLM: shared_experts)
+    router_name: str = "gate"  # the MoE block's router (GPT-OSS: router)
+    # GPT-OSS's fused experts: gate_up_proj [E, H, 2I] with gate and up interleaved, down_proj [E, I, H]
+    # (in-major), and their biases; otherwise [E, 2I, H] (gate rows, then up rows) and [E, H, I].
+    experts_in_major: bool = False
 
 
 def common_fields(hf: Any, raw: dict[str, Any]) -> dict[str, Any]:

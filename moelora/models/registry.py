@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moelora.models import deepseek_v2, deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moelora.models import (
+    deepseek_v2,
+    deepseek_v3,
+    glm4_moe,
+    gpt_oss,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from moelora.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -15,6 +24,7 @@ FAMILIES: tuple[Family, ...] = (
     glm4_moe.FAMILY,
     deepseek_v3.FAMILY,
     deepseek_v2.FAMILY,
+    gpt_oss.FAMILY,
 )
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 

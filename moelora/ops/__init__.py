@@ -20,6 +20,7 @@ import torch
 
 from moelora.ops.cache_write import CacheWrite
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
@@ -195,12 +196,14 @@ def fused_moe(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics. `plan`: the
-    kernels' tiles and variants (`ops/plan.py`; the twin has none)."""
+    kernels' tiles and variants (`ops/plan.py`; the twin has none). `extras` (GPT-OSS's biases and
+    activation) run the PyTorch twin on every device for now."""
     mod = _kernels("moe", x)
-    if mod is None:
-        return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights)
+    if mod is None or extras is not None:
+        return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights, extras)
     return mod.fused_moe(x, w_gate_up, w_down, local_ids, weights, plan)
 
 
@@ -211,8 +214,12 @@ def prefill_attention(
     seq_lens: tuple[int, ...],
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`."""
+    """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`
+    (`sinks`, GPT-OSS's, run the PyTorch twin on every device for now)."""
+    if sinks is not None:
+        return _torch_attention.prefill_attention(q, k, v, seq_lens, scale, window, sinks)
     mod = _half_kernels("attention", q, k)
     impl = mod.prefill_attention if mod is not None else _torch_attention.prefill_attention
     return impl(q, k, v, seq_lens, scale, window)
@@ -293,15 +300,17 @@ def paged_attention(
     scale: float,
     window: int | None,
     kv_lens_dev: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`.
 
     `kv_lens_dev`: kv_lens as an int32 tensor on q's device, built once per step, so that the GPU
-    decode path needs no per-layer copy of the lengths (the twin does not need it)."""
+    decode path needs no per-layer copy of the lengths (the twin does not need it). `sinks` (GPT-OSS's)
+    run the PyTorch twin on every device for now."""
     mod = _half_kernels("attention", q, k_cache)
-    if mod is None:
+    if mod is None or sinks is not None:
         return _torch_attention.paged_attention(
-            q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window
+            q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, sinks
         )
     return mod.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev=kv_lens_dev
@@ -371,9 +380,11 @@ def fused_moe_lora(
     token_slot: torch.Tensor,
     lora: ExpertLora,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora`."""
+    """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora` (`extras`: as
+    `fused_moe`'s)."""
     mod = _kernels("moe", x)
-    if mod is None:
-        return _torch_lora.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora)
+    if mod is None or extras is not None:
+        return _torch_lora.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, extras)
     return mod.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, plan)

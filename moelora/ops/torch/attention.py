@@ -8,6 +8,25 @@ import torch.nn.functional as F
 from moelora.ops.torch import acc_dtype
 
 
+def _attend(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    vs: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """softmax(scale * q.k over the allowed keys) @ v, per head ([H, n, D] each, in the accumulation
+    dtype); with sinks [H], each head's sink logit joins its softmax and its weight is dropped."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+    score = (qs @ ks.transpose(1, 2)) * scale  # [H, n, L]
+    score = score.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(score.dtype)[:, None, None].expand(-1, score.shape[1], 1)  # [H, n, 1]
+    probs = torch.softmax(torch.cat((score, sink), dim=-1), dim=-1)[..., :-1]
+    return probs @ vs
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -15,6 +34,7 @@ def prefill_attention(
     seq_lens: tuple[int, ...],
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention, each sequence attending only to itself.
 
@@ -24,7 +44,9 @@ def prefill_attention(
 
     Semantics: for a query at position i of its sequence and key j of the same sequence,
     score = scale * q.k if j <= i and (window is None or i - j < window), else masked;
-    o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs).
+    o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs). With sinks [Hq] (GPT-OSS), head h's
+    softmax also takes the logit sinks[h], whose weight multiplies no value: o = sum_j p_j v_j with
+    p = softmax(score_0, ..., score_L, sinks[h]) over the first L + 1 entries.
     """
     group = q.shape[1] // k.shape[1]
     acc = acc_dtype(q.dtype)
@@ -40,7 +62,7 @@ def prefill_attention(
         allowed = i[None, :] <= i[:, None]
         if window is not None:
             allowed &= (i[:, None] - i[None, :]) < window
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        o = _attend(qs, ks, vs, allowed, scale, sinks)
         out[sl] = o.transpose(0, 1).to(q.dtype)
     return out
 
@@ -69,6 +91,7 @@ def paged_attention(
     kv_lens: tuple[int, ...],
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached keys and values (prefill or decode).
 
@@ -78,8 +101,8 @@ def paged_attention(
 
     Semantics: the new tokens of sequence b sit at positions kv_lens[b] - seq_lens[b] + i; the query at
     position p attends key position j iff j <= p and (window is None or p - j < window), with
-    score = scale * q.k; o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs).
-    Query head h reads KV head h // (Hq / Hkv).
+    score = scale * q.k; o = softmax(score) @ v, softmax in fp32 (fp64 for fp64 inputs); sinks as in
+    `prefill_attention`. Query head h reads KV head h // (Hq / Hkv).
     """
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
@@ -96,7 +119,7 @@ def paged_attention(
         allowed = key <= pos
         if window is not None:
             allowed &= (pos - key) < window
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        o = _attend(qs, ks, vs, allowed, scale, sinks)
         out[start : start + n] = o.transpose(0, 1).to(q.dtype)
         start += n
     return out

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch import acc_dtype
 
@@ -100,8 +101,10 @@ def fused_moe_lora(
     weights: torch.Tensor,
     token_slot: torch.Tensor,
     lora: ExpertLora,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md).
+    """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md); `extras`:
+    GPT-OSS's biases and activation (see `ExpertExtras`: the biases are not part of the LoRA).
 
     Shapes: as `fused_moe`, plus token_slot [T] int and the slots' buffers `lora` (see `ExpertLora`:
     a_gu, b_gu, a_dn, b_dn below are its buffers; its ranks only tell kernels which lanes are padding).
@@ -138,8 +141,13 @@ def fused_moe_lora(
             for half in (0, 1):
                 delta = (xs @ a_gu[s, e, half].to(acc).T) @ b_gu[s, e, half].to(acc).T
                 gate_up[m, half * inter : (half + 1) * inter] += delta
-        h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+        if extras is not None and extras.b_gate_up is not None:
+            gate_up += extras.b_gate_up[e].to(acc)
+        swiglu = extras.swiglu if extras is not None else None
+        h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
         d = F.linear(h, w_down[e]).to(acc)
+        if extras is not None and extras.b_down is not None:
+            d += extras.b_down[e].to(acc)
         for s in _slots(slot, num_slots):
             m = (slot == s).nonzero().squeeze(1)
             d[m] += (h[m].to(acc) @ a_dn[s, e].to(acc).T) @ b_dn[s, e].to(acc).T

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.torch import acc_dtype
 
 
@@ -14,8 +15,10 @@ def fused_moe(
     w_down: torch.Tensor,
     local_ids: torch.Tensor,
     weights: torch.Tensor,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """Routed experts of one MoE layer on this rank.
+    """Routed experts of one MoE layer on this rank (`extras`: GPT-OSS's biases and activation, see
+    `ExpertExtras`).
 
     Shapes: T tokens, k choices, H hidden, E_loc local experts, I_loc this rank's intermediate size.
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H] (rows :I_loc gate, I_loc: up); w_down [E_loc, H, I_loc];
@@ -49,7 +52,12 @@ def fused_moe(
         # The same rounding steps as the MoE-LoRA twin's rows without an adapter (and the kernels'):
         # silu * up in the accumulation dtype, h rounded once to x's dtype, d weighted in it too.
         gate_up = F.linear(x[tok], w_gate_up[e]).to(acc)
-        h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+        if extras is not None and extras.b_gate_up is not None:
+            gate_up += extras.b_gate_up[e].to(acc)
+        swiglu = extras.swiglu if extras is not None else None
+        h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
         d = F.linear(h, w_down[e]).to(acc)
+        if extras is not None and extras.b_down is not None:
+            d += extras.b_down[e].to(acc)
         out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].to(acc))
     return out.to(x.dtype)
