@@ -273,3 +273,46 @@ def test_adapter_inspect_and_convert(hf_model: Any, checkpoint: Path, tmp_path: 
     assert report.fits and report.formats == {"peft-linear": 16, "peft-fused": 8}, report
     with pytest.raises(AdapterError, match="no per-expert modules"):
         convert_adapter(tmp_path / "a", tmp_path / "out", ("gpt-oss", cfg, family))
+
+
+def test_unsloth_expert_keys_serve_the_same_adapter(hf_model: Any, checkpoint: Path, tmp_path: Path):
+    """Unsloth trains GPT-OSS's experts as one linear layer each (`experts.gate_up_projs.{e}`: weight
+    [2I, H] with gate and up rows interleaved; `experts.down_projs.{e}`). The same adapter written in that
+    form serves what its PEFT target_parameters form serves (and the hand merge)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    peft_model = peft_adapter(hf_model, tmp_path / "peft", 4)
+    fused = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    n, out = 6, {}
+    for key, value in fused.items():
+        if ".mlp.experts." not in key:
+            out[key] = value
+            continue
+        if not key.endswith("lora_A.weight"):
+            continue
+        pre = key.removesuffix("lora_A.weight")
+        a, b = value, fused[pre + "lora_B.weight"]
+        r = a.shape[0] // n
+        layer = pre.removesuffix("base_layer.").removesuffix("experts.")
+        name = "gate_up_projs" if pre.endswith("base_layer.") else "down_projs"
+        for e in range(n):
+            out[f"{layer}experts.{name}.{e}.lora_A.weight"] = a[e * r : (e + 1) * r].contiguous()
+            out[f"{layer}experts.{name}.{e}.lora_B.weight"] = b[:, e::n].contiguous()
+    folder = tmp_path / "unsloth"
+    folder.mkdir()
+    save_file(out, str(folder / "adapter_model.safetensors"))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_projs", "down_projs"]
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    modules = {"u": str(folder), "p": str(tmp_path / "peft")}
+    with LLM(str(checkpoint), device="cpu", dtype="float32", progress=False, lora_modules=modules) as llm:
+        by_unsloth = llm.generate(prompts(), params, lora="u")
+        by_peft = llm.generate(prompts(), params, lora="p")
+    reference = merged(hf_model, peft_model)
+    for prompt, u, p in zip(prompts(), by_unsloth, by_peft, strict=True):
+        (ref,) = hf_logprobs(reference, [prompt])
+        assert_logprobs(u, ref, logprob_tol("float32"), "unsloth")
+        assert u.outputs[0].token_ids == p.outputs[0].token_ids

@@ -60,6 +60,9 @@ FORMATS = {
     "per-expert lora_B; experts.down_proj.lora_B [1, H, r] shared, per-expert lora_A",
     "nemo-automodel": "NeMo Automodel grouped experts: experts.lora_gate_and_up_A [E, H, r] / _B [E, r, 2I] "
     "(gate columns first), experts.lora_down_A [E, I, r] / _B [E, r, H]; delta x @ A @ B",
+    "unsloth-gpt-oss": "Unsloth's GPT-OSS experts as one linear layer each: experts.gate_up_projs.{e} "
+    "lora_A [r, H] / lora_B [2I, r] (rows: gate and up interleaved), experts.down_projs.{e} lora_A [r, I] / "
+    "lora_B [H, r]",
 }
 SERVED = (
     "q/k/v/o_proj, the dense MLP's and the shared expert's gate/up/down_proj, "
@@ -280,6 +283,7 @@ class _Reader:
         self.name, self.folder, self.cfg, self.owns_expert = name, folder, cfg, owns_expert
         self.skipped = 0  # per-expert tensors of experts `owns_expert` rejects, left unread
         self.in_major = family.experts_in_major  # GPT-OSS: [E, in, out] experts, gate/up interleaved
+        self.unsloth_re = re.compile(r"mlp\.experts\.(gate_up_projs|down_projs)\.(\d+)")
         prefixes = "|".join(re.escape(p) for p in family.moe_prefixes)
         names = family.expert_names
         self.proj_of = {names.gate: "gate", names.up: "up", names.down: "down"}
@@ -350,7 +354,10 @@ class _Reader:
         if self.owns_expert is None:
             return True
         m = self.expert_re.search(key)
-        if m is None or self.owns_expert(int(m.group(2))):
+        expert = None if m is None else int(m.group(2))
+        if m is None and self.in_major and (u := self.unsloth_re.search(key)):
+            expert = int(u.group(2))
+        if expert is None or self.owns_expert(expert):
             return True
         self.skipped += 1
         return False
@@ -455,6 +462,9 @@ class _Reader:
         if t := self.expert_re.fullmatch(rest):
             expert = self._expert_id(layer, int(t[2]), key)
             return _Site("expert", layer, self.proj_of[t[3]], module, expert)
+        if self.in_major and (t := self.unsloth_re.fullmatch(rest)):
+            expert = self._expert_id(layer, int(t[2]), key)
+            return _Site("unsloth", layer, "gate_up" if t[1] == "gate_up_projs" else "down", module, expert)
         if t := self.stacked_re.fullmatch(rest):
             self._expert_id(layer, 0, key)
             return _Site("stacked", layer, self.stacked_proj[t[2]], module)
@@ -526,6 +536,15 @@ class _Reader:
         in_f, out_f = (inter, hidden) if site.target == "down" else (hidden, 2 * inter)
         if site.target in ("gate", "up"):
             out_f = inter
+        if site.kind == "unsloth":  # one linear layer per expert, gate_up's rows interleaved
+            what = f"expert {site.expert}'s {site.target} in layer {site.layer}"
+            A, B = self._checked(a_key, b_key, in_f, out_f, 1, what)
+            B = B * self._scale(site.module, A.shape[0], a_key)
+            if site.target == "down":
+                return "unsloth-gpt-oss", [((site.layer, "down", site.expert), LoraWeights(A, B))]
+            gate, up = LoraWeights(A, B[0::2].contiguous()), LoraWeights(A, B[1::2].contiguous())
+            dests = [((site.layer, "gate", site.expert), gate), ((site.layer, "up", site.expert), up)]
+            return "unsloth-gpt-oss", dests
         if self.in_major and site.kind != "fused":
             raise self.fail(
                 f"'{a_key}': this model's experts ({cfg.architecture}) are read in PEFT's target_parameters "

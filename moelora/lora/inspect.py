@@ -28,6 +28,7 @@ from moelora.lora.adapter import (
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
 
+_UNSLOTH = re.compile(r"\.experts\.(gate_up_projs|down_projs)\.\d+\.lora_A")
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 _FUSED = re.compile(r"\.experts(\.base_layer)?\.lora_[AB]")
 _PER_PROJECTION = re.compile(r"\.experts\.(w1|w2|w3|[a-z_]+_proj)\.lora_[AB]")
@@ -191,6 +192,8 @@ def _guess_formats(names: list[str]) -> dict[str, int]:
             continue
         if _PER_EXPERT.search(key):
             found["peft-per-expert"] += 1
+        elif _UNSLOTH.search(key):
+            found["unsloth-gpt-oss"] += 1
         elif _FUSED.search(key):
             found["peft-fused"] += 1
         elif _PER_PROJECTION.search(key):
