@@ -160,8 +160,11 @@ def linear_cases() -> Iterator[Case]:
 
 def attention_and_small_op_cases() -> Iterator[Case]:
     head = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, IEEE=False, PIPELINED=True)
-    yield attn_decode._decode_kernel, head | dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True), 4
-    yield attn_prefill._prefill_kernel, head | dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64), 4
+    for sinks in (False, True):
+        decode = dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True, HAS_SINKS=sinks)
+        yield attn_decode._decode_kernel, head | decode, 4
+        prefill = dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks)
+        yield attn_prefill._prefill_kernel, head | prefill, 4
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
     for to_cache in (False, True):

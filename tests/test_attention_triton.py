@@ -57,30 +57,41 @@ def paged_problem(
     return (t.to(DEV) for t in (q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables))
 
 
-def check_paged(seed, seq_lens, kv_lens, heads, d, page, dtype, window) -> None:
+def sinks_for(seed: int, heads: int, dtype, with_sinks: bool) -> torch.Tensor | None:
+    """GPT-OSS's per-head sink logits (spread wide: some outweigh every key, some are negligible)."""
+    if not with_sinks:
+        return None
+    return (torch.randn(heads, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype).to(DEV)
+
+
+def check_paged(seed, seq_lens, kv_lens, heads, d, page, dtype, window, with_sinks=False) -> None:
     q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, sum(seq_lens), heads, d, page, dtype)
-    out = kern.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window)
-    assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window))
+    sinks = sinks_for(seed, heads[0], dtype, with_sinks)
+    out = kern.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window, sinks=sinks)
+    ref = twin.paged_attention(q, k_cache, v_cache, tables, seq_lens, kv_lens, SCALE, window, sinks)
+    assert_close(out, ref)
 
 
-def check_decode_splits(seed, kv_lens, heads, d, page, dtype, window, splits) -> None:
+def check_decode_splits(seed, kv_lens, heads, d, page, dtype, window, splits, with_sinks=False) -> None:
     q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, len(kv_lens), heads, d, page, dtype)
+    sinks = sinks_for(seed, heads[0], dtype, with_sinks)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits)
+    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits, sinks=sinks)
     ones = (1,) * len(kv_lens)
-    assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, kv_lens, SCALE, window))
+    assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, kv_lens, SCALE, window, sinks))
     # The last split to finish merges them (counters): zero again afterwards, the same bits next time.
     assert not launch_counters(q.device, 0).any()
-    again = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits)
+    again = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits, sinks=sinks)
     assert torch.equal(again, out)
 
 
-def check_prefill(seed, seq_lens, heads, d, dtype, window) -> None:
+def check_prefill(seed, seq_lens, heads, d, dtype, window, with_sinks=False) -> None:
     g = torch.Generator().manual_seed(seed)
     t = sum(seq_lens)
     q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEV) for h in (heads[0], heads[1], heads[1]))
-    out = kern.prefill_attention(q, k, v, seq_lens, SCALE, window)
-    assert_close(out, twin.prefill_attention(q, k, v, seq_lens, SCALE, window))
+    sinks = sinks_for(seed, heads[0], dtype, with_sinks)
+    out = kern.prefill_attention(q, k, v, seq_lens, SCALE, window, sinks)
+    assert_close(out, twin.prefill_attention(q, k, v, seq_lens, SCALE, window, sinks))
 
 
 # (seq_lens, kv_lens, (Hq, Hkv), D, block_size, dtype, window)
@@ -127,6 +138,18 @@ def test_prefill_attention_matches_twin(seq_lens, heads, d, dtype, window):
     check_prefill(seq_lens[0], seq_lens, heads, d, dtype, window)
 
 
+@pytest.mark.parametrize("case", [CPU_DECODE[1], CPU_DECODE[2], CPU_PAGED_PREFILL[2]])
+def test_sinks_match_twin(case):
+    """GPT-OSS's sinks: decode (one split and several), prefill over the cache and the dense prefill,
+    sliding windows included; each head's sink joins its softmax once."""
+    check_paged(len(case[0]) + 3, *case, with_sinks=True)
+    seq_lens, kv_lens, heads, d, page, dtype, window = case
+    if max(seq_lens) == 1:
+        check_decode_splits(5, kv_lens, heads, d, page, dtype, window, 4, with_sinks=True)
+    else:
+        check_prefill(7, seq_lens, heads, d, dtype, window, with_sinks=True)
+
+
 def test_paged_attention_rejects_inconsistent_lengths():
     q, k_cache, v_cache, tables = paged_problem(0, (5, 9), 3, (4, 2), 64, 16, torch.float32)
     with pytest.raises(ValueError, match="seq_lens"):
@@ -159,6 +182,14 @@ def test_paged_attention_gpu(case):
 )
 def test_prefill_attention_gpu(seq_lens, heads, d, window):
     check_prefill(len(seq_lens), seq_lens, heads, d, torch.bfloat16, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GPU_DECODE[3], GPU_PAGED_PREFILL[1]])
+def test_sinks_gpu(case):
+    """GPT-OSS's sinks (its 64-dim heads, 128-token windows) in bf16 on the GPU, decode and prefill."""
+    check_paged(len(case[0]) + 11, *case, with_sinks=True)
+    check_prefill(3, (700, 129), case[2], case[3], torch.bfloat16, case[6], with_sinks=True)
 
 
 @pytest.mark.gpu

@@ -316,3 +316,23 @@ def test_unsloth_expert_keys_serve_the_same_adapter(hf_model: Any, checkpoint: P
         (ref,) = hf_logprobs(reference, [prompt])
         assert_logprobs(u, ref, logprob_tol("float32"), "unsloth")
         assert u.outputs[0].token_ids == p.outputs[0].token_ids
+
+
+@pytest.mark.gpu
+def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: Path):
+    """The same mixed batch on the GPU in fp32 with the Triton kernels forced (the sinks in the attention
+    kernels; the experts' extras on the PyTorch ops), against the hand merge."""
+    adapter = peft_adapter(hf_model, tmp_path / "a", 1)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    batch, names = prompts() * 2, [None] * 3 + ["a"] * 3
+    with LLM(
+        str(checkpoint), device="cuda", dtype="float32", progress=False, kernel_backend="triton",
+        lora_modules={"a": str(tmp_path / "a")},
+    ) as llm:  # fmt: skip
+        outs = llm.generate(batch, params, lora=names)
+    references = {None: hf_model, "a": merged(hf_model, adapter)}
+    for prompt, name, out in zip(batch, names, outs, strict=True):
+        (ref,) = hf_logprobs(references[name], [prompt])
+        assert_logprobs(out, ref, logprob_tol("float32"), f"cuda {name}")
+        tokens, margins = hf_greedy(references[name], prompt, NEW_TOKENS)
+        agree_until_near_tie(out.outputs[0].token_ids, tokens, margins)

@@ -1,8 +1,8 @@
 """GPT-OSS (`GptOssForCausalLM`): attention sinks, sliding and full attention layers alternating, q/k/v/o
 with biases, YaRN rotary, a biased router (top-k of its logits, softmax over the k chosen), experts with
 biases and the clamped SwiGLU, stored fused and in-major (`gate_up_proj [E, H, 2I]`, gate and up
-interleaved; `down_proj [E, I, H]`). The sinks and the experts' extras run PyTorch ops on every device
-for now (no CUDA graphs)."""
+interleaved; `down_proj [E, I, H]`). The sinks run in the attention kernels; the experts' biases and
+activation run PyTorch ops on every device for now (no CUDA graphs)."""
 
 from __future__ import annotations
 

@@ -217,12 +217,10 @@ def prefill_attention(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence; see `moelora.ops.torch.attention.prefill_attention`
-    (`sinks`, GPT-OSS's, run the PyTorch twin on every device for now)."""
-    if sinks is not None:
-        return _torch_attention.prefill_attention(q, k, v, seq_lens, scale, window, sinks)
+    (`sinks`: GPT-OSS's)."""
     mod = _half_kernels("attention", q, k)
     impl = mod.prefill_attention if mod is not None else _torch_attention.prefill_attention
-    return impl(q, k, v, seq_lens, scale, window)
+    return impl(q, k, v, seq_lens, scale, window, sinks)
 
 
 def write_kv(
@@ -305,15 +303,14 @@ def paged_attention(
     """Attention over the paged cache; see `moelora.ops.torch.attention.paged_attention`.
 
     `kv_lens_dev`: kv_lens as an int32 tensor on q's device, built once per step, so that the GPU
-    decode path needs no per-layer copy of the lengths (the twin does not need it). `sinks` (GPT-OSS's)
-    run the PyTorch twin on every device for now."""
+    decode path needs no per-layer copy of the lengths (the twin does not need it). `sinks`: GPT-OSS's."""
     mod = _half_kernels("attention", q, k_cache)
-    if mod is None or sinks is not None:
+    if mod is None:
         return _torch_attention.paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, sinks
         )
     return mod.paged_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev=kv_lens_dev
+        q, k_cache, v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
     )
 
 

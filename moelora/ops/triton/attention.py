@@ -46,6 +46,7 @@ def prefill_attention(
     seq_lens: tuple[int, ...],
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.attention.prefill_attention`."""
     if k.shape != v.shape or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1] or k.shape[2] != q.shape[2]:
@@ -56,7 +57,7 @@ def prefill_attention(
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("prefill_attention: q, k and v need unit stride over the head dim")
     _check_lens(q.shape[0], seq_lens, seq_lens, q.shape[0])
-    return varlen(q, k, v, None, seq_lens, seq_lens, scale, window, prefill_tiles(q.shape[2]))
+    return varlen(q, k, v, None, seq_lens, seq_lens, scale, window, prefill_tiles(q.shape[2]), sinks)
 
 
 def paged_attention(
@@ -69,6 +70,7 @@ def paged_attention(
     scale: float,
     window: int | None,
     kv_lens_dev: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.attention.paged_attention`; `kv_lens_dev`
     (kv_lens as int32 on q's device, built once per step) spares decode its per-call copy."""
@@ -81,8 +83,9 @@ def paged_attention(
     tables = block_tables[: len(seq_lens)]
     if max(seq_lens) == 1:
         lens = kv_lens_dev if kv_lens_dev is not None else _device_ints(list(kv_lens), q.device)
-        return paged_decode(q, k_cache, v_cache, tables, lens, scale, window)
-    return varlen(q, k_cache, v_cache, tables, seq_lens, kv_lens, scale, window, prefill_tiles(q.shape[2]))
+        return paged_decode(q, k_cache, v_cache, tables, lens, scale, window, sinks=sinks)
+    tiles = prefill_tiles(q.shape[2])
+    return varlen(q, k_cache, v_cache, tables, seq_lens, kv_lens, scale, window, tiles, sinks)
 
 
 def varlen(
@@ -95,6 +98,7 @@ def varlen(
     scale: float,
     window: int | None,
     tiles: PrefillTiles,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The variable-length kernel over dense k/v [T, Hkv, D] (block_tables None, kv_lens = seq_lens) or
     the paged cache; checked arguments, `tiles` chosen by the caller."""
@@ -105,4 +109,4 @@ def varlen(
     ]
     table = tile_table(seq_lens, kv_lens, tiles.block_m)
     dev_meta = _device_ints(meta + table, q.device)
-    return varlen_attention(q, k, v, block_tables, dev_meta, len(table) // 2, scale, window, tiles)
+    return varlen_attention(q, k, v, block_tables, dev_meta, len(table) // 2, scale, window, tiles, sinks)

@@ -72,12 +72,14 @@ def _decode_tile(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, qk_scale, window,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, sinks_ptr, qk_scale, window,
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr, PIPELINED: tl.constexpr,
+    IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
+    """HAS_SINKS: split 0 starts each head's softmax from its sink logit (sinks_ptr, log2 domain: weight
+    1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -101,6 +103,10 @@ def _decode_kernel(
     )
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     # The interpreter cannot run `range` over loaded bounds; on GPU the `for` is software-pipelined.
     if PIPELINED:
@@ -192,13 +198,14 @@ def paged_decode(
     window: int | None,
     tiles: DecodeTiles = DECODE_TILES,
     splits: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys and values; CUDA-graph safe.
 
     q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     kv_lens [B] int32 on q's device, each >= 1 and <= max_blocks * block_size. -> o [B, Hq, D].
     Semantics: those of `moelora.ops.torch.attention.paged_attention` with every seq_lens[b] = 1.
-    `splits` overrides the shape-derived split count (tests, benchmarks).
+    `splits` overrides the shape-derived split count (tests, benchmarks); `sinks` [Hq]: GPT-OSS's.
     """
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -215,14 +222,16 @@ def paged_decode(
         part = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
         counts = launch_counters(q.device, batch * kv_heads)
+    sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, scale * LOG2E, window or 0,
+        q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,
+        window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part.stride()[:3], out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, BLOCK_N=tiles.block_n, WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
 

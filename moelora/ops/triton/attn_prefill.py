@@ -68,12 +68,14 @@ def _attend_tile(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, meta_ptr, tile_ptr, qk_scale, window,
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, meta_ptr, tile_ptr, sinks_ptr, qk_scale, window,
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr, PIPELINED: tl.constexpr,
+    IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
+    """HAS_SINKS: each row's softmax starts from the head's sink logit (sinks_ptr, log2 domain): running
+    maximum the sink, sum 1, no value."""
     h = tl.program_id(0)
     tile = tl.program_id(1)
     b = tl.load(tile_ptr + 2 * tile)
@@ -96,6 +98,9 @@ def _prefill_kernel(
     )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h).to(tl.float32)
+        l_i = l_i + 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     first = kv_len - q_len + m0  # the tile's earliest query position
@@ -148,12 +153,13 @@ def varlen_attention(
     scale: float,
     window: int | None,
     tiles: PrefillTiles,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch over a prepared batch; `meta` [4 * B + 2 * num_tiles] int32 on q's device holds, per
     sequence, (first query row, query count, key count, first key row when dense), then `tile_table`.
 
     q [T, Hq, D]; paged (block_tables [B, max_blocks] int32): k, v [num_blocks, block_size, Hkv, D];
-    dense (block_tables None): k, v [T_kv, Hkv, D]. -> o [T, Hq, D].
+    dense (block_tables None): k, v [T_kv, Hkv, D]; sinks [Hq] or None (GPT-OSS's). -> o [T, Hq, D].
     """
     head_dim = q.shape[2]
     paged = block_tables is not None
@@ -165,12 +171,13 @@ def varlen_attention(
     k_strides = k.stride()[:3] if paged else (0, *k.stride()[:2])
     v_strides = v.stride()[:3] if paged else (0, *v.stride()[:2])
     bt = block_tables if block_tables is not None else meta
+    sinks_l2 = meta if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
     _prefill_kernel[(q.shape[1], num_tiles)](
-        q, k, v, out, bt, meta, meta[4 * batch :], scale * LOG2E, window or 0,
+        q, k, v, out, bt, meta, meta[4 * batch :], sinks_l2, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), *k_strides, *v_strides, bt.stride(0), out.stride(0), out.stride(1),
         GROUP=q.shape[1] // kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=k.shape[1] if paged else 1, PAGED=paged, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
