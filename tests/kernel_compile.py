@@ -116,8 +116,10 @@ def moe_cases() -> Iterator[Case]:
         route |= dict(BLOCK_E=experts)
         yield router._route_kernel, route, 4
         one = dict(IN_DIM=2048, SPLITS=16, K_CHUNK=128, TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True)
-        one |= dict(BLOCK_T=16, BLOCK_E=max(16, experts), BLOCK_K=128, PRECISION="tf32")
+        one |= dict(BLOCK_T=16, BLOCK_E=max(16, experts), BLOCK_K=128, PRECISION="tf32", DOT=True)
         yield router._router_kernel, one, 4
+        # one token: products in registers, 64 columns a program (a new dict: the one above was yielded)
+        yield router._router_kernel, one | dict(BLOCK_T=1, K_CHUNK=64, SPLITS=32, BLOCK_K=64, DOT=False), 4
 
 
 def decode_cases() -> Iterator[Case]:

@@ -491,7 +491,8 @@ def test_route_matches_twin(num_tokens: int, num_experts: int, k: int, dtype: to
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "k", "in_dim"), [(1, 128, 8, 300), (5, 60, 4, 96), (16, 8, 2, 64)]
+    ("num_tokens", "num_experts", "k", "in_dim"),
+    [(1, 128, 8, 300), (1, 60, 4, 2048), (5, 60, 4, 96), (16, 8, 2, 64)],  # one token: no dot
 )
 def test_router_matches_twin(num_tokens: int, num_experts: int, k: int, in_dim: int):
     """The router's linear layer and top-k in one launch (fp16: the interpreter has no bf16 dot), split

@@ -57,11 +57,12 @@ def _router_kernel(
     sx_t, sx_k, swr_e, swr_k,
     IN_DIM: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr, TOP_K: tl.constexpr,
     K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Program `split`: the logits' fp32 partial over its input columns; the last to finish adds the
-    partials up in split order, rounds the logits to x's dtype (as the linear layer's output) and takes
-    the top-k."""
+    """Program `split`: the logits' fp32 partial over its K_CHUNK input columns (a tensor-core dot for 16
+    token rows, or products summed in registers for one token); the last to finish adds the partials up
+    in split order (their loads all in flight at once), rounds the logits to x's dtype (as the linear
+    layer's output) and takes the top-k."""
     split = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
@@ -73,14 +74,19 @@ def _router_kernel(
         k_ok = kk + k0 < IN_DIM
         x_mask = t_ok[:, None] & k_ok[None, :]
         xk = tl.load(x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k, mask=x_mask, other=0.0)
-        w_mask = k_ok[:, None] & e_ok
-        wk = tl.load(wr_ptr + e[None, :] * swr_e + (kk + k0)[:, None] * swr_k, mask=w_mask, other=0.0)
-        acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        if DOT:
+            w_mask = k_ok[:, None] & e_ok
+            wk = tl.load(wr_ptr + e[None, :] * swr_e + (kk + k0)[:, None] * swr_k, mask=w_mask, other=0.0)
+            acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        else:  # wk [E, K]: products summed in registers
+            w_mask = (e < num_experts)[:, None] & k_ok[None, :]
+            wk = tl.load(wr_ptr + e[:, None] * swr_e + (kk + k0)[None, :] * swr_k, mask=w_mask, other=0.0)
+            acc += tl.sum(xk.to(tl.float32)[:, None, :] * wk.to(tl.float32)[None, :, :], axis=2)
     rows = t[:, None] * BLOCK_E + e[None, :]
     tl.store(part_ptr + split * BLOCK_T * BLOCK_E + rows, acc)
     if last_one(count_ptr, SPLITS):
         logits = tl.load(part_ptr + rows, cache_modifier=".cg")
-        for i in range(1, SPLITS):
+        for i in tl.static_range(1, SPLITS):
             logits += tl.load(part_ptr + i * BLOCK_T * BLOCK_E + rows, cache_modifier=".cg")
         logits = logits.to(x_ptr.dtype.element_ty)
         _top_k(logits, t, t_ok, e, e_ok, w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
@@ -108,25 +114,41 @@ def route(
 
 
 ROUTER_TOKENS = 16  # at most this many tokens take the one-launch router; more: cuBLAS, then `route`
-_ROUTER_K = 128  # input columns per step and per split of the one-launch router
+# More tokens than this: the partial logits by a tensor-core dot over 16 token rows. One token: products
+# summed in registers, 64 input columns a program (H200, 128 experts x 2,048 inputs, 256 layers' weights in
+# a CUDA graph: 9.35 -> 7.8 us a call, the ids equal to the twin's; two tokens that way: 10.9 vs 9.6 us).
+_DOT_TOKENS = 1
 
 
 def router(
-    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    fp32_weights: bool,
+    k_chunk: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
     16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
-    cuBLAS and `route`."""
+    cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
+    for benchmarks; the defaults are the measured best."""
     num_tokens, in_dim = x.shape
     num_experts = weight.shape[0]
     if num_tokens > ROUTER_TOKENS or x.element_size() != 2 or weight.dtype != x.dtype or num_experts > 256:
         return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
     if not 0 < top_k <= num_experts:
         raise ValueError(f"router: top_k {top_k} must be in [1, {num_experts}] (the router's experts)")
+    dot = num_tokens > _DOT_TOKENS
+    block_t = 16 if dot else triton.next_power_of_2(num_tokens)
     block_e = max(16, triton.next_power_of_2(num_experts))
-    block_k = min(_ROUTER_K, max(16, triton.next_power_of_2(in_dim)))
-    splits = triton.cdiv(in_dim, block_k)
-    part = torch.empty(splits, 16, block_e, dtype=torch.float32, device=x.device)
+    if block_k is None:  # the non-dot step holds [T, E, K] products in registers: 8,192 at most
+        block_k = 128 if dot else max(16, 8192 // (block_t * block_e))
+    block_k = min(block_k, max(16, triton.next_power_of_2(in_dim)))
+    k_chunk = max(block_k, k_chunk or (128 if dot else 64))
+    splits = triton.cdiv(in_dim, k_chunk)
+    part = torch.empty(splits, block_t, block_e, dtype=torch.float32, device=x.device)
     weights = torch.empty(
         num_tokens, top_k, dtype=torch.float32 if fp32_weights else x.dtype, device=x.device
     )
@@ -134,7 +156,8 @@ def router(
     _router_kernel[(splits,)](
         x, weight, part, weights, ids, launch_counters(x.device, 1), num_tokens, num_experts,
         *x.stride(), *weight.stride(),
-        IN_DIM=in_dim, SPLITS=splits, K_CHUNK=block_k, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
-        RENORMALIZE=renormalize, BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, PRECISION="tf32",
+        IN_DIM=in_dim, SPLITS=splits, K_CHUNK=k_chunk, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, DOT=dot,
+        PRECISION="tf32", num_warps=num_warps,
     )  # fmt: skip
     return weights, ids
