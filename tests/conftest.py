@@ -60,3 +60,13 @@ def mixed_adapters(
             for name, spec in adapter_specs(num_experts).items()
         }
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread in this process while a module's multi-process tests run (the workers use one
+    each too), so that ranks do not compete for the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

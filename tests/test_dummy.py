@@ -115,14 +115,6 @@ def test_dummy_adapter_covers_its_targets_and_owned_experts():
         DummyLora(4, targets=("router",))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_dummy(tp: int, ep: int) -> list[list[float]]:
     """Greedy log-probs of base and two dummy-adapter requests on the tiny preset."""
     adapters = {f"d{i}": DummyLora(rank=4 * (i + 1), seed=i) for i in range(2)}

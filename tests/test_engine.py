@@ -239,7 +239,7 @@ def test_no_graphs_on_cpu(llm: LLM):
 def test_n_completions_compute_the_prompt_once(llm: LLM):
     """Completions 1..n-1 start from completion 0's prompt blocks (full ones shared, the partial one
     copied): each equals the same completion run as its own request, and the prompt runs once."""
-    prompt = "To make a simple soup, first chop an onion and"
+    prompt = "Grandmother's way: to make a simple soup, first chop an onion and"  # no cached prefix
     size = len(llm.encode(prompt))
     assert size % 4 != 0  # the last prompt block is partial (block_size 4), so it is copied
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=9, ignore_eos=True)
@@ -275,18 +275,23 @@ def test_n_completions_survive_preemption():
         wait_idle(small)
 
 
-def fed_tokens(llm: LLM) -> list[int]:
-    """Tokens run through the model per step, recorded from now until the list is dropped."""
-    fed: list[int] = []
+def per_step(llm: LLM, measure) -> list[int]:
+    """measure(StepInput) for every step from now on (recorded until `del runner.execute`)."""
+    found: list[int] = []
     runner = llm.engine.executor.runner
     original = type(runner).execute
 
     def counting(step, previous=None):
-        fed.append(len(step.ids))
+        found.append(measure(step))
         return original(runner, step, previous)
 
     runner.execute = counting
-    return fed
+    return found
+
+
+def fed_tokens(llm: LLM) -> list[int]:
+    """Tokens run through the model per step, recorded from now until the list is dropped."""
+    return per_step(llm, lambda step: len(step.ids))
 
 
 def test_prefix_cache_reuses_a_prompt_per_adapter(adapters_llm: LLM):
@@ -470,16 +475,7 @@ def test_async_scheduling_changes_no_output(num_kv_blocks: int):
 
 def fed_steps(llm: LLM) -> list[int]:
     """Per step from now on: how many of its tokens the previous step fed on the device."""
-    counts: list[int] = []
-    runner = llm.engine.executor.runner
-    original = type(runner).execute
-
-    def counting(step, previous=None):
-        counts.append(len(step.fed))
-        return original(runner, step, previous)
-
-    runner.execute = counting
-    return counts
+    return per_step(llm, lambda step: len(step.fed))
 
 
 def test_async_scheduling_runs_no_step_past_a_length_limit(llm: LLM):

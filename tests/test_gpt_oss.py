@@ -168,14 +168,6 @@ def test_per_expert_keys_are_refused_for_its_experts(hf_model: Any, checkpoint: 
         llm.load_lora("x", str(folder))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (2, 2), (4, 4)])
 def test_tp_ep_layouts_match_one_process(checkpoint: Path, hf_model: Any, tmp_path: Path, tp, ep, one_thread):
     """Heads (and their sinks) split over TP, 6 experts over EP (4: 2, 2, 1, 1), the experts'

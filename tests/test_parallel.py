@@ -46,14 +46,6 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 3, 12)]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_batch(
     checkpoint: Path,
     adapters: dict[str, tuple[Path, ExpectedLora]],
@@ -328,7 +320,7 @@ def test_async_scheduling_feeds_every_rank(checkpoints, one_thread):
     """Steps queued before rank 0 has read the previous step's tokens: the workers get those tokens in a
     broadcast on the device and compute the same step; the completions equal those of waiting steps
     (sampled, n > 1, free endings)."""
-    from tests.test_engine import assert_same_outputs
+    from tests.test_engine import assert_same_outputs, fed_steps
 
     batch = prompts()
     params = [
@@ -342,14 +334,7 @@ def test_async_scheduling_feeds_every_rank(checkpoints, one_thread):
             str(checkpoints["qwen3_moe"]), device="cpu", dtype="float64", tp_size=2, ep_size=2,
             progress=False, num_kv_blocks=32, block_size=4, async_scheduling=overlap,
         ) as llm:  # fmt: skip
-            runner = llm.engine.executor.runner
-            fed: list[int] = []
-
-            def counting(step, previous=None, runner=runner, fed=fed):
-                fed.append(len(step.fed))
-                return type(runner).execute(runner, step, previous)
-
-            runner.execute = counting
+            fed = fed_steps(llm)
             outs[overlap] = llm.generate(batch, params)
         assert any(fed) == overlap
     assert_same_outputs(outs[True], outs[False])
