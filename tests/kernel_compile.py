@@ -25,6 +25,7 @@ from moelora.ops.triton import (
     linear,
     lora_expand,
     lora_shrink,
+    mla,
     moe_decode_down,
     moe_decode_gate_up,
     moe_down,
@@ -167,6 +168,8 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield attn_decode._decode_kernel, head | decode, 4
         prefill = dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks)
         yield attn_prefill._prefill_kernel, head | prefill, 4
+    latent = dict(RANK=512, ROPE=64, BLOCK_R=512, BLOCK_D=64, PAGE=16, BLOCK_H=16, BLOCK_N=32)
+    yield mla._latent_decode_kernel, latent | dict(IEEE=False, PIPELINED=True), 4, 2
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
     for to_cache in (False, True):

@@ -208,3 +208,45 @@ def test_paged_decode_cuda_graph_replay():
         graph.replay()
         ones = (1,) * len(new_lens)
         assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, new_lens, SCALE, None))
+
+
+def check_latent_decode(seed, kv_lens, heads, rank, rope, page, dtype) -> None:
+    """DeepSeek's absorbed decode over a paged cache of latents (one K "head": the latent, one V "head":
+    the rotated key part), NaN in every slot no sequence owns."""
+    from moelora.ops.torch import mla as twin_mla
+    from moelora.ops.triton import mla as kern_mla
+
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // page) for n in kv_lens]
+    num_blocks = sum(need) + 2
+    latents = torch.full((num_blocks, page, 1, rank), float("nan"))
+    rots = torch.full((num_blocks, page, 1, rope), float("nan"))
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(kv_lens), max(need) + 1, dtype=torch.int32)
+    for b, n in enumerate(kv_lens):
+        blocks, order = order[: need[b]], order[need[b] :]
+        tables[b, : need[b]] = torch.tensor(blocks)
+        flat = torch.tensor([blk * page + i for blk in blocks for i in range(page)][:n])
+        latents.view(-1, rank)[flat] = torch.randn(n, rank, generator=g)
+        rots.view(-1, rope)[flat] = torch.randn(n, rope, generator=g)
+    q_lat = torch.randn(len(kv_lens), heads, rank, generator=g) * 0.3
+    q_rot = torch.randn(len(kv_lens), heads, rope, generator=g) * 0.3
+    q_lat, q_rot, latents, rots = (t.to(dtype).to(DEV) for t in (q_lat, q_rot, latents, rots))
+    tables = tables.to(DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    out = kern_mla.latent_decode(q_lat, q_rot, latents, rots, tables, lens, SCALE)
+    assert_close(out, twin_mla.latent_decode(q_lat, q_rot, latents, rots, tables, kv_lens, SCALE))
+
+
+@pytest.mark.parametrize(
+    ("kv_lens", "heads", "rank", "rope", "page", "dtype"),
+    [((1, 40, 17), 4, 32, 16, 16, torch.float32), ((33, 5), 20, 64, 8, 8, torch.float16)],
+)
+def test_latent_decode_matches_twin(kv_lens, heads, rank, rope, page, dtype):
+    check_latent_decode(sum(kv_lens), kv_lens, heads, rank, rope, page, dtype)
+
+
+@pytest.mark.gpu
+def test_latent_decode_gpu():
+    """DeepSeek-V3's shapes (latent 512, rotated part 64, 16 heads a rank at TP 8) in bf16."""
+    check_latent_decode(1, (1, 300, 4097, 64, 2000), 16, 512, 64, 16, torch.bfloat16)

@@ -126,8 +126,9 @@ class LatentAttention(nn.Module):
             b = b.view(b.shape[0], self.heads, dn + m.v_head_dim, -1)  # [T, H, dn + dv, r]
             q_lat = q_lat + torch.einsum("thd,thdk,tkr->thr", q_nope, b[:, :, :dn], a) * on
         o_lat = ops.latent_decode(
-            q_lat, q_rot.contiguous(), latent_cache, rot_cache, kv.block_tables, kv.kv_lens, m.softmax_scale
-        )
+            q_lat, q_rot.contiguous(), latent_cache, rot_cache, kv.block_tables, kv.kv_lens, m.softmax_scale,
+            kv.kv_lens_dev,
+        )  # fmt: skip
         o = torch.einsum("thr,hdr->thd", o_lat, w[:, dn:])  # [T, H, dv]
         if lora is not None and slot is not None:
             o = o + torch.einsum("thr,tkr,thdk->thd", o_lat, a, b[:, :, dn:]) * on

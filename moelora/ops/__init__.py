@@ -147,10 +147,15 @@ def latent_decode(
     block_tables: torch.Tensor,
     kv_lens: tuple[int, ...],
     scale: float,
+    kv_lens_dev: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention in the latent space (absorbed form); see `moelora.ops.torch.mla.latent_decode`
-    (PyTorch; host-side lengths)."""
-    return _torch_mla.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, scale)
+    """Decode attention in the latent space (absorbed form); see `moelora.ops.torch.mla.latent_decode`.
+    `kv_lens_dev`: kv_lens as int32 on the device, for the Triton kernel (no per-layer copy)."""
+    mod = _half_kernels("mla", q_lat, latent_cache)
+    if mod is None:
+        return _torch_mla.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, scale)
+    lens = kv_lens_dev if kv_lens_dev is not None else mod.device_lens(kv_lens, q_lat.device)
+    return mod.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables[: len(kv_lens)], lens, scale)
 
 
 def mla_attention(

@@ -14,16 +14,9 @@ import torch
 
 from moelora.ops.triton.attn_decode import check_cache, paged_decode
 from moelora.ops.triton.attn_prefill import PrefillTiles, prefill_tiles, tile_table, varlen_attention
+from moelora.ops.triton.common import device_ints
 
 __all__ = ["paged_attention", "paged_decode", "prefill_attention"]
-
-
-def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    """int32 values on `device` without waiting for the GPU (pinned staging buffer, async copy)."""
-    host = torch.tensor(values, dtype=torch.int32)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _check_lens(num_tokens: int, seq_lens: tuple[int, ...], kv_lens: tuple[int, ...], capacity: int) -> None:
@@ -82,7 +75,7 @@ def paged_attention(
     _check_lens(q.shape[0], seq_lens, kv_lens, block_tables.shape[1] * k_cache.shape[1])
     tables = block_tables[: len(seq_lens)]
     if max(seq_lens) == 1:
-        lens = kv_lens_dev if kv_lens_dev is not None else _device_ints(list(kv_lens), q.device)
+        lens = kv_lens_dev if kv_lens_dev is not None else device_ints(list(kv_lens), q.device)
         return paged_decode(q, k_cache, v_cache, tables, lens, scale, window, sinks=sinks)
     tiles = prefill_tiles(q.shape[2])
     return varlen(q, k_cache, v_cache, tables, seq_lens, kv_lens, scale, window, tiles, sinks)
@@ -108,5 +101,5 @@ def varlen(
         x for s, n, t in zip(starts, seq_lens, kv_lens, strict=True) for x in (s, n, t, s if dense else 0)
     ]
     table = tile_table(seq_lens, kv_lens, tiles.block_m)
-    dev_meta = _device_ints(meta + table, q.device)
+    dev_meta = device_ints(meta + table, q.device)
     return varlen_attention(q, k, v, block_tables, dev_meta, len(table) // 2, scale, window, tiles, sinks)

@@ -109,3 +109,11 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
         and t.data_ptr() % 16 == 0
         for t in tensors
     )
+
+
+def device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """int32 values on `device` without waiting for the GPU (pinned staging buffer, async copy)."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
