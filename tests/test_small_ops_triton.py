@@ -255,6 +255,32 @@ def test_model_with_small_kernels_matches_twins(family, checkpoints, monkeypatch
         assert_close(out, ref)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_model_with_attention_kernels_matches_twins(family, checkpoints, tmp_path, monkeypatch):
+    """DeepSeek's absorbed decode (the latent kernel, fed the step's device lengths) and GPT-OSS's sinks
+    (the prefill and decode kernels, sliding windows shorter than the prompts) inside the model give the
+    twins' logits and greedy tokens (fp32: the interpreter on CPU, forced on GPU)."""
+    from tests.hf_models import build_hf_model
+
+    folder = checkpoints.get(family)
+    if folder is None:
+        folder = tmp_path / family
+        build_hf_model(family).save_pretrained(folder)
+    logits, tokens = generate(folder)
+    twin_kernels = ops._half_kernels
+
+    def attention_on_triton(name, t, *others):
+        if name in ("mla", "attention"):
+            return ops._triton_module(name)
+        return twin_kernels(name, t, *others)
+
+    monkeypatch.setattr(ops, "_half_kernels", attention_on_triton)
+    kern_logits, kern_tokens = generate(folder)
+    assert kern_tokens == tokens
+    for out, ref in zip(kern_logits, logits, strict=True):
+        assert_close(out, ref)
+
+
 GPU_ROTARY = [(t, (32, 4), 128) for t in (1, 7, 33, 2048)] + [
     (33, (8, 8), 64),
     (513, (16, 2), 128),
