@@ -102,8 +102,6 @@ class Engine:
         self.loras = self.adapters.manager if self.adapters is not None else None
         plan = self._plan(lora_rank, la, workers)
         self.executor = Executor(model, plan, workers=workers)
-        # With workers, the tokens a step is fed reach them in a broadcast from rank 0 on the device.
-        self._overlap = self.args.async_scheduling
         self._in_flight: _InFlight | None = None
         self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
@@ -545,7 +543,7 @@ class Engine:
         adapters = len({s.request.lora_entry for s in seqs if s.request.lora_entry is not None})
         decode = len(step.ids) - prefill
         self._in_flight = _InFlight(sampled_seqs, sampled, start, len(seqs), prefill, decode, adapters)
-        if not self._overlap:
+        if not self.args.async_scheduling:
             self._finish_in_flight()
 
     def _ends_with_pending(self, seq: Sequence) -> bool:

@@ -31,8 +31,8 @@ class StepInput:
     block_tables: per sequence. prompt_logits: (sequence index, number of prompt positions) for the
     sequences whose prompt log-probs are wanted this step (their logits at every prompt position but
     the last). fed: (token index, row) for the tokens that the previous step sampled and the host has
-    not seen yet (async scheduling, one rank only): their entry in ids is a placeholder, the token is
-    read on the device from row `row` of the previous step's chosen ids.
+    not seen yet (async scheduling): their entry in ids is a placeholder, the token is read on the
+    device from row `row` of the previous step's chosen ids (a worker gets them in a broadcast).
     """
 
     ids: list[int]

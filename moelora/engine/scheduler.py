@@ -103,8 +103,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens - len(self.running)
         adapters = {s.request.lora_entry for s in self.running if s.request.lora_entry is not None}
         for seq in list(self.waiting):
-            if len(self.running) >= self.max_num_seqs or seq.pending >= 0:
-                break  # (a sequence preempted this step waits for its last token first)
+            if len(self.running) >= self.max_num_seqs:
+                break
             entry = seq.request.lora_entry
             if entry is not None and entry not in adapters and not self.adapters_fit(adapters | {entry}):
                 seq.skips += 1

@@ -83,10 +83,11 @@ class Mxfp4Checkpoint:
             return self.ckpt.read(key, index)
         blocks_key, scales_key = self._packed[key]
         experts = index[:1]  # read only these experts' blocks; the rest of the index applies after
-        if self.ckpt.read(scales_key, experts).dtype != torch.uint8:
-            raise CheckpointError(f"'{scales_key}' must be uint8 (biased exponents)")
-        blocks = self.ckpt.read(blocks_key, experts)
-        if blocks.dtype != torch.uint8:
-            raise CheckpointError(f"'{blocks_key}' must be uint8 (packed FP4 pairs), found {blocks.dtype}")
-        w = dequantize(blocks, self.ckpt.read(scales_key, experts)).transpose(1, 2)  # [E', in, out]
+        blocks, scales = self.ckpt.read(blocks_key, experts), self.ckpt.read(scales_key, experts)
+        for name, t in ((blocks_key, blocks), (scales_key, scales)):
+            if t.dtype != torch.uint8:
+                raise CheckpointError(
+                    f"'{name}' must be uint8 (packed FP4 pairs, biased exponents), found {t.dtype}"
+                )
+        w = dequantize(blocks, scales).transpose(1, 2)  # [E', in, out]
         return w[(slice(None), *index[1:])] if len(index) > 1 else w

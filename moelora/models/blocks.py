@@ -272,8 +272,9 @@ class SparseMoeBlock(nn.Module):
         return [WeightSpec(g[0].param, tuple(f for s in g for f in s.forms)) for g in groups]
 
     def _specs(self, prefix: str, family: Family) -> list[WeightSpec]:
-        specs = self.router.weight_specs(prefix)
-        if family.router_name != "gate":  # the same tensors under the family's own name
+        if family.router_name == "gate":
+            specs = self.router.weight_specs(prefix)
+        else:  # the same tensors under the family's own name (GPT-OSS: router)
             specs = [whole(self.router.weight, f"{prefix}.{family.router_name}.weight")]
             if self.router.bias is not None:
                 specs.append(whole(self.router.bias, f"{prefix}.{family.router_name}.bias"))

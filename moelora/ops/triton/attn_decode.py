@@ -44,6 +44,18 @@ def mma(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def online_update(acc, m_i, l_i, s, v, IEEE: tl.constexpr):
+    """Online softmax: fold scores s [M, N] (log2 domain, -inf where masked, every row with a finite
+    one) and values v [N, D] into (acc [M, D], running maximum m_i [M], sum l_i [M])."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_tile(
     q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, end, b, kvh, d, d_ok, qk_scale,
     sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b,
@@ -62,12 +74,7 @@ def _decode_tile(
     )
     s = mma(q, tl.trans(k), IEEE)
     s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 domain; every tile has a valid key
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
-    return acc, m_new, l_i
+    return online_update(acc, m_i, l_i, s, v, IEEE)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.attn_decode import LOG2E, mma
+from moelora.ops.triton.attn_decode import LOG2E, mma, online_update
 from moelora.ops.triton.common import device_ints
 
 
@@ -75,12 +75,7 @@ def _latent_tile(
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     s = mma(q, tl.trans(c), IEEE) + mma(qr, tl.trans(r), IEEE)
     s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 domain; every tile has a valid key
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p.to(c.dtype), c, IEEE)
-    return acc, m_new, l_i
+    return online_update(acc, m_i, l_i, s, c, IEEE)
 
 
 def device_lens(kv_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
