@@ -210,6 +210,13 @@ def build_hf_model(family: str, seed: int = 0) -> Any:
             if name.endswith("e_score_correction_bias"):  # zeros in a new model: random, so it counts
                 buf.normal_(0, 0.1)
         model.lm_head.weight.mul_(2.0 if cfg.tie_word_embeddings else 8.0)
+    if family == "gpt_oss":
+        # transformers before 5.18 hard-codes GPT-OSS's published alpha 1.702 and limit 7.0 in the
+        # experts and ignores the config's; later versions read the config. Give every version the
+        # config's values, which is what the checkpoint says.
+        for layer in model.model.layers:
+            layer.mlp.experts.alpha = getattr(cfg, "swiglu_alpha", 1.702)  # (5.17: no such field)
+            layer.mlp.experts.limit = cfg.swiglu_limit
     return model.eval()
 
 

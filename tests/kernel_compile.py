@@ -86,7 +86,10 @@ def moe_cases() -> Iterator[Case]:
                 common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
                 for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
                     gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, IL_EXPAND=rank <= 16, **common)
-                    yield moe_gate_up._gate_up_kernel, gate_up, t.warps
+                    yield moe_gate_up._gate_up_kernel, gate_up | dict(HAS_BIAS=False, CLAMPED=False), t.warps
+                # GPT-OSS's biases and clamped SwiGLU (HIDDEN 2880: not a multiple of the K step)
+                gpt_oss = dict(gate_up, HIDDEN=2880, HAS_BIAS=True, CLAMPED=True)
+                yield moe_gate_up._gate_up_kernel, gpt_oss, t.warps
                 d = t.for_down(rank if has_lora else 0)  # rank is a power of 2: its BLOCK_R
                 persistent = d.tma_down and not has_lora
                 down = {**common, "INTER": 768, "BLOCK_N": d.block_n, "PIPELINED": True}
@@ -111,7 +114,8 @@ def moe_cases() -> Iterator[Case]:
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32, BUSY_PAD=2048), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
-    yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024), 4
+    for has_bias in (False, True):
+        yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024, HAS_BIAS=has_bias), 4
     for top_k, experts in ((8, 128), (2, 8)):
         route = dict(TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True, BLOCK_T=min(16, 4096 // experts))
         route |= dict(BLOCK_E=experts)
@@ -128,9 +132,12 @@ def decode_cases() -> Iterator[Case]:
     for has_lora in (False, True):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
-        yield moe_decode_gate_up._decode_gate_up_kernel, gate_up, t.warps
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
-        yield moe_decode_down._decode_down_kernel, dict(INTER=768, TOP_K=8, **down), d.warps
+        for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
+            extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss)
+            yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
+            down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
+            yield moe_decode_down._decode_down_kernel, down_case, d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:
@@ -169,7 +176,8 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         prefill = dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks)
         yield attn_prefill._prefill_kernel, head | prefill, 4
     latent = dict(RANK=512, ROPE=64, BLOCK_R=512, BLOCK_D=64, PAGE=16, BLOCK_H=16, BLOCK_N=32)
-    yield mla._latent_decode_kernel, latent | dict(IEEE=False, PIPELINED=True), 4, 2
+    for write_lse in (False, True):
+        yield mla._latent_decode_kernel, latent | dict(WRITE_LSE=write_lse, IEEE=False, PIPELINED=True), 4, 2
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
     for to_cache in (False, True):

@@ -210,9 +210,10 @@ def test_paged_decode_cuda_graph_replay():
         assert_close(out, twin.paged_attention(q, k_cache, v_cache, tables, ones, new_lens, SCALE, None))
 
 
-def check_latent_decode(seed, kv_lens, heads, rank, rope, page, dtype) -> None:
+def check_latent_decode(seed, kv_lens, heads, rank, rope, page, dtype, splits=None) -> None:
     """DeepSeek's absorbed decode over a paged cache of latents (one K "head": the latent, one V "head":
-    the rotated key part), NaN in every slot no sequence owns."""
+    the rotated key part), NaN in every slot no sequence owns; the keys in `splits` (None: the shape
+    rule's count)."""
     from moelora.ops.torch import mla as twin_mla
     from moelora.ops.triton import mla as kern_mla
 
@@ -234,7 +235,7 @@ def check_latent_decode(seed, kv_lens, heads, rank, rope, page, dtype) -> None:
     q_lat, q_rot, latents, rots = (t.to(dtype).to(DEV) for t in (q_lat, q_rot, latents, rots))
     tables = tables.to(DEV)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    out = kern_mla.latent_decode(q_lat, q_rot, latents, rots, tables, lens, SCALE)
+    out = kern_mla.latent_decode(q_lat, q_rot, latents, rots, tables, lens, SCALE, splits=splits)
     assert_close(out, twin_mla.latent_decode(q_lat, q_rot, latents, rots, tables, kv_lens, SCALE))
 
 
@@ -242,11 +243,14 @@ def check_latent_decode(seed, kv_lens, heads, rank, rope, page, dtype) -> None:
     ("kv_lens", "heads", "rank", "rope", "page", "dtype"),
     [((1, 40, 17), 4, 32, 16, 16, torch.float32), ((33, 5), 20, 64, 8, 8, torch.float16)],
 )
-def test_latent_decode_matches_twin(kv_lens, heads, rank, rope, page, dtype):
-    check_latent_decode(sum(kv_lens), kv_lens, heads, rank, rope, page, dtype)
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_latent_decode_matches_twin(kv_lens, heads, rank, rope, page, dtype, splits):
+    """The keys in one split, in three (short sequences leave some empty), and in the shape rule's count."""
+    check_latent_decode(sum(kv_lens), kv_lens, heads, rank, rope, page, dtype, splits)
 
 
 @pytest.mark.gpu
 def test_latent_decode_gpu():
     """DeepSeek-V3's shapes (latent 512, rotated part 64, 16 heads a rank at TP 8) in bf16."""
     check_latent_decode(1, (1, 300, 4097, 64, 2000), 16, 512, 64, 16, torch.bfloat16)
+    check_latent_decode(2, (512,), 16, 512, 64, 16, torch.bfloat16)  # batch 1: the keys split

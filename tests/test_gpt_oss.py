@@ -313,7 +313,7 @@ def test_unsloth_expert_keys_serve_the_same_adapter(hf_model: Any, checkpoint: P
 @pytest.mark.gpu
 def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: Path):
     """The same mixed batch on the GPU in fp32 with the Triton kernels forced (the sinks in the attention
-    kernels; the experts' extras on the PyTorch ops), against the hand merge."""
+    kernels, the experts' biases and clamped SwiGLU in the MoE kernels), against the hand merge."""
     adapter = peft_adapter(hf_model, tmp_path / "a", 1)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
     batch, names = prompts() * 2, [None] * 3 + ["a"] * 3
@@ -328,3 +328,26 @@ def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: 
         assert_logprobs(out, ref, logprob_tol("float32"), f"cuda {name}")
         tokens, margins = hf_greedy(references[name], prompt, NEW_TOKENS)
         agree_until_near_tie(out.outputs[0].token_ids, tokens, margins)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager(hf_model: Any, checkpoint: Path, tmp_path: Path):
+    """bf16 on the GPU: decode steps replayed from CUDA graphs (the sinks, the window, the biased experts
+    and their LoRA in the Triton kernels) give the eager steps' tokens, base and adapter rows mixed."""
+    peft_adapter(hf_model, tmp_path / "a", 2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    batch, names = prompts() * 2, [None] * 3 + ["a"] * 3
+    outs = {}
+    for graphs in (False, True):
+        with LLM(
+            str(checkpoint), device="cuda", dtype="bfloat16", progress=False, cuda_graphs=graphs,
+            lora_modules={"a": str(tmp_path / "a")},
+        ) as llm:  # fmt: skip
+            outs[graphs] = llm.generate(batch, params, lora=names)
+            runner_graphs = llm.engine.executor.runner.graphs
+            assert (runner_graphs is not None and runner_graphs.replays > 5) == graphs
+    for eager, graphed in zip(outs[False], outs[True], strict=True):
+        assert eager.outputs[0].token_ids == graphed.outputs[0].token_ids
+        for x, y in zip(eager.outputs[0].logprobs, graphed.outputs[0].logprobs, strict=True):
+            for tok in set(x) & set(y):
+                assert abs(x[tok] - y[tok]) < 0.05

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 from moelora import LLM, SamplingParams, ops  # noqa: E402
 from moelora.demo import demo_adapter_paths  # noqa: E402
+from moelora.ops.expert_extras import ExpertExtras  # noqa: E402
 from moelora.ops.expert_lora import ExpertLora  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LoraTiles, Tiles  # noqa: E402
 from moelora.ops.torch import align as torch_align  # noqa: E402
@@ -149,20 +150,37 @@ def moe_inputs(case, seed: int):
     return g, x, w_gu, w_dn, ids, weights
 
 
-def check_fused_moe(case, seed: int, plan: KernelPlan = TUNED) -> None:
-    _, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
-    out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan)
-    assert_close(out, torch_moe.fused_moe(x, w_gu, w_dn, ids, weights), CPU_TOL[x.dtype])
+def gpt_oss_extras(g: torch.Generator, case, down_bias: bool = True) -> ExpertExtras:
+    """GPT-OSS's expert biases (the down bias only where `down_bias`: one rank per intermediate split
+    adds it) and a clamped SwiGLU whose limit cuts through the random gate and up values."""
+    _, _, e_loc, hidden, inter, dtype = case
+    b_gate_up = rand(g, e_loc, 2 * inter, scale=0.5).to(dtype)
+    b_down = rand(g, e_loc, hidden, scale=0.5).to(dtype) if down_bias else None
+    return ExpertExtras(b_gate_up, b_down, (0.7, 1.702))
 
 
-def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int, plan: KernelPlan = TUNED) -> None:
+def check_fused_moe(case, seed: int, plan: KernelPlan = TUNED, extras: bool = False) -> None:
+    g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
+    ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
+    out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan, ext)
+    ref = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
+    assert_close(out, ref, CPU_TOL[x.dtype])
+    if extras:
+        plain = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
+        assert (ref - plain).abs().max() > 10 * CPU_TOL[x.dtype], "the extras must be visible"
+
+
+def check_fused_moe_lora(
+    case, seed: int, num_slots: int, rank: int, plan: KernelPlan = TUNED, extras: bool = False
+) -> None:
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
     slot = slots(g, x.shape[0], num_slots)
-    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan)
-    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
+    ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
+    out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan, extras=ext)
+    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext)
     assert_close(out, ref, CPU_TOL[x.dtype])
-    base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
+    base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
     # Given each slot's rank, the kernels must not read the padding past the lanes they may read: NaN
     # there changes nothing (a NaN read on either side, shrink or expand, would reach the output through
@@ -173,7 +191,7 @@ def check_fused_moe_lora(case, seed: int, num_slots: int, rank: int, plan: Kerne
     for a, b in ((noisy.a_gu, noisy.b_gu), (noisy.a_dn, noisy.b_dn)):
         a[1, ..., lanes_read(rank // 2) :, :] = float("nan")
         b[1, ..., lanes_read(rank // 2) :] = float("nan")
-    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, noisy, plan)
+    got = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, noisy, plan, ext)
     assert_close(got, ref, CPU_TOL[x.dtype])
 
 
@@ -208,6 +226,14 @@ def test_fused_moe_matches_twin(case, path: KernelPlan):
 )
 def test_fused_moe_lora_matches_twin(case, rank: int, path: KernelPlan):
     check_fused_moe_lora(case, seed=case[0] + 1, num_slots=3, rank=rank, plan=path)
+
+
+@pytest.mark.parametrize(("case", "seed"), [(CPU_CASES[0], 4), (CPU_CASES[1], 5), (CPU_CASES[2], 6)])
+def test_gpt_oss_extras_match_twin(case, seed: int, path: KernelPlan):
+    """GPT-OSS's biased experts with the clamped SwiGLU on every path, without and with LoRA (the down bias
+    on even seeds only, as on the ranks that do not add it), invalid ids and slots mixed in."""
+    check_fused_moe(case, seed, path, extras=True)
+    check_fused_moe_lora(case, seed, num_slots=3, rank=8, plan=path, extras=True)
 
 
 @pytest.mark.parametrize(("case", "rank"), [(CPU_CASES[1], 24), (CPU_CASES[2], 16)])
@@ -572,6 +598,13 @@ def test_fused_moe_gpu(case, path: KernelPlan):
 @pytest.mark.parametrize(("case", "rank"), [(c, r) for c in GPU_CASES for r in (16, 64)])
 def test_fused_moe_lora_gpu(case, rank: int, path: KernelPlan):
     check_fused_moe_lora(case, seed=case[0] + 7, num_slots=16, rank=rank, plan=path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "seed"), [(GPU_CASES[0], 2), (GPU_CASES[1], 3), (GPU_CASES[3], 4)])
+def test_gpt_oss_extras_gpu(case, seed: int, path: KernelPlan):
+    check_fused_moe(case, seed, path, extras=True)
+    check_fused_moe_lora(case, seed, num_slots=16, rank=16, plan=path, extras=True)
 
 
 @pytest.mark.gpu

@@ -149,10 +149,7 @@ class Engine:
             "of activations (kept free on CUDA)",
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
-        # Latent attention and GPT-OSS's sinks and experts run PyTorch with host-side lengths (no CUDA
-        # graphs for them yet).
-        graphs = a.cuda_graphs and workers is None and not cfg.pytorch_attention_or_experts
-        graphs = graphs and ops.graph_safe(next(model.parameters()))
+        graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,

@@ -84,12 +84,6 @@ class ModelConfig:
     swiglu_limit: float | None = None  # None: silu(gate) * up
     swiglu_alpha: float = 1.0
 
-    @property
-    def pytorch_attention_or_experts(self) -> bool:
-        """Layers that run PyTorch ops on every device, with host-side lengths (no CUDA graphs): latent
-        attention, GPT-OSS's biased experts (its sinks run in the Triton attention kernels)."""
-        return self.mla is not None or self.expert_bias or self.swiglu_limit is not None
-
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
             raise ValueError("moe_layers and sliding_windows need one entry per layer")

@@ -204,12 +204,12 @@ def fused_moe(
     extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics. `plan`: the
-    kernels' tiles and variants (`ops/plan.py`; the twin has none). `extras` (GPT-OSS's biases and
-    activation) run the PyTorch twin on every device for now."""
+    kernels' tiles and variants (`ops/plan.py`; the twin has none). `extras`: GPT-OSS's biases and
+    activation (`ExpertExtras`)."""
     mod = _kernels("moe", x)
-    if mod is None or extras is not None:
+    if mod is None:
         return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights, extras)
-    return mod.fused_moe(x, w_gate_up, w_down, local_ids, weights, plan)
+    return mod.fused_moe(x, w_gate_up, w_down, local_ids, weights, plan, extras)
 
 
 def prefill_attention(
@@ -387,6 +387,6 @@ def fused_moe_lora(
     """Routed experts with per-expert LoRA; see `moelora.ops.torch.lora.fused_moe_lora` (`extras`: as
     `fused_moe`'s)."""
     mod = _kernels("moe", x)
-    if mod is None or extras is not None:
+    if mod is None:
         return _torch_lora.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, extras)
-    return mod.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, plan)
+    return mod.fused_moe_lora(x, w_gate_up, w_down, local_ids, weights, token_slot, lora, plan, extras)

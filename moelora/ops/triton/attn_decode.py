@@ -141,13 +141,13 @@ def _decode_kernel(
         # The last split of this (sequence, KV head) to finish merges the splits, in split order.
         if last_one(count_ptr + b * tl.num_programs(1) + kvh, splits):
             used = tl.cdiv(kv_len - lo, chunk)  # the splits that hold keys: [0, used)
-            _combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, used,
+            combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, used,
                      out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
                      GROUP_PAD, BLOCK_D, PIPELINED)  # fmt: skip
 
 
 @triton.jit
-def _combine(part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.constexpr,
+def combine(part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.constexpr,
              BLOCK_D: tl.constexpr, PIPELINED: tl.constexpr):  # fmt: skip
     """out = sum_s 2^lse[s] * part[s] / sum_s 2^lse[s] over the splits that hold keys (log2 domain), in one
     pass in split order with a running maximum; the empty splits after them have weight 0 and are not

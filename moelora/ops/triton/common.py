@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.expert_extras import ExpertExtras
+
 
 @triton.jit
 def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -81,6 +83,33 @@ def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.const
         if EXPAND == 2:
             acc = tl.dot((u - hi.to(tl.float32)).to(b.dtype), b, acc)
     return acc
+
+
+@triton.jit
+def glu(gate, up, bias_ptr, n, n_ok, inter, limit, alpha, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+    """The experts' activation of fp32 gate and up tiles over columns n: silu(gate) * up, or GPT-OSS's
+    (`ExpertExtras`): gate and up biases (bias_ptr at the expert's row: gate's, then up's) and the
+    clamped SwiGLU (up + 1) * g * sigmoid(alpha * g), g = min(gate, limit), up clamped to +-limit."""
+    if HAS_BIAS:
+        gate += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        up += tl.load(bias_ptr + inter + n, mask=n_ok, other=0.0).to(tl.float32)
+    if CLAMPED:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+def extras_args(
+    extras: ExpertExtras | None, fallback: torch.Tensor
+) -> tuple[torch.Tensor, int, float, float]:
+    """A gate/up kernel's view of `extras`: (bias or `fallback`, a placeholder never read; its expert stride;
+    limit; alpha)."""
+    bias = extras.b_gate_up if extras is not None else None
+    swiglu = extras.swiglu if extras is not None and extras.swiglu is not None else (0.0, 0.0)
+    if bias is None:
+        return fallback, 0, *swiglu
+    return bias, bias.stride(0), *swiglu
 
 
 def num_blocks_grid(blocks: int, cols: int, block_n: int) -> tuple[int]:

@@ -1,10 +1,13 @@
 """Latent-attention decode (DeepSeek's absorbed form) over the paged cache of latents, with the signature
 and Semantics of `moelora.ops.torch.mla.latent_decode`; CUDA-graph safe (lengths on the device).
 
-One program per (sequence, tile of BLOCK_H heads): every head of a sequence reads the same cached latents
-(one "KV head"), so a tile of heads shares each latent tile it loads. Scores are q_lat . c + q_rot . r
-(two dots: the latent part and the rotated part), the softmax is online in the log2 domain, and the output
-is p @ c, the latents themselves (the caller projects it out through kv_b's value half).
+One program per (sequence, tile of BLOCK_H heads, split of the keys): every head of a sequence reads the
+same cached latents (one "KV head"), so a tile of heads shares each latent tile it loads. Scores are
+q_lat . c + q_rot . r (two dots: the latent part and the rotated part), the softmax is online in the log2
+domain, and the output is p @ c, the latents themselves (the caller projects it out through kv_b's value
+half). As in `attn_decode`, the keys are split so that a small batch still fills the card, and the last
+split of a (sequence, head tile) to finish merges the splits in split order; the split count depends on
+shapes only.
 """
 
 from __future__ import annotations
@@ -13,22 +16,30 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.attn_decode import LOG2E, mma, online_update
+from moelora.ops.triton.attn_decode import LOG2E, DecodeTiles, combine, mma, num_splits, online_update
 from moelora.ops.triton.common import device_ints
+from moelora.ops.triton.counters import last_one, launch_counters
 
 
 @triton.jit
 def _latent_decode_kernel(
-    q_ptr, qr_ptr, c_ptr, r_ptr, bt_ptr, lens_ptr, o_ptr, qk_scale, num_heads,
-    sq_t, sq_h, sqr_t, sqr_h, sc_b, sc_s, sr_b, sr_s, sbt_b, so_t, so_h,
+    q_ptr, qr_ptr, c_ptr, r_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, qk_scale, num_heads,
+    sq_t, sq_h, sqr_t, sqr_h, sc_b, sc_s, sr_b, sr_s, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    PIPELINED: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr,
+    IEEE: tl.constexpr, PIPELINED: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    tile = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    h = tile * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < num_heads
     kv_len = tl.load(lens_ptr + b)
+    # This sequence's keys [0, kv_len) cut into `splits` chunks of whole BLOCK_N tiles.
+    chunk = tl.cdiv(tl.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_len)
     rr = tl.arange(0, BLOCK_R)
     dd = tl.arange(0, BLOCK_D)
     r_ok = rr < RANK
@@ -42,32 +53,43 @@ def _latent_decode_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
     # The interpreter cannot run `range` over loaded bounds; on GPU the `for` is software-pipelined.
     if PIPELINED:
-        for n0 in range(0, kv_len, BLOCK_N):
+        for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _latent_tile(
-                q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, kv_len, rr, r_ok, dd, d_ok, qk_scale,
+                q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, end, rr, r_ok, dd, d_ok, qk_scale,
                 sc_b, sc_s, sr_b, sr_s, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
     else:
-        n0 = 0
-        while n0 < kv_len:
+        n0 = start
+        while n0 < end:
             acc, m_i, l_i = _latent_tile(
-                q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, kv_len, rr, r_ok, dd, d_ok, qk_scale,
+                q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, end, rr, r_ok, dd, d_ok, qk_scale,
                 sc_b, sc_s, sr_b, sr_s, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
+    # An empty split (short sequence) leaves l_i = 0: it writes zeros and lse = -inf, weight 0 later.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * so_t + h[:, None] * so_h + rr[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & r_ok[None, :])  # fmt: skip
+    part_ptrs = o_ptr + b * so_t + h[:, None] * so_h + split * so_s + rr[None, :]
+    tl.store(part_ptrs, out.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        lse_row = lse_ptr + (b * num_heads + h) * splits
+        tl.store(lse_row + split, lse, mask=h_ok)
+        # The last split of this (sequence, head tile) to finish merges the splits, in split order.
+        if last_one(count_ptr + b * tl.num_programs(1) + tile, splits):
+            used = tl.cdiv(kv_len, chunk)  # the splits that hold keys: [0, used)
+            combine(o_ptr + b * so_t + h[:, None] * so_h + rr[None, :], lse_row, so_s, used,
+                    out_ptr + b * sout_t + h[:, None] * sout_h + rr[None, :], h_ok, r_ok,
+                    BLOCK_H, BLOCK_R, PIPELINED)  # fmt: skip
 
 
 @triton.jit
 def _latent_tile(
-    q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, kv_len, rr, r_ok, dd, d_ok, qk_scale,
+    q, qr, acc, m_i, l_i, c_ptr, r_ptr, bt_ptr, b, n0, end, rr, r_ok, dd, d_ok, qk_scale,
     sc_b, sc_s, sr_b, sr_s, sbt_b, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of the heads' rows with cached tokens [n0, n0 + BLOCK_N) ∩ [0, kv_len)."""
+    """Online-softmax update of the heads' rows with cached tokens [n0, n0 + BLOCK_N) ∩ [0, end)."""
     n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = n < kv_len
+    n_ok = n < end
     page = tl.load(bt_ptr + b * sbt_b + n // PAGE, mask=n_ok, other=0).to(tl.int64)
     c = tl.load(c_ptr + (page * sc_b + (n % PAGE) * sc_s)[:, None] + rr[None, :],
                 mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
@@ -84,7 +106,8 @@ def device_lens(kv_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 BLOCK_H = 16  # heads a program (the dot's smallest M)
-BLOCK_N = 32  # cached tokens a step (a [32, 512] latent tile)
+# 32 cached tokens a step (a [32, 512] latent tile); splits of at least 64 keys, two programs per SM.
+LATENT_TILES = DecodeTiles(block_n=32, warps=4, stages=2, min_chunk=64, waves=2)
 
 
 def latent_decode(
@@ -95,11 +118,14 @@ def latent_decode(
     block_tables: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
+    tiles: DecodeTiles = LATENT_TILES,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Same Semantics as `moelora.ops.torch.mla.latent_decode`, with kv_lens [B] int32 on the device.
 
     q_lat [B, H, R], q_rot [B, H, Dr]; latent_cache [num_blocks, block_size, 1, R], rot_cache
-    [num_blocks, block_size, 1, Dr]; block_tables [B, max_blocks] int32 -> o_lat [B, H, R]."""
+    [num_blocks, block_size, 1, Dr]; block_tables [B, max_blocks] int32 -> o_lat [B, H, R]. `splits`
+    overrides the shape-derived split count of the keys (tests, benchmarks)."""
     batch, heads, rank = q_lat.shape
     rope = q_rot.shape[2]
     page = latent_cache.shape[1]
@@ -112,14 +138,25 @@ def latent_decode(
         )
     if q_lat.stride(2) != 1 or q_rot.stride(2) != 1 or block_tables.dtype != torch.int32:
         raise ValueError("latent_decode: q_lat and q_rot need unit stride; block_tables int32")
+    head_tiles = triton.cdiv(heads, BLOCK_H)
+    if splits is None:
+        splits = num_splits(batch, head_tiles, block_tables.shape[1] * page, q_lat.device, tiles)
     out = torch.empty_like(q_lat)
-    _latent_decode_kernel[(batch, triton.cdiv(heads, BLOCK_H))](
-        q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, out, scale * LOG2E, heads,
+    if splits == 1:
+        part, lse, counts = out.unsqueeze(2), out, kv_lens  # written directly; lse and counters unused
+    else:
+        part = torch.empty(batch, heads, splits, rank, dtype=torch.float32, device=q_lat.device)
+        lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q_lat.device)
+        counts = launch_counters(q_lat.device, batch * head_tiles)
+    _latent_decode_kernel[(batch, head_tiles, splits)](
+        q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, part, lse, out, counts,
+        scale * LOG2E, heads,
         q_lat.stride(0), q_lat.stride(1), q_rot.stride(0), q_rot.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), rot_cache.stride(0), rot_cache.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), *part.stride()[:3], out.stride(0), out.stride(1),
         RANK=rank, ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        BLOCK_D=max(16, triton.next_power_of_2(rope)), PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        IEEE=q_lat.dtype == torch.float32, PIPELINED=q_lat.is_cuda, num_warps=4, num_stages=2,
+        BLOCK_D=max(16, triton.next_power_of_2(rope)), PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=tiles.block_n,
+        WRITE_LSE=splits > 1, IEEE=q_lat.dtype == torch.float32, PIPELINED=q_lat.is_cuda,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.triton.align import moe_align, moe_align_buckets
 from moelora.ops.triton.moe_decode import decode_moe
@@ -38,6 +39,7 @@ def fused_moe(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.moe.fused_moe`; `plan`: the kernel choices."""
     _check(x, w_gate_up, w_down, local_ids, weights)
@@ -46,12 +48,12 @@ def fused_moe(
     if num_tokens == 0:
         return torch.zeros_like(x)
     if use_decode_path(num_tokens * top_k, num_experts, top_k, plan):
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan)
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan, extras)
     tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
-    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None, plan=plan)
+    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None, plan=plan, extras=extras)
     d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None, plan)
-    return moe_sum(d, local_ids, weights, num_experts)
+    return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
 
 
 def fused_moe_lora(
@@ -63,6 +65,7 @@ def fused_moe_lora(
     token_slot: torch.Tensor,
     lora: ExpertLora,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`; `plan`: the kernel
     choices."""
@@ -77,7 +80,7 @@ def fused_moe_lora(
     slot = token_slot.contiguous()
     num_pairs = num_tokens * top_k
     if use_decode_path(num_pairs, num_experts, top_k, plan):
-        return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, lora), plan)
+        return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, lora), plan, extras)
     tiles = moe_tiles(num_pairs, num_experts, num_slots, plan)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m
@@ -93,7 +96,7 @@ def fused_moe_lora(
         a_dn if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles, plan) else None
     )
     lora_gu = (slot, xa, b_gu, slot_rank)
-    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, lora_gu, a_dn_in_gate_up, plan)
+    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, lora_gu, a_dn_in_gate_up, plan, extras)
     if ha is None:
         ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank, plan).squeeze(2)
     if apart:
@@ -101,7 +104,7 @@ def fused_moe_lora(
         moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank, plan)
     else:
         d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank), plan)
-    return moe_sum(d, local_ids, weights, num_experts)
+    return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
 
 
 def _check(

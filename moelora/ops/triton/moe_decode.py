@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.moe_decode_down import decode_down
@@ -21,14 +22,16 @@ def decode_moe(
     weights: torch.Tensor,
     lora: tuple[torch.Tensor, ExpertLora] | None,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: two
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles, down = plan.decode_tiles, plan.decode_down_tiles
+    b_down = extras.b_down if extras is not None else None
     if lora is None:
-        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles)
-        return decode_down(h, w_down, local_ids, weights, None, down)
+        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras)
+        return decode_down(h, w_down, local_ids, weights, None, down, b_down)
     slot, lo = lora
-    h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles)
+    h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles, extras)
     assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down)
+    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, b_down)

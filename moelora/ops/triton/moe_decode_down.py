@@ -17,10 +17,11 @@ from moelora.ops.triton.tiles import DecodeTiles
 
 @triton.jit
 def _decode_down_kernel(
-    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr,
+    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr, bias_ptr,
     hidden, num_experts, rank, num_slots, num_pairs,
-    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k,
-    INTER: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
+    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k, s_bias_e,
+    INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_RANK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -47,6 +48,8 @@ def _decode_down_kernel(
             b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
             ha = tl.load(ha_ptr + p.to(tl.int64) * rank + r, mask=r_ok, other=0.0)
             d = expand_fma(d, ha, b_ptrs, n_ok, r_ok)
+        if HAS_BIAS:
+            d += tl.load(bias_ptr + e64 * s_bias_e + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
     # Every pair counts in, whether its expert runs here or not; the token's last adds the rows up.
     n_tiles = tl.num_programs(1)
@@ -69,9 +72,11 @@ def decode_down(
     weights: torch.Tensor,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
+    b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> y [T, H] in h's dtype: y[t] = sum_j weights[t, j] * d[t * k + j] (fp32, choices in order) over the
-    choices whose expert runs here, d = w_down[e] @ h of the pair rounded to h's dtype (as `moe_sum`).
+    choices whose expert runs here, d = w_down[e] @ h (+ b_down[e], b_down [E_loc, H] or None) of the
+    pair rounded to h's dtype (as `moe_sum`).
     h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; weights [T, k]; lora = (token_slot [T],
     ha [T * k, R] fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
     columns at or above it are padding, not read). Launches on one device run one after another (they
@@ -92,9 +97,11 @@ def decode_down(
         num_slots, rank = b.shape[0], b.shape[-1]
     _decode_down_kernel[(num_pairs, n_tiles)](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
-        hidden, num_experts, rank, num_slots, num_pairs,
+        h if b_down is None else b_down, hidden, num_experts, rank, num_slots, num_pairs,
         *local_ids.stride(), *w_down.stride(), *b.stride(), *weights.stride(),
-        INTER=inter, TOP_K=top_k, HAS_LORA=lora is not None, HAS_RANK=slot_rank is not None,
+        0 if b_down is None else b_down.stride(0),
+        INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
+        HAS_RANK=slot_rank is not None,
         BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
     )  # fmt: skip

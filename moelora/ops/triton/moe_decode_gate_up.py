@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import lanes_in_rank
+from moelora.ops.expert_extras import ExpertExtras
+from moelora.ops.triton.common import extras_args, glu, lanes_in_rank
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot, sum_partials
 from moelora.ops.triton.tiles import DecodeTiles
@@ -97,10 +98,12 @@ def _down_shrink_part(hp_ptr, ha_ptr, count_ptr, a_ptr, h, s, e64, n, n_ok, r, r
 @triton.jit
 def _decode_gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, ha_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, top_k, inter, num_experts, rank, num_slots, num_pairs,
+    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, bias_ptr,
+    top_k, inter, num_experts, rank, num_slots, num_pairs,
     sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
+    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, limit, alpha,
+    HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -141,7 +144,8 @@ def _decode_gate_up_kernel(
                 xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
                 g = expand_fma(g, xg, bg_ptrs, n_ok, r_ok)
                 u = expand_fma(u, xu, bg_ptrs + sb_h, n_ok, r_ok)
-        h = (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty)
+        h = glu(g, u, bias_ptr + e64 * s_bias_e, n, n_ok, inter, limit, alpha, HAS_BIAS, CLAMPED)
+        h = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + p.to(tl.int64) * inter + n, h, mask=n_ok & runs)
         if HAS_LORA:
             _down_shrink_part(
@@ -161,9 +165,11 @@ def decode_gate_up(
     local_ids: torch.Tensor,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
+    extras: ExpertExtras | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here, other rows
-    unset; ha [T * k, R] fp32: a_dn[s, e] @ h of each pair with a valid slot, or None without LoRA).
+    """-> (h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here (with
+    `extras` its gate/up biases and activation), other rows unset; ha [T * k, R] fp32: a_dn[s, e] @ h
+    of each pair with a valid slot, or None without LoRA).
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; local_ids [T, k]; lora = (token_slot [T],
     a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R], a_dn [S, E_loc, R, I_loc], slot_rank [S] or
     None: A's and B's lanes at or above it are padding, not read). Launches on one device run one after
@@ -193,12 +199,15 @@ def decode_gate_up(
         sync = launch_counters(x.device, 3 + num_pairs)
     programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
+    bias, s_bias, limit, alpha = extras_args(extras, x)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:],
+        sync, sync[1:], sync[2:], sync[3:], bias,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
-        HIDDEN=hidden, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits,
+        s_bias, limit, alpha,
+        HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
+        HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits,
         CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, **regs,
     )  # fmt: skip

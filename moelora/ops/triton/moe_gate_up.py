@@ -7,8 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
+    extras_args,
+    glu,
     grouped_pid,
     lanes_in_rank,
     num_blocks_grid,
@@ -21,9 +24,11 @@ from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, ex
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr, ad_ptr, ha_ptr,
-    num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
-    sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k,
-    HIDDEN: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
+    bias_ptr, num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
+    sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e,
+    limit, alpha,
+    HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
+    PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
     HAS_RANK: tl.constexpr, EXPAND: tl.constexpr, IL_EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -95,7 +100,8 @@ def _gate_up_kernel(
             acc_g = add_expand(acc_g, tl.where(sel, xa_g, 0.0), b_base, b_mask, EXPAND, PRECISION)
             acc_u = add_expand(acc_u, tl.where(sel, xa_u, 0.0), b_base + sb_h, b_mask, EXPAND, PRECISION)
             s = tl.min(tl.where(slot > s, slot, num_slots))
-    h = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(h_ptr.dtype.element_ty)
+    h = glu(acc_g, acc_u, bias_ptr + e * s_bias_e, n, n_ok, inter, limit, alpha, HAS_BIAS, CLAMPED)
+    h = h.to(h_ptr.dtype.element_ty)
     dst = h_ptr + rows[:, None].to(tl.int64) * inter + n[None, :]
     tl.store(dst, h, mask=row_ok[:, None] & n_ok[None, :])
     if DOWN_SHRINK:
@@ -123,9 +129,11 @@ def moe_gate_up(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     a_dn: torch.Tensor | None = None,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
-    unset); ha None, or with a_dn the down projection's LoRA shrink in parts.
+    unset; with `extras` its gate/up biases and activation); ha None, or with a_dn the down projection's
+    LoRA shrink in parts.
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
     shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
@@ -149,13 +157,15 @@ def moe_gate_up(
             ad = a_dn
             num_parts = triton.cdiv(inter, tiles.block_n)
             ha = torch.empty(num_parts, rows, rank, dtype=torch.float32, device=x.device)
+    bias, s_bias, limit, alpha = extras_args(extras, x)
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
-        ad, x if ha is None else ha,
+        ad, x if ha is None else ha, bias,
         num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank, rows,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        *(ad.stride() if ha is not None else (0, 0, 0, 0)),
-        HIDDEN=hidden, HAS_LORA=lora is not None, PARTS=parts, DOWN_SHRINK=ha is not None,
+        *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, limit, alpha,
+        HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
+        HAS_LORA=lora is not None, PARTS=parts, DOWN_SHRINK=ha is not None,
         HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan), IL_EXPAND=rank <= 16,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
