@@ -173,8 +173,15 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for sinks in (False, True):
         decode = dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True, HAS_SINKS=sinks)
         yield attn_decode._decode_kernel, head | decode, 4
-        prefill = dict(GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks)
+        prefill = dict(
+            GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks, HEAD_DV=128, BLOCK_DV=128
+        )
         yield attn_prefill._prefill_kernel, head | prefill, 4
+    # latent attention's expanded prefill: keys of 192 (DeepSeek's 128 + 64), values of 128, its tiles
+    t = attn_prefill.prefill_tiles(192)
+    expanded = dict(head, HEAD_DIM=192, BLOCK_D=256, HEAD_DV=128, BLOCK_DV=128, GROUP=1, PAGED=False)
+    expanded |= dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, HAS_SINKS=False)
+    yield attn_prefill._prefill_kernel, expanded, t.warps, t.stages
     latent = dict(RANK=512, ROPE=64, BLOCK_R=512, BLOCK_D=64, PAGE=16, BLOCK_H=16, BLOCK_N=32)
     for write_lse in (False, True):
         yield mla._latent_decode_kernel, latent | dict(WRITE_LSE=write_lse, IEEE=False, PIPELINED=True), 4, 2

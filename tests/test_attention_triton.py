@@ -254,3 +254,40 @@ def test_latent_decode_gpu():
     """DeepSeek-V3's shapes (latent 512, rotated part 64, 16 heads a rank at TP 8) in bf16."""
     check_latent_decode(1, (1, 300, 4097, 64, 2000), 16, 512, 64, 16, torch.bfloat16)
     check_latent_decode(2, (512,), 16, 512, 64, 16, torch.bfloat16)  # batch 1: the keys split
+
+
+def check_mla_prefill(seed, seq_lens, kv_lens, heads, dqk, dv, dtype) -> None:
+    """Latent attention's expanded prefill: each sequence's new queries over all its keys (the cached ones
+    first), keys wider than the values."""
+    from moelora.ops.torch import mla as twin_mla
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(seq_lens), heads, dqk, generator=g).to(dtype).to(DEV)
+    k = torch.randn(sum(kv_lens), heads, dqk, generator=g).to(dtype).to(DEV)
+    v = torch.randn(sum(kv_lens), heads, dv, generator=g).to(dtype).to(DEV)
+    out = kern.mla_attention(q, k, v, seq_lens, kv_lens, SCALE)
+    assert out.shape == (q.shape[0], heads, dv)
+    assert_close(out, twin_mla.mla_attention(q, k, v, seq_lens, kv_lens, SCALE))
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "kv_lens", "heads", "dqk", "dv", "dtype"),
+    [((3, 5, 1), (7, 5, 40), 2, 24, 16, torch.float32), ((20, 2), (20, 9), 3, 48, 32, torch.float16)],
+)
+def test_mla_prefill_matches_twin(seq_lens, kv_lens, heads, dqk, dv, dtype):
+    check_mla_prefill(sum(kv_lens), seq_lens, kv_lens, heads, dqk, dv, dtype)
+
+
+def test_mla_prefill_rejects_inconsistent_lengths():
+    q, k, v = torch.zeros(4, 2, 24), torch.zeros(9, 2, 24), torch.zeros(9, 2, 16)
+    with pytest.raises(ValueError, match="kv_lens sum"):
+        kern.mla_attention(q, k, v, (4,), (8,), SCALE)
+    with pytest.raises(ValueError, match="seq_lens"):
+        kern.mla_attention(q, k, v, (4,), (3,), SCALE)
+
+
+@pytest.mark.gpu
+def test_mla_prefill_gpu():
+    """DeepSeek's expanded shapes (keys 128 + 64, values 128, 16 heads) in bf16, prompts continuing a
+    cached prefix and whole ones."""
+    check_mla_prefill(3, (1000, 300, 7, 129), (1500, 300, 20, 129), 16, 192, 128, torch.bfloat16)

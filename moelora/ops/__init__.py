@@ -166,9 +166,10 @@ def mla_attention(
     kv_lens: tuple[int, ...],
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention over expanded latents; see `moelora.ops.torch.mla.mla_attention` (PyTorch; the
-    host-side lengths make it unfit for CUDA graphs)."""
-    return _torch_mla.mla_attention(q, k, v, seq_lens, kv_lens, scale)
+    """Causal attention over expanded latents (prefill); see `moelora.ops.torch.mla.mla_attention`."""
+    mod = _half_kernels("attention", q, k, v)
+    impl = mod.mla_attention if mod is not None else _torch_mla.mla_attention
+    return impl(q, k, v, seq_lens, kv_lens, scale)
 
 
 def grouped_router(

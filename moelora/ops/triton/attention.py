@@ -81,6 +81,30 @@ def paged_attention(
     return varlen(q, k_cache, v_cache, tables, seq_lens, kv_lens, scale, window, tiles, sinks)
 
 
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Same signature and Semantics as `moelora.ops.torch.mla.mla_attention` (latent attention's expanded
+    form: every sequence's keys and values back to back, values narrower than the keys)."""
+    heads, dqk = q.shape[1], q.shape[2]
+    if k.shape[1:] != (heads, dqk) or v.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"mla_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [T, H, Dqk], "
+            "[L, H, Dqk], [L, H, Dv]"
+        )
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("mla_attention: q, k and v need unit stride over the head dim")
+    _check_lens(q.shape[0], seq_lens, kv_lens, max(kv_lens, default=0))
+    if sum(kv_lens) != k.shape[0]:
+        raise ValueError(f"mla_attention: kv_lens sum to {sum(kv_lens)} for {k.shape[0]} keys")
+    return varlen(q, k, v, None, seq_lens, kv_lens, scale, None, prefill_tiles(dqk))
+
+
 def varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,12 +117,12 @@ def varlen(
     tiles: PrefillTiles,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The variable-length kernel over dense k/v [T, Hkv, D] (block_tables None, kv_lens = seq_lens) or
-    the paged cache; checked arguments, `tiles` chosen by the caller."""
+    """The variable-length kernel over dense k/v [L, Hkv, D] (block_tables None: each sequence's kv_lens[b]
+    keys back to back) or the paged cache; checked arguments, `tiles` chosen by the caller."""
     starts = [0, *itertools.accumulate(seq_lens)][:-1]
-    dense = block_tables is None
+    kv_starts = [0, *itertools.accumulate(kv_lens)][:-1] if block_tables is None else [0] * len(kv_lens)
     meta = [
-        x for s, n, t in zip(starts, seq_lens, kv_lens, strict=True) for x in (s, n, t, s if dense else 0)
+        x for s, n, t, kv_s in zip(starts, seq_lens, kv_lens, kv_starts, strict=True) for x in (s, n, t, kv_s)
     ]
     table = tile_table(seq_lens, kv_lens, tiles.block_m)
     dev_meta = device_ints(meta + table, q.device)

@@ -26,6 +26,8 @@ class PrefillTiles:
 
 
 def prefill_tiles(head_dim: int) -> PrefillTiles:
+    if head_dim > 128:  # latent attention's expanded keys (192 wide, 256 in registers): half the query rows
+        return PrefillTiles(64, 64, 4, 2)
     return PrefillTiles(128, 64, 8 if head_dim > 64 else 4, 3)
 
 
@@ -40,7 +42,7 @@ def _key_offsets(bt_ptr, n, n_ok, kv_start, s_b, s_s, s_h, kvh, PAGE: tl.constex
 @triton.jit
 def _attend_tile(
     q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, pos, kv_len, kv_start, window, qk_scale, kvh, d, d_ok,
-    sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+    dv, dv_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
     PAGE: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -48,9 +50,8 @@ def _attend_tile(
     n_ok = n < kv_len
     k_off = _key_offsets(bt_ptr, n, n_ok, kv_start, sk_b, sk_s, sk_h, kvh, PAGE, PAGED)
     v_off = _key_offsets(bt_ptr, n, n_ok, kv_start, sv_b, sv_s, sv_h, kvh, PAGE, PAGED)
-    kd_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
-    v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
+    k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_ptr + v_off[:, None] + dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
     s = mma(q, tl.trans(k), IEEE) * qk_scale  # log2 domain
     if MASKED:
         allowed = (n[None, :] <= pos[:, None]) & n_ok[None, :]
@@ -70,7 +71,8 @@ def _attend_tile(
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, meta_ptr, tile_ptr, sinks_ptr, qk_scale, window,
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
@@ -91,6 +93,8 @@ def _prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     m_ok = m < q_len
     d_ok = d < HEAD_DIM
+    dv = tl.arange(0, BLOCK_DV)  # the values' head dim (latent attention's differs from the keys')
+    dv_ok = dv < HEAD_DV
     pos = kv_len - q_len + m  # positions of this tile's queries in their sequence
     rows = (q_start + m).to(tl.int64)
     q = tl.load(
@@ -101,7 +105,7 @@ def _prefill_kernel(
     if HAS_SINKS:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h).to(tl.float32)
         l_i = l_i + 1.0
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     first = kv_len - q_len + m0  # the tile's earliest query position
     hi = tl.minimum(kv_len, first + BLOCK_M)
@@ -116,24 +120,27 @@ def _prefill_kernel(
         for n0 in range(lo, full, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, pos, kv_len, kv_start, window, qk_scale, kvh, d,
-                d_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, False, HAS_WINDOW, IEEE,
+                d_ok, dv, dv_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, False, HAS_WINDOW,
+                IEEE,
             )  # fmt: skip
         for n0 in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, pos, kv_len, kv_start, window, qk_scale, kvh, d,
-                d_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, True, HAS_WINDOW, IEEE,
+                d_ok, dv, dv_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, True, HAS_WINDOW,
+                IEEE,
             )  # fmt: skip
     else:
         n0 = lo
         while n0 < hi:
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_ptr, v_ptr, bt_ptr, n0, pos, kv_len, kv_start, window, qk_scale, kvh, d,
-                d_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, True, HAS_WINDOW, IEEE,
+                d_ok, dv, dv_ok, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, PAGE, PAGED, BLOCK_N, True, HAS_WINDOW,
+                IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + rows[:, None] * so_t + h * so_h + d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_ptrs = o_ptr + rows[:, None] * so_t + h * so_h + dv[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
 
 def tile_table(seq_lens: tuple[int, ...], kv_lens: tuple[int, ...], block_m: int) -> list[int]:
@@ -159,11 +166,12 @@ def varlen_attention(
     sequence, (first query row, query count, key count, first key row when dense), then `tile_table`.
 
     q [T, Hq, D]; paged (block_tables [B, max_blocks] int32): k, v [num_blocks, block_size, Hkv, D];
-    dense (block_tables None): k, v [T_kv, Hkv, D]; sinks [Hq] or None (GPT-OSS's). -> o [T, Hq, D].
+    dense (block_tables None): k, v [T_kv, Hkv, D]; sinks [Hq] or None (GPT-OSS's). -> o [T, Hq, Dv]
+    (v's last dim Dv may differ from D: latent attention's expanded form).
     """
-    head_dim = q.shape[2]
+    head_dim, head_dv = q.shape[2], v.shape[-1]
     paged = block_tables is not None
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], q.shape[1], head_dv)
     if num_tiles == 0:
         return out
     batch = (meta.numel() - 2 * num_tiles) // 4
@@ -176,6 +184,7 @@ def varlen_attention(
         q, k, v, out, bt, meta, meta[4 * batch :], sinks_l2, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), *k_strides, *v_strides, bt.stride(0), out.stride(0), out.stride(1),
         GROUP=q.shape[1] // kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DV=head_dv, BLOCK_DV=triton.next_power_of_2(head_dv),
         PAGE=k.shape[1] if paged else 1, PAGED=paged, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
