@@ -186,7 +186,8 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for write_lse in (False, True):
         yield mla._latent_decode_kernel, latent | dict(WRITE_LSE=write_lse, IEEE=False, PIPELINED=True), 4, 2
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
-    yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK_N=2048), 4
+    for weight_first in (False, True):
+        yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
     for to_cache in (False, True):
         yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
     for from_logits in (False, True):

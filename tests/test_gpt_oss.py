@@ -351,3 +351,22 @@ def test_cuda_graph_decode_equals_eager(hf_model: Any, checkpoint: Path, tmp_pat
         for x, y in zip(eager.outputs[0].logprobs, graphed.outputs[0].logprobs, strict=True):
             for tok in set(x) & set(y):
                 assert abs(x[tok] - y[tok]) < 0.05
+
+
+def test_norms_round_as_transformers():
+    """GPT-OSS's RMSNorm applies its weight to the fp32 row before the one cast, Qwen3-MoE's (like most)
+    after it: the twin gives each of transformers' norms bit for bit in bf16, and the two orders differ."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from moelora.ops.torch.norm import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(32, 64, generator=g) * 3).to(torch.bfloat16)
+    w = (torch.randn(64, generator=g) * 0.3 + 1).to(torch.bfloat16)
+    for cls, first in ((GptOssRMSNorm, True), (Qwen3MoeRMSNorm, False)):
+        norm = cls(64, eps=1e-5).to(torch.bfloat16)
+        norm.weight.data.copy_(w)
+        with torch.no_grad():
+            assert torch.equal(rms_norm(x, w, 1e-5, weight_first=first), norm(x)), cls.__name__
+    assert not torch.equal(rms_norm(x, w, 1e-5, weight_first=True), rms_norm(x, w, 1e-5))

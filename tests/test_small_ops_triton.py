@@ -65,16 +65,18 @@ def cos_sin(g: torch.Generator, t: int, d: int, dtype: torch.dtype) -> tuple[tor
     return rope.cos_sin(positions, dtype)
 
 
-def check_rms_norm(seed: int, t: int, hidden: int, dtype: torch.dtype, residual: bool) -> None:
+def check_rms_norm(seed: int, t: int, hidden: int, dtype: torch.dtype, residual: bool, first=False) -> None:
     g = torch.Generator().manual_seed(seed)
     x = randn(g, t, hidden, dtype=dtype)
     w = randn(g, hidden, dtype=dtype, offset=1.0)
     if not residual:
-        assert_close(kern_norm.rms_norm(x, w, EPS), twin_norm.rms_norm(x, w, EPS))
+        out = kern_norm.rms_norm(x, w, EPS, weight_first=first)
+        assert out.dtype == x.dtype
+        assert_close(out, twin_norm.rms_norm(x, w, EPS, weight_first=first))
         return
     r = randn(g, t, hidden, dtype=dtype)
-    y, s = kern_norm.rms_norm(x, w, EPS, r)
-    y_ref, s_ref = twin_norm.rms_norm(x, w, EPS, r)
+    y, s = kern_norm.rms_norm(x, w, EPS, r, first)
+    y_ref, s_ref = twin_norm.rms_norm(x, w, EPS, r, first)
     assert torch.equal(s, s_ref), "the residual add rounds as the twin's"
     assert_close(y, y_ref)
 
@@ -119,6 +121,7 @@ def check_write_kv(seed: int, t: int, hkv: int, d: int, page: int, dtype, cache_
 )
 def test_rms_norm_matches_twin(t, hidden, dtype, residual):
     check_rms_norm(t + hidden, t, hidden, dtype, residual)
+    check_rms_norm(t + hidden, t, hidden, dtype, residual, first=True)  # GPT-OSS's order
 
 
 def test_rms_norm_of_head_rows_and_strided_input():

@@ -1,4 +1,5 @@
-"""RMSNorm (the math in `ops.rms_norm`: fp32, cast back before the weight, as Hugging Face does)."""
+"""RMSNorm (the math in `ops.rms_norm`: fp32, cast back before the weight as Hugging Face's Llama-style
+norms do, or after it as GPT-OSS's does)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,20 @@ from moelora.parallel.state import ParallelState
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / sqrt(mean(x^2) + eps)) over the last dimension."""
+    """y = w * (x / sqrt(mean(x^2) + eps)) over the last dimension (`weight_first`: the weight applied
+    before the cast back to x's dtype, as GPT-OSS's norm does)."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, weight_first: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_first = eps, weight_first
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, weight_first=self.weight_first)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add and the norm in one op."""
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual, self.weight_first)
 
     def weight_specs(self, key: str) -> list[WeightSpec]:
         return [whole(self.weight, key)]

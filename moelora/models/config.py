@@ -79,6 +79,7 @@ class ModelConfig:
     # layer has a bias (top-k on its logits, softmax over the k chosen); the experts have biases and the
     # clamped SwiGLU: g = min(g, limit), u = clamp(u, -limit, limit), h = (u + 1) * g * sigmoid(alpha g).
     attention_sinks: bool = False
+    norm_weight_first: bool = False  # GPT-OSS: the norms' weight multiplies the fp32 row before the cast
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_limit: float | None = None  # None: silu(gate) * up

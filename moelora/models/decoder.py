@@ -30,13 +30,15 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first)
         self.self_attn: SelfAttention | LatentAttention
         if cfg.mla is not None:
             self.self_attn = LatentAttention(cfg, layer, ps, dtype)
         else:
             self.self_attn = SelfAttention(cfg, layer, ps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first
+        )
         self.mlp: DenseBlock | SparseMoeBlock
         if cfg.moe_layers[layer]:
             self.mlp = SparseMoeBlock(cfg, ps, dtype)
@@ -79,7 +81,7 @@ class MoeForCausalLM(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ps, dtype)
         self.rotary = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, ps, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first)
         self.lm_head = LMHead(self.embed_tokens, cfg.tie_word_embeddings, dtype)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -27,6 +27,7 @@ def read_config(hf: Any, raw: dict[str, Any]) -> ModelConfig:
         norm_topk_prob=True,  # softmax over the k chosen logits = the full softmax's top k renormalised
         router_fp32_weights=False,
         attention_sinks=True,
+        norm_weight_first=True,
         router_bias=True,
         expert_bias=True,
         swiglu_limit=float(hf.swiglu_limit),

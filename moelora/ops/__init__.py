@@ -239,22 +239,28 @@ def write_kv(
 
 
 @overload
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None, weight_first: bool = False
+) -> torch.Tensor: ...
 
 
 @overload
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor, weight_first: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    weight_first: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm, after the residual add when given; see `moelora.ops.torch.norm.rms_norm`."""
     mod = _half_kernels("norm", x)
     impl = mod.rms_norm if mod is not None else _torch_norm.rms_norm
-    return impl(x, weight, eps, residual)
+    return impl(x, weight, eps, residual, weight_first)
 
 
 def rotary(
