@@ -47,7 +47,7 @@ INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_p
 INT_PTRS |= {"row_hash_ptr", "index_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr"}
-FLOATS = {"qk_scale", "eps"}
+FLOATS = {"qk_scale", "eps", "scaling"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
@@ -125,6 +125,15 @@ def moe_cases() -> Iterator[Case]:
         yield router._router_kernel, one, 4
         # one token: products in registers, 64 columns a program (a new dict: the one above was yielded)
         yield router._router_kernel, one | dict(BLOCK_T=1, K_CHUNK=64, SPLITS=32, BLOCK_K=64, DOT=False), 4
+    # DeepSeek-V3 (256 experts in 8 groups), GLM-4.5 (128, one group), DeepSeek-V2 (160 in 8, softmax),
+    # Kimi-K2 (384, one group)
+    forms = ((256, 8, 4, 8, True), (128, 1, 1, 8, True), (160, 8, 3, 6, False), (384, 1, 1, 8, True))
+    for experts, groups, topk_groups, k, sigmoid in forms:
+        block_e = triton.next_power_of_2(experts)
+        grouped = dict(SIGMOID=sigmoid, GROUPS=groups, G_PAD=triton.next_power_of_2(groups))
+        grouped |= dict(TOPK_GROUPS=topk_groups, TOP_K=k, K_PAD=triton.next_power_of_2(k), RENORMALIZE=True)
+        grouped |= dict(BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e)
+        yield router._grouped_route_kernel, grouped, 4
 
 
 def decode_cases() -> Iterator[Case]:

@@ -517,6 +517,43 @@ def test_route_matches_twin(num_tokens: int, num_experts: int, k: int, dtype: to
 
 
 @pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k", "groups", "topk_groups", "sigmoid"),
+    [
+        (1, 16, 4, 4, 2, True),  # DeepSeek-V3's form, tiny
+        (37, 64, 6, 8, 3, True),
+        (9, 128, 8, 1, 1, True),  # GLM-4.5-Air: one group
+        (20, 160, 6, 8, 3, False),  # DeepSeek-V2: groups of 20 (not a power of 2)
+        (5, 64, 6, 1, 1, False),  # V2-Lite: greedy
+    ],
+)
+def test_grouped_routers_match_twins(num_tokens, num_experts, k, groups, topk_groups, sigmoid):
+    """DeepSeek's and GLM's group-limited choices in one launch after the fp32 linear layer: the twins' ids
+    (random inputs: no near ties) and weights; where there are groups, they change some token's choice."""
+    g = torch.Generator().manual_seed(num_tokens + num_experts)
+    x = rand(g, num_tokens, 48).half()
+    w = rand(g, num_experts, 48, scale=0.5)
+    bias = rand(g, num_experts, scale=0.3)
+    for renormalize, scaling in ((True, 2.5), (False, 1.0)):
+        if sigmoid:
+            got = triton_router.grouped_router(x, w, bias, k, groups, topk_groups, renormalize, scaling)
+            ref = torch_router.grouped_router(x, w, bias, k, groups, topk_groups, renormalize, scaling)
+            flat = torch_router.grouped_router(x, w, bias, k, 1, 1, renormalize, scaling)
+        else:
+            got = triton_router.softmax_grouped_router(x, w, k, groups, topk_groups, scaling)
+            ref = torch_router.softmax_grouped_router(x, w, k, groups, topk_groups, scaling)
+            flat = torch_router.softmax_grouped_router(x, w, k, 1, 1, scaling)
+        assert torch.equal(got[1], ref[1])
+        assert_close(got[0], ref[0], 1e-5)
+        assert groups == 1 or not torch.equal(ref[1], flat[1]), "the groups must matter"
+
+
+def test_grouped_router_rejects_bad_groups():
+    x, w, bias = torch.zeros(2, 8, device=DEV), torch.zeros(12, 8, device=DEV), torch.zeros(12, device=DEV)
+    with pytest.raises(ValueError, match="groups"):
+        triton_router.grouped_router(x, w, bias, 4, 5, 2, True, 1.0)
+
+
+@pytest.mark.parametrize(
     ("num_tokens", "num_experts", "k", "in_dim"),
     [(1, 128, 8, 300), (1, 60, 4, 2048), (5, 60, 4, 96), (16, 8, 2, 64)],  # one token: no dot
 )

@@ -183,16 +183,20 @@ def grouped_router(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores, a correction bias and group-limited top-k (DeepSeek-V3, GLM-4.5); see
-    `moelora.ops.torch.router.grouped_router`. PyTorch on every device (CUDA-graph safe; no kernel yet)."""
-    return _torch_router.grouped_router(x, weight, bias, top_k, groups, topk_groups, renormalize, scaling)
+    `moelora.ops.torch.router.grouped_router`."""
+    mod = _half_kernels("router", x)
+    impl = mod.grouped_router if mod is not None else _torch_router.grouped_router
+    return impl(x, weight, bias, top_k, groups, topk_groups, renormalize, scaling)
 
 
 def softmax_grouped_router(
     x: torch.Tensor, weight: torch.Tensor, top_k: int, groups: int, topk_groups: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores and group-limited top-k (DeepSeek-V2); see
-    `moelora.ops.torch.router.softmax_grouped_router`. PyTorch on every device (CUDA-graph safe)."""
-    return _torch_router.softmax_grouped_router(x, weight, top_k, groups, topk_groups, scaling)
+    `moelora.ops.torch.router.softmax_grouped_router`."""
+    mod = _half_kernels("router", x)
+    impl = mod.softmax_grouped_router if mod is not None else _torch_router.softmax_grouped_router
+    return impl(x, weight, top_k, groups, topk_groups, scaling)
 
 
 def fused_moe(

@@ -1,5 +1,7 @@
-"""The router's top-k in one launch: softmax over the experts in fp32, k rounds of argmax, renormalise; and
-for a few tokens the router's linear layer and its top-k in one launch (`router`)."""
+"""The router's top-k in one launch: softmax over the experts in fp32, k rounds of argmax, renormalise; for
+a few tokens the router's linear layer and its top-k in one launch (`router`); and DeepSeek's and GLM's
+group-limited choices after their fp32 linear layer in one launch (`grouped_router`,
+`softmax_grouped_router`)."""
 
 from __future__ import annotations
 
@@ -161,3 +163,122 @@ def router(
         PRECISION="tf32", num_warps=num_warps,
     )  # fmt: skip
     return weights, ids
+
+
+@triton.jit
+def _grouped_route_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, num_tokens, num_experts, per_group, s_t, scaling,
+    SIGMOID: tl.constexpr, GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """SIGMOID: scores s = sigmoid(logits), choice c = s + bias, a group scores the sum of its two largest
+    c; else (DeepSeek-V2) s = c = softmax(logits), a group scores its largest. Only the TOPK_GROUPS best
+    groups' experts may be chosen (the others' c set to -inf, or 0 after a softmax, as the twins); then k
+    rounds of argmax over c (the lowest id among equals), the weights the chosen s."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < num_tokens
+    e = tl.arange(0, BLOCK_E)
+    e_ok = (e < num_experts)[None, :]
+    x = tl.load(logits_ptr + t[:, None].to(tl.int64) * s_t + e[None, :], mask=t_ok[:, None] & e_ok, other=0.0)
+    x = x.to(tl.float32)
+    if SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        c = s + tl.load(bias_ptr + e, mask=e < num_experts, other=0.0).to(tl.float32)[None, :]
+    else:
+        x = tl.where(e_ok, x, float("-inf"))
+        p = tl.exp(x - tl.max(x, axis=1)[:, None])
+        s = p / tl.sum(p, axis=1)[:, None]
+        c = s
+    c = tl.where(e_ok, c, float("-inf"))  # lanes past the experts never win
+    if GROUPS > 1:
+        group = e // per_group
+        g = tl.arange(0, G_PAD)
+        group_score = tl.full([BLOCK_T, G_PAD], float("-inf"), dtype=tl.float32)
+        for i in tl.static_range(GROUPS):
+            in_group = (group == i)[None, :] & e_ok
+            cg = tl.where(in_group, c, float("-inf"))
+            score = tl.max(cg, axis=1)
+            if SIGMOID:  # plus the group's second largest
+                first = tl.argmax(cg, axis=1)
+                score += tl.max(tl.where(e[None, :] == first[:, None], float("-inf"), cg), axis=1)
+            group_score = tl.where(g[None, :] == i, score[:, None], group_score)
+        allowed = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUPS):
+            best = tl.argmax(group_score, axis=1)
+            allowed |= group[None, :] == best[:, None]
+            group_score = tl.where(g[None, :] == best[:, None], float("-inf"), group_score)
+        c = tl.where(allowed & e_ok, c, float("-inf") if SIGMOID else 0.0)
+        c = tl.where(e_ok, c, float("-inf"))
+    kk = tl.arange(0, K_PAD)
+    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        arg = tl.argmax(c, axis=1)
+        hit = e[None, :] == arg[:, None]
+        chosen = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        if not SIGMOID:
+            chosen = tl.sum(tl.where(hit, c, 0.0), axis=1)  # (0 for an expert outside the groups)
+        weights = tl.where(kk[None, :] == j, chosen[:, None], weights)
+        ids = tl.where(kk[None, :] == j, arg[:, None].to(tl.int32), ids)
+        c = tl.where(hit, float("-inf"), c)
+    if RENORMALIZE:
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+    out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
+    out_mask = t_ok[:, None] & (kk < TOP_K)[None, :]
+    tl.store(w_ptr + out, weights * scaling, mask=out_mask)
+    tl.store(ids_ptr + out, ids, mask=out_mask)
+
+
+def _grouped_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = logits.shape
+    if not 0 < top_k <= num_experts or num_experts % groups or not 0 < topk_groups <= groups:
+        raise ValueError(
+            f"grouped router: top_k {top_k} of {num_experts} experts in {groups} groups, {topk_groups} of "
+            "them chosen: need 0 < top_k <= experts, groups dividing the experts, 0 < topk_groups <= groups"
+        )
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(16, 4096 // block_e))
+    _grouped_route_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits, logits if bias is None else bias, weights, ids, num_tokens, num_experts,
+        num_experts // groups, logits.stride(0), scaling,
+        SIGMOID=bias is not None, GROUPS=groups, G_PAD=triton.next_power_of_2(groups),
+        TOPK_GROUPS=topk_groups, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        BLOCK_T=block_t, BLOCK_E=block_e,
+    )  # fmt: skip
+    return weights, ids
+
+
+def grouped_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.router.grouped_router`: the fp32 linear layer
+    (cuBLAS), then the choice in one launch."""
+    logits = F.linear(x.float(), weight.float())
+    return _grouped_route(logits, bias.float().contiguous(), top_k, groups, topk_groups, renormalize, scaling)
+
+
+def softmax_grouped_router(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, groups: int, topk_groups: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.router.softmax_grouped_router`: the fp32 linear
+    layer (cuBLAS), then the choice in one launch."""
+    logits = F.linear(x.float(), weight.float())
+    return _grouped_route(logits, None, top_k, groups, topk_groups, False, scaling)
