@@ -21,6 +21,7 @@ from moelora.ops.triton import (
     align,
     attn_decode,
     attn_prefill,
+    delta,
     kv_write,
     linear,
     lora_expand,
@@ -46,7 +47,7 @@ INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr",
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
 INT_PTRS |= {"row_hash_ptr", "index_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr"}
+FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
@@ -195,6 +196,9 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for write_lse in (False, True):
         yield mla._latent_decode_kernel, latent | dict(WRITE_LSE=write_lse, IEEE=False, PIPELINED=True), 4, 2
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
+    # Qwen3-Next's linear attention: 128-wide key and value heads; its conv over 8,192 channels, width 4
+    yield delta._delta_step_kernel, dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32), 4
+    yield delta._conv_step_kernel, dict(WIDTH=4, BLOCK_C=256, BLOCK_W=4), 4
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
     for to_cache in (False, True):

@@ -25,6 +25,7 @@ from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
+from moelora.ops.torch import delta as _torch_delta
 from moelora.ops.torch import lora as _torch_lora
 from moelora.ops.torch import mla as _torch_mla
 from moelora.ops.torch import moe as _torch_moe
@@ -156,6 +157,54 @@ def latent_decode(
         return _torch_mla.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, scale)
     lens = kv_lens_dev if kv_lens_dev is not None else mod.device_lens(kv_lens, q_lat.device)
     return mod.latent_decode(q_lat, q_rot, latent_cache, rot_cache, block_tables[: len(kv_lens)], lens, scale)
+
+
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, seq_lens: tuple[int, ...], initial: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear-attention layer's causal convolution over whole sequences; see
+    `moelora.ops.torch.delta.causal_conv` (PyTorch on every device for now)."""
+    return _torch_delta.causal_conv(x, weight, seq_lens, initial)
+
+
+def causal_conv_step(
+    x: torch.Tensor, weight: torch.Tensor, states: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """One token of each sequence through the causal convolution, its state in place; see
+    `moelora.ops.torch.delta.causal_conv_step`."""
+    mod = _half_kernels("delta", x, weight)
+    impl = mod.causal_conv_step if mod is not None else _torch_delta.causal_conv_step
+    return impl(x, weight, states, slots)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    initial: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over whole sequences; see `moelora.ops.torch.delta.gated_delta_rule` (PyTorch
+    on every device for now: the chunked Triton kernel is to come)."""
+    return _torch_delta.gated_delta_rule(q, k, v, g, beta, seq_lens, initial)
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    states: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """One token of each sequence through the gated delta rule, its state in place; see
+    `moelora.ops.torch.delta.gated_delta_step`."""
+    mod = _half_kernels("delta", v, q, k)
+    impl = mod.gated_delta_step if mod is not None else _torch_delta.gated_delta_step
+    return impl(q, k, v, g, beta, states, slots)
 
 
 def mla_attention(

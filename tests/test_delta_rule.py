@@ -1,0 +1,139 @@
+"""The linear-attention token mixers of Qwen3-Next / Qwen3.5-MoE (issue #23): the PyTorch twins against
+transformers' own torch functions (fp32), and the Triton one-token steps against the twins (Triton's
+interpreter without a GPU), with padding rows whose slot is outside the state cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moelora.ops.torch import delta as twin
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+hf_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+def problem(seed: int, tokens: int, hk: int, hv: int, dk: int, dv: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tokens, hk, dk, generator=g)
+    k = torch.randn(tokens, hk, dk, generator=g)
+    v = torch.randn(tokens, hv, dv, generator=g)
+    # decays as the layer makes them: -exp(A_log) * softplus(a + dt_bias), some near 0, some strong
+    gate = (
+        -torch.rand(hv, generator=g) * 2 * torch.nn.functional.softplus(torch.randn(tokens, hv, generator=g))
+    )
+    beta = torch.rand(tokens, hv, generator=g)
+    return q, k, v, gate, beta
+
+
+@pytest.mark.parametrize(("hk", "hv", "dk", "dv"), [(2, 2, 16, 8), (2, 6, 8, 16)])
+def test_delta_rule_matches_transformers(hk, hv, dk, dv):
+    """Three sequences back to back (one longer than transformers' 64-token chunk), the middle one from a
+    nonzero state: outputs and final states equal transformers' chunked and recurrent functions'."""
+    seq_lens = (5, 70, 1)
+    q, k, v, gate, beta = problem(hk + hv, sum(seq_lens), hk, hv, dk, dv)
+    initial = torch.randn(len(seq_lens), hv, dk, dv, generator=torch.Generator().manual_seed(1)) * 0.3
+    initial[0] = 0
+    out, finals = twin.gated_delta_rule(q, k, v, gate, beta, seq_lens, initial)
+    start = 0
+    for b, n in enumerate(seq_lens):
+        rows = slice(start, start + n)
+        args = [t[rows][None] for t in (q, k, v, gate, beta)]
+        for fn in (hf_next.torch_chunk_gated_delta_rule, hf_next.torch_recurrent_gated_delta_rule):
+            ref, ref_state = fn(
+                *args[:3], g=args[3], beta=args[4], initial_state=initial[b : b + 1],
+                output_final_state=True, use_qk_l2norm_in_kernel=True,
+            )  # fmt: skip
+            torch.testing.assert_close(out[rows], ref[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(finals[b], ref_state[0], atol=2e-5, rtol=1e-4)
+        start += n
+
+
+def test_delta_step_continues_the_sequence():
+    """Decode steps from the state cache continue a prefill exactly; a padding row (slot -1) writes
+    nothing, and slots not named are untouched."""
+    q, k, v, gate, beta = problem(3, 9, 2, 4, 8, 8)
+    whole, _ = twin.gated_delta_rule(q, k, v, gate, beta, (9,))
+    _, state = twin.gated_delta_rule(q[:6], k[:6], v[:6], gate[:6], beta[:6], (6,))
+    states = torch.full((3, 4, 8, 8), float("nan"))
+    states[1] = state[0]
+    for t in range(6, 9):
+        rows = [t, t]  # the sequence in slot 1, and a padding row
+        o = twin.gated_delta_step(
+            q[rows], k[rows], v[rows], gate[rows], beta[rows], states, torch.tensor([1, -1])
+        )
+        torch.testing.assert_close(o[0], whole[t], atol=1e-6, rtol=1e-5)
+    assert states[0].isnan().all() and states[2].isnan().all()
+
+
+def test_conv_matches_transformers():
+    """The depthwise causal convolution with SiLU over sequences back to back, one continuing from a
+    state, and its one-token update: transformers' causal_conv1d_fn and causal_conv1d_update."""
+    g = torch.Generator().manual_seed(4)
+    channels, width, seq_lens = 6, 4, (7, 2, 1)
+    x = torch.randn(sum(seq_lens), channels, generator=g)
+    weight = torch.randn(channels, width, generator=g)
+    initial = torch.randn(len(seq_lens), channels, width - 1, generator=g)
+    y, states = twin.causal_conv(x, weight, seq_lens, initial)
+    start = 0
+    for b, n in enumerate(seq_lens):
+        u = torch.cat((initial[b], x[start : start + n].T), dim=1)[None]
+        ref = hf_next.causal_conv1d_fn(u, weight, None, activation="silu")[0, :, width - 1 :]
+        torch.testing.assert_close(y[start : start + n], ref.T)
+        torch.testing.assert_close(states[b], u[0, :, -(width - 1) :])
+        start += n
+    # one more token for each sequence, through the update
+    cache = torch.full((5, channels, width - 1), float("nan"))
+    cache[[3, 0, 4]] = states
+    nxt = torch.randn(3, channels, generator=g)
+    out = twin.causal_conv_step(nxt, weight, cache, torch.tensor([3, 0, 4]))
+    for b, slot in enumerate((3, 0, 4)):
+        hf_state = torch.cat((states[b], torch.zeros(channels, 1)), dim=1)[None]  # transformers keeps K
+        hf_state = torch.roll(hf_state, 1, dims=2)  # (its state holds the K newest inputs)
+        ref = hf_next.causal_conv1d_update(nxt[b][None, :, None], hf_state, weight, None, activation="silu")
+        torch.testing.assert_close(out[b], ref[0, :, 0])
+        torch.testing.assert_close(cache[slot], torch.cat((states[b][:, 1:], nxt[b][:, None]), dim=1))
+    assert cache[[1, 2]].isnan().all()
+
+
+def test_triton_delta_step_matches_twin():
+    """The Triton step against the twin: grouped value heads, value columns over several programs, a
+    padding row and slots not named (NaN) untouched."""
+    from moelora.ops.triton import delta as kern
+
+    q, k, v, gate, beta = (t.to(DEV) for t in problem(7, 3, 2, 6, 16, 48))
+    g = torch.Generator().manual_seed(8)
+    states = torch.full((5, 6, 16, 48), float("nan"))
+    states[[4, 1]] = torch.randn(2, 6, 16, 48, generator=g)
+    states = states.to(DEV)
+    slots = torch.tensor([4, -1, 1], device=DEV)
+    expect = states.clone()
+    ref = twin.gated_delta_step(q, k, v, gate, beta, expect, slots)
+    out = kern.gated_delta_step(q, k, v, gate, beta, states, slots)
+    torch.testing.assert_close(out[[0, 2]], ref[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[[4, 1]], expect[[4, 1]], atol=1e-5, rtol=1e-5)
+    assert states[[0, 2, 3]].isnan().all()
+
+
+def test_triton_conv_step_matches_twin():
+    from moelora.ops.triton import delta as kern
+
+    g = torch.Generator().manual_seed(9)
+    channels, width = 300, 4  # two channel tiles, the second part-filled
+    x = torch.randn(3, channels, generator=g).to(DEV)
+    weight = torch.randn(channels, width, generator=g).to(DEV)
+    states = torch.full((4, channels, width - 1), float("nan"))
+    states[[2, 0]] = torch.randn(2, channels, width - 1, generator=g)
+    states = states.to(DEV)
+    slots = torch.tensor([2, 0, -1], device=DEV)
+    expect = states.clone()
+    ref = twin.causal_conv_step(x, weight, expect, slots)
+    out = kern.causal_conv_step(x, weight, states, slots)
+    torch.testing.assert_close(out[:2], ref[:2])
+    torch.testing.assert_close(states[[2, 0]], expect[[2, 0]])
+    assert states[[1, 3]].isnan().all()
