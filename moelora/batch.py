@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from moelora.cache.kv_cache import KVCache
+from moelora.cache.state_cache import StateCache
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,47 @@ class PagedKV:
 
 
 @dataclass(frozen=True)
+class StateRows:
+    """Where a step's sequences stand for the linear-attention layers, built once per step.
+
+    starts: host-side (first token row, token count, state slot) of each sequence computed from nothing
+    (a prompt, or a preempted sequence again from position 0); start_slots [P] int64 on the device: those
+    slots. decode_rows [D] and decode_slots [D] int64 on the device: the token row and the slot of each
+    sequence continuing by one token from its slot's state."""
+
+    starts: tuple[tuple[int, int, int], ...]
+    start_slots: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_slots: torch.Tensor
+
+    @staticmethod
+    def of(
+        seq_lens: Sequence[int], kv_lens: Sequence[int], slots: Sequence[int], device: torch.device
+    ) -> StateRows:
+        starts, decode_rows, decode_slots = [], [], []
+        row = 0
+        for n, total, slot in zip(seq_lens, kv_lens, slots, strict=True):
+            if total == n:
+                starts.append((row, n, slot))
+            elif n == 1:
+                decode_rows.append(row)
+                decode_slots.append(slot)
+            else:
+                raise ValueError(
+                    f"linear attention: a sequence cannot run {n} tokens after {total - n} cached ones (only "
+                    "whole sequences or one token at a time; prefix caching is off for these models)"
+                )
+            row += n
+
+        def on_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(device)
+
+        return StateRows(
+            tuple(starts), on_device([s for *_, s in starts]), on_device(decode_rows), on_device(decode_slots)
+        )
+
+
+@dataclass(frozen=True)
 class ForwardBatch:
     """A batch of B sequences flattened to T tokens, in sequence order.
 
@@ -37,12 +79,16 @@ class ForwardBatch:
     kv: the paged KV cache and its metadata; None for a cacheless forward of whole sequences.
     token_slot [T] int32: each token's adapter slot, -1 for the base model; None when no token of the
         batch uses an adapter (then no LoRA work is done at all).
+    states, state_rows: the linear-attention layers' state cache and where each sequence stands in it
+        (None for models without such layers, or for a forward that keeps no state).
     """
 
     positions: torch.Tensor
     seq_lens: tuple[int, ...]
     kv: PagedKV | None = None
     token_slot: torch.Tensor | None = None
+    states: StateCache | None = None
+    state_rows: StateRows | None = None
 
     @property
     def num_tokens(self) -> int:

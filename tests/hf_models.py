@@ -186,12 +186,67 @@ def gpt_oss_config() -> Any:
     )  # fmt: skip
 
 
+def qwen3_next_config() -> Any:
+    """A tiny Qwen3-Next: linear-attention layers around one gated full-attention layer (partial rotary,
+    q/k norms), one dense layer, 4 experts top-2 and a gated shared expert; 2 key heads serving 4 value
+    heads in the linear layers. (Not in FAMILIES: its linear layers need their own tests.)"""
+    from transformers import Qwen3NextConfig
+
+    common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+    return Qwen3NextConfig(
+        **common,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        intermediate_size=48,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
+
+
+def qwen3_5_moe_config() -> Any:
+    """A tiny Qwen3.5-MoE text model: the same hybrid layout as `qwen3_next_config`, every layer MoE, the
+    linear layers' projections stored apart."""
+    from transformers import Qwen3_5MoeTextConfig
+
+    common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+    return Qwen3_5MoeTextConfig(
+        **common,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        tie_word_embeddings=False,
+    )
+
+
 def build_hf_model(family: str, seed: int = 0) -> Any:
     """A random fp32 transformers model of `family`, with eager attention and experts."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = gpt_oss_config() if family == "gpt_oss" else family_configs()[family]
+    special = {"gpt_oss": gpt_oss_config, "qwen3_next": qwen3_next_config, "qwen3_5_moe": qwen3_5_moe_config}
+    cfg = special[family]() if family in special else family_configs()[family]
     model = AutoModelForCausalLM.from_config(
         cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )

@@ -73,6 +73,8 @@ def test_presets_build_at_their_published_size():
         "deepseek-v2-lite": 15.7,
         "gpt-oss-20b": 20.9,  # "21B", "117B": their MXFP4 experts counted as parameters
         "gpt-oss-120b": 116.8,
+        "qwen3-next-80b-a3b": 79.7,  # 79,674,391,296 in the published files
+        "qwen3.5-35b-a3b": 34.7,  # its text model (the multimodal checkpoint's vision tower is not served)
     }
     assert set(billions) <= set(preset_names())
     for name, size in billions.items():

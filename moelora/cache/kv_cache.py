@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ class BlockAllocator:
 class KVCache:
     """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim] each, for this rank's KV heads
     (v's last dimension v_dim where it differs: latent attention keeps a latent in k and the rotated key
-    part in v)."""
+    part in v); empty for the layers `kv_layers` marks False (linear attention keeps no keys)."""
 
     def __init__(
         self,
@@ -109,18 +109,23 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         v_dim: int | None = None,
+        kv_layers: Sequence[bool] | None = None,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
         v_shape = (num_blocks, block_size, kv_heads, head_dim if v_dim is None else v_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        keeps = list(kv_layers) if kv_layers is not None else [True] * num_layers
+        empty = (0, block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape if keep else empty, dtype=dtype, device=device) for keep in keeps]
+        self.v = [torch.zeros(v_shape if keep else empty, dtype=dtype, device=device) for keep in keeps]
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s keys and values, in every layer, into block `dst`."""
         for k, v in zip(self.k, self.v, strict=True):
+            if not k.numel():
+                continue
             k[dst].copy_(k[src])
             v[dst].copy_(v[src])
 

@@ -108,7 +108,13 @@ class Engine:
         step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(
-            self.allocator, a.block_size, a.max_num_seqs, step_tokens, fits, a.enable_prefix_caching
+            self.allocator,
+            a.block_size,
+            a.max_num_seqs,
+            step_tokens,
+            fits,
+            a.enable_prefix_caching,
+            state_slots=self.cfg.linear is not None,
         )
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -129,12 +135,14 @@ class Engine:
         every rank builds."""
         a, cfg, model = self.args, self.cfg, self.model
         kv_heads, k_dim, v_dim = model.kv_layout()
-        per_block = KVCache.bytes_per_block(cfg.num_layers, a.block_size, kv_heads, k_dim, model.dtype, v_dim)
+        kv_layers = sum(model.kv_layers())
+        per_block = KVCache.bytes_per_block(kv_layers, a.block_size, kv_heads, k_dim, model.dtype, v_dim)
         wanted_len = a.max_model_len or cfg.max_position_embeddings
         step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
         activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         slots = la.max_loras_per_batch if lora_rank is not None else 0
         pool = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0  # made after the cache
+        pool += a.max_num_seqs * model.state_bytes_per_slot()  # linear attention's state slots, likewise
         num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device, activations, pool)
         capacity = num_blocks * a.block_size
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
@@ -149,7 +157,9 @@ class Engine:
             "of activations (kept free on CUDA)",
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
+        # Linear attention (its per-sequence prefill and state writes) runs eagerly for now.
         graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
+        graphs = graphs and cfg.linear is None
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,
@@ -576,7 +586,8 @@ class Engine:
         full, partial = divmod(n, self.args.block_size)
         for seq in forks:
             room = len(self.scheduler.running) < self.scheduler.max_num_seqs
-            if not room or self.allocator.num_free < int(partial > 0):
+            # Linear attention: the prompt's state is not copied; the completion computes it itself.
+            if not room or self.allocator.num_free < int(partial > 0) or self.scheduler.states is not None:
                 self.scheduler.add(seq)
                 continue
             blocks = self.allocator.share(first.blocks[:full])

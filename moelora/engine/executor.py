@@ -65,13 +65,15 @@ class Executor:
         # With graphs, one block more than the allocator hands out: padded rows of a graph write there.
         self.cache = KVCache(
             cfg.num_layers, plan.num_blocks + int(plan.graphs), plan.block_size, kv_heads, k_dim,
-            model.dtype, device, v_dim,
+            model.dtype, device, v_dim, model.kv_layers(),
         )  # fmt: skip
+        # Linear-attention layers: a state slot per sequence that may run (the scheduler's max_num_seqs).
+        self.states = model.state_cache(plan.max_num_seqs, device)
         self.pool = LoraPool(model, plan.lora_slots, plan.lora_rank) if plan.lora_slots else None
         graphs = None
         if plan.graphs:
             graphs = DecodeGraphs(model, self.cache, plan.num_blocks, plan.max_num_seqs, plan.max_blocks)
-        self.runner = ModelRunner(model, self.cache, graphs)
+        self.runner = ModelRunner(model, self.cache, graphs, self.states)
         self.device = device
 
     def _everywhere(self, message: Message, local: Callable[[], T]) -> T:
@@ -140,9 +142,12 @@ class Executor:
             return graphs.capture_all(lora=False) + (graphs.capture_all(lora=True) if lora else 0)
 
     def release(self) -> None:
-        """Drop the device memory this rank holds (graphs and their pool, KV cache, adapter slots)."""
+        """Drop the device memory this rank holds (graphs and their pool, KV and state caches, adapter
+        slots)."""
         self.runner.graphs = None
         self.cache.release()
+        if self.states is not None:
+            self.states.release()
         if self.pool is not None:
             self.pool.release()
 

@@ -49,6 +49,7 @@ class Sequence:
     # device, not yet read by the host: async scheduling); -1 when the host has every token.
     pending: int = -1
     num_registered: int = 0  # leading blocks offered to the prefix cache
+    state_slot: int = -1  # its slot in the linear-attention layers' state cache while it runs (-1: none)
     status: Status = Status.WAITING
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moelora.batch import ForwardBatch, PagedKV
+from moelora.batch import ForwardBatch, PagedKV, StateRows
 from moelora.cache.kv_cache import KVCache
+from moelora.cache.state_cache import StateCache
 from moelora.engine.graphs import DecodeGraphs, GraphCaptureError, feed
 from moelora.engine.request import Sequence
 from moelora.engine.transfer import to_device
@@ -33,6 +34,8 @@ class StepInput:
     the last). fed: (token index, row) for the tokens that the previous step sampled and the host has
     not seen yet (async scheduling): their entry in ids is a placeholder, the token is read on the
     device from row `row` of the previous step's chosen ids (a worker gets them in a broadcast).
+    state_slots: each sequence's slot in the linear-attention layers' state cache (models with such
+    layers; empty otherwise).
     """
 
     ids: list[int]
@@ -44,6 +47,7 @@ class StepInput:
     lora_slots: list[int]
     prompt_logits: list[tuple[int, int]]
     fed: list[tuple[int, int]] = field(default_factory=list)
+    state_slots: list[int] = field(default_factory=list)  # per sequence (linear attention), else empty
 
 
 def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
@@ -70,17 +74,25 @@ def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
             prompt_logits.append((i, s.num_prompt - 1))
     width = max(len(s.blocks) for s in seqs)
     tables = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+    state_slots = [s.state_slot for s in seqs] if any(s.state_slot >= 0 for s in seqs) else []
     return StepInput(
-        ids, positions, slots, tuple(seq_lens), tuple(kv_lens), tables, lora_slots, prompt_logits, fed
-    )
+        ids, positions, slots, tuple(seq_lens), tuple(kv_lens), tables, lora_slots, prompt_logits, fed,
+        state_slots,
+    )  # fmt: skip
 
 
 _LOG = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: MoeForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
-        self.model, self.cache, self.graphs = model, cache, graphs
+    def __init__(
+        self,
+        model: MoeForCausalLM,
+        cache: KVCache,
+        graphs: DecodeGraphs | None = None,
+        states: StateCache | None = None,
+    ) -> None:
+        self.model, self.cache, self.graphs, self.states = model, cache, graphs, states
         # Held by every forward of the model, here and in LLM.logits: a CUDA graph capture must not
         # see another thread's kernels, and two forwards never interleave on the device.
         self.lock = threading.Lock()
@@ -103,7 +115,11 @@ class ModelRunner:
         if any(slot >= 0 for slot in step.lora_slots):
             per_seq = [slot for slot, n in zip(step.lora_slots, step.seq_lens, strict=True) for _ in range(n)]
             token_slot = to_device(per_seq, i32, dev)
-        batch = ForwardBatch(to_device(step.positions, i64, dev), step.seq_lens, kv, token_slot)
+        states, rows = None, None
+        if self.states is not None and step.state_slots:
+            states, rows = self.states, StateRows.of(step.seq_lens, step.kv_lens, step.state_slots, dev)
+        positions = to_device(step.positions, i64, dev)
+        batch = ForwardBatch(positions, step.seq_lens, kv, token_slot, states, rows)
         ids = to_device(step.ids, i64, dev)
         feed(ids, step.fed, previous)
         return ids, batch

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelora.cache.kv_cache import BlockAllocator, BlockKey, blocks_for
+from moelora.cache.state_cache import SlotAllocator
 from moelora.engine.request import Sequence, Status
 
 
@@ -45,9 +46,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         adapters_fit: Callable[[Set[Any]], bool] = lambda adapters: True,
         prefix_caching: bool = False,
+        state_slots: bool = False,
     ) -> None:
+        """`state_slots`: the model has linear-attention layers, so every running sequence holds a state
+        slot (max_num_seqs of them) and no sequence starts from a cached prefix (its state there is not
+        kept)."""
         self.allocator, self.block_size = allocator, block_size
-        self.prefix_caching = prefix_caching
+        self.prefix_caching = prefix_caching and not state_slots
+        self.states = SlotAllocator(max_num_seqs) if state_slots else None
         self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -90,6 +96,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
+        self._give_back_state(seq)
         seq.blocks, seq.num_cached, seq.num_registered, seq.status = [], 0, 0, Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -119,10 +126,10 @@ class Scheduler:
                 self.allocator.free(cached)
                 break
             self.waiting.remove(seq)
+            self.start_running(seq)
             seq.blocks = cached + self.allocator.allocate(need)
             seq.num_cached, seq.num_registered = len(cached) * self.block_size, len(cached)
-            seq.status, seq.skips = Status.RUNNING, 0
-            self.running.append(seq)
+            seq.skips = 0
             budget -= compute
             if entry is not None:
                 adapters.add(entry)
@@ -164,4 +171,18 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.allocator.free(seq.blocks)
+        self._give_back_state(seq)
         seq.blocks, seq.status = [], Status.FINISHED
+
+    def start_running(self, seq: Sequence) -> None:
+        """`seq` runs from this step on (its blocks are the caller's to set): with linear attention it
+        takes a state slot."""
+        if self.states is not None:
+            seq.state_slot = self.states.take()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _give_back_state(self, seq: Sequence) -> None:
+        if self.states is not None:
+            self.states.give_back(seq.state_slot)
+        seq.state_slot = -1

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moelora import ops
-from moelora.layers.spec import WeightSpec, sharded, whole
+from moelora.layers.spec import Form, Piece, WeightSpec, sharded, whole
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
@@ -15,12 +15,21 @@ from moelora.parallel.state import ParallelState
 
 class RMSNorm(nn.Module):
     """y = w * (x / sqrt(mean(x^2) + eps)) over the last dimension (`weight_first`: the weight applied
-    before the cast back to x's dtype, as GPT-OSS's norm does)."""
+    before the cast back to x's dtype, as GPT-OSS's norm does; `zero_centered`: Qwen3-Next's, whose
+    checkpoint stores w - 1: the parameter holds 1 + stored in fp32 and is applied first)."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, weight_first: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        eps: float,
+        dtype: torch.dtype,
+        weight_first: bool = False,
+        zero_centered: bool = False,
+    ) -> None:
         super().__init__()
-        self.eps, self.weight_first = eps, weight_first
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.eps, self.weight_first, self.zero_centered = eps, weight_first or zero_centered, zero_centered
+        param_dtype = torch.float32 if zero_centered else dtype
+        self.weight = nn.Parameter(torch.empty(size, dtype=param_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps, weight_first=self.weight_first)
@@ -30,6 +39,9 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual, self.weight_first)
 
     def weight_specs(self, key: str) -> list[WeightSpec]:
+        if self.zero_centered:
+            piece = Piece(key, tuple(self.weight.shape), transform=("plus_one",))
+            return [WeightSpec(self.weight, (Form("", (piece,)),))]
         return [whole(self.weight, key)]
 
 

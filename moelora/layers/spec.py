@@ -17,11 +17,13 @@ Index = tuple[slice | int, ...]
 
 # What a piece may do to its slice after reading it, in order (safetensors slices have no steps):
 # "even" / "odd" keep the even / odd entries of the last dimension (GPT-OSS interleaves gate and up),
-# "T" swaps the last two dimensions (GPT-OSS stores experts [in, out]).
+# "T" swaps the last two dimensions (GPT-OSS stores experts [in, out]), "plus_one" reads w as 1 + w.
 TRANSFORMS = {
     "even": lambda t: t[..., 0::2],
     "odd": lambda t: t[..., 1::2],
     "T": lambda t: t.transpose(-1, -2),
+    "plus_one": lambda t: t.float() + 1,  # Qwen3-Next's zero-centered norm weights, 1 + w in fp32
+    "squeeze1": lambda t: t.squeeze(1),  # a depthwise conv1d weight [C, 1, K] as [C, K]
 }
 
 

@@ -31,6 +31,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Latent attention's projections (DeepSeek-V2/V3), besides q_proj (when it has no q_a/q_b pair) and o_proj.
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+# Linear attention's projections (Gated DeltaNet layers, `linear_attn`): Qwen3-Next's, then Qwen3.5-MoE's.
+FUSED_LINEAR_TARGETS = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+SPLIT_LINEAR_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+LINEAR_TARGETS = (*FUSED_LINEAR_TARGETS, *SPLIT_LINEAR_TARGETS[:-1])
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_TARGETS)
 DENSE_TARGETS = (
     *ATTENTION_TARGETS,
@@ -103,9 +107,9 @@ _GROUPED_KEY = re.compile(
     r"(?:base_model\.model\.)?(?P<experts>.+\.experts)\.lora_(?P<proj>gate_and_up|down)_(?P<ab>[AB])(?:\.weight)?"
 )
 _VELORA_BUFFER = re.compile(r".+\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's training-only buffer
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Tinker and ART name GPT-OSS's attention `attn`
-_ATTN = re.compile(rf"(?:self_attn|attn)\.({'|'.join(ATTENTION_TARGETS)})")
+_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.(.+)")  # (a multimodal model's text model)
+# Tinker and ART name GPT-OSS's attention `attn`; Qwen3-Next's linear layers are `linear_attn`
+_ATTN = re.compile(rf"(?:self_attn|attn|linear_attn)\.({'|'.join((*ATTENTION_TARGETS, *LINEAR_TARGETS))})")
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class LoraAdapter:
 
     name: str
     source: Any  # the folder (Path) or the DummyLora it was made from (see lora/source.py)
-    dense: dict[tuple[int, str], LoraWeights]  # (layer, target in DENSE_TARGETS)
+    dense: dict[tuple[int, str], LoraWeights]  # (layer, target in DENSE_TARGETS or LINEAR_TARGETS)
     experts: dict[tuple[int, str], dict[int, LoraWeights]]  # (layer, proj in EXPERT_PROJS) -> {global id: w}
     # (size, mtime_ns) of the config and weights files as read: a later re-read (after a CPU-cache
     # eviction, or on another rank) must find the same files, or it would serve different weights.
@@ -450,10 +454,10 @@ class _Reader:
                 f"an adapter for another model?"
             )
         if t := _ATTN.fullmatch(rest):
-            if t[1] not in attention_targets(cfg):
+            if t[1] not in attention_targets(cfg, layer):
                 raise self.fail(
-                    f"'{key}' targets {t[1]}, which this model's attention does not have (it has "
-                    f"{', '.join(attention_targets(cfg))})"
+                    f"'{key}' targets {t[1]}, which layer {layer}'s attention does not have (it has "
+                    f"{', '.join(attention_targets(cfg, layer))})"
                 )
             return _Site("dense", layer, t[1], module)
         if t := self.mlp_re.fullmatch(rest):
@@ -731,8 +735,10 @@ def _split_gate_up(
     return split, out
 
 
-def attention_targets(cfg: ModelConfig) -> tuple[str, ...]:
-    """The attention projections of this model an adapter may target."""
+def attention_targets(cfg: ModelConfig, layer: int = 0) -> tuple[str, ...]:
+    """The attention projections of layer `layer` of this model that an adapter may target."""
+    if cfg.linear is not None and cfg.linear.layers[layer]:
+        return FUSED_LINEAR_TARGETS if cfg.linear.fused_projections else SPLIT_LINEAR_TARGETS
     m = cfg.mla
     if m is None:
         return ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -744,7 +750,7 @@ def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     """(in, out) features of a dense target."""
     hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     attn = {
-        "q_proj": (hidden, q_out),
+        "q_proj": (hidden, 2 * q_out if cfg.attn_output_gate else q_out),  # (Qwen3-Next: and its gate)
         "k_proj": (hidden, kv_out),
         "v_proj": (hidden, kv_out),
         "o_proj": (q_out, hidden),
@@ -756,6 +762,13 @@ def dense_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
         attn["q_b_proj"] = (m.q_lora_rank or 0, heads * m.qk_head_dim)
         attn["kv_a_proj_with_mqa"] = (hidden, m.kv_lora_rank + m.qk_rope_head_dim)
         attn["kv_b_proj"] = (m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim))
+    if (la := cfg.linear) is not None:
+        attn["in_proj_qkvz"] = (hidden, 2 * la.key_dim + 2 * la.value_dim)
+        attn["in_proj_ba"] = (hidden, 2 * la.num_v_heads)
+        attn["in_proj_qkv"] = (hidden, la.conv_dim)
+        attn["in_proj_z"] = (hidden, la.value_dim)
+        attn["in_proj_b"] = attn["in_proj_a"] = (hidden, la.num_v_heads)
+        attn["out_proj"] = (la.value_dim, hidden)
     if target in attn:
         return attn[target]
     shared = target.startswith("shared_expert.")

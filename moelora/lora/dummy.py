@@ -88,7 +88,7 @@ def make_dummy_adapter(
 
 def _dense_targets(groups: set[str], cfg: ModelConfig, layer: int) -> Iterator[str]:
     if "attn" in groups:
-        yield from attention_targets(cfg)
+        yield from attention_targets(cfg, layer)
     moe = cfg.moe_layers[layer]
     if "mlp" in groups and not moe:
         yield from ("gate_proj", "up_proj", "down_proj")

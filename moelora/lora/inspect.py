@@ -19,6 +19,7 @@ from moelora.lora.adapter import (
     ATTENTION_TARGETS,
     CONFIG_FILE,
     FORMATS,
+    LINEAR_TARGETS,
     WEIGHTS_FILE,
     AdapterError,
     LoraWeights,
@@ -135,7 +136,13 @@ def convert_adapter(path: str | Path, out: str | Path, model: tuple[str, ModelCo
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for (layer, target), w in sorted(adapter.dense.items()):
-        block = "self_attn" if target in ATTENTION_TARGETS else "mlp"
+        block = (
+            "linear_attn"
+            if target in LINEAR_TARGETS
+            else "self_attn"
+            if target in ATTENTION_TARGETS
+            else "mlp"
+        )
         name = target.replace("shared_expert.", f"{family.shared_expert_name}.", 1)
         module = f"model.layers.{layer}.{block}.{name}"
         _put(tensors, ranks, module, w)

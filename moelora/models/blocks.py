@@ -44,7 +44,10 @@ class SelfAttention(nn.Module):
         self.ps, self.layer, self.head_dim, self.clip = ps, layer, cfg.head_dim, cfg.clip_qkv
         self.window, self.scale = cfg.sliding_windows[layer], cfg.head_dim**-0.5
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        parts = [split_part("q_proj", q_size, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
+        # Qwen3-Next: q_proj gives each head its queries, then its output gate ([q_h, gate_h] per head)
+        self.output_gate = cfg.attn_output_gate
+        q_rows = 2 * q_size if self.output_gate else q_size
+        parts = [split_part("q_proj", q_rows, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
         self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype)
         self.kv_heads = parts[1].size // cfg.head_dim  # this rank's KV heads (the KV cache's width)
         self.cache_dims = (cfg.head_dim, cfg.head_dim)  # K and V per head
@@ -64,8 +67,9 @@ class SelfAttention(nn.Module):
         self.q_norm: RMSNorm | ShardedRMSNorm | None = None
         self.k_norm: RMSNorm | ShardedRMSNorm | None = None
         if cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            centered = cfg.norm_zero_centered
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, zero_centered=centered)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, zero_centered=centered)
         elif cfg.qk_norm == "full":
             self.q_norm = ShardedRMSNorm(q_size, cfg.rms_norm_eps, ps, dtype)
             self.k_norm = ShardedRMSNorm(kv_size, cfg.rms_norm_eps, ps, dtype)
@@ -75,6 +79,10 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         # [T, Hq_loc * D], [T, Hkv_loc * D] x2
         q, k, v = self.qkv(x, batch.token_slot).split(self.qkv.out_sizes, dim=-1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(x.shape[0], -1), gate.reshape(x.shape[0], -1)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
@@ -91,6 +99,8 @@ class SelfAttention(nn.Module):
         )
         if self.rot_dim < d:
             q, k = self._partial_rotary(q, k, cos, sin, cache)
+        elif self.qk_norm == "head" and self.q_norm is not None and self.q_norm.weight_first:
+            q, k = self._partial_rotary(q, k, cos, sin, cache)  # (the fused launch casts first)
         elif self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
@@ -112,7 +122,10 @@ class SelfAttention(nn.Module):
                 kv.kv_lens_dev,
                 self.sinks,
             )
-        out = self.o_proj(o.reshape(t, -1), batch.token_slot)
+        o = o.reshape(t, -1)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        out = self.o_proj(o, batch.token_slot)
         return comm.all_reduce(out, self.ps)
 
     def _partial_rotary(
@@ -123,8 +136,8 @@ class SelfAttention(nn.Module):
         t, d, rot = q.shape[0], self.head_dim, self.rot_dim
         if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
-            q = ops.rms_norm(q.reshape(-1, d), self.q_norm.weight, self.q_norm.eps).view(t, -1, d)
-            k = ops.rms_norm(k.reshape(-1, d), self.k_norm.weight, self.k_norm.eps).view(t, -1, d)
+            q = self.q_norm(q.reshape(-1, d)).view(t, -1, d)
+            k = self.k_norm(k.reshape(-1, d)).view(t, -1, d)
         q_rot, k_rot = ops.rotary(q[..., :rot], k[..., :rot], cos, sin)
         q, k = torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
         if cache is not None:

@@ -38,6 +38,36 @@ class Mla:
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5-MoE): which layers they are, and their heads. Such a
+    layer keeps no KV cache: each sequence's convolution inputs and recurrent state sit in its slot of a
+    state cache."""
+
+    layers: tuple[bool, ...]  # per layer: True = linear attention, False = full (gated) attention
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+    # Qwen3-Next: in_proj_qkvz / in_proj_ba, interleaved per key head; Qwen3.5-MoE: in_proj_qkv, in_proj_z,
+    # in_proj_b, in_proj_a, each in plain order.
+    fused_projections: bool = True
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v of every head."""
+        return 2 * self.key_dim + self.value_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the model code reads; layers get plain values from it, never the HF config."""
 
@@ -80,6 +110,11 @@ class ModelConfig:
     # clamped SwiGLU: g = min(g, limit), u = clamp(u, -limit, limit), h = (u + 1) * g * sigmoid(alpha g).
     attention_sinks: bool = False
     norm_weight_first: bool = False  # GPT-OSS: the norms' weight multiplies the fp32 row before the cast
+    # Qwen3-Next: every RMSNorm (q/k norms included) scales by 1 + weight, in fp32 before the cast; q_proj
+    # also gives each head an output gate, o = attention * sigmoid(gate); linear-attention layers.
+    norm_zero_centered: bool = False
+    attn_output_gate: bool = False
+    linear: LinearAttention | None = None
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_limit: float | None = None  # None: silu(gate) * up

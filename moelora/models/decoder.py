@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moelora.batch import ForwardBatch
+from moelora.cache.state_cache import StateCache
 from moelora.layers.embedding import LMHead, VocabEmbedding
 from moelora.layers.linear import LoraTarget
 from moelora.layers.moe import ExpertsTarget
@@ -17,8 +18,14 @@ from moelora.layers.spec import WeightSpec
 from moelora.models.blocks import DenseBlock, SelfAttention, SparseMoeBlock
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
+from moelora.models.linear_attention import GatedDeltaNet
 from moelora.models.mla import LatentAttention
 from moelora.parallel.state import ParallelState
+
+
+def model_norm(cfg: ModelConfig, size: int, dtype: torch.dtype) -> RMSNorm:
+    """The family's RMSNorm: weight after the cast (most), before it (GPT-OSS), or 1 + weight (Qwen3-Next)."""
+    return RMSNorm(size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first, cfg.norm_zero_centered)
 
 
 class DecoderLayer(nn.Module):
@@ -30,15 +37,16 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first)
-        self.self_attn: SelfAttention | LatentAttention
-        if cfg.mla is not None:
+        self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
+        # the token mixer; `self_attn` whatever its kind (its checkpoint name may differ)
+        self.self_attn: SelfAttention | LatentAttention | GatedDeltaNet
+        if cfg.linear is not None and cfg.linear.layers[layer]:
+            self.self_attn = GatedDeltaNet(cfg, layer, ps, dtype)
+        elif cfg.mla is not None:
             self.self_attn = LatentAttention(cfg, layer, ps, dtype)
         else:
             self.self_attn = SelfAttention(cfg, layer, ps, dtype)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first
-        )
+        self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype)
         self.mlp: DenseBlock | SparseMoeBlock
         if cfg.moe_layers[layer]:
             self.mlp = SparseMoeBlock(cfg, ps, dtype)
@@ -66,7 +74,9 @@ class DecoderLayer(nn.Module):
         mlp_prefixes = tuple(f"{prefix}.{n}" for n in names)
         return [
             *self.input_layernorm.weight_specs(f"{prefix}.input_layernorm.weight"),
-            *self.self_attn.weight_specs(f"{prefix}.self_attn"),
+            *self.self_attn.weight_specs(
+                f"{prefix}.{getattr(self.self_attn, 'checkpoint_name', 'self_attn')}"
+            ),
             *self.post_attention_layernorm.weight_specs(f"{prefix}.post_attention_layernorm.weight"),
             *self.mlp.weight_specs(mlp_prefixes, family),
         ]
@@ -81,7 +91,7 @@ class MoeForCausalLM(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ps, dtype)
         self.rotary = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, ps, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_weight_first)
+        self.norm = model_norm(cfg, cfg.hidden_size, dtype)
         self.lm_head = LMHead(self.embed_tokens, cfg.tie_word_embeddings, dtype)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -108,10 +118,11 @@ class MoeForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def weight_specs(self) -> list[WeightSpec]:
-        specs = self.embed_tokens.weight_specs("model.embed_tokens.weight")
+        text = self.family.text_prefix
+        specs = self.embed_tokens.weight_specs(f"{text}.embed_tokens.weight")
         for i, layer in enumerate(self.decoder_layers()):
-            specs += layer.weight_specs(f"model.layers.{i}", self.family)
-        specs += self.norm.weight_specs("model.norm.weight")
+            specs += layer.weight_specs(f"{text}.layers.{i}", self.family)
+        specs += self.norm.weight_specs(f"{text}.norm.weight")
         specs += self.lm_head.weight_specs("lm_head.weight")
         return specs
 
@@ -122,10 +133,43 @@ class MoeForCausalLM(nn.Module):
     def kv_layout(self) -> tuple[int, int, int]:
         """(this rank's KV heads, K width, V width) of a cache token: its GQA heads of head_dim each, or
         one latent and one rotated key part with latent attention."""
-        attn = self.decoder_layers()[0].self_attn
-        return attn.kv_heads, *attn.cache_dims
+        for layer in self.decoder_layers():
+            attn = layer.self_attn
+            if not isinstance(attn, GatedDeltaNet):
+                return attn.kv_heads, *attn.cache_dims
+        raise ValueError("the model has no attention layer to keep keys and values for")
+
+    def state_cache(self, num_slots: int, device: torch.device) -> StateCache | None:
+        """The linear-attention layers' state cache with `num_slots` slots (None without such layers)."""
+        shapes = self._state_shapes()
+        if shapes is None:
+            return None
+        layers, conv, rec = shapes
+        return StateCache(layers, num_slots, conv, rec, self.dtype, device)
+
+    def state_bytes_per_slot(self) -> int:
+        shapes = self._state_shapes()
+        return (
+            0
+            if shapes is None
+            else StateCache.bytes_per_slot(len(shapes[0]), shapes[1], shapes[2], self.dtype)
+        )
+
+    def _state_shapes(self) -> tuple[list[int], tuple[int, int], tuple[int, int, int]] | None:
+        la = self.cfg.linear
+        if la is None:
+            return None
+        layers = [i for i, linear in enumerate(la.layers) if linear]
+        return layers, (la.conv_dim, la.conv_kernel - 1), (la.num_v_heads, la.head_k_dim, la.head_v_dim)
+
+    def kv_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it keeps keys and values in the KV cache (a linear-attention layer keeps a
+        state in the state cache instead)."""
+        return tuple(not isinstance(layer.self_attn, GatedDeltaNet) for layer in self.decoder_layers())
 
     def ignored_prefixes(self) -> tuple[str, ...]:
-        """Checkpoint key prefixes that are not read: layers after the last one (GLM's MTP layers)."""
-        n = self.cfg.num_layers
-        return tuple(f"model.layers.{i}." for i in range(n, n + self.cfg.unserved_layers))
+        """Checkpoint key prefixes that are not read: layers after the last one (GLM's MTP layers), and the
+        family's own (a vision tower, separate MTP weights)."""
+        n, text = self.cfg.num_layers, self.family.text_prefix
+        extra = tuple(f"{text}.layers.{i}." for i in range(n, n + self.cfg.unserved_layers))
+        return extra + self.family.ignored_prefixes

@@ -24,6 +24,8 @@ class Family:
     # GPT-OSS's fused experts: gate_up_proj [E, H, 2I] with gate and up interleaved, down_proj [E, I, H]
     # (in-major), and their biases; otherwise [E, 2I, H] (gate rows, then up rows) and [E, H, I].
     experts_in_major: bool = False
+    text_prefix: str = "model"  # the checkpoint's text model (a multimodal one's: model.language_model)
+    ignored_prefixes: tuple[str, ...] = ()  # checkpoint parts not served (a vision tower, MTP layers)
 
 
 def common_fields(hf: Any, raw: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from moelora.models import (
     mixtral,
     olmoe,
     qwen2_moe,
+    qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from moelora.models.family import Family
 
@@ -25,6 +27,9 @@ FAMILIES: tuple[Family, ...] = (
     deepseek_v3.FAMILY,
     deepseek_v2.FAMILY,
     gpt_oss.FAMILY,
+    qwen3_next.FAMILY,
+    qwen3_5_moe.FAMILY,
+    qwen3_5_moe.MULTIMODAL,
 )
 _BY_ARCHITECTURE = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 

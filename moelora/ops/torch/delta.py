@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.torch import acc_dtype
+
 
 def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, seq_lens: tuple[int, ...], initial: torch.Tensor | None = None
@@ -19,17 +21,18 @@ def causal_conv(
     x [T, C] (seq_lens[b] tokens of sequence b, back to back); weight [C, K]; initial [B, C, K - 1] or
     None (zeros): the inputs before each sequence's first token, oldest first.
     Semantics: with u the sequence's inputs preceded by its initial state,
-        y[t, c] = silu(sum_j weight[c, j] * u[t + j, c])   (fp32, rounded once to x's dtype)
+        y[t, c] = silu(sum_j weight[c, j] * u[t + j, c])   (fp32, fp64 for fp64 x; rounded once)
     and the returned state is the last K - 1 entries of u (its newest inputs).
     """
     num_channels, width = weight.shape
+    acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)
     states = x.new_zeros(len(seq_lens), num_channels, width - 1)
     start = 0
     for b, n in enumerate(seq_lens):
-        before = initial[b].to(torch.float32) if initial is not None else x.new_zeros(num_channels, width - 1)
-        u = torch.cat((before.float(), x[start : start + n].T.float()), dim=1)  # [C, K - 1 + n]
-        y = F.conv1d(u[None], weight.float()[:, None, :], groups=num_channels)[0]  # [C, n]
+        before = initial[b] if initial is not None else x.new_zeros(num_channels, width - 1)
+        u = torch.cat((before.to(acc), x[start : start + n].T.to(acc)), dim=1)  # [C, K - 1 + n]
+        y = F.conv1d(u[None], weight.to(acc)[:, None, :], groups=num_channels)[0]  # [C, n]
         out[start : start + n] = F.silu(y).T.to(x.dtype)
         states[b] = u[:, u.shape[1] - (width - 1) :].to(x.dtype)
         start += n
@@ -46,12 +49,12 @@ def causal_conv_step(
     slot. Semantics: those of `causal_conv` with seq_lens all 1 and initial = states[slots]. A slot
     outside [0, S) (a padding row) reads zeros and writes nothing.
     """
-    num_slots = states.shape[0]
+    num_slots, acc = states.shape[0], acc_dtype(x.dtype)
     ok = (slots >= 0) & (slots < num_slots)
     index = torch.where(ok, slots, 0).long()
-    before = torch.where(ok[:, None, None], states[index].float(), 0.0)
-    u = torch.cat((before, x.float()[:, :, None]), dim=2)  # [B, C, K]
-    y = F.silu((u * weight.float()[None]).sum(-1)).to(x.dtype)
+    before = torch.where(ok[:, None, None], states[index].to(acc), 0.0)
+    u = torch.cat((before, x.to(acc)[:, :, None]), dim=2)  # [B, C, K]
+    y = F.silu((u * weight.to(acc)[None]).sum(-1)).to(x.dtype)
     keep = ok.nonzero().squeeze(1)
     states[index[keep]] = u[keep, :, 1:].to(states.dtype)
     return y
@@ -61,7 +64,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v_heads: int) -> tuple[torch.Tens
     """q and k in fp32, L2-normalised (eps 1e-6 inside the root), q scaled by Dk^-0.5, and their heads
     repeated so that value head h reads key head h // (Hv / Hk)."""
     q, k = q.float(), k.float()
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * q.shape[-1] ** -0.5
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / q.shape[-1] ** 0.5
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     group = v_heads // k.shape[-2]
     return q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.triton.common import valid_slot
+
 
 @triton.jit
 def _delta_step_kernel(
@@ -28,12 +30,13 @@ def _delta_step_kernel(
     col_ok = cols < DV
     rows = tl.arange(0, BLOCK_K)
     row_ok = rows < DK
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    ok = (slot >= 0) & (slot < num_slots)
+    slot = valid_slot(tl.load(slot_ptr + b), num_slots)  # (a padding row's: num_slots)
+    ok = slot < num_slots
+    slot = slot.to(tl.int64)
     kh = h // group  # the key head this value head reads
     q = tl.load(q_ptr + b * sq_b + kh * sq_h + rows, mask=row_ok, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b * sk_b + kh * sk_h + rows, mask=row_ok, other=0.0).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) / tl.sqrt(DK * 1.0)
     k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols, mask=col_ok, other=0.0).to(tl.float32)
     decay = tl.exp(tl.load(g_ptr + b * sg_b + h).to(tl.float32))
@@ -88,8 +91,9 @@ def _conv_step_kernel(
     c_ok = c < channels
     j = tl.arange(0, BLOCK_W)  # 0 .. K - 2: the stored inputs, oldest first
     j_ok = j < WIDTH - 1
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    ok = (slot >= 0) & (slot < num_slots)
+    slot = valid_slot(tl.load(slot_ptr + b), num_slots)  # (a padding row's: num_slots)
+    ok = slot < num_slots
+    slot = slot.to(tl.int64)
     rows = tl.where(ok, slot, 0) * ss_s + c[:, None] * ss_c
     stored = tl.load(state_ptr + rows + j[None, :], mask=c_ok[:, None] & j_ok[None, :] & ok, other=0.0)
     x = tl.load(x_ptr + b * sx_b + c, mask=c_ok, other=0.0)

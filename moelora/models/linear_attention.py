@@ -1,0 +1,151 @@
+"""Qwen3-Next's (and Qwen3.5-MoE's) Gated DeltaNet layer: linear attention whose per-sequence memory is a
+fixed-size state (the convolution's last inputs and the delta rule's matrix per value head), kept in the
+sequence's slot of the state cache instead of a KV cache.
+
+A step's sequences either start from nothing (a prompt, or a preempted sequence computed again: every
+token from position 0) or continue by one token from their slot's state (decode); a sequence cannot
+continue from a cached prefix (prefix caching is off for these models).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelora import ops
+from moelora.batch import ForwardBatch
+from moelora.layers.linear import ColumnLinear, LoraTarget, RowLinear, whole_part
+from moelora.layers.spec import Form, Piece, WeightSpec, whole
+from moelora.models.config import ModelConfig
+from moelora.parallel import comm
+from moelora.parallel.state import ParallelState
+
+
+class GatedDeltaNet(nn.Module):
+    """in_proj_qkvz and in_proj_ba -> causal conv over q, k, v -> gated delta rule -> gated RMSNorm with z
+    -> out_proj (transformers' Qwen3NextGatedDeltaNet)."""
+
+    checkpoint_name = "linear_attn"
+
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        la = cfg.linear
+        assert la is not None
+        if ps.tp_size > 1:
+            raise ValueError("linear-attention layers (Qwen3-Next) run on one TP rank for now: use tp_size 1")
+        if la.num_v_heads % la.num_k_heads:
+            raise ValueError(f"{la.num_k_heads} key heads do not divide the {la.num_v_heads} value heads")
+        self.ps, self.layer, self.la, self.eps = ps, layer, la, cfg.rms_norm_eps
+        hidden, heads = cfg.hidden_size, la.num_v_heads
+        # Two layers either way: q, k, v and z (Qwen3-Next: one tensor interleaved per key head; Qwen3.5:
+        # in_proj_qkv and in_proj_z), then b and a (in_proj_ba; in_proj_b and in_proj_a).
+        if la.fused_projections:
+            qkvz = [whole_part("in_proj_qkvz", 2 * la.key_dim + 2 * la.value_dim)]
+            ba = [whole_part("in_proj_ba", 2 * heads)]
+        else:
+            qkvz = [whole_part("in_proj_qkv", la.conv_dim), whole_part("in_proj_z", la.value_dim)]
+            ba = [whole_part("in_proj_b", heads), whole_part("in_proj_a", heads)]
+        self.in_proj_qkvz = ColumnLinear(hidden, qkvz, False, dtype)
+        self.in_proj_ba = ColumnLinear(hidden, ba, False, dtype)
+        self.conv_weight = nn.Parameter(
+            torch.empty(la.conv_dim, la.conv_kernel, dtype=dtype), requires_grad=False
+        )
+        self.dt_bias = nn.Parameter(torch.empty(la.num_v_heads, dtype=dtype), requires_grad=False)
+        self.A_log = nn.Parameter(torch.empty(la.num_v_heads, dtype=dtype), requires_grad=False)
+        self.norm_weight = nn.Parameter(torch.empty(la.head_v_dim, dtype=dtype), requires_grad=False)
+        self.out_proj = RowLinear("out_proj", la.value_dim, hidden, False, ps, dtype)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        la, t, slot = self.la, x.shape[0], batch.token_slot
+        group = la.num_v_heads // la.num_k_heads
+        dk, dv = la.head_k_dim, la.head_v_dim
+        if la.fused_projections:
+            # Qwen3-Next: per key head [q, k, v of its value heads, z of them], and [b, a] likewise
+            qkvz = self.in_proj_qkvz(x, slot).view(t, la.num_k_heads, 2 * dk + 2 * group * dv)
+            q, k, v, z = qkvz.split([dk, dk, group * dv, group * dv], dim=-1)
+            b, a = self.in_proj_ba(x, slot).view(t, la.num_k_heads, 2 * group).split([group, group], dim=-1)
+            mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
+        else:  # Qwen3.5-MoE: [q of all heads, k, v] and z; b and a
+            mixed, z = self.in_proj_qkvz(x, slot).split([la.conv_dim, la.value_dim], dim=-1)
+            b, a = self.in_proj_ba(x, slot).split([la.num_v_heads, la.num_v_heads], dim=-1)
+        mixed = self._conv(mixed, batch)
+        q, k, v = mixed.split([la.key_dim, la.key_dim, la.value_dim], dim=-1)
+        q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
+        beta = b.reshape(t, -1).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.reshape(t, -1).float() + self.dt_bias)
+        o = self._delta(q, k, v, g, beta, batch)  # [T, Hv, Dv]
+        o = self._gated_norm(o.reshape(-1, dv), z.reshape(-1, dv)).view(t, -1)
+        return comm.all_reduce(self.out_proj(o, slot), self.ps)
+
+    def _conv(self, mixed: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        rows, states = batch.state_rows, batch.states
+        if rows is None or states is None:  # whole sequences, nothing kept
+            return ops.causal_conv(mixed, self.conv_weight, batch.seq_lens)[0]
+        out = torch.empty_like(mixed)
+        conv = states.conv[self.layer]
+        for row, n, slot in rows.starts:
+            y, final = ops.causal_conv(mixed[row : row + n], self.conv_weight, (n,))
+            out[row : row + n] = y
+            if slot >= 0:
+                conv[slot] = final[0]
+        if rows.decode_rows.numel():
+            step = ops.causal_conv_step(mixed[rows.decode_rows], self.conv_weight, conv, rows.decode_slots)
+            out[rows.decode_rows] = step
+        return out
+
+    def _delta(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        rows, states = batch.state_rows, batch.states
+        if rows is None or states is None:
+            return ops.gated_delta_rule(q, k, v, g, beta, batch.seq_lens)[0]
+        out = torch.empty_like(v)
+        rec = states.rec[self.layer]
+        if rows.starts:
+            index = torch.cat([torch.arange(r, r + n) for r, n, _ in rows.starts]).to(v.device)
+            lens = tuple(n for _, n, _ in rows.starts)
+            o, finals = ops.gated_delta_rule(q[index], k[index], v[index], g[index], beta[index], lens)
+            out[index] = o
+            keep = rows.start_slots >= 0
+            rec[rows.start_slots[keep]] = finals[keep]
+        if rows.decode_rows.numel():
+            r = rows.decode_rows
+            out[r] = ops.gated_delta_step(q[r], k[r], v[r], g[r], beta[r], rec, rows.decode_slots)
+        return out
+
+    def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """transformers' Qwen3NextRMSNormGated: the row normalised in fp32, cast back to o's dtype, times
+        the weight, times silu(z) computed in fp32 (the product in the wider of the two), one cast back."""
+        of = o.float()
+        normed = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
+        return ((self.norm_weight * normed) * F.silu(z.float())).to(o.dtype)
+
+    def lora_targets(self) -> list[LoraTarget]:
+        return [
+            LoraTarget(self.layer, self.in_proj_qkvz, tuple(p.name for p in self.in_proj_qkvz.parts)),
+            LoraTarget(self.layer, self.in_proj_ba, tuple(p.name for p in self.in_proj_ba.parts)),
+            LoraTarget(self.layer, self.out_proj, ("out_proj",)),
+        ]
+
+    def weight_specs(self, prefix: str) -> list[WeightSpec]:
+        la = self.la
+        conv_key = f"{prefix}.conv1d.weight"  # [conv_dim, 1, K]
+        conv = Piece(conv_key, (la.conv_dim, 1, la.conv_kernel), transform=("squeeze1",))
+        return [
+            *self.in_proj_qkvz.weight_specs(prefix),
+            *self.in_proj_ba.weight_specs(prefix),
+            WeightSpec(self.conv_weight, (Form("", (conv,)),)),
+            whole(self.dt_bias, f"{prefix}.dt_bias"),
+            whole(self.A_log, f"{prefix}.A_log"),
+            whole(self.norm_weight, f"{prefix}.norm.weight"),
+            *self.out_proj.weight_specs(prefix),
+        ]

@@ -1,0 +1,199 @@
+"""Qwen3-Next against transformers (fp32 eager): Gated DeltaNet linear-attention layers (their state in a
+slot per sequence), the gated full-attention layer with partial rotary and zero-centered q/k norms, a
+dense layer, experts with a gated shared expert. Prompts longer than transformers' 64-token chunk, batched
+with short ones; preemption, n > 1, and a mixed adapter batch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moelora import LLM, SamplingParams
+from tests.hf_models import VOCAB, build_hf_model, hf_logprobs, logprob_tol
+from tests.test_engine_hf import agree_until_near_tie, hf_greedy
+
+NEW_TOKENS = 8
+next_modeling = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 80, 1, 23)]
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> Any:
+    return build_hf_model("qwen3_next")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen3-next")
+    hf_model.save_pretrained(folder)
+    return folder
+
+
+def recurrent(model: Any, monkeypatch: pytest.MonkeyPatch, modeling: Any = next_modeling) -> Any:
+    """`model` with its prefill's chunked delta rule replaced by transformers' own token-by-token one
+    (what its decode runs). Both are transformers' definition; in fp32 they differ by about 1e-3 in
+    this model's log-probs (its sharp logits magnify the chunking's rounding), more than the parity
+    tolerance, so the exact comparison is with the recurrence (moelora's twin is that recurrence)."""
+
+    def by_token(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                 use_qk_l2norm_in_kernel=False, **kwargs):  # fmt: skip
+        return modeling.torch_recurrent_gated_delta_rule(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )  # fmt: skip
+
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", by_token)
+    for layer in model.model.layers:
+        if hasattr(layer, "linear_attn"):
+            monkeypatch.setattr(layer.linear_attn, "chunk_gated_delta_rule", by_token, raising=False)
+    return model
+
+
+def same_dtype(model: Any, prompt: list[int]) -> list[torch.Tensor]:
+    """transformers' log-probs with the model in its own dtype (fp32: its fp64 copy would keep the delta
+    rule and the norms in fp32 anyway, so fp32 against fp32 is the like-for-like comparison)."""
+    with torch.no_grad():
+        return [model(torch.tensor([prompt])).logits[0].double().log_softmax(-1)]
+
+
+def assert_logprobs(out: Any, ref: torch.Tensor, tol: float, where: str) -> None:
+    assert out.prompt_logprobs is not None
+    for i, entry in enumerate(out.prompt_logprobs[1:], 1):
+        for tok, lp in entry.items():
+            assert abs(lp - ref[i - 1, tok].item()) < tol, (where, i, tok, lp, ref[i - 1, tok].item())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_base_matches_transformers(
+    hf_model: Any, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+):
+    """One batch of prompts of 7, 80, 1 and 23 tokens; greedy tokens equal to transformers' cached
+    generation (chunked prefill, then its recurrent decode) up to a near tie. Prompt log-probs: in float64
+    within 1e-4 of transformers' float64 model with the recurrence (both keep the delta rule and the norms
+    in fp32, as transformers does in any dtype); in float32 within 5e-3 of its float32 model, chunked and
+    recurrent: this tiny model's sharp logits put transformers' own float32 and float64 runs up to 5e-3
+    apart, so nothing tighter is meaningful there."""
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    with LLM(str(checkpoint), device="cpu", dtype=dtype, progress=False) as llm:
+        outs = llm.generate(prompts(), params)
+    greedy = [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts()]
+    loose = [same_dtype(hf_model, p)[0] for p in prompts()] if dtype == "float32" else None
+    reference = recurrent(copy.deepcopy(hf_model), monkeypatch)
+    for i, (prompt, out) in enumerate(zip(prompts(), outs, strict=True)):
+        if dtype == "float64":
+            (ref,) = hf_logprobs(reference, [prompt])
+            assert_logprobs(out, ref, logprob_tol("float64"), "float64, recurrent")
+        else:
+            assert loose is not None
+            assert_logprobs(out, loose[i], 5e-3, "float32, chunked")
+            assert_logprobs(out, same_dtype(reference, prompt)[0], 5e-3, "float32, recurrent")
+        agree_until_near_tie(out.outputs[0].token_ids, *greedy[i])
+
+
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]  # the dense layer's and the shared experts'
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def peft_adapter(
+    hf_model: Any, folder: Path, seed: int, modules: list[str] = LINEAR_MODULES + MLP_MODULES
+) -> dict[str, torch.Tensor]:
+    """A PEFT adapter on every projection: attention (q with its gate rows), the linear-attention
+    projections, the dense and shared-expert MLPs (target_modules), the routed experts (target_parameters);
+    random A and B. Returns its LoRA tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=modules, target_parameters=EXPERTS)
+    model = get_peft_model(copy.deepcopy(hf_model), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(folder)
+    return {k: v.detach().double() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merged(hf_model: Any, lora: dict[str, torch.Tensor]) -> Any:
+    """The reference: transformers' model with every LoRA folded in by hand, W += s * B @ A, and for the
+    fused experts W[e] += s * B_e @ A_e with A_e = lora_A[e*r:(e+1)*r], B_e = lora_B[:, e::E]."""
+    model = copy.deepcopy(hf_model).double()
+    s = 8 / 4
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in lora.items():
+            if ".lora_A." not in key:
+                continue
+            b = lora[key.replace(".lora_A.", ".lora_B.")]
+            path = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            if path.endswith("experts.base_layer") or path.endswith("experts"):
+                experts = modules[path.removesuffix(".base_layer")]
+                param = experts.gate_up_proj if path.endswith("base_layer") else experts.down_proj
+                n = param.shape[0]
+                r = a.shape[0] // n
+                for e in range(n):
+                    param[e] += s * b[:, e::n] @ a[e * r : (e + 1) * r]
+            else:
+                modules[path].weight += s * b @ a
+    return model
+
+
+def test_mixed_adapter_batch_matches_the_merge(
+    hf_model: Any, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Base and adapter requests in one float64 batch: the adapter rows equal the hand-merged model, the
+    base rows the base model (within 1e-4, both with the recurrence), and the adapter changes every
+    prompt's log-probs (an adapter that leaves the output equal to the base model's fails)."""
+    lora = peft_adapter(hf_model, tmp_path / "a", 1)
+    assert any("linear_attn.in_proj_qkvz" in k for k in lora) and any("experts.base_layer" in k for k in lora)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=5)
+    batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
+    with LLM(
+        str(checkpoint),
+        device="cpu",
+        dtype="float64",
+        progress=False,
+        lora_modules={"a": str(tmp_path / "a")},
+    ) as llm:
+        outs = llm.generate(batch, params, lora=names)
+    references = {
+        None: recurrent(copy.deepcopy(hf_model), monkeypatch),
+        "a": recurrent(merged(hf_model, lora), monkeypatch),
+    }
+    for prompt, name, out in zip(batch, names, outs, strict=True):
+        (ref,) = hf_logprobs(references[name], [prompt])
+        assert_logprobs(out, ref, logprob_tol("float64"), f"float64 {name}")
+    for base, tuned in zip(outs[:4], outs[4:], strict=True):
+        if len(base.prompt_token_ids) > 1:
+            pairs = zip(base.prompt_logprobs[1:], tuned.prompt_logprobs[1:], strict=True)
+            moved = [abs(b[t] - a[t]) for a, b in pairs for t in a.keys() & b.keys()]
+            assert max(moved) > 1e-2, "the adapter must change the output"
+
+
+def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
+    """Preempted sequences (their state slots given back, computed again from position 0 later), n > 1
+    completions (each computes its prompt's state itself) and a prompt run again (prefix caching is off
+    for these models: a cached prefix has no state) give the tokens each prompt gets alone."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(str(checkpoint), device="cpu", dtype="float32", progress=False) as llm:
+        alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts()]
+        again = llm.generate(prompts(), params)
+        forks = llm.generate(
+            [prompts()[3]], SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
+        )
+    assert [o.outputs[0].token_ids for o in again] == alone
+    assert [c.token_ids for c in forks[0].outputs] == [alone[3]] * 3
+    with LLM(
+        str(checkpoint), device="cpu", dtype="float32", progress=False, num_kv_blocks=30, block_size=4
+    ) as small:
+        squeezed = small.generate(prompts(), params)
+        assert small.engine.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in squeezed] == alone
