@@ -156,11 +156,14 @@ class MoeForCausalLM(nn.Module):
         )
 
     def _state_shapes(self) -> tuple[list[int], tuple[int, int], tuple[int, int, int]] | None:
-        la = self.cfg.linear
-        if la is None:
+        """(linear layers, conv state [C, K - 1], recurrent state [Hv, Dk, Dv]) of this rank's heads."""
+        mixers = [(i, layer.self_attn) for i, layer in enumerate(self.decoder_layers())]
+        linear = [(i, m) for i, m in mixers if isinstance(m, GatedDeltaNet)]
+        if not linear:
             return None
-        layers = [i for i, linear in enumerate(la.layers) if linear]
-        return layers, (la.conv_dim, la.conv_kernel - 1), (la.num_v_heads, la.head_k_dim, la.head_v_dim)
+        m, la = linear[0][1], linear[0][1].la
+        conv = (m.conv_weight.shape[0], la.conv_kernel - 1)
+        return [i for i, _ in linear], conv, (m.hv, la.head_k_dim, la.head_v_dim)
 
     def kv_layers(self) -> tuple[bool, ...]:
         """Per layer, whether it keeps keys and values in the KV cache (a linear-attention layer keeps a

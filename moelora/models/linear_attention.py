@@ -15,8 +15,8 @@ from torch import nn
 
 from moelora import ops
 from moelora.batch import ForwardBatch
-from moelora.layers.linear import ColumnLinear, LoraTarget, RowLinear, whole_part
-from moelora.layers.spec import Form, Piece, WeightSpec, whole
+from moelora.layers.linear import ColumnLinear, LoraTarget, OutPart, RowLinear
+from moelora.layers.spec import Form, Piece, WeightSpec, sharded, whole
 from moelora.models.config import ModelConfig
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
@@ -24,7 +24,9 @@ from moelora.parallel.state import ParallelState
 
 class GatedDeltaNet(nn.Module):
     """in_proj_qkvz and in_proj_ba -> causal conv over q, k, v -> gated delta rule -> gated RMSNorm with z
-    -> out_proj (transformers' Qwen3NextGatedDeltaNet)."""
+    -> out_proj (transformers' Qwen3NextGatedDeltaNet). Tensor parallel by heads: each rank holds its share
+    of the key heads with the value heads they serve (their q, k, v, z, b, a rows, conv channels, decays),
+    keeps their state, and out_proj's partial sums meet in the all-reduce."""
 
     checkpoint_name = "linear_attn"
 
@@ -32,28 +34,57 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         la = cfg.linear
         assert la is not None
-        if ps.tp_size > 1:
-            raise ValueError("linear-attention layers (Qwen3-Next) run on one TP rank for now: use tp_size 1")
         if la.num_v_heads % la.num_k_heads:
             raise ValueError(f"{la.num_k_heads} key heads do not divide the {la.num_v_heads} value heads")
+        if la.num_k_heads % ps.tp_size:
+            raise ValueError(
+                f"tp_size {ps.tp_size} does not divide the {la.num_k_heads} linear-attention key heads"
+            )
         self.ps, self.layer, self.la, self.eps = ps, layer, la, cfg.rms_norm_eps
-        hidden, heads = cfg.hidden_size, la.num_v_heads
-        # Two layers either way: q, k, v and z (Qwen3-Next: one tensor interleaved per key head; Qwen3.5:
-        # in_proj_qkv and in_proj_z), then b and a (in_proj_ba; in_proj_b and in_proj_a).
+        hidden, dk, dv, group = (
+            cfg.hidden_size,
+            la.head_k_dim,
+            la.head_v_dim,
+            la.num_v_heads // la.num_k_heads,
+        )
+        # this rank's key heads [k0, k0 + hk) and the value heads they serve [v0, v0 + hv)
+        self.hk, self.hv = la.num_k_heads // ps.tp_size, la.num_v_heads // ps.tp_size
+        k0, v0 = ps.tp_rank * self.hk, ps.tp_rank * self.hv
+        q_rows, v_rows = slice(k0 * dk, (k0 + self.hk) * dk), slice(v0 * dv, (v0 + self.hv) * dv)
+        kd = la.key_dim
+        # the checkpoint rows of this rank's conv channels: its q, its k, its v
+        self.channels = (
+            q_rows,
+            slice(kd + q_rows.start, kd + q_rows.stop),
+            slice(2 * kd + v_rows.start, 2 * kd + v_rows.stop),
+        )
+        # Two layers either way: q, k, v and z (Qwen3-Next: one tensor, a block per key head; Qwen3.5:
+        # in_proj_qkv and in_proj_z), then b and a (in_proj_ba, a block per key head; in_proj_b, in_proj_a).
         if la.fused_projections:
-            qkvz = [whole_part("in_proj_qkvz", 2 * la.key_dim + 2 * la.value_dim)]
-            ba = [whole_part("in_proj_ba", 2 * heads)]
+            block, ba_block = 2 * dk + 2 * group * dv, 2 * group
+            qkvz = [
+                OutPart("in_proj_qkvz", la.num_k_heads * block, slice(k0 * block, (k0 + self.hk) * block))
+            ]
+            ba = [
+                OutPart(
+                    "in_proj_ba", la.num_k_heads * ba_block, slice(k0 * ba_block, (k0 + self.hk) * ba_block)
+                )
+            ]
         else:
-            qkvz = [whole_part("in_proj_qkv", la.conv_dim), whole_part("in_proj_z", la.value_dim)]
-            ba = [whole_part("in_proj_b", heads), whole_part("in_proj_a", heads)]
+            qkvz = [OutPart("in_proj_qkv", la.conv_dim, rows) for rows in self.channels]
+            qkvz.append(OutPart("in_proj_z", la.value_dim, v_rows))
+            heads = slice(v0, v0 + self.hv)
+            ba = [OutPart("in_proj_b", la.num_v_heads, heads), OutPart("in_proj_a", la.num_v_heads, heads)]
         self.in_proj_qkvz = ColumnLinear(hidden, qkvz, False, dtype)
         self.in_proj_ba = ColumnLinear(hidden, ba, False, dtype)
+        conv_dim = 2 * self.hk * dk + self.hv * dv
         self.conv_weight = nn.Parameter(
-            torch.empty(la.conv_dim, la.conv_kernel, dtype=dtype), requires_grad=False
+            torch.empty(conv_dim, la.conv_kernel, dtype=dtype), requires_grad=False
         )
-        self.dt_bias = nn.Parameter(torch.empty(la.num_v_heads, dtype=dtype), requires_grad=False)
-        self.A_log = nn.Parameter(torch.empty(la.num_v_heads, dtype=dtype), requires_grad=False)
-        self.norm_weight = nn.Parameter(torch.empty(la.head_v_dim, dtype=dtype), requires_grad=False)
+        self.heads = slice(v0, v0 + self.hv)
+        self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
+        self.A_log = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
+        self.norm_weight = nn.Parameter(torch.empty(dv, dtype=dtype), requires_grad=False)
         self.out_proj = RowLinear("out_proj", la.value_dim, hidden, False, ps, dtype)
 
     def forward(
@@ -62,17 +93,18 @@ class GatedDeltaNet(nn.Module):
         la, t, slot = self.la, x.shape[0], batch.token_slot
         group = la.num_v_heads // la.num_k_heads
         dk, dv = la.head_k_dim, la.head_v_dim
+        key_dim, value_dim = self.hk * dk, self.hv * dv  # this rank's
         if la.fused_projections:
             # Qwen3-Next: per key head [q, k, v of its value heads, z of them], and [b, a] likewise
-            qkvz = self.in_proj_qkvz(x, slot).view(t, la.num_k_heads, 2 * dk + 2 * group * dv)
+            qkvz = self.in_proj_qkvz(x, slot).view(t, self.hk, 2 * dk + 2 * group * dv)
             q, k, v, z = qkvz.split([dk, dk, group * dv, group * dv], dim=-1)
-            b, a = self.in_proj_ba(x, slot).view(t, la.num_k_heads, 2 * group).split([group, group], dim=-1)
+            b, a = self.in_proj_ba(x, slot).view(t, self.hk, 2 * group).split([group, group], dim=-1)
             mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
-        else:  # Qwen3.5-MoE: [q of all heads, k, v] and z; b and a
-            mixed, z = self.in_proj_qkvz(x, slot).split([la.conv_dim, la.value_dim], dim=-1)
-            b, a = self.in_proj_ba(x, slot).split([la.num_v_heads, la.num_v_heads], dim=-1)
+        else:  # Qwen3.5-MoE: [q of the heads, k, v] and z; b and a
+            mixed, z = self.in_proj_qkvz(x, slot).split([2 * key_dim + value_dim, value_dim], dim=-1)
+            b, a = self.in_proj_ba(x, slot).split([self.hv, self.hv], dim=-1)
         mixed = self._conv(mixed, batch)
-        q, k, v = mixed.split([la.key_dim, la.key_dim, la.value_dim], dim=-1)
+        q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
         q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
         beta = b.reshape(t, -1).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.reshape(t, -1).float() + self.dt_bias)
@@ -138,14 +170,19 @@ class GatedDeltaNet(nn.Module):
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         la = self.la
-        conv_key = f"{prefix}.conv1d.weight"  # [conv_dim, 1, K]
-        conv = Piece(conv_key, (la.conv_dim, 1, la.conv_kernel), transform=("squeeze1",))
+        conv_key, shape = f"{prefix}.conv1d.weight", (la.conv_dim, 1, la.conv_kernel)  # depthwise [C, 1, K]
+        pieces, offset = [], 0
+        for rows in self.channels:
+            n = rows.stop - rows.start
+            pieces.append(Piece(conv_key, shape, (rows,), (slice(offset, offset + n),), ("squeeze1",)))
+            offset += n
+        heads = (la.num_v_heads,)
         return [
             *self.in_proj_qkvz.weight_specs(prefix),
             *self.in_proj_ba.weight_specs(prefix),
-            WeightSpec(self.conv_weight, (Form("", (conv,)),)),
-            whole(self.dt_bias, f"{prefix}.dt_bias"),
-            whole(self.A_log, f"{prefix}.A_log"),
+            WeightSpec(self.conv_weight, (Form("", tuple(pieces)),)),
+            sharded(self.dt_bias, f"{prefix}.dt_bias", heads, (self.heads,)),
+            sharded(self.A_log, f"{prefix}.A_log", heads, (self.heads,)),
             whole(self.norm_weight, f"{prefix}.norm.weight"),
             *self.out_proj.weight_specs(prefix),
         ]
