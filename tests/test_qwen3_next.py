@@ -218,3 +218,24 @@ def test_tp_ep_layouts_match_one_process(checkpoint: Path, hf_model: Any, tmp_pa
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
             assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-6 for t in g)
+
+
+@pytest.mark.gpu
+def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: Path):
+    """On the GPU in fp32 with the Triton kernels forced (the delta-rule and convolution steps of decode
+    among them): base and adapter rows against transformers and the hand merge (fp32's 5e-3 here, see
+    test_base_matches_transformers), greedy tokens up to a near tie."""
+    lora = peft_adapter(hf_model, tmp_path / "a", 4)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
+    modules = {"a": str(tmp_path / "a")}
+    with LLM(
+        str(checkpoint), device="cuda", dtype="float32", progress=False, kernel_backend="triton",
+        lora_modules=modules,
+    ) as llm:  # fmt: skip
+        outs = llm.generate(batch, params, lora=names)
+    references = {None: hf_model, "a": merged(hf_model, lora).float()}
+    for prompt, name, out in zip(batch, names, outs, strict=True):
+        assert_logprobs(out, same_dtype(references[name], prompt)[0], 5e-3, f"cuda {name}")
+        tokens, margins = hf_greedy(references[name], prompt, NEW_TOKENS)
+        agree_until_near_tie(out.outputs[0].token_ids, tokens, margins)

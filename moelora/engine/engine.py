@@ -116,6 +116,11 @@ class Engine:
             a.enable_prefix_caching,
             state_slots=self.cfg.linear is not None,
         )
+        if self.cfg.linear is not None and a.enable_prefix_caching:
+            _LOG.info(
+                "prefix caching is off for this model: its linear-attention layers keep no state at a cached "
+                "prefix, so every prompt is computed whole"
+            )
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
