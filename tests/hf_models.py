@@ -186,58 +186,44 @@ def gpt_oss_config() -> Any:
     )  # fmt: skip
 
 
+def _hybrid(linear_first: bool) -> dict[str, Any]:
+    """The tiny hybrid layout of Qwen3-Next and Qwen3.5-MoE: four layers, one gated full-attention layer
+    (partial rotary, q/k norms) among linear-attention ones whose 2 key heads serve 4 value heads, 4
+    experts top-2 and a gated shared expert."""
+    full = 2 if linear_first else 1
+    return {
+        **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"},
+        "num_hidden_layers": 4,
+        "layer_types": ["full_attention" if i == full else "linear_attention" for i in range(4)],
+        "head_dim": 16,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "tie_word_embeddings": False,
+    }
+
+
 def qwen3_next_config() -> Any:
-    """A tiny Qwen3-Next: linear-attention layers around one gated full-attention layer (partial rotary,
-    q/k norms), one dense layer, 4 experts top-2 and a gated shared expert; 2 key heads serving 4 value
-    heads in the linear layers. (Not in FAMILIES: its linear layers need their own tests.)"""
+    """A tiny Qwen3-Next (`_hybrid`, the full-attention layer third), layer 1 dense. (Not in FAMILIES: its
+    linear layers need their own tests.)"""
     from transformers import Qwen3NextConfig
 
-    common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
-    return Qwen3NextConfig(
-        **common,
-        num_hidden_layers=4,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-        head_dim=16,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_conv_kernel_dim=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        intermediate_size=48,
-        mlp_only_layers=[1],
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-    )
+    return Qwen3NextConfig(**_hybrid(True), intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True)
 
 
 def qwen3_5_moe_config() -> Any:
-    """A tiny Qwen3.5-MoE text model: the same hybrid layout as `qwen3_next_config`, every layer MoE, the
+    """A tiny Qwen3.5-MoE text model (`_hybrid`, the full-attention layer second): every layer MoE, the
     linear layers' projections stored apart."""
     from transformers import Qwen3_5MoeTextConfig
 
-    common = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
-    return Qwen3_5MoeTextConfig(
-        **common,
-        num_hidden_layers=4,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
-        head_dim=16,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_conv_kernel_dim=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        tie_word_embeddings=False,
-    )
+    return Qwen3_5MoeTextConfig(**_hybrid(False))
 
 
 def build_hf_model(family: str, seed: int = 0) -> Any:

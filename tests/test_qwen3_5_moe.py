@@ -17,7 +17,15 @@ from safetensors.torch import load_file, save_file
 from moelora import LLM, SamplingParams
 from tests.hf_models import build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
-from tests.test_qwen3_next import MLP_MODULES, assert_logprobs, merged, peft_adapter, prompts, recurrent
+from tests.test_qwen3_next import (
+    MLP_MODULES,
+    assert_layout_matches_one_process,
+    assert_logprobs,
+    merged,
+    peft_adapter,
+    prompts,
+    recurrent,
+)
 
 modeling = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
 LINEAR = [
@@ -105,18 +113,6 @@ def test_multimodal_checkpoint_serves_its_text_model(hf_model: Any, checkpoint: 
 
 def test_tp_ep_layout_matches_one_process(checkpoint: Path, hf_model: Any, tmp_path: Path, one_thread):
     """tp=2, ep=2: in_proj_qkv read as three row blocks a rank (its q, k and v heads), in_proj_z, b, a by
-    value heads, with an adapter on every projection: the one-process tokens and log-probs (1e-6)."""
+    value heads, with an adapter on every projection."""
     peft_adapter(hf_model, tmp_path / "a", 6, LINEAR + MLP_MODULES)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
-    batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
-    outs = {}
-    for tp, ep in ((1, 1), (2, 2)):
-        with LLM(
-            str(checkpoint), device="cpu", dtype="float64", progress=False, tp_size=tp, ep_size=ep,
-            num_kv_blocks=64, lora_modules={"a": str(tmp_path / "a")},
-        ) as llm:  # fmt: skip
-            outs[tp] = llm.generate(batch, params, lora=names)
-    for got, want in zip(outs[2], outs[1], strict=True):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
-            assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-6 for t in g)
+    assert_layout_matches_one_process(checkpoint, tmp_path / "a", 2, 2)

@@ -199,25 +199,30 @@ def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
     assert [o.outputs[0].token_ids for o in squeezed] == alone
 
 
-@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (2, 2)])
-def test_tp_ep_layouts_match_one_process(checkpoint: Path, hf_model: Any, tmp_path: Path, tp, ep, one_thread):
-    """The linear layers' heads split over TP (each rank keeps its heads' states), the attention heads
-    too, 4 experts over EP, with an adapter on every projection: the one-process tokens, and log-probs
+def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, ep: int) -> None:
+    """A mixed batch (base and adapter rows) under tp x ep gives the one-process tokens, and log-probs
     within 1e-6 (float64; the delta rule and the norms round in fp32, as transformers' do)."""
-    peft_adapter(hf_model, tmp_path / "a", 2)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
     batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
     outs = {}
     for layout in ((1, 1), (tp, ep)):
         with LLM(
             str(checkpoint), device="cpu", dtype="float64", progress=False, tp_size=layout[0],
-            ep_size=layout[1], num_kv_blocks=64, lora_modules={"a": str(tmp_path / "a")},
+            ep_size=layout[1], num_kv_blocks=64, lora_modules={"a": str(adapter)},
         ) as llm:  # fmt: skip
             outs[layout] = llm.generate(batch, params, lora=names)
     for got, want in zip(outs[(tp, ep)], outs[(1, 1)], strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
             assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-6 for t in g)
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (2, 2)])
+def test_tp_ep_layouts_match_one_process(checkpoint: Path, hf_model: Any, tmp_path: Path, tp, ep, one_thread):
+    """The linear layers' heads split over TP (each rank keeps its heads' states), the attention heads
+    too, 4 experts over EP, with an adapter on every projection."""
+    peft_adapter(hf_model, tmp_path / "a", 2)
+    assert_layout_matches_one_process(checkpoint, tmp_path / "a", tp, ep)
 
 
 @pytest.mark.gpu
