@@ -1,10 +1,11 @@
 """What the hardware allows, measured in the same run, and the least a step can cost on it.
 
 A decode step reads at least: every weight a token touches (attention, router, norms, dense MLPs and the
-shared expert whole; the routed experts the batch chose; the LM head), the KV cache of every sequence, and
-the LoRA weights of the adapters in the batch. Expert choice is taken as uniform: a batch of B tokens
-touches E * (1 - (1 - k/E)^B) of E experts in expectation. Divided by the measured copy bandwidth, that is
-the step's byte floor; a measured step below it is a bug in the benchmark.
+shared expert whole; the routed experts the batch chose; the LM head), the KV cache of every sequence (and
+the linear-attention states, read and written), and the LoRA weights of the adapters in the batch. Expert
+choice is taken as uniform: a batch of B tokens touches E * (1 - (1 - k/E)^B) of E experts in expectation.
+Divided by the measured copy bandwidth, that is the step's byte floor; a measured step below it is a bug in
+the benchmark.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ class ModelBytes:
     num_experts: int
     top_k: int
     embed_row: int  # one embedding row (a step reads one per token)
-    kv_per_token: int  # K and V of one token over all layers (this rank's heads)
+    kv_per_token: int  # K and V of one token over the layers that keep them (this rank's heads)
     active_params: int  # matmul weights one token uses (attention, router, k experts, dense, LM head)
+    # one sequence's linear-attention states (Qwen3-Next's conv inputs and fp32 matrices, this rank's
+    # heads): a decode step reads and rewrites them, and the copy rate counts both
+    state_per_seq: int = 0
 
 
 def model_bytes(model: MoeForCausalLM, kv_per_token: int) -> ModelBytes:
@@ -100,6 +104,7 @@ def model_bytes(model: MoeForCausalLM, kv_per_token: int) -> ModelBytes:
         cfg.hidden_size * item,
         kv_per_token,
         active,
+        model.state_bytes_per_slot(),
     )
 
 
@@ -127,7 +132,7 @@ def decode_bytes(
     `lora`: adapter -> (its tokens in the batch, its bytes)."""
     share = touched(mb.num_experts, mb.top_k, batch)
     total = mb.always + mb.moe_layers * mb.local_experts * share * mb.expert
-    total += batch * (mb.embed_row + context * mb.kv_per_token)
+    total += batch * (mb.embed_row + context * mb.kv_per_token + 2 * mb.state_per_seq)
     for tokens, lb in (lora or {}).values():
         total += (
             lb.dense

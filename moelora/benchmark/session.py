@@ -84,7 +84,7 @@ def open_session(llm: LLM, workload: WorkloadArgs, adapters: Sequence[str], seed
     ceilings = measure_ceilings(llm.device, model.dtype)
     cfg, ps = model.cfg, model.ps
     kv_heads, k_dim, v_dim = model.kv_layout()
-    kv_per_token = cfg.num_layers * kv_heads * (k_dim + v_dim) * model.dtype.itemsize
+    kv_per_token = sum(model.kv_layers()) * kv_heads * (k_dim + v_dim) * model.dtype.itemsize
     lora_bytes = {}
     for name in adapters:
         copy = engine.loras.cpu_copy(name) if engine.loras is not None else None
