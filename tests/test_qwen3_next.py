@@ -75,7 +75,8 @@ def assert_logprobs(out: Any, ref: torch.Tensor, tol: float, where: str) -> None
 def test_base_matches_transformers(
     hf_model: Any, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
 ):
-    """One batch of prompts of 7, 80, 1 and 23 tokens; greedy tokens equal to transformers' cached
+    """One batch of prompts of 7, 80, 1 and 23 tokens (and `LLM.logits`, the cacheless forward, in
+    float64); greedy tokens equal to transformers' cached
     generation (chunked prefill, then its recurrent decode) up to a near tie. Prompt log-probs: in float64
     within 1e-4 of transformers' float64 model with the recurrence (both keep the delta rule and the norms
     in fp32, as transformers does in any dtype); in float32 within 5e-3 of its float32 model, chunked and
@@ -84,6 +85,7 @@ def test_base_matches_transformers(
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
     with LLM(str(checkpoint), device="cpu", dtype=dtype, progress=False) as llm:
         outs = llm.generate(prompts(), params)
+        cacheless = llm.logits(prompts())  # one forward without KV or state caches
     greedy = [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts()]
     loose = [same_dtype(hf_model, p)[0] for p in prompts()] if dtype == "float32" else None
     reference = recurrent(copy.deepcopy(hf_model), monkeypatch)
@@ -91,6 +93,8 @@ def test_base_matches_transformers(
         if dtype == "float64":
             (ref,) = hf_logprobs(reference, [prompt])
             assert_logprobs(out, ref, logprob_tol("float64"), "float64, recurrent")
+            whole = cacheless[i].double().log_softmax(-1)
+            assert (whole - ref).abs().max() < logprob_tol("float64"), "LLM.logits"
         else:
             assert loose is not None
             assert_logprobs(out, loose[i], 5e-3, "float32, chunked")
