@@ -33,12 +33,13 @@ class PagedKV:
 class StateRows:
     """Where a step's sequences stand for the linear-attention layers, built once per step.
 
-    starts: host-side (first token row, token count, state slot) of each sequence computed from nothing
-    (a prompt, or a preempted sequence again from position 0); start_slots [P] int64 on the device: those
-    slots. decode_rows [D] and decode_slots [D] int64 on the device: the token row and the slot of each
-    sequence continuing by one token from its slot's state."""
+    start_lens: host-side token counts of the sequences computed from nothing (a prompt, or a preempted
+    sequence again from position 0), in batch order; start_rows [sum(start_lens)] int64 on the device: their
+    token rows; start_slots: their state slots. decode_rows, decode_slots [D] int64 on the device: the token
+    row and the slot of each sequence continuing by one token from its slot's state."""
 
-    starts: tuple[tuple[int, int, int], ...]
+    start_lens: tuple[int, ...]
+    start_rows: torch.Tensor
     start_slots: torch.Tensor
     decode_rows: torch.Tensor
     decode_slots: torch.Tensor
@@ -47,11 +48,21 @@ class StateRows:
     def of(
         seq_lens: Sequence[int], kv_lens: Sequence[int], slots: Sequence[int], device: torch.device
     ) -> StateRows:
-        starts, decode_rows, decode_slots = [], [], []
+        if min(slots, default=0) < 0:
+            raise ValueError(
+                f"every sequence of a step with linear attention needs a state slot, got {list(slots)}"
+            )
+        start_lens: list[int] = []
+        start_rows: list[int] = []
+        start_slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_slots: list[int] = []
         row = 0
         for n, total, slot in zip(seq_lens, kv_lens, slots, strict=True):
             if total == n:
-                starts.append((row, n, slot))
+                start_lens.append(n)
+                start_rows += range(row, row + n)
+                start_slots.append(slot)
             elif n == 1:
                 decode_rows.append(row)
                 decode_slots.append(slot)
@@ -61,13 +72,10 @@ class StateRows:
                     "whole sequences or one token at a time; prefix caching is off for these models)"
                 )
             row += n
-
-        def on_device(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(device)
-
-        return StateRows(
-            tuple(starts), on_device([s for *_, s in starts]), on_device(decode_rows), on_device(decode_slots)
-        )
+        parts = (start_rows, start_slots, decode_rows, decode_slots)
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.int64).to(device)
+        rows, starts, dec_rows, dec_slots = flat.split([len(part) for part in parts])
+        return StateRows(tuple(start_lens), rows, starts, dec_rows, dec_slots)
 
 
 @dataclass(frozen=True)

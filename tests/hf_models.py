@@ -307,6 +307,15 @@ def float64(model: Any) -> Any:
 
 
 @torch.no_grad()
+def assert_logprobs(out: Any, ref: torch.Tensor, tol: float, where: str) -> None:
+    """Every prompt log-prob moelora returned (`out`, a RequestOutput) within `tol` of the reference's
+    log-softmax rows `ref` (row i - 1 for position i)."""
+    assert out.prompt_logprobs is not None
+    for i, entry in enumerate(out.prompt_logprobs[1:], 1):
+        for tok, lp in entry.items():
+            assert abs(lp - ref[i - 1, tok].item()) < tol, (where, i, tok, lp, ref[i - 1, tok].item())
+
+
 def hf_logprobs(model: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
     """log-softmax of the reference model's logits in float64, one sequence at a time (no padding)."""
     ref = float64(model)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelora import LLM, SamplingParams
-from tests.hf_models import VOCAB, build_hf_model, hf_logprobs, logprob_tol
+from tests.hf_models import VOCAB, assert_logprobs, build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
 
 NEW_TOKENS = 6
@@ -80,13 +80,6 @@ def merged(hf_model: Any, peft_model: Any) -> Any:
                 for e in range(n):
                     param[e] += s * (b[:, e::n] @ a[e * r : (e + 1) * r]).T
     return model
-
-
-def assert_logprobs(out: Any, ref: torch.Tensor, tol: float, where: str) -> None:
-    assert out.prompt_logprobs is not None
-    for i, entry in enumerate(out.prompt_logprobs[1:], 1):
-        for tok, lp in entry.items():
-            assert abs(lp - ref[i - 1, tok].item()) < tol, (where, i, tok, lp, ref[i - 1, tok].item())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moelora import LLM, SamplingParams
-from tests.hf_models import build_hf_model, hf_logprobs, logprob_tol
+from tests.hf_models import assert_logprobs, build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
 from tests.test_qwen3_next import (
     MLP_MODULES,
     assert_layout_matches_one_process,
-    assert_logprobs,
     merged,
     peft_adapter,
     prompts,

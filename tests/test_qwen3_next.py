@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelora import LLM, SamplingParams
-from tests.hf_models import VOCAB, build_hf_model, hf_logprobs, logprob_tol
+from tests.hf_models import VOCAB, assert_logprobs, build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
 
 NEW_TOKENS = 8
@@ -62,13 +62,6 @@ def same_dtype(model: Any, prompt: list[int]) -> list[torch.Tensor]:
     rule and the norms in fp32 anyway, so fp32 against fp32 is the like-for-like comparison)."""
     with torch.no_grad():
         return [model(torch.tensor([prompt])).logits[0].double().log_softmax(-1)]
-
-
-def assert_logprobs(out: Any, ref: torch.Tensor, tol: float, where: str) -> None:
-    assert out.prompt_logprobs is not None
-    for i, entry in enumerate(out.prompt_logprobs[1:], 1):
-        for tok, lp in entry.items():
-            assert abs(lp - ref[i - 1, tok].item()) < tol, (where, i, tok, lp, ref[i - 1, tok].item())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -35,6 +35,8 @@ def kv_part(name: str, cfg: ModelConfig, ps: ParallelState) -> OutPart:
 class SelfAttention(nn.Module):
     """GQA self-attention over this rank's heads; returns the all-reduced output projection."""
 
+    checkpoint_name = "self_attn"
+
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
         if cfg.num_heads % ps.tp_size:
@@ -73,6 +75,10 @@ class SelfAttention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = ShardedRMSNorm(q_size, cfg.rms_norm_eps, ps, dtype)
             self.k_norm = ShardedRMSNorm(kv_size, cfg.rms_norm_eps, ps, dtype)
+        # The fused norm + rotary launch rotates whole heads and casts before the norm weight: partial
+        # rotary (GLM, Qwen3-Next) and zero-centred norms (Qwen3-Next) take separate launches.
+        zero_centered = cfg.qk_norm == "head" and cfg.norm_zero_centered
+        self.separate_rotary = self.rot_dim < cfg.head_dim or zero_centered
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
@@ -97,10 +103,8 @@ class SelfAttention(nn.Module):
             if kv is None
             else CacheWrite(v, kv.cache.k[self.layer], kv.cache.v[self.layer], kv.slot_mapping)
         )
-        if self.rot_dim < d:
+        if self.separate_rotary:
             q, k = self._partial_rotary(q, k, cos, sin, cache)
-        elif self.qk_norm == "head" and self.q_norm is not None and self.q_norm.weight_first:
-            q, k = self._partial_rotary(q, k, cos, sin, cache)  # (the fused launch casts first)
         elif self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps

@@ -74,9 +74,7 @@ class DecoderLayer(nn.Module):
         mlp_prefixes = tuple(f"{prefix}.{n}" for n in names)
         return [
             *self.input_layernorm.weight_specs(f"{prefix}.input_layernorm.weight"),
-            *self.self_attn.weight_specs(
-                f"{prefix}.{getattr(self.self_attn, 'checkpoint_name', 'self_attn')}"
-            ),
+            *self.self_attn.weight_specs(f"{prefix}.{self.self_attn.checkpoint_name}"),
             *self.post_attention_layernorm.weight_specs(f"{prefix}.post_attention_layernorm.weight"),
             *self.mlp.weight_specs(mlp_prefixes, family),
         ]

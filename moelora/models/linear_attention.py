@@ -118,14 +118,12 @@ class GatedDeltaNet(nn.Module):
             return ops.causal_conv(mixed, self.conv_weight, batch.seq_lens)[0]
         out = torch.empty_like(mixed)
         conv = states.conv[self.layer]
-        for row, n, slot in rows.starts:
-            y, final = ops.causal_conv(mixed[row : row + n], self.conv_weight, (n,))
-            out[row : row + n] = y
-            if slot >= 0:
-                conv[slot] = final[0]
+        if rows.start_lens:
+            r = rows.start_rows
+            out[r], conv[rows.start_slots] = ops.causal_conv(mixed[r], self.conv_weight, rows.start_lens)
         if rows.decode_rows.numel():
-            step = ops.causal_conv_step(mixed[rows.decode_rows], self.conv_weight, conv, rows.decode_slots)
-            out[rows.decode_rows] = step
+            r = rows.decode_rows
+            out[r] = ops.causal_conv_step(mixed[r], self.conv_weight, conv, rows.decode_slots)
         return out
 
     def _delta(
@@ -142,24 +140,20 @@ class GatedDeltaNet(nn.Module):
             return ops.gated_delta_rule(q, k, v, g, beta, batch.seq_lens)[0]
         out = torch.empty_like(v)
         rec = states.rec[self.layer]
-        if rows.starts:
-            index = torch.cat([torch.arange(r, r + n) for r, n, _ in rows.starts]).to(v.device)
-            lens = tuple(n for _, n, _ in rows.starts)
-            o, finals = ops.gated_delta_rule(q[index], k[index], v[index], g[index], beta[index], lens)
-            out[index] = o
-            keep = rows.start_slots >= 0
-            rec[rows.start_slots[keep]] = finals[keep]
+        if rows.start_lens:
+            r = rows.start_rows
+            out[r], rec[rows.start_slots] = ops.gated_delta_rule(
+                q[r], k[r], v[r], g[r], beta[r], rows.start_lens
+            )
         if rows.decode_rows.numel():
             r = rows.decode_rows
             out[r] = ops.gated_delta_step(q[r], k[r], v[r], g[r], beta[r], rec, rows.decode_slots)
         return out
 
     def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """transformers' Qwen3NextRMSNormGated: the row normalised in fp32, cast back to o's dtype, times
-        the weight, times silu(z) computed in fp32 (the product in the wider of the two), one cast back."""
-        of = o.float()
-        normed = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
-        return ((self.norm_weight * normed) * F.silu(z.float())).to(o.dtype)
+        """transformers' Qwen3NextRMSNormGated: the RMSNorm of the other families (cast back to o's dtype,
+        then the weight), times silu(z) computed in fp32 (the product in the wider of the two), one cast."""
+        return (ops.rms_norm(o, self.norm_weight, self.eps) * F.silu(z.float())).to(o.dtype)
 
     def lora_targets(self) -> list[LoraTarget]:
         return [

@@ -35,6 +35,8 @@ from moelora.parallel.state import ParallelState
 
 
 class LatentAttention(nn.Module):
+    checkpoint_name = "self_attn"
+
     def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype) -> None:
         super().__init__()
         assert cfg.mla is not None

@@ -130,20 +130,33 @@ def _decode_kernel(
                 sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
-    # An empty split (short sequence) leaves l_i = 0: it writes zeros and lse = -inf, weight 0 later.
+    finish_split(
+        acc, m_i, l_i, o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], so_s,
+        lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits,
+        count_ptr + b * tl.num_programs(1) + kvh, tl.cdiv(kv_len - lo, chunk),
+        out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
+        WRITE_LSE, GROUP_PAD, BLOCK_D, PIPELINED,
+    )  # fmt: skip
+
+
+@triton.jit
+def finish_split(
+    acc, m_i, l_i, part_ptrs, so_s, lse_row, count_ptr, used, out_ptrs, row_ok, col_ok,
+    WRITE_LSE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PIPELINED: tl.constexpr,
+):  # fmt: skip
+    """The end of a split program (program_id(2) of num_programs(2)): its rows' normalised output at
+    part_ptrs + split * so_s, and with several splits (WRITE_LSE) their log-sum-exps at lse_row + split;
+    the last split of the rows to finish (count_ptr) merges the `used` splits that hold keys into out_ptrs
+    (`combine`). An empty split (a short sequence) leaves l_i = 0: zeros and lse -inf, weight 0."""
+    split = tl.program_id(2)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + b * so_t + heads[:, None] * so_h + split * so_s + d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(part_ptrs + split * so_s, out.to(part_ptrs.dtype.element_ty), mask=mask)
     if WRITE_LSE:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        lse_row = lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits
-        tl.store(lse_row + split, lse, mask=g_ok)
-        # The last split of this (sequence, KV head) to finish merges the splits, in split order.
-        if last_one(count_ptr + b * tl.num_programs(1) + kvh, splits):
-            used = tl.cdiv(kv_len - lo, chunk)  # the splits that hold keys: [0, used)
-            combine(o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], lse_row, so_s, used,
-                     out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
-                     GROUP_PAD, BLOCK_D, PIPELINED)  # fmt: skip
+        tl.store(lse_row + split, lse, mask=row_ok)
+        if last_one(count_ptr, tl.num_programs(2)):  # in split order: the result does not depend on timing
+            combine(part_ptrs, lse_row, so_s, used, out_ptrs, row_ok, col_ok, ROWS, COLS, PIPELINED)
 
 
 @triton.jit
@@ -188,6 +201,20 @@ def _combine_splits(part_ptrs, lse_row, so_s, s0, used, g_ok, mask, top, total, 
     return top, total, acc
 
 
+def split_buffers(
+    out: torch.Tensor, splits: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(part [B, H, splits, D] fp32, lse [B, H, splits] fp32, counters: one per row group) for a split
+    launch writing out [B, H, D] (`finish_split`); with one split the kernel writes `out` directly and
+    reads neither lse nor the counters (placeholders then)."""
+    batch, heads, dim = out.shape
+    if splits == 1:
+        return out.unsqueeze(2), out, out
+    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=out.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=out.device)
+    return part, lse, launch_counters(out.device, batch * groups)
+
+
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
     """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk."""
     want = triton.cdiv(tiles.waves * num_sms(device), batch * kv_heads)
@@ -223,12 +250,7 @@ def paged_decode(
         splits = num_splits(batch, kv_heads, block_tables.shape[1] * page, q.device, tiles)
     group = q_heads // kv_heads
     out = torch.empty_like(q)
-    if splits == 1:
-        part, lse, counts = out.unsqueeze(2), out, kv_lens  # written directly; lse and counters unused
-    else:
-        part = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
-        counts = launch_counters(q.device, batch * kv_heads)
+    part, lse, counts = split_buffers(out, splits, kv_heads)
     sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,

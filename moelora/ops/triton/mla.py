@@ -16,9 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.attn_decode import LOG2E, DecodeTiles, combine, mma, num_splits, online_update
+from moelora.ops.triton.attn_decode import (
+    LOG2E,
+    DecodeTiles,
+    finish_split,
+    mma,
+    num_splits,
+    online_update,
+    split_buffers,
+)
 from moelora.ops.triton.common import device_ints
-from moelora.ops.triton.counters import last_one, launch_counters
 
 
 @triton.jit
@@ -66,20 +73,12 @@ def _latent_decode_kernel(
                 sc_b, sc_s, sr_b, sr_s, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
-    # An empty split (short sequence) leaves l_i = 0: it writes zeros and lse = -inf, weight 0 later.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    part_ptrs = o_ptr + b * so_t + h[:, None] * so_h + split * so_s + rr[None, :]
-    tl.store(part_ptrs, out.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
-    if WRITE_LSE:
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        lse_row = lse_ptr + (b * num_heads + h) * splits
-        tl.store(lse_row + split, lse, mask=h_ok)
-        # The last split of this (sequence, head tile) to finish merges the splits, in split order.
-        if last_one(count_ptr + b * tl.num_programs(1) + tile, splits):
-            used = tl.cdiv(kv_len, chunk)  # the splits that hold keys: [0, used)
-            combine(o_ptr + b * so_t + h[:, None] * so_h + rr[None, :], lse_row, so_s, used,
-                    out_ptr + b * sout_t + h[:, None] * sout_h + rr[None, :], h_ok, r_ok,
-                    BLOCK_H, BLOCK_R, PIPELINED)  # fmt: skip
+    finish_split(
+        acc, m_i, l_i, o_ptr + b * so_t + h[:, None] * so_h + rr[None, :], so_s,
+        lse_ptr + (b * num_heads + h) * splits, count_ptr + b * tl.num_programs(1) + tile,
+        tl.cdiv(kv_len, chunk), out_ptr + b * sout_t + h[:, None] * sout_h + rr[None, :], h_ok, r_ok,
+        WRITE_LSE, BLOCK_H, BLOCK_R, PIPELINED,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -142,12 +141,7 @@ def latent_decode(
     if splits is None:
         splits = num_splits(batch, head_tiles, block_tables.shape[1] * page, q_lat.device, tiles)
     out = torch.empty_like(q_lat)
-    if splits == 1:
-        part, lse, counts = out.unsqueeze(2), out, kv_lens  # written directly; lse and counters unused
-    else:
-        part = torch.empty(batch, heads, splits, rank, dtype=torch.float32, device=q_lat.device)
-        lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q_lat.device)
-        counts = launch_counters(q_lat.device, batch * head_tiles)
+    part, lse, counts = split_buffers(out, splits, head_tiles)
     _latent_decode_kernel[(batch, head_tiles, splits)](
         q_lat, q_rot, latent_cache, rot_cache, block_tables, kv_lens, part, lse, out, counts,
         scale * LOG2E, heads,
