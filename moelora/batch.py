@@ -44,6 +44,11 @@ class StateRows:
     decode_rows: torch.Tensor
     decode_slots: torch.Tensor
 
+    def decode_only(self, num_tokens: int) -> bool:
+        """Whether every one of the step's `num_tokens` rows continues a state (then decode_rows are 0, 1,
+        ... in order, and a layer may step its rows without gathering them)."""
+        return not self.start_lens and self.decode_rows.shape[0] == num_tokens
+
     @staticmethod
     def of(
         seq_lens: Sequence[int], kv_lens: Sequence[int], slots: Sequence[int], device: torch.device

@@ -43,7 +43,9 @@ def test_delta_rule_matches_transformers(hk, hv, dk, dv):
     start = 0
     for b, n in enumerate(seq_lens):
         rows = slice(start, start + n)
-        args = [t[rows][None] for t in (q, k, v, gate, beta)]
+        # heads repeated here: transformers 5.17's functions take as many query/key heads as value heads
+        qh, kh = (t[rows].repeat_interleave(hv // hk, dim=1) for t in (q, k))
+        args = [t[None] for t in (qh, kh, v[rows], gate[rows], beta[rows])]
         for fn in (hf_next.torch_chunk_gated_delta_rule, hf_next.torch_recurrent_gated_delta_rule):
             ref, ref_state = fn(
                 *args[:3], g=args[3], beta=args[4], initial_state=initial[b : b + 1],
@@ -137,3 +139,37 @@ def test_triton_conv_step_matches_twin():
     torch.testing.assert_close(out[:2], ref[:2])
     torch.testing.assert_close(states[[2, 0]], expect[[2, 0]])
     assert states[[1, 3]].isnan().all()
+
+
+@pytest.mark.parametrize(("hk", "hv", "dk", "dv", "chunk"), [(2, 4, 16, 48, 16), (1, 2, 24, 16, 32)])
+def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk):
+    """The chunked Triton prefill against the twin's recurrence: sequences shorter than, equal to and
+    longer than a chunk (a partial last chunk), grouped value heads, value columns over several programs,
+    head dims that are not powers of two, from zeros and from a given state."""
+    from moelora.ops.triton import delta as kern
+
+    seq_lens = (3, chunk, 2 * chunk + 5)
+    q, k, v, gate, beta = (t.to(DEV) for t in problem(11, sum(seq_lens), hk, hv, dk, dv))
+    initial = torch.randn(len(seq_lens), hv, dk, dv, generator=torch.Generator().manual_seed(12)).to(DEV)
+    for init in (None, initial * 0.3):
+        ref, ref_finals = twin.gated_delta_rule(q, k, v, gate, beta, seq_lens, init)
+        out, finals = kern.gated_delta_rule(q, k, v, gate, beta, seq_lens, init, chunk=chunk)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(finals, ref_finals, atol=2e-5, rtol=1e-4)
+
+
+def test_triton_conv_matches_twin():
+    """The Triton convolution over whole sequences against the twin: sequences shorter than the kernel's
+    width (their state partly the initial one), longer than a token tile, two channel tiles."""
+    from moelora.ops.triton import delta as kern
+
+    g = torch.Generator().manual_seed(13)
+    channels, width, seq_lens = 200, 4, (1, 2, 37, 5)
+    x = torch.randn(sum(seq_lens), channels, generator=g).to(DEV)
+    weight = torch.randn(channels, width, generator=g).to(DEV)
+    initial = torch.randn(len(seq_lens), channels, width - 1, generator=g).to(DEV)
+    for init in (None, initial):
+        ref, ref_states = twin.causal_conv(x, weight, seq_lens, init)
+        out, states = kern.causal_conv(x, weight, seq_lens, init)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(states, ref_states)

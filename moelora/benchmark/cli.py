@@ -88,7 +88,9 @@ def _print_header(env: dict[str, Any], settings: dict[str, Any]) -> None:
     versions = f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}"
     layout = f"tp {s['tp_size']} ep {s['ep_size']}"
     switches = f"prefix caching {on[s['prefix_caching']]}, CUDA graphs {on[s['cuda_graphs']]}"
-    copy = f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s"
+    copy = (
+        f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, read {ceilings.read_bytes_per_s / 1e12:.2f} TB/s"
+    )
     model = f"{s['model']} ({s['load_format']} weights), {s['dtype']}, {layout}"
     print(f"\n{env['device']}; {versions}; {model}; {switches}; {copy}{gemm}{used}; {env['date']}")
 

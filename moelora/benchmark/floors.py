@@ -4,8 +4,9 @@ A decode step reads at least: every weight a token touches (attention, router, n
 shared expert whole; the routed experts the batch chose; the LM head), the KV cache of every sequence (and
 the linear-attention states, read and written), and the LoRA weights of the adapters in the batch. Expert
 choice is taken as uniform: a batch of B tokens touches E * (1 - (1 - k/E)^B) of E experts in expectation.
-Divided by the measured copy bandwidth, that is the step's byte floor; a measured step below it is a bug in
-the benchmark.
+Divided by the measured bandwidth (the faster of a device copy, counting bytes read and written, and a
+read-only reduction: weights are only read, and a read streams faster than a copy), that is the step's byte
+floor; a measured step below it is a bug in the benchmark.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ _GEMM_N = 8192
 class Ceilings:
     copy_bytes_per_s: float  # device-to-device copy: bytes read + written per second
     gemm_flops: float | None  # dense square matmul in the model's dtype (CUDA only)
+    read_bytes_per_s: float = 0.0  # a reduction over the same bytes: bytes read per second
+
+    @property
+    def bytes_per_s(self) -> float:
+        """The rate the floors divide by: the faster of the copy and the read."""
+        return max(self.copy_bytes_per_s, self.read_bytes_per_s)
 
 
 def _timed(fn: object, device: torch.device, repeats: int) -> float:
@@ -52,15 +59,16 @@ def _timed(fn: object, device: torch.device, repeats: int) -> float:
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
-    """Copy bandwidth (1 GiB on CUDA, 64 MiB on CPU) and, on CUDA, the 8192^3 matmul rate."""
+    """Copy and read bandwidth (1 GiB on CUDA, 64 MiB on CPU) and, on CUDA, the 8192^3 matmul rate."""
     size = _COPY_BYTES if device.type == "cuda" else _COPY_BYTES // 16
     pair = torch.empty(2, size // 2, dtype=torch.float16, device=device).fill_(1)
     seconds = _timed(lambda: pair[1].copy_(pair[0]), device, 10)
+    read = _timed(lambda: pair.sum(dtype=torch.float32), device, 10)
     gemm = None
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         ab = torch.randn(2, _GEMM_N, _GEMM_N, device=device, dtype=dtype)
         gemm = 2 * _GEMM_N**3 / _timed(lambda: ab[0] @ ab[1], device, 10)
-    return Ceilings(2 * size / seconds, gemm)
+    return Ceilings(2 * size / seconds, gemm, 2 * size / read)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Session:
             if name is not None:
                 counts[name] = counts.get(name, 0) + 1
         lora = {n: (c, self.adapters[n]) for n, c in counts.items()}
-        return decode_bytes(self.model, batch, context, lora) / self.ceilings.copy_bytes_per_s * 1e3
+        return decode_bytes(self.model, batch, context, lora) / self.ceilings.bytes_per_s * 1e3
 
     def settings(self) -> dict[str, Any]:
         """What was run, for the JSON file and the header: model, dtype, engine switches."""
@@ -52,7 +52,7 @@ class Session:
             "dtype": str(llm.model.dtype).removeprefix("torch."),
             "tp_size": llm.parallel.tp_size,
             "ep_size": llm.parallel.experts_over,
-            "prefix_caching": engine.args.enable_prefix_caching,
+            "prefix_caching": engine.scheduler.prefix_caching,  # (off for models that cannot use it)
             "cuda_graphs": engine.executor.runner.graphs is not None,
             "max_num_seqs": engine.args.max_num_seqs,
             "kv_blocks": engine.allocator.num_blocks,

@@ -162,9 +162,7 @@ class Engine:
             "of activations (kept free on CUDA)",
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
-        # Linear attention (its per-sequence prefill and state writes) runs eagerly for now.
         graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
-        graphs = graphs and cfg.linear is None
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,

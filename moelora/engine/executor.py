@@ -72,7 +72,9 @@ class Executor:
         self.pool = LoraPool(model, plan.lora_slots, plan.lora_rank) if plan.lora_slots else None
         graphs = None
         if plan.graphs:
-            graphs = DecodeGraphs(model, self.cache, plan.num_blocks, plan.max_num_seqs, plan.max_blocks)
+            graphs = DecodeGraphs(
+                model, self.cache, plan.num_blocks, plan.max_num_seqs, plan.max_blocks, self.states
+            )
         self.runner = ModelRunner(model, self.cache, graphs, self.states)
         self.device = device
 

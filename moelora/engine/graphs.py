@@ -6,7 +6,9 @@ GPU) with one launch. Inputs are copied into static buffers; a batch of B sequen
 next bucket size Bp >= B, the extra rows reading and writing one spare KV block that no sequence owns and
 using no adapter slot. Only kernels that are graph safe run here (no host synchronisation, no
 data-dependent sizes): the Triton paths of every op, so graphs are used only on CUDA in fp16/bf16 with one
-rank (the PyTorch twins loop over host-side lengths).
+rank (the PyTorch twins loop over host-side lengths). Linear-attention layers step each sequence's state
+in its slot (padding rows name slot -1: they read zeros and write nothing); a step in which a sequence
+starts from nothing (a one-token prompt) runs eagerly, since a graph's rows always continue a state.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moelora.batch import ForwardBatch, PagedKV
+from moelora.batch import ForwardBatch, PagedKV, StateRows
 from moelora.cache.kv_cache import KVCache
+from moelora.cache.state_cache import StateCache
 from moelora.engine.transfer import pinned, to_device
 from moelora.models.decoder import MoeForCausalLM
 
@@ -84,10 +87,17 @@ class DecodeGraphs:
     """Captures lazily (the first decode step of each size pays a capture) and replays."""
 
     def __init__(
-        self, model: MoeForCausalLM, cache: KVCache, pad_block: int, max_batch: int, max_blocks: int
+        self,
+        model: MoeForCausalLM,
+        cache: KVCache,
+        pad_block: int,
+        max_batch: int,
+        max_blocks: int,
+        states: StateCache | None = None,
     ) -> None:
-        """`pad_block`: a KV block no sequence owns; `max_blocks`: most blocks one sequence can hold."""
-        self.model, self.cache, self.pad_block = model, cache, pad_block
+        """`pad_block`: a KV block no sequence owns; `max_blocks`: most blocks one sequence can hold;
+        `states`: the linear-attention layers' state cache (models that have such layers)."""
+        self.model, self.cache, self.pad_block, self.states = model, cache, pad_block, states
         self.sizes = buckets(max_batch)
         self.max_batch = self.sizes[-1]
         dev = next(model.parameters()).device
@@ -98,6 +108,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.kv_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slot = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.state_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.rows = torch.arange(n, dtype=torch.int64, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.replays = 0
@@ -110,6 +122,7 @@ class DecodeGraphs:
             max(step.seq_lens) == 1
             and len(step.ids) <= self.max_batch
             and len(step.block_tables[0]) <= self.block_tables.shape[1]
+            and (self.states is None or min(step.kv_lens) > 1)
         )
 
     def capture_all(self, lora: bool) -> int:
@@ -131,7 +144,12 @@ class DecodeGraphs:
             (1,) * size,  # host-side lengths are not read on the graph path (kv_lens_dev is)
             self.kv_lens[:size],
         )
-        batch = ForwardBatch(self.positions[:size], (1,) * size, kv, self.token_slot[:size] if lora else None)
+        rows = None
+        if self.states is not None:
+            none = self.rows[:0]
+            rows = StateRows((), none, none, self.rows[:size], self.state_slots[:size])
+        token_slot = self.token_slot[:size] if lora else None
+        batch = ForwardBatch(self.positions[:size], (1,) * size, kv, token_slot, self.states, rows)
         return self.model.compute_logits(self.model(self.ids[:size], batch))
 
     def _capture(self, size: int, lora: bool) -> _Graph:
@@ -156,6 +174,7 @@ class DecodeGraphs:
         self.block_tables[start:stop, 0] = self.pad_block
         self.kv_lens[start:stop] = 1
         self.token_slot[start:stop] = -1
+        self.state_slots[start:stop] = -1
 
     @torch.inference_mode()
     def run(self, step: StepInput, previous: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,6 +200,8 @@ class DecodeGraphs:
         small = pinned([list(step.kv_lens), lora_slots], torch.int32, dev)
         self.kv_lens[:b].copy_(small[0], non_blocking=True)
         self.token_slot[:b].copy_(small[1], non_blocking=True)
+        if self.states is not None:
+            self.state_slots[:b].copy_(pinned(step.state_slots, torch.int64, dev), non_blocking=True)
         feed(self.ids, step.fed, previous)
         self._fill_padding(b, size)
         g = self._graphs[key]

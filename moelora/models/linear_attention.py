@@ -116,8 +116,10 @@ class GatedDeltaNet(nn.Module):
         rows, states = batch.state_rows, batch.states
         if rows is None or states is None:  # whole sequences, nothing kept
             return ops.causal_conv(mixed, self.conv_weight, batch.seq_lens)[0]
-        out = torch.empty_like(mixed)
         conv = states.conv[self.layer]
+        if rows.decode_only(mixed.shape[0]):
+            return ops.causal_conv_step(mixed, self.conv_weight, conv, rows.decode_slots)
+        out = torch.empty_like(mixed)
         if rows.start_lens:
             r = rows.start_rows
             out[r], conv[rows.start_slots] = ops.causal_conv(mixed[r], self.conv_weight, rows.start_lens)
@@ -138,8 +140,10 @@ class GatedDeltaNet(nn.Module):
         rows, states = batch.state_rows, batch.states
         if rows is None or states is None:
             return ops.gated_delta_rule(q, k, v, g, beta, batch.seq_lens)[0]
-        out = torch.empty_like(v)
         rec = states.rec[self.layer]
+        if rows.decode_only(v.shape[0]):
+            return ops.gated_delta_step(q, k, v, g, beta, rec, rows.decode_slots)
+        out = torch.empty_like(v)
         if rows.start_lens:
             r = rows.start_rows
             out[r], rec[rows.start_slots] = ops.gated_delta_rule(

@@ -163,8 +163,10 @@ def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, seq_lens: tuple[int, ...], initial: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear-attention layer's causal convolution over whole sequences; see
-    `moelora.ops.torch.delta.causal_conv` (PyTorch on every device for now)."""
-    return _torch_delta.causal_conv(x, weight, seq_lens, initial)
+    `moelora.ops.torch.delta.causal_conv`."""
+    mod = _half_kernels("delta", x, weight)
+    impl = mod.causal_conv if mod is not None else _torch_delta.causal_conv
+    return impl(x, weight, seq_lens, initial)
 
 
 def causal_conv_step(
@@ -186,9 +188,11 @@ def gated_delta_rule(
     seq_lens: tuple[int, ...],
     initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule over whole sequences; see `moelora.ops.torch.delta.gated_delta_rule` (PyTorch
-    on every device for now: the chunked Triton kernel is to come)."""
-    return _torch_delta.gated_delta_rule(q, k, v, g, beta, seq_lens, initial)
+    """The gated delta rule over whole sequences; see `moelora.ops.torch.delta.gated_delta_rule` (the
+    Triton kernel takes the sequences in chunks)."""
+    mod = _half_kernels("delta", v, q, k)
+    impl = mod.gated_delta_rule if mod is not None else _torch_delta.gated_delta_rule
+    return impl(q, k, v, g, beta, seq_lens, initial)
 
 
 def gated_delta_step(

@@ -258,7 +258,8 @@ def paged_decode(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part.stride()[:3], out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, BLOCK_N=tiles.block_n, WRITE_LSE=splits > 1,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_N=tiles.block_n,
+        WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip

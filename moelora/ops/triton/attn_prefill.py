@@ -183,8 +183,8 @@ def varlen_attention(
     _prefill_kernel[(q.shape[1], num_tiles)](
         q, k, v, out, bt, meta, meta[4 * batch :], sinks_l2, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), *k_strides, *v_strides, bt.stride(0), out.stride(0), out.stride(1),
-        GROUP=q.shape[1] // kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        HEAD_DV=head_dv, BLOCK_DV=triton.next_power_of_2(head_dv),
+        GROUP=q.shape[1] // kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DV=head_dv, BLOCK_DV=max(16, triton.next_power_of_2(head_dv)),
         PAGE=k.shape[1] if paged else 1, PAGED=paged, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
