@@ -6,6 +6,7 @@ with short ones; preemption, n > 1, and a mixed adapter batch."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,15 +178,19 @@ def test_mixed_adapter_batch_matches_the_merge(
 
 def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
     """Preempted sequences (their state slots given back, computed again from position 0 later), n > 1
-    completions (each computes its prompt's state itself) and a prompt run again (prefix caching is off
+    completions (completion 0 computes the prompt, the others start from a copy of its states and
+    blocks) and a prompt run again (prefix caching is off
     for these models: a cached prefix has no state) give the tokens each prompt gets alone."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(str(checkpoint), device="cpu", dtype="float32", progress=False) as llm:
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts()]
         again = llm.generate(prompts(), params)
+        since = time.perf_counter()
         forks = llm.generate(
             [prompts()[3]], SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
         )
+        computed = sum(r.prefill_tokens for r in llm.engine.step_records(since))
+    assert computed == len(prompts()[3])  # the prompt computed once, its states copied to the others
     assert [o.outputs[0].token_ids for o in again] == alone
     assert [c.token_ids for c in forks[0].outputs] == [alone[3]] * 3
     with LLM(
@@ -208,6 +213,10 @@ def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, 
             ep_size=layout[1], num_kv_blocks=64, lora_modules={"a": str(adapter)},
         ) as llm:  # fmt: skip
             outs[layout] = llm.generate(batch, params, lora=names)
+            forks = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)  # states copied
+            outs[layout, "n"] = llm.generate([prompts()[1]], forks, lora="a")[0].outputs
+    assert [c.token_ids for c in outs[(tp, ep), "n"]] == [c.token_ids for c in outs[(1, 1), "n"]]
+    assert outs[(1, 1), "n"][0].token_ids == outs[(1, 1)][5].outputs[0].token_ids
     for got, want in zip(outs[(tp, ep)], outs[(1, 1)], strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):

@@ -35,6 +35,12 @@ class StateCache:
         conv = conv_shape[0] * conv_shape[1] * itemsize
         return num_layers * (conv + rec_shape[0] * rec_shape[1] * rec_shape[2] * 4)
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Slot `dst` takes slot `src`'s states in every layer (a completion forked from another's
+        prompt starts where the prompt left the states)."""
+        for states in (*self.conv.values(), *self.rec.values()):
+            states[dst].copy_(states[src])
+
     def release(self) -> None:
         """Drop the tensors (the engine has stopped)."""
         self.conv, self.rec = {}, {}

@@ -582,15 +582,16 @@ class Engine:
 
     def _fork(self, first: Sequence, logits: torch.Tensor) -> None:
         """Start completions 1..n-1 from completion 0's freshly computed prompt: they share its full prompt
-        blocks, get a copy of the last partial one, and draw their first token from the same logits. One
-        that finds no room (sequence slots, a free block) waits and computes the prompt itself."""
+        blocks, get a copy of the last partial one (and of its linear-attention states), and draw their
+        first token from the same logits. One that finds no room (sequence slots, a free block) waits and
+        computes the prompt itself. The copies are queued right after the step that computed the prompt,
+        before any step moves completion 0's states on."""
         request, n = first.request, first.num_prompt
         forks, request.forks = request.forks, []
         full, partial = divmod(n, self.args.block_size)
         for seq in forks:
             room = len(self.scheduler.running) < self.scheduler.max_num_seqs
-            # Linear attention: the prompt's state is not copied; the completion computes it itself.
-            if not room or self.allocator.num_free < int(partial > 0) or self.scheduler.states is not None:
+            if not room or self.allocator.num_free < int(partial > 0):
                 self.scheduler.add(seq)
                 continue
             blocks = self.allocator.share(first.blocks[:full])
@@ -598,9 +599,10 @@ class Engine:
                 (copy,) = self.allocator.allocate(1)
                 self.executor.copy_block(first.blocks[full], copy)
                 blocks.append(copy)
-            seq.blocks, seq.num_cached, seq.status = blocks, n, Status.RUNNING
-            seq.num_registered = full
-            self.scheduler.running.append(seq)
+            seq.blocks, seq.num_cached, seq.num_registered = blocks, n, full
+            self.scheduler.start_running(seq)
+            if self.scheduler.states is not None:
+                self.executor.copy_state(first.state_slot, seq.state_slot)
             inputs = [SamplingInput(request.params, seq.token_ids[:n], [], seq.seed, self.eos_token_ids)]
             (sampled,) = sample(logits[None], inputs)
             self._append(seq, sampled)

@@ -19,7 +19,7 @@ import torch
 from moelora.batch import ForwardBatch
 from moelora.cache.kv_cache import KVCache
 from moelora.engine.graphs import DecodeGraphs
-from moelora.engine.messages import ClearSlot, CopyBlock, Forward, Init, Message, Step, WriteSlot
+from moelora.engine.messages import ClearSlot, CopyBlock, CopyState, Forward, Init, Message, Step, WriteSlot
 from moelora.engine.runner import ModelRunner, StepInput
 from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.pool import LoraPool
@@ -134,6 +134,9 @@ class Executor:
     def copy_block(self, src: int, dst: int) -> None:
         self._everywhere(CopyBlock(src, dst), lambda: self.run_copy_block(src, dst))
 
+    def copy_state(self, src: int, dst: int) -> None:
+        self._everywhere(CopyState(src, dst), lambda: self.run_copy_state(src, dst))
+
     def capture_graphs(self, lora: bool) -> int:
         """Capture every decode graph now (with adapters too if `lora`); the number captured."""
         runner = self.runner
@@ -199,6 +202,11 @@ class Executor:
 
     def run_copy_block(self, src: int, dst: int) -> None:
         self.cache.copy_block(src, dst)
+
+    def run_copy_state(self, src: int, dst: int) -> None:
+        if self.states is None:
+            raise RuntimeError("this model keeps no linear-attention states")
+        self.states.copy_slot(src, dst)
 
     def _pool(self) -> LoraPool:
         if self.pool is None:

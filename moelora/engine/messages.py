@@ -76,6 +76,17 @@ class CopyBlock:
 
 
 @dataclass(frozen=True)
+class CopyState:
+    """Copy a sequence's linear-attention states to another slot (n > 1 completions of one prompt)."""
+
+    src: int
+    dst: int
+
+    def apply(self, executor: Executor) -> None:
+        executor.run_copy_state(self.src, self.dst)
+
+
+@dataclass(frozen=True)
 class Stop:
     """Leave the worker loop and exit."""
 
@@ -83,4 +94,4 @@ class Stop:
         raise AssertionError("Stop ends the worker loop; it is never applied")
 
 
-Message = Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | Stop
+Message = Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | CopyState | Stop
