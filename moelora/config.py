@@ -136,7 +136,7 @@ class EngineArgs:
         True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"
     )
     cuda_graphs: bool = option(
-        True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16 with one rank)"
+        True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16; each TP rank its own)"
     )
     async_scheduling: bool = option(
         True,

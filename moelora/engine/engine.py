@@ -100,7 +100,7 @@ class Engine:
             None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
         )
         self.loras = self.adapters.manager if self.adapters is not None else None
-        plan = self._plan(lora_rank, la, workers)
+        plan = self._plan(lora_rank, la)
         self.executor = Executor(model, plan, workers=workers)
         self._in_flight: _InFlight | None = None
         self.allocator = BlockAllocator(plan.num_blocks)
@@ -135,7 +135,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="moelora-engine", daemon=True)
         self._thread.start()
 
-    def _plan(self, lora_rank: int | None, la: LoraArgs, workers: WorkerGroup | None) -> ExecutorPlan:
+    def _plan(self, lora_rank: int | None, la: LoraArgs) -> ExecutorPlan:
         """The KV cache from the memory budget (the model's length limit checked against it), and what
         every rank builds."""
         a, cfg, model = self.args, self.cfg, self.model
@@ -162,7 +162,9 @@ class Engine:
             "of activations (kept free on CUDA)",
             num_blocks, a.block_size, num_blocks * per_block / 2**30, step_tokens, activations / 2**30,
         )  # fmt: skip
-        graphs = a.cuda_graphs and workers is None and ops.graph_safe(next(model.parameters()))
+        # With TP x EP every rank captures its own graphs at the same steps (all see the same StepInput),
+        # the all-reduces inside them.
+        graphs = a.cuda_graphs and ops.graph_safe(next(model.parameters()))
         return ExecutorPlan(
             num_blocks=num_blocks,
             block_size=a.block_size,

@@ -19,7 +19,17 @@ import torch
 from moelora.batch import ForwardBatch
 from moelora.cache.kv_cache import KVCache
 from moelora.engine.graphs import DecodeGraphs
-from moelora.engine.messages import ClearSlot, CopyBlock, CopyState, Forward, Init, Message, Step, WriteSlot
+from moelora.engine.messages import (
+    CaptureGraphs,
+    ClearSlot,
+    CopyBlock,
+    CopyState,
+    Forward,
+    Init,
+    Message,
+    Step,
+    WriteSlot,
+)
 from moelora.engine.runner import ModelRunner, StepInput
 from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.pool import LoraPool
@@ -138,7 +148,11 @@ class Executor:
         self._everywhere(CopyState(src, dst), lambda: self.run_copy_state(src, dst))
 
     def capture_graphs(self, lora: bool) -> int:
-        """Capture every decode graph now (with adapters too if `lora`); the number captured."""
+        """Capture every decode graph now (with adapters too if `lora`), on every rank; the number
+        captured here."""
+        return self._everywhere(CaptureGraphs(lora), lambda: self.run_capture_graphs(lora))
+
+    def run_capture_graphs(self, lora: bool) -> int:
         runner = self.runner
         with runner.lock:
             graphs = runner.graphs

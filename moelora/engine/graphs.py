@@ -5,10 +5,12 @@ a captured graph replaces the Python and launch work of each layer (the cost tha
 GPU) with one launch. Inputs are copied into static buffers; a batch of B sequences runs in the graph of the
 next bucket size Bp >= B, the extra rows reading and writing one spare KV block that no sequence owns and
 using no adapter slot. Only kernels that are graph safe run here (no host synchronisation, no
-data-dependent sizes): the Triton paths of every op, so graphs are used only on CUDA in fp16/bf16 with one
-rank (the PyTorch twins loop over host-side lengths). Linear-attention layers step each sequence's state
-in its slot (padding rows name slot -1: they read zeros and write nothing); a step in which a sequence
-starts from nothing (a one-token prompt) runs eagerly, since a graph's rows always continue a state.
+data-dependent sizes): the Triton paths of every op, so graphs are used only on CUDA in fp16/bf16 (the
+PyTorch twins loop over host-side lengths). Under TP x EP each rank captures and replays its own graphs at
+the same steps (every rank decides from the same StepInput), NCCL's all-reduces captured inside.
+Linear-attention layers step each sequence's state in its slot (padding rows name slot -1: they read zeros
+and write nothing); a step in which a sequence starts from nothing (a one-token prompt) runs eagerly, since
+a graph's rows always continue a state.
 """
 
 from __future__ import annotations

@@ -76,6 +76,17 @@ class CopyBlock:
 
 
 @dataclass(frozen=True)
+class CaptureGraphs:
+    """Capture every decode graph now (with adapters too if `lora`): each rank its own, their all-reduces
+    inside, at the same moment as rank 0."""
+
+    lora: bool
+
+    def apply(self, executor: Executor) -> None:
+        executor.run_capture_graphs(self.lora)
+
+
+@dataclass(frozen=True)
 class CopyState:
     """Copy a sequence's linear-attention states to another slot (n > 1 completions of one prompt)."""
 
@@ -94,4 +105,4 @@ class Stop:
         raise AssertionError("Stop ends the worker loop; it is never applied")
 
 
-Message = Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | CopyState | Stop
+Message = Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | CopyState | CaptureGraphs | Stop
