@@ -336,12 +336,7 @@ class Engine:
     def capture_graphs(self) -> int:
         """Capture the decode CUDA graphs of every batch size now (with adapters too when adapters are
         on) instead of at each size's first step; the number captured (0 when graphs are not used)."""
-        try:
-            return self.executor.capture_graphs(lora=self.loras is not None)
-        except Exception:
-            _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
-            self.executor.runner.graphs = None
-            return 0
+        return self.executor.capture_graphs(lora=self.loras is not None)
 
     def forward_logits(self, ids: list[int], seq_lens: tuple[int, ...]) -> torch.Tensor:
         """A cacheless forward pass of prompts given flat (every rank): fp32 logits [len(ids), V]."""

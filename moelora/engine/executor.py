@@ -10,6 +10,7 @@ the workers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from moelora.parallel.launch import WorkerChannel, WorkerGroup
 from moelora.parallel.sharding import place_experts
 
 T = TypeVar("T")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,19 @@ class Executor:
         return self._everywhere(CaptureGraphs(lora), lambda: self.run_capture_graphs(lora))
 
     def run_capture_graphs(self, lora: bool) -> int:
+        """This rank's captures; one that fails turns this rank's graphs off (it decodes eagerly, its
+        collectives in the same order as the other ranks')."""
         runner = self.runner
         with runner.lock:
             graphs = runner.graphs
             if graphs is None:
                 return 0
-            return graphs.capture_all(lora=False) + (graphs.capture_all(lora=True) if lora else 0)
+            try:
+                return graphs.capture_all(lora=False) + (graphs.capture_all(lora=True) if lora else 0)
+            except Exception:
+                _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
+                runner.graphs = None
+                return 0
 
     def release(self) -> None:
         """Drop the device memory this rank holds (graphs and their pool, KV and state caches, adapter
