@@ -232,9 +232,11 @@ def gated_delta_rule(
     seq_lens: tuple[int, ...],
     initial: torch.Tensor | None = None,
     chunk: int = 16,
+    block_v: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_rule` (`chunk`: tokens a
-    program takes at a time, a power of two >= 16)."""
+    program takes at a time, a power of two >= 16; `block_v`: value columns a program keeps, a power of
+    two >= 16: fewer programs redo less of the chunk's key work, more fill the card; for bench/delta.py)."""
     tokens, k_heads, dk = k.shape
     v_heads, dv = v.shape[1], v.shape[2]
     if v_heads % k_heads or sum(seq_lens) != tokens or q.shape != k.shape:
@@ -254,7 +256,7 @@ def gated_delta_rule(
     if batch == 0:
         return out, finals
     init = initial if initial is not None else finals
-    block_v = max(16, min(32, triton.next_power_of_2(dv)))
+    block_v = max(16, min(block_v, triton.next_power_of_2(dv)))
     _delta_chunk_kernel[(batch, v_heads, triton.cdiv(dv, block_v))](
         q, k, v, g, beta, device_starts(seq_lens, v.device), init, out, finals, v_heads // k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
