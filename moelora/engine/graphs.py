@@ -11,6 +11,10 @@ the same steps (every rank decides from the same StepInput), NCCL's all-reduces 
 Linear-attention layers step each sequence's state in its slot (padding rows name slot -1: they read zeros
 and write nothing); a step in which a sequence starts from nothing (a one-token prompt) runs eagerly, since
 a graph's rows always continue a state.
+
+On the CPU (tests, with `ops.graph_safe` patched on) nothing is captured: each step runs the same forward
+on the same static inputs eagerly (the PyTorch twins read the host-side lengths, which graphs do not), so
+the graph path's inputs, padding rows and state slots are checked without a GPU.
 """
 
 from __future__ import annotations
@@ -112,10 +116,11 @@ class DecodeGraphs:
         self.token_slot = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.state_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.rows = torch.arange(n, dtype=torch.int64, device=dev)
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = dev.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.replays = 0
-        self.stream = _capture_stream(dev)
+        self.stream = _capture_stream(dev) if self.capture else None
         _LIVE.add(self)
 
     def fits(self, step: StepInput) -> bool:
@@ -130,6 +135,8 @@ class DecodeGraphs:
     def capture_all(self, lora: bool) -> int:
         """Capture every size's graph now (with adapters or without), so that no later step pays a capture;
         the number captured. The caller holds the runner's lock."""
+        if not self.capture:
+            return 0
         missing = [s for s in self.sizes if (s, lora) not in self._graphs]
         for size in missing:
             self._graphs[(size, lora)] = self._capture(size, lora)
@@ -138,12 +145,12 @@ class DecodeGraphs:
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 
-    def _forward(self, size: int, lora: bool) -> torch.Tensor:
+    def _forward(self, size: int, lora: bool, host_lens: tuple[int, ...] | None = None) -> torch.Tensor:
         kv = PagedKV(
             self.cache,
             self.slot_mapping[:size],
             self.block_tables[:size],
-            (1,) * size,  # host-side lengths are not read on the graph path (kv_lens_dev is)
+            host_lens or (1,) * size,  # not read by the kernels a graph runs (kv_lens_dev is)
             self.kv_lens[:size],
         )
         rows = None
@@ -157,6 +164,7 @@ class DecodeGraphs:
     def _capture(self, size: int, lora: bool) -> _Graph:
         self._fill_padding(0, size)
         stream = self.stream
+        assert stream is not None
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward(size, lora)  # compiles every kernel variant (and makes cuBLAS's workspace)
@@ -187,7 +195,7 @@ class DecodeGraphs:
         assert size is not None, (b, self.max_batch)
         lora = any(s >= 0 for s in lora_slots)
         key = (size, lora)
-        if key not in self._graphs:
+        if self.capture and key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(size, lora)
             except Exception as e:
@@ -206,7 +214,9 @@ class DecodeGraphs:
             self.state_slots[:b].copy_(pinned(step.state_slots, torch.int64, dev), non_blocking=True)
         feed(self.ids, step.fed, previous)
         self._fill_padding(b, size)
+        self.replays += 1
+        if not self.capture:
+            return self._forward(size, lora, (*step.kv_lens, *(1,) * (size - b)))[:b]
         g = self._graphs[key]
         g.graph.replay()
-        self.replays += 1
         return g.logits[:b]
