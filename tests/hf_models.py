@@ -226,13 +226,16 @@ def qwen3_5_moe_config() -> Any:
     return Qwen3_5MoeTextConfig(**_hybrid(False))
 
 
-def build_hf_model(family: str, seed: int = 0) -> Any:
-    """A random fp32 transformers model of `family`, with eager attention and experts."""
+def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A random fp32 transformers model of `family`, with eager attention and experts; `overrides`: config
+    fields to change (e.g. num_attention_heads)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     special = {"gpt_oss": gpt_oss_config, "qwen3_next": qwen3_next_config, "qwen3_5_moe": qwen3_5_moe_config}
     cfg = special[family]() if family in special else family_configs()[family]
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     model = AutoModelForCausalLM.from_config(
         cfg, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )

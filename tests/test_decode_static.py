@@ -2,10 +2,10 @@
 through `DecodeGraphs`' static buffers (padded to the graph sizes: padding rows on the spare KV block, no
 adapter, state slot -1) eagerly, as the graphs would replay them. Tokens and log-probs equal the ordinary
 eager path's, for an attention model with adapters, the hybrid linear-attention model (state slots, a
-one-token prompt admitted while the others decode, which must start from zeros, n > 1 forks; at most
-three sequences at a time, so later prompts join decoding batches and reuse freed slots) and DeepSeek's latent attention. In float64
-(the routers' scores in fp32, as transformers computes them): the padded batches change only the sums'
-blocking, so a wrong row or slot shows (tenths), rounding does not (up to about 2e-6)."""
+one-token prompt admitted while the others decode, which must start from zeros, n > 1 forks; at most three
+sequences at a time, so later prompts join decoding batches and reuse freed slots) and DeepSeek's latent
+attention. In float64 (the routers' scores in fp32, as transformers computes them): the padded batches
+change only the sums' blocking, so a wrong row or slot shows (tenths), rounding does not (up to 2e-6)."""
 
 from __future__ import annotations
 

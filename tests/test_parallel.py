@@ -20,7 +20,7 @@ from moelora import LLM, SamplingParams
 from moelora.engine.stream import EngineDeadError
 from moelora.outputs import RequestOutput
 from moelora.parallel.launch import WorkerError
-from tests.hf_models import VOCAB, hf_logprobs, logprob_tol
+from tests.hf_models import VOCAB, build_hf_model, hf_logprobs, logprob_tol, save_per_expert
 from tests.lora_files import ExpectedLora, merged_hf_model
 from tests.test_engine_hf import hf_greedy
 
@@ -87,13 +87,43 @@ def single(checkpoints, mixed_adapters, one_thread) -> dict[tuple[str, str], Any
 def test_layout_matches_single_process_and_transformers(
     family, tp, ep, dtype, hf_models, checkpoints, mixed_adapters, single, one_thread
 ):
-    lora, outs, logits = run_batch(checkpoints[family], mixed_adapters[family], tp, ep, dtype)
-    _, ref_outs, ref_logits = single[family, dtype]
-    base = hf_models[family]  # hf_greedy and hf_logprobs compute in float64
+    run = run_batch(checkpoints[family], mixed_adapters[family], tp, ep, dtype)
+    check_layout(family, hf_models[family], mixed_adapters[family], tp, ep, dtype, run, single[family, dtype])
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(8, 8), (8, 4)])
+def test_eight_way_layouts(tp, ep, tmp_path: Path, one_thread):
+    """tp=8 with ep=8 (one expert a rank) and ep=4 (each expert's columns over two ranks) on a Qwen3-MoE
+    with 8 query heads and 2 key/value heads (each replicated over four ranks): the mixed batch equals the
+    single process's and transformers'."""
+    from tests.lora_files import adapter_specs, write_adapter
+
+    base = build_hf_model("qwen3_moe", num_attention_heads=8)
+    checkpoint = save_per_expert(base, tmp_path / "model")
+    adapters = {
+        name: (tmp_path / name, write_adapter(tmp_path / name, "qwen3_moe", base.config, **spec))
+        for name, spec in adapter_specs(base.config.num_experts).items()
+    }
+    single, run = (run_batch(checkpoint, adapters, t, e, "float64") for t, e in ((1, 1), (tp, ep)))
+    check_layout("qwen3_moe", base, adapters, tp, ep, "float64", run, single)
+
+
+def check_layout(
+    family: str,
+    base: Any,
+    adapters: dict[str, tuple[Path, ExpectedLora]],
+    tp: int,
+    ep: int,
+    dtype: str,
+    run: tuple[list[str | None], list[RequestOutput], list[torch.Tensor]],
+    single: tuple[list[str | None], list[RequestOutput], list[torch.Tensor]],
+) -> None:
+    """A layout's run of the mixed batch against the single process's and transformers' (`base` and its
+    adapters merged by hand; hf_greedy and hf_logprobs compute in float64)."""
+    lora, outs, logits = run
+    _, ref_outs, ref_logits = single
     if True:
-        references = {None: base} | {
-            n: merged_hf_model(base, exp) for n, (_, exp) in mixed_adapters[family].items()
-        }
+        references = {None: base} | {n: merged_hf_model(base, exp) for n, (_, exp) in adapters.items()}
         for name, prompt, out, ref in zip(
             lora, [p for _ in range(4) for p in prompts()], outs, ref_outs, strict=True
         ):
