@@ -22,7 +22,7 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 19, 11, 1)]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3"])
 def test_static_decode_inputs_equal_eager(family, tmp_path, monkeypatch):
     build_hf_model(family).save_pretrained(tmp_path / "model")
     params = [SamplingParams(temperature=0, max_tokens=9 + i, ignore_eos=True, logprobs=2) for i in range(5)]
