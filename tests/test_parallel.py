@@ -108,6 +108,22 @@ def test_eight_way_layouts(tp, ep, tmp_path: Path, one_thread):
     check_layout("qwen3_moe", base, adapters, tp, ep, "float64", run, single)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_uneven_experts_in_grouped_families(family, tmp_path: Path, one_thread):
+    """DeepSeek-V3's and GLM-4.5's group-limited routing with 6 experts in 2 groups over ep=4 (2, 2, 1 and
+    1 experts a rank), tp=4: the mixed batch equals the single process's and transformers'."""
+    from tests.lora_files import adapter_specs, write_adapter
+
+    base = build_hf_model(family, n_routed_experts=6)
+    checkpoint = save_per_expert(base, tmp_path / "model")
+    adapters = {
+        name: (tmp_path / name, write_adapter(tmp_path / name, family, base.config, **spec))
+        for name, spec in adapter_specs(6).items()
+    }
+    single, run = (run_batch(checkpoint, adapters, t, e, "float64") for t, e in ((1, 1), (4, 4)))
+    check_layout(family, base, adapters, 4, 4, "float64", run, single)
+
+
 def check_layout(
     family: str,
     base: Any,
