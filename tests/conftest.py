@@ -13,8 +13,40 @@ if not torch.cuda.is_available():
     # set first. Nothing else on CPU runs Triton code.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 from tests.hf_models import FAMILIES, build_hf_model, save_per_expert
 from tests.lora_files import ExpectedLora, adapter_specs, write_adapter
+
+
+def _gpu_dot_rule(lhs_type: Any, rhs_type: Any) -> tuple[int, int, int]:
+    """The smallest dot Triton compiles for an NVIDIA GPU, [M, N, K]: K >= 16 (32 for 8-bit inputs)."""
+    return (1, 1, 32) if lhs_type.scalar.primitive_bitwidth == 8 else (1, 1, 16)
+
+
+def _interpreter_refuses_what_the_gpu_refuses() -> None:
+    """Triton's interpreter accepts a `tl.dot` of any size; the GPU compiler refuses K < 16, and a kernel
+    launched with such a tile (a head dim of 8) passed every CPU test and failed on the H200. Give the
+    interpreter the GPU's rule, so CPU tests fail where the GPU would."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    original = builder.__init__
+
+    def init(self: Any) -> None:
+        original(self)
+        self.codegen_fns["min_dot_size"] = _gpu_dot_rule
+
+    builder.__init__ = init  # type: ignore[method-assign]
+    for existing in (getattr(interpreter, "interpreter_builder", None),):
+        if existing is not None:
+            existing.codegen_fns["min_dot_size"] = _gpu_dot_rule
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_refuses_what_the_gpu_refuses()
+
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

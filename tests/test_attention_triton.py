@@ -99,6 +99,7 @@ CPU_DECODE = [
     ((1, 1, 1), (1, 17, 40), (4, 4), 64, 16, torch.float32, None),
     ((1, 1, 1, 1), (33, 5, 16, 70), (8, 2), 128, 16, torch.float16, None),
     ((1, 1), (45, 3), (8, 1), 64, 8, torch.float32, 7),
+    ((1, 1), (20, 9), (4, 2), 8, 16, torch.float32, None),  # head dim 8 (the test models')
 ]
 CPU_PAGED_PREFILL = [
     # a prompt from scratch, a decode and a prompt continuing a cached prefix, in one batch
@@ -132,6 +133,7 @@ def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
         ((5, 1, 20), (4, 4), 64, torch.float32, None),
         ((13, 30), (8, 2), 128, torch.float16, 5),
         ((140, 7), (8, 1), 64, torch.float32, None),
+        ((9, 4), (4, 2), 8, torch.float32, None),  # a head dim below the dot's 16 (the test models')
     ],
 )
 def test_prefill_attention_matches_twin(seq_lens, heads, d, dtype, window):
