@@ -215,9 +215,18 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield sample._race_kernel, race, 4
 
 
+def all_cases() -> list[Case]:
+    return [
+        *moe_cases(),
+        *decode_cases(),
+        *dense_lora_cases(),
+        *linear_cases(),
+        *attention_and_small_op_cases(),
+    ]
+
+
 def main() -> int:
-    cases = [*moe_cases(), *decode_cases(), *dense_lora_cases(), *linear_cases()]
-    cases += list(attention_and_small_op_cases())
+    cases = all_cases()
     failed = 0
     for kernel, constexprs, warps, *stages in cases:
         try:
