@@ -103,15 +103,9 @@ def test_eight_gpu_layouts_match_one_gpu(tp, ep, tmp_path):
     """Issue #26's layouts on a Qwen3-MoE with 8 query heads (2 key/value heads, replicated): fp32 tokens
     equal to one GPU's and log-probs within 2e-3 (the same model passes on CPU with gloo in
     tests/test_parallel.py::test_eight_way_layouts)."""
-    from tests.hf_models import build_hf_model, save_per_expert
-    from tests.lora_files import adapter_specs, write_adapter
+    from tests.test_parallel import model_with_adapters
 
-    base = build_hf_model("qwen3_moe", num_attention_heads=8)
-    checkpoint = save_per_expert(base, tmp_path / "model")
-    adapters = {
-        name: (tmp_path / name, write_adapter(tmp_path / name, "qwen3_moe", base.config, **spec))
-        for name, spec in adapter_specs(base.config.num_experts).items()
-    }
+    _, checkpoint, adapters = model_with_adapters("qwen3_moe", tmp_path, num_attention_heads=8)
     one, split = (
         run_batch(checkpoint, adapters, t, e, "float32", device="cuda")[1] for t, e in ((1, 1), (tp, ep))
     )

@@ -96,32 +96,37 @@ def test_eight_way_layouts(tp, ep, tmp_path: Path, one_thread):
     """tp=8 with ep=8 (one expert a rank) and ep=4 (each expert's columns over two ranks) on a Qwen3-MoE
     with 8 query heads and 2 key/value heads (each replicated over four ranks): the mixed batch equals the
     single process's and transformers'."""
-    from tests.lora_files import adapter_specs, write_adapter
-
-    base = build_hf_model("qwen3_moe", num_attention_heads=8)
-    checkpoint = save_per_expert(base, tmp_path / "model")
-    adapters = {
-        name: (tmp_path / name, write_adapter(tmp_path / name, "qwen3_moe", base.config, **spec))
-        for name, spec in adapter_specs(base.config.num_experts).items()
-    }
-    single, run = (run_batch(checkpoint, adapters, t, e, "float64") for t, e in ((1, 1), (tp, ep)))
-    check_layout("qwen3_moe", base, adapters, tp, ep, "float64", run, single)
+    check_new_model_layout("qwen3_moe", tp, ep, tmp_path, num_attention_heads=8)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
 def test_uneven_experts_in_grouped_families(family, tmp_path: Path, one_thread):
     """DeepSeek-V3's and GLM-4.5's group-limited routing with 6 experts in 2 groups over ep=4 (2, 2, 1 and
     1 experts a rank), tp=4: the mixed batch equals the single process's and transformers'."""
+    check_new_model_layout(family, 4, 4, tmp_path, n_routed_experts=6)
+
+
+def model_with_adapters(
+    family: str, folder: Path, **overrides: Any
+) -> tuple[Any, Path, dict[str, tuple[Path, ExpectedLora]]]:
+    """A test model of `family` with config `overrides` (transformers, fp32), its checkpoint and the three
+    mixed adapters, written under `folder`."""
     from tests.lora_files import adapter_specs, write_adapter
 
-    base = build_hf_model(family, n_routed_experts=6)
-    checkpoint = save_per_expert(base, tmp_path / "model")
+    base = build_hf_model(family, **overrides)
+    checkpoint = save_per_expert(base, folder / "model")
+    num_experts = getattr(base.config, "n_routed_experts", None) or base.config.num_experts
     adapters = {
-        name: (tmp_path / name, write_adapter(tmp_path / name, family, base.config, **spec))
-        for name, spec in adapter_specs(6).items()
+        name: (folder / name, write_adapter(folder / name, family, base.config, **spec))
+        for name, spec in adapter_specs(num_experts).items()
     }
-    single, run = (run_batch(checkpoint, adapters, t, e, "float64") for t, e in ((1, 1), (4, 4)))
-    check_layout(family, base, adapters, 4, 4, "float64", run, single)
+    return base, checkpoint, adapters
+
+
+def check_new_model_layout(family: str, tp: int, ep: int, folder: Path, **overrides: Any) -> None:
+    base, checkpoint, adapters = model_with_adapters(family, folder, **overrides)
+    single, run = (run_batch(checkpoint, adapters, t, e, "float64") for t, e in ((1, 1), (tp, ep)))
+    check_layout(family, base, adapters, tp, ep, "float64", run, single)
 
 
 def check_layout(
