@@ -36,7 +36,8 @@ class StateRows:
     start_lens: host-side token counts of the sequences computed from nothing (a prompt, or a preempted
     sequence again from position 0), in batch order; start_rows [sum(start_lens)] int64 on the device: their
     token rows; start_slots: their state slots. decode_rows, decode_slots [D] int64 on the device: the token
-    row and the slot of each sequence continuing by one token from its slot's state."""
+    row and the slot of each sequence continuing by one token from its slot's state (int32 slots from a
+    CUDA graph's static inputs)."""
 
     start_lens: tuple[int, ...]
     start_rows: torch.Tensor

@@ -114,7 +114,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.kv_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slot = torch.full((n,), -1, dtype=torch.int32, device=dev)
-        self.state_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.state_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.int64, device=dev)
         self.capture = dev.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -207,11 +207,12 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(host[2], non_blocking=True)
         self.block_tables[:b, :width].copy_(pinned(block_tables, torch.int32, dev), non_blocking=True)
         self.block_tables[:b, width:] = 0
-        small = pinned([list(step.kv_lens), lora_slots], torch.int32, dev)
+        per_seq = [list(step.kv_lens), lora_slots, *([step.state_slots] if self.states is not None else [])]
+        small = pinned(per_seq, torch.int32, dev)  # one copy: lengths, adapter slots (and state slots)
         self.kv_lens[:b].copy_(small[0], non_blocking=True)
         self.token_slot[:b].copy_(small[1], non_blocking=True)
         if self.states is not None:
-            self.state_slots[:b].copy_(pinned(step.state_slots, torch.int64, dev), non_blocking=True)
+            self.state_slots[:b].copy_(small[2], non_blocking=True)
         feed(self.ids, step.fed, previous)
         self._fill_padding(b, size)
         self.replays += 1

@@ -22,6 +22,8 @@ inputs as its state.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -217,10 +219,7 @@ def _delta_chunk_kernel(
 
 def device_starts(seq_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[B + 1] int32 offsets of each sequence's first token (and the total) on the device."""
-    offsets = [0]
-    for n in seq_lens:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32).to(device, non_blocking=True)
+    return torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32).to(device)
 
 
 def gated_delta_rule(
