@@ -1,10 +1,11 @@
-"""Linear attention's kernels (Qwen3-Next / Qwen3.5-MoE, issue #23) on GPU, against their byte floors.
+"""Linear attention's kernels (Qwen3-Next / Qwen3.5-MoE, issue #23) on GPU, against their floors.
 
 Qwen3.5-35B-A3B's shapes: 16 key heads and 32 value heads of 128, conv channels 8,192 of width 4, bf16
 inputs, fp32 states. Rows:
-- prefill: the chunked gated delta rule over S sequences of N tokens (chunk and value-tile sizes swept),
-  and the causal convolution over the same tokens; floor: the bytes read and written (q, k, v, g, beta in,
-  the output and the final states out) at the measured copy rate;
+- prefill: the chunked gated delta rule over S sequences of N tokens (default tiles and precision,
+  exact fp32 products, and chunk and value-tile sizes swept), and the causal convolution over the same
+  tokens; floor: the larger of the bytes read and written (q, k, v, g, beta in, the output and the final
+  states out) at the measured rate and the chunked form's products at the measured dense GEMM rate;
 - decode: the one-token steps for B sequences, under CUDA-graph replay; floor: each sequence's state read
   and written back (the delta rule's [32, 128, 128] fp32 matrix: 2 MiB a sequence a layer, both ways).
 Each kernel's output is checked against the PyTorch twin on a small case first.
@@ -14,18 +15,21 @@ Each kernel's output is checked against the PyTorch twin on a small case first.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 from timing import events_us, graph_us
 
-from moelora.benchmark.floors import measure_ceilings
+from moelora.benchmark.floors import Ceilings, measure_ceilings
 from moelora.ops.torch import delta as twin
 from moelora.ops.triton import delta as kern
 
 HK, HV, DK, DV, CONV, WIDTH = 16, 32, 128, 128, 8192, 4
+LAYERS = 30  # Qwen3.5-35B-A3B's linear-attention layers
 
 
 @dataclass
@@ -66,41 +70,57 @@ def check() -> None:
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
-def prefill_rows(bandwidth: float) -> list[Row]:
+def chunk_flops(tokens: int, chunk: int) -> int:
+    """Multiply-adds x 2 of the chunked form: per token and value head, the state's three products
+    (q S, w S, k^T delta: Dk x Dv each) and the chunk's five (k k^T, T k, T v, q k^T, intra delta)."""
+    return tokens * HV * 2 * (3 * DK * DV + chunk * (3 * DK + 2 * DV))
+
+
+def prefill_rows(ceilings: Ceilings) -> list[Row]:
     rows = []
+    variants = [dict(precision="tf32x3"), dict(precision="ieee")]
+    variants += [dict(chunk=c, block_v=b) for c in (16, 32) for b in (32, 64, 128)]
     for seqs, n in ((1, 2048), (16, 512), (64, 128)):
         tokens, lens = seqs * n, (n,) * seqs
         q, k, v, gate, beta = inputs(tokens)
         moved = tokens * (2 * HK * DK * 2 + 2 * HV * DV * 2 + HV * 4 + HV * 2) + seqs * HV * DK * DV * 4
-        for chunk in (16, 32):
-            for block_v in (32, 64, 128):
-                run = partial(kern.gated_delta_rule, q, k, v, gate, beta, lens, chunk=chunk, block_v=block_v)
-                variant = f"chunk {chunk}, block_v {block_v}"
-                rows.append(
-                    Row("prefill", f"{seqs}x{n}", variant, events_us(run, 10), moved / bandwidth * 1e6)
-                )
+        for variant in variants:
+            run = partial(kern.gated_delta_rule, q, k, v, gate, beta, lens, **variant)
+            floor = max(moved / ceilings.bytes_per_s, chunk_flops(tokens, 16) / (ceilings.gemm_flops or 1e30))
+            name = ", ".join(f"{key} {value}" for key, value in variant.items())
+            rows.append(Row("prefill", f"{seqs}x{n}", name, events_us(run, 10), floor * 1e6))
         x = torch.randn(tokens, CONV, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)
         conv_bytes = 2 * tokens * CONV * 2 + seqs * CONV * (WIDTH - 1) * 2
         us = events_us(partial(kern.causal_conv, x, w, lens), 10)
-        rows.append(Row("prefill conv", f"{seqs}x{n}", "", us, conv_bytes / bandwidth * 1e6))
+        rows.append(Row("prefill conv", f"{seqs}x{n}", "", us, conv_bytes / ceilings.bytes_per_s * 1e6))
     return rows
 
 
+def layered_us(calls: list[Callable[[], object]]) -> float:
+    """Microseconds per call of a CUDA graph that makes each of `calls` once."""
+    steps = itertools.cycle(calls)
+    return graph_us(lambda: next(steps)(), calls=len(calls))
+
+
 def decode_rows(bandwidth: float) -> list[Row]:
+    """Each replay steps LAYERS layers, each with its own states (as a model does: the card's L2 would
+    otherwise hold a small batch's states from one replay to the next)."""
     rows = []
     for batch in (1, 16, 64, 256):
         q, k, v, gate, beta = inputs(batch)
-        states = torch.zeros(batch, HV, DK, DV, device="cuda")
         slots = torch.arange(batch, device="cuda")
         moved = batch * (2 * HV * DK * DV * 4 + 2 * HK * DK * 2 + 2 * HV * DV * 2)
-        us = graph_us(partial(kern.gated_delta_step, q, k, v, gate, beta, states, slots), calls=20)
+        states = [torch.zeros(batch, HV, DK, DV, device="cuda") for _ in range(LAYERS)]
+        us = layered_us([partial(kern.gated_delta_step, q, k, v, gate, beta, s, slots) for s in states])
         rows.append(Row("decode step", f"B={batch}", "", us, moved / bandwidth * 1e6))
+        del states
         x = torch.randn(batch, CONV, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)
-        conv_states = torch.zeros(batch, CONV, WIDTH - 1, device="cuda", dtype=torch.bfloat16)
         conv_bytes = batch * (2 * CONV * 2 + 2 * CONV * (WIDTH - 1) * 2)
-        us = graph_us(partial(kern.causal_conv_step, x, w, conv_states, slots), calls=20)
+        shape = (batch, CONV, WIDTH - 1)
+        conv = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        us = layered_us([partial(kern.causal_conv_step, x, w, s, slots) for s in conv])
         rows.append(Row("decode conv step", f"B={batch}", "", us, conv_bytes / bandwidth * 1e6))
     return rows
 
@@ -112,9 +132,10 @@ def main() -> None:
     check()
     ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     bandwidth = ceilings.bytes_per_s
-    rows = prefill_rows(bandwidth) + decode_rows(bandwidth)
+    rows = prefill_rows(ceilings) + decode_rows(bandwidth)
     rate = f"{bandwidth / 1e12:.2f} TB/s"
-    print(f"\n{torch.cuda.get_device_name()}; floors at {rate} (the faster of copy and read)")
+    gemm = f"{(ceilings.gemm_flops or 0) / 1e12:.0f} TFLOP/s"
+    print(f"\n{torch.cuda.get_device_name()}; floors at {rate} (the faster of copy and read) and {gemm}")
     print("| kernel | shape | variant | us | floor us | floor / us |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.kind} | {r.shape} | {r.variant} | {r.us:.1f} | {r.floor_us:.1f} | {r.share:.0%} |")

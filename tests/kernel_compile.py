@@ -202,7 +202,7 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for chunk in (16, 32):
         chunked = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, CHUNK=chunk)
         for has_initial in (False, True):
-            yield delta._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial), 4
+            yield delta._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial, PRECISION="tf32x3"), 4
             conv = dict(WIDTH=4, BLOCK_C=128, BLOCK_T=16, BLOCK_W=4, HAS_INITIAL=has_initial)
             yield delta._conv_kernel, conv, 4
     for weight_first in (False, True):
