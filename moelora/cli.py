@@ -175,8 +175,6 @@ VLLM_ONLY = {
     "--swap-space": "preempted requests are recomputed, never swapped: size the KV cache with "
     "--kv-cache-memory or --gpu-memory-utilization",
     "--cpu-offload-gb": "weights stay on the device: lower --max-model-len or use more GPUs (--tp)",
-    "--quantization": "weights are served in --dtype (bfloat16, float16 or float32); block-FP8 "
-    "checkpoints load dequantised without a flag",
     "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--tokenizer": "the tokenizer is read from the model folder",
     "--tokenizer-mode": "the tokenizer is read from the model folder",

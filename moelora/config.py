@@ -13,6 +13,7 @@ from typing import Any
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = ("none", "fp8")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # = moelora.ops.BACKENDS (config sits below ops)
 
 
@@ -50,6 +51,13 @@ class ModelArgs:
     )
     hf_overrides: str | None = option(
         None, "JSON object of config.json fields to replace, e.g. '{\"num_hidden_layers\": 4}'"
+    )
+    quantization: str = option(
+        "none",
+        "fp8: hold the routed experts' weights in FP8 (e4m3, a scale per row and 128 input columns, "
+        "quantised at load; LoRA stays in --dtype); none: as loaded",
+        aliases=("-q",),
+        choices=QUANTIZATIONS,
     )
     generation_config: str = option(
         "auto",

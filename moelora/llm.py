@@ -108,6 +108,7 @@ class LLM:
         enable_lora: bool = False,
         load_format: str = "auto",
         hf_overrides: Mapping[str, Any] | str | None = None,
+        quantization: str | None = None,
         generation_config: str = "auto",
         trust_remote_code: bool = False,
         kernel_backend: str = "auto",
@@ -117,9 +118,11 @@ class LLM:
 
         `load_format="dummy"` draws random weights on the device from config.json alone (benchmarks; the
         default "auto" does so for `preset:NAME` models); `hf_overrides` replaces config.json fields, e.g.
-        {"num_hidden_layers": 4}. `generation_config`: where default sampling parameters come from ("auto":
-        the model's generation_config.json, "vllm": none, or a folder). `trust_remote_code` is accepted
-        for vLLM compatibility and changes nothing: moelora never runs a model's own code.
+        {"num_hidden_layers": 4}. `quantization="fp8"` holds the routed experts' weights in FP8, quantised
+        at load (half their bytes; adapters stay in `dtype`). `generation_config`: where default sampling
+        parameters come from ("auto": the model's generation_config.json, "vllm": none, or a folder).
+        `trust_remote_code` is accepted for vLLM compatibility and changes nothing: moelora never runs a
+        model's own code.
         `kernel_backend`: "auto" (Triton on CUDA), "torch" or "triton", for every op of this process.
 
         `lora_modules` {name: PEFT adapter folder or DummyLora} are loaded at start (for "demo", its demo
@@ -137,6 +140,7 @@ class LLM:
             progress=progress,
             load_format=load_format,
             hf_overrides=json.dumps(overrides) if overrides else None,
+            quantization=quantization or "none",
             generation_config=generation_config,
             trust_remote_code=trust_remote_code,
             kernel_backend=kernel_backend,
@@ -209,6 +213,7 @@ class LLM:
             load_format=a.load_format,
             hf_overrides=self.hf_overrides,
             seed=a.seed,
+            quantization=a.quantization,
         )
 
     def _start_parallel(self, dtype: str | torch.dtype, device: str, seed: int, progress: bool) -> Any:
@@ -230,6 +235,7 @@ class LLM:
             load_format=self.args.load_format,
             hf_overrides=self.hf_overrides or None,
             kernel_backend=self.args.kernel_backend,
+            quantization=self.args.quantization,
         )
         rank = torchrun_rank(tp)
         if rank is not None and rank != 0:  # under torchrun: this process only serves rank 0, then exits

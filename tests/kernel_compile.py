@@ -47,24 +47,27 @@ INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr",
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
 INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr"}
+FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
 def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> None:
     """Pointers are bf16 unless named as int or fp32 buffers; `*_desc` arguments are bf16 tensor descriptors
-    of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32."""
+    of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32.
+    constexprs["fp8"] (taken out): the expert weights (`w_ptr`, `w_desc`) are FP8 (e4m3)."""
     signature, constants = {}, {}
     descs = constexprs.pop("descs", {})
+    fp8 = constexprs.pop("fp8", False)
     for i, name in enumerate(kernel.arg_names):
+        weight = "fp8e4nv" if fp8 and name in ("w_ptr", "w_desc") else "bf16"
         if name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
         elif name in descs:
-            signature[name] = f"tensordesc<bf16[{', '.join(map(str, descs[name]))}]>"
+            signature[name] = f"tensordesc<{weight}[{', '.join(map(str, descs[name]))}]>"
         elif name.endswith("_ptr") or name.endswith("_desc"):
-            signature[name] = "*i32" if name in INT_PTRS else "*fp32" if name in FP32_PTRS else "*bf16"
+            signature[name] = "*i32" if name in INT_PTRS else "*fp32" if name in FP32_PTRS else f"*{weight}"
         elif name.isupper():
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
         else:
@@ -85,20 +88,27 @@ def moe_cases() -> Iterator[Case]:
                 common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
                 common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
+                unscaled = dict(HAS_SCALE=False, GROUP=1)
                 for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
                     gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, IL_EXPAND=rank <= 16, **common)
-                    yield moe_gate_up._gate_up_kernel, gate_up | dict(HAS_BIAS=False, CLAMPED=False), t.warps
+                    plain = gate_up | dict(HAS_BIAS=False, CLAMPED=False)
+                    yield moe_gate_up._gate_up_kernel, plain | unscaled, t.warps
+                    fp8 = dict(HAS_SCALE=True, GROUP=128, BLOCK_K=min(t.block_k, 128), fp8=True)
+                    yield moe_gate_up._gate_up_kernel, plain | fp8, t.warps
                 # GPT-OSS's biases and clamped SwiGLU (HIDDEN 2880: not a multiple of the K step)
                 gpt_oss = dict(gate_up, HIDDEN=2880, HAS_BIAS=True, CLAMPED=True)
-                yield moe_gate_up._gate_up_kernel, gpt_oss, t.warps
+                yield moe_gate_up._gate_up_kernel, gpt_oss | unscaled, t.warps
                 d = t.for_down(rank if has_lora else 0)  # rank is a power of 2: its BLOCK_R
                 persistent = d.tma_down and not has_lora
                 down = {**common, "INTER": 768, "BLOCK_N": d.block_n, "PIPELINED": True}
                 down |= {"PERSISTENT": persistent, "BLOCKS_PAD": 1024 if persistent else 1}
                 for tma in (True, False) if d.tma_down else (False,):
-                    descs = {"h_desc": [d.block_m, d.block_k], "w_desc": [d.block_n, d.block_k]}
-                    down |= {"TMA": tma, "descs": descs if tma else {}}
-                    yield moe_down._down_kernel, dict(down), t.warps, d.stages
+                    for scaled in (False, True):
+                        block_k = min(d.block_k, 128) if scaled else d.block_k
+                        descs = {"h_desc": [d.block_m, block_k], "w_desc": [d.block_n, block_k]}
+                        down |= {"TMA": tma, "descs": descs if tma else {}, "BLOCK_K": block_k}
+                        down |= dict(HAS_SCALE=scaled, GROUP=128 if scaled else 1, fp8=scaled)
+                        yield moe_down._down_kernel, dict(down), t.warps, d.stages
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):
             in_dim = 2048 if gather else 768
@@ -144,10 +154,15 @@ def decode_cases() -> Iterator[Case]:
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
         for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
-            extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss)
+            extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
-            yield moe_decode_down._decode_down_kernel, down_case, d.warps
+            yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
+        # FP8 experts (scales per row and 128 columns: a K step of at most 128)
+        fp8 = dict(HAS_BIAS=False, CLAMPED=False, HAS_SCALE=True, GROUP=128, fp8=True)
+        yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=128), t.warps
+        down_case = dict(INTER=768, TOP_K=8, HAS_BIAS=False, HAS_SCALE=True, GROUP=128, fp8=True, **down)
+        yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=min(d.block_k, 128)), d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:

@@ -21,13 +21,14 @@ triton = pytest.importorskip("triton")
 
 from moelora import LLM, SamplingParams, ops  # noqa: E402
 from moelora.demo import demo_adapter_paths  # noqa: E402
-from moelora.ops.expert_extras import ExpertExtras  # noqa: E402
+from moelora.ops.expert_extras import ExpertExtras, ExpertScales  # noqa: E402
 from moelora.ops.expert_lora import ExpertLora  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LoraTiles, Tiles  # noqa: E402
 from moelora.ops.torch import align as torch_align  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch import moe as torch_moe  # noqa: E402
 from moelora.ops.torch import router as torch_router  # noqa: E402
+from moelora.ops.torch.fp8 import quantize_rows  # noqa: E402
 from moelora.ops.triton import align as triton_align  # noqa: E402
 from moelora.ops.triton import lora as triton_lora  # noqa: E402
 from moelora.ops.triton import moe as triton_moe  # noqa: E402
@@ -159,24 +160,45 @@ def gpt_oss_extras(g: torch.Generator, case, down_bias: bool = True) -> ExpertEx
     return ExpertExtras(b_gate_up, b_down, (0.7, 1.702))
 
 
-def check_fused_moe(case, seed: int, plan: KernelPlan = TUNED, extras: bool = False) -> None:
+def fp8_experts(
+    w_gu: torch.Tensor, w_dn: torch.Tensor, ext: ExpertExtras | None, group: int
+) -> tuple[torch.Tensor, torch.Tensor, ExpertExtras]:
+    """The weights in FP8 with their scales per row and `group` columns, added to `ext`."""
+    (q_gu, s_gu), (q_dn, s_dn) = quantize_rows(w_gu, group), quantize_rows(w_dn, group)
+    base = ext if ext is not None else ExpertExtras(None, None, None)
+    return q_gu, q_dn, replace(base, scales=ExpertScales(s_gu, s_dn, group))
+
+
+def check_fused_moe(
+    case, seed: int, plan: KernelPlan = TUNED, extras: bool = False, fp8_group: int = 0
+) -> None:
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
+    if fp8_group:
+        w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
     out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan, ext)
     ref = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
     assert_close(out, ref, CPU_TOL[x.dtype])
-    if extras:
+    if extras and not fp8_group:
         plain = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
         assert (ref - plain).abs().max() > 10 * CPU_TOL[x.dtype], "the extras must be visible"
 
 
 def check_fused_moe_lora(
-    case, seed: int, num_slots: int, rank: int, plan: KernelPlan = TUNED, extras: bool = False
+    case,
+    seed: int,
+    num_slots: int,
+    rank: int,
+    plan: KernelPlan = TUNED,
+    extras: bool = False,
+    fp8_group: int = 0,
 ) -> None:
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
     slot = slots(g, x.shape[0], num_slots)
     ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
+    if fp8_group:
+        w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
     out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan, extras=ext)
     ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext)
     assert_close(out, ref, CPU_TOL[x.dtype])
@@ -234,6 +256,28 @@ def test_gpt_oss_extras_match_twin(case, seed: int, path: KernelPlan):
     on even seeds only, as on the ranks that do not add it), invalid ids and slots mixed in."""
     check_fused_moe(case, seed, path, extras=True)
     check_fused_moe_lora(case, seed, num_slots=3, rank=8, plan=path, extras=True)
+
+
+@pytest.mark.parametrize(("case", "group"), [(CPU_CASES[0], 16), (CPU_CASES[1], 32), (CPU_CASES[2], 16)])
+def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
+    """FP8 expert weights with a scale per row and group of input columns (a partial last group where
+    the group does not divide H or I) on every path, without and with LoRA, invalid ids and slots mixed
+    in: the kernels' products equal the twin's on the dequantised weights."""
+    check_fused_moe(case, case[0] + 2, path, fp8_group=group)
+    check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=path, fp8_group=group)
+
+
+def test_fp8_experts_refused_without_scales():
+    _, x, w_gu, w_dn, ids, weights = moe_inputs(CPU_CASES[0], 0)
+    q_gu, q_dn, ext = fp8_experts(w_gu, w_dn, None, 16)
+    with pytest.raises(ValueError, match="float8_e4m3fn with scales, or neither"):
+        triton_moe.fused_moe(x, q_gu, q_dn, ids, weights)
+    with pytest.raises(ValueError, match="float8_e4m3fn with scales, or neither"):
+        triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, extras=ext)
+    assert ext.scales is not None
+    bad = replace(ext, scales=replace(ext.scales, down=ext.scales.down[:, :-1]))
+    with pytest.raises(ValueError, match="FP8 down scales have shape"):
+        triton_moe.fused_moe(x, q_gu, q_dn, ids, weights, extras=bad)
 
 
 @pytest.mark.parametrize(("case", "rank"), [(CPU_CASES[1], 24), (CPU_CASES[2], 16)])
@@ -642,6 +686,13 @@ def test_fused_moe_lora_gpu(case, rank: int, path: KernelPlan):
 def test_gpt_oss_extras_gpu(case, seed: int, path: KernelPlan):
     check_fused_moe(case, seed, path, extras=True)
     check_fused_moe_lora(case, seed, num_slots=16, rank=16, plan=path, extras=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_fp8_experts_gpu(case, path: KernelPlan):
+    check_fused_moe(case, case[0] + 5, path, fp8_group=128)
+    check_fused_moe_lora(case, case[0] + 6, num_slots=16, rank=16, plan=path, fp8_group=128)
 
 
 @pytest.mark.gpu

@@ -162,7 +162,7 @@ def test_vllm_flag_names_parse_to_moelora_s():
 
 @pytest.mark.parametrize(
     ("flag", "hint"),
-    [("--swap-space", "recomputed"), ("--pipeline-parallel-size", "--tp"), ("--quantization", "--dtype")],
+    [("--swap-space", "recomputed"), ("--pipeline-parallel-size", "--tp"), ("--kv-cache-dtype", "--dtype")],
 )
 def test_vllm_only_flags_are_refused_with_the_way_out(flag, hint, capsys):
     assert main(["serve", flag, "2"]) == 2

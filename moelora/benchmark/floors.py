@@ -89,19 +89,26 @@ class ModelBytes:
     state_per_seq: int = 0
 
 
+def _expert_bytes(m: FusedMoE) -> int:
+    """A layer's routed-expert weights, with their FP8 scales (`--quantization fp8`)."""
+    scales = (m.scales.gate_up, m.scales.down) if m.scales is not None else ()
+    return sum(_nbytes(t) for t in (m.w_gate_up, m.w_down, *scales))
+
+
 def model_bytes(model: MoeForCausalLM, kv_per_token: int) -> ModelBytes:
     experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
     embeddings = [m for m in model.modules() if isinstance(m, VocabEmbedding)]
-    expert_total = sum(_nbytes(m.w_gate_up) + _nbytes(m.w_down) for m in experts)
+    expert_total = sum(_expert_bytes(m) for m in experts)
     tied = model.cfg.tie_word_embeddings
     embed_total = 0 if tied else sum(_nbytes(m.weight) for m in embeddings)
     total = sum(_nbytes(p) for p in model.parameters())
     e_loc = experts[0].w_down.shape[0] if experts else 0
-    per_expert = (_nbytes(experts[0].w_gate_up) + _nbytes(experts[0].w_down)) // e_loc if experts else 0
+    per_expert = _expert_bytes(experts[0]) // e_loc if experts else 0
     item = next(model.parameters()).element_size()
     cfg = model.cfg
     always = total - expert_total - embed_total
-    active = (always + len(experts) * cfg.top_k * per_expert) // item
+    expert_params = (experts[0].w_gate_up.numel() + experts[0].w_down.numel()) // e_loc if experts else 0
+    active = always // item + len(experts) * cfg.top_k * expert_params  # FP8 experts: params, not bytes
     return ModelBytes(
         always,
         per_expert,

@@ -50,6 +50,7 @@ class Session:
             "load_format": llm.load_format,
             "hf_overrides": llm.hf_overrides,
             "dtype": str(llm.model.dtype).removeprefix("torch."),
+            "quantization": llm.args.quantization,
             "tp_size": llm.parallel.tp_size,
             "ep_size": llm.parallel.experts_over,
             "prefix_caching": engine.scheduler.prefix_caching,  # (off for models that cannot use it)

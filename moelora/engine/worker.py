@@ -50,6 +50,7 @@ def load_share(spec: LaunchSpec, rank: int) -> tuple[MoeForCausalLM, WorkerChann
         load_format=spec.load_format,
         hf_overrides=spec.hf_overrides,
         seed=spec.seed,
+        quantization=spec.quantization,
     )
     return model, WorkerChannel(ctrl, spec.tp_size)
 

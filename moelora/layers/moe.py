@@ -9,7 +9,9 @@ from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
+from moelora.ops.expert_extras import ExpertScales
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.torch.fp8 import quantize_rows
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
 
@@ -70,6 +72,7 @@ class FusedMoE(nn.Module):
         # slice (the ranks' partial sums are added up after).
         self.adds_down_bias = ps.moe_tp_rank == 0
         self.swiglu = swiglu
+        self.scales: ExpertScales | None = None  # FP8 weights' (`quantize_fp8`)
         self.expert_map: torch.Tensor
         self.register_buffer("expert_map", self.placement.expert_map(), persistent=False)
         self.lora: ExpertLora | None = None
@@ -95,11 +98,28 @@ class FusedMoE(nn.Module):
         )
 
     def extras(self) -> ops.ExpertExtras | None:
-        """GPT-OSS's expert biases and activation, None for the plain SwiGLU experts."""
-        if self.b_gate_up is None and self.swiglu is None:
+        """GPT-OSS's expert biases and activation and FP8 weights' scales; None for plain bf16 experts."""
+        if self.b_gate_up is None and self.swiglu is None and self.scales is None:
             return None
         b_down = self.b_down if self.adds_down_bias else None
-        return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu)
+        return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu, self.scales)
+
+    @torch.no_grad()
+    def quantize_fp8(self, group: int = 128) -> None:
+        """Hold the loaded weights in FP8 with a scale per row and `group` input columns
+        (`ops.torch.fp8.quantize_rows`), a few experts at a time (fp32 copies of all would double the
+        memory). The scales are parameters too, so the model's byte counts include them."""
+        pieces: dict[str, list[torch.Tensor]] = {"w_gate_up": [], "w_down": [], "s_gate_up": [], "s_down": []}
+        for name in ("w_gate_up", "w_down"):
+            w = getattr(self, name)
+            for chunk in w.split(8):
+                w8, scale = quantize_rows(chunk, group)
+                pieces[name].append(w8)
+                pieces["s" + name[1:]].append(scale)
+            setattr(self, name, nn.Parameter(torch.cat(pieces[name]), requires_grad=False))
+        self.s_gate_up = nn.Parameter(torch.cat(pieces["s_gate_up"]), requires_grad=False)
+        self.s_down = nn.Parameter(torch.cat(pieces["s_down"]), requires_grad=False)
+        self.scales = ExpertScales(self.s_gate_up, self.s_down, group)
 
     def weight_specs(self, prefix: str, names: ExpertNames, in_major: bool = False) -> list[WeightSpec]:
         """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`;

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from moelora.config import DTYPE_CHOICES, LOAD_FORMATS
+from moelora.config import DTYPE_CHOICES, LOAD_FORMATS, QUANTIZATIONS
+from moelora.layers.moe import FusedMoE
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
 from moelora.loader.fp8 import Fp8Checkpoint, fp8_block_size
@@ -126,12 +127,21 @@ def load_model(
     load_format: str = "auto",
     hf_overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    quantization: str = "none",
 ) -> MoeForCausalLM:
     """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
     random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them).
-    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`)."""
+    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`). `quantization="fp8"`: the
+    routed experts' weights are then held in FP8 (`FusedMoE.quantize_fp8`)."""
     fmt = resolve_load_format(load_format, folder)
     cfg, family = read_model_config(folder, hf_overrides)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "fp8" and fmt != "dummy" and _is_quantized(folder, hf_overrides):
+        raise ValueError(
+            f"quantization='fp8' on {folder.name}, whose checkpoint is quantised already: its weights would "
+            f"be quantised a second time. Serve it without the option (read dequantised into --dtype)"
+        )
     chosen_dtype = resolve_dtype(dtype, cfg.dtype)
     chosen_device = resolve_device(device)
     with ExitStack() as stack:
@@ -153,7 +163,16 @@ def load_model(
             desc=desc,
             ignored_prefixes=model.ignored_prefixes(),
         )
+    if quantization == "fp8":
+        for module in model.modules():
+            if isinstance(module, FusedMoE):
+                module.quantize_fp8()
     return model.eval()
+
+
+def _is_quantized(folder: Path, hf_overrides: dict[str, Any] | None) -> bool:
+    raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
+    return bool(raw.get("quantization_config"))
 
 
 def _quantized(ckpt: Checkpoint, folder: Path, hf_overrides: dict[str, Any] | None) -> TensorSource:

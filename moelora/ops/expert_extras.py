@@ -1,4 +1,5 @@
-"""`ExpertExtras`: what GPT-OSS's routed experts have beyond the plain SwiGLU MLP, as one value."""
+"""`ExpertExtras`: what routed experts have beyond the plain SwiGLU MLP in bf16 (GPT-OSS's biases and
+activation, FP8 weights' scales), as one value."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertExtras:
-    """Per-expert biases and the clamped SwiGLU of GPT-OSS.
+    """Per-expert biases and the clamped SwiGLU of GPT-OSS, and the scales of FP8 expert weights.
 
     b_gate_up [E_loc, 2 * I_loc] (this rank's gate biases, then its up biases) or None; b_down [E_loc, H]
     or None (None also on the ranks that do not add it: one rank per intermediate split does);
@@ -22,6 +23,20 @@ class ExpertExtras:
     b_gate_up: torch.Tensor | None
     b_down: torch.Tensor | None
     swiglu: tuple[float, float] | None
+    scales: ExpertScales | None = None  # FP8 expert weights (`--quantization fp8`)
+
+
+@dataclass(frozen=True)
+class ExpertScales:
+    """The scales of FP8 (float8_e4m3fn) expert weights, per row and group of `group` input columns:
+    gate_up [E_loc, 2 * I_loc, ceil(H / group)] and down [E_loc, H, ceil(I_loc / group)], fp32, with
+        W_gate_up[e, n, k] = W8_gate_up[e, n, k] * gate_up[e, n, k // group]
+    (and so for down). `group` is a power of two >= 16; the kernels step at most `group` columns at a
+    time, so each step reads one scale per row."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    group: int
 
 
 def activation(gate: torch.Tensor, up: torch.Tensor, swiglu: tuple[float, float] | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch import acc_dtype
+from moelora.ops.torch.fp8 import expert_weights
 
 
 def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
@@ -119,6 +120,7 @@ def fused_moe_lora(
     Sums are accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
     num_tokens, hidden = x.shape
+    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     lora.check(num_experts, hidden, inter, num_tokens, token_slot)
     a_gu, b_gu, a_dn, b_dn = lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.torch import acc_dtype
+from moelora.ops.torch.fp8 import expert_weights
 
 
 def fused_moe(
@@ -30,6 +31,7 @@ def fused_moe(
         y[t] += weights[t, j] * d
     The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
+    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype)
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     acc = acc_dtype(x.dtype)

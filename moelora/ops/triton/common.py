@@ -5,6 +5,7 @@ SM count and whether it takes tensor descriptors (TMA)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -110,6 +111,33 @@ def extras_args(
     if bias is None:
         return fallback, 0, *swiglu
     return bias, bias.stride(0), *swiglu
+
+
+@dataclass(frozen=True)
+class ScaleArgs:
+    """A kernel's view of one projection's FP8 scales: the table (a placeholder, never read, without),
+    its expert and row strides, whether the weights are FP8, and the group (a constexpr: 1 without)."""
+
+    table: torch.Tensor
+    strides: tuple[int, int]
+    on: bool
+    group: int
+
+
+def scale_args(
+    extras: ExpertExtras | None, fallback: torch.Tensor, which: str, block_k: int
+) -> tuple[ScaleArgs, int]:
+    """(the scales of projection `which` ("gate_up" or "down") in `extras`, the K step: `block_k`, at
+    most the scales' group with FP8 weights, so that a step reads one scale a row)."""
+    scales = extras.scales if extras is not None else None
+    if scales is None:
+        return ScaleArgs(fallback, (0, 0), False, 1), block_k
+    table = scales.gate_up if which == "gate_up" else scales.down
+    if table.stride(2) != 1:
+        raise ValueError(f"FP8 {which} scales need unit stride over their groups, got {table.stride()}")
+    return ScaleArgs(table, (table.stride(0), table.stride(1)), True, scales.group), min(
+        block_k, scales.group
+    )
 
 
 def num_blocks_grid(blocks: int, cols: int, block_n: int) -> tuple[int]:

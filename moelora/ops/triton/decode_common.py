@@ -17,6 +17,16 @@ def fma_step(acc, w_ptrs, w_mask, v):
 
 
 @triton.jit
+def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, HAS_SCALE: tl.constexpr):
+    """`fma_step`, the weights (FP8 with HAS_SCALE) times their rows' scales s [N] at s_ptrs."""
+    if HAS_SCALE:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        return acc + w * scale[:, None] * v[None, :]
+    return fma_step(acc, w_ptrs, w_mask, v)
+
+
+@triton.jit
 def pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts):
     """(token, expert id, whether the expert runs here) of pair p."""
     t = p // top_k

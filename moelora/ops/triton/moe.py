@@ -13,6 +13,7 @@ import torch
 
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.torch.fp8 import FP8
 from moelora.ops.triton.align import moe_align, moe_align_buckets
 from moelora.ops.triton.moe_decode import decode_moe
 from moelora.ops.triton.moe_down import moe_down
@@ -42,7 +43,7 @@ def fused_moe(
     extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.moe.fused_moe`; `plan`: the kernel choices."""
-    _check(x, w_gate_up, w_down, local_ids, weights)
+    _check(x, w_gate_up, w_down, local_ids, weights, extras)
     num_tokens, top_k = local_ids.shape
     num_experts = w_down.shape[0]
     if num_tokens == 0:
@@ -52,7 +53,7 @@ def fused_moe(
     tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
     h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None, plan=plan, extras=extras)
-    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None, plan)
+    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None, plan, extras)
     return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
 
 
@@ -69,7 +70,7 @@ def fused_moe_lora(
 ) -> torch.Tensor:
     """Same signature and Semantics as `moelora.ops.torch.lora.fused_moe_lora`; `plan`: the kernel
     choices."""
-    _check(x, w_gate_up, w_down, local_ids, weights)
+    _check(x, w_gate_up, w_down, local_ids, weights, extras)
     num_tokens, top_k = local_ids.shape
     num_experts, hidden, inter = w_down.shape
     lora.check(num_experts, hidden, inter, num_tokens, token_slot)
@@ -100,17 +101,37 @@ def fused_moe_lora(
     if ha is None:
         ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank, plan).squeeze(2)
     if apart:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan)
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan, extras)
         moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank, plan)
     else:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank), plan)
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank), plan, extras)
     return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
 
 
 def _check(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, local_ids: torch.Tensor, w: torch.Tensor
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    local_ids: torch.Tensor,
+    w: torch.Tensor,
+    extras: ExpertExtras | None,
 ) -> None:
     num_experts, hidden, inter = w_down.shape
+    scales = extras.scales if extras is not None else None
+    fp8 = (w_gate_up.dtype == FP8, w_down.dtype == FP8)
+    if fp8 != (scales is not None,) * 2:
+        raise ValueError(
+            f"expert weights in {w_gate_up.dtype} and {w_down.dtype} with "
+            f"{'no' if scales is None else ''} FP8 scales: both float8_e4m3fn with scales, or neither"
+        )
+    if scales is not None:
+        for name, table, (n, k) in (
+            ("gate_up", scales.gate_up, (2 * inter, hidden)),
+            ("down", scales.down, (hidden, inter)),
+        ):
+            want = (num_experts, n, -(-k // scales.group))
+            if tuple(table.shape) != want:
+                raise ValueError(f"FP8 {name} scales have shape {tuple(table.shape)}, expected {want}")
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, {hidden}] (w_down is [E, H, I])")
     if tuple(w_gate_up.shape) != (num_experts, 2 * inter, hidden):

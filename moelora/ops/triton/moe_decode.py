@@ -27,11 +27,10 @@ def decode_moe(
     """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: two
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles, down = plan.decode_tiles, plan.decode_down_tiles
-    b_down = extras.b_down if extras is not None else None
     if lora is None:
         h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras)
-        return decode_down(h, w_down, local_ids, weights, None, down, b_down)
+        return decode_down(h, w_down, local_ids, weights, None, down, extras)
     slot, lo = lora
     h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles, extras)
     assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, b_down)
+    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, extras)

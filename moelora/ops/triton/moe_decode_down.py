@@ -9,19 +9,20 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import lanes_in_rank
+from moelora.ops.expert_extras import ExpertExtras
+from moelora.ops.triton.common import lanes_in_rank, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters
-from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot
+from moelora.ops.triton.decode_common import expand_fma, pair_expert, pair_slot, weight_step
 from moelora.ops.triton.tiles import DecodeTiles
 
 
 @triton.jit
 def _decode_down_kernel(
     h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr, bias_ptr,
-    hidden, num_experts, rank, num_slots, num_pairs,
-    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k, s_bias_e,
+    sc_ptr, hidden, num_experts, rank, num_slots, num_pairs,
+    s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k, s_bias_e, ss_e, ss_n,
     INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_RANK: tl.constexpr,
+    HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -33,11 +34,13 @@ def _decode_down_kernel(
         kk = tl.arange(0, BLOCK_K)
         h_row = h_ptr + p.to(tl.int64) * INTER + kk
         w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
+        s_ptrs = sc_ptr + e64 * ss_e + n * ss_n
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             k_ok = kk < INTER - k0
             hk = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
-            acc = fma_step(acc, w_ptrs, n_ok[:, None] & k_ok[None, :], hk)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            acc = weight_step(acc, w_ptrs, w_mask, hk, s_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
             h_row += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
         d = tl.sum(acc, axis=1)
@@ -72,11 +75,11 @@ def decode_down(
     weights: torch.Tensor,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
-    b_down: torch.Tensor | None = None,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """-> y [T, H] in h's dtype: y[t] = sum_j weights[t, j] * d[t * k + j] (fp32, choices in order) over the
-    choices whose expert runs here, d = w_down[e] @ h (+ b_down[e], b_down [E_loc, H] or None) of the
-    pair rounded to h's dtype (as `moe_sum`).
+    choices whose expert runs here, d = w_down[e] @ h (+ `extras.b_down[e]`; FP8 w_down times
+    `extras.scales.down`) of the pair rounded to h's dtype (as `moe_sum`).
     h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; weights [T, k]; lora = (token_slot [T],
     ha [T * k, R] fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
     columns at or above it are padding, not read). Launches on one device run one after another (they
@@ -95,14 +98,16 @@ def decode_down(
     else:
         slot, ha, b, slot_rank = lora
         num_slots, rank = b.shape[0], b.shape[-1]
+    b_down = extras.b_down if extras is not None else None
+    scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     _decode_down_kernel[(num_pairs, n_tiles)](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
-        h if b_down is None else b_down, hidden, num_experts, rank, num_slots, num_pairs,
+        h if b_down is None else b_down, scales.table, hidden, num_experts, rank, num_slots, num_pairs,
         *local_ids.stride(), *w_down.stride(), *b.stride(), *weights.stride(),
-        0 if b_down is None else b_down.stride(0),
+        0 if b_down is None else b_down.stride(0), *scales.strides,
         INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
-        HAS_RANK=slot_rank is not None,
-        BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, triton.next_power_of_2(inter)),
+        HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
+        BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
     )  # fmt: skip
     return y

@@ -15,9 +15,16 @@ import triton
 import triton.language as tl
 
 from moelora.ops.expert_extras import ExpertExtras
-from moelora.ops.triton.common import extras_args, glu, lanes_in_rank
+from moelora.ops.triton.common import extras_args, glu, lanes_in_rank, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
-from moelora.ops.triton.decode_common import expand_fma, fma_step, pair_expert, pair_slot, sum_partials
+from moelora.ops.triton.decode_common import (
+    expand_fma,
+    fma_step,
+    pair_expert,
+    pair_slot,
+    sum_partials,
+    weight_step,
+)
 from moelora.ops.triton.tiles import DecodeTiles
 
 _SHRINK_CHUNK = 256  # input columns per shrink program
@@ -57,21 +64,25 @@ def _shrink_part(
 
 
 @triton.jit
-def _gemv_gate_up(x_ptr, w_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
-                  HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t."""
+def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n,
+                  HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+    """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t (FP8 rows times their scales with
+    HAS_SCALE: BLOCK_K <= GROUP, one scale a row a step)."""
     kk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
     g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
     u_ptrs = g_ptrs + inter * sw_n
+    sg_ptrs = sc_ptr + e64 * ss_e + n * ss_n
+    su_ptrs = sg_ptrs + inter * ss_n
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
         k_ok = kk < HIDDEN - k0
         xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g = fma_step(acc_g, g_ptrs, w_mask, xk)
-        acc_u = fma_step(acc_u, u_ptrs, w_mask, xk)
+        acc_g = weight_step(acc_g, g_ptrs, w_mask, xk, sg_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
+        acc_u = weight_step(acc_u, u_ptrs, w_mask, xk, su_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
         x_row += BLOCK_K * sx_k
         g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
@@ -98,12 +109,12 @@ def _down_shrink_part(hp_ptr, ha_ptr, count_ptr, a_ptr, h, s, e64, n, n_ok, r, r
 @triton.jit
 def _decode_gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, ha_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, bias_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, bias_ptr, sc_ptr,
     top_k, inter, num_experts, rank, num_slots, num_pairs,
     sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, limit, alpha,
+    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, ss_e, ss_n, limit, alpha,
     HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_RANK: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -130,8 +141,8 @@ def _decode_gate_up_kernel(
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         if runs:
-            g, u = _gemv_gate_up(x_ptr, w_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
-                                 HIDDEN, BLOCK_N, BLOCK_K)  # fmt: skip
+            g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
+                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP)  # fmt: skip
         s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
         r = tl.arange(0, BLOCK_R)
         r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
@@ -200,15 +211,17 @@ def decode_gate_up(
     programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     bias, s_bias, limit, alpha = extras_args(extras, x)
+    scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:], bias,
+        sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
-        s_bias, limit, alpha,
+        s_bias, *scales.strides, limit, alpha,
         HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
-        HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits,
-        CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits, HAS_SCALE=scales.on,
+        GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
+        BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, **regs,
     )  # fmt: skip
     return h, (ha_buf if lora is not None else None)

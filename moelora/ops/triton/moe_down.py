@@ -3,16 +3,20 @@ batches read h and the weights through TMA, and without LoRA one program per SM 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
     grouped_pid,
     lanes_in_rank,
     num_sms,
+    scale_args,
     sum_parts,
     tma_ok,
     valid_slot,
@@ -23,9 +27,10 @@ from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, ex
 @triton.jit
 def _down_tile(
     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    num_pairs, top_k, hidden, rank, num_slots, part_stride, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
+    sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
+    ss_e, ss_n,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
-    EXPAND: tl.constexpr, TMA: tl.constexpr,
+    EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -36,6 +41,7 @@ def _down_tile(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < hidden
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s_ptrs = sc_ptr + e * ss_e + n * ss_n  # FP8 rows' scales (HAS_SCALE; BLOCK_K <= GROUP: one a step)
     if TMA:
         # Boxes past I read zeros; weight rows past the expert's H feed only columns not stored. Padding
         # rows of h are unset (anything, NaN included) and feed only their own rows, not stored either.
@@ -43,6 +49,9 @@ def _down_tile(
         for k0 in range(0, INTER, BLOCK_K):
             hk = h_desc.load([pid_m * BLOCK_M, k0])
             wk = w_desc.load([w_row, k0])
+            if HAS_SCALE:
+                scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
+                wk = (wk.to(tl.float32) * scale[:, None]).to(hk.dtype)
             acc = tl.dot(hk, wk.T, acc, input_precision=PRECISION)
     else:
         kk = tl.arange(0, BLOCK_K)
@@ -52,6 +61,9 @@ def _down_tile(
             k_ok = kk < INTER - k0
             hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
+                wk = (wk.to(tl.float32) * scale[None, :]).to(hk.dtype)
             acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
@@ -78,10 +90,11 @@ def _down_tile(
 @triton.jit
 def _down_kernel(
     h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    num_pairs, top_k, hidden, rank, num_slots, num_blocks, part_stride,
-    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
+    sc_ptr, num_pairs, top_k, hidden, rank, num_slots, num_blocks, part_stride,
+    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
-    EXPAND: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr, PIPELINED: tl.constexpr,
+    EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
+    PERSISTENT: tl.constexpr, PIPELINED: tl.constexpr,
     BLOCKS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -100,9 +113,9 @@ def _down_kernel(
                 e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
                 _down_tile(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                    rank_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA,
+                    rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
         else:
@@ -112,9 +125,9 @@ def _down_kernel(
                 e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
                 _down_tile(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                    rank_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA,
+                    rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
                 tile += tl.num_programs(0)
@@ -124,9 +137,9 @@ def _down_kernel(
         if e >= 0:
             _down_tile(
                 pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                rank_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-                INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA,
+                rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
                 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
 
@@ -141,8 +154,10 @@ def moe_down(
     tiles: Tiles,
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     plan: KernelPlan = TUNED,
+    extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset).
+    """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset; FP8
+    w_down times `extras.scales.down`).
 
     h [rows, I_loc] aligned rows; w_down [E_loc, H, I_loc]; lora = (token_slot [T], ha [P, rows, R] fp32,
     b_dn [S, E_loc, H, R], slot_rank [S] or None) adds b_dn[s, e] @ sum_p ha[p, row] (B's columns at or
@@ -162,6 +177,8 @@ def moe_down(
     blocks = block_expert.numel()
     block_r = max(16, triton.next_power_of_2(rank))
     t = tiles.for_down(0 if lora is None else block_r)
+    scales, block_k = scale_args(extras, h, "down", t.block_k)
+    t = dataclasses.replace(t, block_k=block_k)
     num_n = triton.cdiv(hidden, t.block_n)
     use_tma = t.tma_down and w_down.is_contiguous() and tma_ok(h, w_down.view(-1, inter))
     # Persistent only without LoRA: the expand's loop over a block's slots inside the flattened loop of
@@ -177,11 +194,12 @@ def moe_down(
         programs = min(programs, plan.persistent_programs or num_sms(h.device))
     _down_kernel[(programs,)](
         h, h_desc, w_down, w_desc, d, sorted_pairs, block_expert, slot, ha, b,
-        slot if slot_rank is None else slot_rank,
+        slot if slot_rank is None else slot_rank, scales.table,
         num_pairs, top_k, hidden, rank, num_slots, blocks, sorted_pairs.numel() * rank,
-        *w_down.stride(), *b.stride(),
+        *w_down.stride(), *b.stride(), *scales.strides,
         INTER=inter, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
-        EXPAND=expand_mode(h.dtype, plan), TMA=use_tma, PERSISTENT=persistent, PIPELINED=h.is_cuda,
+        EXPAND=expand_mode(h.dtype, plan), TMA=use_tma, HAS_SCALE=scales.on, GROUP=scales.group,
+        PERSISTENT=persistent, PIPELINED=h.is_cuda,
         BLOCKS_PAD=triton.next_power_of_2(blocks) if persistent else 1,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         BLOCK_R=block_r, GROUP_M=t.group_m,

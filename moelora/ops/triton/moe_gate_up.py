@@ -15,6 +15,7 @@ from moelora.ops.triton.common import (
     grouped_pid,
     lanes_in_rank,
     num_blocks_grid,
+    scale_args,
     sum_parts,
     valid_slot,
 )
@@ -24,10 +25,11 @@ from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, ex
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr, ad_ptr, ha_ptr,
-    bias_ptr, num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
+    bias_ptr, sc_ptr, num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e,
-    limit, alpha,
+    ss_e, ss_n, limit, alpha,
     HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
     HAS_RANK: tl.constexpr, EXPAND: tl.constexpr, IL_EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -52,11 +54,15 @@ def _gate_up_kernel(
     col = pid_n * BLOCK_N + j // 2
     w_ptrs = w_ptr + e * sw_e + ((j % 2) * inter + col)[None, :] * sw_n + kk[:, None] * sw_k
     col_ok = col < inter
+    s_ptrs = sc_ptr + e * ss_e + ((j % 2) * inter + col) * ss_n
     acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
         k_ok = kk < HIDDEN - k0
         xk = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_SCALE:  # FP8 columns times their scales, in x's dtype (BLOCK_K <= GROUP: one a column)
+            scale = tl.load(s_ptrs + k0 // GROUP, mask=col_ok, other=0.0)
+            wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
         acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sx_k
         w_ptrs += BLOCK_K * sw_k
@@ -132,8 +138,8 @@ def moe_gate_up(
     extras: ExpertExtras | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
-    unset; with `extras` its gate/up biases and activation); ha None, or with a_dn the down projection's
-    LoRA shrink in parts.
+    unset; with `extras` its gate/up biases and activation, FP8 weights times their scales); ha None, or
+    with a_dn the down projection's LoRA shrink in parts.
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
     shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
@@ -158,16 +164,17 @@ def moe_gate_up(
             num_parts = triton.cdiv(inter, tiles.block_n)
             ha = torch.empty(num_parts, rows, rank, dtype=torch.float32, device=x.device)
     bias, s_bias, limit, alpha = extras_args(extras, x)
+    scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
-        ad, x if ha is None else ha, bias,
+        ad, x if ha is None else ha, bias, scales.table,
         num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank, rows,
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, limit, alpha,
+        *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, *scales.strides, limit, alpha,
         HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
-        HAS_LORA=lora is not None, PARTS=parts, DOWN_SHRINK=ha is not None,
-        HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan), IL_EXPAND=rank <= 16,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        HAS_LORA=lora is not None, HAS_SCALE=scales.on, GROUP=scales.group, PARTS=parts,
+        DOWN_SHRINK=ha is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan),
+        IL_EXPAND=rank <= 16, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,
         PRECISION=dot_precision(x.dtype), num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip

@@ -1,0 +1,153 @@
+"""FP8 routed experts (`--quantization fp8`, issue #27) against bf16, one MoE layer under CUDA-graph replay.
+
+Qwen3-30B-A3B's shape (H 2048, I 768, 128 experts, top 8), uniform random routing. Per M tokens: the bf16
+MoE and the FP8 one (W8A16: each weight tile dequantised in registers, a scale per row and 128 input
+columns), each without and with 8 adapters of rank 16 (a new adapter every 4 tokens); their ratio; the
+byte floors of the experts the batch touches (bf16: 2 bytes a weight; FP8: 1 byte plus 4 per 128 of
+scales) at the measured rate. Each replay runs LAYERS layers, each with its own weights, as a model does
+(one layer's touched experts would otherwise stay in L2 from one replay to the next). The FP8 output is
+checked against the twin on the dequantised weights first.
+    python bench/fp8_moe.py [--m 1,8,32,128,2048] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from timing import graph_us
+
+from moelora import ops
+from moelora.benchmark.floors import measure_ceilings
+from moelora.ops.expert_extras import ExpertExtras, ExpertScales
+from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.torch import moe as twin
+from moelora.ops.torch.fp8 import quantize_rows
+
+H, INTER, E, K = 2048, 768, 128, 8
+LAYERS = 4
+GROUP = 128
+
+
+@dataclass
+class Row:
+    m: int
+    lora: str
+    bf16_us: float
+    fp8_us: float
+    bf16_floor_us: float
+    fp8_floor_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fp8_us / self.bf16_us
+
+
+@dataclass
+class Layer:
+    w_gu: torch.Tensor
+    w_dn: torch.Tensor
+    q_gu: torch.Tensor
+    q_dn: torch.Tensor
+    extras: ExpertExtras
+
+
+def make_layer(seed: int) -> Layer:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w_gu = (torch.randn(E, 2 * INTER, H, device="cuda", generator=g) * H**-0.5).to(torch.bfloat16)
+    w_dn = (torch.randn(E, H, INTER, device="cuda", generator=g) * INTER**-0.5).to(torch.bfloat16)
+    (q_gu, s_gu), (q_dn, s_dn) = quantize_rows(w_gu, GROUP), quantize_rows(w_dn, GROUP)
+    return Layer(w_gu, w_dn, q_gu, q_dn, ExpertExtras(None, None, None, ExpertScales(s_gu, s_dn, GROUP)))
+
+
+def adapters(slots: int, rank: int) -> ExpertLora:
+    d = dict(dtype=torch.bfloat16, device="cuda")
+    a_gu, b_gu = (
+        torch.randn(slots, E, 2, rank, H, **d) * H**-0.5,
+        torch.randn(slots, E, 2, INTER, rank, **d) * 0.1,
+    )
+    a_dn, b_dn = (
+        torch.randn(slots, E, rank, INTER, **d) * INTER**-0.5,
+        torch.randn(slots, E, H, rank, **d) * 0.1,
+    )
+    return ExpertLora(a_gu, b_gu, a_dn, b_dn)
+
+
+def layered_us(calls: list[Callable[[], object]]) -> float:
+    steps = itertools.cycle(calls)
+    return graph_us(lambda: next(steps)(), calls=len(calls))
+
+
+def check(layer: Layer) -> None:
+    """FP8 kernels against the twin on the dequantised weights, at M = 1 (decode path) and 256."""
+    for m in (1, 256):
+        x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
+        ids = torch.randint(0, E, (m, K), device="cuda", dtype=torch.int32)
+        weights = torch.rand(m, K, device="cuda").to(torch.bfloat16)
+        got = ops.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, extras=layer.extras)
+        want = twin.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, layer.extras)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def rows(ms: list[int], bandwidth: float) -> list[Row]:
+    layers = [make_layer(seed) for seed in range(LAYERS)]
+    check(layers[0])
+    lora = adapters(8, 16)
+    out = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for m in ms:
+        x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
+        logits = torch.randn(m, E, generator=gen, device="cuda")
+        top, ids = torch.softmax(logits, -1).topk(K, dim=-1)
+        ids, weights = ids.to(torch.int32), (top / top.sum(-1, keepdim=True)).to(torch.bfloat16)
+        slot = ((torch.arange(m, device="cuda") // 4) % 8).to(torch.int32)
+        touched = ids.unique().numel()
+        bf16_floor = touched * 3 * H * INTER * 2 / bandwidth * 1e6
+        fp8_floor = touched * 3 * (H * INTER + (H * INTER // GROUP) * 4) / bandwidth * 1e6
+        for name in ("base", "8x16"):
+            timed = []
+            for fp8 in (False, True):
+                calls: list[Callable[[], object]] = []
+                for layer in layers:
+                    w = (layer.q_gu, layer.q_dn) if fp8 else (layer.w_gu, layer.w_dn)
+                    extras = layer.extras if fp8 else None
+                    if name == "base":
+                        calls.append(partial(ops.fused_moe, x, *w, ids, weights, extras=extras))
+                    else:
+                        calls.append(
+                            partial(ops.fused_moe_lora, x, *w, ids, weights, slot, lora, extras=extras)
+                        )
+                timed.append(layered_us(calls))
+            out.append(Row(m, name, timed[0], timed[1], bf16_floor, fp8_floor))
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", default="1,8,32,128,2048", help="comma list of token counts")
+    p.add_argument("--json", help="write the rows here too")
+    args = p.parse_args()
+    ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    table = rows([int(v) for v in args.m.split(",")], ceilings.bytes_per_s)
+    print(f"\n{torch.cuda.get_device_name()}; floors at {ceilings.bytes_per_s / 1e12:.2f} TB/s")
+    print("| M | LoRA | bf16 us | FP8 us | FP8 / bf16 | bf16 floor us | FP8 floor us | FP8 floor / us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        share = r.fp8_floor_us / r.fp8_us
+        print(
+            f"| {r.m} | {r.lora} | {r.bf16_us:.1f} | {r.fp8_us:.1f} | {r.ratio:.2f} | "
+            f"{r.bf16_floor_us:.1f} | {r.fp8_floor_us:.1f} | {share:.0%} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in table], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
