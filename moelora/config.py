@@ -13,7 +13,7 @@ from typing import Any
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-QUANTIZATIONS = ("none", "fp8")
+QUANTIZATIONS = ("auto", "fp8", "none")
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # = moelora.ops.BACKENDS (config sits below ops)
 
 
@@ -53,9 +53,11 @@ class ModelArgs:
         None, "JSON object of config.json fields to replace, e.g. '{\"num_hidden_layers\": 4}'"
     )
     quantization: str = option(
-        "none",
-        "fp8: hold the routed experts' weights in FP8 (e4m3, a scale per row and 128 input columns, "
-        "quantised at load; LoRA stays in --dtype); none: as loaded",
+        "auto",
+        "fp8: hold the routed experts' weights in FP8 (e4m3, a scale per row and 128 input columns): a "
+        "block-FP8 checkpoint's own values and scales, or quantised at load from 16 bits; adapters stay in "
+        "--dtype. none: every weight in --dtype (an FP8 checkpoint dequantised). auto: fp8 for a block-FP8 "
+        "checkpoint, else none",
         aliases=("-q",),
         choices=QUANTIZATIONS,
     )

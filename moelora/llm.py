@@ -118,8 +118,9 @@ class LLM:
 
         `load_format="dummy"` draws random weights on the device from config.json alone (benchmarks; the
         default "auto" does so for `preset:NAME` models); `hf_overrides` replaces config.json fields, e.g.
-        {"num_hidden_layers": 4}. `quantization="fp8"` holds the routed experts' weights in FP8, quantised
-        at load (half their bytes; adapters stay in `dtype`). `generation_config`: where default sampling
+        {"num_hidden_layers": 4}. `quantization="fp8"` holds the routed experts' weights in FP8 (half their
+        bytes; adapters stay in `dtype`): a block-FP8 checkpoint's own (the default for one, "auto"), or
+        quantised at load; "none" serves every weight in `dtype`. `generation_config`: where default sampling
         parameters come from ("auto": the model's generation_config.json, "vllm": none, or a folder).
         `trust_remote_code` is accepted for vLLM compatibility and changes nothing: moelora never runs a
         model's own code.
@@ -140,7 +141,7 @@ class LLM:
             progress=progress,
             load_format=load_format,
             hf_overrides=json.dumps(overrides) if overrides else None,
-            quantization=quantization or "none",
+            quantization=quantization or "auto",
             generation_config=generation_config,
             trust_remote_code=trust_remote_code,
             kernel_backend=kernel_backend,

@@ -158,7 +158,7 @@ def decode_cases() -> Iterator[Case]:
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
-        # FP8 experts (scales per row and 128 columns: a K step of at most 128)
+        # FP8 experts (scales per row and 128 columns: K steps of at most 128)
         fp8 = dict(HAS_BIAS=False, CLAMPED=False, HAS_SCALE=True, GROUP=128, fp8=True)
         yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=128), t.warps
         down_case = dict(INTER=768, TOP_K=8, HAS_BIAS=False, HAS_SCALE=True, GROUP=128, fp8=True, **down)

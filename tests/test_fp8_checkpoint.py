@@ -214,3 +214,61 @@ def test_fp8_under_tp2_ep2(checkpoints):
         torch.set_num_threads(before)
     (want,) = hf_logprobs(hf, prompts)
     assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family
+
+
+def test_fp8_experts_keep_the_checkpoint_values(checkpoints):
+    """By default (quantization "auto") the routed experts of a block-FP8 checkpoint are served in FP8:
+    their FP8 values are the checkpoint's bit for bit and their scales its block scales, per row; with
+    "none" they are dequantised into --dtype like every other weight."""
+    from moelora.layers.moe import FusedMoE
+
+    _, fp8, _ = checkpoints
+    tensors: dict[str, torch.Tensor] = {}
+    for f in fp8.glob("*.safetensors"):
+        tensors |= load_file(str(f))
+    opts: dict[str, Any] = dict(device="cpu", dtype="float32", progress=False, num_kv_blocks=8)
+    with LLM(str(fp8), **opts) as llm:
+        experts = [m for m in llm.model.modules() if isinstance(m, FusedMoE)]
+        assert experts and all(m.scales is not None and m.scales.group == BLOCK[1] for m in experts)
+        specs = {id(spec.param): spec for spec in llm.model.weight_specs()}
+        for m in experts:
+            assert m.scales is not None
+            for param, table in ((m.w_gate_up, m.scales.gate_up), (m.w_down, m.scales.down)):
+                (form,) = [f for f in specs[id(param)].forms if f.name == "per-expert"]
+                for piece in form.pieces:  # whole rows and columns on one rank
+                    assert torch.equal(
+                        param[piece.dst].view(torch.uint8), tensors[piece.key].view(torch.uint8)
+                    )
+                    blocks = tensors[piece.key.removesuffix(".weight") + ".weight_scale_inv"].float()
+                    rows = blocks.repeat_interleave(BLOCK[0], 0)[: tensors[piece.key].shape[0]]
+                    assert torch.equal(table[piece.dst], rows), piece.key
+    with LLM(str(fp8), quantization="none", **opts) as llm:
+        assert all(m.scales is None and m.w_down.dtype == torch.float32
+                   for m in llm.model.modules() if isinstance(m, FusedMoE))  # fmt: skip
+
+
+def test_fp8_experts_split_through_a_scale_group(checkpoints, capfd):
+    """tp=2 without EP splits each expert's 16 intermediate columns 8 / 8, inside one 16-column scale
+    block: the kernels' FP8 groups would be 8 columns. "auto" serves those experts in 16 bits (a warning
+    says so), still equal to transformers; "fp8" is refused with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    family, fp8, ref = checkpoints
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(ref), dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    prompts = [[3, 17, 42, 8, 99, 5, 61]]
+    opts: dict[str, Any] = dict(device="cpu", dtype="float32", progress=False, num_kv_blocks=32, tp_size=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with LLM(str(fp8), **opts) as llm:
+            (logits,) = llm.logits(prompts)
+        err = capfd.readouterr().err
+        assert "served in 16 bits" in err and "groups of 8" in err
+        with pytest.raises(Exception, match="groups of 8"):  # from rank 0, or rank 1 (WorkerError)
+            LLM(str(fp8), quantization="fp8", **opts)
+    finally:
+        torch.set_num_threads(before)
+    (want,) = hf_logprobs(hf, prompts)
+    assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family

@@ -7,6 +7,7 @@ Triton kernels (the interpreter on CPU)."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,11 @@ def test_fp8_experts_under_tp2_ep2(model):
     assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family
 
 
-def test_fp8_on_a_quantised_checkpoint_is_refused(tmp_path: Path):
-    hf = build_hf_model("qwen3_moe")
-    folder = save_per_expert(hf, tmp_path / "m")
-    config = (folder / "config.json").read_text()
-    marked = config.replace("{", '{"quantization_config": {"quant_method": "fp8", '
-                            '"weight_block_size": [16, 16]},', 1)  # fmt: skip
-    (folder / "config.json").write_text(marked)
-    with pytest.raises(ValueError, match="quantised a second time"):
+def test_fp8_on_mxfp4_experts_is_refused(tmp_path: Path):
+    """MXFP4 experts would be quantised a second time (lossy): refused before anything is read."""
+    folder = save_per_expert(build_hf_model("qwen3_moe"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="MXFP4: they would be quantised a second time"):
         LLM(str(folder), device="cpu", dtype="float32", progress=False, quantization="fp8")

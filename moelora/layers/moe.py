@@ -11,7 +11,7 @@ from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
 from moelora.ops.expert_extras import ExpertScales
 from moelora.ops.expert_lora import ExpertLora
-from moelora.ops.torch.fp8 import quantize_rows
+from moelora.ops.torch.fp8 import quantize_rows, quantize_with
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
 
@@ -105,15 +105,21 @@ class FusedMoE(nn.Module):
         return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu, self.scales)
 
     @torch.no_grad()
-    def quantize_fp8(self, group: int = 128) -> None:
-        """Hold the loaded weights in FP8 with a scale per row and `group` input columns
-        (`ops.torch.fp8.quantize_rows`), a few experts at a time (fp32 copies of all would double the
-        memory). The scales are parameters too, so the model's byte counts include them."""
+    def quantize_fp8(self, group: int = 128, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Hold the loaded weights in FP8 with a scale per row and `group` input columns, a few experts
+        at a time (fp32 copies of all would double the memory): scales from the weights
+        (`ops.torch.fp8.quantize_rows`), or the given ones (gate_up's, down's: an FP8 checkpoint's own,
+        with which its loaded weights divide back to their FP8 values exactly). The scales are
+        parameters too, so the model's byte counts include them."""
         pieces: dict[str, list[torch.Tensor]] = {"w_gate_up": [], "w_down": [], "s_gate_up": [], "s_down": []}
-        for name in ("w_gate_up", "w_down"):
+        for i, name in enumerate(("w_gate_up", "w_down")):
             w = getattr(self, name)
-            for chunk in w.split(8):
-                w8, scale = quantize_rows(chunk, group)
+            given = scales[i].split(8) if scales is not None else (None,) * len(w.split(8))
+            for chunk, scale in zip(w.split(8), given, strict=True):
+                if scale is None:
+                    w8, scale = quantize_rows(chunk, group)
+                else:
+                    w8 = quantize_with(chunk, scale, group)
                 pieces[name].append(w8)
                 pieces["s" + name[1:]].append(scale)
             setattr(self, name, nn.Parameter(torch.cat(pieces[name]), requires_grad=False))

@@ -61,7 +61,7 @@ class LaunchSpec:
     load_format: str = "auto"
     hf_overrides: dict[str, Any] | None = None
     kernel_backend: str = "auto"
-    quantization: str = "none"
+    quantization: str = "auto"
 
 
 def backend(device_type: str) -> str:

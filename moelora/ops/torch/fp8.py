@@ -30,6 +30,12 @@ def quantize_rows(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torc
     return w8.view(*lead, rows, groups * group)[..., :cols].contiguous(), scales
 
 
+def quantize_with(w: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """W8 = round(w / scale) in e4m3 with given scales [..., N, ceil(K / group)] (saturating at 448)."""
+    expanded = scales.float().repeat_interleave(group, dim=-1)[..., : w.shape[-1]]
+    return (w.float() / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def dequantize_rows(w8: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """W [..., N, K] in `dtype`: W8 * its scales (the product in fp32, then rounded once)."""
     cols = w8.shape[-1]

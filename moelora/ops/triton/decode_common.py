@@ -17,11 +17,12 @@ def fma_step(acc, w_ptrs, w_mask, v):
 
 
 @triton.jit
-def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, HAS_SCALE: tl.constexpr):
-    """`fma_step`, the weights (FP8 with HAS_SCALE) times their rows' scales s [N] at s_ptrs."""
+def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):
+    """`fma_step` over the K step from column k0; with HAS_SCALE the weights are FP8 times their rows'
+    scales (groups of GROUP columns at s_ptrs [N]; the step lies in one group: BLOCK_K <= GROUP)."""
     if HAS_SCALE:
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        scale = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)
         return acc + w * scale[:, None] * v[None, :]
     return fma_step(acc, w_ptrs, w_mask, v)
 

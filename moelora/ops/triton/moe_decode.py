@@ -26,7 +26,7 @@ def decode_moe(
 ) -> torch.Tensor:
     """`fused_moe` (lora None) or `fused_moe_lora` (lora = (token_slot, the slots)) for few pairs: two
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
-    tiles, down = plan.decode_tiles, plan.decode_down_tiles
+    tiles, down = plan.decode_tiles, plan.decode_down_tiles  # (K steps of at most a group with FP8)
     if lora is None:
         h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras)
         return decode_down(h, w_down, local_ids, weights, None, down, extras)

@@ -40,7 +40,7 @@ def _decode_down_kernel(
             k_ok = kk < INTER - k0
             hk = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
             w_mask = n_ok[:, None] & k_ok[None, :]
-            acc = weight_step(acc, w_ptrs, w_mask, hk, s_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
+            acc = weight_step(acc, w_ptrs, w_mask, hk, s_ptrs, n_ok, k0, HAS_SCALE, GROUP)
             h_row += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
         d = tl.sum(acc, axis=1)

@@ -81,8 +81,8 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e
         k_ok = kk < HIDDEN - k0
         xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g = weight_step(acc_g, g_ptrs, w_mask, xk, sg_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
-        acc_u = weight_step(acc_u, u_ptrs, w_mask, xk, su_ptrs + k0 // GROUP, n_ok, HAS_SCALE)
+        acc_g = weight_step(acc_g, g_ptrs, w_mask, xk, sg_ptrs, n_ok, k0, HAS_SCALE, GROUP)
+        acc_u = weight_step(acc_u, u_ptrs, w_mask, xk, su_ptrs, n_ok, k0, HAS_SCALE, GROUP)
         x_row += BLOCK_K * sx_k
         g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
