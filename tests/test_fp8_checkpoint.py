@@ -1,7 +1,8 @@
 """Block-FP8 checkpoints in the published layout (quantization_config fp8, weight_block_size, float8_e4m3fn
 weights with weight_scale_inv per block, partial last blocks, bf16 and fp32 scales, sharded with an
 index) load as the same model with its weights dequantised: against transformers on that dequantised
-model, and slice by slice (a rank's rows cutting through a block); malformed ones are refused by name."""
+model, and slice by slice (a rank's rows cutting through a block); malformed ones are refused by name.
+Their routed experts are served in FP8 by default, with the checkpoint's own values and scales."""
 
 from __future__ import annotations
 
@@ -272,3 +273,35 @@ def test_fp8_experts_split_through_a_scale_group(checkpoints, capfd):
         torch.set_num_threads(before)
     (want,) = hf_logprobs(hf, prompts)
     assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family
+
+
+def test_fp8_checkpoint_with_an_adapter_in_a_mixed_batch(checkpoints, tmp_path: Path):
+    """A per-expert adapter on the FP8 experts (and attention) next to base requests, one batch: against
+    transformers on the dequantised weights with the adapter merged (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from moelora import SamplingParams
+    from tests.hf_models import assert_logprobs
+    from tests.lora_files import ATTENTION, merged_hf_model, write_adapter
+
+    family, fp8, ref = checkpoints
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(ref), dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    expected = write_adapter(
+        tmp_path / "r8", family, hf.config, rank=8, alpha=4.0, form="per_expert", seed=7,
+        dense_targets=ATTENTION,
+    )  # fmt: skip
+    references = {None: hf, "r8": merged_hf_model(hf, expected)}
+    prompts = [[3, 17, 42, 8, 99, 5, 61], [11, 12, 13]]
+    names: list[str | None] = [None, "r8", None, "r8"]
+    batch = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=3)
+    with LLM(
+        str(fp8), device="cpu", dtype="float32", progress=False, num_kv_blocks=32,
+        lora_modules={"r8": str(tmp_path / "r8")},
+    ) as llm:  # fmt: skip
+        outs = llm.generate(batch, params, lora=names)
+    for name, prompt, out in zip(names, batch, outs, strict=True):
+        (want,) = hf_logprobs(references[name], [prompt])
+        assert_logprobs(out, want, logprob_tol(torch.float32), f"{family}/{name or 'base'}")
