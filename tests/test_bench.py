@@ -130,3 +130,19 @@ def test_bench_serve_starts_a_server_with_the_model_flags(tmp_path: Path, capsys
     assert [r["mix"] for r in rows] == ["base", "2 adapters"]
     assert all(r["failed"] == 0 and r["generated_tokens"] == 18 and r["goodput"] > 0 for r in rows)
     assert "TTFT ms p50 / p99" in capsys.readouterr().out
+
+
+def test_fp8_experts_halve_the_expert_bytes_of_the_floor():
+    """With `quantization="fp8"` the floors count the experts at a byte a weight plus their scales (4 bytes
+    per 128 columns), and its active parameters are parameters, not bytes."""
+    from moelora.benchmark.floors import model_bytes
+
+    sizes, itemsize = {}, 0
+    for quant in ("none", "fp8"):
+        with LLM(TINY, device="cpu", progress=False, quantization=quant, num_kv_blocks=8) as llm:
+            sizes[quant] = model_bytes(llm.model, kv_per_token=0)
+            itemsize = llm.model.dtype.itemsize
+    weights = sizes["none"].expert // itemsize
+    assert weights < sizes["fp8"].expert < weights * 1.1
+    assert sizes["fp8"].active_params == sizes["none"].active_params  # parameters, not bytes
+    assert sizes["fp8"].always == sizes["none"].always

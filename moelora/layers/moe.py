@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +16,48 @@ from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
 from moelora.ops.expert_extras import ExpertScales
 from moelora.ops.expert_lora import ExpertLora
-from moelora.ops.torch.fp8 import quantize_rows, quantize_with
+from moelora.ops.torch.fp8 import FP8
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fp8Experts:
+    """How experts built inside `fp8_experts` hold their weights: FP8 with a scale per row and group of
+    input columns. `block`: the scale blocks' width of an FP8 checkpoint whose scales the experts keep (a
+    group must not straddle two of them, nor two ranks' shares), or None for scales of their own (groups
+    of 128 within each rank's share); `strict`: a layout that leaves groups under 16 columns is an error
+    (else those experts stay in the model's dtype, with a warning)."""
+
+    block: int | None
+    strict: bool
+
+
+_FP8: ContextVar[Fp8Experts | None] = ContextVar("moelora_fp8_experts", default=None)
+_WARNED: set[str] = set()
+
+
+@contextmanager
+def fp8_experts(plan: Fp8Experts | None) -> Iterator[None]:
+    """Experts built inside hold their weights in FP8 (`plan` None: as before)."""
+    _WARNED.clear()  # a warning once per model, not once a layer
+    token = _FP8.set(plan)
+    try:
+        yield
+    finally:
+        _FP8.reset(token)
+
+
+def fp8_group(block: int | None, cols: range | slice) -> int:
+    """The scale group (columns) of experts whose intermediate share is `cols`: 128 for scales of their
+    own; with a checkpoint's blocks of `block` columns, the largest power of two dividing the block, the
+    share and where it starts (so the same on every rank of an even split)."""
+    if block is None:
+        return 128
+    common = math.gcd(block, cols.stop - cols.start, cols.start)
+    return common & -common
 
 
 @dataclass(frozen=True)
@@ -59,10 +103,23 @@ class FusedMoE(nn.Module):
         self.cols = shard_range(inter, ps.moe_tp_size, ps.moe_tp_rank, "expert intermediate size")
         inter_loc = self.cols.stop - self.cols.start
         e_loc = self.placement.count
+        self.scales: ExpertScales | None = None  # FP8 weights' (built inside `fp8_experts`)
+        group, weight_dtype = self._fp8_group(), dtype
+        if group:
+            weight_dtype = FP8
+            fp32 = torch.float32
+            s_gate_up = torch.empty(e_loc, 2 * inter_loc, -(-hidden // group), dtype=fp32)
+            self.s_gate_up = nn.Parameter(s_gate_up, requires_grad=False)
+            self.s_down = nn.Parameter(
+                torch.empty(e_loc, hidden, -(-inter_loc // group), dtype=fp32), requires_grad=False
+            )
+            self.scales = ExpertScales(self.s_gate_up, self.s_down, group)
         self.w_gate_up = nn.Parameter(
-            torch.empty(e_loc, 2 * inter_loc, hidden, dtype=dtype), requires_grad=False
+            torch.empty(e_loc, 2 * inter_loc, hidden, dtype=weight_dtype), requires_grad=False
         )
-        self.w_down = nn.Parameter(torch.empty(e_loc, hidden, inter_loc, dtype=dtype), requires_grad=False)
+        self.w_down = nn.Parameter(
+            torch.empty(e_loc, hidden, inter_loc, dtype=weight_dtype), requires_grad=False
+        )
         self.b_gate_up: nn.Parameter | None = None
         self.b_down: nn.Parameter | None = None
         if bias:
@@ -72,7 +129,6 @@ class FusedMoE(nn.Module):
         # slice (the ranks' partial sums are added up after).
         self.adds_down_bias = ps.moe_tp_rank == 0
         self.swiglu = swiglu
-        self.scales: ExpertScales | None = None  # FP8 weights' (`quantize_fp8`)
         self.expert_map: torch.Tensor
         self.register_buffer("expert_map", self.placement.expert_map(), persistent=False)
         self.lora: ExpertLora | None = None
@@ -104,28 +160,25 @@ class FusedMoE(nn.Module):
         b_down = self.b_down if self.adds_down_bias else None
         return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu, self.scales)
 
-    @torch.no_grad()
-    def quantize_fp8(self, group: int = 128, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Hold the loaded weights in FP8 with a scale per row and `group` input columns, a few experts
-        at a time (fp32 copies of all would double the memory): scales from the weights
-        (`ops.torch.fp8.quantize_rows`), or the given ones (gate_up's, down's: an FP8 checkpoint's own,
-        with which its loaded weights divide back to their FP8 values exactly). The scales are
-        parameters too, so the model's byte counts include them."""
-        pieces: dict[str, list[torch.Tensor]] = {"w_gate_up": [], "w_down": [], "s_gate_up": [], "s_down": []}
-        for i, name in enumerate(("w_gate_up", "w_down")):
-            w = getattr(self, name)
-            given = scales[i].split(8) if scales is not None else (None,) * len(w.split(8))
-            for chunk, scale in zip(w.split(8), given, strict=True):
-                if scale is None:
-                    w8, scale = quantize_rows(chunk, group)
-                else:
-                    w8 = quantize_with(chunk, scale, group)
-                pieces[name].append(w8)
-                pieces["s" + name[1:]].append(scale)
-            setattr(self, name, nn.Parameter(torch.cat(pieces[name]), requires_grad=False))
-        self.s_gate_up = nn.Parameter(torch.cat(pieces["s_gate_up"]), requires_grad=False)
-        self.s_down = nn.Parameter(torch.cat(pieces["s_down"]), requires_grad=False)
-        self.scales = ExpertScales(self.s_gate_up, self.s_down, group)
+    def _fp8_group(self) -> int:
+        """The scale group of FP8 weights inside `fp8_experts`; 0 for weights in the model's dtype."""
+        plan = _FP8.get()
+        if plan is None:
+            return 0
+        group = fp8_group(plan.block, self.cols)
+        if group >= 16:
+            return group
+        why = (
+            f"each rank's share of the experts' intermediate is {self.cols.stop - self.cols.start} columns "
+            f"from column {self.cols.start}, which cuts the checkpoint's {plan.block}-column scale blocks "
+            f"into groups of {group} (the FP8 kernels need 16)"
+        )
+        if plan.strict:
+            raise ValueError(f"FP8 experts: {why}")
+        if why not in _WARNED:
+            _WARNED.add(why)
+            logger.warning("the routed experts are served in 16 bits: %s", why)
+        return 0
 
     def weight_specs(self, prefix: str, names: ExpertNames, in_major: bool = False) -> list[WeightSpec]:
         """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`;
@@ -142,11 +195,11 @@ class FusedMoE(nn.Module):
         gate, up = (slice(None), slice(0, n_loc)), (slice(None), slice(n_loc, None))
         key, shape = f"{prefix}.gate_up_proj", (e, self.hidden, 2 * self.inter)
         specs = [
-            WeightSpec(self.w_gate_up, (Form("fused", (
+            self._weight(self.w_gate_up, (Form("fused", (
                 Piece(key, shape, (experts, slice(None), pair_cols), gate, ("even", "T")),
                 Piece(key, shape, (experts, slice(None), pair_cols), up, ("odd", "T")),
             )),)),
-            WeightSpec(self.w_down, (Form("fused", (
+            self._weight(self.w_down, (Form("fused", (
                 Piece(f"{prefix}.down_proj", (e, self.inter, self.hidden), (experts, self.cols), (), ("T",)),
             )),)),
         ]  # fmt: skip
@@ -187,7 +240,7 @@ class FusedMoE(nn.Module):
             for g in range(self.placement.num_experts)
             for n in (names.gate, names.up)
         }
-        return WeightSpec(
+        return self._weight(
             self.w_gate_up, (Form("per-expert", tuple(per_expert), frozenset(every)), Form("fused", fused))
         )
 
@@ -200,9 +253,16 @@ class FusedMoE(nn.Module):
         fused_shape = (self.placement.num_experts, self.hidden, self.inter)
         fused = (Piece(f"{prefix}.down_proj", fused_shape, (self._expert_slice(), slice(None), self.cols)),)
         every = {f"{prefix}.{g}.{names.down}.weight" for g in range(self.placement.num_experts)}
-        return WeightSpec(
+        return self._weight(
             self.w_down, (Form("per-expert", per_expert, frozenset(every)), Form("fused", fused))
         )
+
+    def _weight(self, param: torch.Tensor, forms: tuple[Form, ...]) -> WeightSpec:
+        """The spec of an expert weight: quantised to FP8 as it loads where the experts are FP8."""
+        if self.scales is None:
+            return WeightSpec(param, forms)
+        table = self.scales.gate_up if param is self.w_gate_up else self.scales.down
+        return WeightSpec(param, forms, (table, self.scales.group))
 
     def _expert_slice(self) -> slice:
         return slice(self.placement.first, self.placement.first + self.placement.count)

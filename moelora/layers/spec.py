@@ -63,8 +63,14 @@ class Form:
 
 @dataclass(frozen=True)
 class WeightSpec:
+    """`param` filled from one of `forms`. With `fp8` = (scales, group) the parameter is FP8 (float8_e4m3fn)
+    with a scale per row and `group` columns in `scales` (same leading index): each piece is quantised as
+    it lands, with an FP8 checkpoint's own block scales where the piece is FP8 there, else scales of its
+    own (`ops.torch.fp8`), which go to `scales[piece.dst]`."""
+
     param: torch.Tensor
     forms: tuple[Form, ...]
+    fp8: tuple[torch.Tensor, int] | None = None
 
 
 def whole(param: torch.Tensor, key: str) -> WeightSpec:

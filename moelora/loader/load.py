@@ -9,8 +9,9 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from moelora.layers.spec import Form, WeightSpec
+from moelora.layers.spec import Form, Piece, WeightSpec
 from moelora.loader.checkpoint import CheckpointError
+from moelora.ops.torch.fp8 import quantize_rows, quantize_with
 
 # Tensors some published checkpoints carry that no model needs (old rotary caches).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -73,12 +74,38 @@ def _fill(ckpt: TensorSource, spec: WeightSpec, form: Form) -> None:
                 f"config expects {list(piece.shape)}"
             )
         target = spec.param[piece.dst] if piece.dst else spec.param
-        target.copy_(piece.read_from(ckpt.read).to(target.dtype))
+        value = piece.read_from(ckpt.read)
+        if spec.fp8 is None:
+            target.copy_(value.to(target.dtype))
+        else:
+            _fill_fp8(ckpt, spec.fp8, piece, target, value)
+            target = value
         if not bool(torch.isfinite(target).all()):  # read values, or values the dtype cannot hold
             raise CheckpointError(
                 f"tensor '{piece.key}' in {ckpt.file_of(piece.key).name} holds NaN or Inf values (in "
                 f"{target.dtype}): the checkpoint is corrupt, or too large for this dtype"
             )
+
+
+def _fill_fp8(
+    ckpt: TensorSource, fp8: tuple[torch.Tensor, int], piece: Piece, target: torch.Tensor, value: torch.Tensor
+) -> None:
+    """An FP8 parameter's piece: `value` quantised with the checkpoint's own block scales where the piece is
+    FP8 there (its values come back bit for bit: the dequantised weight divides back exactly), else with
+    scales of its own."""
+    table, group = fp8
+    scales_to = table[piece.dst] if piece.dst else table
+    row_scales = getattr(ckpt, "row_scales", None)  # an `Fp8Checkpoint`
+    if row_scales is not None and ckpt.scale_key(piece.key) is not None:  # type: ignore[attr-defined]
+        if len(piece.shape) != 2 or piece.transform:
+            raise CheckpointError(f"'{piece.key}': FP8 experts are read from 2-D per-expert keys only")
+        rows, cols = (tuple(piece.src) + (slice(None),) * 2)[:2]
+        scales = row_scales(piece.key, rows, cols, group)
+        w8 = quantize_with(value, scales.to(value.device), group)
+    else:
+        w8, scales = quantize_rows(value, group)
+    target.copy_(w8)
+    scales_to.copy_(scales)
 
 
 def load_weights(
@@ -93,7 +120,7 @@ def load_weights(
 ) -> None:
     """Fill every parameter of `model` from `ckpt` as `specs` say; `ignored` keys and keys starting with
     one of `ignored_prefixes` may be present unused."""
-    covered = {id(s.param) for s in specs}
+    covered = {id(s.param) for s in specs} | {id(s.fp8[0]) for s in specs if s.fp8 is not None}
     unfilled = [n for n, p in model.named_parameters() if id(p) not in covered]
     if unfilled:
         raise AssertionError(f"model parameters without a weight spec: {unfilled}")

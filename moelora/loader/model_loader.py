@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -12,11 +10,10 @@ from typing import Any
 import torch
 
 from moelora.config import DTYPE_CHOICES, LOAD_FORMATS, QUANTIZATIONS
-from moelora.layers.moe import FusedMoE
-from moelora.layers.spec import WeightSpec
+from moelora.layers.moe import Fp8Experts, fp8_experts
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
-from moelora.loader.fp8 import Fp8Checkpoint, fp8_block_size
+from moelora.loader.fp8 import SCALE_SUFFIX, Fp8Checkpoint, fp8_block_size
 from moelora.loader.load import TensorSource, load_weights
 from moelora.loader.mxfp4 import Mxfp4Checkpoint
 from moelora.loader.presets import is_preset
@@ -36,9 +33,6 @@ _DTYPES = {
     "half": torch.float16,
     "float64": torch.float64,  # for exact reference checks on CPU; no kernel is built for it
 }
-
-
-logger = logging.getLogger(__name__)
 
 
 def read_model_config(folder: Path, hf_overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, Family]:
@@ -137,10 +131,10 @@ def load_model(
 ) -> MoeForCausalLM:
     """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
     random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them).
-    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`). `quantization`: "fp8" holds
-    the routed experts' weights in FP8 then (`FusedMoE.quantize_fp8`): a block-FP8 checkpoint's experts
-    get their own block scales back, so their FP8 values are the checkpoint's, bit for bit; "auto" does
-    so for a block-FP8 checkpoint only; "none" never."""
+    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`). `quantization`: "fp8" builds
+    the routed experts in FP8 (`layers.moe.fp8_experts`), each piece quantised as it loads: a block-FP8
+    checkpoint's experts with their own block scales, so their FP8 values are the checkpoint's, bit for
+    bit; "auto" does so for a block-FP8 checkpoint only; "none" never."""
     fmt = resolve_load_format(load_format, folder)
     cfg, family = read_model_config(folder, hf_overrides)
     if quantization not in QUANTIZATIONS:
@@ -155,7 +149,8 @@ def load_model(
     with ExitStack() as stack:
         # A real checkpoint is opened (its headers checked) before anything is allocated.
         ckpt = None if fmt == "dummy" else stack.enter_context(Checkpoint(folder))
-        with torch.device(chosen_device):
+        plan = _fp8_plan(quantization, ckpt, folder, hf_overrides)
+        with torch.device(chosen_device), fp8_experts(plan):
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
@@ -171,65 +166,27 @@ def load_model(
             desc=desc,
             ignored_prefixes=model.ignored_prefixes(),
         )
-        if quantization != "none":
-            _experts_to_fp8(model, specs, source, folder.name, quantization)
     return model.eval()
 
 
-def _experts_to_fp8(
-    model: MoeForCausalLM, specs: list[WeightSpec], source: TensorSource, name: str, quantization: str
-) -> None:
-    """The routed experts in FP8 (see load_model): with a block-FP8 checkpoint's scales where its experts
-    are FP8 and the layout keeps whole scale groups, else (quantization "fp8" only) quantised anew."""
-    by_param = {id(spec.param): spec for spec in specs}
-    for module in model.modules():
-        if not isinstance(module, FusedMoE):
-            continue
-        given = None
-        if isinstance(source, Fp8Checkpoint):
-            try:
-                given = checkpoint_scales(module, by_param, source)
-            except CheckpointError as e:
-                if quantization == "fp8":
-                    raise ValueError(f"quantization='fp8' on {name}: {e}") from e
-                logger.warning("%s: the routed experts are served in 16 bits: %s", name, e)
-                return  # the same for every layer: the cut follows from the layout
-        if given is None and quantization == "fp8":
-            module.quantize_fp8()
-        elif given is not None:
-            module.quantize_fp8(given[2], given[:2])
-
-
-def checkpoint_scales(
-    module: FusedMoE, by_param: dict[int, WeightSpec], source: Fp8Checkpoint
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(gate_up scales, down scales, group) of `module`'s experts from a block-FP8 checkpoint, per row and
-    group of the largest power-of-two number of columns that divides the block width and where each
-    rank's share of the intermediate starts; None where the checkpoint's experts are not FP8.
-    CheckpointError where that group is under 16 columns (the kernels' smallest step)."""
-    bi, share = source.block[1], module.cols.stop - module.cols.start
-    common = math.gcd(bi, share, module.cols.start)  # the same on every rank (equal shares)
-    group = common & -common  # its largest power-of-two factor
-    if group < 16:
-        raise CheckpointError(
-            f"each rank's share of the experts' intermediate is {share} columns, which cuts the "
-            f"checkpoint's {bi}-column scale blocks into groups of {group} (the FP8 kernels need 16)"
-        )
-    tables = []
-    for param in (module.w_gate_up, module.w_down):
-        spec = by_param[id(param)]
-        present = source.keys()
-        form = next(f for f in spec.forms if all(p.key in present for p in f.pieces))
-        rows, cols = param.shape[1], param.shape[2]
-        table = torch.empty(param.shape[0], rows, -(-cols // group), dtype=torch.float32, device=param.device)
-        for piece in form.pieces:
-            if len(piece.shape) != 2 or piece.transform or source.scale_key(piece.key) is None:
-                return None  # fused or unquantised expert keys: read dequantised
-            src = (*piece.src, slice(None), slice(None))[:2]
-            full = tuple(slice(*s.indices(n)[:2]) for s, n in zip(src, piece.shape, strict=True))
-            table[piece.dst] = source.row_scales(piece.key, full[0], full[1], group).to(table.device)
-        tables.append(table)
-    return tables[0], tables[1], group
+def _fp8_plan(
+    quantization: str, ckpt: Checkpoint | None, folder: Path, hf_overrides: dict[str, Any] | None
+) -> Fp8Experts | None:
+    """How the routed experts hold their weights: FP8 keeping a block-FP8 checkpoint's own scales where
+    its experts are FP8 ("auto" and "fp8"), FP8 with scales of their own ("fp8" otherwise), or None."""
+    if quantization == "none":
+        return None
+    block = None
+    if ckpt is not None and _quant_method(folder, hf_overrides) == "fp8":
+        raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
+        names = ckpt.keys()
+        scaled = [k for k in names if ".experts." in k and k.endswith(SCALE_SUFFIX)]
+        fp8_block = fp8_block_size(raw, folder / "config.json")
+        if fp8_block is not None and scaled:
+            block = fp8_block[1]
+    if quantization == "auto" and block is None:
+        return None
+    return Fp8Experts(block, strict=quantization == "fp8")
 
 
 def _quant_method(folder: Path, hf_overrides: dict[str, Any] | None) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -286,7 +288,7 @@ class SparseMoeBlock(nn.Module):
         """Specs whose forms cover every accepted block name (Mixtral: block_sparse_moe or mlp)."""
         per_prefix = [self._specs(p, family) for p in prefixes]
         groups = zip(*per_prefix, strict=True)
-        return [WeightSpec(g[0].param, tuple(f for s in g for f in s.forms)) for g in groups]
+        return [replace(g[0], forms=tuple(f for s in g for f in s.forms)) for g in groups]
 
     def _specs(self, prefix: str, family: Family) -> list[WeightSpec]:
         if family.router_name == "gate":
