@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from moelora.cli import build_parser, main
 
 
@@ -53,6 +55,17 @@ def test_generate_on_demo(capsys):
     for name in ("base model", "expert-r8", "fused-r16", "partial-r4"):
         assert f"adapter: {name}" in out
     assert out.count("completion (length, 5 tokens)") == 4 and out.count(" <- {") == 20
+
+
+def test_generate_with_fp8_experts(capsys):
+    """vLLM's `--quantization fp8` (and `-q`): the demo's experts in FP8, its adapters on them; an unknown
+    method is refused by the flag's choices."""
+    argv = ["generate", "--no-progress", "--prompt", "Hello", "--max-tokens", "3", "--quantization", "fp8"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("completion (length, 3 tokens)") == 4
+    with pytest.raises(SystemExit):
+        main(["generate", "--no-progress", "-q", "awq"])
+    assert "invalid choice: 'awq'" in capsys.readouterr().err
 
 
 def test_generate_with_chosen_adapters(capsys):
