@@ -323,3 +323,23 @@ def hf_logprobs(model: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
     """log-softmax of the reference model's logits in float64, one sequence at a time (no padding)."""
     ref = float64(model)
     return [ref(torch.tensor([s])).logits[0].log_softmax(-1) for s in seqs]
+
+
+def assert_mixed_batch(
+    folder: Path, adapter: Path, references: dict[str | None, Any], prompts: list[list[int]], where: str,
+    **llm_args: Any,
+) -> None:  # fmt: skip
+    """Each prompt on the base model and on `adapter` (named "r8" in `references`) in one batch on CPU in
+    fp32 (`llm_args`: more LLM arguments): every prompt log-prob within fp32's tolerance of the
+    reference's (`references[None]` for the base, `references["r8"]` the merged model)."""
+    from moelora import LLM, SamplingParams
+
+    names: list[str | None] = [name for _ in prompts for name in (None, "r8")]
+    batch = [prompt for prompt in prompts for _ in (None, "r8")]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=3)
+    opts: dict[str, Any] = dict(device="cpu", dtype="float32", progress=False, num_kv_blocks=32)
+    with LLM(str(folder), lora_modules={"r8": str(adapter)}, **opts, **llm_args) as llm:
+        outs = llm.generate(batch, params, lora=names)
+    for name, prompt, out in zip(names, batch, outs, strict=True):
+        (ref,) = hf_logprobs(references[name], [prompt])
+        assert_logprobs(out, ref, logprob_tol(torch.float32), f"{where}/{name or 'base'}")

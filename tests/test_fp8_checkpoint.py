@@ -280,8 +280,7 @@ def test_fp8_checkpoint_with_an_adapter_in_a_mixed_batch(checkpoints, tmp_path: 
     transformers on the dequantised weights with the adapter merged (float64)."""
     from transformers import AutoModelForCausalLM
 
-    from moelora import SamplingParams
-    from tests.hf_models import assert_logprobs
+    from tests.hf_models import assert_mixed_batch
     from tests.lora_files import ATTENTION, merged_hf_model, write_adapter
 
     family, fp8, ref = checkpoints
@@ -293,15 +292,4 @@ def test_fp8_checkpoint_with_an_adapter_in_a_mixed_batch(checkpoints, tmp_path: 
         dense_targets=ATTENTION,
     )  # fmt: skip
     references = {None: hf, "r8": merged_hf_model(hf, expected)}
-    prompts = [[3, 17, 42, 8, 99, 5, 61], [11, 12, 13]]
-    names: list[str | None] = [None, "r8", None, "r8"]
-    batch = [prompts[0], prompts[0], prompts[1], prompts[1]]
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=3)
-    with LLM(
-        str(fp8), device="cpu", dtype="float32", progress=False, num_kv_blocks=32,
-        lora_modules={"r8": str(tmp_path / "r8")},
-    ) as llm:  # fmt: skip
-        outs = llm.generate(batch, params, lora=names)
-    for name, prompt, out in zip(names, batch, outs, strict=True):
-        (want,) = hf_logprobs(references[name], [prompt])
-        assert_logprobs(out, want, logprob_tol(torch.float32), f"{family}/{name or 'base'}")
+    assert_mixed_batch(fp8, tmp_path / "r8", references, [[3, 17, 42, 8, 99, 5, 61], [11, 12, 13]], family)

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from moelora import LLM, SamplingParams, ops
+from moelora import LLM, ops
 from moelora.layers.moe import FusedMoE
 from moelora.ops.torch.fp8 import dequantize_rows, quantize_rows
-from tests.hf_models import assert_logprobs, build_hf_model, hf_logprobs, logprob_tol, save_per_expert
+from tests.hf_models import assert_mixed_batch, build_hf_model, hf_logprobs, logprob_tol, save_per_expert
 from tests.lora_files import ATTENTION, merged_hf_model, write_adapter
 
 PROMPTS = [[3, 17, 42, 8, 99, 5, 61, 7, 23], [11, 12, 13]]
@@ -79,17 +79,7 @@ def test_fp8_experts_with_an_adapter_in_a_mixed_batch(model, tmp_path: Path):
     )  # fmt: skip
     base = fp8_reference(hf)
     references = {None: base, "r8": merged_hf_model(base, expected)}
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=3)
-    names: list[str | None] = [None, "r8", "r8", None]
-    batch = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-    with LLM(
-        str(folder), device="cpu", dtype="float32", progress=False, num_kv_blocks=32, quantization="fp8",
-        lora_modules={"r8": str(tmp_path / "r8")},
-    ) as llm:  # fmt: skip
-        outs = llm.generate(batch, params, lora=names)
-    for name, prompt, out in zip(names, batch, outs, strict=True):
-        (ref,) = hf_logprobs(references[name], [prompt])
-        assert_logprobs(out, ref, logprob_tol(torch.float32), f"{family}/{name or 'base'}")
+    assert_mixed_batch(folder, tmp_path / "r8", references, PROMPTS, family, quantization="fp8")
 
 
 def test_fp8_experts_under_tp2_ep2(model):
