@@ -717,19 +717,25 @@ def test_route_gpu(num_tokens: int, num_experts: int, k: int):
 
 @pytest.mark.gpu
 @pytest.mark.cuda_graphs
-def test_fused_moe_lora_cuda_graph_replay(path: str):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_moe_lora_cuda_graph_replay(path: KernelPlan, fp8: bool):
+    """Captured once, replayed with new ids (invalid ones among them) and slots: the twin's result, with
+    bf16 and with FP8 experts."""
     case = GPU_CASES[1]
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
+    ext = None
+    if fp8:
+        w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, None, 128)
     bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)
     slot = slots(g, x.shape[0], 4)
-    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)  # compile outside the capture
+    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, path, ext)  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
+        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, path, ext)
     for seed in (1, 2):
         g2 = torch.Generator().manual_seed(seed)
         ids.copy_(expert_ids(g2, x.shape[0], case[1], case[2], empty=0))
         slot.copy_(slots(g2, x.shape[0], 4))
         graph.replay()
-        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs)
+        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext)
         assert_close(out, ref, CPU_TOL[x.dtype])
