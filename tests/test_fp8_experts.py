@@ -23,19 +23,21 @@ from tests.lora_files import ATTENTION, merged_hf_model, write_adapter
 PROMPTS = [[3, 17, 42, 8, 99, 5, 61, 7, 23], [11, 12, 13]]
 
 
-def fp8_reference(hf: Any) -> Any:
+def fp8_reference(hf: Any, shares: int = 1) -> Any:
     """A copy of the transformers model whose routed experts' weights are their FP8 values, dequantised
-    (per row and 128 columns, as moelora quantises them on one rank)."""
+    (per row and 128 columns, as moelora quantises them), with the down projection's columns quantised in
+    `shares` equal parts (each rank's share of the intermediate where TP splits it)."""
     ref = copy.deepcopy(hf)
     with torch.no_grad():
         for layer in ref.model.layers:
             experts = getattr(layer.mlp, "experts", None)
             if experts is None:
                 continue
-            for name in ("gate_up_proj", "down_proj"):
+            for name, parts in (("gate_up_proj", 1), ("down_proj", shares)):
                 w = getattr(experts, name)
-                w8, scales = quantize_rows(w.data, 128)
-                w.copy_(dequantize_rows(w8, scales, 128, torch.float32))
+                for part in w.data.chunk(parts, dim=-1):
+                    w8, scales = quantize_rows(part, 128)
+                    part.copy_(dequantize_rows(w8, scales, 128, torch.float32))
     return ref
 
 
@@ -82,20 +84,23 @@ def test_fp8_experts_with_an_adapter_in_a_mixed_batch(model, tmp_path: Path):
     assert_mixed_batch(folder, tmp_path / "r8", references, PROMPTS, family, quantization="fp8")
 
 
-def test_fp8_experts_under_tp2_ep2(model):
-    """Two gloo ranks, each quantising its own experts (ep=2 leaves their rows whole)."""
+@pytest.mark.parametrize(("ep", "shares"), [(2, 1), (1, 2)])
+def test_fp8_experts_under_tp2(model, ep: int, shares: int):
+    """Two gloo ranks, each quantising its own share: ep=2 gives each rank whole experts; ep=1 splits
+    every expert's intermediate, so each rank quantises its half of the down projection's columns (the
+    whole-row reference fails there: tried)."""
     family, hf, folder = model
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with LLM(
             str(folder), device="cpu", dtype="float32", progress=False, num_kv_blocks=32, tp_size=2,
-            ep_size=2, quantization="fp8",
+            ep_size=ep, quantization="fp8",
         ) as llm:  # fmt: skip
             (logits,) = llm.logits(PROMPTS[:1])
     finally:
         torch.set_num_threads(before)
-    (want,) = hf_logprobs(fp8_reference(hf), PROMPTS[:1])
+    (want,) = hf_logprobs(fp8_reference(hf, shares), PROMPTS[:1])
     assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family
 
 
