@@ -250,7 +250,7 @@ def test_fp8_experts_keep_the_checkpoint_values(checkpoints):
 
 def test_fp8_experts_split_through_a_scale_group(checkpoints, capfd):
     """tp=2 without EP splits each expert's 16 intermediate columns 8 / 8, inside one 16-column scale
-    block: the kernels' FP8 groups would be 8 columns. "auto" serves those experts in 16 bits (a warning
+    block: the kernels' FP8 groups would be 8 columns. "auto" serves those experts in --dtype (a warning
     says so), still equal to transformers; "fp8" is refused with the reason."""
     from transformers import AutoModelForCausalLM
 
@@ -266,7 +266,7 @@ def test_fp8_experts_split_through_a_scale_group(checkpoints, capfd):
         with LLM(str(fp8), **opts) as llm:
             (logits,) = llm.logits(prompts)
         err = capfd.readouterr().err
-        assert "served in 16 bits" in err and "groups of 8" in err
+        assert "served in float32, not FP8" in err and "groups of 8" in err
         with pytest.raises(Exception, match="groups of 8"):  # from rank 0, or rank 1 (WorkerError)
             LLM(str(fp8), quantization="fp8", **opts)
     finally:

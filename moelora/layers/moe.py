@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -14,40 +10,11 @@ from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
-from moelora.ops.expert_extras import ExpertScales
+from moelora.ops.expert_extras import ExpertScales, Fp8Experts
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.torch.fp8 import FP8
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Fp8Experts:
-    """How experts built inside `fp8_experts` hold their weights: FP8 with a scale per row and group of
-    input columns. `block`: the scale blocks' width of an FP8 checkpoint whose scales the experts keep (a
-    group must not straddle two of them, nor two ranks' shares), or None for scales of their own (groups
-    of 128 within each rank's share); `strict`: a layout that leaves groups under 16 columns is an error
-    (else those experts stay in the model's dtype, with a warning)."""
-
-    block: int | None
-    strict: bool
-
-
-_FP8: ContextVar[Fp8Experts | None] = ContextVar("moelora_fp8_experts", default=None)
-_WARNED: set[str] = set()
-
-
-@contextmanager
-def fp8_experts(plan: Fp8Experts | None) -> Iterator[None]:
-    """Experts built inside hold their weights in FP8 (`plan` None: as before)."""
-    _WARNED.clear()  # a warning once per model, not once a layer
-    token = _FP8.set(plan)
-    try:
-        yield
-    finally:
-        _FP8.reset(token)
 
 
 def fp8_group(block: int | None, cols: range | slice) -> int:
@@ -94,17 +61,20 @@ class FusedMoE(nn.Module):
         dtype: torch.dtype,
         bias: bool = False,
         swiglu: tuple[float, float] | None = None,
+        fp8: Fp8Experts | None = None,
     ):
         """`bias`: the experts' gate/up and down biases (GPT-OSS); `swiglu`: (limit, alpha) of GPT-OSS's
-        clamped SwiGLU instead of silu(gate) * up."""
+        clamped SwiGLU instead of silu(gate) * up; `fp8`: the weights in FP8 with their scales (where the
+        layout allows: `fp8_skipped` says why not)."""
         super().__init__()
         self.placement: ExpertPlacement = place_experts(num_experts, ps.ep_size, ps.ep_rank)
         self.hidden, self.inter = hidden, inter
         self.cols = shard_range(inter, ps.moe_tp_size, ps.moe_tp_rank, "expert intermediate size")
         inter_loc = self.cols.stop - self.cols.start
         e_loc = self.placement.count
-        self.scales: ExpertScales | None = None  # FP8 weights' (built inside `fp8_experts`)
-        group, weight_dtype = self._fp8_group(), dtype
+        self.scales: ExpertScales | None = None  # FP8 weights' (`fp8`)
+        self.fp8_skipped: str | None = None
+        group, weight_dtype = self._fp8_group(fp8), dtype
         if group:
             weight_dtype = FP8
             fp32 = torch.float32
@@ -160,9 +130,9 @@ class FusedMoE(nn.Module):
         b_down = self.b_down if self.adds_down_bias else None
         return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu, self.scales)
 
-    def _fp8_group(self) -> int:
-        """The scale group of FP8 weights inside `fp8_experts`; 0 for weights in the model's dtype."""
-        plan = _FP8.get()
+    def _fp8_group(self, plan: Fp8Experts | None) -> int:
+        """The scale group of FP8 weights; 0 for weights in the model's dtype (no `plan`, or a layout
+        that cuts the checkpoint's scale blocks too finely: an error if strict, else `fp8_skipped`)."""
         if plan is None:
             return 0
         group = fp8_group(plan.block, self.cols)
@@ -175,9 +145,7 @@ class FusedMoE(nn.Module):
         )
         if plan.strict:
             raise ValueError(f"FP8 experts: {why}")
-        if why not in _WARNED:
-            _WARNED.add(why)
-            logger.warning("the routed experts are served in 16 bits: %s", why)
+        self.fp8_skipped = why
         return 0
 
     def weight_specs(self, prefix: str, names: ExpertNames, in_major: bool = False) -> list[WeightSpec]:

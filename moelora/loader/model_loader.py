@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moelora.config import DTYPE_CHOICES, LOAD_FORMATS, QUANTIZATIONS
-from moelora.layers.moe import Fp8Experts, fp8_experts
+from moelora.layers.moe import FusedMoE
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
 from moelora.loader.fp8 import SCALE_SUFFIX, Fp8Checkpoint, fp8_block_size
@@ -21,6 +23,7 @@ from moelora.models.config import ModelConfig
 from moelora.models.decoder import MoeForCausalLM
 from moelora.models.family import Family
 from moelora.models.registry import family_for
+from moelora.ops.expert_extras import Fp8Experts
 from moelora.parallel.state import ParallelState
 
 _DTYPES = {
@@ -33,6 +36,9 @@ _DTYPES = {
     "half": torch.float16,
     "float64": torch.float64,  # for exact reference checks on CPU; no kernel is built for it
 }
+
+
+logger = logging.getLogger(__name__)
 
 
 def read_model_config(folder: Path, hf_overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, Family]:
@@ -132,7 +138,7 @@ def load_model(
     """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
     random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them).
     A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`). `quantization`: "fp8" builds
-    the routed experts in FP8 (`layers.moe.fp8_experts`), each piece quantised as it loads: a block-FP8
+    the routed experts in FP8 (`ModelConfig.fp8_experts`), each piece quantised as it loads: a block-FP8
     checkpoint's experts with their own block scales, so their FP8 values are the checkpoint's, bit for
     bit; "auto" does so for a block-FP8 checkpoint only; "none" never."""
     fmt = resolve_load_format(load_format, folder)
@@ -149,9 +155,13 @@ def load_model(
     with ExitStack() as stack:
         # A real checkpoint is opened (its headers checked) before anything is allocated.
         ckpt = None if fmt == "dummy" else stack.enter_context(Checkpoint(folder))
-        plan = _fp8_plan(quantization, ckpt, folder, hf_overrides)
-        with torch.device(chosen_device), fp8_experts(plan):
+        cfg = replace(cfg, fp8_experts=_fp8_plan(quantization, ckpt, folder, hf_overrides))
+        with torch.device(chosen_device):
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
+        skipped = {m.fp8_skipped for m in model.modules() if isinstance(m, FusedMoE) and m.fp8_skipped}
+        for why in skipped:  # once a model, not once a layer
+            served = str(chosen_dtype).removeprefix("torch.")
+            logger.warning("%s: the routed experts are served in %s, not FP8: %s", folder.name, served, why)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
         if ckpt is not None:

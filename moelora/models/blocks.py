@@ -230,8 +230,9 @@ class SparseMoeBlock(nn.Module):
             self.score_bias = nn.Parameter(bias, requires_grad=False)
         swiglu = None if cfg.swiglu_limit is None else (cfg.swiglu_limit, cfg.swiglu_alpha)
         self.experts = FusedMoE(
-            cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype, cfg.expert_bias, swiglu
-        )
+            cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype, cfg.expert_bias, swiglu,
+            cfg.fp8_experts,
+        )  # fmt: skip
         self.shared: DenseMLP | None = None
         self.shared_gate: ColumnLinear | None = None
         if cfg.shared_expert_intermediate_size:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import torch
 
+from moelora.ops.expert_extras import Fp8Experts
+
 QKNorm = Literal["none", "head", "full"]
 # How a MoE layer chooses its experts: softmax over the router's logits, top-k (Qwen, Mixtral, OLMoE); or
 # sigmoid scores plus a correction bias for the choice only, top-k within the best groups (DeepSeek-V3,
@@ -119,6 +121,8 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None  # None: silu(gate) * up
     swiglu_alpha: float = 1.0
+    # the routed experts served in FP8 (`--quantization`; not from config.json)
+    fp8_experts: Fp8Experts | None = None
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
