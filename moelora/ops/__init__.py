@@ -263,7 +263,7 @@ def fused_moe(
 ) -> torch.Tensor:
     """Routed-expert MLP; see `moelora.ops.torch.moe.fused_moe` for the exact semantics. `plan`: the
     kernels' tiles and variants (`ops/plan.py`; the twin has none). `extras`: GPT-OSS's biases and
-    activation (`ExpertExtras`)."""
+    activation, FP8 weights' scales (`ExpertExtras`)."""
     mod = _kernels("moe", x)
     if mod is None:
         return _torch_moe.fused_moe(x, w_gate_up, w_down, local_ids, weights, extras)

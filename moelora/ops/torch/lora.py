@@ -105,7 +105,7 @@ def fused_moe_lora(
     extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md); `extras`:
-    GPT-OSS's biases and activation (see `ExpertExtras`: the biases are not part of the LoRA).
+    GPT-OSS's biases and activation, FP8 weights' scales (see `ExpertExtras`: neither is part of the LoRA).
 
     Shapes: as `fused_moe`, plus token_slot [T] int and the slots' buffers `lora` (see `ExpertLora`:
     a_gu, b_gu, a_dn, b_dn below are its buffers; its ranks only tell kernels which lanes are padding).

@@ -18,8 +18,8 @@ def fused_moe(
     weights: torch.Tensor,
     extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
-    """Routed experts of one MoE layer on this rank (`extras`: GPT-OSS's biases and activation, see
-    `ExpertExtras`).
+    """Routed experts of one MoE layer on this rank (`extras`: GPT-OSS's biases and activation, and the
+    scales of FP8 weights, see `ExpertExtras`).
 
     Shapes: T tokens, k choices, H hidden, E_loc local experts, I_loc this rank's intermediate size.
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H] (rows :I_loc gate, I_loc: up); w_down [E_loc, H, I_loc];
@@ -29,7 +29,8 @@ def fused_moe(
     experts of other ranks included, contributes nothing):
         g, u = split(w_gate_up[e] @ x[t]);  h = silu(g) * u;  d = w_down[e] @ h
         y[t] += weights[t, j] * d
-    The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
+    The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype. FP8 weights
+    (float8_e4m3fn, `extras.scales`) enter as W8 * scale per row and column group, rounded to x's dtype.
     """
     w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype)
     num_tokens, hidden = x.shape
