@@ -68,26 +68,20 @@ class Fp8Checkpoint:
     def keys(self) -> set[str]:
         return self.ckpt.keys() - set(self._scale_of.values())
 
-    def scale_key(self, key: str) -> str | None:
-        """The key of weight `key`'s block scales; None for a weight that is not FP8."""
-        return self._scale_of.get(key)
-
-    def row_scales(self, key: str, rows: slice, cols: slice, group: int) -> torch.Tensor:
-        """The scales of weight `key`'s part [rows, cols] per row and `group` columns (its groups start at
-        cols.start: `group` must divide the block width and cols.start), fp32 [rows, ceil(cols / group)]:
-        the block scales of each row's blocks, indexed by global row and column. CheckpointError if `key`
-        is not FP8."""
+    def row_scales(self, key: str, src: tuple[slice, ...], group: int) -> torch.Tensor | None:
+        """The scales of the part `src` (rows, columns) of weight `key`, per row and `group` columns from
+        where the part's columns start (`group` must divide the block width and that start), fp32
+        [rows, ceil(cols / group)]: each row's block scales, indexed by global row and column. None for a
+        weight that is not FP8 in this checkpoint."""
         scale_key = self._scale_of.get(key)
         if scale_key is None:
-            raise CheckpointError(f"'{key}' has no {SCALE_SUFFIX}: it is not FP8 in this checkpoint")
+            return None
         (bo, bi), (n, k) = self.block, self.ckpt.shape(key)
-        (r0, r1), (c0, c1) = _bounds((rows,), 0, n), _bounds((cols,), 0, k)
+        (r0, r1), (c0, c1) = (_bounds(src, d, size) for d, size in ((0, n), (1, k)))
         if bi % group or c0 % group:
             raise CheckpointError(f"'{key}': groups of {group} columns from column {c0} cut blocks of {bi}")
         table = self.ckpt.read(scale_key).float()
-        block_rows = torch.arange(r0, r1) // bo
-        block_cols = torch.arange(c0, c1, group) // bi
-        return table[block_rows][:, block_cols]
+        return table[torch.arange(r0, r1) // bo][:, torch.arange(c0, c1, group) // bi]
 
     def file_of(self, key: str) -> Path:
         return self.ckpt.file_of(key)

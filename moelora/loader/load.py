@@ -79,8 +79,9 @@ def _fill(ckpt: TensorSource, spec: WeightSpec, form: Form) -> None:
             target.copy_(value.to(target.dtype))
         else:
             _fill_fp8(ckpt, spec.fp8, piece, target, value)
-            target = value
-        if not bool(torch.isfinite(target).all()):  # read values, or values the dtype cannot hold
+        # read values, or values the dtype cannot hold (FP8 saturates: its input is checked)
+        checked = target if spec.fp8 is None else value
+        if not bool(torch.isfinite(checked).all()):
             raise CheckpointError(
                 f"tensor '{piece.key}' in {ckpt.file_of(piece.key).name} holds NaN or Inf values (in "
                 f"{target.dtype}): the checkpoint is corrupt, or too large for this dtype"
@@ -94,18 +95,16 @@ def _fill_fp8(
     FP8 there (its values come back bit for bit: the dequantised weight divides back exactly), else with
     scales of its own."""
     table, group = fp8
-    scales_to = table[piece.dst] if piece.dst else table
-    row_scales = getattr(ckpt, "row_scales", None)  # an `Fp8Checkpoint`
-    if row_scales is not None and ckpt.scale_key(piece.key) is not None:  # type: ignore[attr-defined]
-        if len(piece.shape) != 2 or piece.transform:
-            raise CheckpointError(f"'{piece.key}': FP8 experts are read from 2-D per-expert keys only")
-        rows, cols = (tuple(piece.src) + (slice(None),) * 2)[:2]
-        scales = row_scales(piece.key, rows, cols, group)
-        w8 = quantize_with(value, scales.to(value.device), group)
-    else:
+    row_scales = getattr(ckpt, "row_scales", None)  # an `Fp8Checkpoint`'s
+    scales = row_scales(piece.key, piece.src, group) if row_scales is not None else None
+    if scales is None:
         w8, scales = quantize_rows(value, group)
+    elif piece.transform:  # the scales are the stored tensor's, not the transformed one's
+        raise CheckpointError(f"'{piece.key}': FP8 experts are read from untransformed per-expert keys only")
+    else:
+        w8 = quantize_with(value, scales.to(value.device), group)
     target.copy_(w8)
-    scales_to.copy_(scales)
+    (table[piece.dst] if piece.dst else table).copy_(scales)
 
 
 def load_weights(

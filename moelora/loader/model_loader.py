@@ -188,27 +188,30 @@ def _fp8_plan(
         return None
     block = None
     if ckpt is not None and _quant_method(folder, hf_overrides) == "fp8":
-        raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
+        fp8_block = fp8_block_size(_raw_config(folder, hf_overrides), folder / "config.json")
         names = ckpt.keys()
-        scaled = [k for k in names if ".experts." in k and k.endswith(SCALE_SUFFIX)]
-        fp8_block = fp8_block_size(raw, folder / "config.json")
-        if fp8_block is not None and scaled:
+        if fp8_block is not None and any(".experts." in k and k.endswith(SCALE_SUFFIX) for k in names):
             block = fp8_block[1]
     if quantization == "auto" and block is None:
         return None
     return Fp8Experts(block, strict=quantization == "fp8")
 
 
+def _raw_config(folder: Path, hf_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json as read, `hf_overrides` applied."""
+    raw: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    return raw | dict(hf_overrides or {})
+
+
 def _quant_method(folder: Path, hf_overrides: dict[str, Any] | None) -> str | None:
-    raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
-    q = raw.get("quantization_config")
+    q = _raw_config(folder, hf_overrides).get("quantization_config")
     return q.get("quant_method") if isinstance(q, dict) else None
 
 
 def _quantized(ckpt: Checkpoint, folder: Path, hf_overrides: dict[str, Any] | None) -> TensorSource:
     """The checkpoint as the loader reads it: dequantising its block-FP8 or MXFP4 weights if its
     quantization_config (overrides applied) says so."""
-    raw = json.loads((folder / "config.json").read_text()) | dict(hf_overrides or {})
+    raw = _raw_config(folder, hf_overrides)
     q = raw.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method") == "mxfp4":
         return Mxfp4Checkpoint(ckpt)

@@ -30,17 +30,19 @@ def quantize_rows(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torc
     return w8.view(*lead, rows, groups * group)[..., :cols].contiguous(), scales
 
 
+def _per_column(scales: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """scales [..., N, ceil(K / group)] as fp32 [..., N, K]: each column its group's scale."""
+    return scales.float().repeat_interleave(group, dim=-1)[..., :cols]
+
+
 def quantize_with(w: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """W8 = round(w / scale) in e4m3 with given scales [..., N, ceil(K / group)] (saturating at 448)."""
-    expanded = scales.float().repeat_interleave(group, dim=-1)[..., : w.shape[-1]]
-    return (w.float() / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (w.float() / _per_column(scales, group, w.shape[-1])).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def dequantize_rows(w8: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """W [..., N, K] in `dtype`: W8 * its scales (the product in fp32, then rounded once)."""
-    cols = w8.shape[-1]
-    expanded = scales.repeat_interleave(group, dim=-1)[..., :cols]
-    return (w8.float() * expanded).to(dtype)
+    return (w8.float() * _per_column(scales, group, w8.shape[-1])).to(dtype)
 
 
 def expert_weights(

@@ -116,12 +116,16 @@ def extras_args(
 @dataclass(frozen=True)
 class ScaleArgs:
     """A kernel's view of one projection's FP8 scales: the table (a placeholder, never read, without),
-    its expert and row strides, whether the weights are FP8, and the group (a constexpr: 1 without)."""
+    its expert and row strides, and the group (a constexpr: 1 without)."""
 
     table: torch.Tensor
     strides: tuple[int, int]
-    on: bool
     group: int
+
+    @property
+    def on(self) -> bool:
+        """Whether the weights are FP8."""
+        return self.group > 1
 
 
 def scale_args(
@@ -131,13 +135,12 @@ def scale_args(
     most the scales' group with FP8 weights, so that a step reads one scale a row)."""
     scales = extras.scales if extras is not None else None
     if scales is None:
-        return ScaleArgs(fallback, (0, 0), False, 1), block_k
+        return ScaleArgs(fallback, (0, 0), 1), block_k
     table = scales.gate_up if which == "gate_up" else scales.down
     if table.stride(2) != 1:
         raise ValueError(f"FP8 {which} scales need unit stride over their groups, got {table.stride()}")
-    return ScaleArgs(table, (table.stride(0), table.stride(1)), True, scales.group), min(
-        block_k, scales.group
-    )
+    args = ScaleArgs(table, (table.stride(0), table.stride(1)), scales.group)
+    return args, min(block_k, scales.group)
 
 
 def num_blocks_grid(blocks: int, cols: int, block_n: int) -> tuple[int]:
