@@ -11,6 +11,7 @@ one-launch result is first checked against cuBLAS plus the LoRA twin.
     python bench/linear.py                 # the rows
     python bench/linear.py --sweep         # tile variants of the one-launch layer at 1 and 16 tokens
     python bench/linear.py --lora-sweep    # tile variants of the dense LoRA kernels past the one launch
+    python bench/linear.py --fp8           # FP8 weights (one launch, or dequantised for cuBLAS) vs bf16
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 from timing import graph_us
 
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan, LoraTiles
 from moelora.ops.torch import lora as twin
+from moelora.ops.torch.fp8 import quantize_rows
 from moelora.ops.triton import linear as kern
 from moelora.ops.triton.tiles import lora_tiles
 
@@ -40,17 +43,23 @@ class Layer:
         b = torch.randn(SLOTS, out, RANK, generator=g) * RANK**-0.5
         rank = torch.full((SLOTS, len(sizes)), RANK, dtype=torch.int32)
         self.lora = DenseLora(a.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16), rank.cuda())
+        w8, table = quantize_rows(self.w, 128)
+        self.w8, self.scales = w8, RowScales(table, 128)
 
 
-def run(layers, x, slot, sizes, one_launch: bool, plan: KernelPlan):
+def run(layers, x, slot, sizes, one_launch: bool, plan: KernelPlan, fp8: bool = False):
     """One call per layer; slot None: a batch without adapters on layers that have slots."""
     for layer in layers:
-        kern.linear_layer(x, layer.w, None, layer.lora, slot, sizes, one_launch, plan)
+        w, scales = (layer.w8, layer.scales) if fp8 else (layer.w, None)
+        kern.linear_layer(x, w, None, layer.lora, slot, sizes, one_launch, plan, scales)
 
 
-def floor_us(in_dim: int, sizes: tuple[int, ...], tokens: int, adapters: int, bandwidth: float) -> float:
+def floor_us(
+    in_dim: int, sizes: tuple[int, ...], tokens: int, adapters: int, bandwidth: float, fp8: bool = False
+) -> float:
+    """The bytes' time; FP8 weights at a byte each plus their scales (4 bytes per 128 columns)."""
     out = sum(sizes)
-    weights = out * in_dim * 2
+    weights = out * in_dim + out * -(-in_dim // 128) * 4 if fp8 else out * in_dim * 2
     lora = adapters * RANK * (len(sizes) * in_dim + out) * 2
     return (weights + lora + tokens * (in_dim + out) * 2) / bandwidth * 1e6
 
@@ -78,6 +87,48 @@ def rows(args) -> None:
                 fl = floor_us(in_dim, sizes, tokens, adapters, args.bandwidth)
                 cells = f"{old:.2f} | {new:.2f} | {fl:.2f} | {fl / new:.0%}"
                 print(f"| {name} | {tokens} | {adapters} | {cells} |", flush=True)
+
+
+def fp8_rows(args) -> None:
+    """bf16 as shipped (one launch up to `linear_tokens`, cuBLAS past it) against FP8 weights in the one
+    launch and dequantised for cuBLAS, at each token count, base and with adapters: the data that sets
+    `fp8_linear_tokens`."""
+    g = torch.Generator().manual_seed(0)
+    one = replace(TUNED, fp8_linear_tokens=1 << 20)  # FP8 always in the one launch
+    copy = replace(TUNED, fp8_linear_tokens=0)  # FP8 always dequantised for cuBLAS
+    print("| layer | tokens | adapters | bf16 us | FP8 one launch us | FP8 copy + cuBLAS us | shipped FP8 | "
+          "floor bf16 / FP8 us | FP8 / bf16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in ("qkv", "o"):
+        in_dim, sizes = SHAPES[name]
+        layers = [Layer(g, in_dim, sizes) for _ in range(args.layers)]
+        for tokens, with_lora in itertools.product(args.fp8_tokens, (False, True)):
+            x = torch.randn(tokens, in_dim, generator=g).to("cuda", torch.bfloat16)
+            adapters = min(tokens, SLOTS) if with_lora else 0
+            slot = None
+            if with_lora:  # grouped by adapter, as the scheduler orders a batch
+                slot = (torch.arange(tokens) % SLOTS).sort().values.to("cuda", torch.int32)
+
+            def timed(plan: KernelPlan, fp8: bool, x=x, slot=slot, layers=layers, sizes=sizes) -> float:
+                return graph_us(lambda: run(layers, x, slot, sizes, True, plan, fp8)) / args.layers
+
+            l0 = layers[0]
+            ref = twin.linear(x, l0.w8, None, l0.lora, slot, sizes, l0.scales)
+            times = {}
+            for label, plan in (("one", one), ("copy", copy)):
+                if label == "one" and tokens > 128:
+                    continue  # one tile holds every token: past 128 its registers spill
+                got = kern.linear_layer(x, l0.w8, None, l0.lora, slot, sizes, True, plan, l0.scales)
+                err = (got.float() - ref.float()).abs().max().item()
+                assert err < 0.05 * max(1.0, ref.float().abs().max().item()), f"{name} {label}: {err}"
+                times[label] = timed(plan, True)
+            bf16 = timed(TUNED, False)
+            shipped = times["one" if tokens <= TUNED.fp8_linear_tokens else "copy"]
+            floors = [floor_us(in_dim, sizes, tokens, adapters, args.bandwidth, f) for f in (False, True)]
+            one_us = f"{times['one']:.2f}" if "one" in times else "-"
+            cells = [f"{bf16:.2f}", one_us, f"{times['copy']:.2f}", f"{shipped:.2f}"]
+            cells += [f"{floors[0]:.2f} / {floors[1]:.2f}", f"{shipped / bf16:.2f}"]
+            print(f"| {name} | {tokens} | {adapters} | " + " | ".join(cells) + " |", flush=True)
 
 
 def sweep(args) -> None:
@@ -157,8 +208,12 @@ def main() -> None:
     p.add_argument("--grouped", action="store_true", help="--lora-sweep with tokens grouped by adapter")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16")
+    p.add_argument("--fp8-tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256, 2048])
     args = p.parse_args()
-    if args.lora_sweep:
+    if args.fp8:
+        fp8_rows(args)
+    elif args.lora_sweep:
         head = "| layer | tokens | cuBLAS alone us | + LoRA, shipped tiles us | best 4 (tiles: us) |"
         print(head + "\n|---|---|---|---|---|")
         lora_sweep(args)

@@ -54,10 +54,10 @@ class ModelArgs:
     )
     quantization: str = option(
         "auto",
-        "fp8: hold the routed experts' weights in FP8 (e4m3, a scale per row and 128 input columns): a "
-        "block-FP8 checkpoint's own values and scales, or quantised at load from 16 bits; adapters stay in "
-        "--dtype. none: every weight in --dtype (an FP8 checkpoint dequantised). auto: fp8 for a block-FP8 "
-        "checkpoint, else none",
+        "fp8: hold the routed experts' and the linear layers' weights in FP8 (e4m3, a scale per row and 128 "
+        "input columns): a block-FP8 checkpoint's own values and scales, or quantised at load from 16 bits; "
+        "routers, gates, embeddings and adapters stay in --dtype. none: every weight in --dtype (an FP8 "
+        "checkpoint dequantised). auto: fp8 for a block-FP8 checkpoint, else none",
         aliases=("-q",),
         choices=QUANTIZATIONS,
     )

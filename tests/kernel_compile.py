@@ -9,6 +9,7 @@ and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel 
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 
@@ -177,20 +178,27 @@ def dense_lora_cases() -> Iterator[Case]:
 
 def linear_cases() -> Iterator[Case]:
     """The one-launch linear layer at Qwen3's q/k/v (3 parts, 3 splits) and o (8 splits) shapes, with and
-    without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens."""
+    without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens; FP8 weights (K steps
+    of one 128-column group) up to the plan's most FP8 tokens; the FP8 weight's dequantisation."""
     t = TUNED.linear_tiles
-    for in_dim, parts, splits in ((2048, 3, 3), (4096, 1, 8)):
-        for has_lora in (False, True):
-            for block_m in sorted({16, max(16, triton.next_power_of_2(TUNED.linear_tokens))}):
-                case = dict(IN_DIM=in_dim, HAS_BIAS=not has_lora, HAS_LORA=has_lora, HAS_RANK=has_lora)
-                case |= dict(SPLITS=splits, K_CHUNK=in_dim // splits // t.block_k * t.block_k + t.block_k)
-                chunks = in_dim // t.shrink_chunk
-                case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=t.shrink_chunk)
-                case |= dict(PARTS=parts)
-                case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
-                case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
-                case |= dict(PRECISION="tf32")
-                yield linear._linear_kernel, case, t.warps, t.stages
+    most = max(16, triton.next_power_of_2(TUNED.linear_tokens))
+    most_fp8 = max(16, triton.next_power_of_2(TUNED.fp8_linear_tokens))
+    variants = [(False, block_m) for block_m in sorted({16, most})]
+    variants += [(True, block_m) for block_m in sorted({16, most_fp8})]
+    for (in_dim, parts, splits), has_lora, (fp8, block_m) in itertools.product(
+        ((2048, 3, 3), (4096, 1, 8)), (False, True), variants
+    ):
+        case = dict(IN_DIM=in_dim, HAS_BIAS=not has_lora, HAS_LORA=has_lora, HAS_RANK=has_lora)
+        case |= dict(HAS_SCALE=fp8, GROUP=128 if fp8 else 1, fp8=fp8)
+        case |= dict(SPLITS=splits, K_CHUNK=in_dim // splits // t.block_k * t.block_k + t.block_k)
+        chunks = in_dim // t.shrink_chunk
+        case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=t.shrink_chunk)
+        case |= dict(PARTS=parts)
+        case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
+        case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
+        case |= dict(PRECISION="tf32")
+        yield linear._linear_kernel, case, t.warps, t.stages
+    yield linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4
 
 
 def attention_and_small_op_cases() -> Iterator[Case]:

@@ -132,17 +132,22 @@ def test_bench_serve_starts_a_server_with_the_model_flags(tmp_path: Path, capsys
     assert "TTFT ms p50 / p99" in capsys.readouterr().out
 
 
-def test_fp8_experts_halve_the_expert_bytes_of_the_floor():
-    """With `quantization="fp8"` the floors count the experts at a byte a weight plus their scales (4 bytes
-    per 128 columns), and its active parameters are parameters, not bytes."""
+def test_fp8_halves_the_weight_bytes_of_the_floor():
+    """With `quantization="fp8"` the floors count the experts and the linear layers at a byte a weight
+    plus their scales (4 bytes per 128 columns), and the active parameters are parameters, not bytes."""
     from moelora.benchmark.floors import model_bytes
+    from moelora.layers.linear import ColumnLinear, RowLinear
 
-    sizes, itemsize = {}, 0
+    sizes, itemsize, shrunk = {}, 0, 0
     for quant in ("none", "fp8"):
         with LLM(TINY, device="cpu", progress=False, quantization=quant, num_kv_blocks=8) as llm:
             sizes[quant] = model_bytes(llm.model, kv_per_token=0)
             itemsize = llm.model.dtype.itemsize
+            for m in llm.model.modules():
+                if isinstance(m, (ColumnLinear, RowLinear)) and m.scales is not None:
+                    table = m.scales.table
+                    shrunk += m.weight.numel() * (itemsize - 1) - table.numel() * table.element_size()
     weights = sizes["none"].expert // itemsize
     assert weights < sizes["fp8"].expert < weights * 1.1
     assert sizes["fp8"].active_params == sizes["none"].active_params  # parameters, not bytes
-    assert sizes["fp8"].always == sizes["none"].always
+    assert shrunk > 0 and sizes["fp8"].always == sizes["none"].always - shrunk

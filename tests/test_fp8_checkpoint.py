@@ -217,10 +217,12 @@ def test_fp8_under_tp2_ep2(checkpoints):
     assert (logits.float().log_softmax(-1) - want).abs().max() < logprob_tol(torch.float32), family
 
 
-def test_fp8_experts_keep_the_checkpoint_values(checkpoints):
-    """By default (quantization "auto") the routed experts of a block-FP8 checkpoint are served in FP8:
-    their FP8 values are the checkpoint's bit for bit and their scales its block scales, per row; with
-    "none" they are dequantised into --dtype like every other weight."""
+def test_fp8_weights_keep_the_checkpoint_values(checkpoints):
+    """By default (quantization "auto") the FP8 weights of a block-FP8 checkpoint are served in FP8, the
+    routed experts' and the linear layers': their FP8 values are the checkpoint's bit for bit and their
+    scales its block scales, per row; what the checkpoint leaves unquantised (routers, gates) stays in
+    --dtype. With "none" everything is dequantised into --dtype."""
+    from moelora.layers.linear import ColumnLinear, RowLinear
     from moelora.layers.moe import FusedMoE
 
     _, fp8, _ = checkpoints
@@ -231,19 +233,30 @@ def test_fp8_experts_keep_the_checkpoint_values(checkpoints):
     with LLM(str(fp8), **opts) as llm:
         experts = [m for m in llm.model.modules() if isinstance(m, FusedMoE)]
         assert experts and all(m.scales is not None and m.scales.group == BLOCK[1] for m in experts)
-        specs = {id(spec.param): spec for spec in llm.model.weight_specs()}
-        for m in experts:
-            assert m.scales is not None
-            for param, table in ((m.w_gate_up, m.scales.gate_up), (m.w_down, m.scales.down)):
-                (form,) = [f for f in specs[id(param)].forms if f.name == "per-expert"]
-                for piece in form.pieces:  # whole rows and columns on one rank
-                    assert torch.equal(
-                        param[piece.dst].view(torch.uint8), tensors[piece.key].view(torch.uint8)
-                    )
-                    blocks = tensors[piece.key.removesuffix(".weight") + ".weight_scale_inv"].float()
-                    rows = blocks.repeat_interleave(BLOCK[0], 0)[: tensors[piece.key].shape[0]]
-                    assert torch.equal(table[piece.dst], rows), piece.key
+        linears = [m for m in llm.model.modules() if isinstance(m, (ColumnLinear, RowLinear))]
+        routers = [m for m in linears if isinstance(m, ColumnLinear) and not m.lora_target]
+        assert routers and all(m.scales is None and m.weight.dtype == torch.float32 for m in routers)
+        served = [m for m in linears if m not in routers]
+        assert served and all(m.scales is not None and m.scales.group == BLOCK[1] for m in served)
+        checked = 0
+        for spec in llm.model.weight_specs():
+            if spec.fp8 is None:
+                continue
+            table = spec.fp8[0]
+            (form,) = [f for f in spec.forms if f.name in ("per-expert", "")]
+            for piece in form.pieces:  # whole rows and columns on one rank
+                stored = tensors[piece.key]
+                assert torch.equal(spec.param[piece.dst].view(torch.uint8), stored.view(torch.uint8))
+                blocks = tensors[piece.key.removesuffix(".weight") + ".weight_scale_inv"].float()
+                rows = blocks.repeat_interleave(BLOCK[0], 0)[: stored.shape[0]]
+                assert torch.equal(table[piece.dst], rows), piece.key
+                checked += 1
+        assert checked == len(experts) * 3 * experts[0].w_down.shape[0] + sum(
+            len(m.parts) if isinstance(m, ColumnLinear) else 1 for m in served
+        )
     with LLM(str(fp8), quantization="none", **opts) as llm:
+        assert all(m.scales is None and m.weight.dtype == torch.float32
+                   for m in llm.model.modules() if isinstance(m, (ColumnLinear, RowLinear)))  # fmt: skip
         assert all(m.scales is None and m.w_down.dtype == torch.float32
                    for m in llm.model.modules() if isinstance(m, FusedMoE))  # fmt: skip
 
@@ -293,3 +306,86 @@ def test_fp8_checkpoint_with_an_adapter_in_a_mixed_batch(checkpoints, tmp_path: 
     )  # fmt: skip
     references = {None: hf, "r8": merged_hf_model(hf, expected)}
     assert_mixed_batch(fp8, tmp_path / "r8", references, [[3, 17, 42, 8, 99, 5, 61], [11, 12, 13]], family)
+
+
+def fuse_experts(fp8: Path, out: Path) -> dict[str, torch.Tensor]:
+    """`fp8` with each layer's per-expert FP8 weights and block scales stacked into transformers 5's fused
+    keys (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], each `<key>_scale_inv` per
+    expert and block): the same FP8 values (the intermediate is whole blocks, so gate and up rows never
+    share a block). One shard; returns its tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in fp8.glob("*.safetensors"):
+        tensors |= load_file(str(f))
+    fused: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        head, sep, tail = key.partition(".experts.")
+        if not sep:
+            fused[key] = t
+            continue
+        index, name = tail.split(".", 1)
+        experts.setdefault(head + ".experts", {}).setdefault(int(index), {})[name] = t
+    for prefix, by_expert in experts.items():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        assert ordered[0]["gate_proj.weight"].shape[0] % BLOCK[0] == 0
+        for name, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            for suffix, out_suffix in ((".weight", ""), (".weight_scale_inv", "_scale_inv")):
+                stacked = torch.stack(
+                    [torch.cat([p[part + suffix].float() for part in parts]) for p in ordered]
+                )
+                # the scales in fp32 (the experts' are bf16 or fp32: exact either way)
+                weight = suffix == ".weight"
+                fused[f"{prefix}.{name}{out_suffix}"] = stacked.to(torch.float8_e4m3fn) if weight else stacked
+    out.mkdir()
+    for extra in fp8.iterdir():
+        if extra.suffix != ".safetensors" and extra.name != "model.safetensors.index.json":
+            (out / extra.name).write_bytes(extra.read_bytes())
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return fused
+
+
+def test_fused_fp8_experts(tmp_path: Path):
+    """Fused 3-D FP8 expert keys with their per-expert block scales: served in FP8 with the checkpoint's
+    values bit for bit (auto), dequantised (none), and on two ranks (tp=2 with ep=2: a rank reads its
+    experts' slice of the fused tensors and scales; tp=2 without EP cuts the 16 intermediate columns into
+    groups of 8, so those experts are read dequantised, as 3-D slices), each against transformers on the
+    dequantised model."""
+    from transformers import AutoModelForCausalLM
+
+    from moelora.layers.moe import FusedMoE
+
+    src = save_per_expert(build_hf_model("qwen3_moe"), tmp_path / "src")
+    write_fp8(src, tmp_path / "fp8", tmp_path / "ref")
+    tensors = fuse_experts(tmp_path / "fp8", tmp_path / "fused")
+    ref = str(tmp_path / "ref")
+    hf = AutoModelForCausalLM.from_pretrained(
+        ref, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    prompts = [[3, 17, 42, 8, 99, 5, 61]]
+    (want,) = hf_logprobs(hf, prompts)
+    tol = logprob_tol(torch.float32)
+    opts: dict[str, Any] = dict(device="cpu", dtype="float32", progress=False, num_kv_blocks=32)
+    with LLM(str(tmp_path / "fused"), **opts) as llm:
+        (logits,) = llm.logits(prompts)
+        experts = [(n, m) for n, m in llm.model.named_modules() if isinstance(m, FusedMoE)]
+        assert experts
+        for name, m in experts:
+            assert m.scales is not None and m.w_down.dtype == torch.float8_e4m3fn
+            key = f"model.{name}.gate_up_proj"
+            assert torch.equal(m.w_gate_up.view(torch.uint8), tensors[key].view(torch.uint8))
+            blocks = tensors[key + "_scale_inv"].float().repeat_interleave(BLOCK[0], 1)
+            assert torch.equal(m.scales.gate_up, blocks), key
+    assert (logits.float().log_softmax(-1) - want).abs().max() < tol
+    with LLM(str(tmp_path / "fused"), quantization="none", **opts) as llm:
+        (logits,) = llm.logits(prompts)
+        assert all(m.scales is None for m in llm.model.modules() if isinstance(m, FusedMoE))
+    assert (logits.float().log_softmax(-1) - want).abs().max() < tol
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for ep in (2, 1):
+            with LLM(str(tmp_path / "fused"), tp_size=2, ep_size=ep, **opts) as llm:
+                (logits,) = llm.logits(prompts)
+            assert (logits.float().log_softmax(-1) - want).abs().max() < tol, ep
+    finally:
+        torch.set_num_threads(before)

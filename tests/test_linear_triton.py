@@ -18,8 +18,10 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from moelora.ops.dense_lora import DenseLora  # noqa: E402
+from moelora.ops.fp8 import RowScales  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
+from moelora.ops.torch.fp8 import dequantize_rows, quantize_rows  # noqa: E402
 from moelora.ops.triton import linear as triton_linear  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,6 +128,81 @@ def test_linear_layer_base_rows_same_bits_in_every_batch():
     assert torch.equal(no_slots, triton_linear.linear(x, w, None, None, sizes, SMALL))
 
 
+def fp8_weight(g: torch.Generator, rows: int, cols: int, group: int) -> tuple[torch.Tensor, RowScales]:
+    """A random FP8 weight with its scales; rows' magnitudes spread over 100x, so that a scale read from
+    the wrong row or group shows."""
+    w = rand(g, rows, cols, scale=cols**-0.5) * torch.logspace(-1, 1, rows, device=DEV)[:, None]
+    w8, table = quantize_rows(w, group)
+    return w8, RowScales(table, group)
+
+
+def check_fp8_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype, group: int,
+                     plan: KernelPlan, seed: int, one_launch: bool = True) -> None:  # fmt: skip
+    """`linear_layer` on an FP8 weight against the twin (which dequantises it), with and without slots;
+    `one_launch` says which path the tokens must take."""
+    g = torch.Generator().manual_seed(seed)
+    x = rand(g, num_tokens, in_dim).to(dtype)
+    w8, scales = fp8_weight(g, sum(sizes), in_dim, group)
+    b = rand(g, sum(sizes)).to(dtype)
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
+    assert triton_linear.fits(x, len(sizes) * rank, sizes, plan, fp8=True) == one_launch
+    base = triton_linear.linear_layer(x, w8, b, None, None, sizes, True, plan, scales)
+    close(base, torch_lora.linear(x, w8, b, None, None, sizes, scales), TOL[dtype])
+    lora_in = noisy if one_launch else lora  # the cuBLAS path's LoRA kernels read the padding
+    got = triton_linear.linear_layer(x, w8, b, lora_in, slot, sizes, True, plan, scales)
+    ref = torch_lora.linear(x, w8, b, lora, slot, sizes, scales)
+    close(got, ref, TOL[dtype])
+    assert (ref - base).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"
+    no_adapter = (slot < 0) | (slot >= lora.a.shape[0])
+    assert torch.equal(got[no_adapter], base[no_adapter]), "a base row must not depend on its neighbours"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "sizes", "group", "dtype"),
+    [(1, (32, 16, 16), 16, torch.float32), (5, (48,), 32, torch.float32), (16, (32, 16), 16, torch.float16)],
+)
+def test_fp8_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], group: int, dtype):
+    """The one launch on an FP8 weight, in 80 input columns: 5 groups of 16 or 3 of 32 (the last one
+    partial), a K step of at most one group; split input, invalid slots, NaN padding."""
+    check_fp8_linear(num_tokens, 80, sizes, 8, dtype, group, SMALL, seed=num_tokens + 20)
+
+
+def test_fp8_linear_takes_more_tokens_in_one_launch():
+    """An FP8 weight keeps the one launch up to `fp8_linear_tokens` (cuBLAS would need a 16-bit copy of
+    it); past that the weight is dequantised for cuBLAS, then the LoRA kernels: the same result."""
+    plan = KernelPlan(linear_tiles=SMALL.linear_tiles, linear_tokens=4, fp8_linear_tokens=24)
+    check_fp8_linear(20, 48, (32, 16), 8, torch.float32, 16, plan, seed=7)
+    check_fp8_linear(30, 48, (32, 16), 8, torch.float32, 16, plan, seed=8, one_launch=False)
+
+
+def test_fp8_dequantize_is_exact():
+    """The kernel that gives cuBLAS its 16-bit copy: W8 times its rows' scales, as the twin computes it."""
+    g = torch.Generator().manual_seed(9)
+    w8, scales = fp8_weight(g, 40, 72, 16)
+    got = triton_linear.dequantize(w8, scales, torch.float32)
+    assert torch.equal(got, dequantize_rows(w8, scales.table, 16, torch.float32))
+
+
+def test_fp8_linear_refuses_scales_that_do_not_fit():
+    g = torch.Generator().manual_seed(2)
+    x = rand(g, 2, 48)
+    w8, scales = fp8_weight(g, 32, 48, 16)
+    with pytest.raises(ValueError, match=r"need \[32, 3\]"):
+        triton_linear.linear(x, w8, None, None, (32,), SMALL, RowScales(scales.table[:, :2], 16))
+    with pytest.raises(ValueError, match="need float8_e4m3fn"):
+        triton_linear.linear(x, w8.float(), None, None, (32,), SMALL, scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 64, 100])
+@pytest.mark.parametrize(("in_dim", "sizes"), [(2048, (4096, 512, 512)), (4096, (2048,))])
+def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
+    """Qwen3-30B-A3B's q/k/v and o in FP8 with bf16 activations and the shipped tiles: the one launch up
+    to 64 tokens, the dequantised copy for cuBLAS past it."""
+    one_launch = num_tokens <= TUNED.fp8_linear_tokens
+    check_fp8_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, 128, TUNED, num_tokens, one_launch)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 4, 16])
 @pytest.mark.parametrize(
@@ -138,21 +215,29 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 
 
 @pytest.mark.gpu
-def test_linear_cuda_graph_replay():
-    """Captured once, replayed with new inputs and slots: the counters and partials are graph-safe."""
+@pytest.mark.parametrize(("num_tokens", "fp8"), [(8, False), (8, True), (100, True)])
+def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
+    """Captured once, replayed with new inputs and slots: the counters and partials are graph-safe; so is
+    an FP8 weight, in the one launch and (100 tokens) dequantised for cuBLAS."""
     g = torch.Generator().manual_seed(1)
     sizes, in_dim = (512, 128, 128), 1024
-    x = rand(g, 8, in_dim).to(torch.bfloat16)
+    x = rand(g, num_tokens, in_dim).to(torch.bfloat16)
     w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(torch.bfloat16)
-    lora, _, slot = lora_inputs(g, 8, in_dim, sizes, 16, torch.bfloat16)
-    args = (lora.a, lora.b, lora.rank, slot)
-    triton_linear.linear(x, w, None, args, sizes)  # compile outside the capture
+    scales = None
+    if fp8:
+        w, scales = fp8_weight(g, sum(sizes), in_dim, 128)
+    lora, _, slot = lora_inputs(g, num_tokens, in_dim, sizes, 16, torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        return triton_linear.linear_layer(x, w, None, lora, slot, sizes, True, TUNED, scales)
+
+    run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = triton_linear.linear(x, w, None, args, sizes)
+        y = run()
     for seed in range(3):
         g2 = torch.Generator().manual_seed(seed + 10)
-        x.copy_(rand(g2, 8, in_dim).to(torch.bfloat16))
-        slot.copy_(torch.randint(-1, 5, (8,), generator=g2).to(torch.int32).to(DEV))
+        x.copy_(rand(g2, num_tokens, in_dim).to(torch.bfloat16))
+        slot.copy_(torch.randint(-1, 5, (num_tokens,), generator=g2).to(torch.int32).to(DEV))
         graph.replay()
-        close(y, torch_lora.linear(x, w, None, lora, slot, sizes), TOL[torch.bfloat16])
+        close(y, torch_lora.linear(x, w, None, lora, slot, sizes, scales), TOL[torch.bfloat16])

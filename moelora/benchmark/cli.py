@@ -91,7 +91,7 @@ def _print_header(env: dict[str, Any], settings: dict[str, Any]) -> None:
     copy = (
         f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, read {ceilings.read_bytes_per_s / 1e12:.2f} TB/s"
     )
-    fp8 = ", FP8 experts" if s.get("quantization") == "fp8" else ""
+    fp8 = ", FP8 weights" if s.get("quantization") == "fp8" else ""
     model = f"{s['model']} ({s['load_format']} weights), {s['dtype']}{fp8}, {layout}"
     print(f"\n{env['device']}; {versions}; {model}; {switches}; {copy}{gemm}{used}; {env['date']}")
 

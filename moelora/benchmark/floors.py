@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moelora.layers.embedding import VocabEmbedding
+from moelora.layers.linear import ColumnLinear, RowLinear
 from moelora.layers.moe import FusedMoE
 from moelora.lora.adapter import LoraAdapter
 from moelora.models.decoder import MoeForCausalLM
@@ -89,10 +90,13 @@ class ModelBytes:
     state_per_seq: int = 0
 
 
+def _scale_tables(m: FusedMoE) -> tuple[torch.Tensor, ...]:
+    return (m.scales.gate_up, m.scales.down) if m.scales is not None else ()
+
+
 def _expert_bytes(m: FusedMoE) -> int:
     """A layer's routed-expert weights, with their FP8 scales (`--quantization fp8`)."""
-    scales = (m.scales.gate_up, m.scales.down) if m.scales is not None else ()
-    return sum(_nbytes(t) for t in (m.w_gate_up, m.w_down, *scales))
+    return sum(_nbytes(t) for t in (m.w_gate_up, m.w_down, *_scale_tables(m)))
 
 
 def model_bytes(model: MoeForCausalLM, kv_per_token: int) -> ModelBytes:
@@ -107,8 +111,16 @@ def model_bytes(model: MoeForCausalLM, kv_per_token: int) -> ModelBytes:
     item = next(model.parameters()).element_size()
     cfg = model.cfg
     always = total - expert_total - embed_total
-    expert_params = (experts[0].w_gate_up.numel() + experts[0].w_down.numel()) // e_loc if experts else 0
-    active = always // item + len(experts) * cfg.top_k * expert_params  # FP8 experts: params, not bytes
+    # parameters, not bytes (FP8 weights take one byte, their scales are not parameters of the product)
+    linears = [m for m in model.modules() if isinstance(m, (ColumnLinear, RowLinear))]
+    scales = {id(m.scales.table) for m in linears if m.scales is not None}
+    expert_weights = sum(m.w_gate_up.numel() + m.w_down.numel() for m in experts)
+    expert_ids = {id(t) for m in experts for t in (m.w_gate_up, m.w_down, *_scale_tables(m))}
+    embed_ids = set() if tied else {id(m.weight) for m in embeddings}
+    skip = scales | expert_ids | embed_ids
+    always_params = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    expert_params = expert_weights // (e_loc * len(experts)) if experts else 0
+    active = always_params + len(experts) * cfg.top_k * expert_params
     return ModelBytes(
         always,
         per_expert,

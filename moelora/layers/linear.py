@@ -2,7 +2,8 @@
 
 Column layers hold some output rows of one or more checkpoint weights (stacked, e.g. q/k/v or gate/up);
 row layers hold some input columns and leave the sum over ranks to the caller's all-reduce, so the
-collective is a visible line in the caller's forward (and LoRA partials can ride on it).
+collective is a visible line in the caller's forward (and LoRA partials can ride on it). Either may hold
+its weight in FP8 with a scale per row and group of input columns (`ModelConfig.fp8`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec, sharded
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.fp8 import Fp8Weights, RowScales
+from moelora.ops.torch.fp8 import FP8
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
 
@@ -53,7 +56,34 @@ class LoraTarget:
     names: tuple[str, ...]
 
 
-class ColumnLinear(nn.Module):
+class _Weight(nn.Module):
+    """What column and row layers share: the weight [out, in_loc], in the model's dtype or FP8 with its
+    scales (`scales`, the table a parameter of its own), and the bias."""
+
+    def __init__(
+        self, out: int, in_loc: int, bias: bool, dtype: torch.dtype, group: int, fp8_skipped: str | None
+    ) -> None:
+        """`group`: the FP8 scales' group of input columns, 0 for a weight in `dtype`; `fp8_skipped`: why
+        a layer the plan holds in FP8 is not (its layout), for the loader's warning."""
+        super().__init__()
+        self.fp8_skipped = fp8_skipped
+        self.scales: RowScales | None = None
+        if group:
+            table = torch.empty(out, -(-in_loc // group), dtype=torch.float32)
+            self.weight_scale = nn.Parameter(table, requires_grad=False)
+            self.scales = RowScales(self.weight_scale, group)
+        weight_dtype = FP8 if group else dtype
+        self.weight = nn.Parameter(torch.empty(out, in_loc, dtype=weight_dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
+        self.lora: DenseLora | None = None
+
+    def _weight_spec(self, forms: tuple[Form, ...]) -> WeightSpec:
+        """The weight's spec: quantised to FP8 as it loads where the layer is FP8."""
+        fp8 = None if self.scales is None else (self.scales.table, self.scales.group)
+        return WeightSpec(self.weight, forms, fp8)
+
+
+class ColumnLinear(_Weight):
     """y = x W^T + b, W [sum of part sizes, in]: the parts' rows stacked in order."""
 
     def __init__(
@@ -63,64 +93,75 @@ class ColumnLinear(nn.Module):
         bias: bool,
         dtype: torch.dtype,
         lora_target: bool = True,
+        fp8: Fp8Weights | None = None,
     ) -> None:
         """`lora_target`: whether adapters may modify this layer (False for a router): then its base
-        product runs the same kernel in every batch and on every server, with or without adapters."""
-        super().__init__()
-        self.lora_target = lora_target
-        self.in_features = in_features
+        product runs the same kernel in every batch and on every server, with or without adapters, and
+        it is never FP8. `fp8`: the weight in FP8 if the plan holds the parts' names."""
+        group = 0
+        if fp8 is not None and lora_target and fp8.holds(p.name for p in parts):
+            group, _ = fp8.group(range(in_features), in_features, parts[0].name)  # whole: never cut
+        super().__init__(sum(p.size for p in parts), in_features, bias, dtype, group, None)
         self.parts = tuple(parts)
         self.out_sizes = tuple(p.size for p in self.parts)
-        out = sum(self.out_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
-        self.lora: DenseLora | None = None
+        self.lora_target = lora_target
+        self.in_features = in_features
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b plus each token's adapter delta (`token_slot`; none when None)."""
         if not self.lora_target:
             return F.linear(x, self.weight, self.bias)
-        return ops.linear(x, self.weight, self.bias, self.lora, token_slot, self.out_sizes)
+        return ops.linear(x, self.weight, self.bias, self.lora, token_slot, self.out_sizes, self.scales)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
-        specs = [self._spec(self.weight, prefix, "weight", (self.in_features,))]
+        specs = [self._weight_spec(self._forms(prefix, "weight", (self.in_features,)))]
         if self.bias is not None:
-            specs.append(self._spec(self.bias, prefix, "bias", ()))
+            specs.append(WeightSpec(self.bias, self._forms(prefix, "bias", ())))
         return specs
 
-    def _spec(self, param: torch.Tensor, prefix: str, kind: str, rest: tuple[int, ...]) -> WeightSpec:
+    def _forms(self, prefix: str, kind: str, rest: tuple[int, ...]) -> tuple[Form, ...]:
         pieces, offset = [], 0
         for p in self.parts:
             key = f"{prefix}.{p.name}.{kind}"
             pieces.append(Piece(key, (p.full_out, *rest), (p.rows,), (slice(offset, offset + p.size),)))
             offset += p.size
-        return WeightSpec(param, (Form("", tuple(pieces)),))
+        return (Form("", tuple(pieces)),)
 
 
-class RowLinear(nn.Module):
+class RowLinear(_Weight):
     """Partial y = x_loc W_loc^T over this rank's input columns; the caller all-reduces.
 
     The bias, if any, is added on TP rank 0 only, so the all-reduce adds it once.
     """
 
-    def __init__(self, name: str, in_full: int, out: int, bias: bool, ps: ParallelState, dtype: torch.dtype):
-        super().__init__()
-        self.name, self.in_full, self.out = name, in_full, out
-        self.cols = shard_range(in_full, ps.tp_size, ps.tp_rank, f"{name} input size")
-        in_loc = self.cols.stop - self.cols.start
-        self.weight = nn.Parameter(torch.empty(out, in_loc, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
+    def __init__(
+        self,
+        name: str,
+        in_full: int,
+        out: int,
+        bias: bool,
+        ps: ParallelState,
+        dtype: torch.dtype,
+        fp8: Fp8Weights | None = None,
+    ):
+        """`fp8`: the weight in FP8 if the plan holds `name` and the rank's columns keep groups of 16."""
+        cols = shard_range(in_full, ps.tp_size, ps.tp_rank, f"{name} input size")
+        group, skipped = 0, None
+        if fp8 is not None and fp8.holds((name,)):
+            group, skipped = fp8.group(cols, in_full, name)
+        super().__init__(out, cols.stop - cols.start, bias, dtype, group, skipped)
+        self.name, self.in_full, self.out, self.cols = name, in_full, out, cols
         self.adds_bias = ps.tp_rank == 0
-        self.lora: DenseLora | None = None
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
         """Partial output; the LoRA delta of this rank's input columns rides the caller's all-reduce."""
         bias = self.bias if self.adds_bias else None
-        return ops.linear(x, self.weight, bias, self.lora, token_slot, (self.out,))
+        return ops.linear(x, self.weight, bias, self.lora, token_slot, (self.out,), self.scales)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         key = f"{prefix}.{self.name}"
-        specs = [sharded(self.weight, f"{key}.weight", (self.out, self.in_full), (slice(None), self.cols))]
+        form = Form("", (Piece(f"{key}.weight", (self.out, self.in_full), (slice(None), self.cols)),))
+        specs = [self._weight_spec((form,))]
         if self.bias is not None:
             specs.append(sharded(self.bias, f"{key}.bias", (self.out,), ()))
         return specs

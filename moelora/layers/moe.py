@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,21 +9,12 @@ from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec
-from moelora.ops.expert_extras import ExpertScales, Fp8Experts
+from moelora.ops.expert_extras import ExpertScales
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.fp8 import Fp8Weights
 from moelora.ops.torch.fp8 import FP8
 from moelora.parallel.sharding import ExpertPlacement, place_experts, shard_range
 from moelora.parallel.state import ParallelState
-
-
-def fp8_group(block: int | None, cols: range | slice) -> int:
-    """The scale group (columns) of experts whose intermediate share is `cols`: 128 for scales of their
-    own; with a checkpoint's blocks of `block` columns, the largest power of two dividing the block, the
-    share and where it starts (so the same on every rank of an even split)."""
-    if block is None:
-        return 128
-    common = math.gcd(block, cols.stop - cols.start, cols.start)
-    return common & -common
 
 
 @dataclass(frozen=True)
@@ -61,7 +51,7 @@ class FusedMoE(nn.Module):
         dtype: torch.dtype,
         bias: bool = False,
         swiglu: tuple[float, float] | None = None,
-        fp8: Fp8Experts | None = None,
+        fp8: Fp8Weights | None = None,
     ):
         """`bias`: the experts' gate/up and down biases (GPT-OSS); `swiglu`: (limit, alpha) of GPT-OSS's
         clamped SwiGLU instead of silu(gate) * up; `fp8`: the weights in FP8 with their scales (where the
@@ -130,23 +120,14 @@ class FusedMoE(nn.Module):
         b_down = self.b_down if self.adds_down_bias else None
         return ops.ExpertExtras(self.b_gate_up, b_down, self.swiglu, self.scales)
 
-    def _fp8_group(self, plan: Fp8Experts | None) -> int:
-        """The scale group of FP8 weights; 0 for weights in the model's dtype (no `plan`, or a layout
-        that cuts the checkpoint's scale blocks too finely: an error if strict, else `fp8_skipped`)."""
-        if plan is None:
+    def _fp8_group(self, plan: Fp8Weights | None) -> int:
+        """The scale group of FP8 weights; 0 for weights in the model's dtype (no `plan`, experts it leaves
+        out, or a layout that cuts the checkpoint's scale blocks too finely: an error if strict, else
+        `fp8_skipped` says why)."""
+        if plan is None or not plan.experts:
             return 0
-        group = fp8_group(plan.block, self.cols)
-        if group >= 16:
-            return group
-        why = (
-            f"each rank's share of the experts' intermediate is {self.cols.stop - self.cols.start} columns "
-            f"from column {self.cols.start}, which cuts the checkpoint's {plan.block}-column scale blocks "
-            f"into groups of {group} (the FP8 kernels need 16)"
-        )
-        if plan.strict:
-            raise ValueError(f"FP8 experts: {why}")
-        self.fp8_skipped = why
-        return 0
+        group, self.fp8_skipped = plan.group(self.cols, self.inter, "the routed experts")
+        return group
 
     def weight_specs(self, prefix: str, names: ExpertNames, in_major: bool = False) -> list[WeightSpec]:
         """Per-expert keys `<prefix>.{e}.<name>.weight` or fused `<prefix>.gate_up_proj` / `.down_proj`;

@@ -100,7 +100,10 @@ def _fill_fp8(
     if scales is None:
         w8, scales = quantize_rows(value, group)
     elif piece.transform:  # the scales are the stored tensor's, not the transformed one's
-        raise CheckpointError(f"'{piece.key}': FP8 experts are read from untransformed per-expert keys only")
+        raise CheckpointError(
+            f"'{piece.key}': FP8 weights are kept from keys the model reads as stored (not transposed or "
+            f"interleaved); serve this checkpoint with quantization 'none'"
+        )
     else:
         w8 = quantize_with(value, scales.to(value.device), group)
     target.copy_(w8)

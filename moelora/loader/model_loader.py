@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from moelora.config import DTYPE_CHOICES, LOAD_FORMATS, QUANTIZATIONS
+from moelora.layers.linear import RowLinear
 from moelora.layers.moe import FusedMoE
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
@@ -23,7 +24,7 @@ from moelora.models.config import ModelConfig
 from moelora.models.decoder import MoeForCausalLM
 from moelora.models.family import Family
 from moelora.models.registry import family_for
-from moelora.ops.expert_extras import Fp8Experts
+from moelora.ops.fp8 import Fp8Weights
 from moelora.parallel.state import ParallelState
 
 _DTYPES = {
@@ -137,10 +138,11 @@ def load_model(
 ) -> MoeForCausalLM:
     """This rank's share of the model in `folder`, weights read lazily straight into place, or drawn at
     random on the device with `load_format="dummy"` (nothing read but config.json; `seed` seeds them).
-    A block-FP8 checkpoint's weights are read dequantised (`loader/fp8.py`). `quantization`: "fp8" builds
-    the routed experts in FP8 (`ModelConfig.fp8_experts`), each piece quantised as it loads: a block-FP8
-    checkpoint's experts with their own block scales, so their FP8 values are the checkpoint's, bit for
-    bit; "auto" does so for a block-FP8 checkpoint only; "none" never."""
+    `quantization` (`ModelConfig.fp8`, `_fp8_plan`): "auto" serves a block-FP8 checkpoint's FP8 weights
+    in FP8, with the checkpoint's own values and block scales, bit for bit; "fp8" does so too, and
+    quantises a 16-bit checkpoint's (or dummy) routed experts and linear layers as they load; "none"
+    reads every weight into `dtype` (FP8 ones dequantised, `loader/fp8.py`). Routers, gates, norms and
+    the embeddings stay in `dtype`."""
     fmt = resolve_load_format(load_format, folder)
     cfg, family = read_model_config(folder, hf_overrides)
     if quantization not in QUANTIZATIONS:
@@ -155,13 +157,13 @@ def load_model(
     with ExitStack() as stack:
         # A real checkpoint is opened (its headers checked) before anything is allocated.
         ckpt = None if fmt == "dummy" else stack.enter_context(Checkpoint(folder))
-        cfg = replace(cfg, fp8_experts=_fp8_plan(quantization, ckpt, folder, hf_overrides))
+        cfg = replace(cfg, fp8=_fp8_plan(quantization, ckpt, folder, hf_overrides))
         with torch.device(chosen_device):
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
-        skipped = {m.fp8_skipped for m in model.modules() if isinstance(m, FusedMoE) and m.fp8_skipped}
-        for why in skipped:  # once a model, not once a layer
+        layers = (m for m in model.modules() if isinstance(m, (FusedMoE, RowLinear)))
+        for why in sorted({m.fp8_skipped for m in layers if m.fp8_skipped}):  # once a model, not a layer
             served = str(chosen_dtype).removeprefix("torch.")
-            logger.warning("%s: the routed experts are served in %s, not FP8: %s", folder.name, served, why)
+            logger.warning("%s: weights served in %s, not FP8: %s", folder.name, served, why)
         specs = model.weight_specs()
         source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
         if ckpt is not None:
@@ -181,20 +183,39 @@ def load_model(
 
 def _fp8_plan(
     quantization: str, ckpt: Checkpoint | None, folder: Path, hf_overrides: dict[str, Any] | None
-) -> Fp8Experts | None:
-    """How the routed experts hold their weights: FP8 keeping a block-FP8 checkpoint's own scales where
-    its experts are FP8 ("auto" and "fp8"), FP8 with scales of their own ("fp8" otherwise), or None."""
+) -> Fp8Weights | None:
+    """Which weights are served in FP8 (None: none). A block-FP8 checkpoint ("auto" or "fp8"): its routed
+    experts if they are FP8 there, and the linear layers whose checkpoint name is FP8 in every layer
+    (names the config leaves unquantised stay in --dtype), with its own block scales. "fp8" on any other
+    checkpoint: the routed experts and every linear layer adapters may target, with scales of their own."""
     if quantization == "none":
         return None
-    block = None
+    strict = quantization == "fp8"
     if ckpt is not None and _quant_method(folder, hf_overrides) == "fp8":
-        fp8_block = fp8_block_size(_raw_config(folder, hf_overrides), folder / "config.json")
-        names = ckpt.keys()
-        if fp8_block is not None and any(".experts." in k and k.endswith(SCALE_SUFFIX) for k in names):
-            block = fp8_block[1]
-    if quantization == "auto" and block is None:
-        return None
-    return Fp8Experts(block, strict=quantization == "fp8")
+        block = fp8_block_size(_raw_config(folder, hf_overrides), folder / "config.json")
+        if block is not None:
+            experts, dense = _fp8_names(ckpt.keys())
+            if not experts and not dense:
+                return None
+            return Fp8Weights(block[1], strict, experts, dense)
+    return Fp8Weights(None, strict) if strict else None
+
+
+def _fp8_names(keys: set[str]) -> tuple[bool, frozenset[str]]:
+    """(whether any routed expert weight is FP8 (has block scales; per-expert or fused keys), the names
+    `<name>` of the other `....<name>.weight` keys that are FP8 wherever they occur) of a block-FP8
+    checkpoint's keys."""
+    fp8: set[str] = set()
+    plain: set[str] = set()
+    experts = False
+    for key in keys:
+        scaled = key + SCALE_SUFFIX in keys
+        if ".experts." in key:
+            experts |= scaled
+        elif key.endswith(".weight"):
+            name = key.removesuffix(".weight").rsplit(".", 1)[-1]
+            (fp8 if scaled else plain).add(name)
+    return experts, frozenset(fp8 - plain)
 
 
 def _raw_config(folder: Path, hf_overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from moelora.layers.spec import WeightSpec, sharded, whole
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
 from moelora.ops.cache_write import CacheWrite
+from moelora.ops.fp8 import Fp8Weights
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
 
@@ -52,10 +53,10 @@ class SelfAttention(nn.Module):
         self.output_gate = cfg.attn_output_gate
         q_rows = 2 * q_size if self.output_gate else q_size
         parts = [split_part("q_proj", q_rows, ps), kv_part("k_proj", cfg, ps), kv_part("v_proj", cfg, ps)]
-        self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype)
+        self.qkv = ColumnLinear(cfg.hidden_size, parts, cfg.qkv_bias, dtype, fp8=cfg.fp8)
         self.kv_heads = parts[1].size // cfg.head_dim  # this rank's KV heads (the KV cache's width)
         self.cache_dims = (cfg.head_dim, cfg.head_dim)  # K and V per head
-        self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype)
+        self.o_proj = RowLinear("o_proj", q_size, cfg.hidden_size, cfg.o_bias, ps, dtype, cfg.fp8)
         self.qk_norm = cfg.qk_norm
         # GLM-4.5 rotates only the first rot_dim features of each head (transformers' partial rotary).
         self.rot_dim = 2 * len(cfg.rope_inv_freq)
@@ -169,11 +170,13 @@ class SelfAttention(nn.Module):
 class DenseMLP(nn.Module):
     """silu(gate(x)) * up(x) -> down, split over TP by the intermediate size; returns the partial sum."""
 
-    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype) -> None:
+    def __init__(
+        self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype, fp8: Fp8Weights | None = None
+    ) -> None:
         super().__init__()
         parts = [split_part("gate_proj", inter, ps), split_part("up_proj", inter, ps)]
-        self.gate_up = ColumnLinear(hidden, parts, False, dtype)
-        self.down = RowLinear("down_proj", inter, hidden, False, ps, dtype)
+        self.gate_up = ColumnLinear(hidden, parts, False, dtype, fp8=fp8)
+        self.down = RowLinear("down_proj", inter, hidden, False, ps, dtype, fp8)
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
         gate, up = self.gate_up(x, token_slot).chunk(2, dim=-1)
@@ -193,9 +196,11 @@ class DenseMLP(nn.Module):
 class DenseBlock(nn.Module):
     """A dense MLP layer: the MLP and its all-reduce."""
 
-    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype) -> None:
+    def __init__(
+        self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype, fp8: Fp8Weights | None = None
+    ) -> None:
         super().__init__()
-        self.ps, self.mlp = ps, DenseMLP(hidden, inter, ps, dtype)
+        self.ps, self.mlp = ps, DenseMLP(hidden, inter, ps, dtype, fp8)
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
         return comm.all_reduce(self.mlp(x, token_slot), self.ps)
@@ -231,12 +236,12 @@ class SparseMoeBlock(nn.Module):
         swiglu = None if cfg.swiglu_limit is None else (cfg.swiglu_limit, cfg.swiglu_alpha)
         self.experts = FusedMoE(
             cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, ps, dtype, cfg.expert_bias, swiglu,
-            cfg.fp8_experts,
+            cfg.fp8,
         )  # fmt: skip
         self.shared: DenseMLP | None = None
         self.shared_gate: ColumnLinear | None = None
         if cfg.shared_expert_intermediate_size:
-            self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ps, dtype)
+            self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ps, dtype, cfg.fp8)
             if cfg.shared_expert_gated:
                 self.shared_gate = ColumnLinear(
                     cfg.hidden_size, [whole_part("shared_expert_gate", 1)], False, dtype, lora_target=False

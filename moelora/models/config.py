@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from moelora.ops.expert_extras import Fp8Experts
+from moelora.ops.fp8 import Fp8Weights
 
 QKNorm = Literal["none", "head", "full"]
 # How a MoE layer chooses its experts: softmax over the router's logits, top-k (Qwen, Mixtral, OLMoE); or
@@ -121,8 +121,8 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None  # None: silu(gate) * up
     swiglu_alpha: float = 1.0
-    # the routed experts served in FP8 (`--quantization`; not from config.json)
-    fp8_experts: Fp8Experts | None = None
+    # the weights served in FP8 (`--quantization`; not from config.json)
+    fp8: Fp8Weights | None = None
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -213,7 +213,8 @@ def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtyp
     peak besides weights, adapters and caches: a layer's buffers live one layer at a time. The MoE block
     keeps per (token, choice) pair the gate/up output, the activation and the down output; attention its
     q/k/v and output; the residual stream a few rows of the hidden size; the sampler fp32 logits. The
-    full (unsharded) sizes: under TP or EP a rank holds less."""
+    full (unsharded) sizes: under TP or EP a rank holds less. With FP8 linear layers, a step of more tokens
+    than their one launch takes multiplies a 16-bit copy of one layer's weight (made for cuBLAS)."""
     e = dtype.itemsize
     h = cfg.hidden_size
     pairs = tokens * cfg.top_k if any(cfg.moe_layers) else 0
@@ -223,4 +224,9 @@ def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtyp
     attn = tokens * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * e
     stream = tokens * 4 * h * e
     logits = rows * cfg.vocab_size * 4 * 2  # the logits and one working copy
-    return moe + mlp + attn + stream + logits
+    widest = max(
+        (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+        2 * max(dense, cfg.shared_expert_intermediate_size),
+    )
+    fp8_copy = h * widest * e if cfg.fp8 is not None else 0
+    return moe + mlp + attn + stream + logits + fp8_copy

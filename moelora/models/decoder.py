@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
         if cfg.moe_layers[layer]:
             self.mlp = SparseMoeBlock(cfg, ps, dtype)
         else:
-            self.mlp = DenseBlock(cfg.hidden_size, cfg.dense_intermediate_size, ps, dtype)
+            self.mlp = DenseBlock(cfg.hidden_size, cfg.dense_intermediate_size, ps, dtype, cfg.fp8)
 
     def forward(
         self,

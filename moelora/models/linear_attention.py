@@ -75,7 +75,8 @@ class GatedDeltaNet(nn.Module):
             qkvz.append(OutPart("in_proj_z", la.value_dim, v_rows))
             heads = slice(v0, v0 + self.hv)
             ba = [OutPart("in_proj_b", la.num_v_heads, heads), OutPart("in_proj_a", la.num_v_heads, heads)]
-        self.in_proj_qkvz = ColumnLinear(hidden, qkvz, False, dtype)
+        self.in_proj_qkvz = ColumnLinear(hidden, qkvz, False, dtype, fp8=cfg.fp8)
+        # b and a (the decay and the write strength) stay in --dtype, as published FP8 checkpoints keep them
         self.in_proj_ba = ColumnLinear(hidden, ba, False, dtype)
         conv_dim = 2 * self.hk * dk + self.hv * dv
         self.conv_weight = nn.Parameter(
@@ -85,7 +86,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
         self.A_log = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
         self.norm_weight = nn.Parameter(torch.empty(dv, dtype=dtype), requires_grad=False)
-        self.out_proj = RowLinear("out_proj", la.value_dim, hidden, False, ps, dtype)
+        self.out_proj = RowLinear("out_proj", la.value_dim, hidden, False, ps, dtype, cfg.fp8)
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor

@@ -45,24 +45,29 @@ class LatentAttention(nn.Module):
             raise ValueError(f"tp_size {ps.tp_size} does not divide the {cfg.num_heads} attention heads")
         self.ps, self.layer = ps, layer
         self.heads = cfg.num_heads // ps.tp_size
-        hidden, eps, bias = cfg.hidden_size, cfg.rms_norm_eps, cfg.qkv_bias
+        hidden, eps, bias, fp8 = cfg.hidden_size, cfg.rms_norm_eps, cfg.qkv_bias, cfg.fp8
         q_size = cfg.num_heads * m.qk_head_dim
         self.q_proj: ColumnLinear | None = None
         self.q_a_proj: ColumnLinear | None = None
         self.q_a_layernorm: RMSNorm | None = None
         self.q_b_proj: ColumnLinear | None = None
         if m.q_lora_rank is None:
-            self.q_proj = ColumnLinear(hidden, [split_part("q_proj", q_size, ps)], False, dtype)
+            self.q_proj = ColumnLinear(hidden, [split_part("q_proj", q_size, ps)], False, dtype, fp8=fp8)
         else:
-            self.q_a_proj = ColumnLinear(hidden, [whole_part("q_a_proj", m.q_lora_rank)], bias, dtype)
+            self.q_a_proj = ColumnLinear(
+                hidden, [whole_part("q_a_proj", m.q_lora_rank)], bias, dtype, fp8=fp8
+            )
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, eps, dtype)
-            self.q_b_proj = ColumnLinear(m.q_lora_rank, [split_part("q_b_proj", q_size, ps)], False, dtype)
+            q_b = [split_part("q_b_proj", q_size, ps)]
+            self.q_b_proj = ColumnLinear(m.q_lora_rank, q_b, False, dtype, fp8=fp8)
         kv_a_size = m.kv_lora_rank + m.qk_rope_head_dim
-        self.kv_a_proj = ColumnLinear(hidden, [whole_part("kv_a_proj_with_mqa", kv_a_size)], bias, dtype)
+        kv_a = [whole_part("kv_a_proj_with_mqa", kv_a_size)]
+        self.kv_a_proj = ColumnLinear(hidden, kv_a, bias, dtype, fp8=fp8)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, eps, dtype)
         kv_b_size = cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
+        # kv_b stays in --dtype (an FP8 checkpoint's dequantised): decode absorbs its weight into q and o
         self.kv_b_proj = ColumnLinear(m.kv_lora_rank, [split_part("kv_b_proj", kv_b_size, ps)], False, dtype)
-        self.o_proj = RowLinear("o_proj", cfg.num_heads * m.v_head_dim, hidden, cfg.o_bias, ps, dtype)
+        self.o_proj = RowLinear("o_proj", cfg.num_heads * m.v_head_dim, hidden, cfg.o_bias, ps, dtype, fp8)
         self.kv_heads = 1  # the cache's width: one latent per token, whatever the heads
         self.cache_dims = (m.kv_lora_rank, m.qk_rope_head_dim)  # K cache, V cache
 

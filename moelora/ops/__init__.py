@@ -22,6 +22,7 @@ from moelora.ops.cache_write import CacheWrite
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
@@ -390,16 +391,19 @@ def linear(
     lora: DenseLora | None,
     token_slot: torch.Tensor | None,
     sizes: tuple[int, ...],
+    scales: RowScales | None = None,
     plan: KernelPlan = TUNED,
 ) -> torch.Tensor:
-    """A layer adapters may modify, plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`.
-    On the GPU a few tokens in fp16/bf16 take one launch for all of it (`ops/triton/linear.py`), with or
-    without adapters; more run cuBLAS, and the dense LoRA kernels if the batch has adapters."""
+    """A layer adapters may modify, plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`
+    (`scales`: an FP8 weight's). On the GPU a few tokens in fp16/bf16 take one launch for all of it
+    (`ops/triton/linear.py`), with or without adapters, FP8 weights scaled in registers; more run cuBLAS
+    (an FP8 weight dequantised for it), and the dense LoRA kernels if the batch has adapters."""
     mod = _kernels("linear", x)
     if mod is None:
-        return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes)
-    one_launch = _half_kernels("linear", x, weight) is not None
-    return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan)
+        return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes, scales)
+    same = () if scales is not None else (weight,)  # an FP8 weight is not in x's dtype
+    one_launch = _half_kernels("linear", x, *same) is not None
+    return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan, scales)
 
 
 def add_lora(

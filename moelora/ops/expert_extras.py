@@ -47,15 +47,3 @@ def activation(gate: torch.Tensor, up: torch.Tensor, swiglu: tuple[float, float]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
-@dataclass(frozen=True)
-class Fp8Experts:
-    """How the routed experts hold their weights when served in FP8: a scale per row and group of input
-    columns. `block`: the scale blocks' width of an FP8 checkpoint whose scales the experts keep (a group
-    must then not straddle two blocks, nor two ranks' shares), or None for scales of their own (groups of
-    128 within each rank's share); `strict`: a layout that leaves groups under 16 columns is an error
-    (else those experts stay in the model's dtype, with a warning)."""
-
-    block: int | None
-    strict: bool

@@ -126,6 +126,9 @@ class KernelPlan:
     lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
+    # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
+    # bytes a weight more) at most this many; not yet measured on a GPU
+    fp8_linear_tokens: int = 64
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue

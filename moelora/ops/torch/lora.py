@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.fp8 import RowScales
 from moelora.ops.torch import acc_dtype
-from moelora.ops.torch.fp8 import expert_weights
+from moelora.ops.torch.fp8 import dequantize_rows, expert_weights
 
 
 def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
@@ -74,16 +75,20 @@ def linear(
     lora: DenseLora | None,
     token_slot: torch.Tensor | None,
     sizes: tuple[int, ...],
+    scales: RowScales | None = None,
 ) -> torch.Tensor:
     """A linear layer with its adapters: y = x @ weight^T + bias in x's dtype, then, for every token with
     a slot s = token_slot[t] in [0, S), the delta of `add_lora_parts` (one A per stacked part, `sizes` the
-    parts' output sizes) added in y's dtype. No delta when lora or token_slot is None.
+    parts' output sizes) added in y's dtype. No delta when lora or token_slot is None. With `scales` the
+    weight is FP8, dequantised to x's dtype first (W8 times its rows' scales; the LoRA is not quantised).
 
     Shapes: x [T, in]; weight [out, in]; bias [out] or None; lora: `DenseLora` (a [S, P, R, in],
     b [S, out, R], rank [S, P]); token_slot [T] int. Kernels may add the delta before rounding the base
     product to x's dtype (one rounding instead of two); a token without a slot gets the base product
     only, whatever the other tokens' slots.
     """
+    if scales is not None:
+        weight = dequantize_rows(weight, scales.table, scales.group, x.dtype)
     y = F.linear(x, weight, bias)
     if lora is None or token_slot is None:
         return y
@@ -105,7 +110,7 @@ def fused_moe_lora(
     extras: ExpertExtras | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md); `extras`:
-    GPT-OSS's biases and activation, FP8 weights' scales (see `ExpertExtras`: neither is part of the LoRA).
+    GPT-OSS's biases and activation, FP8 weights' scales (see `ExpertExtras`: neither is part of the LoRA);
 
     Shapes: as `fused_moe`, plus token_slot [T] int and the slots' buffers `lora` (see `ExpertLora`:
     a_gu, b_gu, a_dn, b_dn below are its buffers; its ranks only tell kernels which lanes are padding).

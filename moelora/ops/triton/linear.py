@@ -9,6 +9,9 @@ an fp32 partial of x @ W^T; split 0's also gets the LoRA delta (after the shrink
 deadlock), whose latency then hides behind the other splits' GEMV. The last split of a tile to finish
 adds the partials up in split order, then the bias, and stores the tile. A token without an adapter gets
 exactly the base sum: a base row does not depend on which adapters share its batch.
+
+An FP8 weight (`RowScales`) is multiplied by its rows' scales in registers, each K step within one scale
+group. With more tokens than the one launch takes, it is dequantised into a 16-bit copy for cuBLAS.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
 from moelora.ops.triton.common import add_expand, lanes_in_rank, num_sms, valid_slot
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
@@ -116,10 +120,12 @@ def _expand(
 
 
 @triton.jit
-def _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
+def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n,
                IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N] fp32 over this split's input columns."""
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N] fp32 over this split's input columns; with HAS_SCALE
+    w is FP8 times its rows' scales (sc_ptr [n, group]; a step lies in one group: BLOCK_K <= GROUP)."""
     t = tl.arange(0, BLOCK_M)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
@@ -129,6 +135,10 @@ def _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
         k_ok = kk + k0 < IN_DIM
         xk = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            group = (split * K_CHUNK + k0) // GROUP
+            scale = tl.load(sc_ptr + n.to(tl.int64) * ss_n + group, mask=n_ok, other=0.0)
+            wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
         acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sx_k
         w_ptrs += BLOCK_K * sw_k
@@ -137,11 +147,12 @@ def _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
+    x_ptr, w_ptr, sc_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
     ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr,
     num_tokens, out_dim, rank,
-    sx_t, sx_k, sw_n, sw_k, sy_t, sy_n, sa_s, sa_l, sa_k, sb_s, sb_n, sb_r, s_rs, s_rp,
-    IN_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
+    sx_t, sx_k, sw_n, sw_k, ss_n, sy_t, sy_n, sa_s, sa_l, sa_k, sb_s, sb_n, sb_r, s_rs, s_rp,
+    IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
     NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr,
     CHUNKS: tl.constexpr,
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
@@ -170,8 +181,8 @@ def _linear_kernel(
         t_ok = t < num_tokens
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < out_dim
-        acc = _gemv_part(x_ptr, w_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k,
-                         IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        acc = _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n,
+                         IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP, PRECISION)  # fmt: skip
         if HAS_LORA and split == 0:
             acc = _expand(
                 acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
@@ -212,11 +223,13 @@ def _column_tile(sizes: tuple[int, ...], tiles: LinearTiles) -> int:
     return 0
 
 
-def fits(x: torch.Tensor, lora_lanes: int, sizes: tuple[int, ...], plan: KernelPlan = TUNED) -> bool:
-    """Whether `linear` runs this layer in one launch: few enough tokens, stacked rank lanes and parts,
-    and a column tile that no part boundary cuts."""
+def fits(
+    x: torch.Tensor, lora_lanes: int, sizes: tuple[int, ...], plan: KernelPlan = TUNED, fp8: bool = False
+) -> bool:
+    """Whether `linear` runs this layer in one launch: few enough tokens (more with an `fp8` weight),
+    stacked rank lanes and parts, and a column tile that no part boundary cuts."""
     return (
-        x.shape[0] <= plan.linear_tokens
+        x.shape[0] <= (plan.fp8_linear_tokens if fp8 else plan.linear_tokens)
         and lora_lanes <= _MAX_LANES
         and len(sizes) <= _MAX_PARTS
         and _column_tile(sizes, plan.linear_tiles) > 0
@@ -230,17 +243,22 @@ def linear(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
     sizes: tuple[int, ...],
     plan: KernelPlan = TUNED,
+    scales: RowScales | None = None,
 ) -> torch.Tensor:
     """y = x @ weight^T + bias, plus each token's adapter delta, in one launch (the caller checks `fits`).
 
-    x [T, in]; weight [out, in]; bias [out] or None; sizes: the stacked parts' output sizes (sum = out);
-    lora None or (a [S, P, R, in], b [S, out, R], slot_rank [S, P] or None, token_slot [T]), as
-    `ops.linear`. Launches on one device run one after another (they share `counters.launch_counters`)."""
+    x [T, in]; weight [out, in] (FP8 with `scales`); bias [out] or None; sizes: the stacked parts' output
+    sizes (sum = out); lora None or (a [S, P, R, in], b [S, out, R], slot_rank [S, P] or None, token_slot
+    [T]), as `ops.linear`. Launches on one device run one after another (they share
+    `counters.launch_counters`)."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
     tiles = plan.linear_tiles
     block_n = _column_tile(sizes, tiles)
     block_k = min(tiles.block_k, max(16, triton.next_power_of_2(in_dim)))
+    if scales is not None:
+        _check_scales(weight, scales)
+        block_k = min(block_k, scales.group)
     n_tiles = triton.cdiv(out_dim, block_n)
     # Input splits: about tiles.programs_per_sm programs per SM in all, each a whole number of block_k steps.
     want = max(1, min(tiles.programs_per_sm * num_sms(x.device) // n_tiles, triton.cdiv(in_dim, block_k)))
@@ -268,13 +286,15 @@ def linear(
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
     shrinks = min(num_tokens, num_slots) * chunks  # a program per (distinct slot, chunk) at most
+    table = x if scales is None else scales.table  # a placeholder, never read, without scales
     _linear_kernel[(shrinks + n_tiles * splits,)](
-        x, weight, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
+        x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
         sync, sync[1:], sync[2:], sync[3:],
         num_tokens, out_dim, rank,
-        *x.stride(), *weight.stride(), *y.stride(), *a_strides, b.stride(0), b.stride(1), b.stride(-1),
-        ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
-        IN_DIM=in_dim, HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
+        *x.stride(), *weight.stride(), table.stride(0), *y.stride(), *a_strides, b.stride(0), b.stride(1),
+        b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
+        IN_DIM=in_dim, HAS_SCALE=scales is not None, GROUP=1 if scales is None else scales.group,
+        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
         NUM_SLOTS=num_slots, SHRINKS=shrinks, SPLITS=splits, K_CHUNK=k_chunk, CHUNKS=chunks,
         SHRINK_CHUNK=shrink_chunk,
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
@@ -295,14 +315,18 @@ def linear_layer(
     sizes: tuple[int, ...],
     one_launch: bool,
     plan: KernelPlan = TUNED,
+    scales: RowScales | None = None,
 ) -> torch.Tensor:
     """`ops.linear`: one launch (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter)
     and it `fits`, whether or not the layer has slots or the batch adapters, so that a base row gets the
-    same bits in any batch and on a server without adapters; otherwise cuBLAS and the dense LoRA kernels."""
+    same bits in any batch and on a server without adapters; otherwise cuBLAS (an FP8 weight dequantised
+    into a 16-bit copy for it) and the dense LoRA kernels."""
     lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
-    if one_launch and fits(x, lanes, sizes, plan):
+    if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
-        return linear(x, weight, bias, args, sizes, plan)
+        return linear(x, weight, bias, args, sizes, plan, scales)
+    if scales is not None:
+        weight = dequantize(weight, scales, x.dtype)
     y = F.linear(x, weight, bias)
     if lora is not None and token_slot is not None:
         if len(sizes) == 1:
@@ -310,3 +334,51 @@ def linear_layer(
         else:
             add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan)
     return y
+
+
+def _check_scales(weight: torch.Tensor, scales: RowScales) -> None:
+    """ValueError unless `scales` fit the FP8 `weight` as the kernels read them."""
+    rows, cols = weight.shape
+    groups = triton.cdiv(cols, scales.group)
+    table = scales.table
+    if weight.dtype != torch.float8_e4m3fn or table.dtype != torch.float32:
+        raise ValueError(
+            f"FP8 linear: weight {weight.dtype} and scales {table.dtype}, need float8_e4m3fn, fp32"
+        )
+    if tuple(table.shape) != (rows, groups) or table.stride(1) != 1 or scales.group < 16:
+        raise ValueError(
+            f"FP8 linear: scales {list(table.shape)} (strides {table.stride()}) in groups of {scales.group} "
+            f"for a weight {[rows, cols]}: need [{rows}, {groups}], unit stride over the groups, groups >= 16"
+        )
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, sc_ptr, y_ptr, rows, cols, sw_n, ss_n, sy_n,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """y[n, k] = w[n, k] * sc[n, k // GROUP] over one tile (in one group: BLOCK_K <= GROUP)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    n_ok = n < rows
+    mask = n_ok[:, None] & (k < cols)[None, :]
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * sw_n + k[None, :], mask=mask, other=0.0)
+    scale = tl.load(sc_ptr + n.to(tl.int64) * ss_n + k0 // GROUP, mask=n_ok, other=0.0)
+    y = (w.to(tl.float32) * scale[:, None]).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + n[:, None].to(tl.int64) * sy_n + k[None, :], y, mask=mask)
+
+
+def dequantize(weight: torch.Tensor, scales: RowScales, dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 `weight` [N, K] times its rows' scales, in `dtype` (a new tensor): what cuBLAS multiplies
+    where the one launch does not take the tokens."""
+    _check_scales(weight, scales)
+    if weight.stride(1) != 1:
+        raise ValueError(f"FP8 linear: the weight needs unit stride over its columns, got {weight.stride()}")
+    rows, cols = weight.shape
+    out = torch.empty(rows, cols, dtype=dtype, device=weight.device)
+    block_n, block_k = 32, min(128, scales.group)
+    grid = (triton.cdiv(rows, block_n), triton.cdiv(cols, block_k))
+    _dequantize_kernel[grid](
+        weight, scales.table, out, rows, cols, weight.stride(0), scales.table.stride(0), out.stride(0),
+        GROUP=scales.group, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
