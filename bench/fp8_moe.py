@@ -6,7 +6,9 @@ columns), each without and with 8 adapters of rank 16 (a new adapter every 4 tok
 byte floors of the experts the batch touches (bf16: 2 bytes a weight; FP8: 1 byte plus 4 per 128 of
 scales) at the measured rate. Each replay runs LAYERS layers, each with its own weights, as a model does
 (one layer's touched experts would otherwise stay in L2 from one replay to the next). The FP8 output is
-checked against the twin on the dequantised weights first.
+checked against the twin on the dequantised weights first. From 32 tokens also W8A8 (the aligned path's
+GEMMs with FP8 activations, `KernelPlan.fp8_activation_rows`, off by default until these rows say where it
+pays), checked against the twin quantising the activations the same way.
     python bench/fp8_moe.py [--m 1,8,32,128,2048] [--json out.json]
 """
 
@@ -16,7 +18,7 @@ import argparse
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -26,12 +28,16 @@ from moelora import ops
 from moelora.benchmark.floors import measure_ceilings
 from moelora.ops.expert_extras import ExpertExtras, ExpertScales
 from moelora.ops.expert_lora import ExpertLora
+from moelora.ops.plan import TUNED
+from moelora.ops.torch import lora as lora_twin
 from moelora.ops.torch import moe as twin
 from moelora.ops.torch.fp8 import quantize_rows
 
 H, INTER, E, K = 2048, 768, 128, 8
 LAYERS = 4
 GROUP = 128
+W8A8 = replace(TUNED, fp8_activation_rows=0.0)  # FP8 activations wherever the aligned path runs
+W8A8_FROM = 32  # the decode path (fewer tokens) multiplies in bf16 whatever the plan
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Row:
     fp8_us: float
     bf16_floor_us: float
     fp8_floor_us: float
+    w8a8_us: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -83,23 +90,32 @@ def layered_us(calls: list[Callable[[], object]]) -> float:
     return graph_us(lambda: next(steps)(), calls=len(calls))
 
 
-def check(layer: Layer) -> None:
-    """FP8 kernels against the twin on the dequantised weights, at M = 1 (decode path) and 256."""
-    for m in (1, 256):
+def check(layer: Layer, lora: ExpertLora) -> None:
+    """FP8 kernels against the twin on the dequantised weights, at M = 1 (decode path) and 256, and W8A8
+    at 256 (with and without adapters) against the twin quantising the activations."""
+    for m, w8a8 in ((1, False), (256, False), (256, True)):
         x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
         ids = torch.randint(0, E, (m, K), device="cuda", dtype=torch.int32)
         weights = torch.rand(m, K, device="cuda").to(torch.bfloat16)
-        got = ops.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, extras=layer.extras).float()
-        want = twin.fused_moe(x, layer.q_gu, layer.q_dn, ids, weights, layer.extras).float()
-        # bf16 outputs, h rounded to bf16 in between: a few elements differ by a last bit or two
-        error = ((got - want).norm() / want.norm()).item()
-        assert error < 1e-2 and (got - want).abs().max() < 0.1, (m, error)
+        slot = (torch.arange(m, device="cuda") % 8).to(torch.int32)
+        w, plan = (layer.q_gu, layer.q_dn), W8A8 if w8a8 else TUNED
+        pairs = [
+            (ops.fused_moe(x, *w, ids, weights, plan, layer.extras),
+             twin.fused_moe(x, *w, ids, weights, layer.extras, fp8_activations=w8a8)),
+            (ops.fused_moe_lora(x, *w, ids, weights, slot, lora, plan, layer.extras),
+             lora_twin.fused_moe_lora(x, *w, ids, weights, slot, lora, layer.extras, fp8_activations=w8a8)),
+        ]  # fmt: skip
+        for got, want in pairs:
+            # bf16 outputs, h rounded to bf16 in between: a few elements differ by a last bit or two (with
+            # W8A8 such a bit can move an activation to the next FP8 value)
+            error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert error < (2e-2 if w8a8 else 1e-2), (m, w8a8, error)
 
 
 def rows(ms: list[int], bandwidth: float) -> list[Row]:
     layers = [make_layer(seed) for seed in range(LAYERS)]
-    check(layers[0])
     lora = adapters(8, 16)
+    check(layers[0], lora)
     out = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for m in ms:
@@ -113,19 +129,21 @@ def rows(ms: list[int], bandwidth: float) -> list[Row]:
         fp8_floor = touched * 3 * (H * INTER + (H * INTER // GROUP) * 4) / bandwidth * 1e6
         for name in ("base", "8x16"):
             timed = []
-            for fp8 in (False, True):
+            variants = [(False, TUNED), (True, TUNED)] + ([(True, W8A8)] if m >= W8A8_FROM else [])
+            for fp8, plan in variants:
                 calls: list[Callable[[], object]] = []
                 for layer in layers:
                     w = (layer.q_gu, layer.q_dn) if fp8 else (layer.w_gu, layer.w_dn)
                     extras = layer.extras if fp8 else None
                     if name == "base":
-                        calls.append(partial(ops.fused_moe, x, *w, ids, weights, extras=extras))
+                        calls.append(partial(ops.fused_moe, x, *w, ids, weights, plan, extras))
                     else:
                         calls.append(
-                            partial(ops.fused_moe_lora, x, *w, ids, weights, slot, lora, extras=extras)
+                            partial(ops.fused_moe_lora, x, *w, ids, weights, slot, lora, plan, extras)
                         )
                 timed.append(layered_us(calls))
-            out.append(Row(m, name, timed[0], timed[1], bf16_floor, fp8_floor))
+            w8a8 = timed[2] if len(timed) > 2 else None
+            out.append(Row(m, name, timed[0], timed[1], bf16_floor, fp8_floor, w8a8))
         torch.cuda.empty_cache()
     return out
 
@@ -138,12 +156,14 @@ def main() -> None:
     ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     table = rows([int(v) for v in args.m.split(",")], ceilings.bytes_per_s)
     print(f"\n{torch.cuda.get_device_name()}; floors at {ceilings.bytes_per_s / 1e12:.2f} TB/s")
-    print("| M | LoRA | bf16 us | FP8 us | FP8 / bf16 | bf16 floor us | FP8 floor us | FP8 floor / us |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| M | LoRA | bf16 us | FP8 us | FP8 / bf16 | W8A8 us | W8A8 / bf16 | bf16 floor us | FP8 floor us "
+          "| FP8 floor / us |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         share = r.fp8_floor_us / r.fp8_us
+        w8a8 = f"{r.w8a8_us:.1f} | {r.w8a8_us / r.bf16_us:.2f}" if r.w8a8_us is not None else "- | -"
         print(
-            f"| {r.m} | {r.lora} | {r.bf16_us:.1f} | {r.fp8_us:.1f} | {r.ratio:.2f} | "
+            f"| {r.m} | {r.lora} | {r.bf16_us:.1f} | {r.fp8_us:.1f} | {r.ratio:.2f} | {w8a8} | "
             f"{r.bf16_floor_us:.1f} | {r.fp8_floor_us:.1f} | {share:.0%} |"
         )
     if args.json:

@@ -82,20 +82,22 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
 
 
 def moe_cases() -> Iterator[Case]:
-    """The grouped GEMMs at every entry of the tile table, with and without LoRA (rank 16 and 64)."""
+    """The grouped GEMMs at every entry of the tile table, with and without LoRA (rank 16 and 64); FP8
+    weights times x's dtype (W8A16) or FP8 activations (W8A8: K steps of one 128-column group)."""
     for _, base, lora in TUNED.moe_table:
         for t, has_lora in ((base, False), (lora, True)):
             for rank in (16, 64) if has_lora else (16,):
                 common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m)
                 common |= dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=rank, GROUP_M=t.group_m)
                 common |= dict(PRECISION="tf32", PARTS=8 if has_lora and t.block_m == 16 else 1)
-                unscaled = dict(HAS_SCALE=False, GROUP=1)
+                unscaled = dict(HAS_SCALE=False, GROUP=1, ACT_FP8=0)
                 for down_shrink in (False, True) if has_lora and t.block_m == 16 else (False,):
                     gate_up = dict(HIDDEN=2048, DOWN_SHRINK=down_shrink, IL_EXPAND=rank <= 16, **common)
                     plain = gate_up | dict(HAS_BIAS=False, CLAMPED=False)
                     yield moe_gate_up._gate_up_kernel, plain | unscaled, t.warps
-                    fp8 = dict(HAS_SCALE=True, GROUP=128, BLOCK_K=min(t.block_k, 128), fp8=True)
+                    fp8 = dict(HAS_SCALE=True, GROUP=128, BLOCK_K=min(t.block_k, 128), fp8=True, ACT_FP8=0)
                     yield moe_gate_up._gate_up_kernel, plain | fp8, t.warps
+                    yield moe_gate_up._gate_up_kernel, plain | fp8 | dict(BLOCK_K=128, ACT_FP8=1), t.warps
                 # GPT-OSS's biases and clamped SwiGLU (HIDDEN 2880: not a multiple of the K step)
                 gpt_oss = dict(gate_up, HIDDEN=2880, HAS_BIAS=True, CLAMPED=True)
                 yield moe_gate_up._gate_up_kernel, gpt_oss | unscaled, t.warps
@@ -104,12 +106,13 @@ def moe_cases() -> Iterator[Case]:
                 down = {**common, "INTER": 768, "BLOCK_N": d.block_n, "PIPELINED": True}
                 down |= {"PERSISTENT": persistent, "BLOCKS_PAD": 1024 if persistent else 1}
                 for tma in (True, False) if d.tma_down else (False,):
-                    for scaled in (False, True):
-                        block_k = min(d.block_k, 128) if scaled else d.block_k
+                    for scaled, act in ((False, 0), (True, 0), (True, 1)):
+                        block_k = 128 if act else min(d.block_k, 128) if scaled else d.block_k
                         descs = {"h_desc": [d.block_m, block_k], "w_desc": [d.block_n, block_k]}
                         down |= {"TMA": tma, "descs": descs if tma else {}, "BLOCK_K": block_k}
-                        down |= dict(HAS_SCALE=scaled, GROUP=128 if scaled else 1, fp8=scaled)
-                        yield moe_down._down_kernel, dict(down), t.warps, d.stages
+                        down |= dict(HAS_SCALE=scaled, GROUP=128 if scaled else 1, fp8=scaled, ACT_FP8=act)
+                        stages = min(d.stages, 3) if block_k > d.block_k else d.stages  # as moe_down
+                        yield moe_down._down_kernel, dict(down), t.warps, stages
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):
             in_dim = 2048 if gather else 768

@@ -170,15 +170,19 @@ def fp8_experts(
 
 
 def check_fused_moe(
-    case, seed: int, plan: KernelPlan = TUNED, extras: bool = False, fp8_group: int = 0
+    case, seed: int, plan: KernelPlan = TUNED, extras: bool = False, fp8_group: int = 0, w8a8: bool = False
 ) -> None:
+    """`w8a8`: the plan multiplies FP8 weights by FP8 activations; the twin quantises them the same way."""
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
     if fp8_group:
         w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
     out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan, ext)
-    ref = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
+    ref = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext, fp8_activations=w8a8)
     assert_close(out, ref, CPU_TOL[x.dtype])
+    if w8a8:
+        w8a16 = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
+        assert (ref - w8a16).abs().max() > 3 * CPU_TOL[x.dtype], "FP8 activations must be visible"
     if extras and not fp8_group:
         plain = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights)
         assert (ref - plain).abs().max() > 10 * CPU_TOL[x.dtype], "the extras must be visible"
@@ -192,6 +196,7 @@ def check_fused_moe_lora(
     plan: KernelPlan = TUNED,
     extras: bool = False,
     fp8_group: int = 0,
+    w8a8: bool = False,
 ) -> None:
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
@@ -200,9 +205,9 @@ def check_fused_moe_lora(
     if fp8_group:
         w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
     out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan, extras=ext)
-    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext)
+    ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext, fp8_activations=w8a8)
     assert_close(out, ref, CPU_TOL[x.dtype])
-    base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
+    base = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext, fp8_activations=w8a8)
     assert (ref - base).abs().max() > 10 * CPU_TOL[x.dtype], "the LoRA delta must be visible"
     # Given each slot's rank, the kernels must not read the padding past the lanes they may read: NaN
     # there changes nothing (a NaN read on either side, shrink or expand, would reach the output through
@@ -265,6 +270,19 @@ def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
     in: the kernels' products equal the twin's on the dequantised weights."""
     check_fused_moe(case, case[0] + 2, path, fp8_group=group)
     check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=path, fp8_group=group)
+
+
+@pytest.mark.parametrize(("case", "group"), [(CPU_CASES[1], 32), (CPU_CASES[2], 32), (CPU_CASES[3], 32)])
+def test_fp8_activations_match_twin(case, group: int, path: KernelPlan):
+    """W8A8 (`KernelPlan.fp8_activation_rows`): the aligned paths' GEMMs quantise x's and h's rows per
+    scale group as they load them and multiply in FP8 (partial last groups where the group does not divide
+    I), the LoRA on the unquantised rows; against the twin quantising them the same way. The decode GEMVs
+    stay W8A16 (the plan's rows are never reached there)."""
+    if path.decode_pairs:
+        pytest.skip("the decode path multiplies in x's dtype")
+    w8a8 = replace(path, fp8_activation_rows=0.0)
+    check_fused_moe(case, case[0] + 4, w8a8, fp8_group=group, w8a8=True)
+    check_fused_moe_lora(case, case[0] + 5, num_slots=3, rank=8, plan=w8a8, fp8_group=group, w8a8=True)
 
 
 def test_fp8_experts_refused_without_scales():

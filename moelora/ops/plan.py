@@ -133,6 +133,11 @@ class KernelPlan:
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
     down_expand_apart: bool | None = None  # the down LoRA expand in its own launch (not the down GEMM)
+    # From this many mean rows per expert the aligned path's grouped GEMMs multiply FP8 expert weights by
+    # FP8 activations (each row quantised per scale group as it is loaded; W8A8 on the FP8 tensor cores)
+    # where the weights' group is at least 32 columns; None: never (W8A16: the weight tile dequantised).
+    # Not yet measured on a GPU, so off.
+    fp8_activation_rows: float | None = None
     persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
     shrink_rows: int | None = None  # rows per step of the aligned MoE-LoRA shrink
     shrink_k: int = 128  # input columns per step of the aligned MoE-LoRA shrink (its splits are whole steps)

@@ -45,6 +45,13 @@ def dequantize_rows(w8: torch.Tensor, scales: torch.Tensor, group: int, dtype: t
     return (w8.float() * _per_column(scales, group, w8.shape[-1])).to(dtype)
 
 
+def fake_quantize(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., K] as the FP8 products of W8A8 kernels see it: quantised per row and group of `group`
+    columns, dequantised back to x's dtype."""
+    x8, scales = quantize_rows(x, group)
+    return dequantize_rows(x8, scales, group, x.dtype)
+
+
 def expert_weights(
     w_gate_up: torch.Tensor, w_down: torch.Tensor, extras: ExpertExtras | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,3 +64,11 @@ def expert_weights(
         dequantize_rows(w_gate_up, scales.gate_up, scales.group, dtype),
         dequantize_rows(w_down, scales.down, scales.group, dtype),
     )
+
+
+def expert_inputs(x: torch.Tensor, extras: ExpertExtras | None, fp8: bool) -> torch.Tensor:
+    """x as FP8 experts' products take it: quantised per row and scale group with `fp8` (W8A8), else as
+    it is."""
+    if not fp8 or extras is None or extras.scales is None:
+        return x
+    return fake_quantize(x, extras.scales.group)

@@ -10,7 +10,7 @@ from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
 from moelora.ops.torch import acc_dtype
-from moelora.ops.torch.fp8 import dequantize_rows, expert_weights
+from moelora.ops.torch.fp8 import dequantize_rows, expert_inputs, expert_weights
 
 
 def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
@@ -108,9 +108,11 @@ def fused_moe_lora(
     token_slot: torch.Tensor,
     lora: ExpertLora,
     extras: ExpertExtras | None = None,
+    fp8_activations: bool = False,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with per-expert LoRA (the op contract of design.md); `extras`:
     GPT-OSS's biases and activation, FP8 weights' scales (see `ExpertExtras`: neither is part of the LoRA);
+    `fp8_activations`: as `moe.fused_moe`'s (the LoRA takes x and h unquantised).
 
     Shapes: as `fused_moe`, plus token_slot [T] int and the slots' buffers `lora` (see `ExpertLora`:
     a_gu, b_gu, a_dn, b_dn below are its buffers; its ranks only tell kernels which lanes are padding).
@@ -140,7 +142,7 @@ def fused_moe_lora(
             continue
         tok = rows // k
         xe = x[tok]
-        gate_up = F.linear(xe, w_gate_up[e]).to(acc)
+        gate_up = F.linear(expert_inputs(xe, extras, fp8_activations), w_gate_up[e]).to(acc)
         slot = pair_slot[rows]
         for s in _slots(slot, num_slots):
             m = (slot == s).nonzero().squeeze(1)
@@ -152,7 +154,7 @@ def fused_moe_lora(
             gate_up += extras.b_gate_up[e].to(acc)
         swiglu = extras.swiglu if extras is not None else None
         h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
-        d = F.linear(h, w_down[e]).to(acc)
+        d = F.linear(expert_inputs(h, extras, fp8_activations), w_down[e]).to(acc)
         if extras is not None and extras.b_down is not None:
             d += extras.b_down[e].to(acc)
         for s in _slots(slot, num_slots):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.torch import acc_dtype
-from moelora.ops.torch.fp8 import expert_weights
+from moelora.ops.torch.fp8 import expert_inputs, expert_weights
 
 
 def fused_moe(
@@ -17,9 +17,11 @@ def fused_moe(
     local_ids: torch.Tensor,
     weights: torch.Tensor,
     extras: ExpertExtras | None = None,
+    fp8_activations: bool = False,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer on this rank (`extras`: GPT-OSS's biases and activation, and the
-    scales of FP8 weights, see `ExpertExtras`).
+    scales of FP8 weights, see `ExpertExtras`; `fp8_activations`: FP8 weights multiply x and h quantised
+    per row and scale group, as the W8A8 kernels do, `ops.triton.tiles.fp8_activations`).
 
     Shapes: T tokens, k choices, H hidden, E_loc local experts, I_loc this rank's intermediate size.
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H] (rows :I_loc gate, I_loc: up); w_down [E_loc, H, I_loc];
@@ -54,12 +56,12 @@ def fused_moe(
         tok = rows // local_ids.shape[1]
         # The same rounding steps as the MoE-LoRA twin's rows without an adapter (and the kernels'):
         # silu * up in the accumulation dtype, h rounded once to x's dtype, d weighted in it too.
-        gate_up = F.linear(x[tok], w_gate_up[e]).to(acc)
+        gate_up = F.linear(expert_inputs(x[tok], extras, fp8_activations), w_gate_up[e]).to(acc)
         if extras is not None and extras.b_gate_up is not None:
             gate_up += extras.b_gate_up[e].to(acc)
         swiglu = extras.swiglu if extras is not None else None
         h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
-        d = F.linear(h, w_down[e]).to(acc)
+        d = F.linear(expert_inputs(h, extras, fp8_activations), w_down[e]).to(acc)
         if extras is not None and extras.b_down is not None:
             d += extras.b_down[e].to(acc)
         out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].to(acc))

@@ -26,6 +26,7 @@ from moelora.ops.triton.tiles import (
     KernelPlan,
     down_expand_apart,
     down_shrink_in_gate_up,
+    fp8_activations,
     moe_tiles,
     shrink_rows,
     shrink_splits,
@@ -51,9 +52,11 @@ def fused_moe(
     if use_decode_path(num_tokens * top_k, num_experts, top_k, plan):
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan, extras)
     tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan)
+    w8a8 = fp8_activations(num_tokens * top_k, num_experts, _group(extras), plan)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
-    h, _ = moe_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, tiles, None, plan=plan, extras=extras)
-    d = moe_down(h, w_down, sorted_pairs, block_expert, num_tokens, top_k, tiles, None, plan, extras)
+    rows = (sorted_pairs, block_expert)
+    h, _ = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, None, plan=plan, extras=extras, w8a8=w8a8)
+    d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan, extras, w8a8)
     return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
 
 
@@ -83,6 +86,7 @@ def fused_moe_lora(
     if use_decode_path(num_pairs, num_experts, top_k, plan):
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, lora), plan, extras)
     tiles = moe_tiles(num_pairs, num_experts, num_slots, plan)
+    w8a8 = fp8_activations(num_pairs, num_experts, _group(extras), plan)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m
     )
@@ -97,15 +101,21 @@ def fused_moe_lora(
         a_dn if not apart and down_shrink_in_gate_up(num_pairs, num_experts, inter, tiles, plan) else None
     )
     lora_gu = (slot, xa, b_gu, slot_rank)
-    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, lora_gu, a_dn_in_gate_up, plan, extras)
+    h, ha = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, lora_gu, a_dn_in_gate_up, plan, extras, w8a8)
     if ha is None:
         ha = moe_lora_shrink(h, a_dn, *buckets, top_k, False, step, splits[1], slot_rank, plan).squeeze(2)
     if apart:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan, extras)
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan, extras, w8a8)
         moe_lora_expand(d, ha, b_dn, *buckets, step, slot_rank, plan)
     else:
-        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, (slot, ha, b_dn, slot_rank), plan, extras)
+        lora_dn = (slot, ha, b_dn, slot_rank)
+        d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, lora_dn, plan, extras, w8a8)
     return moe_sum(d, local_ids, weights, num_experts, extras.b_down if extras is not None else None)
+
+
+def _group(extras: ExpertExtras | None) -> int:
+    """The FP8 experts' scale group, 0 for weights in x's dtype."""
+    return extras.scales.group if extras is not None and extras.scales is not None else 0
 
 
 def _check(

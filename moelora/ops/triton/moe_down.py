@@ -13,9 +13,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
+    fp8_mode,
     grouped_pid,
     lanes_in_rank,
     num_sms,
+    quantize_rows,
     scale_args,
     sum_parts,
     tma_ok,
@@ -31,10 +33,12 @@ def _down_tile(
     ss_e, ss_n,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
     EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
+    ACT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One output tile: rows pid_m * BLOCK_M.. (expert e) by columns pid_n * BLOCK_N.."""
+    """One output tile: rows pid_m * BLOCK_M.. (expert e) by columns pid_n * BLOCK_N..; with ACT_FP8 the
+    FP8 weights multiply h's rows in FP8, quantised per row over each step's group (BLOCK_K == GROUP)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
     row_ok = pair < num_pairs
@@ -51,8 +55,14 @@ def _down_tile(
             wk = w_desc.load([w_row, k0])
             if HAS_SCALE:
                 scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-                wk = (wk.to(tl.float32) * scale[:, None]).to(hk.dtype)
-            acc = tl.dot(hk, wk.T, acc, input_precision=PRECISION)
+                if ACT_FP8 > 0:  # (padding rows, unset, zeroed: no NaN or overflow in their scales)
+                    hq, h_scale = quantize_rows(tl.where(row_ok[:, None], hk, 0.0), ACT_FP8)
+                    acc += tl.dot(hq, wk.T) * (h_scale[:, None] * scale[None, :])
+                else:
+                    wk = (wk.to(tl.float32) * scale[:, None]).to(hk.dtype)
+                    acc = tl.dot(hk, wk.T, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(hk, wk.T, acc, input_precision=PRECISION)
     else:
         kk = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * INTER + kk[None, :]
@@ -63,8 +73,14 @@ def _down_tile(
             wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_SCALE:
                 scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-                wk = (wk.to(tl.float32) * scale[None, :]).to(hk.dtype)
-            acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+                if ACT_FP8 > 0:
+                    hq, h_scale = quantize_rows(hk, ACT_FP8)
+                    acc += tl.dot(hq, wk) * (h_scale[:, None] * scale[None, :])
+                else:
+                    wk = (wk.to(tl.float32) * scale[None, :]).to(hk.dtype)
+                    acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
     if HAS_LORA:
@@ -94,7 +110,7 @@ def _down_kernel(
     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
     EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
-    PERSISTENT: tl.constexpr, PIPELINED: tl.constexpr,
+    ACT_FP8: tl.constexpr, PERSISTENT: tl.constexpr, PIPELINED: tl.constexpr,
     BLOCKS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -115,7 +131,7 @@ def _down_kernel(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
                     rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
                     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
-                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
+                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
         else:
@@ -127,7 +143,7 @@ def _down_kernel(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
                     rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
                     sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
-                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
+                    INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
                 tile += tl.num_programs(0)
@@ -139,7 +155,7 @@ def _down_kernel(
                 pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
                 rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
                 sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
-                INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP,
+                INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
 
@@ -155,9 +171,10 @@ def moe_down(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     plan: KernelPlan = TUNED,
     extras: ExpertExtras | None = None,
+    w8a8: bool = False,
 ) -> torch.Tensor:
     """-> d [T * k, H] in h's dtype: w_down[e] @ h of each pair that runs (rows of other pairs unset; FP8
-    w_down times `extras.scales.down`).
+    w_down times `extras.scales.down`, with `w8a8` by h's rows in FP8 per scale group).
 
     h [rows, I_loc] aligned rows; w_down [E_loc, H, I_loc]; lora = (token_slot [T], ha [P, rows, R] fp32,
     b_dn [S, E_loc, H, R], slot_rank [S] or None) adds b_dn[s, e] @ sum_p ha[p, row] (B's columns at or
@@ -177,7 +194,9 @@ def moe_down(
     blocks = block_expert.numel()
     block_r = max(16, triton.next_power_of_2(rank))
     t = tiles.for_down(0 if lora is None else block_r)
-    scales, block_k = scale_args(extras, h, "down", t.block_k)
+    scales, block_k = scale_args(extras, h, "down", t.block_k, w8a8)
+    if block_k > t.block_k:  # W8A8's K step of a whole group: 4 stages of the wider tiles overflow
+        t = dataclasses.replace(t, stages=min(t.stages, 3))
     t = dataclasses.replace(t, block_k=block_k)
     num_n = triton.cdiv(hidden, t.block_n)
     use_tma = t.tma_down and w_down.is_contiguous() and tma_ok(h, w_down.view(-1, inter))
@@ -199,7 +218,7 @@ def moe_down(
         *w_down.stride(), *b.stride(), *scales.strides,
         INTER=inter, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
         EXPAND=expand_mode(h.dtype, plan), TMA=use_tma, HAS_SCALE=scales.on, GROUP=scales.group,
-        PERSISTENT=persistent, PIPELINED=h.is_cuda,
+        ACT_FP8=fp8_mode(w8a8, scales.on, h), PERSISTENT=persistent, PIPELINED=h.is_cuda,
         BLOCKS_PAD=triton.next_power_of_2(blocks) if persistent else 1,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         BLOCK_R=block_r, GROUP_M=t.group_m,

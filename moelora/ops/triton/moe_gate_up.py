@@ -11,10 +11,12 @@ from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
     extras_args,
+    fp8_mode,
     glu,
     grouped_pid,
     lanes_in_rank,
     num_blocks_grid,
+    quantize_rows,
     scale_args,
     sum_parts,
     valid_slot,
@@ -29,7 +31,7 @@ def _gate_up_kernel(
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e,
     ss_e, ss_n, limit, alpha,
     HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
+    HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, ACT_FP8: tl.constexpr,
     PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
     HAS_RANK: tl.constexpr, EXPAND: tl.constexpr, IL_EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -60,10 +62,16 @@ def _gate_up_kernel(
         k_ok = kk < HIDDEN - k0
         xk = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_SCALE:  # FP8 columns times their scales, in x's dtype (BLOCK_K <= GROUP: one a column)
+        if HAS_SCALE:  # FP8 columns times their scales (BLOCK_K <= GROUP: one a column)
             scale = tl.load(s_ptrs + k0 // GROUP, mask=col_ok, other=0.0)
-            wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
-        acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+            if ACT_FP8 > 0:  # x's rows in FP8 too, per row over this step's group (BLOCK_K == GROUP)
+                xq, x_scale = quantize_rows(xk, ACT_FP8)
+                acc += tl.dot(xq, wk) * (x_scale[:, None] * scale[None, :])
+            else:  # the weight tile in x's dtype
+                wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
+                acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sx_k
         w_ptrs += BLOCK_K * sw_k
     if HAS_LORA:
@@ -136,10 +144,12 @@ def moe_gate_up(
     a_dn: torch.Tensor | None = None,
     plan: KernelPlan = TUNED,
     extras: ExpertExtras | None = None,
+    w8a8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
-    unset; with `extras` its gate/up biases and activation, FP8 weights times their scales); ha None, or
-    with a_dn the down projection's LoRA shrink in parts.
+    unset; with `extras` its gate/up biases and activation, FP8 weights times their scales, with `w8a8`
+    by x's rows in FP8 per scale group: `tiles.fp8_activations`); ha None, or with a_dn the down
+    projection's LoRA shrink in parts.
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
     shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
@@ -164,7 +174,7 @@ def moe_gate_up(
             num_parts = triton.cdiv(inter, tiles.block_n)
             ha = torch.empty(num_parts, rows, rank, dtype=torch.float32, device=x.device)
     bias, s_bias, limit, alpha = extras_args(extras, x)
-    scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
+    scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k, w8a8)
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
         x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
         ad, x if ha is None else ha, bias, scales.table,
@@ -172,7 +182,8 @@ def moe_gate_up(
         x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
         *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, *scales.strides, limit, alpha,
         HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
-        HAS_LORA=lora is not None, HAS_SCALE=scales.on, GROUP=scales.group, PARTS=parts,
+        HAS_LORA=lora is not None, HAS_SCALE=scales.on, GROUP=scales.group,
+        ACT_FP8=fp8_mode(w8a8, scales.on, x), PARTS=parts,
         DOWN_SHRINK=ha is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan),
         IL_EXPAND=rank <= 16, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,

@@ -66,6 +66,14 @@ def use_decode_path(num_pairs: int, num_experts: int, top_k: int, plan: KernelPl
     return num_pairs <= max(top_k, num_experts // 8)
 
 
+def fp8_activations(num_pairs: int, num_experts: int, group: int, plan: KernelPlan = TUNED) -> bool:
+    """Whether the aligned path's GEMMs take FP8 weights of scale group `group` (0: not FP8) with FP8
+    activations (W8A8; `KernelPlan.fp8_activation_rows`): the K step is then one group, which FP8 MMA
+    needs to be at least 32 columns."""
+    rows = plan.fp8_activation_rows
+    return rows is not None and group >= 32 and num_pairs >= rows * max(1, num_experts)
+
+
 def lora_tiles(num_tokens: int, plan: KernelPlan = TUNED) -> LoraTiles:
     """Tiles of the dense LoRA shrink and expand for a batch of `num_tokens`."""
     return next(t for limit, t in plan.lora_table if num_tokens <= limit)
