@@ -182,7 +182,8 @@ def dense_lora_cases() -> Iterator[Case]:
 def linear_cases() -> Iterator[Case]:
     """The one-launch linear layer at Qwen3's q/k/v (3 parts, 3 splits) and o (8 splits) shapes, with and
     without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens; FP8 weights (K steps
-    of one 128-column group) up to the plan's most FP8 tokens; the FP8 weight's dequantisation."""
+    of one 128-column group) up to the plan's most FP8 tokens; past them the FP8 GEMM; the FP8 weight's
+    dequantisation."""
     t = TUNED.linear_tiles
     most = max(16, triton.next_power_of_2(TUNED.linear_tokens))
     most_fp8 = max(16, triton.next_power_of_2(TUNED.fp8_linear_tokens))
@@ -201,6 +202,11 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
         case |= dict(PRECISION="tf32")
         yield linear._linear_kernel, case, t.warps, t.stages
+    g = TUNED.fp8_gemm_tiles
+    for block_m, has_bias in ((16, False), (g.block_m, True)):
+        gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=g.block_n)
+        gemm |= dict(BLOCK_K=min(g.block_k, 128), GROUP_M=g.group_m, PRECISION="tf32", fp8=True)
+        yield linear._fp8_matmul_kernel, gemm, g.warps, g.stages
     yield linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4
 
 

@@ -8,6 +8,7 @@ the Qwen3-30B-A3B projection shapes.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 from moelora.ops.dense_lora import DenseLora  # noqa: E402
 from moelora.ops.fp8 import RowScales  # noqa: E402
-from moelora.ops.plan import TUNED, KernelPlan, LinearTiles  # noqa: E402
+from moelora.ops.plan import TUNED, KernelPlan, LinearTiles, Tiles  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch.fp8 import dequantize_rows, quantize_rows  # noqa: E402
 from moelora.ops.triton import linear as triton_linear  # noqa: E402
@@ -169,10 +170,26 @@ def test_fp8_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], group:
 
 def test_fp8_linear_takes_more_tokens_in_one_launch():
     """An FP8 weight keeps the one launch up to `fp8_linear_tokens` (cuBLAS would need a 16-bit copy of
-    it); past that the weight is dequantised for cuBLAS, then the LoRA kernels: the same result."""
+    it); past that a Triton GEMM scales its tiles (several row and column tiles and K steps here), and from
+    `fp8_copy_tokens` the weight is dequantised for cuBLAS; the LoRA kernels follow: the same result."""
+    tiles = Tiles(16, 16, 16, 4, 2, group_m=2)
     plan = KernelPlan(linear_tiles=SMALL.linear_tiles, linear_tokens=4, fp8_linear_tokens=24)
+    plan = replace(plan, fp8_copy_tokens=40, fp8_gemm_tiles=tiles)
     check_fp8_linear(20, 48, (32, 16), 8, torch.float32, 16, plan, seed=7)
     check_fp8_linear(30, 48, (32, 16), 8, torch.float32, 16, plan, seed=8, one_launch=False)
+    check_fp8_linear(50, 48, (32, 16), 8, torch.float32, 16, plan, seed=9, one_launch=False)
+
+
+def test_fp8_matmul_matches_twin():
+    """The Triton GEMM on an FP8 weight alone: a partial last group (80 columns in groups of 32), partial
+    row and column tiles, a bias."""
+    g = torch.Generator().manual_seed(11)
+    x = rand(g, 37, 80)
+    w8, scales = fp8_weight(g, 72, 80, 32)
+    b = rand(g, 72)
+    plan = replace(TUNED, fp8_gemm_tiles=Tiles(16, 32, 32, 4, 2, group_m=2))
+    got = triton_linear.fp8_matmul(x, w8, scales, b, plan)
+    close(got, torch_lora.linear(x, w8, b, None, None, (72,), scales), TOL[torch.float32])
 
 
 def test_fp8_dequantize_is_exact():
@@ -194,11 +211,11 @@ def test_fp8_linear_refuses_scales_that_do_not_fit():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 16, 64, 100])
+@pytest.mark.parametrize("num_tokens", [1, 16, 64, 100, 2048])
 @pytest.mark.parametrize(("in_dim", "sizes"), [(2048, (4096, 512, 512)), (4096, (2048,))])
 def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
     """Qwen3-30B-A3B's q/k/v and o in FP8 with bf16 activations and the shipped tiles: the one launch up
-    to 64 tokens, the dequantised copy for cuBLAS past it."""
+    to 64 tokens, the Triton GEMM past it, the dequantised copy for cuBLAS at 2,048."""
     one_launch = num_tokens <= TUNED.fp8_linear_tokens
     check_fp8_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, 128, TUNED, num_tokens, one_launch)
 
@@ -218,7 +235,7 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 @pytest.mark.parametrize(("num_tokens", "fp8"), [(8, False), (8, True), (100, True)])
 def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
     """Captured once, replayed with new inputs and slots: the counters and partials are graph-safe; so is
-    an FP8 weight, in the one launch and (100 tokens) dequantised for cuBLAS."""
+    an FP8 weight, in the one launch and (100 tokens) the Triton GEMM."""
     g = torch.Generator().manual_seed(1)
     sizes, in_dim = (512, 128, 128), 1024
     x = rand(g, num_tokens, in_dim).to(torch.bfloat16)

@@ -397,7 +397,8 @@ def linear(
     """A layer adapters may modify, plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`
     (`scales`: an FP8 weight's). On the GPU a few tokens in fp16/bf16 take one launch for all of it
     (`ops/triton/linear.py`), with or without adapters, FP8 weights scaled in registers; more run cuBLAS
-    (an FP8 weight dequantised for it), and the dense LoRA kernels if the batch has adapters."""
+    (an FP8 weight: a Triton GEMM, or for long prefills a 16-bit copy for cuBLAS), and the dense LoRA kernels
+    if the batch has adapters."""
     mod = _kernels("linear", x)
     if mod is None:
         return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes, scales)
