@@ -2,8 +2,9 @@
 
 Qwen3.5-35B-A3B's shapes: 16 key heads and 32 value heads of 128, conv channels 8,192 of width 4, bf16
 inputs, fp32 states. Rows:
-- prefill: the chunked gated delta rule over S sequences of N tokens (default tiles and precision,
-  exact fp32 products, and chunk and value-tile sizes swept), and the causal convolution over the same
+- prefill: the chunked gated delta rule over S sequences of N tokens (default tiles and precision, each
+  chunk's (I + A)^-1 solved in the walk instead of its own launch (`split False`), and chunk and value-tile
+  sizes swept), and the causal convolution over the same
   tokens; floor: the larger of the bytes read and written (q, k, v, g, beta in, the output and the final
   states out) at the measured rate and the chunked form's products at the measured dense GEMM rate;
 - decode: the one-token steps for B sequences, under CUDA-graph replay; floor: each sequence's state read
@@ -59,8 +60,10 @@ def check() -> None:
     """Each kernel against its twin on a small case (three sequences, a partial last chunk)."""
     lens = (5, 40, 17)
     q, k, v, gate, beta = inputs(sum(lens), seed=1)
-    for chunk, block_v in ((16, 32), (32, 64)):
-        got, got_s = kern.gated_delta_rule(q, k, v, gate, beta, lens, chunk=chunk, block_v=block_v)
+    for chunk, block_v, split in ((16, 32, True), (32, 64, False), (64, 32, True)):
+        got, got_s = kern.gated_delta_rule(
+            q, k, v, gate, beta, lens, chunk=chunk, block_v=block_v, split=split
+        )
         want, want_s = twin.gated_delta_rule(q, k, v, gate, beta, lens)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(got_s, want_s, atol=1e-3, rtol=1e-3)
@@ -78,8 +81,9 @@ def chunk_flops(tokens: int, chunk: int) -> int:
 
 def prefill_rows(ceilings: Ceilings) -> list[Row]:
     rows = []
-    variants = [dict(precision="tf32x3"), dict(precision="ieee")]
-    variants += [dict(chunk=c, block_v=b) for c in (16, 32) for b in (32, 64, 128)]
+    variants: list[dict[str, object]] = [dict(precision="tf32x3"), dict(split=False)]
+    variants += [dict(chunk=c, block_v=b) for c in (16, 32, 64) for b in (32, 64, 128)]
+    variants += [dict(chunk=c, split=False) for c in (32, 64)]
     for seqs, n in ((1, 2048), (16, 512), (64, 128)):
         tokens, lens = seqs * n, (n,) * seqs
         q, k, v, gate, beta = inputs(tokens)

@@ -46,9 +46,9 @@ HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H2
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
-INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr"}
+INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr"}
+FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
@@ -231,12 +231,14 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     # Qwen3-Next's linear attention: 128-wide key and value heads; its conv over 8,192 channels, width 4
     yield delta._delta_step_kernel, dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32), 4
     yield delta._conv_step_kernel, dict(WIDTH=4, BLOCK_C=256, BLOCK_W=4), 4
-    for chunk in (16, 32):
-        chunked = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, CHUNK=chunk)
-        for has_initial in (False, True):
-            yield delta._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial, PRECISION="tf32x3"), 4
-            conv = dict(WIDTH=4, BLOCK_C=128, BLOCK_T=16, BLOCK_W=4, HAS_INITIAL=has_initial)
-            yield delta._conv_kernel, conv, 4
+    for chunk in (16, 32, 64):
+        chunked = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, CHUNK=chunk, PRECISION="tf32x3")
+        yield delta._delta_inverse_kernel, dict(DK=128, BLOCK_K=128, CHUNK=chunk, PRECISION="tf32x3"), 4
+        for has_initial, split in itertools.product((False, True), (False, True)):
+            yield delta._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial, SPLIT=split), 4
+    for has_initial in (False, True):
+        conv = dict(WIDTH=4, BLOCK_C=128, BLOCK_T=16, BLOCK_W=4, HAS_INITIAL=has_initial)
+        yield delta._conv_kernel, conv, 4
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
     for to_cache in (False, True):

@@ -141,11 +141,13 @@ def test_triton_conv_step_matches_twin():
     assert states[[1, 3]].isnan().all()
 
 
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize(("hk", "hv", "dk", "dv", "chunk"), [(2, 4, 16, 48, 16), (1, 2, 24, 16, 32)])
-def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk):
+def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk, split: bool):
     """The chunked Triton prefill against the twin's recurrence: sequences shorter than, equal to and
     longer than a chunk (a partial last chunk), grouped value heads, value columns over several programs,
-    head dims that are not powers of two, from zeros and from a given state."""
+    head dims that are not powers of two, from zeros and from a given state; each chunk's (I + A)^-1
+    solved in a launch of its own (`split`, every chunk of every sequence at once) or in the walk."""
     from moelora.ops.triton import delta as kern
 
     seq_lens = (3, chunk, 2 * chunk + 5)
@@ -153,7 +155,7 @@ def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk):
     initial = torch.randn(len(seq_lens), hv, dk, dv, generator=torch.Generator().manual_seed(12)).to(DEV)
     for init in (None, initial * 0.3):
         ref, ref_finals = twin.gated_delta_rule(q, k, v, gate, beta, seq_lens, init)
-        out, finals = kern.gated_delta_rule(q, k, v, gate, beta, seq_lens, init, chunk=chunk)
+        out, finals = kern.gated_delta_rule(q, k, v, gate, beta, seq_lens, init, chunk=chunk, split=split)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(finals, ref_finals, atol=2e-5, rtol=1e-4)
 

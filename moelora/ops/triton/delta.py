@@ -16,10 +16,13 @@ A[i, j] = beta_i exp(G_i - G_j) k_i.k_j for j < i, the chunk's new values are
     delta = T (beta v) - T (beta exp(G) k) S,   T = (I + A)^-1 (forward substitution over the rows),
 its outputs o = (exp(G) q) S + ((q k^T) * exp(G_i - G_j), j <= i) delta, and the state moves on to
 exp(G_last) S + (exp(G_last - G) k)^T delta. One program per (sequence, value head, value tile) walks its
-sequence's chunks in order, the state slice in registers. The convolution over whole sequences: one
-program per (sequence, channel tile, token tile), the taps before a sequence's first token read from its
-initial state (or zeros); the program of the first token tile also writes the sequence's last K - 1
-inputs as its state.
+sequence's chunks in order, the state slice in registers. T does not depend on the state: a first launch
+(`split`, one program per (chunk, value head), all chunks at once) solves it and stores T - I, so the walk
+keeps only its products (the substitution's CHUNK - 1 dependent row steps leave the sequential path).
+
+The convolution over whole sequences: one program per (sequence, channel tile, token tile), the taps
+before a sequence's first token read from its initial state (or zeros); the program of the first token
+tile also writes the sequence's last K - 1 inputs as its state.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import num_sms, valid_slot
+from moelora.ops.triton.common import device_ints, num_sms, valid_slot
 
 
 @triton.jit
@@ -151,12 +154,63 @@ def causal_conv_step(
 
 
 @triton.jit
-def _delta_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, init_ptr, o_ptr, final_ptr, group,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sbeta_t, si_b, si_h, si_k, so_t, so_h, sf_b, sf_h, sf_k,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
+def _unit_rows(k_ptr, g_ptr, beta_ptr, rows, t_ok, kh, h, sk_t, sk_h, sg_t, sbeta_t,
+               DK: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """A chunk's normalised keys [CHUNK, BLOCK_K] (rows past its end zero), cumulative log decay [CHUNK]
+    (rows past the end add 0) and beta [CHUNK] (0 past the end), all fp32."""
+    dk = tl.arange(0, BLOCK_K)
+    kd_mask = t_ok[:, None] & (dk < DK)[None, :]
+    k = tl.load(k_ptr + rows[:, None] * sk_t + kh * sk_h + dk[None, :], mask=kd_mask, other=0.0)
+    k = k.to(tl.float32)
+    k = k * tl.rsqrt(tl.sum(k * k, axis=1) + 1e-6)[:, None]
+    g = tl.load(g_ptr + rows * sg_t + h, mask=t_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + rows * sbeta_t + h, mask=t_ok, other=0.0).to(tl.float32)
+    return k, tl.cumsum(g, axis=0), beta
+
+
+@triton.jit
+def _substitute(k, cum, beta, r, lower, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """T - I [CHUNK, CHUNK] (strictly lower) of T = (I + A)^-1, A[i, j] = beta_i exp(G_i - G_j) k_i.k_j
+    below the diagonal: forward substitution, row i from the rows above it."""
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
+    m = tl.where(lower, -(beta[:, None] * kk * tl.exp(cum[:, None] - cum[None, :])), 0.0)
+    for i in tl.static_range(1, CHUNK):
+        row = tl.sum(tl.where(r[:, None] == i, m, 0.0), axis=0)
+        row = row + tl.sum(row[:, None] * m, axis=0)
+        m = tl.where(r[:, None] == i, row[None, :], m)
+    return m
+
+
+@triton.jit
+def _delta_inverse_kernel(
+    k_ptr, g_ptr, beta_ptr, chunks_ptr, m_ptr, group, sk_t, sk_h, sg_t, sbeta_t, sm_t, sm_h,
+    DK: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Chunk c (its first token and length at chunks_ptr[2c], [2c + 1]) of value head h: T - I, row i of
+    it stored at the chunk's i-th token (m [tokens, value heads, CHUNK])."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    first = tl.load(chunks_ptr + 2 * c)
+    n = tl.load(chunks_ptr + 2 * c + 1)
+    r = tl.arange(0, CHUNK)
+    t_ok = r < n
+    rows = (first + r).to(tl.int64)
+    k, cum, beta = _unit_rows(k_ptr, g_ptr, beta_ptr, rows, t_ok, h // group, h, sk_t, sk_h, sg_t, sbeta_t,
+                              DK, BLOCK_K)  # fmt: skip
+    m = _substitute(k, cum, beta, r, r[:, None] > r[None, :], CHUNK, PRECISION)
+    tl.store(m_ptr + rows[:, None] * sm_t + h * sm_h + r[None, :], m, mask=t_ok[:, None])
+
+
+@triton.jit
+def _delta_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, starts_ptr, init_ptr, o_ptr, final_ptr, m_ptr, group,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sbeta_t, si_b, si_h, si_k, so_t, so_h, sf_b, sf_h, sf_k,
+    sm_t, sm_h,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The walk over a sequence's chunks (module docstring); with SPLIT each chunk's T - I comes from
+    `_delta_inverse_kernel` (m_ptr), else it is solved here."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -183,24 +237,20 @@ def _delta_chunk_kernel(
         rows = (start + t).to(tl.int64)
         kd_mask = t_ok[:, None] & dk_ok[None, :]
         q = tl.load(q_ptr + rows[:, None] * sq_t + kh * sq_h + dk[None, :], mask=kd_mask, other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * sk_t + kh * sk_h + dk[None, :], mask=kd_mask, other=0.0)
         v_mask = t_ok[:, None] & col_ok[None, :]
         v = tl.load(v_ptr + rows[:, None] * sv_t + h * sv_h + cols[None, :], mask=v_mask, other=0.0)
         v = v.to(tl.float32)
-        g = tl.load(g_ptr + rows * sg_t + h, mask=t_ok, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + rows * sbeta_t + h, mask=t_ok, other=0.0).to(tl.float32)
         q = q.to(tl.float32)
-        k = k.to(tl.float32)
         q = q * tl.rsqrt(tl.sum(q * q, axis=1) + 1e-6)[:, None] / tl.sqrt(DK * 1.0)
-        k = k * tl.rsqrt(tl.sum(k * k, axis=1) + 1e-6)[:, None]
-        cum = tl.cumsum(g, axis=0)  # rows past the end add 0: cum[CHUNK - 1] is the last token's
+        # cum: rows past the end add 0, so cum[CHUNK - 1] is the last token's
+        k, cum, beta = _unit_rows(k_ptr, g_ptr, beta_ptr, rows, t_ok, kh, h, sk_t, sk_h, sg_t, sbeta_t,
+                                  DK, BLOCK_K)  # fmt: skip
         decay = tl.exp(cum[:, None] - cum[None, :])
-        kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-        m = tl.where(lower, -(beta[:, None] * kk * decay), 0.0)
-        for i in tl.static_range(1, CHUNK):  # forward substitution: row i from the rows above it
-            row = tl.sum(tl.where(r[:, None] == i, m, 0.0), axis=0)
-            row = row + tl.sum(row[:, None] * m, axis=0)
-            m = tl.where(r[:, None] == i, row[None, :], m)
+        if SPLIT:
+            m_rows = m_ptr + rows[:, None] * sm_t + h * sm_h + r[None, :]
+            m = tl.load(m_rows, mask=t_ok[:, None] & lower, other=0.0)
+        else:
+            m = _substitute(k, cum, beta, r, lower, CHUNK, PRECISION)
         inv = m + eye  # (I + A)^-1
         w = tl.dot(inv, k * (beta * tl.exp(cum))[:, None], input_precision=PRECISION)
         u = tl.dot(inv, v * beta[:, None], input_precision=PRECISION)
@@ -236,11 +286,13 @@ def gated_delta_rule(
     block_v: int | None = None,
     precision: str = "tf32x3",
     num_warps: int = 4,
+    split: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_rule` (`chunk`: tokens a
     program takes at a time, a power of two >= 16; `block_v`: value columns a program keeps, a power of
     two >= 16, by default 32 while that makes at most two programs an SM, else 64; `precision`: the
-    products' `tl.dot` input precision; `num_warps`: a program's warps; the last four for bench/delta.py)."""
+    products' `tl.dot` input precision; `num_warps`: a program's warps; `split`: the chunks' (I + A)^-1
+    solved first, all chunks at once, rather than in the walk; the last five for bench/delta.py)."""
     tokens, k_heads, dk = k.shape
     v_heads, dv = v.shape[1], v.shape[2]
     if v_heads % k_heads or sum(seq_lens) != tokens or q.shape != k.shape:
@@ -260,15 +312,34 @@ def gated_delta_rule(
     if batch == 0:
         return out, finals
     init = initial if initial is not None else finals
+    group, dk_pad = v_heads // k_heads, max(16, triton.next_power_of_2(dk))
+    m = finals  # a placeholder, never read, without `split`
+    if split:
+        # (first token, length) of every chunk of every sequence
+        firsts = itertools.accumulate((0, *seq_lens))
+        bounds = [
+            (first + c0, min(chunk, n - c0))
+            for first, n in zip(firsts, seq_lens, strict=False)
+            for c0 in range(0, n, chunk)
+        ]
+        m = torch.empty(tokens, v_heads, chunk, dtype=torch.float32, device=v.device)
+        if bounds:
+            chunks = device_ints([x for bound in bounds for x in bound], v.device)
+            _delta_inverse_kernel[(len(bounds), v_heads)](
+                k, g, beta, chunks, m, group, k.stride(0), k.stride(1), g.stride(0), beta.stride(0),
+                m.stride(0), m.stride(1), DK=dk, BLOCK_K=dk_pad, CHUNK=chunk, PRECISION=precision,
+                num_warps=num_warps,
+            )  # fmt: skip
     if block_v is None:  # narrow tiles fill the card; wider ones redo a chunk's key work fewer times
         block_v = 32 if batch * v_heads * triton.cdiv(dv, 32) <= 2 * num_sms(v.device) else 64
     block_v = max(16, min(block_v, triton.next_power_of_2(dv)))
     _delta_chunk_kernel[(batch, v_heads, triton.cdiv(dv, block_v))](
-        q, k, v, g, beta, device_starts(seq_lens, v.device), init, out, finals, v_heads // k_heads,
+        q, k, v, g, beta, device_starts(seq_lens, v.device), init, out, finals, m, group,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
         beta.stride(0), *init.stride()[:3], out.stride(0), out.stride(1), *finals.stride()[:3],
-        DK=dk, DV=dv, BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=block_v, CHUNK=chunk,
-        HAS_INITIAL=initial is not None, PRECISION=precision, num_warps=num_warps,
+        m.stride(0), m.stride(1),
+        DK=dk, DV=dv, BLOCK_K=dk_pad, BLOCK_V=block_v, CHUNK=chunk,
+        HAS_INITIAL=initial is not None, SPLIT=split, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return out, finals
 
