@@ -239,8 +239,10 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for has_initial in (False, True):
         conv = dict(WIDTH=4, BLOCK_C=128, BLOCK_T=16, BLOCK_W=4, HAS_INITIAL=has_initial)
         yield delta._conv_kernel, conv, 4
+    yield delta._gates_kernel, dict(INTERPRETED=False, BLOCK=1024), 4
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
+    yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
     for to_cache in (False, True):
         yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
     for from_logits in (False, True):

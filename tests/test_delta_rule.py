@@ -175,3 +175,42 @@ def test_triton_conv_matches_twin():
         out, states = kern.causal_conv(x, weight, seq_lens, init)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(states, ref_states)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_delta_gates_match_twin(dtype):
+    """The log decay and write strength in one launch against the twin's expressions (transformers'):
+    a and b as the column halves of one projection's output (strided rows), softplus past its threshold
+    of 20 and far below 0."""
+    from moelora.ops.triton import delta as kern
+
+    g = torch.Generator().manual_seed(21)
+    ab = (torch.randn(9, 12, generator=g) * 6).to(DEV, dtype)
+    ab[0, :3] = torch.tensor([100.0, -30.0, 19.5])  # exp(100) overflows fp32: the threshold must hold
+    a, b = ab[:, :6], ab[:, 6:]
+    a_log, dt_bias = torch.randn(6, generator=g).to(DEV, dtype), torch.randn(6, generator=g).to(DEV, dtype)
+    got = kern.delta_gates(a, b, a_log, dt_bias)
+    want = twin.delta_gates(a, b, a_log, dt_bias)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "weight_dtype"),
+    [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)],
+)
+def test_triton_gated_rms_norm_matches_twin(dtype, weight_dtype):
+    """Linear attention's output norm in one launch against the twin: rows of 48 (not a power of two),
+    the gate a strided view, the weight in x's dtype (its product rounded there) or in fp32."""
+    from moelora.ops.torch import norm as twin_norm
+    from moelora.ops.triton import norm as kern
+
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(7, 48, generator=g).to(DEV, dtype)
+    z = torch.randn(7, 96, generator=g).to(DEV, dtype)[:, ::2]
+    w = (1 + 0.2 * torch.randn(48, generator=g)).to(DEV, weight_dtype)
+    got = kern.gated_rms_norm(x, z, w, 1e-6)
+    want = twin_norm.gated_rms_norm(x, z, w, 1e-6)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)

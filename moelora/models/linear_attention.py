@@ -10,7 +10,6 @@ continue from a cached prefix (prefix caching is off for these models).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelora import ops
@@ -107,8 +106,7 @@ class GatedDeltaNet(nn.Module):
         mixed = self._conv(mixed, batch)
         q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
         q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
-        beta = b.reshape(t, -1).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.reshape(t, -1).float() + self.dt_bias)
+        g, beta = ops.delta_gates(a.reshape(t, -1), b.reshape(t, -1), self.A_log, self.dt_bias)
         o = self._delta(q, k, v, g, beta, batch)  # [T, Hv, Dv]
         o = self._gated_norm(o.reshape(-1, dv), z.reshape(-1, dv)).view(t, -1)
         return comm.all_reduce(self.out_proj(o, slot), self.ps)
@@ -158,7 +156,7 @@ class GatedDeltaNet(nn.Module):
     def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """transformers' Qwen3NextRMSNormGated: the RMSNorm of the other families (cast back to o's dtype,
         then the weight), times silu(z) computed in fp32 (the product in the wider of the two), one cast."""
-        return (ops.rms_norm(o, self.norm_weight, self.eps) * F.silu(z.float())).to(o.dtype)
+        return ops.gated_rms_norm(o, z, self.norm_weight, self.eps)
 
     def lora_targets(self) -> list[LoraTarget]:
         return [

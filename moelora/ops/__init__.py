@@ -180,6 +180,16 @@ def causal_conv_step(
     return impl(x, weight, states, slots)
 
 
+def delta_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule's log decay and write strength from a and b, one launch; see
+    `moelora.ops.torch.delta.delta_gates`."""
+    mod = _half_kernels("delta", b, a)
+    impl = mod.delta_gates if mod is not None else _torch_delta.delta_gates
+    return impl(a, b, a_log, dt_bias)
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -319,6 +329,14 @@ def rms_norm(
     mod = _half_kernels("norm", x)
     impl = mod.rms_norm if mod is not None else _torch_norm.rms_norm
     return impl(x, weight, eps, residual, weight_first)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm times silu(gate) (linear attention's output norm); see
+    `moelora.ops.torch.norm.gated_rms_norm`."""
+    mod = _half_kernels("norm", x, gate)
+    impl = mod.gated_rms_norm if mod is not None else _torch_norm.gated_rms_norm
+    return impl(x, gate, weight, eps)
 
 
 def rotary(

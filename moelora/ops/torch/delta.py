@@ -145,3 +145,14 @@ def gated_delta_step(
     keep = ok.nonzero().squeeze(1)
     states[index[keep]] = after[keep]
     return o.to(v.dtype)
+
+
+def delta_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule's per-token, per-head gates from the projections a, b [T, H] (transformers'
+    Qwen3NextGatedDeltaNet): g = -exp(A_log) * softplus(a + dt_bias) in fp32 [T, H] (the log decay), and
+    beta = sigmoid(b) in b's dtype [T, H] (the write strength). a_log, dt_bias [H]."""
+    beta = b.sigmoid()
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
+    return g, beta

@@ -40,3 +40,11 @@ def rms_norm(
     sf = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
     y = (weight.float() * sf).to(s.dtype) if weight_first else weight * sf.to(s.dtype)
     return y if residual is None else (y, s)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen3NextRMSNormGated: `rms_norm(x, weight, eps)` (the weight after the cast to x's
+    dtype) times silu(gate) computed in fp32, the product in fp32, rounded once to x's dtype.
+
+    x, gate [..., N] (same shape); weight [N]."""
+    return (rms_norm(x, weight, eps) * torch.nn.functional.silu(gate.float())).to(x.dtype)

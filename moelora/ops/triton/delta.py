@@ -32,6 +32,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from moelora.ops.triton.common import device_ints, num_sms, valid_slot
 
@@ -414,3 +415,45 @@ def causal_conv(
         HAS_INITIAL=initial is not None,
     )  # fmt: skip
     return y, states
+
+
+@triton.jit
+def _gates_kernel(a_ptr, b_ptr, alog_ptr, dt_ptr, g_ptr, beta_ptr, tokens, heads, s_a, s_b,
+                  INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """g = -exp(A_log) * softplus(a + dt_bias) (fp32) and beta = sigmoid(b) (b's dtype) over one tile of
+    (token, head) entries; softplus(x) = x past 20 (as torch's)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < tokens * heads
+    t, h = i // heads, i % heads
+    a = tl.load(a_ptr + t * s_a + h, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + t * s_b + h, mask=ok, other=0.0).to(tl.float32)
+    x = a + tl.load(dt_ptr + h, mask=ok, other=0.0).to(tl.float32)
+    e = tl.exp(tl.minimum(x, 20.0))  # (no overflow where the threshold takes x itself)
+    soft = tl.log(1.0 + e) if INTERPRETED else libdevice.log1p(e)  # (the interpreter has no libdevice)
+    soft = tl.where(x > 20.0, x, soft)
+    g = -tl.exp(tl.load(alog_ptr + h, mask=ok, other=0.0).to(tl.float32)) * soft
+    tl.store(g_ptr + i, g, mask=ok)
+    tl.store(beta_ptr + i, (1.0 / (1.0 + tl.exp(-b))).to(beta_ptr.dtype.element_ty), mask=ok)
+
+
+def delta_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.delta.delta_gates`."""
+    tokens, heads = a.shape
+    if b.shape != a.shape or a_log.shape != (heads,) or dt_bias.shape != (heads,):
+        raise ValueError(
+            f"delta_gates: a {tuple(a.shape)}, b {tuple(b.shape)} [T, H]; A_log {tuple(a_log.shape)}, "
+            f"dt_bias {tuple(dt_bias.shape)} [H]"
+        )
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError("delta_gates: unit stride over the heads")
+    g = torch.empty(tokens, heads, dtype=torch.float32, device=a.device)
+    beta = torch.empty(tokens, heads, dtype=b.dtype, device=b.device)
+    if tokens:
+        block = 1024
+        _gates_kernel[(triton.cdiv(tokens * heads, block),)](
+            a, b, a_log.contiguous(), dt_bias.contiguous(), g, beta, tokens, heads, a.stride(0), b.stride(0),
+            INTERPRETED=not a.is_cuda, BLOCK=block,
+        )  # fmt: skip
+    return g, beta

@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add before it: one program per row, the row in registers."""
+"""RMSNorm, optionally fused with the residual add before it, and linear attention's gated RMSNorm (times
+silu of a gate): one program per row, the row in registers."""
 
 from __future__ import annotations
 
@@ -64,3 +65,41 @@ def rms_norm(
         num_warps=min(16, max(1, block_n // 256)),
     )  # fmt: skip
     return y if residual is None else (y, s)
+
+
+@triton.jit
+def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, n, eps, s_x, s_z,
+                           ROUND: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_N)
+    ok = i < n
+    x = tl.load(x_ptr + row * s_x + i, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)  # cast to x's dtype before the weight, as HF does
+    w = tl.load(w_ptr + i, mask=ok, other=0.0)
+    weighted = w.to(tl.float32) * normed
+    if ROUND:  # the weight's product in x's dtype where that is the promoted one (the twin's `weight * n`)
+        weighted = weighted.to(x.dtype).to(tl.float32)
+    z = tl.load(z_ptr + row * s_z + i, mask=ok, other=0.0).to(tl.float32)
+    y = weighted * (z / (1.0 + tl.exp(-z)))
+    tl.store(y_ptr + row * n + i, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same signature and Semantics as `moelora.ops.torch.norm.gated_rms_norm`."""
+    n = x.shape[-1]
+    if weight.shape != (n,) or gate.shape != x.shape:
+        raise ValueError(
+            f"gated_rms_norm: x {tuple(x.shape)}, gate {tuple(gate.shape)}, weight {tuple(weight.shape)}: "
+            f"x and gate [..., N], weight [N]"
+        )
+    xr, zr = _rows(x, n), _rows(gate, n)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_n = triton.next_power_of_2(n)
+    _gated_rms_norm_kernel[(xr.shape[0],)](
+        xr, zr, weight.contiguous(), y, n, eps, xr.stride(0), zr.stride(0),
+        ROUND=torch.promote_types(weight.dtype, x.dtype) == x.dtype, BLOCK_N=block_n,
+        num_warps=min(16, max(1, block_n // 256)),
+    )  # fmt: skip
+    return y
