@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 
 from moelora.ops.plan import TUNED
 from moelora.ops.triton import (
+    activation,
     align,
     attn_decode,
     attn_prefill,
@@ -243,6 +244,7 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
     yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
+    yield activation._silu_mul_kernel, dict(BLOCK=1024), 4
     for to_cache in (False, True):
         yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
     for from_logits in (False, True):

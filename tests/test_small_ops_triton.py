@@ -124,6 +124,18 @@ def test_rms_norm_matches_twin(t, hidden, dtype, residual):
     check_rms_norm(t + hidden, t, hidden, dtype, residual, first=True)  # GPT-OSS's order
 
 
+@pytest.mark.parametrize(("t", "inter", "dtype"), [(1, 24, torch.float32), (5, 1100, torch.float16)])
+def test_silu_mul_matches_twin(t, inter, dtype):
+    """The dense MLP's silu(gate) * up from its stacked gate/up output (the rows a strided view, the
+    intermediate over one and several column tiles)."""
+    from moelora.ops.torch import activation as twin_act
+    from moelora.ops.triton import activation as kern_act
+
+    g = torch.Generator().manual_seed(t)
+    gate_up = (torch.randn(t, 2 * inter + 8, generator=g) * 3).to(DEV, dtype)[:, : 2 * inter]
+    assert_close(kern_act.silu_mul(gate_up), twin_act.silu_mul(gate_up))
+
+
 def test_rms_norm_of_head_rows_and_strided_input():
     """[T, H, D] input (the twin's any-leading-dims form) and a column slice of a wider tensor."""
     g = torch.Generator().manual_seed(3)

@@ -179,8 +179,7 @@ class DenseMLP(nn.Module):
         self.down = RowLinear("down_proj", inter, hidden, False, ps, dtype, fp8)
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
-        gate, up = self.gate_up(x, token_slot).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, token_slot)
+        return self.down(ops.silu_mul(self.gate_up(x, token_slot)), token_slot)
 
     def lora_targets(self, layer: int, prefix: str = "") -> list[LoraTarget]:
         """`prefix`: `shared_expert.` for a MoE block's shared expert."""

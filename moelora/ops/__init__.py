@@ -24,6 +24,7 @@ from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan
+from moelora.ops.torch import activation as _torch_activation
 from moelora.ops.torch import align as _torch_align
 from moelora.ops.torch import attention as _torch_attention
 from moelora.ops.torch import delta as _torch_delta
@@ -329,6 +330,14 @@ def rms_norm(
     mod = _half_kernels("norm", x)
     impl = mod.rms_norm if mod is not None else _torch_norm.rms_norm
     return impl(x, weight, eps, residual, weight_first)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The dense MLP's silu(gate) * up from its stacked gate/up output; see
+    `moelora.ops.torch.activation.silu_mul`."""
+    mod = _half_kernels("activation", gate_up)
+    impl = mod.silu_mul if mod is not None else _torch_activation.silu_mul
+    return impl(gate_up)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
