@@ -1,4 +1,5 @@
-"""Small per-layer ops: the PyTorch twins (eager torch) against the Triton kernels (issue 7).
+"""Small per-layer ops: the PyTorch twins (eager torch) against the Triton kernels (issue 7); the dense MLP's
+silu * up and linear attention's gates and gated norm.
 
 Qwen3-30B-A3B shapes: hidden 2048, 32 query heads, 4 KV heads, head_dim 128, bf16, KV blocks of 16
 tokens; q, k and v are column slices of one projection, as the attention block has them. For each op and
@@ -26,10 +27,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.language is imported
 
 from moelora.layers.rotary import RotaryEmbedding
+from moelora.ops.torch import activation as twin_act
 from moelora.ops.torch import attention as twin_attention
+from moelora.ops.torch import delta as twin_delta
 from moelora.ops.torch import norm as twin_norm
 from moelora.ops.torch import rotary as twin_rotary
 from moelora.ops.torch import router as twin_router
+from moelora.ops.triton import activation as kern_act
+from moelora.ops.triton import delta as kern_delta
 from moelora.ops.triton import kv_write as kern_kv
 from moelora.ops.triton import norm as kern_norm
 from moelora.ops.triton import rotary as kern_rotary
@@ -51,6 +56,8 @@ class Shapes:
 
 QWEN3 = Shapes(hidden=2048, hq=32, hkv=4, d=128, page=16, experts=128, top_k=8)
 TINY = Shapes(hidden=96, hq=4, hkv=2, d=32, page=4, experts=8, top_k=2)
+# The dense MLP's intermediate (a shared expert's) and Qwen3.5-35B-A3B's linear-attention value heads.
+MLP_INTER, LINEAR_HEADS, LINEAR_DV = 512, 32, 128
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,27 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
         t * s.hkv * s.d * e,
     )
 
+    gate_up = rnd(t, 2 * MLP_INTER)
+    heads_o, heads_z = rnd(t * LINEAR_HEADS, LINEAR_DV), rnd(t * LINEAR_HEADS, LINEAR_DV)
+    norm_w = rnd(LINEAR_DV, offset=1.0)
+    a, b = rnd(t, 2 * LINEAR_HEADS).split([LINEAR_HEADS, LINEAR_HEADS], dim=-1)
+    a_log, dt_bias = rnd(LINEAR_HEADS), rnd(LINEAR_HEADS)
     calls = [
+        ("silu(gate) * up", lambda m: m.silu_mul(gate_up), twin_act, kern_act, 3 * t * MLP_INTER * e),
+        (
+            "gated rms_norm (linear attention)",
+            lambda m: m.gated_rms_norm(heads_o, heads_z, norm_w, EPS),
+            twin_norm,
+            kern_norm,
+            3 * t * LINEAR_HEADS * LINEAR_DV * e,
+        ),
+        (
+            "delta rule gates (linear attention)",
+            lambda m: m.delta_gates(a, b, a_log, dt_bias),
+            twin_delta,
+            kern_delta,
+            t * LINEAR_HEADS * (3 * e + 4),
+        ),
         ("rms_norm", lambda m: m.rms_norm(x, w, EPS), twin_norm, kern_norm, 2 * hidden),
         ("residual add + rms_norm", lambda m: m.rms_norm(x, w, EPS, r), twin_norm, kern_norm, 4 * hidden),
         ("rotary q, k", lambda m: m.rotary(q, k, cos, sin), twin_rotary, kern_rotary, 2 * heads + rope),
