@@ -1,4 +1,4 @@
-"""Greedy agreement of FP8 experts (`--quantization fp8`) with the 16-bit model (issue #27).
+"""Greedy agreement of FP8 weights (`--quantization fp8`) with the 16-bit model (issue #27).
 
 The 16-bit model generates greedily from N fresh random prompts; both models then score those same
 sequences (teacher forcing, so one early difference does not decide the rest): per generated position,
@@ -72,7 +72,7 @@ def main() -> None:
         "mean_logprob_diff": float(diffs.mean()),
     }
     print(
-        f"{args.model}, {args.dtype} vs FP8 experts, {args.prompts} prompts x {args.tokens} tokens "
+        f"{args.model}, {args.dtype} vs FP8 weights, {args.prompts} prompts x {args.tokens} tokens "
         f"(teacher-forced on the {args.dtype} model's greedy tokens):\n"
         f"| equal tokens | equal sequences | max log-prob diff | mean log-prob diff |\n|---|---|---|---|\n"
         f"| {result['equal_tokens']:.1%} | {result['equal_sequences']:.1%} | "
