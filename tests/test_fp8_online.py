@@ -159,3 +159,15 @@ def test_fp8_on_mxfp4_experts_is_refused(tmp_path: Path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="MXFP4: they would be quantised a second time"):
         LLM(str(folder), device="cpu", dtype="float32", progress=False, quantization="fp8")
+
+
+def test_the_plan_says_what_is_fp8():
+    """The serving line's words for the plan: online FP8, and a checkpoint's names."""
+    from moelora.ops.fp8 import Fp8Weights
+
+    assert Fp8Weights(None, True).describe() == "FP8 experts and linear layers"
+    assert (
+        Fp8Weights(128, False, True, frozenset({"q_proj", "o_proj"})).describe()
+        == "FP8 experts and o_proj, q_proj"
+    )
+    assert Fp8Weights(128, False, False, frozenset({"down_proj"})).describe() == "FP8 down_proj"

@@ -40,8 +40,10 @@ def describe(llm: LLM, served_name: str, args: ServerArgs) -> str:
         if engine.loras is not None
         else "adapters off"
     )
+    fp8 = llm.model.cfg.fp8
+    dtype = str(llm.model.dtype).removeprefix("torch.") + (f", {fp8.describe()}" if fp8 is not None else "")
     return (
-        f"serving {llm.model_path} as '{served_name}' ({str(llm.model.dtype).removeprefix('torch.')}, "
+        f"serving {llm.model_path} as '{served_name}' ({dtype}, "
         f"{llm.load_format} weights, tp {llm.parallel.tp_size} ep {llm.parallel.experts_over}) on "
         f"http://{args.host}:{args.port}; adapters: {adapters}; {slots}; max_model_len "
         f"{engine.max_model_len}; KV cache {blocks} blocks of {size} tokens ({blocks * size} tokens, "
