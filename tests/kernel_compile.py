@@ -24,6 +24,7 @@ from moelora.ops.triton import (
     attn_decode,
     attn_prefill,
     delta,
+    fp8_linear,
     kv_write,
     linear,
     lora_expand,
@@ -207,8 +208,8 @@ def linear_cases() -> Iterator[Case]:
     for block_m, has_bias in ((16, False), (g.block_m, True)):
         gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=g.block_n)
         gemm |= dict(BLOCK_K=min(g.block_k, 128), GROUP_M=g.group_m, PRECISION="tf32", fp8=True)
-        yield linear._fp8_matmul_kernel, gemm, g.warps, g.stages
-    yield linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4
+        yield fp8_linear._fp8_matmul_kernel, gemm, g.warps, g.stages
+    yield fp8_linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4
 
 
 def attention_and_small_op_cases() -> Iterator[Case]:

@@ -23,6 +23,7 @@ from moelora.ops.fp8 import RowScales  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles, Tiles  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch.fp8 import dequantize_rows, quantize_rows  # noqa: E402
+from moelora.ops.triton import fp8_linear as triton_fp8  # noqa: E402
 from moelora.ops.triton import linear as triton_linear  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,7 +189,7 @@ def test_fp8_matmul_matches_twin():
     w8, scales = fp8_weight(g, 72, 80, 32)
     b = rand(g, 72)
     plan = replace(TUNED, fp8_gemm_tiles=Tiles(16, 32, 32, 4, 2, group_m=2))
-    got = triton_linear.fp8_matmul(x, w8, scales, b, plan)
+    got = triton_fp8.fp8_matmul(x, w8, scales, b, plan)
     close(got, torch_lora.linear(x, w8, b, None, None, (72,), scales), TOL[torch.float32])
 
 
@@ -196,7 +197,7 @@ def test_fp8_dequantize_is_exact():
     """The kernel that gives cuBLAS its 16-bit copy: W8 times its rows' scales, as the twin computes it."""
     g = torch.Generator().manual_seed(9)
     w8, scales = fp8_weight(g, 40, 72, 16)
-    got = triton_linear.dequantize(w8, scales, torch.float32)
+    got = triton_fp8.dequantize(w8, scales, torch.float32)
     assert torch.equal(got, dequantize_rows(w8, scales.table, 16, torch.float32))
 
 
