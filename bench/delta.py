@@ -28,6 +28,7 @@ from timing import events_us, graph_us
 from moelora.benchmark.floors import Ceilings, measure_ceilings
 from moelora.ops.torch import delta as twin
 from moelora.ops.triton import delta as kern
+from moelora.ops.triton import delta_prefill as prefill
 
 HK, HV, DK, DV, CONV, WIDTH = 16, 32, 128, 128, 8192, 4
 LAYERS = 30  # Qwen3.5-35B-A3B's linear-attention layers
@@ -61,7 +62,7 @@ def check() -> None:
     lens = (5, 40, 17)
     q, k, v, gate, beta = inputs(sum(lens), seed=1)
     for chunk, block_v, split in ((16, 32, True), (32, 64, False), (64, 32, True)):
-        got, got_s = kern.gated_delta_rule(
+        got, got_s = prefill.gated_delta_rule(
             q, k, v, gate, beta, lens, chunk=chunk, block_v=block_v, split=split
         )
         want, want_s = twin.gated_delta_rule(q, k, v, gate, beta, lens)
@@ -69,7 +70,7 @@ def check() -> None:
         torch.testing.assert_close(got_s, want_s, atol=1e-3, rtol=1e-3)
     x = torch.randn(sum(lens), CONV, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)
-    for a, b in zip(kern.causal_conv(x, w, lens), twin.causal_conv(x, w, lens), strict=True):
+    for a, b in zip(prefill.causal_conv(x, w, lens), twin.causal_conv(x, w, lens), strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -89,14 +90,14 @@ def prefill_rows(ceilings: Ceilings) -> list[Row]:
         q, k, v, gate, beta = inputs(tokens)
         moved = tokens * (2 * HK * DK * 2 + 2 * HV * DV * 2 + HV * 4 + HV * 2) + seqs * HV * DK * DV * 4
         for variant in variants:
-            run = partial(kern.gated_delta_rule, q, k, v, gate, beta, lens, **variant)
+            run = partial(prefill.gated_delta_rule, q, k, v, gate, beta, lens, **variant)
             floor = max(moved / ceilings.bytes_per_s, chunk_flops(tokens, 16) / (ceilings.gemm_flops or 1e30))
             name = ", ".join(f"{key} {value}" for key, value in variant.items())
             rows.append(Row("prefill", f"{seqs}x{n}", name, events_us(run, 10), floor * 1e6))
         x = torch.randn(tokens, CONV, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)
         conv_bytes = 2 * tokens * CONV * 2 + seqs * CONV * (WIDTH - 1) * 2
-        us = events_us(partial(kern.causal_conv, x, w, lens), 10)
+        us = events_us(partial(prefill.causal_conv, x, w, lens), 10)
         rows.append(Row("prefill conv", f"{seqs}x{n}", "", us, conv_bytes / ceilings.bytes_per_s * 1e6))
     return rows
 

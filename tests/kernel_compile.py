@@ -24,6 +24,7 @@ from moelora.ops.triton import (
     attn_decode,
     attn_prefill,
     delta,
+    delta_prefill,
     fp8_linear,
     kv_write,
     linear,
@@ -235,12 +236,16 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     yield delta._conv_step_kernel, dict(WIDTH=4, BLOCK_C=256, BLOCK_W=4), 4
     for chunk in (16, 32, 64):
         chunked = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, CHUNK=chunk, PRECISION="tf32x3")
-        yield delta._delta_inverse_kernel, dict(DK=128, BLOCK_K=128, CHUNK=chunk, PRECISION="tf32x3"), 4
+        yield (
+            delta_prefill._delta_inverse_kernel,
+            dict(DK=128, BLOCK_K=128, CHUNK=chunk, PRECISION="tf32x3"),
+            4,
+        )
         for has_initial, split in itertools.product((False, True), (False, True)):
-            yield delta._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial, SPLIT=split), 4
+            yield delta_prefill._delta_chunk_kernel, chunked | dict(HAS_INITIAL=has_initial, SPLIT=split), 4
     for has_initial in (False, True):
         conv = dict(WIDTH=4, BLOCK_C=128, BLOCK_T=16, BLOCK_W=4, HAS_INITIAL=has_initial)
-        yield delta._conv_kernel, conv, 4
+        yield delta_prefill._conv_kernel, conv, 4
     yield delta._gates_kernel, dict(INTERPRETED=False, BLOCK=1024), 4
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4

@@ -148,7 +148,7 @@ def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk, split: bo
     longer than a chunk (a partial last chunk), grouped value heads, value columns over several programs,
     head dims that are not powers of two, from zeros and from a given state; each chunk's (I + A)^-1
     solved in a launch of its own (`split`, every chunk of every sequence at once) or in the walk."""
-    from moelora.ops.triton import delta as kern
+    from moelora.ops.triton import delta_prefill as kern
 
     seq_lens = (3, chunk, 2 * chunk + 5)
     q, k, v, gate, beta = (t.to(DEV) for t in problem(11, sum(seq_lens), hk, hv, dk, dv))
@@ -163,7 +163,7 @@ def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk, split: bo
 def test_triton_conv_matches_twin():
     """The Triton convolution over whole sequences against the twin: sequences shorter than the kernel's
     width (their state partly the initial one), longer than a token tile, two channel tiles."""
-    from moelora.ops.triton import delta as kern
+    from moelora.ops.triton import delta_prefill as kern
 
     g = torch.Generator().manual_seed(13)
     channels, width, seq_lens = 200, 4, (1, 2, 37, 5)

@@ -166,7 +166,7 @@ def causal_conv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear-attention layer's causal convolution over whole sequences; see
     `moelora.ops.torch.delta.causal_conv`."""
-    mod = _half_kernels("delta", x, weight)
+    mod = _half_kernels("delta_prefill", x, weight)
     impl = mod.causal_conv if mod is not None else _torch_delta.causal_conv
     return impl(x, weight, seq_lens, initial)
 
@@ -202,7 +202,7 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over whole sequences; see `moelora.ops.torch.delta.gated_delta_rule` (the
     Triton kernel takes the sequences in chunks)."""
-    mod = _half_kernels("delta", v, q, k)
+    mod = _half_kernels("delta_prefill", v, q, k)
     impl = mod.gated_delta_rule if mod is not None else _torch_delta.gated_delta_rule
     return impl(q, k, v, g, beta, seq_lens, initial)
 
