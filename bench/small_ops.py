@@ -1,5 +1,5 @@
 """Small per-layer ops: the PyTorch twins (eager torch) against the Triton kernels (issue 7); the dense MLP's
-silu * up and linear attention's gates and gated norm.
+silu * up, the gated shared expert's add, and linear attention's gates and gated norm.
 
 Qwen3-30B-A3B shapes: hidden 2048, 32 query heads, 4 KV heads, head_dim 128, bf16, KV blocks of 16
 tokens; q, k and v are column slices of one projection, as the attention block has them. For each op and
@@ -123,6 +123,13 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
     a_log, dt_bias = rnd(LINEAR_HEADS), rnd(LINEAR_HEADS)
     calls = [
         ("silu(gate) * up", lambda m: m.silu_mul(gate_up), twin_act, kern_act, 3 * t * MLP_INTER * e),
+        (
+            "shared expert's gated add",
+            lambda m: m.add_gated(x, r, logits[:, :1]),
+            twin_act,
+            kern_act,
+            3 * hidden + t * e,
+        ),
         (
             "gated rms_norm (linear attention)",
             lambda m: m.gated_rms_norm(heads_o, heads_z, norm_w, EPS),

@@ -251,6 +251,7 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
     yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
     yield activation._silu_mul_kernel, dict(BLOCK=1024), 4
+    yield activation._add_gated_kernel, dict(BLOCK=1024), 4
     for to_cache in (False, True):
         yield rotary._rotary_kernel, dict(HAS_NORM=True, TO_CACHE=to_cache, BLOCK_H=4, BLOCK_HALF=64), 4
     for from_logits in (False, True):

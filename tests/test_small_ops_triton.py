@@ -136,6 +136,20 @@ def test_silu_mul_matches_twin(t, inter, dtype):
     assert_close(kern_act.silu_mul(gate_up), twin_act.silu_mul(gate_up))
 
 
+@pytest.mark.parametrize(("t", "hidden", "dtype"), [(1, 40, torch.float32), (6, 1100, torch.float16)])
+def test_add_gated_matches_twin(t, hidden, dtype):
+    """The gated shared expert's add (sigmoid of one logit a token, product, sum) against the twin,
+    logits from strongly negative to strongly positive, the gate a column of a wider tensor."""
+    from moelora.ops.torch import activation as twin_act
+    from moelora.ops.triton import activation as kern_act
+
+    g = torch.Generator().manual_seed(t + 40)
+    base, x = (torch.randn(t, hidden, generator=g) * 2).to(DEV, dtype), torch.randn(t, hidden, generator=g)
+    gate = (torch.randn(t, 3, generator=g) * 6).to(DEV, dtype)[:, 1:2]
+    x = x.to(DEV, dtype)
+    assert_close(kern_act.add_gated(base, x, gate), twin_act.add_gated(base, x, gate))
+
+
 def test_rms_norm_of_head_rows_and_strided_input():
     """[T, H, D] input (the twin's any-leading-dims form) and a column slice of a wider tensor."""
     g = torch.Generator().manual_seed(3)

@@ -281,8 +281,9 @@ class SparseMoeBlock(nn.Module):
             shared = self.shared(x, token_slot)
             if self.shared_gate is not None:
                 # sigmoid(gate) scales each token's partial sum, so one all-reduce still sums everything.
-                shared = torch.sigmoid(self.shared_gate(x)) * shared
-            out = out + shared
+                out = ops.add_gated(out, shared, self.shared_gate(x))
+            else:
+                out = out + shared
         return comm.all_reduce(out, self.ps)
 
     def lora_targets(self, layer: int) -> list[LoraTarget | ExpertsTarget]:

@@ -340,6 +340,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return impl(gate_up)
 
 
+def add_gated(base: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """base + sigmoid(gate) * x (the gated shared expert's add); see
+    `moelora.ops.torch.activation.add_gated`."""
+    mod = _half_kernels("activation", base, x, gate)
+    impl = mod.add_gated if mod is not None else _torch_activation.add_gated
+    return impl(base, x, gate)
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm times silu(gate) (linear attention's output norm); see
     `moelora.ops.torch.norm.gated_rms_norm`."""

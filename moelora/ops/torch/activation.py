@@ -1,4 +1,4 @@
-"""PyTorch twin of the dense MLP's activation."""
+"""PyTorch twins of the MLPs' elementwise steps: the dense MLP's activation, the gated shared expert's add."""
 
 from __future__ import annotations
 
@@ -11,3 +11,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rounded to it, then the product (transformers' `act_fn(gate_proj(x)) * up_proj(x)`). -> [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def add_gated(base: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """base + sigmoid(gate) * x in base's dtype, each step rounded to it (transformers' gated shared
+    expert: `sigmoid(shared_expert_gate(h)) * shared_expert(h)`, added to the routed experts' sum).
+
+    base, x [T, H]; gate [T, 1] (one logit a token)."""
+    return base + torch.sigmoid(gate) * x
