@@ -26,6 +26,7 @@ import torch
 from timing import events_us, graph_us
 
 from moelora.benchmark.floors import Ceilings, measure_ceilings
+from moelora.ops.plan import DeltaTiles, KernelPlan
 from moelora.ops.torch import delta as twin
 from moelora.ops.triton import delta as kern
 from moelora.ops.triton import delta_prefill as prefill
@@ -62,9 +63,8 @@ def check() -> None:
     lens = (5, 40, 17)
     q, k, v, gate, beta = inputs(sum(lens), seed=1)
     for chunk, block_v, split in ((16, 32, True), (32, 64, False), (64, 32, True)):
-        got, got_s = prefill.gated_delta_rule(
-            q, k, v, gate, beta, lens, chunk=chunk, block_v=block_v, split=split
-        )
+        plan = KernelPlan(delta=DeltaTiles(chunk=chunk, block_v=block_v, split=split))
+        got, got_s = prefill.gated_delta_rule(q, k, v, gate, beta, lens, None, plan)
         want, want_s = twin.gated_delta_rule(q, k, v, gate, beta, lens)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(got_s, want_s, atol=1e-3, rtol=1e-3)
@@ -82,17 +82,19 @@ def chunk_flops(tokens: int, chunk: int) -> int:
 
 def prefill_rows(ceilings: Ceilings) -> list[Row]:
     rows = []
-    variants: list[dict[str, object]] = [dict(precision="tf32x3"), dict(split=False)]
-    variants += [dict(chunk=c, block_v=b) for c in (16, 32, 64) for b in (32, 64, 128)]
-    variants += [dict(chunk=c, split=False) for c in (32, 64)]
+    variants = [DeltaTiles(), DeltaTiles(split=False)]
+    variants += [DeltaTiles(chunk=c, block_v=b) for c in (16, 32, 64) for b in (32, 64, 128)]
+    variants += [DeltaTiles(chunk=c, split=False) for c in (32, 64)]
     for seqs, n in ((1, 2048), (16, 512), (64, 128)):
         tokens, lens = seqs * n, (n,) * seqs
         q, k, v, gate, beta = inputs(tokens)
         moved = tokens * (2 * HK * DK * 2 + 2 * HV * DV * 2 + HV * 4 + HV * 2) + seqs * HV * DK * DV * 4
         for variant in variants:
-            run = partial(prefill.gated_delta_rule, q, k, v, gate, beta, lens, **variant)
+            run = partial(
+                prefill.gated_delta_rule, q, k, v, gate, beta, lens, None, KernelPlan(delta=variant)
+            )
             floor = max(moved / ceilings.bytes_per_s, chunk_flops(tokens, 16) / (ceilings.gemm_flops or 1e30))
-            name = ", ".join(f"{key} {value}" for key, value in variant.items())
+            name = f"chunk {variant.chunk}, block_v {variant.block_v or 'auto'}, split {variant.split}"
             rows.append(Row("prefill", f"{seqs}x{n}", name, events_us(run, 10), floor * 1e6))
         x = torch.randn(tokens, CONV, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from moelora.ops.plan import DeltaTiles, KernelPlan
 from moelora.ops.torch import delta as twin
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,7 +156,8 @@ def test_triton_chunked_delta_rule_matches_twin(hk, hv, dk, dv, chunk, split: bo
     initial = torch.randn(len(seq_lens), hv, dk, dv, generator=torch.Generator().manual_seed(12)).to(DEV)
     for init in (None, initial * 0.3):
         ref, ref_finals = twin.gated_delta_rule(q, k, v, gate, beta, seq_lens, init)
-        out, finals = kern.gated_delta_rule(q, k, v, gate, beta, seq_lens, init, chunk=chunk, split=split)
+        plan = KernelPlan(delta=DeltaTiles(chunk=chunk, split=split))
+        out, finals = kern.gated_delta_rule(q, k, v, gate, beta, seq_lens, init, plan)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(finals, ref_finals, atol=2e-5, rtol=1e-4)
 

@@ -199,12 +199,14 @@ def gated_delta_rule(
     beta: torch.Tensor,
     seq_lens: tuple[int, ...],
     initial: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over whole sequences; see `moelora.ops.torch.delta.gated_delta_rule` (the
-    Triton kernel takes the sequences in chunks)."""
+    Triton kernel takes the sequences in chunks, `plan.delta`)."""
     mod = _half_kernels("delta_prefill", v, q, k)
-    impl = mod.gated_delta_rule if mod is not None else _torch_delta.gated_delta_rule
-    return impl(q, k, v, g, beta, seq_lens, initial)
+    if mod is None:
+        return _torch_delta.gated_delta_rule(q, k, v, g, beta, seq_lens, initial)
+    return mod.gated_delta_rule(q, k, v, g, beta, seq_lens, initial, plan)
 
 
 def gated_delta_step(

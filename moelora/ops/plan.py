@@ -114,6 +114,17 @@ _LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs
 
 
 @dataclass(frozen=True)
+class DeltaTiles:
+    """The chunked delta-rule prefill's choices (`ops/triton/delta_prefill.py`)."""
+
+    chunk: int = 16  # tokens a step of the walk takes, a power of two >= 16
+    block_v: int | None = None  # value columns a program keeps; None: 32 while at most two programs an SM
+    precision: str = "tf32x3"  # the products' tl.dot input precision (8x "ieee"'s speed, same error)
+    warps: int = 4
+    split: bool = True  # every chunk's (I + A)^-1 solved first, all chunks at once (not yet measured)
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     """Kernel choices of the routed-expert and dense LoRA ops. A field left None lets its shape rule
     decide (see the rule of the same name in `ops/triton/tiles.py`)."""
@@ -125,6 +136,7 @@ class KernelPlan:
     # (most tokens, tiles) of the dense multi-LoRA shrink and expand, in increasing order
     lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
+    delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
     # bytes a weight more) at most this many; more, up to `fp8_copy_tokens`, take a Triton GEMM scaling

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.triton.common import device_ints, num_sms
 
 
@@ -157,17 +158,10 @@ def gated_delta_rule(
     beta: torch.Tensor,
     seq_lens: tuple[int, ...],
     initial: torch.Tensor | None = None,
-    chunk: int = 16,
-    block_v: int | None = None,
-    precision: str = "tf32x3",
-    num_warps: int = 4,
-    split: bool = True,
+    plan: KernelPlan = TUNED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_rule` (`chunk`: tokens a
-    program takes at a time, a power of two >= 16; `block_v`: value columns a program keeps, a power of
-    two >= 16, by default 32 while that makes at most two programs an SM, else 64; `precision`: the
-    products' `tl.dot` input precision; `num_warps`: a program's warps; `split`: the chunks' (I + A)^-1
-    solved first, all chunks at once, rather than in the walk; the last five for bench/delta.py)."""
+    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_rule`; `plan.delta`: the
+    chunk, value tile, product precision, warps and whether the chunks' (I + A)^-1 is solved first."""
     tokens, k_heads, dk = k.shape
     v_heads, dv = v.shape[1], v.shape[2]
     if v_heads % k_heads or sum(seq_lens) != tokens or q.shape != k.shape:
@@ -188,8 +182,10 @@ def gated_delta_rule(
         return out, finals
     init = initial if initial is not None else finals
     group, dk_pad = v_heads // k_heads, max(16, triton.next_power_of_2(dk))
+    t = plan.delta
+    chunk, precision, num_warps = t.chunk, t.precision, t.warps
     m = finals  # a placeholder, never read, without `split`
-    if split:
+    if t.split:
         # (first token, length) of every chunk of every sequence
         firsts = itertools.accumulate((0, *seq_lens))
         bounds = [
@@ -205,6 +201,7 @@ def gated_delta_rule(
                 m.stride(0), m.stride(1), DK=dk, BLOCK_K=dk_pad, CHUNK=chunk, PRECISION=precision,
                 num_warps=num_warps,
             )  # fmt: skip
+    block_v = t.block_v
     if block_v is None:  # narrow tiles fill the card; wider ones redo a chunk's key work fewer times
         block_v = 32 if batch * v_heads * triton.cdiv(dv, 32) <= 2 * num_sms(v.device) else 64
     block_v = max(16, min(block_v, triton.next_power_of_2(dv)))
@@ -214,7 +211,7 @@ def gated_delta_rule(
         beta.stride(0), *init.stride()[:3], out.stride(0), out.stride(1), *finals.stride()[:3],
         m.stride(0), m.stride(1),
         DK=dk, DV=dv, BLOCK_K=dk_pad, BLOCK_V=block_v, CHUNK=chunk,
-        HAS_INITIAL=initial is not None, SPLIT=split, PRECISION=precision, num_warps=num_warps,
+        HAS_INITIAL=initial is not None, SPLIT=t.split, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return out, finals
 
