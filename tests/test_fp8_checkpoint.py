@@ -160,7 +160,7 @@ def test_a_missing_scale_is_refused(checkpoints, tmp_path: Path):
     del index["weight_map"][dropped[0]]
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     weight = dropped[0].removesuffix("_scale_inv")
-    with pytest.raises(CheckpointError, match=rf"'{weight}' .* float8_e4m3fn but has no"):
+    with pytest.raises(CheckpointError, match=rf"'{weight}' .* float8_e4m3fn but has no '{dropped[0]}'"):
         LLM(str(folder), device="cpu", dtype="float32", progress=False, num_kv_blocks=8)
 
 

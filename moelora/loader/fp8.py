@@ -71,6 +71,10 @@ class Fp8Checkpoint:
     def keys(self) -> set[str]:
         return self.ckpt.keys() - set(self._scale_of.values())
 
+    def fp8_keys(self) -> set[str]:
+        """The weights that carry block scales (stored in FP8)."""
+        return set(self._scale_of)
+
     def row_scales(self, key: str, src: tuple[slice, ...], group: int) -> torch.Tensor | None:
         """The scales of the part `src` (leading indices, then rows and columns) of weight `key`, per row
         and `group` columns from where the part's columns start (`group` must divide the block width and
@@ -107,7 +111,7 @@ class Fp8Checkpoint:
         if scale_key is None:
             raise CheckpointError(
                 f"tensor '{key}' in {name} is float8_e4m3fn but has no "
-                f"'{key.removesuffix('.weight')}{SCALE_SUFFIX}': the checkpoint is incomplete"
+                f"'{key}{SCALE_SUFFIX}': the checkpoint is incomplete"
             )
         shape = self.ckpt.shape(key)
         if len(shape) not in (2, 3):

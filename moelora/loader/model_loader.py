@@ -16,7 +16,7 @@ from moelora.layers.linear import RowLinear
 from moelora.layers.moe import FusedMoE
 from moelora.loader.checkpoint import Checkpoint, CheckpointError
 from moelora.loader.dummy import DummyCheckpoint
-from moelora.loader.fp8 import SCALE_SUFFIX, Fp8Checkpoint, fp8_block_size
+from moelora.loader.fp8 import Fp8Checkpoint, fp8_block_size
 from moelora.loader.load import TensorSource, load_weights
 from moelora.loader.mxfp4 import Mxfp4Checkpoint
 from moelora.loader.presets import is_preset
@@ -145,9 +145,10 @@ def load_model(
     the embeddings stay in `dtype`."""
     fmt = resolve_load_format(load_format, folder)
     cfg, family = read_model_config(folder, hf_overrides)
+    raw = _raw_config(folder, hf_overrides)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
-    if quantization == "fp8" and fmt != "dummy" and _quant_method(folder, hf_overrides) == "mxfp4":
+    if quantization == "fp8" and fmt != "dummy" and _quant_method(raw) == "mxfp4":
         raise ValueError(
             f"quantization='fp8' on {folder.name}, whose experts are MXFP4: they would be quantised a second "
             f"time, which loses precision. Serve it with quantization 'none' (read dequantised into --dtype)"
@@ -157,7 +158,9 @@ def load_model(
     with ExitStack() as stack:
         # A real checkpoint is opened (its headers checked) before anything is allocated.
         ckpt = None if fmt == "dummy" else stack.enter_context(Checkpoint(folder))
-        cfg = replace(cfg, fp8=_fp8_plan(quantization, ckpt, folder, hf_overrides))
+        # FP8 / MXFP4 weights read dequantised into `dtype`, or kept in FP8 as `_fp8_plan` says
+        read = None if ckpt is None else _quantized(ckpt, raw, folder)
+        cfg = replace(cfg, fp8=_fp8_plan(quantization, read))
         with torch.device(chosen_device):
             model = MoeForCausalLM(cfg, family, ps or ParallelState(), chosen_dtype)
         layers = (m for m in model.modules() if isinstance(m, (FusedMoE, RowLinear)))
@@ -165,9 +168,7 @@ def load_model(
             served = str(chosen_dtype).removeprefix("torch.")
             logger.warning("%s: weights served in %s, not FP8: %s", folder.name, served, why)
         specs = model.weight_specs()
-        source: TensorSource = ckpt or DummyCheckpoint(folder, specs, chosen_device, seed)
-        if ckpt is not None:
-            source = _quantized(ckpt, folder, hf_overrides)  # FP8 / MXFP4 read dequantised into `dtype`
+        source: TensorSource = read or DummyCheckpoint(folder, specs, chosen_device, seed)
         desc = f"Drawing {folder.name} (dummy weights)" if ckpt is None else f"Loading {folder.name}"
         load_weights(
             model,
@@ -181,40 +182,36 @@ def load_model(
     return model.eval()
 
 
-def _fp8_plan(
-    quantization: str, ckpt: Checkpoint | None, folder: Path, hf_overrides: dict[str, Any] | None
-) -> Fp8Weights | None:
+def _fp8_plan(quantization: str, source: TensorSource | None) -> Fp8Weights | None:
     """Which weights are served in FP8 (None: none). A block-FP8 checkpoint ("auto" or "fp8"): its routed
     experts if they are FP8 there, and the linear layers whose checkpoint name is FP8 in every layer
     (names the config leaves unquantised stay in --dtype), with its own block scales. "fp8" on any other
-    checkpoint: the routed experts and every linear layer adapters may target, with scales of their own."""
+    checkpoint (or dummy weights, `source` None): the routed experts and every linear layer adapters may
+    target, with scales of their own."""
     if quantization == "none":
         return None
     strict = quantization == "fp8"
-    if ckpt is not None and _quant_method(folder, hf_overrides) == "fp8":
-        block = fp8_block_size(_raw_config(folder, hf_overrides), folder / "config.json")
-        if block is not None:
-            experts, dense = _fp8_names(ckpt.keys())
-            if not experts and not dense:
-                return None
-            return Fp8Weights(block[1], strict, experts, dense)
+    if isinstance(source, Fp8Checkpoint):
+        experts, dense = _fp8_names(source.keys(), source.fp8_keys())
+        if not experts and not dense:
+            return None
+        return Fp8Weights(source.block[1], strict, experts, dense)
     return Fp8Weights(None, strict) if strict else None
 
 
-def _fp8_names(keys: set[str]) -> tuple[bool, frozenset[str]]:
-    """(whether any routed expert weight is FP8 (has block scales; per-expert or fused keys), the names
-    `<name>` of the other `....<name>.weight` keys that are FP8 wherever they occur) of a block-FP8
-    checkpoint's keys."""
+def _fp8_names(keys: set[str], fp8_keys: set[str]) -> tuple[bool, frozenset[str]]:
+    """(whether any routed expert weight is FP8 (per-expert or fused keys), the names `<name>` of the other
+    `....<name>.weight` keys that are FP8 wherever they occur) of a checkpoint's weight keys and those of
+    them stored in FP8."""
     fp8: set[str] = set()
     plain: set[str] = set()
     experts = False
     for key in keys:
-        scaled = key + SCALE_SUFFIX in keys
         if ".experts." in key:
-            experts |= scaled
+            experts |= key in fp8_keys
         elif key.endswith(".weight"):
             name = key.removesuffix(".weight").rsplit(".", 1)[-1]
-            (fp8 if scaled else plain).add(name)
+            (fp8 if key in fp8_keys else plain).add(name)
     return experts, frozenset(fp8 - plain)
 
 
@@ -224,17 +221,15 @@ def _raw_config(folder: Path, hf_overrides: dict[str, Any] | None) -> dict[str, 
     return raw | dict(hf_overrides or {})
 
 
-def _quant_method(folder: Path, hf_overrides: dict[str, Any] | None) -> str | None:
-    q = _raw_config(folder, hf_overrides).get("quantization_config")
+def _quant_method(raw: dict[str, Any]) -> str | None:
+    q = raw.get("quantization_config")
     return q.get("quant_method") if isinstance(q, dict) else None
 
 
-def _quantized(ckpt: Checkpoint, folder: Path, hf_overrides: dict[str, Any] | None) -> TensorSource:
+def _quantized(ckpt: Checkpoint, raw: dict[str, Any], folder: Path) -> TensorSource:
     """The checkpoint as the loader reads it: dequantising its block-FP8 or MXFP4 weights if its
-    quantization_config (overrides applied) says so."""
-    raw = _raw_config(folder, hf_overrides)
-    q = raw.get("quantization_config")
-    if isinstance(q, dict) and q.get("quant_method") == "mxfp4":
+    quantization_config (`raw`: config.json, overrides applied) says so."""
+    if _quant_method(raw) == "mxfp4":
         return Mxfp4Checkpoint(ckpt)
     block = fp8_block_size(raw, folder / "config.json")
     return ckpt if block is None else Fp8Checkpoint(ckpt, block)

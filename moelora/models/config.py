@@ -228,5 +228,5 @@ def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtyp
         (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
         2 * max(dense, cfg.shared_expert_intermediate_size),
     )
-    fp8_copy = h * widest * e if cfg.fp8 is not None else 0
+    fp8_copy = h * widest * e if cfg.fp8 is not None and cfg.fp8.linear_layers else 0
     return moe + mlp + attn + stream + logits + fp8_copy

@@ -44,9 +44,14 @@ class Fp8Weights:
 
     def describe(self) -> str:
         """What is FP8, for a startup line: "FP8 experts and linear layers", or the names it holds."""
-        layers = "linear layers" if self.dense is None else ", ".join(sorted(self.dense)) or ""
+        layers = "linear layers" if self.dense is None else ", ".join(sorted(self.dense))
         parts = [p for p in ("experts" if self.experts else "", layers) if p]
         return "FP8 " + " and ".join(parts) if parts else "no FP8 weights"
+
+    @property
+    def linear_layers(self) -> bool:
+        """Whether any linear layer is FP8."""
+        return self.dense is None or bool(self.dense)
 
     def holds(self, names: Iterable[str]) -> bool:
         """Whether a linear layer whose stacked parts have the checkpoint names `names` is FP8."""

@@ -136,7 +136,6 @@ class KernelPlan:
     # (most tokens, tiles) of the dense multi-LoRA shrink and expand, in increasing order
     lora_table: tuple[tuple[float, LoraTiles], ...] = _LORA_TABLE
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
-    delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
     # bytes a weight more) at most this many; more, up to `fp8_copy_tokens`, take a Triton GEMM scaling
@@ -145,6 +144,7 @@ class KernelPlan:
     fp8_linear_tokens: int = 64
     fp8_copy_tokens: int = 1024
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
+    delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue

@@ -321,8 +321,8 @@ def linear_layer(
 ) -> torch.Tensor:
     """`ops.linear`: one launch (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter)
     and it `fits`, whether or not the layer has slots or the batch adapters, so that a base row gets the
-    same bits in any batch and on a server without adapters; otherwise cuBLAS (an FP8 weight dequantised
-    into a 16-bit copy for it) and the dense LoRA kernels."""
+    same bits in any batch and on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM
+    below `fp8_copy_tokens`, a 16-bit copy for cuBLAS from there) and the dense LoRA kernels."""
     lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
     if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
