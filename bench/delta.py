@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 from timing import events_us, graph_us
+from triton.runtime.errors import OutOfResources
 
 from moelora.benchmark.floors import Ceilings, measure_ceilings
 from moelora.ops.plan import DeltaTiles, KernelPlan
@@ -95,7 +96,12 @@ def prefill_rows(ceilings: Ceilings) -> list[Row]:
             )
             floor = max(moved / ceilings.bytes_per_s, chunk_flops(tokens, 16) / (ceilings.gemm_flops or 1e30))
             name = f"chunk {variant.chunk}, block_v {variant.block_v or 'auto'}, split {variant.split}"
-            rows.append(Row("prefill", f"{seqs}x{n}", name, events_us(run, 10), floor * 1e6))
+            try:
+                us = events_us(run, 10)
+            except OutOfResources as e:  # a tile too large for the SM's shared memory: not a candidate
+                print(f"{seqs}x{n} {name}: skipped ({e})")
+                continue
+            rows.append(Row("prefill", f"{seqs}x{n}", name, us, floor * 1e6))
         x = torch.randn(tokens, CONV, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(CONV, WIDTH, device="cuda", dtype=torch.bfloat16)
         conv_bytes = 2 * tokens * CONV * 2 + seqs * CONV * (WIDTH - 1) * 2

@@ -214,7 +214,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, rows: int, dtype: torch.dtyp
     keeps per (token, choice) pair the gate/up output, the activation and the down output; attention its
     q/k/v and output; the residual stream a few rows of the hidden size; the sampler fp32 logits. The
     full (unsharded) sizes: under TP or EP a rank holds less. With FP8 linear layers, a step of more tokens
-    than `KernelPlan.fp8_copy_tokens` multiplies a 16-bit copy of one layer's weight (made for cuBLAS)."""
+    than the one launch takes may multiply a 16-bit copy of one layer's weight (made for cuBLAS)."""
     e = dtype.itemsize
     h = cfg.hidden_size
     pairs = tokens * cfg.top_k if any(cfg.moe_layers) else 0

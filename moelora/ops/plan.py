@@ -121,7 +121,7 @@ class DeltaTiles:
     block_v: int | None = None  # value columns a program keeps; None: 32 while at most two programs an SM
     precision: str = "tf32x3"  # the products' tl.dot input precision (8x "ieee"'s speed, same error)
     warps: int = 4
-    split: bool = True  # every chunk's (I + A)^-1 solved first, all chunks at once (not yet measured)
+    split: bool = True  # every chunk's (I + A)^-1 solved first, all chunks at once (H200: 0.70-0.81x)
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,13 @@ class KernelPlan:
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
-    # bytes a weight more) at most this many; more, up to `fp8_copy_tokens`, take a Triton GEMM scaling
-    # each weight tile in registers (`fp8_gemm_tiles`), then the LoRA kernels; from there (prefill, where
-    # the copy costs little beside the product) the 16-bit copy and cuBLAS. Not yet measured on a GPU.
-    fp8_linear_tokens: int = 64
-    fp8_copy_tokens: int = 1024
+    # bytes a weight more) at most this many; more, below `fp8_copy_tokens`, take a Triton GEMM scaling
+    # each weight tile in registers (`fp8_gemm_tiles`), then the LoRA kernels; from there the 16-bit copy
+    # and cuBLAS. On the H200 (bench/linear.py --fp8, docs/benchmarks.md 2026-12-05) the one launch ties
+    # the copy at 32-64 tokens without adapters and loses by 4-6 us with 8 of them at 64; the Triton GEMM
+    # lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time), so it is off (0).
+    fp8_linear_tokens: int = 32
+    fp8_copy_tokens: int = 0
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
     delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
@@ -152,7 +154,9 @@ class KernelPlan:
     # From this many mean rows per expert the aligned path's grouped GEMMs multiply FP8 expert weights by
     # FP8 activations (each row quantised per scale group as it is loaded; W8A8 on the FP8 tensor cores)
     # where the weights' group is at least 32 columns; None: never (W8A16: the weight tile dequantised).
-    # Not yet measured on a GPU, so off.
+    # Off: on the H200 (bench/fp8_moe.py, 2026-12-05) it took 1.05-1.08x W8A16's time at 32-128 tokens and
+    # 2.8x at 2,048 (the gate/up GEMM 1,125 us against 436): quantising each row tile in the K loop, per
+    # output tile, costs more than the FP8 products save.
     fp8_activation_rows: float | None = None
     persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
     shrink_rows: int | None = None  # rows per step of the aligned MoE-LoRA shrink

@@ -11,8 +11,9 @@ adds the partials up in split order, then the bias, and stores the tile. A token
 exactly the base sum: a base row does not depend on which adapters share its batch.
 
 An FP8 weight (`RowScales`) is multiplied by its rows' scales in registers, each K step within one scale
-group. With more tokens than the one launch takes, a grouped-tile GEMM does the same (`fp8_matmul`), and
-for long prefills the weight is dequantised into a 16-bit copy for cuBLAS; the LoRA kernels follow.
+group. With more tokens than the one launch takes, the weight is dequantised into a 16-bit copy for cuBLAS
+(or, below `KernelPlan.fp8_copy_tokens`, a grouped-tile GEMM scales its tiles, `fp8_matmul`); the LoRA
+kernels follow.
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def linear(
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
     if lora is None:  # placeholders, never read (HAS_LORA is off)
-        slot, a, b, rank_of = x, weight[None, :, None], weight[None, :, :, None], None
+        # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
+        slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
         xa, num_slots, rank, parts, chunks, shrink_chunk = part, 0, 1, 1, 0, 1
         a_strides: tuple[int, ...] = (0, 0, 0)
     else:
