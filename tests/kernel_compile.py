@@ -25,6 +25,7 @@ from moelora.ops.triton import (
     attn_prefill,
     delta,
     delta_prefill,
+    fp8_act,
     fp8_linear,
     kv_write,
     linear,
@@ -51,6 +52,7 @@ INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr",
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
 INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
+FP32_PTRS |= {"xs_ptr", "hs_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
@@ -59,12 +61,15 @@ Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, c
 def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> None:
     """Pointers are bf16 unless named as int or fp32 buffers; `*_desc` arguments are bf16 tensor descriptors
     of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32.
-    constexprs["fp8"] (taken out): the expert weights (`w_ptr`, `w_desc`) are FP8 (e4m3)."""
+    constexprs["fp8"] (taken out): the expert weights (`w_ptr`, `w_desc`) are FP8 (e4m3);
+    constexprs["fp8_acts"] (taken out): the names of FP8 activations (W8A8's `x_ptr`, `h_ptr`, `h_desc`)."""
     signature, constants = {}, {}
     descs = constexprs.pop("descs", {})
     fp8 = constexprs.pop("fp8", False)
+    fp8_names = {"w_ptr", "w_desc"} if fp8 else set()
+    fp8_names |= set(constexprs.pop("fp8_acts", ()))
     for i, name in enumerate(kernel.arg_names):
-        weight = "fp8e4nv" if fp8 and name in ("w_ptr", "w_desc") else "bf16"
+        weight = "fp8e4nv" if name in fp8_names else "bf16"
         if name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
@@ -100,7 +105,8 @@ def moe_cases() -> Iterator[Case]:
                     yield moe_gate_up._gate_up_kernel, plain | unscaled, t.warps
                     fp8 = dict(HAS_SCALE=True, GROUP=128, BLOCK_K=min(t.block_k, 128), fp8=True, ACT_FP8=0)
                     yield moe_gate_up._gate_up_kernel, plain | fp8, t.warps
-                    yield moe_gate_up._gate_up_kernel, plain | fp8 | dict(BLOCK_K=128, ACT_FP8=1), t.warps
+                    w8a8 = dict(BLOCK_K=128, ACT_FP8=True, fp8_acts=("x_ptr",))
+                    yield moe_gate_up._gate_up_kernel, plain | fp8 | w8a8, t.warps
                 # GPT-OSS's biases and clamped SwiGLU (HIDDEN 2880: not a multiple of the K step)
                 gpt_oss = dict(gate_up, HIDDEN=2880, HAS_BIAS=True, CLAMPED=True)
                 yield moe_gate_up._gate_up_kernel, gpt_oss | unscaled, t.warps
@@ -113,7 +119,10 @@ def moe_cases() -> Iterator[Case]:
                         block_k = 128 if act else min(d.block_k, 128) if scaled else d.block_k
                         descs = {"h_desc": [d.block_m, block_k], "w_desc": [d.block_n, block_k]}
                         down |= {"TMA": tma, "descs": descs if tma else {}, "BLOCK_K": block_k}
-                        down |= dict(HAS_SCALE=scaled, GROUP=128 if scaled else 1, fp8=scaled, ACT_FP8=act)
+                        down |= dict(
+                            HAS_SCALE=scaled, GROUP=128 if scaled else 1, fp8=scaled, ACT_FP8=bool(act)
+                        )
+                        down |= dict(fp8_acts=("h_ptr", "h_desc") if act else ())
                         stages = min(d.stages, 3) if block_k > d.block_k else d.stages  # as moe_down
                         yield moe_down._down_kernel, dict(down), t.warps, stages
     for halves, gather in ((2, True), (1, False)):
@@ -211,6 +220,7 @@ def linear_cases() -> Iterator[Case]:
         gemm |= dict(BLOCK_K=min(g.block_k, 128), GROUP_M=g.group_m, PRECISION="tf32", fp8=True)
         yield fp8_linear._fp8_matmul_kernel, gemm, g.warps, g.stages
     yield fp8_linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4
+    yield fp8_act._quantize_kernel, dict(GROUP=128, BLOCK_T=32, BLOCK_G=128, MODE=1, fp8_acts=("q_ptr",)), 4
 
 
 def attention_and_small_op_cases() -> Iterator[Case]:

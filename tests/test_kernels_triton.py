@@ -34,6 +34,7 @@ from moelora.ops.triton import lora as triton_lora  # noqa: E402
 from moelora.ops.triton import moe as triton_moe  # noqa: E402
 from moelora.ops.triton import router as triton_router  # noqa: E402
 from moelora.ops.triton import tiles as tile_table  # noqa: E402
+from moelora.ops.triton.fp8_act import quantize_activations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -274,15 +275,34 @@ def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
 
 @pytest.mark.parametrize(("case", "group"), [(CPU_CASES[1], 32), (CPU_CASES[2], 32), (CPU_CASES[3], 32)])
 def test_fp8_activations_match_twin(case, group: int, path: KernelPlan):
-    """W8A8 (`KernelPlan.fp8_activation_rows`): the aligned paths' GEMMs quantise x's and h's rows per
-    scale group as they load them and multiply in FP8 (partial last groups where the group does not divide
-    I), the LoRA on the unquantised rows; against the twin quantising them the same way. The decode GEMVs
-    stay W8A16 (the plan's rows are never reached there)."""
+    """W8A8 (`KernelPlan.fp8_activation_rows`): x's and h's rows quantised per scale group in a pass of
+    their own, the aligned paths' GEMMs multiplying in FP8 (partial last groups where the group does not
+    divide I), the LoRA on the unquantised rows; against the twin quantising them the same way. The
+    decode GEMVs stay W8A16 (the plan's rows are never reached there)."""
     if path.decode_pairs:
         pytest.skip("the decode path multiplies in x's dtype")
     w8a8 = replace(path, fp8_activation_rows=0.0)
     check_fused_moe(case, case[0] + 4, w8a8, fp8_group=group, w8a8=True)
     check_fused_moe_lora(case, case[0] + 5, num_slots=3, rank=8, plan=w8a8, fp8_group=group, w8a8=True)
+
+
+@pytest.mark.parametrize(("cols", "group"), [(96, 32), (80, 32), (128, 128)])
+def test_quantize_activations_match_twin(cols: int, group: int):
+    """W8A8's activation pass against `ops.torch.fp8.quantize_rows`: the same FP8 values and scales,
+    bit for bit, with a partial last group (80 columns), a zero row (scale 1) and rows of large and tiny
+    magnitudes (no overflow, subnormals rounded as the twin rounds them)."""
+    g = torch.Generator().manual_seed(cols + group)
+    x = torch.randn(37, cols, generator=g)
+    x[3] = 0.0
+    x[5] *= 1e4
+    x[7] *= 1e-3
+    x = x.to(torch.bfloat16).to(DEV)
+    q, scales = quantize_activations(x, group)
+    want_q, want_scales = quantize_rows(x, group)
+    assert q.dtype == want_q.dtype and scales.shape == want_scales.shape
+    assert torch.equal(scales.cpu(), want_scales.cpu())
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.cpu().view(torch.uint8))
+    assert scales[3].eq(1).all() and q[5].float().abs().max() == 448
 
 
 def test_fp8_experts_refused_without_scales():

@@ -152,11 +152,12 @@ class KernelPlan:
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
     down_expand_apart: bool | None = None  # the down LoRA expand in its own launch (not the down GEMM)
     # From this many mean rows per expert the aligned path's grouped GEMMs multiply FP8 expert weights by
-    # FP8 activations (each row quantised per scale group as it is loaded; W8A8 on the FP8 tensor cores)
-    # where the weights' group is at least 32 columns; None: never (W8A16: the weight tile dequantised).
-    # Off: on the H200 (bench/fp8_moe.py, 2026-12-05) it took 1.05-1.08x W8A16's time at 32-128 tokens and
-    # 2.8x at 2,048 (the gate/up GEMM 1,125 us against 436): quantising each row tile in the K loop, per
-    # output tile, costs more than the FP8 products save.
+    # FP8 activations (each row quantised per scale group in a pass before the GEMM; W8A8 on the FP8
+    # tensor cores) where the weights' group is a power of two of at least 32 columns; None: never (W8A16:
+    # the weight tile dequantised). Off: on the H200 (bench/fp8_moe.py, 2026-12-05) its first form, each
+    # row tile quantised inside the K loop once per output tile, took 1.05-1.08x W8A16's time at 32-128
+    # tokens and 2.8x at 2,048 (the gate/up GEMM 1,125 us against 436); the pass of its own that replaced
+    # it is not yet measured.
     fp8_activation_rows: float | None = None
     persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
     shrink_rows: int | None = None  # rows per step of the aligned MoE-LoRA shrink

@@ -87,30 +87,6 @@ def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.const
 
 
 @triton.jit
-def quantize_rows(t, MODE: tl.constexpr):
-    """(t [M, K] in e4m3, each row divided by its scale; the scales [M] fp32: the row's largest magnitude
-    over 448, 1 for a zero row), as `ops.torch.fp8.quantize_rows` over one group of K columns, rounding
-    to nearest. MODE 2 (`fp8_mode`: the interpreter, whose cast to e4m3 does not round to nearest) rounds
-    to the e4m3 grid first (3 mantissa bits; below 2^-6 the subnormals' spacing), so the cast is exact."""
-    f = t.to(tl.float32)
-    amax = tl.max(tl.abs(f), axis=1)
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)
-    v = tl.clamp(f / scale[:, None], -448.0, 448.0)
-    if MODE == 2:
-        a = tl.abs(v)
-        ulp = tl.exp2(tl.floor(tl.log2(tl.maximum(a, 0.015625))) - 3.0)
-        a = tl.floor(a / ulp + 0.5) * ulp
-        v = tl.where(v < 0, -a, a)
-    return v.to(tl.float8e4nv), scale
-
-
-def fp8_mode(w8a8: bool, on: bool, t: torch.Tensor) -> int:
-    """A W8A8 kernel's ACT_FP8: 0 for activations in their dtype (no `w8a8`, or weights not FP8: not
-    `on`), 1 for FP8 on the GPU, 2 in the interpreter (see `quantize_rows`)."""
-    return 0 if not (w8a8 and on) else 1 if t.is_cuda else 2
-
-
-@triton.jit
 def glu(gate, up, bias_ptr, n, n_ok, inter, limit, alpha, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
     """The experts' activation of fp32 gate and up tiles over columns n: silu(gate) * up, or GPT-OSS's
     (`ExpertExtras`): gate and up biases (bias_ptr at the expert's row: gate's, then up's) and the

@@ -13,24 +13,23 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
-    fp8_mode,
     grouped_pid,
     lanes_in_rank,
     num_sms,
-    quantize_rows,
     scale_args,
     sum_parts,
     tma_ok,
     valid_slot,
 )
+from moelora.ops.triton.fp8_act import quantize_activations
 from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
 @triton.jit
 def _down_tile(
     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r,
-    ss_e, ss_n,
+    sc_ptr, hs_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride, sw_e, sw_n, sw_k, sb_s, sb_e,
+    sb_n, sb_r, ss_e, ss_n, s_hs,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
     EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     ACT_FP8: tl.constexpr,
@@ -38,7 +37,8 @@ def _down_tile(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One output tile: rows pid_m * BLOCK_M.. (expert e) by columns pid_n * BLOCK_N..; with ACT_FP8 the
-    FP8 weights multiply h's rows in FP8, quantised per row over each step's group (BLOCK_K == GROUP)."""
+    FP8 weights multiply h in FP8 (`quantize_activations`: hs_ptr its scales, one a row a group; BLOCK_K
+    == GROUP)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
     row_ok = pair < num_pairs
@@ -55,9 +55,9 @@ def _down_tile(
             wk = w_desc.load([w_row, k0])
             if HAS_SCALE:
                 scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-                if ACT_FP8 > 0:  # (padding rows, unset, zeroed: no NaN or overflow in their scales)
-                    hq, h_scale = quantize_rows(tl.where(row_ok[:, None], hk, 0.0), ACT_FP8)
-                    acc += tl.dot(hq, wk.T) * (h_scale[:, None] * scale[None, :])
+                if ACT_FP8:  # h in FP8 too, a scale a row a step (padding rows: scale 0, not stored)
+                    h_scale = tl.load(hs_ptr + rows.to(tl.int64) * s_hs + k0 // GROUP, mask=row_ok, other=0.0)
+                    acc += tl.dot(hk, wk.T) * (h_scale[:, None] * scale[None, :])
                 else:
                     wk = (wk.to(tl.float32) * scale[:, None]).to(hk.dtype)
                     acc = tl.dot(hk, wk.T, acc, input_precision=PRECISION)
@@ -73,9 +73,9 @@ def _down_tile(
             wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_SCALE:
                 scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-                if ACT_FP8 > 0:
-                    hq, h_scale = quantize_rows(hk, ACT_FP8)
-                    acc += tl.dot(hq, wk) * (h_scale[:, None] * scale[None, :])
+                if ACT_FP8:
+                    h_scale = tl.load(hs_ptr + rows.to(tl.int64) * s_hs + k0 // GROUP, mask=row_ok, other=0.0)
+                    acc += tl.dot(hk, wk) * (h_scale[:, None] * scale[None, :])
                 else:
                     wk = (wk.to(tl.float32) * scale[None, :]).to(hk.dtype)
                     acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
@@ -106,8 +106,8 @@ def _down_tile(
 @triton.jit
 def _down_kernel(
     h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, block_expert_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr,
-    sc_ptr, num_pairs, top_k, hidden, rank, num_slots, num_blocks, part_stride,
-    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+    sc_ptr, hs_ptr, num_pairs, top_k, hidden, rank, num_slots, num_blocks, part_stride,
+    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n, s_hs,
     INTER: tl.constexpr, HAS_LORA: tl.constexpr, PARTS: tl.constexpr, HAS_RANK: tl.constexpr,
     EXPAND: tl.constexpr, TMA: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     ACT_FP8: tl.constexpr, PERSISTENT: tl.constexpr, PIPELINED: tl.constexpr,
@@ -129,8 +129,8 @@ def _down_kernel(
                 e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
                 _down_tile(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                    rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                    rank_ptr, sc_ptr, hs_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n, s_hs,
                     INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
@@ -141,8 +141,8 @@ def _down_kernel(
                 e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
                 _down_tile(
                     pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                    rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                    rank_ptr, sc_ptr, hs_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                    sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n, s_hs,
                     INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
                 )  # fmt: skip
@@ -153,8 +153,8 @@ def _down_kernel(
         if e >= 0:
             _down_tile(
                 pid_m, pid_n, e, h_ptr, h_desc, w_ptr, w_desc, d_ptr, sorted_ptr, slot_ptr, ha_ptr, b_ptr,
-                rank_ptr, sc_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
-                sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n,
+                rank_ptr, sc_ptr, hs_ptr, num_pairs, top_k, hidden, rank, num_slots, part_stride,
+                sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, ss_e, ss_n, s_hs,
                 INTER, HAS_LORA, PARTS, HAS_RANK, EXPAND, TMA, HAS_SCALE, GROUP, ACT_FP8,
                 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
@@ -195,30 +195,33 @@ def moe_down(
     block_r = max(16, triton.next_power_of_2(rank))
     t = tiles.for_down(0 if lora is None else block_r)
     scales, block_k = scale_args(extras, h, "down", t.block_k, w8a8)
+    act_fp8 = w8a8 and scales.on
+    # h in FP8 for the product (the LoRA shrink, apart, reads it in its own dtype)
+    hq, hs = quantize_activations(h, scales.group) if act_fp8 else (h, scales.table)
     if block_k > t.block_k:  # W8A8's K step of a whole group: 4 stages of the wider tiles overflow
         t = dataclasses.replace(t, stages=min(t.stages, 3))
     t = dataclasses.replace(t, block_k=block_k)
     num_n = triton.cdiv(hidden, t.block_n)
-    use_tma = t.tma_down and w_down.is_contiguous() and tma_ok(h, w_down.view(-1, inter))
+    use_tma = t.tma_down and w_down.is_contiguous() and tma_ok(hq, w_down.view(-1, inter))
     # Persistent only without LoRA: the expand's loop over a block's slots inside the flattened loop of
     # tiles stops the pipelining (qwen3 M = 8192, 4 adapters of rank 16: 527 against 464 us one program
     # per tile; 16 of rank 64: 2602 against 757).
     persistent = t.tma_down and lora is None
-    h_desc, w_desc = h, w_down
+    h_desc, w_desc = hq, w_down
     if use_tma:
-        h_desc = TensorDescriptor.from_tensor(h, [t.block_m, t.block_k])
+        h_desc = TensorDescriptor.from_tensor(hq, [t.block_m, t.block_k])
         w_desc = TensorDescriptor.from_tensor(w_down.view(-1, inter), [t.block_n, t.block_k])
     programs = blocks * num_n
     if persistent:
         programs = min(programs, plan.persistent_programs or num_sms(h.device))
     _down_kernel[(programs,)](
-        h, h_desc, w_down, w_desc, d, sorted_pairs, block_expert, slot, ha, b,
-        slot if slot_rank is None else slot_rank, scales.table,
+        hq, h_desc, w_down, w_desc, d, sorted_pairs, block_expert, slot, ha, b,
+        slot if slot_rank is None else slot_rank, scales.table, hs,
         num_pairs, top_k, hidden, rank, num_slots, blocks, sorted_pairs.numel() * rank,
-        *w_down.stride(), *b.stride(), *scales.strides,
+        *w_down.stride(), *b.stride(), *scales.strides, hs.stride(0),
         INTER=inter, HAS_LORA=lora is not None, PARTS=parts, HAS_RANK=slot_rank is not None,
         EXPAND=expand_mode(h.dtype, plan), TMA=use_tma, HAS_SCALE=scales.on, GROUP=scales.group,
-        ACT_FP8=fp8_mode(w8a8, scales.on, h), PERSISTENT=persistent, PIPELINED=h.is_cuda,
+        ACT_FP8=act_fp8, PERSISTENT=persistent, PIPELINED=h.is_cuda,
         BLOCKS_PAD=triton.next_power_of_2(blocks) if persistent else 1,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         BLOCK_R=block_r, GROUP_M=t.group_m,

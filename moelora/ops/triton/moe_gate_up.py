@@ -11,25 +11,24 @@ from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import (
     add_expand,
     extras_args,
-    fp8_mode,
     glu,
     grouped_pid,
     lanes_in_rank,
     num_blocks_grid,
-    quantize_rows,
     scale_args,
     sum_parts,
     valid_slot,
 )
+from moelora.ops.triton.fp8_act import quantize_activations
 from moelora.ops.triton.tiles import TUNED, KernelPlan, Tiles, dot_precision, expand_mode
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, slot_ptr, xa_ptr, b_ptr, rank_ptr, ad_ptr, ha_ptr,
-    bias_ptr, sc_ptr, num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
+    bias_ptr, sc_ptr, xs_ptr, num_pairs, top_k, inter, rank, num_slots, num_blocks, part_stride, num_rows,
     sx_t, sx_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e,
-    ss_e, ss_n, limit, alpha,
+    ss_e, ss_n, sxs_t, limit, alpha,
     HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, ACT_FP8: tl.constexpr,
     PARTS: tl.constexpr, DOWN_SHRINK: tl.constexpr,
@@ -64,9 +63,9 @@ def _gate_up_kernel(
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_SCALE:  # FP8 columns times their scales (BLOCK_K <= GROUP: one a column)
             scale = tl.load(s_ptrs + k0 // GROUP, mask=col_ok, other=0.0)
-            if ACT_FP8 > 0:  # x's rows in FP8 too, per row over this step's group (BLOCK_K == GROUP)
-                xq, x_scale = quantize_rows(xk, ACT_FP8)
-                acc += tl.dot(xq, wk) * (x_scale[:, None] * scale[None, :])
+            if ACT_FP8:  # x in FP8 too (`quantize_activations`), a scale a row a step (BLOCK_K == GROUP)
+                x_scale = tl.load(xs_ptr + tok * sxs_t + k0 // GROUP, mask=row_ok, other=0.0)
+                acc += tl.dot(xk, wk) * (x_scale[:, None] * scale[None, :])
             else:  # the weight tile in x's dtype
                 wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
                 acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
@@ -148,8 +147,8 @@ def moe_gate_up(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h, ha): h [rows, I_loc] in x's dtype, silu(gate) * up of each aligned row's pair (padding rows
     unset; with `extras` its gate/up biases and activation, FP8 weights times their scales, with `w8a8`
-    by x's rows in FP8 per scale group: `tiles.fp8_activations`); ha None, or with a_dn the down
-    projection's LoRA shrink in parts.
+    by x's rows in FP8 per scale group, quantised first: `tiles.fp8_activations`); ha None, or with a_dn
+    the down projection's LoRA shrink in parts.
 
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; lora = (token_slot [T], xa [P, rows, 2, R] fp32 from the
     shrink (P input splits), b_gu [S, E_loc, 2, I_loc, R], slot_rank [S] or None) adds
@@ -175,15 +174,18 @@ def moe_gate_up(
             ha = torch.empty(num_parts, rows, rank, dtype=torch.float32, device=x.device)
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k, w8a8)
+    act_fp8 = w8a8 and scales.on
+    xq, xs = quantize_activations(x, scales.group) if act_fp8 else (x, scales.table)
     _gate_up_kernel[num_blocks_grid(blocks, inter, tiles.block_n)](
-        x, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
-        ad, x if ha is None else ha, bias, scales.table,
+        xq, w_gate_up, h, sorted_pairs, block_expert, slot, xa, b, slot if slot_rank is None else slot_rank,
+        ad, x if ha is None else ha, bias, scales.table, xs,
         num_tokens * top_k, top_k, inter, rank, num_slots, blocks, rows * 2 * rank, rows,
-        x.stride(0), x.stride(1), *w_gate_up.stride(), *b.stride(),
-        *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, *scales.strides, limit, alpha,
+        xq.stride(0), xq.stride(1), *w_gate_up.stride(), *b.stride(),
+        *(ad.stride() if ha is not None else (0, 0, 0, 0)), s_bias, *scales.strides, xs.stride(0),
+        limit, alpha,
         HIDDEN=hidden, HAS_BIAS=bias is not x, CLAMPED=extras is not None and extras.swiglu is not None,
         HAS_LORA=lora is not None, HAS_SCALE=scales.on, GROUP=scales.group,
-        ACT_FP8=fp8_mode(w8a8, scales.on, x), PARTS=parts,
+        ACT_FP8=act_fp8, PARTS=parts,
         DOWN_SHRINK=ha is not None, HAS_RANK=slot_rank is not None, EXPAND=expand_mode(x.dtype, plan),
         IL_EXPAND=rank <= 16, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m,

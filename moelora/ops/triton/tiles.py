@@ -69,9 +69,10 @@ def use_decode_path(num_pairs: int, num_experts: int, top_k: int, plan: KernelPl
 def fp8_activations(num_pairs: int, num_experts: int, group: int, plan: KernelPlan = TUNED) -> bool:
     """Whether the aligned path's GEMMs take FP8 weights of scale group `group` (0: not FP8) with FP8
     activations (W8A8; `KernelPlan.fp8_activation_rows`): the K step is then one group, which FP8 MMA
-    needs to be at least 32 columns."""
+    needs to be a power of two of at least 32 columns."""
     rows = plan.fp8_activation_rows
-    return rows is not None and group >= 32 and num_pairs >= rows * max(1, num_experts)
+    whole = group >= 32 and group & (group - 1) == 0
+    return rows is not None and whole and num_pairs >= rows * max(1, num_experts)
 
 
 def lora_tiles(num_tokens: int, plan: KernelPlan = TUNED) -> LoraTiles:
