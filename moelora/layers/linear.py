@@ -26,15 +26,21 @@ from moelora.parallel.state import ParallelState
 
 @dataclass(frozen=True)
 class OutPart:
-    """Rows `rows` of checkpoint weight `<prefix>.<name>.weight`, which has `full_out` rows."""
+    """Rows `rows` of checkpoint weight `<prefix>.<name>.weight`, which has `full_out` rows: one range, or
+    several stacked in the order given (a checkpoint layout regrouped at load: Qwen3-Next's per-head q, k,
+    v, z blocks as all q, all k, ...), its adapters' B rows gathered the same way."""
 
     name: str
     full_out: int
-    rows: slice
+    rows: slice | tuple[slice, ...]
+
+    @property
+    def ranges(self) -> tuple[slice, ...]:
+        return self.rows if isinstance(self.rows, tuple) else (self.rows,)
 
     @property
     def size(self) -> int:
-        return self.rows.stop - self.rows.start
+        return sum(r.stop - r.start for r in self.ranges)
 
 
 def split_part(name: str, full_out: int, ps: ParallelState) -> OutPart:
@@ -123,8 +129,10 @@ class ColumnLinear(_Weight):
         pieces, offset = [], 0
         for p in self.parts:
             key = f"{prefix}.{p.name}.{kind}"
-            pieces.append(Piece(key, (p.full_out, *rest), (p.rows,), (slice(offset, offset + p.size),)))
-            offset += p.size
+            for rows in p.ranges:
+                size = rows.stop - rows.start
+                pieces.append(Piece(key, (p.full_out, *rest), (rows,), (slice(offset, offset + size),)))
+                offset += size
         return (Form("", tuple(pieces)),)
 
 

@@ -123,7 +123,7 @@ class LoraPool:
                 w = adapter.dense.get((t.layer, name))
                 if w is not None:
                     self._write_linear(lora, slot, p, offset, rows, t.module, w)
-                offset += rows.stop - rows.start
+                offset += sum(r.stop - r.start for r in rows)
         for e in self._experts:
             self._write_experts(slot, e.layer, e.module, adapter)
 
@@ -133,7 +133,7 @@ class LoraPool:
         slot: int,
         part: int,
         offset: int,
-        rows: slice,
+        rows: tuple[slice, ...],
         module: ColumnLinear | RowLinear,
         w: LoraWeights,
     ) -> None:
@@ -142,10 +142,10 @@ class LoraPool:
         if isinstance(module, RowLinear):  # A split on its input columns, B whole
             lora.a[slot, part, :r] = w.A[:, module.cols].to(self.dtype)
             lora.b[slot, :, :r] = w.B.to(self.dtype)
-        else:  # A whole, B split on its output rows
-            n = rows.stop - rows.start
+        else:  # A whole, B split on its output rows (gathered from several ranges where the part regroups)
+            b = torch.cat([w.B[rows_] for rows_ in rows]) if len(rows) > 1 else w.B[rows[0]]
             lora.a[slot, part, :r] = w.A.to(self.dtype)
-            lora.b[slot, offset : offset + n, :r] = w.B[rows].to(self.dtype)
+            lora.b[slot, offset : offset + b.shape[0], :r] = b.to(self.dtype)
 
     def _write_experts(self, slot: int, layer: int, moe: FusedMoE, adapter: LoraAdapter) -> None:
         lora = moe.lora
@@ -169,8 +169,8 @@ class LoraPool:
         lora.rank[slot] = top
 
 
-def _part_rows(module: ColumnLinear | RowLinear, part: int) -> slice:
-    """Rows of the full checkpoint weight that part `part` of this rank's output holds."""
+def _part_rows(module: ColumnLinear | RowLinear, part: int) -> tuple[slice, ...]:
+    """Rows of the full checkpoint weight that part `part` of this rank's output holds, in order."""
     if isinstance(module, RowLinear):
-        return slice(0, module.out)
-    return module.parts[part].rows
+        return (slice(0, module.out),)
+    return module.parts[part].ranges

@@ -60,15 +60,24 @@ class GatedDeltaNet(nn.Module):
         # Two layers either way: q, k, v and z (Qwen3-Next: one tensor, a block per key head; Qwen3.5:
         # in_proj_qkv and in_proj_z), then b and a (in_proj_ba, a block per key head; in_proj_b, in_proj_a).
         if la.fused_projections:
+            # Qwen3-Next stores a block per key head ([q, k, v of its value heads, z of them]; [b, a]);
+            # read regrouped as Qwen3.5's [all q, all k, all v, all z] and [all b, all a], so the forward
+            # splits views instead of copying per head (adapters' B rows regrouped alike)
             block, ba_block = 2 * dk + 2 * group * dv, 2 * group
-            qkvz = [
-                OutPart("in_proj_qkvz", la.num_k_heads * block, slice(k0 * block, (k0 + self.hk) * block))
-            ]
-            ba = [
-                OutPart(
-                    "in_proj_ba", la.num_k_heads * ba_block, slice(k0 * ba_block, (k0 + self.hk) * ba_block)
-                )
-            ]
+            widths = (dk, dk, group * dv, group * dv)
+            starts = [sum(widths[:i]) for i in range(4)]
+            qkvz_rows = tuple(
+                slice(h * block + s, h * block + s + w)
+                for s, w in zip(starts, widths, strict=True)
+                for h in range(k0, k0 + self.hk)
+            )
+            ba_rows = tuple(
+                slice(h * ba_block + s, h * ba_block + s + group)
+                for s in (0, group)
+                for h in range(k0, k0 + self.hk)
+            )
+            qkvz = [OutPart("in_proj_qkvz", la.num_k_heads * block, qkvz_rows)]
+            ba = [OutPart("in_proj_ba", la.num_k_heads * ba_block, ba_rows)]
         else:
             qkvz = [OutPart("in_proj_qkv", la.conv_dim, rows) for rows in self.channels]
             qkvz.append(OutPart("in_proj_z", la.value_dim, v_rows))
@@ -91,18 +100,11 @@ class GatedDeltaNet(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         la, t, slot = self.la, x.shape[0], batch.token_slot
-        group = la.num_v_heads // la.num_k_heads
         dk, dv = la.head_k_dim, la.head_v_dim
         key_dim, value_dim = self.hk * dk, self.hv * dv  # this rank's
-        if la.fused_projections:
-            # Qwen3-Next: per key head [q, k, v of its value heads, z of them], and [b, a] likewise
-            qkvz = self.in_proj_qkvz(x, slot).view(t, self.hk, 2 * dk + 2 * group * dv)
-            q, k, v, z = qkvz.split([dk, dk, group * dv, group * dv], dim=-1)
-            b, a = self.in_proj_ba(x, slot).view(t, self.hk, 2 * group).split([group, group], dim=-1)
-            mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
-        else:  # Qwen3.5-MoE: [q of the heads, k, v] and z; b and a
-            mixed, z = self.in_proj_qkvz(x, slot).split([2 * key_dim + value_dim, value_dim], dim=-1)
-            b, a = self.in_proj_ba(x, slot).split([self.hv, self.hv], dim=-1)
+        # [q of the heads, k, v] and z; b and a (Qwen3-Next's per-head blocks regrouped at load)
+        mixed, z = self.in_proj_qkvz(x, slot).split([2 * key_dim + value_dim, value_dim], dim=-1)
+        b, a = self.in_proj_ba(x, slot).split([self.hv, self.hv], dim=-1)
         mixed = self._conv(mixed, batch)
         q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
         q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
