@@ -204,7 +204,8 @@ def test_triton_delta_gates_match_twin(dtype):
 )
 def test_triton_gated_rms_norm_matches_twin(dtype, weight_dtype):
     """Linear attention's output norm in one launch against the twin: rows of 48 (not a power of two),
-    the gate a strided view, the weight in x's dtype (its product rounded there) or in fp32."""
+    the gate a strided view, the weight in x's dtype (its product rounded there) or in fp32; and heads:
+    x [T, 3, 48], the gate each token's head-split part of a wider row (as the model passes z: no copy)."""
     from moelora.ops.torch import norm as twin_norm
     from moelora.ops.triton import norm as kern
 
@@ -212,7 +213,13 @@ def test_triton_gated_rms_norm_matches_twin(dtype, weight_dtype):
     x = torch.randn(7, 48, generator=g).to(DEV, dtype)
     z = torch.randn(7, 96, generator=g).to(DEV, dtype)[:, ::2]
     w = (1 + 0.2 * torch.randn(48, generator=g)).to(DEV, weight_dtype)
+    tol = dict(atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
     got = kern.gated_rms_norm(x, z, w, 1e-6)
     want = twin_norm.gated_rms_norm(x, z, w, 1e-6)
     assert got.dtype == want.dtype == dtype
-    torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    torch.testing.assert_close(got, want, **tol)
+    xh = torch.randn(5, 3, 48, generator=g).to(DEV, dtype)
+    zh = torch.randn(5, 200, generator=g).to(DEV, dtype)[:, 40:184].view(5, 3, 48)
+    got = kern.gated_rms_norm(xh, zh, w, 1e-6)
+    assert got.shape == xh.shape
+    torch.testing.assert_close(got, twin_norm.gated_rms_norm(xh, zh, w, 1e-6), **tol)

@@ -110,7 +110,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
         g, beta = ops.delta_gates(a.reshape(t, -1), b.reshape(t, -1), self.A_log, self.dt_bias)
         o = self._delta(q, k, v, g, beta, batch)  # [T, Hv, Dv]
-        o = self._gated_norm(o.reshape(-1, dv), z.reshape(-1, dv)).view(t, -1)
+        o = self._gated_norm(o, z.view(t, -1, dv)).view(t, -1)  # z a view: no copy per head
         return comm.all_reduce(self.out_proj(o, slot), self.ps)
 
     def _conv(self, mixed: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -37,6 +37,13 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
+def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [..., N] as [T, H, N] with unit stride over N: H the second-to-last dimension (1 for a 2-D t), a
+    view where the leading dimensions merge (a head-split view of a wider row, as linear attention's z)."""
+    t3 = t.reshape(-1, 1, n) if t.dim() < 3 else t.flatten(0, -3)
+    return t3 if t3.stride(2) == 1 else t3.contiguous()
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -68,12 +75,14 @@ def rms_norm(
 
 
 @triton.jit
-def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, n, eps, s_x, s_z,
+def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, n, heads, eps, s_xt, s_xh, s_zt, s_zh,
                            ROUND: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Row (t, h) of x and z viewed as [T, heads, N] (any strides over T and heads)."""
     row = tl.program_id(0).to(tl.int64)
+    t, h = row // heads, row % heads
     i = tl.arange(0, BLOCK_N)
     ok = i < n
-    x = tl.load(x_ptr + row * s_x + i, mask=ok, other=0.0)
+    x = tl.load(x_ptr + t * s_xt + h * s_xh + i, mask=ok, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)  # cast to x's dtype before the weight, as HF does
@@ -81,7 +90,7 @@ def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, n, eps, s_x, s_z,
     weighted = w.to(tl.float32) * normed
     if ROUND:  # the weight's product in x's dtype where that is the promoted one (the twin's `weight * n`)
         weighted = weighted.to(x.dtype).to(tl.float32)
-    z = tl.load(z_ptr + row * s_z + i, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + t * s_zt + h * s_zh + i, mask=ok, other=0.0).to(tl.float32)
     y = weighted * (z / (1.0 + tl.exp(-z)))
     tl.store(y_ptr + row * n + i, y.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -94,11 +103,11 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
             f"gated_rms_norm: x {tuple(x.shape)}, gate {tuple(gate.shape)}, weight {tuple(weight.shape)}: "
             f"x and gate [..., N], weight [N]"
         )
-    xr, zr = _rows(x, n), _rows(gate, n)
+    xr, zr = _heads(x, n), _heads(gate, n)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_n = triton.next_power_of_2(n)
-    _gated_rms_norm_kernel[(xr.shape[0],)](
-        xr, zr, weight.contiguous(), y, n, eps, xr.stride(0), zr.stride(0),
+    _gated_rms_norm_kernel[(x.numel() // max(n, 1),)](
+        xr, zr, weight.contiguous(), y, n, xr.shape[1], eps, *xr.stride()[:2], *zr.stride()[:2],
         ROUND=torch.promote_types(weight.dtype, x.dtype) == x.dtype, BLOCK_N=block_n,
         num_warps=min(16, max(1, block_n // 256)),
     )  # fmt: skip
