@@ -143,7 +143,7 @@ class LoraPool:
             lora.a[slot, part, :r] = w.A[:, module.cols].to(self.dtype)
             lora.b[slot, :, :r] = w.B.to(self.dtype)
         else:  # A whole, B split on its output rows (gathered from several ranges where the part regroups)
-            b = torch.cat([w.B[rows_] for rows_ in rows]) if len(rows) > 1 else w.B[rows[0]]
+            b = torch.cat([w.B[r_] for r_ in rows])
             lora.a[slot, part, :r] = w.A.to(self.dtype)
             lora.b[slot, offset : offset + b.shape[0], :r] = b.to(self.dtype)
 

@@ -35,7 +35,7 @@ def quantize_rows(t, MODE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, xs_ptr, rows, cols, sx_r, sq_r, ss_r,
+def _quantize_kernel(x_ptr, q_ptr, xs_ptr, rows, cols, sx_r, sx_c, sq_r, ss_r,
                      GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                      MODE: tl.constexpr):  # fmt: skip
     """Rows pid0 * BLOCK_T.. over group pid1 (columns past `cols`, or past the group, read as zeros)."""
@@ -44,7 +44,7 @@ def _quantize_kernel(x_ptr, q_ptr, xs_ptr, rows, cols, sx_r, sq_r, ss_r,
     c = g * GROUP + tl.arange(0, BLOCK_G)
     r_ok = r < rows
     mask = r_ok[:, None] & ((tl.arange(0, BLOCK_G) < GROUP) & (c < cols))[None, :]
-    t = tl.load(x_ptr + r[:, None].to(tl.int64) * sx_r + c[None, :], mask=mask, other=0.0)
+    t = tl.load(x_ptr + r[:, None].to(tl.int64) * sx_r + c[None, :] * sx_c, mask=mask, other=0.0)
     q, scale = quantize_rows(t, MODE)
     tl.store(q_ptr + r[:, None].to(tl.int64) * sq_r + c[None, :], q, mask=mask)
     tl.store(xs_ptr + r.to(tl.int64) * ss_r + g, scale, mask=r_ok)
@@ -54,8 +54,8 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     """(x [R, C] in e4m3, each row divided by its scale per group of `group` columns; the scales
     [R, cdiv(C, group)] fp32: the group's largest magnitude over 448, 1 for a zero group), rounding to
     nearest: `ops.torch.fp8.quantize_rows` of x, as the W8A8 twins quantise (`fake_quantize`)."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"quantize_activations: x {tuple(x.shape)} needs 2 dims and unit column stride")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_activations: x {tuple(x.shape)} needs 2 dims")
     rows, cols = x.shape
     groups = triton.cdiv(cols, group)
     q = torch.empty(rows, cols, dtype=FP8, device=x.device)
@@ -64,7 +64,7 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     block_t = max(1, min(64, 4096 // block_g))
     if rows:
         _quantize_kernel[(triton.cdiv(rows, block_t), groups)](
-            x, q, scales, rows, cols, x.stride(0), q.stride(0), scales.stride(0),
+            x, q, scales, rows, cols, *x.stride(), q.stride(0), scales.stride(0),
             GROUP=group, BLOCK_T=block_t, BLOCK_G=block_g, MODE=1 if x.is_cuda else 2,
         )  # fmt: skip
     return q, scales
