@@ -217,6 +217,19 @@ def test_bad_requests_fail_clearly(llm: LLM):
         llm.generate(PROMPTS[:3], [GREEDY, GREEDY])
     with pytest.raises(ValueError, match="too few for max_model_len"):
         LLM("demo", device="cpu", progress=False, num_kv_blocks=2, block_size=4, max_model_len=64)
+    # where the memory went, and the knobs
+    with pytest.raises(
+        ValueError, match=r"free after the weights, adapter slots .* \(2 of rank 16\).*max_lora_rank"
+    ):
+        LLM(
+            "demo",
+            device="cpu",
+            progress=False,
+            kv_cache_memory=100,
+            max_loras_per_batch=2,
+            max_lora_rank=16,
+            enable_lora=True,
+        )
     with pytest.raises(ValueError, match="ep_size 3 does not divide tp_size 2"):
         LLM("demo", device="cpu", progress=False, tp_size=2, ep_size=3)
     wait_idle(llm)

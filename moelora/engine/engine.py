@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moelora import ops
-from moelora.cache.budget import free_memory, plan_kv_blocks
+from moelora.cache.budget import free_memory, plan_kv_blocks, reserve_bytes
 from moelora.cache.kv_cache import BlockAllocator, KVCache
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.adapters import EngineAdapters
@@ -70,6 +70,11 @@ class _InFlight:
 
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (8.5 MiB when full)
 _MIN_STEP_TOKENS = 8192  # the default step budget, at least: max(this, max_model_len)
+
+
+def _size(num_bytes: int) -> str:
+    """Bytes for a message: GiB, or MiB below a tenth of one."""
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 / 10 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 class Engine:
@@ -146,15 +151,28 @@ class Engine:
         step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
         activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         slots = la.max_loras_per_batch if lora_rank is not None else 0
-        pool = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0  # made after the cache
-        pool += a.max_num_seqs * model.state_bytes_per_slot()  # linear attention's state slots, likewise
+        adapter_slots = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0
+        state = a.max_num_seqs * model.state_bytes_per_slot()  # linear attention's state slots
+        pool = adapter_slots + state  # both made after the cache
         num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device, activations, pool)
         capacity = num_blocks * a.block_size
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
+            taken = [f"{_size(free_memory(self.device))} free after the weights"]
+            if adapter_slots:
+                taken.append(f"adapter slots {_size(adapter_slots)} ({slots} of rank {lora_rank})")
+            if state:
+                taken.append(f"linear-attention state {_size(state)} ({a.max_num_seqs} sequences)")
+            if self.device.type == "cuda":
+                taken.append(
+                    f"{_size(reserve_bytes(activations))} kept for the activations of a step of "
+                    f"{step_tokens} tokens"
+                )
+            source = "" if a.max_model_len is not None else " (the model's max_position_embeddings)"
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {a.block_size} tokens ({capacity} tokens, "
-                f"{per_block} bytes per block), too few for max_model_len {a.max_model_len}: give more "
-                f"kv_cache_memory or num_kv_blocks, or a smaller max_model_len or max_num_batched_tokens"
+                f"{per_block} bytes per block), too few for max_model_len {wanted_len}{source}; "
+                f"{', '.join(taken)}: lower max_model_len, max_num_batched_tokens, max_loras_per_batch, "
+                f"max_lora_rank or max_num_seqs, or give kv_cache_memory or num_kv_blocks"
             )
         self.max_model_len = min(wanted_len, capacity)
         _LOG.info(
