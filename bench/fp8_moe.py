@@ -6,10 +6,12 @@ columns), each without and with 8 adapters of rank 16 (a new adapter every 4 tok
 byte floors of the experts the batch touches (bf16: 2 bytes a weight; FP8: 1 byte plus 4 per 128 of
 scales) at the measured rate. Each replay runs LAYERS layers, each with its own weights, as a model does
 (one layer's touched experts would otherwise stay in L2 from one replay to the next). The FP8 output is
-checked against the twin on the dequantised weights first. From 32 tokens also W8A8 (the aligned path's
-GEMMs with FP8 activations, `KernelPlan.fp8_activation_rows`, off by default until these rows say where it
-pays), checked against the twin quantising the activations the same way.
+checked against the twin on the dequantised weights first. From 8 tokens also W8A8 (the aligned path's
+GEMMs with FP8 activations, each row quantised per 128 columns in a pass of its own; the plan's
+`fp8_act_table` tiles), checked against the twin quantising the activations the same way. The default plan
+takes W8A8 from `KernelPlan.fp8_activation_rows` mean rows per expert, W8A16 below.
     python bench/fp8_moe.py [--m 1,8,32,128,2048] [--json out.json]
+    python bench/fp8_moe.py --sweep [--m 8,32,128,512,2048]   # W8A8 tile candidates (fp8_act_table)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from moelora import ops
 from moelora.benchmark.floors import measure_ceilings
 from moelora.ops.expert_extras import ExpertExtras, ExpertScales
 from moelora.ops.expert_lora import ExpertLora
-from moelora.ops.plan import TUNED
+from moelora.ops.plan import TUNED, KernelPlan, Tiles
 from moelora.ops.torch import lora as lora_twin
 from moelora.ops.torch import moe as twin
 from moelora.ops.torch.fp8 import quantize_rows
@@ -36,8 +38,9 @@ from moelora.ops.torch.fp8 import quantize_rows
 H, INTER, E, K = 2048, 768, 128, 8
 LAYERS = 4
 GROUP = 128
+W8A16 = replace(TUNED, fp8_activation_rows=None)  # the weight tiles dequantised, activations in bf16
 W8A8 = replace(TUNED, fp8_activation_rows=0.0)  # FP8 activations wherever the aligned path runs
-W8A8_FROM = 32  # the decode path (fewer tokens) multiplies in bf16 whatever the plan
+W8A8_FROM = 8  # the decode path (fewer tokens) multiplies in bf16 whatever the plan
 
 
 @dataclass
@@ -98,7 +101,7 @@ def check(layer: Layer, lora: ExpertLora) -> None:
         ids = torch.randint(0, E, (m, K), device="cuda", dtype=torch.int32)
         weights = torch.rand(m, K, device="cuda").to(torch.bfloat16)
         slot = (torch.arange(m, device="cuda") % 8).to(torch.int32)
-        w, plan = (layer.q_gu, layer.q_dn), W8A8 if w8a8 else TUNED
+        w, plan = (layer.q_gu, layer.q_dn), W8A8 if w8a8 else W8A16
         pairs = [
             (ops.fused_moe(x, *w, ids, weights, plan, layer.extras),
              twin.fused_moe(x, *w, ids, weights, layer.extras, fp8_activations=w8a8)),
@@ -129,38 +132,105 @@ def rows(ms: list[int], bandwidth: float) -> list[Row]:
         fp8_floor = touched * 3 * (H * INTER + (H * INTER // GROUP) * 4) / bandwidth * 1e6
         for name in ("base", "8x16"):
             timed = []
-            variants = [(False, TUNED), (True, TUNED)] + ([(True, W8A8)] if m >= W8A8_FROM else [])
+            variants = [(False, TUNED), (True, W8A16)] + ([(True, W8A8)] if m >= W8A8_FROM else [])
             for fp8, plan in variants:
-                calls: list[Callable[[], object]] = []
-                for layer in layers:
-                    w = (layer.q_gu, layer.q_dn) if fp8 else (layer.w_gu, layer.w_dn)
-                    extras = layer.extras if fp8 else None
-                    if name == "base":
-                        calls.append(partial(ops.fused_moe, x, *w, ids, weights, plan, extras))
-                    else:
-                        calls.append(
-                            partial(ops.fused_moe_lora, x, *w, ids, weights, slot, lora, plan, extras)
-                        )
-                timed.append(layered_us(calls))
+                lora_slot = slot if name != "base" else None
+                timed.append(layered_us(layer_calls(layers, x, ids, weights, lora_slot, lora, plan, fp8)))
             w8a8 = timed[2] if len(timed) > 2 else None
             out.append(Row(m, name, timed[0], timed[1], bf16_floor, fp8_floor, w8a8))
         torch.cuda.empty_cache()
     return out
 
 
+# W8A8 tile candidates (`--sweep`): (block_m, block_n, warps, stages, down_n). The gate/up tile is
+# block_m x 2 block_n (gate and up interleaved); two fp32 accumulators of it must fit the registers.
+SWEEP = [
+    (16, 64, 4, 3, 0), (16, 128, 4, 3, 0), (32, 64, 4, 3, 0), (32, 128, 4, 3, 0), (64, 64, 4, 3, 0),
+    (64, 64, 4, 4, 128), (64, 64, 4, 3, 128), (64, 128, 8, 3, 256), (128, 64, 8, 3, 128),
+    (128, 64, 8, 4, 128), (128, 64, 4, 3, 128), (128, 128, 8, 3, 128),
+]  # fmt: skip
+
+
+def layer_calls(
+    layers: list[Layer],
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    slot: torch.Tensor | None,
+    lora: ExpertLora,
+    plan: KernelPlan,
+    fp8: bool,
+) -> list[Callable[[], object]]:
+    """One MoE call per layer (FP8 or bf16 weights), with the adapters when `slot` is given."""
+    out: list[Callable[[], object]] = []
+    for layer in layers:
+        w = (layer.q_gu, layer.q_dn) if fp8 else (layer.w_gu, layer.w_dn)
+        extras = layer.extras if fp8 else None
+        if slot is None:
+            out.append(partial(ops.fused_moe, x, *w, ids, weights, plan, extras))
+        else:
+            out.append(partial(ops.fused_moe_lora, x, *w, ids, weights, slot, lora, plan, extras))
+    return out
+
+
+def sweep(ms: list[int]) -> None:
+    """Each candidate as the whole `fp8_act_table`, W8A8 forced, per M without and with 8 adapters; the
+    bf16 and W8A16 times beside it, and each kernel's share (torch profile) at the largest M."""
+    layers = [make_layer(seed) for seed in range(LAYERS)]
+    lora = adapters(8, 16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print("| M | LoRA | tiles | us | / bf16 | / W8A16 | kernels us (largest M) |")
+    print("|---|---|---|---|---|---|---|")
+    for m in ms:
+        x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
+        top, ids = torch.softmax(torch.randn(m, E, generator=gen, device="cuda"), -1).topk(K, dim=-1)
+        ids, weights = ids.to(torch.int32), (top / top.sum(-1, keepdim=True)).to(torch.bfloat16)
+        slot = ((torch.arange(m, device="cuda") // 4) % 8).to(torch.int32)
+        for name in ("base", "8x16"):
+            calls = partial(layer_calls, layers, x, ids, weights, slot if name != "base" else None, lora)
+            bf16, w8a16 = layered_us(calls(TUNED, False)), layered_us(calls(W8A16, True))
+            for bm, bn, warps, stages, down_n in SWEEP:
+                tiles = Tiles(bm, bn, GROUP, warps, stages, down_n=down_n)
+                plan = replace(W8A8, fp8_act_table=((float("inf"), tiles),))
+                label = f"{bm}x{bn} w{warps} s{stages} d{down_n or bn}"
+                try:
+                    us = layered_us(calls(plan, True))
+                    split = kernel_split(calls(plan, True)) if m == max(ms) else ""
+                except Exception as e:  # a candidate that does not fit (shared memory, registers)
+                    print(f"| {m} | {name} | {label} | {type(e).__name__} | | | |", flush=True)
+                    continue
+                print(f"| {m} | {name} | {label} | {us:.1f} | {us / bf16:.2f} | {us / w8a16:.2f} | {split} |",
+                      flush=True)  # fmt: skip
+
+
+def kernel_split(calls: list[Callable[[], object]]) -> str:
+    """The four longest kernels of a replay of `calls`, us per call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            for call in calls:
+                call()
+        torch.cuda.synchronize()
+    times = [(e.key, e.device_time_total / (5 * len(calls))) for e in prof.key_averages()]
+    return ", ".join(f"{key.strip('_')[:16]} {us:.0f}" for key, us in sorted(times, key=lambda t: -t[1])[:4])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", default="1,8,32,128,2048", help="comma list of token counts")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--sweep", action="store_true", help="time W8A8 tile candidates instead")
     args = p.parse_args()
+    if args.sweep:
+        sweep([int(v) for v in args.m.split(",")])
+        return
     ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     table = rows([int(v) for v in args.m.split(",")], ceilings.bytes_per_s)
     print(f"\n{torch.cuda.get_device_name()}; floors at {ceilings.bytes_per_s / 1e12:.2f} TB/s")
-    print("| M | LoRA | bf16 us | FP8 us | FP8 / bf16 | W8A8 us | W8A8 / bf16 | bf16 floor us | FP8 floor us "
-          "| FP8 floor / us |")  # fmt: skip
+    print("| M | LoRA | bf16 us | W8A16 us | W8A16 / bf16 | W8A8 us | W8A8 / bf16 | bf16 floor us "
+          "| FP8 floor us | FP8 floor / faster FP8 us |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        share = r.fp8_floor_us / r.fp8_us
+        share = r.fp8_floor_us / min(r.fp8_us, r.w8a8_us or r.fp8_us)
         w8a8 = f"{r.w8a8_us:.1f} | {r.w8a8_us / r.bf16_us:.2f}" if r.w8a8_us is not None else "- | -"
         print(
             f"| {r.m} | {r.lora} | {r.bf16_us:.1f} | {r.fp8_us:.1f} | {r.ratio:.2f} | {w8a8} | "

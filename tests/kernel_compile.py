@@ -125,6 +125,18 @@ def moe_cases() -> Iterator[Case]:
                         down |= dict(fp8_acts=("h_ptr", "h_desc") if act else ())
                         stages = min(d.stages, 3) if block_k > d.block_k else d.stages  # as moe_down
                         yield moe_down._down_kernel, dict(down), t.warps, stages
+    # W8A8 takes the tiles of its own table (base and LoRA alike)
+    for _, t in TUNED.fp8_act_table:
+        for has_lora in (False, True):
+            common = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, EXPAND=1, BLOCK_M=t.block_m, BLOCK_R=16)
+            common |= dict(BLOCK_N=t.block_n, BLOCK_K=128, GROUP_M=t.group_m, PRECISION="tf32", PARTS=1)
+            common |= dict(HAS_SCALE=True, GROUP=128, fp8=True, ACT_FP8=True)
+            gate_up = dict(HIDDEN=2048, DOWN_SHRINK=False, IL_EXPAND=True, HAS_BIAS=False, CLAMPED=False)
+            yield moe_gate_up._gate_up_kernel, common | gate_up | dict(fp8_acts=("x_ptr",)), t.warps
+            d = t.for_down(16 if has_lora else 0)
+            down = dict(INTER=768, PIPELINED=True, PERSISTENT=False, BLOCKS_PAD=1, TMA=False, descs={})
+            down |= dict(fp8_acts=("h_ptr", "h_desc"))
+            yield moe_down._down_kernel, common | down | dict(BLOCK_N=d.block_n), t.warps, d.stages
     for halves, gather in ((2, True), (1, False)):
         for block_m, block_r in ((16, 32), (64, 128)):
             in_dim = 2048 if gather else 768

@@ -170,18 +170,34 @@ def fp8_experts(
     return q_gu, q_dn, replace(base, scales=ExpertScales(s_gu, s_dn, group))
 
 
+def plan_w8a8(case, plan: KernelPlan, fp8_group: int) -> bool:
+    """Whether `plan` multiplies the case's FP8 experts by FP8 activations (the aligned path, from the
+    plan's `fp8_activation_rows`)."""
+    num_tokens, k, e_loc = case[:3]
+    pairs = num_tokens * k
+    decode = tile_table.use_decode_path(pairs, e_loc, k, plan)
+    return not decode and tile_table.fp8_activations(pairs, e_loc, fp8_group, plan)
+
+
 def check_fused_moe(
-    case, seed: int, plan: KernelPlan = TUNED, extras: bool = False, fp8_group: int = 0, w8a8: bool = False
+    case,
+    seed: int,
+    plan: KernelPlan = TUNED,
+    extras: bool = False,
+    fp8_group: int = 0,
+    w8a8: bool | None = None,
 ) -> None:
-    """`w8a8`: the plan multiplies FP8 weights by FP8 activations; the twin quantises them the same way."""
+    """`w8a8`: the plan multiplies FP8 weights by FP8 activations (checked to be visible), the twin
+    quantises them the same way; None: as the plan decides."""
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
     if fp8_group:
         w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
+    forced, w8a8 = w8a8, plan_w8a8(case, plan, fp8_group) if w8a8 is None else w8a8
     out = triton_moe.fused_moe(x, w_gu, w_dn, ids, weights, plan, ext)
     ref = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext, fp8_activations=w8a8)
     assert_close(out, ref, CPU_TOL[x.dtype])
-    if w8a8:
+    if forced:
         w8a16 = torch_moe.fused_moe(x, w_gu, w_dn, ids, weights, ext)
         assert (ref - w8a16).abs().max() > 3 * CPU_TOL[x.dtype], "FP8 activations must be visible"
     if extras and not fp8_group:
@@ -197,14 +213,16 @@ def check_fused_moe_lora(
     plan: KernelPlan = TUNED,
     extras: bool = False,
     fp8_group: int = 0,
-    w8a8: bool = False,
+    w8a8: bool | None = None,
 ) -> None:
+    """`w8a8` as `check_fused_moe`'s."""
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed)
     bufs = lora_buffers(g, num_slots, case[2], case[3], case[4], rank, x.dtype)
     slot = slots(g, x.shape[0], num_slots)
     ext = gpt_oss_extras(g, case, down_bias=seed % 2 == 0) if extras else None
     if fp8_group:
         w_gu, w_dn, ext = fp8_experts(w_gu, w_dn, ext, fp8_group)
+    w8a8 = plan_w8a8(case, plan, fp8_group) if w8a8 is None else w8a8
     out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan=plan, extras=ext)
     ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext, fp8_activations=w8a8)
     assert_close(out, ref, CPU_TOL[x.dtype])
@@ -268,9 +286,11 @@ def test_gpt_oss_extras_match_twin(case, seed: int, path: KernelPlan):
 def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
     """FP8 expert weights with a scale per row and group of input columns (a partial last group where
     the group does not divide H or I) on every path, without and with LoRA, invalid ids and slots mixed
-    in: the kernels' products equal the twin's on the dequantised weights."""
-    check_fused_moe(case, case[0] + 2, path, fp8_group=group)
-    check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=path, fp8_group=group)
+    in: the kernels' products (W8A16: activations unquantised) equal the twin's on the dequantised
+    weights."""
+    w8a16 = replace(path, fp8_activation_rows=None)
+    check_fused_moe(case, case[0] + 2, w8a16, fp8_group=group, w8a8=False)
+    check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=w8a16, fp8_group=group, w8a8=False)
 
 
 @pytest.mark.parametrize(("case", "group"), [(CPU_CASES[1], 32), (CPU_CASES[2], 32), (CPU_CASES[3], 32)])
@@ -729,6 +749,7 @@ def test_gpt_oss_extras_gpu(case, seed: int, path: KernelPlan):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_fp8_experts_gpu(case, path: KernelPlan):
+    """The plan as shipped: W8A8 on the aligned path from its `fp8_activation_rows`, else W8A16."""
     check_fused_moe(case, case[0] + 5, path, fp8_group=128)
     check_fused_moe_lora(case, case[0] + 6, num_slots=16, rank=16, plan=path, fp8_group=128)
 
@@ -775,5 +796,6 @@ def test_fused_moe_lora_cuda_graph_replay(path: KernelPlan, fp8: bool):
         ids.copy_(expert_ids(g2, x.shape[0], case[1], case[2], empty=0))
         slot.copy_(slots(g2, x.shape[0], 4))
         graph.replay()
-        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext)
+        w8a8 = fp8 and plan_w8a8(case, path, 128)
+        ref = torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, ext, fp8_activations=w8a8)
         assert_close(out, ref, CPU_TOL[x.dtype])

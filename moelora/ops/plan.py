@@ -51,6 +51,20 @@ _MOE_TABLE: tuple[tuple[float, Tiles, Tiles], ...] = (
 )
 
 
+# The aligned path's tiles where W8A8 runs (`KernelPlan.fp8_activation_rows`), base and LoRA alike, by largest
+# mean rows per expert. Each K step's FP8 product is scaled by its rows' and columns' scales before it is
+# added (`acc += dot * scales`), so a tile holds two fp32 accumulators: the moe_table's 128 x 256 (gate and
+# up interleaved) over 8 warps spills. H200, Qwen3 shape, M = 2,048 (bench/fp8_moe.py, 2026-12-05): with
+# those tiles the gate/up GEMM took 861 us (W8A16 437, bf16 289) and the down 416 (219, 137); with the
+# LoRA row's 64 x 64 (8 adapters of rank 16) 339 and 330, the layer 814 us against W8A16's 881 and
+# bf16's 736. The small rows are the moe_table's with a K step of one group (128 columns).
+_W8A8_TABLE: tuple[tuple[float, Tiles], ...] = (
+    (16.0, Tiles(16, 64, 128, 4, 3)),
+    (64.0, Tiles(32, 64, 128, 4, 3)),
+    (float("inf"), Tiles(64, 64, 128, 4, 3)),
+)
+
+
 @dataclass(frozen=True)
 class DecodeTiles:
     block_n: int
@@ -154,11 +168,12 @@ class KernelPlan:
     # From this many mean rows per expert the aligned path's grouped GEMMs multiply FP8 expert weights by
     # FP8 activations (each row quantised per scale group in a pass before the GEMM; W8A8 on the FP8
     # tensor cores) where the weights' group is a power of two of at least 32 columns; None: never (W8A16:
-    # the weight tile dequantised). Off: on the H200 (bench/fp8_moe.py, 2026-12-05) its first form, each
-    # row tile quantised inside the K loop once per output tile, took 1.05-1.08x W8A16's time at 32-128
-    # tokens and 2.8x at 2,048 (the gate/up GEMM 1,125 us against 436); the pass of its own that replaced
-    # it is not yet measured.
-    fp8_activation_rows: float | None = None
+    # the weight tile dequantised). H200, Qwen3 shape (bench/fp8_moe.py, 2026-12-05, eleventh session):
+    # at M = 32 and 128 (2 and 8 rows an expert) 0.62x the bf16 time against W8A16's 0.67x, with 8
+    # adapters of rank 16 0.71x against 0.75x; at 2,048 with adapters 1.11x against 1.20x. Fewer rows
+    # were not measured, so they keep W8A16.
+    fp8_activation_rows: float | None = 2.0
+    fp8_act_table: tuple[tuple[float, Tiles], ...] = _W8A8_TABLE  # the GEMMs' tiles where W8A8 runs
     persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
     shrink_rows: int | None = None  # rows per step of the aligned MoE-LoRA shrink
     shrink_k: int = 128  # input columns per step of the aligned MoE-LoRA shrink (its splits are whole steps)

@@ -13,11 +13,16 @@ __all__ = ["DecodeTiles", "KernelPlan", "LoraTiles", "Tiles"]  # the tile types,
 from moelora.ops.triton.align import busy_size
 
 
-def moe_tiles(num_pairs: int, num_experts: int, num_slots: int = 0, plan: KernelPlan = TUNED) -> Tiles:
+def moe_tiles(
+    num_pairs: int, num_experts: int, num_slots: int = 0, plan: KernelPlan = TUNED, w8a8: bool = False
+) -> Tiles:
     """Tiles for a grouped GEMM of `num_pairs` (token, choice) rows over `num_experts` experts, with LoRA
     of `num_slots` adapter slots (0: none). A row block of the base tiles holds about block_m / (mean rows
-    per (expert, slot)) distinct adapters; up to 4 it keeps the base tiles."""
+    per (expert, slot)) distinct adapters; up to 4 it keeps the base tiles. With FP8 activations (`w8a8`)
+    the plan's `fp8_act_table`."""
     mean = num_pairs / max(1, num_experts)
+    if w8a8:
+        return next(t for limit, t in plan.fp8_act_table if mean <= limit)
     base, lora = next((t_base, t_lora) for limit, t_base, t_lora in plan.moe_table if mean <= limit)
     return base if base.block_m * num_slots <= 4 * mean else lora
 
