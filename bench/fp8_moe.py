@@ -11,7 +11,7 @@ GEMMs with FP8 activations, each row quantised per 128 columns in a pass of its 
 `fp8_act_table` tiles), checked against the twin quantising the activations the same way. The default plan
 takes W8A8 from `KernelPlan.fp8_activation_rows` mean rows per expert, W8A16 below.
     python bench/fp8_moe.py [--m 1,8,32,128,2048] [--json out.json]
-    python bench/fp8_moe.py --sweep [--m 8,32,128,512,2048]   # W8A8 tile candidates (fp8_act_table)
+    python bench/fp8_moe.py --sweep [--m 1,8,32,128,512,2048]   # decode GEMV steps; W8A8 tiles
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from moelora.ops.plan import TUNED, KernelPlan, Tiles
 from moelora.ops.torch import lora as lora_twin
 from moelora.ops.torch import moe as twin
 from moelora.ops.torch.fp8 import quantize_rows
+from moelora.ops.triton.tiles import use_decode_path
 
 H, INTER, E, K = 2048, 768, 128, 8
 LAYERS = 4
@@ -173,13 +174,36 @@ def layer_calls(
     return out
 
 
+def candidates(m: int) -> list[tuple[str, KernelPlan, bool]]:
+    """(label, plan, FP8 weights) to time at M tokens: on the decode path the GEMVs' K step over FP8
+    weights (`DecodeTiles.fp8_block_k`: one 128-column group, or 2 or 4) and their sums per step or after
+    the loop (`step_sum`, bf16 too); on the aligned path each W8A8 tile candidate as the whole
+    `fp8_act_table`, W8A8 forced."""
+    if use_decode_path(m * K, E, K, TUNED):
+        out = []
+        for step, step_sum in itertools.product((0, 256, 512), (False, True)):
+            gate_up = replace(TUNED.decode_tiles, fp8_block_k=step, step_sum=step_sum)
+            down = replace(TUNED.decode_down_tiles, fp8_block_k=step, step_sum=step_sum)
+            plan = replace(W8A16, decode_tiles=gate_up, decode_down_tiles=down)
+            out.append((f"fp8 step {step or GROUP}{' step sums' if step_sum else ''}", plan, True))
+            if step == 0 and step_sum:
+                out.append(("bf16 step sums", plan, False))
+        return out
+    out = []
+    for bm, bn, warps, stages, down_n in SWEEP:
+        tiles = Tiles(bm, bn, GROUP, warps, stages, down_n=down_n)
+        label = f"w8a8 {bm}x{bn} w{warps} s{stages} d{down_n or bn}"
+        out.append((label, replace(W8A8, fp8_act_table=((float("inf"), tiles),)), True))
+    return out
+
+
 def sweep(ms: list[int]) -> None:
-    """Each candidate as the whole `fp8_act_table`, W8A8 forced, per M without and with 8 adapters; the
-    bf16 and W8A16 times beside it, and each kernel's share (torch profile) at the largest M."""
+    """Each candidate (`candidates`) per M without and with 8 adapters; the bf16 and W8A16 times beside
+    it, and the longest kernels (torch profile)."""
     layers = [make_layer(seed) for seed in range(LAYERS)]
     lora = adapters(8, 16)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print("| M | LoRA | tiles | us | / bf16 | / W8A16 | kernels us (largest M) |")
+    print("| M | LoRA | tiles | us | / bf16 | / W8A16 | longest kernels, us |")
     print("|---|---|---|---|---|---|---|")
     for m in ms:
         x = torch.randn(m, H, dtype=torch.bfloat16, device="cuda")
@@ -189,13 +213,10 @@ def sweep(ms: list[int]) -> None:
         for name in ("base", "8x16"):
             calls = partial(layer_calls, layers, x, ids, weights, slot if name != "base" else None, lora)
             bf16, w8a16 = layered_us(calls(TUNED, False)), layered_us(calls(W8A16, True))
-            for bm, bn, warps, stages, down_n in SWEEP:
-                tiles = Tiles(bm, bn, GROUP, warps, stages, down_n=down_n)
-                plan = replace(W8A8, fp8_act_table=((float("inf"), tiles),))
-                label = f"{bm}x{bn} w{warps} s{stages} d{down_n or bn}"
+            for label, plan, fp8 in candidates(m):
                 try:
-                    us = layered_us(calls(plan, True))
-                    split = kernel_split(calls(plan, True)) if m == max(ms) else ""
+                    us = layered_us(calls(plan, fp8))
+                    split = kernel_split(calls(plan, fp8))
                 except Exception as e:  # a candidate that does not fit (shared memory, registers)
                     print(f"| {m} | {name} | {label} | {type(e).__name__} | | | |", flush=True)
                     continue
@@ -218,7 +239,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", default="1,8,32,128,2048", help="comma list of token counts")
     p.add_argument("--json", help="write the rows here too")
-    p.add_argument("--sweep", action="store_true", help="time W8A8 tile candidates instead")
+    p.add_argument("--sweep", action="store_true", help="time tile candidates instead (`candidates`)")
     args = p.parse_args()
     if args.sweep:
         sweep([int(v) for v in args.m.split(",")])

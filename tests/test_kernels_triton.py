@@ -293,6 +293,26 @@ def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
     check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=w8a16, fp8_group=group, w8a8=False)
 
 
+@pytest.mark.parametrize("step_sum", [False, True])
+@pytest.mark.parametrize(("case", "step"), [(CPU_CASES[0], 32), (CPU_CASES[0], 64), (CPU_CASES[2], 64)])
+def test_fp8_decode_steps_over_groups(case, step: int, step_sum: bool):
+    """The decode GEMVs with K steps over several scale groups (`DecodeTiles.fp8_block_k`; groups of 16
+    here, a partial last group where I = 48, steps past the input where H = 32), each step's products
+    summed at once or after the loop (`step_sum`), without and with LoRA, invalid ids and slots mixed in:
+    the twin's products on the dequantised weights; with `step_sum`, 16-bit weights too."""
+    decode = KernelPlan(decode_pairs=1 << 30, fp8_activation_rows=None)
+    plan = replace(
+        decode,
+        decode_tiles=replace(decode.decode_tiles, fp8_block_k=step, step_sum=step_sum),
+        decode_down_tiles=replace(decode.decode_down_tiles, fp8_block_k=step, step_sum=step_sum),
+    )
+    check_fused_moe(case, case[0] + 8, plan, fp8_group=16, w8a8=False)
+    check_fused_moe_lora(case, case[0] + 9, num_slots=3, rank=8, plan=plan, fp8_group=16, w8a8=False)
+    if step_sum:
+        check_fused_moe(case, case[0] + 10, plan)
+        check_fused_moe_lora(case, case[0] + 1, num_slots=3, rank=8, plan=plan)
+
+
 @pytest.mark.parametrize(("case", "group"), [(CPU_CASES[1], 32), (CPU_CASES[2], 32), (CPU_CASES[3], 32)])
 def test_fp8_activations_match_twin(case, group: int, path: KernelPlan):
     """W8A8 (`KernelPlan.fp8_activation_rows`): x's and h's rows quantised per scale group in a pass of
@@ -653,6 +673,26 @@ def test_grouped_router_rejects_bad_groups():
     x, w, bias = torch.zeros(2, 8, device=DEV), torch.zeros(12, 8, device=DEV), torch.zeros(12, device=DEV)
     with pytest.raises(ValueError, match="groups"):
         triton_router.grouped_router(x, w, bias, 4, 5, 2, True, 1.0)
+
+
+def test_route_ties_take_the_lowest_ids():
+    """Equal probabilities are taken lowest id first, in the route and in the one-launch router (one
+    token: the sums in registers; three: the dot), whatever the lanes past the experts (6 of 8)."""
+    rows = [[1.0, 3.0, 3.0, 0.0, 3.0, 2.0], [0.5] * 6, [2.0, 1.0, 2.0, 1.0, 2.0, 1.0]]
+    want = [[1, 2, 4], [0, 1, 2], [0, 2, 4]]
+    logits = torch.tensor(rows).to(DEV)
+    _, ids = triton_router.route(logits, 3, True, True)
+    assert ids.cpu().tolist() == want
+    # the router's logits are x @ w^T: one-hot x picks a column of w, which holds each row's logits
+    w = torch.zeros(6, 16)
+    w[:, :3] = torch.tensor(rows).t()
+    x = torch.zeros(3, 16)
+    x[torch.arange(3), torch.arange(3)] = 1.0
+    x, w = x.half().to(DEV), w.half().to(DEV)
+    for n in (1, 3):
+        weights, ids = triton_router.router(x[:n], w, 3, True, True)
+        assert ids.cpu().tolist() == want[:n]
+        assert torch.equal(weights[:, 0], weights[:, 1])
 
 
 @pytest.mark.parametrize(

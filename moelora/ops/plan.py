@@ -71,6 +71,13 @@ class DecodeTiles:
     block_k: int
     warps: int
     lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
+    # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
+    # the group (a step then loads one scale a row per group it spans)
+    fp8_block_k: int = 0
+    # Each K step's products summed at once (one fp32 a row across the loop), not a [block_n, block_k]
+    # tile of them summed after it. sm_90, Qwen3's gate/up GEMV, ptxas (`python -m tests.kernel_compile
+    # --regs decode_`): bf16 183 -> 160 registers a thread, FP8 255 either way; not timed yet (off)
+    step_sum: bool = False
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.

@@ -6,25 +6,73 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moelora.ops.plan import DecodeTiles
 from moelora.ops.triton.common import valid_slot
 
 
+def fp8_step(block_k: int, group: int, tiles: DecodeTiles, in_dim: int) -> int:
+    """The K step of a decode GEMV over FP8 weights of scale group `group`: `block_k` (at most one group),
+    or the tiles' `fp8_block_k` where that is a multiple of the group (steps over whole groups), at most
+    the input rounded up to a power of two."""
+    step = tiles.fp8_block_k
+    if not step or step % group or step & (step - 1):
+        return block_k
+    return max(block_k, min(step, triton.next_power_of_2(in_dim)))
+
+
 @triton.jit
-def fma_step(acc, w_ptrs, w_mask, v):
-    """acc [N, K] += w [N, K] * v [K] in fp32: a K loop's products, reduced once after it."""
+def fma_step(acc, w_ptrs, w_mask, v, STEP_SUM: tl.constexpr = False):
+    """acc [N, K] += w [N, K] * v [K] in fp32: a K loop's products, reduced once after it; with STEP_SUM
+    acc [N] += the step's products summed over K (one fp32 a row held across the loop instead of a tile:
+    fewer registers a thread, so more programs an SM)."""
     w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    return acc + w.to(tl.float32) * v[None, :]
+    return _add(acc, w.to(tl.float32) * v[None, :], STEP_SUM)
 
 
 @triton.jit
-def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):
-    """`fma_step` over the K step from column k0; with HAS_SCALE the weights are FP8 times their rows'
-    scales (groups of GROUP columns at s_ptrs [N]; the step lies in one group: BLOCK_K <= GROUP)."""
+def _add(acc, products, STEP_SUM: tl.constexpr):
+    """acc + products [N, K], or with STEP_SUM acc [N] + their sums over K."""
+    return acc + tl.sum(products, axis=1) if STEP_SUM else acc + products
+
+
+@triton.jit
+def gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_SUM: tl.constexpr):
+    """A GEMV's zero accumulator: [BLOCK_N, BLOCK_K] products reduced after the loop, or with STEP_SUM
+    [BLOCK_N] sums of each step (`fma_step`)."""
+    if STEP_SUM:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def gemv_sum(acc, STEP_SUM: tl.constexpr):
+    """The row sums of a GEMV's accumulator (`gemv_acc`)."""
+    return acc if STEP_SUM else tl.sum(acc, axis=1)
+
+
+@triton.jit
+def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, STEP_SUM: tl.constexpr):  # fmt: skip
+    """`fma_step` over the K step of BLOCK_K columns from column k0 (of IN_DIM); with HAS_SCALE the weights
+    are FP8 times their rows' scales (groups of GROUP columns at s_ptrs [N]). The step lies in one group
+    (BLOCK_K <= GROUP) or spans whole groups (a multiple of GROUP): then each column takes the scale of
+    its group, one load of a row's scale per group and a select, not a gather per column."""
     if HAS_SCALE:
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)
-        return acc + w * scale[:, None] * v[None, :]
-    return fma_step(acc, w_ptrs, w_mask, v)
+        if BLOCK_K <= GROUP:
+            scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
+        else:
+            group = tl.arange(0, BLOCK_K)[None, :] // GROUP
+            scale = tl.zeros_like(w)
+            for j in tl.static_range(BLOCK_K // GROUP):  # groups past IN_DIM: not read (their columns are 0)
+                s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & (k0 + j * GROUP < IN_DIM), other=0.0)
+                scale = tl.where(group == j, s_j[:, None], scale)
+        out = _add(acc, w * scale * v[None, :], STEP_SUM)
+    else:
+        out = fma_step(acc, w_ptrs, w_mask, v, STEP_SUM)
+    return out
 
 
 @triton.jit

@@ -12,7 +12,15 @@ import triton.language as tl
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import lanes_in_rank, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters
-from moelora.ops.triton.decode_common import expand_fma, pair_expert, pair_slot, weight_step
+from moelora.ops.triton.decode_common import (
+    expand_fma,
+    fp8_step,
+    gemv_acc,
+    gemv_sum,
+    pair_expert,
+    pair_slot,
+    weight_step,
+)
 from moelora.ops.triton.tiles import DecodeTiles
 
 
@@ -23,7 +31,7 @@ def _decode_down_kernel(
     s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k, s_bias_e, ss_e, ss_n,
     INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
     t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
@@ -35,15 +43,17 @@ def _decode_down_kernel(
         h_row = h_ptr + p.to(tl.int64) * INTER + kk
         w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
         s_ptrs = sc_ptr + e64 * ss_e + n * ss_n
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
         for k0 in range(0, INTER, BLOCK_K):
             k_ok = kk < INTER - k0
             hk = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
             w_mask = n_ok[:, None] & k_ok[None, :]
-            acc = weight_step(acc, w_ptrs, w_mask, hk, s_ptrs, n_ok, k0, HAS_SCALE, GROUP)
+            acc = weight_step(
+                acc, w_ptrs, w_mask, hk, s_ptrs, n_ok, k0, INTER, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+            )
             h_row += BLOCK_K
             w_ptrs += BLOCK_K * sw_k
-        d = tl.sum(acc, axis=1)
+        d = gemv_sum(acc, STEP_SUM)
         if HAS_LORA:
             s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
             r = tl.arange(0, BLOCK_R)
@@ -100,6 +110,7 @@ def decode_down(
         num_slots, rank = b.shape[0], b.shape[-1]
     b_down = extras.b_down if extras is not None else None
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
+    block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
     _decode_down_kernel[(num_pairs, n_tiles)](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
         h if b_down is None else b_down, scales.table, hidden, num_experts, rank, num_slots, num_pairs,
@@ -108,6 +119,6 @@ def decode_down(
         INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
         HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, num_warps=tiles.warps,
     )  # fmt: skip
     return y

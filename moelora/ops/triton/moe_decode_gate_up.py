@@ -20,6 +20,9 @@ from moelora.ops.triton.counters import last_one, launch_counters, signal, ticke
 from moelora.ops.triton.decode_common import (
     expand_fma,
     fma_step,
+    fp8_step,
+    gemv_acc,
+    gemv_sum,
     pair_expert,
     pair_slot,
     sum_partials,
@@ -66,27 +69,31 @@ def _shrink_part(
 @triton.jit
 def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n,
                   HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, STEP_SUM: tl.constexpr):  # fmt: skip
     """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t (FP8 rows times their scales with
-    HAS_SCALE: BLOCK_K <= GROUP, one scale a row a step)."""
+    HAS_SCALE: `weight_step`)."""
     kk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
     g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
     u_ptrs = g_ptrs + inter * sw_n
     sg_ptrs = sc_ptr + e64 * ss_e + n * ss_n
     su_ptrs = sg_ptrs + inter * ss_n
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_g = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
+    acc_u = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
     for k0 in range(0, HIDDEN, BLOCK_K):
         k_ok = kk < HIDDEN - k0
         xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g = weight_step(acc_g, g_ptrs, w_mask, xk, sg_ptrs, n_ok, k0, HAS_SCALE, GROUP)
-        acc_u = weight_step(acc_u, u_ptrs, w_mask, xk, su_ptrs, n_ok, k0, HAS_SCALE, GROUP)
+        acc_g = weight_step(
+            acc_g, g_ptrs, w_mask, xk, sg_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+        )
+        acc_u = weight_step(
+            acc_u, u_ptrs, w_mask, xk, su_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+        )
         x_row += BLOCK_K * sx_k
         g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
-    return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+    return gemv_sum(acc_g, STEP_SUM), gemv_sum(acc_u, STEP_SUM)
 
 
 @triton.jit
@@ -116,7 +123,7 @@ def _decode_gate_up_kernel(
     HIDDEN: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
 ):  # fmt: skip
     # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
     num_shrink = 0
@@ -142,7 +149,8 @@ def _decode_gate_up_kernel(
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         if runs:
             g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
-                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP)  # fmt: skip
+                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
+                                 STEP_SUM)  # fmt: skip
         s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
         r = tl.arange(0, BLOCK_R)
         r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
@@ -212,6 +220,7 @@ def decode_gate_up(
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
+    block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
         sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
@@ -222,6 +231,7 @@ def decode_gate_up(
         HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits, HAS_SCALE=scales.on,
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.warps, **regs,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, num_warps=tiles.warps,
+        **regs,
     )  # fmt: skip
     return h, (ha_buf if lora is not None else None)
