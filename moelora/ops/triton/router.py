@@ -21,16 +21,21 @@ def _top_k(x, t, t_ok, e, e_ok, w_ptr, ids_ptr,
     x = tl.where(e_ok, x.to(tl.float32), float("-inf"))  # lanes past the experts never win
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    # k rounds: the largest remaining probability (the lowest id among equals), then take it out.
+    # k rounds: the largest remaining probability (the lowest id among equals), then take it out. A
+    # probability's bits (>= 0: ordered as integers) above its lane's reversed id make one key, so one
+    # max a round finds both (a max and an argmax are three reductions across the program's threads).
+    lanes = x.shape[1]
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (lanes - 1 - e)[None, :].to(tl.int64)
     kk = tl.arange(0, K_PAD)
     weights = tl.zeros([x.shape[0], K_PAD], dtype=tl.float32)
     ids = tl.zeros([x.shape[0], K_PAD], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(p, axis=1)
-        arg = tl.argmax(p, axis=1)
+        top = tl.max(key, axis=1)
+        best = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        arg = lanes - 1 - (top & 0xFFFFFFFF).to(tl.int32)
         weights = tl.where(kk[None, :] == j, best[:, None], weights)
-        ids = tl.where(kk[None, :] == j, arg[:, None].to(tl.int32), ids)
-        p = tl.where(e[None, :] == arg[:, None], -1.0, p)
+        ids = tl.where(kk[None, :] == j, arg[:, None], ids)
+        key = tl.where(e[None, :] == arg[:, None], -1, key)
     if RENORMALIZE:
         weights = weights / tl.sum(weights, axis=1)[:, None]
     out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
