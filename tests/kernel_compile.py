@@ -10,8 +10,15 @@ and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel 
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -55,15 +62,20 @@ FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "co
 FP32_PTRS |= {"xs_ptr", "hs_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
+# Run-time strides that are 1 on the GPU (the contiguous dimension of x, the weights, the LoRA A and B, the
+# outputs): Triton's launcher specializes an int equal to 1 as a constant, and pointers as 16-byte aligned;
+# without both, loads compile unvectorized and unpipelined, and registers, spills and shared memory are
+# not what the GPU gets.
+ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
-def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> None:
+def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3) -> Any:
     """Pointers are bf16 unless named as int or fp32 buffers; `*_desc` arguments are bf16 tensor descriptors
     of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32.
     constexprs["fp8"] (taken out): the expert weights (`w_ptr`, `w_desc`) are FP8 (e4m3);
     constexprs["fp8_acts"] (taken out): the names of FP8 activations (W8A8's `x_ptr`, `h_ptr`, `h_desc`)."""
-    signature, constants = {}, {}
+    signature, constants, attrs = {}, {}, {}
     descs = constexprs.pop("descs", {})
     fp8 = constexprs.pop("fp8", False)
     fp8_names = {"w_ptr", "w_desc"} if fp8 else set()
@@ -77,16 +89,39 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
             signature[name] = f"tensordesc<{weight}[{', '.join(map(str, descs[name]))}]>"
         elif name.endswith("_ptr") or name.endswith("_desc"):
             signature[name] = "*i32" if name in INT_PTRS else "*fp32" if name in FP32_PTRS else f"*{weight}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ONES:
+            signature[name] = "constexpr"
+            constants[(i,)] = 1
         elif name.isupper():
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     options = {"num_warps": warps, "num_stages": stages}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options=options)
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=HOPPER, options=options)
     if compiled.metadata.shared > HOPPER_SHARED:
         raise ValueError(
             f"needs {compiled.metadata.shared} bytes of shared memory, the SM has {HOPPER_SHARED}"
         )
+    return compiled
+
+
+def registers(compiled: Any) -> tuple[int, int]:
+    """(registers a thread, bytes of spill stores) of a compiled kernel, from Triton's own ptxas run on its
+    PTX (`-v`): what the GPU's driver would report, seen without one."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        run = subprocess.run(
+            [str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
 def moe_cases() -> Iterator[Case]:
@@ -177,20 +212,23 @@ def moe_cases() -> Iterator[Case]:
 
 def decode_cases() -> Iterator[Case]:
     t, d = TUNED.decode_tiles, TUNED.decode_down_tiles
-    for has_lora in (False, True):
+    for has_lora, step_sum in itertools.product((False, True), (False, True)):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
-        gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, **tiles)
+        gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, STEP_SUM=step_sum, **tiles)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
+        down |= dict(STEP_SUM=step_sum)
         for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
             extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
-        # FP8 experts (scales per row and 128 columns: K steps of at most 128)
+        # FP8 experts (scales per row and 128 columns): K steps of one group, or over 2 or 4 groups
+        # (`DecodeTiles.fp8_block_k`)
         fp8 = dict(HAS_BIAS=False, CLAMPED=False, HAS_SCALE=True, GROUP=128, fp8=True)
-        yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=128), t.warps
         down_case = dict(INTER=768, TOP_K=8, HAS_BIAS=False, HAS_SCALE=True, GROUP=128, fp8=True, **down)
-        yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=min(d.block_k, 128)), d.warps
+        for step in (128, 256, 512):
+            yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=step), t.warps
+            yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=step), d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:
@@ -292,16 +330,36 @@ def all_cases() -> list[Case]:
     ]
 
 
+def compile_case(index: int, regs_of: str | None) -> str:
+    """Compile case `index` of `all_cases()` (in a worker process: kernels do not pickle): "" if it
+    compiles, else the failure; with `regs_of` (a kernel name part) the registers line of a match."""
+    kernel, constexprs, warps, *stages = all_cases()[index]
+    keys = ("BLOCK", "HAS", "ACT", "STEP")
+    shown = {k: v for k, v in constexprs.items() if k.isupper() and k.startswith(keys)}
+    try:
+        compiled = compile_for_hopper(kernel, dict(constexprs), warps, *stages)
+    except Exception as err:  # report every failing kernel, not only the first
+        return f"FAILED {kernel.__name__} {constexprs} warps={warps}: {str(err)[-800:]}"
+    if regs_of is not None and regs_of in kernel.__name__:
+        regs, spill = registers(compiled)
+        return f"{kernel.__name__} warps={warps} {shown}: {regs} registers, {spill} bytes spilled"
+    return ""
+
+
 def main() -> int:
-    cases = all_cases()
-    failed = 0
-    for kernel, constexprs, warps, *stages in cases:
-        try:
-            compile_for_hopper(kernel, constexprs, warps, *stages)
-        except Exception as err:  # report every failing kernel, not only the first
-            failed += 1
-            print(f"FAILED {kernel.__name__} {constexprs} warps={warps}: {str(err)[-800:]}")
-    print(f"{len(cases) - failed} of {len(cases)} kernels compiled for sm_90")
+    """Compile every case, on every core; with `--regs [NAME]` also print the registers and spills of
+    each whose kernel name contains NAME: python -m tests.kernel_compile --regs decode."""
+    regs_of = None
+    if "--regs" in sys.argv:
+        regs_of = sys.argv[sys.argv.index("--regs") + 1] if sys.argv[-1] != "--regs" else ""
+    count = len(all_cases())
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        lines = list(pool.map(compile_case, range(count), itertools.repeat(regs_of)))
+    for line in lines:
+        if line:
+            print(line)
+    failed = sum(line.startswith("FAILED") for line in lines)
+    print(f"{count - failed} of {count} kernels compiled for sm_90")
     return 1 if failed else 0
 
 
