@@ -176,7 +176,7 @@ def plan_w8a8(case, plan: KernelPlan, fp8_group: int) -> bool:
     num_tokens, k, e_loc = case[:3]
     pairs = num_tokens * k
     decode = tile_table.use_decode_path(pairs, e_loc, k, plan)
-    return not decode and tile_table.fp8_activations(pairs, e_loc, fp8_group, plan)
+    return not decode and tile_table.fp8_activations(pairs, e_loc, fp8_group, case[5], plan)
 
 
 def check_fused_moe(
@@ -313,17 +313,21 @@ def test_fp8_decode_steps_over_groups(case, step: int, step_sum: bool):
         check_fused_moe_lora(case, case[0] + 1, num_slots=3, rank=8, plan=plan)
 
 
-@pytest.mark.parametrize(("case", "group"), [(CPU_CASES[1], 32), (CPU_CASES[2], 32), (CPU_CASES[3], 32)])
-def test_fp8_activations_match_twin(case, group: int, path: KernelPlan):
-    """W8A8 (`KernelPlan.fp8_activation_rows`): x's and h's rows quantised per scale group in a pass of
-    their own, the aligned paths' GEMMs multiplying in FP8 (partial last groups where the group does not
-    divide I), the LoRA on the unquantised rows; against the twin quantising them the same way. The
-    decode GEMVs stay W8A16 (the plan's rows are never reached there)."""
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[2], CPU_CASES[3]])
+def test_fp8_activations_match_twin(case, path: KernelPlan):
+    """W8A8 (`KernelPlan.fp8_activation_rows`): x's and h's rows quantised per scale group (32 columns
+    here) in a pass of their own, the aligned paths' GEMMs multiplying in FP8 (partial last groups where
+    the group does not divide I), the LoRA on the unquantised rows; against the twin quantising them the
+    same way, in fp16 (the interpreter has no bf16 dot). In fp32 the products stay fp32 (W8A16) whatever
+    the plan. The decode GEMVs stay W8A16 (the plan's rows are never reached there)."""
     if path.decode_pairs:
         pytest.skip("the decode path multiplies in x's dtype")
     w8a8 = replace(path, fp8_activation_rows=0.0)
-    check_fused_moe(case, case[0] + 4, w8a8, fp8_group=group, w8a8=True)
-    check_fused_moe_lora(case, case[0] + 5, num_slots=3, rank=8, plan=w8a8, fp8_group=group, w8a8=True)
+    half = (*case[:5], torch.float16)
+    check_fused_moe(half, case[0] + 4, w8a8, fp8_group=32, w8a8=True)
+    check_fused_moe_lora(half, case[0] + 5, num_slots=3, rank=8, plan=w8a8, fp8_group=32, w8a8=True)
+    if case[5] == torch.float32:
+        check_fused_moe(case, case[0] + 4, w8a8, fp8_group=32, w8a8=False)
 
 
 @pytest.mark.parametrize(("cols", "group"), [(96, 32), (80, 32), (128, 128)])

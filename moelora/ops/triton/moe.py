@@ -51,7 +51,7 @@ def fused_moe(
         return torch.zeros_like(x)
     if use_decode_path(num_tokens * top_k, num_experts, top_k, plan):
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan, extras)
-    w8a8 = fp8_activations(num_tokens * top_k, num_experts, _group(extras), plan)
+    w8a8 = fp8_activations(num_tokens * top_k, num_experts, _group(extras), x.dtype, plan)
     tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan, w8a8)
     sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
     rows = (sorted_pairs, block_expert)
@@ -85,7 +85,7 @@ def fused_moe_lora(
     num_pairs = num_tokens * top_k
     if use_decode_path(num_pairs, num_experts, top_k, plan):
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, (slot, lora), plan, extras)
-    w8a8 = fp8_activations(num_pairs, num_experts, _group(extras), plan)
+    w8a8 = fp8_activations(num_pairs, num_experts, _group(extras), x.dtype, plan)
     tiles = moe_tiles(num_pairs, num_experts, num_slots, plan, w8a8)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
         local_ids, slot, num_experts, num_slots, tiles.block_m

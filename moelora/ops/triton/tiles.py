@@ -71,13 +71,17 @@ def use_decode_path(num_pairs: int, num_experts: int, top_k: int, plan: KernelPl
     return num_pairs <= max(top_k, num_experts // 8)
 
 
-def fp8_activations(num_pairs: int, num_experts: int, group: int, plan: KernelPlan = TUNED) -> bool:
+def fp8_activations(
+    num_pairs: int, num_experts: int, group: int, dtype: torch.dtype, plan: KernelPlan = TUNED
+) -> bool:
     """Whether the aligned path's GEMMs take FP8 weights of scale group `group` (0: not FP8) with FP8
     activations (W8A8; `KernelPlan.fp8_activation_rows`): the K step is then one group, which FP8 MMA
-    needs to be a power of two of at least 32 columns."""
+    needs to be a power of two of at least 32 columns. Only for 16-bit activations (`dtype`): a model
+    run in fp32 asks for fp32 products, as `dot_precision` gives it elsewhere."""
     rows = plan.fp8_activation_rows
     whole = group >= 32 and group & (group - 1) == 0
-    return rows is not None and whole and num_pairs >= rows * max(1, num_experts)
+    wide = dtype == torch.float32
+    return rows is not None and whole and not wide and num_pairs >= rows * max(1, num_experts)
 
 
 def lora_tiles(num_tokens: int, plan: KernelPlan = TUNED) -> LoraTiles:
