@@ -175,10 +175,11 @@ class KernelPlan:
     # From this many mean rows per expert the aligned path's grouped GEMMs multiply FP8 expert weights by
     # FP8 activations (each row quantised per scale group in a pass before the GEMM; W8A8 on the FP8
     # tensor cores) where the weights' group is a power of two of at least 32 columns and the activations
-    # are 16-bit (an fp32 model keeps fp32 products); None: never (W8A16: the weight tile dequantised). H200, Qwen3 shape (bench/fp8_moe.py, 2026-12-05, eleventh session):
-    # at M = 32 and 128 (2 and 8 rows an expert) 0.62x the bf16 time against W8A16's 0.67x, with 8
-    # adapters of rank 16 0.71x against 0.75x; at 2,048 with adapters 1.11x against 1.20x. Fewer rows
-    # were not measured, so they keep W8A16.
+    # are 16-bit (an fp32 model keeps fp32 products); None: never (W8A16: the weight tile dequantised).
+    # H200, Qwen3 shape (bench/fp8_moe.py, 2026-12-05, eleventh session): at M = 32 and 128 (2 and 8
+    # rows an expert) 0.62x the bf16 time against W8A16's 0.67x, with 8 adapters of rank 16 0.71x
+    # against 0.75x; at 2,048 with adapters 1.11x against 1.20x. Fewer rows were not measured, so they
+    # keep W8A16.
     fp8_activation_rows: float | None = 2.0
     fp8_act_table: tuple[tuple[float, Tiles], ...] = _W8A8_TABLE  # the GEMMs' tiles where W8A8 runs
     persistent_programs: int | None = None  # programs of the persistent down GEMM (None: one per SM)
