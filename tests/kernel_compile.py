@@ -67,6 +67,10 @@ FLOATS = {"qk_scale", "eps", "scaling"}
 # without both, loads compile unvectorized and unpipelined, and registers, spills and shared memory are
 # not what the GPU gets.
 ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n"}
+# and strides the launcher finds divisible by 16 at the shipped shapes (rows of x, the weights, the LoRA A
+# and B): a hint of 16 as it gives them (other ints, such as the router's top-k stride, are left unhinted)
+DIV16 = {"sx_t", "sw_e", "sw_n", "sa_s", "sa_e", "sa_h", "sa_r", "sb_s", "sb_e", "sb_h", "sb_n", "sd_s"}
+DIV16 |= {"sd_e", "sd_r", "sy_t", "swr_e"}
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
@@ -93,6 +97,9 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
         elif name in ONES:
             signature[name] = "constexpr"
             constants[(i,)] = 1
+        elif name in DIV16:
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.isupper():
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
         else:

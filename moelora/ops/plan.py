@@ -76,7 +76,8 @@ class DecodeTiles:
     fp8_block_k: int = 0
     # Each K step's products summed at once (one fp32 a row across the loop), not a [block_n, block_k]
     # tile of them summed after it. sm_90, Qwen3's gate/up GEMV, ptxas (`python -m tests.kernel_compile
-    # --regs decode_`): bf16 183 -> 160 registers a thread, FP8 255 either way; not timed yet (off)
+    # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39; not timed
+    # yet (off)
     step_sum: bool = False
 
 
