@@ -34,6 +34,7 @@ from moelora.ops.triton import lora as triton_lora  # noqa: E402
 from moelora.ops.triton import moe as triton_moe  # noqa: E402
 from moelora.ops.triton import router as triton_router  # noqa: E402
 from moelora.ops.triton import tiles as tile_table  # noqa: E402
+from moelora.ops.triton.decode_common import fp8_step  # noqa: E402
 from moelora.ops.triton.fp8_act import quantize_activations  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,6 +292,23 @@ def test_fp8_experts_match_twin(case, group: int, path: KernelPlan):
     w8a16 = replace(path, fp8_activation_rows=None)
     check_fused_moe(case, case[0] + 2, w8a16, fp8_group=group, w8a8=False)
     check_fused_moe_lora(case, case[0] + 3, num_slots=3, rank=8, plan=w8a16, fp8_group=group, w8a8=False)
+
+
+def test_fp8_decode_step_rule():
+    """`DecodeTiles.fp8_block_k` is taken where it is a power-of-two multiple of the scale group, capped at
+    the input rounded up to a power of two; else the step stays one group (the launcher's block_k)."""
+    tiles = TUNED.decode_tiles
+    assert fp8_step(128, 128, tiles, 2048) == 128  # off by default
+    for step, group, in_dim, want in [
+        (512, 128, 2048, 512),
+        (256, 128, 768, 256),
+        (512, 128, 300, 512),  # 300 -> 512: one step over the input, groups past it masked
+        (512, 128, 200, 256),
+        (384, 128, 2048, 128),  # not a power of two
+        (64, 128, 2048, 128),  # below the group
+        (256, 96, 2048, 96),  # 96 does not divide 256
+    ]:
+        assert fp8_step(min(tiles.block_k, group), group, replace(tiles, fp8_block_k=step), in_dim) == want
 
 
 @pytest.mark.parametrize("step_sum", [False, True])
