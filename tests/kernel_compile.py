@@ -9,6 +9,7 @@ and fail only on the GPU. Compiling for the target needs no GPU: Triton's wheel 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -337,10 +338,16 @@ def all_cases() -> list[Case]:
     ]
 
 
+@functools.cache
+def _cases() -> list[Case]:
+    """`all_cases()`, built once per worker process."""
+    return all_cases()
+
+
 def compile_case(index: int, regs_of: str | None) -> str:
     """Compile case `index` of `all_cases()` (in a worker process: kernels do not pickle): "" if it
     compiles, else the failure; with `regs_of` (a kernel name part) the registers line of a match."""
-    kernel, constexprs, warps, *stages = all_cases()[index]
+    kernel, constexprs, warps, *stages = _cases()[index]
     keys = ("BLOCK", "HAS", "ACT", "STEP")
     shown = {k: v for k, v in constexprs.items() if k.isupper() and k.startswith(keys)}
     try:

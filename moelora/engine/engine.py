@@ -164,7 +164,7 @@ class Engine:
                 taken.append(f"linear-attention state {_size(state)} ({a.max_num_seqs} sequences)")
             if self.device.type == "cuda":
                 taken.append(
-                    f"{_size(reserve_bytes(activations))} kept for the activations of a step of "
+                    f"at least {_size(reserve_bytes(activations))} kept for the activations of a step of "
                     f"{step_tokens} tokens"
                 )
             source = "" if a.max_model_len is not None else " (the model's max_position_embeddings)"

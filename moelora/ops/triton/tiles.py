@@ -80,8 +80,8 @@ def fp8_activations(
     run in fp32 asks for fp32 products, as `dot_precision` gives it elsewhere."""
     rows = plan.fp8_activation_rows
     whole = group >= 32 and group & (group - 1) == 0
-    wide = dtype == torch.float32
-    return rows is not None and whole and not wide and num_pairs >= rows * max(1, num_experts)
+    fp32 = dtype == torch.float32
+    return rows is not None and whole and not fp32 and num_pairs >= rows * max(1, num_experts)
 
 
 def lora_tiles(num_tokens: int, plan: KernelPlan = TUNED) -> LoraTiles:
