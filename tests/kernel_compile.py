@@ -79,8 +79,11 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
     """Pointers are bf16 unless named as int or fp32 buffers; `*_desc` arguments are bf16 tensor descriptors
     of the block shape constexprs["descs"][name] (pointers when not given); other run-time arguments i32.
     constexprs["fp8"] (taken out): the expert weights (`w_ptr`, `w_desc`) are FP8 (e4m3);
-    constexprs["fp8_acts"] (taken out): the names of FP8 activations (W8A8's `x_ptr`, `h_ptr`, `h_desc`)."""
+    constexprs["fp8_acts"] (taken out): the names of FP8 activations (W8A8's `x_ptr`, `h_ptr`, `h_desc`).
+    A kernel that can be a programmatic dependent launch compiles as one (PDL on) unless told."""
     signature, constants, attrs = {}, {}, {}
+    if "PDL" in kernel.arg_names:
+        constexprs.setdefault("PDL", True)
     descs = constexprs.pop("descs", {})
     fp8 = constexprs.pop("fp8", False)
     fp8_names = {"w_ptr", "w_desc"} if fp8 else set()
@@ -105,7 +108,7 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
-    options = {"num_warps": warps, "num_stages": stages}
+    options = {"num_warps": warps, "num_stages": stages, "launch_pdl": bool(constexprs.get("PDL"))}
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=HOPPER, options=options)
     if compiled.metadata.shared > HOPPER_SHARED:
         raise ValueError(

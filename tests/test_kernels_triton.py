@@ -838,6 +838,42 @@ def test_route_gpu(num_tokens: int, num_experts: int, k: int):
 
 @pytest.mark.gpu
 @pytest.mark.cuda_graphs
+def test_dependent_launches_in_a_graph_keep_the_stream_order():
+    """The plan's `pdl` (programmatic dependent launch): a linear layer, the router and the decode MoE
+    launched as dependents of the kernel before each, captured in a graph and replayed with new inputs:
+    each kernel must read what the one before it wrote that replay (the twins' result, the router's own
+    eager result on that replay's input), not the last replay's."""
+    from moelora.ops.triton import linear as triton_linear
+
+    plan = replace(TUNED, pdl=True, decode_pairs=1 << 30)
+    case = GPU_CASES[0]
+    g, x, w_gu, w_dn, _, _ = moe_inputs(case, seed=11)
+    hidden, num_experts, k = case[3], case[2], case[1]
+    w = rand(g, hidden, hidden, scale=hidden**-0.5).to(x.dtype)
+    w_router = rand(g, num_experts, hidden).to(x.dtype)
+
+    def chain() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = triton_linear.linear(x, w, None, None, (hidden,), plan)
+        weights, ids = triton_router.router(y, w_router, k, True, False, pdl=True)
+        return y, ids, triton_moe.fused_moe(y, w_gu, w_dn, ids, weights, plan)
+
+    chain()  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, ids, out = chain()
+    for seed in (1, 2, 3):
+        x.copy_(rand(torch.Generator().manual_seed(seed), *x.shape).to(x.dtype))
+        graph.replay()
+        y_ref = torch_lora.linear(x, w, None, None, None, (hidden,))
+        assert_close(y, y_ref, CPU_TOL[x.dtype])
+        weights_now, ids_now = triton_router.router(y, w_router, k, True, False)  # deterministic sums
+        assert torch.equal(ids, ids_now)
+        ref = torch_moe.fused_moe(y, w_gu, w_dn, ids_now, weights_now)
+        assert_close(out, ref, CPU_TOL[x.dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_graphs
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fused_moe_lora_cuda_graph_replay(path: KernelPlan, fp8: bool):
     """Captured once, replayed with new ids (invalid ones among them) and slots: the twin's result, with

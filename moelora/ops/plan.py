@@ -195,6 +195,11 @@ class KernelPlan:
     # second dot doubled the MoE expand, which with many adapters per row block costs as much as the base
     # GEMM (docs/benchmarks.md, 2026-11-29, second session).
     expand_16bit: int = 1
+    # Programmatic dependent launch (Hopper): the decode path's kernels (norms, the one-launch linear layer,
+    # rotary, decode attention, the router, the decode MoE GEMVs) start during the previous kernel's last
+    # programs and wait for it in-kernel (`common.after_previous`), so a launch's start-up overlaps the
+    # tail of the one before; in a CUDA graph the launches keep the edge. Not timed yet (off).
+    pdl: bool = False
 
 
 TUNED = KernelPlan()

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import num_sms
+from moelora.ops.plan import TUNED
+from moelora.ops.triton.common import after_previous, dependent_launch, num_sms
 from moelora.ops.triton.counters import last_one, launch_counters
 
 LOG2E = 1.4426950408889634
@@ -83,10 +84,11 @@ def _decode_kernel(
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr,
+    IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """HAS_SINKS: split 0 starts each head's softmax from its sink logit (sinks_ptr, log2 domain: weight
     1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge."""
+    after_previous(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -252,6 +254,7 @@ def paged_decode(
     out = torch.empty_like(q)
     part, lse, counts = split_buffers(out, splits, kv_heads)
     sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
+    pdl = dependent_launch(q.device, TUNED.pdl)
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,
         window or 0,
@@ -261,7 +264,7 @@ def paged_decode(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_N=tiles.block_n,
         WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
-        HAS_SINKS=sinks is not None, num_warps=tiles.warps, num_stages=tiles.stages,
+        HAS_SINKS=sinks is not None, PDL=pdl, num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

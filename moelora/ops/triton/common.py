@@ -10,8 +10,21 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moelora.ops.expert_extras import ExpertExtras
+
+
+@triton.jit
+def after_previous(PDL: tl.constexpr):
+    """A kernel launched as a programmatic dependent (`dependent_launch`: its programs may start while the
+    kernel before it in the stream still runs) waits here until that kernel has finished and its writes
+    are visible, then lets the next kernel's programs start. Every program of such a kernel calls it
+    first, before it reads or writes anything: each kernel finishing only after the one before it keeps
+    the stream's order transitive. Without PDL, nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -155,6 +168,13 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def dependent_launch(device: torch.device, on: bool) -> bool:
+    """Whether a kernel on `device` is launched as a programmatic dependent of the one before it (`on`,
+    the plan's `pdl`, and Hopper or newer): its programs start during that kernel's last ones and wait in
+    `after_previous`, so a launch's start-up overlaps the tail of the launch before it."""
+    return on and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:

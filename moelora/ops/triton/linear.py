@@ -26,7 +26,14 @@ import triton.language as tl
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
-from moelora.ops.triton.common import add_expand, lanes_in_rank, num_sms, valid_slot
+from moelora.ops.triton.common import (
+    add_expand,
+    after_previous,
+    dependent_launch,
+    lanes_in_rank,
+    num_sms,
+    valid_slot,
+)
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.fp8_linear import check_scales, dequantize, fp8_matmul
 from moelora.ops.triton.lora import add_lora, add_lora_parts
@@ -161,7 +168,9 @@ def _linear_kernel(
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    after_previous(PDL)
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     num_shrinks = 0
     item = tl.program_id(0)
@@ -291,6 +300,7 @@ def linear(
     block_m = max(16, triton.next_power_of_2(num_tokens))
     shrinks = min(num_tokens, num_slots) * chunks  # a program per (distinct slot, chunk) at most
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
+    pdl = dependent_launch(x.device, plan.pdl)
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
         sync, sync[1:], sync[2:], sync[3:],
@@ -304,8 +314,8 @@ def linear(
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)),
-        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype),
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), PDL=pdl,
+        num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return y
 

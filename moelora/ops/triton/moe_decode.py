@@ -28,9 +28,11 @@ def decode_moe(
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles, down = plan.decode_tiles, plan.decode_down_tiles  # (K steps of at most a group with FP8)
     if lora is None:
-        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras)
-        return decode_down(h, w_down, local_ids, weights, None, down, extras)
+        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras, plan.pdl)
+        return decode_down(h, w_down, local_ids, weights, None, down, extras, plan.pdl)
     slot, lo = lora
-    h, ha = decode_gate_up(x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles, extras)
+    h, ha = decode_gate_up(
+        x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles, extras, plan.pdl
+    )
     assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, extras)
+    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, extras, plan.pdl)

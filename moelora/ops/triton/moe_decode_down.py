@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.expert_extras import ExpertExtras
-from moelora.ops.triton.common import lanes_in_rank, scale_args
+from moelora.ops.triton.common import after_previous, dependent_launch, lanes_in_rank, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.decode_common import (
     expand_fma,
@@ -32,7 +32,9 @@ def _decode_down_kernel(
     INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    after_previous(PDL)
     p = tl.program_id(0)
     t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,6 +88,7 @@ def decode_down(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
     extras: ExpertExtras | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """-> y [T, H] in h's dtype: y[t] = sum_j weights[t, j] * d[t * k + j] (fp32, choices in order) over the
     choices whose expert runs here, d = w_down[e] @ h (+ `extras.b_down[e]`; FP8 w_down times
@@ -111,6 +114,7 @@ def decode_down(
     b_down = extras.b_down if extras is not None else None
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
+    pdl = dependent_launch(h.device, pdl)
     _decode_down_kernel[(num_pairs, n_tiles)](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
         h if b_down is None else b_down, scales.table, hidden, num_experts, rank, num_slots, num_pairs,
@@ -119,6 +123,7 @@ def decode_down(
         INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
         HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, num_warps=tiles.warps,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl,
+        num_warps=tiles.warps, launch_pdl=pdl,
     )  # fmt: skip
     return y

@@ -15,7 +15,14 @@ import triton
 import triton.language as tl
 
 from moelora.ops.expert_extras import ExpertExtras
-from moelora.ops.triton.common import extras_args, glu, lanes_in_rank, scale_args
+from moelora.ops.triton.common import (
+    after_previous,
+    dependent_launch,
+    extras_args,
+    glu,
+    lanes_in_rank,
+    scale_args,
+)
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.decode_common import (
     expand_fma,
@@ -124,7 +131,9 @@ def _decode_gate_up_kernel(
     HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    after_previous(PDL)
     # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
     num_shrink = 0
     item = tl.program_id(0)
@@ -185,6 +194,7 @@ def decode_gate_up(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     tiles: DecodeTiles,
     extras: ExpertExtras | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here (with
     `extras` its gate/up biases and activation), other rows unset; ha [T * k, R] fp32: a_dn[s, e] @ h
@@ -221,6 +231,7 @@ def decode_gate_up(
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
+    pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
         sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
@@ -231,7 +242,7 @@ def decode_gate_up(
         HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits, HAS_SCALE=scales.on,
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, num_warps=tiles.warps,
-        **regs,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl,
+        num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (ha_buf if lora is not None else None)

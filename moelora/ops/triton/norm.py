@@ -7,12 +7,16 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.plan import TUNED
+from moelora.ops.triton.common import after_previous, dependent_launch
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, n, eps, s_x, s_r,
-    HAS_RESIDUAL: tl.constexpr, WEIGHT_FIRST: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WEIGHT_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    after_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_N)
     ok = i < n
@@ -66,10 +70,11 @@ def rms_norm(
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     s = x if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     block_n = triton.next_power_of_2(n)
+    pdl = dependent_launch(x.device, TUNED.pdl)
     _rms_norm_kernel[(xr.shape[0],)](
         xr, rr, weight.contiguous(), y, s, n, eps, xr.stride(0), rr.stride(0),
-        HAS_RESIDUAL=residual is not None, WEIGHT_FIRST=weight_first, BLOCK_N=block_n,
-        num_warps=min(16, max(1, block_n // 256)),
+        HAS_RESIDUAL=residual is not None, WEIGHT_FIRST=weight_first, BLOCK_N=block_n, PDL=pdl,
+        num_warps=min(16, max(1, block_n // 256)), launch_pdl=pdl,
     )  # fmt: skip
     return y if residual is None else (y, s)
 

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 
 from moelora.ops.cache_write import CacheWrite
+from moelora.ops.plan import TUNED
+from moelora.ops.triton.common import after_previous, dependent_launch
 from moelora.ops.triton.kv_write import check_write_kv
 
 
@@ -62,7 +64,9 @@ def _rotary_kernel(
     hq, hkv, half, eps, q_blocks, cache_slots, page,
     sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
     HAS_NORM: tl.constexpr, TO_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
@@ -164,11 +168,13 @@ def _launch(
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k[None], k[None], q)
     slots = slots.contiguous()
     num_blocks, page = k_cache.shape[:2]
+    pdl = dependent_launch(q.device, TUNED.pdl)
     _rotary_kernel[(t, q_blocks + triton.cdiv(hkv, block_h))](
         q, k, q_out, k_out, qw, kw, cos, sin, v, k_cache, v_cache, slots,
         hq, hkv, d // 2, eps, q_blocks, num_blocks * page, page,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         HAS_NORM=norm is not None, TO_CACHE=cache is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return q_out, k_out

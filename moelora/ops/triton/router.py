@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moelora.ops.plan import TUNED
+from moelora.ops.triton.common import after_previous, dependent_launch
 from moelora.ops.triton.counters import last_one, launch_counters
 
 
@@ -64,12 +66,13 @@ def _router_kernel(
     sx_t, sx_k, swr_e, swr_k,
     IN_DIM: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr, TOP_K: tl.constexpr,
     K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program `split`: the logits' fp32 partial over its K_CHUNK input columns (a tensor-core dot for 16
     token rows, or products summed in registers for one token); the last to finish adds the partials up
     in split order (their loads all in flight at once), rounds the logits to x's dtype (as the linear
     layer's output) and takes the top-k."""
+    after_previous(PDL)
     split = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
@@ -136,11 +139,13 @@ def router(
     k_chunk: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
+    pdl: bool = TUNED.pdl,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
     16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
     cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
-    for benchmarks; the defaults are the measured best."""
+    for benchmarks; the defaults are the measured best. `pdl`: launched as a programmatic dependent
+    (`common.dependent_launch`)."""
     num_tokens, in_dim = x.shape
     num_experts = weight.shape[0]
     if num_tokens > ROUTER_TOKENS or x.element_size() != 2 or weight.dtype != x.dtype or num_experts > 256:
@@ -160,12 +165,13 @@ def router(
         num_tokens, top_k, dtype=torch.float32 if fp32_weights else x.dtype, device=x.device
     )
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    pdl = dependent_launch(x.device, pdl)
     _router_kernel[(splits,)](
         x, weight, part, weights, ids, launch_counters(x.device, 1), num_tokens, num_experts,
         *x.stride(), *weight.stride(),
         IN_DIM=in_dim, SPLITS=splits, K_CHUNK=k_chunk, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, DOT=dot,
-        PRECISION="tf32", num_warps=num_warps,
+        PRECISION="tf32", PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return weights, ids
 
