@@ -273,7 +273,8 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(PARTS=parts)
         case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
         case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
-        case |= dict(PRECISION="tf32")
+        line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
+        case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
         yield linear._linear_kernel, case, t.warps, t.stages
     g = TUNED.fp8_gemm_tiles
     for block_m, has_bias in ((16, False), (g.block_m, True)):

@@ -170,6 +170,15 @@ def num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+@triton.jit
+def prefetch_l2(ptrs):
+    """A hint (CUDA only, never in the interpreter): bring the lines at `ptrs` into L2; nothing waits for
+    them and no register holds them."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
 def dependent_launch(device: torch.device, on: bool) -> bool:
     """Whether a kernel on `device` is launched as a programmatic dependent of the one before it (`on`,
     the plan's `pdl`, and Hopper or newer): its programs start during that kernel's last ones and wait in

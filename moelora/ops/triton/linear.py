@@ -32,6 +32,7 @@ from moelora.ops.triton.common import (
     dependent_launch,
     lanes_in_rank,
     num_sms,
+    prefetch_l2,
     valid_slot,
 )
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
@@ -156,6 +157,19 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
 
 
 @triton.jit
+def _prefetch_part(w_ptr, item, n_tiles, out_dim, sw_n, sw_k, IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):  # fmt: skip
+    """The weight rows and input columns of GEMV item `item` (tile, split) brought into L2, one address a
+    cache line of LINE weights: issued before the wait for the previous kernel, they load while it ends."""
+    tile = item % n_tiles
+    split = item // n_tiles
+    n = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), out_dim - 1)
+    k0 = split * K_CHUNK
+    k = tl.minimum(k0 + tl.arange(0, LINES) * LINE, tl.minimum(k0 + K_CHUNK, IN_DIM) - 1)
+    prefetch_l2(w_ptr + n[:, None].to(tl.int64) * sw_n + k[None, :] * sw_k)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, sc_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
     ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr,
@@ -168,10 +182,13 @@ def _linear_kernel(
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
-    after_previous(PDL)
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
+    if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
+        _prefetch_part(w_ptr, tl.maximum(tl.program_id(0) - SHRINKS * HAS_LORA, 0), n_tiles, out_dim, sw_n,
+                       sw_k, IN_DIM, K_CHUNK, BLOCK_N, LINE, LINES)  # fmt: skip
+    after_previous(PDL)
     num_shrinks = 0
     item = tl.program_id(0)
     if HAS_LORA:
@@ -301,6 +318,7 @@ def linear(
     shrinks = min(num_tokens, num_slots) * chunks  # a program per (distinct slot, chunk) at most
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
     pdl = dependent_launch(x.device, plan.pdl)
+    line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
         sync, sync[1:], sync[2:], sync[3:],
@@ -314,7 +332,8 @@ def linear(
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)),
-        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), PDL=pdl,
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), PDL=pdl, LINE=line,
+        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return y
