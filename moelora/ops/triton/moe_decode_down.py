@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from moelora.ops.expert_extras import ExpertExtras
-from moelora.ops.triton.common import after_previous, dependent_launch, lanes_in_rank, scale_args
+from moelora.ops.triton.common import after_previous, dependent_launch, lanes_in_rank, prefetch_l2, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.decode_common import (
     expand_fma,
@@ -32,13 +32,22 @@ def _decode_down_kernel(
     INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
-    after_previous(PDL)
     p = tl.program_id(0)
-    t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < hidden
+    if PDL:
+        # While the gate/up GEMV ends: this tile's rows of the pair's expert into L2. The ids came from a
+        # kernel before the gate/up one (which waited for it), so they are most likely current; read
+        # again after the wait for the work, as a stale id only costs a wasted hint here.
+        _, e_early, runs_early = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
+        k = tl.arange(0, LINES) * LINE
+        rows = tl.minimum(n, hidden - 1).to(tl.int64) * sw_n
+        e_hint = tl.where(runs_early, e_early, 0).to(tl.int64)
+        prefetch_l2(w_ptr + e_hint * sw_e + rows[:, None] + tl.minimum(k, INTER - 1)[None, :] * sw_k)
+    after_previous(PDL)
+    t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
     if runs:
         e64 = e.to(tl.int64)
         kk = tl.arange(0, BLOCK_K)
@@ -115,6 +124,7 @@ def decode_down(
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
     pdl = dependent_launch(h.device, pdl)
+    line = max(1, 128 // w_down.element_size())  # weights a 128-byte cache line holds
     _decode_down_kernel[(num_pairs, n_tiles)](
         h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
         h if b_down is None else b_down, scales.table, hidden, num_experts, rank, num_slots, num_pairs,
@@ -123,7 +133,7 @@ def decode_down(
         INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
         HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl,
-        num_warps=tiles.warps, launch_pdl=pdl,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl, LINE=line,
+        LINES=triton.next_power_of_2(triton.cdiv(inter, line)), num_warps=tiles.warps, launch_pdl=pdl,
     )  # fmt: skip
     return y
