@@ -79,6 +79,23 @@ def test_latency_decode_steps_are_the_engine_s_timestamps(tiny_llm):
     assert steps == [b.end - a.end for a, b in itertools.pairwise(last_run)]
 
 
+def test_a_batch_the_kv_cache_holds_only_in_waves_is_reported_as_what_ran(capsys):
+    """4 sequences of 30 tokens need 8 blocks of 16; with 4 the engine runs them in waves of 2. The row
+    counts the tokens the decode steps generated, takes the floor of the sequences a step ran, and says
+    so (a floor computed for the whole batch would put the figures below it)."""
+    w = WorkloadArgs(input_len=24, output_len=6)
+    with LLM(TINY, device="cpu", progress=False, num_kv_blocks=4, block_size=16) as llm:
+        session = open_session(llm, w, [], seed=0)
+        (row,) = run_latency(session, LatencyArgs(batch_size=(4,), num_iters=1, num_iters_warmup=0))
+        whole = session.floor_ms(session.mixes[0], 4, w.input_len + w.output_len / 2)
+    (it,) = row.iterations
+    assert it.generated == 4 * w.output_len and row.running == 2 and max(it.decode_seqs) == 2
+    assert row.decode_tok_s == sum(it.decode_seqs) / sum(it.decode_steps_s)
+    assert 0 < row.floor_ms < whole
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "did not run as one batch: a decode step ran 2 sequences" in out and "4 blocks of 16" in out
+
+
 def test_bench_cli_runs_and_writes_json(tmp_path: Path, capsys):
     out, png = tmp_path / "lat.json", tmp_path / "lat.png"
     argv = ["bench", "latency", TINY, "--no-progress", "--dummy-loras", "2", "--max-loras-per-batch", "2",

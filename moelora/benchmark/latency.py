@@ -24,21 +24,29 @@ from moelora.sampling_params import SamplingParams
 @dataclass(frozen=True)
 class Iteration:
     """One timed run of a batch: prefill (submission to the end of the last step with prompt tokens), the
-    decode steps after it (each from the previous step's end to its own), and the tokens generated."""
+    decode steps after it (each from the previous step's end to its own) with the sequences each
+    decoded, and the tokens generated. A batch the KV cache cannot hold at once runs in waves: its
+    last wave's decode steps have fewer sequences than the batch (`decode_seqs`)."""
 
     prefill_s: float
     decode_steps_s: list[float]
     generated: int
     wall_s: float
     preemptions: int
+    decode_seqs: list[int] = field(default_factory=list)
 
 
 def split_steps(records: list[StepRecord], submitted: float) -> tuple[float, list[float]]:
     """(prefill seconds, decode step seconds) of one run's steps, in order."""
-    last = max((i for i, r in enumerate(records) if r.prefill_tokens), default=-1)
+    last = last_prefill(records)
     prefill_end = records[last].end if last >= 0 else submitted
     ends = [prefill_end] + [r.end for r in records[last + 1 :]]
     return prefill_end - submitted, [b - a for a, b in itertools.pairwise(ends)]
+
+
+def last_prefill(records: list[StepRecord]) -> int:
+    """Index of the last step that computed prompt tokens (-1: none)."""
+    return max((i for i, r in enumerate(records) if r.prefill_tokens), default=-1)
 
 
 def run_batch(session: Session, batch: int, mix: Mix) -> Iteration:
@@ -49,9 +57,11 @@ def run_batch(session: Session, batch: int, mix: Mix) -> Iteration:
     start = time.perf_counter()
     outs = llm.generate(prompts, params, lora=loras)
     wall = time.perf_counter() - start
-    prefill, steps = split_steps(llm.engine.step_records(since=start), start)
+    records = llm.engine.step_records(since=start)
+    prefill, steps = split_steps(records, start)
+    seqs = [r.decode_tokens for r in records[last_prefill(records) + 1 :]]
     generated = sum(len(o.token_ids) for o in outs)
-    return Iteration(prefill, steps, generated, wall, llm.engine.num_preemptions - preempted)
+    return Iteration(prefill, steps, generated, wall, llm.engine.num_preemptions - preempted, seqs)
 
 
 @dataclass
@@ -68,8 +78,16 @@ class Row:
 
     @property
     def decode_tok_s(self) -> float:
+        """Tokens the decode steps generated (counted, not batch x steps) per second."""
         seconds = sum(sum(it.decode_steps_s) for it in self.iterations)
-        return self.batch * len(self.steps_ms) / seconds if seconds else float("nan")
+        return sum(sum(it.decode_seqs) for it in self.iterations) / seconds if seconds else float("nan")
+
+    @property
+    def running(self) -> int:
+        """Median sequences a decode step ran: the batch, unless the KV cache held it only in waves
+        (then the floor is that of this many, and the row is marked)."""
+        seqs = sorted(n for it in self.iterations for n in it.decode_seqs)
+        return seqs[len(seqs) // 2] if seqs else self.batch
 
     @property
     def prefill_ms(self) -> float:
@@ -97,6 +115,7 @@ class Row:
             "floor_share": self.floor_ms / percentile(steps, 50) if steps else None,
             "spread": self.spread,
             "prefill_gflop": self.prefill_gflop,
+            "decode_seqs_p50": self.running,
             "generated_tokens": sum(it.generated for it in self.iterations),
             "preemptions": sum(it.preemptions for it in self.iterations),
             "iterations": [asdict(it) for it in self.iterations],
@@ -113,7 +132,6 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
     with tqdm(total=total, desc="bench latency", unit="run", disable=not session.llm.args.progress) as bar:
         for row in rows:
             mix = mixes[row.mix]
-            row.floor_ms = session.floor_ms(mix, row.batch, context)
             lens = [w.input_len] * row.batch
             row.prefill_gflop = prefill_flops(mb, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
             for i in range(args.num_iters_warmup + args.num_iters):
@@ -121,15 +139,31 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
                 if i >= args.num_iters_warmup:
                     row.iterations.append(it)
                 bar.update()
+            row.floor_ms = session.floor_ms(mix, row.running, context)
             s = row.summary()
             bar.write(
                 f"batch {row.batch} {row.mix}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
                 f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
                 f"{fmt(s['decode_tok_s'], 0)} tok/s"
             )
+            if row.running < row.batch:
+                bar.write(waves_warning(session, row))
             if args.profile:
                 profile_row(session, row, mix, Path(args.profile))
     return rows
+
+
+def waves_warning(session: Session, row: Row) -> str:
+    """What a row that did not run as one batch measured, and what to change."""
+    engine = session.llm.engine
+    return (
+        f"WARNING: batch {row.batch} ({row.mix}) did not run as one batch: a decode step ran {row.running} "
+        f"sequences (median) with {sum(it.preemptions for it in row.iterations)} preemptions; the KV cache "
+        f"holds {engine.allocator.num_blocks} blocks of {engine.scheduler.block_size} tokens. Its prefill "
+        f"time includes earlier waves' decoding, and its decode figures and floor are those of "
+        f"{row.running} sequences. Free memory for the cache: fewer or smaller adapter slots "
+        f"(--max-loras-per-batch, --max-lora-rank), a higher --gpu-memory-utilization, or a smaller batch."
+    )
 
 
 def print_latency(session: Session, rows: list[Row]) -> None:
@@ -140,10 +174,11 @@ def print_latency(session: Session, rows: list[Row]) -> None:
         s = r.summary()
         share = s["floor_share"]
         flag = " BELOW FLOOR" if share is not None and share > 1 else ""
+        batch = str(r.batch) if r.running == r.batch else f"{r.batch} (ran {r.running})"
         prefill_rate = r.prefill_gflop * 1e9 / (r.prefill_ms / 1e3) if r.prefill_ms else float("nan")
         table.append(
             [
-                str(r.batch),
+                batch,
                 r.mix,
                 fmt(s["prefill_ms"], 1),
                 fmt(prefill_rate / gemm * 100, 0) + "%" if gemm else "-",
