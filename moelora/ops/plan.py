@@ -76,8 +76,8 @@ class DecodeTiles:
     fp8_block_k: int = 0
     # Each K step's products summed at once (one fp32 a row across the loop), not a [block_n, block_k]
     # tile of them summed after it. sm_90, Qwen3's gate/up GEMV, ptxas (`python -m tests.kernel_compile
-    # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39; not timed
-    # yet (off)
+    # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39. Slower: H100,
+    # Qwen3-30B-A3B bf16, batch 1 (2026-12-05), 4.08 -> 4.70 ms a step base, 4.98 -> 4.96 with 8 adapters
     step_sum: bool = False
 
 
@@ -198,8 +198,10 @@ class KernelPlan:
     # Programmatic dependent launch (Hopper): the decode path's kernels (norms, the one-launch linear layer,
     # rotary, decode attention, the router, the decode MoE GEMVs) start during the previous kernel's last
     # programs and wait for it in-kernel (`common.after_previous`), so a launch's start-up overlaps the
-    # tail of the one before; in a CUDA graph the launches keep the edge. Not timed yet (off).
-    pdl: bool = False
+    # tail of the one before (the linear layer and the down GEMV bring their weights into L2 meanwhile);
+    # in a CUDA graph the launches keep the edge. H100, Qwen3-30B-A3B bf16, batch 1 (2026-12-05,
+    # twelfth session): 4.08 -> 4.03 ms a step base, 4.98 -> 4.80 with 8 adapters.
+    pdl: bool = True
 
 
 TUNED = KernelPlan()
