@@ -94,6 +94,7 @@ def test_a_batch_the_kv_cache_holds_only_in_waves_is_reported_as_what_ran(capsys
     assert 0 < row.floor_ms < whole
     out = capsys.readouterr().out + capsys.readouterr().err
     assert "did not run as one batch: a decode step ran 2 sequences" in out and "4 blocks of 16" in out
+    assert "batch 4 needs 8 KV blocks of 16 tokens at its longest; the cache holds 4" in out
 
 
 def test_bench_cli_runs_and_writes_json(tmp_path: Path, capsys):

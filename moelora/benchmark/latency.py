@@ -17,6 +17,7 @@ from moelora.benchmark.floors import prefill_flops
 from moelora.benchmark.report import fmt, percentile, print_table
 from moelora.benchmark.session import Session
 from moelora.benchmark.workload import Mix
+from moelora.cache.kv_cache import blocks_for
 from moelora.engine.stats import StepRecord
 from moelora.sampling_params import SamplingParams
 
@@ -128,12 +129,18 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
     rows = [Row(b, m.name) for b in args.batch_size for m in session.mixes]
     mixes = {m.name: m for m in session.mixes}
     total = len(rows) * (args.num_iters + args.num_iters_warmup)
-    mb, cfg = session.model, session.llm.model.cfg
+    mb, cfg, engine = session.model, session.llm.model.cfg, session.llm.engine
     with tqdm(total=total, desc="bench latency", unit="run", disable=not session.llm.args.progress) as bar:
         for row in rows:
             mix = mixes[row.mix]
             lens = [w.input_len] * row.batch
             row.prefill_gflop = prefill_flops(mb, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
+            if row.mix == session.mixes[0].name and (need := kv_blocks_needed(session, row.batch)):
+                bar.write(
+                    f"WARNING: batch {row.batch} needs {need} KV blocks of {engine.scheduler.block_size} "
+                    f"tokens at its longest; the cache holds {engine.allocator.num_blocks}: it will run in "
+                    "waves"
+                )
             for i in range(args.num_iters_warmup + args.num_iters):
                 it = run_batch(session, row.batch, mix)
                 if i >= args.num_iters_warmup:
@@ -151,6 +158,14 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
             if args.profile:
                 profile_row(session, row, mix, Path(args.profile))
     return rows
+
+
+def kv_blocks_needed(session: Session, batch: int) -> int:
+    """KV blocks `batch` sequences hold at their longest (prompt and every new token but the last), if
+    more than the cache has; else 0."""
+    engine, w = session.llm.engine, session.workload
+    need = batch * blocks_for(w.input_len + w.output_len - 1, engine.scheduler.block_size)
+    return need if need > engine.allocator.num_blocks else 0
 
 
 def waves_warning(session: Session, row: Row) -> str:
