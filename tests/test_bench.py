@@ -92,7 +92,8 @@ def test_a_batch_the_kv_cache_holds_only_in_waves_is_reported_as_what_ran(capsys
     assert it.generated == 4 * w.output_len and row.running == 2 and max(it.decode_seqs) == 2
     assert row.decode_tok_s == sum(it.decode_seqs) / sum(it.decode_steps_s)
     assert 0 < row.floor_ms < whole
-    out = capsys.readouterr().out + capsys.readouterr().err
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "did not run as one batch: a decode step ran 2 sequences" in out and "4 blocks of 16" in out
     assert "batch 4 needs 8 KV blocks of 16 tokens at its longest; the cache holds 4" in out
 

@@ -34,7 +34,7 @@ class Iteration:
     generated: int
     wall_s: float
     preemptions: int
-    decode_seqs: list[int] = field(default_factory=list)
+    decode_seqs: list[int]
 
 
 def split_steps(records: list[StepRecord], submitted: float) -> tuple[float, list[float]]:

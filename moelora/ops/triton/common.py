@@ -183,7 +183,12 @@ def dependent_launch(device: torch.device, on: bool) -> bool:
     """Whether a kernel on `device` is launched as a programmatic dependent of the one before it (`on`,
     the plan's `pdl`, and Hopper or newer): its programs start during that kernel's last ones and wait in
     `after_previous`, so a launch's start-up overlaps the tail of the launch before it."""
-    return on and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return on and _hopper_or_newer(device)
+
+
+@functools.cache
+def _hopper_or_newer(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
