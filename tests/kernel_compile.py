@@ -207,9 +207,13 @@ def moe_cases() -> Iterator[Case]:
         yield router._route_kernel, route, 4
         one = dict(IN_DIM=2048, SPLITS=16, K_CHUNK=128, TOP_K=top_k, K_PAD=top_k, RENORMALIZE=True)
         one |= dict(BLOCK_T=16, BLOCK_E=max(16, experts), BLOCK_K=128, PRECISION="tf32", DOT=True)
+        one |= dict(NORM=False, WEIGHT_FIRST=False, NORM_K=512, LINE=64, LINES=2)
         yield router._router_kernel, one, 4
-        # one token: products in registers, 64 columns a program (a new dict: the one above was yielded)
-        yield router._router_kernel, one | dict(BLOCK_T=1, K_CHUNK=64, SPLITS=32, BLOCK_K=64, DOT=False), 4
+        yield router._router_kernel, one | dict(NORM=True), 4  # the post-attention norm in it
+        # one token: products in registers, 64 columns a program (new dicts: the ones above were yielded)
+        single = one | dict(BLOCK_T=1, K_CHUNK=64, SPLITS=32, BLOCK_K=64, DOT=False, NORM_K=2048, LINES=1)
+        yield router._router_kernel, single, 4
+        yield router._router_kernel, single | dict(NORM=True), 4
     # DeepSeek-V3 (256 experts in 8 groups), GLM-4.5 (128, one group), DeepSeek-V2 (160 in 8, softmax),
     # Kimi-K2 (384, one group)
     forms = ((256, 8, 4, 8, True), (128, 1, 1, 8, True), (160, 8, 3, 6, False), (384, 1, 1, 8, True))

@@ -746,6 +746,54 @@ def test_router_matches_twin(num_tokens: int, num_experts: int, k: int, in_dim: 
     assert torch.equal(got_ids[clear], ref_ids[clear]) and got_w.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k", "in_dim", "weight_first"),
+    [(1, 128, 8, 300, False), (1, 60, 4, 2048, True), (5, 60, 4, 96, False), (16, 8, 2, 64, True)],
+)
+def test_add_norm_router_matches_twin(
+    num_tokens: int, num_experts: int, k: int, in_dim: int, weight_first: bool
+):
+    """The residual add, RMSNorm and router in one launch (fp16: the interpreter has no bf16 dot) against
+    the twin's `rms_norm` then `router`: the sums s exactly, the normed h to a rounding of fp16 (the squares
+    summed in another order), the ids up to near-ties of the twin's logits. A
+    strided x (a view of wider rows) and, with `weight_first`, an fp32 norm weight (Qwen3-Next's 1 + w)."""
+    g = torch.Generator().manual_seed(num_tokens * 7 + in_dim)
+    x = rand(g, num_tokens, in_dim + 5).half()[:, 3 : 3 + in_dim]
+    residual = rand(g, num_tokens, in_dim, scale=3.0).half()
+    norm_w = (1 + rand(g, in_dim, scale=0.2)).to(torch.float32 if weight_first else torch.float16)
+    w = rand(g, num_experts, in_dim, scale=in_dim**-0.5).half()  # logits of about 1: fp16 rounds to 1e-3
+    got = triton_router.add_norm_router(x, residual, norm_w, 1e-6, weight_first, w, k, True, False)
+    ref = torch_router.add_norm_router(x, residual, norm_w, 1e-6, weight_first, w, k, True, False)
+    assert torch.equal(got[3], ref[3])
+    assert_close(got[2], ref[2], 2e-3)
+    logits = torch.nn.functional.linear(ref[2].float(), w.float())
+    top = logits.sort(dim=-1, descending=True)[0]
+    # every chosen expert is among the twin's top k up to a near-tie, and where none is near, the same
+    chosen = logits.gather(1, got[1].long())
+    assert (chosen >= top[:, k - 1 : k] - 0.01).all() and (got[1].sort(dim=1)[0].diff(dim=1) > 0).all()
+    clear = (top[:, k - 1] - top[:, k]) > 0.01
+    assert torch.equal(got[1][clear], ref[1][clear])
+    if clear.any():
+        assert_close(got[0][clear], ref[0][clear], CPU_TOL[torch.float16])
+    # more tokens than the one launch takes: the norm, then the router (cuBLAS and `route`)
+    many = triton_router.ROUTER_TOKENS + 1
+    xs, rs = rand(g, many, in_dim).half(), rand(g, many, in_dim).half()
+    got = triton_router.add_norm_router(xs, rs, norm_w, 1e-6, weight_first, w, k, True, False)
+    ref = torch_router.add_norm_router(xs, rs, norm_w, 1e-6, weight_first, w, k, True, False)
+    assert torch.equal(got[3], ref[3]) and got[2].shape == ref[2].shape
+
+
+def test_add_norm_router_bad_shapes():
+    x, w = (
+        torch.zeros(2, 32, dtype=torch.float16, device=DEV),
+        torch.zeros(8, 32, dtype=torch.float16, device=DEV),
+    )
+    with pytest.raises(ValueError, match="residual like x"):
+        triton_router.add_norm_router(x, x[:1], x[0], 1e-6, False, w, 2, True, False)
+    with pytest.raises(ValueError, match="residual like x"):
+        triton_router.add_norm_router(x, x, x[0, :16], 1e-6, False, w, 2, True, False)
+
+
 def test_route_strided_logits_and_bad_k():
     g = torch.Generator().manual_seed(0)
     wide = router_logits(g, 9, 20, torch.float32)
@@ -839,10 +887,10 @@ def test_route_gpu(num_tokens: int, num_experts: int, k: int):
 @pytest.mark.gpu
 @pytest.mark.cuda_graphs
 def test_dependent_launches_in_a_graph_keep_the_stream_order():
-    """The plan's `pdl` (programmatic dependent launch): a linear layer, the router and the decode MoE
-    launched as dependents of the kernel before each, captured in a graph and replayed with new inputs:
-    each kernel must read what the one before it wrote that replay (the twins' result, the router's own
-    eager result on that replay's input), not the last replay's."""
+    """The plan's `pdl` (programmatic dependent launch): a linear layer, the norm + router and the decode
+    MoE launched as dependents of the kernel before each, captured in a graph and replayed with new
+    inputs: each kernel must read what the one before it wrote that replay (the twins' result, the
+    router's own eager result on that replay's input), not the last replay's."""
     from moelora.ops.triton import linear as triton_linear
 
     plan = replace(TUNED, pdl=True, decode_pairs=1 << 30)
@@ -851,24 +899,31 @@ def test_dependent_launches_in_a_graph_keep_the_stream_order():
     hidden, num_experts, k = case[3], case[2], case[1]
     w = rand(g, hidden, hidden, scale=hidden**-0.5).to(x.dtype)
     w_router = rand(g, num_experts, hidden).to(x.dtype)
+    residual, norm_w = rand(g, *x.shape).to(x.dtype), (1 + rand(g, hidden, scale=0.1)).to(x.dtype)
 
-    def chain() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def chain() -> tuple[torch.Tensor, ...]:
         y = triton_linear.linear(x, w, None, None, (hidden,), plan)
-        weights, ids = triton_router.router(y, w_router, k, True, False, pdl=True)
-        return y, ids, triton_moe.fused_moe(y, w_gu, w_dn, ids, weights, plan)
+        weights, ids, h, s = triton_router.add_norm_router(
+            y, residual, norm_w, 1e-6, False, w_router, k, True, False, pdl=True
+        )
+        return y, ids, h, s, triton_moe.fused_moe(h, w_gu, w_dn, ids, weights, plan)
 
     chain()  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, ids, out = chain()
+        y, ids, h, s, out = chain()
     for seed in (1, 2, 3):
         x.copy_(rand(torch.Generator().manual_seed(seed), *x.shape).to(x.dtype))
         graph.replay()
         y_ref = torch_lora.linear(x, w, None, None, None, (hidden,))
         assert_close(y, y_ref, CPU_TOL[x.dtype])
-        weights_now, ids_now = triton_router.router(y, w_router, k, True, False)  # deterministic sums
-        assert torch.equal(ids, ids_now)
-        ref = torch_moe.fused_moe(y, w_gu, w_dn, ids_now, weights_now)
+        assert torch.equal(s, y + residual)
+        # deterministic sums: the eager launch on this replay's y gives the same bits
+        weights_now, ids_now, h_now, _ = triton_router.add_norm_router(
+            y, residual, norm_w, 1e-6, False, w_router, k, True, False
+        )
+        assert torch.equal(ids, ids_now) and torch.equal(h, h_now)
+        ref = torch_moe.fused_moe(h_now, w_gu, w_dn, ids_now, weights_now)
         assert_close(out, ref, CPU_TOL[x.dtype])
 
 

@@ -247,6 +247,25 @@ class SparseMoeBlock(nn.Module):
                 )
 
     def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> torch.Tensor:
+        return self._experts(x, *self._route(x), token_slot)
+
+    def add_norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, token_slot: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual). With the plain softmax router the norm runs in the
+        router's launch (`ops.add_norm_router`), one launch a layer fewer at decode."""
+        cfg = self.cfg
+        if cfg.routing != "softmax" or self.router.bias is not None:
+            h, residual = norm.add_norm(x, residual)
+            return self(h, token_slot), residual
+        weights, global_ids, h, residual = ops.add_norm_router(
+            x, residual, norm.weight, norm.eps, norm.weight_first, self.router.weight, self.top_k,
+            self.renormalize, self.fp32_weights,
+        )  # fmt: skip
+        return self._experts(h, weights, global_ids, token_slot), residual
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k], global expert ids [T, k]) of the family's router."""
         cfg = self.cfg
         if cfg.routing == "sigmoid_grouped":
             assert self.score_bias is not None
@@ -276,6 +295,16 @@ class SparseMoeBlock(nn.Module):
             weights, global_ids = ops.router(
                 x, self.router.weight, self.top_k, self.renormalize, self.fp32_weights
             )
+        return weights, global_ids
+
+    def _experts(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        global_ids: torch.Tensor,
+        token_slot: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum, plus the shared expert, all-reduced."""
         out = self.experts(x, weights, global_ids, token_slot)
         if self.shared is not None:
             shared = self.shared(x, token_slot)

@@ -66,7 +66,10 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, batch, cos, sin), residual)
+        attn = self.self_attn(h, batch, cos, sin)
+        if isinstance(self.mlp, SparseMoeBlock):
+            return self.mlp.add_norm_forward(attn, residual, self.post_attention_layernorm, batch.token_slot)
+        h, residual = self.post_attention_layernorm.add_norm(attn, residual)
         return self.mlp(h, batch.token_slot), residual
 
     def weight_specs(self, prefix: str, family: Family) -> list[WeightSpec]:

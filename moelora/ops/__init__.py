@@ -123,6 +123,24 @@ def router(
     return impl(x, weight, top_k, renormalize, fp32_weights)
 
 
+def add_norm_router(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight_first: bool,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    fp32_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual add, RMSNorm and the router -> (weights, ids, normed input, next residual); see
+    `moelora.ops.torch.router.add_norm_router`."""
+    mod = _half_kernels("router", x, residual, weight)
+    impl = mod.add_norm_router if mod is not None else _torch_router.add_norm_router
+    return impl(x, residual, norm_weight, eps, weight_first, weight, top_k, renormalize, fp32_weights)
+
+
 def write_latent(
     latent: torch.Tensor,
     k_rot: torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.torch.norm import rms_norm
+
 
 def route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
@@ -33,6 +35,28 @@ def router(
     than F.linear (the logits then differ in their last bit at most).
     """
     return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
+
+
+def add_norm_router(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight_first: bool,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    fp32_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The post-attention norm and the router -> (weights [T, k], ids [T, k], h [T, H], s [T, H]).
+
+    Semantics: h, s = rms_norm(x, norm_weight, eps, residual, weight_first) (the MoE's input and the next
+    residual), then weights, ids = router(h, weight, top_k, renormalize, fp32_weights). Kernels may sum
+    the squares and the products in another order (h, then the logits, differ in their last bit at most).
+    """
+    h, s = rms_norm(x, norm_weight, eps, residual, weight_first)
+    weights, ids = router(h, weight, top_k, renormalize, fp32_weights)
+    return weights, ids, h, s
 
 
 def grouped_router(

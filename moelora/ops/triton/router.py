@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 
 from moelora.ops.plan import TUNED
-from moelora.ops.triton.common import after_previous, dependent_launch
+from moelora.ops.triton.common import after_previous, dependent_launch, prefetch_l2
 from moelora.ops.triton.counters import last_one, launch_counters
+from moelora.ops.triton.norm import rms_norm
 
 
 @triton.jit
@@ -61,29 +62,84 @@ def _route_kernel(
 
 
 @triton.jit
+def _row_sums(x_ptr, r_ptr, t, cols, mask, sx_t, sx_k, sr_t):
+    """s = x + residual of rows t over `cols`, rounded to x's dtype (as `rms_norm`'s add)."""
+    x = tl.load(x_ptr + t[:, None] * sx_t + cols[None, :] * sx_k, mask=mask, other=0.0)
+    r = tl.load(r_ptr + t[:, None] * sr_t + cols[None, :], mask=mask, other=0.0)
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _row_rstd(x_ptr, r_ptr, t, t_ok, sx_t, sx_k, sr_t, eps, IN_DIM: tl.constexpr, NORM_K: tl.constexpr):
+    """rsqrt(mean(s^2) + eps) [BLOCK_T] of rows t's whole sums s = x + residual (fp32)."""
+    sum_sq = tl.zeros(t.shape, dtype=tl.float32)
+    for c0 in range(0, IN_DIM, NORM_K):
+        cols = c0 + tl.arange(0, NORM_K)
+        sf = _row_sums(x_ptr, r_ptr, t, cols, t_ok[:, None] & (cols < IN_DIM)[None, :], sx_t, sx_k, sr_t)
+        sf = sf.to(tl.float32)
+        sum_sq += tl.sum(sf * sf, axis=1)
+    return tl.rsqrt(sum_sq / IN_DIM + eps)
+
+
+@triton.jit
+def _normed_step(x_ptr, r_ptr, nw_ptr, h_ptr, s_ptr, t, cols, mask, rstd, sx_t, sx_k, sr_t,
+                 IN_DIM: tl.constexpr, WEIGHT_FIRST: tl.constexpr):  # fmt: skip
+    """h = RMSNorm(x + residual) of rows t over `cols` in x's dtype, as `rms_norm` computes it (the cast
+    to x's dtype before the weight unless WEIGHT_FIRST); h and the sums stored (h and s: [T, IN_DIM])."""
+    s = _row_sums(x_ptr, r_ptr, t, cols, mask, sx_t, sx_k, sr_t)
+    out = t[:, None].to(tl.int64) * IN_DIM + cols[None, :]
+    tl.store(s_ptr + out, s, mask=mask)
+    normed = s.to(tl.float32) * rstd[:, None]
+    if not WEIGHT_FIRST:
+        normed = normed.to(s.dtype).to(tl.float32)
+    w = tl.load(nw_ptr + cols, mask=cols < IN_DIM, other=0.0).to(tl.float32)
+    h = (w[None, :] * normed).to(s.dtype)
+    tl.store(h_ptr + out, h, mask=mask)
+    return h
+
+
+@triton.jit
 def _router_kernel(
-    x_ptr, wr_ptr, part_ptr, w_ptr, ids_ptr, count_ptr, num_tokens, num_experts,
-    sx_t, sx_k, swr_e, swr_k,
+    x_ptr, wr_ptr, part_ptr, w_ptr, ids_ptr, count_ptr, r_ptr, nw_ptr, h_ptr, s_ptr, num_tokens, num_experts,
+    sx_t, sx_k, swr_e, swr_k, sr_t, eps,
     IN_DIM: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr, TOP_K: tl.constexpr,
     K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr, NORM_K: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
+    LINES: tl.constexpr,
 ):  # fmt: skip
     """Program `split`: the logits' fp32 partial over its K_CHUNK input columns (a tensor-core dot for 16
     token rows, or products summed in registers for one token); the last to finish adds the partials up
     in split order (their loads all in flight at once), rounds the logits to x's dtype (as the linear
-    layer's output) and takes the top-k."""
-    after_previous(PDL)
+    layer's output) and takes the top-k.
+    With NORM the router's input is RMSNorm(x + residual) (`_normed_step`): every program finds the rows'
+    scale from their whole sums (rows of [IN_DIM] 16-bit values: a few KB each from L2), then normalises
+    only its own columns and stores them, and their sums s, into h and s (the MoE's input, the next
+    residual)."""
     split = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
     e = tl.arange(0, BLOCK_E)
     e_ok = (e < num_experts)[None, :]
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
+    if PDL:  # while the previous kernel ends: this program's columns of the router's weights into L2
+        cols = tl.minimum(split * K_CHUNK + tl.arange(0, LINES) * LINE, IN_DIM - 1)  # one a cache line
+        prefetch_l2(wr_ptr + tl.minimum(e, num_experts - 1)[:, None] * swr_e + cols[None, :] * swr_k)
+    after_previous(PDL)
+    rstd = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if NORM:
+        rstd = _row_rstd(x_ptr, r_ptr, t, t_ok, sx_t, sx_k, sr_t, eps, IN_DIM, NORM_K)
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for k0 in range(0, K_CHUNK, BLOCK_K):
         k_ok = kk + k0 < IN_DIM
         x_mask = t_ok[:, None] & k_ok[None, :]
-        xk = tl.load(x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k, mask=x_mask, other=0.0)
+        if NORM:
+            xk = _normed_step(
+                x_ptr, r_ptr, nw_ptr, h_ptr, s_ptr, t, kk + k0, x_mask, rstd, sx_t, sx_k, sr_t, IN_DIM,
+                WEIGHT_FIRST,
+            )  # fmt: skip
+        else:
+            xk = tl.load(x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k, mask=x_mask, other=0.0)
         if DOT:
             w_mask = k_ok[:, None] & e_ok
             wk = tl.load(wr_ptr + e[None, :] * swr_e + (kk + k0)[:, None] * swr_k, mask=w_mask, other=0.0)
@@ -146,10 +202,68 @@ def router(
     cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
     for benchmarks; the defaults are the measured best. `pdl`: launched as a programmatic dependent
     (`common.dependent_launch`)."""
+    if not _one_launch(x, weight):
+        return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
+    weights, ids, _, _ = _launch(
+        x, weight, top_k, renormalize, fp32_weights, None, k_chunk, block_k, num_warps, pdl
+    )
+    return weights, ids
+
+
+def add_norm_router(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight_first: bool,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    fp32_weights: bool,
+    pdl: bool = TUNED.pdl,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.router.add_norm_router`: for a few tokens the
+    residual add, the RMSNorm, the router's linear layer and its top-k in one launch (`_router_kernel`
+    with NORM); else `rms_norm`, then `router`."""
+    if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"add_norm_router: x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
+            f"{residual.dtype}, norm weight {tuple(norm_weight.shape)}: residual like x, the weight [H]"
+        )
+    h_dtype = x.dtype if weight_first else torch.promote_types(norm_weight.dtype, x.dtype)
+    if h_dtype != x.dtype or not _one_launch(x, weight) or residual.stride(-1) != 1:
+        h, s = rms_norm(x, norm_weight, eps, residual, weight_first)
+        return *router(h, weight, top_k, renormalize, fp32_weights, pdl=pdl), h, s
+    norm = (residual, norm_weight.contiguous(), eps, weight_first)
+    return _launch(x, weight, top_k, renormalize, fp32_weights, norm, None, None, 4, pdl)
+
+
+def _one_launch(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the router of x [T, H] takes the one launch: a few tokens, 16 bits, at most 256 experts."""
+    return (
+        x.shape[0] <= ROUTER_TOKENS
+        and x.element_size() == 2
+        and weight.dtype == x.dtype
+        and weight.shape[0] <= 256
+    )
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    fp32_weights: bool,
+    norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None,
+    k_chunk: int | None,
+    block_k: int | None,
+    num_warps: int,
+    pdl: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-launch router -> (weights, ids, h, s); with `norm` = (residual, norm weight, eps,
+    weight_first) its input is RMSNorm(x + residual), returned as h with the sums s (else h = s = x)."""
     num_tokens, in_dim = x.shape
     num_experts = weight.shape[0]
-    if num_tokens > ROUTER_TOKENS or x.element_size() != 2 or weight.dtype != x.dtype or num_experts > 256:
-        return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
     if not 0 < top_k <= num_experts:
         raise ValueError(f"router: top_k {top_k} must be in [1, {num_experts}] (the router's experts)")
     dot = num_tokens > _DOT_TOKENS
@@ -165,15 +279,23 @@ def router(
         num_tokens, top_k, dtype=torch.float32 if fp32_weights else x.dtype, device=x.device
     )
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    h = s = x
+    residual, norm_weight, eps, weight_first = x, x, 0.0, False
+    if norm is not None:
+        residual, norm_weight, eps, weight_first = norm
+        h, s = torch.empty(num_tokens, in_dim, dtype=x.dtype, device=x.device), torch.empty_like(h)
     pdl = dependent_launch(x.device, pdl)
+    line = 128 // weight.element_size()  # weights a 128-byte cache line holds
     _router_kernel[(splits,)](
-        x, weight, part, weights, ids, launch_counters(x.device, 1), num_tokens, num_experts,
-        *x.stride(), *weight.stride(),
+        x, weight, part, weights, ids, launch_counters(x.device, 1), residual, norm_weight, h, s,
+        num_tokens, num_experts, *x.stride(), *weight.stride(), residual.stride(0), eps,
         IN_DIM=in_dim, SPLITS=splits, K_CHUNK=k_chunk, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, DOT=dot,
-        PRECISION="tf32", PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
+        PRECISION="tf32", NORM=norm is not None, WEIGHT_FIRST=weight_first,
+        NORM_K=min(triton.next_power_of_2(in_dim), max(16, 8192 // block_t)), PDL=pdl, LINE=line,
+        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)), num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
-    return weights, ids
+    return weights, ids, h, s
 
 
 @triton.jit
