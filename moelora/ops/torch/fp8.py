@@ -45,11 +45,11 @@ def dequantize_rows(w8: torch.Tensor, scales: torch.Tensor, group: int, dtype: t
     return (w8.float() * _per_column(scales, group, w8.shape[-1])).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, group: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, group: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] as the FP8 products of W8A8 kernels see it: quantised per row and group of `group`
-    columns, dequantised back to x's dtype."""
+    columns, dequantised back to `dtype` (x's by default)."""
     x8, scales = quantize_rows(x, group)
-    return dequantize_rows(x8, scales, group, x.dtype)
+    return dequantize_rows(x8, scales, group, dtype or x.dtype)
 
 
 def expert_weights(
@@ -66,9 +66,10 @@ def expert_weights(
     )
 
 
-def expert_inputs(x: torch.Tensor, extras: ExpertExtras | None, fp8: bool) -> torch.Tensor:
-    """x as FP8 experts' products take it: quantised per row and scale group with `fp8` (W8A8), else as
-    it is."""
+def expert_inputs(x: torch.Tensor, extras: ExpertExtras | None, fp8: bool, acc: torch.dtype) -> torch.Tensor:
+    """x in the accumulation dtype `acc` as FP8 experts' products take it: with `fp8` (W8A8) quantised
+    per row and scale group, X8 * scale not rounded to x's dtype (the kernels scale the FP8 products in
+    fp32); else x as it is."""
     if not fp8 or extras is None or extras.scales is None:
-        return x
-    return fake_quantize(x, extras.scales.group)
+        return x.to(acc)
+    return fake_quantize(x, extras.scales.group, acc)

@@ -127,7 +127,10 @@ def fused_moe_lora(
     Sums are accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
     num_tokens, hidden = x.shape
-    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype)
+    # W8A8 scales FP8 products in fp32; W8A16 multiplies weights dequantised to x's dtype
+    w_gate_up, w_down = expert_weights(
+        w_gate_up, w_down, extras, acc_dtype(x.dtype) if fp8_activations else x.dtype
+    )
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     lora.check(num_experts, hidden, inter, num_tokens, token_slot)
     a_gu, b_gu, a_dn, b_dn = lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn
@@ -142,7 +145,7 @@ def fused_moe_lora(
             continue
         tok = rows // k
         xe = x[tok]
-        gate_up = F.linear(expert_inputs(xe, extras, fp8_activations), w_gate_up[e]).to(acc)
+        gate_up = F.linear(expert_inputs(xe, extras, fp8_activations, acc), w_gate_up[e].to(acc))
         slot = pair_slot[rows]
         for s in _slots(slot, num_slots):
             m = (slot == s).nonzero().squeeze(1)
@@ -154,7 +157,7 @@ def fused_moe_lora(
             gate_up += extras.b_gate_up[e].to(acc)
         swiglu = extras.swiglu if extras is not None else None
         h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
-        d = F.linear(expert_inputs(h, extras, fp8_activations), w_down[e]).to(acc)
+        d = F.linear(expert_inputs(h, extras, fp8_activations, acc), w_down[e].to(acc))
         if extras is not None and extras.b_down is not None:
             d += extras.b_down[e].to(acc)
         for s in _slots(slot, num_slots):

@@ -34,7 +34,10 @@ def fused_moe(
     The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype. FP8 weights
     (float8_e4m3fn, `extras.scales`) enter as W8 * scale per row and column group, rounded to x's dtype.
     """
-    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype)
+    # W8A8 scales FP8 products in fp32; W8A16 multiplies weights dequantised to x's dtype
+    w_gate_up, w_down = expert_weights(
+        w_gate_up, w_down, extras, acc_dtype(x.dtype) if fp8_activations else x.dtype
+    )
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     acc = acc_dtype(x.dtype)
@@ -55,13 +58,15 @@ def fused_moe(
         start += n
         tok = rows // local_ids.shape[1]
         # The same rounding steps as the MoE-LoRA twin's rows without an adapter (and the kernels'):
-        # silu * up in the accumulation dtype, h rounded once to x's dtype, d weighted in it too.
-        gate_up = F.linear(expert_inputs(x[tok], extras, fp8_activations), w_gate_up[e]).to(acc)
+        # gate/up's products summed, silu * up taken in the accumulation dtype (gate/up not rounded to x's
+        # dtype first: with W8A8 an h one ulp off can flip its row's FP8 rounding), h rounded once to x's
+        # dtype, d weighted in the accumulation dtype too.
+        gate_up = F.linear(expert_inputs(x[tok], extras, fp8_activations, acc), w_gate_up[e].to(acc))
         if extras is not None and extras.b_gate_up is not None:
             gate_up += extras.b_gate_up[e].to(acc)
         swiglu = extras.swiglu if extras is not None else None
         h = activation(gate_up[:, :inter], gate_up[:, inter:], swiglu).to(x.dtype)
-        d = F.linear(expert_inputs(h, extras, fp8_activations), w_down[e]).to(acc)
+        d = F.linear(expert_inputs(h, extras, fp8_activations, acc), w_down[e].to(acc))
         if extras is not None and extras.b_down is not None:
             d += extras.b_down[e].to(acc)
         out.index_add_(0, tok, d * weights.reshape(-1)[rows, None].to(acc))
