@@ -51,7 +51,39 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--part",
+        default=None,
+        help="i/n: run only the i-th of n contiguous parts of the selected tests (1-based), so that a long "
+        "run (the GPU suite on a cold Triton cache) fits a time limit per call: --part 1/3, 2/3, 3/3",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected theirs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _keep_part(config, items)
+    _skip_what_this_machine_lacks(items)
+
+
+def _keep_part(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--part i/n`: deselect every test outside the i-th of n contiguous, near-equal parts (in collection
+    order, so a file's tests stay together and share their fixtures and compiled kernels)."""
+    part = config.getoption("--part")
+    if part is None:
+        return
+    try:
+        i, n = (int(v) for v in part.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--part {part!r}: expected i/n, such as 2/3") from None
+    if not 1 <= i <= n:
+        raise pytest.UsageError(f"--part {part!r}: i must be in [1, n]")
+    start, stop = (i - 1) * len(items) // n, i * len(items) // n
+    config.hook.pytest_deselected(items=items[:start] + items[stop:])
+    items[:] = items[start:stop]
+
+
+def _skip_what_this_machine_lacks(items: list[pytest.Item]) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
         if "gpu" in item.keywords and gpus == 0:
