@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,19 @@ def test_fp8_halves_the_weight_bytes_of_the_floor():
     assert weights < sizes["fp8"].expert < weights * 1.1
     assert sizes["fp8"].active_params == sizes["none"].active_params  # parameters, not bytes
     assert shrunk > 0 and sizes["fp8"].always == sizes["none"].always - shrunk
+
+
+@pytest.mark.parametrize(("value", "pdl"), [(None, True), ("1", True), ("0", False), ("yes", None)])
+def test_moelora_pdl_sets_the_plans_default(value: str | None, pdl: bool | None):
+    """MOELORA_PDL=0 turns programmatic dependent launch off (for a profile with each kernel's own time),
+    read when the plan is imported; anything but 0 or 1 is refused with the variable's name."""
+    env = {k: v for k, v in os.environ.items() if k != "MOELORA_PDL"}
+    if value is not None:
+        env["MOELORA_PDL"] = value
+    code = "from moelora.ops.plan import TUNED, KernelPlan; print(TUNED.pdl, KernelPlan().pdl)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if pdl is None:
+        assert run.returncode != 0 and "MOELORA_PDL='yes': 1" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == [str(pdl), str(pdl)]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from moelora.benchmark.args import LatencyArgs
@@ -19,6 +20,7 @@ from moelora.benchmark.session import Session
 from moelora.benchmark.workload import Mix
 from moelora.cache.kv_cache import blocks_for
 from moelora.engine.stats import StepRecord
+from moelora.ops.plan import TUNED
 from moelora.sampling_params import SamplingParams
 
 
@@ -232,6 +234,11 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}"
     text = prof.key_averages().table(sort_by=key, row_limit=40)
+    if llm.device.type == "cuda" and TUNED.pdl and torch.cuda.get_device_capability(llm.device) >= (9, 0):
+        text = (
+            "Kernels launched as programmatic dependents (PDL): each decode kernel starts during the one "
+            "before and its time includes that wait; MOELORA_PDL=0 for each kernel's own time.\n" + text
+        )
     if llm.device.type == "cuda":
         trace = folder / f"{stem}.json"
         prof.export_chrome_trace(str(trace))

@@ -4,11 +4,24 @@ test that wants another variant builds a `KernelPlan` and passes it to the op (`
 plan=...)`). Nothing here is read from a module global at call time, so nothing can be patched.
 
 No Triton import: the plan is part of the op signatures, which hold without Triton too.
+
+One default is read from the environment, when this module is imported: `MOELORA_PDL=0` turns
+programmatic dependent launch off (`KernelPlan.pdl`), for a profile whose kernel times are each kernel's
+own (under PDL a kernel starts early and its time includes the wait for the one before).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
+
+
+def _pdl_from_env() -> bool:
+    """`KernelPlan.pdl`'s default: on unless MOELORA_PDL is 0."""
+    value = os.environ.get("MOELORA_PDL", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOELORA_PDL={value!r}: 1 (programmatic dependent launch, the default) or 0 (off)")
+    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -200,8 +213,9 @@ class KernelPlan:
     # programs and wait for it in-kernel (`common.after_previous`), so a launch's start-up overlaps the
     # tail of the one before (the linear layer and the down GEMV bring their weights into L2 meanwhile);
     # in a CUDA graph the launches keep the edge. H100, Qwen3-30B-A3B bf16, batch 1 (2026-12-05,
-    # twelfth session): 4.08 -> 4.03 ms a step base, 4.98 -> 4.80 with 8 adapters.
-    pdl: bool = True
+    # twelfth session): 4.08 -> 4.03 ms a step base, 4.98 -> 4.80 with 8 adapters; H200, thirteenth session:
+    # 3.54 / 4.27 ms (tenth session, before it: 3.62 / 4.41). MOELORA_PDL=0 turns it off.
+    pdl: bool = field(default_factory=_pdl_from_env)
 
 
 TUNED = KernelPlan()
