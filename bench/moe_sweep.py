@@ -32,6 +32,9 @@ DECODE_SWEEP = (
     DecodeTiles(16, 256, 4),
     DecodeTiles(16, 256, 8),
     DecodeTiles(32, 128, 4),
+    DecodeTiles(16, 256, 4, k_splits=2),  # the gate/up input in parts, a program each
+    DecodeTiles(16, 256, 4, k_splits=4),
+    DecodeTiles(16, 128, 4, k_splits=4),
 )
 LORA_SWEEP = (
     LoraTiles(16, 128, 256, 64, 4, 2),
