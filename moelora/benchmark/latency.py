@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from moelora.benchmark.args import LatencyArgs
@@ -234,7 +233,7 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}"
     text = prof.key_averages().table(sort_by=key, row_limit=40)
-    if llm.device.type == "cuda" and TUNED.pdl and torch.cuda.get_device_capability(llm.device) >= (9, 0):
+    if llm.device.type == "cuda" and _dependent_launches(llm.device):
         text = (
             "Kernels launched as programmatic dependents (PDL): each decode kernel starts during the one "
             "before and its time includes that wait; MOELORA_PDL=0 for each kernel's own time.\n" + text
@@ -245,6 +244,13 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         text += "\n" + timeline_summary(json.loads(trace.read_text()))
     text += "\n" + host_profile(llm, prompts, params, loras)
     (folder / f"{stem}.txt").write_text(text)
+
+
+def _dependent_launches(device: Any) -> bool:
+    """Whether the decode kernels on `device` run as programmatic dependent launches (the plan's `pdl`)."""
+    from moelora.ops.triton.common import dependent_launch  # (Triton: only with a GPU)
+
+    return dependent_launch(device, TUNED.pdl)
 
 
 def host_profile(llm: Any, prompts: list[Any], params: SamplingParams, loras: list[Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from moelora.ops.expert_extras import ExpertExtras
+from moelora.ops.torch import acc_dtype
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -53,16 +54,22 @@ def fake_quantize(x: torch.Tensor, group: int, dtype: torch.dtype | None = None)
 
 
 def expert_weights(
-    w_gate_up: torch.Tensor, w_down: torch.Tensor, extras: ExpertExtras | None, dtype: torch.dtype
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    extras: ExpertExtras | None,
+    dtype: torch.dtype,
+    fp8_activations: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed experts' weights as the twins use them: FP8 weights (`extras.scales`) dequantised to
-    `dtype`, others as they are."""
+    `dtype` (W8A16: the kernels multiply them rounded so), or with `fp8_activations` to its accumulation
+    dtype (W8A8: the kernels scale the FP8 products in fp32); others as they are."""
     scales = extras.scales if extras is not None else None
     if scales is None:
         return w_gate_up, w_down
+    to = acc_dtype(dtype) if fp8_activations else dtype
     return (
-        dequantize_rows(w_gate_up, scales.gate_up, scales.group, dtype),
-        dequantize_rows(w_down, scales.down, scales.group, dtype),
+        dequantize_rows(w_gate_up, scales.gate_up, scales.group, to),
+        dequantize_rows(w_down, scales.down, scales.group, to),
     )
 
 

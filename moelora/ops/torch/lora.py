@@ -127,10 +127,7 @@ def fused_moe_lora(
     Sums are accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype.
     """
     num_tokens, hidden = x.shape
-    # W8A8 scales FP8 products in fp32; W8A16 multiplies weights dequantised to x's dtype
-    w_gate_up, w_down = expert_weights(
-        w_gate_up, w_down, extras, acc_dtype(x.dtype) if fp8_activations else x.dtype
-    )
+    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype, fp8_activations)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     lora.check(num_experts, hidden, inter, num_tokens, token_slot)
     a_gu, b_gu, a_dn, b_dn = lora.a_gu, lora.b_gu, lora.a_dn, lora.b_dn

@@ -32,12 +32,10 @@ def fused_moe(
         g, u = split(w_gate_up[e] @ x[t]);  h = silu(g) * u;  d = w_down[e] @ h
         y[t] += weights[t, j] * d
     The sum is accumulated in fp32 (fp64 for fp64 inputs); y [T, H] has x's dtype. FP8 weights
-    (float8_e4m3fn, `extras.scales`) enter as W8 * scale per row and column group, rounded to x's dtype.
+    (float8_e4m3fn, `extras.scales`) enter as W8 * scale per row and column group, rounded to x's dtype;
+    with `fp8_activations` both factors enter as X8 * scale and W8 * scale in fp32, unrounded.
     """
-    # W8A8 scales FP8 products in fp32; W8A16 multiplies weights dequantised to x's dtype
-    w_gate_up, w_down = expert_weights(
-        w_gate_up, w_down, extras, acc_dtype(x.dtype) if fp8_activations else x.dtype
-    )
+    w_gate_up, w_down = expert_weights(w_gate_up, w_down, extras, x.dtype, fp8_activations)
     num_tokens, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     acc = acc_dtype(x.dtype)

@@ -42,7 +42,7 @@ _SHRINK_K = 64  # input columns per step of a shrink program
 _PARTS = tl.constexpr(16)  # partial sums per load where they are added up
 
 # The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done,
-# then one per pair (its tiles done).
+# then one per pair (its tiles done), then with input parts one per (pair, tile) (its parts done).
 
 
 @triton.jit
@@ -263,7 +263,6 @@ def decode_gate_up(
         slot, a, a_dn, rank_of = local_ids, w_gate_up[None, :, None], w_gate_up[None], None
         b = a
         xa = hp = ha_buf = h
-        sync = h.view(-1)
         num_slots, rank = 0, 1
     else:
         slot, a, b, a_dn, rank_of = lora
@@ -273,7 +272,6 @@ def decode_gate_up(
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
         ha_buf = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
-        sync = launch_counters(x.device, 3 + num_pairs)
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
@@ -281,17 +279,21 @@ def decode_gate_up(
     parts = min(tiles.k_splits, triton.cdiv(hidden, block_k))
     k_len = triton.cdiv(triton.cdiv(hidden, parts), block_k) * block_k
     k_splits = triton.cdiv(hidden, k_len)
-    split_count, gu_part = sync, h
-    if k_splits > 1:
-        sync = launch_counters(x.device, 3 + num_pairs + num_pairs * n_tiles)
-        split_count = sync[3 + num_pairs :]
+    # (without LoRA or parts no counter is touched: placeholders)
+    split_counts = num_pairs * n_tiles if k_splits > 1 else 0
+    sync = h.view(-1)
+    if lora is not None or split_counts:
+        sync = launch_counters(x.device, 3 + num_pairs + split_counts)
+    gu_part = h
+    if split_counts:
         gu_part = torch.empty(k_splits, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
     programs = num_pairs * (n_tiles * k_splits + (splits if lora is not None else 0))
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:], split_count, gu_part, bias, scales.table,
+        sync, sync[1:], sync[2:], sync[3:], sync[3 + num_pairs :] if split_counts else sync, gu_part, bias,
+        scales.table,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
         s_bias, *scales.strides, limit, alpha,
