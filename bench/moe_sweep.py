@@ -36,6 +36,11 @@ DECODE_SWEEP = (
     DecodeTiles(16, 256, 4, k_splits=4),
     DecodeTiles(16, 128, 4, k_splits=4),
 )
+DOWN_SWEEP = (  # the down GEMV's tiles (`decode_down_tiles`), the gate/up's as planned
+    DecodeTiles(8, 128, 4),
+    DecodeTiles(16, 256, 4),
+    DecodeTiles(32, 128, 4),
+)
 LORA_SWEEP = (
     LoraTiles(16, 128, 256, 64, 4, 2),
     LoraTiles(16, 128, 512, 64, 4, 2),
@@ -81,14 +86,17 @@ def sweep(name: str, ms: list[int], args: argparse.Namespace) -> None:
             aligned = moe_tiles(m * k, num_experts, 0, aligned_plan)
             lora = lora_times(moe, bufs, args.reps, aligned_plan)
             print(f"| sweep | {name} | {m} | aligned {aligned} | {us:.0f} | | {lora} |")
-        for t in DECODE_SWEEP if decode else SWEEP:
+        configs = [("", t) for t in DECODE_SWEEP] + [("down ", t) for t in DOWN_SWEEP] if decode else []
+        for what, t in configs or [("", t) for t in SWEEP]:
             if isinstance(t, Tiles):
                 if t.block_m > 2 * m * k:
                     continue
                 one = replace(plan, moe_table=((float("inf"), t, t),))
+            elif what:
+                one = replace(plan, decode_down_tiles=t)
             else:
                 one = replace(plan, decode_tiles=t)
-            label = f"| sweep | {name} | {m} | {t} |"
+            label = f"| sweep | {name} | {m} | {what}{t} |"
             try:
                 reps = max(5, args.reps // 2)
                 us = graph_us(partial(ops.fused_moe, *moe, plan=one), reps=reps)

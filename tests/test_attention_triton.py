@@ -9,6 +9,7 @@ sequence's keys fails the comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -125,6 +126,19 @@ def test_paged_attention_matches_twin(case):
 )
 def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
     check_decode_splits(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits)
+
+
+def test_split_count_follows_the_batch_and_stays_capped():
+    """One sequence in the engine's wide block table (Qwen3: 40,960 keys, 4 KV heads) no longer takes 128
+    splits, most of them empty; larger batches take as many as before; a power of two, at least 1."""
+    from moelora.ops.triton.attn_decode import DECODE_TILES, num_splits
+
+    cpu = torch.device("cpu")  # counted as 132 multiprocessors
+    got = {b: num_splits(b, 4, 40960, cpu, DECODE_TILES) for b in (1, 2, 4, 16, 64, 256)}
+    assert got == {1: 32, 2: 32, 4: 32, 16: 8, 64: 2, 256: 1}
+    assert num_splits(1, 4, 1000, cpu, DECODE_TILES) == 8  # capped by the capacity: 1000 / 128 keys
+    uncapped = dataclasses.replace(DECODE_TILES, max_splits=1 << 30)
+    assert num_splits(1, 4, 40960, cpu, uncapped) == 128
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,15 @@ class DecodeTiles:
     stages: int
     min_chunk: int  # fewest keys a split is sized for: bounds the split count from the context capacity
     waves: int  # programs aimed at per multiprocessor when choosing the split count
+    max_splits: int = 1 << 30  # and at most this many (the last split merges them one after another)
 
 
 # The H200 sweep of docs/benchmarks.md: these tiles were best or within 4% at B = 1, 16, 64 and 8k keys;
 # 128-key chunks (64 splits at B=1, 8k) beat 256 there (10.3 vs 11.7 us) and change nothing at B >= 16.
-DECODE_TILES = DecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2)
+# At most 32 splits: with the engine's block tables (40,960 keys wide for Qwen3) one sequence took 128,
+# most of them empty; H100, Qwen3-30B-A3B heads, 48 layers a graph (2026-12-05): 640 keys 9.0 -> 6.8 us,
+# 4,096 keys 14.8 -> 11.3 us (64 splits: 7.2 and 14.1); B = 4 took 32 splits already, B >= 16 fewer.
+DECODE_TILES = DecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2, max_splits=32)
 
 
 @triton.jit
@@ -218,9 +222,10 @@ def split_buffers(
 
 
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
-    """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk."""
+    """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk, at
+    most `tiles.max_splits` (a power of two)."""
     want = triton.cdiv(tiles.waves * num_sms(device), batch * kv_heads)
-    cap = triton.cdiv(max_kv_len, tiles.min_chunk)
+    cap = min(triton.cdiv(max_kv_len, tiles.min_chunk), tiles.max_splits)
     return triton.next_power_of_2(max(1, min(want, cap)))
 
 
