@@ -288,7 +288,9 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
-        yield linear._linear_kernel, case, t.warps, t.stages
+        yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages
+        if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_lora`)
+            yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), t.warps, t.stages
     g = TUNED.fp8_gemm_tiles
     for block_m, has_bias in ((16, False), (g.block_m, True)):
         gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=g.block_n)

@@ -96,6 +96,35 @@ def test_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], rank: int,
     check_linear(num_tokens, 80, sizes, rank, dtype, bias, SMALL, seed=num_tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("programs_per_sm", [64, 0])  # 5 input splits of one step; 1 split of 5 steps
+def test_one_token_folds_its_shrink_into_the_gemv(dtype, programs_per_sm):
+    """One token: every GEMV program adds its input columns' part of the delta (`linear_fold_lora`), no
+    shrink programs. Every slot kind (valid, half rank with NaN padding, an empty last part, -1 and ids
+    past the slots), against the twin and against the unfolded launch; a token without an adapter gets
+    the base's bits."""
+    g = torch.Generator().manual_seed(11)
+    sizes = (32, 16, 16)
+    x = rand(g, 1, 80).to(dtype)
+    w = rand(g, sum(sizes), 80, scale=80**-0.5).to(dtype)
+    bias = rand(g, sum(sizes)).to(dtype)
+    lora, noisy, _ = lora_inputs(g, 1, 80, sizes, 8, dtype)
+    plan = replace(SMALL, linear_tiles=replace(SMALL.linear_tiles, programs_per_sm=programs_per_sm))
+    unfolded = replace(plan, linear_fold_lora=False)
+    assert plan.linear_fold_lora
+    base = triton_linear.linear(x, w, bias, None, sizes, plan)
+    for s in (0, 1, 2, 3, -1, 4, 1 << 20):
+        slot = torch.tensor([s], dtype=torch.int32, device=DEV)
+        args = (noisy.a, noisy.b, noisy.rank, slot)
+        got = triton_linear.linear(x, w, bias, args, sizes, plan)
+        close(got, torch_lora.linear(x, w, bias, lora, slot, sizes), TOL[dtype])
+        close(got, triton_linear.linear(x, w, bias, args, sizes, unfolded), TOL[dtype])
+        if not 0 <= s < 4:
+            assert torch.equal(got, base), f"slot {s}: a token without an adapter gets the base's bits"
+        else:
+            assert (got.float() - base.float()).abs().max() > 10 * TOL[dtype], f"slot {s}: no delta"
+
+
 def test_linear_in_one_split():
     """The shipped tiles on a small layer: one input split, no partial sums."""
     check_linear(2, 96, (64, 32), 8, torch.float32, True, TUNED, seed=3)
@@ -234,7 +263,7 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_tokens", "fp8"), [(8, False), (8, True), (100, True)])
+@pytest.mark.parametrize(("num_tokens", "fp8"), [(1, False), (8, False), (8, True), (100, True)])
 def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
     """Captured once, replayed with new inputs and slots: the counters and partials are graph-safe; so is
     an FP8 weight, in the one launch and (100 tokens) the Triton GEMM."""

@@ -131,17 +131,22 @@ def _expand(
 
 
 @triton.jit
-def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n,
+def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows, r_ok, sa_k,
                IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
-               PRECISION: tl.constexpr):  # fmt: skip
-    """x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N] fp32 over this split's input columns; with HAS_SCALE
-    w is FP8 times its rows' scales (sc_ptr [n, group]; a step lies in one group: BLOCK_K <= GROUP)."""
+               PRECISION: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """(x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N], xa) in fp32 over this split's input columns; with
+    HAS_SCALE w is FP8 times its rows' scales (sc_ptr [n, group]; a step lies in one group: BLOCK_K <=
+    GROUP). With FOLD also xa = x[:, cols] @ a[r, cols]^T [BLOCK_M, BLOCK_R] over the same columns, the
+    LoRA shrink's part (a_rows [BLOCK_R]: lane r's row of A, read where r_ok), its loads beside the
+    weight's in the same steps; else xa is zeros."""
     t = tl.arange(0, BLOCK_M)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
     w_ptrs = w_ptr + n[None, :].to(tl.int64) * sw_n + kk[:, None] * sw_k
+    a_ptrs = a_rows[None, :] + kk[:, None] * sa_k
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K_CHUNK, BLOCK_K):
         k_ok = kk + k0 < IN_DIM
         xk = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -151,9 +156,13 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
             scale = tl.load(sc_ptr + n.to(tl.int64) * ss_n + group, mask=n_ok, other=0.0)
             wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
         acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        if FOLD:
+            ak = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            xa = tl.dot(xk, ak, xa, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * sa_k
         x_ptrs += BLOCK_K * sx_k
         w_ptrs += BLOCK_K * sw_k
-    return acc
+    return acc, xa
 
 
 @triton.jit
@@ -182,7 +191,7 @@ def _linear_kernel(
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    FOLD: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
@@ -191,7 +200,7 @@ def _linear_kernel(
     after_previous(PDL)
     num_shrinks = 0
     item = tl.program_id(0)
-    if HAS_LORA:
+    if HAS_LORA and not FOLD:
         num_shrinks = SHRINKS
         item = ticket(ticket_ptr)
     if item < num_shrinks:
@@ -210,9 +219,25 @@ def _linear_kernel(
         t_ok = t < num_tokens
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < out_dim
-        acc = _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n,
-                         IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP, PRECISION)  # fmt: skip
-        if HAS_LORA and split == 0:
+        # With FOLD (one token) the LoRA shrink runs inside the GEMV: lanes of this tile's part of the
+        # token's slot, none without one.
+        r = tl.arange(0, BLOCK_R)
+        s = num_tokens * 0 + NUM_SLOTS
+        part = num_tokens * 0
+        r_ok = r < 0
+        if FOLD:
+            s = valid_slot(tl.load(slot_ptr), NUM_SLOTS)
+            part = _tile_part(tile * BLOCK_N, END0, END1, END2)
+            r_ok = (s < NUM_SLOTS) & lanes_in_rank(r, rank, rank_ptr + part * s_rp, s * s_rs, HAS_RANK)
+        a_rows = a_ptr + tl.where(s < NUM_SLOTS, s, 0).to(tl.int64) * sa_s + (part * rank + r) * sa_l
+        acc, xa = _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows,
+                             r_ok, sa_k, IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
+                             PRECISION, FOLD, BLOCK_R)  # fmt: skip
+        if FOLD:
+            if s < NUM_SLOTS:  # this split's part of the delta: b[s][n] @ xa (the splits add up below)
+                b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
+                acc = add_expand(acc, xa, b_ptrs, r_ok[:, None] & n_ok[None, :], EXPAND, PRECISION)
+        elif HAS_LORA and split == 0:
             acc = _expand(
                 acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
                 sb_s, sb_n, sb_r, s_rs, s_rp, NUM_SLOTS, SHRINKS, CHUNKS, PARTS, END0, END1, END2, HAS_RANK,
@@ -235,7 +260,7 @@ def _linear_kernel(
                 acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             y_ptrs = y_ptr + t[:, None] * sy_t + n[None, :] * sy_n
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    if HAS_LORA:
+    if HAS_LORA and not FOLD:
         programs = num_shrinks + n_tiles * SPLITS
         if last_one(exited_ptr, programs):
             tl.atomic_xchg(ticket_ptr, 0)
@@ -299,6 +324,8 @@ def linear(
         part = torch.empty(splits, num_tokens, out_dim, dtype=torch.float32, device=x.device)
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
+    # One token: its LoRA shrink inside every GEMV program (`KernelPlan.linear_fold_lora`)
+    fold = lora is not None and num_tokens == 1 and plan.linear_fold_lora
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
         slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
@@ -311,11 +338,13 @@ def linear(
         a_strides = a.stride()
         shrink_chunk = triton.cdiv(min(tiles.shrink_chunk, in_dim), block_k) * block_k
         chunks = triton.cdiv(in_dim, shrink_chunk)
-        xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
+        xa = part  # a placeholder, never read when folded
+        if not fold:
+            xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
     sync = launch_counters(x.device, 3 + n_tiles)
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
-    shrinks = min(num_tokens, num_slots) * chunks  # a program per (distinct slot, chunk) at most
+    shrinks = 0 if fold else min(num_tokens, num_slots) * chunks  # one per (distinct slot, chunk) at most
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
     pdl = dependent_launch(x.device, plan.pdl)
     line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
@@ -332,7 +361,7 @@ def linear(
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)),
-        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), PDL=pdl, LINE=line,
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
