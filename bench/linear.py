@@ -67,7 +67,7 @@ def floor_us(
 def rows(args) -> None:
     g = torch.Generator().manual_seed(0)
     # one token on an adapter: also the one launch with its shrink in programs of their own (unfolded)
-    unfolded = replace(TUNED, linear_fold_lora=False)
+    unfolded = replace(TUNED, linear_fold_steps=0)
     print(
         "| layer | tokens | adapters | cuBLAS + LoRA kernels us | one launch us "
         "| one launch, shrink apart us | floor us | floor / it |"

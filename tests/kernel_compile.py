@@ -289,7 +289,7 @@ def linear_cases() -> Iterator[Case]:
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
         yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages
-        if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_lora`)
+        if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
             yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), t.warps, t.stages
     g = TUNED.fp8_gemm_tiles
     for block_m, has_bias in ((16, False), (g.block_m, True)):

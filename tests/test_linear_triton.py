@@ -99,7 +99,7 @@ def test_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], rank: int,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("programs_per_sm", [64, 0])  # 5 input splits of one step; 1 split of 5 steps
 def test_one_token_folds_its_shrink_into_the_gemv(dtype, programs_per_sm):
-    """One token: every GEMV program adds its input columns' part of the delta (`linear_fold_lora`), no
+    """One token: every GEMV program adds its input columns' part of the delta (`linear_fold_steps`), no
     shrink programs. Every slot kind (valid, half rank with NaN padding, an empty last part, -1 and ids
     past the slots), against the twin and against the unfolded launch; a token without an adapter gets
     the base's bits."""
@@ -110,8 +110,8 @@ def test_one_token_folds_its_shrink_into_the_gemv(dtype, programs_per_sm):
     bias = rand(g, sum(sizes)).to(dtype)
     lora, noisy, _ = lora_inputs(g, 1, 80, sizes, 8, dtype)
     plan = replace(SMALL, linear_tiles=replace(SMALL.linear_tiles, programs_per_sm=programs_per_sm))
-    unfolded = replace(plan, linear_fold_lora=False)
-    assert plan.linear_fold_lora
+    unfolded = replace(plan, linear_fold_steps=0)
+    assert plan.linear_fold_steps >= 5  # both layouts fold
     base = triton_linear.linear(x, w, bias, None, sizes, plan)
     for s in (0, 1, 2, 3, -1, 4, 1 << 20):
         slot = torch.tensor([s], dtype=torch.int32, device=DEV)

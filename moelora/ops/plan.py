@@ -178,9 +178,11 @@ class KernelPlan:
     linear_tiles: LinearTiles = _LINEAR_TILES  # the one-launch linear layer (base GEMV, bias, LoRA)
     # One token on an adapter: each GEMV program of that layer computes its input columns' part of the
     # LoRA shrink itself (its A loads beside the weight's) and adds b @ that part, the input splits adding
-    # up as the base's; no shrink programs, tickets or waits. H100, batch 1 (2026-12-05 profile): the
-    # shrink programs, tickets and the wait put 4.5 us on each q/k/v and o launch (9.7 -> 14.2 us).
-    linear_fold_lora: bool = True
+    # up as the base's; no shrink programs, tickets or waits. Where a program walks at most this many K
+    # steps (0: never). H100, Qwen3-30B-A3B, 16 layers a graph (bench/linear.py, 2026-12-05), us with the
+    # shrink folded / apart: o (4 splits of 8 steps) 13.5 / 15.9, router (16 of 1) 4.5 / 8.7, but q/k/v
+    # (1 split of 16 steps) 27.2 / 17.9.
+    linear_fold_steps: int = 8
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
     # bytes a weight more) at most this many; more, below `fp8_copy_tokens`, take a Triton GEMM scaling

@@ -324,8 +324,8 @@ def linear(
         part = torch.empty(splits, num_tokens, out_dim, dtype=torch.float32, device=x.device)
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
-    # One token: its LoRA shrink inside every GEMV program (`KernelPlan.linear_fold_lora`)
-    fold = lora is not None and num_tokens == 1 and plan.linear_fold_lora
+    # One token: its LoRA shrink inside every GEMV program of a few K steps (`KernelPlan.linear_fold_steps`)
+    fold = lora is not None and num_tokens == 1 and k_chunk // block_k <= plan.linear_fold_steps
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
         slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
