@@ -70,3 +70,48 @@ def test_adapter_slots_made_after_the_cache_are_not_counted_free(card):
     assert blocks == 80 - 50 - 16
     args = EngineArgs(gpu_memory_utilization=0.9)  # 60 in use, 126 the share: 126 - 60 - 20 - 12.6
     assert budget.plan_kv_blocks(args, GIB // 10, 4096, CUDA, activations=0, pending=20 * GIB) == 334
+
+
+def test_model_len_fitted_where_the_models_own_does_not(card):
+    """Qwen3-30B-A3B's 40,960 tokens do not fit beside their step's activations in 6 GiB; a step of
+    fewer tokens keeps a smaller reserve, so the cache for the longest length that fits holds it, one more
+    token does not, and it is longer than the cache planned for the full length."""
+    cfg, _ = read_model_config(PRESETS / "qwen3-30b-a3b")
+    per_block = 48 * 16 * 4 * 128 * 2 * 2  # layers x tokens x KV heads x dim x (K, V) x bf16
+    card.update(free=6 * GIB, total=80 * GIB)
+
+    def blocks_for(model_len: int) -> int:
+        activations = activation_bytes(cfg, max(8192, model_len), 16, torch.bfloat16)
+        return budget.plan_kv_blocks(EngineArgs(), per_block, model_len, CUDA, activations)
+
+    full = blocks_for(40960) * 16
+    length, blocks = budget.fit_model_len(blocks_for, 16, 40960)
+    assert full < length < 40960
+    assert blocks == blocks_for(length) and blocks * 16 >= length
+    assert blocks_for(length + 1) * 16 < length + 1
+    card.update(free=200 * GIB, total=200 * GIB)  # the full length fits: kept
+    assert budget.fit_model_len(blocks_for, 16, 40960) == (40960, blocks_for(40960))
+    card.update(free=GIB // 2, total=80 * GIB)  # not even one token
+    assert budget.fit_model_len(blocks_for, 16, 40960)[0] == 0
+
+
+def test_engine_lowers_the_models_length_to_what_fits(monkeypatch, caplog):
+    """Without max_model_len the engine plans the cache for the longest length that fits beside its own
+    step (here a toy budget: the demo's 2,048 tokens leave no block; 1,280 fit), says so, and serves."""
+    from moelora import LLM, SamplingParams
+    from moelora.engine import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_MIN_STEP_TOKENS", 256)
+    monkeypatch.setattr(engine_mod, "activation_bytes", lambda cfg, tokens, rows, dtype: tokens)
+    monkeypatch.setattr(
+        engine_mod,
+        "plan_kv_blocks",
+        lambda args, per_block, model_len, device, act, pending: max(0, 400 - act // 4),
+    )
+    with caplog.at_level("WARNING", logger="moelora"), LLM("demo", device="cpu", progress=False) as llm:
+        assert llm.engine.max_model_len == 1280 and llm.engine.allocator.num_blocks == 80
+        assert "max_model_len lowered to 1280 (the model allows 2048)" in caplog.text
+        out = llm.generate("Hello", SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="too few for max_model_len 2048"):  # a length the user asks for
+        LLM("demo", device="cpu", progress=False, max_model_len=2048)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +36,24 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fit_model_len(blocks_for: Callable[[int], int], block_size: int, wanted: int) -> tuple[int, int]:
+    """(length, blocks): `wanted` and its cache's blocks where those hold it; else the longest length whose
+    cache, planned for that length (`blocks_for`: a step of its tokens kept free, a smaller reserve than
+    the wanted length's), still holds one sequence of it. The cache's size falls as the length rises, so
+    the longest such length is found by bisection; (0, blocks_for(1)) where not even one token fits."""
+    blocks = blocks_for(wanted)
+    if blocks * block_size >= wanted:
+        return wanted, blocks
+    lo, hi = 0, wanted - 1  # lo fits (0 trivially), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if blocks_for(mid) * block_size >= mid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, blocks_for(max(lo, 1))
 
 
 def plan_kv_blocks(

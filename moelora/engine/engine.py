@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moelora import ops
-from moelora.cache.budget import free_memory, plan_kv_blocks, reserve_bytes
+from moelora.cache.budget import fit_model_len, free_memory, plan_kv_blocks, reserve_bytes
 from moelora.cache.kv_cache import BlockAllocator, KVCache
 from moelora.config import EngineArgs, LoraArgs
 from moelora.engine.adapters import EngineAdapters
@@ -148,14 +148,35 @@ class Engine:
         kv_layers = sum(model.kv_layers())
         per_block = KVCache.bytes_per_block(kv_layers, a.block_size, kv_heads, k_dim, model.dtype, v_dim)
         wanted_len = a.max_model_len or cfg.max_position_embeddings
-        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
-        activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         slots = la.max_loras_per_batch if lora_rank is not None else 0
         adapter_slots = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0
         state = a.max_num_seqs * model.state_bytes_per_slot()  # linear attention's state slots
         pool = adapter_slots + state  # both made after the cache
-        num_blocks = plan_kv_blocks(a, per_block, wanted_len, self.device, activations, pool)
+
+        def blocks_for(model_len: int) -> int:
+            """The cache's blocks with a step of up to `model_len` tokens (or the given budget) kept free."""
+            step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, model_len)
+            activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
+            return plan_kv_blocks(a, per_block, model_len, self.device, activations, pool)
+
+        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
+        activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
+        num_blocks = blocks_for(wanted_len)
         capacity = num_blocks * a.block_size
+        if capacity < wanted_len and a.max_model_len is None and a.max_num_batched_tokens is None:
+            # The model's own limit does not fit: its longest prompt, and so the largest step, is what the
+            # cache holds; a smaller step's reserve leaves room for a longer cache (a fixed point).
+            fitted, blocks = fit_model_len(blocks_for, a.block_size, wanted_len)
+            if fitted > capacity:
+                _LOG.warning(
+                    "max_model_len lowered to %d (the model allows %d): the memory left after the weights "
+                    "and adapter slots holds that many tokens of KV cache beside a step of that many "
+                    "tokens; give max_model_len, max_num_batched_tokens or kv_cache_memory to choose",
+                    fitted, wanted_len,
+                )  # fmt: skip
+                step_tokens = max(_MIN_STEP_TOKENS, fitted)
+                activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
+                num_blocks, capacity, wanted_len = blocks, fitted, fitted
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
             taken = [f"{_size(free_memory(self.device))} free after the weights"]
             if adapter_slots:
