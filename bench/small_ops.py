@@ -172,6 +172,22 @@ def make_cases(s: Shapes, t: int, dtype: torch.dtype, dev: str) -> list[Case]:
 
     op, f, tw, kern, n = calls[-1]
     cases.append(Case(op, partial(f, tw), partial(f, kern), n, compare=chosen))
+    # The decode step's post-attention norm and router in one launch (up to 16 tokens; more: two)
+    router_w = rnd(s.experts, s.hidden) * s.hidden**-0.5
+
+    def normed(out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """h, the sums and the weights (sorted: blind to ties) of `add_norm_router`."""
+        w, _, h, sums = out
+        return [h, sums, w.sort(dim=1).values]
+
+    def norm_router(m):
+        return m.add_norm_router(x, r, w, EPS, False, router_w, s.top_k, True, False)
+
+    n = 4 * hidden + s.experts * s.hidden * e + t * s.top_k * 8
+    op = "residual add + rms_norm + router + top-k"
+    cases.append(
+        Case(op, partial(norm_router, twin_router), partial(norm_router, kern_router), n, compare=normed)
+    )
     write_kv = Case(
         "write_kv",
         lambda: twin_attention.write_kv(k, v, caches[2], caches[3], slots),
