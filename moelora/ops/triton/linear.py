@@ -8,7 +8,10 @@ once). Then one program per (output tile, input split), split 0 of every tile fi
 an fp32 partial of x @ W^T; split 0's also gets the LoRA delta (after the shrinks: lower tickets, so no
 deadlock), whose latency then hides behind the other splits' GEMV. The last split of a tile to finish
 adds the partials up in split order, then the bias, and stores the tile. A token without an adapter gets
-exactly the base sum: a base row does not depend on which adapters share its batch.
+exactly the base sum: a base row does not depend on which adapters share its batch. One token whose
+GEMV programs walk few K steps (`KernelPlan.linear_fold_steps`) takes no shrink programs: each GEMV
+program computes its input columns' part of x A^T beside the weight's loads and adds b @ that part (the
+splits add up as the base's), with no ticket or wait.
 
 An FP8 weight (`RowScales`) is multiplied by its rows' scales in registers, each K step within one scale
 group. With more tokens than the one launch takes, the weight is dequantised into a 16-bit copy for cuBLAS
