@@ -72,6 +72,12 @@ _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (8.5 MiB when full)
 _MIN_STEP_TOKENS = 8192  # the default step budget, at least: max(this, max_model_len)
 
 
+def _step_tokens(args: EngineArgs, model_len: int) -> int:
+    """The most tokens a step runs: the given budget, else max(_MIN_STEP_TOKENS, model_len) (a whole
+    prompt of the longest length in one step)."""
+    return args.max_num_batched_tokens or max(_MIN_STEP_TOKENS, model_len)
+
+
 def _size(num_bytes: int) -> str:
     """Bytes for a message: GiB, or MiB below a tenth of one."""
     return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 / 10 else f"{num_bytes / 2**20:.1f} MiB"
@@ -110,7 +116,7 @@ class Engine:
         self._in_flight: _InFlight | None = None
         self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
-        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, self.max_model_len)
+        step_tokens = _step_tokens(a, self.max_model_len)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(
             self.allocator,
@@ -154,13 +160,10 @@ class Engine:
         pool = adapter_slots + state  # both made after the cache
 
         def blocks_for(model_len: int) -> int:
-            """The cache's blocks with a step of up to `model_len` tokens (or the given budget) kept free."""
-            step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, model_len)
-            activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
+            """The cache's blocks with the largest step of a `model_len` limit kept free."""
+            activations = activation_bytes(cfg, _step_tokens(a, model_len), a.max_num_seqs, model.dtype)
             return plan_kv_blocks(a, per_block, model_len, self.device, activations, pool)
 
-        step_tokens = a.max_num_batched_tokens or max(_MIN_STEP_TOKENS, wanted_len)
-        activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         num_blocks = blocks_for(wanted_len)
         capacity = num_blocks * a.block_size
         if capacity < wanted_len and a.max_model_len is None and a.max_num_batched_tokens is None:
@@ -174,9 +177,9 @@ class Engine:
                     "tokens; give max_model_len, max_num_batched_tokens or kv_cache_memory to choose",
                     fitted, wanted_len,
                 )  # fmt: skip
-                step_tokens = max(_MIN_STEP_TOKENS, fitted)
-                activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
                 num_blocks, capacity, wanted_len = blocks, fitted, fitted
+        step_tokens = _step_tokens(a, wanted_len)
+        activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
             taken = [f"{_size(free_memory(self.device))} free after the weights"]
             if adapter_slots:
