@@ -32,9 +32,6 @@ DECODE_SWEEP = (
     DecodeTiles(16, 256, 4),
     DecodeTiles(16, 256, 8),
     DecodeTiles(32, 128, 4),
-    DecodeTiles(16, 256, 4, k_splits=2),  # the gate/up input in parts, a program each
-    DecodeTiles(16, 256, 4, k_splits=4),
-    DecodeTiles(16, 128, 4, k_splits=4),
 )
 DOWN_SWEEP = (  # the down GEMV's tiles (`decode_down_tiles`), the gate/up's as planned
     DecodeTiles(8, 128, 4),

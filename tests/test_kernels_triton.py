@@ -331,20 +331,6 @@ def test_fp8_decode_steps_over_groups(case, step: int, step_sum: bool):
         check_fused_moe_lora(case, case[0] + 1, num_slots=3, rank=8, plan=plan)
 
 
-@pytest.mark.parametrize(("case", "k_splits"), [(CPU_CASES[0], 2), (CPU_CASES[2], 3)])
-def test_decode_gate_up_in_input_parts(case, k_splits: int):
-    """The decode gate/up GEMV with its input in parts, a program each (`DecodeTiles.k_splits`; K steps of
-    16, so H = 32 makes 2 parts and H = 64 with 3 asked makes 2 of 32 columns), the last part of a
-    tile to finish adding them up before the epilogue: the twin's result without and with LoRA (the tile's
-    LoRA expand and down-shrink part once, after the sum), with FP8 weights too, invalid ids and slots
-    mixed in."""
-    decode = KernelPlan(decode_pairs=1 << 30, fp8_activation_rows=None)
-    plan = replace(decode, decode_tiles=replace(decode.decode_tiles, block_k=16, k_splits=k_splits))
-    check_fused_moe(case, case[0] + 11, plan)
-    check_fused_moe_lora(case, case[0] + 12, num_slots=3, rank=8, plan=plan)
-    check_fused_moe(case, case[0] + 13, plan, fp8_group=16, w8a8=False)
-
-
 @pytest.mark.parametrize("seed", [5, 6])
 def test_w8a8_twin_sums_gate_up_unrounded(seed: int):
     """W8A8 amplifies one ulp of h: a row's FP8 scale is its largest magnitude, and a value one ulp off
@@ -886,17 +872,6 @@ def test_fp8_experts_gpu(case, path: KernelPlan):
     """The plan as shipped: W8A8 on the aligned path from its `fp8_activation_rows`, else W8A16."""
     check_fused_moe(case, case[0] + 5, path, fp8_group=128)
     check_fused_moe_lora(case, case[0] + 6, num_slots=16, rank=16, plan=path, fp8_group=128)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("k_splits", [2, 4])
-def test_decode_gate_up_in_input_parts_gpu(k_splits: int):
-    """`DecodeTiles.k_splits` on the card, one token and 8 tokens, without and with LoRA."""
-    decode = KernelPlan(decode_pairs=1 << 30)
-    plan = replace(decode, decode_tiles=replace(decode.decode_tiles, k_splits=k_splits))
-    for case in (GPU_CASES[0], (8, 8, 16, 256, 192, torch.bfloat16)):
-        check_fused_moe(case, case[0] + 21, plan)
-        check_fused_moe_lora(case, case[0] + 22, num_slots=16, rank=16, plan=plan)
 
 
 @pytest.mark.gpu

@@ -92,11 +92,6 @@ class DecodeTiles:
     # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39. Slower: H100,
     # Qwen3-30B-A3B bf16, batch 1 (2026-12-05), 4.08 -> 4.70 ms a step base, 4.98 -> 4.96 with 8 adapters
     step_sum: bool = False
-    # The gate/up GEMV's input split in this many parts, a program each (the last of a tile's parts to
-    # finish adds them up in part order, then the epilogue): more programs with shorter K loops at one
-    # token, where each program's loop of 8 steps of 256 columns (Qwen3) waits on memory step by step.
-    # Not timed yet: 1 (no split) until `bench/moe_sweep.py` has measured it.
-    k_splits: int = 1
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.

@@ -42,7 +42,7 @@ _SHRINK_K = 64  # input columns per step of a shrink program
 _PARTS = tl.constexpr(16)  # partial sums per load where they are added up
 
 # The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done,
-# then one per pair (its tiles done), then with input parts one per (pair, tile) (its parts done).
+# then one per pair (its tiles done).
 
 
 @triton.jit
@@ -74,13 +74,12 @@ def _shrink_part(
 
 
 @triton.jit
-def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, k_start, sx_t, sx_k, sw_e, sw_n, sw_k, ss_e,
-                  ss_n, HIDDEN: tl.constexpr, K_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
-                  STEP_SUM: tl.constexpr):  # fmt: skip
-    """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t over the K_LEN input columns from
-    k_start, a multiple of BLOCK_K (FP8 rows times their scales with HAS_SCALE: `weight_step`)."""
-    kk = k_start + tl.arange(0, BLOCK_K)
+def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n,
+                  HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, STEP_SUM: tl.constexpr):  # fmt: skip
+    """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t (FP8 rows times their scales with
+    HAS_SCALE: `weight_step`)."""
+    kk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
     g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
     u_ptrs = g_ptrs + inter * sw_n
@@ -88,9 +87,8 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, k_start, sx_t, s
     su_ptrs = sg_ptrs + inter * ss_n
     acc_g = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
     acc_u = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
-    for k_step in range(0, K_LEN, BLOCK_K):
-        k0 = k_start + k_step
-        k_ok = kk < HIDDEN - k_step
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = kk < HIDDEN - k0
         xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
         w_mask = n_ok[:, None] & k_ok[None, :]
         acc_g = weight_step(
@@ -125,7 +123,7 @@ def _down_shrink_part(hp_ptr, ha_ptr, count_ptr, a_ptr, h, s, e64, n, n_ok, r, r
 @triton.jit
 def _decode_gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, ha_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, split_count_ptr, gu_part_ptr, bias_ptr, sc_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, bias_ptr, sc_ptr,
     top_k, inter, num_experts, rank, num_slots, num_pairs,
     sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, ss_e, ss_n, limit, alpha,
@@ -133,7 +131,7 @@ def _decode_gate_up_kernel(
     HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
-    K_SPLITS: tl.constexpr, K_LEN: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     after_previous(PDL)
     # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
@@ -150,11 +148,8 @@ def _decode_gate_up_kernel(
         )  # fmt: skip
         signal(shrunk_ptr)
     else:
-        # GEMV items: (pair, tile), each in K_SPLITS parts of the input (adjacent items)
-        gemv = (item - num_shrink) // K_SPLITS
-        part = (item - num_shrink) % K_SPLITS
-        p = gemv // N_TILES
-        tile = gemv % N_TILES
+        p = (item - num_shrink) // N_TILES
+        tile = (item - num_shrink) % N_TILES
         t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
         e64 = tl.where(runs, e, 0).to(tl.int64)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,77 +157,34 @@ def _decode_gate_up_kernel(
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         if runs:
-            g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, part * K_LEN, sx_t, sx_k, sw_e,
-                                 sw_n, sw_k, ss_e, ss_n, HIDDEN, K_LEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
+            g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
+                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
                                  STEP_SUM)  # fmt: skip
-        finish = True
-        if K_SPLITS > 1:
-            g, u, finish = _add_parts(gu_part_ptr, split_count_ptr + gemv, g, u, p, part, n, n_ok, inter,
-                                      num_pairs, K_SPLITS)  # fmt: skip
-        if finish:
-            _epilogue(
-                h_ptr, slot_ptr, a_dn_ptr, xa_ptr, b_ptr, hp_ptr, ha_ptr, rank_ptr, shrunk_ptr,
-                pair_count_ptr, bias_ptr, g, u, t, e64, runs, p, tile, n, n_ok, inter, rank, num_slots,
-                num_pairs, num_shrink,
-                sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, limit, alpha,
-                HAS_BIAS, CLAMPED, HAS_LORA, HAS_RANK, SPLITS, N_TILES, BLOCK_R,
+        s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
+        r = tl.arange(0, BLOCK_R)
+        r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
+        if HAS_LORA:
+            xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
+            if on & runs:
+                wait_for(shrunk_ptr, num_shrink)
+                bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
+                xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
+                xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
+                g = expand_fma(g, xg, bg_ptrs, n_ok, r_ok)
+                u = expand_fma(u, xu, bg_ptrs + sb_h, n_ok, r_ok)
+        h = glu(g, u, bias_ptr + e64 * s_bias_e, n, n_ok, inter, limit, alpha, HAS_BIAS, CLAMPED)
+        h = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + p.to(tl.int64) * inter + n, h, mask=n_ok & runs)
+        if HAS_LORA:
+            _down_shrink_part(
+                hp_ptr, ha_ptr, pair_count_ptr + p, a_dn_ptr, h.to(tl.float32), s, e64, n, n_ok, r, r_ok,
+                p, tile, rank, num_pairs, sd_s, sd_e, sd_r, sd_k, N_TILES,
             )  # fmt: skip
     if HAS_LORA:
-        programs = num_shrink + num_pairs * N_TILES * K_SPLITS
+        programs = num_shrink + num_pairs * N_TILES
         if last_one(exited_ptr, programs):
             tl.atomic_xchg(ticket_ptr, 0)
             tl.atomic_xchg(shrunk_ptr, 0)
-
-
-@triton.jit
-def _add_parts(gu_part_ptr, count_ptr, g, u, p, part, n, n_ok, inter, num_pairs, K_SPLITS: tl.constexpr):
-    """Store this program's (gate, up) partials over its part of the input -> (the sums over all K_SPLITS
-    parts in part order, True) for the last of the tile's parts to finish (the result does not depend on
-    timing), (its own partials, False) for the others."""
-    row = gu_part_ptr + (part * num_pairs + p).to(tl.int64) * (2 * inter)
-    tl.store(row + n, g, mask=n_ok)
-    tl.store(row + inter + n, u, mask=n_ok)
-    last = last_one(count_ptr, K_SPLITS)
-    if last:
-        g = tl.zeros_like(g)
-        u = tl.zeros_like(u)
-        for i in tl.static_range(K_SPLITS):
-            row_i = gu_part_ptr + (i * num_pairs + p).to(tl.int64) * (2 * inter)
-            g += tl.load(row_i + n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            u += tl.load(row_i + inter + n, mask=n_ok, other=0.0, cache_modifier=".cg")
-    return g, u, last
-
-
-@triton.jit
-def _epilogue(
-    h_ptr, slot_ptr, a_dn_ptr, xa_ptr, b_ptr, hp_ptr, ha_ptr, rank_ptr, shrunk_ptr, pair_count_ptr, bias_ptr,
-    g, u, t, e64, runs, p, tile, n, n_ok, inter, rank, num_slots, num_pairs, num_shrink,
-    sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, limit, alpha,
-    HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
-    SPLITS: tl.constexpr, N_TILES: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    """A (pair, tile)'s whole (gate, up) -> the LoRA expand, SiLU(gate) * up stored in h, and with LoRA
-    this tile's part of the down shrink."""
-    s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
-    if HAS_LORA:
-        xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
-        if on & runs:
-            wait_for(shrunk_ptr, num_shrink)
-            bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
-            xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
-            xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
-            g = expand_fma(g, xg, bg_ptrs, n_ok, r_ok)
-            u = expand_fma(u, xu, bg_ptrs + sb_h, n_ok, r_ok)
-    h = glu(g, u, bias_ptr + e64 * s_bias_e, n, n_ok, inter, limit, alpha, HAS_BIAS, CLAMPED)
-    h = h.to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + p.to(tl.int64) * inter + n, h, mask=n_ok & runs)
-    if HAS_LORA:
-        _down_shrink_part(
-            hp_ptr, ha_ptr, pair_count_ptr + p, a_dn_ptr, h.to(tl.float32), s, e64, n, n_ok, r, r_ok,
-            p, tile, rank, num_pairs, sd_s, sd_e, sd_r, sd_k, N_TILES,
-        )  # fmt: skip
 
 
 def decode_gate_up(
@@ -263,6 +215,7 @@ def decode_gate_up(
         slot, a, a_dn, rank_of = local_ids, w_gate_up[None, :, None], w_gate_up[None], None
         b = a
         xa = hp = ha_buf = h
+        sync = h.view(-1)
         num_slots, rank = 0, 1
     else:
         slot, a, b, a_dn, rank_of = lora
@@ -272,28 +225,16 @@ def decode_gate_up(
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
         ha_buf = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
+        sync = launch_counters(x.device, 3 + num_pairs)
+    programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
+    regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
-    # the input in k_splits parts of whole K steps (`DecodeTiles.k_splits`), none of them empty
-    parts = min(tiles.k_splits, triton.cdiv(hidden, block_k))
-    k_len = triton.cdiv(triton.cdiv(hidden, parts), block_k) * block_k
-    k_splits = triton.cdiv(hidden, k_len)
-    # (without LoRA or parts no counter is touched: placeholders)
-    split_counts = num_pairs * n_tiles if k_splits > 1 else 0
-    sync = h.view(-1)
-    if lora is not None or split_counts:
-        sync = launch_counters(x.device, 3 + num_pairs + split_counts)
-    gu_part = h
-    if split_counts:
-        gu_part = torch.empty(k_splits, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
-    programs = num_pairs * (n_tiles * k_splits + (splits if lora is not None else 0))
-    regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:], sync[3 + num_pairs :] if split_counts else sync, gu_part, bias,
-        scales.table,
+        sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
         s_bias, *scales.strides, limit, alpha,
@@ -301,7 +242,7 @@ def decode_gate_up(
         HAS_LORA=lora is not None, HAS_RANK=rank_of is not None, SPLITS=splits, HAS_SCALE=scales.on,
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, K_SPLITS=k_splits,
-        K_LEN=k_len, PDL=pdl, num_warps=tiles.warps, launch_pdl=pdl, **regs,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl,
+        num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (ha_buf if lora is not None else None)
