@@ -24,45 +24,14 @@ def _top_k(x, t, t_ok, e, e_ok, w_ptr, ids_ptr,
     x = tl.where(e_ok, x.to(tl.float32), float("-inf"))  # lanes past the experts never win
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    # A probability's bits (>= 0: ordered as integers) above its lane's reversed id make one key: the keys
-    # are distinct and ordered as the choices are (the largest probability, the lowest id among equals).
+    # k rounds: the largest remaining probability (the lowest id among equals), then take it out. A
+    # probability's bits (>= 0: ordered as integers) above its lane's reversed id make one key, so one
+    # max a round finds both (a max and an argmax are three reductions across the program's threads).
     lanes = x.shape[1]
     key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (lanes - 1 - e)[None, :].to(tl.int64)
-    if x.shape[0] == 1 and lanes <= _RANK_LANES:
-        _top_k_by_rank(key, p, t, t_ok, w_ptr, ids_ptr, TOP_K, RENORMALIZE)
-    else:
-        _top_k_by_rounds(key, p, t, t_ok, e, w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
-
-
-_RANK_LANES: tl.constexpr = tl.constexpr(128)  # one token's top-k by rank up to this many lanes
-
-
-@triton.jit
-def _top_k_by_rank(key, p, t, t_ok, w_ptr, ids_ptr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """One token (key, p [1, E]): each lane's place is the number of larger keys (the keys are distinct),
-    so one reduction over [E, E] comparisons finds all k choices at once, instead of k rounds of a max
-    across the program's threads; the lanes placed below TOP_K store their weight and id at their place."""
-    lanes = key.shape[1]
-    k1 = tl.ravel(key)
-    place = tl.sum((k1[None, :] > k1[:, None]).to(tl.int32), axis=1)
-    chosen = (place < TOP_K) & (tl.max(t_ok.to(tl.int32), axis=0) > 0)
-    weights = tl.ravel(p)
-    if RENORMALIZE:
-        weights = weights / tl.sum(tl.where(place < TOP_K, weights, 0.0), axis=0)
-    out = tl.max(t, axis=0).to(tl.int64) * TOP_K + place
-    tl.store(w_ptr + out, weights.to(w_ptr.dtype.element_ty), mask=chosen)
-    tl.store(ids_ptr + out, lanes - 1 - (k1 & 0xFFFFFFFF).to(tl.int32), mask=chosen)
-
-
-@triton.jit
-def _top_k_by_rounds(key, p, t, t_ok, e, w_ptr, ids_ptr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                     RENORMALIZE: tl.constexpr):  # fmt: skip
-    """Rows t (key, p [BLOCK_T, E]): k rounds, each the largest remaining key, then taken out (one max a
-    round finds the probability and its id: a max and an argmax are three reductions across threads)."""
-    lanes = key.shape[1]
     kk = tl.arange(0, K_PAD)
-    weights = tl.zeros([key.shape[0], K_PAD], dtype=tl.float32)
-    ids = tl.zeros([key.shape[0], K_PAD], dtype=tl.int32)
+    weights = tl.zeros([x.shape[0], K_PAD], dtype=tl.float32)
+    ids = tl.zeros([x.shape[0], K_PAD], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         top = tl.max(key, axis=1)
         best = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
