@@ -253,7 +253,7 @@ def dense_lora_cases() -> Iterator[Case]:
         shrink = dict(IN_DIM=2048, K_CHUNK=min(t.k_chunk, 2048), BLOCK_M=t.block_m, BLOCK_K=t.shrink_k)
         shrink |= dict(BLOCK_R=64, PRECISION="tf32", HAS_RANK=True)
         yield lora_shrink._lora_shrink_kernel, shrink, t.warps
-        expand = dict(SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64)
+        expand = dict(SPLITS=8, BLOCK_M=t.block_m, BLOCK_N=t.expand_n, BLOCK_R=64, SLOT_GROUP=2)
         expand |= dict(EXPAND=1, PRECISION="tf32", HAS_RANK=True, END0=4096, END1=4608, END2=1 << 30)
         yield lora_expand._lora_expand_kernel, expand, t.warps
 
@@ -278,7 +278,7 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=t.shrink_chunk)
         case |= dict(PARTS=parts)
         case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
-        case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1)
+        case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1, SLOT_GROUP=8)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
         yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages

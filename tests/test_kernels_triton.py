@@ -582,6 +582,12 @@ def test_add_lora_matches_twin(num_tokens: int, rank: int, dtype: torch.dtype, l
     check_add_lora(num_tokens, num_slots=3, rank=rank, dtype=dtype, seed=num_tokens, plan=lora_plan)
 
 
+def test_add_lora_expands_many_slots_in_groups(lora_plan: KernelPlan):
+    """11 slots of rank 16: the expand takes them 8 at a time (`common.slot_group`), a second group only
+    partly backed by slots."""
+    check_add_lora(40, num_slots=11, rank=16, dtype=torch.float32, seed=7, plan=lora_plan)
+
+
 def check_add_lora_parts(
     num_tokens: int,
     rank: int,

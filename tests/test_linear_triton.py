@@ -43,8 +43,8 @@ def close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert err <= tol * max(1.0, ref.float().abs().max().item()), f"max error {err}"
 
 
-def lora_inputs(g: torch.Generator, num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype):
-    num_slots = 4
+def lora_inputs(g: torch.Generator, num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype,
+                num_slots: int = 4):  # fmt: skip
     a = rand(g, num_slots, len(sizes), rank, in_dim, scale=in_dim**-0.5).to(dtype)
     b = rand(g, num_slots, sum(sizes), rank, scale=rank**-0.5).to(dtype)
     ranks = torch.full((num_slots, len(sizes)), rank, dtype=torch.int32, device=DEV)
@@ -57,19 +57,19 @@ def lora_inputs(g: torch.Generator, num_tokens: int, in_dim: int, sizes: tuple[i
     noisy_a, noisy_b = a.clone(), b.clone()
     noisy_a[1, :, half:], noisy_b[1, :, half:] = float("nan"), float("nan")
     noisy_a[2, -1], noisy_b[2, sum(sizes[:-1]) :] = float("nan"), float("nan")
-    choices = torch.tensor([-1, -3, num_slots, num_slots + 9, 0, 1, 2, 3, 1, 2])
+    choices = torch.tensor([-1, -3, num_slots, num_slots + 9, 0, 1, 2, 3, 1, 2, *range(4, num_slots)])
     slot = choices[torch.randint(0, len(choices), (num_tokens,), generator=g)].to(torch.int32).to(DEV)
     slot[0] = 1  # at least one token on an adapter
     return DenseLora(a, b, ranks), DenseLora(noisy_a, noisy_b, ranks), slot
 
 
 def check_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype, bias: bool,
-                 plan: KernelPlan, seed: int) -> None:  # fmt: skip
+                 plan: KernelPlan, seed: int, num_slots: int = 4) -> None:  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     x = rand(g, num_tokens, in_dim).to(dtype)
     w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
     b = rand(g, sum(sizes)).to(dtype) if bias else None
-    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype, num_slots)
     assert triton_linear.fits(x, len(sizes) * rank, sizes, plan)
     base = triton_linear.linear(x, w, b, None, sizes, plan)
     close(base, torch_lora.linear(x, w, b, None, None, sizes), TOL[dtype])
@@ -94,6 +94,13 @@ def check_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int
 )
 def test_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], rank: int, dtype, bias: bool):
     check_linear(num_tokens, 80, sizes, rank, dtype, bias, SMALL, seed=num_tokens)
+
+
+def test_linear_expands_many_slots_in_groups():
+    """11 slots of rank 16: the expand takes them 8 at a time (`common.slot_group`), so a second, partial
+    group (slots 8-15, of which 11-15 do not exist) with tokens on it and on every invalid id."""
+    assert triton_linear.slot_group(11, 16) == 8
+    check_linear(16, 80, (32, 16), 16, torch.float32, True, SMALL, seed=5, num_slots=11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -31,11 +31,13 @@ from moelora.ops.fp8 import RowScales
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
 from moelora.ops.triton.common import (
     add_expand,
+    add_expand_slots,
     after_previous,
     dependent_launch,
     lanes_in_rank,
     num_sms,
     prefetch_l2,
+    slot_group,
     valid_slot,
 )
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
@@ -108,7 +110,8 @@ def _expand(
     sb_s, sb_n, sb_r, s_rs, s_rp,
     NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, CHUNKS: tl.constexpr, PARTS: tl.constexpr,
     END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """acc plus each token's b[s][n] @ xa (its part's lanes, the shrink chunks added up in order), once the
     shrinks are done; tokens without a slot get nothing added."""
@@ -124,12 +127,12 @@ def _expand(
         xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for c in range(0, CHUNKS):
             xa += tl.load(xa_ptrs + c * num_tokens * lanes, mask=xa_mask, other=0.0, cache_modifier=".cg")
-        while s < NUM_SLOTS:  # the batch's distinct slots, in increasing order
-            b_ok = lanes_in_rank(r, rank, rank_ptr + part * s_rp, s * s_rs, HAS_RANK)
-            b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
-            u = tl.where((slot == s)[:, None], xa, 0.0)
-            acc = add_expand(acc, u, b_ptrs, b_ok[:, None] & n_ok[None, :], EXPAND, PRECISION)
-            s = tl.min(tl.where(slot > s, slot, NUM_SLOTS))
+        b_ptrs = b_ptr + n[None, :] * sb_n + r[:, None] * sb_r
+        b_mask = (r < rank)[:, None] & n_ok[None, :]
+        acc = add_expand_slots(
+            acc, xa, slot, b_ptrs, b_mask, r, rank_ptr + part * s_rp, NUM_SLOTS, sb_s, s_rs,
+            HAS_RANK, SLOT_GROUP, EXPAND, PRECISION,
+        )  # fmt: skip
     return acc
 
 
@@ -193,8 +196,8 @@ def _linear_kernel(
     CHUNKS: tl.constexpr,
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
-    FOLD: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
+    PRECISION: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
@@ -244,7 +247,7 @@ def _linear_kernel(
             acc = _expand(
                 acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
                 sb_s, sb_n, sb_r, s_rs, s_rp, NUM_SLOTS, SHRINKS, CHUNKS, PARTS, END0, END1, END2, HAS_RANK,
-                BLOCK_M, BLOCK_N, BLOCK_R, EXPAND, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_R, SLOT_GROUP, EXPAND, PRECISION,
             )  # fmt: skip
         mask = t_ok[:, None] & n_ok[None, :]
         finish = True
@@ -347,6 +350,7 @@ def linear(
     sync = launch_counters(x.device, 3 + n_tiles)
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
+    block_r = max(16, triton.next_power_of_2(rank))
     shrinks = 0 if fold else min(num_tokens, num_slots) * chunks  # one per (distinct slot, chunk) at most
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
     pdl = dependent_launch(x.device, plan.pdl)
@@ -362,8 +366,8 @@ def linear(
         NUM_SLOTS=num_slots, SHRINKS=shrinks, SPLITS=splits, K_CHUNK=k_chunk, CHUNKS=chunks,
         SHRINK_CHUNK=shrink_chunk,
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        BLOCK_L=max(16, triton.next_power_of_2(parts * rank)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        BLOCK_L=max(16, triton.next_power_of_2(parts * rank)), SLOT_GROUP=slot_group(num_slots, block_r),
         EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,

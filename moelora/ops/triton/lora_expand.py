@@ -1,5 +1,6 @@
-"""Dense multi-LoRA expand, added in place: y[t] += B[s] @ xa[t] (one pass per slot of a block); a layer with
-stacked output parts (q/k/v) in one launch, each column tile taking its part's lanes of xa."""
+"""Dense multi-LoRA expand, added in place: y[t] += B[s] @ xa[t] (a block's slots a group at a time,
+`common.add_expand_slots`); a layer with stacked output parts (q/k/v) in one launch, each column tile
+taking its part's lanes of xa."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.triton.common import add_expand, lanes_in_rank, valid_slot
+from moelora.ops.triton.common import add_expand_slots, slot_group, valid_slot
 from moelora.ops.triton.tiles import TUNED, KernelPlan, LoraTiles, dot_precision, expand_mode
 
 
@@ -16,7 +17,7 @@ def _lora_expand_kernel(
     xa_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, num_tokens, out_dim, rank, num_slots,
     sxa_s, sxa_t, sb_s, sb_n, sb_r, sy_t, sy_n, s_rs, s_rp,
     SPLITS: tl.constexpr, HAS_RANK: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SLOT_GROUP: tl.constexpr,
     EXPAND: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -39,13 +40,12 @@ def _lora_expand_kernel(
         xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, SPLITS):
             xa += tl.load(xa_ptrs + i * sxa_s, mask=xa_mask, other=0.0)
-        while s < num_slots:
-            b_mask = (
-                lanes_in_rank(r, rank, rank_ptr + part * s_rp, s * s_rs, HAS_RANK)[:, None] & n_ok[None, :]
-            )
-            b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
-            acc = add_expand(acc, tl.where((slot == s)[:, None], xa, 0.0), b_ptrs, b_mask, EXPAND, PRECISION)
-            s = tl.min(tl.where(slot > s, slot, num_slots))
+        b_ptrs = b_ptr + n[None, :] * sb_n + r[:, None] * sb_r
+        b_mask = r_ok[:, None] & n_ok[None, :]
+        acc = add_expand_slots(
+            acc, xa, slot, b_ptrs, b_mask, r, rank_ptr + part * s_rp, num_slots, sb_s, s_rs,
+            HAS_RANK, SLOT_GROUP, EXPAND, PRECISION,
+        )  # fmt: skip
         # Only tokens with a slot are read and written: base tokens keep y untouched.
         y_ptrs = y_ptr + t[:, None].to(tl.int64) * sy_t + n[None, :] * sy_n
         mask = (slot < num_slots)[:, None] & n_ok[None, :]
@@ -74,6 +74,7 @@ def lora_expand(
     num_tokens, out_dim = y.shape
     num_slots, rank = b.shape[0], b.shape[2]
     grid = (triton.cdiv(num_tokens, tiles.block_m), triton.cdiv(out_dim, tiles.expand_n))
+    block_r = max(16, triton.next_power_of_2(rank))
     ranks = token_slot if slot_rank is None else slot_rank  # a placeholder when there is none
     ends = [] if sizes is None else [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
@@ -81,6 +82,7 @@ def lora_expand(
         xa, b, y, token_slot, ranks, num_tokens, out_dim, rank, num_slots, xa.stride(0), xa.stride(1),
         *b.stride(), *y.stride(), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
         SPLITS=xa.shape[0], HAS_RANK=slot_rank is not None, END0=ends[0], END1=ends[1], END2=ends[2],
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.expand_n, BLOCK_R=block_r,
+        SLOT_GROUP=slot_group(num_slots, block_r), EXPAND=expand_mode(b.dtype, plan),
+        PRECISION=dot_precision(y.dtype), num_warps=tiles.warps,
     )  # fmt: skip
