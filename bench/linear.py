@@ -10,6 +10,7 @@ one-launch result is first checked against cuBLAS plus the LoRA twin.
 
     python bench/linear.py                 # the rows
     python bench/linear.py --sweep         # tile variants of the one-launch layer at 1 and 16 tokens
+    python bench/linear.py --sweep --per-sm 1 2 3 4   # the shipped tiles' input splits only (short)
     python bench/linear.py --lora-sweep    # tile variants of the dense LoRA kernels past the one launch
     python bench/linear.py --fp8           # FP8 weights (one launch, or dequantised for cuBLAS) vs bf16
 """
@@ -155,6 +156,12 @@ def sweep(args) -> None:
         v = replace(v, programs_per_sm=per_sm)
         if v != base and block_n * block_k <= 16384:
             variants.append(v)
+    if args.per_sm:  # only the shipped tiles' input splits (and K step), a short run
+        variants = [base] + [
+            replace(base, programs_per_sm=p, block_k=k)
+            for p, k in itertools.product(args.per_sm, (64, 128))
+            if (p, k) != (base.programs_per_sm, base.block_k)
+        ]
     results: dict = {}
     for name in ("qkv", "o"):
         in_dim, sizes = SHAPES[name]
@@ -170,6 +177,9 @@ def sweep(args) -> None:
                     print(f"skip {v}: {str(err)[:100]}")
                     continue
                 results.setdefault(v, {})[(name, tokens, with_lora)] = us
+                if args.per_sm:  # a short run: each timing as it comes
+                    tile = f"per_sm={v.programs_per_sm} k={v.block_k}"
+                    print(f"{name} T={tokens} lora={with_lora} {tile}: {us:.2f} us", flush=True)
     keys = sorted({k for r in results.values() for k in r})
     print("| tiles | " + " | ".join(f"{n} T={t}{' lora' if lo else ''}" for n, t, lo in keys) + " | sum |")
     print("|---" * (len(keys) + 2) + "|")
@@ -217,6 +227,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16, help="distinct layers a graph (weights past the L2)")
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the floor (copy rate)")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--per-sm", type=int, nargs="+", help="--sweep over these programs_per_sm only")
     p.add_argument("--lora-sweep", action="store_true")
     p.add_argument("--grouped", action="store_true", help="--lora-sweep with tokens grouped by adapter")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])

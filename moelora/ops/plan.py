@@ -144,7 +144,10 @@ class LinearTiles:
 
 
 # H200, Qwen3-30B-A3B's q/k/v and o at 1 and 16 tokens (bench/linear.py --sweep, 2026-12-04): 4 stages and
-# one program per SM came first of 48 variants (1-2 us apart in all).
+# one program per SM came first of 48 variants (1-2 us apart in all). On an H100 (2026-12-05, `--sweep
+# --per-sm`) 3 programs per SM won every isolated row (sum 89 against 102 us), but in the model at batch 1
+# the base step got slower (4.08 against 3.92 ms) while the step with an adapter got faster (4.74 against
+# 4.92): kept at 1, which serves the base model best.
 _LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256)
 
 
