@@ -140,7 +140,15 @@ class EngineArgs:
     )
     max_num_seqs: int = option(256, "most sequences in one step")
     max_num_batched_tokens: int | None = option(
-        None, "most tokens in one step (prefill chunks are whole prompts); default max(8192, max_model_len)"
+        None,
+        "most tokens in one step; default 8192 with chunked prefill, else max(8192, max_model_len) (a "
+        "whole prompt of the longest length in one step)",
+    )
+    enable_chunked_prefill: bool = option(
+        True,
+        "compute a prompt that does not fit the step's token budget over several steps, beside the other "
+        "sequences' decoding, so that no step needs the activations of more than max_num_batched_tokens "
+        "tokens (not for models with linear-attention layers: their prompts run whole)",
     )
     enable_prefix_caching: bool = option(
         True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"
@@ -168,6 +176,12 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        budget = self.max_num_batched_tokens
+        if budget is not None and budget < self.max_num_seqs:  # as vLLM: every sequence decodes a step
+            raise ValueError(
+                f"max_num_batched_tokens ({budget}) must be at least max_num_seqs ({self.max_num_seqs}): a "
+                f"step decodes one token of every running sequence; lower max_num_seqs or raise the budget"
+            )
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

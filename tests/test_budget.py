@@ -96,8 +96,10 @@ def test_model_len_fitted_where_the_models_own_does_not(card):
 
 
 def test_engine_lowers_the_models_length_to_what_fits(monkeypatch, caplog):
-    """Without max_model_len the engine plans the cache for the longest length that fits beside its own
-    step (here a toy budget: the demo's 2,048 tokens leave no block; 1,280 fit), says so, and serves."""
+    """Without max_model_len or chunked prefill the engine plans the cache for the longest length that
+    fits beside its own step (here a toy budget: the demo's 2,048 tokens leave no block; 1,280 fit),
+    says so, and serves. With chunked prefill (the default) the step stays at its budget of tokens
+    whatever the length, and the model's whole length fits."""
     from moelora import LLM, SamplingParams
     from moelora.engine import engine as engine_mod
 
@@ -108,10 +110,15 @@ def test_engine_lowers_the_models_length_to_what_fits(monkeypatch, caplog):
         "plan_kv_blocks",
         lambda args, per_block, model_len, device, act, pending: max(0, 400 - act // 4),
     )
-    with caplog.at_level("WARNING", logger="moelora"), LLM("demo", device="cpu", progress=False) as llm:
+    whole = dict(device="cpu", progress=False, enable_chunked_prefill=False)
+    with caplog.at_level("WARNING", logger="moelora"), LLM("demo", **whole) as llm:
         assert llm.engine.max_model_len == 1280 and llm.engine.allocator.num_blocks == 80
         assert "max_model_len lowered to 1280 (the model allows 2048)" in caplog.text
         out = llm.generate("Hello", SamplingParams(max_tokens=4, ignore_eos=True))[0]
         assert len(out.outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="too few for max_model_len 2048"):  # a length the user asks for
-        LLM("demo", device="cpu", progress=False, max_model_len=2048)
+        LLM("demo", max_model_len=2048, **whole)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moelora"), LLM("demo", device="cpu", progress=False) as llm:
+        assert llm.engine.max_model_len == 2048 and llm.engine.allocator.num_blocks == 400 - 256 // 4
+        assert "lowered" not in caplog.text

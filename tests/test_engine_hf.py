@@ -57,19 +57,51 @@ def prompts() -> list[list[int]]:
 def test_greedy_and_logprobs_match_transformers_with_staggered_arrivals(
     family: str, hf_models: dict[str, Any], llms: dict[str, LLM]
 ):
-    model, engine = hf_models[family], llms[family].engine
+    check_staggered(hf_models[family], llms[family].engine, prompts())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_matches_transformers(family: str, hf_models: dict[str, Any], checkpoints):
+    """A step budget of 8 tokens: the prompts of 9, 13 and 23 tokens are computed in parts, beside the
+    other sequences' decoding, their prompt log-probs too; outputs and log-probs as transformers'."""
+    budget = 8
+    with LLM(
+        str(checkpoints[family]),
+        device="cpu",
+        progress=False,
+        num_kv_blocks=64,
+        max_num_batched_tokens=budget,
+        max_num_seqs=4,
+    ) as llm:
+        engine = llm.engine
+        assert engine.chunked_prefill
+        since = time.perf_counter()
+        g = torch.Generator().manual_seed(8)
+        check_staggered(
+            hf_models[family],
+            engine,
+            [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (23, 5, 13, 9)],
+        )
+        records = engine.step_records(since)
+    assert all(r.prefill_tokens + r.decode_tokens <= budget for r in records)
+    assert any(r.prefill_tokens and r.decode_tokens for r in records), "a part beside decoding"
+
+
+def check_staggered(model: Any, engine: Any, prompt_list: list[list[int]]) -> None:
+    """The prompts submitted one after another (each once the one before has output), greedy with
+    log-probs and prompt log-probs, against transformers."""
     params = SamplingParams(
         temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3, prompt_logprobs=2
     )
     streams = []
-    for p in prompts():
+    for p in prompt_list:
         stream = engine.submit_stream(p, params)
         streams.append(stream)
         # Let the running batch take a few steps before the next request joins it.
         while not stream._items and not stream.finished:
             time.sleep(0.001)
     outputs = [s.result() for s in streams]
-    for prompt, out in zip(prompts(), outputs, strict=True):
+    for prompt, out in zip(prompt_list, outputs, strict=True):
         ref_tokens, margins = hf_greedy(model, prompt)
         agree_until_near_tie(out.token_ids, ref_tokens, margins)
         assert out.finish_reason == "length" and len(out.token_ids) == NEW_TOKENS

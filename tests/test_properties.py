@@ -80,9 +80,10 @@ def test_any_body_gets_2xx_or_an_openai_4xx_and_nothing_stays_counted(client, bo
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[LLM]:
-    """Few KV blocks (preemption), two sequences at a time, two adapter slots for three adapters."""
+    """Few KV blocks (preemption), three sequences at a time, two adapter slots for three adapters, a step
+    budget of 4 tokens (prompts computed in parts)."""
     with LLM("demo", device="cpu", progress=False, num_kv_blocks=10, block_size=4, max_num_seqs=3,
-             max_loras_per_batch=2) as llm:  # fmt: skip
+             max_loras_per_batch=2, max_num_batched_tokens=4) as llm:  # fmt: skip
         yield llm
 
 

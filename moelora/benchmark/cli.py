@@ -88,6 +88,8 @@ def _print_header(env: dict[str, Any], settings: dict[str, Any]) -> None:
     versions = f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}"
     layout = f"tp {s['tp_size']} ep {s['ep_size']}"
     switches = f"prefix caching {on[s['prefix_caching']]}, CUDA graphs {on[s['cuda_graphs']]}"
+    if "chunked_prefill" in s:  # (older JSON files have no such key)
+        switches += f", chunked prefill {on[s['chunked_prefill']]} ({s['step_tokens']} tokens a step)"
     copy = (
         f"copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, read {ceilings.read_bytes_per_s / 1e12:.2f} TB/s"
     )

@@ -54,6 +54,8 @@ class Session:
             "tp_size": llm.parallel.tp_size,
             "ep_size": llm.parallel.experts_over,
             "prefix_caching": engine.scheduler.prefix_caching,  # (off for models that cannot use it)
+            "chunked_prefill": engine.scheduler.chunked_prefill,  # (the same)
+            "step_tokens": engine.scheduler.max_num_batched_tokens,
             "cuda_graphs": engine.executor.runner.graphs is not None,
             "max_num_seqs": engine.args.max_num_seqs,
             "kv_blocks": engine.allocator.num_blocks,

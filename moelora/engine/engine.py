@@ -69,13 +69,15 @@ class _InFlight:
 
 
 _STEP_LOG = 1 << 16  # steps whose StepRecord is kept (8.5 MiB when full)
-_MIN_STEP_TOKENS = 8192  # the default step budget, at least: max(this, max_model_len)
+_MIN_STEP_TOKENS = 8192  # the default step budget (without chunked prefill at least max_model_len)
 
 
-def _step_tokens(args: EngineArgs, model_len: int) -> int:
-    """The most tokens a step runs: the given budget, else max(_MIN_STEP_TOKENS, model_len) (a whole
-    prompt of the longest length in one step)."""
-    return args.max_num_batched_tokens or max(_MIN_STEP_TOKENS, model_len)
+def _step_tokens(args: EngineArgs, model_len: int, chunked: bool) -> int:
+    """The most tokens a step runs: the given budget, else _MIN_STEP_TOKENS with chunked prefill, else
+    max(_MIN_STEP_TOKENS, model_len) (a whole prompt of the longest length in one step)."""
+    if args.max_num_batched_tokens:
+        return args.max_num_batched_tokens
+    return _MIN_STEP_TOKENS if chunked else max(_MIN_STEP_TOKENS, model_len)
 
 
 def _size(num_bytes: int) -> str:
@@ -107,6 +109,8 @@ class Engine:
         self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
         self.device = device = next(model.parameters()).device
         la = lora_args or LoraArgs()
+        # Linear-attention layers continue a state by one token at a time only: their prompts run whole.
+        self.chunked_prefill = self.args.enable_chunked_prefill and model.cfg.linear is None
         self.adapters = (
             None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
         )
@@ -116,7 +120,7 @@ class Engine:
         self._in_flight: _InFlight | None = None
         self.allocator = BlockAllocator(plan.num_blocks)
         a = self.args
-        step_tokens = _step_tokens(a, self.max_model_len)
+        step_tokens = _step_tokens(a, self.max_model_len, self.chunked_prefill)
         fits = self.loras.fits if self.loras is not None else (lambda adapters: True)
         self.scheduler = Scheduler(
             self.allocator,
@@ -126,11 +130,13 @@ class Engine:
             fits,
             a.enable_prefix_caching,
             state_slots=self.cfg.linear is not None,
+            chunked_prefill=self.chunked_prefill,
         )
-        if self.cfg.linear is not None and a.enable_prefix_caching:
+        if self.cfg.linear is not None and (a.enable_prefix_caching or a.enable_chunked_prefill):
             _LOG.info(
-                "prefix caching is off for this model: its linear-attention layers keep no state at a cached "
-                "prefix, so every prompt is computed whole"
+                "prefix caching and chunked prefill are off for this model: its linear-attention layers keep "
+                "no state at a cached prefix and continue a state one token at a time, so every prompt is "
+                "computed whole in one step"
             )
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -161,7 +167,8 @@ class Engine:
 
         def blocks_for(model_len: int) -> int:
             """The cache's blocks with the largest step of a `model_len` limit kept free."""
-            activations = activation_bytes(cfg, _step_tokens(a, model_len), a.max_num_seqs, model.dtype)
+            step = _step_tokens(a, model_len, self.chunked_prefill)
+            activations = activation_bytes(cfg, step, a.max_num_seqs, model.dtype)
             return plan_kv_blocks(a, per_block, model_len, self.device, activations, pool)
 
         num_blocks = blocks_for(wanted_len)
@@ -178,7 +185,7 @@ class Engine:
                     fitted, wanted_len,
                 )  # fmt: skip
                 num_blocks, capacity, wanted_len = blocks, fitted, fitted
-        step_tokens = _step_tokens(a, wanted_len)
+        step_tokens = _step_tokens(a, wanted_len, self.chunked_prefill)
         activations = activation_bytes(cfg, step_tokens, a.max_num_seqs, model.dtype)
         if num_blocks < 1 or (a.max_model_len is not None and a.max_model_len > capacity):
             taken = [f"{_size(free_memory(self.device))} free after the weights"]
@@ -548,6 +555,7 @@ class Engine:
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         # A sequence whose token in flight is certainly its last (its length limit) runs no further.
+        num_new = {id(s): n for s, n in zip(scheduled.seqs, scheduled.num_new, strict=True)}
         seqs = [s for s in scheduled.seqs if not self._ends_with_pending(s)]
         if seqs and self.adapters is not None:
             entries = dict.fromkeys(s.request.lora_entry for s in seqs if s.request.lora_entry is not None)
@@ -560,16 +568,19 @@ class Engine:
         if not seqs:
             self._finish_in_flight()
             return
-        step = step_input(seqs, self.args.block_size)
+        step = step_input(seqs, self.args.block_size, [num_new[id(s)] for s in seqs])
         prefill = sum(n for s, n in zip(seqs, step.seq_lens, strict=True) if s.num_cached < s.num_prompt)
         previous = self._in_flight
         logits, prompt_logits = self.executor.step(step, previous.sampled.tokens if previous else None)
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
+        starts = [s.num_cached for s in seqs]
+        for seq, n in zip(seqs, step.seq_lens, strict=True):
+            seq.num_cached += n
         self._finish_in_flight()  # the host's work of the previous step, while the device runs this one
         for i, pl in prompt_logits.items():
-            self._set_prompt_logprobs(seqs[i], pl)
-        live = [i for i, s in enumerate(seqs) if s.status is Status.RUNNING]  # not ended by the previous
+            self._set_prompt_logprobs(seqs[i], pl, starts[i])
+        # Sampled: the sequences not ended by the previous step whose prompt is all computed (one whose
+        # prompt is computed in parts gets its first token after the last part).
+        live = [i for i, s in enumerate(seqs) if s.status is Status.RUNNING and s.num_cached == s.num_tokens]
         for i in live:
             if seqs[i].request.forks and seqs[i].index == 0:  # its prompt was computed in this step
                 self._fork(seqs[i], logits[i])
@@ -646,13 +657,16 @@ class Engine:
             (sampled,) = sample(logits[None], inputs)
             self._append(seq, sampled)
 
-    def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """The prompt log-probs of positions start.. (the logits' rows: the tokens after them scored),
+        appended to those of the positions before (a prompt computed in parts), or the first ones."""
         n = seq.request.params.prompt_logprobs or 0
         raw = logits.float().log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[1 : seq.num_prompt], device=raw.device)
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + raw.shape[0]], device=raw.device)
         actual = raw.gather(1, targets[:, None]).squeeze(1).tolist()
         top_vals, top_ids = raw.topk(n, dim=-1) if n else (raw[:, :0], raw[:, :0].long())
-        result: list[Logprobs | None] = [None]
+        earlier = seq.request.prompt_logprobs if start > 0 else None
+        result: list[Logprobs | None] = [None] if earlier is None else earlier
         for tok, lp, ids, vals in zip(
             targets.tolist(), actual, top_ids.tolist(), top_vals.tolist(), strict=True
         ):

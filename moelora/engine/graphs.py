@@ -124,9 +124,10 @@ class DecodeGraphs:
         _LIVE.add(self)
 
     def fits(self, step: StepInput) -> bool:
-        """A decode step (one token per sequence) that a graph of this set can run."""
+        """A decode step (one token per sequence, no prompt logits) that a graph of this set can run."""
         return (
             max(step.seq_lens) == 1
+            and not step.prompt_logits
             and len(step.ids) <= self.max_batch
             and len(step.block_tables[0]) <= self.block_tables.shape[1]
             and (self.states is None or min(step.kv_lens) > 1)

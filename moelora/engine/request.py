@@ -71,11 +71,13 @@ class Sequence:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        """Only the first completion computes prompt log-probs, once, on its first prefill."""
+        """Only the first completion computes prompt log-probs, once, on its first prefill (in parts when
+        its prompt is computed in parts: until there is one entry a prompt position)."""
+        done = self.request.prompt_logprobs
         return (
             self.index == 0
             and self.request.params.prompt_logprobs is not None
-            and self.request.prompt_logprobs is None
+            and (done is None or len(done) < self.num_prompt)
         )
 
     def completion(self) -> CompletionOutput:

@@ -29,11 +29,12 @@ class StepInput:
     """One step of B sequences flattened to T tokens, as plain data (picklable, device independent).
 
     ids, positions, slot_mapping: per token. seq_lens, kv_lens, lora_slots (-1 = base model) and
-    block_tables: per sequence. prompt_logits: (sequence index, number of prompt positions) for the
-    sequences whose prompt log-probs are wanted this step (their logits at every prompt position but
-    the last). fed: (token index, row) for the tokens that the previous step sampled and the host has
-    not seen yet (async scheduling): their entry in ids is a placeholder, the token is read on the
-    device from row `row` of the previous step's chosen ids (a worker gets them in a broadcast).
+    block_tables: per sequence. prompt_logits: (sequence index, number of positions) for the sequences
+    whose prompt log-probs are wanted this step: the logits of their first that many tokens of the step
+    (prompt positions, never the prompt's last). fed: (token index, row) for the tokens that the
+    previous step sampled and the host has not seen yet (async scheduling): their entry in ids is a
+    placeholder, the token is read on the device from row `row` of the previous step's chosen ids (a
+    worker gets them in a broadcast).
     state_slots: each sequence's slot in the linear-attention layers' state cache (models with such
     layers; empty otherwise).
     """
@@ -50,18 +51,21 @@ class StepInput:
     state_slots: list[int] = field(default_factory=list)  # per sequence (linear attention), else empty
 
 
-def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
-    """The StepInput of the scheduled sequences: each runs its tokens from num_cached on, the last one
-    fed from the previous step's choices when the host does not have it yet (`Sequence.pending`)."""
+def step_input(seqs: Seq[Sequence], block_size: int, num_new: Seq[int] | None = None) -> StepInput:
+    """The StepInput of the scheduled sequences: each runs its tokens from num_cached on (num_new[i] of
+    them, default all it has left), a last one the host does not have yet (`Sequence.pending`) fed from
+    the previous step's choices. A sequence that wants prompt log-probs gets the logits of the prompt
+    positions it runs (all but the prompt's last)."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     fed: list[tuple[int, int]] = []
     seq_lens, kv_lens, lora_slots, prompt_logits = [], [], [], []
     for i, s in enumerate(seqs):
-        start, end = s.num_cached, s.num_tokens
-        ids += s.token_ids[start:end]
-        if s.pending >= 0:
+        start = s.num_cached
+        end = s.num_tokens if num_new is None else start + num_new[i]
+        ids += s.token_ids[start : min(end, len(s.token_ids))]
+        if s.pending >= 0 and end == s.num_tokens:
             fed.append((len(ids), s.pending))
             ids.append(0)
         positions += range(start, end)
@@ -70,8 +74,8 @@ def step_input(seqs: Seq[Sequence], block_size: int) -> StepInput:
         kv_lens.append(end)
         entry = s.request.lora_entry
         lora_slots.append(-1 if entry is None or entry.slot is None else entry.slot)
-        if s.wants_prompt_logprobs and s.num_cached == 0:
-            prompt_logits.append((i, s.num_prompt - 1))
+        if s.wants_prompt_logprobs and start < max(s.num_prompt - 1, 1):  # (none of a 1-token prompt)
+            prompt_logits.append((i, max(0, min(end, s.num_prompt - 1) - start)))
     width = max(len(s.blocks) for s in seqs)
     tables = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
     state_slots = [s.state_slot for s in seqs] if any(s.state_slot >= 0 for s in seqs) else []
@@ -128,8 +132,8 @@ class ModelRunner:
     def execute(
         self, step: StepInput, previous: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """-> (fp32 logits [B, V] at each sequence's last token, {sequence index: fp32 logits of every
-        prompt position but the last} for `step.prompt_logits`). `previous`: the previous step's chosen
+        """-> (fp32 logits [B, V] at each sequence's last token, {sequence index: fp32 logits of the prompt
+        positions it runs} for `step.prompt_logits`). `previous`: the previous step's chosen
         ids on the device, read by the step's `fed` tokens. Returns once the work is queued."""
         with self.lock:
             return self._execute(step, previous)

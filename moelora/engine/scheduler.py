@@ -1,10 +1,14 @@
 """Continuous batching over the paged KV cache: which sequences run this step, and with how many tokens.
 
-Each step every running sequence decodes one token; waiting sequences (new, or preempted) are admitted
-for prefill in arrival order while there are free sequence slots, token budget and KV blocks. When a
-running sequence needs a block and none is free, the most recently arrived running sequence is preempted:
-its blocks are freed and it waits to be recomputed from its prompt and the tokens it already generated,
-so no request is lost and none sees another's cache.
+Each step every running sequence that has decoded decodes one token; then the running sequences whose
+prompt is not all computed yet (chunked prefill) take the next part of it, oldest first, and waiting
+sequences (new, or preempted) are admitted for prefill in arrival order while there are free sequence
+slots, token budget and KV blocks. With chunked prefill no step runs more tokens than the budget: a prompt
+that does not fit it is computed over several steps (its blocks are all taken when it is admitted); without
+it a prompt runs whole, alone in its step if it must. When a running sequence needs a block and none is
+free, the most recently arrived running sequence is preempted: its blocks are freed and it waits to be
+recomputed from its prompt and the tokens it already generated, so no request is lost and none sees
+another's cache.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from moelora.engine.request import Sequence, Status
 
 @dataclass(frozen=True)
 class ScheduledStep:
-    """The sequences of one step, in batch order, and the tokens each runs (token_ids[num_cached:])."""
+    """The sequences of one step, in batch order, and how many tokens each runs (from num_cached on:
+    fewer than it has left where its prompt is computed in parts)."""
 
     seqs: list[Sequence]
+    num_new: list[int]
     preempted: list[Sequence]
 
 
@@ -47,12 +53,14 @@ class Scheduler:
         adapters_fit: Callable[[Set[Any]], bool] = lambda adapters: True,
         prefix_caching: bool = False,
         state_slots: bool = False,
+        chunked_prefill: bool = False,
     ) -> None:
         """`state_slots`: the model has linear-attention layers, so every running sequence holds a state
         slot (max_num_seqs of them) and no sequence starts from a cached prefix (its state there is not
-        kept)."""
+        kept) or computes its prompt in parts."""
         self.allocator, self.block_size = allocator, block_size
         self.prefix_caching = prefix_caching and not state_slots
+        self.chunked_prefill = chunked_prefill and not state_slots
         self.states = SlotAllocator(max_num_seqs) if state_slots else None
         self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -68,11 +76,29 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         preempted = self._grow_running()
+        # Decoding sequences first (one token each), then the rest of the prompts begun in earlier steps,
+        # oldest first (running is in arrival order), then new ones while budget is left.
+        budget = self.max_num_batched_tokens
+        num_new: dict[int, int] = {}
+        for seq in self.running:
+            if seq.num_tokens - seq.num_cached == 1:
+                num_new[id(seq)] = 1
+                budget -= 1
+        for seq in self.running:
+            left = seq.num_tokens - seq.num_cached
+            if left > 1:
+                n = min(left, max(budget, 0)) if self.chunked_prefill else left
+                if n > 0:
+                    num_new[id(seq)] = n
+                    budget -= n
         if not preempted:
-            self._admit_waiting()
+            for seq, n in self._admit_waiting(budget):
+                num_new[id(seq)] = n
         # The batch grouped by adapter (base first), arrival order within a group: the LoRA kernels make
         # one pass per distinct adapter of a block of tokens, so a block of one adapter costs one pass.
-        return ScheduledStep(sorted(self.running, key=_adapter_order), preempted)
+        # A sequence whose prompt's next part found no budget sits this step out.
+        seqs = sorted((s for s in self.running if id(s) in num_new), key=_adapter_order)
+        return ScheduledStep(seqs, [num_new[id(s)] for s in seqs], preempted)
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence room for one more token, preempting the newest when blocks run out."""
@@ -105,9 +131,11 @@ class Scheduler:
         ordered = sorted(self.waiting, key=lambda s: (s.request.arrival, s.index))
         self.waiting = deque(ordered)
 
-    def _admit_waiting(self) -> None:
-        """Admit in arrival order while sequences, tokens and blocks allow; at most S adapters per batch."""
-        budget = self.max_num_batched_tokens - len(self.running)
+    def _admit_waiting(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Admit in arrival order while sequences, tokens (`budget` left of the step's) and blocks allow; at
+        most S adapters per batch. -> each admitted sequence and the tokens it runs this step (with
+        chunked prefill as many of its prompt as the budget leaves)."""
+        admitted: list[tuple[Sequence, int]] = []
         adapters = {s.request.lora_entry for s in self.running if s.request.lora_entry is not None}
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs:
@@ -122,7 +150,9 @@ class Scheduler:
             cached = self._claim_prefix(seq)
             compute = tokens - len(cached) * self.block_size
             need = blocks_for(tokens, self.block_size) - len(cached)
-            if need > self.allocator.num_free or (compute > budget and self.running):
+            # No budget left; without chunked prefill, not enough for the whole prompt unless it runs alone.
+            over = budget <= 0 if self.chunked_prefill else compute > budget and bool(self.running)
+            if need > self.allocator.num_free or over:
                 self.allocator.free(cached)
                 break
             self.waiting.remove(seq)
@@ -130,9 +160,12 @@ class Scheduler:
             seq.blocks = cached + self.allocator.allocate(need)
             seq.num_cached, seq.num_registered = len(cached) * self.block_size, len(cached)
             seq.skips = 0
-            budget -= compute
+            n = min(compute, budget) if self.chunked_prefill else compute
+            admitted.append((seq, n))
+            budget -= n
             if entry is not None:
                 adapters.add(entry)
+        return admitted
 
     def _key(self, seq: Sequence, j: int, parent: int) -> BlockKey:
         """The prefix-cache key of block j of `seq`, whose block j-1 is `parent` (-1 for j = 0)."""

@@ -1,0 +1,97 @@
+"""The scheduler's token budget with and without chunked prefill, driven directly (no model): which
+sequences run in a step and how many tokens each, as the engine then advances them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelora import SamplingParams
+from moelora.cache.kv_cache import BlockAllocator
+from moelora.config import EngineArgs
+from moelora.engine.request import Request, Sequence
+from moelora.engine.scheduler import Scheduler
+
+
+def sequence(arrival: int, prompt_len: int) -> Sequence:
+    prompt = list(range(3, 3 + prompt_len))
+    request = Request(str(arrival), None, prompt, SamplingParams(max_tokens=4), None, None, arrival)  # type: ignore[arg-type]
+    return Sequence(request, 0, list(prompt), None, 0)  # type: ignore[arg-type]
+
+
+def run_step(scheduler: Scheduler, new_tokens: int) -> list[tuple[int, int]]:
+    """One step as the engine runs it: each scheduled sequence computes its tokens; one whose prompt and
+    tokens are all computed gets a token, and finishes once it has `new_tokens` of them. ->
+    (arrival, tokens run) in batch order."""
+    step = scheduler.schedule()
+    assert not step.preempted
+    for seq, n in zip(step.seqs, step.num_new, strict=True):
+        assert 1 <= n <= seq.num_tokens - seq.num_cached
+        seq.num_cached += n
+        if seq.num_cached == seq.num_tokens:
+            seq.token_ids.append(0)
+            if len(seq.token_ids) - seq.num_prompt >= new_tokens:
+                scheduler.finish(seq)
+    return [(s.request.arrival, n) for s, n in zip(step.seqs, step.num_new, strict=True)]
+
+
+def test_budget_goes_to_decoding_then_begun_prompts_then_new_ones():
+    scheduler = Scheduler(BlockAllocator(64), 4, 8, 10, chunked_prefill=True)
+    for arrival, size in enumerate((25, 4, 6)):
+        scheduler.add(sequence(arrival, size))
+    steps = [run_step(scheduler, new_tokens=3) for _ in range(5)]
+    assert steps == [
+        [(0, 10)],  # the long prompt takes the whole budget; nothing else is admitted
+        [(0, 10)],
+        [(0, 5), (1, 4), (2, 1)],  # its last part, then the next prompts while budget is left
+        [(0, 1), (1, 1), (2, 5)],  # decoding first, then the rest of the begun prompt
+        [(0, 1), (1, 1), (2, 1)],
+    ]
+
+
+def test_without_chunks_a_long_prompt_runs_whole_and_alone():
+    scheduler = Scheduler(BlockAllocator(64), 4, 8, 10, chunked_prefill=False)
+    for arrival, size in enumerate((25, 4)):
+        scheduler.add(sequence(arrival, size))
+    assert run_step(scheduler, new_tokens=3) == [(0, 25)]
+    assert run_step(scheduler, new_tokens=3) == [(0, 1), (1, 4)]
+
+
+def test_linear_attention_models_never_chunk():
+    scheduler = Scheduler(BlockAllocator(64), 4, 8, 10, state_slots=True, chunked_prefill=True)
+    assert not scheduler.chunked_prefill
+    scheduler.add(sequence(0, 25))
+    assert run_step(scheduler, new_tokens=1) == [(0, 25)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    budget=st.integers(1, 24),
+    max_seqs=st.integers(1, 6),
+    new_tokens=st.integers(1, 5),
+)
+def test_chunked_steps_stay_in_budget_and_every_request_finishes(sizes, budget, max_seqs, new_tokens):
+    """Any prompts, budget and sequence cap (at most the budget): no step runs more than the budget,
+    and every request gets all its tokens."""
+    max_seqs = min(max_seqs, budget)  # as EngineArgs requires: every running sequence decodes a step
+    scheduler = Scheduler(BlockAllocator(512), 4, max_seqs, budget, chunked_prefill=True)
+    seqs = [sequence(i, n) for i, n in enumerate(sizes)]
+    for seq in seqs:
+        scheduler.add(seq)
+    limit = sum(sizes) + len(sizes) * new_tokens + 1  # at least one token a step
+    for _ in range(limit):
+        if not scheduler.has_work():
+            break
+        step = run_step(scheduler, new_tokens)
+        assert 0 < sum(n for _, n in step) <= budget
+    assert not scheduler.has_work()
+    assert all(len(s.token_ids) - s.num_prompt == new_tokens for s in seqs)
+
+
+def test_a_budget_below_the_sequence_cap_is_refused():
+    with pytest.raises(
+        ValueError, match=r"max_num_batched_tokens \(8\) must be at least max_num_seqs \(16\)"
+    ):
+        EngineArgs(max_num_batched_tokens=8, max_num_seqs=16)
