@@ -88,7 +88,12 @@ def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.const
     to their dtype, one 16-bit dot (as PEFT computes a 16-bit LoRA: its intermediate is 16-bit too).
     2, 16-bit weights: u enters as two 16-bit parts, hi + lo, so the product keeps about 16 bits of u's
     mantissa (as the fp32 twin, to 2^-16) at twice the cost."""
-    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    return dot_expand(acc, u, tl.load(b_ptrs, mask=b_mask, other=0.0), EXPAND, PRECISION)
+
+
+@triton.jit
+def dot_expand(acc, u, b, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += u @ b for a loaded b, as `add_expand` (EXPAND)."""
     if EXPAND == 0:
         acc = tl.dot(u, b.to(tl.float32), acc, input_precision=PRECISION)
     else:
@@ -131,13 +136,7 @@ def add_expand_slots(
             b = tl.load(group_ptrs, mask=ok[:, :, None] & b_mask[None, :, :], other=0.0)
             b = tl.reshape(b, [GROUP * xa.shape[1], acc.shape[1]])
             u = tl.reshape(tl.where(hit[:, :, None], xa[:, None, :], 0.0), [xa.shape[0], GROUP * xa.shape[1]])
-            if EXPAND == 0:
-                acc = tl.dot(u, b.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                hi = u.to(b.dtype)
-                acc = tl.dot(hi, b, acc)
-                if EXPAND == 2:
-                    acc = tl.dot((u - hi.to(tl.float32)).to(b.dtype), b, acc)
+            acc = dot_expand(acc, u, b, EXPAND, PRECISION)
         g0 += GROUP
     return acc
 
