@@ -391,6 +391,30 @@ def test_async_scheduling_feeds_every_rank(checkpoints, one_thread):
     assert_same_outputs(outs[True], outs[False])
 
 
+def test_chunked_prefill_on_every_rank(checkpoints, one_thread):
+    """Prompts of 7 and 12 tokens in parts of at most 4 tokens a step under tp=2 x ep=2: every rank runs
+    the same parts (prompt log-probs too), and the completions equal one process computing whole prompts."""
+    from tests.test_engine import assert_same_outputs, per_step
+
+    batch = prompts()
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(temperature=0.8, seed=4, max_tokens=6, n=2, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+    ]
+    outs = {}
+    for tp, chunked in ((1, False), (2, True)):
+        with LLM(
+            str(checkpoints["qwen3_moe"]), device="cpu", dtype="float64", tp_size=tp, ep_size=tp,
+            progress=False, num_kv_blocks=32, block_size=4, enable_chunked_prefill=chunked,
+            max_num_batched_tokens=4, max_num_seqs=4,
+        ) as llm:  # fmt: skip
+            sizes = per_step(llm, lambda step: len(step.ids))
+            outs[tp] = llm.generate(batch, params)
+        assert (max(sizes) <= 4) == chunked
+    assert_same_outputs(outs[2], outs[1])
+
+
 def test_a_refused_start_adapter_leaves_no_worker_behind(checkpoints, tmp_path: Path, one_thread):
     from moelora.lora.adapter import AdapterError
 
