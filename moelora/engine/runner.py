@@ -51,10 +51,10 @@ class StepInput:
     state_slots: list[int] = field(default_factory=list)  # per sequence (linear attention), else empty
 
 
-def step_input(seqs: Seq[Sequence], block_size: int, num_new: Seq[int] | None = None) -> StepInput:
-    """The StepInput of the scheduled sequences: each runs its tokens from num_cached on (num_new[i] of
-    them, default all it has left), a last one the host does not have yet (`Sequence.pending`) fed from
-    the previous step's choices. A sequence that wants prompt log-probs gets the logits of the prompt
+def step_input(seqs: Seq[Sequence], block_size: int, num_new: Seq[int]) -> StepInput:
+    """The StepInput of the scheduled sequences: each runs num_new[i] tokens from num_cached on (all it
+    has left, or a part of its prompt), a last one the host does not have yet (`Sequence.pending`) fed
+    from the previous step's choices. A sequence that wants prompt log-probs gets the logits of the prompt
     positions it runs (all but the prompt's last)."""
     ids: list[int] = []
     positions: list[int] = []
@@ -63,8 +63,8 @@ def step_input(seqs: Seq[Sequence], block_size: int, num_new: Seq[int] | None = 
     seq_lens, kv_lens, lora_slots, prompt_logits = [], [], [], []
     for i, s in enumerate(seqs):
         start = s.num_cached
-        end = s.num_tokens if num_new is None else start + num_new[i]
-        ids += s.token_ids[start : min(end, len(s.token_ids))]
+        end = start + num_new[i]
+        ids += s.token_ids[start:end]
         if s.pending >= 0 and end == s.num_tokens:
             fed.append((len(ids), s.pending))
             ids.append(0)

@@ -106,13 +106,13 @@ def dot_expand(acc, u, b, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def add_expand_slots(
-    acc, xa, slot, b_ptrs, b_mask, lane, rank_ptr, num_slots, sb_s, s_rs,
+    acc, xa, slot, b_ptrs, n_ok, lane, rank, rank_ptr, num_slots, sb_s, s_rs,
     HAS_RANK: tl.constexpr, GROUP: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """acc plus each row's xa @ b[s] for its slot s = slot[row] (num_slots: none, nothing added): xa
-    [BM, BR] fp32; b_ptrs and b_mask [BR, BN] slot 0's B tile (row q multiplies xa's column q), slot s's
-    at + s * sb_s; lane [BR] the rank lane of each tile row, read below the slot's rank (HAS_RANK:
-    rank_ptr[s * s_rs], rounded up to 8 as `lanes_in_rank`).
+    [BM, BR] fp32; b_ptrs [BR, BN] slot 0's B tile (row q multiplies xa's column q), slot s's at
+    + s * sb_s, its columns read where n_ok; lane [BR] the rank lane of each tile row, read as
+    `lanes_in_rank` says for the slot (rank_ptr[s * s_rs] with HAS_RANK).
 
     The slots GROUP at a time: one masked load of the group's B tiles (a slot no row of the block has
     reads nothing) and one dot of xa spread into its slot's lanes (zeros elsewhere, so a row gets exactly
@@ -128,12 +128,13 @@ def add_expand_slots(
         hit = (slot[:, None] == sg[None, :]) & (sg < num_slots)[None, :]  # [BM, GROUP]
         present = tl.max(hit.to(tl.int32), axis=0) > 0
         if tl.max(present.to(tl.int32), axis=0) > 0:
-            ok = tl.broadcast_to(present[:, None], [GROUP, xa.shape[1]])
-            if HAS_RANK:
-                own = tl.load(rank_ptr + sg * s_rs, mask=present, other=0)
-                ok = ok & (lane[None, :] < ((own + 7) // 8 * 8)[:, None])
+            # [GROUP, BR]: an absent slot's rank is read at slot 0 (in range), and its lanes masked off
+            ok = lanes_in_rank(
+                lane[None, :], rank, rank_ptr, tl.where(present, sg, 0)[:, None] * s_rs, HAS_RANK
+            )
+            ok = ok & present[:, None]
             group_ptrs = b_ptrs[None, :, :] + sg[:, None, None].to(tl.int64) * sb_s
-            b = tl.load(group_ptrs, mask=ok[:, :, None] & b_mask[None, :, :], other=0.0)
+            b = tl.load(group_ptrs, mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
             b = tl.reshape(b, [GROUP * xa.shape[1], acc.shape[1]])
             u = tl.reshape(tl.where(hit[:, :, None], xa[:, None, :], 0.0), [xa.shape[0], GROUP * xa.shape[1]])
             acc = dot_expand(acc, u, b, EXPAND, PRECISION)

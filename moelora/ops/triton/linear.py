@@ -128,9 +128,8 @@ def _expand(
         for c in range(0, CHUNKS):
             xa += tl.load(xa_ptrs + c * num_tokens * lanes, mask=xa_mask, other=0.0, cache_modifier=".cg")
         b_ptrs = b_ptr + n[None, :] * sb_n + r[:, None] * sb_r
-        b_mask = (r < rank)[:, None] & n_ok[None, :]
         acc = add_expand_slots(
-            acc, xa, slot, b_ptrs, b_mask, r, rank_ptr + part * s_rp, NUM_SLOTS, sb_s, s_rs,
+            acc, xa, slot, b_ptrs, n_ok, r, rank, rank_ptr + part * s_rp, NUM_SLOTS, sb_s, s_rs,
             HAS_RANK, SLOT_GROUP, EXPAND, PRECISION,
         )  # fmt: skip
     return acc

@@ -41,9 +41,8 @@ def _lora_expand_kernel(
         for i in range(0, SPLITS):
             xa += tl.load(xa_ptrs + i * sxa_s, mask=xa_mask, other=0.0)
         b_ptrs = b_ptr + n[None, :] * sb_n + r[:, None] * sb_r
-        b_mask = r_ok[:, None] & n_ok[None, :]
         acc = add_expand_slots(
-            acc, xa, slot, b_ptrs, b_mask, r, rank_ptr + part * s_rp, num_slots, sb_s, s_rs,
+            acc, xa, slot, b_ptrs, n_ok, r, rank, rank_ptr + part * s_rp, num_slots, sb_s, s_rs,
             HAS_RANK, SLOT_GROUP, EXPAND, PRECISION,
         )  # fmt: skip
         # Only tokens with a slot are read and written: base tokens keep y untouched.
