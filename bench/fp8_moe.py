@@ -182,8 +182,9 @@ def candidates(m: int) -> list[tuple[str, KernelPlan, bool]]:
     if use_decode_path(m * K, E, K, TUNED):
         out = []
         for step, step_sum in itertools.product((0, 256, 512), (False, True)):
-            gate_up = replace(TUNED.decode_tiles, fp8_block_k=step, step_sum=step_sum)
-            down = replace(TUNED.decode_down_tiles, fp8_block_k=step, step_sum=step_sum)
+            sums = dict(step_sum=step_sum, fp8_step_sum=step_sum)
+            gate_up = replace(TUNED.decode_tiles, fp8_block_k=step, **sums)
+            down = replace(TUNED.decode_down_tiles, fp8_block_k=step, **sums)
             plan = replace(W8A16, decode_tiles=gate_up, decode_down_tiles=down)
             out.append((f"fp8 step {step or GROUP}{' step sums' if step_sum else ''}", plan, True))
             if step == 0 and step_sum:

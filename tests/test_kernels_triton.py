@@ -298,7 +298,7 @@ def test_fp8_decode_step_rule():
     """`DecodeTiles.fp8_block_k` is taken where it is a power-of-two multiple of the scale group, capped at
     the input rounded up to a power of two; else the step stays one group (the launcher's block_k)."""
     tiles = TUNED.decode_tiles
-    assert fp8_step(128, 128, tiles, 2048) == 128  # off by default
+    assert fp8_step(128, 128, replace(tiles, fp8_block_k=0), 2048) == 128  # 0: one group
     for step, group, in_dim, want in [
         (512, 128, 2048, 512),
         (256, 128, 768, 256),
@@ -321,8 +321,10 @@ def test_fp8_decode_steps_over_groups(case, step: int, step_sum: bool):
     decode = KernelPlan(decode_pairs=1 << 30, fp8_activation_rows=None)
     plan = replace(
         decode,
-        decode_tiles=replace(decode.decode_tiles, fp8_block_k=step, step_sum=step_sum),
-        decode_down_tiles=replace(decode.decode_down_tiles, fp8_block_k=step, step_sum=step_sum),
+        decode_tiles=replace(decode.decode_tiles, fp8_block_k=step, step_sum=step_sum, fp8_step_sum=step_sum),
+        decode_down_tiles=replace(
+            decode.decode_down_tiles, fp8_block_k=step, step_sum=step_sum, fp8_step_sum=step_sum
+        ),
     )
     check_fused_moe(case, case[0] + 8, plan, fp8_group=16, w8a8=False)
     check_fused_moe_lora(case, case[0] + 9, num_slots=3, rank=8, plan=plan, fp8_group=16, w8a8=False)

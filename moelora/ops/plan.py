@@ -70,11 +70,13 @@ _MOE_TABLE: tuple[tuple[float, Tiles, Tiles], ...] = (
 # up interleaved) over 8 warps spills. H200, Qwen3 shape, M = 2,048 (bench/fp8_moe.py, 2026-12-05): with
 # those tiles the gate/up GEMM took 861 us (W8A16 437, bf16 289) and the down 416 (219, 137); with the
 # LoRA row's 64 x 64 (8 adapters of rank 16) 339 and 330, the layer 814 us against W8A16's 881 and
-# bf16's 736. The small rows are the moe_table's with a K step of one group (128 columns).
+# bf16's 736. The small rows are the moe_table's with a K step of one group (128 columns). H100, same
+# bench (`--sweep`, sixteenth session): at 2,048 a down tile of 128 columns took the layer from 556 to 504
+# us (bf16 577), with 8 adapters 851 to 747 (bf16 827); its 12 other tiles were slower.
 _W8A8_TABLE: tuple[tuple[float, Tiles], ...] = (
     (16.0, Tiles(16, 64, 128, 4, 3)),
     (64.0, Tiles(32, 64, 128, 4, 3)),
-    (float("inf"), Tiles(64, 64, 128, 4, 3)),
+    (float("inf"), Tiles(64, 64, 128, 4, 3, down_n=128)),
 )
 
 
@@ -85,13 +87,17 @@ class DecodeTiles:
     warps: int
     lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
-    # the group (a step then loads one scale a row per group it spans)
-    fp8_block_k: int = 0
+    # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
+    # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05, sixteenth session), gate/up + down:
+    # steps of 512 with their sums per step (`fp8_step_sum`) 28.4 us base / 33.7 with 8 adapters r16,
+    # against 31.9 / 36.2 for steps of one group summed after the loop (bf16: 41.1 / 43.6)
+    fp8_block_k: int = 512
     # Each K step's products summed at once (one fp32 a row across the loop), not a [block_n, block_k]
     # tile of them summed after it. sm_90, Qwen3's gate/up GEMV, ptxas (`python -m tests.kernel_compile
     # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39. Slower: H100,
     # Qwen3-30B-A3B bf16, batch 1 (2026-12-05), 4.08 -> 4.70 ms a step base, 4.98 -> 4.96 with 8 adapters
     step_sum: bool = False
+    fp8_step_sum: bool = True  # `step_sum` where the weights are FP8 (fewer registers for the scale tile)
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
@@ -102,10 +108,8 @@ _DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
 # (2026-12-04): 16 x 128 took 12.5 / 12.9 us at 1 token (base / 8 adapters r16) against 14.6 / 14.4 for
 # the gate/up's 16 x 256, and 55.9 / 59.8 against 58.5 / 62.9 at 8 tokens; first of 10 variants.
 _DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4)
-# FP8 experts take the same tiles, their K steps cut to one scale group (128 columns), so a step reads one
-# scale a row: H200, Qwen3-30B-A3B, one token, 4 layers a graph (2026-12-04, bench/fp8_moe.py), a gate/up
-# of 16 x 128 took 33.6 us a layer (with a 16 x 256 down), steps of 256 or 512 columns reading each
-# column's scale 65-111 us (457 at 32 x 512); bf16 took 31.6.
+# FP8 experts take the same tiles with K steps of `fp8_block_k` (a scale a row per group the step spans:
+# a step reading each column's scale took 65-111 us on the H200, 2026-12-04).
 
 
 @dataclass(frozen=True)

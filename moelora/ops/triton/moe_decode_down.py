@@ -123,6 +123,7 @@ def decode_down(
     b_down = extras.b_down if extras is not None else None
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
+    step_sum = tiles.fp8_step_sum if scales.on else tiles.step_sum
     pdl = dependent_launch(h.device, pdl)
     line = max(1, 128 // w_down.element_size())  # weights a 128-byte cache line holds
     _decode_down_kernel[(num_pairs, n_tiles)](
@@ -133,7 +134,7 @@ def decode_down(
         INTER=inter, HAS_BIAS=b_down is not None, TOP_K=top_k, HAS_LORA=lora is not None,
         HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=tiles.step_sum, PDL=pdl, LINE=line,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(inter, line)), num_warps=tiles.warps, launch_pdl=pdl,
     )  # fmt: skip
     return y
