@@ -176,12 +176,12 @@ def layer_calls(
 
 def candidates(m: int) -> list[tuple[str, KernelPlan, bool]]:
     """(label, plan, FP8 weights) to time at M tokens: on the decode path the GEMVs' K step over FP8
-    weights (`DecodeTiles.fp8_block_k`: one 128-column group, or 2 or 4) and their sums per step or after
+    weights (`DecodeTiles.fp8_block_k`: one 128-column group, or 2, 4 or 8) and their sums per step or after
     the loop (`step_sum`, bf16 too); on the aligned path each W8A8 tile candidate as the whole
     `fp8_act_table`, W8A8 forced."""
     if use_decode_path(m * K, E, K, TUNED):
         out = []
-        for step, step_sum in itertools.product((0, 256, 512), (False, True)):
+        for step, step_sum in itertools.product((0, 256, 512, 1024), (False, True)):
             sums = dict(step_sum=step_sum, fp8_step_sum=step_sum)
             gate_up = replace(TUNED.decode_tiles, fp8_block_k=step, **sums)
             down = replace(TUNED.decode_down_tiles, fp8_block_k=step, **sums)
