@@ -30,58 +30,76 @@ class PagedKV:
 
 
 @dataclass(frozen=True)
+class StateRuns:
+    """Sequences of a step that run several tokens through the linear-attention layers in one call.
+
+    lens: host-side token counts, in batch order; rows [sum(lens)] int64 on the device: their token rows;
+    slots [len(lens)] int64: their state slots."""
+
+    lens: tuple[int, ...]
+    rows: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StateRows:
     """Where a step's sequences stand for the linear-attention layers, built once per step.
 
-    start_lens: host-side token counts of the sequences computed from nothing (a prompt, or a preempted
-    sequence again from position 0), in batch order; start_rows [sum(start_lens)] int64 on the device: their
-    token rows; start_slots: their state slots. decode_rows, decode_slots [D] int64 on the device: the token
-    row and the slot of each sequence continuing by one token from its slot's state (int32 slots from a
-    CUDA graph's static inputs)."""
+    start: the sequences computed from nothing (a prompt's first part, or a preempted sequence again from
+    position 0). resume: the later parts of a prompt computed in parts (chunked prefill), continuing from
+    their slot's state. decode_rows, decode_slots [D] int64 on the device: the token row and the slot of
+    each sequence continuing by one token from its slot's state (int32 slots from a CUDA graph's static
+    inputs); a one-token part of a prompt is one of them."""
 
-    start_lens: tuple[int, ...]
-    start_rows: torch.Tensor
-    start_slots: torch.Tensor
+    start: StateRuns
+    resume: StateRuns
     decode_rows: torch.Tensor
     decode_slots: torch.Tensor
 
     def decode_only(self, num_tokens: int) -> bool:
-        """Whether every one of the step's `num_tokens` rows continues a state (then decode_rows are 0, 1,
-        ... in order, and a layer may step its rows without gathering them)."""
-        return not self.start_lens and self.decode_rows.shape[0] == num_tokens
+        """Whether every one of the step's `num_tokens` rows continues a state by one token (then
+        decode_rows are 0, 1, ... in order, and a layer may step its rows without gathering them)."""
+        return not self.start.lens and not self.resume.lens and self.decode_rows.shape[0] == num_tokens
+
+    @staticmethod
+    def decoding(rows: torch.Tensor, slots: torch.Tensor) -> StateRows:
+        """Every sequence one token on from its slot's state (a decode step; rows 0, 1, ...)."""
+        none = StateRuns((), rows[:0], rows[:0])
+        return StateRows(none, none, rows, slots)
 
     @staticmethod
     def of(
         seq_lens: Sequence[int], kv_lens: Sequence[int], slots: Sequence[int], device: torch.device
     ) -> StateRows:
+        """From each sequence's tokens this step, its tokens after it (kv_lens) and its state slot. A
+        sequence whose earlier tokens were not computed through this slot (a cached prefix) has no state
+        to continue: prefix caching is off for these models, and the scheduler never asks for it."""
         if min(slots, default=0) < 0:
             raise ValueError(
                 f"every sequence of a step with linear attention needs a state slot, got {list(slots)}"
             )
-        start_lens: list[int] = []
-        start_rows: list[int] = []
-        start_slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_slots: list[int] = []
+        lens: tuple[list[int], list[int]] = ([], [])  # start, resume
+        rows: tuple[list[int], list[int], list[int]] = ([], [], [])  # start, resume, decode
+        slots_of: tuple[list[int], list[int], list[int]] = ([], [], [])
         row = 0
         for n, total, slot in zip(seq_lens, kv_lens, slots, strict=True):
-            if total == n:
-                start_lens.append(n)
-                start_rows += range(row, row + n)
-                start_slots.append(slot)
-            elif n == 1:
-                decode_rows.append(row)
-                decode_slots.append(slot)
-            else:
-                raise ValueError(
-                    f"linear attention: a sequence cannot run {n} tokens after {total - n} cached ones (only "
-                    "whole sequences or one token at a time; prefix caching is off for these models)"
-                )
+            kind = 0 if total == n else 2 if n == 1 else 1
+            if kind < 2:
+                lens[kind].append(n)
+            rows[kind].extend(range(row, row + n))
+            slots_of[kind].append(slot)
             row += n
-        parts = (start_rows, start_slots, decode_rows, decode_slots)
+        parts = [*rows, *slots_of]
         flat = torch.tensor([x for part in parts for x in part], dtype=torch.int64).to(device)
-        rows, starts, dec_rows, dec_slots = flat.split([len(part) for part in parts])
-        return StateRows(tuple(start_lens), rows, starts, dec_rows, dec_slots)
+        start_rows, resume_rows, decode_rows, start_slots, resume_slots, decode_slots = flat.split(
+            [len(part) for part in parts]
+        )
+        return StateRows(
+            StateRuns(tuple(lens[0]), start_rows, start_slots),
+            StateRuns(tuple(lens[1]), resume_rows, resume_slots),
+            decode_rows,
+            decode_slots,
+        )
 
 
 @dataclass(frozen=True)

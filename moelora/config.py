@@ -148,7 +148,7 @@ class EngineArgs:
         True,
         "compute a prompt that does not fit the step's token budget over several steps, beside the other "
         "sequences' decoding, so that no step needs the activations of more than max_num_batched_tokens "
-        "tokens (not for models with linear-attention layers: their prompts run whole)",
+        "tokens (a linear-attention layer continues its state from one part to the next)",
     )
     enable_prefix_caching: bool = option(
         True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"

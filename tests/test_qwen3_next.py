@@ -97,6 +97,34 @@ def test_base_matches_transformers(
         agree_until_near_tie(out.outputs[0].token_ids, *greedy[i])
 
 
+@pytest.mark.parametrize("budget", [8, 5])
+def test_chunked_prefill_matches_transformers(
+    hf_model: Any, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, budget: int
+):
+    """Steps of at most `budget` tokens: the prompts of 7, 80 and 23 tokens are computed in parts, each part
+    resuming from its slot's convolution and delta-rule states (a part of one token steps them as a decode
+    does), beside the other sequences' decoding. Float64 prompt log-probs within 1e-4 of transformers'
+    recurrent model, greedy tokens as its cached generation up to a near tie, and the same tokens as whole
+    prompts."""
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
+    kwargs: dict[str, Any] = dict(device="cpu", dtype="float64", progress=False, max_num_seqs=4)
+    with LLM(str(checkpoint), max_num_batched_tokens=budget, **kwargs) as llm:
+        assert llm.engine.chunked_prefill
+        since = time.perf_counter()
+        outs = llm.generate(prompts(), params)
+        records = llm.engine.step_records(since)
+    with LLM(str(checkpoint), enable_chunked_prefill=False, **kwargs) as llm:
+        whole = llm.generate(prompts(), params)
+    assert all(r.prefill_tokens + r.decode_tokens <= budget for r in records)
+    assert any(r.prefill_tokens and r.decode_tokens for r in records), "a part beside decoding"
+    reference = recurrent(copy.deepcopy(hf_model), monkeypatch)
+    for prompt, out, one in zip(prompts(), outs, whole, strict=True):
+        (ref,) = hf_logprobs(reference, [prompt])
+        assert_logprobs(out, ref, logprob_tol("float64"), f"budget {budget}")
+        agree_until_near_tie(out.outputs[0].token_ids, *hf_greedy(hf_model, prompt, NEW_TOKENS))
+        assert out.outputs[0].token_ids == one.outputs[0].token_ids
+
+
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]  # the dense layer's and the shared experts'
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -203,15 +231,21 @@ def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
 
 
 def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, ep: int) -> None:
-    """A mixed batch (base and adapter rows) under tp x ep gives the one-process tokens, and log-probs
-    within 1e-6 (float64; the delta rule and the norms round in fp32, as transformers' do)."""
+    """A mixed batch (base and adapter rows) under tp x ep, its prompts computed in parts of at most 8
+    tokens a step (each rank resuming its heads' states), gives the tokens of one process taking the same
+    parts, and log-probs within float32's tolerance: the delta rule and the norms round in fp32, as
+    transformers' do, and a one-token part steps its state as a decode does, in products over this
+    rank's heads that round apart from one process's (up to 6e-5 seen; whole prompts match to 1e-6, and
+    parts against whole prompts are checked against transformers in
+    test_chunked_prefill_matches_transformers)."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
     batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
     outs = {}
     for layout in ((1, 1), (tp, ep)):
         with LLM(
             str(checkpoint), device="cpu", dtype="float64", progress=False, tp_size=layout[0],
-            ep_size=layout[1], num_kv_blocks=64, lora_modules={"a": str(adapter)},
+            ep_size=layout[1], num_kv_blocks=64, lora_modules={"a": str(adapter)}, max_num_seqs=8,
+            max_num_batched_tokens=8,
         ) as llm:  # fmt: skip
             outs[layout] = llm.generate(batch, params, lora=names)
             forks = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)  # states copied
@@ -221,7 +255,7 @@ def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, 
     for got, want in zip(outs[(tp, ep)], outs[(1, 1)], strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
-            assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-6 for t in g)
+            assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < logprob_tol("float32") for t in g)
 
 
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (2, 2)])
@@ -233,18 +267,20 @@ def test_tp_ep_layouts_match_one_process(checkpoint: Path, hf_model: Any, tmp_pa
 
 
 @pytest.mark.gpu
-def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: Path):
+@pytest.mark.parametrize("budget", [None, 16])
+def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: Path, budget: int | None):
     """On the GPU in fp32 with the Triton kernels forced (the delta-rule and convolution steps of decode
-    among them): base and adapter rows against transformers and the hand merge within float32's 1e-2 (see
-    test_base_matches_transformers: transformers' own float32 run is up to 5e-3 from its float64 one here;
-    the H200 gave 6.2e-3 on 2026-12-05), greedy tokens up to a near tie."""
+    among them; with a budget of 16 tokens a step the prompts in parts, the prefill kernels resuming from
+    the slots' states): base and adapter rows against transformers and the hand merge within float32's
+    1e-2 (see test_base_matches_transformers: transformers' own float32 run is up to 5e-3 from its float64
+    one here; the H200 gave 6.2e-3 on 2026-12-05), greedy tokens up to a near tie."""
     lora = peft_adapter(hf_model, tmp_path / "a", 4)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
     batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
     modules = {"a": str(tmp_path / "a")}
     with LLM(
         str(checkpoint), device="cuda", dtype="float32", progress=False, kernel_backend="triton",
-        lora_modules=modules,
+        lora_modules=modules, max_num_seqs=8, max_num_batched_tokens=budget,
     ) as llm:  # fmt: skip
         outs = llm.generate(batch, params, lora=names)
     references = {None: hf_model, "a": merged(hf_model, lora).float()}

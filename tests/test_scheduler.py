@@ -58,11 +58,18 @@ def test_without_chunks_a_long_prompt_runs_whole_and_alone():
     assert run_step(scheduler, new_tokens=3) == [(0, 1), (1, 4)]
 
 
-def test_linear_attention_models_never_chunk():
+def test_linear_attention_prompts_keep_their_state_slot_across_parts():
+    """With state slots a prompt is computed in parts too, each part in the slot its first part took."""
     scheduler = Scheduler(BlockAllocator(64), 4, 8, 10, state_slots=True, chunked_prefill=True)
-    assert not scheduler.chunked_prefill
-    scheduler.add(sequence(0, 25))
-    assert run_step(scheduler, new_tokens=1) == [(0, 25)]
+    first, second = sequence(0, 25), sequence(1, 3)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert run_step(scheduler, new_tokens=2) == [(0, 10)]
+    slot = first.state_slot
+    assert slot >= 0
+    assert run_step(scheduler, new_tokens=2) == [(0, 10)]
+    assert run_step(scheduler, new_tokens=2) == [(0, 5), (1, 3)]
+    assert first.state_slot == slot and second.state_slot not in (slot, -1)
 
 
 @settings(max_examples=60, deadline=None)

@@ -109,8 +109,7 @@ class Engine:
         self.eos_token_ids = tuple(sorted(set(eos_token_ids) | set(model.cfg.eos_token_ids)))
         self.device = device = next(model.parameters()).device
         la = lora_args or LoraArgs()
-        # Linear-attention layers continue a state by one token at a time only: their prompts run whole.
-        self.chunked_prefill = self.args.enable_chunked_prefill and model.cfg.linear is None
+        self.chunked_prefill = self.args.enable_chunked_prefill
         self.adapters = (
             None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
         )
@@ -132,11 +131,10 @@ class Engine:
             state_slots=self.cfg.linear is not None,
             chunked_prefill=self.chunked_prefill,
         )
-        if self.cfg.linear is not None and (a.enable_prefix_caching or a.enable_chunked_prefill):
+        if self.cfg.linear is not None and a.enable_prefix_caching:
             _LOG.info(
-                "prefix caching and chunked prefill are off for this model: its linear-attention layers keep "
-                "no state at a cached prefix and continue a state one token at a time, so every prompt is "
-                "computed whole in one step"
+                "prefix caching is off for this model: its linear-attention layers keep no state at a "
+                "cached prefix, so every prompt is computed from its first token"
             )
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -156,8 +156,7 @@ class DecodeGraphs:
         )
         rows = None
         if self.states is not None:
-            none = self.rows[:0]
-            rows = StateRows((), none, none, self.rows[:size], self.state_slots[:size])
+            rows = StateRows.decoding(self.rows[:size], self.state_slots[:size])
         token_slot = self.token_slot[:size] if lora else None
         batch = ForwardBatch(self.positions[:size], (1,) * size, kv, token_slot, self.states, rows)
         return self.model.compute_logits(self.model(self.ids[:size], batch))

@@ -57,10 +57,10 @@ class Scheduler:
     ) -> None:
         """`state_slots`: the model has linear-attention layers, so every running sequence holds a state
         slot (max_num_seqs of them) and no sequence starts from a cached prefix (its state there is not
-        kept) or computes its prompt in parts."""
+        kept); a prompt computed in parts continues its slot's state."""
         self.allocator, self.block_size = allocator, block_size
         self.prefix_caching = prefix_caching and not state_slots
-        self.chunked_prefill = chunked_prefill and not state_slots
+        self.chunked_prefill = chunked_prefill
         self.states = SlotAllocator(max_num_seqs) if state_slots else None
         self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens

@@ -2,9 +2,10 @@
 fixed-size state (the convolution's last inputs and the delta rule's matrix per value head), kept in the
 sequence's slot of the state cache instead of a KV cache.
 
-A step's sequences either start from nothing (a prompt, or a preempted sequence computed again: every
-token from position 0) or continue by one token from their slot's state (decode); a sequence cannot
-continue from a cached prefix (prefix caching is off for these models).
+A step's sequences start from nothing (a prompt's first part, or a preempted sequence computed again from
+position 0), resume from their slot's state with the next part of a prompt (chunked prefill), or continue
+by one token (decode); a sequence cannot continue from a cached prefix, whose state was never kept
+(prefix caching is off for these models).
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ class GatedDeltaNet(nn.Module):
         if rows.decode_only(mixed.shape[0]):
             return ops.causal_conv_step(mixed, self.conv_weight, conv, rows.decode_slots)
         out = torch.empty_like(mixed)
-        if rows.start_lens:
-            r = rows.start_rows
-            out[r], conv[rows.start_slots] = ops.causal_conv(mixed[r], self.conv_weight, rows.start_lens)
+        for runs, resume in ((rows.start, False), (rows.resume, True)):
+            if runs.lens:
+                r, s = runs.rows, runs.slots
+                initial = conv[s] if resume else None  # a copy: the slots are written below
+                out[r], conv[s] = ops.causal_conv(mixed[r], self.conv_weight, runs.lens, initial)
         if rows.decode_rows.numel():
             r = rows.decode_rows
             out[r] = ops.causal_conv_step(mixed[r], self.conv_weight, conv, rows.decode_slots)
@@ -145,11 +148,11 @@ class GatedDeltaNet(nn.Module):
         if rows.decode_only(v.shape[0]):
             return ops.gated_delta_step(q, k, v, g, beta, rec, rows.decode_slots)
         out = torch.empty_like(v)
-        if rows.start_lens:
-            r = rows.start_rows
-            out[r], rec[rows.start_slots] = ops.gated_delta_rule(
-                q[r], k[r], v[r], g[r], beta[r], rows.start_lens
-            )
+        for runs, resume in ((rows.start, False), (rows.resume, True)):
+            if runs.lens:
+                r, s = runs.rows, runs.slots
+                initial = rec[s] if resume else None  # a copy: the slots are written below
+                out[r], rec[s] = ops.gated_delta_rule(q[r], k[r], v[r], g[r], beta[r], runs.lens, initial)
         if rows.decode_rows.numel():
             r = rows.decode_rows
             out[r] = ops.gated_delta_step(q[r], k[r], v[r], g[r], beta[r], rec, rows.decode_slots)
