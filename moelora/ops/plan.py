@@ -145,14 +145,18 @@ class LinearTiles:
     stages: int
     programs_per_sm: int  # the input is split until about this many GEMV programs per SM run
     shrink_chunk: int  # input columns per LoRA shrink program
+    lora_programs_per_sm: int = 0  # `programs_per_sm` of a launch with adapters (0: the same)
 
 
 # H200, Qwen3-30B-A3B's q/k/v and o at 1 and 16 tokens (bench/linear.py --sweep, 2026-12-04): 4 stages and
 # one program per SM came first of 48 variants (1-2 us apart in all). On an H100 (2026-12-05, `--sweep
 # --per-sm`) 3 programs per SM won every isolated row (sum 89 against 102 us), but in the model at batch 1
 # the base step got slower (4.08 against 3.92 ms) while the step with an adapter got faster (4.74 against
-# 4.92): kept at 1, which serves the base model best.
-_LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256)
+# 4.92): 1 without adapters, 3 with them (that timing set 3 for every launch; this split of the two is
+# untimed: an end-to-end A/B of `lora_programs_per_sm` 3 against 1 at batch 1 and 16 is owed).
+_LINEAR_TILES = LinearTiles(
+    block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256, lora_programs_per_sm=3
+)
 
 
 @dataclass(frozen=True)
