@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moelora import LLM, SamplingParams
+from moelora.batch import StateRows
 from tests.hf_models import VOCAB, assert_logprobs, build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
 
@@ -95,6 +96,22 @@ def test_base_matches_transformers(
             assert_logprobs(out, loose[i], 1e-2, "float32, chunked")
             assert_logprobs(out, same_dtype(reference, prompt)[0], 1e-2, "float32, recurrent")
         agree_until_near_tie(out.outputs[0].token_ids, *greedy[i])
+
+
+def test_state_rows_sort_starts_resumes_and_decodes():
+    """Per sequence (tokens this step, tokens after it, slot): a first part (or a whole prompt, one token
+    included) starts from nothing, a later part of several tokens resumes its slot's states, one token
+    after others steps them (a decode, or a one-token part)."""
+    rows = StateRows.of([3, 1, 5, 1, 1], [3, 10, 9, 1, 4], [4, 0, 2, 1, 3], torch.device("cpu"))
+    assert rows.start.lens == (3, 1) and rows.start.rows.tolist() == [0, 1, 2, 9]
+    assert rows.start.slots.tolist() == [4, 1]
+    assert rows.resume.lens == (5,) and rows.resume.rows.tolist() == [4, 5, 6, 7, 8]
+    assert rows.resume.slots.tolist() == [2]
+    assert rows.decode_rows.tolist() == [3, 10] and rows.decode_slots.tolist() == [0, 3]
+    assert not rows.decode_only(11)
+    assert StateRows.of([1, 1], [5, 2], [0, 1], torch.device("cpu")).decode_only(2)
+    with pytest.raises(ValueError, match="state slot"):
+        StateRows.of([2], [2], [-1], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("budget", [8, 5])
