@@ -15,6 +15,7 @@ import torch
 
 from moelora import LLM, SamplingParams
 from moelora.batch import StateRows
+from moelora.engine.scheduler import Scheduler
 from tests.hf_models import VOCAB, assert_logprobs, build_hf_model, hf_logprobs, logprob_tol
 from tests.test_engine_hf import agree_until_near_tie, hf_greedy
 
@@ -222,8 +223,9 @@ def test_mixed_adapter_batch_matches_the_merge(
             assert max(moved) > 1e-2, "the adapter must change the output"
 
 
-def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
-    """Preempted sequences (their state slots given back, computed again from position 0 later), n > 1
+def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """Preempted sequences (their state slots given back, computed again from position 0 later; with
+    chunked prefill also between a prompt's parts), n > 1
     completions (completion 0 computes the prompt, the others start from a copy of its states and
     blocks) and a prompt run again (prefix caching is off
     for these models: a cached prefix has no state) give the tokens each prompt gets alone."""
@@ -239,12 +241,25 @@ def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path):
     assert computed == len(prompts()[3])  # the prompt computed once, its states copied to the others
     assert [o.outputs[0].token_ids for o in again] == alone
     assert [c.token_ids for c in forks[0].outputs] == [alone[3]] * 3
-    with LLM(
-        str(checkpoint), device="cpu", dtype="float32", progress=False, num_kv_blocks=30, block_size=4
-    ) as small:
-        squeezed = small.generate(prompts(), params)
-        assert small.engine.num_preemptions > 0
-    assert [o.outputs[0].token_ids for o in squeezed] == alone
+    preempted: list[tuple[int, int]] = []  # (prompt tokens computed, prompt length) of each preemption
+    preempt = Scheduler._preempt
+
+    def spy(self: Scheduler, seq: Any) -> None:
+        preempted.append((seq.num_cached, seq.num_prompt))
+        preempt(self, seq)
+
+    monkeypatch.setattr(Scheduler, "_preempt", spy)
+    # Whole prompts; parts of at most 8 tokens, where 24 blocks preempt the 80-token prompt between parts.
+    for budget, blocks in ((None, 30), (8, 24)):
+        preempted.clear()
+        with LLM(
+            str(checkpoint), device="cpu", dtype="float32", progress=False, num_kv_blocks=blocks,
+            block_size=4, max_num_seqs=4, max_num_batched_tokens=budget,
+        ) as small:  # fmt: skip
+            squeezed = small.generate(prompts(), params)
+        assert preempted, f"budget {budget}"
+        assert budget is None or any(0 < done < prompt for done, prompt in preempted), preempted
+        assert [o.outputs[0].token_ids for o in squeezed] == alone, f"budget {budget}"
 
 
 def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, ep: int) -> None:
