@@ -95,7 +95,8 @@ def _print_header(env: dict[str, Any], settings: dict[str, Any]) -> None:
     )
     fp8 = ", FP8 weights" if s.get("quantization") == "fp8" else ""
     model = f"{s['model']} ({s['load_format']} weights), {s['dtype']}{fp8}, {layout}"
-    print(f"\n{env['device']}; {versions}; {model}; {switches}; {copy}{gemm}{used}; {env['date']}")
+    plan = f"; MOELORA_PLAN={env['kernel_plan']!r}" if env.get("kernel_plan") else ""
+    print(f"\n{env['device']}; {versions}; {model}; {switches}; {copy}{gemm}{used}{plan}; {env['date']}")
 
 
 def _run_serve(args: argparse.Namespace, workload: WorkloadArgs) -> int:

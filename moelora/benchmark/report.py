@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 from collections.abc import Sequence
 from importlib import metadata
@@ -38,11 +39,13 @@ def _version(package: str) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The card (or CPU), the versions and the date of a run."""
+    """The card (or CPU), the versions, the date of a run and the kernel plan's overrides (`MOELORA_PLAN`,
+    empty for the shipped plan)."""
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         **{p: _version(p) for p in ("moelora", "torch", "triton", "transformers")},
+        "kernel_plan": os.environ.get("MOELORA_PLAN", ""),  # what `ops.plan.TUNED` took at import
     }
     if device.type == "cuda":
         env["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"

@@ -5,15 +5,21 @@ plan=...)`). Nothing here is read from a module global at call time, so nothing 
 
 No Triton import: the plan is part of the op signatures, which hold without Triton too.
 
-One default is read from the environment, when this module is imported: `MOELORA_PDL=0` turns
+Two things are read from the environment, when this module is imported: `MOELORA_PDL=0` turns
 programmatic dependent launch off (`KernelPlan.pdl`), for a profile whose kernel times are each kernel's
-own (under PDL a kernel starts early and its time includes the wait for the one before).
+own (under PDL a kernel starts early and its time includes the wait for the one before); `MOELORA_PLAN`
+changes scalar fields of `TUNED` for a whole process (`with_overrides`), so that a variant can be timed in
+the model (`MOELORA_PLAN="linear_tiles.lora_programs_per_sm=1" moelora bench latency ...`; the bench
+header prints it).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 def _pdl_from_env() -> bool:
@@ -236,4 +242,52 @@ class KernelPlan:
     pdl: bool = field(default_factory=_pdl_from_env)
 
 
-TUNED = KernelPlan()
+def with_overrides(plan: KernelPlan, spec: str) -> KernelPlan:
+    """`plan` with the scalar fields `spec` names changed: `path=value` items separated by `;` or `,`, a
+    path of field names through nested plans (`linear_tiles.programs_per_sm=3`,
+    `decode_tiles.fp8_block_k=256`, `fp8_activation_rows=None`), each value a Python literal of the
+    field's type (an int, float, bool, string or None). Tables are not overridable here."""
+    out = plan
+    for item in (part.strip() for part in spec.replace(",", ";").split(";")):
+        if not item:
+            continue
+        path, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"MOELORA_PLAN item {item!r}: expected path=value, such as decode_pairs=16")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"MOELORA_PLAN item {item!r}: {text.strip()!r} is not a Python literal"
+            ) from None
+        out = _replace_path(out, path.strip().split("."), value, item)
+    return out
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, item: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise ValueError(f"MOELORA_PLAN item {item!r}: {type(obj).__name__} has no field {path[0]!r}; it has "
+                         f"{', '.join(sorted(names))}")  # fmt: skip
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"MOELORA_PLAN item {item!r}: {path[0]!r} has no fields")
+        return replace(obj, **{path[0]: _replace_path(current, path[1:], value, item)})
+    scalar = (bool, int, float, str, type(None))
+    if not isinstance(current, scalar) or not isinstance(value, scalar):
+        raise ValueError(f"MOELORA_PLAN item {item!r}: only scalar fields take a value here")
+    if current is not None and value is not None:  # the field's type (an int where a float is)
+        same = isinstance(value, type(current)) or (type(current) is float and type(value) is int)
+        if not same or isinstance(value, bool) != isinstance(current, bool):
+            raise ValueError(
+                f"MOELORA_PLAN item {item!r}: {path[0]} takes {_a(type(current).__name__)}, not {value!r}"
+            )
+    return replace(obj, **{path[0]: value})
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+TUNED = with_overrides(KernelPlan(), os.environ.get("MOELORA_PLAN", ""))

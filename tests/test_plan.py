@@ -1,0 +1,59 @@
+"""`MOELORA_PLAN`: a process's kernel plan with some scalar fields changed (`plan.with_overrides`), so a
+variant can be timed in the whole model; read once at import, refused with a message naming the item."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moelora.ops.plan import TUNED, KernelPlan, with_overrides
+
+
+def test_overrides_reach_nested_fields_and_leave_the_rest():
+    plan = with_overrides(
+        KernelPlan(), "linear_tiles.lora_programs_per_sm=1; decode_tiles.fp8_block_k=256, decode_pairs=16"
+    )
+    assert plan.linear_tiles.lora_programs_per_sm == 1 and plan.decode_tiles.fp8_block_k == 256
+    assert plan.decode_pairs == 16
+    assert plan.linear_tiles.block_n == TUNED.linear_tiles.block_n
+    assert (
+        plan.decode_down_tiles == KernelPlan().decode_down_tiles and plan.moe_table == KernelPlan().moe_table
+    )
+    assert with_overrides(KernelPlan(), "fp8_activation_rows=None").fp8_activation_rows is None
+    assert (
+        with_overrides(KernelPlan(), "fp8_activation_rows=4").fp8_activation_rows == 4
+    )  # an int for a float
+    assert with_overrides(KernelPlan(), " ; ") == KernelPlan()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope=1", "KernelPlan has no field 'nope'; it has decode_down_tiles"),
+        ("linear_tiles.x=1", "LinearTiles has no field 'x'"),
+        ("decode_pairs", "expected path=value"),
+        ("expand_16bit=abc", "'abc' is not a Python literal"),
+        ("pdl=1", "pdl takes a bool, not 1"),
+        ("linear_tiles.block_n=1.5", "block_n takes an int, not 1.5"),
+        ("linear_tiles.block_n=True", "block_n takes an int, not True"),
+        ("moe_table=1", "only scalar fields"),
+        ("decode_pairs.x=1", "'decode_pairs' has no fields"),
+    ],
+)
+def test_bad_overrides_are_refused_by_name(spec: str, message: str):
+    with pytest.raises(ValueError, match="MOELORA_PLAN item") as err:
+        with_overrides(KernelPlan(), spec)
+    assert message in str(err.value)
+
+
+def test_the_environment_sets_the_process_plan():
+    code = "from moelora.ops.plan import TUNED; print(TUNED.decode_pairs)"
+    env = {**os.environ, "MOELORA_PLAN": "decode_pairs=3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3"]
+    env["MOELORA_PLAN"] = "decode_pairs=x"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MOELORA_PLAN item 'decode_pairs=x'" in bad.stderr
