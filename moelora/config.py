@@ -150,6 +150,11 @@ class EngineArgs:
         "sequences' decoding, so that no step needs the activations of more than max_num_batched_tokens "
         "tokens (a linear-attention layer continues its state from one part to the next)",
     )
+    long_prefill_token_threshold: int = option(
+        0,
+        "with chunked prefill, the most tokens of one prompt in a step (0: the step's budget), so that "
+        "one long prompt leaves room for others beside it",
+    )
     enable_prefix_caching: bool = option(
         True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"
     )
@@ -181,6 +186,15 @@ class EngineArgs:
             raise ValueError(
                 f"max_num_batched_tokens ({budget}) must be at least max_num_seqs ({self.max_num_seqs}): a "
                 f"step decodes one token of every running sequence; lower max_num_seqs or raise the budget"
+            )
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}"
+            )
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError(
+                "long_prefill_token_threshold caps a prompt's part of a step: it needs chunked prefill "
+                "(drop --no-enable-chunked-prefill)"
             )
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")

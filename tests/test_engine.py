@@ -489,21 +489,24 @@ def test_async_scheduling_changes_no_output(num_kv_blocks: int):
 @pytest.mark.parametrize("num_kv_blocks", [256, 12])  # 12 blocks of 4 tokens: preemptions
 def test_chunked_prefill_changes_no_output(num_kv_blocks: int):
     """A step budget of 5 tokens computes every prompt in parts (beside decoding, prompt log-probs in
-    parts, n > 1 forked after the last part, preempted sequences recomputed in parts): the outputs of
-    whole prompts, and no step over the budget."""
+    parts, n > 1 forked after the last part, preempted sequences recomputed in parts), and also with
+    parts of at most 2 tokens (`long_prefill_token_threshold`): the outputs of whole prompts, and no step
+    or part over its limit."""
     prompts, params = mixed_requests()
     results = {}
-    for chunked in (False, True):
+    for chunked, cap in ((False, 0), (True, 0), (True, 2)):
         kwargs = dict(num_kv_blocks=num_kv_blocks, block_size=4, enable_chunked_prefill=chunked)
-        kwargs |= dict(max_num_batched_tokens=5, max_num_seqs=5)
+        kwargs |= dict(max_num_batched_tokens=5, max_num_seqs=5, long_prefill_token_threshold=cap)
         with LLM("demo", device="cpu", progress=False, **kwargs) as instance:
-            sizes = per_step(instance, lambda step: len(step.ids))
-            results[chunked] = instance.generate(prompts, params)
+            sizes = per_step(instance, lambda step: (len(step.ids), max(step.seq_lens)))
+            results[chunked, cap] = instance.generate(prompts, params)
             preemptions = instance.engine.num_preemptions
             wait_idle(instance)
-        assert (max(sizes) <= 5) == chunked  # without chunks the longer prompts (> 5 tokens) run whole
-    assert_same_outputs(results[True], results[False])
-    assert (preemptions > 0) == (num_kv_blocks == 12)
+        assert (max(s for s, _ in sizes) <= 5) == chunked  # without chunks the longer prompts run whole
+        assert max(part for _, part in sizes) <= (cap or 5) or not chunked
+        assert (preemptions > 0) == (num_kv_blocks == 12)
+    assert_same_outputs(results[True, 0], results[False, 0])
+    assert_same_outputs(results[True, 2], results[False, 0])
 
 
 def fed_steps(llm: LLM) -> list[int]:

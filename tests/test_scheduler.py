@@ -78,12 +78,18 @@ def test_linear_attention_prompts_keep_their_state_slot_across_parts():
     budget=st.integers(1, 24),
     max_seqs=st.integers(1, 6),
     new_tokens=st.integers(1, 5),
+    part_cap=st.integers(0, 12),
 )
-def test_chunked_steps_stay_in_budget_and_every_request_finishes(sizes, budget, max_seqs, new_tokens):
-    """Any prompts, budget and sequence cap (at most the budget): no step runs more than the budget,
-    and every request gets all its tokens."""
+def test_chunked_steps_stay_in_budget_and_every_request_finishes(
+    sizes, budget, max_seqs, new_tokens, part_cap
+):
+    """Any prompts, budget, sequence cap (at most the budget) and cap on a prompt's part (0: none): no
+    step runs more than the budget, no prompt more than the part cap, and every request gets all its
+    tokens."""
     max_seqs = min(max_seqs, budget)  # as EngineArgs requires: every running sequence decodes a step
-    scheduler = Scheduler(BlockAllocator(512), 4, max_seqs, budget, chunked_prefill=True)
+    scheduler = Scheduler(
+        BlockAllocator(512), 4, max_seqs, budget, chunked_prefill=True, long_prefill_token_threshold=part_cap
+    )
     seqs = [sequence(i, n) for i, n in enumerate(sizes)]
     for seq in seqs:
         scheduler.add(seq)
@@ -93,8 +99,26 @@ def test_chunked_steps_stay_in_budget_and_every_request_finishes(sizes, budget, 
             break
         step = run_step(scheduler, new_tokens)
         assert 0 < sum(n for _, n in step) <= budget
+        assert not part_cap or all(n <= part_cap for _, n in step)
     assert not scheduler.has_work()
     assert all(len(s.token_ids) - s.num_prompt == new_tokens for s in seqs)
+
+
+def test_a_long_prompt_takes_at_most_the_part_cap_a_step():
+    """`long_prefill_token_threshold` (vLLM's name): each prompt at most 4 tokens a step, so the second
+    prompt starts beside the first instead of after it."""
+    scheduler = Scheduler(BlockAllocator(64), 4, 8, 10, chunked_prefill=True, long_prefill_token_threshold=4)
+    for arrival, size in enumerate((25, 6)):
+        scheduler.add(sequence(arrival, size))
+    steps = [run_step(scheduler, new_tokens=3) for _ in range(3)]
+    assert steps == [[(0, 4), (1, 4)], [(0, 4), (1, 2)], [(0, 4), (1, 1)]]
+
+
+def test_the_part_cap_needs_chunked_prefill():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold caps a prompt's part"):
+        EngineArgs(long_prefill_token_threshold=64, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        EngineArgs(long_prefill_token_threshold=-1)
 
 
 def test_a_budget_below_the_sequence_cap_is_refused():

@@ -150,6 +150,9 @@ def test_vllm_flag_names_parse_to_moelora_s():
     assert (args.gpu_memory_utilization, args.cuda_graphs, args.trust_remote_code) == (0.5, False, True)
     assert (args.generation_config, args.max_cpu_loras) == ("vllm", 5)
     assert parse(["serve", "-tp", "4"]).tp_size == 4
+    args = parse(["serve", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"])
+    assert (args.enable_chunked_prefill, args.max_num_batched_tokens) == (False, 4096)
+    assert parse(["serve", "--long-prefill-token-threshold", "512"]).long_prefill_token_threshold == 512
     args = parse(["serve", "--lora-modules", "a=/x", "b=/y", "--lora", "c=/z"])
     assert args.lora_modules == ["a=/x", "b=/y"] and args.lora == ["c=/z"]
     modules = parse_lora_modules(['{"name": "j", "path": "/p", "base_model_name": "m"}', "k=/q"])

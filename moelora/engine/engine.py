@@ -130,6 +130,7 @@ class Engine:
             a.enable_prefix_caching,
             state_slots=self.cfg.linear is not None,
             chunked_prefill=self.chunked_prefill,
+            long_prefill_token_threshold=a.long_prefill_token_threshold,
         )
         if self.cfg.linear is not None and a.enable_prefix_caching:
             _LOG.info(

@@ -54,13 +54,18 @@ class Scheduler:
         prefix_caching: bool = False,
         state_slots: bool = False,
         chunked_prefill: bool = False,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         """`state_slots`: the model has linear-attention layers, so every running sequence holds a state
         slot (max_num_seqs of them) and no sequence starts from a cached prefix (its state there is not
-        kept); a prompt computed in parts continues its slot's state."""
+        kept); a prompt computed in parts continues its slot's state. `long_prefill_token_threshold`: with
+        chunked prefill, the most tokens of one prompt in a step (0: no cap but the budget)."""
         self.allocator, self.block_size = allocator, block_size
         self.prefix_caching = prefix_caching and not state_slots
         self.chunked_prefill = chunked_prefill
+        self.part_cap = (
+            long_prefill_token_threshold if chunked_prefill and long_prefill_token_threshold else None
+        )
         self.states = SlotAllocator(max_num_seqs) if state_slots else None
         self.adapters_fit = adapters_fit
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -87,7 +92,7 @@ class Scheduler:
         for seq in self.running:
             left = seq.num_tokens - seq.num_cached
             if left > 1:
-                n = min(left, max(budget, 0)) if self.chunked_prefill else left
+                n = self._part(left, budget)
                 if n > 0:
                     num_new[id(seq)] = n
                     budget -= n
@@ -99,6 +104,13 @@ class Scheduler:
         # A sequence whose prompt's next part found no budget sits this step out.
         seqs = sorted((s for s in self.running if id(s) in num_new), key=_adapter_order)
         return ScheduledStep(seqs, [num_new[id(s)] for s in seqs], preempted)
+
+    def _part(self, left: int, budget: int) -> int:
+        """The tokens of a prompt with `left` to compute that run this step, `budget` left of the step's:
+        all of them without chunked prefill, else at most the budget and the part cap."""
+        if not self.chunked_prefill:
+            return left
+        return min(left, max(budget, 0), self.part_cap or left)
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence room for one more token, preempting the newest when blocks run out."""
@@ -160,7 +172,7 @@ class Scheduler:
             seq.blocks = cached + self.allocator.allocate(need)
             seq.num_cached, seq.num_registered = len(cached) * self.block_size, len(cached)
             seq.skips = 0
-            n = min(compute, budget) if self.chunked_prefill else compute
+            n = self._part(compute, budget)
             admitted.append((seq, n))
             budget -= n
             if entry is not None:
