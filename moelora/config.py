@@ -158,6 +158,12 @@ class EngineArgs:
     enable_prefix_caching: bool = option(
         True, "reuse the KV blocks of an earlier prompt with the same prefix and adapter"
     )
+    state_snapshots: int = option(
+        16,
+        "models with linear-attention layers, with prefix caching and chunked prefill: how many cached "
+        "prefixes keep those layers' states (each the size of a running sequence's), so that a later "
+        "prompt can start after one; 0 turns prefix caching off for such models",
+    )
     cuda_graphs: bool = option(
         True, "replay decode steps from CUDA graphs (used on CUDA in fp16/bf16; each TP rank its own)"
     )
@@ -187,6 +193,8 @@ class EngineArgs:
                 f"max_num_batched_tokens ({budget}) must be at least max_num_seqs ({self.max_num_seqs}): a "
                 f"step decodes one token of every running sequence; lower max_num_seqs or raise the budget"
             )
+        if self.state_snapshots < 0:
+            raise ValueError(f"state_snapshots must be >= 0, got {self.state_snapshots}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}"

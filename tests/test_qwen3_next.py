@@ -143,6 +143,35 @@ def test_chunked_prefill_matches_transformers(
         assert out.outputs[0].token_ids == one.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("snapshots", [16, 1])
+def test_a_later_turn_starts_after_the_cached_prompt(hf_model: Any, checkpoint: Path, snapshots: int):
+    """Prefix caching with the linear layers' states: a second turn (the first prompt, its reply, a new
+    message) starts after the first prompt's last full block, from the states kept there (a part of the
+    first prompt ended at that block); with one snapshot slot an unrelated prompt in between takes it, and
+    the second turn is computed whole. Float64 tokens and log-probs as without prefix caching, greedy
+    tokens as transformers'."""
+    g = torch.Generator().manual_seed(11)
+    first, other = (torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (30, 13))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    kwargs: dict[str, Any] = dict(device="cpu", dtype="float64", progress=False, block_size=4)
+    kwargs |= dict(max_num_seqs=4, max_num_batched_tokens=8, num_kv_blocks=64)
+    turns: dict[bool, list[Any]] = {}
+    for cached in (True, False):
+        with LLM(str(checkpoint), enable_prefix_caching=cached, state_snapshots=snapshots, **kwargs) as llm:
+            reply = llm.generate([first], params)[0]
+            llm.generate([other], params)
+            second = first + reply.outputs[0].token_ids + [5, 6, 7, 8, 9]
+            since = time.perf_counter()
+            turns[cached] = [reply, llm.generate([second], params)[0]]
+            computed = sum(r.prefill_tokens for r in llm.engine.step_records(since))
+        assert computed == len(second) - (28 if cached and snapshots > 1 else 0)
+    for got, want in zip(turns[True], turns[False], strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-9 for t in a)
+    agree_until_near_tie(turns[True][1].outputs[0].token_ids, *hf_greedy(hf_model, second, 6))
+
+
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]  # the dense layer's and the shared experts'
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -225,20 +254,25 @@ def test_mixed_adapter_batch_matches_the_merge(
 
 def test_preemption_forks_and_repeats_keep_the_tokens(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """Preempted sequences (their state slots given back, computed again from position 0 later; with
-    chunked prefill also between a prompt's parts), n > 1
-    completions (completion 0 computes the prompt, the others start from a copy of its states and
-    blocks) and a prompt run again (prefix caching is off
-    for these models: a cached prefix has no state) give the tokens each prompt gets alone."""
+    chunked prefill also between a prompt's parts), n > 1 completions (completion 0 computes the prompt,
+    the others start from a copy of its states and blocks) and prompts run again (each starting after its
+    first block, cached with the layers' states there) give the tokens each prompt gets alone."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(str(checkpoint), device="cpu", dtype="float32", progress=False) as llm:
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts()]
+        since = time.perf_counter()
         again = llm.generate(prompts(), params)
+        reused = sum(len(p) for p in prompts()) - sum(
+            r.prefill_tokens for r in llm.engine.step_records(since)
+        )
         since = time.perf_counter()
         forks = llm.generate(
             [prompts()[3]], SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
         )
         computed = sum(r.prefill_tokens for r in llm.engine.step_records(since))
-    assert computed == len(prompts()[3])  # the prompt computed once, its states copied to the others
+    assert reused == 64 + 16  # the 80-token prompt from its 64th token on, the 23-token one from its 16th
+    # the prompt after its cached first block, once: its states copied to the other completions
+    assert computed == len(prompts()[3]) - 16
     assert [o.outputs[0].token_ids for o in again] == alone
     assert [c.token_ids for c in forks[0].outputs] == [alone[3]] * 3
     preempted: list[tuple[int, int]] = []  # (prompt tokens computed, prompt length) of each preemption
@@ -280,8 +314,12 @@ def assert_layout_matches_one_process(checkpoint: Path, adapter: Path, tp: int, 
             max_num_batched_tokens=8,
         ) as llm:  # fmt: skip
             outs[layout] = llm.generate(batch, params, lora=names)
-            forks = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)  # states copied
+            # n = 2 on a prompt of the batch: it starts after its cached first 64 tokens (their states copied
+            # on every rank), completion 1 from completion 0's states
+            forks = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+            hits = llm.engine.allocator.hits
             outs[layout, "n"] = llm.generate([prompts()[1]], forks, lora="a")[0].outputs
+            assert llm.engine.allocator.hits - hits == 4
     assert [c.token_ids for c in outs[(tp, ep), "n"]] == [c.token_ids for c in outs[(1, 1), "n"]]
     assert outs[(1, 1), "n"][0].token_ids == outs[(1, 1)][5].outputs[0].token_ids
     for got, want in zip(outs[(tp, ep)], outs[(1, 1)], strict=True):

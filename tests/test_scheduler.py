@@ -104,6 +104,62 @@ def test_chunked_steps_stay_in_budget_and_every_request_finishes(
     assert all(len(s.token_ids) - s.num_prompt == new_tokens for s in seqs)
 
 
+def advance(scheduler: Scheduler) -> list[tuple[int, int]]:
+    """One step, each scheduled sequence computing its tokens and its blocks offered to the prefix cache
+    (no token sampled). -> (arrival, tokens run)."""
+    step = scheduler.schedule()
+    for seq, n in zip(step.seqs, step.num_new, strict=True):
+        seq.num_cached += n
+        scheduler.cache_blocks(seq)
+    return [(s.request.arrival, n) for s, n in zip(step.seqs, step.num_new, strict=True)]
+
+
+def test_linear_attention_prefixes_keep_their_states_in_snapshot_slots():
+    """With state slots and prefix caching: a prompt's part ends at its last full block (12 of 14 tokens,
+    blocks of 4), whose states go to a snapshot slot (numbered after the 4 running slots) kept once that
+    block is cached; the same prompt again starts after those 12 tokens from a copy of them; with one
+    snapshot slot the next prompt's snapshot takes it over, and the first prompt's prefix is no use."""
+    allocator = BlockAllocator(64)
+    scheduler = Scheduler(
+        allocator, 4, 4, 8, prefix_caching=True, state_slots=True, chunked_prefill=True, state_snapshots=1
+    )
+    first = sequence(0, 14)
+    scheduler.add(first)
+    assert advance(scheduler) == [(0, 8)]
+    step = scheduler.schedule()
+    assert step.num_new == [4] and step.snapshots == [first] and first.snapshot == (2, 4)
+    first.num_cached += 4
+    scheduler.cache_blocks(first)
+    assert first.snapshot is None and list(scheduler.snapshots.values()) == [4]
+    assert advance(scheduler) == [(0, 2)]
+    scheduler.finish(first)
+    again = sequence(1, 14)
+    scheduler.add(again)
+    step = scheduler.schedule()
+    assert step.num_new == [2] and again.num_cached == 12 and step.restores == [(4, again.state_slot)]
+    scheduler.finish(again)
+    other = sequence(2, 10)
+    other.token_ids[0] = 99  # another prefix
+    scheduler.add(other)
+    assert advance(scheduler) == [(2, 8)]  # ends at its last full block: the one snapshot slot taken
+    assert other.snapshot is None and list(scheduler.snapshots.values()) == [4]
+    scheduler.finish(other)
+    third = sequence(3, 14)
+    scheduler.add(third)
+    assert scheduler.schedule().num_new == [8] and third.num_cached == 0  # no states: computed whole
+    scheduler.finish(third)
+    assert allocator.num_free == 64 and not scheduler._free_snapshots
+
+
+def test_snapshots_need_chunked_prefill():
+    """Without chunks no part ends at a block boundary: no states to keep, so no prefix caching for a
+    model with linear attention."""
+    scheduler = Scheduler(
+        BlockAllocator(8), 4, 4, 8, prefix_caching=True, state_slots=True, state_snapshots=4
+    )
+    assert not scheduler.prefix_caching
+
+
 def test_a_long_prompt_takes_at_most_the_part_cap_a_step():
     """`long_prefill_token_threshold` (vLLM's name): each prompt at most 4 tokens a step, so the second
     prompt starts beside the first instead of after it."""

@@ -110,6 +110,11 @@ class Engine:
         self.device = device = next(model.parameters()).device
         la = lora_args or LoraArgs()
         self.chunked_prefill = self.args.enable_chunked_prefill
+        # Linear-attention states kept at the end of cached prefixes (prefix caching needs them there)
+        hybrid_cache = (
+            model.cfg.linear is not None and self.args.enable_prefix_caching and self.chunked_prefill
+        )
+        self.state_snapshots = self.args.state_snapshots if hybrid_cache else 0
         self.adapters = (
             None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
         )
@@ -131,11 +136,12 @@ class Engine:
             state_slots=self.cfg.linear is not None,
             chunked_prefill=self.chunked_prefill,
             long_prefill_token_threshold=a.long_prefill_token_threshold,
+            state_snapshots=self.state_snapshots,
         )
-        if self.cfg.linear is not None and a.enable_prefix_caching:
+        if self.cfg.linear is not None and a.enable_prefix_caching and not self.state_snapshots:
             _LOG.info(
-                "prefix caching is off for this model: its linear-attention layers keep no state at a "
-                "cached prefix, so every prompt is computed from its first token"
+                "prefix caching is off for this model: its linear-attention layers need their states at "
+                "the end of a cached prefix, which are kept with chunked prefill and state_snapshots > 0"
             )
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -161,7 +167,8 @@ class Engine:
         wanted_len = a.max_model_len or cfg.max_position_embeddings
         slots = la.max_loras_per_batch if lora_rank is not None else 0
         adapter_slots = pool_bytes(model, slots, lora_rank) if lora_rank is not None else 0
-        state = a.max_num_seqs * model.state_bytes_per_slot()  # linear attention's state slots
+        # linear attention's state slots: the running sequences', then the cached prefixes' snapshots
+        state = (a.max_num_seqs + self.state_snapshots) * model.state_bytes_per_slot()
         pool = adapter_slots + state  # both made after the cache
 
         def blocks_for(model_len: int) -> int:
@@ -191,7 +198,10 @@ class Engine:
             if adapter_slots:
                 taken.append(f"adapter slots {_size(adapter_slots)} ({slots} of rank {lora_rank})")
             if state:
-                taken.append(f"linear-attention state {_size(state)} ({a.max_num_seqs} sequences)")
+                taken.append(
+                    f"linear-attention state {_size(state)} ({a.max_num_seqs} sequences, "
+                    f"{self.state_snapshots} snapshots)"
+                )
             if self.device.type == "cuda":
                 taken.append(
                     f"at least {_size(reserve_bytes(activations))} kept for the activations of a step of "
@@ -221,6 +231,7 @@ class Engine:
             graphs=graphs,
             max_num_seqs=a.max_num_seqs,
             max_blocks=-(-self.max_model_len // a.block_size),
+            state_snapshots=self.state_snapshots,
         )
 
     # ------------------------------------------------------------------ adapters (any thread)
@@ -564,6 +575,15 @@ class Engine:
                 for request in [r for r in self._requests.values() if r.lora_entry is entry]:
                     self._fail(request, error)
             seqs = [s for s in seqs if s.request.lora_entry not in failed]
+        # Linear-attention states of cached prefixes into the slots of the sequences starting after them
+        # (before any step moves those slots on), and snapshots of the states this step leaves at a last
+        # full-block boundary (queued right after it, before a later step moves them on)
+        for src, dst in scheduled.restores:
+            self.executor.copy_state(src, dst)
+        ran = {id(s) for s in seqs}
+        for seq in scheduled.snapshots:
+            if id(seq) not in ran:
+                self.scheduler.drop_snapshot(seq)
         if not seqs:
             self._finish_in_flight()
             return
@@ -571,6 +591,9 @@ class Engine:
         prefill = sum(n for s, n in zip(seqs, step.seq_lens, strict=True) if s.num_cached < s.num_prompt)
         previous = self._in_flight
         logits, prompt_logits = self.executor.step(step, previous.sampled.tokens if previous else None)
+        for seq in scheduled.snapshots:
+            if seq.snapshot is not None and id(seq) in ran:
+                self.executor.copy_state(seq.state_slot, seq.snapshot[1])
         starts = [s.num_cached for s in seqs]
         for seq, n in zip(seqs, step.seq_lens, strict=True):
             seq.num_cached += n

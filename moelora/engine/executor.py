@@ -55,6 +55,7 @@ class ExecutorPlan:
     graphs: bool  # replay decode steps from CUDA graphs (one rank, CUDA, 16-bit)
     max_num_seqs: int  # the largest decode graph
     max_blocks: int  # most KV blocks one sequence holds
+    state_snapshots: int = 0  # linear-attention state slots beyond the running ones: cached prefixes'
 
 
 class Executor:
@@ -79,8 +80,9 @@ class Executor:
             cfg.num_layers, plan.num_blocks + int(plan.graphs), plan.block_size, kv_heads, k_dim,
             model.dtype, device, v_dim, model.kv_layers(),
         )  # fmt: skip
-        # Linear-attention layers: a state slot per sequence that may run (the scheduler's max_num_seqs).
-        self.states = model.state_cache(plan.max_num_seqs, device)
+        # Linear-attention layers: a state slot per sequence that may run (the scheduler's max_num_seqs),
+        # then the snapshots of cached prefixes.
+        self.states = model.state_cache(plan.max_num_seqs + plan.state_snapshots, device)
         self.pool = LoraPool(model, plan.lora_slots, plan.lora_rank) if plan.lora_slots else None
         graphs = None
         if plan.graphs:

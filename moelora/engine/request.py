@@ -50,6 +50,9 @@ class Sequence:
     pending: int = -1
     num_registered: int = 0  # leading blocks offered to the prefix cache
     state_slot: int = -1  # its slot in the linear-attention layers' state cache while it runs (-1: none)
+    # A snapshot of that state queued at its last full-block boundary, (block index, snapshot slot), kept
+    # for later prompts with the same prefix once that block is in the prefix cache
+    snapshot: tuple[int, int] | None = None
     status: Status = Status.WAITING
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None

@@ -13,9 +13,9 @@ another's cache.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moelora.cache.kv_cache import BlockAllocator, BlockKey, blocks_for
@@ -31,6 +31,11 @@ class ScheduledStep:
     seqs: list[Sequence]
     num_new: list[int]
     preempted: list[Sequence]
+    # Linear-attention states: (snapshot slot, sequence's slot) copies to make before the step (a cached
+    # prefix's states for the sequence that starts after it), and the sequences whose state to copy into
+    # their `snapshot` slot after it (this step ends at their last full-block boundary)
+    restores: list[tuple[int, int]] = field(default_factory=list)
+    snapshots: list[Sequence] = field(default_factory=list)
 
 
 # A waiting sequence whose adapter does not fit the batch lets later ones pass at most this many times;
@@ -55,13 +60,25 @@ class Scheduler:
         state_slots: bool = False,
         chunked_prefill: bool = False,
         long_prefill_token_threshold: int = 0,
+        state_snapshots: int = 0,
     ) -> None:
         """`state_slots`: the model has linear-attention layers, so every running sequence holds a state
-        slot (max_num_seqs of them) and no sequence starts from a cached prefix (its state there is not
-        kept); a prompt computed in parts continues its slot's state. `long_prefill_token_threshold`: with
-        chunked prefill, the most tokens of one prompt in a step (0: no cap but the budget)."""
+        slot (max_num_seqs of them, slots 0..max_num_seqs-1); a prompt computed in parts continues its
+        slot's state. A cached prefix is only of use to such a model with the layers' states at its end:
+        with prefix caching and chunked prefill, `state_snapshots` slots (numbered from max_num_seqs on)
+        keep the states of that many prefixes, each taken where a sequence's computation reaches its last
+        full block (a part ends there), kept once that block is in the prefix cache, dropped least recently
+        used first; a sequence starts only after a cached prefix whose last block has one (0 snapshots:
+        prefix caching off for such models). `long_prefill_token_threshold`: with chunked prefill, the most
+        tokens of one prompt in a step (0: no cap but the budget)."""
         self.allocator, self.block_size = allocator, block_size
-        self.prefix_caching = prefix_caching and not state_slots
+        snapshots = state_snapshots if chunked_prefill else 0
+        self.prefix_caching = prefix_caching and (not state_slots or snapshots > 0)
+        # committed snapshots by the key of the block their prefix ends with, least recently used first
+        self.snapshots: OrderedDict[BlockKey, int] = OrderedDict()
+        self._free_snapshots: list[int] = []
+        if state_slots and self.prefix_caching:
+            self._free_snapshots = list(range(max_num_seqs, max_num_seqs + snapshots))
         self.chunked_prefill = chunked_prefill
         self.part_cap = (
             long_prefill_token_threshold if chunked_prefill and long_prefill_token_threshold else None
@@ -92,25 +109,58 @@ class Scheduler:
         for seq in self.running:
             left = seq.num_tokens - seq.num_cached
             if left > 1:
-                n = self._part(left, budget)
+                n = self._part(seq, left, budget)
                 if n > 0:
                     num_new[id(seq)] = n
                     budget -= n
+        restores: list[tuple[int, int]] = []
         if not preempted:
-            for seq, n in self._admit_waiting(budget):
+            for seq, n in self._admit_waiting(budget, restores):
                 num_new[id(seq)] = n
         # The batch grouped by adapter (base first), arrival order within a group: the LoRA kernels make
         # one pass per distinct adapter of a block of tokens, so a block of one adapter costs one pass.
         # A sequence whose prompt's next part found no budget sits this step out.
         seqs = sorted((s for s in self.running if id(s) in num_new), key=_adapter_order)
-        return ScheduledStep(seqs, [num_new[id(s)] for s in seqs], preempted)
+        num = [num_new[id(s)] for s in seqs]
+        snapshots = [s for s, n in zip(seqs, num, strict=True) if self._plan_snapshot(s, n)]
+        return ScheduledStep(seqs, num, preempted, restores, snapshots)
 
-    def _part(self, left: int, budget: int) -> int:
-        """The tokens of a prompt with `left` to compute that run this step, `budget` left of the step's:
-        all of them without chunked prefill, else at most the budget and the part cap."""
+    def _part(self, seq: Sequence, left: int, budget: int) -> int:
+        """The tokens of `seq`, `left` to compute, that run this step, `budget` left of the step's: all of
+        them without chunked prefill, else at most the budget and the part cap, and with state snapshots
+        not past its last full-block boundary (a part ends there, so the states there can be kept)."""
         if not self.chunked_prefill:
             return left
-        return min(left, max(budget, 0), self.part_cap or left)
+        n = min(left, max(budget, 0), self.part_cap or left)
+        edge = self._edge(seq)
+        if self.states is not None and self.prefix_caching and seq.num_cached < edge < seq.num_cached + n:
+            n = edge - seq.num_cached
+        return n
+
+    def _edge(self, seq: Sequence) -> int:
+        """The end of seq's last full block that a later prompt could start after (one token left)."""
+        return (len(seq.token_ids) - 1) // self.block_size * self.block_size
+
+    def _plan_snapshot(self, seq: Sequence, n: int) -> bool:
+        """Whether seq's `n` tokens this step end at its last full-block boundary and a snapshot slot is
+        set aside for its states there (the free one, else the least recently used one's)."""
+        edge = self._edge(seq)
+        if self.states is None or not self.prefix_caching or edge == 0 or seq.num_cached + n != edge:
+            return False
+        if self._free_snapshots:
+            slot = self._free_snapshots.pop()
+        elif self.snapshots:
+            slot = self.snapshots.popitem(last=False)[1]
+        else:
+            return False  # every snapshot slot waits for its block to be cached
+        seq.snapshot = (edge // self.block_size - 1, slot)
+        return True
+
+    def drop_snapshot(self, seq: Sequence) -> None:
+        """Give back seq's snapshot slot that is not kept (it stopped, or the step did not run it)."""
+        if seq.snapshot is not None:
+            self._free_snapshots.append(seq.snapshot[1])
+            seq.snapshot = None
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence room for one more token, preempting the newest when blocks run out."""
@@ -135,6 +185,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
         self._give_back_state(seq)
+        self.drop_snapshot(seq)
         seq.blocks, seq.num_cached, seq.num_registered, seq.status = [], 0, 0, Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -143,10 +194,11 @@ class Scheduler:
         ordered = sorted(self.waiting, key=lambda s: (s.request.arrival, s.index))
         self.waiting = deque(ordered)
 
-    def _admit_waiting(self, budget: int) -> list[tuple[Sequence, int]]:
+    def _admit_waiting(self, budget: int, restores: list[tuple[int, int]]) -> list[tuple[Sequence, int]]:
         """Admit in arrival order while sequences, tokens (`budget` left of the step's) and blocks allow; at
         most S adapters per batch. -> each admitted sequence and the tokens it runs this step (with
-        chunked prefill as many of its prompt as the budget leaves)."""
+        chunked prefill as many of its prompt as the budget leaves); a sequence that starts after a cached
+        prefix with linear-attention states adds (snapshot slot, its slot) to `restores`."""
         admitted: list[tuple[Sequence, int]] = []
         adapters = {s.request.lora_entry for s in self.running if s.request.lora_entry is not None}
         for seq in list(self.waiting):
@@ -159,7 +211,7 @@ class Scheduler:
                     break
                 continue
             tokens = seq.num_tokens
-            cached = self._claim_prefix(seq)
+            cached, snapshot = self._claim_prefix(seq)
             compute = tokens - len(cached) * self.block_size
             need = blocks_for(tokens, self.block_size) - len(cached)
             # No budget left; without chunked prefill, not enough for the whole prompt unless it runs alone.
@@ -169,10 +221,13 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self.start_running(seq)
+            if snapshot is not None:
+                self.snapshots.move_to_end(snapshot)
+                restores.append((self.snapshots[snapshot], seq.state_slot))
             seq.blocks = cached + self.allocator.allocate(need)
             seq.num_cached, seq.num_registered = len(cached) * self.block_size, len(cached)
             seq.skips = 0
-            n = self._part(compute, budget)
+            n = self._part(seq, compute, budget)
             admitted.append((seq, n))
             budget -= n
             if entry is not None:
@@ -185,19 +240,28 @@ class Scheduler:
         generation = self.allocator.generation[parent] if parent >= 0 else 0
         return parent, generation, tuple(seq.token_ids[j * bs : (j + 1) * bs]), entry.uid if entry else 0
 
-    def _claim_prefix(self, seq: Sequence) -> list[int]:
+    def _claim_prefix(self, seq: Sequence) -> tuple[list[int], BlockKey | None]:
         """The cached blocks of seq's longest cached prefix, held for it; at least one token is left to
         compute (its logits are needed). Nothing for a sequence that wants prompt log-probs (it needs the
-        logits of every prompt position)."""
+        logits of every prompt position). With linear-attention states, the longest such prefix whose
+        last block has a snapshot, and that block's key (None: no prefix)."""
         if not self.prefix_caching or seq.wants_prompt_logprobs:
-            return []
+            return [], None
         blocks: list[int] = []
+        keys: list[BlockKey] = []
         for j in range((len(seq.token_ids) - 1) // self.block_size):
-            block = self.allocator.lookup(self._key(seq, j, blocks[-1] if blocks else -1))
+            key = self._key(seq, j, blocks[-1] if blocks else -1)
+            block = self.allocator.lookup(key)
             if block is None:
                 break
             blocks.append(block)
-        return blocks
+            keys.append(key)
+        if self.states is None:
+            return blocks, None
+        keep = next((j for j in range(len(blocks), 0, -1) if keys[j - 1] in self.snapshots), 0)
+        self.allocator.free(blocks[keep:])  # cached, but no states to start after them
+        self.allocator.hits -= len(blocks) - keep
+        return blocks[:keep], (keys[keep - 1] if keep else None)
 
     def cache_blocks(self, seq: Sequence) -> None:
         """Offer seq's blocks that became full and computed (their writes queued, their tokens known to
@@ -208,6 +272,16 @@ class Scheduler:
         for j in range(seq.num_registered, full):
             self.allocator.register(seq.blocks[j], self._key(seq, j, seq.blocks[j - 1] if j else -1))
         seq.num_registered = max(seq.num_registered, full)
+        if seq.snapshot is not None and seq.snapshot[0] < full:
+            # Kept under the key its block is cached with (a block another already holds the key of is
+            # not cached, and no prefix walk reaches it: its snapshot goes back)
+            j, slot = seq.snapshot
+            key = self.allocator.key_of(seq.blocks[j])
+            if key is None or key in self.snapshots:
+                self.drop_snapshot(seq)
+            else:
+                self.snapshots[key] = slot
+                seq.snapshot = None
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""
@@ -217,6 +291,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.allocator.free(seq.blocks)
         self._give_back_state(seq)
+        self.drop_snapshot(seq)
         seq.blocks, seq.status = [], Status.FINISHED
 
     def start_running(self, seq: Sequence) -> None:
