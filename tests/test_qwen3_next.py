@@ -172,6 +172,34 @@ def test_a_later_turn_starts_after_the_cached_prompt(hf_model: Any, checkpoint: 
     agree_until_near_tie(turns[True][1].outputs[0].token_ids, *hf_greedy(hf_model, second, 6))
 
 
+def test_prompts_sharing_a_system_prompt_start_after_it(hf_model: Any, checkpoint: Path):
+    """Three prompts share their first 20 tokens (a system prompt, 5 blocks of 4), then ask different
+    things: the first is computed whole; the second finds those blocks cached without states there,
+    computes them again with a part ending at 20 and keeps the states there; the third starts after them.
+    Float64 tokens and log-probs as without prefix caching, greedy tokens as transformers'."""
+    g = torch.Generator().manual_seed(12)
+    system = torch.randint(3, VOCAB, (20,), generator=g).tolist()
+    prompts = [system + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 6, 11)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+    kwargs: dict[str, Any] = dict(device="cpu", dtype="float64", progress=False, block_size=4)
+    kwargs |= dict(max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=64)
+    outs: dict[bool, list[Any]] = {True: [], False: []}
+    for cached in (True, False):
+        with LLM(str(checkpoint), enable_prefix_caching=cached, **kwargs) as llm:
+            computed = []
+            for prompt in prompts:
+                since = time.perf_counter()
+                outs[cached].append(llm.generate([prompt], params)[0])
+                computed.append(sum(r.prefill_tokens for r in llm.engine.step_records(since)))
+        if cached:
+            assert computed == [len(prompts[0]), len(prompts[1]), len(prompts[2]) - 20]
+    for got, want in zip(outs[True], outs[False], strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-9 for t in a)
+    agree_until_near_tie(outs[True][2].outputs[0].token_ids, *hf_greedy(hf_model, prompts[2], 5))
+
+
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]  # the dense layer's and the shared experts'
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -127,10 +127,10 @@ def test_linear_attention_prefixes_keep_their_states_in_snapshot_slots():
     scheduler.add(first)
     assert advance(scheduler) == [(0, 8)]
     step = scheduler.schedule()
-    assert step.num_new == [4] and step.snapshots == [first] and first.snapshot == (2, 4)
+    assert step.num_new == [4] and step.snapshots == [first] and first.snapshots == [(2, 4, None)]
     first.num_cached += 4
     scheduler.cache_blocks(first)
-    assert first.snapshot is None and list(scheduler.snapshots.values()) == [4]
+    assert first.snapshots == [] and list(scheduler.snapshots.values()) == [4]
     assert advance(scheduler) == [(0, 2)]
     scheduler.finish(first)
     again = sequence(1, 14)
@@ -142,13 +142,40 @@ def test_linear_attention_prefixes_keep_their_states_in_snapshot_slots():
     other.token_ids[0] = 99  # another prefix
     scheduler.add(other)
     assert advance(scheduler) == [(2, 8)]  # ends at its last full block: the one snapshot slot taken
-    assert other.snapshot is None and list(scheduler.snapshots.values()) == [4]
+    assert other.snapshots == [] and list(scheduler.snapshots.values()) == [4]
     scheduler.finish(other)
     third = sequence(3, 14)
     scheduler.add(third)
     assert scheduler.schedule().num_new == [8] and third.num_cached == 0  # no states: computed whole
     scheduler.finish(third)
     assert allocator.num_free == 64 and not scheduler._free_snapshots
+
+
+def test_a_shared_prefix_keeps_its_states_where_prompts_part():
+    """Two prompts share 8 tokens (blocks of 4), then differ: the second finds the first's two blocks
+    cached without states there, computes them again with a part ending at 8 and keeps its states there
+    (under the cached blocks' key); a third prompt with that prefix starts after it."""
+    scheduler = Scheduler(
+        BlockAllocator(64), 4, 4, 16, prefix_caching=True, state_slots=True, chunked_prefill=True,
+        state_snapshots=4,
+    )  # fmt: skip
+    prompts = [sequence(i, 14) for i in range(3)]
+    for i, seq in enumerate(prompts):
+        seq.token_ids[8:] = [100 + i] * 6  # the same first 8 tokens, then another question
+    scheduler.add(prompts[0])
+    assert advance(scheduler) == [(0, 12)] and prompts[0].snapshots == []  # kept at 12
+    advance(scheduler)
+    scheduler.finish(prompts[0])
+    scheduler.add(prompts[1])
+    assert advance(scheduler) == [(1, 8)] and prompts[1].num_cached == 8  # computed again, kept at 8
+    assert prompts[1].divergence is not None and prompts[1].divergence[0] == 8
+    assert advance(scheduler) == [(1, 4)]  # to its own last full block
+    advance(scheduler)
+    scheduler.finish(prompts[1])
+    assert len(scheduler.snapshots) == 3
+    scheduler.add(prompts[2])
+    step = scheduler.schedule()
+    assert prompts[2].num_cached == 8 and step.num_new == [4] and len(step.restores) == 1
 
 
 def test_snapshots_need_chunked_prefill():

@@ -576,8 +576,8 @@ class Engine:
                     self._fail(request, error)
             seqs = [s for s in seqs if s.request.lora_entry not in failed]
         # Linear-attention states of cached prefixes into the slots of the sequences starting after them
-        # (before any step moves those slots on), and snapshots of the states this step leaves at a last
-        # full-block boundary (queued right after it, before a later step moves them on)
+        # (before any step moves those slots on), and snapshots of the states this step leaves at a block
+        # boundary worth keeping (queued right after it, before a later step moves them on)
         for src, dst in scheduled.restores:
             self.executor.copy_state(src, dst)
         ran = {id(s) for s in seqs}
@@ -592,8 +592,8 @@ class Engine:
         previous = self._in_flight
         logits, prompt_logits = self.executor.step(step, previous.sampled.tokens if previous else None)
         for seq in scheduled.snapshots:
-            if seq.snapshot is not None and id(seq) in ran:
-                self.executor.copy_state(seq.state_slot, seq.snapshot[1])
+            if seq.snapshots and id(seq) in ran:
+                self.executor.copy_state(seq.state_slot, seq.snapshots[-1][1])
         starts = [s.num_cached for s in seqs]
         for seq, n in zip(seqs, step.seq_lens, strict=True):
             seq.num_cached += n

@@ -50,9 +50,13 @@ class Sequence:
     pending: int = -1
     num_registered: int = 0  # leading blocks offered to the prefix cache
     state_slot: int = -1  # its slot in the linear-attention layers' state cache while it runs (-1: none)
-    # A snapshot of that state queued at its last full-block boundary, (block index, snapshot slot), kept
-    # for later prompts with the same prefix once that block is in the prefix cache
-    snapshot: tuple[int, int] | None = None
+    # Snapshots of that state queued at block boundaries, (block index, snapshot slot, the prefix cache's
+    # key of that block where known, else None: its own block's) each, kept for later prompts with the
+    # same prefix once that block is in the prefix cache
+    snapshots: list[tuple[int, int, Any]] = field(default_factory=list)
+    # Where its prefix leaves the cached blocks that have no states kept, and the key of the last of
+    # them (None: nowhere): a boundary to keep the states at, for the next prompt with that prefix
+    divergence: tuple[int, Any] | None = None
     status: Status = Status.WAITING
     logprobs: list[Logprobs] | None = None
     finish_reason: str | None = None

@@ -33,7 +33,7 @@ class ScheduledStep:
     preempted: list[Sequence]
     # Linear-attention states: (snapshot slot, sequence's slot) copies to make before the step (a cached
     # prefix's states for the sequence that starts after it), and the sequences whose state to copy into
-    # their `snapshot` slot after it (this step ends at their last full-block boundary)
+    # their newest `snapshots` slot after it (this step ends at one of their boundaries: `_edges`)
     restores: list[tuple[int, int]] = field(default_factory=list)
     snapshots: list[Sequence] = field(default_factory=list)
 
@@ -66,11 +66,11 @@ class Scheduler:
         slot (max_num_seqs of them, slots 0..max_num_seqs-1); a prompt computed in parts continues its
         slot's state. A cached prefix is only of use to such a model with the layers' states at its end:
         with prefix caching and chunked prefill, `state_snapshots` slots (numbered from max_num_seqs on)
-        keep the states of that many prefixes, each taken where a sequence's computation reaches its last
-        full block (a part ends there), kept once that block is in the prefix cache, dropped least recently
-        used first; a sequence starts only after a cached prefix whose last block has one (0 snapshots:
-        prefix caching off for such models). `long_prefill_token_threshold`: with chunked prefill, the most
-        tokens of one prompt in a step (0: no cap but the budget)."""
+        keep the states of that many prefixes, each taken where a sequence's computation reaches one of
+        its boundaries (`_edges`; a part ends there), kept once that block is in the prefix cache, dropped
+        least recently used first; a sequence starts only after a cached prefix whose last block has one
+        (0 snapshots: prefix caching off for such models). `long_prefill_token_threshold`: with chunked
+        prefill, the most tokens of one prompt in a step (0: no cap but the budget)."""
         self.allocator, self.block_size = allocator, block_size
         snapshots = state_snapshots if chunked_prefill else 0
         self.prefix_caching = prefix_caching and (not state_slots or snapshots > 0)
@@ -128,24 +128,30 @@ class Scheduler:
     def _part(self, seq: Sequence, left: int, budget: int) -> int:
         """The tokens of `seq`, `left` to compute, that run this step, `budget` left of the step's: all of
         them without chunked prefill, else at most the budget and the part cap, and with state snapshots
-        not past its last full-block boundary (a part ends there, so the states there can be kept)."""
+        not past its next boundary (`_edges`: a part ends there, so the states there can be kept)."""
         if not self.chunked_prefill:
             return left
         n = min(left, max(budget, 0), self.part_cap or left)
-        edge = self._edge(seq)
-        if self.states is not None and self.prefix_caching and seq.num_cached < edge < seq.num_cached + n:
-            n = edge - seq.num_cached
+        for edge in self._edges(seq):
+            if seq.num_cached < edge < seq.num_cached + n:
+                return edge - seq.num_cached
         return n
 
-    def _edge(self, seq: Sequence) -> int:
-        """The end of seq's last full block that a later prompt could start after (one token left)."""
-        return (len(seq.token_ids) - 1) // self.block_size * self.block_size
+    def _edges(self, seq: Sequence) -> list[int]:
+        """With state snapshots, where seq's linear-attention states are worth keeping, in order: where its
+        prefix leaves the cached blocks that have no states kept (the next prompt sharing that prefix, a
+        common system prompt, starts there), and the end of its last full block that a later prompt could
+        start after (one token left: the next turn of a chat)."""
+        if self.states is None or not self.prefix_caching:
+            return []
+        last = (len(seq.token_ids) - 1) // self.block_size * self.block_size
+        return sorted({e for e in (seq.divergence[0] if seq.divergence else 0, last) if e > 0})
 
     def _plan_snapshot(self, seq: Sequence, n: int) -> bool:
-        """Whether seq's `n` tokens this step end at its last full-block boundary and a snapshot slot is
-        set aside for its states there (the free one, else the least recently used one's)."""
-        edge = self._edge(seq)
-        if self.states is None or not self.prefix_caching or edge == 0 or seq.num_cached + n != edge:
+        """Whether seq's `n` tokens this step end at one of its boundaries and a snapshot slot is set
+        aside for its states there (a free one, else the least recently used one's)."""
+        end = seq.num_cached + n
+        if end not in self._edges(seq):
             return False
         if self._free_snapshots:
             slot = self._free_snapshots.pop()
@@ -153,14 +159,15 @@ class Scheduler:
             slot = self.snapshots.popitem(last=False)[1]
         else:
             return False  # every snapshot slot waits for its block to be cached
-        seq.snapshot = (edge // self.block_size - 1, slot)
+        # At the divergence the blocks are the cache's, not this sequence's own: their key is known
+        key = seq.divergence[1] if seq.divergence and seq.divergence[0] == end else None
+        seq.snapshots.append((end // self.block_size - 1, slot, key))
         return True
 
     def drop_snapshot(self, seq: Sequence) -> None:
-        """Give back seq's snapshot slot that is not kept (it stopped, or the step did not run it)."""
-        if seq.snapshot is not None:
-            self._free_snapshots.append(seq.snapshot[1])
-            seq.snapshot = None
+        """Give back seq's snapshot slots that are not kept (it stopped, or the step did not run it)."""
+        self._free_snapshots += [slot for _, slot, _ in seq.snapshots]
+        seq.snapshots = []
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence room for one more token, preempting the newest when blocks run out."""
@@ -245,6 +252,7 @@ class Scheduler:
         compute (its logits are needed). Nothing for a sequence that wants prompt log-probs (it needs the
         logits of every prompt position). With linear-attention states, the longest such prefix whose
         last block has a snapshot, and that block's key (None: no prefix)."""
+        seq.divergence = None
         if not self.prefix_caching or seq.wants_prompt_logprobs:
             return [], None
         blocks: list[int] = []
@@ -259,6 +267,8 @@ class Scheduler:
         if self.states is None:
             return blocks, None
         keep = next((j for j in range(len(blocks), 0, -1) if keys[j - 1] in self.snapshots), 0)
+        if len(blocks) > keep:
+            seq.divergence = (len(blocks) * self.block_size, keys[-1])
         self.allocator.free(blocks[keep:])  # cached, but no states to start after them
         self.allocator.hits -= len(blocks) - keep
         return blocks[:keep], (keys[keep - 1] if keep else None)
@@ -272,16 +282,20 @@ class Scheduler:
         for j in range(seq.num_registered, full):
             self.allocator.register(seq.blocks[j], self._key(seq, j, seq.blocks[j - 1] if j else -1))
         seq.num_registered = max(seq.num_registered, full)
-        if seq.snapshot is not None and seq.snapshot[0] < full:
-            # Kept under the key its block is cached with (a block another already holds the key of is
-            # not cached, and no prefix walk reaches it: its snapshot goes back)
-            j, slot = seq.snapshot
-            key = self.allocator.key_of(seq.blocks[j])
+        # Each snapshot whose block is now computed and cached is kept under that block's key (a block of
+        # its own whose key another block already holds is not cached, and no prefix walk reaches it: its
+        # snapshot goes back)
+        waiting = []
+        for j, slot, known in seq.snapshots:
+            if j >= full:
+                waiting.append((j, slot, known))
+                continue
+            key = known if known is not None else self.allocator.key_of(seq.blocks[j])
             if key is None or key in self.snapshots:
-                self.drop_snapshot(seq)
+                self._free_snapshots.append(slot)
             else:
                 self.snapshots[key] = slot
-                seq.snapshot = None
+        seq.snapshots = waiting
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""
