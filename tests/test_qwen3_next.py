@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moelora import LLM, SamplingParams
 from moelora.batch import StateRows
@@ -198,6 +200,49 @@ def test_prompts_sharing_a_system_prompt_start_after_it(hf_model: Any, checkpoin
         for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
             assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-9 for t in a)
     agree_until_near_tie(outs[True][2].outputs[0].token_ids, *hf_greedy(hf_model, prompts[2], 5))
+
+
+@pytest.fixture(scope="module")
+def prefix_llms(checkpoint: Path):
+    """Float64, blocks of 4, parts of at most 8 tokens, 12 KV blocks (preemptions: 4 in a run of the
+    property below), three state snapshots (taken over); with prefix caching and without."""
+    kwargs: dict[str, Any] = dict(device="cpu", dtype="float64", progress=False, block_size=4)
+    kwargs |= dict(max_num_seqs=3, max_num_batched_tokens=8, num_kv_blocks=12, state_snapshots=3)
+    with (
+        LLM(str(checkpoint), **kwargs) as cached,
+        LLM(str(checkpoint), enable_prefix_caching=False, **kwargs) as plain,
+    ):
+        yield cached, plain
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    prompts=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 18), st.integers(1, 12)), min_size=1, max_size=5
+    ),
+)
+def test_any_prefix_sharing_gives_the_tokens_of_no_caching(prefix_llms, prompts):
+    """Prompts made of one of three shared beginnings (3, 9 and 17 tokens) and their own ends, run
+    together (preemption, parts, snapshots taken over): with prefix caching the greedy tokens of each as
+    without it, every KV block and state slot free after, and every snapshot slot either kept or free."""
+    cached, plain = prefix_llms
+    g = torch.Generator().manual_seed(13)
+    beginnings = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 17)]
+    batch = [
+        beginnings[b] + [(7 * i + 11 * j) % 90 + 5 for j in range(n)] for i, (b, n, _) in enumerate(prompts)
+    ]
+    params = [SamplingParams(temperature=0, max_tokens=t, ignore_eos=True) for _, _, t in prompts]
+    for i in range(len(batch)):
+        want = plain.generate([batch[i]], params[i])[0].outputs[0].token_ids
+        assert want == cached.generate([batch[i]], params[i])[0].outputs[0].token_ids  # alone, after others
+    together = cached.generate(batch, params)
+    alone = plain.generate(batch, params)
+    assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+    engine = cached.engine
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    scheduler = engine.scheduler
+    assert scheduler.states is not None and scheduler.states.num_free == 3
+    assert len(scheduler._free_snapshots) + len(scheduler.snapshots) == 3
 
 
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"]
