@@ -178,6 +178,28 @@ def test_a_shared_prefix_keeps_its_states_where_prompts_part():
     assert prompts[2].num_cached == 8 and step.num_new == [4] and len(step.restores) == 1
 
 
+def test_prompts_reaching_a_shared_prefix_together_keep_its_states_once():
+    scheduler = Scheduler(
+        BlockAllocator(64), 4, 4, 16, prefix_caching=True, state_slots=True, chunked_prefill=True,
+        state_snapshots=4,
+    )  # fmt: skip
+    prompts = [sequence(i, 14) for i in range(3)]
+    for i, seq in enumerate(prompts):
+        seq.token_ids[8:] = [100 + i] * 6
+    scheduler.add(prompts[0])
+    advance(scheduler)
+    advance(scheduler)
+    scheduler.finish(prompts[0])
+    scheduler.add(prompts[1])
+    scheduler.add(prompts[2])
+    step = scheduler.schedule()
+    assert step.num_new == [8, 8] and step.snapshots == [prompts[1]]  # both stop at 8; one snapshot
+    assert [len(s.snapshots) for s in prompts[1:]] == [1, 0]
+    scheduler.finish(prompts[1])
+    scheduler.finish(prompts[2])
+    assert not scheduler._pending and len(scheduler._free_snapshots) + len(scheduler.snapshots) == 4
+
+
 def test_snapshots_need_chunked_prefill():
     """Without chunks no part ends at a block boundary: no states to keep, so no prefix caching for a
     model with linear attention."""

@@ -77,6 +77,7 @@ class Scheduler:
         # committed snapshots by the key of the block their prefix ends with, least recently used first
         self.snapshots: OrderedDict[BlockKey, int] = OrderedDict()
         self._free_snapshots: list[int] = []
+        self._pending: set[BlockKey] = set()  # known keys of snapshots taken, not yet kept
         if state_slots and self.prefix_caching:
             self._free_snapshots = list(range(max_num_seqs, max_num_seqs + snapshots))
         self.chunked_prefill = chunked_prefill
@@ -153,20 +154,27 @@ class Scheduler:
         end = seq.num_cached + n
         if end not in self._edges(seq):
             return False
+        # At the divergence the blocks are the cache's, not this sequence's own: their key is known, and
+        # one snapshot of it is enough (prompts sharing a prefix that arrive together all reach it)
+        key = seq.divergence[1] if seq.divergence and seq.divergence[0] == end else None
+        if key is not None and (key in self.snapshots or key in self._pending):
+            return False
         if self._free_snapshots:
             slot = self._free_snapshots.pop()
         elif self.snapshots:
             slot = self.snapshots.popitem(last=False)[1]
         else:
             return False  # every snapshot slot waits for its block to be cached
-        # At the divergence the blocks are the cache's, not this sequence's own: their key is known
-        key = seq.divergence[1] if seq.divergence and seq.divergence[0] == end else None
         seq.snapshots.append((end // self.block_size - 1, slot, key))
+        if key is not None:
+            self._pending.add(key)
         return True
 
     def drop_snapshot(self, seq: Sequence) -> None:
         """Give back seq's snapshot slots that are not kept (it stopped, or the step did not run it)."""
-        self._free_snapshots += [slot for _, slot, _ in seq.snapshots]
+        for _, slot, key in seq.snapshots:
+            self._free_snapshots.append(slot)
+            self._pending.discard(key)
         seq.snapshots = []
 
     def _grow_running(self) -> list[Sequence]:
@@ -290,6 +298,7 @@ class Scheduler:
             if j >= full:
                 waiting.append((j, slot, known))
                 continue
+            self._pending.discard(known)
             key = known if known is not None else self.allocator.key_of(seq.blocks[j])
             if key is None or key in self.snapshots:
                 self._free_snapshots.append(slot)
