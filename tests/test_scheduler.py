@@ -151,10 +151,9 @@ def test_linear_attention_prefixes_keep_their_states_in_snapshot_slots():
     assert allocator.num_free == 64 and not scheduler._free_snapshots
 
 
-def test_a_shared_prefix_keeps_its_states_where_prompts_part():
-    """Two prompts share 8 tokens (blocks of 4), then differ: the second finds the first's two blocks
-    cached without states there, computes them again with a part ending at 8 and keeps its states there
-    (under the cached blocks' key); a third prompt with that prefix starts after it."""
+def shared_prefix() -> tuple[Scheduler, list[Sequence]]:
+    """Three prompts of 14 tokens with the same first 8 (blocks of 4), four snapshot slots; the first
+    computed (in a part to its last full block, 12, whose states are kept, then the rest) and finished."""
     scheduler = Scheduler(
         BlockAllocator(64), 4, 4, 16, prefix_caching=True, state_slots=True, chunked_prefill=True,
         state_snapshots=4,
@@ -164,8 +163,16 @@ def test_a_shared_prefix_keeps_its_states_where_prompts_part():
         seq.token_ids[8:] = [100 + i] * 6  # the same first 8 tokens, then another question
     scheduler.add(prompts[0])
     assert advance(scheduler) == [(0, 12)] and prompts[0].snapshots == []  # kept at 12
-    advance(scheduler)
+    assert advance(scheduler) == [(0, 2)]
     scheduler.finish(prompts[0])
+    return scheduler, prompts
+
+
+def test_a_shared_prefix_keeps_its_states_where_prompts_part():
+    """The second prompt finds the first's two blocks cached without states there, computes them again
+    with a part ending at 8 and keeps its states there (under the cached blocks' key); the third starts
+    after them."""
+    scheduler, prompts = shared_prefix()
     scheduler.add(prompts[1])
     assert advance(scheduler) == [(1, 8)] and prompts[1].num_cached == 8  # computed again, kept at 8
     assert prompts[1].divergence is not None and prompts[1].divergence[0] == 8
@@ -179,17 +186,7 @@ def test_a_shared_prefix_keeps_its_states_where_prompts_part():
 
 
 def test_prompts_reaching_a_shared_prefix_together_keep_its_states_once():
-    scheduler = Scheduler(
-        BlockAllocator(64), 4, 4, 16, prefix_caching=True, state_slots=True, chunked_prefill=True,
-        state_snapshots=4,
-    )  # fmt: skip
-    prompts = [sequence(i, 14) for i in range(3)]
-    for i, seq in enumerate(prompts):
-        seq.token_ids[8:] = [100 + i] * 6
-    scheduler.add(prompts[0])
-    advance(scheduler)
-    advance(scheduler)
-    scheduler.finish(prompts[0])
+    scheduler, prompts = shared_prefix()
     scheduler.add(prompts[1])
     scheduler.add(prompts[2])
     step = scheduler.schedule()
