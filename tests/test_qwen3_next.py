@@ -416,7 +416,9 @@ def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: 
     among them; with a budget of 16 tokens a step the prompts in parts, the prefill kernels resuming from
     the slots' states): base and adapter rows against transformers and the hand merge within float32's
     1e-2 (see test_base_matches_transformers: transformers' own float32 run is up to 5e-3 from its float64
-    one here; the H200 gave 6.2e-3 on 2026-12-05), greedy tokens up to a near tie."""
+    one here; the H200 gave 6.2e-3 on 2026-12-05), greedy tokens up to a near tie. Then the adapter's
+    80-token prompt again, without prompt log-probs: it starts after its cached first 64 tokens from a
+    copy of the layers' states kept there (prefix caching), greedy tokens as the hand merge's."""
     lora = peft_adapter(hf_model, tmp_path / "a", 4)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=5)
     batch, names = prompts() * 2, [None] * 4 + ["a"] * 4
@@ -426,7 +428,13 @@ def test_mixed_adapter_batch_on_cuda(hf_model: Any, checkpoint: Path, tmp_path: 
         lora_modules=modules, max_num_seqs=8, max_num_batched_tokens=budget,
     ) as llm:  # fmt: skip
         outs = llm.generate(batch, params, lora=names)
+        hits = llm.engine.allocator.hits
+        again = llm.generate(
+            [prompts()[1]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), lora="a"
+        )
+        assert llm.engine.allocator.hits - hits == 4
     references = {None: hf_model, "a": merged(hf_model, lora).float()}
+    agree_until_near_tie(again[0].outputs[0].token_ids, *hf_greedy(references["a"], prompts()[1], NEW_TOKENS))
     for prompt, name, out in zip(batch, names, outs, strict=True):
         assert_logprobs(out, same_dtype(references[name], prompt)[0], 1e-2, f"cuda {name}")
         tokens, margins = hf_greedy(references[name], prompt, NEW_TOKENS)
