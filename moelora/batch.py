@@ -71,9 +71,9 @@ class StateRows:
     def of(
         seq_lens: Sequence[int], kv_lens: Sequence[int], slots: Sequence[int], device: torch.device
     ) -> StateRows:
-        """From each sequence's tokens this step, its tokens after it (kv_lens) and its state slot. A
-        sequence whose earlier tokens were not computed through this slot (a cached prefix) has no state
-        to continue: prefix caching is off for these models, and the scheduler never asks for it."""
+        """From each sequence's tokens this step, its tokens after it (kv_lens) and its state slot: a
+        sequence with earlier tokens continues the slot's states, which hold them (its earlier parts, or
+        a cached prefix's states copied in before the step)."""
         if min(slots, default=0) < 0:
             raise ValueError(
                 f"every sequence of a step with linear attention needs a state slot, got {list(slots)}"

@@ -62,6 +62,10 @@ class BlockAllocator:
     def key_of(self, block: int) -> BlockKey | None:
         return self._key_of.get(block)
 
+    def peek(self, key: BlockKey) -> int | None:
+        """The cached block with this key, not held."""
+        return self._cached.get(key)
+
     def lookup(self, key: BlockKey) -> int | None:
         """The cached block with this key, now held once more (taken off the free list if free)."""
         block = self._cached.get(key)

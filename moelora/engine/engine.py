@@ -38,7 +38,7 @@ from moelora.engine.request import (
 )
 from moelora.engine.runner import step_input
 from moelora.engine.sampler import PendingSample, Sampled, SamplingInput, launch_sample, sample
-from moelora.engine.scheduler import Scheduler
+from moelora.engine.scheduler import Scheduler, snapshot_slots
 from moelora.engine.stats import EngineLoad, StepRecord
 from moelora.engine.stream import EngineDeadError, RequestStream
 from moelora.engine.transfer import to_device
@@ -111,10 +111,12 @@ class Engine:
         la = lora_args or LoraArgs()
         self.chunked_prefill = self.args.enable_chunked_prefill
         # Linear-attention states kept at the end of cached prefixes (prefix caching needs them there)
-        hybrid_cache = (
-            model.cfg.linear is not None and self.args.enable_prefix_caching and self.chunked_prefill
+        self.state_snapshots = snapshot_slots(
+            model.cfg.linear is not None,
+            self.args.enable_prefix_caching,
+            self.chunked_prefill,
+            self.args.state_snapshots,
         )
-        self.state_snapshots = self.args.state_snapshots if hybrid_cache else 0
         self.adapters = (
             None if lora_rank is None else EngineAdapters(model, la, lora_rank, free_memory(device))
         )

@@ -43,6 +43,13 @@ class ScheduledStep:
 MAX_SKIPS = 4
 
 
+def snapshot_slots(state_slots: bool, prefix_caching: bool, chunked_prefill: bool, wanted: int) -> int:
+    """The state snapshot slots a scheduler keeps: `wanted` for a model with linear-attention states and
+    prefix caching, if its prompts are computed in parts (a part must end where the states are kept);
+    none otherwise (and then no prefix caching for such a model)."""
+    return wanted if state_slots and prefix_caching and chunked_prefill else 0
+
+
 def _adapter_order(seq: Sequence) -> int:
     entry = seq.request.lora_entry
     return 0 if entry is None else entry.uid
@@ -72,14 +79,13 @@ class Scheduler:
         (0 snapshots: prefix caching off for such models). `long_prefill_token_threshold`: with chunked
         prefill, the most tokens of one prompt in a step (0: no cap but the budget)."""
         self.allocator, self.block_size = allocator, block_size
-        snapshots = state_snapshots if chunked_prefill else 0
+        snapshots = snapshot_slots(state_slots, prefix_caching, chunked_prefill, state_snapshots)
         self.prefix_caching = prefix_caching and (not state_slots or snapshots > 0)
         # committed snapshots by the key of the block their prefix ends with, least recently used first
         self.snapshots: OrderedDict[BlockKey, int] = OrderedDict()
         self._free_snapshots: list[int] = []
         self._pending: set[BlockKey] = set()  # known keys of snapshots taken, not yet kept
-        if state_slots and self.prefix_caching:
-            self._free_snapshots = list(range(max_num_seqs, max_num_seqs + snapshots))
+        self._free_snapshots = list(range(max_num_seqs, max_num_seqs + snapshots))
         self.chunked_prefill = chunked_prefill
         self.part_cap = (
             long_prefill_token_threshold if chunked_prefill and long_prefill_token_threshold else None
@@ -267,19 +273,18 @@ class Scheduler:
         keys: list[BlockKey] = []
         for j in range((len(seq.token_ids) - 1) // self.block_size):
             key = self._key(seq, j, blocks[-1] if blocks else -1)
-            block = self.allocator.lookup(key)
+            block = self.allocator.peek(key)
             if block is None:
                 break
             blocks.append(block)
             keys.append(key)
-        if self.states is None:
-            return blocks, None
-        keep = next((j for j in range(len(blocks), 0, -1) if keys[j - 1] in self.snapshots), 0)
-        if len(blocks) > keep:
-            seq.divergence = (len(blocks) * self.block_size, keys[-1])
-        self.allocator.free(blocks[keep:])  # cached, but no states to start after them
-        self.allocator.hits -= len(blocks) - keep
-        return blocks[:keep], (keys[keep - 1] if keep else None)
+        keep = len(blocks)
+        if self.states is not None:  # only as far as the last block with its states kept
+            keep = next((j for j in range(len(blocks), 0, -1) if keys[j - 1] in self.snapshots), 0)
+            if len(blocks) > keep:
+                seq.divergence = (len(blocks) * self.block_size, keys[-1])
+        held = [self.allocator.lookup(key) for key in keys[:keep]]
+        return [b for b in held if b is not None], (keys[keep - 1] if keep and self.states else None)
 
     def cache_blocks(self, seq: Sequence) -> None:
         """Offer seq's blocks that became full and computed (their writes queued, their tokens known to

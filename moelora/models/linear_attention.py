@@ -3,9 +3,9 @@ fixed-size state (the convolution's last inputs and the delta rule's matrix per 
 sequence's slot of the state cache instead of a KV cache.
 
 A step's sequences start from nothing (a prompt's first part, or a preempted sequence computed again from
-position 0), resume from their slot's state with the next part of a prompt (chunked prefill), or continue
-by one token (decode); a sequence cannot continue from a cached prefix, whose state was never kept
-(prefix caching is off for these models).
+position 0), resume from their slot's state with the next part of a prompt (chunked prefill, or the part
+after a cached prefix: the engine copies the prefix's kept states into the slot first), or continue by one
+token (decode).
 """
 
 from __future__ import annotations
