@@ -246,6 +246,10 @@ def decode_cases() -> Iterator[Case]:
         for step in (128, 256, 512):
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=step), t.warps
             yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=step), d.warps
+            if step_sum and step > 128:  # each group's products summed, then scaled (`fp8_group_sums`)
+                sums = dict(BLOCK_K=step, STEP_SUM=2)
+                yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | sums, t.warps
+                yield moe_decode_down._decode_down_kernel, down_case | sums, d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:

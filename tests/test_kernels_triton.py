@@ -311,20 +311,21 @@ def test_fp8_decode_step_rule():
         assert fp8_step(min(tiles.block_k, group), group, replace(tiles, fp8_block_k=step), in_dim) == want
 
 
-@pytest.mark.parametrize("step_sum", [False, True])
+@pytest.mark.parametrize("sums", ["after the loop", "each step", "each group"])
 @pytest.mark.parametrize(("case", "step"), [(CPU_CASES[0], 32), (CPU_CASES[0], 64), (CPU_CASES[2], 64)])
-def test_fp8_decode_steps_over_groups(case, step: int, step_sum: bool):
+def test_fp8_decode_steps_over_groups(case, step: int, sums: str):
     """The decode GEMVs with K steps over several scale groups (`DecodeTiles.fp8_block_k`; groups of 16
     here, a partial last group where I = 48, steps past the input where H = 32), each step's products
-    summed at once or after the loop (`step_sum`), without and with LoRA, invalid ids and slots mixed in:
-    the twin's products on the dequantised weights; with `step_sum`, 16-bit weights too."""
+    summed after the loop, at once (`step_sum`) or a group at a time and then scaled (`fp8_group_sums`),
+    without and with LoRA, invalid ids and slots mixed in: the twin's products on the dequantised
+    weights; with `step_sum`, 16-bit weights too."""
     decode = KernelPlan(decode_pairs=1 << 30, fp8_activation_rows=None)
+    step_sum, groups = sums != "after the loop", sums == "each group"
+    choice = dict(fp8_block_k=step, step_sum=step_sum, fp8_step_sum=step_sum, fp8_group_sums=groups)
     plan = replace(
         decode,
-        decode_tiles=replace(decode.decode_tiles, fp8_block_k=step, step_sum=step_sum, fp8_step_sum=step_sum),
-        decode_down_tiles=replace(
-            decode.decode_down_tiles, fp8_block_k=step, step_sum=step_sum, fp8_step_sum=step_sum
-        ),
+        decode_tiles=replace(decode.decode_tiles, **choice),
+        decode_down_tiles=replace(decode.decode_down_tiles, **choice),
     )
     check_fused_moe(case, case[0] + 8, plan, fp8_group=16, w8a8=False)
     check_fused_moe_lora(case, case[0] + 9, num_slots=3, rank=8, plan=plan, fp8_group=16, w8a8=False)

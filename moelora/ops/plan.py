@@ -104,6 +104,10 @@ class DecodeTiles:
     # Qwen3-30B-A3B bf16, batch 1 (2026-12-05), 4.08 -> 4.70 ms a step base, 4.98 -> 4.96 with 8 adapters
     step_sum: bool = False
     fp8_step_sum: bool = True  # `step_sum` where the weights are FP8 (fewer registers for the scale tile)
+    # With `fp8_step_sum` and steps over several groups: each group's products summed, then the sums times
+    # the rows' scales of the groups (one multiply a row and group), instead of a scale tile built by a
+    # select a group over the step's [block_n, block_k] products. Untimed (2026-12-05): off until measured
+    fp8_group_sums: bool = False
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.

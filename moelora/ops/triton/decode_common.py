@@ -20,6 +20,14 @@ def fp8_step(block_k: int, group: int, tiles: DecodeTiles, in_dim: int) -> int:
     return max(block_k, min(step, triton.next_power_of_2(in_dim)))
 
 
+def sum_mode(tiles: DecodeTiles, fp8: bool) -> int:
+    """A decode GEMV's STEP_SUM: 0 products kept as a tile and summed after the K loop, 1 summed every step,
+    2 (FP8 steps over several scale groups) summed a group at a time, then scaled (`weight_step`)."""
+    if not fp8:
+        return int(tiles.step_sum)
+    return 0 if not tiles.fp8_step_sum else 2 if tiles.fp8_group_sums else 1
+
+
 @triton.jit
 def fma_step(acc, w_ptrs, w_mask, v, STEP_SUM: tl.constexpr = False):
     """acc [N, K] += w [N, K] * v [K] in fp32: a K loop's products, reduced once after it; with STEP_SUM
@@ -58,18 +66,30 @@ def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr
     """`fma_step` over the K step of BLOCK_K columns from column k0 (of IN_DIM); with HAS_SCALE the weights
     are FP8 times their rows' scales (groups of GROUP columns at s_ptrs [N]). The step lies in one group
     (BLOCK_K <= GROUP) or spans whole groups (a multiple of GROUP): then each column takes the scale of
-    its group, one load of a row's scale per group and a select, not a gather per column."""
+    its group, one load of a row's scale per group and a select, not a gather per column; with STEP_SUM 2
+    (`DecodeTiles.fp8_group_sums`) each group's products are summed first and the sums scaled, no select."""
     if HAS_SCALE:
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        if BLOCK_K <= GROUP:
-            scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
+        if BLOCK_K > GROUP and STEP_SUM == 2:
+            # each group's products summed first, then times the row's scale of that group: no scale tile
+            j = tl.arange(0, BLOCK_K // GROUP)
+            j_ok = k0 + j * GROUP < IN_DIM
+            scales = tl.load(s_ptrs[:, None] + k0 // GROUP + j[None, :], mask=s_mask[:, None] & j_ok[None, :],
+                             other=0.0)  # fmt: skip
+            groups = tl.reshape(w * v[None, :], (w.shape[0], BLOCK_K // GROUP, GROUP))
+            out = acc + tl.sum(tl.sum(groups, axis=2) * scales, axis=1)
         else:
-            group = tl.arange(0, BLOCK_K)[None, :] // GROUP
-            scale = tl.zeros_like(w)
-            for j in tl.static_range(BLOCK_K // GROUP):  # groups past IN_DIM: not read (their columns are 0)
-                s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & (k0 + j * GROUP < IN_DIM), other=0.0)
-                scale = tl.where(group == j, s_j[:, None], scale)
-        out = _add(acc, w * scale * v[None, :], STEP_SUM)
+            if BLOCK_K <= GROUP:
+                scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
+            else:
+                group = tl.arange(0, BLOCK_K)[None, :] // GROUP
+                scale = tl.zeros_like(w)
+                # groups past IN_DIM: not read (their columns are 0)
+                for j in tl.static_range(BLOCK_K // GROUP):
+                    j_ok = k0 + j * GROUP < IN_DIM
+                    s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & j_ok, other=0.0)
+                    scale = tl.where(group == j, s_j[:, None], scale)
+            out = _add(acc, w * scale * v[None, :], STEP_SUM)
     else:
         out = fma_step(acc, w_ptrs, w_mask, v, STEP_SUM)
     return out

@@ -19,6 +19,7 @@ from moelora.ops.triton.decode_common import (
     gemv_sum,
     pair_expert,
     pair_slot,
+    sum_mode,
     weight_step,
 )
 from moelora.ops.triton.tiles import DecodeTiles
@@ -123,7 +124,7 @@ def decode_down(
     b_down = extras.b_down if extras is not None else None
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
-    step_sum = tiles.fp8_step_sum if scales.on else tiles.step_sum
+    step_sum = sum_mode(tiles, scales.on)
     pdl = dependent_launch(h.device, pdl)
     line = max(1, 128 // w_down.element_size())  # weights a 128-byte cache line holds
     _decode_down_kernel[(num_pairs, n_tiles)](

@@ -32,6 +32,7 @@ from moelora.ops.triton.decode_common import (
     gemv_sum,
     pair_expert,
     pair_slot,
+    sum_mode,
     sum_partials,
     weight_step,
 )
@@ -231,7 +232,7 @@ def decode_gate_up(
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
-    step_sum = tiles.fp8_step_sum if scales.on else tiles.step_sum
+    step_sum = sum_mode(tiles, scales.on)
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
