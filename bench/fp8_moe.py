@@ -177,7 +177,8 @@ def layer_calls(
 def candidates(m: int) -> list[tuple[str, KernelPlan, bool]]:
     """(label, plan, FP8 weights) to time at M tokens: on the decode path the GEMVs' K step over FP8
     weights (`DecodeTiles.fp8_block_k`: one 128-column group, or 2, 4 or 8) and their sums per step or after
-    the loop (`step_sum`, bf16 too), with the long steps also on 32 rows a program; on the aligned path
+    the loop (`step_sum`, bf16 too), steps over several groups also summed a group at a time
+    (`fp8_group_sums`), the long steps also on 32 rows a program; on the aligned path
     each W8A8 tile candidate as the whole `fp8_act_table`, W8A8 forced."""
     if use_decode_path(m * K, E, K, TUNED):
         out = []
@@ -189,6 +190,13 @@ def candidates(m: int) -> list[tuple[str, KernelPlan, bool]]:
             out.append((f"fp8 step {step or GROUP}{' step sums' if step_sum else ''}", plan, True))
             if step == 0 and step_sum:
                 out.append(("bf16 step sums", plan, False))
+            if step >= 256 and step_sum:  # each group's products summed, then scaled (`fp8_group_sums`)
+                grouped = replace(
+                    plan,
+                    decode_tiles=replace(gate_up, fp8_group_sums=True),
+                    decode_down_tiles=replace(down, fp8_group_sums=True),
+                )
+                out.append((f"fp8 step {step} group sums", grouped, True))
             if step >= 512 and step_sum:  # twice the rows a program: half the programs, each twice the bytes
                 wide = replace(plan, decode_tiles=replace(gate_up, block_n=32))
                 wide = replace(wide, decode_down_tiles=replace(down, block_n=32))
