@@ -231,7 +231,7 @@ def decode_cases() -> Iterator[Case]:
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, STEP_SUM=step_sum, **tiles)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
-        down |= dict(STEP_SUM=step_sum)
+        down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48)
         for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
             extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps

@@ -458,8 +458,8 @@ def test_big_down_gemm_takes_strided_weights():
 
 def test_decode_gate_up_lora_counters_and_padding():
     """The decode gate/up launch with LoRA (shrinks inside it, ordered by counters): afterwards every counter
-    is zero again, a second launch gives the same h and ha bit for bit, and with NaN in a slot's padding
-    past the lanes it may read, ha (the down shrink) stays finite on every lane."""
+    is zero again, a second launch gives the same h and down-shrink parts bit for bit, and with NaN in a
+    slot's padding past the lanes it may read, the parts stay finite on every lane."""
     from moelora.ops.triton import moe_decode_gate_up as gu
     from moelora.ops.triton.counters import launch_counters
 
@@ -473,12 +473,12 @@ def test_decode_gate_up_lora_counters_and_padding():
     slot = slots(g, x.shape[0], 3)
     slot_rank = torch.tensor([16, 8, 16], dtype=torch.int32, device=DEV)
     lora = (slot, a_gu, b_gu, a_dn, slot_rank)
-    h, ha = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
+    h, hp = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
     assert not launch_counters(x.device, 0).any()
-    h2, ha2 = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
+    h2, hp2 = gu.decode_gate_up(x, w_gu, ids, lora, TUNED.decode_tiles)
     runs = ((ids >= 0) & (ids < case[2])).view(-1)
-    assert torch.equal(h[runs], h2[runs]) and torch.equal(ha, ha2)
-    assert torch.isfinite(ha).all() and ha.abs().sum() > 0
+    assert torch.equal(h[runs], h2[runs]) and torch.equal(hp, hp2)
+    assert torch.isfinite(hp).all() and hp.abs().sum() > 0
 
 
 def test_decode_down_sums_like_moe_sum():

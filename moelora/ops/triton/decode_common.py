@@ -9,6 +9,8 @@ import triton.language as tl
 from moelora.ops.plan import DecodeTiles
 from moelora.ops.triton.common import valid_slot
 
+PARTIAL_ROWS = tl.constexpr(16)  # partial sums a load where `sum_partials` adds them up
+
 
 def fp8_step(block_k: int, group: int, tiles: DecodeTiles, in_dim: int) -> int:
     """The K step of a decode GEMV over FP8 weights of scale group `group`: `block_k` (at most one group),
@@ -125,10 +127,3 @@ def sum_partials(ptr, stride, lanes, lanes_ok, COUNT: tl.constexpr, ROWS: tl.con
         ptrs = ptr + (i0 + i)[:, None] * stride + lanes[None, :]
         acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
     return acc
-
-
-@triton.jit
-def expand_fma(acc, u, b_ptrs, n_ok, r_ok):
-    """acc [N] += b [N, R] @ u [R] in fp32; b's lanes read where r_ok."""
-    b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-    return acc + tl.sum(b.to(tl.float32) * u[None, :], axis=1)

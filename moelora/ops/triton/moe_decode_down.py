@@ -13,13 +13,14 @@ from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.triton.common import after_previous, dependent_launch, lanes_in_rank, prefetch_l2, scale_args
 from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.decode_common import (
-    expand_fma,
+    PARTIAL_ROWS,
     fp8_step,
     gemv_acc,
     gemv_sum,
     pair_expert,
     pair_slot,
     sum_mode,
+    sum_partials,
     weight_step,
 )
 from moelora.ops.triton.tiles import DecodeTiles
@@ -27,13 +28,13 @@ from moelora.ops.triton.tiles import DecodeTiles
 
 @triton.jit
 def _decode_down_kernel(
-    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, ha_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr, bias_ptr,
+    h_ptr, ids_ptr, w_ptr, d_ptr, slot_ptr, hp_ptr, b_ptr, rank_ptr, rw_ptr, y_ptr, count_ptr, bias_ptr,
     sc_ptr, hidden, num_experts, rank, num_slots, num_pairs,
     s_id_t, s_id_k, sw_e, sw_n, sw_k, sb_s, sb_e, sb_n, sb_r, s_rw_t, s_rw_k, s_bias_e, ss_e, ss_n,
     INTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr, SHRINK_PARTS: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,6 +52,15 @@ def _decode_down_kernel(
     t, e, runs = pair_expert(ids_ptr, p, TOP_K, s_id_t, s_id_k, num_experts)
     if runs:
         e64 = e.to(tl.int64)
+        if HAS_LORA:  # loaded before the GEMV, so that their latency overlaps it
+            s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
+            r = tl.arange(0, BLOCK_R)
+            r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
+            b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
+            b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            # the down shrink: the sum of the gate/up launch's partials, one a tile of h, in tile order
+            hp_row = hp_ptr + p.to(tl.int64) * rank
+            ha = sum_partials(hp_row, num_pairs * rank, r, r_ok, SHRINK_PARTS, PARTIAL_ROWS)
         kk = tl.arange(0, BLOCK_K)
         h_row = h_ptr + p.to(tl.int64) * INTER + kk
         w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
@@ -67,12 +77,7 @@ def _decode_down_kernel(
             w_ptrs += BLOCK_K * sw_k
         d = gemv_sum(acc, STEP_SUM)
         if HAS_LORA:
-            s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
-            r = tl.arange(0, BLOCK_R)
-            r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on
-            b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
-            ha = tl.load(ha_ptr + p.to(tl.int64) * rank + r, mask=r_ok, other=0.0)
-            d = expand_fma(d, ha, b_ptrs, n_ok, r_ok)
+            d += tl.sum(b.to(tl.float32) * ha[None, :], axis=1)
         if HAS_BIAS:
             d += tl.load(bias_ptr + e64 * s_bias_e + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(d_ptr + p.to(tl.int64) * hidden + n, d.to(d_ptr.dtype.element_ty), mask=n_ok)
@@ -104,9 +109,9 @@ def decode_down(
     choices whose expert runs here, d = w_down[e] @ h (+ `extras.b_down[e]`; FP8 w_down times
     `extras.scales.down`) of the pair rounded to h's dtype (as `moe_sum`).
     h [T * k, I_loc]; w_down [E_loc, H, I_loc]; local_ids [T, k]; weights [T, k]; lora = (token_slot [T],
-    ha [T * k, R] fp32 from `decode_gate_up`, b_dn [S, E_loc, H, R], slot_rank [S] or None: B's
-    columns at or above it are padding, not read). Launches on one device run one after another (they
-    share `counters.launch_counters`)."""
+    hp [gate/up tiles, T * k, R] fp32 from `decode_gate_up` (the down shrink's parts, added up here),
+    b_dn [S, E_loc, H, R], slot_rank [S] or None: B's columns at or above it are padding, not read).
+    Launches on one device run one after another (they share `counters.launch_counters`)."""
     num_pairs, inter = h.shape
     num_tokens, top_k = local_ids.shape
     num_experts, hidden = w_down.shape[0], w_down.shape[1]
@@ -116,11 +121,11 @@ def decode_down(
     counts = launch_counters(h.device, num_tokens * n_tiles)
     slot_rank = None
     if lora is None:  # placeholders, never read (HAS_LORA is off)
-        slot, ha, b = local_ids, h, w_down.unsqueeze(0)
-        num_slots, rank = 0, 1
+        slot, hp, b = local_ids, h, w_down.unsqueeze(0)
+        num_slots, rank, shrink_parts = 0, 1, 1
     else:
-        slot, ha, b, slot_rank = lora
-        num_slots, rank = b.shape[0], b.shape[-1]
+        slot, hp, b, slot_rank = lora
+        num_slots, rank, shrink_parts = b.shape[0], b.shape[-1], hp.shape[0]
     b_down = extras.b_down if extras is not None else None
     scales, block_k = scale_args(extras, h, "down", min(tiles.block_k, triton.next_power_of_2(inter)))
     block_k = fp8_step(block_k, scales.group, tiles, inter) if scales.on else block_k
@@ -128,7 +133,7 @@ def decode_down(
     pdl = dependent_launch(h.device, pdl)
     line = max(1, 128 // w_down.element_size())  # weights a 128-byte cache line holds
     _decode_down_kernel[(num_pairs, n_tiles)](
-        h, local_ids, w_down, d, slot, ha, b, slot if slot_rank is None else slot_rank, weights, y, counts,
+        h, local_ids, w_down, d, slot, hp, b, slot if slot_rank is None else slot_rank, weights, y, counts,
         h if b_down is None else b_down, scales.table, hidden, num_experts, rank, num_slots, num_pairs,
         *local_ids.stride(), *w_down.stride(), *b.stride(), *weights.stride(),
         0 if b_down is None else b_down.stride(0), *scales.strides,
@@ -136,6 +141,7 @@ def decode_down(
         HAS_RANK=slot_rank is not None, HAS_SCALE=scales.on, GROUP=scales.group,
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl, LINE=line,
-        LINES=triton.next_power_of_2(triton.cdiv(inter, line)), num_warps=tiles.warps, launch_pdl=pdl,
+        LINES=triton.next_power_of_2(triton.cdiv(inter, line)), SHRINK_PARTS=shrink_parts,
+        num_warps=tiles.warps, launch_pdl=pdl,
     )  # fmt: skip
     return y

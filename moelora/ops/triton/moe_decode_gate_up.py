@@ -4,8 +4,9 @@ One program per (pair, output tile) streams its expert's rows, then SiLU(gate) *
 also runs the gate/up shrink: its first programs (by start order: `counters.ticket`) each take one
 pair's A over one chunk of the input and write fp32 partial sums; the GEMV programs wait for them before
 their epilogue adds the expand. Each GEMV program then multiplies its h tile by its columns of the down
-projection's A, and the last tile of a pair to finish adds those partials up (in tile order, so the result
-does not depend on timing) into ha, which the down GEMV expands. Three launches in all, as without LoRA.
+projection's A; the down launch adds those partials up (in tile order, so the result does not depend on
+timing) and expands them. A program loads its LoRA tiles before its GEMV, so their latency overlaps it.
+Two launches in all, as without LoRA.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from moelora.ops.triton.common import (
 )
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.decode_common import (
-    expand_fma,
+    PARTIAL_ROWS,
     fma_step,
     fp8_step,
     gemv_acc,
@@ -40,10 +41,8 @@ from moelora.ops.triton.tiles import DecodeTiles
 
 _SHRINK_CHUNK = 256  # input columns per shrink program
 _SHRINK_K = 64  # input columns per step of a shrink program
-_PARTS = tl.constexpr(16)  # partial sums per load where they are added up
 
-# The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done,
-# then one per pair (its tiles done).
+# The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done.
 
 
 @triton.jit
@@ -105,26 +104,24 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e
 
 
 @triton.jit
-def _down_shrink_part(hp_ptr, ha_ptr, count_ptr, a_ptr, h, s, e64, n, n_ok, r, r_ok, p, tile, rank,
-                      num_pairs, sa_s, sa_e, sa_r, sa_k, N_TILES: tl.constexpr):  # fmt: skip
-    """hp[tile, p] = a_dn[s, e][:, n] @ h (this tile's part of the down shrink); the pair's last tile
-    to finish writes ha[p] = the sum of its N_TILES parts."""
-    a = tl.load(
-        a_ptr + s * sa_s + e64 * sa_e + r[:, None] * sa_r + n[None, :] * sa_k,
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    )
-    part = tl.sum(a.to(tl.float32) * h[None, :], axis=1)
-    tl.store(hp_ptr + (tile * num_pairs + p).to(tl.int64) * rank + r, part, mask=r < rank)
-    if last_one(count_ptr, N_TILES):
-        ha = sum_partials(hp_ptr + p.to(tl.int64) * rank, num_pairs * rank, r, r < rank, N_TILES, _PARTS)
-        tl.store(ha_ptr + p.to(tl.int64) * rank + r, ha, mask=r < rank)
+def _lora_tiles(
+    b_ptr, a_dn_ptr, s, e64, n, n_ok, r, r_ok, sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k
+):
+    """The LoRA weights a GEMV program of pair (slot s, expert e64) and rows n uses: b_gu's gate and up
+    tiles [N, R] and a_dn's columns n [R, N], loaded before the GEMV so that their latency overlaps it."""
+    b_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
+    b_mask = n_ok[:, None] & r_ok[None, :]
+    bg = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    bu = tl.load(b_ptrs + sb_h, mask=b_mask, other=0.0)
+    a_dn = tl.load(a_dn_ptr + s * sd_s + e64 * sd_e + r[:, None] * sd_r + n[None, :] * sd_k,
+                   mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+    return bg, bu, a_dn
 
 
 @triton.jit
 def _decode_gate_up_kernel(
-    x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, ha_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, pair_count_ptr, bias_ptr, sc_ptr,
+    x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, rank_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, bias_ptr, sc_ptr,
     top_k, inter, num_experts, rank, num_slots, num_pairs,
     sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, ss_e, ss_n, limit, alpha,
@@ -157,30 +154,30 @@ def _decode_gate_up_kernel(
         n_ok = n < inter
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if runs:
-            g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
-                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
-                                 STEP_SUM)  # fmt: skip
         s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
         r = tl.arange(0, BLOCK_R)
         r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
         if HAS_LORA:
+            bg, bu, a_dn = _lora_tiles(b_ptr, a_dn_ptr, s, e64, n, n_ok, r, r_ok, sb_s, sb_e, sb_h, sb_n,
+                                       sb_r, sd_s, sd_e, sd_r, sd_k)  # fmt: skip
+        if runs:
+            g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
+                                 ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
+                                 STEP_SUM)  # fmt: skip
+        if HAS_LORA:
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
             if on & runs:
                 wait_for(shrunk_ptr, num_shrink)
-                bg_ptrs = b_ptr + s * sb_s + e64 * sb_e + n[:, None] * sb_n + r[None, :] * sb_r
-                xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
-                xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, _PARTS)
-                g = expand_fma(g, xg, bg_ptrs, n_ok, r_ok)
-                u = expand_fma(u, xu, bg_ptrs + sb_h, n_ok, r_ok)
+                xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, PARTIAL_ROWS)
+                xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, PARTIAL_ROWS)
+                g += tl.sum(bg.to(tl.float32) * xg[None, :], axis=1)
+                u += tl.sum(bu.to(tl.float32) * xu[None, :], axis=1)
         h = glu(g, u, bias_ptr + e64 * s_bias_e, n, n_ok, inter, limit, alpha, HAS_BIAS, CLAMPED)
         h = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + p.to(tl.int64) * inter + n, h, mask=n_ok & runs)
-        if HAS_LORA:
-            _down_shrink_part(
-                hp_ptr, ha_ptr, pair_count_ptr + p, a_dn_ptr, h.to(tl.float32), s, e64, n, n_ok, r, r_ok,
-                p, tile, rank, num_pairs, sd_s, sd_e, sd_r, sd_k, N_TILES,
-            )  # fmt: skip
+        if HAS_LORA:  # this tile's part of the down shrink, a_dn[s, e][:, n] @ h; the down launch adds them
+            part = tl.sum(a_dn.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+            tl.store(hp_ptr + (tile * num_pairs + p).to(tl.int64) * rank + r, part, mask=r < rank)
     if HAS_LORA:
         programs = num_shrink + num_pairs * N_TILES
         if last_one(exited_ptr, programs):
@@ -198,8 +195,9 @@ def decode_gate_up(
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (h [T * k, I_loc] in x's dtype: silu(gate) * up of each pair whose expert runs here (with
-    `extras` its gate/up biases and activation), other rows unset; ha [T * k, R] fp32: a_dn[s, e] @ h
-    of each pair with a valid slot, or None without LoRA).
+    `extras` its gate/up biases and activation), other rows unset; hp [I_loc tiles, T * k, R] fp32:
+    a_dn[s, e][:, tile] @ h[tile] of each pair and tile of `tiles.block_n` columns (0 without a valid
+    slot; the down shrink is their sum over tiles, `decode_down` adds them), or None without LoRA).
     x [T, H]; w_gate_up [E_loc, 2 * I_loc, H]; local_ids [T, k]; lora = (token_slot [T],
     a_gu [S, E_loc, 2, R, H], b_gu [S, E_loc, 2, I_loc, R], a_dn [S, E_loc, R, I_loc], slot_rank [S] or
     None: A's and B's lanes at or above it are padding, not read). Launches on one device run one after
@@ -215,7 +213,7 @@ def decode_gate_up(
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         slot, a, a_dn, rank_of = local_ids, w_gate_up[None, :, None], w_gate_up[None], None
         b = a
-        xa = hp = ha_buf = h
+        xa = hp = h
         sync = h.view(-1)
         num_slots, rank = 0, 1
     else:
@@ -225,8 +223,7 @@ def decode_gate_up(
         splits = triton.cdiv(hidden, chunk)
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
-        ha_buf = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
-        sync = launch_counters(x.device, 3 + num_pairs)
+        sync = launch_counters(x.device, 3)
     programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
     regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     bias, s_bias, limit, alpha = extras_args(extras, x)
@@ -235,8 +232,8 @@ def decode_gate_up(
     step_sum = sum_mode(tiles, scales.on)
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
-        x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, ha_buf, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
+        x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, slot if rank_of is None else rank_of,
+        sync, sync[1:], sync[2:], bias, scales.table,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
         s_bias, *scales.strides, limit, alpha,
@@ -247,4 +244,4 @@ def decode_gate_up(
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl,
         num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
-    return h, (ha_buf if lora is not None else None)
+    return h, (hp if lora is not None else None)
