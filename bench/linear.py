@@ -153,13 +153,12 @@ def sweep(args) -> None:
         (32, 64, 128), (64, 128, 256), (4,), (3, 4), (1, 2, 4)
     ):
         v = replace(base, block_n=block_n, block_k=block_k, warps=warps, stages=stages)
-        v = replace(v, programs_per_sm=per_sm, lora_programs_per_sm=per_sm)
+        v = replace(v, programs_per_sm=per_sm)
         if v != base and block_n * block_k <= 16384:
             variants.append(v)
     if args.per_sm:  # only the shipped tiles' input splits (and K step), a short run
         variants = [base] + [
-            replace(base, programs_per_sm=p, lora_programs_per_sm=p, block_k=k)
-            for p, k in itertools.product(args.per_sm, (64, 128))
+            replace(base, programs_per_sm=p, block_k=k) for p, k in itertools.product(args.per_sm, (64, 128))
         ]
     results: dict = {}
     for name in ("qkv", "o"):
@@ -185,7 +184,7 @@ def sweep(args) -> None:
     ranked = sorted(results.items(), key=lambda kv: sum(kv[1].values()))
     for v, r in ranked[: args.top]:
         cells = " | ".join(f"{r.get(k, float('nan')):.2f}" for k in keys)
-        tile = f"{v.block_n}/{v.block_k}/w{v.warps}/s{v.stages}/p{v.programs_per_sm},{v.lora_programs_per_sm}"
+        tile = f"{v.block_n}/{v.block_k}/w{v.warps}/s{v.stages}/p{v.programs_per_sm}"
         print(f"| {tile} | {cells} | {sum(r.values()):.2f} |")
     print(f"shipped: {results.get(base)}")
 

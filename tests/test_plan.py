@@ -14,9 +14,9 @@ from moelora.ops.plan import TUNED, KernelPlan, with_overrides
 
 def test_overrides_reach_nested_fields_and_leave_the_rest():
     plan = with_overrides(
-        KernelPlan(), "linear_tiles.lora_programs_per_sm=1; decode_tiles.fp8_block_k=256, decode_pairs=16"
+        KernelPlan(), "linear_tiles.programs_per_sm=3; decode_tiles.fp8_block_k=256, decode_pairs=16"
     )
-    assert plan.linear_tiles.lora_programs_per_sm == 1 and plan.decode_tiles.fp8_block_k == 256
+    assert plan.linear_tiles.programs_per_sm == 3 and plan.decode_tiles.fp8_block_k == 256
     assert plan.decode_pairs == 16
     assert plan.linear_tiles.block_n == TUNED.linear_tiles.block_n
     assert (

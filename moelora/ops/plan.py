@@ -9,7 +9,7 @@ Two things are read from the environment, when this module is imported: `MOELORA
 programmatic dependent launch off (`KernelPlan.pdl`), for a profile whose kernel times are each kernel's
 own (under PDL a kernel starts early and its time includes the wait for the one before); `MOELORA_PLAN`
 changes scalar fields of `TUNED` for a whole process (`with_overrides`), so that a variant can be timed in
-the model (`MOELORA_PLAN="linear_tiles.lora_programs_per_sm=1" moelora bench latency ...`; the bench
+the model (`MOELORA_PLAN="linear_tiles.programs_per_sm=3" moelora bench latency ...`; the bench
 header prints it).
 """
 
@@ -94,10 +94,12 @@ class DecodeTiles:
     lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
     # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
-    # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05, sixteenth session), gate/up + down:
-    # steps of 512 with their sums per step (`fp8_step_sum`) 28.4 us base / 33.7 with 8 adapters r16,
-    # against 31.9 / 36.2 for steps of one group summed after the loop (bf16: 41.1 / 43.6)
-    fp8_block_k: int = 512
+    # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05), gate/up + down: steps of 512 with
+    # their sums per step (`fp8_step_sum`) 28.4 us base / 33.7 with 8 adapters r16, against 31.9 / 36.2
+    # for steps of one group summed after the loop (bf16: 41.1 / 43.6); a later sweep with each group
+    # summed apart (`fp8_group_sums`): steps of 1,024 26.0 / 28.7, of 512 26.3 / 32.0 (step sums 28.8 /
+    # 33.8 in the same run)
+    fp8_block_k: int = 1024
     # Each K step's products summed at once (one fp32 a row across the loop), not a [block_n, block_k]
     # tile of them summed after it. sm_90, Qwen3's gate/up GEMV, ptxas (`python -m tests.kernel_compile
     # --regs decode_`): bf16 126 -> 56 registers a thread, FP8 in steps of one group 71 -> 39. Slower: H100,
@@ -106,8 +108,8 @@ class DecodeTiles:
     fp8_step_sum: bool = True  # `step_sum` where the weights are FP8 (fewer registers for the scale tile)
     # With `fp8_step_sum` and steps over several groups: each group's products summed, then the sums times
     # the rows' scales of the groups (one multiply a row and group), instead of a scale tile built by a
-    # select a group over the step's [block_n, block_k] products. Untimed (2026-12-05): off until measured
-    fp8_group_sums: bool = False
+    # select a group over the step's [block_n, block_k] products (timed above)
+    fp8_group_sums: bool = True
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
@@ -155,18 +157,17 @@ class LinearTiles:
     stages: int
     programs_per_sm: int  # the input is split until about this many GEMV programs per SM run
     shrink_chunk: int  # input columns per LoRA shrink program
-    lora_programs_per_sm: int = 0  # `programs_per_sm` of a launch with adapters (0: the same)
 
 
 # H200, Qwen3-30B-A3B's q/k/v and o at 1 and 16 tokens (bench/linear.py --sweep, 2026-12-04): 4 stages and
 # one program per SM came first of 48 variants (1-2 us apart in all). On an H100 (2026-12-05, `--sweep
 # --per-sm`) 3 programs per SM won every isolated row (sum 89 against 102 us), but in the model at batch 1
 # the base step got slower (4.08 against 3.92 ms) while the step with an adapter got faster (4.74 against
-# 4.92): 1 without adapters, 3 with them (that timing set 3 for every launch; this split of the two is
-# untimed: an end-to-end A/B of `lora_programs_per_sm` 3 against 1 at batch 1 and 16 is owed).
-_LINEAR_TILES = LinearTiles(
-    block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256, lora_programs_per_sm=3
-)
+# 4.92). A launch with adapters cannot take more splits than one without: the splits set the order of a
+# row's sum, and a base row must come out the same whatever its neighbours run (the H100 caught that in
+# test_linear_gpu, 2026-12-05, when 3 splits were tried for launches with adapters only: 4.62 against
+# 4.76 ms with adapters at batch 1, removed). So one program per SM for every launch.
+_LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs_per_sm=1, shrink_chunk=256)
 
 
 @dataclass(frozen=True)

@@ -320,8 +320,8 @@ def linear(
         block_k = min(block_k, scales.group)
     n_tiles = triton.cdiv(out_dim, block_n)
     # Input splits: about tiles.programs_per_sm programs per SM in all, each a whole number of block_k steps.
-    per_sm = (lora is not None and tiles.lora_programs_per_sm) or tiles.programs_per_sm
-    want = max(1, min(per_sm * num_sms(x.device) // n_tiles, triton.cdiv(in_dim, block_k)))
+    # The same for a launch with adapters: a base row's bits must not depend on its neighbours' slots.
+    want = max(1, min(tiles.programs_per_sm * num_sms(x.device) // n_tiles, triton.cdiv(in_dim, block_k)))
     k_chunk = triton.cdiv(triton.cdiv(in_dim, want), block_k) * block_k
     splits = triton.cdiv(in_dim, k_chunk)
     y = torch.empty(num_tokens, out_dim, dtype=x.dtype, device=x.device)
