@@ -286,6 +286,8 @@ def linear_cases() -> Iterator[Case]:
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
         yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages
+        if fp8:  # each step's dot scaled instead of the weight tile (`fp8_linear_scale_dots`)
+            yield linear._linear_kernel, case | dict(FOLD=False, HAS_SCALE=2), t.warps, t.stages
         if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
             yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), t.warps, t.stages
     g = TUNED.fp8_gemm_tiles

@@ -195,14 +195,19 @@ def check_fp8_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank:
     assert torch.equal(got[no_adapter], base[no_adapter]), "a base row must not depend on its neighbours"
 
 
+@pytest.mark.parametrize("scale_dots", [False, True])
 @pytest.mark.parametrize(
     ("num_tokens", "sizes", "group", "dtype"),
     [(1, (32, 16, 16), 16, torch.float32), (5, (48,), 32, torch.float32), (16, (32, 16), 16, torch.float16)],
 )
-def test_fp8_linear_matches_twin(num_tokens: int, sizes: tuple[int, ...], group: int, dtype):
+def test_fp8_linear_matches_twin(
+    num_tokens: int, sizes: tuple[int, ...], group: int, dtype, scale_dots: bool
+):
     """The one launch on an FP8 weight, in 80 input columns: 5 groups of 16 or 3 of 32 (the last one
-    partial), a K step of at most one group; split input, invalid slots, NaN padding."""
-    check_fp8_linear(num_tokens, 80, sizes, 8, dtype, group, SMALL, seed=num_tokens + 20)
+    partial), a K step of at most one group, the weight tile scaled before each dot or the dot after it
+    (`fp8_linear_scale_dots`); split input, invalid slots, NaN padding."""
+    plan = replace(SMALL, fp8_linear_scale_dots=scale_dots)
+    check_fp8_linear(num_tokens, 80, sizes, 8, dtype, group, plan, seed=num_tokens + 20)
 
 
 def test_fp8_linear_takes_more_tokens_in_one_launch():

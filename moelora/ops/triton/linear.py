@@ -142,9 +142,11 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
                PRECISION: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """(x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N], xa) in fp32 over this split's input columns; with
     HAS_SCALE w is FP8 times its rows' scales (sc_ptr [n, group]; a step lies in one group: BLOCK_K <=
-    GROUP). With FOLD also xa = x[:, cols] @ a[r, cols]^T [BLOCK_M, BLOCK_R] over the same columns, the
-    LoRA shrink's part (a_rows [BLOCK_R]: lane r's row of A, read where r_ok), its loads beside the
-    weight's in the same steps; else xa is zeros."""
+    GROUP): HAS_SCALE 1 scales the weight tile before the dot (rounded to x's dtype), 2 takes the weights
+    as they are (FP8 values are exact in 16 bits) and scales each step's dot (`fp8_linear_scale_dots`).
+    With FOLD also xa = x[:, cols] @ a[r, cols]^T [BLOCK_M, BLOCK_R] over the same columns, the LoRA
+    shrink's part (a_rows [BLOCK_R]: lane r's row of A, read where r_ok), its loads beside the weight's
+    in the same steps; else xa is zeros."""
     t = tl.arange(0, BLOCK_M)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
@@ -159,8 +161,13 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
         if HAS_SCALE:
             group = (split * K_CHUNK + k0) // GROUP
             scale = tl.load(sc_ptr + n.to(tl.int64) * ss_n + group, mask=n_ok, other=0.0)
-            wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
-        acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+            if HAS_SCALE == 2:
+                acc += tl.dot(xk, wk.to(xk.dtype), input_precision=PRECISION) * scale[None, :]
+            else:
+                wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
+                acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
         if FOLD:
             ak = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             xa = tl.dot(xk, ak, xa, input_precision=PRECISION)
@@ -361,7 +368,8 @@ def linear(
         num_tokens, out_dim, rank,
         *x.stride(), *weight.stride(), table.stride(0), *y.stride(), *a_strides, b.stride(0), b.stride(1),
         b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
-        IN_DIM=in_dim, HAS_SCALE=scales is not None, GROUP=1 if scales is None else scales.group,
+        IN_DIM=in_dim, HAS_SCALE=0 if scales is None else 2 if plan.fp8_linear_scale_dots else 1,
+        GROUP=1 if scales is None else scales.group,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
         NUM_SLOTS=num_slots, SHRINKS=shrinks, SPLITS=splits, K_CHUNK=k_chunk, CHUNKS=chunks,
         SHRINK_CHUNK=shrink_chunk,
