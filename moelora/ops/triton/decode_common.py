@@ -1,5 +1,5 @@
 """Pieces shared by the decode-path kernels (one program per (token, choice) pair and output tile): the
-pair's expert and slot, a GEMV step, sums of split partials, the LoRA expand of a GEMV tile."""
+pair's expert and slot, a GEMV step, sums of partials written by other programs."""
 
 from __future__ import annotations
 
