@@ -101,15 +101,20 @@ def rows(args) -> None:
 
 def fp8_rows(args) -> None:
     """bf16 as shipped (one launch up to `linear_tokens`, cuBLAS past it) against FP8 weights in the one
-    launch and dequantised for cuBLAS, at each token count, base and with adapters: the data that sets
+    launch (its weight tiles scaled before each dot, or each dot scaled: `fp8_linear_scale_dots`) and
+    dequantised for cuBLAS, at each token count, base and with adapters: the data that sets
     `fp8_linear_tokens`."""
     g = torch.Generator().manual_seed(0)
     one = replace(TUNED, fp8_linear_tokens=1 << 20)  # FP8 always in the one launch
+    dots = replace(one, fp8_linear_scale_dots=not TUNED.fp8_linear_scale_dots)  # the other scaling
     gemm = replace(TUNED, fp8_linear_tokens=0, fp8_copy_tokens=1 << 30)  # always the Triton GEMM
     copy = replace(TUNED, fp8_linear_tokens=0, fp8_copy_tokens=0)  # always dequantised for cuBLAS
-    print("| layer | tokens | adapters | bf16 us | FP8 one launch us | FP8 GEMM us | FP8 copy + cuBLAS us | "
-          "shipped FP8 | floor bf16 / FP8 us | FP8 / bf16 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    other = "tile-scaled" if TUNED.fp8_linear_scale_dots else "dot-scaled"
+    print(
+        f"| layer | tokens | adapters | bf16 us | FP8 one launch us | one launch, {other} us | FP8 GEMM us | "
+        "FP8 copy + cuBLAS us | shipped FP8 | floor bf16 / FP8 us | FP8 / bf16 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ("qkv", "o"):
         in_dim, sizes = SHAPES[name]
         layers = [Layer(g, in_dim, sizes) for _ in range(args.layers)]
@@ -126,8 +131,8 @@ def fp8_rows(args) -> None:
             l0 = layers[0]
             ref = twin.linear(x, l0.w8, None, l0.lora, slot, sizes, l0.scales)
             times = {}
-            for label, plan in (("one", one), ("gemm", gemm), ("copy", copy)):
-                if label == "one" and tokens > 128:
+            for label, plan in (("one", one), ("dots", dots), ("gemm", gemm), ("copy", copy)):
+                if label in ("one", "dots") and tokens > 128:
                     continue  # one tile holds every token: past 128 its registers spill
                 got = kern.linear_layer(x, l0.w8, None, l0.lora, slot, sizes, True, plan, l0.scales)
                 err = (got.float() - ref.float()).abs().max().item()
@@ -139,8 +144,9 @@ def fp8_rows(args) -> None:
             else:
                 shipped = times["gemm" if tokens < TUNED.fp8_copy_tokens else "copy"]
             floors = [floor_us(in_dim, sizes, tokens, adapters, args.bandwidth, f) for f in (False, True)]
-            one_us = f"{times['one']:.2f}" if "one" in times else "-"
-            cells = [f"{bf16:.2f}", one_us, f"{times['gemm']:.2f}", f"{times['copy']:.2f}", f"{shipped:.2f}"]
+            one_us, dots_us = (f"{times[k]:.2f}" if k in times else "-" for k in ("one", "dots"))
+            cells = [f"{bf16:.2f}", one_us, dots_us, f"{times['gemm']:.2f}", f"{times['copy']:.2f}"]
+            cells += [f"{shipped:.2f}"]
             cells += [f"{floors[0]:.2f} / {floors[1]:.2f}", f"{shipped / bf16:.2f}"]
             print(f"| {name} | {tokens} | {adapters} | " + " | ".join(cells) + " |", flush=True)
 
