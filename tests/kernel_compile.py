@@ -238,12 +238,12 @@ def decode_cases() -> Iterator[Case]:
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
             down_case |= dict(LINE=64, LINES=64 if gpt_oss else 16)  # (the prefetch's step under PDL)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
-        # FP8 experts (scales per row and 128 columns): K steps of one group, or over 2 or 4 groups
-        # (`DecodeTiles.fp8_block_k`)
+        # FP8 experts (scales per row and 128 columns): K steps of one group, or over 2, 4 or 8 groups
+        # (`DecodeTiles.fp8_block_k`; 1,024 is shipped, with the groups summed apart)
         fp8 = dict(HAS_BIAS=False, CLAMPED=False, HAS_SCALE=True, GROUP=128, fp8=True)
         down_case = dict(INTER=768, TOP_K=8, HAS_BIAS=False, HAS_SCALE=True, GROUP=128, fp8=True, **down)
         down_case |= dict(LINE=128, LINES=8)
-        for step in (128, 256, 512):
+        for step in (128, 256, 512, 1024):
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=step), t.warps
             yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=step), d.warps
             if step_sum and step > 128:  # each group's products summed, then scaled (`fp8_group_sums`)
