@@ -83,9 +83,8 @@ class Scheduler:
         self.prefix_caching = prefix_caching and (not state_slots or snapshots > 0)
         # committed snapshots by the key of the block their prefix ends with, least recently used first
         self.snapshots: OrderedDict[BlockKey, int] = OrderedDict()
-        self._free_snapshots: list[int] = []
-        self._pending: set[BlockKey] = set()  # known keys of snapshots taken, not yet kept
         self._free_snapshots = list(range(max_num_seqs, max_num_seqs + snapshots))
+        self._pending: set[BlockKey] = set()  # known keys of snapshots taken, not yet kept
         self.chunked_prefill = chunked_prefill
         self.part_cap = (
             long_prefill_token_threshold if chunked_prefill and long_prefill_token_threshold else None
@@ -158,7 +157,8 @@ class Scheduler:
         """Whether seq's `n` tokens this step end at one of its boundaries and a snapshot slot is set
         aside for its states there (a free one, else the least recently used one's)."""
         end = seq.num_cached + n
-        if end not in self._edges(seq):
+        # every boundary lies before the last token, so a decode step (the common case) never ends at one
+        if end >= len(seq.token_ids) or end not in self._edges(seq):
             return False
         # At the divergence the blocks are the cache's, not this sequence's own: their key is known, and
         # one snapshot of it is enough (prompts sharing a prefix that arrive together all reach it)

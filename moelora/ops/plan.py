@@ -208,12 +208,13 @@ class KernelPlan:
     # the copy at 32-64 tokens without adapters and loses by 4-6 us with 8 of them at 64; the Triton GEMM
     # lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time), so it is off (0).
     fp8_linear_tokens: int = 32
-    # There, each K step's dot takes the FP8 weights as they are (exact in 16 bits) and is then scaled by
-    # its rows' scales ([tokens, columns] multiplies), instead of scaling the [K step, columns] weight tile
-    # (a multiply and a rounding a weight) before it. Untimed (2026-12-05): off until measured
-    fp8_linear_scale_dots: bool = False
     fp8_copy_tokens: int = 0
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
+    # In the one launch with an FP8 weight, each K step's dot takes the weights as they are (exact in 16
+    # bits) and is then scaled by its rows' scales ([tokens, columns] multiplies), instead of scaling the
+    # [K step, columns] weight tile (a multiply and a rounding a weight) before it. Untimed (2026-12-05):
+    # off until measured
+    fp8_linear_scale_dots: bool = False
     delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink

@@ -70,30 +70,29 @@ def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr
     (BLOCK_K <= GROUP) or spans whole groups (a multiple of GROUP): then each column takes the scale of
     its group, one load of a row's scale per group and a select, not a gather per column; with STEP_SUM 2
     (`DecodeTiles.fp8_group_sums`) each group's products are summed first and the sums scaled, no select."""
-    if HAS_SCALE:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        if BLOCK_K > GROUP and STEP_SUM == 2:
-            # each group's products summed first, then times the row's scale of that group: no scale tile
-            j = tl.arange(0, BLOCK_K // GROUP)
-            j_ok = k0 + j * GROUP < IN_DIM
-            scales = tl.load(s_ptrs[:, None] + k0 // GROUP + j[None, :], mask=s_mask[:, None] & j_ok[None, :],
-                             other=0.0)  # fmt: skip
-            groups = tl.reshape(w * v[None, :], (w.shape[0], BLOCK_K // GROUP, GROUP))
-            out = acc + tl.sum(tl.sum(groups, axis=2) * scales, axis=1)
-        else:
-            if BLOCK_K <= GROUP:
-                scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
-            else:
-                group = tl.arange(0, BLOCK_K)[None, :] // GROUP
-                scale = tl.zeros_like(w)
-                # groups past IN_DIM: not read (their columns are 0)
-                for j in tl.static_range(BLOCK_K // GROUP):
-                    j_ok = k0 + j * GROUP < IN_DIM
-                    s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & j_ok, other=0.0)
-                    scale = tl.where(group == j, s_j[:, None], scale)
-            out = _add(acc, w * scale * v[None, :], STEP_SUM)
-    else:
+    if not HAS_SCALE:
         out = fma_step(acc, w_ptrs, w_mask, v, STEP_SUM)
+    elif BLOCK_K <= GROUP:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
+        out = _add(acc, w * scale * v[None, :], STEP_SUM)
+    elif STEP_SUM == 2:  # each group's products summed first, then times the row's scale of that group
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        j = tl.arange(0, BLOCK_K // GROUP)
+        j_ok = k0 + j * GROUP < IN_DIM
+        scales = tl.load(s_ptrs[:, None] + k0 // GROUP + j[None, :], mask=s_mask[:, None] & j_ok[None, :],
+                         other=0.0)  # fmt: skip
+        groups = tl.reshape(w * v[None, :], (w.shape[0], BLOCK_K // GROUP, GROUP))
+        out = acc + tl.sum(tl.sum(groups, axis=2) * scales, axis=1)
+    else:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+        group = tl.arange(0, BLOCK_K)[None, :] // GROUP
+        scale = tl.zeros_like(w)
+        for j in tl.static_range(BLOCK_K // GROUP):  # groups past IN_DIM: not read (their columns are 0)
+            j_ok = k0 + j * GROUP < IN_DIM
+            s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & j_ok, other=0.0)
+            scale = tl.where(group == j, s_j[:, None], scale)
+        out = _add(acc, w * scale * v[None, :], STEP_SUM)
     return out
 
 

@@ -161,12 +161,11 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
         if HAS_SCALE:
             group = (split * K_CHUNK + k0) // GROUP
             scale = tl.load(sc_ptr + n.to(tl.int64) * ss_n + group, mask=n_ok, other=0.0)
-            if HAS_SCALE == 2:
-                acc += tl.dot(xk, wk.to(xk.dtype), input_precision=PRECISION) * scale[None, :]
-            else:
-                wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
-                acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
+        if HAS_SCALE == 2:
+            acc += tl.dot(xk, wk.to(xk.dtype), input_precision=PRECISION) * scale[None, :]
         else:
+            if HAS_SCALE:
+                wk = (wk.to(tl.float32) * scale[None, :]).to(xk.dtype)
             acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
         if FOLD:
             ak = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
