@@ -128,6 +128,90 @@ def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
     check_decode_splits(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits)
 
 
+def check_rotary_decode(seed, kv_lens, heads, d, page, dtype, window, splits, norm, with_sinks=False) -> None:
+    """The decode kernel given q, k and v before the rotary embedding (`paged_decode`'s `rotary`): against
+    the twin's rotary (or q/k norm + rotary) with the cache write, then its paged attention. The new key's
+    cache row starts as NaN (the kernel must store it before it reads it); the last sequence's slot lies
+    outside the cache (a padding row: nothing stored, its old row read). The caches equal the twin's bit
+    for bit in the interpreter; on the GPU within a rounding of the stored dtype (torch's rsqrt and sums
+    round differently)."""
+    from moelora.ops.torch import rotary as twin_rotary
+    from moelora.ops.triton.attn_decode import DecodeRotary
+
+    q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, len(kv_lens), heads, d, page, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    b, hkv = len(kv_lens), heads[1]
+    k, v = (torch.randn(b, hkv, d, generator=g).to(dtype).to(DEV) for _ in range(2))
+    angles = torch.randn(b, d // 2, generator=g) * 3
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype).to(DEV) for f in (torch.cos, torch.sin))
+    rows = [int(tables[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(kv_lens)]
+    slots = torch.tensor([*rows[:-1], -1], dtype=torch.int64, device=DEV)
+    for row in rows[:-1]:  # the new keys' rows: NaN until the kernel stores them
+        k_cache.view(-1, hkv, d)[row] = float("nan")
+        v_cache.view(-1, hkv, d)[row] = float("nan")
+    weights = None
+    if norm:
+        weights = tuple((1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) for _ in range(2))
+    sinks = sinks_for(seed, heads[0], dtype, with_sinks)
+    if weights is None:
+        q_rot, k_rot = twin_rotary.rotary(q, k, cos, sin)
+    else:
+        q_rot, k_rot = twin_rotary.qk_norm_rotary(q, k, *weights, 1e-6, cos, sin)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()  # the twin's write_kv, but for the slot outside
+    k_ref.view(-1, hkv, d)[rows[:-1]], v_ref.view(-1, hkv, d)[rows[:-1]] = k_rot[:-1], v[:-1]
+    ones = (1,) * b
+    ref = twin.paged_attention(q_rot, k_ref, v_ref, tables, ones, kv_lens, SCALE, window, sinks)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    qw, kw = weights if weights is not None else (None, None)
+    rotary = DecodeRotary(k, v, cos, sin, slots, qw, kw, 1e-6)
+    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits, sinks=sinks,
+                            rotary=rotary)  # fmt: skip
+    assert_close(out, ref)
+    tol = 0.0 if DEV == "cpu" else 2**-7
+    for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=2 * tol, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("kv_lens", "heads", "d", "dtype", "window", "splits", "norm", "sinks"),
+    [
+        ((1, 37, 64, 20), (8, 2), 64, torch.float16, None, 4, True, False),  # the new key in split 0, 1, 3
+        ((50, 23, 9), (4, 4), 32, torch.float32, 9, 3, False, False),  # a window
+        ((80, 17), (8, 1), 64, torch.float32, None, 1, True, True),  # one split; GPT-OSS's sinks
+    ],
+)
+def test_rotary_in_decode_matches_twin(kv_lens, heads, d, dtype, window, splits, norm, sinks):
+    check_rotary_decode(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits, norm, sinks)
+
+
+def test_rotary_paged_attention_op():
+    """`ops.rotary_paged_attention`: the twin's ops one after another on the CPU; the Triton entry
+    refuses what it cannot take (a prefill step, norm weights of another dtype), and `rotary_fits` only
+    whole power-of-two heads."""
+    from moelora import ops
+    from moelora.ops.cache_write import CacheWrite
+    from moelora.ops.torch import rotary as twin_rotary
+    from moelora.ops.triton.attn_decode import rotary_fits
+
+    q, k_cache, v_cache, tables = paged_problem(2, (5, 9), 2, (4, 2), 32, 16, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 2, 32, generator=g).to(DEV) for _ in range(2))
+    cos, sin = torch.ones(2, 32, device=DEV) * 0.6, torch.ones(2, 32, device=DEV) * 0.8
+    slots = torch.tensor([int(tables[0, 0]) * 16 + 4, int(tables[1, 0]) * 16 + 8], device=DEV)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    out = ops.rotary_paged_attention(q, k, cos, sin, None, CacheWrite(v, k_cache, v_cache, slots), tables,
+                                     (1, 1), (5, 9), SCALE, None)  # fmt: skip
+    q_rot, _ = twin_rotary.rotary(q, k, cos, sin, CacheWrite(v, k_ref, v_ref, slots))
+    assert torch.equal(out, twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None))
+    write = CacheWrite(v, k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="one new token per sequence"):
+        kern.rotary_paged_decode(q, k, cos, sin, None, write, tables, (2,), (9,), SCALE, None)
+    wrong = (torch.ones(32, dtype=torch.float16), torch.ones(32), 1e-6)
+    with pytest.raises(ValueError, match="norm weights"):
+        kern.rotary_paged_decode(q, k, cos, sin, wrong, write, tables, (1, 1), (5, 9), SCALE, None)
+    assert rotary_fits(q, k, cos) and not rotary_fits(q[..., :24], k[..., :24], cos[:, :24])
+
+
 def test_split_count_follows_the_batch_and_stays_capped():
     """One sequence in the engine's wide block table (Qwen3: 40,960 keys, 4 KV heads) no longer takes 128
     splits, most of them empty; larger batches take as many as before; a power of two, at least 1."""
@@ -206,6 +290,16 @@ def test_sinks_gpu(case):
     """GPT-OSS's sinks (its 64-dim heads, 128-token windows) in bf16 on the GPU, decode and prefill."""
     check_paged(len(case[0]) + 11, *case, with_sinks=True)
     check_prefill(3, (700, 129), case[2], case[3], torch.bfloat16, case[6], with_sinks=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GPU_DECODE[0], GPU_DECODE[3]])
+@pytest.mark.parametrize("splits", [None, 32])
+def test_rotary_in_decode_gpu(case, splits):
+    """The rotary embedding (and Qwen3's q/k norm) inside the decode launch in bf16: the new key stored by
+    the split that holds it, read back after the block's barrier, by every split count."""
+    _, kv_lens, heads, d, page, dtype, window = case
+    check_rotary_decode(3, kv_lens, heads, d, page, dtype, window, splits, norm=d == 128)
 
 
 @pytest.mark.gpu

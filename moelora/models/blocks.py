@@ -106,29 +106,30 @@ class SelfAttention(nn.Module):
             if kv is None
             else CacheWrite(v, kv.cache.k[self.layer], kv.cache.v[self.layer], kv.slot_mapping)
         )
-        if self.separate_rotary:
-            q, k = self._partial_rotary(q, k, cos, sin, cache)
-        elif self.qk_norm == "head":
+        norm = None
+        if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
-            qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            q, k = ops.qk_norm_rotary(q, k, qw, kw, eps, cos, sin, cache)
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        if kv is not None and cache is not None and not self.separate_rotary:
+            # the rotary op's work (the cache write included), then attention: one launch at decode
+            o = ops.rotary_paged_attention(
+                q, k, cos, sin, norm, cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale,
+                self.window, kv.kv_lens_dev, self.sinks,
+            )  # fmt: skip
         else:
-            q, k = ops.rotary(q, k, cos, sin, cache)
-        if kv is None:
-            o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window, self.sinks)
-        else:
-            o = ops.paged_attention(
-                q,
-                kv.cache.k[self.layer],
-                kv.cache.v[self.layer],
-                kv.block_tables,
-                batch.seq_lens,
-                kv.kv_lens,
-                self.scale,
-                self.window,
-                kv.kv_lens_dev,
-                self.sinks,
-            )
+            if self.separate_rotary:
+                q, k = self._partial_rotary(q, k, cos, sin, cache)
+            elif norm is not None:
+                q, k = ops.qk_norm_rotary(q, k, *norm, cos, sin, cache)
+            else:
+                q, k = ops.rotary(q, k, cos, sin, cache)
+            if kv is None:
+                o = ops.prefill_attention(q, k, v, batch.seq_lens, self.scale, self.window, self.sinks)
+            else:
+                o = ops.paged_attention(
+                    q, kv.cache.k[self.layer], kv.cache.v[self.layer], kv.block_tables, batch.seq_lens,
+                    kv.kv_lens, self.scale, self.window, kv.kv_lens_dev, self.sinks,
+                )  # fmt: skip
         o = o.reshape(t, -1)
         if gate is not None:
             o = o * torch.sigmoid(gate)

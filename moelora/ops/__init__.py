@@ -439,6 +439,41 @@ def paged_attention(
     )
 
 
+def rotary_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    cache: CacheWrite,
+    block_tables: torch.Tensor,
+    seq_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    scale: float,
+    window: int | None,
+    kv_lens_dev: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    plan: KernelPlan = TUNED,
+) -> torch.Tensor:
+    """`rotary` (with norm = (q weight, k weight, eps): `qk_norm_rotary`) storing the step's keys and
+    values in `cache`, then `paged_attention`. On the GPU a decode step (every seq_lens 1) takes all of it
+    in the decode attention launch (`KernelPlan.rotary_in_decode`; `attn_decode.rotary_fits`)."""
+    mod = _half_kernels("attention", q, cache.k_cache)
+    rotary_mod = _rotary_kernels(q, k, cos, cache)
+    fused = plan.rotary_in_decode and mod is not None and rotary_mod is not None and max(seq_lens) == 1
+    if fused and mod is not None and mod.rotary_fits(q, k, cos):
+        return mod.rotary_paged_decode(
+            q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
+        )
+    if norm is None:
+        q, k = rotary(q, k, cos, sin, cache)
+    else:
+        q, k = qk_norm_rotary(q, k, *norm, cos, sin, cache)
+    return paged_attention(
+        q, cache.k_cache, cache.v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
+    )
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,

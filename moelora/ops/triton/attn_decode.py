@@ -10,6 +10,7 @@ replayed with other lengths and block tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,6 +19,7 @@ import triton.language as tl
 from moelora.ops.plan import TUNED
 from moelora.ops.triton.common import after_previous, dependent_launch, num_sms
 from moelora.ops.triton.counters import last_one, launch_counters
+from moelora.ops.triton.rotary import cos_sin, rotate_halves, store_row
 
 LOG2E = 1.4426950408889634
 
@@ -86,12 +88,19 @@ def _decode_tile(
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, sinks_ptr, qk_scale, window,
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
+    kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, eps, cache_slots, skn_t, skn_h, svn_t, svn_h,
+    sc_t, ss_t,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
+    ROTATE: tl.constexpr, QK_NORM: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
     """HAS_SINKS: split 0 starts each head's softmax from its sink logit (sinks_ptr, log2 domain: weight
-    1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge."""
+    1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge.
+    ROTATE: q_ptr holds the queries before the rotary embedding (and QK_NORM, the per-head norm), as the
+    rotary launch would take them: each program rotates its group's heads itself, and the split holding
+    the sequence's new key first stores that key (normed, rotated: kn_ptr) and its value (vn_ptr) into
+    the cache at the token's slot (none outside the cache), then reads it back with the others."""
     after_previous(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -111,9 +120,24 @@ def _decode_kernel(
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
     heads = kvh * GROUP + g
-    q = tl.load(
-        q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0
-    )
+    if ROTATE:
+        i = tl.arange(0, HALF)  # (HEAD_DIM = 2 * HALF = BLOCK_D)
+        c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, b, sc_t, ss_t, i, HALF)
+        q_rows = q_ptr + b * sq_t + heads[:, None] * sq_h + i[None, :]
+        q1, q2 = rotate_halves(q_rows, qw_ptr, i, g_ok[:, None], HALF, eps, c1, c2, s1, s2, QK_NORM)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, BLOCK_D))
+        if split == (kv_len - 1 - lo) // chunk:  # the split holding the new key
+            _store_new(
+                k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, slot_ptr, b, kvh, i, eps, cache_slots, c1, c2, s1, s2,
+                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h, PAGE, HALF, QK_NORM,
+            )  # fmt: skip
+            tl.debug_barrier()  # the block's stores visible to its own loads of the cache below
+    else:
+        q = tl.load(
+            q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     if HAS_SINKS:
@@ -143,6 +167,25 @@ def _decode_kernel(
         out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
         WRITE_LSE, GROUP_PAD, BLOCK_D, PIPELINED,
     )  # fmt: skip
+
+
+@triton.jit
+def _store_new(k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, slot_ptr, b, kvh, i, eps, cache_slots, c1, c2, s1, s2,
+               sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h, PAGE: tl.constexpr,
+               HALF: tl.constexpr, QK_NORM: tl.constexpr):  # fmt: skip
+    """Sequence b's new key of KV head kvh (normed if QK_NORM, rotated) and its value into the cache row
+    of its slot, as the rotary launch stores them (nothing for a slot outside the cache)."""
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    inside = (slot >= 0) & (slot < cache_slots)
+    h = kvh + tl.arange(0, 1)
+    ok = (i < HALF)[None, :]
+    k1, k2 = rotate_halves(kn_ptr + b * skn_t + h[:, None] * skn_h + i[None, :], kw_ptr, i, ok, HALF, eps, c1,
+                           c2, s1, s2, QK_NORM)  # fmt: skip
+    k_row = tl.where(inside, (slot // PAGE) * sk_b + (slot % PAGE) * sk_s, -1)
+    store_row(k_ptr, k_row, h, i, HALF, sk_h, ok, k1, k2)
+    v_src = vn_ptr + b * svn_t + h[:, None] * svn_h + i[None, :]
+    v_row = tl.where(inside, (slot // PAGE) * sv_b + (slot % PAGE) * sv_s, -1)
+    store_row(v_ptr, v_row, h, i, HALF, sv_h, ok, tl.load(v_src, mask=ok), tl.load(v_src + HALF, mask=ok))
 
 
 @triton.jit
@@ -240,6 +283,7 @@ def paged_decode(
     tiles: DecodeTiles = DECODE_TILES,
     splits: int | None = None,
     sinks: torch.Tensor | None = None,
+    rotary: DecodeRotary | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys and values; CUDA-graph safe.
 
@@ -247,6 +291,9 @@ def paged_decode(
     kv_lens [B] int32 on q's device, each >= 1 and <= max_blocks * block_size. -> o [B, Hq, D].
     Semantics: those of `moelora.ops.torch.attention.paged_attention` with every seq_lens[b] = 1.
     `splits` overrides the shape-derived split count (tests, benchmarks); `sinks` [Hq]: GPT-OSS's.
+    With `rotary` q is taken before the rotary embedding and this step's keys and values are not yet in
+    the cache: the launch does what `rotary` / `qk_norm_rotary` with the cache write would first
+    (`rotary_fits` says where it can).
     """
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -260,18 +307,49 @@ def paged_decode(
     part, lse, counts = split_buffers(out, splits, kv_heads)
     sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
     pdl = dependent_launch(q.device, TUNED.pdl)
+    # Placeholders without rotary, never read (ROTATE is off).
+    k, v, cos, sin, slots, qw, kw, eps = (q, q, q[0], q[0], kv_lens, q, q, 0.0) if rotary is None else rotary
+    qw, kw = (
+        (q, q) if qw is None or kw is None else (qw.contiguous(), kw.contiguous())
+    )  # placeholders: unread
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,
         window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part.stride()[:3], out.stride(0), out.stride(1),
+        k, v, qw, kw, cos, sin, slots, eps, k_cache.shape[0] * page, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), cos.stride(0), sin.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_N=tiles.block_n,
         WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
-        HAS_SINKS=sinks is not None, PDL=pdl, num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
+        HAS_SINKS=sinks is not None, PDL=pdl, ROTATE=rotary is not None,
+        QK_NORM=rotary is not None and rotary.q_weight is not None, HALF=head_dim // 2,
+        num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
+
+
+class DecodeRotary(NamedTuple):
+    """What `paged_decode` does first with `rotary`: the step's keys k [B, Hkv, D] and values v (before
+    the rotary embedding), cos and sin [B, D], each sequence's cache slot [B], and Qwen3's per-head q/k
+    norm (weights [D] and eps; None without one)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+
+
+def rotary_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether `paged_decode` can take the rotary embedding of q [B, Hq, D] and k: whole heads of a power
+    of two of at least 32 features (the two rotated halves joined into one tile), cos in q's dtype."""
+    d = q.shape[-1]
+    return d >= 32 and d & (d - 1) == 0 and cos.shape == (q.shape[0], d) and cos.dtype == q.dtype
 
 
 def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor) -> None:
