@@ -202,7 +202,15 @@ def test_rotary_paged_attention_op():
     out = ops.rotary_paged_attention(q, k, cos, sin, None, CacheWrite(v, k_cache, v_cache, slots), tables,
                                      (1, 1), (5, 9), SCALE, None)  # fmt: skip
     q_rot, _ = twin_rotary.rotary(q, k, cos, sin, CacheWrite(v, k_ref, v_ref, slots))
-    assert torch.equal(out, twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None))
+    ref = twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None)
+    assert torch.equal(out, ref)
+    ops.use_backend("triton")  # the same call on the Triton kernels: the decode launch takes the rotary
+    try:
+        fused = ops.rotary_paged_attention(q, k, cos, sin, None, CacheWrite(v, k_cache, v_cache, slots),
+                                           tables, (1, 1), (5, 9), SCALE, None)  # fmt: skip
+    finally:
+        ops.use_backend("auto")
+    assert_close(fused, ref)
     write = CacheWrite(v, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="one new token per sequence"):
         kern.rotary_paged_decode(q, k, cos, sin, None, write, tables, (2,), (9,), SCALE, None)

@@ -459,9 +459,8 @@ def rotary_paged_attention(
     values in `cache`, then `paged_attention`. On the GPU a decode step (every seq_lens 1) takes all of it
     in the decode attention launch (`KernelPlan.rotary_in_decode`; `attn_decode.rotary_fits`)."""
     mod = _half_kernels("attention", q, cache.k_cache)
-    rotary_mod = _rotary_kernels(q, k, cos, cache)
-    fused = plan.rotary_in_decode and mod is not None and rotary_mod is not None and max(seq_lens) == 1
-    if fused and mod is not None and mod.rotary_fits(q, k, cos):
+    decode = plan.rotary_in_decode and max(seq_lens) == 1 and _rotary_kernels(q, k, cos, cache) is not None
+    if decode and mod is not None and mod.rotary_fits(q, k, cos):
         return mod.rotary_paged_decode(
             q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
         )
