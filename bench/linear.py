@@ -13,6 +13,7 @@ one-launch result is first checked against cuBLAS plus the LoRA twin.
     python bench/linear.py --sweep --per-sm 1 2 3 4   # the shipped tiles' input splits only (short)
     python bench/linear.py --lora-sweep    # tile variants of the dense LoRA kernels past the one launch
     python bench/linear.py --fp8           # FP8 weights (one launch, or dequantised for cuBLAS) vs bf16
+    python bench/linear.py --sweep --fp8   # tile variants of the one launch with FP8 weights
 """
 
 from __future__ import annotations
@@ -152,11 +153,15 @@ def fp8_rows(args) -> None:
 
 
 def sweep(args) -> None:
+    """Tile variants of the one launch (`linear_tiles`; with --fp8 an FP8 weight's `fp8_linear_tiles`,
+    K steps of at most one 128-column scale group, more stages)."""
     g = torch.Generator().manual_seed(0)
-    base = TUNED.linear_tiles
+    fp8 = args.fp8
+    base = (TUNED.fp8_linear_tiles or TUNED.linear_tiles) if fp8 else TUNED.linear_tiles
     variants = [base]
+    block_ks, stage_counts = ((64, 128), (3, 4, 6, 8)) if fp8 else ((64, 128, 256), (3, 4))
     for block_n, block_k, warps, stages, per_sm in itertools.product(
-        (32, 64, 128), (64, 128, 256), (4,), (3, 4), (1, 2, 4)
+        (32, 64, 128), block_ks, (4,), stage_counts, (1, 2, 4)
     ):
         v = replace(base, block_n=block_n, block_k=block_k, warps=warps, stages=stages)
         v = replace(v, programs_per_sm=per_sm)
@@ -174,9 +179,9 @@ def sweep(args) -> None:
             x = torch.randn(tokens, in_dim, generator=g).to("cuda", torch.bfloat16)
             slot = (torch.arange(tokens) % SLOTS).to("cuda", torch.int32) if with_lora else None
             for v in variants:
-                plan = KernelPlan(linear_tiles=v)
+                plan = replace(TUNED, fp8_linear_tiles=v) if fp8 else replace(TUNED, linear_tiles=v)
                 try:
-                    us = graph_us(lambda: run(layers, x, slot, sizes, True, plan)) / args.layers  # noqa: B023
+                    us = graph_us(lambda: run(layers, x, slot, sizes, True, plan, fp8)) / args.layers  # noqa: B023
                 except Exception as err:  # a variant that does not compile is reported, not fatal
                     print(f"skip {v}: {str(err)[:100]}")
                     continue
@@ -239,7 +244,7 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16")
     p.add_argument("--fp8-tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256, 2048])
     args = p.parse_args()
-    if args.fp8:
+    if args.fp8 and not args.sweep:
         fp8_rows(args)
     elif args.lora_sweep:
         head = "| layer | tokens | cuBLAS alone us | + LoRA, shipped tiles us | best 4 (tiles: us) |"

@@ -288,6 +288,8 @@ def linear_cases() -> Iterator[Case]:
         yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages
         if fp8:  # each step's dot scaled instead of the weight tile (`fp8_linear_scale_dots`)
             yield linear._linear_kernel, case | dict(FOLD=False, HAS_SCALE=2), t.warps, t.stages
+        if fp8 and block_m == 16:  # the most stages `bench/linear.py --sweep --fp8` tries (shared memory)
+            yield linear._linear_kernel, case | dict(FOLD=False, BLOCK_N=128), t.warps, 8
         if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
             yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), t.warps, t.stages
     g = TUNED.fp8_gemm_tiles

@@ -210,6 +210,17 @@ def test_fp8_linear_matches_twin(
     check_fp8_linear(num_tokens, 80, sizes, 8, dtype, group, plan, seed=num_tokens + 20)
 
 
+def test_fp8_linear_takes_its_own_tiles():
+    """`fp8_linear_tiles`: an FP8 weight's launch takes them (here one input split, 32-column tiles and
+    more stages), a 16-bit weight keeps `linear_tiles`; both against the twin."""
+    fp8_tiles = LinearTiles(32, 16, 4, 6, programs_per_sm=0, shrink_chunk=32)
+    plan = replace(SMALL, fp8_linear_tiles=fp8_tiles)
+    assert triton_linear._tiles(plan, True) is fp8_tiles
+    assert triton_linear._tiles(plan, False) is SMALL.linear_tiles is triton_linear._tiles(SMALL, True)
+    check_fp8_linear(3, 80, (32, 32), 8, torch.float32, 16, plan, seed=7)
+    check_linear(3, 80, (32, 32), 8, torch.float32, False, plan, seed=7)
+
+
 def test_fp8_linear_takes_more_tokens_in_one_launch():
     """An FP8 weight keeps the one launch up to `fp8_linear_tokens` (cuBLAS would need a 16-bit copy of
     it); past that a Triton GEMM scales its tiles (several row and column tiles and K steps here), and from

@@ -212,6 +212,10 @@ class KernelPlan:
     # the copy at 32-64 tokens without adapters and loses by 4-6 us with 8 of them at 64; the Triton GEMM
     # lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time), so it is off (0).
     fp8_linear_tokens: int = 32
+    # the one launch's tiles with an FP8 weight (None: `linear_tiles`). A K step lies in one scale group
+    # (128 columns): half the bytes of a 16-bit step, so more stages keep as many in flight. Untimed
+    # (2026-12-06): `python bench/linear.py --sweep --fp8` times the variants.
+    fp8_linear_tiles: LinearTiles | None = None
     fp8_copy_tokens: int = 0
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
     # In the one launch with an FP8 weight, each K step's dot takes the weights as they are (exact in 16

@@ -297,8 +297,13 @@ def fits(
         x.shape[0] <= (plan.fp8_linear_tokens if fp8 else plan.linear_tokens)
         and lora_lanes <= _MAX_LANES
         and len(sizes) <= _MAX_PARTS
-        and _column_tile(sizes, plan.linear_tiles) > 0
+        and _column_tile(sizes, _tiles(plan, fp8)) > 0
     )
+
+
+def _tiles(plan: KernelPlan, fp8: bool) -> LinearTiles:
+    """The one launch's tiles: the plan's `fp8_linear_tiles` for an FP8 weight where it has them."""
+    return plan.fp8_linear_tiles if fp8 and plan.fp8_linear_tiles is not None else plan.linear_tiles
 
 
 def linear(
@@ -318,7 +323,7 @@ def linear(
     `counters.launch_counters`)."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
-    tiles = plan.linear_tiles
+    tiles = _tiles(plan, scales is not None)
     block_n = _column_tile(sizes, tiles)
     block_k = min(tiles.block_k, max(16, triton.next_power_of_2(in_dim)))
     if scales is not None:
