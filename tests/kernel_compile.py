@@ -305,10 +305,12 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     head = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, IEEE=False, PIPELINED=True)
     for sinks in (False, True):
         decode = dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True, HAS_SINKS=sinks)
-        decode |= dict(ROTATE=False, QK_NORM=False, HALF=64)
+        decode |= dict(ROTATE=False, QK_NORM=0, ROT=128)
         yield attn_decode._decode_kernel, head | decode, 4
-        # the rotary embedding inside (`rotary_in_decode`): Qwen3's q/k norm; GPT-OSS's sinks without it
-        yield attn_decode._decode_kernel, head | decode | dict(ROTATE=True, QK_NORM=not sinks), 4
+        # the norm and rotary embedding inside (`rotary_in_decode`): Qwen3's q/k norm; GPT-OSS's sinks
+        # without one; a zero-centred norm and a quarter of the head rotated (Qwen3.5's full attention)
+        yield attn_decode._decode_kernel, head | decode | dict(ROTATE=True, QK_NORM=0 if sinks else 1), 4
+        yield attn_decode._decode_kernel, head | decode | dict(ROTATE=True, QK_NORM=2, ROT=32), 4
         prefill = dict(
             GROUP=8, PAGED=True, BLOCK_M=64, BLOCK_N=64, HAS_SINKS=sinks, HEAD_DV=128, BLOCK_DV=128
         )

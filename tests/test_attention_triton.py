@@ -128,44 +128,57 @@ def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
     check_decode_splits(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits)
 
 
-def check_rotary_decode(seed, kv_lens, heads, d, page, dtype, window, splits, norm, with_sinks=False) -> None:
-    """The decode kernel given q, k and v before the rotary embedding (`paged_decode`'s `rotary`): against
-    the twin's rotary (or q/k norm + rotary) with the cache write, then its paged attention. The new key's
-    cache row starts as NaN (the kernel must store it before it reads it); the last sequence's slot lies
-    outside the cache (a padding row: nothing stored, its old row read). The caches equal the twin's bit
-    for bit in the interpreter; on the GPU within a rounding of the stored dtype (torch's rsqrt and sums
-    round differently)."""
+def twin_rotated(x, weight, eps, weight_first, cos, sin):
+    """The twins' per-head RMSNorm (weight None: none) then the rotary embedding of the first R features
+    (cos [B, R]) of x [B, H, D], the rest passed through: what the layer's separate launches do."""
+    from moelora.ops.torch import norm as twin_norm
     from moelora.ops.torch import rotary as twin_rotary
+
+    b, _, d = x.shape
+    if weight is not None:
+        x = twin_norm.rms_norm(x.reshape(-1, d), weight, eps, weight_first=weight_first).view(b, -1, d)
+    rot = cos.shape[-1]
+    part, _ = twin_rotary.rotary(x[..., :rot], x[..., :rot], cos, sin)
+    return torch.cat((part, x[..., rot:]), dim=-1)
+
+
+def check_rotary_decode(seed, kv_lens, heads, d, page, dtype, window, splits, norm, rot, sinks=False) -> None:
+    """The decode kernel given q, k and v before the per-head norm and the rotary embedding (`paged_decode`'s
+    `rotary`; norm 0: none, 1: Qwen3's, 2: a zero-centred one, fp32 weights applied first; rot < d:
+    partial rotary): against the twins' norm, rotary and cache write, then their paged attention. The
+    new key's cache row starts as NaN (the kernel must store it before it reads it); the last sequence's
+    slot lies outside the cache (a padding row: nothing stored, its old row read). The caches equal the
+    twins' bit for bit in the interpreter; on the GPU within a rounding of the stored dtype (torch's
+    rsqrt and sums round differently)."""
     from moelora.ops.triton.attn_decode import DecodeRotary
 
     q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, len(kv_lens), heads, d, page, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     b, hkv = len(kv_lens), heads[1]
     k, v = (torch.randn(b, hkv, d, generator=g).to(dtype).to(DEV) for _ in range(2))
-    angles = torch.randn(b, d // 2, generator=g) * 3
+    angles = torch.randn(b, rot // 2, generator=g) * 3
     cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype).to(DEV) for f in (torch.cos, torch.sin))
     rows = [int(tables[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(kv_lens)]
     slots = torch.tensor([*rows[:-1], -1], dtype=torch.int64, device=DEV)
     for row in rows[:-1]:  # the new keys' rows: NaN until the kernel stores them
         k_cache.view(-1, hkv, d)[row] = float("nan")
         v_cache.view(-1, hkv, d)[row] = float("nan")
-    weights = None
+    qw = kw = None
     if norm:
-        weights = tuple((1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) for _ in range(2))
-    sinks = sinks_for(seed, heads[0], dtype, with_sinks)
-    if weights is None:
-        q_rot, k_rot = twin_rotary.rotary(q, k, cos, sin)
-    else:
-        q_rot, k_rot = twin_rotary.qk_norm_rotary(q, k, *weights, 1e-6, cos, sin)
+        w_dtype = torch.float32 if norm == 2 else dtype
+        qw, kw = ((1 + 0.3 * torch.randn(d, generator=g)).to(w_dtype).to(DEV) for _ in range(2))
+    sink_logits = sinks_for(seed, heads[0], dtype, sinks)
+    q_rot = twin_rotated(q, qw, 1e-6, norm == 2, cos, sin)
+    k_rot = twin_rotated(k, kw, 1e-6, norm == 2, cos, sin)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()  # the twin's write_kv, but for the slot outside
     k_ref.view(-1, hkv, d)[rows[:-1]], v_ref.view(-1, hkv, d)[rows[:-1]] = k_rot[:-1], v[:-1]
     ones = (1,) * b
-    ref = twin.paged_attention(q_rot, k_ref, v_ref, tables, ones, kv_lens, SCALE, window, sinks)
+    ref = twin.paged_attention(q_rot, k_ref, v_ref, tables, ones, kv_lens, SCALE, window, sink_logits)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    qw, kw = weights if weights is not None else (None, None)
-    rotary = DecodeRotary(k, v, cos, sin, slots, qw, kw, 1e-6)
-    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits, sinks=sinks,
-                            rotary=rotary)  # fmt: skip
+    rotary = DecodeRotary(k, v, cos, sin, slots, qw, kw, 1e-6, norm == 2)
+    out = kern.paged_decode(
+        q, k_cache, v_cache, tables, lens, SCALE, window, splits=splits, sinks=sink_logits, rotary=rotary
+    )
     assert_close(out, ref)
     tol = 0.0 if DEV == "cpu" else 2**-7
     for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
@@ -173,51 +186,55 @@ def check_rotary_decode(seed, kv_lens, heads, d, page, dtype, window, splits, no
 
 
 @pytest.mark.parametrize(
-    ("kv_lens", "heads", "d", "dtype", "window", "splits", "norm", "sinks"),
+    ("kv_lens", "heads", "d", "dtype", "window", "splits", "norm", "rot", "sinks"),
     [
-        ((1, 37, 64, 20), (8, 2), 64, torch.float16, None, 4, True, False),  # the new key in split 0, 1, 3
-        ((50, 23, 9), (4, 4), 32, torch.float32, 9, 3, False, False),  # a window
-        ((80, 17), (8, 1), 64, torch.float32, None, 1, True, True),  # one split; GPT-OSS's sinks
+        ((1, 37, 64, 20), (8, 2), 64, torch.float16, None, 4, 1, 64, False),  # the new key in split 0, 1, 3
+        ((50, 23, 9), (4, 4), 32, torch.float32, 9, 3, 0, 32, False),  # a window
+        ((80, 17), (8, 1), 64, torch.float32, None, 1, 1, 64, True),  # one split; GPT-OSS's sinks
+        ((30, 70), (4, 2), 64, torch.float16, None, 2, 0, 32, False),  # GLM's partial rotary
+        ((45, 12), (4, 1), 64, torch.float16, None, 3, 2, 16, False),  # Qwen3.5's: a quarter, zero-centred
+        ((20, 33), (2, 1), 48, torch.float32, None, 2, 1, 24, False),  # a head of 48 (a 64-wide tile)
     ],
 )
-def test_rotary_in_decode_matches_twin(kv_lens, heads, d, dtype, window, splits, norm, sinks):
-    check_rotary_decode(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits, norm, sinks)
+def test_rotary_in_decode_matches_twin(kv_lens, heads, d, dtype, window, splits, norm, rot, sinks):
+    check_rotary_decode(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits, norm, rot, sinks)
 
 
-def test_rotary_paged_attention_op():
-    """`ops.rotary_paged_attention`: the twin's ops one after another on the CPU; the Triton entry
-    refuses what it cannot take (a prefill step, norm weights of another dtype), and `rotary_fits` only
-    whole power-of-two heads."""
+def test_rotary_decode_attention_op():
+    """`ops.rotary_decode_attention`: None on the twins (the caller runs the separate ops); on the Triton
+    kernels (the interpreter here) the decode launch does it all, and refuses a prefill step, a cos of
+    the wrong shape and one norm weight without the other."""
     from moelora import ops
     from moelora.ops.cache_write import CacheWrite
-    from moelora.ops.torch import rotary as twin_rotary
-    from moelora.ops.triton.attn_decode import rotary_fits
+    from moelora.ops.plan import TUNED
+    from moelora.ops.triton.attn_decode import DecodeRotary, check_rotary
 
     q, k_cache, v_cache, tables = paged_problem(2, (5, 9), 2, (4, 2), 32, 16, torch.float32)
     g = torch.Generator().manual_seed(3)
     k, v = (torch.randn(2, 2, 32, generator=g).to(DEV) for _ in range(2))
-    cos, sin = torch.ones(2, 32, device=DEV) * 0.6, torch.ones(2, 32, device=DEV) * 0.8
+    cos, sin = torch.full((2, 16), 0.6, device=DEV), torch.full((2, 16), 0.8, device=DEV)
     slots = torch.tensor([int(tables[0, 0]) * 16 + 4, int(tables[1, 0]) * 16 + 8], device=DEV)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    out = ops.rotary_paged_attention(q, k, cos, sin, None, CacheWrite(v, k_cache, v_cache, slots), tables,
-                                     (1, 1), (5, 9), SCALE, None)  # fmt: skip
-    q_rot, _ = twin_rotary.rotary(q, k, cos, sin, CacheWrite(v, k_ref, v_ref, slots))
-    ref = twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None)
-    assert torch.equal(out, ref)
-    ops.use_backend("triton")  # the same call on the Triton kernels: the decode launch takes the rotary
+    write = CacheWrite(v, k_cache, v_cache, slots)
+    args = (q, k, cos, sin, None, write, tables, (1, 1), (5, 9), SCALE, None)
+    assert ops.rotary_decode_attention(*args) is None
+    ops.use_backend("triton")
     try:
-        fused = ops.rotary_paged_attention(q, k, cos, sin, None, CacheWrite(v, k_cache, v_cache, slots),
-                                           tables, (1, 1), (5, 9), SCALE, None)  # fmt: skip
+        fused = ops.rotary_decode_attention(*args)
+        off = dataclasses.replace(TUNED, rotary_in_decode=False)
+        assert ops.rotary_decode_attention(*args, plan=off) is None
     finally:
         ops.use_backend("auto")
-    assert_close(fused, ref)
-    write = CacheWrite(v, k_cache, v_cache, slots)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_rot, k_rot = twin_rotated(q, None, 0.0, False, cos, sin), twin_rotated(k, None, 0.0, False, cos, sin)
+    k_ref.view(-1, 2, 32)[slots], v_ref.view(-1, 2, 32)[slots] = k_rot, v
+    assert fused is not None
+    assert_close(fused, twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None))
     with pytest.raises(ValueError, match="one new token per sequence"):
-        kern.rotary_paged_decode(q, k, cos, sin, None, write, tables, (2,), (9,), SCALE, None)
-    wrong = (torch.ones(32, dtype=torch.float16), torch.ones(32), 1e-6)
-    with pytest.raises(ValueError, match="norm weights"):
-        kern.rotary_paged_decode(q, k, cos, sin, wrong, write, tables, (1, 1), (5, 9), SCALE, None)
-    assert rotary_fits(q, k, cos) and not rotary_fits(q[..., :24], k[..., :24], cos[:, :24])
+        kern.rotary_decode(q, k, cos, sin, None, write, tables, (2,), (9,), SCALE, None)
+    with pytest.raises(ValueError, match="even and at most"):
+        check_rotary(DecodeRotary(k, v, cos[:, :5], sin[:, :5], slots, None, None, 0.0), q)
+    with pytest.raises(ValueError, match="needs both weights"):
+        check_rotary(DecodeRotary(k, v, cos, sin, slots, torch.ones(32), None, 1e-6), q)
 
 
 def test_split_count_follows_the_batch_and_stays_capped():
@@ -301,13 +318,21 @@ def test_sinks_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_DECODE[0], GPU_DECODE[3]])
+@pytest.mark.parametrize(
+    ("heads", "d", "window", "norm", "rot"),
+    [
+        ((32, 4), 128, None, 1, 128),
+        ((32, 4), 64, 100, 0, 64),
+        ((16, 2), 256, None, 2, 64),
+        ((12, 8), 128, None, 0, 64),
+    ],
+)  # Qwen3; GPT-OSS's head and window; Qwen3.5's full-attention layers; GLM-4.5-Air's partial rotary
 @pytest.mark.parametrize("splits", [None, 32])
-def test_rotary_in_decode_gpu(case, splits):
-    """The rotary embedding (and Qwen3's q/k norm) inside the decode launch in bf16: the new key stored by
-    the split that holds it, read back after the block's barrier, by every split count."""
-    _, kv_lens, heads, d, page, dtype, window = case
-    check_rotary_decode(3, kv_lens, heads, d, page, dtype, window, splits, norm=d == 128)
+def test_rotary_in_decode_gpu(heads, d, window, norm, rot, splits):
+    """The norm and rotary embedding inside the decode launch in bf16: the new key stored by the split
+    that holds it, read back after the block's barrier, by every split count."""
+    kv_lens = GPU_DECODE[0][1]
+    check_rotary_decode(3, kv_lens, heads, d, 16, torch.bfloat16, window, splits, norm, rot)
 
 
 @pytest.mark.gpu

@@ -109,18 +109,18 @@ class SelfAttention(nn.Module):
         norm = None
         if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
-            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        if kv is not None and cache is not None and not self.separate_rotary:
-            # the rotary op's work (the cache write included), then attention: one launch at decode
-            o = ops.rotary_paged_attention(
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_first)
+        o = None
+        if kv is not None and cache is not None:  # a decode step: norm, rotary, cache write and attention
+            o = ops.rotary_decode_attention(
                 q, k, cos, sin, norm, cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale,
                 self.window, kv.kv_lens_dev, self.sinks,
             )  # fmt: skip
-        else:
+        if o is None:
             if self.separate_rotary:
                 q, k = self._partial_rotary(q, k, cos, sin, cache)
             elif norm is not None:
-                q, k = ops.qk_norm_rotary(q, k, *norm, cos, sin, cache)
+                q, k = ops.qk_norm_rotary(q, k, *norm[:3], cos, sin, cache)
             else:
                 q, k = ops.rotary(q, k, cos, sin, cache)
             if kv is None:

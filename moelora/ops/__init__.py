@@ -439,12 +439,12 @@ def paged_attention(
     )
 
 
-def rotary_paged_attention(
+def rotary_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None,
     cache: CacheWrite,
     block_tables: torch.Tensor,
     seq_lens: tuple[int, ...],
@@ -454,22 +454,18 @@ def rotary_paged_attention(
     kv_lens_dev: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     plan: KernelPlan = TUNED,
-) -> torch.Tensor:
-    """`rotary` (with norm = (q weight, k weight, eps): `qk_norm_rotary`) storing the step's keys and
-    values in `cache`, then `paged_attention`. On the GPU a decode step (every seq_lens 1) takes all of it
-    in the decode attention launch (`KernelPlan.rotary_in_decode`; `attn_decode.rotary_fits`)."""
-    mod = _half_kernels("attention", q, cache.k_cache)
-    decode = plan.rotary_in_decode and max(seq_lens) == 1 and _rotary_kernels(q, k, cos, cache) is not None
-    if decode and mod is not None and mod.rotary_fits(q, k, cos):
-        return mod.rotary_paged_decode(
-            q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
-        )
-    if norm is None:
-        q, k = rotary(q, k, cos, sin, cache)
-    else:
-        q, k = qk_norm_rotary(q, k, *norm, cos, sin, cache)
-    return paged_attention(
-        q, cache.k_cache, cache.v_cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
+) -> torch.Tensor | None:
+    """A decode step's attention with what comes before it in one launch, or None where that does not run
+    (not a decode step, or not the Triton kernels, or `KernelPlan.rotary_in_decode` off): the caller then
+    runs the separate ops. q [B, Hq, D], k [B, Hkv, D] before the per-head q/k RMSNorm (norm = (q weight,
+    k weight, eps, weight_first as `rms_norm`'s) or None) and the rotary embedding of their first R
+    features (cos, sin [B, R]: partial rotary where R < D); the step's keys and values stored in `cache`
+    (as `write_kv`); then `paged_attention`."""
+    mod = _half_kernels("attention", q, k, cache.k_cache)
+    if not plan.rotary_in_decode or mod is None or max(seq_lens) != 1:
+        return None
+    return mod.rotary_decode(
+        q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
     )
 
 

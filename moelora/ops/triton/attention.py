@@ -13,13 +13,12 @@ import itertools
 import torch
 
 from moelora.ops.cache_write import CacheWrite
-from moelora.ops.triton.attn_decode import DecodeRotary, check_cache, paged_decode, rotary_fits
+from moelora.ops.triton.attn_decode import DecodeRotary, check_cache, paged_decode
 from moelora.ops.triton.attn_prefill import PrefillTiles, prefill_tiles, tile_table, varlen_attention
 from moelora.ops.triton.common import device_ints
 from moelora.ops.triton.kv_write import check_write_kv
-from moelora.ops.triton.rotary import check_rotary
 
-__all__ = ["paged_attention", "paged_decode", "prefill_attention", "rotary_fits", "rotary_paged_decode"]
+__all__ = ["paged_attention", "paged_decode", "prefill_attention", "rotary_decode"]
 
 
 def _check_lens(num_tokens: int, seq_lens: tuple[int, ...], kv_lens: tuple[int, ...], capacity: int) -> None:
@@ -84,12 +83,12 @@ def paged_attention(
     return varlen(q, k_cache, v_cache, tables, seq_lens, kv_lens, scale, window, tiles, sinks)
 
 
-def rotary_paged_decode(
+def rotary_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None,
     cache: CacheWrite,
     block_tables: torch.Tensor,
     seq_lens: tuple[int, ...],
@@ -99,26 +98,19 @@ def rotary_paged_decode(
     kv_lens_dev: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`ops.rotary_paged_attention` for a decode step (every seq_lens 1) in one launch: the decode kernel
-    rotates q itself and stores the step's keys and values first (`paged_decode`'s `rotary`); the caller
-    checks `rotary_fits`."""
-    check_rotary(q, k, cos, sin)
-    check_write_kv(k, *cache)
+    """`ops.rotary_decode_attention` for a decode step (every seq_lens 1) in one launch: the decode kernel
+    q/k-norms and rotates q itself and stores the step's keys and values first (`paged_decode`'s
+    `rotary`)."""
     if max(seq_lens) != 1:
-        raise ValueError(f"rotary_paged_decode: one new token per sequence, got seq_lens {seq_lens}")
-    if norm is not None:
-        d = q.shape[-1]
-        if norm[0].shape != (d,) or norm[1].shape != (d,) or {norm[0].dtype, norm[1].dtype} != {q.dtype}:
-            raise ValueError(
-                f"rotary_paged_decode: q/k norm weights {tuple(norm[0].shape)} {norm[0].dtype}, "
-                f"{tuple(norm[1].shape)} {norm[1].dtype} must be [{d}] in q's dtype {q.dtype}"
-            )
+        raise ValueError(f"rotary_decode: one new token per sequence, got seq_lens {seq_lens}")
+    check_write_kv(k, *cache)
     k_cache, v_cache = cache.k_cache, cache.v_cache
     check_cache(q, k_cache, v_cache, block_tables)
     _check_lens(q.shape[0], seq_lens, kv_lens, block_tables.shape[1] * k_cache.shape[1])
     lens = kv_lens_dev if kv_lens_dev is not None else device_ints(list(kv_lens), q.device)
-    qw, kw, eps = (None, None, 0.0) if norm is None else norm
-    rotary = DecodeRotary(k, cache.v, cos, sin, cache.slot_mapping.contiguous(), qw, kw, eps)
+    qw, kw, eps, weight_first = (None, None, 0.0, False) if norm is None else norm
+    slots = cache.slot_mapping.contiguous()
+    rotary = DecodeRotary(k, cache.v, cos, sin, slots, qw, kw, eps, weight_first)
     tables = block_tables[: len(seq_lens)]
     return paged_decode(q, k_cache, v_cache, tables, lens, scale, window, sinks=sinks, rotary=rotary)
 

@@ -19,7 +19,6 @@ import triton.language as tl
 from moelora.ops.plan import TUNED
 from moelora.ops.triton.common import after_previous, dependent_launch, num_sms
 from moelora.ops.triton.counters import last_one, launch_counters
-from moelora.ops.triton.rotary import cos_sin, rotate_halves, store_row
 
 LOG2E = 1.4426950408889634
 
@@ -93,12 +92,12 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
-    ROTATE: tl.constexpr, QK_NORM: tl.constexpr, HALF: tl.constexpr,
+    ROTATE: tl.constexpr, QK_NORM: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
     """HAS_SINKS: split 0 starts each head's softmax from its sink logit (sinks_ptr, log2 domain: weight
     1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge.
-    ROTATE: q_ptr holds the queries before the rotary embedding (and QK_NORM, the per-head norm), as the
-    rotary launch would take them: each program rotates its group's heads itself, and the split holding
+    ROTATE: q_ptr holds the queries before the rotary embedding of their first ROT features (and QK_NORM,
+    the per-head norm: `_rotated`): each program rotates its group's heads itself, and the split holding
     the sequence's new key first stores that key (normed, rotated: kn_ptr) and its value (vn_ptr) into
     the cache at the token's slot (none outside the cache), then reads it back with the others."""
     after_previous(PDL)
@@ -121,15 +120,15 @@ def _decode_kernel(
     d_ok = d < HEAD_DIM
     heads = kvh * GROUP + g
     if ROTATE:
-        i = tl.arange(0, HALF)  # (HEAD_DIM = 2 * HALF = BLOCK_D)
-        c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, b, sc_t, ss_t, i, HALF)
-        q_rows = q_ptr + b * sq_t + heads[:, None] * sq_h + i[None, :]
-        q1, q2 = rotate_halves(q_rows, qw_ptr, i, g_ok[:, None], HALF, eps, c1, c2, s1, s2, QK_NORM)
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, BLOCK_D))
+        q_rows = q_ptr + b * sq_t + heads[:, None] * sq_h
+        q_ok = g_ok[:, None] & d_ok[None, :]
+        cos_row, sin_row = cos_ptr + b * sc_t, sin_ptr + b * ss_t
+        q = _rotated(q_rows, qw_ptr, cos_row, sin_row, d, q_ok, eps, HEAD_DIM, ROT, QK_NORM)
         if split == (kv_len - 1 - lo) // chunk:  # the split holding the new key
             _store_new(
-                k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, slot_ptr, b, kvh, i, eps, cache_slots, c1, c2, s1, s2,
-                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h, PAGE, HALF, QK_NORM,
+                k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, cos_row, sin_row, slot_ptr, b, kvh, d, d_ok, eps,
+                cache_slots, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h, PAGE, HEAD_DIM,
+                ROT, QK_NORM,
             )  # fmt: skip
             tl.debug_barrier()  # the block's stores visible to its own loads of the cache below
     else:
@@ -170,22 +169,55 @@ def _decode_kernel(
 
 
 @triton.jit
-def _store_new(k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, slot_ptr, b, kvh, i, eps, cache_slots, c1, c2, s1, s2,
-               sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h, PAGE: tl.constexpr,
-               HALF: tl.constexpr, QK_NORM: tl.constexpr):  # fmt: skip
-    """Sequence b's new key of KV head kvh (normed if QK_NORM, rotated) and its value into the cache row
+def _rotated(rows, w_ptr, cos_row, sin_row, d, ok, eps, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+             NORM: tl.constexpr):  # fmt: skip
+    """Head rows [R, BLOCK_D] at rows + d (read where `ok`): with NORM the per-head RMSNorm over the whole
+    head (weights at w_ptr; 1: cast to the rows' dtype before the weight, 2: weight first, as `rms_norm`'s
+    `weight_first`), then the rotary embedding of the first ROT features (rotate-half: feature i < ROT/2
+    pairs with i + ROT/2; cos and sin rows [ROT]), the rest passed through. In the rows' dtype, each
+    product rounded where the rotary launch and the norm launch round theirs."""
+    partner = tl.where(d < ROT // 2, d + ROT // 2, tl.where(d < ROT, d - ROT // 2, d))
+    x = tl.load(rows + d[None, :], mask=ok, other=0.0)
+    xp = tl.load(rows + partner[None, :], mask=ok, other=0.0)  # each feature's partner in the rotation
+    dt = x.dtype
+    f, fp = x.to(tl.float32), xp.to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(f * f, axis=1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        if NORM == 1:
+            f, fp = (f * rstd).to(dt).to(tl.float32), (fp * rstd).to(dt).to(tl.float32)
+        else:
+            f, fp = f * rstd, fp * rstd
+        f, fp = (w * f).to(dt).to(tl.float32), (wp * fp).to(dt).to(tl.float32)
+    r_ok = d < ROT
+    c = tl.load(cos_row + d, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_row + d, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    sign = tl.where(d < ROT // 2, -1.0, 1.0)[None, :]
+    rotated = (f * c).to(dt).to(tl.float32) + sign * (fp * s).to(dt).to(tl.float32)
+    return tl.where(r_ok[None, :], rotated, f).to(dt)
+
+
+@triton.jit
+def _store_new(
+    k_ptr, v_ptr, kn_ptr, vn_ptr, kw_ptr, cos_row, sin_row, slot_ptr, b, kvh, d, d_ok, eps, cache_slots,
+    sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skn_t, skn_h, svn_t, svn_h,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, QK_NORM: tl.constexpr,
+):  # fmt: skip
+    """Sequence b's new key of KV head kvh (normed, rotated: `_rotated`) and its value into the cache row
     of its slot, as the rotary launch stores them (nothing for a slot outside the cache)."""
     slot = tl.load(slot_ptr + b).to(tl.int64)
     inside = (slot >= 0) & (slot < cache_slots)
+    slot = tl.where(inside, slot, 0)  # (a slot outside: its row is never written)
+    ok = d_ok[None, :] & inside
     h = kvh + tl.arange(0, 1)
-    ok = (i < HALF)[None, :]
-    k1, k2 = rotate_halves(kn_ptr + b * skn_t + h[:, None] * skn_h + i[None, :], kw_ptr, i, ok, HALF, eps, c1,
-                           c2, s1, s2, QK_NORM)  # fmt: skip
-    k_row = tl.where(inside, (slot // PAGE) * sk_b + (slot % PAGE) * sk_s, -1)
-    store_row(k_ptr, k_row, h, i, HALF, sk_h, ok, k1, k2)
-    v_src = vn_ptr + b * svn_t + h[:, None] * svn_h + i[None, :]
-    v_row = tl.where(inside, (slot // PAGE) * sv_b + (slot % PAGE) * sv_s, -1)
-    store_row(v_ptr, v_row, h, i, HALF, sv_h, ok, tl.load(v_src, mask=ok), tl.load(v_src + HALF, mask=ok))
+    k_rows = kn_ptr + b * skn_t + h[:, None] * skn_h
+    key = _rotated(k_rows, kw_ptr, cos_row, sin_row, d, ok, eps, HEAD_DIM, ROT, QK_NORM)
+    row, col = (slot // PAGE) * sk_b + (slot % PAGE) * sk_s, h[:, None] * sk_h + d[None, :]
+    tl.store(k_ptr + row + col, key.to(k_ptr.dtype.element_ty), mask=ok)
+    value = tl.load(vn_ptr + b * svn_t + h[:, None] * svn_h + d[None, :], mask=ok)
+    row, col = (slot // PAGE) * sv_b + (slot % PAGE) * sv_s, h[:, None] * sv_h + d[None, :]
+    tl.store(v_ptr + row + col, value.to(v_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -291,9 +323,9 @@ def paged_decode(
     kv_lens [B] int32 on q's device, each >= 1 and <= max_blocks * block_size. -> o [B, Hq, D].
     Semantics: those of `moelora.ops.torch.attention.paged_attention` with every seq_lens[b] = 1.
     `splits` overrides the shape-derived split count (tests, benchmarks); `sinks` [Hq]: GPT-OSS's.
-    With `rotary` q is taken before the rotary embedding and this step's keys and values are not yet in
-    the cache: the launch does what `rotary` / `qk_norm_rotary` with the cache write would first
-    (`rotary_fits` says where it can).
+    With `rotary` q is taken before the rotary embedding (and the q/k norm) and this step's keys and
+    values are not yet in the cache: the launch first does what the rotary launch with its cache write
+    would (partial rotary and zero-centred norms included: what the layer's separate launches do).
     """
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -307,11 +339,14 @@ def paged_decode(
     part, lse, counts = split_buffers(out, splits, kv_heads)
     sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
     pdl = dependent_launch(q.device, TUNED.pdl)
-    # Placeholders without rotary, never read (ROTATE is off).
-    k, v, cos, sin, slots, qw, kw, eps = (q, q, q[0], q[0], kv_lens, q, q, 0.0) if rotary is None else rotary
-    qw, kw = (
-        (q, q) if qw is None or kw is None else (qw.contiguous(), kw.contiguous())
-    )  # placeholders: unread
+    k, v, cos, sin, slots, qw, kw, eps = q, q, q[:, 0], q[:, 0], kv_lens, q, q, 0.0  # unread placeholders
+    norm = 0
+    if rotary is not None:
+        check_rotary(rotary, q)
+        k, v, cos, sin, slots = rotary[:5]
+        if rotary.q_weight is not None and rotary.k_weight is not None:
+            qw, kw, eps = rotary.q_weight.contiguous(), rotary.k_weight.contiguous(), rotary.eps
+            norm = 2 if rotary.weight_first else 1
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,
         window or 0,
@@ -324,7 +359,7 @@ def paged_decode(
         WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         HAS_SINKS=sinks is not None, PDL=pdl, ROTATE=rotary is not None,
-        QK_NORM=rotary is not None and rotary.q_weight is not None, HALF=head_dim // 2,
+        QK_NORM=norm, ROT=cos.shape[-1],
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
@@ -332,8 +367,9 @@ def paged_decode(
 
 class DecodeRotary(NamedTuple):
     """What `paged_decode` does first with `rotary`: the step's keys k [B, Hkv, D] and values v (before
-    the rotary embedding), cos and sin [B, D], each sequence's cache slot [B], and Qwen3's per-head q/k
-    norm (weights [D] and eps; None without one)."""
+    the rotary embedding), cos and sin [B, R] of the first R features (R <= D, even: partial rotary where
+    R < D), each sequence's cache slot [B], and a per-head q/k RMSNorm before it (weights [D] and eps;
+    None without one; `weight_first` as `rms_norm`'s: zero-centred norms)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -343,13 +379,29 @@ class DecodeRotary(NamedTuple):
     q_weight: torch.Tensor | None
     k_weight: torch.Tensor | None
     eps: float
+    weight_first: bool = False
 
 
-def rotary_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether `paged_decode` can take the rotary embedding of q [B, Hq, D] and k: whole heads of a power
-    of two of at least 32 features (the two rotated halves joined into one tile), cos in q's dtype."""
-    d = q.shape[-1]
-    return d >= 32 and d & (d - 1) == 0 and cos.shape == (q.shape[0], d) and cos.dtype == q.dtype
+def check_rotary(rotary: DecodeRotary, q: torch.Tensor) -> None:
+    """The shapes and strides `paged_decode`'s `rotary` takes with q [B, Hq, D]."""
+    b, _, d = q.shape
+    k, v, cos, sin, slots, qw, kw = rotary[:7]
+    rot = cos.shape[-1]
+    if k.dim() != 3 or k.shape[0] != b or k.shape[2] != d or v.shape != k.shape or slots.shape != (b,):
+        raise ValueError(
+            f"paged_decode: rotary k {tuple(k.shape)}, v {tuple(v.shape)}, slots {tuple(slots.shape)} must "
+            f"be [B={b}, Hkv, D={d}] twice and [B]"
+        )
+    if cos.shape != (b, rot) or sin.shape != cos.shape or rot % 2 or not 0 < rot <= d:
+        raise ValueError(
+            f"paged_decode: rotary cos {tuple(cos.shape)}, sin {tuple(sin.shape)} must be [B={b}, R] with R "
+            f"even and at most D={d}"
+        )
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
+        raise ValueError("paged_decode: rotary q, k, v, cos and sin need unit stride over their last dim")
+    weights = [w for w in (qw, kw) if w is not None]
+    if len(weights) == 1 or any(w.shape != (d,) for w in weights):
+        raise ValueError(f"paged_decode: the q/k norm needs both weights, each [D={d}]")
 
 
 def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor) -> None:

@@ -30,19 +30,6 @@ def _heads(
     i = tl.arange(0, BLOCK_HALF)
     ok = (h < heads)[:, None] & (i < half)[None, :]
     src = x_ptr + t * s_t + h[:, None] * s_h + i[None, :]
-    out1, out2 = rotate_halves(src, w_ptr, i, ok, half, eps, c1, c2, s1, s2, HAS_NORM)
-    dst = o_ptr + t * heads * 2 * half + h[:, None] * 2 * half + i[None, :]
-    tl.store(dst, out1, mask=ok)
-    tl.store(dst + half, out2, mask=ok)
-    if TO_CACHE:
-        store_row(c_ptr, c_row, h, i, half, sc_h, ok, out1, out2)
-
-
-@triton.jit
-def rotate_halves(src, w_ptr, i, ok, half, eps, c1, c2, s1, s2, HAS_NORM: tl.constexpr):
-    """The two halves [H, half] of the head rows at src (first half at src, second at src + half, lanes i
-    of each): normed (HAS_NORM: weight at w_ptr) and rotated, in their dtype; cos and sin halves c1, c2,
-    s1, s2 [1, half] in fp32. Products and sums round where the twin's tensor ops round."""
     x1 = tl.load(src, mask=ok, other=0.0)
     x2 = tl.load(src + half, mask=ok, other=0.0)
     dt = x1.dtype
@@ -55,22 +42,15 @@ def rotate_halves(src, w_ptr, i, ok, half, eps, c1, c2, s1, s2, HAS_NORM: tl.con
         f2 = (w2 * (f2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     out1 = (f1 * c1).to(dt).to(tl.float32) - (f2 * s1).to(dt).to(tl.float32)
     out2 = (f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)
-    return out1.to(dt), out2.to(dt)
+    dst = o_ptr + t * heads * 2 * half + h[:, None] * 2 * half + i[None, :]
+    tl.store(dst, out1.to(dt), mask=ok)
+    tl.store(dst + half, out2.to(dt), mask=ok)
+    if TO_CACHE:
+        _store_row(c_ptr, c_row, h, i, half, sc_h, ok, out1.to(dt), out2.to(dt))
 
 
 @triton.jit
-def cos_sin(cos_ptr, sin_ptr, t, sc_t, ss_t, i, half):
-    """Token t's cos and sin rows as halves (c1, c2, s1, s2) [1, len(i)] in fp32, lanes i < half."""
-    i_ok = i < half
-    c1 = tl.load(cos_ptr + t * sc_t + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * sc_t + half + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * ss_t + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * ss_t + half + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    return c1, c2, s1, s2
-
-
-@triton.jit
-def store_row(c_ptr, c_row, h, i, half, sc_h, ok, x1, x2):
+def _store_row(c_ptr, c_row, h, i, half, sc_h, ok, x1, x2):
     """Both halves of heads h into the cache row at c_row (nothing when c_row < 0), in the cache's dtype."""
     ok = ok & (c_row >= 0)
     dst = c_ptr + c_row + h[:, None] * sc_h + i[None, :]
@@ -91,7 +71,10 @@ def _rotary_kernel(
     blk = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
     i_ok = i < half
-    c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, t, sc_t, ss_t, i, half)
+    c1 = tl.load(cos_ptr + t * sc_t + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * sc_t + half + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * ss_t + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * ss_t + half + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
     if blk < q_blocks:
         _heads(
             q_ptr, qo_ptr, qw_ptr, qo_ptr, t, blk * BLOCK_H, hq, half, eps, sq_t, sq_h, c1, c2, s1, s2, 0, 0,
@@ -110,7 +93,7 @@ def _rotary_kernel(
             h = h0 + tl.arange(0, BLOCK_H)
             ok = (h < hkv)[:, None] & i_ok[None, :]
             src = v_ptr + t * sv_t + h[:, None] * sv_h + i[None, :]
-            store_row(
+            _store_row(
                 vc_ptr, vc_row, h, i, half, svc_h, ok, tl.load(src, mask=ok), tl.load(src + half, mask=ok)
             )
         _heads(
