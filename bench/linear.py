@@ -153,13 +153,13 @@ def fp8_rows(args) -> None:
 
 
 def sweep(args) -> None:
-    """Tile variants of the one launch (`linear_tiles`; with --fp8 an FP8 weight's `fp8_linear_tiles`,
-    K steps of at most one 128-column scale group, more stages)."""
+    """Tile variants of the one launch (`linear_tiles`; with --fp8 an FP8 weight's `fp8_linear_tiles`:
+    K steps of one 128-column scale group, more stages, 27 variants)."""
     g = torch.Generator().manual_seed(0)
     fp8 = args.fp8
     base = (TUNED.fp8_linear_tiles or TUNED.linear_tiles) if fp8 else TUNED.linear_tiles
     variants = [base]
-    block_ks, stage_counts = ((64, 128), (3, 4, 6, 8)) if fp8 else ((64, 128, 256), (3, 4))
+    block_ks, stage_counts = ((128,), (4, 6, 8)) if fp8 else ((64, 128, 256), (3, 4))
     for block_n, block_k, warps, stages, per_sm in itertools.product(
         (32, 64, 128), block_ks, (4,), stage_counts, (1, 2, 4)
     ):
