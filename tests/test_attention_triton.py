@@ -434,3 +434,72 @@ def test_mla_prefill_gpu():
     """DeepSeek's expanded shapes (keys 128 + 64, values 128, 16 heads) in bf16, prompts continuing a
     cached prefix and whole ones."""
     check_mla_prefill(3, (1000, 300, 7, 129), (1500, 300, 20, 129), 16, 192, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("preset", "layer", "rotated"),
+    [("qwen3-30b-a3b", 0, 16), ("glm-4.5-air", 1, 8), ("qwen3.5-35b-a3b", 3, 4)],
+)  # rotary frequencies kept of a 32-wide head: whole (Qwen3's head norm), half (GLM, q/k/v biases),
+# a quarter (Qwen3.5's gated full attention, zero-centred fp32 norms)
+def test_attention_block_decode_in_one_launch(preset, layer, rotated, monkeypatch):
+    """A decode step of a model's attention block (shrunk to 4 heads of 32) on the Triton kernels, where
+    the decode launch takes the q/k norm, rotary and cache write (`ops.rotary_decode_attention`: the
+    layer's wiring of the norm weights, weight_first and partial rotary), against the same step on the
+    twins' separate ops: outputs and caches."""
+    from moelora import ops
+    from moelora.batch import ForwardBatch, PagedKV
+    from moelora.cache.kv_cache import KVCache
+    from moelora.layers.rotary import RotaryEmbedding
+    from moelora.loader.model_loader import read_model_config
+    from moelora.loader.presets import preset_path
+    from moelora.models.blocks import SelfAttention
+    from moelora.ops.triton import attention as triton_attention
+    from moelora.parallel.state import ParallelState
+
+    full, _ = read_model_config(preset_path(preset))
+    cfg = dataclasses.replace(
+        full,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rope_inv_freq=full.rope_inv_freq[:rotated],
+    )
+    block = SelfAttention(cfg, layer, ParallelState(), torch.float16)
+    g = torch.Generator().manual_seed(layer)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if "norm" in name else noise * p.shape[-1] ** -0.5)
+    kv_lens, page = (5, 11), 4
+    tables = torch.tensor([[2, 5, 0], [1, 3, 6]], dtype=torch.int32)
+    slots = torch.tensor(
+        [int(tables[b, (n - 1) // page]) * page + (n - 1) % page for b, n in enumerate(kv_lens)]
+    )
+    caches = []
+    for _ in range(2):
+        cache = KVCache(layer + 1, 8, page, 2, 32, torch.float16, torch.device("cpu"))
+        cache.k[layer].copy_(torch.randn(cache.k[layer].shape, generator=torch.Generator().manual_seed(9)))
+        cache.v[layer].copy_(torch.randn(cache.v[layer].shape, generator=torch.Generator().manual_seed(8)))
+        caches.append(cache)
+    positions = torch.tensor([n - 1 for n in kv_lens])
+    cos, sin = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling).cos_sin(
+        positions, torch.float16
+    )
+    x = torch.randn(2, 64, generator=g).half()
+    calls = []
+    fused = triton_attention.rotary_decode
+    monkeypatch.setattr(triton_attention, "rotary_decode", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    outs = []
+    for backend, cache in zip(("torch", "triton"), caches, strict=True):
+        lens_dev = torch.tensor(kv_lens, dtype=torch.int32)
+        batch = ForwardBatch(positions, (1, 1), PagedKV(cache, slots, tables, kv_lens, lens_dev))
+        ops.use_backend(backend)
+        try:
+            outs.append(block(x, batch, cos, sin))
+        finally:
+            ops.use_backend("auto")
+    assert calls == [1], "the Triton run takes the one decode launch"
+    assert_close(outs[1], outs[0])
+    for got, want in ((caches[1].k[layer], caches[0].k[layer]), (caches[1].v[layer], caches[0].v[layer])):
+        torch.testing.assert_close(got, want, rtol=4e-3, atol=1e-3)  # (q/k/v: F.linear or the one launch)
