@@ -444,8 +444,9 @@ def test_mla_prefill_gpu():
 def test_attention_block_decode_in_one_launch(preset, layer, rotated, monkeypatch):
     """A decode step of a model's attention block (shrunk to 4 heads of 32) on the Triton kernels, where
     the decode launch takes the q/k norm, rotary and cache write (`ops.rotary_decode_attention`: the
-    layer's wiring of the norm weights, weight_first and partial rotary), against the same step on the
-    twins' separate ops: outputs and caches."""
+    layer's wiring of the norm weights and the partial rotary), against the same step on the twins'
+    separate ops: outputs and caches (within the q/k/v projection's rounding, which differs between the
+    two; `weight_first`'s one rounding is checked exactly by `test_rotary_in_decode_matches_twin`)."""
     from moelora import ops
     from moelora.batch import ForwardBatch, PagedKV
     from moelora.cache.kv_cache import KVCache
