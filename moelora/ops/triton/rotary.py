@@ -129,7 +129,7 @@ def qk_norm_rotary(
     return _launch(q, k, cos, sin, (q_weight.contiguous(), k_weight.contiguous(), eps), cache)
 
 
-def check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     t, d = q.shape[0], q.shape[-1]
     shapes_ok = q.dim() == k.dim() == 3 and k.shape[0] == t and k.shape[2] == d and d % 2 == 0
     if not shapes_ok or cos.shape != (t, d) or sin.shape != (t, d):
@@ -153,7 +153,7 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, float] | None,
     cache: CacheWrite | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_rotary(q, k, cos, sin)
+    _check(q, k, cos, sin)
     if cache is not None:
         check_write_kv(k, *cache)
     t, hq, d = q.shape
