@@ -325,7 +325,9 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield mla._latent_decode_kernel, latent | dict(WRITE_LSE=write_lse, IEEE=False, PIPELINED=True), 4, 2
     yield kv_write._write_kv_kernel, dict(BLOCK=512), 4
     # Qwen3-Next's linear attention: 128-wide key and value heads; its conv over 8,192 channels, width 4
-    yield delta._delta_step_kernel, dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32), 4
+    step = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, INTERPRETED=False)
+    for gates in (False, True):  # with the gates found from the projections a and b in the launch
+        yield delta._delta_step_kernel, step | dict(GATES=gates), 4
     yield delta._conv_step_kernel, dict(WIDTH=4, BLOCK_C=256, BLOCK_W=4), 4
     for chunk in (16, 32, 64):
         chunked = dict(DK=128, DV=128, BLOCK_K=128, BLOCK_V=32, CHUNK=chunk, PRECISION="tf32x3")

@@ -123,6 +123,43 @@ def test_triton_delta_step_matches_twin():
     assert states[[0, 2, 3]].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_delta_step_takes_its_gates(dtype):
+    """The step given the projections a and b (`gated_delta_step`'s `gates`, as
+    `ops.delta_step_with_gates`): against the Triton gates launch then the step, bit for bit (the same
+    values: beta rounded to b's dtype as stored), and against the twins; a and b as the column halves of
+    one projection's output, softplus past its threshold, a padding row."""
+    from moelora import ops
+    from moelora.ops.triton import delta as kern
+
+    q, k, v, _, _ = (t.to(DEV, dtype) for t in problem(7, 3, 2, 6, 16, 48))
+    g = torch.Generator().manual_seed(22)
+    ab = (torch.randn(3, 12, generator=g) * 6).to(DEV, dtype)
+    ab[0, :2] = torch.tensor([30.0, -30.0])
+    a, b = ab[:, :6], ab[:, 6:]
+    a_log, dt_bias = torch.randn(6, generator=g).to(DEV, dtype), torch.randn(6, generator=g).to(DEV, dtype)
+    states = torch.full((5, 6, 16, 48), float("nan"))
+    states[[4, 1]] = torch.randn(2, 6, 16, 48, generator=g)
+    states = states.to(DEV)
+    slots = torch.tensor([4, -1, 1], device=DEV)
+    apart, ref, initial = states.clone(), states.clone(), states.clone().cpu()
+    out = kern.gated_delta_step(q, k, v, a, b, states, slots, (a_log, dt_bias))
+    want = kern.gated_delta_step(q, k, v, *kern.delta_gates(a, b, a_log, dt_bias), apart, slots)
+    assert torch.equal(out[[0, 2]], want[[0, 2]]) and torch.equal(states[[4, 1]], apart[[4, 1]])
+    twin_out = twin.gated_delta_step(q, k, v, *twin.delta_gates(a, b, a_log, dt_bias), ref, slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[[0, 2]], twin_out[[0, 2]], atol=tol, rtol=tol)
+    torch.testing.assert_close(states[[4, 1]], ref[[4, 1]], atol=tol, rtol=tol)
+    assert states[[0, 2, 3]].isnan().all()
+    args = (t.cpu() for t in (q, k, v, a, b, a_log, dt_bias))
+    cpu = ops.delta_step_with_gates(*args, initial, slots.cpu())  # the twins on the CPU: gates, then step
+    assert torch.equal(cpu[[0, 2]], twin_out[[0, 2]].cpu()) and torch.equal(
+        initial[[4, 1]], ref[[4, 1]].cpu()
+    )
+    with pytest.raises(ValueError, match="A_log and dt_bias"):
+        kern.gated_delta_step(q, k, v, a, b, states, slots, (a_log[:5], dt_bias))
+
+
 def test_triton_conv_step_matches_twin():
     from moelora.ops.triton import delta as kern
 

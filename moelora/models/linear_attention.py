@@ -109,8 +109,7 @@ class GatedDeltaNet(nn.Module):
         mixed = self._conv(mixed, batch)
         q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
         q, k, v = q.view(t, -1, dk), k.view(t, -1, dk), v.view(t, -1, dv)
-        g, beta = ops.delta_gates(a.reshape(t, -1), b.reshape(t, -1), self.A_log, self.dt_bias)
-        o = self._delta(q, k, v, g, beta, batch)  # [T, Hv, Dv]
+        o = self._delta(q, k, v, a.reshape(t, -1), b.reshape(t, -1), batch)  # [T, Hv, Dv]
         o = self._gated_norm(o, z.view(t, -1, dv)).view(t, -1)  # z a view: no copy per head
         return comm.all_reduce(self.out_proj(o, slot), self.ps)
 
@@ -137,16 +136,20 @@ class GatedDeltaNet(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
+        """The gated delta rule, its gates from the projections a and b [T, Hv] (at decode inside the
+        step's launch)."""
         rows, states = batch.state_rows, batch.states
+        if rows is not None and states is not None and rows.decode_only(v.shape[0]):
+            rec, slots = states.rec[self.layer], rows.decode_slots
+            return ops.delta_step_with_gates(q, k, v, a, b, self.A_log, self.dt_bias, rec, slots)
+        g, beta = ops.delta_gates(a, b, self.A_log, self.dt_bias)
         if rows is None or states is None:
             return ops.gated_delta_rule(q, k, v, g, beta, batch.seq_lens)[0]
         rec = states.rec[self.layer]
-        if rows.decode_only(v.shape[0]):
-            return ops.gated_delta_step(q, k, v, g, beta, rec, rows.decode_slots)
         out = torch.empty_like(v)
         for runs, resume in ((rows.start, False), (rows.resume, True)):
             if runs.lens:

@@ -243,6 +243,26 @@ def gated_delta_step(
     return impl(q, k, v, g, beta, states, slots)
 
 
+def delta_step_with_gates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    states: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """`delta_gates` from the projections a, b [B, Hv], then `gated_delta_step`: one launch on the GPU
+    (each program of the step finds its head's gates)."""
+    mod = _half_kernels("delta", v, q, k)
+    if mod is not None and _half_kernels("delta", b, a) is not None:
+        return mod.gated_delta_step(q, k, v, a, b, states, slots, (a_log, dt_bias))
+    g, beta = delta_gates(a, b, a_log, dt_bias)
+    return gated_delta_step(q, k, v, g, beta, states, slots)
+
+
 def mla_attention(
     q: torch.Tensor,
     k: torch.Tensor,

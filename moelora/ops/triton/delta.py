@@ -23,10 +23,13 @@ from moelora.ops.triton.common import valid_slot
 
 @triton.jit
 def _delta_step_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, slot_ptr, o_ptr, num_slots, group,
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, slot_ptr, o_ptr, alog_ptr, dt_ptr, num_slots, group,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b, ss_s, ss_h, ss_k, so_b, so_h,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, GATES: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
+    """GATES: g_ptr and beta_ptr hold the projections a and b, and the program finds its head's gates
+    from them itself (`_gates`: the same values `delta_gates` stores)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -42,8 +45,13 @@ def _delta_step_kernel(
     q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) / tl.sqrt(DK * 1.0)
     k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(g_ptr + b * sg_b + h).to(tl.float32))
-    beta = tl.load(beta_ptr + b * sbeta_b + h).to(tl.float32)
+    g = tl.load(g_ptr + b * sg_b + h).to(tl.float32)
+    beta = tl.load(beta_ptr + b * sbeta_b + h)
+    if GATES:  # g, beta: a and b, the projections
+        g, beta = _gates(g, beta.to(tl.float32), tl.load(alog_ptr + h), tl.load(dt_ptr + h), INTERPRETED)
+        beta = beta.to(beta_ptr.dtype.element_ty)  # (stored in b's dtype by `delta_gates`)
+    decay = tl.exp(g)
+    beta = beta.to(tl.float32)
     tile = tl.where(ok, slot, 0) * ss_s + h * ss_h + rows[:, None] * ss_k + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     state = tl.load(state_ptr + tile, mask=mask & ok, other=0.0) * decay
@@ -62,8 +70,11 @@ def gated_delta_step(
     beta: torch.Tensor,
     states: torch.Tensor,
     slots: torch.Tensor,
+    gates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_step`."""
+    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_step`; with `gates` = (A_log,
+    dt_bias) g and beta are the projections a and b, and each program finds its head's gates from them
+    (what `delta_gates` then the step would do, in one launch)."""
     batch, k_heads, dk = k.shape
     v_heads, dv = v.shape[1], v.shape[2]
     if states.shape[1:] != (v_heads, dk, dv) or states.dtype != torch.float32 or v_heads % k_heads:
@@ -73,13 +84,23 @@ def gated_delta_step(
         )
     if states.stride(3) != 1 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("gated_delta_step: unit stride over the head dims")
+    heads_ok = gates is None or all(t.shape == (v_heads,) for t in gates)
+    if not heads_ok or (gates is not None and (g.shape != (batch, v_heads) or beta.shape != g.shape)):
+        raise ValueError(
+            f"gated_delta_step: a {tuple(g.shape)}, b {tuple(beta.shape)} must be [B, {v_heads}] with unit "
+            f"stride over the heads, A_log and dt_bias [{v_heads}]"
+        )
+    if gates is not None and (g.stride(1) != 1 or beta.stride(1) != 1):
+        raise ValueError("gated_delta_step: a and b need unit stride over the heads")
     out = torch.empty_like(v)
     block_v = min(32, triton.next_power_of_2(dv))
+    a_log, dt_bias = (g, g) if gates is None else (gates[0].contiguous(), gates[1].contiguous())  # (unread)
     _delta_step_kernel[(batch, v_heads, triton.cdiv(dv, block_v))](
-        q, k, v, g, beta, states, slots, out, states.shape[0], v_heads // k_heads,
+        q, k, v, g, beta, states, slots, out, a_log, dt_bias, states.shape[0], v_heads // k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
         beta.stride(0), *states.stride()[:3], out.stride(0), out.stride(1),
-        DK=dk, DV=dv, BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=block_v,
+        DK=dk, DV=dv, BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=block_v, GATES=gates is not None,
+        INTERPRETED=not q.is_cuda,
     )  # fmt: skip
     return out
 
@@ -139,22 +160,29 @@ def causal_conv_step(
 
 
 @triton.jit
+def _gates(a, b, a_log, dt_bias, INTERPRETED: tl.constexpr):
+    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), in fp32 (a, b in fp32; A_log and
+    dt_bias in their dtype); softplus(x) = x past 20 (as torch's)."""
+    x = a + dt_bias.to(tl.float32)
+    e = tl.exp(tl.minimum(x, 20.0))  # (no overflow where the threshold takes x itself)
+    soft = tl.log(1.0 + e) if INTERPRETED else libdevice.log1p(e)  # (the interpreter has no libdevice)
+    soft = tl.where(x > 20.0, x, soft)
+    return -tl.exp(a_log.to(tl.float32)) * soft, 1.0 / (1.0 + tl.exp(-b))
+
+
+@triton.jit
 def _gates_kernel(a_ptr, b_ptr, alog_ptr, dt_ptr, g_ptr, beta_ptr, tokens, heads, s_a, s_b,
                   INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """g = -exp(A_log) * softplus(a + dt_bias) (fp32) and beta = sigmoid(b) (b's dtype) over one tile of
-    (token, head) entries; softplus(x) = x past 20 (as torch's)."""
+    """g (fp32) and beta (b's dtype) of `_gates` over one tile of (token, head) entries."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < tokens * heads
     t, h = i // heads, i % heads
     a = tl.load(a_ptr + t * s_a + h, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + t * s_b + h, mask=ok, other=0.0).to(tl.float32)
-    x = a + tl.load(dt_ptr + h, mask=ok, other=0.0).to(tl.float32)
-    e = tl.exp(tl.minimum(x, 20.0))  # (no overflow where the threshold takes x itself)
-    soft = tl.log(1.0 + e) if INTERPRETED else libdevice.log1p(e)  # (the interpreter has no libdevice)
-    soft = tl.where(x > 20.0, x, soft)
-    g = -tl.exp(tl.load(alog_ptr + h, mask=ok, other=0.0).to(tl.float32)) * soft
+    a_log = tl.load(alog_ptr + h, mask=ok, other=0.0)
+    g, beta = _gates(a, b, a_log, tl.load(dt_ptr + h, mask=ok, other=0.0), INTERPRETED)
     tl.store(g_ptr + i, g, mask=ok)
-    tl.store(beta_ptr + i, (1.0 / (1.0 + tl.exp(-b))).to(beta_ptr.dtype.element_ty), mask=ok)
+    tl.store(beta_ptr + i, beta.to(beta_ptr.dtype.element_ty), mask=ok)
 
 
 def delta_gates(
