@@ -125,10 +125,10 @@ def test_triton_delta_step_matches_twin():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_delta_step_takes_its_gates(dtype):
-    """The step given the projections a and b (`gated_delta_step`'s `gates`, as
-    `ops.delta_step_with_gates`): against the Triton gates launch then the step, bit for bit (the same
-    values: beta rounded to b's dtype as stored), and against the twins; a and b as the column halves of
-    one projection's output, softplus past its threshold, a padding row."""
+    """The step given the projections a and b (`delta_step_with_gates`): against the Triton gates launch
+    then the step, bit for bit (the same values: beta rounded to b's dtype as stored), and against the
+    twins; a and b as the column halves of one projection's output, softplus past its threshold, a
+    padding row; wrong-sized A_log refused."""
     from moelora import ops
     from moelora.ops.triton import delta as kern
 
@@ -143,7 +143,7 @@ def test_triton_delta_step_takes_its_gates(dtype):
     states = states.to(DEV)
     slots = torch.tensor([4, -1, 1], device=DEV)
     apart, ref, initial = states.clone(), states.clone(), states.clone().cpu()
-    out = kern.gated_delta_step(q, k, v, a, b, states, slots, (a_log, dt_bias))
+    out = kern.delta_step_with_gates(q, k, v, a, b, a_log, dt_bias, states, slots)
     want = kern.gated_delta_step(q, k, v, *kern.delta_gates(a, b, a_log, dt_bias), apart, slots)
     assert torch.equal(out[[0, 2]], want[[0, 2]]) and torch.equal(states[[4, 1]], apart[[4, 1]])
     twin_out = twin.gated_delta_step(q, k, v, *twin.delta_gates(a, b, a_log, dt_bias), ref, slots)
@@ -156,8 +156,8 @@ def test_triton_delta_step_takes_its_gates(dtype):
     assert torch.equal(cpu[[0, 2]], twin_out[[0, 2]].cpu()) and torch.equal(
         initial[[4, 1]], ref[[4, 1]].cpu()
     )
-    with pytest.raises(ValueError, match="A_log and dt_bias"):
-        kern.gated_delta_step(q, k, v, a, b, states, slots, (a_log[:5], dt_bias))
+    with pytest.raises(ValueError, match="A_log"):
+        kern.delta_step_with_gates(q, k, v, a, b, a_log[:5], dt_bias, states, slots)
 
 
 def test_triton_conv_step_matches_twin():

@@ -258,7 +258,7 @@ def delta_step_with_gates(
     (each program of the step finds its head's gates)."""
     mod = _half_kernels("delta", v, q, k)
     if mod is not None and _half_kernels("delta", b, a) is not None:
-        return mod.gated_delta_step(q, k, v, a, b, states, slots, (a_log, dt_bias))
+        return mod.delta_step_with_gates(q, k, v, a, b, a_log, dt_bias, states, slots)
     g, beta = delta_gates(a, b, a_log, dt_bias)
     return gated_delta_step(q, k, v, g, beta, states, slots)
 

@@ -119,9 +119,9 @@ def _decode_kernel(
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
     heads = kvh * GROUP + g
+    q_rows = q_ptr + b * sq_t + heads[:, None] * sq_h
+    q_ok = g_ok[:, None] & d_ok[None, :]
     if ROTATE:
-        q_rows = q_ptr + b * sq_t + heads[:, None] * sq_h
-        q_ok = g_ok[:, None] & d_ok[None, :]
         cos_row, sin_row = cos_ptr + b * sc_t, sin_ptr + b * ss_t
         q = _rotated(q_rows, qw_ptr, cos_row, sin_row, d, q_ok, eps, HEAD_DIM, ROT, QK_NORM)
         if split == (kv_len - 1 - lo) // chunk:  # the split holding the new key
@@ -132,11 +132,7 @@ def _decode_kernel(
             )  # fmt: skip
             tl.debug_barrier()  # the block's stores visible to its own loads of the cache below
     else:
-        q = tl.load(
-            q_ptr + b * sq_t + heads[:, None] * sq_h + d[None, :],
-            mask=g_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q = tl.load(q_rows + d[None, :], mask=q_ok, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     if HAS_SINKS:

@@ -70,11 +70,47 @@ def gated_delta_step(
     beta: torch.Tensor,
     states: torch.Tensor,
     slots: torch.Tensor,
-    gates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_step`; with `gates` = (A_log,
-    dt_bias) g and beta are the projections a and b, and each program finds its head's gates from them
-    (what `delta_gates` then the step would do, in one launch)."""
+    """Same signature and Semantics as `moelora.ops.torch.delta.gated_delta_step`."""
+    return _step(q, k, v, g, beta, states, slots, None)
+
+
+def delta_step_with_gates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    states: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """`ops.delta_step_with_gates` in one launch: `delta_gates` from the projections a, b [B, Hv], then
+    `gated_delta_step`, each program finding its head's gates itself."""
+    v_heads = v.shape[1]
+    heads_ok = a_log.shape == dt_bias.shape == (v_heads,)
+    if a.shape != (v.shape[0], v_heads) or b.shape != a.shape or not heads_ok:
+        raise ValueError(
+            f"delta_step_with_gates: a {tuple(a.shape)}, b {tuple(b.shape)} [B, {v_heads}]; A_log "
+            f"{tuple(a_log.shape)}, dt_bias {tuple(dt_bias.shape)} [{v_heads}]"
+        )
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError("delta_step_with_gates: a and b need unit stride over the heads")
+    return _step(q, k, v, a, b, states, slots, (a_log.contiguous(), dt_bias.contiguous()))
+
+
+def _step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    states: torch.Tensor,
+    slots: torch.Tensor,
+    gates: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The step's launch; with `gates` = (A_log, dt_bias), g and beta are the projections a and b."""
     batch, k_heads, dk = k.shape
     v_heads, dv = v.shape[1], v.shape[2]
     if states.shape[1:] != (v_heads, dk, dv) or states.dtype != torch.float32 or v_heads % k_heads:
@@ -84,17 +120,9 @@ def gated_delta_step(
         )
     if states.stride(3) != 1 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("gated_delta_step: unit stride over the head dims")
-    heads_ok = gates is None or all(t.shape == (v_heads,) for t in gates)
-    if not heads_ok or (gates is not None and (g.shape != (batch, v_heads) or beta.shape != g.shape)):
-        raise ValueError(
-            f"gated_delta_step: a {tuple(g.shape)}, b {tuple(beta.shape)} must be [B, {v_heads}] with unit "
-            f"stride over the heads, A_log and dt_bias [{v_heads}]"
-        )
-    if gates is not None and (g.stride(1) != 1 or beta.stride(1) != 1):
-        raise ValueError("gated_delta_step: a and b need unit stride over the heads")
     out = torch.empty_like(v)
     block_v = min(32, triton.next_power_of_2(dv))
-    a_log, dt_bias = (g, g) if gates is None else (gates[0].contiguous(), gates[1].contiguous())  # (unread)
+    a_log, dt_bias = (g, g) if gates is None else gates  # (g: placeholders, unread without gates)
     _delta_step_kernel[(batch, v_heads, triton.cdiv(dv, block_v))](
         q, k, v, g, beta, states, slots, out, a_log, dt_bias, states.shape[0], v_heads // k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
