@@ -324,7 +324,7 @@ def test_sinks_gpu(case):
         ((32, 4), 128, None, 1, 128),
         ((32, 4), 64, 100, 0, 64),
         ((16, 2), 256, None, 2, 64),
-        ((12, 8), 128, None, 0, 64),
+        ((96, 8), 128, None, 0, 64),
     ],
 )  # Qwen3; GPT-OSS's head and window; Qwen3.5's full-attention layers; GLM-4.5-Air's partial rotary
 @pytest.mark.parametrize("splits", [None, 32])
