@@ -264,9 +264,9 @@ def dense_lora_cases() -> Iterator[Case]:
 
 def linear_cases() -> Iterator[Case]:
     """The one-launch linear layer at Qwen3's q/k/v (3 parts, 3 splits) and o (8 splits) shapes, with and
-    without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens; FP8 weights (K steps
-    of one 128-column group) up to the plan's most FP8 tokens; past them the FP8 GEMM; the FP8 weight's
-    dequantisation."""
+    without LoRA, at 1 and 16 tokens (one 16-row block) and at the plan's most tokens; FP8 weights (their
+    own `fp8_linear_tiles`, K steps of one 128-column group) up to the plan's most FP8 tokens; past them
+    the FP8 GEMM; the FP8 weight's dequantisation."""
     t = TUNED.linear_tiles
     most = max(16, triton.next_power_of_2(TUNED.linear_tokens))
     most_fp8 = max(16, triton.next_power_of_2(TUNED.fp8_linear_tokens))
@@ -275,23 +275,25 @@ def linear_cases() -> Iterator[Case]:
     for (in_dim, parts, splits), has_lora, (fp8, block_m) in itertools.product(
         ((2048, 3, 3), (4096, 1, 8)), (False, True), variants
     ):
+        tiles = (TUNED.fp8_linear_tiles or t) if fp8 else t  # an FP8 weight's own tiles
         case = dict(IN_DIM=in_dim, HAS_BIAS=not has_lora, HAS_LORA=has_lora, HAS_RANK=has_lora)
         case |= dict(HAS_SCALE=fp8, GROUP=128 if fp8 else 1, fp8=fp8)
-        case |= dict(SPLITS=splits, K_CHUNK=in_dim // splits // t.block_k * t.block_k + t.block_k)
-        chunks = in_dim // t.shrink_chunk
-        case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=t.shrink_chunk)
+        case |= dict(SPLITS=splits, K_CHUNK=in_dim // splits // tiles.block_k * tiles.block_k + tiles.block_k)
+        chunks = in_dim // tiles.shrink_chunk
+        case |= dict(NUM_SLOTS=8, SHRINKS=8 * chunks, CHUNKS=chunks, SHRINK_CHUNK=tiles.shrink_chunk)
         case |= dict(PARTS=parts)
-        case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=t.block_n)
-        case |= dict(BLOCK_K=t.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16, EXPAND=1, SLOT_GROUP=8)
+        case |= dict(END0=4096, END1=4608, END2=1 << 30, BLOCK_M=block_m, BLOCK_N=tiles.block_n)
+        case |= dict(BLOCK_K=tiles.block_k, BLOCK_R=16, BLOCK_L=64 if parts == 3 else 16)
+        case |= dict(EXPAND=1, SLOT_GROUP=8)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
-        yield linear._linear_kernel, case | dict(FOLD=False), t.warps, t.stages
+        yield linear._linear_kernel, case | dict(FOLD=False), tiles.warps, tiles.stages
         if fp8:  # each step's dot scaled instead of the weight tile (`fp8_linear_scale_dots`)
-            yield linear._linear_kernel, case | dict(FOLD=False, HAS_SCALE=2), t.warps, t.stages
+            yield linear._linear_kernel, case | dict(FOLD=False, HAS_SCALE=2), tiles.warps, tiles.stages
         if fp8 and block_m == 16:  # the most stages `bench/linear.py --sweep --fp8` tries (shared memory)
-            yield linear._linear_kernel, case | dict(FOLD=False, BLOCK_N=128), t.warps, 8
+            yield linear._linear_kernel, case | dict(FOLD=False, BLOCK_N=128), tiles.warps, 8
         if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
-            yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), t.warps, t.stages
+            yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), tiles.warps, tiles.stages
     g = TUNED.fp8_gemm_tiles
     for block_m, has_bias in ((16, False), (g.block_m, True)):
         gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=g.block_n)

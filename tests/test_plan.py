@@ -27,6 +27,9 @@ def test_overrides_reach_nested_fields_and_leave_the_rest():
         with_overrides(KernelPlan(), "fp8_activation_rows=4").fp8_activation_rows == 4
     )  # an int for a float
     assert with_overrides(KernelPlan(), " ; ") == KernelPlan()
+    # tiles that may be None (their shape rule's choice) can be set to None, and reached while set
+    assert with_overrides(KernelPlan(), "fp8_linear_tiles=None").fp8_linear_tiles is None
+    assert with_overrides(KernelPlan(), "fp8_linear_tiles.stages=3").fp8_linear_tiles.stages == 3
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,8 @@ def test_overrides_reach_nested_fields_and_leave_the_rest():
         ("linear_tiles.block_n=1.5", "block_n takes an int, not 1.5"),
         ("linear_tiles.block_n=True", "block_n takes an int, not True"),
         ("moe_table=1", "only scalar fields"),
+        ("linear_tiles=None", "only scalar fields"),  # tiles that must be there
+        ("fp8_linear_tiles=None; fp8_linear_tiles.stages=3", "'fp8_linear_tiles' has no fields"),
         ("decode_pairs.x=1", "'decode_pairs' has no fields"),
     ],
 )

@@ -203,7 +203,8 @@ class KernelPlan:
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch
     # (`attn_decode.paged_decode` with `rotary`), one launch a layer fewer. H100, Qwen3-30B-A3B bf16, batch
-    # 1 (2026-12-06): 3.99 -> 3.92 ms a step base, 4.79 -> 4.64 with 8 adapters.
+    # 1 (2026-12-06): 3.99 -> 3.92 ms a step base, 4.79 -> 4.64 with 8 adapters; GLM-4.5-Air (16 layers,
+    # partial rotary), base: 4.92 -> 4.77.
     rotary_in_decode: bool = True
     # with an FP8 weight (which cuBLAS cannot take without dequantising it into a 16-bit copy first, 3
     # bytes a weight more) at most this many; more, below `fp8_copy_tokens`, take a Triton GEMM scaling
@@ -213,9 +214,13 @@ class KernelPlan:
     # lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time), so it is off (0).
     fp8_linear_tokens: int = 32
     # the one launch's tiles with an FP8 weight (None: `linear_tiles`). A K step lies in one scale group
-    # (128 columns): half the bytes of a 16-bit step, so more stages keep as many in flight. Untimed
-    # (2026-12-06): `python bench/linear.py --sweep --fp8` times the variants.
-    fp8_linear_tiles: LinearTiles | None = None
+    # (128 columns): half the bytes of a 16-bit step. H100, Qwen3-30B-A3B `-q fp8`, batch 1, ms a step
+    # base / 8 adapters (2026-12-06, one call): `linear_tiles` (64 wide, 4 stages) 3.54 / 4.62; 32 wide
+    # with 4 stages 3.43 / 4.18; 64 wide with 6 stages 3.46 / 4.59; 32 wide with 6 stages 3.35 / 4.09.
+    # (`bench/linear.py --sweep --fp8` had the same tiles first of 27 by its sum over q/k/v and o, within
+    # its noise of the next ten.) The 16-bit launch gained nothing from either change (3.92 / 4.79 with
+    # both against 3.91 / 4.64).
+    fp8_linear_tiles: LinearTiles | None = LinearTiles(32, 128, 4, 6, 1, 256)
     fp8_copy_tokens: int = 0
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
     # In the one launch with an FP8 weight, each K step's dot takes the weights as they are (exact in 16
@@ -264,7 +269,8 @@ def with_overrides(plan: KernelPlan, spec: str) -> KernelPlan:
     """`plan` with the scalar fields `spec` names changed: `path=value` items separated by `;` or `,`, a
     path of field names through nested plans (`linear_tiles.programs_per_sm=3`,
     `decode_tiles.fp8_block_k=256`, `fp8_activation_rows=None`), each value a Python literal of the
-    field's type (an int, float, bool, string or None). Tables are not overridable here."""
+    field's type (an int, float, bool, string or None). A field of tiles typed `... | None` takes None
+    (`fp8_linear_tiles=None`). Tables are not overridable here."""
     out = plan
     for item in (part.strip() for part in spec.replace(",", ";").split(";")):
         if not item:
@@ -293,6 +299,9 @@ def _replace_path(obj: Any, path: list[str], value: Any, item: str) -> Any:
             raise ValueError(f"MOELORA_PLAN item {item!r}: {path[0]!r} has no fields")
         return replace(obj, **{path[0]: _replace_path(current, path[1:], value, item)})
     scalar = (bool, int, float, str, type(None))
+    field_type = next(str(f.type) for f in dataclasses.fields(obj) if f.name == path[0])
+    if value is None and "None" in field_type:  # tiles that may be None (`fp8_linear_tiles=None`)
+        return replace(obj, **{path[0]: None})
     if not isinstance(current, scalar) or not isinstance(value, scalar):
         raise ValueError(f"MOELORA_PLAN item {item!r}: only scalar fields take a value here")
     if current is not None and value is not None:  # the field's type (an int where a float is)
