@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from moelora import LLM
+from moelora import LLM, ops
 from moelora.benchmark.args import LatencyArgs, WorkloadArgs
-from moelora.benchmark.latency import run_latency, split_steps
+from moelora.benchmark.latency import print_latency, run_latency, split_steps
 from moelora.benchmark.session import open_session
 from moelora.benchmark.workload import BASE, Mix, PromptMaker, build_mixes
 from moelora.cli import main
 from moelora.lora.dummy import DummyLora
+from moelora.ops.plan import TUNED, KernelPlan
 
 TINY = "preset:tiny-qwen3-moe"
 
@@ -82,6 +84,41 @@ def test_latency_decode_steps_are_the_engine_s_timestamps(tiny_llm):
     assert steps == [b.end - a.end for a, b in itertools.pairwise(last_run)]
 
 
+def test_plan_variants_run_every_row_under_each_plan_in_one_process(tiny_llm, monkeypatch, capsys):
+    """`--plan-variants`: the rows run under each plan in turn, every decode step of a variant's rows
+    taking that plan through the ops' default argument; the start plan is back afterwards; a bad variant
+    is refused before the model loads."""
+    w = WorkloadArgs(input_len=16, output_len=4)
+    session = open_session(tiny_llm, w, ["dummy-0"], seed=0)
+    executor = tiny_llm.engine.executor
+    seen: list[bool] = []  # the plan a decode step's ops take by default, at each step
+    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"]
+    real_step = executor.step
+    monkeypatch.setattr(executor, "step", lambda *a, **k: (seen.append(default.default.rotary_in_decode),
+                                                            real_step(*a, **k))[1])  # fmt: skip
+    start = TUNED.rotary_in_decode
+    args = LatencyArgs(batch_size=(1, 2), num_iters=1, num_iters_warmup=0,
+                       plan_variants=("", "rotary_in_decode=False"))  # fmt: skip
+    rows = run_latency(session, args)
+    assert [(r.plan, r.batch, r.mix) for r in rows] == [
+        (p, b, m) for p in ("", "rotary_in_decode=False") for b in (1, 2) for m in ("base", "1 adapter")
+    ]
+    steps_per_plan = len(seen) // 2  # both plans ran the same rows, so the same steps
+    assert seen == [start] * steps_per_plan + [False] * steps_per_plan and start is True
+    assert TUNED.rotary_in_decode is start
+    print_latency(session, rows)
+    out = capsys.readouterr().out
+    assert "| plan | batch |" in out and "| 'rotary_in_decode=False' | 2 | 1 adapter |" in out
+    assert out.count("| 100% |") == 4  # each plan's base row against itself
+
+
+def test_use_plan_waits_for_the_engine_to_be_empty(tiny_llm, monkeypatch):
+    monkeypatch.setattr(tiny_llm.engine.scheduler, "has_work", lambda: True)
+    with pytest.raises(RuntimeError, match="requests are running or waiting"):
+        tiny_llm.engine.use_plan("decode_pairs=3")
+    assert TUNED.decode_pairs == KernelPlan().decode_pairs
+
+
 def test_a_batch_the_kv_cache_holds_only_in_waves_is_reported_as_what_ran(capsys):
     """4 sequences of 30 tokens need 8 blocks of 16; with 4 the engine runs them in waves of 2. The row
     counts the tokens the decode steps generated, takes the floor of the sequences a step ran, and says
@@ -132,6 +169,11 @@ def test_bench_cli_runs_and_writes_json(tmp_path: Path, capsys):
         (["--load-format", "safetensors"], "has no weights"),
         (["--dummy-loras", "1", "--dummy-lora-targets", "router"], "choose from attn"),
         (["--hf-overrides", "[1]"], "must be a JSON object"),
+        (
+            ["--plan-variants", "", "rotary_in_decode=1"],
+            "--plan-variants: MOELORA_PLAN item 'rotary_in_decode=1'",
+        ),
+        (["--plan-variants", "pdl=False", "pdl=False"], "names a plan twice"),
     ],
 )
 def test_bench_errors_are_clear(flags, message, capsys):

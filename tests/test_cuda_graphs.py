@@ -17,7 +17,11 @@ def run(cuda_graphs: bool, tmp_path) -> tuple[list, LLM]:
     adapters = demo_adapter_paths(tmp_path)
     llm = LLM("demo", device="cuda", dtype="bfloat16", progress=False, lora_modules=adapters,
               cuda_graphs=cuda_graphs)  # fmt: skip
-    names = [None, *adapters]
+    return run_on(llm, tmp_path)
+
+
+def run_on(llm: LLM, tmp_path) -> tuple[list, LLM]:
+    names = [None, *demo_adapter_paths(tmp_path)]
     prompts, loras, params = [], [], []
     for i, prompt in enumerate(PROMPTS * 3):
         prompts.append(prompt)
@@ -39,13 +43,18 @@ def test_graph_replay_equals_eager(tmp_path):
         assert graphs is not None and graphs.replays > 20
         assert {lora for _, lora in graphs._graphs} == {True, False}
         assert len({size for size, _ in graphs._graphs}) >= 3
-        for a, b in zip(eager, graphed, strict=True):
-            assert a.token_ids == b.token_ids
-            for x, y in zip(a.logprobs, b.logprobs, strict=True):
-                for tok in set(x) & set(y):
-                    assert abs(x[tok] - y[tok]) < 0.05
+        assert_same(eager, graphed)
     finally:
         llm_g.shutdown()
+
+
+def assert_same(first: list, second: list) -> None:
+    """The same tokens, and log-probs within a bf16 run's rounding."""
+    for a, b in zip(first, second, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            for tok in set(x) & set(y):
+                assert abs(x[tok] - y[tok]) < 0.05
 
 
 def test_async_scheduling_equals_waiting_steps(tmp_path):
@@ -124,3 +133,21 @@ def test_hard_families_graphs_equal_eager(family, tmp_path):
                 break  # a near-tie: the next tokens may follow either branch
     assert compared >= 24
     assert gaps[True] <= 2 * gaps[False] + 0.02, gaps
+
+
+def test_a_new_plan_drops_the_graphs_and_recaptures_them(tmp_path):
+    """`Engine.use_plan` (`bench latency --plan-variants`): the graphs captured under the old plan are
+    dropped, the next steps capture them again under the new one, and a plan that changes only how kernels
+    are launched (`pdl`) gives the same tokens as before."""
+    before, llm = run(True, tmp_path)
+    graphs = llm.engine.executor.runner.graphs
+    try:
+        assert graphs is not None and graphs._graphs
+        llm.engine.use_plan("pdl=False")
+        assert not graphs._graphs
+        after, _ = run_on(llm, tmp_path)
+        assert graphs._graphs and llm.engine.executor.runner.graphs is graphs
+        assert_same(before, after)
+    finally:
+        llm.engine.use_plan("")
+        llm.shutdown()

@@ -351,7 +351,8 @@ def test_the_parent_watch_ends_an_orphan(tmp_path: Path):
 
 def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
     """The copy of a shared prompt's partial block is repeated on the workers, and a prompt's cached
-    prefix blocks are reused on every rank: the same completions as one process."""
+    prefix blocks are reused on every rank: the same completions as one process (and after a change of
+    kernel plan, which every rank takes)."""
     params = SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=6, ignore_eos=True)
     prompt = [5, 17, 33, 2, 90, 41, 7]  # 7 tokens: the last block (of 4) is partial
     outs = {}
@@ -364,6 +365,11 @@ def test_n_completions_share_the_prompt_on_every_rank(checkpoints, one_thread):
             hits = llm.engine.allocator.hits
             again = [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
             assert llm.engine.allocator.hits > hits and again == outs[tp]
+            llm.engine.use_plan("decode_pairs=3")  # every rank takes the message (`UsePlan`) and goes on
+            try:
+                assert [c.token_ids for c in llm.generate([prompt], params)[0].outputs] == outs[tp]
+            finally:
+                llm.engine.use_plan("")
     assert outs[1] == outs[2]
 
 

@@ -3,13 +3,16 @@ variant can be timed in the whole model; read once at import, refused with a mes
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
-from moelora.ops.plan import TUNED, KernelPlan, with_overrides
+from moelora import ops
+from moelora.ops.plan import TUNED, KernelPlan, use_plan, with_overrides
 
 
 def test_overrides_reach_nested_fields_and_leave_the_rest():
@@ -62,3 +65,24 @@ def test_the_environment_sets_the_process_plan():
     env["MOELORA_PLAN"] = "decode_pairs=x"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "MOELORA_PLAN item 'decode_pairs=x'" in bad.stderr
+
+
+def test_use_plan_changes_the_plan_every_op_takes_and_restores_it():
+    """`use_plan` (`bench latency --plan-variants`): the ops' default plan is TUNED itself, changed in
+    place, so the next call of any op takes the new plan; "" gives back the start plan; a bad spec changes
+    nothing."""
+    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"].default
+    start = replace(TUNED)  # a copy
+    try:
+        plan = use_plan("rotary_in_decode=False, linear_tiles.stages=3")
+        assert plan is TUNED and default is TUNED
+        assert default.rotary_in_decode is False and default.linear_tiles.stages == 3
+        assert inspect.signature(ops.linear).parameters["plan"].default.linear_tiles.stages == 3
+        use_plan("decode_pairs=5")  # each spec starts again from the start plan
+        assert TUNED.decode_pairs == 5 and TUNED.rotary_in_decode == start.rotary_in_decode
+        with pytest.raises(ValueError, match="MOELORA_PLAN item 'nope=1'"):
+            use_plan("nope=1")
+        assert TUNED.decode_pairs == 5
+    finally:
+        use_plan("")
+    assert start == TUNED

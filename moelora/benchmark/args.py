@@ -60,10 +60,26 @@ class LatencyArgs:
     profile: str | None = option(
         None, "also profile a few decode steps of each row (torch.profiler) into this folder"
     )
+    plan_variants: tuple[str, ...] = option(
+        (),
+        "kernel plans to compare in this one process, each in MOELORA_PLAN's syntax on top of the plan it "
+        "started with ('' for that plan itself), e.g. '' 'rotary_in_decode=False': every row runs under "
+        "each in turn, its CUDA graphs captured again (same weights, memory and compiled kernels)",
+        nargs="+",
+    )
 
     def __post_init__(self) -> None:
+        from moelora.ops.plan import KernelPlan, with_overrides
+
         if not self.batch_size or min(self.batch_size) < 1:
             raise ValueError(f"--batch-size needs sizes >= 1, got {list(self.batch_size)}")
+        for spec in self.plan_variants:  # refused before the model loads
+            try:
+                with_overrides(KernelPlan(), spec)
+            except ValueError as e:
+                raise ValueError(f"--plan-variants: {e}") from None
+        if len(set(self.plan_variants)) < len(self.plan_variants):
+            raise ValueError(f"--plan-variants names a plan twice: {list(self.plan_variants)}")
         if self.num_iters < 1 or self.num_iters_warmup < 0:
             raise ValueError(
                 f"--num-iters must be >= 1 and --num-iters-warmup >= 0, got {self.num_iters}, "

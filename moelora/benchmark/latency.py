@@ -70,6 +70,7 @@ def run_batch(session: Session, batch: int, mix: Mix) -> Iteration:
 class Row:
     batch: int
     mix: str
+    plan: str = ""  # the `--plan-variants` item it ran under ("" without variants or for the start plan)
     iterations: list[Iteration] = field(default_factory=list)
     floor_ms: float = 0.0
     prefill_gflop: float = 0.0
@@ -108,6 +109,7 @@ class Row:
         return {
             "batch": self.batch,
             "mix": self.mix,
+            "plan": self.plan,
             "prefill_ms": self.prefill_ms,
             "decode_ms_p50": percentile(steps, 50),
             "decode_ms_p90": percentile(steps, 90),
@@ -125,14 +127,25 @@ class Row:
 
 
 def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
+    """Every row (batch size x mix), under each of `--plan-variants` in turn (the plan switched and the
+    decode graphs captured again between them), in one process."""
     w = session.workload
     context = w.input_len + w.output_len / 2  # the mean KV length a decode step reads
-    rows = [Row(b, m.name) for b in args.batch_size for m in session.mixes]
+    plans = args.plan_variants or ("",)
+    rows = [Row(b, m.name, p) for p in plans for b in args.batch_size for m in session.mixes]
     mixes = {m.name: m for m in session.mixes}
     total = len(rows) * (args.num_iters + args.num_iters_warmup)
     mb, cfg, engine = session.model, session.llm.model.cfg, session.llm.engine
+    plan = ""  # the plan the session captured its graphs with (the start plan)
     with tqdm(total=total, desc="bench latency", unit="run", disable=not session.llm.args.progress) as bar:
         for row in rows:
+            if args.plan_variants and row.plan != plan:
+                plan = row.plan
+                start = time.perf_counter()
+                engine.use_plan(plan)
+                captured = engine.capture_graphs()
+                took = f": captured {captured} decode graphs in {time.perf_counter() - start:.1f} s"
+                bar.write(f"plan {plan!r}{took if captured else ''}")
             mix = mixes[row.mix]
             lens = [w.input_len] * row.batch
             row.prefill_gflop = prefill_flops(mb, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
@@ -150,7 +163,8 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
             row.floor_ms = session.floor_ms(mix, row.running, context)
             s = row.summary()
             bar.write(
-                f"batch {row.batch} {row.mix}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
+                f"{f'[{row.plan}] ' if row.plan else ''}batch {row.batch} {row.mix}: prefill "
+                f"{fmt(s['prefill_ms'], 1)} ms, decode "
                 f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
                 f"{fmt(s['decode_tok_s'], 0)} tok/s"
             )
@@ -158,6 +172,8 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
                 bar.write(waves_warning(session, row))
             if args.profile:
                 profile_row(session, row, mix, Path(args.profile))
+    if args.plan_variants:
+        engine.use_plan("")  # the plan the process started with, for whatever runs next
     return rows
 
 
@@ -183,7 +199,10 @@ def waves_warning(session: Session, row: Row) -> str:
 
 
 def print_latency(session: Session, rows: list[Row]) -> None:
-    base = {r.batch: r.decode_tok_s for r in rows if r.mix == "base"}
+    """The rows as a table ("vs base": the base row of the same batch and plan); with `--plan-variants` a
+    first column names each row's plan."""
+    base = {(r.plan, r.batch): r.decode_tok_s for r in rows if r.mix == "base"}
+    variants = any(r.plan for r in rows)
     gemm = session.ceilings.gemm_flops
     table = []
     for r in rows:
@@ -192,15 +211,17 @@ def print_latency(session: Session, rows: list[Row]) -> None:
         flag = " BELOW FLOOR" if share is not None and share > 1 else ""
         batch = str(r.batch) if r.running == r.batch else f"{r.batch} (ran {r.running})"
         prefill_rate = r.prefill_gflop * 1e9 / (r.prefill_ms / 1e3) if r.prefill_ms else float("nan")
+        own_base = base.get((r.plan, r.batch))
         table.append(
             [
+                *([repr(r.plan)] if variants else []),
                 batch,
                 r.mix,
                 fmt(s["prefill_ms"], 1),
                 fmt(prefill_rate / gemm * 100, 0) + "%" if gemm else "-",
                 f"{fmt(s['decode_ms_p50'])} / {fmt(s['decode_ms_p90'])} / {fmt(s['decode_ms_p99'])}",
                 fmt(s["decode_tok_s"], 0),
-                fmt(s["decode_tok_s"] / base[r.batch] * 100, 0) + "%" if r.batch in base else "-",
+                fmt(s["decode_tok_s"] / own_base * 100, 0) + "%" if own_base else "-",
                 fmt(r.floor_ms),
                 (fmt(share * 100, 0) + "%" if share is not None else "-") + flag,
                 fmt(s["spread"], 3),
@@ -211,8 +232,8 @@ def print_latency(session: Session, rows: list[Row]) -> None:
         f"bench latency: input {w.input_len}, output {w.output_len}, {session.env['device']}, "
         f"{session.settings()['dtype']}; floor = bytes a decode step reads at "
         f"{session.ceilings.bytes_per_s / 1e12:.2f} TB/s (the faster of a measured copy and read)",
-        ["batch", "mix", "prefill ms", "prefill / GEMM rate", "decode ms/step p50 / p90 / p99",
-         "decode tok/s", "vs base", "floor ms", "floor / p50", "spread"],
+        [*(["plan"] if variants else []), "batch", "mix", "prefill ms", "prefill / GEMM rate",
+         "decode ms/step p50 / p90 / p99", "decode tok/s", "vs base", "floor ms", "floor / p50", "spread"],
         table,
     )  # fmt: skip
 
@@ -231,7 +252,8 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         llm.generate(prompts, params, lora=loras)
     key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in row.mix)}"
+    name = f"{row.mix}_{row.plan}" if row.plan else row.mix
+    stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in name)}"
     text = prof.key_averages().table(sort_by=key, row_limit=40)
     if llm.device.type == "cuda" and _dependent_launches(llm.device):
         text = (

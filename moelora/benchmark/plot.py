@@ -18,11 +18,16 @@ def _pyplot() -> Any:
 
 
 def plot_latency(path: str, rows: Sequence[dict[str, Any]], title: str) -> None:
-    """Decode tokens/s against batch size (one line per mix), and ms per step against the byte floor."""
+    """Decode tokens/s against batch size (one line per mix, and plan with `--plan-variants`), and ms per
+    step against the byte floor."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mix in dict.fromkeys(r["mix"] for r in rows):
-        mine = sorted((r for r in rows if r["mix"] == mix), key=lambda r: r["batch"])
+
+    def label(r: dict[str, Any]) -> str:
+        return f"{r['mix']} [{r['plan']}]" if r.get("plan") else r["mix"]
+
+    for mix in dict.fromkeys(label(r) for r in rows):
+        mine = sorted((r for r in rows if label(r) == mix), key=lambda r: r["batch"])
         batches = [r["batch"] for r in mine]
         (line,) = left.plot(batches, [r["decode_tok_s"] for r in mine], marker="o", label=mix)
         color = line.get_color()

@@ -47,14 +47,18 @@ def build_mixes(args: WorkloadArgs, loaded: Sequence[str]) -> list[Mix]:
         shares: list[tuple[str | None, float]] = [(a, (1 - args.base_share) / n) for a in loaded[:n]]
         if args.base_share:
             shares.append((None, args.base_share))
-        label = f"{n} adapters" + (f" + {args.base_share:.0%} base" if args.base_share else "")
+        label = _adapters(n) + (f" + {args.base_share:.0%} base" if args.base_share else "")
         mixes.append(Mix(label, tuple(shares)))
     mixes += [parse_mix(text, loaded) for text in args.lora_mix]
     if loaded and not args.loras_per_batch and not args.lora_mix:
-        mixes.append(Mix(f"{len(loaded)} adapters", tuple((a, 1.0) for a in loaded)))
+        mixes.append(Mix(_adapters(len(loaded)), tuple((a, 1.0) for a in loaded)))
     if not mixes:
         raise ValueError("nothing to run: with --no-base-row give --lora-mix or --loras-per-batch")
     return mixes
+
+
+def _adapters(n: int) -> str:
+    return f"{n} adapter{'s' if n != 1 else ''}"
 
 
 def parse_mix(text: str, loaded: Sequence[str]) -> Mix:

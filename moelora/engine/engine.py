@@ -48,6 +48,7 @@ from moelora.lora.manager import LoraInfo, LoraManager
 from moelora.lora.pool import pool_bytes
 from moelora.models.config import activation_bytes
 from moelora.models.decoder import MoeForCausalLM
+from moelora.ops.plan import KernelPlan
 from moelora.outputs import Logprobs, RequestDelta
 from moelora.parallel.launch import WorkerGroup
 from moelora.sampling_params import SamplingParams
@@ -398,6 +399,17 @@ class Engine:
         """Capture the decode CUDA graphs of every batch size now (with adapters too when adapters are
         on) instead of at each size's first step; the number captured (0 when graphs are not used)."""
         return self.executor.capture_graphs(lora=self.loras is not None)
+
+    def use_plan(self, spec: str) -> KernelPlan:
+        """Run later steps with the kernel plan `spec` gives (`MOELORA_PLAN` syntax, applied to the plan
+        the process started with; "" restores it), on every rank; the decode graphs are captured again
+        (at their next step, or all at once by `capture_graphs`). Only while no request is in the engine,
+        so that no request runs under two plans. For comparing plans in one process (`moelora bench
+        latency --plan-variants`)."""
+        with self._lock:
+            if self.scheduler.has_work():
+                raise RuntimeError("use_plan: requests are running or waiting; change the plan between them")
+            return self.executor.use_plan(spec)
 
     def forward_logits(self, ids: list[int], seq_lens: tuple[int, ...]) -> torch.Tensor:
         """A cacheless forward pass of prompts given flat (every rank): fp32 logits [len(ids), V]."""

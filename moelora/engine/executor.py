@@ -29,6 +29,7 @@ from moelora.engine.messages import (
     Init,
     Message,
     Step,
+    UsePlan,
     WriteSlot,
 )
 from moelora.engine.runner import ModelRunner, StepInput
@@ -36,6 +37,7 @@ from moelora.lora.adapter import AdapterError, LoraAdapter
 from moelora.lora.pool import LoraPool
 from moelora.lora.source import load_adapter
 from moelora.models.decoder import MoeForCausalLM
+from moelora.ops.plan import KernelPlan, use_plan, with_overrides
 from moelora.parallel.comm import broadcast
 from moelora.parallel.launch import WorkerChannel, WorkerGroup
 from moelora.parallel.sharding import place_experts
@@ -170,6 +172,20 @@ class Executor:
                 _LOG.warning("CUDA graphs turned off, decode runs eagerly from now on", exc_info=True)
                 runner.graphs = None
                 return 0
+
+    def use_plan(self, spec: str) -> KernelPlan:
+        """Every rank's kernel plan becomes `ops.plan.use_plan(spec)`, its decode graphs dropped (the
+        next decode step or `capture_graphs` captures them with the new plan); the plan. A spec
+        `MOELORA_PLAN` would refuse is refused here, before any rank changes."""
+        with_overrides(KernelPlan(), spec)
+        return self._everywhere(UsePlan(spec), lambda: self.run_use_plan(spec))
+
+    def run_use_plan(self, spec: str) -> KernelPlan:
+        runner = self.runner
+        with runner.lock:
+            if runner.graphs is not None:
+                runner.graphs.drop()
+            return use_plan(spec)
 
     def release(self) -> None:
         """Drop the device memory this rank holds (graphs and their pool, KV and state caches, adapter

@@ -143,6 +143,14 @@ class DecodeGraphs:
             self._graphs[(size, lora)] = self._capture(size, lora)
         return len(missing)
 
+    def drop(self) -> None:
+        """Forget every captured graph (after the card has finished their replays); each size is captured
+        again at its next step or `capture_all`. For a changed kernel plan: a graph keeps the kernels it
+        was captured with."""
+        if self.capture and self._graphs:
+            torch.cuda.synchronize(self.ids.device)
+        self._graphs.clear()
+
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 

@@ -87,6 +87,17 @@ class CaptureGraphs:
 
 
 @dataclass(frozen=True)
+class UsePlan:
+    """Change the process's kernel plan (`ops.plan.use_plan`) and drop the decode graphs captured with the
+    old one, on every rank alike."""
+
+    spec: str
+
+    def apply(self, executor: Executor) -> None:
+        executor.run_use_plan(self.spec)
+
+
+@dataclass(frozen=True)
 class CopyState:
     """Copy a sequence's linear-attention states to another slot (n > 1 completions of one prompt)."""
 
@@ -105,4 +116,6 @@ class Stop:
         raise AssertionError("Stop ends the worker loop; it is never applied")
 
 
-Message = Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | CopyState | CaptureGraphs | Stop
+Message = (
+    Init | Step | Forward | WriteSlot | ClearSlot | CopyBlock | CopyState | CaptureGraphs | UsePlan | Stop
+)

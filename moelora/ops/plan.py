@@ -318,3 +318,18 @@ def _a(noun: str) -> str:
 
 
 TUNED = with_overrides(KernelPlan(), os.environ.get("MOELORA_PLAN", ""))
+_AT_START = replace(TUNED)  # TUNED as the process started (MOELORA_PLAN applied), for `use_plan`
+
+
+def use_plan(spec: str) -> KernelPlan:
+    """Make the process's plan `with_overrides(<the plan at start-up>, spec)` ("" restores it) and return it.
+
+    TUNED is changed in place: every op reads it when called (its `plan` argument's default is TUNED, and
+    nothing caches a choice made from it), so the next call takes the new plan. For comparing plans in one
+    process (`moelora bench latency --plan-variants`): the same weights, memory and warm caches for every
+    variant. A captured CUDA graph keeps the kernels it was captured with, so the caller captures again
+    (`Engine.use_plan`). A bad spec is refused before anything changes."""
+    new = with_overrides(_AT_START, spec)
+    for f in dataclasses.fields(KernelPlan):
+        object.__setattr__(TUNED, f.name, getattr(new, f.name))  # (frozen: nothing else may change it)
+    return TUNED

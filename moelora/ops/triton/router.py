@@ -195,13 +195,13 @@ def router(
     k_chunk: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
-    pdl: bool = TUNED.pdl,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
     16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
     cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
     for benchmarks; the defaults are the measured best. `pdl`: launched as a programmatic dependent
-    (`common.dependent_launch`)."""
+    (`common.dependent_launch`; None: the plan's `pdl`)."""
     if not _one_launch(x, weight):
         return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
     weights, ids, _, _ = _launch(
@@ -220,7 +220,7 @@ def add_norm_router(
     top_k: int,
     renormalize: bool,
     fp32_weights: bool,
-    pdl: bool = TUNED.pdl,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.add_norm_router`: for a few tokens the
     residual add, the RMSNorm, the router's linear layer and its top-k in one launch (`_router_kernel`
@@ -258,7 +258,7 @@ def _launch(
     k_chunk: int | None,
     block_k: int | None,
     num_warps: int,
-    pdl: bool,
+    pdl: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one-launch router -> (weights, ids, h, s); with `norm` = (residual, norm weight, eps,
     weight_first) its input is RMSNorm(x + residual), returned as h with the sums s (else h = s = x)."""
@@ -284,7 +284,7 @@ def _launch(
     if norm is not None:
         residual, norm_weight, eps, weight_first = norm
         h, s = torch.empty(num_tokens, in_dim, dtype=x.dtype, device=x.device), torch.empty_like(h)
-    pdl = dependent_launch(x.device, pdl)
+    pdl = dependent_launch(x.device, TUNED.pdl if pdl is None else pdl)
     line = 128 // weight.element_size()  # weights a 128-byte cache line holds
     _router_kernel[(splits,)](
         x, weight, part, weights, ids, launch_counters(x.device, 1), residual, norm_weight, h, s,
