@@ -295,8 +295,12 @@ def linear_cases() -> Iterator[Case]:
         if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
             yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), tiles.warps, tiles.stages
     g = TUNED.fp8_gemm_tiles
-    for block_m, has_bias in ((16, False), (g.block_m, True)):
-        gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=g.block_n)
+    # 40 to 64 tokens of Qwen3's q/k/v: tiles narrowed to fill the card (`fp8_linear.filled_block_n`)
+    narrow = {fp8_linear.filled_block_n(g.block_n, rows, 5120, 132) for rows in (1, 2)}
+    for block_m, has_bias, block_n in [(16, False, g.block_n), (g.block_m, True, g.block_n)] + [
+        (g.block_m, False, n) for n in sorted(narrow - {g.block_n})
+    ]:
+        gemm = dict(IN_DIM=2048, GROUP=128, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n)
         gemm |= dict(BLOCK_K=min(g.block_k, 128), GROUP_M=g.group_m, PRECISION="tf32", fp8=True)
         yield fp8_linear._fp8_matmul_kernel, gemm, g.warps, g.stages
     yield fp8_linear._dequantize_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, fp8=True), 4

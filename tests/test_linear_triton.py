@@ -248,6 +248,22 @@ def test_fp8_matmul_matches_twin():
     close(got, torch_lora.linear(x, w8, b, None, None, (72,), scales), TOL[torch.float32])
 
 
+def test_fp8_matmul_narrows_its_tiles_to_fill_the_card():
+    """`filled_block_n`: a few row blocks of 128-wide tiles leave SMs idle, so the tiles narrow (never below
+    32); with enough row blocks they stay. The narrowed GEMM against the twin (8 row blocks of 16, 64-wide
+    tiles asked for: 32 taken)."""
+    assert triton_fp8.filled_block_n(128, 1, 5120, 132) == 32  # 40 -> 80 -> 160 programs
+    assert triton_fp8.filled_block_n(128, 2, 5120, 132) == 64  # 80 -> 160
+    assert triton_fp8.filled_block_n(128, 32, 5120, 132) == 128
+    assert triton_fp8.filled_block_n(32, 1, 64, 132) == 32
+    g = torch.Generator().manual_seed(12)
+    x = rand(g, 120, 64)
+    w8, scales = fp8_weight(g, 96, 64, 32)
+    plan = replace(TUNED, fp8_gemm_tiles=Tiles(16, 64, 32, 4, 2, group_m=2))
+    got = triton_fp8.fp8_matmul(x, w8, scales, None, plan)
+    close(got, torch_lora.linear(x, w8, None, None, None, (96,), scales), TOL[torch.float32])
+
+
 def test_fp8_dequantize_is_exact():
     """The kernel that gives cuBLAS its 16-bit copy: W8 times its rows' scales, as the twin computes it."""
     g = torch.Generator().manual_seed(9)

@@ -222,6 +222,10 @@ class KernelPlan:
     # both against 3.91 / 4.64).
     fp8_linear_tiles: LinearTiles | None = LinearTiles(32, 128, 4, 6, 1, 256)
     fp8_copy_tokens: int = 0
+    # (its tiles narrowed to 32-64 columns where one row block would leave SMs idle: `fp8_linear.
+    # filled_block_n`, 2026-12-06, untimed; the measurements above had 128-wide tiles only, 40 programs
+    # at up to 64 tokens on Qwen3's q/k/v. `bench latency -q fp8 --batch-size 64 --plan-variants ''
+    # fp8_copy_tokens=4096` times it in the model.)
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
     # In the one launch with an FP8 weight, each K step's dot takes the weights as they are (exact in 16
     # bits) and is then scaled by its rows' scales ([tokens, columns] multiplies), instead of scaling the
