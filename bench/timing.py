@@ -31,16 +31,26 @@ def events_us(fn: Callable[[], object], reps: int) -> float:
     return begin.elapsed_time(end) * 1e3 / reps
 
 
-def graph_us(fn: Callable[[], object], calls: int = 1, reps: int = 7) -> float:
-    """Median over `reps` replays of a CUDA graph of `calls` captured calls (after one eager warm-up call
-    and three replays), per call."""
+def graph_us(fn: Callable[[], object], calls: int = 1, reps: int = 7, warm_ms: float = 20.0) -> float:
+    """Median over `reps` replays of a CUDA graph of `calls` captured calls, per call. Before them: one
+    eager call, then replays for about `warm_ms` of device time (at least three). The card's clocks drop
+    while the host compiles and captures a variant; timed right after a few replays, a variant would be
+    timed partly at the lower clocks. (A guess at part of the noise of the 2026-12-06 FP8 tile sweep, where
+    variants one input split apart differed by up to 25% in a cell; not yet checked on a card.)"""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    each_ms = max(begin.elapsed_time(end) / 3, 1e-3)
+    for _ in range(min(10_000, int(warm_ms / each_ms))):
         graph.replay()
     times = []
     for _ in range(reps):
