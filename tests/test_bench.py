@@ -14,7 +14,14 @@ import pytest
 
 from moelora import LLM, ops
 from moelora.benchmark.args import LatencyArgs, WorkloadArgs
-from moelora.benchmark.latency import print_latency, run_latency, split_steps
+from moelora.benchmark.latency import (
+    Row,
+    kernel_table,
+    per_decode_step,
+    print_latency,
+    run_latency,
+    split_steps,
+)
 from moelora.benchmark.session import open_session
 from moelora.benchmark.workload import BASE, Mix, PromptMaker, build_mixes
 from moelora.cli import main
@@ -110,6 +117,40 @@ def test_plan_variants_run_every_row_under_each_plan_in_one_process(tiny_llm, mo
     out = capsys.readouterr().out
     assert "| plan | batch |" in out and "| 'rotary_in_decode=False' | 2 | 1 adapter |" in out
     assert out.count("| 100% |") == 4  # each plan's base row against itself
+
+
+def test_profile_tables_each_kernel_a_decode_step_side_by_side():
+    """`--profile`: a kernel's time a decode step is its time in the profiled run less that in a prefill
+    alone, over the decode steps; the rows' kernels side by side, largest first, the last row less the
+    first, the kernels past the top summed."""
+    run = {"gemv": 70.0, "prefill_gemm": 40.0, "norm": 7.0}
+    prefill = {"prefill_gemm": 40.0, "gemv": 0.0, "norm": 1.0}
+    assert per_decode_step(run, prefill, 7) == {"gemv": 10.0, "norm": 6.0 / 7}
+    base, mixed = Row(1, "base"), Row(1, "8 adapters", "rotary_in_decode=False")
+    base.kernel_us = {"gemv": 10.0, "norm": 2.0, "router": 1.0}
+    mixed.kernel_us = {"gemv": 12.5, "lora_shrink": 3.0, "norm": 2.0}
+    text = kernel_table([base, mixed], top=2)
+    lines = text.splitlines()
+    assert (
+        lines[1] == "| kernel | batch 1 base | [rotary_in_decode=False] batch 1 8 adapters | last - first |"
+    )
+    assert lines[3:] == [
+        "| gemv | 10.00 | 12.50 | 2.50 |",
+        "| lora_shrink | 0.00 | 3.00 | 3.00 |",
+        "| 2 others | 3.00 | 2.00 | -1.00 |",
+        "| all kernels | 13.00 | 17.50 | 4.50 |",
+    ]
+
+
+@pytest.mark.gpu
+def test_profile_writes_the_decode_kernels_on_a_gpu(tmp_path: Path, capsys):
+    """On the card the profiler sees the kernels of the engine's thread and of graph replays."""
+    argv = ["bench", "latency", "demo", "--no-progress", "--batch-size", "1", "--input-len", "16",
+            "--output-len", "8", "--num-iters", "1", "--profile", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    table = (tmp_path / "decode_kernels.md").read_text()
+    assert "| all kernels |" in table and "_kernel" in table  # Triton kernels by name
+    assert "decode-step kernels" in capsys.readouterr().out
 
 
 def test_use_plan_waits_for_the_engine_to_be_empty(tiny_llm, monkeypatch):

@@ -74,6 +74,11 @@ class Row:
     iterations: list[Iteration] = field(default_factory=list)
     floor_ms: float = 0.0
     prefill_gflop: float = 0.0
+    kernel_us: dict[str, float] = field(default_factory=dict)  # --profile: each kernel's time a decode step
+
+    @property
+    def label(self) -> str:
+        return f"{f'[{self.plan}] ' if self.plan else ''}batch {self.batch} {self.mix}"
 
     @property
     def steps_ms(self) -> list[float]:
@@ -122,6 +127,7 @@ class Row:
             "decode_seqs_p50": self.running,
             "generated_tokens": sum(it.generated for it in self.iterations),
             "preemptions": sum(it.preemptions for it in self.iterations),
+            "decode_kernel_us": self.kernel_us,
             "iterations": [asdict(it) for it in self.iterations],
         }
 
@@ -163,8 +169,7 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
             row.floor_ms = session.floor_ms(mix, row.running, context)
             s = row.summary()
             bar.write(
-                f"{f'[{row.plan}] ' if row.plan else ''}batch {row.batch} {row.mix}: prefill "
-                f"{fmt(s['prefill_ms'], 1)} ms, decode "
+                f"{row.label}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
                 f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
                 f"{fmt(s['decode_tok_s'], 0)} tok/s"
             )
@@ -174,7 +179,45 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
                 profile_row(session, row, mix, Path(args.profile))
     if args.plan_variants:
         engine.use_plan("")  # the plan the process started with, for whatever runs next
+    if args.profile and any(r.kernel_us for r in rows):
+        table = kernel_table(rows)
+        (Path(args.profile) / "decode_kernels.md").write_text(table)
+        print(table)
     return rows
+
+
+def kernel_table(rows: list[Row], top: int = 30) -> str:
+    """The profiled rows' kernels side by side, us a decode step (`--profile`), the largest first; with
+    several rows a last column: the last row's time less the first's (base against adapters, say)."""
+    profiled = [r for r in rows if r.kernel_us]
+    names = sorted(
+        {n for r in profiled for n in r.kernel_us},
+        key=lambda n: -max(r.kernel_us.get(n, 0.0) for r in profiled),
+    )
+    diff = len(profiled) > 1
+    header = ["kernel", *(r.label for r in profiled), *(["last - first"] if diff else [])]
+    lines = [
+        "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
+        "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
+        "before: MOELORA_PDL=0 for each kernel's own)",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+
+    def line(name: str, values: list[float]) -> str:
+        cells = [fmt(v) for v in values] + ([fmt(values[-1] - values[0])] if diff else [])
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for name in names[:top]:
+        short = name if len(name) <= 60 else name[:57] + "..."
+        lines.append(line(short.replace("|", "/"), [r.kernel_us.get(name, 0.0) for r in profiled]))
+    rest = names[top:]
+    if rest:
+        lines.append(
+            line(f"{len(rest)} others", [sum(r.kernel_us.get(n, 0.0) for n in rest) for r in profiled])
+        )
+    lines.append(line("all kernels", [sum(r.kernel_us.values()) for r in profiled]))
+    return "\n".join(lines) + "\n"
 
 
 def kv_blocks_needed(session: Session, batch: int) -> int:
@@ -239,17 +282,28 @@ def print_latency(session: Session, rows: list[Row]) -> None:
 
 
 def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
-    """A torch.profiler table of one more run of the row (8 new tokens), by device time."""
+    """A torch.profiler table of one more run of the row (8 new tokens), by device time; and each kernel's
+    time a decode step (`row.kernel_us`): that run's kernels less those of a run of the prefill alone
+    (its own fresh prompts of the same length), over the decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     llm, w = session.llm, session.workload
-    params = SamplingParams(temperature=w.temperature, max_tokens=min(8, w.output_len), ignore_eos=True)
+    new_tokens = min(8, w.output_len)
+    params = SamplingParams(temperature=w.temperature, max_tokens=new_tokens, ignore_eos=True)
     activities = [ProfilerActivity.CPU]
     if llm.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     prompts, loras = session.prompts.make(row.batch), mix.assign(row.batch)
     with profile(activities=activities) as prof:
         llm.generate(prompts, params, lora=loras)
+    decode_steps = new_tokens - 1
+    if decode_steps:  # a prefill alone (fresh prompts of the same length: no cached prefix), to subtract
+        first = SamplingParams(temperature=w.temperature, max_tokens=1, ignore_eos=True)
+        with profile(activities=activities) as prefill_prof:
+            llm.generate(session.prompts.make(row.batch), first, lora=loras)
+        row.kernel_us = per_decode_step(
+            _self_times(prof, llm.device.type), _self_times(prefill_prof, llm.device.type), decode_steps
+        )
     key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{row.mix}_{row.plan}" if row.plan else row.mix
@@ -266,6 +320,24 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         text += "\n" + timeline_summary(json.loads(trace.read_text()))
     text += "\n" + host_profile(llm, prompts, params, loras)
     (folder / f"{stem}.txt").write_text(text)
+
+
+def per_decode_step(run: dict[str, float], prefill: dict[str, float], steps: int) -> dict[str, float]:
+    """Each kernel's time a decode step: its time in a run of a prefill and `steps` decode steps less its
+    time in a prefill alone, over the steps; kernels that took no decode time left out."""
+    out = {name: (t - prefill.get(name, 0.0)) / steps for name, t in run.items()}
+    return {name: t for name, t in out.items() if t > 0}
+
+
+def _self_times(prof: Any, device_type: str) -> dict[str, float]:
+    """Each kernel's (on a CPU, each op's) own time in a profile, us, by name."""
+    attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        t = float(getattr(event, attr, 0.0) or 0.0)
+        if t > 0:
+            times[event.key] = times.get(event.key, 0.0) + t
+    return times
 
 
 def _dependent_launches(device: Any) -> bool:
