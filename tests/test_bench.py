@@ -153,6 +153,26 @@ def test_profile_writes_the_decode_kernels_on_a_gpu(tmp_path: Path, capsys):
     assert "decode-step kernels" in capsys.readouterr().out
 
 
+def test_plan_rounds_alternate_the_variants_and_pool_each_row(tiny_llm, monkeypatch, capsys):
+    """`--plan-rounds 2`: A B A B, each row's runs from both rounds pooled (a drift shows in its spread)."""
+    session = open_session(tiny_llm, WorkloadArgs(input_len=16, output_len=4), [], seed=0)
+    executor = tiny_llm.engine.executor
+    seen: list[bool] = []
+    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"]
+    real_step = executor.step
+    monkeypatch.setattr(executor, "step", lambda *a, **k: (seen.append(default.default.rotary_in_decode),
+                                                            real_step(*a, **k))[1])  # fmt: skip
+    args = LatencyArgs(batch_size=(1,), num_iters=1, num_iters_warmup=0,
+                       plan_variants=("", "rotary_in_decode=False"), plan_rounds=2)  # fmt: skip
+    rows = run_latency(session, args)
+    assert [(r.plan, len(r.iterations)) for r in rows] == [("", 2), ("rotary_in_decode=False", 2)]
+    run = len(seen) // 4  # the steps of one run
+    assert seen == [True] * run + [False] * run + [True] * run + [False] * run
+    out = capsys.readouterr()
+    assert "[rotary_in_decode=False] batch 1 base, round 1: decode" in out.out + out.err
+    assert "(2 rounds pooled)" in out.out + out.err
+
+
 def test_use_plan_waits_for_the_engine_to_be_empty(tiny_llm, monkeypatch):
     monkeypatch.setattr(tiny_llm.engine.scheduler, "has_work", lambda: True)
     with pytest.raises(RuntimeError, match="requests are running or waiting"):
@@ -215,6 +235,7 @@ def test_bench_cli_runs_and_writes_json(tmp_path: Path, capsys):
             "--plan-variants: MOELORA_PLAN item 'rotary_in_decode=1'",
         ),
         (["--plan-variants", "pdl=False", "pdl=False"], "names a plan twice"),
+        (["--plan-rounds", "0"], "--plan-rounds must be >= 1"),
     ],
 )
 def test_bench_errors_are_clear(flags, message, capsys):

@@ -67,10 +67,17 @@ class LatencyArgs:
         "each in turn, its CUDA graphs captured again (same weights, memory and compiled kernels)",
         nargs="+",
     )
+    plan_rounds: int = option(
+        1,
+        "go through the rows (and --plan-variants) this many times, A B A B ..., each row's runs pooled: "
+        "a drift of the card shows in every row's spread instead of as a difference between variants",
+    )
 
     def __post_init__(self) -> None:
         from moelora.ops.plan import KernelPlan, with_overrides
 
+        if self.plan_rounds < 1:
+            raise ValueError(f"--plan-rounds must be >= 1, got {self.plan_rounds}")
         if not self.batch_size or min(self.batch_size) < 1:
             raise ValueError(f"--batch-size needs sizes >= 1, got {list(self.batch_size)}")
         for spec in self.plan_variants:  # refused before the model loads

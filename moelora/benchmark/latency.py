@@ -134,49 +134,24 @@ class Row:
 
 def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
     """Every row (batch size x mix), under each of `--plan-variants` in turn (the plan switched and the
-    decode graphs captured again between them), in one process."""
-    w = session.workload
-    context = w.input_len + w.output_len / 2  # the mean KV length a decode step reads
+    decode graphs captured again between them), in one process; with `--plan-rounds` R the variants
+    R times over (A B A B ...), each row's runs pooled."""
     plans = args.plan_variants or ("",)
     rows = [Row(b, m.name, p) for p in plans for b in args.batch_size for m in session.mixes]
-    mixes = {m.name: m for m in session.mixes}
-    total = len(rows) * (args.num_iters + args.num_iters_warmup)
-    mb, cfg, engine = session.model, session.llm.model.cfg, session.llm.engine
+    total = args.plan_rounds * len(rows) * (args.num_iters + args.num_iters_warmup)
+    engine = session.llm.engine
     plan = ""  # the plan the session captured its graphs with (the start plan)
     with tqdm(total=total, desc="bench latency", unit="run", disable=not session.llm.args.progress) as bar:
-        for row in rows:
-            if args.plan_variants and row.plan != plan:
-                plan = row.plan
-                start = time.perf_counter()
-                engine.use_plan(plan)
-                captured = engine.capture_graphs()
-                took = f": captured {captured} decode graphs in {time.perf_counter() - start:.1f} s"
-                bar.write(f"plan {plan!r}{took if captured else ''}")
-            mix = mixes[row.mix]
-            lens = [w.input_len] * row.batch
-            row.prefill_gflop = prefill_flops(mb, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
-            if row.mix == session.mixes[0].name and (need := kv_blocks_needed(session, row.batch)):
-                bar.write(
-                    f"WARNING: batch {row.batch} needs {need} KV blocks of {engine.scheduler.block_size} "
-                    f"tokens at its longest; the cache holds {engine.allocator.num_blocks}: it will run in "
-                    "waves"
-                )
-            for i in range(args.num_iters_warmup + args.num_iters):
-                it = run_batch(session, row.batch, mix)
-                if i >= args.num_iters_warmup:
-                    row.iterations.append(it)
-                bar.update()
-            row.floor_ms = session.floor_ms(mix, row.running, context)
-            s = row.summary()
-            bar.write(
-                f"{row.label}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
-                f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
-                f"{fmt(s['decode_tok_s'], 0)} tok/s"
-            )
-            if row.running < row.batch:
-                bar.write(waves_warning(session, row))
-            if args.profile:
-                profile_row(session, row, mix, Path(args.profile))
+        for round_ in range(args.plan_rounds):
+            for row in rows:
+                if args.plan_variants and row.plan != plan:
+                    plan = row.plan
+                    start = time.perf_counter()
+                    engine.use_plan(plan)
+                    captured = engine.capture_graphs()
+                    took = f": captured {captured} decode graphs in {time.perf_counter() - start:.1f} s"
+                    bar.write(f"plan {plan!r}{took if captured else ''}")
+                _run_row(session, args, row, bar, round_)
     if args.plan_variants:
         engine.use_plan("")  # the plan the process started with, for whatever runs next
     if args.profile and any(r.kernel_us for r in rows):
@@ -184,6 +159,46 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
         (Path(args.profile) / "decode_kernels.md").write_text(table)
         print(table)
     return rows
+
+
+def _run_row(session: Session, args: LatencyArgs, row: Row, bar: Any, round_: int) -> None:
+    """One round of a row: its warm-up and timed runs; after the last round its floor, its line and (with
+    --profile) its profile."""
+    w, engine = session.workload, session.llm.engine
+    mix = next(m for m in session.mixes if m.name == row.mix)
+    if round_ == 0:
+        lens = [w.input_len] * row.batch
+        cfg = session.llm.model.cfg
+        row.prefill_gflop = (
+            prefill_flops(session.model, cfg.num_heads, cfg.head_dim, cfg.num_layers, lens) / 1e9
+        )
+        if row.mix == session.mixes[0].name and (need := kv_blocks_needed(session, row.batch)):
+            bar.write(
+                f"WARNING: batch {row.batch} needs {need} KV blocks of {engine.scheduler.block_size} "
+                f"tokens at its longest; the cache holds {engine.allocator.num_blocks}: it will run in "
+                "waves"
+            )
+    for i in range(args.num_iters_warmup + args.num_iters):
+        it = run_batch(session, row.batch, mix)
+        if i >= args.num_iters_warmup:
+            row.iterations.append(it)
+        bar.update()
+    if round_ < args.plan_rounds - 1:
+        steps = [s * 1e3 for it in row.iterations[-args.num_iters :] for s in it.decode_steps_s]
+        bar.write(f"{row.label}, round {round_ + 1}: decode {fmt(percentile(steps, 50))} ms/step")
+        return
+    row.floor_ms = session.floor_ms(mix, row.running, w.input_len + w.output_len / 2)  # mean KV length
+    s = row.summary()
+    rounds = f" ({args.plan_rounds} rounds pooled)" if args.plan_rounds > 1 else ""
+    bar.write(
+        f"{row.label}: prefill {fmt(s['prefill_ms'], 1)} ms, decode "
+        f"{fmt(s['decode_ms_p50'])} ms/step (floor {fmt(row.floor_ms)}), "
+        f"{fmt(s['decode_tok_s'], 0)} tok/s{rounds}"
+    )
+    if row.running < row.batch:
+        bar.write(waves_warning(session, row))
+    if args.profile:
+        profile_row(session, row, mix, Path(args.profile))
 
 
 def kernel_table(rows: list[Row], top: int = 30) -> str:
