@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from moelora.benchmark.args import LatencyArgs
 from moelora.benchmark.floors import prefill_flops
-from moelora.benchmark.report import fmt, percentile, print_table
+from moelora.benchmark.report import fmt, percentile, print_table, table_text
 from moelora.benchmark.session import Session
 from moelora.benchmark.workload import Mix
 from moelora.cache.kv_cache import blocks_for
@@ -211,28 +211,26 @@ def kernel_table(rows: list[Row], top: int = 30) -> str:
     )
     diff = len(profiled) > 1
     header = ["kernel", *(r.label for r in profiled), *(["last - first"] if diff else [])]
-    lines = [
-        "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
-        "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
-        "before: MOELORA_PDL=0 for each kernel's own)",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
 
-    def line(name: str, values: list[float]) -> str:
-        cells = [fmt(v) for v in values] + ([fmt(values[-1] - values[0])] if diff else [])
-        return f"| {name} | " + " | ".join(cells) + " |"
+    def line(name: str, values: list[float]) -> list[str]:
+        return [name, *(fmt(v) for v in values), *([fmt(values[-1] - values[0])] if diff else [])]
 
+    table = []
     for name in names[:top]:
         short = name if len(name) <= 60 else name[:57] + "..."
-        lines.append(line(short.replace("|", "/"), [r.kernel_us.get(name, 0.0) for r in profiled]))
+        table.append(line(short.replace("|", "/"), [r.kernel_us.get(name, 0.0) for r in profiled]))
     rest = names[top:]
     if rest:
-        lines.append(
+        table.append(
             line(f"{len(rest)} others", [sum(r.kernel_us.get(n, 0.0) for n in rest) for r in profiled])
         )
-    lines.append(line("all kernels", [sum(r.kernel_us.values()) for r in profiled]))
-    return "\n".join(lines) + "\n"
+    table.append(line("all kernels", [sum(r.kernel_us.values()) for r in profiled]))
+    title = (
+        "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
+        "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
+        "before: MOELORA_PDL=0 for each kernel's own)"
+    )
+    return table_text(title, header, table)
 
 
 def kv_blocks_needed(session: Session, batch: int) -> int:

@@ -71,12 +71,14 @@ def memory(device: torch.device) -> dict[str, float]:
     }
 
 
+def table_text(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A title line, then a Markdown table."""
+    lines = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    print(f"\n{title}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("\n" + table_text(title, header, rows), end="")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
