@@ -415,8 +415,7 @@ def timeline_summary(trace: dict[str, Any]) -> str:
                 cursor = hi
         idle = f"{start - prev_end:.0f}" if prev_end is not None else "-"
         gap = percentile(gaps[1:], 50) if len(gaps) > 1 else 0.0
-        lines.append(
-            f"{len(g):7d} {end - start:6.0f} {busy:6.0f} {busy / (end - start):10.0%} {gap:8.1f} {idle:>12}"
-        )
+        share = busy / (end - start) if end > start else 1.0  # kernels of no measured length
+        lines.append(f"{len(g):7d} {end - start:6.0f} {busy:6.0f} {share:10.0%} {gap:8.1f} {idle:>12}")
         prev_end = end
     return "\n".join(lines) + "\n"
