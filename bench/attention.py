@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from timing import events_us, graph_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moelora.ops.plan import TUNED, AttnDecodeTiles
 from moelora.ops.torch import attention as twin
 from moelora.ops.triton import attention as kern
-from moelora.ops.triton.attn_decode import DECODE_TILES, DecodeTiles, num_splits, paged_decode
+from moelora.ops.triton.attn_decode import num_splits, paged_decode
 from moelora.ops.triton.attn_prefill import PrefillTiles, prefill_tiles
 
 HQ, HKV, D, PAGE = 32, 4, 128, 16
@@ -96,7 +97,7 @@ def decode_problem(batch: int, context: int, seed: int = 0):
     return q, k_cache, v_cache, tables, lens
 
 
-def bench_decode(batch: int, context: int, copy: float, tiles: DecodeTiles) -> DecodeRow:
+def bench_decode(batch: int, context: int, copy: float, tiles: AttnDecodeTiles) -> DecodeRow:
     q, k_cache, v_cache, tables, lens = decode_problem(batch, context)
     splits = num_splits(batch, HKV, tables.shape[1] * PAGE, q.device, tiles)
     us = graph_us(lambda: paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None, tiles), calls=20)
@@ -119,14 +120,14 @@ def sweep_decode(cases: list[tuple[int, int]]) -> list[dict]:
     """Tile and split-count variants on each case; each checked against the default tiles' output."""
     rows = []
     variants = [
-        replace(DECODE_TILES, block_n=bn, warps=w, stages=s)
+        replace(TUNED.attn_decode_tiles, block_n=bn, warps=w, stages=s)
         for bn in (32, 64, 128)
         for w, s in ((4, 2), (4, 3), (8, 3))
     ]
     for batch, context in cases:
         q, k_cache, v_cache, tables, lens = decode_problem(batch, context)
         ref = paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None).float()
-        base = num_splits(batch, HKV, context, q.device, DECODE_TILES)
+        base = num_splits(batch, HKV, context, q.device, TUNED.attn_decode_tiles)
         for tiles in variants:
             for splits in sorted({max(1, base // 2), base, base * 2}):
                 fn = partial(paged_decode, q, k_cache, v_cache, tables, lens, SCALE, None, tiles, splits)
@@ -242,7 +243,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     copy = copy_tbps()
-    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; decode tiles {DECODE_TILES}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; decode tiles {TUNED.attn_decode_tiles}",
+        flush=True,
+    )
     out: dict = {"device": torch.cuda.get_device_name(), "copy_tbps": copy}
     section("check", lambda: print(f"check: decode max err {check_decode(16, 2000):.2e}, "
                                    f"prefill max err {check_prefill(3000):.2e}", flush=True))  # fmt: skip
@@ -258,7 +262,7 @@ def main() -> None:
         for c in args.contexts
         for b in args.batches
         for row in section(
-            f"decode {b}x{c}", lambda b=b, c=c: [asdict(bench_decode(b, c, copy, DECODE_TILES))]
+            f"decode {b}x{c}", lambda b=b, c=c: [asdict(bench_decode(b, c, copy, TUNED.attn_decode_tiles))]
         )
     ]
     prefill_cases = [(t, 0) for t in args.prefill] + ([(2048, args.prefix)] if args.prefix else [])

@@ -240,13 +240,16 @@ def test_rotary_decode_attention_op():
 def test_split_count_follows_the_batch_and_stays_capped():
     """One sequence in the engine's wide block table (Qwen3: 40,960 keys, 4 KV heads) no longer takes 128
     splits, most of them empty; larger batches take as many as before; a power of two, at least 1."""
-    from moelora.ops.triton.attn_decode import DECODE_TILES, num_splits
+    from moelora.ops.plan import TUNED
+    from moelora.ops.triton.attn_decode import num_splits
+
+    tiles = TUNED.attn_decode_tiles
 
     cpu = torch.device("cpu")  # counted as 132 multiprocessors
-    got = {b: num_splits(b, 4, 40960, cpu, DECODE_TILES) for b in (1, 2, 4, 16, 64, 256)}
+    got = {b: num_splits(b, 4, 40960, cpu, tiles) for b in (1, 2, 4, 16, 64, 256)}
     assert got == {1: 32, 2: 32, 4: 32, 16: 8, 64: 2, 256: 1}
-    assert num_splits(1, 4, 1000, cpu, DECODE_TILES) == 8  # capped by the capacity: 1000 / 128 keys
-    uncapped = dataclasses.replace(DECODE_TILES, max_splits=1 << 30)
+    assert num_splits(1, 4, 1000, cpu, tiles) == 8  # capped by the capacity: 1000 / 128 keys
+    uncapped = dataclasses.replace(tiles, max_splits=1 << 30)
     assert num_splits(1, 4, 40960, cpu, uncapped) == 128
 
 

@@ -171,6 +171,26 @@ _LINEAR_TILES = LinearTiles(block_n=64, block_k=128, warps=4, stages=4, programs
 
 
 @dataclass(frozen=True)
+class AttnDecodeTiles:
+    """Tiles of the split-KV decode attention (`ops/triton/attn_decode.py`) and MLA's latent decode."""
+
+    block_n: int  # keys per loop iteration
+    warps: int
+    stages: int
+    min_chunk: int  # fewest keys a split is sized for: bounds the split count from the context capacity
+    waves: int  # programs aimed at per multiprocessor when choosing the split count
+    max_splits: int = 1 << 30  # and at most this many (the last split merges them one after another)
+
+
+# The H200 sweep of docs/benchmarks.md: these tiles were best or within 4% at B = 1, 16, 64 and 8k keys;
+# 128-key chunks (64 splits at B=1, 8k) beat 256 there (10.3 vs 11.7 us) and change nothing at B >= 16.
+# At most 32 splits: with the engine's block tables (40,960 keys wide for Qwen3) one sequence took 128,
+# most of them empty; H100, Qwen3-30B-A3B heads, 48 layers a graph (2026-12-05): 640 keys 9.0 -> 6.8 us,
+# 4,096 keys 14.8 -> 11.3 us (64 splits: 7.2 and 14.1); B = 4 took 32 splits already, B >= 16 fewer.
+_ATTN_DECODE_TILES = AttnDecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2, max_splits=32)
+
+
+@dataclass(frozen=True)
 class DeltaTiles:
     """The chunked delta-rule prefill's choices (`ops/triton/delta_prefill.py`)."""
 
@@ -201,6 +221,11 @@ class KernelPlan:
     # (1 split of 16 steps) 27.2 / 17.9.
     linear_fold_steps: int = 8
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
+    attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
+    # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
+    # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program
+    router_k_chunk: int = 64
+    router_warps: int = 4
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch
     # (`attn_decode.paged_decode` with `rotary`), one launch a layer fewer. H100, Qwen3-30B-A3B bf16, batch
     # 1 (2026-12-06): 3.99 -> 3.92 ms a step base, 4.79 -> 4.64 with 8 adapters; GLM-4.5-Air (16 layers,

@@ -9,36 +9,17 @@ replayed with other lengths and block tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.plan import TUNED
+from moelora.ops.plan import TUNED, AttnDecodeTiles
 from moelora.ops.triton.common import after_previous, dependent_launch, num_sms
 from moelora.ops.triton.counters import last_one, launch_counters
 
 LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class DecodeTiles:
-    block_n: int  # keys per loop iteration
-    warps: int
-    stages: int
-    min_chunk: int  # fewest keys a split is sized for: bounds the split count from the context capacity
-    waves: int  # programs aimed at per multiprocessor when choosing the split count
-    max_splits: int = 1 << 30  # and at most this many (the last split merges them one after another)
-
-
-# The H200 sweep of docs/benchmarks.md: these tiles were best or within 4% at B = 1, 16, 64 and 8k keys;
-# 128-key chunks (64 splits at B=1, 8k) beat 256 there (10.3 vs 11.7 us) and change nothing at B >= 16.
-# At most 32 splits: with the engine's block tables (40,960 keys wide for Qwen3) one sequence took 128,
-# most of them empty; H100, Qwen3-30B-A3B heads, 48 layers a graph (2026-12-05): 640 keys 9.0 -> 6.8 us,
-# 4,096 keys 14.8 -> 11.3 us (64 splits: 7.2 and 14.1); B = 4 took 32 splits already, B >= 16 fewer.
-DECODE_TILES = DecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2, max_splits=32)
 
 
 @triton.jit
@@ -292,7 +273,9 @@ def split_buffers(
     return part, lse, launch_counters(out.device, batch * groups)
 
 
-def num_splits(batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: DecodeTiles) -> int:
+def num_splits(
+    batch: int, kv_heads: int, max_kv_len: int, device: torch.device, tiles: AttnDecodeTiles
+) -> int:
     """Splits per (sequence, KV head): enough programs for `tiles.waves` per SM, none under min_chunk, at
     most `tiles.max_splits` (a power of two)."""
     want = triton.cdiv(tiles.waves * num_sms(device), batch * kv_heads)
@@ -308,7 +291,7 @@ def paged_decode(
     kv_lens: torch.Tensor,
     scale: float,
     window: int | None,
-    tiles: DecodeTiles = DECODE_TILES,
+    tiles: AttnDecodeTiles | None = None,
     splits: int | None = None,
     sinks: torch.Tensor | None = None,
     rotary: DecodeRotary | None = None,
@@ -328,6 +311,7 @@ def paged_decode(
     check_cache(q, k_cache, v_cache, block_tables)
     if tuple(kv_lens.shape) != (batch,) or kv_lens.device != q.device:
         raise ValueError(f"paged_decode: kv_lens {tuple(kv_lens.shape)} must be [B={batch}] on {q.device}")
+    tiles = TUNED.attn_decode_tiles if tiles is None else tiles
     if splits is None:
         splits = num_splits(batch, kv_heads, block_tables.shape[1] * page, q.device, tiles)
     group = q_heads // kv_heads

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.plan import AttnDecodeTiles
 from moelora.ops.triton.attn_decode import (
     LOG2E,
-    DecodeTiles,
     finish_split,
     mma,
     num_splits,
@@ -106,7 +106,7 @@ def device_lens(kv_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 BLOCK_H = 16  # heads a program (the dot's smallest M)
 # 32 cached tokens a step (a [32, 512] latent tile); splits of at least 64 keys, two programs per SM.
-LATENT_TILES = DecodeTiles(block_n=32, warps=4, stages=2, min_chunk=64, waves=2)
+LATENT_TILES = AttnDecodeTiles(block_n=32, warps=4, stages=2, min_chunk=64, waves=2)
 
 
 def latent_decode(
@@ -117,7 +117,7 @@ def latent_decode(
     block_tables: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
-    tiles: DecodeTiles = LATENT_TILES,
+    tiles: AttnDecodeTiles = LATENT_TILES,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Same Semantics as `moelora.ops.torch.mla.latent_decode`, with kv_lens [B] int32 on the device.

@@ -194,14 +194,14 @@ def router(
     fp32_weights: bool,
     k_chunk: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
     16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
     cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
-    for benchmarks; the defaults are the measured best. `pdl`: launched as a programmatic dependent
-    (`common.dependent_launch`; None: the plan's `pdl`)."""
+    for benchmarks; None: the plan's (`KernelPlan.router_k_chunk`, `router_warps`). `pdl`: launched as
+    a programmatic dependent (`common.dependent_launch`; None: the plan's `pdl`)."""
     if not _one_launch(x, weight):
         return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
     weights, ids, _, _ = _launch(
@@ -235,7 +235,7 @@ def add_norm_router(
         h, s = rms_norm(x, norm_weight, eps, residual, weight_first)
         return *router(h, weight, top_k, renormalize, fp32_weights, pdl=pdl), h, s
     norm = (residual, norm_weight.contiguous(), eps, weight_first)
-    return _launch(x, weight, top_k, renormalize, fp32_weights, norm, None, None, 4, pdl)
+    return _launch(x, weight, top_k, renormalize, fp32_weights, norm, None, None, None, pdl)
 
 
 def _one_launch(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -257,7 +257,7 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None,
     k_chunk: int | None,
     block_k: int | None,
-    num_warps: int,
+    num_warps: int | None,
     pdl: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one-launch router -> (weights, ids, h, s); with `norm` = (residual, norm weight, eps,
@@ -272,7 +272,7 @@ def _launch(
     if block_k is None:  # the non-dot step holds [T, E, K] products in registers: 8,192 at most
         block_k = 128 if dot else max(16, 8192 // (block_t * block_e))
     block_k = min(block_k, max(16, triton.next_power_of_2(in_dim)))
-    k_chunk = max(block_k, k_chunk or (128 if dot else 64))
+    k_chunk = max(block_k, k_chunk or (128 if dot else TUNED.router_k_chunk))
     splits = triton.cdiv(in_dim, k_chunk)
     part = torch.empty(splits, block_t, block_e, dtype=torch.float32, device=x.device)
     weights = torch.empty(
@@ -293,7 +293,8 @@ def _launch(
         RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, DOT=dot,
         PRECISION="tf32", NORM=norm is not None, WEIGHT_FIRST=weight_first,
         NORM_K=min(triton.next_power_of_2(in_dim), max(16, 8192 // block_t)), PDL=pdl, LINE=line,
-        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)), num_warps=num_warps, launch_pdl=pdl,
+        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)), num_warps=num_warps or TUNED.router_warps,
+        launch_pdl=pdl,
     )  # fmt: skip
     return weights, ids, h, s
 
