@@ -287,7 +287,7 @@ def test_fp8_linear_refuses_scales_that_do_not_fit():
 @pytest.mark.parametrize(("in_dim", "sizes"), [(2048, (4096, 512, 512)), (4096, (2048,))])
 def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
     """Qwen3-30B-A3B's q/k/v and o in FP8 with bf16 activations and the shipped plan: the one launch up
-    to `fp8_linear_tokens`, past it the Triton GEMM below `fp8_copy_tokens` (off as shipped) and the
+    to `fp8_linear_tokens`, past it the Triton GEMM below `fp8_copy_tokens` (64 and 100 tokens) and the
     dequantised copy for cuBLAS from there."""
     one_launch = num_tokens <= TUNED.fp8_linear_tokens
     check_fp8_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, 128, TUNED, num_tokens, one_launch)

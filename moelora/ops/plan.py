@@ -236,7 +236,7 @@ class KernelPlan:
     # each weight tile in registers (`fp8_gemm_tiles`), then the LoRA kernels; from there the 16-bit copy
     # and cuBLAS. On the H200 (bench/linear.py --fp8, docs/benchmarks.md 2026-12-05) the one launch ties
     # the copy at 32-64 tokens without adapters and loses by 4-6 us with 8 of them at 64; the Triton GEMM
-    # lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time), so it is off (0).
+    # (128-wide tiles then) lost to the copy at every size from 32 to 2,048 tokens (1.2-3x its time).
     fp8_linear_tokens: int = 32
     # the one launch's tiles with an FP8 weight (None: `linear_tiles`). A K step lies in one scale group
     # (128 columns): half the bytes of a 16-bit step. H100, Qwen3-30B-A3B `-q fp8`, batch 1, ms a step
@@ -246,11 +246,13 @@ class KernelPlan:
     # its noise of the next ten.) The 16-bit launch gained nothing from either change (3.92 / 4.79 with
     # both against 3.91 / 4.64).
     fp8_linear_tiles: LinearTiles | None = LinearTiles(32, 128, 4, 6, 1, 256)
-    fp8_copy_tokens: int = 0
-    # (its tiles narrowed to 32-64 columns where one row block would leave SMs idle: `fp8_linear.
-    # filled_block_n`, 2026-12-06, untimed; the measurements above had 128-wide tiles only, 40 programs
-    # at up to 64 tokens on Qwen3's q/k/v. `bench latency -q fp8 --batch-size 64 --plan-variants ''
-    # fp8_copy_tokens=4096` times it in the model.)
+    # With its tiles narrowed to 32-64 columns where one row block would leave SMs idle (`fp8_linear.
+    # filled_block_n`; 128-wide tiles ran Qwen3's q/k/v as 40 programs up to 64 tokens) the GEMM wins in
+    # the model. H100, Qwen3-30B-A3B `-q fp8`, batch 64, ms a step base / 8 adapters r16 (2026-12-06, one
+    # process, `--plan-variants`): the copy 16.55 / 20.32, the GEMM 16.17 / 19.98; batches 1 and 16 (the
+    # one launch) unchanged. Up to 127 tokens, the measured range: prefill chunks of 128 tokens and more
+    # keep the copy until the GEMM is timed there.
+    fp8_copy_tokens: int = 128
     fp8_gemm_tiles: Tiles = Tiles(64, 128, 128, 4, 3)
     # In the one launch with an FP8 weight, each K step's dot takes the weights as they are (exact in 16
     # bits) and is then scaled by its rows' scales ([tokens, columns] multiplies), instead of scaling the
