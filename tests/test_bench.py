@@ -11,16 +11,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moelora import LLM, ops
 from moelora.benchmark.args import LatencyArgs, WorkloadArgs
 from moelora.benchmark.latency import (
+    IDLE,
+    DeviceEvent,
     Row,
+    chain_shares,
+    device_events,
     kernel_table,
     per_decode_step,
     print_latency,
     run_latency,
     split_steps,
+    timeline_summary,
 )
 from moelora.benchmark.session import open_session
 from moelora.benchmark.workload import BASE, Mix, PromptMaker, build_mixes
@@ -142,6 +148,36 @@ def test_profile_tables_each_kernel_a_decode_step_side_by_side():
     ]
 
 
+def test_chain_shares_add_up_to_the_span_with_and_without_overlap():
+    """Each instant goes to the running event that ends first: a kernel that started during the one before
+    (PDL) gets only its time past that one's end, not its wait; a gap with nothing running is idle; a copy
+    on another stream inside a kernel gets the time it ran. The shares add up to the span (0 to 100 us)."""
+    trace = [
+        DeviceEvent(0, 20, "qkv", 1),
+        DeviceEvent(5, 30, "attn", 1),  # started during qkv (PDL): ends at 30, 10 past qkv
+        DeviceEvent(22, 25, "Memcpy HtoD", 2),  # inside attn, ending first: 3 of attn's
+        DeviceEvent(40, 50, "o_proj", 1),  # 10 idle before it
+        DeviceEvent(50, 80, "qkv", 3),
+        DeviceEvent(70, 100, "attn", 3),
+    ]
+    shares = chain_shares(trace)
+    assert shares == {IDLE: 10.0, "qkv": 50.0, "attn": 27.0, "Memcpy HtoD": 3.0, "o_proj": 10.0}
+    assert sum(shares.values()) == 100.0
+    base, mixed = Row(1, "base"), Row(1, "8 adapters")
+    base.kernel_us, mixed.kernel_us = {"qkv": 1.0}, {"qkv": 1.0}
+    base.chain_us, mixed.chain_us = {"qkv": 4.0, IDLE: 1.0}, {"qkv": 5.0, IDLE: 1.5}
+    text = kernel_table([base, mixed], chain=True)
+    assert text.startswith("each kernel's share of a decode step's wall time")
+    assert "| qkv | 4.00 | 5.00 | 1.00 |" in text and "| all | 5.00 | 6.50 | 1.50 |" in text
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(4).sum()
+    assert device_events(prof) == []  # the profiler's own events: a CPU op is not the card's
+    # per launch (correlation 1 and 3: two graph replays; the copy is its own launch)
+    lines = timeline_summary(trace).splitlines()
+    assert lines[2].split() == ["3", "50", "40", "80%", "5.0", "-"]  # gaps between its kernels: 0 and 10
+    assert lines[3].split() == ["2", "50", "50", "100%", "0.0", "0"]
+
+
 @pytest.mark.gpu
 def test_profile_writes_the_decode_kernels_on_a_gpu(tmp_path: Path, capsys):
     """On the card the profiler sees the kernels of the engine's thread and of graph replays."""
@@ -150,6 +186,7 @@ def test_profile_writes_the_decode_kernels_on_a_gpu(tmp_path: Path, capsys):
     assert main(argv) == 0
     table = (tmp_path / "decode_kernels.md").read_text()
     assert "| all kernels |" in table and "_kernel" in table  # Triton kernels by name
+    assert "share of a decode step's wall time" in table
     assert "decode-step kernels" in capsys.readouterr().out
 
 

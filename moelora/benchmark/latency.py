@@ -3,12 +3,12 @@ from the engine's own per-step timestamps (never the difference of two runs)."""
 
 from __future__ import annotations
 
+import heapq
 import itertools
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -75,6 +75,8 @@ class Row:
     floor_ms: float = 0.0
     prefill_gflop: float = 0.0
     kernel_us: dict[str, float] = field(default_factory=dict)  # --profile: each kernel's time a decode step
+    # --profile on a GPU: each kernel's share of a decode step's wall time on the card (`chain_shares`)
+    chain_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -128,6 +130,7 @@ class Row:
             "generated_tokens": sum(it.generated for it in self.iterations),
             "preemptions": sum(it.preemptions for it in self.iterations),
             "decode_kernel_us": self.kernel_us,
+            "decode_chain_us": self.chain_us,
             "iterations": [asdict(it) for it in self.iterations],
         }
 
@@ -156,6 +159,8 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
         engine.use_plan("")  # the plan the process started with, for whatever runs next
     if args.profile and any(r.kernel_us for r in rows):
         table = kernel_table(rows)
+        if any(r.chain_us for r in rows):
+            table += "\n" + kernel_table(rows, chain=True)
         (Path(args.profile) / "decode_kernels.md").write_text(table)
         print(table)
     return rows
@@ -201,13 +206,15 @@ def _run_row(session: Session, args: LatencyArgs, row: Row, bar: Any, round_: in
         profile_row(session, row, mix, Path(args.profile))
 
 
-def kernel_table(rows: list[Row], top: int = 30) -> str:
+def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     """The profiled rows' kernels side by side, us a decode step (`--profile`), the largest first; with
-    several rows a last column: the last row's time less the first's (base against adapters, say)."""
-    profiled = [r for r in rows if r.kernel_us]
+    several rows a last column: the last row's time less the first's (base against adapters, say).
+    `chain`: each kernel's share of the step's wall time (`Row.chain_us`) instead of its own time."""
+    times = {id(r): r.chain_us if chain else r.kernel_us for r in rows}
+    profiled = [r for r in rows if times[id(r)]]
     names = sorted(
-        {n for r in profiled for n in r.kernel_us},
-        key=lambda n: -max(r.kernel_us.get(n, 0.0) for r in profiled),
+        {n for r in profiled for n in times[id(r)]},
+        key=lambda n: -max(times[id(r)].get(n, 0.0) for r in profiled),
     )
     diff = len(profiled) > 1
     header = ["kernel", *(r.label for r in profiled), *(["last - first"] if diff else [])]
@@ -218,18 +225,24 @@ def kernel_table(rows: list[Row], top: int = 30) -> str:
     table = []
     for name in names[:top]:
         short = name if len(name) <= 60 else name[:57] + "..."
-        table.append(line(short.replace("|", "/"), [r.kernel_us.get(name, 0.0) for r in profiled]))
+        table.append(line(short.replace("|", "/"), [times[id(r)].get(name, 0.0) for r in profiled]))
     rest = names[top:]
     if rest:
         table.append(
-            line(f"{len(rest)} others", [sum(r.kernel_us.get(n, 0.0) for n in rest) for r in profiled])
+            line(f"{len(rest)} others", [sum(times[id(r)].get(n, 0.0) for n in rest) for r in profiled])
         )
-    table.append(line("all kernels", [sum(r.kernel_us.values()) for r in profiled]))
+    table.append(line("all" if chain else "all kernels", [sum(times[id(r)].values()) for r in profiled]))
     title = (
         "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
         "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
         "before: MOELORA_PDL=0 for each kernel's own)"
     )
+    if chain:
+        title = (
+            "each kernel's share of a decode step's wall time on the card (us a step, the same "
+            "subtraction: how far each kernel moved the latest kernel end, kernels in order of their "
+            f"ends; {IDLE!r}: no kernel running; with or without PDL these add up to the step)"
+        )
     return table_text(title, header, table)
 
 
@@ -328,9 +341,14 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
             "before and its time includes that wait; MOELORA_PDL=0 for each kernel's own time.\n" + text
         )
     if llm.device.type == "cuda":
-        trace = folder / f"{stem}.json"
-        prof.export_chrome_trace(str(trace))
-        text += "\n" + timeline_summary(json.loads(trace.read_text()))
+        prof.export_chrome_trace(str(folder / f"{stem}.json"))
+        # From the profiler's own events: the chrome trace torch 2.11 + CUDA 13 wrote on the H100
+        # (2026-12-06) had every timestamp and duration 0.
+        events = device_events(prof)
+        text += "\n" + timeline_summary(events)
+        if decode_steps:
+            prefill_shares = chain_shares(device_events(prefill_prof))
+            row.chain_us = per_decode_step(chain_shares(events), prefill_shares, decode_steps)
     text += "\n" + host_profile(llm, prompts, params, loras)
     (folder / f"{stem}.txt").write_text(text)
 
@@ -340,6 +358,53 @@ def per_decode_step(run: dict[str, float], prefill: dict[str, float], steps: int
     time in a prefill alone, over the steps; kernels that took no decode time left out."""
     out = {name: (t - prefill.get(name, 0.0)) / steps for name, t in run.items()}
     return {name: t for name, t in out.items() if t > 0}
+
+
+IDLE = "(card idle)"
+
+
+class DeviceEvent(NamedTuple):
+    """A kernel, copy or memset on the card in a profile: start and end (us), name, and the correlation id
+    of the host launch that put it there (a CUDA-graph replay's kernels share one)."""
+
+    start: float
+    end: float
+    name: str
+    correlation: int
+
+
+def device_events(prof: Any) -> list[DeviceEvent]:
+    """The device's events of a torch profile, in start order."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != DeviceType.CPU:
+            start = e.start_ns() / 1e3
+            out.append(DeviceEvent(start, start + e.duration_ns() / 1e3, e.name(), e.correlation_id()))
+    return sorted(out)
+
+
+def chain_shares(events: list[DeviceEvent]) -> dict[str, float]:
+    """Each kernel's share of the card's wall time, us by name: every instant goes to the running device
+    event that ends first, or to IDLE when none runs; the shares add up to the span from the first start
+    to the last end. With PDL a kernel starts during the one before and waits: that time goes to the one
+    before, so a kernel's share is how far it moved the step's end past its predecessor's, where its own
+    duration would count the wait."""
+    device = sorted(events)
+    shares: dict[str, float] = {IDLE: 0.0}
+    running: list[tuple[float, int, str]] = []  # (end, index, name): a heap, the first to end on top
+    times = sorted({t for e in device for t in (e.start, e.end)})
+    i = 0
+    for a, b in itertools.pairwise(times):
+        while i < len(device) and device[i].start <= a:
+            heapq.heappush(running, (device[i].end, i, device[i].name))
+            i += 1
+        while running and running[0][0] <= a:
+            heapq.heappop(running)
+        name = running[0][2] if running else IDLE
+        shares[name] = shares.get(name, 0.0) + (b - a)
+    return shares
 
 
 def _self_times(prof: Any, device_type: str) -> dict[str, float]:
@@ -388,31 +453,28 @@ def host_profile(llm: Any, prompts: list[Any], params: SamplingParams, loras: li
     return "host time of the engine's steps (cProfile, one run):\n" + out.getvalue()
 
 
-def timeline_summary(trace: dict[str, Any]) -> str:
-    """Where a step's wall time goes on the device, from a chrome trace: for each launch that put several
+def timeline_summary(events: list[DeviceEvent]) -> str:
+    """Where a step's wall time goes on the device (`device_events`): for each launch that put several
     kernels on the card (a CUDA-graph replay, above all), the span of its kernels, the time the card was
     busy inside that span, its kernel count, and the idle time since the previous launch's last kernel."""
-    events = trace.get("traceEvents", [])
-    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    by_launch: dict[int, list[dict[str, Any]]] = {}
-    for e in device:
-        by_launch.setdefault(int(e.get("args", {}).get("correlation", -1)), []).append(e)
-    groups = sorted((g for g in by_launch.values() if len(g) > 1), key=lambda g: min(e["ts"] for e in g))
+    by_launch: dict[int, list[DeviceEvent]] = {}
+    for e in events:
+        by_launch.setdefault(e.correlation, []).append(e)
+    groups = sorted((sorted(g) for g in by_launch.values() if len(g) > 1), key=lambda g: g[0].start)
     lines = [
         "launches of several kernels (graph replays), us:",
         "kernels   span   busy  busy/span  gap p50  idle before",
     ]
     prev_end = None
     for g in groups:
-        g.sort(key=lambda e: e["ts"])
-        start, end = g[0]["ts"], max(e["ts"] + e["dur"] for e in g)
+        start, end = g[0].start, max(e.end for e in g)
         busy, cursor, gaps = 0.0, start, []
         for e in g:  # the union of the kernels' intervals (they may overlap on several streams)
-            gaps.append(max(0.0, e["ts"] - cursor))
-            lo, hi = max(e["ts"], cursor), e["ts"] + e["dur"]
-            if hi > lo:
-                busy += hi - lo
-                cursor = hi
+            gaps.append(max(0.0, e.start - cursor))
+            lo = max(e.start, cursor)
+            if e.end > lo:
+                busy += e.end - lo
+                cursor = e.end
         idle = f"{start - prev_end:.0f}" if prev_end is not None else "-"
         gap = percentile(gaps[1:], 50) if len(gaps) > 1 else 0.0
         share = busy / (end - start) if end > start else 1.0  # kernels of no measured length
