@@ -223,7 +223,10 @@ class KernelPlan:
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
-    # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program
+    # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.
+    # H100, Qwen3-30B-A3B bf16, batch 1, one process (2026-12-06, `--plan-variants`), ms a step base / 8
+    # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70. The
+    # attention's 8 or 16 splits at most, or 32 keys a step: 3.87-3.89 / 4.58-4.61 (noise: 0.02)
     router_k_chunk: int = 64
     router_warps: int = 4
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch
