@@ -71,7 +71,7 @@ ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n"}
 # and strides the launcher finds divisible by 16 at the shipped shapes (rows of x, the weights, the LoRA A
 # and B): a hint of 16 as it gives them (other ints, such as the router's top-k stride, are left unhinted)
 DIV16 = {"sx_t", "sw_e", "sw_n", "sa_s", "sa_e", "sa_h", "sa_r", "sb_s", "sb_e", "sb_h", "sb_n", "sd_s"}
-DIV16 |= {"sd_e", "sd_r", "sy_t", "swr_e"}
+DIV16 |= {"sd_e", "sd_r", "sy_t", "swr_e", "sa_l"}  # sa_l: a stacked A's lane rows (the linear layer's)
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
