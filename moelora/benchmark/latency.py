@@ -374,12 +374,11 @@ class DeviceEvent(NamedTuple):
 
 
 def device_events(prof: Any) -> list[DeviceEvent]:
-    """The device's events of a torch profile, in start order."""
-    from torch.autograd import DeviceType
-
+    """The device's kernels, copies and memsets of a torch profile, in start order (not its annotation
+    ranges, which span many kernels)."""
     out = []
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() != DeviceType.CPU:
+        if e.activity_type() in ("kernel", "gpu_memcpy", "gpu_memset"):
             start = e.start_ns() / 1e3
             out.append(DeviceEvent(start, start + e.duration_ns() / 1e3, e.name(), e.correlation_id()))
     return sorted(out)
