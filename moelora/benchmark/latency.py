@@ -210,14 +210,12 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     """The profiled rows' kernels side by side, us a decode step (`--profile`), the largest first; with
     several rows a last column: the last row's time less the first's (base against adapters, say).
     `chain`: each kernel's share of the step's wall time (`Row.chain_us`) instead of its own time."""
-    times = {id(r): r.chain_us if chain else r.kernel_us for r in rows}
-    profiled = [r for r in rows if times[id(r)]]
+    profiled = [(r.label, t) for r in rows if (t := r.chain_us if chain else r.kernel_us)]
     names = sorted(
-        {n for r in profiled for n in times[id(r)]},
-        key=lambda n: -max(times[id(r)].get(n, 0.0) for r in profiled),
+        {n for _, t in profiled for n in t}, key=lambda n: -max(t.get(n, 0.0) for _, t in profiled)
     )
     diff = len(profiled) > 1
-    header = ["kernel", *(r.label for r in profiled), *(["last - first"] if diff else [])]
+    header = ["kernel", *(label for label, _ in profiled), *(["last - first"] if diff else [])]
 
     def line(name: str, values: list[float]) -> list[str]:
         return [name, *(fmt(v) for v in values), *([fmt(values[-1] - values[0])] if diff else [])]
@@ -225,13 +223,11 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     table = []
     for name in names[:top]:
         short = name if len(name) <= 60 else name[:57] + "..."
-        table.append(line(short.replace("|", "/"), [times[id(r)].get(name, 0.0) for r in profiled]))
+        table.append(line(short.replace("|", "/"), [t.get(name, 0.0) for _, t in profiled]))
     rest = names[top:]
     if rest:
-        table.append(
-            line(f"{len(rest)} others", [sum(times[id(r)].get(n, 0.0) for n in rest) for r in profiled])
-        )
-    table.append(line("all" if chain else "all kernels", [sum(times[id(r)].values()) for r in profiled]))
+        table.append(line(f"{len(rest)} others", [sum(t.get(n, 0.0) for n in rest) for _, t in profiled]))
+    table.append(line("all" if chain else "all kernels", [sum(t.values()) for _, t in profiled]))
     title = (
         "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
         "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
@@ -240,8 +236,8 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     if chain:
         title = (
             "each kernel's share of a decode step's wall time on the card (us a step, the same "
-            "subtraction: how far each kernel moved the latest kernel end, kernels in order of their "
-            f"ends; {IDLE!r}: no kernel running; with or without PDL these add up to the step)"
+            "subtraction; every instant goes to the running kernel that ends first, or to "
+            f"{IDLE!r}: with or without PDL these add up to the step, and no kernel's wait counts)"
         )
     return table_text(title, header, table)
 

@@ -187,6 +187,8 @@ class AttnDecodeTiles:
 # At most 32 splits: with the engine's block tables (40,960 keys wide for Qwen3) one sequence took 128,
 # most of them empty; H100, Qwen3-30B-A3B heads, 48 layers a graph (2026-12-05): 640 keys 9.0 -> 6.8 us,
 # 4,096 keys 14.8 -> 11.3 us (64 splits: 7.2 and 14.1); B = 4 took 32 splits already, B >= 16 fewer.
+# In the model (H100, Qwen3-30B-A3B bf16, batch 1, 2026-12-06, `--plan-variants`), ms a step base / 8
+# adapters: shipped 3.88 / 4.59; at most 8 or 16 splits, or 32 keys a step, 3.87-3.89 / 4.58-4.61 (noise).
 _ATTN_DECODE_TILES = AttnDecodeTiles(block_n=64, warps=4, stages=3, min_chunk=128, waves=2, max_splits=32)
 
 
@@ -225,8 +227,7 @@ class KernelPlan:
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.
     # H100, Qwen3-30B-A3B bf16, batch 1, one process (2026-12-06, `--plan-variants`), ms a step base / 8
-    # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70. The
-    # attention's 8 or 16 splits at most, or 32 keys a step: 3.87-3.89 / 4.58-4.61 (noise: 0.02)
+    # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70
     router_k_chunk: int = 64
     router_warps: int = 4
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch
