@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from moelora.benchmark.latency import (
     IDLE,
     DeviceEvent,
     Row,
+    _on_device,
     chain_shares,
     device_events,
     kernel_table,
@@ -172,6 +174,15 @@ def test_chain_shares_add_up_to_the_span_with_and_without_overlap():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torch.ones(4).sum()
     assert device_events(prof) == []  # the profiler's own events: a CPU op is not the card's
+    # torch 2.11 (the GPU machine's) has no activity_type: the device type decides, annotations excluded
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    old = [
+        SimpleNamespace(device_type=lambda d=d: d, is_user_annotation=lambda a=a: a)
+        for d, a in [(cuda, False), (cuda, True), (cpu, False)]
+    ]
+    assert [_on_device(e) for e in old] == [True, False, False]
+    assert _on_device(SimpleNamespace(activity_type=lambda: "gpu_memset"))
+    assert not _on_device(SimpleNamespace(activity_type=lambda: "gpu_user_annotation"))
     # per launch (correlation 1 and 3: two graph replays; the copy is its own launch)
     lines = timeline_summary(trace).splitlines()
     assert lines[2].split() == ["3", "50", "40", "80%", "5.0", "-"]  # gaps between its kernels: 0 and 10

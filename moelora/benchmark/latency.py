@@ -374,10 +374,22 @@ def device_events(prof: Any) -> list[DeviceEvent]:
     ranges, which span many kernels)."""
     out = []
     for e in prof.profiler.kineto_results.events():
-        if e.activity_type() in ("kernel", "gpu_memcpy", "gpu_memset"):
+        if _on_device(e):
             start = e.start_ns() / 1e3
             out.append(DeviceEvent(start, start + e.duration_ns() / 1e3, e.name(), e.correlation_id()))
     return sorted(out)
+
+
+def _on_device(event: Any) -> bool:
+    """Whether a profiler event is a kernel, copy or memset on the card. torch 2.13 names an event's
+    activity; torch 2.11 (the GPU machine's) only gives its device type, which a GPU annotation range
+    shares."""
+    if hasattr(event, "activity_type"):
+        return event.activity_type() in ("kernel", "gpu_memcpy", "gpu_memset")
+    from torch.autograd import DeviceType
+
+    annotation = getattr(event, "is_user_annotation", None)
+    return event.device_type() == DeviceType.CUDA and not (annotation and annotation())
 
 
 def chain_shares(events: list[DeviceEvent]) -> dict[str, float]:
