@@ -287,13 +287,26 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(EXPAND=1, SLOT_GROUP=8)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
-        yield linear._linear_kernel, case | dict(FOLD=False), tiles.warps, tiles.stages
+        yield linear._linear_kernel, case | dict(FOLD=False, XA_READY=False), tiles.warps, tiles.stages
+        if has_lora:  # the shrink from the norm before (`norm.add_norm_shrink`): no shrink programs
+            ready = case | dict(FOLD=False, XA_READY=True, SHRINKS=0)
+            yield linear._linear_kernel, ready, tiles.warps, tiles.stages
         if fp8:  # each step's dot scaled instead of the weight tile (`fp8_linear_scale_dots`)
-            yield linear._linear_kernel, case | dict(FOLD=False, HAS_SCALE=2), tiles.warps, tiles.stages
+            yield (
+                linear._linear_kernel,
+                case | dict(FOLD=False, XA_READY=False, HAS_SCALE=2),
+                tiles.warps,
+                tiles.stages,
+            )
         if fp8 and block_m == 16:  # the most stages `bench/linear.py --sweep --fp8` tries (shared memory)
-            yield linear._linear_kernel, case | dict(FOLD=False, BLOCK_N=128), tiles.warps, 8
+            yield linear._linear_kernel, case | dict(FOLD=False, XA_READY=False, BLOCK_N=128), tiles.warps, 8
         if has_lora and block_m == 16:  # one token: the shrink folded into the GEMV (`linear_fold_steps`)
-            yield linear._linear_kernel, case | dict(FOLD=True, SHRINKS=0), tiles.warps, tiles.stages
+            yield (
+                linear._linear_kernel,
+                case | dict(FOLD=True, XA_READY=False, SHRINKS=0),
+                tiles.warps,
+                tiles.stages,
+            )
     g = TUNED.fp8_gemm_tiles
     # 40 to 64 tokens of Qwen3's q/k/v: tiles narrowed to fill the card (`fp8_linear.filled_block_n`)
     narrow = {fp8_linear.filled_block_n(g.block_n, rows, 5120, 132) for rows in (1, 2)}
@@ -350,6 +363,12 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     yield delta._gates_kernel, dict(INTERPRETED=False, BLOCK=1024), 4
     for weight_first in (False, True):
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
+        # q/k/v's LoRA shrink in the input norm's launch: 3 parts of rank 16, or 256 lanes
+        for block_l, chunk in ((64, 256), (256, 64)):
+            shrink = dict(
+                WEIGHT_FIRST=weight_first, HAS_RANK=True, BLOCK_N=2048, CHUNK=chunk, BLOCK_L=block_l
+            )
+            yield norm._add_norm_shrink_kernel, shrink, 8
     yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
     yield activation._silu_mul_kernel, dict(BLOCK=1024), 4
     yield activation._add_gated_kernel, dict(BLOCK=1024), 4

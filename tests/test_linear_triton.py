@@ -140,6 +140,79 @@ def test_linear_in_one_split():
     check_linear(2, 96, (64, 32), 8, torch.float32, True, TUNED, seed=3)
 
 
+def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype,
+                      weight_first: bool, plan: KernelPlan, seed: int) -> int:  # fmt: skip
+    """`norm.add_norm_shrink` against `rms_norm` (the same bits: one reduction) and its twin, then `linear`
+    given that shrink against the twin's layer (a base row: the base launch's bits; twice the shrink:
+    twice the delta, so the launch takes it and adds none of its own). Returns the chunk."""
+    from moelora.ops.torch import norm as torch_norm
+    from moelora.ops.triton import norm as triton_norm
+
+    g = torch.Generator().manual_seed(seed)
+    x, residual = rand(g, num_tokens, in_dim).to(dtype), rand(g, num_tokens, in_dim).to(dtype)
+    weight = (1 + 0.3 * rand(g, in_dim)).to(dtype)
+    w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
+    chunk = triton_linear.shrink_chunk(x, noisy, sizes, plan)
+    assert chunk > 0
+    y, s, xa = triton_norm.add_norm_shrink(x, weight, 1e-6, residual, weight_first, noisy, slot, chunk)
+    plain = triton_norm.rms_norm(x, weight, 1e-6, residual, weight_first)
+    assert torch.equal(y, plain[0]) and torch.equal(s, plain[1]), "the same rows as the plain norm"
+    ref_y, ref_s, ref_xa = torch_norm.add_norm_shrink(
+        x, weight, 1e-6, residual, weight_first, lora, slot, chunk
+    )
+    close(y, ref_y, TOL[dtype])
+    assert torch.equal(s, ref_s)
+    valid = (slot >= 0) & (slot < lora.a.shape[0])
+    assert xa.shape == (-(-in_dim // chunk), num_tokens, len(sizes) * rank)
+    close(xa[:, valid], ref_xa[:, valid], TOL[dtype])
+    args = (noisy.a, noisy.b, noisy.rank, slot)
+    got = triton_linear.linear(y, w, None, args, sizes, plan, xa=xa)
+    close(got, torch_lora.linear(y, w, None, lora, slot, sizes), TOL[dtype])
+    base = triton_linear.linear(y, w, None, None, sizes, plan)
+    assert torch.equal(got[~valid], base[~valid]), "a base row must not depend on its neighbours"
+    assert (got[valid] - base[valid]).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"
+    doubled = triton_linear.linear(y, w, None, args, sizes, plan, xa=2 * xa)
+    close(doubled - base, 2 * (got - base), TOL[dtype])
+    return chunk
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "dtype", "weight_first", "programs_per_sm"),
+    [(1, torch.float32, False, 0), (5, torch.float16, False, 64), (3, torch.float32, True, 64)],
+)  # one token over 5 K steps in one split (not folded at linear_fold_steps 4); 5 splits of one step
+def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weight_first, programs_per_sm):
+    """The input norm's launch computes the q/k/v shrink of its normed rows by chunks (3 of 32 columns for
+    80, the last partial) for every slot kind (valid, half rank with NaN padding, an empty part, -1 and
+    ids past the slots); `linear` takes it in place of its shrink programs (`check_norm_shrink`)."""
+    plan = replace(SMALL, linear_tiles=replace(SMALL.linear_tiles, programs_per_sm=programs_per_sm),
+                   linear_fold_steps=4)  # fmt: skip
+    assert (
+        check_norm_shrink(num_tokens, 80, (32, 16, 16), 8, dtype, weight_first, plan, 20 + num_tokens) == 32
+    )
+
+
+def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
+    """The norm computes a layer's shrink only where the launch would run shrink programs: not folded (one
+    token over few K steps), the layer in one launch, the plan's `norm_shrink` on; a chunk of the plan's
+    width, narrower for many lanes (the norm's program holds a chunk of A for every lane)."""
+    g = torch.Generator().manual_seed(2)
+    sizes = (32, 16)
+    lora, _, _ = lora_inputs(g, 1, 80, sizes, 8, torch.float32)
+    wide, _, _ = lora_inputs(g, 1, 80, sizes, 128, torch.float32)
+    unfolded = replace(SMALL, linear_fold_steps=0)
+    assert triton_linear.shrink_chunk(rand(g, 1, 80), lora, sizes, unfolded) == 32
+    assert triton_linear.shrink_chunk(rand(g, 1, 80), lora, sizes, SMALL) == 0  # folded
+    assert triton_linear.shrink_chunk(rand(g, 2, 80), lora, sizes, SMALL) == 32
+    assert triton_linear.shrink_chunk(rand(g, 2, 80), wide, sizes, SMALL) == 32  # 256 lanes: 64 columns
+    assert triton_linear.shrink_chunk(rand(g, 17, 80), lora, sizes, SMALL) == 0  # cuBLAS
+    assert triton_linear.shrink_chunk(rand(g, 2, 80), lora, sizes, replace(SMALL, norm_shrink=False)) == 0
+    with pytest.raises(ValueError, match="shrink xa"):
+        triton_linear.linear(rand(g, 1, 80), rand(g, 48, 80), None, (lora.a, lora.b, lora.rank,
+                             torch.zeros(1, dtype=torch.int32, device=DEV)), sizes, SMALL,
+                             xa=torch.zeros(3, 1, 16, device=DEV))  # fmt: skip
+
+
 def test_linear_layer_falls_back_where_it_does_not_fit():
     """Too many tokens, or a part boundary that cuts every column tile: cuBLAS plus the LoRA kernels,
     the same result."""
@@ -302,6 +375,15 @@ def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
 def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: bool):
     """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles."""
     check_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, bias, TUNED, seed=num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_tokens", "weight_first"), [(1, False), (4, True), (16, False)])
+def test_norm_shrink_gpu(num_tokens: int, weight_first: bool):
+    """Qwen3-30B-A3B's input norm with q/k/v's shrink (2,048 columns, 3 parts of rank 16) in bf16 with the
+    shipped plan: the plain norm's bits, then q/k/v given the shrink."""
+    assert check_norm_shrink(num_tokens, 2048, (4096, 512, 512), 16, torch.bfloat16, weight_first, TUNED,
+                             num_tokens) == 256  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -113,11 +113,23 @@ class ColumnLinear(_Weight):
         self.lora_target = lora_target
         self.in_features = in_features
 
-    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T + b plus each token's adapter delta (`token_slot`; none when None)."""
+    def forward(
+        self, x: torch.Tensor, token_slot: torch.Tensor | None = None, xa: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x W^T + b plus each token's adapter delta (`token_slot`; none when None); xa: its LoRA shrink,
+        computed by the norm before it where `shrink_chunk` said so."""
         if not self.lora_target:
             return F.linear(x, self.weight, self.bias)
-        return ops.linear(x, self.weight, self.bias, self.lora, token_slot, self.out_sizes, self.scales)
+        return ops.linear(
+            x, self.weight, self.bias, self.lora, token_slot, self.out_sizes, self.scales, xa=xa
+        )
+
+    def shrink_chunk(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> int:
+        """Whether the norm before this layer should compute its LoRA shrink for input x (`ops.shrink_chunk`:
+        the chunk of input columns, or 0)."""
+        if not self.lora_target:
+            return 0
+        return ops.shrink_chunk(x, self.weight, self.lora, token_slot, self.out_sizes, self.scales)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         specs = [self._weight_spec(self._forms(prefix, "weight", (self.in_features,)))]

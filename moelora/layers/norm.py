@@ -8,6 +8,7 @@ from torch import nn
 
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec, sharded, whole
+from moelora.ops.dense_lora import DenseLora
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
@@ -37,6 +38,14 @@ class RMSNorm(nn.Module):
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add and the norm in one op."""
         return ops.rms_norm(x, self.weight, self.eps, residual, self.weight_first)
+
+    def add_norm_shrink(
+        self, x: torch.Tensor, residual: torch.Tensor, lora: DenseLora, token_slot: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`add_norm`, and the LoRA shrink of the linear layer after it (`ops.add_norm_shrink`)."""
+        return ops.add_norm_shrink(
+            x, self.weight, self.eps, residual, self.weight_first, lora, token_slot, chunk
+        )
 
     def weight_specs(self, key: str) -> list[WeightSpec]:
         if self.zero_centered:

@@ -17,6 +17,7 @@ from moelora.layers.spec import WeightSpec, sharded, whole
 from moelora.models.config import ModelConfig
 from moelora.models.family import Family
 from moelora.ops.cache_write import CacheWrite
+from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import Fp8Weights
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
@@ -83,11 +84,23 @@ class SelfAttention(nn.Module):
         zero_centered = cfg.qk_norm == "head" and cfg.norm_zero_centered
         self.separate_rotary = self.rot_dim < cfg.head_dim or zero_centered
 
+    def input_shrink(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> tuple[DenseLora, int] | None:
+        """(q/k/v's adapter slots, chunk) where the norm before should compute q/k/v's LoRA shrink for the
+        input x (`ColumnLinear.shrink_chunk`), else None."""
+        chunk = self.qkv.shrink_chunk(x, token_slot)
+        return None if not chunk or self.qkv.lora is None else (self.qkv.lora, chunk)
+
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        xa: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """xa: q/k/v's LoRA shrink of x, where `input_shrink` asked the norm for it."""
         # [T, Hq_loc * D], [T, Hkv_loc * D] x2
-        q, k, v = self.qkv(x, batch.token_slot).split(self.qkv.out_sizes, dim=-1)
+        q, k, v = self.qkv(x, batch.token_slot, xa).split(self.qkv.out_sizes, dim=-1)
         gate = None
         if self.output_gate:
             q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)

@@ -62,11 +62,25 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (MLP output, residual before the MLP); residual None for the first layer."""
+        xa = None  # q/k/v's LoRA shrink, where the norm's launch computes it (`ops.add_norm_shrink`)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
-            h, residual = self.input_layernorm.add_norm(x, residual)
-        attn = self.self_attn(h, batch, cos, sin)
+            shrink = None
+            if isinstance(self.self_attn, SelfAttention) and batch.token_slot is not None:
+                shrink = self.self_attn.input_shrink(x, batch.token_slot)
+            if shrink is None:
+                h, residual = self.input_layernorm.add_norm(x, residual)
+            else:
+                assert batch.token_slot is not None
+                lora, chunk = shrink
+                h, residual, xa = self.input_layernorm.add_norm_shrink(
+                    x, residual, lora, batch.token_slot, chunk
+                )
+        if xa is None:
+            attn = self.self_attn(h, batch, cos, sin)
+        else:
+            attn = cast(SelfAttention, self.self_attn)(h, batch, cos, sin, xa)
         if isinstance(self.mlp, SparseMoeBlock):
             return self.mlp.add_norm_forward(attn, residual, self.post_attention_layernorm, batch.token_slot)
         h, residual = self.post_attention_layernorm.add_norm(attn, residual)

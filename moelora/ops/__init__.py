@@ -498,18 +498,59 @@ def linear(
     sizes: tuple[int, ...],
     scales: RowScales | None = None,
     plan: KernelPlan = TUNED,
+    xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A layer adapters may modify, plus its tokens' adapter deltas; see `moelora.ops.torch.lora.linear`
     (`scales`: an FP8 weight's). On the GPU a few tokens in fp16/bf16 take one launch for all of it
     (`ops/triton/linear.py`), with or without adapters, FP8 weights scaled in registers; more run cuBLAS
     (an FP8 weight: a Triton GEMM, or for long prefills a 16-bit copy for cuBLAS), and the dense LoRA kernels
-    if the batch has adapters."""
+    if the batch has adapters. xa: the LoRA shrink from `add_norm_shrink`, given where `shrink_chunk` said
+    so (the same delta, computed earlier)."""
     mod = _kernels("linear", x)
     if mod is None:
         return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes, scales)
+    one_launch = _one_launch(x, weight, scales)
+    return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan, scales, xa)
+
+
+def _one_launch(x: torch.Tensor, weight: torch.Tensor, scales: RowScales | None) -> bool:
     same = () if scales is not None else (weight,)  # an FP8 weight is not in x's dtype
-    one_launch = _half_kernels("linear", x, *same) is not None
-    return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan, scales)
+    return _half_kernels("linear", x, *same) is not None
+
+
+def shrink_chunk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    scales: RowScales | None = None,
+    plan: KernelPlan = TUNED,
+) -> int:
+    """Where `linear` on input x would take its LoRA shrink from the norm before it (`add_norm_shrink`):
+    the chunk of input columns to give that norm, else 0 (the twin, no adapters in the batch, a layer
+    past the one launch, or a shrink the launch folds into its GEMV)."""
+    mod = _kernels("linear", x)
+    if lora is None or token_slot is None or mod is None or not _one_launch(x, weight, scales):
+        return 0
+    return mod.shrink_chunk(x, lora, sizes, plan, scales is not None)
+
+
+def add_norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rms_norm` with a residual, and the LoRA shrink of the linear layer after it in the same launch;
+    see `moelora.ops.torch.norm.add_norm_shrink`."""
+    mod = _half_kernels("norm", x)
+    impl = mod.add_norm_shrink if mod is not None else _torch_norm.add_norm_shrink
+    return impl(x, weight, eps, residual, weight_first, lora, token_slot, chunk)
 
 
 def add_lora(

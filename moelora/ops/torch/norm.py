@@ -6,6 +6,8 @@ from typing import overload
 
 import torch
 
+from moelora.ops.dense_lora import DenseLora
+
 
 @overload
 def rms_norm(
@@ -40,6 +42,40 @@ def rms_norm(
     sf = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
     y = (weight.float() * sf).to(s.dtype) if weight_first else weight * sf.to(s.dtype)
     return y if residual is None else (y, s)
+
+
+def add_norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rms_norm(x, weight, eps, residual, weight_first)` = (y, s), and the LoRA shrink of the linear layer
+    that takes y, computed by the norm's launch on a GPU so that the layer's launch need not
+    (`ops.linear`'s `xa`).
+
+    x, residual [T, N]; lora: the layer's slots (a [S, P, R, N], rank [S, P]); token_slot [T]; chunk: input
+    columns a part of the shrink sums. Returns (y, s, xa): xa [ceil(N / chunk), T, P * R] fp32, xa[c, t,
+    p * R + r] = y[t, cols_c] @ a[s_t, p, r, cols_c] over chunk c's columns, lanes at or above the slot's
+    rank of part p read as zero; the rows of a token without a slot (ids outside [0, S)) are zero here
+    (the kernel leaves them unwritten: no reader takes them)."""
+    y, s = rms_norm(x, weight, eps, residual, weight_first)
+    num_slots, parts, rank, n = lora.a.shape
+    valid = (token_slot >= 0) & (token_slot < num_slots)
+    lane = torch.arange(rank, device=x.device)
+    a = torch.where((lane < lora.rank[..., None])[..., None], lora.a, 0).float()  # [S, P, R, N]
+    a_t = a[token_slot.clamp(0, num_slots - 1).long()].reshape(x.shape[0], parts * rank, n)  # [T, P*R, N]
+    xa = torch.stack(
+        [
+            torch.einsum("tn,tln->tl", y[:, c : c + chunk].float(), a_t[..., c : c + chunk])
+            for c in range(0, n, chunk)
+        ]
+    )
+    return y, s, torch.where(valid[None, :, None], xa, 0)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

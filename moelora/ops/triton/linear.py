@@ -111,14 +111,15 @@ def _expand(
     NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, CHUNKS: tl.constexpr, PARTS: tl.constexpr,
     END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, XA_READY: tl.constexpr,
 ):  # fmt: skip
     """acc plus each token's b[s][n] @ xa (its part's lanes, the shrink chunks added up in order), once the
-    shrinks are done; tokens without a slot get nothing added."""
+    shrinks are done (XA_READY: xa came with the launch); tokens without a slot get nothing added."""
     slot = valid_slot(tl.load(slot_ptr + t, mask=t_ok, other=-1), NUM_SLOTS)
     s = tl.min(slot)
     if s < NUM_SLOTS:
-        wait_for(shrunk_ptr, SHRINKS)
+        if not XA_READY:
+            wait_for(shrunk_ptr, SHRINKS)
         part = _tile_part(tile * BLOCK_N, END0, END1, END2)
         r = tl.arange(0, BLOCK_R)
         lanes = PARTS * rank
@@ -202,7 +203,8 @@ def _linear_kernel(
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
-    PRECISION: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    PRECISION: tl.constexpr, FOLD: tl.constexpr, XA_READY: tl.constexpr, PDL: tl.constexpr,
+    LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
@@ -211,7 +213,7 @@ def _linear_kernel(
     after_previous(PDL)
     num_shrinks = 0
     item = tl.program_id(0)
-    if HAS_LORA and not FOLD:
+    if HAS_LORA and not FOLD and not XA_READY:
         num_shrinks = SHRINKS
         item = ticket(ticket_ptr)
     if item < num_shrinks:
@@ -252,7 +254,7 @@ def _linear_kernel(
             acc = _expand(
                 acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
                 sb_s, sb_n, sb_r, s_rs, s_rp, NUM_SLOTS, SHRINKS, CHUNKS, PARTS, END0, END1, END2, HAS_RANK,
-                BLOCK_M, BLOCK_N, BLOCK_R, SLOT_GROUP, EXPAND, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_R, SLOT_GROUP, EXPAND, PRECISION, XA_READY,
             )  # fmt: skip
         mask = t_ok[:, None] & n_ok[None, :]
         finish = True
@@ -271,7 +273,7 @@ def _linear_kernel(
                 acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             y_ptrs = y_ptr + t[:, None] * sy_t + n[None, :] * sy_n
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    if HAS_LORA and not FOLD:
+    if HAS_LORA and not FOLD and not XA_READY:
         programs = num_shrinks + n_tiles * SPLITS
         if last_one(exited_ptr, programs):
             tl.atomic_xchg(ticket_ptr, 0)
@@ -306,6 +308,44 @@ def _tiles(plan: KernelPlan, fp8: bool) -> LinearTiles:
     return plan.fp8_linear_tiles if fp8 and plan.fp8_linear_tiles is not None else plan.linear_tiles
 
 
+def _geometry(in_dim: int, sizes: tuple[int, ...], tiles: LinearTiles, group: int | None,
+              device: torch.device) -> tuple[int, int, int, int]:  # fmt: skip
+    """(block_n, block_k, column tiles, k_chunk) of a launch: input splits of about tiles.programs_per_sm
+    programs per SM in all, each a whole number of block_k steps (`group`: an FP8 weight's scale group,
+    which a step must not cross). The same with or without adapters: the splits set the order of a row's
+    sum, and a base row must not depend on its neighbours' slots."""
+    block_n = _column_tile(sizes, tiles)
+    block_k = min(tiles.block_k, max(16, triton.next_power_of_2(in_dim)))
+    if group is not None:
+        block_k = min(block_k, group)
+    n_tiles = triton.cdiv(sum(sizes), block_n)
+    want = max(1, min(tiles.programs_per_sm * num_sms(device) // n_tiles, triton.cdiv(in_dim, block_k)))
+    return block_n, block_k, n_tiles, triton.cdiv(triton.cdiv(in_dim, want), block_k) * block_k
+
+
+def _folds(num_tokens: int, block_k: int, k_chunk: int, plan: KernelPlan) -> bool:
+    """Whether a launch with adapters computes its LoRA shrink inside the GEMV (one token, few K steps)."""
+    return num_tokens == 1 and k_chunk // block_k <= plan.linear_fold_steps
+
+
+def shrink_chunk(
+    x: torch.Tensor, lora: DenseLora, sizes: tuple[int, ...], plan: KernelPlan = TUNED, fp8: bool = False
+) -> int:
+    """Input columns a part of this layer's LoRA shrink sums where the shrink may come with the launch
+    (`linear`'s xa, computed by the norm before it: `norm.add_norm_shrink`), else 0: the plan's
+    `norm_shrink`, the layer in one launch (`fits`) and not folded. A power of 2, below
+    `tiles.shrink_chunk` where the stacked lanes are many (the norm's program holds the chunk's A)."""
+    in_dim, lanes = x.shape[-1], lora.a.shape[1] * lora.a.shape[2]
+    if not plan.norm_shrink or x.dim() != 2 or not fits(x, lanes, sizes, plan, fp8):
+        return 0
+    tiles = _tiles(plan, fp8)
+    _, block_k, _, k_chunk = _geometry(in_dim, sizes, tiles, None, x.device)
+    if _folds(x.shape[0], block_k, k_chunk, plan):
+        return 0
+    cap = max(16, 16384 // max(16, triton.next_power_of_2(lanes)))
+    return min(triton.next_power_of_2(min(tiles.shrink_chunk, in_dim)), cap)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -314,26 +354,23 @@ def linear(
     sizes: tuple[int, ...],
     plan: KernelPlan = TUNED,
     scales: RowScales | None = None,
+    xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ weight^T + bias, plus each token's adapter delta, in one launch (the caller checks `fits`).
 
     x [T, in]; weight [out, in] (FP8 with `scales`); bias [out] or None; sizes: the stacked parts' output
     sizes (sum = out); lora None or (a [S, P, R, in], b [S, out, R], slot_rank [S, P] or None, token_slot
-    [T]), as `ops.linear`. Launches on one device run one after another (they share
-    `counters.launch_counters`)."""
+    [T]), as `ops.linear`; xa None, or the LoRA shrink already computed (`norm.add_norm_shrink`: [chunks,
+    T, P * R] fp32, the chunks added up in order; where `shrink_chunk` allows it), so the launch has no
+    shrink programs. Launches on one device run one after another (they share `counters.launch_counters`)."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
+    xa_ready = xa is not None
     tiles = _tiles(plan, scales is not None)
-    block_n = _column_tile(sizes, tiles)
-    block_k = min(tiles.block_k, max(16, triton.next_power_of_2(in_dim)))
     if scales is not None:
         check_scales(weight, scales)
-        block_k = min(block_k, scales.group)
-    n_tiles = triton.cdiv(out_dim, block_n)
-    # Input splits: about tiles.programs_per_sm programs per SM in all, each a whole number of block_k steps.
-    # The same for a launch with adapters: a base row's bits must not depend on its neighbours' slots.
-    want = max(1, min(tiles.programs_per_sm * num_sms(x.device) // n_tiles, triton.cdiv(in_dim, block_k)))
-    k_chunk = triton.cdiv(triton.cdiv(in_dim, want), block_k) * block_k
+    group = None if scales is None else scales.group
+    block_n, block_k, n_tiles, k_chunk = _geometry(in_dim, sizes, tiles, group, x.device)
     splits = triton.cdiv(in_dim, k_chunk)
     y = torch.empty(num_tokens, out_dim, dtype=x.dtype, device=x.device)
     part = y  # a placeholder, never read with one split
@@ -342,7 +379,11 @@ def linear(
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
     # One token: its LoRA shrink inside every GEMV program of a few K steps (`KernelPlan.linear_fold_steps`)
-    fold = lora is not None and num_tokens == 1 and k_chunk // block_k <= plan.linear_fold_steps
+    fold = lora is not None and _folds(num_tokens, block_k, k_chunk, plan)
+    if xa is not None and (
+        lora is None or fold or xa.shape[1:] != (num_tokens, lora[0].shape[1] * lora[0].shape[2])
+    ):
+        raise ValueError(f"linear: a shrink xa {tuple(xa.shape)} for this launch (`shrink_chunk` says where)")
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
         slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
@@ -355,14 +396,18 @@ def linear(
         a_strides = a.stride()
         shrink_chunk = triton.cdiv(min(tiles.shrink_chunk, in_dim), block_k) * block_k
         chunks = triton.cdiv(in_dim, shrink_chunk)
-        xa = part  # a placeholder, never read when folded
-        if not fold:
+        if xa is not None:
+            chunks = xa.shape[0]
+        elif fold:
+            xa = part  # a placeholder, never read when folded
+        else:
             xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
     sync = launch_counters(x.device, 3 + n_tiles)
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
     block_r = max(16, triton.next_power_of_2(rank))
-    shrinks = 0 if fold else min(num_tokens, num_slots) * chunks  # one per (distinct slot, chunk) at most
+    # one per (distinct slot, chunk) at most, none where folded or given
+    shrinks = 0 if fold or xa_ready else min(num_tokens, num_slots) * chunks
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
     pdl = dependent_launch(x.device, plan.pdl)
     line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
@@ -380,7 +425,8 @@ def linear(
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)), SLOT_GROUP=slot_group(num_slots, block_r),
-        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, PDL=pdl, LINE=line,
+        EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, XA_READY=xa_ready,
+        PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
@@ -397,15 +443,17 @@ def linear_layer(
     one_launch: bool,
     plan: KernelPlan = TUNED,
     scales: RowScales | None = None,
+    xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`ops.linear`: one launch (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter)
-    and it `fits`, whether or not the layer has slots or the batch adapters, so that a base row gets the
-    same bits in any batch and on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM
-    below `fp8_copy_tokens`, a 16-bit copy for cuBLAS from there) and the dense LoRA kernels."""
+    """`ops.linear` (xa: the LoRA shrink computed before, where `shrink_chunk` allowed it): one launch
+    (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter) and it `fits`, whether or
+    not the layer has slots or the batch adapters, so that a base row gets the same bits in any batch and
+    on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM below `fp8_copy_tokens`,
+    a 16-bit copy for cuBLAS from there) and the dense LoRA kernels."""
     lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
     if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
-        return linear(x, weight, bias, args, sizes, plan, scales)
+        return linear(x, weight, bias, args, sizes, plan, scales, xa if args is not None else None)
     if scales is None:
         y = F.linear(x, weight, bias)
     elif x.shape[0] < plan.fp8_copy_tokens:

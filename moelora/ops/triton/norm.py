@@ -1,5 +1,6 @@
-"""RMSNorm, optionally fused with the residual add before it, and linear attention's gated RMSNorm (times
-silu of a gate): one program per row, the row in registers."""
+"""RMSNorm, optionally fused with the residual add before it (and with the LoRA shrink of the linear layer
+after it, `add_norm_shrink`), and linear attention's gated RMSNorm (times silu of a gate): one program per
+row, the row in registers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,46 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.dense_lora import DenseLora
 from moelora.ops.plan import TUNED
-from moelora.ops.triton.common import after_previous, dependent_launch
+from moelora.ops.triton.common import after_previous, dependent_launch, valid_slot
+
+
+@triton.jit
+def _summed(x_ptr, r_ptr, row, s_x, s_r, cols, ok, s_dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Row `row`'s x + residual at `cols` (in x's dtype, as the twin's `x + residual`), or x."""
+    s = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0)
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(s_dtype)
+    return s
+
+
+@triton.jit
+def _normed(s, w_ptr, rstd, cols, ok, WEIGHT_FIRST: tl.constexpr):
+    """weight * the normalised row s at `cols`, in fp32 (before the cast to the output's dtype)."""
+    normed = s.to(tl.float32) * rstd
+    if not WEIGHT_FIRST:
+        normed = normed.to(s.dtype).to(tl.float32)  # cast to x's dtype before the weight, as HF does
+    return tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) * normed
+
+
+@triton.jit
+def _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, store, HAS_RESIDUAL: tl.constexpr,
+              WEIGHT_FIRST: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Row `row`'s rstd; where `store` also its sum (with a residual) and its normed row stored. Every kernel
+    here takes a row's rstd from this one reduction, so that the same row gets the same bits in each."""
+    i = tl.arange(0, BLOCK_N)
+    ok = i < n
+    s = _summed(x_ptr, r_ptr, row, s_x, s_r, i, ok, s_ptr.dtype.element_ty, HAS_RESIDUAL)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / n + eps)
+    if store:
+        if HAS_RESIDUAL:
+            tl.store(s_ptr + row * n + i, s, mask=ok)
+        y = _normed(s, w_ptr, rstd, i, ok, WEIGHT_FIRST)
+        tl.store(y_ptr + row * n + i, y.to(y_ptr.dtype.element_ty), mask=ok)
+    return rstd
 
 
 @triton.jit
@@ -18,21 +57,49 @@ def _rms_norm_kernel(
 ):  # fmt: skip
     after_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_N)
-    ok = i < n
-    s = tl.load(x_ptr + row * s_x + i, mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        # the add rounds to x's dtype, as the twin's `x + residual` does
-        r = tl.load(r_ptr + row * s_r + i, mask=ok, other=0.0)
-        s = (s.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * n + i, s, mask=ok)
-    sf = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / n + eps)
-    normed = sf * rstd
-    if not WEIGHT_FIRST:
-        normed = normed.to(s.dtype).to(tl.float32)  # cast to x's dtype before the weight, as HF does
-    w = tl.load(w_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * n + i, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
+    _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, True, HAS_RESIDUAL, WEIGHT_FIRST,
+              BLOCK_N)  # fmt: skip
+
+
+@triton.jit
+def _add_norm_shrink_kernel(
+    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, slot_ptr, a_ptr, rank_ptr, xa_ptr, n, eps, s_x, s_r, num_tokens,
+    num_slots, lanes, part_rank, sa_s, sa_l, sa_k, s_rs, s_rp,
+    WEIGHT_FIRST: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (row t, input chunk c): the norm of row t (stored by chunk 0's program), and xa[c, t, l] =
+    a[s, l, cols] @ y[t, cols] over the chunk's columns for t's slot s (nothing for a row without one);
+    lane l is part l // part_rank's lane l % part_rank, read below the slot's rank rounded up to 8."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    # Before the wait: the token's slot and its adapter's A over the chunk. The step writes slot ids and
+    # adapter weights before its first kernel, and no kernel writes them.
+    s = valid_slot(tl.load(slot_ptr + row), num_slots)
+    lane = tl.arange(0, BLOCK_L)
+    l_ok = (lane < lanes) & (s < num_slots)
+    if HAS_RANK:
+        own = tl.load(rank_ptr + s * s_rs + (lane // part_rank) * s_rp, mask=l_ok, other=0)
+        l_ok = l_ok & (lane % part_rank < (own + 7) // 8 * 8)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    c_ok = cols < n
+    a = tl.load(
+        a_ptr
+        + tl.where(s < num_slots, s, 0).to(tl.int64) * sa_s
+        + lane[:, None] * sa_l
+        + cols[None, :] * sa_k,
+        mask=l_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    )
+    after_previous(PDL)
+    rstd = _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, chunk == 0, True,
+                     WEIGHT_FIRST, BLOCK_N)  # fmt: skip
+    if s < num_slots:
+        # the chunk's normed columns as stored (the same elementwise steps), rounded to y's dtype
+        part = _summed(x_ptr, r_ptr, row, s_x, s_r, cols, c_ok, s_ptr.dtype.element_ty, True)
+        y = _normed(part, w_ptr, rstd, cols, c_ok, WEIGHT_FIRST).to(y_ptr.dtype.element_ty).to(tl.float32)
+        xa = tl.sum(a.to(tl.float32) * y[None, :], axis=1)
+        tl.store(xa_ptr + (chunk * num_tokens + row) * lanes + lane, xa, mask=lane < lanes)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,6 +165,49 @@ def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, n, heads, eps, s_xt, s_xh
     z = tl.load(z_ptr + t * s_zt + h * s_zh + i, mask=ok, other=0.0).to(tl.float32)
     y = weighted * (z / (1.0 + tl.exp(-z)))
     tl.store(y_ptr + row * n + i, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def add_norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same signature and Semantics as `moelora.ops.torch.norm.add_norm_shrink` (rows of a token without
+    a slot are left unwritten in xa). One launch: one program per (row, chunk of `chunk` columns)."""
+    n = x.shape[-1]
+    num_slots, parts, rank = lora.a.shape[:3]
+    if x.dim() != 2 or lora.a.shape[3] != n or token_slot.shape != (x.shape[0],):
+        raise ValueError(
+            f"add_norm_shrink: x {tuple(x.shape)}, A {tuple(lora.a.shape)}, token_slot "
+            f"{tuple(token_slot.shape)}: x [T, N], A [S, P, R, N], token_slot [T]"
+        )
+    if chunk & (chunk - 1) or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_norm_shrink: chunk {chunk} must be a power of 2, residual like x")
+    xr, rr = _rows(x, n), _rows(residual, n)
+    y = torch.empty(x.shape, dtype=x.dtype if weight_first else torch.promote_types(weight.dtype, x.dtype),
+                    device=x.device)  # fmt: skip
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    chunks = triton.cdiv(n, chunk)
+    lanes = parts * rank
+    xa = torch.empty(chunks, x.shape[0], lanes, dtype=torch.float32, device=x.device)
+    a = lora.a.reshape(num_slots, lanes, n)
+    ranks = token_slot if lora.rank is None else lora.rank  # a placeholder when there is none
+    block_n = triton.next_power_of_2(n)
+    pdl = dependent_launch(x.device, TUNED.pdl)
+    _add_norm_shrink_kernel[(x.shape[0], chunks)](
+        xr, rr, weight.contiguous(), y, s, token_slot, a, ranks, xa, n, eps, xr.stride(0), rr.stride(0),
+        x.shape[0], num_slots, lanes, rank, *a.stride(), ranks.stride(0),
+        ranks.stride(-1) if ranks.dim() > 1 else 0,
+        WEIGHT_FIRST=weight_first, HAS_RANK=lora.rank is not None, BLOCK_N=block_n, CHUNK=chunk,
+        BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl,
+        num_warps=min(16, max(1, block_n // 256)), launch_pdl=pdl,
+    )  # fmt: skip
+    return y, s, xa
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
