@@ -153,7 +153,7 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     weight = (1 + 0.3 * rand(g, in_dim)).to(dtype)
     w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
     lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
-    chunk = triton_linear.shrink_chunk(x, noisy, sizes, plan)
+    chunk = triton_linear.shrink_chunk(x, noisy, sizes, True, plan)
     assert chunk > 0
     y, s, xa = triton_norm.add_norm_shrink(x, weight, 1e-6, residual, weight_first, noisy, slot, chunk)
     plain = triton_norm.rms_norm(x, weight, 1e-6, residual, weight_first)
@@ -166,21 +166,27 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     valid = (slot >= 0) & (slot < lora.a.shape[0])
     assert xa.shape == (-(-in_dim // chunk), num_tokens, len(sizes) * rank)
     close(xa[:, valid], ref_xa[:, valid], TOL[dtype])
-    args = (noisy.a, noisy.b, noisy.rank, slot)
-    got = triton_linear.linear(y, w, None, args, sizes, plan, xa=xa)
+    # (one launch up to linear_tokens, past it cuBLAS with the dense LoRA's expand of the given xa)
+    got = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, xa=xa)
     close(got, torch_lora.linear(y, w, None, lora, slot, sizes), TOL[dtype])
-    base = triton_linear.linear(y, w, None, None, sizes, plan)
+    base = triton_linear.linear_layer(y, w, None, None, None, sizes, True, plan)
     assert torch.equal(got[~valid], base[~valid]), "a base row must not depend on its neighbours"
     assert (got[valid] - base[valid]).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"
-    doubled = triton_linear.linear(y, w, None, args, sizes, plan, xa=2 * xa)
+    doubled = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, xa=2 * xa)
     close(doubled - base, 2 * (got - base), TOL[dtype])
     return chunk
 
 
 @pytest.mark.parametrize(
     ("num_tokens", "dtype", "weight_first", "programs_per_sm"),
-    [(1, torch.float32, False, 0), (5, torch.float16, False, 64), (3, torch.float32, True, 64)],
-)  # one token over 5 K steps in one split (not folded at linear_fold_steps 4); 5 splits of one step
+    [
+        (1, torch.float32, False, 0),
+        (5, torch.float16, False, 64),
+        (3, torch.float32, True, 64),
+        (20, torch.float32, False, 64),
+    ],
+)  # one token over 5 K steps in one split (not folded at linear_fold_steps 4); 5 splits of one step; past
+# the one launch (20 tokens: cuBLAS and the dense LoRA's expand)
 def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weight_first, programs_per_sm):
     """The input norm's launch computes the q/k/v shrink of its normed rows by chunks (3 of 32 columns for
     80, the last partial) for every slot kind (valid, half rank with NaN padding, an empty part, -1 and
@@ -194,19 +200,26 @@ def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weig
 
 def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
     """The norm computes a layer's shrink only where the launch would run shrink programs: not folded (one
-    token over few K steps), the layer in one launch, the plan's `norm_shrink` on; a chunk of the plan's
-    width, narrower for many lanes (the norm's program holds a chunk of A for every lane)."""
+    token over few K steps), at most `norm_shrink_tokens` tokens; past the one launch where the dense LoRA
+    expands stacked parts from one shrink; a chunk of the plan's width, narrower for many lanes (the
+    norm's program holds a chunk of A for every lane)."""
     g = torch.Generator().manual_seed(2)
     sizes = (32, 16)
     lora, _, _ = lora_inputs(g, 1, 80, sizes, 8, torch.float32)
     wide, _, _ = lora_inputs(g, 1, 80, sizes, 128, torch.float32)
     unfolded = replace(SMALL, linear_fold_steps=0)
-    assert triton_linear.shrink_chunk(rand(g, 1, 80), lora, sizes, unfolded) == 32
-    assert triton_linear.shrink_chunk(rand(g, 1, 80), lora, sizes, SMALL) == 0  # folded
-    assert triton_linear.shrink_chunk(rand(g, 2, 80), lora, sizes, SMALL) == 32
-    assert triton_linear.shrink_chunk(rand(g, 2, 80), wide, sizes, SMALL) == 32  # 256 lanes: 64 columns
-    assert triton_linear.shrink_chunk(rand(g, 17, 80), lora, sizes, SMALL) == 0  # cuBLAS
-    assert triton_linear.shrink_chunk(rand(g, 2, 80), lora, sizes, replace(SMALL, norm_shrink=False)) == 0
+
+    def chunk(tokens, lora=lora, sizes=sizes, one_launch=True, plan=SMALL):
+        return triton_linear.shrink_chunk(rand(g, tokens, 80), lora, sizes, one_launch, plan)
+
+    assert chunk(1, plan=unfolded) == 32
+    assert chunk(1) == 0  # folded
+    assert chunk(2) == 32
+    assert chunk(2, lora=wide) == 32  # 256 lanes: 64 columns, capped at the plan's 32
+    assert chunk(17) == chunk(2, one_launch=False) == 32  # cuBLAS, then the stacked expand from xa
+    assert chunk(17, lora=wide) == 0  # 256 lanes: the dense LoRA shrinks part by part
+    assert chunk(17, lora=lora_inputs(g, 1, 80, (48,), 8, torch.float32)[0], sizes=(48,)) == 0  # one part
+    assert chunk(65) == 0 and chunk(2, plan=replace(SMALL, norm_shrink_tokens=0)) == 0
     with pytest.raises(ValueError, match="shrink xa"):
         triton_linear.linear(rand(g, 1, 80), rand(g, 48, 80), None, (lora.a, lora.b, lora.rank,
                              torch.zeros(1, dtype=torch.int32, device=DEV)), sizes, SMALL,
@@ -378,10 +391,11 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_tokens", "weight_first"), [(1, False), (4, True), (16, False)])
+@pytest.mark.parametrize(("num_tokens", "weight_first"), [(1, False), (4, True), (16, False), (64, False)])
 def test_norm_shrink_gpu(num_tokens: int, weight_first: bool):
     """Qwen3-30B-A3B's input norm with q/k/v's shrink (2,048 columns, 3 parts of rank 16) in bf16 with the
-    shipped plan: the plain norm's bits, then q/k/v given the shrink."""
+    shipped plan: the plain norm's bits, then q/k/v given the shrink (64 tokens: cuBLAS and the dense
+    LoRA's expand)."""
     assert check_norm_shrink(num_tokens, 2048, (4096, 512, 512), 16, torch.bfloat16, weight_first, TUNED,
                              num_tokens) == 256  # fmt: skip
 

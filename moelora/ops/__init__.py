@@ -528,12 +528,12 @@ def shrink_chunk(
     plan: KernelPlan = TUNED,
 ) -> int:
     """Where `linear` on input x would take its LoRA shrink from the norm before it (`add_norm_shrink`):
-    the chunk of input columns to give that norm, else 0 (the twin, no adapters in the batch, a layer
-    past the one launch, or a shrink the launch folds into its GEMV)."""
+    the chunk of input columns to give that norm, else 0 (the twin, no adapters in the batch, more tokens
+    than `KernelPlan.norm_shrink_tokens`, or a shrink the one launch folds into its GEMV)."""
     mod = _kernels("linear", x)
-    if lora is None or token_slot is None or mod is None or not _one_launch(x, weight, scales):
+    if lora is None or token_slot is None or mod is None:
         return 0
-    return mod.shrink_chunk(x, lora, sizes, plan, scales is not None)
+    return mod.shrink_chunk(x, lora, sizes, _one_launch(x, weight, scales), plan, scales is not None)
 
 
 def add_norm_shrink(

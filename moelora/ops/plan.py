@@ -223,13 +223,15 @@ class KernelPlan:
     # (1 split of 16 steps) 27.2 / 17.9.
     linear_fold_steps: int = 8
     linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
-    # The LoRA shrink of the attention's q/k/v launch (where it would take shrink programs: not folded) in
-    # the input RMSNorm's launch before it (`norm.add_norm_shrink`): one program per (token, input chunk)
-    # beside the norm's, A loaded before the wait for the previous kernel; the q/k/v launch then has no
-    # shrink programs, tickets or waits. H100, Qwen3-30B-A3B, 8 adapters r16, one process (2026-12-06,
-    # `--plan-variants`), ms a step on / off: bf16 batch 1 4.47 / 4.60, batch 16 17.88 / 17.82 (noise);
-    # FP8 batch 1 4.00 / 4.07; the base rows the same.
-    norm_shrink: bool = True
+    # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
+    # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
+    # launch before it (`norm.add_norm_shrink`), for at most this many tokens (0: never): one program per
+    # (token, input chunk) beside the norm's, A loaded before the wait for the previous kernel; the q/k/v
+    # launch then has no shrink programs, tickets or waits. H100, Qwen3-30B-A3B, 8 adapters r16, one
+    # process (2026-12-06, `--plan-variants`), ms a step with it (up to 16 tokens) / without: bf16 batch 1
+    # 4.47 / 4.60, batch 16 17.88 / 17.82 (noise); FP8 batch 1 4.00 / 4.07; the base rows the same. Batch 64
+    # (cuBLAS, the dense LoRA's shrink launch replaced): 26.98 against 27.05 with 16 (0.3%, near the noise).
+    norm_shrink_tokens: int = 64
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.

@@ -42,7 +42,7 @@ from moelora.ops.triton.common import (
 )
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.fp8_linear import check_scales, dequantize, fp8_matmul
-from moelora.ops.triton.lora import add_lora, add_lora_parts
+from moelora.ops.triton.lora import add_lora, add_lora_parts, stacked_shrink
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
 _MAX_LANES = 256  # stacked rank lanes (parts x rank) one shrink program holds
@@ -329,18 +329,27 @@ def _folds(num_tokens: int, block_k: int, k_chunk: int, plan: KernelPlan) -> boo
 
 
 def shrink_chunk(
-    x: torch.Tensor, lora: DenseLora, sizes: tuple[int, ...], plan: KernelPlan = TUNED, fp8: bool = False
+    x: torch.Tensor,
+    lora: DenseLora,
+    sizes: tuple[int, ...],
+    one_launch: bool,
+    plan: KernelPlan = TUNED,
+    fp8: bool = False,
 ) -> int:
-    """Input columns a part of this layer's LoRA shrink sums where the shrink may come with the launch
-    (`linear`'s xa, computed by the norm before it: `norm.add_norm_shrink`), else 0: the plan's
-    `norm_shrink`, the layer in one launch (`fits`) and not folded. A power of 2, below
-    `tiles.shrink_chunk` where the stacked lanes are many (the norm's program holds the chunk's A)."""
+    """Input columns a part of this layer's LoRA shrink sums where `linear_layer` may take the shrink
+    computed by the norm before it (`norm.add_norm_shrink`, its xa), else 0: at most the plan's
+    `norm_shrink_tokens`; in one launch (`one_launch` and `fits`) where the launch does not fold it, past
+    the one launch where `lora.add_lora_parts` expands the stacked parts from one shrink. A power of 2,
+    below `tiles.shrink_chunk` where the stacked lanes are many (the norm's program holds the chunk's A)."""
     in_dim, lanes = x.shape[-1], lora.a.shape[1] * lora.a.shape[2]
-    if not plan.norm_shrink or x.dim() != 2 or not fits(x, lanes, sizes, plan, fp8):
+    if x.dim() != 2 or x.shape[0] > plan.norm_shrink_tokens:
         return 0
     tiles = _tiles(plan, fp8)
-    _, block_k, _, k_chunk = _geometry(in_dim, sizes, tiles, None, x.device)
-    if _folds(x.shape[0], block_k, k_chunk, plan):
+    if one_launch and fits(x, lanes, sizes, plan, fp8):
+        _, block_k, _, k_chunk = _geometry(in_dim, sizes, tiles, None, x.device)
+        if _folds(x.shape[0], block_k, k_chunk, plan):
+            return 0
+    elif len(sizes) < 2 or not stacked_shrink(len(sizes), lora.a.shape[2]):
         return 0
     cap = max(16, 16384 // max(16, triton.next_power_of_2(lanes)))
     return min(triton.next_power_of_2(min(tiles.shrink_chunk, in_dim)), cap)
@@ -454,6 +463,8 @@ def linear_layer(
     if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
         return linear(x, weight, bias, args, sizes, plan, scales, xa if args is not None else None)
+    if xa is not None and len(sizes) < 2:
+        raise ValueError("linear_layer: a given shrink (xa) past the one launch needs stacked parts")
     if scales is None:
         y = F.linear(x, weight, bias)
     elif x.shape[0] < plan.fp8_copy_tokens:
@@ -464,5 +475,5 @@ def linear_layer(
         if len(sizes) == 1:
             add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0], plan)
         else:
-            add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan)
+            add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan, xa)
     return y

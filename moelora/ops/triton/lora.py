@@ -44,6 +44,11 @@ def add_lora(
 _MAX_STACKED_RANK = 128  # lanes of one shrink; wider stacks shrink part by part
 
 
+def stacked_shrink(parts: int, rank: int) -> bool:
+    """Whether `add_lora_parts` shrinks the stacked parts' lanes together (one xa for all of them)."""
+    return triton.next_power_of_2(parts * rank) <= _MAX_STACKED_RANK
+
+
 def add_lora_parts(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -53,8 +58,11 @@ def add_lora_parts(
     sizes: tuple[int, ...],
     slot_rank: torch.Tensor | None = None,
     plan: KernelPlan = TUNED,
+    xa: torch.Tensor | None = None,
 ) -> None:
-    """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`."""
+    """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`; xa: the shrink computed
+    before (`norm.add_norm_shrink`, [chunks, T, P * R] fp32 partial sums, where `stacked_shrink`), in
+    place of `lora_shrink`'s."""
     num_tokens, in_dim = x.shape
     num_slots, parts, rank = a.shape[0], a.shape[1], a.shape[2]
     out = sum(sizes)
@@ -70,7 +78,9 @@ def add_lora_parts(
         )
     if num_tokens == 0:
         return
-    if triton.next_power_of_2(parts * rank) > _MAX_STACKED_RANK:
+    if not stacked_shrink(parts, rank):
+        if xa is not None:
+            raise ValueError(f"add_lora_parts: a given shrink (xa) for {parts} parts of rank {rank}")
         offset = 0
         for p, n in enumerate(sizes):
             part_rank = None if slot_rank is None else slot_rank[:, p]
@@ -80,7 +90,10 @@ def add_lora_parts(
         return
     tiles = lora_tiles(num_tokens, plan)
     slot = token_slot.contiguous()
-    xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles, slot_rank)
+    if xa is None:
+        xa = lora_shrink(x, a.reshape(num_slots, parts * rank, in_dim), slot, tiles, slot_rank)
+    elif xa.shape[1:] != (num_tokens, parts * rank) or xa.dtype != torch.float32:
+        raise ValueError(f"add_lora_parts: xa {tuple(xa.shape)} {xa.dtype} must be [chunks, T, P * R] fp32")
     if len(sizes) <= 4 and all(n % tiles.expand_n == 0 for n in sizes[:-1]):
         lora_expand(y, xa, b, slot, tiles, slot_rank, plan, sizes)  # every part in one launch
         return
