@@ -427,3 +427,26 @@ def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
         slot.copy_(torch.randint(-1, 5, (num_tokens,), generator=g2).to(torch.int32).to(DEV))
         graph.replay()
         close(y, torch_lora.linear(x, w, None, lora, slot, sizes, scales), TOL[torch.bfloat16])
+
+
+def test_fp8_linear_takes_the_norms_shrink_where_it_does_not_fold():
+    """An FP8 weight's scale group narrows the launch's K steps (16 here against the tiles' 32), which can
+    turn a folded one-token launch into one with shrink programs: `shrink_chunk` decides from the same
+    steps as `linear`, so the norm's xa reaches a launch that takes it (and never one that folds)."""
+    from moelora.ops.torch import norm as torch_norm
+
+    g = torch.Generator().manual_seed(6)
+    sizes = (32, 16, 16)
+    tiles = LinearTiles(16, 32, 4, 2, programs_per_sm=0, shrink_chunk=32)  # one split of 80 columns
+    plan = KernelPlan(linear_tiles=tiles, fp8_linear_tiles=None, linear_fold_steps=4)
+    x = rand(g, 1, 80)
+    lora, _, _ = lora_inputs(g, 1, 80, sizes, 8, torch.float32)
+    slot = torch.tensor([0], dtype=torch.int32, device=DEV)
+    assert triton_linear.shrink_chunk(x, lora, sizes, True, plan) == 0  # 3 steps of 32: folded
+    assert triton_linear.shrink_chunk(x, lora, sizes, True, plan, group=16) == 32  # 5 steps of 16
+    w8, scales = fp8_weight(g, sum(sizes), 80, 16)
+    weight = 1 + 0.3 * rand(g, 80)
+    y, _, xa = torch_norm.add_norm_shrink(x, weight, 1e-6, rand(g, 1, 80), False, lora, slot, 32)
+    got = triton_linear.linear_layer(y, w8, None, lora, slot, sizes, True, plan, scales, xa)
+    ref = torch_lora.linear(y, w8, None, lora, slot, sizes, scales)
+    close(got, ref, TOL[torch.float32])

@@ -533,7 +533,8 @@ def shrink_chunk(
     mod = _kernels("linear", x)
     if lora is None or token_slot is None or mod is None:
         return 0
-    return mod.shrink_chunk(x, lora, sizes, _one_launch(x, weight, scales), plan, scales is not None)
+    group = None if scales is None else scales.group
+    return mod.shrink_chunk(x, lora, sizes, _one_launch(x, weight, scales), plan, group)
 
 
 def add_norm_shrink(

@@ -334,19 +334,21 @@ def shrink_chunk(
     sizes: tuple[int, ...],
     one_launch: bool,
     plan: KernelPlan = TUNED,
-    fp8: bool = False,
+    group: int | None = None,
 ) -> int:
     """Input columns a part of this layer's LoRA shrink sums where `linear_layer` may take the shrink
     computed by the norm before it (`norm.add_norm_shrink`, its xa), else 0: at most the plan's
     `norm_shrink_tokens`; in one launch (`one_launch` and `fits`) where the launch does not fold it, past
     the one launch where `lora.add_lora_parts` expands the stacked parts from one shrink. A power of 2,
-    below `tiles.shrink_chunk` where the stacked lanes are many (the norm's program holds the chunk's A)."""
+    below `tiles.shrink_chunk` where the stacked lanes are many (the norm's program holds the chunk's A).
+    group: an FP8 weight's scale group (None for a 16-bit weight), as `linear` takes it from its scales."""
     in_dim, lanes = x.shape[-1], lora.a.shape[1] * lora.a.shape[2]
     if x.dim() != 2 or x.shape[0] > plan.norm_shrink_tokens:
         return 0
+    fp8 = group is not None
     tiles = _tiles(plan, fp8)
     if one_launch and fits(x, lanes, sizes, plan, fp8):
-        _, block_k, _, k_chunk = _geometry(in_dim, sizes, tiles, None, x.device)
+        _, block_k, _, k_chunk = _geometry(in_dim, sizes, tiles, group, x.device)
         if _folds(x.shape[0], block_k, k_chunk, plan):
             return 0
     elif len(sizes) < 2 or not stacked_shrink(len(sizes), lora.a.shape[2]):
