@@ -141,10 +141,11 @@ def test_linear_in_one_split():
 
 
 def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype,
-                      weight_first: bool, plan: KernelPlan, seed: int) -> int:  # fmt: skip
+                      weight_first: bool, plan: KernelPlan, seed: int, group: int = 0) -> int:  # fmt: skip
     """`norm.add_norm_shrink` against `rms_norm` (the same bits: one reduction) and its twin, then `linear`
     given that shrink against the twin's layer (a base row: the base launch's bits; twice the shrink:
-    twice the delta, so the launch takes it and adds none of its own). Returns the chunk."""
+    twice the delta, so the launch takes it and adds none of its own); `group`: the layer's weight in FP8
+    with scales over groups of that many columns. Returns the chunk."""
     from moelora.ops.torch import norm as torch_norm
     from moelora.ops.triton import norm as triton_norm
 
@@ -153,7 +154,10 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     weight = (1 + 0.3 * rand(g, in_dim)).to(dtype)
     w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
     lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
-    chunk = triton_linear.shrink_chunk(x, noisy, sizes, True, plan)
+    scales = None
+    if group:
+        w, scales = fp8_weight(g, sum(sizes), in_dim, group)
+    chunk = triton_linear.shrink_chunk(x, noisy, sizes, True, plan, scales.group if scales else None)
     assert chunk > 0
     y, s, xa = triton_norm.add_norm_shrink(x, weight, 1e-6, residual, weight_first, noisy, slot, chunk)
     plain = triton_norm.rms_norm(x, weight, 1e-6, residual, weight_first)
@@ -167,35 +171,36 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     assert xa.shape == (-(-in_dim // chunk), num_tokens, len(sizes) * rank)
     close(xa[:, valid], ref_xa[:, valid], TOL[dtype])
     # (one launch up to linear_tokens, past it cuBLAS with the dense LoRA's expand of the given xa)
-    got = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, xa=xa)
-    close(got, torch_lora.linear(y, w, None, lora, slot, sizes), TOL[dtype])
-    base = triton_linear.linear_layer(y, w, None, None, None, sizes, True, plan)
+    got = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, scales, xa)
+    close(got, torch_lora.linear(y, w, None, lora, slot, sizes, scales), TOL[dtype])
+    base = triton_linear.linear_layer(y, w, None, None, None, sizes, True, plan, scales)
     assert torch.equal(got[~valid], base[~valid]), "a base row must not depend on its neighbours"
     assert (got[valid] - base[valid]).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"
-    doubled = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, xa=2 * xa)
+    doubled = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, scales, 2 * xa)
     close(doubled - base, 2 * (got - base), TOL[dtype])
     return chunk
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "dtype", "weight_first", "programs_per_sm"),
+    ("num_tokens", "dtype", "weight_first", "programs_per_sm", "group"),
     [
-        (1, torch.float32, False, 0),
-        (5, torch.float16, False, 64),
-        (3, torch.float32, True, 64),
-        (20, torch.float32, False, 64),
+        (1, torch.float32, False, 0, 0),
+        (5, torch.float16, False, 64, 0),
+        (3, torch.float32, True, 64, 0),
+        (20, torch.float32, False, 64, 0),
+        (3, torch.float32, False, 64, 16),
     ],
 )  # one token over 5 K steps in one split (not folded at linear_fold_steps 4); 5 splits of one step; past
-# the one launch (20 tokens: cuBLAS and the dense LoRA's expand)
-def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weight_first, programs_per_sm):
+# the one launch (20 tokens: cuBLAS and the dense LoRA's expand); an FP8 weight in groups of 16 columns
+def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weight_first, programs_per_sm,
+                                                         group):  # fmt: skip
     """The input norm's launch computes the q/k/v shrink of its normed rows by chunks (3 of 32 columns for
     80, the last partial) for every slot kind (valid, half rank with NaN padding, an empty part, -1 and
     ids past the slots); `linear` takes it in place of its shrink programs (`check_norm_shrink`)."""
     plan = replace(SMALL, linear_tiles=replace(SMALL.linear_tiles, programs_per_sm=programs_per_sm),
                    linear_fold_steps=4)  # fmt: skip
-    assert (
-        check_norm_shrink(num_tokens, 80, (32, 16, 16), 8, dtype, weight_first, plan, 20 + num_tokens) == 32
-    )
+    seed = 20 + num_tokens
+    assert check_norm_shrink(num_tokens, 80, (32, 16, 16), 8, dtype, weight_first, plan, seed, group) == 32
 
 
 def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
@@ -391,13 +396,16 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_tokens", "weight_first"), [(1, False), (4, True), (16, False), (64, False)])
-def test_norm_shrink_gpu(num_tokens: int, weight_first: bool):
+@pytest.mark.parametrize(
+    ("num_tokens", "weight_first", "group"),
+    [(1, False, 0), (4, True, 0), (16, False, 0), (64, False, 0), (1, False, 128), (16, False, 128)],
+)
+def test_norm_shrink_gpu(num_tokens: int, weight_first: bool, group: int):
     """Qwen3-30B-A3B's input norm with q/k/v's shrink (2,048 columns, 3 parts of rank 16) in bf16 with the
     shipped plan: the plain norm's bits, then q/k/v given the shrink (64 tokens: cuBLAS and the dense
-    LoRA's expand)."""
+    LoRA's expand; group 128: an FP8 weight in its one launch)."""
     assert check_norm_shrink(num_tokens, 2048, (4096, 512, 512), 16, torch.bfloat16, weight_first, TUNED,
-                             num_tokens) == 256  # fmt: skip
+                             num_tokens, group) == 256  # fmt: skip
 
 
 @pytest.mark.gpu
