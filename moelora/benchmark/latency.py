@@ -237,7 +237,8 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
         title = (
             "each kernel's share of a decode step's wall time on the card (us a step, the same "
             "subtraction; every instant goes to the running kernel that ends first, or to "
-            f"{IDLE!r}: with or without PDL these add up to the step, and no kernel's wait counts)"
+            f"{IDLE!r} before the kernel that starts next when none runs: with or without PDL these add up "
+            "to the step, and no kernel's wait counts)"
         )
     return table_text(title, header, table)
 
@@ -394,12 +395,13 @@ def _on_device(event: Any) -> bool:
 
 def chain_shares(events: list[DeviceEvent]) -> dict[str, float]:
     """Each kernel's share of the card's wall time, us by name: every instant goes to the running device
-    event that ends first, or to IDLE when none runs; the shares add up to the span from the first start
-    to the last end. With PDL a kernel starts during the one before and waits: that time goes to the one
-    before, so a kernel's share is how far it moved the step's end past its predecessor's, where its own
-    duration would count the wait."""
+    event that ends first, or when none runs to "IDLE before <the event that starts next>" (which launch
+    the card waited for); the shares add up to the span from the first start to the last end. With PDL a
+    kernel starts during the one before and waits: that time goes to the one before, so a kernel's share
+    is how far it moved the step's end past its predecessor's, where its own duration would count the
+    wait."""
     device = sorted(events)
-    shares: dict[str, float] = {IDLE: 0.0}
+    shares: dict[str, float] = {}
     running: list[tuple[float, int, str]] = []  # (end, index, name): a heap, the first to end on top
     times = sorted({t for e in device for t in (e.start, e.end)})
     i = 0
@@ -409,7 +411,7 @@ def chain_shares(events: list[DeviceEvent]) -> dict[str, float]:
             i += 1
         while running and running[0][0] <= a:
             heapq.heappop(running)
-        name = running[0][2] if running else IDLE
+        name = running[0][2] if running else f"{IDLE} before {device[i].name}"
         shares[name] = shares.get(name, 0.0) + (b - a)
     return shares
 
