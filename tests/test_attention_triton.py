@@ -439,6 +439,31 @@ def test_mla_prefill_gpu():
     check_mla_prefill(3, (1000, 300, 7, 129), (1500, 300, 20, 129), 16, 192, 128, torch.bfloat16)
 
 
+def small_attention_config(preset: str, rotated: int):
+    """A preset's model config with its attention shrunk to 4 heads of 32 (2 KV heads) over a 64-wide
+    hidden state, the first `rotated` rotary frequencies kept."""
+    from moelora.loader.model_loader import read_model_config
+    from moelora.loader.presets import preset_path
+
+    full, _ = read_model_config(preset_path(preset))
+    return dataclasses.replace(
+        full,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rope_inv_freq=full.rope_inv_freq[:rotated],
+    )
+
+
+def randomize(module: torch.nn.Module, g: torch.Generator) -> None:
+    """Random weights: norms near 1, the rest scaled by their input width."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if "norm" in name else noise * p.shape[-1] ** -0.5)
+
+
 @pytest.mark.parametrize(
     ("preset", "layer", "rotated"),
     [("qwen3-30b-a3b", 0, 16), ("glm-4.5-air", 1, 8), ("qwen3.5-35b-a3b", 3, 4)],
@@ -454,27 +479,14 @@ def test_attention_block_decode_in_one_launch(preset, layer, rotated, monkeypatc
     from moelora.batch import ForwardBatch, PagedKV
     from moelora.cache.kv_cache import KVCache
     from moelora.layers.rotary import RotaryEmbedding
-    from moelora.loader.model_loader import read_model_config
-    from moelora.loader.presets import preset_path
     from moelora.models.blocks import SelfAttention
     from moelora.ops.triton import attention as triton_attention
     from moelora.parallel.state import ParallelState
 
-    full, _ = read_model_config(preset_path(preset))
-    cfg = dataclasses.replace(
-        full,
-        hidden_size=64,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        rope_inv_freq=full.rope_inv_freq[:rotated],
-    )
+    cfg = small_attention_config(preset, rotated)
     block = SelfAttention(cfg, layer, ParallelState(), torch.float16)
     g = torch.Generator().manual_seed(layer)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if "norm" in name else noise * p.shape[-1] ** -0.5)
+    randomize(block, g)
     kv_lens, page = (5, 11), 4
     tables = torch.tensor([[2, 5, 0], [1, 3, 6]], dtype=torch.int32)
     slots = torch.tensor(
@@ -521,8 +533,6 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
     from moelora.batch import ForwardBatch, PagedKV
     from moelora.cache.kv_cache import KVCache
     from moelora.layers.rotary import RotaryEmbedding
-    from moelora.loader.model_loader import read_model_config
-    from moelora.loader.presets import preset_path
     from moelora.models.blocks import DenseBlock, SelfAttention
     from moelora.models.decoder import DecoderLayer
     from moelora.ops.dense_lora import DenseLora
@@ -530,22 +540,11 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
     from moelora.ops.triton import norm as triton_norm
     from moelora.parallel.state import ParallelState
 
-    full, _ = read_model_config(preset_path(preset))
-    cfg = dataclasses.replace(
-        full,
-        hidden_size=64,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        rope_inv_freq=full.rope_inv_freq[:rotated],
-    )
+    cfg = small_attention_config(preset, rotated)
     block = DecoderLayer(cfg, layer, ParallelState(), torch.float16)
     block.mlp = DenseBlock(64, 32, ParallelState(), torch.float16)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if "norm" in name else noise * p.shape[-1] ** -0.5)
+    randomize(block, g)
     assert isinstance(block.self_attn, SelfAttention)
     qkv = block.self_attn.qkv
     a = (torch.randn(3, 3, 16, 64, generator=g) * 64**-0.5).half()
