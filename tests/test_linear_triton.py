@@ -229,6 +229,14 @@ def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
         triton_linear.linear(rand(g, 1, 80), rand(g, 48, 80), None, (lora.a, lora.b, lora.rank,
                              torch.zeros(1, dtype=torch.int32, device=DEV)), sizes, SMALL,
                              xa=torch.zeros(3, 1, 16, device=DEV))  # fmt: skip
+    args2 = (lora.a, lora.b, lora.rank, torch.zeros(2, dtype=torch.int32, device=DEV))
+    for bad in (torch.zeros(3, 2, 16, device=DEV).half(), torch.zeros(3, 16, 2, device=DEV).transpose(1, 2)):
+        with pytest.raises(ValueError, match="shrink xa"):  # fp16; not contiguous
+            triton_linear.linear(rand(g, 2, 80), rand(g, 48, 80), None, args2, sizes, SMALL, xa=bad)
+    good = triton_linear.linear(
+        rand(g, 2, 80), rand(g, 48, 80), None, args2, sizes, SMALL, xa=torch.zeros(3, 2, 16, device=DEV)
+    )
+    assert good.shape == (2, 48)
 
 
 def test_linear_layer_falls_back_where_it_does_not_fit():

@@ -391,10 +391,18 @@ def linear(
     ends += [1 << 30] * (3 - len(ends))
     # One token: its LoRA shrink inside every GEMV program of a few K steps (`KernelPlan.linear_fold_steps`)
     fold = lora is not None and _folds(num_tokens, block_k, k_chunk, plan)
+    lanes = 0 if lora is None else lora[0].shape[1] * lora[0].shape[2]
     if xa is not None and (
-        lora is None or fold or xa.shape[1:] != (num_tokens, lora[0].shape[1] * lora[0].shape[2])
+        lora is None
+        or fold
+        or xa.shape[1:] != (num_tokens, lanes)
+        or xa.dtype != torch.float32
+        or not xa.is_contiguous()
     ):
-        raise ValueError(f"linear: a shrink xa {tuple(xa.shape)} for this launch (`shrink_chunk` says where)")
+        raise ValueError(
+            f"linear: a shrink xa {tuple(xa.shape)} {xa.dtype} for this launch: [chunks, T, P * R] fp32, "
+            "contiguous, where `shrink_chunk` says"
+        )
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
         slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
