@@ -201,9 +201,10 @@ def test_rotary_in_decode_matches_twin(kv_lens, heads, d, dtype, window, splits,
 
 
 def test_rotary_decode_attention_op():
-    """`ops.rotary_decode_attention`: None on the twins (the caller runs the separate ops); on the Triton
-    kernels (the interpreter here) the decode launch does it all, and refuses a prefill step, a cos of
-    the wrong shape and one norm weight without the other."""
+    """`ops.fuses_rotary_decode`: no on the twins, with `rotary_in_decode` off, or for a prefill step (the
+    caller runs the separate ops; `rotary_decode_attention` refuses the twins); on the Triton kernels (the
+    interpreter here) the decode launch does it all, and refuses a prefill step, a cos of the wrong shape
+    and one norm weight without the other."""
     from moelora import ops
     from moelora.ops.cache_write import CacheWrite
     from moelora.ops.plan import TUNED
@@ -216,18 +217,21 @@ def test_rotary_decode_attention_op():
     slots = torch.tensor([int(tables[0, 0]) * 16 + 4, int(tables[1, 0]) * 16 + 8], device=DEV)
     write = CacheWrite(v, k_cache, v_cache, slots)
     args = (q, k, cos, sin, None, write, tables, (1, 1), (5, 9), SCALE, None)
-    assert ops.rotary_decode_attention(*args) is None
+    assert not ops.fuses_rotary_decode(q, k, write, (1, 1))
+    with pytest.raises(ValueError, match="Triton kernels only"):
+        ops.rotary_decode_attention(*args)
     ops.use_backend("triton")
     try:
+        assert ops.fuses_rotary_decode(q, k, write, (1, 1))
         fused = ops.rotary_decode_attention(*args)
         off = dataclasses.replace(TUNED, rotary_in_decode=False)
-        assert ops.rotary_decode_attention(*args, plan=off) is None
+        assert not ops.fuses_rotary_decode(q, k, write, (1, 1), plan=off)
+        assert not ops.fuses_rotary_decode(q, k, write, (2, 1))  # a prefill step
     finally:
         ops.use_backend("auto")
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     q_rot, k_rot = twin_rotated(q, None, 0.0, False, cos, sin), twin_rotated(k, None, 0.0, False, cos, sin)
     k_ref.view(-1, 2, 32)[slots], v_ref.view(-1, 2, 32)[slots] = k_rot, v
-    assert fused is not None
     assert_close(fused, twin.paged_attention(q_rot, k_ref, v_ref, tables, (1, 1), (5, 9), SCALE, None))
     with pytest.raises(ValueError, match="one new token per sequence"):
         kern.rotary_decode(q, k, cos, sin, None, write, tables, (2,), (9,), SCALE, None)

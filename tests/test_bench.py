@@ -107,7 +107,7 @@ def test_plan_variants_run_every_row_under_each_plan_in_one_process(tiny_llm, mo
     session = open_session(tiny_llm, w, ["dummy-0"], seed=0)
     executor = tiny_llm.engine.executor
     seen: list[bool] = []  # the plan a decode step's ops take by default, at each step
-    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"]
+    default = inspect.signature(ops.fuses_rotary_decode).parameters["plan"]
     real_step = executor.step
     monkeypatch.setattr(executor, "step", lambda *a, **k: (seen.append(default.default.rotary_in_decode),
                                                             real_step(*a, **k))[1])  # fmt: skip
@@ -207,7 +207,7 @@ def test_plan_rounds_alternate_the_variants_and_pool_each_row(tiny_llm, monkeypa
     session = open_session(tiny_llm, WorkloadArgs(input_len=16, output_len=4), [], seed=0)
     executor = tiny_llm.engine.executor
     seen: list[bool] = []
-    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"]
+    default = inspect.signature(ops.fuses_rotary_decode).parameters["plan"]
     real_step = executor.step
     monkeypatch.setattr(executor, "step", lambda *a, **k: (seen.append(default.default.rotary_in_decode),
                                                             real_step(*a, **k))[1])  # fmt: skip

@@ -71,7 +71,7 @@ def test_use_plan_changes_the_plan_every_op_takes_and_restores_it():
     """`use_plan` (`bench latency --plan-variants`): the ops' default plan is TUNED itself, changed in
     place, so the next call of any op takes the new plan; "" gives back the start plan; a bad spec changes
     nothing."""
-    default = inspect.signature(ops.rotary_decode_attention).parameters["plan"].default
+    default = inspect.signature(ops.fuses_rotary_decode).parameters["plan"].default
     start = replace(TUNED)  # a copy
     try:
         plan = use_plan("rotary_in_decode=False, linear_tiles.stages=3")

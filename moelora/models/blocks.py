@@ -123,13 +123,13 @@ class SelfAttention(nn.Module):
         if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_first)
-        o = None
-        if kv is not None and cache is not None:  # a decode step: norm, rotary, cache write and attention
+        if kv is not None and cache is not None and ops.fuses_rotary_decode(q, k, cache, batch.seq_lens):
+            # a decode step: norm, rotary, cache write and attention in one launch
             o = ops.rotary_decode_attention(
                 q, k, cos, sin, norm, cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale,
                 self.window, kv.kv_lens_dev, self.sinks,
             )  # fmt: skip
-        if o is None:
+        else:
             if self.separate_rotary:
                 q, k = self._partial_rotary(q, k, cos, sin, cache)
             elif norm is not None:

@@ -459,6 +459,19 @@ def paged_attention(
     )
 
 
+def fuses_rotary_decode(
+    q: torch.Tensor, k: torch.Tensor, cache: CacheWrite, seq_lens: tuple[int, ...], plan: KernelPlan = TUNED
+) -> bool:
+    """Whether a step's attention runs as `rotary_decode_attention`: a decode step (one new token a
+    sequence) on the Triton kernels with `KernelPlan.rotary_in_decode`; elsewhere the caller runs the
+    separate ops (q/k norm, rotary, `write_kv`, `paged_attention`)."""
+    return (
+        plan.rotary_in_decode
+        and max(seq_lens) == 1
+        and _half_kernels("attention", q, k, cache.k_cache) is not None
+    )
+
+
 def rotary_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -473,17 +486,15 @@ def rotary_decode_attention(
     window: int | None,
     kv_lens_dev: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
-    plan: KernelPlan = TUNED,
-) -> torch.Tensor | None:
-    """A decode step's attention with what comes before it in one launch, or None where that does not run
-    (not a decode step, or not the Triton kernels, or `KernelPlan.rotary_in_decode` off): the caller then
-    runs the separate ops. q [B, Hq, D], k [B, Hkv, D] before the per-head q/k RMSNorm (norm = (q weight,
-    k weight, eps, weight_first as `rms_norm`'s) or None) and the rotary embedding of their first R
-    features (cos, sin [B, R]: partial rotary where R < D); the step's keys and values stored in `cache`
+) -> torch.Tensor:
+    """A decode step's attention with what comes before it in one launch, where `fuses_rotary_decode` says
+    so (elsewhere a ValueError). q [B, Hq, D], k [B, Hkv, D] before the per-head q/k RMSNorm (norm = (q
+    weight, k weight, eps, weight_first as `rms_norm`'s) or None) and the rotary embedding of their first
+    R features (cos, sin [B, R]: partial rotary where R < D); the step's keys and values stored in `cache`
     (as `write_kv`); then `paged_attention`."""
     mod = _half_kernels("attention", q, k, cache.k_cache)
-    if not plan.rotary_in_decode or mod is None or max(seq_lens) != 1:
-        return None
+    if mod is None:
+        raise ValueError("rotary_decode_attention: the Triton kernels only (see `fuses_rotary_decode`)")
     return mod.rotary_decode(
         q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
     )
