@@ -365,9 +365,7 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
         # q/k/v's LoRA shrink in the input norm's launch: 3 parts of rank 16, or 256 lanes
         for block_l, chunk in ((64, 256), (256, 64)):
-            shrink = dict(
-                WEIGHT_FIRST=weight_first, HAS_RANK=True, BLOCK_N=2048, CHUNK=chunk, BLOCK_L=block_l
-            )
+            shrink = dict(WEIGHT_FIRST=weight_first, BLOCK_N=2048, CHUNK=chunk, BLOCK_L=block_l)
             yield norm._add_norm_shrink_kernel, shrink, 8
     yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
     yield activation._silu_mul_kernel, dict(BLOCK=1024), 4

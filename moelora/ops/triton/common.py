@@ -81,6 +81,15 @@ def lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK: tl.constexpr):
 
 
 @triton.jit
+def stacked_lanes_in_rank(lane, ok, part_rank, rank_row_ptr, s_rp):
+    """`ok` narrowed, for stacked parts' lanes (lane l: part l // part_rank's lane l % part_rank), to the
+    lanes below their part's rank in the slot's row of ranks (rank_row_ptr[p * s_rp]) rounded up to 8, as
+    `lanes_in_rank` rounds (the lanes above hold zero padding)."""
+    own = tl.load(rank_row_ptr + (lane // part_rank) * s_rp, mask=ok, other=0)
+    return ok & (lane % part_rank < (own + 7) // 8 * 8)
+
+
+@triton.jit
 def add_expand(acc, u, b_ptrs, b_mask, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
     """acc += u @ b for fp32 LoRA intermediates u [BM, BR] and b [BR, BN] loaded in the weights' dtype.
 

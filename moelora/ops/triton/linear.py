@@ -38,6 +38,7 @@ from moelora.ops.triton.common import (
     num_sms,
     prefetch_l2,
     slot_group,
+    stacked_lanes_in_rank,
     valid_slot,
 )
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
@@ -83,8 +84,7 @@ def _shrink(
         lane = tl.arange(0, BLOCK_L)
         l_ok = lane < lanes
         if HAS_RANK:
-            own = tl.load(rank_ptr + s * s_rs + (lane // part_rank) * s_rp, mask=l_ok, other=0)
-            l_ok = l_ok & (lane % part_rank < (own + 7) // 8 * 8)
+            l_ok = stacked_lanes_in_rank(lane, l_ok, part_rank, rank_ptr + s * s_rs, s_rp)
         kk = chunk * CHUNK + tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
         for k0 in range(0, CHUNK, BLOCK_K):
@@ -406,15 +406,15 @@ def linear(
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
         slot, a, b, rank_of = x, x[None, :, None], x[None, :, :, None], None
-        xa, num_slots, rank, parts, chunks, shrink_chunk = part, 0, 1, 1, 0, 1
+        xa, num_slots, rank, parts, chunks, shrink_cols = part, 0, 1, 1, 0, 1
         a_strides: tuple[int, ...] = (0, 0, 0)
     else:
         a4, b, rank_of, slot = lora
         num_slots, parts, rank = a4.shape[0], a4.shape[1], a4.shape[2]
         a = a4.reshape(num_slots, parts * rank, in_dim)
         a_strides = a.stride()
-        shrink_chunk = triton.cdiv(min(tiles.shrink_chunk, in_dim), block_k) * block_k
-        chunks = triton.cdiv(in_dim, shrink_chunk)
+        shrink_cols = triton.cdiv(min(tiles.shrink_chunk, in_dim), block_k) * block_k
+        chunks = triton.cdiv(in_dim, shrink_cols)
         if xa is not None:
             chunks = xa.shape[0]
         elif fold:
@@ -440,7 +440,7 @@ def linear(
         GROUP=1 if scales is None else scales.group,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
         NUM_SLOTS=num_slots, SHRINKS=shrinks, SPLITS=splits, K_CHUNK=k_chunk, CHUNKS=chunks,
-        SHRINK_CHUNK=shrink_chunk,
+        SHRINK_CHUNK=shrink_cols,
         PARTS=parts, END0=ends[0], END1=ends[1], END2=ends[2],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)), SLOT_GROUP=slot_group(num_slots, block_r),

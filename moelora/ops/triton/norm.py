@@ -10,7 +10,7 @@ import triton.language as tl
 
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.plan import TUNED
-from moelora.ops.triton.common import after_previous, dependent_launch, valid_slot
+from moelora.ops.triton.common import after_previous, dependent_launch, stacked_lanes_in_rank, valid_slot
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def _rms_norm_kernel(
 def _add_norm_shrink_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, slot_ptr, a_ptr, rank_ptr, xa_ptr, n, eps, s_x, s_r, num_tokens,
     num_slots, lanes, part_rank, sa_s, sa_l, sa_k, s_rs, s_rp,
-    WEIGHT_FIRST: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row t, input chunk c): the norm of row t (stored by chunk 0's program), and xa[c, t, l] =
     a[s, l, cols] @ y[t, cols] over the chunk's columns for t's slot s (nothing for a row without one);
@@ -77,10 +77,7 @@ def _add_norm_shrink_kernel(
     # adapter weights before its first kernel, and no kernel writes them.
     s = valid_slot(tl.load(slot_ptr + row), num_slots)
     lane = tl.arange(0, BLOCK_L)
-    l_ok = (lane < lanes) & (s < num_slots)
-    if HAS_RANK:
-        own = tl.load(rank_ptr + s * s_rs + (lane // part_rank) * s_rp, mask=l_ok, other=0)
-        l_ok = l_ok & (lane % part_rank < (own + 7) // 8 * 8)
+    l_ok = stacked_lanes_in_rank(lane, (lane < lanes) & (s < num_slots), part_rank, rank_ptr + s * s_rs, s_rp)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     c_ok = cols < n
     a = tl.load(
@@ -123,27 +120,41 @@ def rms_norm(
     weight_first: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.norm.rms_norm`."""
+    xr, rr, y, s = _norm_buffers("rms_norm", x, weight, residual, weight_first)
+    n, block_n = x.shape[-1], triton.next_power_of_2(x.shape[-1])
+    pdl = dependent_launch(x.device, TUNED.pdl)
+    _rms_norm_kernel[(xr.shape[0],)](
+        xr, rr, weight.contiguous(), y, s, n, eps, xr.stride(0), rr.stride(0),
+        HAS_RESIDUAL=residual is not None, WEIGHT_FIRST=weight_first, BLOCK_N=block_n, PDL=pdl,
+        num_warps=_norm_warps(block_n), launch_pdl=pdl,
+    )  # fmt: skip
+    return y if residual is None else (y, s)
+
+
+def _norm_buffers(
+    op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, weight_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x's rows, residual's rows, y, s) of an RMSNorm launch, the shapes checked: y in the twin's dtype,
+    s the sum with the residual (x itself without one)."""
     n = x.shape[-1]
     if weight.shape != (n,):
-        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} for rows of {n} (x {tuple(x.shape)})")
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} for rows of {n} (x {tuple(x.shape)})")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(
-            f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x "
-            f"{tuple(x.shape)} {x.dtype}"
+            f"{op}: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
         )
     xr = _rows(x, n)
     rr = xr if residual is None else _rows(residual, n)
     y_dtype = x.dtype if weight_first else torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     s = x if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    block_n = triton.next_power_of_2(n)
-    pdl = dependent_launch(x.device, TUNED.pdl)
-    _rms_norm_kernel[(xr.shape[0],)](
-        xr, rr, weight.contiguous(), y, s, n, eps, xr.stride(0), rr.stride(0),
-        HAS_RESIDUAL=residual is not None, WEIGHT_FIRST=weight_first, BLOCK_N=block_n, PDL=pdl,
-        num_warps=min(16, max(1, block_n // 256)), launch_pdl=pdl,
-    )  # fmt: skip
-    return y if residual is None else (y, s)
+    return xr, rr, y, s
+
+
+def _norm_warps(block_n: int) -> int:
+    """Warps of a program holding a row: the same in every norm kernel, so a row's reduction (and so its
+    bits) is the same in each."""
+    return min(16, max(1, block_n // 256))
 
 
 @triton.jit
@@ -181,31 +192,25 @@ def add_norm_shrink(
     a slot are left unwritten in xa). One launch: one program per (row, chunk of `chunk` columns)."""
     n = x.shape[-1]
     num_slots, parts, rank = lora.a.shape[:3]
-    if x.dim() != 2 or lora.a.shape[3] != n or token_slot.shape != (x.shape[0],):
+    if x.dim() != 2 or lora.a.shape[3] != n or token_slot.shape != (x.shape[0],) or chunk & (chunk - 1):
         raise ValueError(
             f"add_norm_shrink: x {tuple(x.shape)}, A {tuple(lora.a.shape)}, token_slot "
-            f"{tuple(token_slot.shape)}: x [T, N], A [S, P, R, N], token_slot [T]"
+            f"{tuple(token_slot.shape)}, chunk {chunk}: x [T, N], A [S, P, R, N], token_slot [T], chunk a "
+            "power of 2"
         )
-    if chunk & (chunk - 1) or residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"add_norm_shrink: chunk {chunk} must be a power of 2, residual like x")
-    xr, rr = _rows(x, n), _rows(residual, n)
-    y = torch.empty(x.shape, dtype=x.dtype if weight_first else torch.promote_types(weight.dtype, x.dtype),
-                    device=x.device)  # fmt: skip
-    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    xr, rr, y, s = _norm_buffers("add_norm_shrink", x, weight, residual, weight_first)
     chunks = triton.cdiv(n, chunk)
     lanes = parts * rank
     xa = torch.empty(chunks, x.shape[0], lanes, dtype=torch.float32, device=x.device)
     a = lora.a.reshape(num_slots, lanes, n)
-    ranks = token_slot if lora.rank is None else lora.rank  # a placeholder when there is none
     block_n = triton.next_power_of_2(n)
     pdl = dependent_launch(x.device, TUNED.pdl)
     _add_norm_shrink_kernel[(x.shape[0], chunks)](
-        xr, rr, weight.contiguous(), y, s, token_slot, a, ranks, xa, n, eps, xr.stride(0), rr.stride(0),
-        x.shape[0], num_slots, lanes, rank, *a.stride(), ranks.stride(0),
-        ranks.stride(-1) if ranks.dim() > 1 else 0,
-        WEIGHT_FIRST=weight_first, HAS_RANK=lora.rank is not None, BLOCK_N=block_n, CHUNK=chunk,
-        BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl,
-        num_warps=min(16, max(1, block_n // 256)), launch_pdl=pdl,
+        xr, rr, weight.contiguous(), y, s, token_slot, a, lora.rank, xa, n, eps, xr.stride(0), rr.stride(0),
+        x.shape[0], num_slots, lanes, rank, *a.stride(), *lora.rank.stride(),
+        WEIGHT_FIRST=weight_first, BLOCK_N=block_n, CHUNK=chunk,
+        BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl, num_warps=_norm_warps(block_n),
+        launch_pdl=pdl,
     )  # fmt: skip
     return y, s, xa
 
@@ -224,6 +229,6 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     _gated_rms_norm_kernel[(x.numel() // max(n, 1),)](
         xr, zr, weight.contiguous(), y, n, xr.shape[1], eps, *xr.stride()[:2], *zr.stride()[:2],
         ROUND=torch.promote_types(weight.dtype, x.dtype) == x.dtype, BLOCK_N=block_n,
-        num_warps=min(16, max(1, block_n // 256)),
+        num_warps=_norm_warps(block_n),
     )  # fmt: skip
     return y
