@@ -287,9 +287,12 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(EXPAND=1, SLOT_GROUP=8)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
+        case |= dict(EARLY=False)
         yield linear._linear_kernel, case | dict(FOLD=False, XA_READY=False), tiles.warps, tiles.stages
         if has_lora:  # the shrink from the norm before (`norm.add_norm_shrink`): no shrink programs
             ready = case | dict(FOLD=False, XA_READY=True, SHRINKS=0)
+            # B and xa loaded before the GEMV (`linear_expand_early`), and after it (slots past one group)
+            yield linear._linear_kernel, ready | dict(EARLY=True), tiles.warps, tiles.stages
             yield linear._linear_kernel, ready, tiles.warps, tiles.stages
         if fp8:  # each step's dot scaled instead of the weight tile (`fp8_linear_scale_dots`)
             yield (

@@ -173,6 +173,9 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     # (one launch up to linear_tokens, past it cuBLAS with the dense LoRA's expand of the given xa)
     got = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, scales, xa)
     close(got, torch_lora.linear(y, w, None, lora, slot, sizes, scales), TOL[dtype])
+    late = replace(plan, linear_expand_early=not plan.linear_expand_early)
+    other = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, late, scales, xa)
+    assert torch.equal(got, other), "B and xa loaded before the GEMV or after it: the same sums"
     base = triton_linear.linear_layer(y, w, None, None, None, sizes, True, plan, scales)
     assert torch.equal(got[~valid], base[~valid]), "a base row must not depend on its neighbours"
     assert (got[valid] - base[valid]).abs().max() > 10 * TOL[dtype], "the LoRA delta must be visible"

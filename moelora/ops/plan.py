@@ -232,6 +232,11 @@ class KernelPlan:
     # 4.47 / 4.60, batch 16 17.88 / 17.82 (noise); FP8 batch 1 4.00 / 4.07; the base rows the same. Batch 64
     # (cuBLAS, the dense LoRA's shrink launch replaced): 26.98 against 27.05 with 16 (0.3%, near the noise).
     norm_shrink_tokens: int = 64
+    # Where the one launch is given xa (above) and the batch's slots make one group of the expand
+    # (`common.add_expand_slots`), its split-0 programs load their B tiles before the wait for the previous
+    # kernel and xa right after it, and keep only the expand's dot for after the GEMV. Untimed: on until
+    # measured.
+    linear_expand_early: bool = True
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.

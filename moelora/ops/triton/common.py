@@ -114,6 +114,38 @@ def dot_expand(acc, u, b, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def slot_group_hit(slot, g0, num_slots, GROUP: tl.constexpr):
+    """[BM, GROUP]: whether row m is on slot g0 + j (of the slots below num_slots), the group of
+    `add_expand_slots` from slot g0."""
+    sg = g0 + tl.arange(0, GROUP)
+    return (slot[:, None] == sg[None, :]) & (sg < num_slots)[None, :]
+
+
+@triton.jit
+def slot_group_b(
+    hit, g0, b_ptrs, n_ok, lane, rank, rank_ptr, sb_s, s_rs, HAS_RANK: tl.constexpr, GROUP: tl.constexpr
+):
+    """[GROUP * BR, BN]: the B tiles of slots g0..g0 + GROUP - 1 stacked (`add_expand_slots`' arguments),
+    zeros for a slot no row is on (`slot_group_hit`: nothing read for it)."""
+    sg = g0 + tl.arange(0, GROUP)
+    present = tl.max(hit.to(tl.int32), axis=0) > 0
+    # [GROUP, BR]: an absent slot's rank is read at slot 0 (in range), and its lanes masked off
+    ok = lanes_in_rank(lane[None, :], rank, rank_ptr, tl.where(present, sg, 0)[:, None] * s_rs, HAS_RANK)
+    ok = ok & present[:, None]
+    group_ptrs = b_ptrs[None, :, :] + sg[:, None, None].to(tl.int64) * sb_s
+    b = tl.load(group_ptrs, mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
+    return tl.reshape(b, [GROUP * b_ptrs.shape[0], b_ptrs.shape[1]])
+
+
+@triton.jit
+def slot_group_dot(acc, xa, hit, b, EXPAND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc plus each row's xa @ its slot's B tile of a group (`slot_group_hit`, `slot_group_b`): xa spread
+    into the row's slot's lanes, zeros elsewhere, so a row gets exactly its own slot's sum added."""
+    u = tl.reshape(tl.where(hit[:, :, None], xa[:, None, :], 0.0), [xa.shape[0], b.shape[0]])
+    return dot_expand(acc, u, b, EXPAND, PRECISION)
+
+
+@triton.jit
 def add_expand_slots(
     acc, xa, slot, b_ptrs, n_ok, lane, rank, rank_ptr, num_slots, sb_s, s_rs,
     HAS_RANK: tl.constexpr, GROUP: tl.constexpr, EXPAND: tl.constexpr, PRECISION: tl.constexpr,
@@ -133,20 +165,10 @@ def add_expand_slots(
     116 us)."""
     g0 = tl.program_id(0) * 0  # a run-time value, whether num_slots is or not
     while g0 < num_slots:
-        sg = g0 + tl.arange(0, GROUP)
-        hit = (slot[:, None] == sg[None, :]) & (sg < num_slots)[None, :]  # [BM, GROUP]
-        present = tl.max(hit.to(tl.int32), axis=0) > 0
-        if tl.max(present.to(tl.int32), axis=0) > 0:
-            # [GROUP, BR]: an absent slot's rank is read at slot 0 (in range), and its lanes masked off
-            ok = lanes_in_rank(
-                lane[None, :], rank, rank_ptr, tl.where(present, sg, 0)[:, None] * s_rs, HAS_RANK
-            )
-            ok = ok & present[:, None]
-            group_ptrs = b_ptrs[None, :, :] + sg[:, None, None].to(tl.int64) * sb_s
-            b = tl.load(group_ptrs, mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
-            b = tl.reshape(b, [GROUP * xa.shape[1], acc.shape[1]])
-            u = tl.reshape(tl.where(hit[:, :, None], xa[:, None, :], 0.0), [xa.shape[0], GROUP * xa.shape[1]])
-            acc = dot_expand(acc, u, b, EXPAND, PRECISION)
+        hit = slot_group_hit(slot, g0, num_slots, GROUP)
+        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+            b = slot_group_b(hit, g0, b_ptrs, n_ok, lane, rank, rank_ptr, sb_s, s_rs, HAS_RANK, GROUP)
+            acc = slot_group_dot(acc, xa, hit, b, EXPAND, PRECISION)
         g0 += GROUP
     return acc
 

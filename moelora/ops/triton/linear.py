@@ -38,6 +38,9 @@ from moelora.ops.triton.common import (
     num_sms,
     prefetch_l2,
     slot_group,
+    slot_group_b,
+    slot_group_dot,
+    slot_group_hit,
     stacked_lanes_in_rank,
     valid_slot,
 )
@@ -105,6 +108,21 @@ def _shrink(
 
 
 @triton.jit
+def _xa_of_part(xa_ptr, t, t_on, part, rank, num_tokens, PARTS: tl.constexpr, CHUNKS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_R] fp32: the shrink xa of stacked part `part` for the tokens t where t_on (zeros
+    elsewhere), its chunks added up in order."""
+    r = tl.arange(0, BLOCK_R)
+    lanes = PARTS * rank
+    xa_ptrs = xa_ptr + t[:, None] * lanes + (part * rank + r)[None, :]
+    xa_mask = t_on[:, None] & (r < rank)[None, :]
+    xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for c in range(0, CHUNKS):
+        xa += tl.load(xa_ptrs + c * num_tokens * lanes, mask=xa_mask, other=0.0, cache_modifier=".cg")
+    return xa
+
+
+@triton.jit
 def _expand(
     acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
     sb_s, sb_n, sb_r, s_rs, s_rp,
@@ -122,12 +140,7 @@ def _expand(
             wait_for(shrunk_ptr, SHRINKS)
         part = _tile_part(tile * BLOCK_N, END0, END1, END2)
         r = tl.arange(0, BLOCK_R)
-        lanes = PARTS * rank
-        xa_ptrs = xa_ptr + t[:, None] * lanes + (part * rank + r)[None, :]
-        xa_mask = (slot < NUM_SLOTS)[:, None] & (r < rank)[None, :]
-        xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for c in range(0, CHUNKS):
-            xa += tl.load(xa_ptrs + c * num_tokens * lanes, mask=xa_mask, other=0.0, cache_modifier=".cg")
+        xa = _xa_of_part(xa_ptr, t, slot < NUM_SLOTS, part, rank, num_tokens, PARTS, CHUNKS, BLOCK_M, BLOCK_R)
         b_ptrs = b_ptr + n[None, :] * sb_n + r[:, None] * sb_r
         acc = add_expand_slots(
             acc, xa, slot, b_ptrs, n_ok, r, rank, rank_ptr + part * s_rp, NUM_SLOTS, sb_s, s_rs,
@@ -203,14 +216,34 @@ def _linear_kernel(
     SHRINK_CHUNK: tl.constexpr, PARTS: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
-    PRECISION: tl.constexpr, FOLD: tl.constexpr, XA_READY: tl.constexpr, PDL: tl.constexpr,
-    LINE: tl.constexpr, LINES: tl.constexpr,
+    PRECISION: tl.constexpr, FOLD: tl.constexpr, XA_READY: tl.constexpr, EARLY: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
         _prefetch_part(w_ptr, tl.maximum(tl.program_id(0) - SHRINKS * HAS_LORA, 0), n_tiles, out_dim, sw_n,
                        sw_k, IN_DIM, K_CHUNK, BLOCK_N, LINE, LINES)  # fmt: skip
+    if EARLY:
+        # xa given and the batch's slots one group: split 0 (the first n_tiles programs, no tickets) loads
+        # its slots' B tiles before the wait (slot ids are written by a copy before the step's first
+        # kernel, adapter weights by none) and its xa right after it, so that both loads overlap the GEMV;
+        # only the expand's dot waits for the GEMV's end. Other splits load nothing.
+        e_t = tl.arange(0, BLOCK_M)
+        e_tile = tl.program_id(0) % n_tiles
+        e_n = e_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        e_r = tl.arange(0, BLOCK_R)
+        e_on = (e_t < num_tokens) & (tl.program_id(0) < n_tiles)
+        e_slot = valid_slot(tl.load(slot_ptr + e_t, mask=e_on, other=-1), NUM_SLOTS)
+        e_part = _tile_part(e_tile * BLOCK_N, END0, END1, END2)
+        e_hit = slot_group_hit(e_slot, 0, NUM_SLOTS, SLOT_GROUP)
+        e_b = slot_group_b(
+            e_hit, 0, b_ptr + e_n[None, :] * sb_n + e_r[:, None] * sb_r, e_n < out_dim, e_r, rank,
+            rank_ptr + e_part * s_rp, sb_s, s_rs, HAS_RANK, SLOT_GROUP,
+        )  # fmt: skip
     after_previous(PDL)
+    if EARLY:
+        e_xa = _xa_of_part(xa_ptr, e_t, e_slot < NUM_SLOTS, e_part, rank, num_tokens, PARTS, CHUNKS, BLOCK_M,
+                           BLOCK_R)  # fmt: skip
     num_shrinks = 0
     item = tl.program_id(0)
     if HAS_LORA and not FOLD and not XA_READY:
@@ -250,6 +283,9 @@ def _linear_kernel(
             if s < NUM_SLOTS:  # this split's part of the delta: b[s][n] @ xa (the splits add up below)
                 b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
                 acc = add_expand(acc, xa, b_ptrs, r_ok[:, None] & n_ok[None, :], EXPAND, PRECISION)
+        elif EARLY:
+            if tl.max(tl.max(e_hit.to(tl.int32), axis=1), axis=0) > 0:
+                acc = slot_group_dot(acc, e_xa, e_hit, e_b, EXPAND, PRECISION)
         elif HAS_LORA and split == 0:
             acc = _expand(
                 acc, t, t_ok, n, n_ok, tile, slot_ptr, xa_ptr, b_ptr, rank_ptr, shrunk_ptr, num_tokens, rank,
@@ -445,6 +481,7 @@ def linear(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         BLOCK_L=max(16, triton.next_power_of_2(parts * rank)), SLOT_GROUP=slot_group(num_slots, block_r),
         EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, XA_READY=xa_ready,
+        EARLY=xa_ready and plan.linear_expand_early and num_slots <= slot_group(num_slots, block_r),
         PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
