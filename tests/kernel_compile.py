@@ -58,16 +58,16 @@ HOPPER_SHARED = 232448  # bytes of shared memory a program may use on an H100/H2
 INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "start_ptr", "seg_ptr"}
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
-INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr"}
+INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr", "oslot_ptr", "orank_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_PTRS |= {"xs_ptr", "hs_ptr"}
+FP32_PTRS |= {"xs_ptr", "hs_ptr", "oxa_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 # Run-time strides that are 1 on the GPU (the contiguous dimension of x, the weights, the LoRA A and B, the
 # outputs): Triton's launcher specializes an int equal to 1 as a constant, and pointers as 16-byte aligned;
 # without both, loads compile unvectorized and unpipelined, and registers, spills and shared memory are
 # not what the GPU gets.
-ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n"}
+ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n", "soa_k"}
 # and strides the launcher finds divisible by 16 at the shipped shapes (rows of x, the weights, the LoRA A
 # and B): a hint of 16 as it gives them (other ints, such as the router's top-k stride, are left unhinted)
 DIV16 = {"sx_t", "sw_e", "sw_n", "sa_s", "sa_e", "sa_h", "sa_r", "sb_s", "sb_e", "sb_h", "sb_n", "sd_s"}
@@ -328,7 +328,11 @@ def attention_and_small_op_cases() -> Iterator[Case]:
     for sinks in (False, True):
         decode = dict(GROUP=8, GROUP_PAD=16, BLOCK_N=64, WRITE_LSE=True, HAS_SINKS=sinks)
         decode |= dict(ROTATE=False, QK_NORM=0, ROT=128)
+        decode |= dict(O_SLOTS=0, O_HAS_RANK=False, GROUP_P2=1, BLOCK_R=16, O_LINE=1, O_LINES=16)
         yield attn_decode._decode_kernel, head | decode, 4
+        # o's LoRA shrink in the launch (`o_shrink_in_attention`): 8 slots of rank 16, 8 heads a group
+        o_shrink = dict(O_SLOTS=8, O_HAS_RANK=True, GROUP_P2=8, BLOCK_R=16, O_LINE=64, O_LINES=256)
+        yield attn_decode._decode_kernel, head | decode | o_shrink | dict(ROTATE=True, QK_NORM=1), 4
         # the norm and rotary embedding inside (`rotary_in_decode`): Qwen3's q/k norm; GPT-OSS's sinks
         # without one; a zero-centred norm and a quarter of the head rotated (Qwen3.5's full attention)
         yield attn_decode._decode_kernel, head | decode | dict(ROTATE=True, QK_NORM=0 if sinks else 1), 4

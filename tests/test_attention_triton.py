@@ -128,6 +128,77 @@ def test_split_decode_matches_twin(kv_lens, heads, d, dtype, window, splits):
     check_decode_splits(sum(kv_lens), kv_lens, heads, d, 16, dtype, window, splits)
 
 
+def check_o_shrink(seed, kv_lens, heads, d, dtype, splits, rank=16) -> None:
+    """`paged_decode` with `o_shrink`: the attention's output unchanged, and xa[h, b] the output projection's
+    shrink of o[b] over KV head h's query heads (o as stored) for b's slot; slot 1 of half rank with NaN
+    in its padding lanes (not read), sequences without a slot (-1, an id past the slots) leave their xa
+    rows as they were."""
+    from moelora.ops.dense_lora import DenseLora, GivenShrink
+
+    q, k_cache, v_cache, tables = paged_problem(seed, kv_lens, len(kv_lens), heads, d, 16, dtype)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    a = (torch.randn(3, 1, rank, hq * d, generator=g) * (hq * d) ** -0.5).to(dtype).to(DEV)
+    ranks = torch.tensor([[rank], [rank // 2], [rank]], dtype=torch.int32, device=DEV)
+    noisy = a.clone()
+    a[1, :, rank // 2 :] = 0
+    noisy[1, :, rank // 2 :] = float("nan")
+    lora = DenseLora(noisy, torch.zeros(3, 8, rank, dtype=dtype, device=DEV), ranks)
+    slot = torch.tensor([1, -1, 0, 3, 2, 2][: len(kv_lens)], dtype=torch.int32, device=DEV)
+    xa = torch.full((hkv, len(kv_lens), rank), 123.0, device=DEV)
+    out = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None, splits=splits,
+                            o_shrink=GivenShrink(xa, lora, slot))  # fmt: skip
+    plain = kern.paged_decode(q, k_cache, v_cache, tables, lens, SCALE, None, splits=splits)
+    assert torch.equal(out, plain), "the attention's output does not change"
+    assert not launch_counters(q.device, 0).any()
+    cols = hq // hkv * d
+    for b, s in enumerate(slot.tolist()):
+        if not 0 <= s < 3:
+            assert (xa[:, b] == 123.0).all(), "no slot: its rows untouched"
+            continue
+        o = out[b].reshape(hkv, cols).double()
+        want = torch.einsum("hc,rhc->hr", o, a[s, 0].reshape(rank, hkv, cols).double())
+        err = (xa[:, b].double() - want).abs().max().item()
+        assert err <= TOL[dtype] * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize(
+    ("kv_lens", "heads", "d", "dtype", "splits"),
+    [
+        ((9, 37, 20, 5, 64), (8, 2), 32, torch.float16, 4),  # group 4, splits without keys
+        ((50, 23, 3), (4, 4), 16, torch.float32, 1),  # MHA (group 1), one split: no merge
+        ((40, 7), (6, 2), 16, torch.float32, 2),  # group 3: a padded head in the group
+    ],
+)
+def test_decode_computes_the_output_projection_shrink(kv_lens, heads, d, dtype, splits):
+    check_o_shrink(len(kv_lens), kv_lens, heads, d, dtype, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 1])
+@pytest.mark.parametrize("heads", [(32, 4), (64, 8)])  # Qwen3-30B-A3B; GPT-OSS (head dim 64 there)
+def test_decode_o_shrink_gpu(heads, splits):
+    check_o_shrink(7, (1, 512, 2000, 33), heads, 128 if heads[0] == 32 else 64, torch.bfloat16, splits)
+
+
+def test_o_shrink_is_refused_where_it_does_not_fit():
+    from moelora.ops.dense_lora import DenseLora, GivenShrink
+    from moelora.ops.triton.attn_decode import o_shrink_fits
+
+    assert o_shrink_fits(32, 4, 128, 16) and not o_shrink_fits(32, 4, 128, 32)
+    q, k_cache, v_cache, tables = paged_problem(0, (5,), 1, (4, 2), 16, 16, torch.float32)
+    lens = torch.tensor([5], dtype=torch.int32, device=DEV)
+    lora = DenseLora(torch.zeros(2, 1, 8, 64, device=DEV), torch.zeros(2, 8, 8, device=DEV),
+                     torch.full((2, 1), 8, dtype=torch.int32, device=DEV))  # fmt: skip
+    slot = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for xa in (torch.zeros(2, 1, 4, device=DEV), torch.zeros(2, 1, 8, device=DEV).half()):
+        with pytest.raises(ValueError, match="o_shrink"):
+            kern.paged_decode(
+                q, k_cache, v_cache, tables, lens, SCALE, None, o_shrink=GivenShrink(xa, lora, slot)
+            )
+
+
 def twin_rotated(x, weight, eps, weight_first, cos, sin):
     """The twins' per-head RMSNorm (weight None: none) then the rotary embedding of the first R features
     (cos [B, R]) of x [B, H, D], the rest passed through: what the layer's separate launches do."""
@@ -530,9 +601,10 @@ def test_attention_block_decode_in_one_launch(preset, layer, rotated, monkeypatc
 )  # Qwen3's head norm; GLM's q/k/v biases and half rotary; GPT-OSS's norm weight first, biases and sinks
 def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated, monkeypatch):
     """A decode step of a decoder layer (the model's attention shrunk to 4 heads of 32, a small dense MLP)
-    with adapters on q/k/v: on the Triton kernels the input norm's launch computes q/k/v's LoRA shrink
-    (`ops.add_norm_shrink`) and q/k/v takes it; the same step on the twins, where q/k/v shrinks its own,
-    gives the same outputs (within the fp16 roundings of the two)."""
+    with adapters on q/k/v and o: on the Triton kernels the input norm's launch computes q/k/v's LoRA
+    shrink (`ops.add_norm_shrink`) and q/k/v takes it, and the decode attention's launch computes o's
+    (`ops.decode_o_shrink`); the same step on the twins, where each layer shrinks its own, gives the same
+    outputs (within the fp16 roundings of the two), as does the Triton step with both shrinks apart."""
     from moelora import ops
     from moelora.batch import ForwardBatch, PagedKV
     from moelora.cache.kv_cache import KVCache
@@ -541,6 +613,7 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
     from moelora.models.decoder import DecoderLayer
     from moelora.ops.dense_lora import DenseLora
     from moelora.ops.plan import use_plan
+    from moelora.ops.triton import attention as triton_attention
     from moelora.ops.triton import norm as triton_norm
     from moelora.parallel.state import ParallelState
 
@@ -556,6 +629,12 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
     qkv.lora = DenseLora(a, b, torch.tensor([[16, 16, 16], [8, 8, 8], [16, 16, 0]], dtype=torch.int32))
     b[1, :, 8:] = 0
     b[2, 128 + 64 :] = 0
+    o_a = (torch.randn(3, 1, 16, 128, generator=g) * 128**-0.5).half()
+    o_b = (torch.randn(3, 64, 16, generator=g) * 0.5).half()
+    o_a[2, :, :, 8:] = float("nan")  # slot 2's o has rank 8: NaN padding, never read
+    o_b[2, :, 8:] = float("nan")
+    o_rank = torch.tensor([[16], [16], [8]], dtype=torch.int32)
+    block.self_attn.o_proj.lora = DenseLora(o_a, o_b, o_rank)
     token_slot = torch.tensor([1, -1, 0], dtype=torch.int32)  # an adapter, none, another
     kv_lens, page = (5, 11, 3), 4
     tables = torch.tensor([[2, 5, 0], [1, 3, 6], [4, 7, 8]], dtype=torch.int32)
@@ -567,11 +646,18 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
         positions, torch.float16
     )
     x, residual = torch.randn(3, 64, generator=g).half(), torch.randn(3, 64, generator=g).half()
-    calls = []
+    calls, o_calls = [], []
     fused = triton_norm.add_norm_shrink
     monkeypatch.setattr(triton_norm, "add_norm_shrink", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attend = triton_attention.rotary_decode
+    monkeypatch.setattr(
+        triton_attention,
+        "rotary_decode",
+        lambda *a, **k: o_calls.append(a[-1] is not None) or attend(*a, **k),
+    )
     outs = []
-    for backend, plan in (("torch", ""), ("triton", "norm_shrink_tokens=0"), ("triton", "")):
+    apart = "norm_shrink_tokens=0, o_shrink_in_attention=False"
+    for backend, plan in (("torch", ""), ("triton", apart), ("triton", "")):
         cache = KVCache(layer + 1, 12, page, 2, 32, torch.float16, torch.device("cpu"))
         cache.k[layer].copy_(torch.randn(cache.k[layer].shape, generator=torch.Generator().manual_seed(9)))
         cache.v[layer].copy_(torch.randn(cache.v[layer].shape, generator=torch.Generator().manual_seed(8)))
@@ -587,12 +673,13 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
             ops.use_backend("auto")
             use_plan("")
     assert calls == [1], "the shipped plan's Triton run computes q/k/v's shrink in the norm's launch"
+    assert o_calls == [False, True], "and o's in the attention's launch"
     for got, apart, want in zip(outs[2], outs[1], outs[0], strict=True):
         # against q/k/v's own shrink on the same kernels: xa summed in another order only
         torch.testing.assert_close(got, apart, rtol=2e-3, atol=1e-3)
         # against the twins: fp16 roundings in different places (fused rotary, one-launch GEMV)
         torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3)
-    qkv.lora = None
+    qkv.lora = block.self_attn.o_proj.lora = None
     ops.use_backend("torch")
     try:
         base = block(x, residual, batch, cos, sin)[0]

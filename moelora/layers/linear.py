@@ -173,10 +173,13 @@ class RowLinear(_Weight):
         self.name, self.in_full, self.out, self.cols = name, in_full, out, cols
         self.adds_bias = ps.tp_rank == 0
 
-    def forward(self, x: torch.Tensor, token_slot: torch.Tensor | None = None) -> torch.Tensor:
-        """Partial output; the LoRA delta of this rank's input columns rides the caller's all-reduce."""
+    def forward(
+        self, x: torch.Tensor, token_slot: torch.Tensor | None = None, xa: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Partial output; the LoRA delta of this rank's input columns rides the caller's all-reduce. xa:
+        its LoRA shrink, computed by the kernel before it where `ops.decode_o_shrink` said so."""
         bias = self.bias if self.adds_bias else None
-        return ops.linear(x, self.weight, bias, self.lora, token_slot, (self.out,), self.scales)
+        return ops.linear(x, self.weight, bias, self.lora, token_slot, (self.out,), self.scales, xa=xa)
 
     def weight_specs(self, prefix: str) -> list[WeightSpec]:
         key = f"{prefix}.{self.name}"

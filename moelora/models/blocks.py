@@ -123,11 +123,18 @@ class SelfAttention(nn.Module):
         if self.qk_norm == "head":
             assert isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm)
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_first)
+        o_shrink = None
         if kv is not None and cache is not None and ops.fuses_rotary_decode(q, k, cache, batch.seq_lens):
-            # a decode step: norm, rotary, cache write and attention in one launch
+            # a decode step: norm, rotary, cache write and attention in one launch, with o's LoRA shrink
+            # where o takes it (not under an output gate, which multiplies o after the attention)
+            if gate is None:
+                o_proj = self.o_proj
+                o_shrink = ops.decode_o_shrink(
+                    q, self.kv_heads, o_proj.weight, o_proj.lora, batch.token_slot, o_proj.scales
+                )
             o = ops.rotary_decode_attention(
                 q, k, cos, sin, norm, cache, kv.block_tables, batch.seq_lens, kv.kv_lens, self.scale,
-                self.window, kv.kv_lens_dev, self.sinks,
+                self.window, kv.kv_lens_dev, self.sinks, o_shrink,
             )  # fmt: skip
         else:
             if self.separate_rotary:
@@ -146,7 +153,7 @@ class SelfAttention(nn.Module):
         o = o.reshape(t, -1)
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        out = self.o_proj(o, batch.token_slot)
+        out = self.o_proj(o, batch.token_slot, None if o_shrink is None else o_shrink.xa)
         return comm.all_reduce(out, self.ps)
 
     def _partial_rotary(

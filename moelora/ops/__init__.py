@@ -19,7 +19,7 @@ from typing import overload
 import torch
 
 from moelora.ops.cache_write import CacheWrite
-from moelora.ops.dense_lora import DenseLora
+from moelora.ops.dense_lora import DenseLora, GivenShrink
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
@@ -486,18 +486,60 @@ def rotary_decode_attention(
     window: int | None,
     kv_lens_dev: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    o_shrink: GivenShrink | None = None,
 ) -> torch.Tensor:
     """A decode step's attention with what comes before it in one launch, where `fuses_rotary_decode` says
     so (elsewhere a ValueError). q [B, Hq, D], k [B, Hkv, D] before the per-head q/k RMSNorm (norm = (q
     weight, k weight, eps, weight_first as `rms_norm`'s) or None) and the rotary embedding of their first
     R features (cos, sin [B, R]: partial rotary where R < D); the step's keys and values stored in `cache`
-    (as `write_kv`); then `paged_attention`."""
+    (as `write_kv`); then `paged_attention`. With `o_shrink` (from `decode_o_shrink`) the launch also
+    writes the output projection's LoRA shrink of the result into its xa, for `linear` to take."""
     mod = _half_kernels("attention", q, k, cache.k_cache)
     if mod is None:
         raise ValueError("rotary_decode_attention: the Triton kernels only (see `fuses_rotary_decode`)")
     return mod.rotary_decode(
-        q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks
+        q,
+        k,
+        cos,
+        sin,
+        norm,
+        cache,
+        block_tables,
+        seq_lens,
+        kv_lens,
+        scale,
+        window,
+        kv_lens_dev,
+        sinks,
+        o_shrink,
     )
+
+
+def decode_o_shrink(
+    q: torch.Tensor,
+    kv_heads: int,
+    weight: torch.Tensor,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    scales: RowScales | None = None,
+    plan: KernelPlan = TUNED,
+) -> GivenShrink | None:
+    """Where `rotary_decode_attention` on q [B, Hq, D] (over kv_heads KV heads) should also compute the LoRA
+    shrink of the output projection after it (weight [out, Hq * D], its adapter slots `lora` with one part
+    and FP8 `scales`): its `o_shrink` argument, xa allocated, which `linear` then takes; else None (no
+    adapters in the batch, `KernelPlan.o_shrink_in_attention` off, the projection not in its one launch,
+    or a rank the attention launch cannot hold: `attn_decode.o_shrink_fits`)."""
+    mod = _kernels("linear", q)
+    if lora is None or token_slot is None or mod is None or not plan.o_shrink_in_attention:
+        return None
+    rank = lora.a.shape[2]
+    x = q.reshape(q.shape[0], -1)  # o's input (a view on a decode step's q)
+    one_launch = _one_launch(x, weight, scales)
+    fp8 = scales is not None
+    if lora.a.shape[1] != 1 or not mod.takes_shrink(x, rank, (weight.shape[0],), one_launch, plan, fp8):
+        return None
+    attn = _triton_module("attn_decode")
+    return None if attn is None else attn.o_shrink_for(q, kv_heads, lora, token_slot)
 
 
 def linear(

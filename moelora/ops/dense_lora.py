@@ -1,8 +1,10 @@
-"""`DenseLora`: one linear layer's adapter slots, the one argument the dense LoRA ops take for them."""
+"""`DenseLora`: one linear layer's adapter slots, the one argument the dense LoRA ops take for them;
+`GivenShrink`: a layer's LoRA shrink that the kernel before it computes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,3 +22,13 @@ class DenseLora:
     a: torch.Tensor
     b: torch.Tensor
     rank: torch.Tensor
+
+
+class GivenShrink(NamedTuple):
+    """The LoRA shrink of a layer with one part (`lora`'s part 0) that the kernel before it computes for
+    it (`ops.rotary_decode_attention`'s `o_shrink`): xa [chunks, T, R] fp32, each chunk the sum over its
+    input columns (`ops.linear` adds the chunks up in order), for the tokens' slots token_slot [T]."""
+
+    xa: torch.Tensor
+    lora: DenseLora
+    token_slot: torch.Tensor

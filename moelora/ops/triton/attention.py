@@ -13,6 +13,7 @@ import itertools
 import torch
 
 from moelora.ops.cache_write import CacheWrite
+from moelora.ops.dense_lora import GivenShrink
 from moelora.ops.triton.attn_decode import DecodeRotary, check_cache, paged_decode
 from moelora.ops.triton.attn_prefill import PrefillTiles, prefill_tiles, tile_table, varlen_attention
 from moelora.ops.triton.common import device_ints
@@ -97,10 +98,11 @@ def rotary_decode(
     window: int | None,
     kv_lens_dev: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    o_shrink: GivenShrink | None = None,
 ) -> torch.Tensor:
     """`ops.rotary_decode_attention` for a decode step (every seq_lens 1) in one launch: the decode kernel
     q/k-norms and rotates q itself and stores the step's keys and values first (`paged_decode`'s
-    `rotary`)."""
+    `rotary`), and computes `o_shrink` (`paged_decode`'s) where given."""
     if max(seq_lens) != 1:
         raise ValueError(f"rotary_decode: one new token per sequence, got seq_lens {seq_lens}")
     check_write_kv(k, *cache)
@@ -112,7 +114,9 @@ def rotary_decode(
     slots = cache.slot_mapping.contiguous()
     rotary = DecodeRotary(k, cache.v, cos, sin, slots, qw, kw, eps, weight_first)
     tables = block_tables[: len(seq_lens)]
-    return paged_decode(q, k_cache, v_cache, tables, lens, scale, window, sinks=sinks, rotary=rotary)
+    return paged_decode(
+        q, k_cache, v_cache, tables, lens, scale, window, sinks=sinks, rotary=rotary, o_shrink=o_shrink
+    )
 
 
 def mla_attention(

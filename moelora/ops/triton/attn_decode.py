@@ -15,8 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+from moelora.ops.dense_lora import DenseLora, GivenShrink
 from moelora.ops.plan import TUNED, AttnDecodeTiles
-from moelora.ops.triton.common import after_previous, dependent_launch, num_sms
+from moelora.ops.triton.common import (
+    after_previous,
+    dependent_launch,
+    lanes_in_rank,
+    num_sms,
+    prefetch_l2,
+    valid_slot,
+)
 from moelora.ops.triton.counters import last_one, launch_counters
 
 LOG2E = 1.4426950408889634
@@ -70,20 +78,29 @@ def _decode_kernel(
     sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, so_t, so_h, so_s, sout_t, sout_h,
     kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, eps, cache_slots, skn_t, skn_h, svn_t, svn_h,
     sc_t, ss_t,
+    oa_ptr, oxa_ptr, oslot_ptr, orank_ptr, num_seqs, o_rank, soa_s, soa_r, soa_k, s_or,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PIPELINED: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
     ROTATE: tl.constexpr, QK_NORM: tl.constexpr, ROT: tl.constexpr,
+    O_SLOTS: tl.constexpr, O_HAS_RANK: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+    O_LINE: tl.constexpr, O_LINES: tl.constexpr,
 ):  # fmt: skip
     """HAS_SINKS: split 0 starts each head's softmax from its sink logit (sinks_ptr, log2 domain: weight
     1 at running maximum sink, no value), so the sink counts once in the split's sum and in the merge.
     ROTATE: q_ptr holds the queries before the rotary embedding of their first ROT features (and QK_NORM,
     the per-head norm: `_rotated`): each program rotates its group's heads itself, and the split holding
     the sequence's new key first stores that key (normed, rotated: kn_ptr) and its value (vn_ptr) into
-    the cache at the token's slot (none outside the cache), then reads it back with the others."""
-    after_previous(PDL)
+    the cache at the token's slot (none outside the cache), then reads it back with the others.
+    O_SLOTS (> 0): the program that stores a (sequence, KV head)'s output also computes the output
+    projection's LoRA shrink over those heads' columns (`_o_shrink`); every split program first brings that
+    slot's A block into L2 (`_o_prefetch`), before the wait for the previous kernel."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    if O_SLOTS and PDL:
+        _o_prefetch(oa_ptr, oslot_ptr, b, kvh, o_rank, O_SLOTS, soa_s, soa_r, soa_k, GROUP * HEAD_DIM, O_LINE,
+                    O_LINES)  # fmt: skip
+    after_previous(PDL)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
     kv_len = tl.load(lens_ptr + b)
@@ -136,13 +153,61 @@ def _decode_kernel(
                 sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
-    finish_split(
+    out, final = finish_split(
         acc, m_i, l_i, o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], so_s,
         lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits,
         count_ptr + b * tl.num_programs(1) + kvh, tl.cdiv(kv_len - lo, chunk),
         out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
         WRITE_LSE, GROUP_PAD, BLOCK_D, PIPELINED,
     )  # fmt: skip
+    if O_SLOTS:  # noqa: SIM102 (a compile-time test, then a run-time one)
+        if final:
+            _o_shrink(
+                out, oa_ptr, oxa_ptr, oslot_ptr, orank_ptr, b, kvh, num_seqs, o_rank, soa_s, soa_r, soa_k,
+                s_or, g, d, d_ok, O_SLOTS, O_HAS_RANK, GROUP, GROUP_P2, HEAD_DIM, BLOCK_R, IEEE,
+            )  # fmt: skip
+
+
+@triton.jit
+def _o_prefetch(oa_ptr, oslot_ptr, b, kvh, o_rank, O_SLOTS: tl.constexpr, soa_s, soa_r, soa_k,
+                COLS: tl.constexpr, O_LINE: tl.constexpr, O_LINES: tl.constexpr):  # fmt: skip
+    """Sequence b's slot's A block for KV head kvh's COLS columns (its heads') into L2 (`_o_shrink` reads
+    it): O_LINE columns a cache line, O_LINES >= lanes x lines a lane. The slot id is read before the wait
+    for the previous kernel: the step writes slot ids with a copy before its first kernel, and no kernel
+    writes adapter weights."""
+    s = valid_slot(tl.load(oslot_ptr + b), O_SLOTS)
+    if s < O_SLOTS:
+        i = tl.arange(0, O_LINES)
+        per_lane: tl.constexpr = (COLS + O_LINE - 1) // O_LINE
+        lane = tl.minimum(i // per_lane, o_rank - 1)
+        col = kvh * COLS + tl.minimum((i % per_lane) * O_LINE, COLS - 1)
+        prefetch_l2(oa_ptr + s.to(tl.int64) * soa_s + lane * soa_r + col * soa_k)
+
+
+@triton.jit
+def _o_shrink(
+    out, oa_ptr, oxa_ptr, oslot_ptr, orank_ptr, b, kvh, num_seqs, o_rank, soa_s, soa_r, soa_k, s_or, g, d,
+    d_ok, O_SLOTS: tl.constexpr, O_HAS_RANK: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """The output projection's LoRA shrink over KV head kvh's heads for sequence b: oxa[kvh, b, r] =
+    sum over its heads' columns c of a[s, r, c] * o[b, c], o as stored (`out` [GROUP_PAD, BLOCK_D], its
+    rows past GROUP zero), for b's slot s; the lanes past the slot's rank (`lanes_in_rank`) and sequences
+    without a slot: nothing read or stored. One dot of o by the group's A as [D, heads x lanes], whose
+    diagonal blocks (row g, head g's lanes) are the sums."""
+    s = valid_slot(tl.load(oslot_ptr + b), O_SLOTS)
+    if s < O_SLOTS:
+        c = tl.arange(0, GROUP_P2 * BLOCK_R)  # head c // BLOCK_R, lane c % BLOCK_R
+        head, lane = c // BLOCK_R, c % BLOCK_R
+        ok = (head < GROUP) & lanes_in_rank(lane, o_rank, orank_ptr, s * s_or, O_HAS_RANK)
+        col = (kvh * GROUP + head[None, :]) * HEAD_DIM + d[:, None]
+        a_ptrs = oa_ptr + s.to(tl.int64) * soa_s + lane[None, :] * soa_r + col * soa_k
+        a = tl.load(a_ptrs, mask=d_ok[:, None] & ok[None, :], other=0.0)
+        y = mma(out.to(a.dtype), a, IEEE)  # [GROUP_PAD, GROUP_P2 * BLOCK_R]
+        y = tl.where(g[:, None] == head[None, :], y, 0.0)
+        xa = tl.sum(tl.reshape(tl.sum(y, axis=0), [GROUP_P2, BLOCK_R]), axis=0)
+        r = tl.arange(0, BLOCK_R)
+        tl.store(oxa_ptr + (kvh * num_seqs + b) * o_rank + r, xa, mask=r < o_rank)
 
 
 @triton.jit
@@ -205,16 +270,21 @@ def finish_split(
     """The end of a split program (program_id(2) of num_programs(2)): its rows' normalised output at
     part_ptrs + split * so_s, and with several splits (WRITE_LSE) their log-sum-exps at lse_row + split;
     the last split of the rows to finish (count_ptr) merges the `used` splits that hold keys into out_ptrs
-    (`combine`). An empty split (a short sequence) leaves l_i = 0: zeros and lse -inf, weight 0."""
+    (`combine`). An empty split (a short sequence) leaves l_i = 0: zeros and lse -inf, weight 0. Returns
+    (the rows' output as stored [ROWS, COLS], whether this program stored it: the last split, or the one)."""
     split = tl.program_id(2)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    part = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(part_ptrs + split * so_s, out.to(part_ptrs.dtype.element_ty), mask=mask)
+    tl.store(part_ptrs + split * so_s, part.to(part_ptrs.dtype.element_ty), mask=mask)
+    out = part.to(out_ptrs.dtype.element_ty)  # with one split, what it stored (part_ptrs are out_ptrs)
+    final = split == 0
     if WRITE_LSE:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_row + split, lse, mask=row_ok)
-        if last_one(count_ptr, tl.num_programs(2)):  # in split order: the result does not depend on timing
-            combine(part_ptrs, lse_row, so_s, used, out_ptrs, row_ok, col_ok, ROWS, COLS, PIPELINED)
+        final = last_one(count_ptr, tl.num_programs(2))
+        if final:  # in split order: the result does not depend on timing
+            out = combine(part_ptrs, lse_row, so_s, used, out_ptrs, row_ok, col_ok, ROWS, COLS, PIPELINED)
+    return out, final
 
 
 @triton.jit
@@ -236,8 +306,9 @@ def combine(part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD: tl.
         while s0 < used:
             top, total, acc = _combine_splits(part_ptrs, lse_row, so_s, s0, used, g_ok, mask, top, total, acc)
             s0 += _MERGE_UNROLL
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
+    out = (acc / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptrs.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=mask)
+    return out
 
 
 _MERGE_UNROLL: tl.constexpr = tl.constexpr(4)  # splits whose loads are in flight together in the merge
@@ -295,6 +366,7 @@ def paged_decode(
     splits: int | None = None,
     sinks: torch.Tensor | None = None,
     rotary: DecodeRotary | None = None,
+    o_shrink: GivenShrink | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys and values; CUDA-graph safe.
 
@@ -305,6 +377,8 @@ def paged_decode(
     With `rotary` q is taken before the rotary embedding (and the q/k norm) and this step's keys and
     values are not yet in the cache: the launch first does what the rotary launch with its cache write
     would (partial rotary and zero-centred norms included: what the layer's separate launches do).
+    With `o_shrink` (where `o_shrink_fits`) the launch also writes the output projection's LoRA shrink of
+    o [B, Hq * D] into its xa [Hkv, B, R], chunk h over KV head h's query heads (`_o_shrink`).
     """
     batch, q_heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
@@ -327,22 +401,84 @@ def paged_decode(
         if rotary.q_weight is not None and rotary.k_weight is not None:
             qw, kw, eps = rotary.q_weight.contiguous(), rotary.k_weight.contiguous(), rotary.eps
             norm = 2 if rotary.weight_first else 1
+    o_args, o_const = _o_shrink_args(o_shrink, q, kv_heads)
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, out, counts, sinks_l2, scale * LOG2E,
         window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *part.stride()[:3], out.stride(0), out.stride(1),
         k, v, qw, kw, cos, sin, slots, eps, k_cache.shape[0] * page, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), cos.stride(0), sin.stride(0),
+        v.stride(1), cos.stride(0), sin.stride(0), *o_args,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_N=tiles.block_n,
         WRITE_LSE=splits > 1,
         HAS_WINDOW=window is not None, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda,
         HAS_SINKS=sinks is not None, PDL=pdl, ROTATE=rotary is not None,
-        QK_NORM=norm, ROT=cos.shape[-1],
+        QK_NORM=norm, ROT=cos.shape[-1], **o_const,
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
+
+
+def o_shrink_fits(q_heads: int, kv_heads: int, head_dim: int, rank: int) -> bool:
+    """Whether the decode launch can compute the output projection's LoRA shrink (`paged_decode`'s
+    `o_shrink`): the A block of a KV head's query heads, [D, heads x lanes] as one tile, at most 16k values
+    (a [128, 128] tile: 8 heads of 128 features at rank 16)."""
+    group = triton.next_power_of_2(q_heads // kv_heads)
+    return group * max(16, triton.next_power_of_2(rank)) * max(16, triton.next_power_of_2(head_dim)) <= 16384
+
+
+def o_shrink_for(
+    q: torch.Tensor, kv_heads: int, lora: DenseLora, token_slot: torch.Tensor
+) -> GivenShrink | None:
+    """`paged_decode`'s `o_shrink` for q [B, Hq, D] over kv_heads KV heads and the output projection's
+    adapter slots `lora` (one part), its xa allocated; None where it does not fit (`o_shrink_fits`)."""
+    batch, q_heads, head_dim = q.shape
+    rank = lora.a.shape[2]
+    if not o_shrink_fits(q_heads, kv_heads, head_dim, rank):
+        return None
+    xa = torch.empty(kv_heads, batch, rank, dtype=torch.float32, device=q.device)
+    return GivenShrink(xa, lora, token_slot)
+
+
+def _o_shrink_args(
+    o_shrink: GivenShrink | None, q: torch.Tensor, kv_heads: int
+) -> tuple[tuple[object, ...], dict[str, int]]:
+    """The decode kernel's o-shrink arguments (placeholders, never read, without one) and constexprs."""
+    batch, q_heads, head_dim = q.shape
+    if o_shrink is None:
+        args: tuple[object, ...] = (q, q, q, q, batch, 1, 0, 0, 0, 0)
+        return args, dict(O_SLOTS=0, O_HAS_RANK=False, GROUP_P2=1, BLOCK_R=16, O_LINE=1, O_LINES=16)
+    xa, lora, slot = o_shrink
+    a, rank_of = lora.a[:, 0], lora.rank[:, 0]
+    num_slots, rank = a.shape[0], a.shape[1]
+    if (
+        lora.a.shape[1] != 1
+        or a.shape[2] != q_heads * head_dim
+        or a.dtype != q.dtype
+        or xa.shape != (kv_heads, batch, rank)
+        or xa.dtype != torch.float32
+        or not xa.is_contiguous()
+        or slot.shape != (batch,)
+    ):
+        raise ValueError(
+            f"paged_decode: o_shrink xa {tuple(xa.shape)} {xa.dtype}, a {tuple(lora.a.shape)} {a.dtype}, "
+            f"slots {tuple(slot.shape)}: xa [Hkv={kv_heads}, B={batch}, R] fp32 contiguous, a [S, 1, R, "
+            f"Hq * D={q_heads * head_dim}] in q's dtype {q.dtype}, slots [B]"
+        )
+    if not o_shrink_fits(q_heads, kv_heads, head_dim, rank):
+        raise ValueError(
+            f"paged_decode: an o_shrink of rank {rank} over these heads does not fit (`o_shrink_fits`)"
+        )
+    line = max(1, 128 // a.element_size())  # columns a 128-byte cache line holds
+    cols = q_heads // kv_heads * head_dim
+    args = (a, xa, slot, rank_of, batch, rank, *a.stride(), rank_of.stride(0))
+    const = dict(
+        O_SLOTS=num_slots, O_HAS_RANK=True, GROUP_P2=triton.next_power_of_2(q_heads // kv_heads),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), O_LINE=line,
+        O_LINES=triton.next_power_of_2(rank * triton.cdiv(cols, line)),
+    )  # fmt: skip
+    return args, const
 
 
 class DecodeRotary(NamedTuple):

@@ -393,6 +393,15 @@ def shrink_chunk(
     return min(triton.next_power_of_2(min(tiles.shrink_chunk, in_dim)), cap)
 
 
+def takes_shrink(
+    x: torch.Tensor, lanes: int, sizes: tuple[int, ...], one_launch: bool, plan: KernelPlan, fp8: bool
+) -> bool:
+    """Whether `linear_layer` on input x with `lanes` stacked LoRA lanes runs its one launch, which can take
+    a LoRA shrink computed before it (`linear`'s xa; `ops.decode_o_shrink`) in place of its own, and then
+    never folds it into its GEMV (`one_launch` and `fp8` as `linear_layer` takes them)."""
+    return one_launch and fits(x, lanes, sizes, plan, fp8)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -407,9 +416,11 @@ def linear(
 
     x [T, in]; weight [out, in] (FP8 with `scales`); bias [out] or None; sizes: the stacked parts' output
     sizes (sum = out); lora None or (a [S, P, R, in], b [S, out, R], slot_rank [S, P] or None, token_slot
-    [T]), as `ops.linear`; xa None, or the LoRA shrink already computed (`norm.add_norm_shrink`: [chunks,
-    T, P * R] fp32, the chunks added up in order; where `shrink_chunk` allows it), so the launch has no
-    shrink programs. Launches on one device run one after another (they share `counters.launch_counters`)."""
+    [T]), as `ops.linear`; xa None, or the LoRA shrink already computed ([chunks, T, P * R] fp32, the
+    chunks added up in order: `norm.add_norm_shrink` where `shrink_chunk` allows it, the decode
+    attention's `o_shrink` where `takes_shrink` does), so the launch has no shrink programs and does not
+    fold the shrink into its GEMV. Launches on one device run one after another (they share
+    `counters.launch_counters`)."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
     xa_ready = xa is not None
@@ -425,12 +436,12 @@ def linear(
         part = torch.empty(splits, num_tokens, out_dim, dtype=torch.float32, device=x.device)
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     ends += [1 << 30] * (3 - len(ends))
-    # One token: its LoRA shrink inside every GEMV program of a few K steps (`KernelPlan.linear_fold_steps`)
-    fold = lora is not None and _folds(num_tokens, block_k, k_chunk, plan)
+    # One token: its LoRA shrink inside every GEMV program of a few K steps (`KernelPlan.linear_fold_steps`),
+    # unless it came with the launch
+    fold = lora is not None and xa is None and _folds(num_tokens, block_k, k_chunk, plan)
     lanes = 0 if lora is None else lora[0].shape[1] * lora[0].shape[2]
     if xa is not None and (
         lora is None
-        or fold
         or xa.shape[1:] != (num_tokens, lanes)
         or xa.dtype != torch.float32
         or not xa.is_contiguous()
