@@ -153,19 +153,29 @@ def _decode_kernel(
                 sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_b, PAGE, BLOCK_N, IEEE,
             )  # fmt: skip
             n0 += BLOCK_N
-    out, final = finish_split(
-        acc, m_i, l_i, o_ptr + b * so_t + heads[:, None] * so_h + d[None, :], so_s,
-        lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits,
-        count_ptr + b * tl.num_programs(1) + kvh, tl.cdiv(kv_len - lo, chunk),
-        out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :], g_ok, d_ok,
-        WRITE_LSE, GROUP_PAD, BLOCK_D, PIPELINED,
-    )  # fmt: skip
-    if O_SLOTS:  # noqa: SIM102 (a compile-time test, then a run-time one)
+    part_ptrs = o_ptr + b * so_t + heads[:, None] * so_h + d[None, :]
+    lse_row = lse_ptr + (b * (GROUP * tl.num_programs(1)) + heads) * splits
+    out_ptrs = out_ptr + b * sout_t + heads[:, None] * sout_h + d[None, :]
+    used = tl.cdiv(kv_len - lo, chunk)
+    counter = count_ptr + b * tl.num_programs(1) + kvh
+    if O_SLOTS:
+        out, final = split_done(
+            acc, m_i, l_i, part_ptrs, so_s, lse_row, counter, out_ptrs, g_ok, d_ok, WRITE_LSE
+        )
         if final:
-            _o_shrink(
-                out, oa_ptr, oxa_ptr, oslot_ptr, orank_ptr, b, kvh, num_seqs, o_rank, soa_s, soa_r, soa_k,
-                s_or, g, d, d_ok, O_SLOTS, O_HAS_RANK, GROUP, GROUP_P2, HEAD_DIM, BLOCK_R, IEEE,
+            # o's A tile loaded before the merge reads the splits: both loads in flight together
+            s, a, head = _o_tile(
+                oa_ptr, oslot_ptr, orank_ptr, b, kvh, o_rank, soa_s, soa_r, soa_k, s_or, d, d_ok, O_SLOTS,
+                O_HAS_RANK, GROUP, GROUP_P2, HEAD_DIM, BLOCK_R,
             )  # fmt: skip
+            if WRITE_LSE:
+                out = combine(
+                    part_ptrs, lse_row, so_s, used, out_ptrs, g_ok, d_ok, GROUP_PAD, BLOCK_D, PIPELINED
+                )
+            _o_shrink(out, s, a, head, oxa_ptr, b, kvh, num_seqs, o_rank, g, O_SLOTS, GROUP_P2, BLOCK_R, IEEE)
+    else:
+        finish_split(acc, m_i, l_i, part_ptrs, so_s, lse_row, counter, used, out_ptrs, g_ok, d_ok, WRITE_LSE,
+                     GROUP_PAD, BLOCK_D, PIPELINED)  # fmt: skip
 
 
 @triton.jit
@@ -185,24 +195,34 @@ def _o_prefetch(oa_ptr, oslot_ptr, b, kvh, o_rank, O_SLOTS: tl.constexpr, soa_s,
 
 
 @triton.jit
-def _o_shrink(
-    out, oa_ptr, oxa_ptr, oslot_ptr, orank_ptr, b, kvh, num_seqs, o_rank, soa_s, soa_r, soa_k, s_or, g, d,
-    d_ok, O_SLOTS: tl.constexpr, O_HAS_RANK: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+def _o_tile(
+    oa_ptr, oslot_ptr, orank_ptr, b, kvh, o_rank, soa_s, soa_r, soa_k, s_or, d, d_ok, O_SLOTS: tl.constexpr,
+    O_HAS_RANK: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
+    """(sequence b's slot s, O_SLOTS for none; the output projection's A of s over KV head kvh's query
+    heads as [BLOCK_D, GROUP_P2 x BLOCK_R]: feature d of head c // BLOCK_R, lane c % BLOCK_R, zeros where
+    not read: past the group, past the slot's rank (`lanes_in_rank`), or without a slot; each column's
+    head). For `_o_shrink`."""
+    s = valid_slot(tl.load(oslot_ptr + b), O_SLOTS)
+    c = tl.arange(0, GROUP_P2 * BLOCK_R)
+    head, lane = c // BLOCK_R, c % BLOCK_R
+    ok = (head < GROUP) & (s < O_SLOTS)
+    ok = ok & lanes_in_rank(lane, o_rank, orank_ptr, tl.where(s < O_SLOTS, s, 0) * s_or, O_HAS_RANK)
+    col = (kvh * GROUP + head[None, :]) * HEAD_DIM + d[:, None]
+    a_ptrs = oa_ptr + tl.where(s < O_SLOTS, s, 0).to(tl.int64) * soa_s + lane[None, :] * soa_r + col * soa_k
+    return s, tl.load(a_ptrs, mask=d_ok[:, None] & ok[None, :], other=0.0), head
+
+
+@triton.jit
+def _o_shrink(out, s, a, head, oxa_ptr, b, kvh, num_seqs, o_rank, g, O_SLOTS: tl.constexpr,
+              GROUP_P2: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """The output projection's LoRA shrink over KV head kvh's heads for sequence b: oxa[kvh, b, r] =
     sum over its heads' columns c of a[s, r, c] * o[b, c], o as stored (`out` [GROUP_PAD, BLOCK_D], its
-    rows past GROUP zero), for b's slot s; the lanes past the slot's rank (`lanes_in_rank`) and sequences
-    without a slot: nothing read or stored. One dot of o by the group's A as [D, heads x lanes], whose
-    diagonal blocks (row g, head g's lanes) are the sums."""
-    s = valid_slot(tl.load(oslot_ptr + b), O_SLOTS)
+    rows past GROUP not read), for b's slot s (`_o_tile`: s, a, head); nothing stored without a slot. One
+    dot of o by the group's A as [D, heads x lanes], whose diagonal blocks (row g, head g's lanes) are the
+    sums."""
     if s < O_SLOTS:
-        c = tl.arange(0, GROUP_P2 * BLOCK_R)  # head c // BLOCK_R, lane c % BLOCK_R
-        head, lane = c // BLOCK_R, c % BLOCK_R
-        ok = (head < GROUP) & lanes_in_rank(lane, o_rank, orank_ptr, s * s_or, O_HAS_RANK)
-        col = (kvh * GROUP + head[None, :]) * HEAD_DIM + d[:, None]
-        a_ptrs = oa_ptr + s.to(tl.int64) * soa_s + lane[None, :] * soa_r + col * soa_k
-        a = tl.load(a_ptrs, mask=d_ok[:, None] & ok[None, :], other=0.0)
         y = mma(out.to(a.dtype), a, IEEE)  # [GROUP_PAD, GROUP_P2 * BLOCK_R]
         y = tl.where(g[:, None] == head[None, :], y, 0.0)
         xa = tl.sum(tl.reshape(tl.sum(y, axis=0), [GROUP_P2, BLOCK_R]), axis=0)
@@ -263,28 +283,37 @@ def _store_new(
 
 
 @triton.jit
-def finish_split(
-    acc, m_i, l_i, part_ptrs, so_s, lse_row, count_ptr, used, out_ptrs, row_ok, col_ok,
-    WRITE_LSE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PIPELINED: tl.constexpr,
-):  # fmt: skip
+def split_done(acc, m_i, l_i, part_ptrs, so_s, lse_row, count_ptr, out_ptrs, row_ok, col_ok,
+               WRITE_LSE: tl.constexpr):  # fmt: skip
     """The end of a split program (program_id(2) of num_programs(2)): its rows' normalised output at
-    part_ptrs + split * so_s, and with several splits (WRITE_LSE) their log-sum-exps at lse_row + split;
-    the last split of the rows to finish (count_ptr) merges the `used` splits that hold keys into out_ptrs
-    (`combine`). An empty split (a short sequence) leaves l_i = 0: zeros and lse -inf, weight 0. Returns
-    (the rows' output as stored [ROWS, COLS], whether this program stored it: the last split, or the one)."""
+    part_ptrs + split * so_s, and with several splits (WRITE_LSE) their log-sum-exps at lse_row + split.
+    An empty split (a short sequence) leaves l_i = 0: zeros and lse -inf, weight 0. Returns (the rows'
+    output in out_ptrs' dtype: with one split the result, stored; whether this program finishes the rows:
+    the one split, or the last of several to get here (count_ptr), which then merges them: `combine`)."""
     split = tl.program_id(2)
     part = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(part_ptrs + split * so_s, part.to(part_ptrs.dtype.element_ty), mask=mask)
-    out = part.to(out_ptrs.dtype.element_ty)  # with one split, what it stored (part_ptrs are out_ptrs)
     final = split == 0
     if WRITE_LSE:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_row + split, lse, mask=row_ok)
         final = last_one(count_ptr, tl.num_programs(2))
-        if final:  # in split order: the result does not depend on timing
-            out = combine(part_ptrs, lse_row, so_s, used, out_ptrs, row_ok, col_ok, ROWS, COLS, PIPELINED)
-    return out, final
+    return part.to(out_ptrs.dtype.element_ty), final
+
+
+@triton.jit
+def finish_split(
+    acc, m_i, l_i, part_ptrs, so_s, lse_row, count_ptr, used, out_ptrs, row_ok, col_ok,
+    WRITE_LSE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PIPELINED: tl.constexpr,
+):  # fmt: skip
+    """`split_done`, then the last split of the rows to finish merges the `used` splits that hold keys into
+    out_ptrs (`combine`, in split order: the result does not depend on timing)."""
+    _, final = split_done(acc, m_i, l_i, part_ptrs, so_s, lse_row, count_ptr, out_ptrs, row_ok, col_ok,
+                          WRITE_LSE)  # fmt: skip
+    if WRITE_LSE:  # noqa: SIM102 (a compile-time test, then a run-time one)
+        if final:
+            combine(part_ptrs, lse_row, so_s, used, out_ptrs, row_ok, col_ok, ROWS, COLS, PIPELINED)
 
 
 @triton.jit
