@@ -330,7 +330,7 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         decode |= dict(ROTATE=False, QK_NORM=0, ROT=128)
         decode |= dict(O_SLOTS=0, O_HAS_RANK=False, GROUP_P2=1, BLOCK_R=16, O_LINE=1, O_LINES=16)
         yield attn_decode._decode_kernel, head | decode, 4
-        # o's LoRA shrink in the launch (`o_shrink_in_attention`): 8 slots of rank 16, 8 heads a group
+        # o's LoRA shrink in the launch (`o_shrink_tokens`): 8 slots of rank 16, 8 heads a group
         o_shrink = dict(O_SLOTS=8, O_HAS_RANK=True, GROUP_P2=8, BLOCK_R=16, O_LINE=64, O_LINES=256)
         yield attn_decode._decode_kernel, head | decode | o_shrink | dict(ROTATE=True, QK_NORM=1), 4
         # the norm and rotary embedding inside (`rotary_in_decode`): Qwen3's q/k norm; GPT-OSS's sinks

@@ -656,7 +656,7 @@ def test_decoder_layer_takes_the_qkv_shrink_from_its_norm(preset, layer, rotated
         lambda *a, **k: o_calls.append(a[-1] is not None) or attend(*a, **k),
     )
     outs = []
-    apart = "norm_shrink_tokens=0, o_shrink_in_attention=False"
+    apart = "norm_shrink_tokens=0, o_shrink_tokens=0"
     for backend, plan in (("torch", ""), ("triton", apart), ("triton", "")):
         cache = KVCache(layer + 1, 12, page, 2, 32, torch.float16, torch.device("cpu"))
         cache.k[layer].copy_(torch.randn(cache.k[layer].shape, generator=torch.Generator().manual_seed(9)))

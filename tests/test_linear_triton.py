@@ -250,6 +250,24 @@ def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
     assert good.shape == (2, 48)
 
 
+def test_one_part_takes_a_given_shrink_past_the_one_launch():
+    """o past its one launch (20 tokens) given its shrink (`takes_shrink`: the decode attention's, chunks
+    over groups of heads): cuBLAS, then the dense LoRA's expand of that xa alone, as the twin's layer."""
+    g = torch.Generator().manual_seed(4)
+    lora, noisy, slot = lora_inputs(g, 20, 64, (48,), 8, torch.float32)
+    x, w = rand(g, 20, 64), rand(g, 48, 64, scale=0.125)
+    assert triton_linear.takes_shrink(x, 8, (48,), True, SMALL, False)
+    valid = (slot >= 0) & (slot < 4)
+    a = lora.a[slot.clamp(0, 3).long(), 0]  # [T, R, in]
+    xa = torch.einsum("tc,trc->tr", x, a).reshape(1, 20, 8).repeat(2, 1, 1) / 2  # two equal chunks
+    xa[:, ~valid] = float("nan")  # rows without a slot: never read
+    got = triton_linear.linear_layer(x, w, None, noisy, slot, (48,), True, SMALL, None, xa.contiguous())
+    close(got, torch_lora.linear(x, w, None, lora, slot, (48,)), TOL[torch.float32])
+    doubled = triton_linear.linear_layer(x, w, None, noisy, slot, (48,), True, SMALL, None, 2 * xa)
+    base = x @ w.T
+    close(doubled - base, 2 * (got - base), TOL[torch.float32])  # the given xa, not a shrink of its own
+
+
 def test_linear_layer_falls_back_where_it_does_not_fit():
     """Too many tokens, or a part boundary that cuts every column tile: cuBLAS plus the LoRA kernels,
     the same result."""

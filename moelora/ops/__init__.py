@@ -527,10 +527,10 @@ def decode_o_shrink(
     """Where `rotary_decode_attention` on q [B, Hq, D] (over kv_heads KV heads) should also compute the LoRA
     shrink of the output projection after it (weight [out, Hq * D], its adapter slots `lora` with one part
     and FP8 `scales`): its `o_shrink` argument, xa allocated, which `linear` then takes; else None (no
-    adapters in the batch, `KernelPlan.o_shrink_in_attention` off, the projection not in its one launch,
+    adapters in the batch, more sequences than `KernelPlan.o_shrink_tokens`, an o that would not take it,
     or a rank the attention launch cannot hold: `attn_decode.o_shrink_fits`)."""
     mod = _kernels("linear", q)
-    if lora is None or token_slot is None or mod is None or not plan.o_shrink_in_attention:
+    if lora is None or token_slot is None or mod is None or q.shape[0] > plan.o_shrink_tokens:
         return None
     rank = lora.a.shape[2]
     x = q.reshape(q.shape[0], -1)  # o's input (a view on a decode step's q)

@@ -237,11 +237,13 @@ class KernelPlan:
     # kernel and xa right after it, and keep only the expand's dot for after the GEMV. Untimed: on until
     # measured.
     linear_expand_early: bool = True
-    # A decode step's output projection (in its one launch, with adapters) takes its LoRA shrink from the
-    # decode attention's launch (`ops.decode_o_shrink`): the program that stores a KV head's output also
-    # multiplies it by o's A over those heads' columns (A brought into L2 before the wait); o's launch
-    # then neither folds the shrink into its GEMV nor runs shrink programs. Untimed: on until measured.
-    o_shrink_in_attention: bool = True
+    # A decode step of at most this many sequences (0: never) with adapters: the output projection takes
+    # its LoRA shrink from the decode attention's launch (`ops.decode_o_shrink`): the program that stores
+    # a KV head's output also multiplies it by o's A over those heads' columns (A brought into L2 before
+    # the wait); o's one launch then neither folds the shrink into its GEMV nor runs shrink programs, and
+    # past the one launch the dense LoRA runs its expand alone. H100, Qwen3-30B-A3B, 8 adapters r16, one
+    # process (2026-12-06), ms a step with it / without: batch 1 4.29 / 4.43.
+    o_shrink_tokens: int = 64
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.

@@ -396,10 +396,13 @@ def shrink_chunk(
 def takes_shrink(
     x: torch.Tensor, lanes: int, sizes: tuple[int, ...], one_launch: bool, plan: KernelPlan, fp8: bool
 ) -> bool:
-    """Whether `linear_layer` on input x with `lanes` stacked LoRA lanes runs its one launch, which can take
-    a LoRA shrink computed before it (`linear`'s xa; `ops.decode_o_shrink`) in place of its own, and then
-    never folds it into its GEMV (`one_launch` and `fp8` as `linear_layer` takes them)."""
-    return one_launch and fits(x, lanes, sizes, plan, fp8)
+    """Whether `linear_layer` on input x with `lanes` stacked LoRA lanes can take a LoRA shrink computed
+    before it (`ops.decode_o_shrink`) in place of its own: in its one launch (which then does not fold the
+    shrink into its GEMV), or past it where the dense LoRA expands the parts from one shrink (`one_launch`
+    and `fp8` as `linear_layer` takes them)."""
+    if one_launch and fits(x, lanes, sizes, plan, fp8):
+        return True
+    return stacked_shrink(len(sizes), lanes // len(sizes))
 
 
 def linear(
@@ -512,7 +515,8 @@ def linear_layer(
     scales: RowScales | None = None,
     xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`ops.linear` (xa: the LoRA shrink computed before, where `shrink_chunk` allowed it): one launch
+    """`ops.linear` (xa: the LoRA shrink computed before, where `shrink_chunk` or `takes_shrink` allowed
+    it): one launch
     (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter) and it `fits`, whether or
     not the layer has slots or the batch adapters, so that a base row gets the same bits in any batch and
     on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM below `fp8_copy_tokens`,
@@ -521,8 +525,6 @@ def linear_layer(
     if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
         return linear(x, weight, bias, args, sizes, plan, scales, xa if args is not None else None)
-    if xa is not None and len(sizes) < 2:
-        raise ValueError("linear_layer: a given shrink (xa) past the one launch needs stacked parts")
     if scales is None:
         y = F.linear(x, weight, bias)
     elif x.shape[0] < plan.fp8_copy_tokens:
@@ -530,7 +532,7 @@ def linear_layer(
     else:
         y = F.linear(x, dequantize(weight, scales, x.dtype), bias)
     if lora is not None and token_slot is not None:
-        if len(sizes) == 1:
+        if len(sizes) == 1 and xa is None:
             add_lora(y, x, lora.a[:, 0], lora.b, token_slot, lora.rank[:, 0], plan)
         else:
             add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan, xa)

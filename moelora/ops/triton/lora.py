@@ -61,8 +61,8 @@ def add_lora_parts(
     xa: torch.Tensor | None = None,
 ) -> None:
     """Same signature and Semantics as `moelora.ops.torch.lora.add_lora_parts`; xa: the shrink computed
-    before (`norm.add_norm_shrink`, [chunks, T, P * R] fp32 partial sums, where `stacked_shrink`), in
-    place of `lora_shrink`'s."""
+    before ([chunks, T, P * R] fp32 partial sums, where `stacked_shrink`: `norm.add_norm_shrink`'s, or
+    for one part the decode attention's, `ops.decode_o_shrink`), in place of `lora_shrink`'s."""
     num_tokens, in_dim = x.shape
     num_slots, parts, rank = a.shape[0], a.shape[1], a.shape[2]
     out = sum(sizes)
