@@ -234,15 +234,19 @@ class KernelPlan:
     norm_shrink_tokens: int = 64
     # Where the one launch is given xa (above) and the batch's slots make one group of the expand
     # (`common.add_expand_slots`), its split-0 programs load their B tiles before the wait for the previous
-    # kernel and xa right after it, and keep only the expand's dot for after the GEMV. Untimed: on until
-    # measured.
+    # kernel and xa right after it, and keep only the expand's dot for after the GEMV. H100, Qwen3-30B-A3B,
+    # 8 adapters r16, one process (2026-12-06, `--plan-variants`, o's shrink off in both): batch 1 4.50 ->
+    # 4.43 ms a step; base rows unchanged (the same bits).
     linear_expand_early: bool = True
     # A decode step of at most this many sequences (0: never) with adapters: the output projection takes
     # its LoRA shrink from the decode attention's launch (`ops.decode_o_shrink`): the program that stores
     # a KV head's output also multiplies it by o's A over those heads' columns (A brought into L2 before
     # the wait); o's one launch then neither folds the shrink into its GEMV nor runs shrink programs, and
     # past the one launch the dense LoRA runs its expand alone. H100, Qwen3-30B-A3B, 8 adapters r16, one
-    # process (2026-12-06), ms a step with it / without: batch 1 4.29 / 4.43.
+    # process each (2026-12-06, `--plan-variants`), ms a step with it / without: batch 1 4.29 / 4.43 and
+    # (another machine) 4.34 / 4.49; FP8 (`-q fp8`) batch 1 3.72 / 4.01 (both this and the early loads
+    # off); batch 16 17.85 / 18.10 (same); batch 64 27.00 / 27.08 (noise: only o's shrink launch goes).
+    # Base rows unchanged.
     o_shrink_tokens: int = 64
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
