@@ -498,21 +498,9 @@ def rotary_decode_attention(
     if mod is None:
         raise ValueError("rotary_decode_attention: the Triton kernels only (see `fuses_rotary_decode`)")
     return mod.rotary_decode(
-        q,
-        k,
-        cos,
-        sin,
-        norm,
-        cache,
-        block_tables,
-        seq_lens,
-        kv_lens,
-        scale,
-        window,
-        kv_lens_dev,
-        sinks,
+        q, k, cos, sin, norm, cache, block_tables, seq_lens, kv_lens, scale, window, kv_lens_dev, sinks,
         o_shrink,
-    )
+    )  # fmt: skip
 
 
 def decode_o_shrink(
