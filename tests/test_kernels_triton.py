@@ -850,6 +850,40 @@ def test_demo_adapters_through_the_kernels_match_the_twins(tmp_path, request):
         assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-4), (g, r)
 
 
+def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request, monkeypatch):
+    """Decode steps of a mixed batch (the demo's adapters on q/k/v/o and the experts) with every op on
+    its kernel (fp32; the interpreter on CPU): the input norm computes q/k/v's shrink and the decode
+    attention o's (`ops.decode_o_shrink`: asserted to run), and the sampled tokens' log-probs match the
+    twins' steps (tokens compared up to the reference's first near-tie)."""
+    from moelora.ops.triton import attention as triton_attention
+
+    shrinks: list[bool] = []
+    attend = triton_attention.rotary_decode
+    monkeypatch.setattr(
+        triton_attention,
+        "rotary_decode",
+        lambda *a, **k: shrinks.append(a[-1] is not None) or attend(*a, **k),
+    )
+    adapters = demo_adapter_paths(tmp_path)
+    prompts = ["The weather today is", "Hello there", "My computer keeps", "To make a simple soup,"]
+    names: list[str | None] = [None, *adapters]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2, ignore_eos=True)
+    kwargs = dict(progress=False, lora_modules=adapters, max_loras_per_batch=4, cuda_graphs=False)
+    runs = []
+    request.addfinalizer(lambda: ops.use_backend("auto"))
+    for backend in ("auto", "triton"):
+        with LLM("demo", device=DEV, kernel_backend=backend, **kwargs) as llm:
+            runs.append(llm.generate(prompts, params, lora=names))
+    assert shrinks and all(shrinks), "every decode step's attention computed o's shrink"
+    for ref, got in zip(*runs, strict=True):
+        for want, have in zip(ref.outputs[0].logprobs, got.outputs[0].logprobs, strict=True):
+            top = sorted(want.values(), reverse=True)
+            first = next(iter(want))
+            assert first in have and abs(have[first] - want[first]) < 1e-4, (want, have)
+            if top[0] - top[1] < 1e-3:
+                break  # a near-tie: the two may pick different tokens from here on
+
+
 GPU_CASES = [
     (1, 8, 16, 256, 192, torch.bfloat16),
     (33, 8, 16, 256, 192, torch.bfloat16),
