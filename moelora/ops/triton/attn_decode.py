@@ -4,7 +4,8 @@ One program per (sequence, KV head, split): the GQA group's query heads share ev
 the last split of a (sequence, KV head) to finish merges the splits' outputs by their log-sum-exps (in
 split order: the result does not depend on timing). The grid and the buffers depend on shapes only (the
 split count comes from the block table's width), so a launch can be captured in a CUDA graph and
-replayed with other lengths and block tables.
+replayed with other lengths and block tables. The program that finishes a (sequence, KV head) can also
+compute the output projection's LoRA shrink over those heads (`paged_decode`'s `o_shrink`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ adds the partials up in split order, then the bias, and stores the tile. A token
 exactly the base sum: a base row does not depend on which adapters share its batch. One token whose
 GEMV programs walk few K steps (`KernelPlan.linear_fold_steps`) takes no shrink programs: each GEMV
 program computes its input columns' part of x A^T beside the weight's loads and adds b @ that part (the
-splits add up as the base's), with no ticket or wait.
+splits add up as the base's), with no ticket or wait. A launch given its shrink (xa: the input norm's for
+q/k/v, the decode attention's for o) runs no shrink programs and does not fold; where the batch's slots
+make one expand group, split 0 loads their B tiles before the wait for the previous kernel and xa after it.
 
 An FP8 weight (`RowScales`) is multiplied by its rows' scales in registers, each K step within one scale
 group. With more tokens than the one launch takes, the weight is dequantised into a 16-bit copy for cuBLAS
