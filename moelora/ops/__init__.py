@@ -545,8 +545,9 @@ def linear(
     (`scales`: an FP8 weight's). On the GPU a few tokens in fp16/bf16 take one launch for all of it
     (`ops/triton/linear.py`), with or without adapters, FP8 weights scaled in registers; more run cuBLAS
     (an FP8 weight: a Triton GEMM, or for long prefills a 16-bit copy for cuBLAS), and the dense LoRA kernels
-    if the batch has adapters. xa: the LoRA shrink from `add_norm_shrink`, given where `shrink_chunk` said
-    so (the same delta, computed earlier)."""
+    if the batch has adapters. xa: the LoRA shrink computed by the kernel before (`add_norm_shrink` where
+    `shrink_chunk` said so, `rotary_decode_attention` where `decode_o_shrink` did): the same delta, its
+    shrink computed earlier. The twin never gets one (neither says so there) and computes its own."""
     mod = _kernels("linear", x)
     if mod is None:
         return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes, scales)

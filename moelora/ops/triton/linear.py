@@ -453,7 +453,7 @@ def linear(
     ):
         raise ValueError(
             f"linear: a shrink xa {tuple(xa.shape)} {xa.dtype} for this launch: [chunks, T, P * R] fp32, "
-            "contiguous, where `shrink_chunk` says"
+            "contiguous, where `shrink_chunk` or `takes_shrink` says"
         )
     if lora is None:  # placeholders, never read (HAS_LORA is off)
         # of x's dtype: the shrink's dot is still traced, and an FP8 weight there would not compile
@@ -517,12 +517,12 @@ def linear_layer(
     scales: RowScales | None = None,
     xa: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`ops.linear` (xa: the LoRA shrink computed before, where `shrink_chunk` or `takes_shrink` allowed
-    it): one launch
-    (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter) and it `fits`, whether or
-    not the layer has slots or the batch adapters, so that a base row gets the same bits in any batch and
-    on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM below `fp8_copy_tokens`,
-    a 16-bit copy for cuBLAS from there) and the dense LoRA kernels."""
+    """`ops.linear` (xa: the LoRA shrink computed before, where `shrink_chunk` or `takes_shrink` allowed it):
+    one launch (`linear`) where allowed (`one_launch`: 16-bit tensors, or the interpreter) and it `fits`,
+    whether or not the layer has slots or the batch adapters, so that a base row gets the same bits in any
+    batch and on a server without adapters; otherwise cuBLAS (an FP8 weight: the FP8 GEMM below
+    `fp8_copy_tokens`, a 16-bit copy for cuBLAS from there) and the dense LoRA kernels (the expand alone
+    from a given xa)."""
     lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
     if one_launch and fits(x, lanes, sizes, plan, scales is not None):
         args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
