@@ -59,8 +59,9 @@ INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "star
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
 INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr", "oslot_ptr", "orank_ptr"}
+INT_PTRS |= {"route_count_ptr", "rid_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_PTRS |= {"xs_ptr", "hs_ptr", "oxa_ptr"}
+FP32_PTRS |= {"xs_ptr", "hs_ptr", "oxa_ptr", "rp_ptr", "rs_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
 FLOATS = {"qk_scale", "eps", "scaling"}
 # Run-time strides that are 1 on the GPU (the contiguous dimension of x, the weights, the LoRA A and B, the
@@ -230,11 +231,18 @@ def decode_cases() -> Iterator[Case]:
     for has_lora, step_sum in itertools.product((False, True), (False, True)):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, STEP_SUM=step_sum, **tiles)
+        gate_up |= dict(AHEAD=t.ahead and not has_lora)  # (base launches only)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
         down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48)
         for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
             extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
+            if not step_sum and not gpt_oss and not has_lora:  # a step ahead (`DecodeTiles.ahead`) or not
+                yield (
+                    moe_decode_gate_up._decode_gate_up_kernel,
+                    gate_up | extras | dict(AHEAD=not t.ahead),
+                    t.warps,
+                )
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
             down_case |= dict(LINE=64, LINES=64 if gpt_oss else 16)  # (the prefetch's step under PDL)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
@@ -287,8 +295,24 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(EXPAND=1, SLOT_GROUP=8)
         line = 128 if fp8 else 64  # weights a cache line holds (the prefetch's step under PDL)
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
-        case |= dict(EARLY=False)
+        case |= dict(EARLY=False, ROUTE=False, ROUTE_T=1, BLOCK_E=16, TOP_K=1, K_PAD=1, RENORMALIZE=False)
+        case |= dict(WEIGHT_FIRST=False, NORM_K=16, ROUTE_LINES=1, ROUTE_DIM=1, ROUTE_TILES=1)
         yield linear._linear_kernel, case | dict(FOLD=False, XA_READY=False), tiles.warps, tiles.stages
+        for rows in (1, 16) if parts == 1 and block_m == 16 else ():
+            # o, then the norm and Qwen3's router (128 experts, top 8) in its launch, for 1 and 16 tokens
+            route = dict(ROUTE=True, ROUTE_T=rows, BLOCK_E=128, TOP_K=8, K_PAD=8, RENORMALIZE=True)
+            route |= dict(
+                NORM_K=8192 // rows, ROUTE_LINES=1, ROUTE_DIM=2048, ROUTE_TILES=2048 // tiles.block_n
+            )
+            yield (
+                linear._linear_kernel,
+                case | route | dict(FOLD=False, XA_READY=False),
+                tiles.warps,
+                tiles.stages,
+            )
+            if has_lora:  # given o's shrink by the decode attention
+                ready = case | route | dict(FOLD=False, XA_READY=True, SHRINKS=0, EARLY=True)
+                yield linear._linear_kernel, ready, tiles.warps, tiles.stages
         if has_lora:  # the shrink from the norm before (`norm.add_norm_shrink`): no shrink programs
             ready = case | dict(FOLD=False, XA_READY=True, SHRINKS=0)
             # B and xa loaded before the GEMV (`linear_expand_early`), and after it (slots past one group)

@@ -265,6 +265,17 @@ def path(request) -> KernelPlan:
     return plan
 
 
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[2]])
+def test_decode_gemv_a_step_ahead(case):
+    """The decode gate/up GEMV with each step's tiles loaded while the step before is multiplied
+    (`DecodeTiles.ahead`, base launches only) and without: the twin's result (case 2: H = 64 over 256-column
+    steps, a step past the input fully masked); with LoRA (which never loads ahead) as well."""
+    for ahead in (False, True):
+        plan = KernelPlan(decode_pairs=32, decode_tiles=replace(TUNED.decode_tiles, ahead=ahead))
+        check_fused_moe(case, seed=case[0] + 3, plan=plan)
+        check_fused_moe_lora(case, seed=case[0] + 4, num_slots=4, rank=8, plan=plan)
+
+
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_fused_moe_matches_twin(case, path: KernelPlan):
     check_fused_moe(case, seed=case[0], plan=path)
@@ -854,8 +865,10 @@ def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request
     """Decode steps of a mixed batch (the demo's adapters on q/k/v/o and the experts) with every op on
     its kernel (fp32; the interpreter on CPU): the input norm computes q/k/v's shrink and the decode
     attention o's (`ops.decode_o_shrink`: asserted to run), and the sampled tokens' log-probs match the
-    twins' steps (tokens compared up to the reference's first near-tie)."""
+    twins' steps (tokens compared up to the reference's first near-tie); o, the post-attention norm and
+    the router run in one launch (`linear.linear_norm_router`: asserted to run)."""
     from moelora.ops.triton import attention as triton_attention
+    from moelora.ops.triton import linear as triton_linear
 
     shrinks: list[bool] = []
     attend = triton_attention.rotary_decode
@@ -863,6 +876,13 @@ def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request
         triton_attention,
         "rotary_decode",
         lambda *a, **k: shrinks.append(a[-1] is not None) or attend(*a, **k),
+    )
+    routed: list[int] = []
+    o_route = triton_linear.linear_norm_router
+    monkeypatch.setattr(
+        triton_linear,
+        "linear_norm_router",
+        lambda x, *a, **k: routed.append(x.shape[0]) or o_route(x, *a, **k),
     )
     adapters = demo_adapter_paths(tmp_path)
     prompts = ["The weather today is", "Hello there", "My computer keeps", "To make a simple soup,"]
@@ -875,6 +895,7 @@ def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request
         with LLM("demo", device=DEV, kernel_backend=backend, **kwargs) as llm:
             runs.append(llm.generate(prompts, params, lora=names))
     assert shrinks and all(shrinks), "every decode step's attention computed o's shrink"
+    assert routed and set(routed) == {len(prompts)}, "o's launch ran the norm and router at every step"
     for ref, got in zip(*runs, strict=True):
         for want, have in zip(ref.outputs[0].logprobs, got.outputs[0].logprobs, strict=True):
             top = sorted(want.values(), reverse=True)

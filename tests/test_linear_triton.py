@@ -297,6 +297,119 @@ def test_linear_layer_base_rows_same_bits_in_every_batch():
     assert torch.equal(no_slots, triton_linear.linear(x, w, None, None, sizes, SMALL))
 
 
+def check_linear_norm_router(num_tokens: int, num_experts: int, k: int, weight_first: bool, adapters: str,
+                             plan: KernelPlan, seed: int, fp8: bool = False, dims: tuple[int, int] = (64, 48),
+                             dtype: torch.dtype = torch.float16) -> None:  # fmt: skip
+    """o (dims: in 64 -> out 48), the residual add, the RMSNorm and the router in o's one launch
+    (`linear_norm_router`) against the twin (o, then `add_norm_router`) and against the launches apart
+    (o's one launch, then the one-launch router): the sums s exactly as the launches apart give them, h
+    to a rounding, the ids wherever the twin's k-th and (k+1)-th logits are apart, the weights there.
+    adapters: "none", "slots" (every slot kind, NaN padding) or "given" (xa from before, as the decode
+    attention's)."""
+    from moelora.ops.norm_router import NormRouter
+    from moelora.ops.torch import router as torch_router
+    from moelora.ops.triton import router as triton_router
+
+    g = torch.Generator().manual_seed(seed)
+    in_dim, out_dim = dims
+    margin = 0.01 if dtype == torch.float16 else 0.05  # logits of about 1: fp16 rounds to 1e-3, bf16 to 8e-3
+    x = rand(g, num_tokens, in_dim).to(dtype)
+    w = rand(g, out_dim, in_dim, scale=in_dim**-0.5).to(dtype)
+    scales = None
+    if fp8:
+        w, scales = fp8_weight(g, out_dim, in_dim, 16 if in_dim < 128 else 128)
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, (out_dim,), 8, dtype)
+    residual = rand(g, num_tokens, out_dim, scale=2.0).to(dtype)
+    norm_w = (1 + rand(g, out_dim, scale=0.2)).to(torch.float32 if weight_first else dtype)
+    w_router = rand(g, num_experts, out_dim, scale=out_dim**-0.5).to(dtype)
+    route = NormRouter(residual, norm_w, 1e-6, weight_first, w_router, k, True, False)
+    args, ref_lora, xa = None, None, None
+    if adapters != "none":
+        args, ref_lora = (noisy.a, noisy.b, noisy.rank, slot), lora
+    if adapters == "given":
+        a = lora.a[slot.clamp(0, 3).long(), 0].float()  # [T, R, in]
+        xa = torch.einsum("tc,trc->tr", x.float(), a).reshape(1, num_tokens, 8).contiguous()
+    assert triton_linear.fits(x, 8, (out_dim,), plan, fp8) and triton_linear.routes(
+        x, w, (out_dim,), route, plan
+    )
+    got = triton_linear.linear_norm_router(x, w, None, args, (out_dim,), route, plan, scales, xa)
+    ref = torch_router.linear_norm_router(x, w, None, ref_lora, slot, scales, route)
+    y = triton_linear.linear(x, w, None, args, (out_dim,), plan, scales, xa)
+    apart = triton_router.add_norm_router(y, residual, norm_w, 1e-6, weight_first, w_router, k, True, False)
+    assert torch.equal(got[3], apart[3]), "the sums as o's launch, then the norm's add give them"
+    close(got[3], ref[3], TOL[dtype])
+    close(got[2], apart[2], 2e-3 if dtype == torch.float16 else TOL[dtype])
+    logits = torch.nn.functional.linear(ref[2].float(), w_router.float())
+    top = logits.sort(dim=-1, descending=True)[0]
+    chosen = logits.gather(1, got[1].long())
+    assert (chosen >= top[:, k - 1 : k] - margin).all() and (got[1].sort(dim=1)[0].diff(dim=1) > 0).all()
+    # the same experts wherever the twin's k-th and (k+1)-th logits are apart (their order may differ
+    # among near-equal weights); every token's weights: the twin's probabilities of the chosen experts
+    clear = (top[:, k - 1] - top[:, k]) > margin
+    assert clear.any() or num_tokens < 4
+    assert torch.equal(got[1][clear].sort(dim=1)[0], ref[1][clear].sort(dim=1)[0])
+    p = torch.softmax(logits, dim=-1).gather(1, got[1].long())
+    close(got[0], (p / p.sum(dim=1, keepdim=True)).to(got[0].dtype), TOL[dtype])
+    again = triton_linear.linear_norm_router(x, w, None, args, (out_dim,), route, plan, scales, xa)
+    assert all(torch.equal(p, q) for p, q in zip(got, again, strict=True)), "counters back to zero"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "k", "weight_first", "adapters"),
+    [
+        (1, 60, 4, False, "slots"),
+        (1, 128, 8, True, "given"),
+        (3, 60, 4, True, "none"),
+        (16, 8, 2, False, "slots"),
+        (5, 60, 4, False, "given"),
+    ],
+)
+def test_linear_norm_router_matches_twin(num_tokens, num_experts, k, weight_first, adapters):
+    """In SMALL's tiles: 4 input splits of 16 columns, 3 output tiles of 16 (the partials of 3 tiles); up to
+    the one-launch router's 16 tokens (`o_router_tokens` raised to it)."""
+    plan = replace(SMALL, o_router_tokens=16)
+    check_linear_norm_router(num_tokens, num_experts, k, weight_first, adapters, plan, seed=num_tokens)
+
+
+def test_linear_norm_router_takes_the_plans_tokens():
+    """`routes` up to `KernelPlan.o_router_tokens` tokens (never past the one-launch router's 16), one part
+    as wide as the router's input, the residual in x's dtype."""
+    from moelora.ops.norm_router import NormRouter
+
+    w, w_router, norm_w = torch.zeros(48, 64), torch.zeros(8, 48), torch.ones(48)
+    wide = replace(TUNED, o_router_tokens=64)
+    for num_tokens in (1, TUNED.o_router_tokens, TUNED.o_router_tokens + 1, 17):
+        x, res = torch.zeros(num_tokens, 64), torch.zeros(num_tokens, 48)
+        route = NormRouter(res, norm_w, 1e-6, False, w_router, 2, True, False)
+        assert triton_linear.routes(x, w, (48,), route) == (num_tokens <= TUNED.o_router_tokens)
+        assert triton_linear.routes(x, w, (48,), route, wide) == (num_tokens <= 16)
+        assert not triton_linear.routes(x, w, (16, 32), route, wide)  # two parts
+        assert not triton_linear.routes(x, w, (48,), route._replace(residual=res.half()), wide)
+        assert not triton_linear.routes(x, w, (48,), route._replace(weight=torch.zeros(8, 64)), wide)
+    assert not triton_linear.routes(x[:1], w, (48,), route, replace(TUNED, o_router_tokens=0))
+
+
+def test_linear_norm_router_in_one_split_and_fp8():
+    """The shipped tiles (one split: every program finishes its tile), and an FP8 o."""
+    check_linear_norm_router(2, 60, 4, False, "slots", TUNED, seed=7)
+    check_linear_norm_router(3, 60, 4, False, "slots", SMALL, seed=8, fp8=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4, 8, 16])
+@pytest.mark.parametrize(
+    ("adapters", "fp8"), [("none", False), ("slots", False), ("given", False), ("given", True)]
+)
+def test_linear_norm_router_gpu(num_tokens: int, adapters: str, fp8: bool):
+    """Qwen3-30B-A3B's o (4,096 -> 2,048), norm and router (128 experts, top 8) in bf16, the shipped tiles
+    (`o_router_tokens` raised to 16)."""
+    plan = replace(TUNED, o_router_tokens=16)
+    check_linear_norm_router(
+        num_tokens, 128, 8, False, adapters, plan, seed=num_tokens, fp8=fp8, dims=(4096, 2048),
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
 def fp8_weight(g: torch.Generator, rows: int, cols: int, group: int) -> tuple[torch.Tensor, RowScales]:
     """A random FP8 weight with its scales; rows' magnitudes spread over 100x, so that a scale read from
     the wrong row or group shows."""

@@ -19,6 +19,7 @@ from moelora.models.family import Family
 from moelora.ops.cache_write import CacheWrite
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import Fp8Weights
+from moelora.ops.norm_router import NormRouter
 from moelora.parallel import comm
 from moelora.parallel.state import ParallelState
 
@@ -99,6 +100,19 @@ class SelfAttention(nn.Module):
         xa: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """xa: q/k/v's LoRA shrink of x, where `input_shrink` asked the norm for it."""
+        o, o_xa = self.attend(x, batch, cos, sin, xa)
+        return comm.all_reduce(self.o_proj(o, batch.token_slot, o_xa), self.ps)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        xa: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything before the output projection -> (its input [T, Hq_loc * D], its LoRA shrink where the
+        decode attention computed it, else None)."""
         # [T, Hq_loc * D], [T, Hkv_loc * D] x2
         q, k, v = self.qkv(x, batch.token_slot, xa).split(self.qkv.out_sizes, dim=-1)
         gate = None
@@ -153,8 +167,7 @@ class SelfAttention(nn.Module):
         o = o.reshape(t, -1)
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        out = self.o_proj(o, batch.token_slot, None if o_shrink is None else o_shrink.xa)
-        return comm.all_reduce(out, self.ps)
+        return o, None if o_shrink is None else o_shrink.xa
 
     def _partial_rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheWrite | None
@@ -283,6 +296,33 @@ class SparseMoeBlock(nn.Module):
             x, residual, norm.weight, norm.eps, norm.weight_first, self.router.weight, self.top_k,
             self.renormalize, self.fp32_weights,
         )  # fmt: skip
+        return self._experts(h, weights, global_ids, token_slot), residual
+
+    def routes_after_o(self) -> bool:
+        """Whether `o_norm_forward` can take the attention's output projection (TP = 1: no all-reduce
+        between them), with the plain softmax router and no router bias."""
+        return self.ps.tp_size == 1 and self.cfg.routing == "softmax" and self.router.bias is None
+
+    def o_norm_forward(
+        self,
+        o_proj: RowLinear,
+        o: torch.Tensor,
+        o_xa: torch.Tensor | None,
+        residual: torch.Tensor,
+        norm: RMSNorm,
+        token_slot: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_norm_forward` of the attention's output projection o_proj(o) (its LoRA shrink o_xa where the
+        attention computed it; where `routes_after`): for a few tokens the projection, the norm and the
+        router in one launch (`ops.linear_norm_router`)."""
+        route = NormRouter(
+            residual, norm.weight, norm.eps, norm.weight_first, self.router.weight, self.top_k,
+            self.renormalize, self.fp32_weights,
+        )  # fmt: skip
+        bias = o_proj.bias if o_proj.adds_bias else None
+        weights, global_ids, h, residual = ops.linear_norm_router(
+            o, o_proj.weight, bias, o_proj.lora, token_slot, route, o_proj.scales, xa=o_xa
+        )
         return self._experts(h, weights, global_ids, token_slot), residual
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

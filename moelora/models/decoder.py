@@ -77,6 +77,16 @@ class DecoderLayer(nn.Module):
                 h, residual, xa = self.input_layernorm.add_norm_shrink(
                     x, residual, lora, batch.token_slot, chunk
                 )
+        mlp = self.mlp
+        if (
+            isinstance(self.self_attn, SelfAttention)
+            and isinstance(mlp, SparseMoeBlock)
+            and mlp.routes_after_o()
+        ):
+            # o, the norm and the router: one launch for a few tokens (`ops.linear_norm_router`)
+            o, o_xa = self.self_attn.attend(h, batch, cos, sin, xa)
+            o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
+            return mlp.o_norm_forward(o_proj, o, o_xa, residual, norm, batch.token_slot)
         if xa is None:
             attn = self.self_attn(h, batch, cos, sin)
         else:

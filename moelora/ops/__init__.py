@@ -23,6 +23,7 @@ from moelora.ops.dense_lora import DenseLora, GivenShrink
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.norm_router import NormRouter
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import activation as _torch_activation
 from moelora.ops.torch import align as _torch_align
@@ -553,6 +554,38 @@ def linear(
         return _torch_lora.linear(x, weight, bias, lora, token_slot, sizes, scales)
     one_launch = _one_launch(x, weight, scales)
     return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan, scales, xa)
+
+
+def linear_norm_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    route: NormRouter,
+    scales: RowScales | None = None,
+    plan: KernelPlan = TUNED,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear layer with one output part, then the norm and the router after it -> (weights, ids, h, s);
+    see `moelora.ops.torch.router.linear_norm_router`. On the GPU a few tokens whose layer takes its one
+    launch run all three there (`KernelPlan.o_router_tokens`); otherwise `linear`, then `add_norm_router`.
+    xa: as `linear`'s."""
+    mod = _kernels("linear", x)
+    sizes = (weight.shape[0],)
+    lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
+    if (
+        mod is not None
+        and _one_launch(x, weight, scales)
+        and _half_kernels("router", x, route.residual, route.weight) is not None
+        and mod.fits(x, lanes, sizes, plan, scales is not None)
+        and mod.routes(x, weight, sizes, route, plan)
+    ):
+        args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
+        given = xa if args is not None else None
+        return mod.linear_norm_router(x, weight, bias, args, sizes, route, plan, scales, given)
+    y = linear(x, weight, bias, lora, token_slot, sizes, scales, plan, xa)
+    return add_norm_router(y, *route)
 
 
 def _one_launch(x: torch.Tensor, weight: torch.Tensor, scales: RowScales | None) -> bool:

@@ -1,10 +1,15 @@
-"""PyTorch twin of the router's top-k: softmax over the experts in fp32, the k largest, renormalised."""
+"""PyTorch twin of the router's top-k: softmax over the experts in fp32, the k largest, renormalised;
+the router after the norm, and after a linear layer and the norm."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from moelora.ops.dense_lora import DenseLora
+from moelora.ops.fp8 import RowScales
+from moelora.ops.norm_router import NormRouter
+from moelora.ops.torch.lora import linear
 from moelora.ops.torch.norm import rms_norm
 
 
@@ -57,6 +62,26 @@ def add_norm_router(
     h, s = rms_norm(x, norm_weight, eps, residual, weight_first)
     weights, ids = router(h, weight, top_k, renormalize, fp32_weights)
     return weights, ids, h, s
+
+
+def linear_norm_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    scales: RowScales | None,
+    route: NormRouter,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear layer with one output part, then the norm and the router after it -> (weights, ids, h, s).
+
+    Semantics: y = linear(x, weight, bias, lora, token_slot, (out,), scales), then
+    add_norm_router(y, *route). Kernels may compute the logits from the sums s before the norm: the norm
+    weight times s, multiplied by the router's rows and summed, then times the norm's scale (logits are
+    linear in h), so they miss h's rounding; they differ from the router's on h in their last bits.
+    """
+    y = linear(x, weight, bias, lora, token_slot, (weight.shape[0],), scales)
+    return add_norm_router(y, *route)
 
 
 def grouped_router(

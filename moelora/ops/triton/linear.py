@@ -23,6 +23,8 @@ kernels follow.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,6 +32,7 @@ import triton.language as tl
 
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.norm_router import NormRouter
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
 from moelora.ops.triton.common import (
     add_expand,
@@ -49,13 +52,14 @@ from moelora.ops.triton.common import (
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.fp8_linear import check_scales, dequantize, fp8_matmul
 from moelora.ops.triton.lora import add_lora, add_lora_parts, stacked_shrink
+from moelora.ops.triton.router import ROUTER_TOKENS, route_last, route_tile
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
 _MAX_LANES = 256  # stacked rank lanes (parts x rank) one shrink program holds
 _MAX_PARTS = 4  # stacked output parts (q/k/v: 3) a column tile can tell apart
 
-# The launch's counters (`counters.launch_counters`), in order: tickets, shrinks done, programs done, then
-# one per output tile (its splits done).
+# The launch's counters (`counters.launch_counters`), in order: tickets, shrinks done, programs done, tiles
+# done (with the norm and the router), then one per output tile (its splits done).
 
 
 @triton.jit
@@ -208,9 +212,11 @@ def _prefetch_part(w_ptr, item, n_tiles, out_dim, sw_n, sw_k, IN_DIM: tl.constex
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, sc_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr,
-    num_tokens, out_dim, rank,
+    ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr, route_count_ptr,
+    res_ptr, nw_ptr, wr_ptr, rp_ptr, rs_ptr, rw_ptr, rid_ptr, rh_ptr, rsum_ptr,
+    num_tokens, out_dim, rank, num_experts,
     sx_t, sx_k, sw_n, sw_k, ss_n, sy_t, sy_n, sa_s, sa_l, sa_k, sb_s, sb_n, sb_r, s_rs, s_rp,
+    swr_e, swr_k, eps,
     IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
     NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr,
@@ -219,12 +225,19 @@ def _linear_kernel(
     END2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SLOT_GROUP: tl.constexpr, EXPAND: tl.constexpr,
     PRECISION: tl.constexpr, FOLD: tl.constexpr, XA_READY: tl.constexpr, EARLY: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr, ROUTE: tl.constexpr, ROUTE_T: tl.constexpr,
+    BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr, NORM_K: tl.constexpr, ROUTE_LINES: tl.constexpr, ROUTE_DIM: tl.constexpr,
+    ROUTE_TILES: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
-        _prefetch_part(w_ptr, tl.maximum(tl.program_id(0) - SHRINKS * HAS_LORA, 0), n_tiles, out_dim, sw_n,
-                       sw_k, IN_DIM, K_CHUNK, BLOCK_N, LINE, LINES)  # fmt: skip
+        guess = tl.maximum(tl.program_id(0) - SHRINKS * HAS_LORA, 0)
+        _prefetch_part(w_ptr, guess, n_tiles, out_dim, sw_n, sw_k, IN_DIM, K_CHUNK, BLOCK_N, LINE, LINES)
+        if ROUTE:  # and the router's weights for its columns
+            r_n = tl.minimum((guess % n_tiles) * BLOCK_N + tl.arange(0, ROUTE_LINES) * LINE, out_dim - 1)
+            r_e = tl.minimum(tl.arange(0, BLOCK_E), num_experts - 1)
+            prefetch_l2(wr_ptr + r_e[:, None] * swr_e + r_n[None, :] * swr_k)
     if EARLY:
         # xa given and the batch's slots one group: split 0 (the first n_tiles programs, no tickets) loads
         # its slots' B tiles before the wait (slot ids are written by a copy before the step's first
@@ -309,8 +322,20 @@ def _linear_kernel(
         if finish:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            y_ptrs = y_ptr + t[:, None] * sy_t + n[None, :] * sy_n
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            if ROUTE:  # the norm and the router after the layer, in place of storing its output
+                route_tile(
+                    acc, t, n, mask, tile, res_ptr, nw_ptr, wr_ptr, rp_ptr, rs_ptr, rsum_ptr, num_tokens,
+                    num_experts, swr_e, swr_k, ROUTE_DIM, ROUTE_T, BLOCK_E,
+                )  # fmt: skip
+                if last_one(route_count_ptr, n_tiles):
+                    route_last(
+                        rp_ptr, rs_ptr, rsum_ptr, nw_ptr, rh_ptr, rw_ptr, rid_ptr, num_tokens, num_experts,
+                        eps, ROUTE_DIM, ROUTE_TILES, ROUTE_T, BLOCK_E, TOP_K, K_PAD, RENORMALIZE,
+                        WEIGHT_FIRST, NORM_K,
+                    )  # fmt: skip
+            else:
+                y_ptrs = y_ptr + t[:, None] * sy_t + n[None, :] * sy_n
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     if HAS_LORA and not FOLD and not XA_READY:
         programs = num_shrinks + n_tiles * SPLITS
         if last_one(exited_ptr, programs):
@@ -426,6 +451,66 @@ def linear(
     attention's `o_shrink` where `takes_shrink` does), so the launch has no shrink programs and does not
     fold the shrink into its GEMV. Launches on one device run one after another (they share
     `counters.launch_counters`)."""
+    y = _launch(x, weight, bias, lora, sizes, plan, scales, xa, None)
+    assert isinstance(y, torch.Tensor)
+    return y
+
+
+def routes(x: torch.Tensor, weight: torch.Tensor, sizes: tuple[int, ...], route: NormRouter,
+           plan: KernelPlan = TUNED) -> bool:  # fmt: skip
+    """Whether `linear_norm_router` runs the norm and the router inside the layer's one launch (the caller
+    checks `fits`): at most `KernelPlan.o_router_tokens` tokens and those the one-launch router takes, one
+    output part as wide as the router's input, a contiguous residual in x's dtype, h in x's dtype."""
+    res, norm_weight = route.residual, route.norm_weight
+    h_dtype = x.dtype if route.weight_first else torch.promote_types(norm_weight.dtype, x.dtype)
+    return (
+        x.shape[0] <= min(plan.o_router_tokens, ROUTER_TOKENS)
+        and len(sizes) == 1
+        and route.weight.dtype == x.dtype
+        and route.weight.shape[0] <= 256
+        and route.weight.shape[1] == weight.shape[0]
+        and res.shape == (x.shape[0], weight.shape[0])
+        and res.dtype == x.dtype
+        and res.is_contiguous()
+        and norm_weight.shape == (weight.shape[0],)
+        and h_dtype == x.dtype
+        and 0 < route.top_k <= route.weight.shape[0]
+    )
+
+
+def linear_norm_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    sizes: tuple[int, ...],
+    route: NormRouter,
+    plan: KernelPlan = TUNED,
+    scales: RowScales | None = None,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear`, then the norm and the router after it, in its one launch (the caller checks `fits` and
+    `routes`) -> (weights, ids, h, s), as `moelora.ops.torch.router.linear_norm_router`. The program that
+    finishes a column tile adds the residual to it (s, stored) and stores the tile's partials of the rows'
+    sums of squares and of their logits (`router.route_tile`); the last tile to finish adds them up and
+    takes the top-k, then stores h (`router.route_last`). The layer's output itself is never stored."""
+    out = _launch(x, weight, bias, lora, sizes, plan, scales, xa, route)
+    assert isinstance(out, tuple)
+    return out
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    sizes: tuple[int, ...],
+    plan: KernelPlan,
+    scales: RowScales | None,
+    xa: torch.Tensor | None,
+    route: NormRouter | None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one launch of `linear` (route None: -> y) or `linear_norm_router` (-> weights, ids, h, s)."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
     xa_ready = xa is not None
@@ -435,7 +520,7 @@ def linear(
     group = None if scales is None else scales.group
     block_n, block_k, n_tiles, k_chunk = _geometry(in_dim, sizes, tiles, group, x.device)
     splits = triton.cdiv(in_dim, k_chunk)
-    y = torch.empty(num_tokens, out_dim, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_tokens if route is None else 1, out_dim, dtype=x.dtype, device=x.device)
     part = y  # a placeholder, never read with one split
     if splits > 1:
         part = torch.empty(splits, num_tokens, out_dim, dtype=torch.float32, device=x.device)
@@ -473,7 +558,8 @@ def linear(
             xa = part  # a placeholder, never read when folded
         else:
             xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
-    sync = launch_counters(x.device, 3 + n_tiles)
+    sync = launch_counters(x.device, 4 + n_tiles)
+    r = _route_buffers(x, out_dim, n_tiles, route)
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
     block_r = max(16, triton.next_power_of_2(rank))
@@ -484,10 +570,11 @@ def linear(
     line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
-        sync, sync[1:], sync[2:], sync[3:],
-        num_tokens, out_dim, rank,
+        sync, sync[1:], sync[2:], sync[4:], sync[3:],
+        r.residual, r.norm_weight, r.weight, r.logits, r.squares, r.weights, r.ids, r.h, r.s,
+        num_tokens, out_dim, rank, r.weight.shape[0],
         *x.stride(), *weight.stride(), table.stride(0), *y.stride(), *a_strides, b.stride(0), b.stride(1),
-        b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
+        b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0, *r.weight.stride(), r.eps,
         IN_DIM=in_dim, HAS_SCALE=0 if scales is None else 2 if plan.fp8_linear_scale_dots else 1,
         GROUP=1 if scales is None else scales.group,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
@@ -499,10 +586,55 @@ def linear(
         EXPAND=expand_mode(b.dtype, plan), PRECISION=dot_precision(x.dtype), FOLD=fold, XA_READY=xa_ready,
         EARLY=xa_ready and plan.linear_expand_early and num_slots <= slot_group(num_slots, block_r),
         PDL=pdl, LINE=line,
-        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)),
+        LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)), ROUTE=route is not None, ROUTE_T=r.rows,
+        BLOCK_E=r.block_e, TOP_K=r.top_k, K_PAD=triton.next_power_of_2(r.top_k), RENORMALIZE=r.renormalize,
+        WEIGHT_FIRST=r.weight_first, NORM_K=min(triton.next_power_of_2(out_dim), max(16, 8192 // r.rows)),
+        ROUTE_LINES=triton.next_power_of_2(triton.cdiv(block_n, line)), ROUTE_DIM=out_dim,
+        ROUTE_TILES=n_tiles if route is not None else 1,
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
-    return y
+    if route is None:
+        return y
+    return r.weights, r.ids, r.h, r.s
+
+
+class _RouteBuffers(NamedTuple):
+    """The tensors and sizes of a launch's norm and router (placeholders without one, never read)."""
+
+    residual: torch.Tensor
+    norm_weight: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    weight_first: bool
+    top_k: int
+    renormalize: bool
+    logits: torch.Tensor  # partials [tiles, rows, block_e] fp32
+    squares: torch.Tensor  # partials [tiles, rows] fp32
+    weights: torch.Tensor
+    ids: torch.Tensor
+    h: torch.Tensor
+    s: torch.Tensor
+    rows: int  # the partials' rows: the tokens, to a power of two
+    block_e: int
+
+
+def _route_buffers(x: torch.Tensor, out_dim: int, n_tiles: int, route: NormRouter | None) -> _RouteBuffers:
+    if route is None:
+        return _RouteBuffers(x, x, x, 0.0, False, 1, False, x, x, x, x, x, x, 1, 16)
+    num_tokens = x.shape[0]
+    num_experts = route.weight.shape[0]
+    rows, block_e = triton.next_power_of_2(num_tokens), max(16, triton.next_power_of_2(num_experts))
+    dev = x.device
+    w_dtype = torch.float32 if route.fp32_weights else x.dtype
+    return _RouteBuffers(
+        route.residual, route.norm_weight, route.weight, route.eps, route.weight_first, route.top_k,
+        route.renormalize, torch.empty(n_tiles, rows, block_e, dtype=torch.float32, device=dev),
+        torch.empty(n_tiles, rows, dtype=torch.float32, device=dev),
+        torch.empty(num_tokens, route.top_k, dtype=w_dtype, device=dev),
+        torch.empty(num_tokens, route.top_k, dtype=torch.int32, device=dev),
+        torch.empty(num_tokens, out_dim, dtype=x.dtype, device=dev),
+        torch.empty(num_tokens, out_dim, dtype=x.dtype, device=dev), rows, block_e,
+    )  # fmt: skip
 
 
 def linear_layer(

@@ -76,9 +76,10 @@ def _shrink_part(
 @triton.jit
 def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n,
                   HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, STEP_SUM: tl.constexpr):  # fmt: skip
+                  HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, STEP_SUM: tl.constexpr,
+                  AHEAD: tl.constexpr):  # fmt: skip
     """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t (FP8 rows times their scales with
-    HAS_SCALE: `weight_step`)."""
+    HAS_SCALE: `weight_step`; AHEAD: 16-bit weights a step ahead, `DecodeTiles.ahead`)."""
     kk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
     g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
@@ -87,19 +88,37 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e
     su_ptrs = sg_ptrs + inter * ss_n
     acc_g = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
     acc_u = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        k_ok = kk < HIDDEN - k0
-        xk = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
+    if AHEAD and not HAS_SCALE and not STEP_SUM:
+        # Two steps in flight: the next step's tiles are loaded before this step's products (the loop
+        # is not software-pipelined: its loads feed no dot). The step past the end loads nothing.
+        k_ok = kk < HIDDEN
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc_g = weight_step(
-            acc_g, g_ptrs, w_mask, xk, sg_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
-        )
-        acc_u = weight_step(
-            acc_u, u_ptrs, w_mask, xk, su_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
-        )
-        x_row += BLOCK_K * sx_k
-        g_ptrs += BLOCK_K * sw_k
-        u_ptrs += BLOCK_K * sw_k
+        wg = tl.load(g_ptrs, mask=w_mask, other=0.0)
+        wu = tl.load(u_ptrs, mask=w_mask, other=0.0)
+        xk = tl.load(x_row, mask=k_ok, other=0.0)
+        for k0 in range(BLOCK_K, HIDDEN + BLOCK_K, BLOCK_K):
+            k_ok = kk < HIDDEN - k0
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            wg_next = tl.load(g_ptrs + k0 * sw_k, mask=w_mask, other=0.0)
+            wu_next = tl.load(u_ptrs + k0 * sw_k, mask=w_mask, other=0.0)
+            x_next = tl.load(x_row + k0 * sx_k, mask=k_ok, other=0.0)
+            acc_g += wg.to(tl.float32) * xk.to(tl.float32)[None, :]
+            acc_u += wu.to(tl.float32) * xk.to(tl.float32)[None, :]
+            wg, wu, xk = wg_next, wu_next, x_next
+    else:
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            k_ok = kk < HIDDEN - k0
+            xf = tl.load(x_row, mask=k_ok, other=0.0).to(tl.float32)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            acc_g = weight_step(
+                acc_g, g_ptrs, w_mask, xf, sg_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+            )
+            acc_u = weight_step(
+                acc_u, u_ptrs, w_mask, xf, su_ptrs, n_ok, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+            )
+            x_row += BLOCK_K * sx_k
+            g_ptrs += BLOCK_K * sw_k
+            u_ptrs += BLOCK_K * sw_k
     return gemv_sum(acc_g, STEP_SUM), gemv_sum(acc_u, STEP_SUM)
 
 
@@ -129,7 +148,7 @@ def _decode_gate_up_kernel(
     HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     after_previous(PDL)
     # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
@@ -163,7 +182,7 @@ def _decode_gate_up_kernel(
         if runs:
             g, u = _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e, sw_n, sw_k,
                                  ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
-                                 STEP_SUM)  # fmt: skip
+                                 STEP_SUM, AHEAD)  # fmt: skip
         if HAS_LORA:
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
             if on & runs:
@@ -242,6 +261,7 @@ def decode_gate_up(
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl,
+        AHEAD=tiles.ahead and lora is None,
         num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (hp if lora is not None else None)

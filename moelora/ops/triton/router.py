@@ -158,6 +158,65 @@ def _router_kernel(
         _top_k(logits, t, t_ok, e, e_ok, w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
 
 
+@triton.jit
+def route_tile(acc, t, n, mask, tile, res_ptr, nw_ptr, wr_ptr, rp_ptr, rs_ptr, s_ptr, num_tokens, num_experts,
+               swr_e, swr_k, IN_DIM: tl.constexpr, ROUTE_T: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """A column tile's part of the norm and the router after a linear layer (`linear.linear_norm_router`):
+    acc [BLOCK_M, BLOCK_N] fp32, the layer's output at rows t and columns n (mask: both in range). Stores
+    the sums s = output (rounded to the residual's dtype) + residual, and this tile's fp32 partials of
+    the rows' sums of squares (rs [tiles, ROUTE_T]) and of their logits before the norm's scale,
+    sum over n of router weight[e, n] * norm weight[n] * s[n] (rp [tiles, ROUTE_T, BLOCK_E]): logits are
+    linear in the normed input, so the scale, known once every tile is in, multiplies their sum."""
+    out = t[:, None].to(tl.int64) * IN_DIM + n[None, :]
+    n_ok = n < IN_DIM
+    r = tl.load(res_ptr + out, mask=mask, other=0.0)
+    e = tl.arange(0, BLOCK_E)
+    wr = tl.load(wr_ptr + e[None, :] * swr_e + n[:, None] * swr_k,
+                 mask=n_ok[:, None] & (e < num_experts)[None, :], other=0.0)  # fmt: skip
+    g = tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    s = (acc.to(r.dtype).to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    tl.store(s_ptr + out, s, mask=mask)
+    sf = tl.where(mask, s.to(tl.float32), 0.0)
+    part = tl.dot(sf * g[None, :], wr.to(tl.float32), input_precision="tf32")
+    t_ok = t < num_tokens
+    tl.store(rs_ptr + tile * ROUTE_T + t, tl.sum(sf * sf, axis=1), mask=t_ok)
+    rows = (tile * ROUTE_T + t[:, None]) * BLOCK_E + e[None, :]
+    tl.store(rp_ptr + rows, part, mask=t_ok[:, None])
+
+
+@triton.jit
+def route_last(rp_ptr, rs_ptr, s_ptr, nw_ptr, h_ptr, w_ptr, ids_ptr, num_tokens, num_experts, eps,
+               IN_DIM: tl.constexpr, TILES: tl.constexpr, ROUTE_T: tl.constexpr, BLOCK_E: tl.constexpr,
+               TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+               WEIGHT_FIRST: tl.constexpr, NORM_K: tl.constexpr):  # fmt: skip
+    """The last tile of `route_tile`'s launch to finish: the partials added up in tile order (their loads
+    all in flight at once), the rows' norm scale, the logits (rounded to the sums' dtype, as the router
+    layer's output) and their top-k; then the normed input h from the stored sums, as `rms_norm`."""
+    t = tl.arange(0, ROUTE_T)
+    t_ok = t < num_tokens
+    e = tl.arange(0, BLOCK_E)
+    rows = t[:, None] * BLOCK_E + e[None, :]
+    logits = tl.load(rp_ptr + rows, mask=t_ok[:, None], other=0.0, cache_modifier=".cg")
+    sum_sq = tl.load(rs_ptr + t, mask=t_ok, other=0.0, cache_modifier=".cg")
+    for i in tl.static_range(1, TILES):
+        logits += tl.load(rp_ptr + i * ROUTE_T * BLOCK_E + rows, mask=t_ok[:, None], other=0.0,
+                          cache_modifier=".cg")  # fmt: skip
+        sum_sq += tl.load(rs_ptr + i * ROUTE_T + t, mask=t_ok, other=0.0, cache_modifier=".cg")
+    rstd = tl.rsqrt(sum_sq / IN_DIM + eps)
+    logits = (logits * rstd[:, None]).to(s_ptr.dtype.element_ty)
+    _top_k(logits, t, t_ok, e, (e < num_experts)[None, :], w_ptr, ids_ptr, TOP_K, K_PAD, RENORMALIZE)
+    for c0 in range(0, IN_DIM, NORM_K):
+        cols = c0 + tl.arange(0, NORM_K)
+        mask = t_ok[:, None] & (cols < IN_DIM)[None, :]
+        out = t[:, None].to(tl.int64) * IN_DIM + cols[None, :]
+        s = tl.load(s_ptr + out, mask=mask, other=0.0, cache_modifier=".cg")
+        normed = s.to(tl.float32) * rstd[:, None]
+        if not WEIGHT_FIRST:
+            normed = normed.to(s.dtype).to(tl.float32)
+        w = tl.load(nw_ptr + cols, mask=cols < IN_DIM, other=0.0).to(tl.float32)
+        tl.store(h_ptr + out, (w[None, :] * normed).to(s.dtype), mask=mask)
+
+
 def route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
