@@ -114,9 +114,9 @@ class DecodeTiles:
     # loaded while the step before is multiplied (two steps' loads in flight a program): the K loop feeds
     # no dot, so Triton does not pipeline it (8 vector loads a thread, then their products). ptxas (sm_90a):
     # 126 -> 202 registers, the same 64 FMAs a step (a base row keeps its bits next to adapters). H100,
-    # Qwen3-30B-A3B bf16 (2026-12-06, two calls, `--plan-variants`), ms a step base: batch 1 3.82 -> 3.71
-    # and 3.82 -> 3.72; batch 16 15.82 -> 15.88 (noise). With LoRA (capped at `lora_regs`: 300 bytes of
-    # spills) batch 1 took 4.87 against 4.25 ms, uncapped 4.32: so base launches only.
+    # Qwen3-30B-A3B bf16 (2026-12-06, three calls, `--plan-variants`), ms a step p50 base: batch 1 3.80 ->
+    # 3.70 and 3.80 -> 3.69 / 3.70; batch 16 15.61 -> 15.70 (noise). With LoRA (capped at `lora_regs`: 300
+    # bytes of spills) batch 1 took 4.85 against 4.24 ms, uncapped 4.31: so base launches only.
     ahead: bool = True
 
 
@@ -260,9 +260,9 @@ class KernelPlan:
     # layers): for at most this many tokens (0: never; at most the one-launch router's 16) the norm and the
     # router run inside o's one launch (`linear.linear_norm_router`), not in a launch of their own. H100,
     # Qwen3-30B-A3B bf16, 8 adapters r16 (2026-12-06, one process a row pair, `--plan-variants`), ms a step
-    # base / mixed with it against 0: batch 1 3.82 / 4.25 against 3.89 / 4.29; batch 4 7.69 / 8.60 against
-    # 7.79 / 8.80; batch 8 11.07 / 12.46 against 11.25 / 12.57; batch 16 slower, 16.46 / 18.18 against
-    # 15.89 / 17.81 (the last tile adds 32 tiles' partials of 16 rows and 128 experts alone).
+    # p50 base / mixed with it against 0: batch 1 3.80 / 4.24 against 3.88 / 4.28; batch 4 7.64 / 8.52
+    # against 7.74 / 8.75; batch 8 11.00 / 12.39 against 11.15 / 12.51; batch 16 slower, 16.26 / 18.10
+    # against 15.70 / 17.56 (the last tile adds 32 tiles' partials of 16 rows and 128 experts alone).
     o_router_tokens: int = 8
     attn_decode_tiles: AttnDecodeTiles = _ATTN_DECODE_TILES  # the split-KV decode attention
     # The one-launch router (`router.add_norm_router`, at most `ROUTER_TOKENS` tokens): input columns per
