@@ -313,7 +313,7 @@ class SparseMoeBlock(nn.Module):
         token_slot: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_norm_forward` of the attention's output projection o_proj(o) (its LoRA shrink o_xa where the
-        attention computed it; where `routes_after`): for a few tokens the projection, the norm and the
+        attention computed it; where `routes_after_o`): for a few tokens the projection, the norm and the
         router in one launch (`ops.linear_norm_router`)."""
         route = NormRouter(
             residual, norm.weight, norm.eps, norm.weight_first, self.router.weight, self.top_k,

@@ -14,6 +14,8 @@ program computes its input columns' part of x A^T beside the weight's loads and 
 splits add up as the base's), with no ticket or wait. A launch given its shrink (xa: the input norm's for
 q/k/v, the decode attention's for o) runs no shrink programs and does not fold; where the batch's slots
 make one expand group, split 0 loads their B tiles before the wait for the previous kernel and xa after it.
+`linear_norm_router` runs the RMSNorm and the softmax router that follow the layer (o, then a MoE block) in
+the same launch, as the epilogue of each column tile, and never stores the layer's output.
 
 An FP8 weight (`RowScales`) is multiplied by its rows' scales in registers, each K step within one scale
 group. With more tokens than the one launch takes, the weight is dequantised into a 16-bit copy for cuBLAS
@@ -619,6 +621,7 @@ class _RouteBuffers(NamedTuple):
 
 
 def _route_buffers(x: torch.Tensor, out_dim: int, n_tiles: int, route: NormRouter | None) -> _RouteBuffers:
+    """A launch's norm and router: its outputs and partial sums allocated (x's rows; h and s [T, out])."""
     if route is None:
         return _RouteBuffers(x, x, x, 0.0, False, 1, False, x, x, x, x, x, x, 1, 16)
     num_tokens = x.shape[0]
