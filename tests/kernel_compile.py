@@ -231,20 +231,16 @@ def decode_cases() -> Iterator[Case]:
     for has_lora, step_sum in itertools.product((False, True), (False, True)):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, STEP_SUM=step_sum, **tiles)
-        gate_up |= dict(AHEAD=t.ahead and not has_lora)  # (base launches only)
+        gate_up |= dict(AHEAD=False)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
-        down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48)
-        for gpt_oss in (False, True):  # GPT-OSS's biases and clamped SwiGLU
-            extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1)
+        down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48, AHEAD=False)
+        # each step's loads a step ahead (`decode_common.ahead_mode`: launches without LoRA), and not
+        ahead = (False, True) if not has_lora else (False,)
+        for gpt_oss, a in itertools.product((False, True), ahead):  # GPT-OSS's biases and clamped SwiGLU
+            extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1, AHEAD=a)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
-            if not step_sum and not gpt_oss and not has_lora:  # a step ahead (`DecodeTiles.ahead`) or not
-                yield (
-                    moe_decode_gate_up._decode_gate_up_kernel,
-                    gate_up | extras | dict(AHEAD=not t.ahead),
-                    t.warps,
-                )
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
-            down_case |= dict(LINE=64, LINES=64 if gpt_oss else 16)  # (the prefetch's step under PDL)
+            down_case |= dict(LINE=64, LINES=64 if gpt_oss else 16, AHEAD=a)  # (LINE: the PDL prefetch's)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
         # FP8 experts (scales per row and 128 columns): K steps of one group, or over 2, 4 or 8 groups
         # (`DecodeTiles.fp8_block_k`; 1,024 is shipped, with the groups summed apart)
@@ -255,9 +251,14 @@ def decode_cases() -> Iterator[Case]:
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | dict(BLOCK_K=step), t.warps
             yield moe_decode_down._decode_down_kernel, down_case | dict(BLOCK_K=step), d.warps
             if step_sum and step > 128:  # each group's products summed, then scaled (`fp8_group_sums`)
-                sums = dict(BLOCK_K=step, STEP_SUM=2)
-                yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | sums, t.warps
-                yield moe_decode_down._decode_down_kernel, down_case | sums, d.warps
+                for a in ahead:
+                    sums = dict(BLOCK_K=step, STEP_SUM=2, AHEAD=a)
+                    yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | sums, t.warps
+                    yield moe_decode_down._decode_down_kernel, down_case | sums, d.warps
+            if step == 128 and not has_lora:  # steps in one group, a step ahead
+                one = dict(BLOCK_K=step, AHEAD=True)
+                yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | one, t.warps
+                yield moe_decode_down._decode_down_kernel, down_case | one, d.warps
 
 
 def dense_lora_cases() -> Iterator[Case]:

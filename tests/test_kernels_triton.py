@@ -8,6 +8,7 @@ interpreter (with numpy >= 2.4) cannot take a run-time integer as a `range` boun
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 
@@ -267,12 +268,28 @@ def path(request) -> KernelPlan:
 
 @pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[2]])
 def test_decode_gemv_a_step_ahead(case):
-    """The decode gate/up GEMV with each step's tiles loaded while the step before is multiplied
-    (`DecodeTiles.ahead`, base launches only) and without: the twin's result (case 2: H = 64 over 256-column
-    steps, a step past the input fully masked); with LoRA (which never loads ahead) as well."""
+    """The decode GEMVs (gate/up and down) with each step's loads issued while the step before is multiplied
+    (`decode_common.ahead_mode`: launches without LoRA) and without: the twin's result in 16 bits and with
+    FP8 weights (scale groups of 16: steps in one group, and steps over groups summed apart). Case 2: H = 64
+    in steps of 256 columns, a step past the input fully masked. With LoRA (never ahead) as well."""
+    from moelora.ops.triton.decode_common import ahead_mode
+
+    for ahead, (fp8_group, steps) in itertools.product((False, True), ((0, 0), (16, 0), (16, 1024))):
+        tiles = dict(ahead=ahead, fp8_ahead=ahead, fp8_block_k=steps)
+        gate_up = replace(TUNED.decode_tiles, **tiles)
+        down = replace(TUNED.decode_down_tiles, **tiles)
+        plan = KernelPlan(decode_pairs=32, decode_tiles=gate_up, decode_down_tiles=down)
+        step = steps or fp8_group
+        assert ahead_mode(gate_up, fp8_group > 0, fp8_group, step, 2 if steps else 1, False) == ahead
+        assert not ahead_mode(gate_up, fp8_group > 0, fp8_group, step, 1, True)
+        check_fused_moe(case, seed=case[0] + 3, plan=plan, fp8_group=fp8_group)
     for ahead in (False, True):
-        plan = KernelPlan(decode_pairs=32, decode_tiles=replace(TUNED.decode_tiles, ahead=ahead))
-        check_fused_moe(case, seed=case[0] + 3, plan=plan)
+        tiles = dict(ahead=ahead, fp8_ahead=ahead)
+        plan = KernelPlan(
+            decode_pairs=32,
+            decode_tiles=replace(TUNED.decode_tiles, **tiles),
+            decode_down_tiles=replace(TUNED.decode_down_tiles, **tiles),
+        )
         check_fused_moe_lora(case, seed=case[0] + 4, num_slots=4, rank=8, plan=plan)
 
 

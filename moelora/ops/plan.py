@@ -117,7 +117,13 @@ class DecodeTiles:
     # Qwen3-30B-A3B bf16 (2026-12-06, three calls, `--plan-variants`), ms a step p50 base: batch 1 3.80 ->
     # 3.70 and 3.80 -> 3.69 / 3.70; batch 16 15.61 -> 15.70 (noise). With LoRA (capped at `lora_regs`: 300
     # bytes of spills) batch 1 took 4.85 against 4.24 ms, uncapped 4.31: so base launches only.
+    # (`decode_common.ahead_mode`; the down GEMV's tiles have it too, off there: not timed yet, 48 -> 64
+    # registers.)
     ahead: bool = True
+    # The same for FP8 weights (steps in one scale group, or each group summed apart): not timed yet. ptxas:
+    # gate/up in the shipped steps of 1,024 columns 111 -> 255 registers and 944 bytes of spills; in steps
+    # of 512, 96 -> 222 and none (`decode_tiles.fp8_ahead=True,decode_tiles.fp8_block_k=512` to time).
+    fp8_ahead: bool = False
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
@@ -127,7 +133,7 @@ _DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
 # The down GEMV (with the weighted sum in it) apart: H200, Qwen3-30B-A3B, 4 layers of weights per graph
 # (2026-12-04): 16 x 128 took 12.5 / 12.9 us at 1 token (base / 8 adapters r16) against 14.6 / 14.4 for
 # the gate/up's 16 x 256, and 55.9 / 59.8 against 58.5 / 62.9 at 8 tokens; first of 10 variants.
-_DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4)
+_DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4, ahead=False)
 # FP8 experts take the same tiles with K steps of `fp8_block_k` (a scale a row per group the step spans:
 # a step reading each column's scale took 65-111 us on the H200, 2026-12-04).
 

@@ -70,21 +70,7 @@ def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr
     (BLOCK_K <= GROUP) or spans whole groups (a multiple of GROUP): then each column takes the scale of
     its group, one load of a row's scale per group and a select, not a gather per column; with STEP_SUM 2
     (`DecodeTiles.fp8_group_sums`) each group's products are summed first and the sums scaled, no select."""
-    if not HAS_SCALE:
-        out = fma_step(acc, w_ptrs, w_mask, v, STEP_SUM)
-    elif BLOCK_K <= GROUP:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
-        out = _add(acc, w * scale * v[None, :], STEP_SUM)
-    elif STEP_SUM == 2:  # each group's products summed first, then times the row's scale of that group
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-        j = tl.arange(0, BLOCK_K // GROUP)
-        j_ok = k0 + j * GROUP < IN_DIM
-        scales = tl.load(s_ptrs[:, None] + k0 // GROUP + j[None, :], mask=s_mask[:, None] & j_ok[None, :],
-                         other=0.0)  # fmt: skip
-        groups = tl.reshape(w * v[None, :], (w.shape[0], BLOCK_K // GROUP, GROUP))
-        out = acc + tl.sum(tl.sum(groups, axis=2) * scales, axis=1)
-    else:
+    if HAS_SCALE and BLOCK_K > GROUP and STEP_SUM != 2:
         w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
         group = tl.arange(0, BLOCK_K)[None, :] // GROUP
         scale = tl.zeros_like(w)
@@ -93,6 +79,65 @@ def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr
             s_j = tl.load(s_ptrs + k0 // GROUP + j, mask=s_mask & j_ok, other=0.0)
             scale = tl.where(group == j, s_j[:, None], scale)
         out = _add(acc, w * scale * v[None, :], STEP_SUM)
+    else:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        scale = _step_scales(s_ptrs, s_mask, k0, w.shape[0], IN_DIM, HAS_SCALE, GROUP, BLOCK_K)
+        out = step_products(acc, w, scale, v, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM)
+    return out
+
+
+def ahead_mode(tiles: DecodeTiles, scaled: bool, group: int, block_k: int, step_sum: int, lora: bool) -> bool:
+    """Whether a decode GEMV launch loads each K step's tiles while the step before is multiplied
+    (`step_tiles`, `step_products`): a launch without LoRA, where the tiles ask for it (`ahead`, FP8:
+    `fp8_ahead`) and the step's scales are one load (one group a step, or each group summed apart)."""
+    if lora:
+        return False
+    if not scaled:
+        return tiles.ahead
+    return tiles.fp8_ahead and (block_k <= group or step_sum == 2)
+
+
+@triton.jit
+def step_tiles(w_ptrs, sw_k, s_ptrs, n_ok, kk, k0, IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The loads of the K step from column k0 (w_ptrs and s_ptrs at the first step): the weights [N, BLOCK_K]
+    as stored (a step at or past IN_DIM loads nothing) and with HAS_SCALE their rows' scales: [N] (a step
+    in one group) or [N, BLOCK_K // GROUP] (a step over whole groups), else placeholder zeros."""
+    k_ok = kk < IN_DIM - k0
+    w = tl.load(w_ptrs + k0 * sw_k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    return w, _step_scales(s_ptrs, n_ok & (k0 < IN_DIM), k0, w.shape[0], IN_DIM, HAS_SCALE, GROUP, BLOCK_K)
+
+
+@triton.jit
+def _step_scales(s_ptrs, s_mask, k0, N: tl.constexpr, IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """A step's scales for `step_products`: [N, 1] in one group, [N, BLOCK_K // GROUP] over whole groups
+    (groups past IN_DIM read as 0), zeros [N, 1] without HAS_SCALE (not used)."""
+    if not HAS_SCALE:
+        scale = tl.zeros([N, 1], dtype=tl.float32)
+    elif BLOCK_K <= GROUP:
+        scale = tl.load(s_ptrs + k0 // GROUP, mask=s_mask, other=0.0)[:, None]
+    else:
+        j = tl.arange(0, BLOCK_K // GROUP)
+        j_ok = k0 + j * GROUP < IN_DIM
+        scale = tl.load(s_ptrs[:, None] + k0 // GROUP + j[None, :], mask=s_mask[:, None] & j_ok[None, :],
+                        other=0.0)  # fmt: skip
+    return scale
+
+
+@triton.jit
+def step_products(acc, w, scale, v, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                  STEP_SUM: tl.constexpr):  # fmt: skip
+    """acc plus a step's products from `step_tiles`' loads and the input v [BLOCK_K] fp32, as `weight_step`
+    computes them (the same operations, so the same bits)."""
+    wf = w.to(tl.float32)
+    if not HAS_SCALE:
+        out = _add(acc, wf * v[None, :], STEP_SUM)
+    elif BLOCK_K <= GROUP:
+        out = _add(acc, wf * scale * v[None, :], STEP_SUM)
+    else:
+        groups = tl.reshape(wf * v[None, :], (wf.shape[0], BLOCK_K // GROUP, GROUP))
+        out = acc + tl.sum(tl.sum(groups, axis=2) * scale, axis=1)
     return out
 
 

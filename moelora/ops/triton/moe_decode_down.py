@@ -14,11 +14,14 @@ from moelora.ops.triton.common import after_previous, dependent_launch, lanes_in
 from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.decode_common import (
     PARTIAL_ROWS,
+    ahead_mode,
     fp8_step,
     gemv_acc,
     gemv_sum,
     pair_expert,
     pair_slot,
+    step_products,
+    step_tiles,
     sum_mode,
     sum_partials,
     weight_step,
@@ -35,6 +38,7 @@ def _decode_down_kernel(
     HAS_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
     PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr, SHRINK_PARTS: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,15 +70,26 @@ def _decode_down_kernel(
         w_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
         s_ptrs = sc_ptr + e64 * ss_e + n * ss_n
         acc = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
-        for k0 in range(0, INTER, BLOCK_K):
-            k_ok = kk < INTER - k0
-            hk = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            acc = weight_step(
-                acc, w_ptrs, w_mask, hk, s_ptrs, n_ok, k0, INTER, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
-            )
-            h_row += BLOCK_K
-            w_ptrs += BLOCK_K * sw_k
+        if AHEAD:  # the next step's loads before this step's products (`decode_common.ahead_mode`)
+            w, sc = step_tiles(w_ptrs, sw_k, s_ptrs, n_ok, kk, 0, INTER, HAS_SCALE, GROUP, BLOCK_K)
+            hk = tl.load(h_row, mask=kk < INTER, other=0.0)
+            for k0 in range(BLOCK_K, INTER + BLOCK_K, BLOCK_K):  # the step past the end loads nothing
+                w_next, sc_next = step_tiles(
+                    w_ptrs, sw_k, s_ptrs, n_ok, kk, k0, INTER, HAS_SCALE, GROUP, BLOCK_K
+                )
+                h_next = tl.load(h_row + k0, mask=kk < INTER - k0, other=0.0)
+                acc = step_products(acc, w, sc, hk.to(tl.float32), HAS_SCALE, GROUP, BLOCK_K, STEP_SUM)
+                w, sc, hk = w_next, sc_next, h_next
+        else:
+            for k0 in range(0, INTER, BLOCK_K):
+                k_ok = kk < INTER - k0
+                hf = tl.load(h_row, mask=k_ok, other=0.0).to(tl.float32)
+                w_mask = n_ok[:, None] & k_ok[None, :]
+                acc = weight_step(
+                    acc, w_ptrs, w_mask, hf, s_ptrs, n_ok, k0, INTER, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM
+                )
+                h_row += BLOCK_K
+                w_ptrs += BLOCK_K * sw_k
         d = gemv_sum(acc, STEP_SUM)
         if HAS_LORA:
             d += tl.sum(b.to(tl.float32) * ha[None, :], axis=1)
@@ -142,6 +157,7 @@ def decode_down(
         BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(inter, line)), SHRINK_PARTS=shrink_parts,
+        AHEAD=ahead_mode(tiles, scales.on, scales.group, block_k, step_sum, lora is not None),
         num_warps=tiles.warps, launch_pdl=pdl,
     )  # fmt: skip
     return y

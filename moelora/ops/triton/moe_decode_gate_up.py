@@ -27,12 +27,15 @@ from moelora.ops.triton.common import (
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.decode_common import (
     PARTIAL_ROWS,
+    ahead_mode,
     fma_step,
     fp8_step,
     gemv_acc,
     gemv_sum,
     pair_expert,
     pair_slot,
+    step_products,
+    step_tiles,
     sum_mode,
     sum_partials,
     weight_step,
@@ -79,7 +82,7 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e
                   HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, STEP_SUM: tl.constexpr,
                   AHEAD: tl.constexpr):  # fmt: skip
     """(gate, up) [BLOCK_N] fp32 of expert e64's rows n for token t (FP8 rows times their scales with
-    HAS_SCALE: `weight_step`; AHEAD: 16-bit weights a step ahead, `DecodeTiles.ahead`)."""
+    HAS_SCALE: `weight_step`; AHEAD: each step's loads a step ahead, `decode_common.ahead_mode`)."""
     kk = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t.to(tl.int64) * sx_t + kk * sx_k
     g_ptrs = w_ptr + e64 * sw_e + n[:, None] * sw_n + kk[None, :] * sw_k
@@ -88,23 +91,22 @@ def _gemv_gate_up(x_ptr, w_ptr, sc_ptr, t, e64, n, n_ok, inter, sx_t, sx_k, sw_e
     su_ptrs = sg_ptrs + inter * ss_n
     acc_g = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
     acc_u = gemv_acc(BLOCK_N, BLOCK_K, STEP_SUM)
-    if AHEAD and not HAS_SCALE and not STEP_SUM:
-        # Two steps in flight: the next step's tiles are loaded before this step's products (the loop
-        # is not software-pipelined: its loads feed no dot). The step past the end loads nothing.
-        k_ok = kk < HIDDEN
-        w_mask = n_ok[:, None] & k_ok[None, :]
-        wg = tl.load(g_ptrs, mask=w_mask, other=0.0)
-        wu = tl.load(u_ptrs, mask=w_mask, other=0.0)
-        xk = tl.load(x_row, mask=k_ok, other=0.0)
-        for k0 in range(BLOCK_K, HIDDEN + BLOCK_K, BLOCK_K):
-            k_ok = kk < HIDDEN - k0
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            wg_next = tl.load(g_ptrs + k0 * sw_k, mask=w_mask, other=0.0)
-            wu_next = tl.load(u_ptrs + k0 * sw_k, mask=w_mask, other=0.0)
-            x_next = tl.load(x_row + k0 * sx_k, mask=k_ok, other=0.0)
-            acc_g += wg.to(tl.float32) * xk.to(tl.float32)[None, :]
-            acc_u += wu.to(tl.float32) * xk.to(tl.float32)[None, :]
-            wg, wu, xk = wg_next, wu_next, x_next
+    if AHEAD:  # two steps' loads in flight: the next step's before this step's products (`ahead_mode`)
+        wg, sg = step_tiles(g_ptrs, sw_k, sg_ptrs, n_ok, kk, 0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K)
+        wu, su = step_tiles(u_ptrs, sw_k, su_ptrs, n_ok, kk, 0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K)
+        xk = tl.load(x_row, mask=kk < HIDDEN, other=0.0)
+        for k0 in range(BLOCK_K, HIDDEN + BLOCK_K, BLOCK_K):  # the step past the end loads nothing
+            wg_next, sg_next = step_tiles(
+                g_ptrs, sw_k, sg_ptrs, n_ok, kk, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K
+            )
+            wu_next, su_next = step_tiles(
+                u_ptrs, sw_k, su_ptrs, n_ok, kk, k0, HIDDEN, HAS_SCALE, GROUP, BLOCK_K
+            )
+            x_next = tl.load(x_row + k0 * sx_k, mask=kk < HIDDEN - k0, other=0.0)
+            xf = xk.to(tl.float32)
+            acc_g = step_products(acc_g, wg, sg, xf, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM)
+            acc_u = step_products(acc_u, wu, su, xf, HAS_SCALE, GROUP, BLOCK_K, STEP_SUM)
+            wg, sg, wu, su, xk = wg_next, sg_next, wu_next, su_next, x_next
     else:
         for k0 in range(0, HIDDEN, BLOCK_K):
             k_ok = kk < HIDDEN - k0
@@ -261,7 +263,7 @@ def decode_gate_up(
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl,
-        AHEAD=tiles.ahead and lora is None,
+        AHEAD=ahead_mode(tiles, scales.on, scales.group, block_k, step_sum, lora is not None),
         num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (hp if lora is not None else None)
