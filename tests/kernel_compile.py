@@ -234,8 +234,8 @@ def decode_cases() -> Iterator[Case]:
         gate_up |= dict(AHEAD=False)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
         down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48, AHEAD=False)
-        # each step's loads a step ahead (`decode_common.ahead_mode`: launches without LoRA), and not
-        ahead = (False, True) if not has_lora else (False,)
+        # each step's loads a step ahead (`decode_common.ahead_mode`; with LoRA `lora_ahead`), and not
+        ahead = (False, True)
         for gpt_oss, a in itertools.product((False, True), ahead):  # GPT-OSS's biases and clamped SwiGLU
             extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1, AHEAD=a)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps

@@ -269,9 +269,9 @@ def path(request) -> KernelPlan:
 @pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[2]])
 def test_decode_gemv_a_step_ahead(case):
     """The decode GEMVs (gate/up and down) with each step's loads issued while the step before is multiplied
-    (`decode_common.ahead_mode`: launches without LoRA) and without: the twin's result in 16 bits and with
-    FP8 weights (scale groups of 16: steps in one group, and steps over groups summed apart). Case 2: H = 64
-    in steps of 256 columns, a step past the input fully masked. With LoRA (never ahead) as well."""
+    (`decode_common.ahead_mode`) and without: the twin's result in 16 bits and with FP8 weights (scale
+    groups of 16: steps in one group, and steps over groups summed apart). Case 2: H = 64 in steps of 256
+    columns, a step past the input fully masked. With LoRA (`lora_ahead`) as well."""
     from moelora.ops.triton.decode_common import ahead_mode
 
     for ahead, (fp8_group, steps) in itertools.product((False, True), ((0, 0), (16, 0), (16, 1024))):
@@ -281,10 +281,11 @@ def test_decode_gemv_a_step_ahead(case):
         plan = KernelPlan(decode_pairs=32, decode_tiles=gate_up, decode_down_tiles=down)
         step = steps or fp8_group
         assert ahead_mode(gate_up, fp8_group > 0, fp8_group, step, 2 if steps else 1, False) == ahead
-        assert not ahead_mode(gate_up, fp8_group > 0, fp8_group, step, 1, True)
+        assert not ahead_mode(gate_up, fp8_group > 0, fp8_group, step, 1, True)  # LoRA: `lora_ahead` too
         check_fused_moe(case, seed=case[0] + 3, plan=plan, fp8_group=fp8_group)
-    for ahead in (False, True):
-        tiles = dict(ahead=ahead, fp8_ahead=ahead)
+    for ahead in (False, True):  # with LoRA: its tiles loaded after the loop where it goes ahead
+        tiles = dict(ahead=ahead, fp8_ahead=ahead, lora_ahead=ahead)
+        assert ahead_mode(replace(TUNED.decode_tiles, **tiles), False, 1, 256, 0, True) == ahead
         plan = KernelPlan(
             decode_pairs=32,
             decode_tiles=replace(TUNED.decode_tiles, **tiles),

@@ -124,6 +124,10 @@ class DecodeTiles:
     # gate/up in the shipped steps of 1,024 columns 111 -> 255 registers and 944 bytes of spills; in steps
     # of 512, 96 -> 222 and none (`decode_tiles.fp8_ahead=True,decode_tiles.fp8_block_k=512` to time).
     fp8_ahead: bool = False
+    # And in launches with LoRA (the gate/up's LoRA tiles then load after the loop, beside the wait for its
+    # shrink): not timed yet. ptxas, Qwen3's gate/up with LoRA: 229 registers uncapped (168 without it);
+    # under `lora_regs` 128 it spills 204 bytes, 160: 20, 200: none (time lora_regs 0, 160 and 200)
+    lora_ahead: bool = False
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.

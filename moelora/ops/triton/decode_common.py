@@ -88,13 +88,12 @@ def weight_step(acc, w_ptrs, w_mask, v, s_ptrs, s_mask, k0, IN_DIM: tl.constexpr
 
 def ahead_mode(tiles: DecodeTiles, scaled: bool, group: int, block_k: int, step_sum: int, lora: bool) -> bool:
     """Whether a decode GEMV launch loads each K step's tiles while the step before is multiplied
-    (`step_tiles`, `step_products`): a launch without LoRA, where the tiles ask for it (`ahead`, FP8:
-    `fp8_ahead`) and the step's scales are one load (one group a step, or each group summed apart)."""
+    (`step_tiles`, `step_products`): where the tiles ask for it (`ahead`, FP8: `fp8_ahead`; with LoRA
+    also `lora_ahead`) and the step's scales are one load (one group a step, or each group summed apart)."""
+    on = tiles.fp8_ahead if scaled else tiles.ahead
     if lora:
-        return False
-    if not scaled:
-        return tiles.ahead
-    return tiles.fp8_ahead and (block_k <= group or step_sum == 2)
+        on = on and tiles.lora_ahead
+    return on and (not scaled or block_k <= group or step_sum == 2)
 
 
 @triton.jit

@@ -178,7 +178,7 @@ def _decode_gate_up_kernel(
         s, on = pair_slot(slot_ptr, t, num_slots, HAS_LORA)
         r = tl.arange(0, BLOCK_R)
         r_ok = lanes_in_rank(r, rank, rank_ptr, s, HAS_RANK) & on & runs
-        if HAS_LORA:
+        if HAS_LORA and not AHEAD:  # loaded before the GEMV, their latency behind it
             bg, bu, a_dn = _lora_tiles(b_ptr, a_dn_ptr, s, e64, n, n_ok, r, r_ok, sb_s, sb_e, sb_h, sb_n,
                                        sb_r, sd_s, sd_e, sd_r, sd_k)  # fmt: skip
         if runs:
@@ -186,6 +186,9 @@ def _decode_gate_up_kernel(
                                  ss_e, ss_n, HIDDEN, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
                                  STEP_SUM, AHEAD)  # fmt: skip
         if HAS_LORA:
+            if AHEAD:  # a step ahead holds two steps' tiles: the LoRA tiles load after it, beside the wait
+                bg, bu, a_dn = _lora_tiles(b_ptr, a_dn_ptr, s, e64, n, n_ok, r, r_ok, sb_s, sb_e, sb_h, sb_n,
+                                           sb_r, sd_s, sd_e, sd_r, sd_k)  # fmt: skip
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
             if on & runs:
                 wait_for(shrunk_ptr, num_shrink)
