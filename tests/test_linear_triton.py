@@ -303,7 +303,8 @@ def check_linear_norm_router(num_tokens: int, num_experts: int, k: int, weight_f
     """o (dims: in 64 -> out 48), the residual add, the RMSNorm and the router in o's one launch
     (`linear_norm_router`) against the twin (o, then `add_norm_router`) and against the launches apart
     (o's one launch, then the one-launch router): the sums s exactly as the launches apart give them, h
-    to a rounding, the ids wherever the twin's k-th and (k+1)-th logits are apart, the weights there.
+    to a rounding, the chosen experts wherever the twin's k-th and (k+1)-th logits are apart, and every
+    token's weights: the twin's probabilities of the experts it chose.
     adapters: "none", "slots" (every slot kind, NaN padding) or "given" (xa from before, as the decode
     attention's)."""
     from moelora.ops.norm_router import NormRouter
@@ -329,9 +330,8 @@ def check_linear_norm_router(num_tokens: int, num_experts: int, k: int, weight_f
     if adapters == "given":
         a = lora.a[slot.clamp(0, 3).long(), 0].float()  # [T, R, in]
         xa = torch.einsum("tc,trc->tr", x.float(), a).reshape(1, num_tokens, 8).contiguous()
-    assert triton_linear.fits(x, 8, (out_dim,), plan, fp8) and triton_linear.routes(
-        x, w, (out_dim,), route, plan
-    )
+    assert triton_linear.fits(x, 8, (out_dim,), plan, fp8)
+    assert triton_linear.routes(x, w, (out_dim,), route, plan)
     got = triton_linear.linear_norm_router(x, w, None, args, (out_dim,), route, plan, scales, xa)
     ref = torch_router.linear_norm_router(x, w, None, ref_lora, slot, scales, route)
     y = triton_linear.linear(x, w, None, args, (out_dim,), plan, scales, xa)

@@ -288,8 +288,7 @@ class SparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual). With the plain softmax router the norm runs in the
         router's launch (`ops.add_norm_router`), one launch a layer fewer at decode."""
-        cfg = self.cfg
-        if cfg.routing != "softmax" or self.router.bias is not None:
+        if not self._plain_router():
             h, residual = norm.add_norm(x, residual)
             return self(h, token_slot), residual
         weights, global_ids, h, residual = ops.add_norm_router(
@@ -301,7 +300,11 @@ class SparseMoeBlock(nn.Module):
     def routes_after_o(self) -> bool:
         """Whether `o_norm_forward` can take the attention's output projection (TP = 1: no all-reduce
         between them), with the plain softmax router and no router bias."""
-        return self.ps.tp_size == 1 and self.cfg.routing == "softmax" and self.router.bias is None
+        return self.ps.tp_size == 1 and self._plain_router()
+
+    def _plain_router(self) -> bool:
+        """The plain softmax router without a bias: the one the one-launch norm + router kernels take."""
+        return self.cfg.routing == "softmax" and self.router.bias is None
 
     def o_norm_forward(
         self,

@@ -91,10 +91,10 @@ class DecoderLayer(nn.Module):
             attn = self.self_attn(h, batch, cos, sin)
         else:
             attn = cast(SelfAttention, self.self_attn)(h, batch, cos, sin, xa)
-        if isinstance(self.mlp, SparseMoeBlock):
-            return self.mlp.add_norm_forward(attn, residual, self.post_attention_layernorm, batch.token_slot)
+        if isinstance(mlp, SparseMoeBlock):
+            return mlp.add_norm_forward(attn, residual, self.post_attention_layernorm, batch.token_slot)
         h, residual = self.post_attention_layernorm.add_norm(attn, residual)
-        return self.mlp(h, batch.token_slot), residual
+        return mlp(h, batch.token_slot), residual
 
     def weight_specs(self, prefix: str, family: Family) -> list[WeightSpec]:
         names = family.moe_prefixes if isinstance(self.mlp, SparseMoeBlock) else ("mlp",)

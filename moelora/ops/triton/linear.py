@@ -561,7 +561,9 @@ def _launch(
         else:
             xa = torch.empty(chunks, num_tokens, parts * rank, dtype=torch.float32, device=x.device)
     sync = launch_counters(x.device, 4 + n_tiles)
-    r = _route_buffers(x, out_dim, n_tiles, route)
+    # the norm and the router after the layer (placeholders, never read, without them), their outputs
+    rt = route if route is not None else NormRouter(x, x, 0.0, False, x, 1, False, False)
+    r = _route_outputs(x, out_dim, n_tiles, route)
     ranks = slot if rank_of is None else rank_of  # a placeholder when there is none
     block_m = max(16, triton.next_power_of_2(num_tokens))
     block_r = max(16, triton.next_power_of_2(rank))
@@ -573,10 +575,11 @@ def _launch(
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
         sync, sync[1:], sync[2:], sync[4:], sync[3:],
-        r.residual, r.norm_weight, r.weight, r.logits, r.squares, r.weights, r.ids, r.h, r.s,
-        num_tokens, out_dim, rank, r.weight.shape[0],
+        rt.residual, rt.norm_weight, rt.weight, r.logits, r.squares, r.weights, r.ids, r.h, r.s,
+        num_tokens, out_dim, rank, rt.weight.shape[0],
         *x.stride(), *weight.stride(), table.stride(0), *y.stride(), *a_strides, b.stride(0), b.stride(1),
-        b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0, *r.weight.stride(), r.eps,
+        b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
+        *rt.weight.stride(), rt.eps,
         IN_DIM=in_dim, HAS_SCALE=0 if scales is None else 2 if plan.fp8_linear_scale_dots else 1,
         GROUP=1 if scales is None else scales.group,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
@@ -589,8 +592,8 @@ def _launch(
         EARLY=xa_ready and plan.linear_expand_early and num_slots <= slot_group(num_slots, block_r),
         PDL=pdl, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(k_chunk, line)), ROUTE=route is not None, ROUTE_T=r.rows,
-        BLOCK_E=r.block_e, TOP_K=r.top_k, K_PAD=triton.next_power_of_2(r.top_k), RENORMALIZE=r.renormalize,
-        WEIGHT_FIRST=r.weight_first, NORM_K=min(triton.next_power_of_2(out_dim), max(16, 8192 // r.rows)),
+        BLOCK_E=r.block_e, TOP_K=rt.top_k, K_PAD=triton.next_power_of_2(rt.top_k), RENORMALIZE=rt.renormalize,
+        WEIGHT_FIRST=rt.weight_first, NORM_K=min(triton.next_power_of_2(out_dim), max(16, 8192 // r.rows)),
         ROUTE_LINES=triton.next_power_of_2(triton.cdiv(block_n, line)), ROUTE_DIM=out_dim,
         ROUTE_TILES=n_tiles if route is not None else 1,
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
@@ -600,16 +603,9 @@ def _launch(
     return r.weights, r.ids, r.h, r.s
 
 
-class _RouteBuffers(NamedTuple):
-    """The tensors and sizes of a launch's norm and router (placeholders without one, never read)."""
+class _RouteOutputs(NamedTuple):
+    """What a launch's norm and router write (placeholders without them, never written)."""
 
-    residual: torch.Tensor
-    norm_weight: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    weight_first: bool
-    top_k: int
-    renormalize: bool
     logits: torch.Tensor  # partials [tiles, rows, block_e] fp32
     squares: torch.Tensor  # partials [tiles, rows] fp32
     weights: torch.Tensor
@@ -620,18 +616,15 @@ class _RouteBuffers(NamedTuple):
     block_e: int
 
 
-def _route_buffers(x: torch.Tensor, out_dim: int, n_tiles: int, route: NormRouter | None) -> _RouteBuffers:
-    """A launch's norm and router: its outputs and partial sums allocated (x's rows; h and s [T, out])."""
+def _route_outputs(x: torch.Tensor, out_dim: int, n_tiles: int, route: NormRouter | None) -> _RouteOutputs:
+    """A launch's norm and router outputs allocated (x's rows; h and s [T, out]) and partial sums."""
     if route is None:
-        return _RouteBuffers(x, x, x, 0.0, False, 1, False, x, x, x, x, x, x, 1, 16)
-    num_tokens = x.shape[0]
-    num_experts = route.weight.shape[0]
-    rows, block_e = triton.next_power_of_2(num_tokens), max(16, triton.next_power_of_2(num_experts))
-    dev = x.device
+        return _RouteOutputs(x, x, x, x, x, x, 1, 16)
+    num_tokens, dev = x.shape[0], x.device
+    rows, block_e = triton.next_power_of_2(num_tokens), max(16, triton.next_power_of_2(route.weight.shape[0]))
     w_dtype = torch.float32 if route.fp32_weights else x.dtype
-    return _RouteBuffers(
-        route.residual, route.norm_weight, route.weight, route.eps, route.weight_first, route.top_k,
-        route.renormalize, torch.empty(n_tiles, rows, block_e, dtype=torch.float32, device=dev),
+    return _RouteOutputs(
+        torch.empty(n_tiles, rows, block_e, dtype=torch.float32, device=dev),
         torch.empty(n_tiles, rows, dtype=torch.float32, device=dev),
         torch.empty(num_tokens, route.top_k, dtype=w_dtype, device=dev),
         torch.empty(num_tokens, route.top_k, dtype=torch.int32, device=dev),

@@ -89,13 +89,20 @@ def _normed_step(x_ptr, r_ptr, nw_ptr, h_ptr, s_ptr, t, cols, mask, rstd, sx_t, 
     s = _row_sums(x_ptr, r_ptr, t, cols, mask, sx_t, sx_k, sr_t)
     out = t[:, None].to(tl.int64) * IN_DIM + cols[None, :]
     tl.store(s_ptr + out, s, mask=mask)
+    h = _normed(s, rstd, nw_ptr, cols, IN_DIM, WEIGHT_FIRST)
+    tl.store(h_ptr + out, h, mask=mask)
+    return h
+
+
+@triton.jit
+def _normed(s, rstd, nw_ptr, cols, IN_DIM: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
+    """RMSNorm of the sums s [T, cols] given their rows' scale rstd [T], in s's dtype, as `rms_norm`
+    computes it (the cast to s's dtype before the weight unless WEIGHT_FIRST)."""
     normed = s.to(tl.float32) * rstd[:, None]
     if not WEIGHT_FIRST:
         normed = normed.to(s.dtype).to(tl.float32)
     w = tl.load(nw_ptr + cols, mask=cols < IN_DIM, other=0.0).to(tl.float32)
-    h = (w[None, :] * normed).to(s.dtype)
-    tl.store(h_ptr + out, h, mask=mask)
-    return h
+    return (w[None, :] * normed).to(s.dtype)
 
 
 @triton.jit
@@ -210,11 +217,7 @@ def route_last(rp_ptr, rs_ptr, s_ptr, nw_ptr, h_ptr, w_ptr, ids_ptr, num_tokens,
         mask = t_ok[:, None] & (cols < IN_DIM)[None, :]
         out = t[:, None].to(tl.int64) * IN_DIM + cols[None, :]
         s = tl.load(s_ptr + out, mask=mask, other=0.0, cache_modifier=".cg")
-        normed = s.to(tl.float32) * rstd[:, None]
-        if not WEIGHT_FIRST:
-            normed = normed.to(s.dtype).to(tl.float32)
-        w = tl.load(nw_ptr + cols, mask=cols < IN_DIM, other=0.0).to(tl.float32)
-        tl.store(h_ptr + out, (w[None, :] * normed).to(s.dtype), mask=mask)
+        tl.store(h_ptr + out, _normed(s, rstd, nw_ptr, cols, IN_DIM, WEIGHT_FIRST), mask=mask)
 
 
 def route(
