@@ -275,7 +275,7 @@ def test_decode_gemv_a_step_ahead(case):
     from moelora.ops.triton.decode_common import ahead_mode
 
     for ahead, (fp8_group, steps) in itertools.product((False, True), ((0, 0), (16, 0), (16, 1024))):
-        tiles = dict(ahead=ahead, fp8_ahead=ahead, fp8_block_k=steps)
+        tiles = dict(ahead=ahead, fp8_ahead=ahead, fp8_block_k=steps, lora_ahead=False)
         gate_up = replace(TUNED.decode_tiles, **tiles)
         down = replace(TUNED.decode_down_tiles, **tiles)
         plan = KernelPlan(decode_pairs=32, decode_tiles=gate_up, decode_down_tiles=down)

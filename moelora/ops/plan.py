@@ -92,6 +92,7 @@ class DecodeTiles:
     block_k: int
     warps: int
     lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
+    lora_ahead_regs: int = 168  # and of that launch a step ahead (`lora_ahead`)
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
     # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
     # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05), gate/up + down: steps of 512 with
@@ -116,28 +117,37 @@ class DecodeTiles:
     # 126 -> 202 registers, the same 64 FMAs a step (a base row keeps its bits next to adapters). H100,
     # Qwen3-30B-A3B bf16 (2026-12-06, three calls, `--plan-variants`), ms a step p50 base: batch 1 3.80 ->
     # 3.70 and 3.80 -> 3.69 / 3.70; batch 16 15.61 -> 15.70 (noise). With LoRA (capped at `lora_regs`: 300
-    # bytes of spills) batch 1 took 4.85 against 4.24 ms, uncapped 4.31: so base launches only.
-    # (`decode_common.ahead_mode`; the down GEMV's tiles have it too, off there: not timed yet, 48 -> 64
-    # registers.)
+    # bytes of spills) batch 1 took 4.85 against 4.24 ms, uncapped 4.31 (see `lora_ahead` for what runs).
+    # The down GEMV's tiles too (48 -> 64 registers), on since 2026-12-06 (24th session, H100, two calls):
+    # batch 1 base 3.69 -> 3.64 and 3.71 -> 3.65 (with the gate/up capped at 168 registers, no change alone);
+    # in its launches with LoRA as well (`lora_ahead` of the down tiles): no change (4.23 both), so off.
+    # Capping the base gate/up at 168 registers (3 programs an SM, one wave of 384): 3.71, no change.
+    # (`decode_common.ahead_mode`.)
     ahead: bool = True
-    # The same for FP8 weights (steps in one scale group, or each group summed apart): not timed yet. ptxas:
-    # gate/up in the shipped steps of 1,024 columns 111 -> 255 registers and 944 bytes of spills; in steps
-    # of 512, 96 -> 222 and none (`decode_tiles.fp8_ahead=True,decode_tiles.fp8_block_k=512` to time).
+    # The same for FP8 weights (steps in one scale group, or each group summed apart). ptxas: gate/up in the
+    # shipped steps of 1,024 columns 111 -> 255 registers and 944 bytes of spills; in steps of 512, 96 -> 222
+    # and none. H100, Qwen3-30B-A3B FP8 (`-q fp8`), batch 1 (2026-12-06), ms a step base / 8 adapters: off
+    # 3.30 / 3.77; gate/up ahead in steps of 512 3.35 / 3.79; steps of 512 alone 3.28 / 3.79; the down ahead
+    # 3.27 / 3.77 (p90 3.70 base: noise). So off.
     fp8_ahead: bool = False
     # And in launches with LoRA (the gate/up's LoRA tiles then load after the loop, beside the wait for its
-    # shrink): not timed yet. ptxas, Qwen3's gate/up with LoRA: 229 registers uncapped (168 without it);
-    # under `lora_regs` 128 it spills 204 bytes, 160: 20, 200: none (time lora_regs 0, 160 and 200)
+    # shrink). ptxas, Qwen3's gate/up with LoRA: 229 registers uncapped (168 without it); under `lora_regs`
+    # 128 it spills 204 bytes, 160: 20, 168 and 200: none. H100, batch 1 with 8 adapters (2026-12-06, 24th
+    # session): capped at 168 4.25 -> 4.22, 4.23 -> 4.20 and (with the down ahead) 4.24 -> 4.21 ms; at 200
+    # 4.36 (2 programs an SM). On in the gate/up's tiles (`lora_ahead_regs`; FP8 launches keep their loop
+    # and its cap, `lora_regs`).
     lora_ahead: bool = False
 
 
 # The alignment-free path for a handful of (token, choice) pairs: one program per pair and output tile.
 # With LoRA the gate/up kernel needs 138 registers a thread (sm_90): 3 programs an SM instead of the base's
 # 4, so one Qwen3 token's 448 programs took two waves; capped at 128 it spills 32 bytes and fits one.
-_DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4)
+# A step ahead with LoRA (`lora_ahead`) is capped at 168: 3 programs an SM, no spills.
+_DECODE_TILES = DecodeTiles(block_n=16, block_k=256, warps=4, lora_ahead=True)
 # The down GEMV (with the weighted sum in it) apart: H200, Qwen3-30B-A3B, 4 layers of weights per graph
 # (2026-12-04): 16 x 128 took 12.5 / 12.9 us at 1 token (base / 8 adapters r16) against 14.6 / 14.4 for
 # the gate/up's 16 x 256, and 55.9 / 59.8 against 58.5 / 62.9 at 8 tokens; first of 10 variants.
-_DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4, ahead=False)
+_DECODE_DOWN_TILES = DecodeTiles(block_n=16, block_k=128, warps=4)
 # FP8 experts take the same tiles with K steps of `fp8_block_k` (a scale a row per group the step spans:
 # a step reading each column's scale took 65-111 us on the H200, 2026-12-04).
 

@@ -249,11 +249,13 @@ def decode_gate_up(
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
         sync = launch_counters(x.device, 3)
     programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
-    regs = {"maxnreg": tiles.lora_regs} if lora is not None and tiles.lora_regs else {}
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
     step_sum = sum_mode(tiles, scales.on)
+    ahead = ahead_mode(tiles, scales.on, scales.group, block_k, step_sum, lora is not None)
+    cap = (tiles.lora_ahead_regs if ahead else tiles.lora_regs) if lora is not None else 0
+    regs = {"maxnreg": cap} if cap else {}
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, slot if rank_of is None else rank_of,
@@ -266,7 +268,6 @@ def decode_gate_up(
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl,
-        AHEAD=ahead_mode(tiles, scales.on, scales.group, block_k, step_sum, lora is not None),
-        num_warps=tiles.warps, launch_pdl=pdl, **regs,
+        AHEAD=ahead, num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (hp if lora is not None else None)
