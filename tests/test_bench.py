@@ -17,6 +17,7 @@ import torch
 from moelora import LLM, ops
 from moelora.benchmark.args import LatencyArgs, WorkloadArgs
 from moelora.benchmark.latency import (
+    GRAPH_KERNELS,
     IDLE,
     DeviceEvent,
     Row,
@@ -26,6 +27,7 @@ from moelora.benchmark.latency import (
     kernel_table,
     per_decode_step,
     print_latency,
+    replay_steps,
     run_latency,
     split_steps,
     timeline_summary,
@@ -188,6 +190,36 @@ def test_chain_shares_add_up_to_the_span_with_and_without_overlap():
     lines = timeline_summary(trace).splitlines()
     assert lines[2].split() == ["3", "50", "40", "80%", "5.0", "-"]  # gaps between its kernels: 0 and 10
     assert lines[3].split() == ["2", "50", "50", "100%", "0.0", "0"]
+
+
+def test_replay_steps_take_whole_decode_steps_between_graph_replays():
+    """The decode steps of a profiled run: from the first graph replay (a launch of many kernels) to the
+    last one's start; eager prefill kernels before them and the last step's tail are left out, and the
+    sampling after a replay and the idle time before the next belong to its step."""
+
+    def replay(t0: float, correlation: int) -> list[DeviceEvent]:
+        return [DeviceEvent(t0 + i, t0 + i + 1, "layer", correlation) for i in range(GRAPH_KERNELS)]
+
+    prefill = [DeviceEvent(float(i), i + 0.5, "prefill_gemm", i) for i in range(20)]  # one launch each
+    steps = [*replay(100, 50), DeviceEvent(110, 112, "sample", 51), *replay(120, 52)]
+    steps += [DeviceEvent(130, 131, "sample", 53), *replay(140, 54), DeviceEvent(150, 152, "sample", 55)]
+    got = replay_steps(sorted(prefill + steps))
+    assert got is not None
+    window, count = got
+    assert count == 2 and {e.name for e in window} == {"layer", "sample"}
+    assert min(e.start for e in window) == 100 and max(e.end for e in window) == 140  # the end mark
+    shares = chain_shares(window)  # two steps of 20 us: the replay, its sampling, idle time before each
+    assert shares == {
+        "layer": 16.0,
+        "sample": 3.0,
+        f"{IDLE} before sample": 4.0,
+        f"{IDLE} before layer": 17.0,
+    }
+    assert replay_steps(prefill + replay(100, 50)) is None  # one replay: no whole step
+    row = Row(1, "base")
+    row.kernel_us, row.between_replays = {"layer": 8.0}, True
+    assert "from the first CUDA-graph replay to the last" in kernel_table([row])
+    assert "prefill-only run" in kernel_table([row, Row(1, "8 adapters", kernel_us={"layer": 9.0})])
 
 
 @pytest.mark.gpu

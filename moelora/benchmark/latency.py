@@ -77,6 +77,9 @@ class Row:
     kernel_us: dict[str, float] = field(default_factory=dict)  # --profile: each kernel's time a decode step
     # --profile on a GPU: each kernel's share of a decode step's wall time on the card (`chain_shares`)
     chain_us: dict[str, float] = field(default_factory=dict)
+    # --profile: the decode steps measured between CUDA-graph replays (`replay_steps`), not by subtracting
+    # a prefill-only run from the profiled one
+    between_replays: bool = False
 
     @property
     def label(self) -> str:
@@ -228,15 +231,24 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     if rest:
         table.append(line(f"{len(rest)} others", [sum(t.get(n, 0.0) for n in rest) for _, t in profiled]))
     table.append(line("all" if chain else "all kernels", [sum(t.values()) for _, t in profiled]))
+    replays = [r.between_replays for r in rows if (r.chain_us if chain else r.kernel_us)]
+    how = (
+        "the decode steps from the first CUDA-graph replay to the last"
+        if all(replays)
+        else "a profiled run's kernels less those of a prefill-only run of prompts as long, over its decode "
+        "steps"
+        if not any(replays)
+        else "between CUDA-graph replays where decode ran in graphs, else a profiled run less a prefill-only "
+        "run"
+    )
     title = (
-        "decode-step kernels (us a step: a profiled run's kernels less those of a prefill-only run of "
-        "prompts as long, over its decode steps; with PDL a kernel's time includes its wait on the one "
+        f"decode-step kernels (us a step: {how}; with PDL a kernel's time includes its wait on the one "
         "before: MOELORA_PDL=0 for each kernel's own)"
     )
     if chain:
         title = (
-            "each kernel's share of a decode step's wall time on the card (us a step, the same "
-            "subtraction; every instant goes to the running kernel that ends first, or to "
+            f"each kernel's share of a decode step's wall time on the card (us a step: {how}; every "
+            "instant goes to the running kernel that ends first, or to "
             f"{IDLE!r} before the kernel that starts next when none runs: with or without PDL these add up "
             "to the step, and no kernel's wait counts)"
         )
@@ -320,7 +332,17 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
     with profile(activities=activities) as prof:
         llm.generate(prompts, params, lora=loras)
     decode_steps = new_tokens - 1
-    if decode_steps:  # a prefill alone (fresh prompts of the same length: no cached prefix), to subtract
+    events = device_events(prof) if llm.device.type == "cuda" else []
+    replays = replay_steps(events)
+    if replays is not None:  # whole decode steps between graph replays: the prefill is not in them
+        window, steps = replays
+        kernels: dict[str, float] = {}
+        for e in window:
+            kernels[e.name] = kernels.get(e.name, 0.0) + (e.end - e.start) / steps
+        row.kernel_us = kernels
+        row.chain_us = {name: t / steps for name, t in chain_shares(window).items()}
+        row.between_replays = True
+    elif decode_steps:  # a prefill alone (fresh prompts of the same length: no cached prefix), to subtract
         first = SamplingParams(temperature=w.temperature, max_tokens=1, ignore_eos=True)
         with profile(activities=activities) as prefill_prof:
             llm.generate(session.prompts.make(row.batch), first, lora=loras)
@@ -341,13 +363,38 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         prof.export_chrome_trace(str(folder / f"{stem}.json"))
         # From the profiler's own events: the chrome trace torch 2.11 + CUDA 13 wrote on the H100
         # (2026-12-06) had every timestamp and duration 0.
-        events = device_events(prof)
         text += "\n" + timeline_summary(events)
-        if decode_steps:
+        if decode_steps and replays is None:
             prefill_shares = chain_shares(device_events(prefill_prof))
             row.chain_us = per_decode_step(chain_shares(events), prefill_shares, decode_steps)
     text += "\n" + host_profile(llm, prompts, params, loras)
     (folder / f"{stem}.txt").write_text(text)
+
+
+GRAPH_KERNELS = 8  # a launch that put at least this many kernels on the card: a CUDA-graph replay
+
+
+def replay_steps(events: list[DeviceEvent]) -> tuple[list[DeviceEvent], int] | None:
+    """The device events of whole decode steps in a profiled run (`device_events`), and how many steps:
+    from the first CUDA-graph replay's first kernel to the last replay's first kernel, so each step is a
+    replay, what ran after it (sampling, copies) and the card's idle time before the next. None with fewer
+    than two replays (decode run eagerly: `per_decode_step` then subtracts a prefill-only run). The
+    prefill, run eagerly before the first replay, is not in the window, where subtracting a second run's
+    prefill left its kernels and idle times in the tables whenever the two prefills differed (the 24th
+    session's profiles: a `(card idle)` row of 271 us a step in one column and none in the other)."""
+    kernels: dict[int, int] = {}
+    first: dict[int, DeviceEvent] = {}
+    for e in events:
+        kernels[e.correlation] = kernels.get(e.correlation, 0) + 1
+        if e.correlation not in first or e.start < first[e.correlation].start:
+            first[e.correlation] = e
+    starts = sorted(first[c] for c, n in kernels.items() if n >= GRAPH_KERNELS)
+    if len(starts) < 2:
+        return None
+    lo, last = starts[0].start, starts[-1]
+    # The last replay's first kernel as a mark of no length at the end: the idle time before it counts.
+    mark = DeviceEvent(last.start, last.start, last.name, last.correlation)
+    return [*(e for e in events if lo <= e.start < last.start), mark], len(starts) - 1
 
 
 def per_decode_step(run: dict[str, float], prefill: dict[str, float], steps: int) -> dict[str, float]:
