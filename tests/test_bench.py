@@ -21,6 +21,7 @@ from moelora.benchmark.latency import (
     IDLE,
     DeviceEvent,
     Row,
+    _grid,
     _on_device,
     chain_shares,
     device_events,
@@ -184,6 +185,12 @@ def test_chain_shares_add_up_to_the_span_with_and_without_overlap():
         for d, a in [(cuda, False), (cuda, True), (cpu, False)]
     ]
     assert [_on_device(e) for e in old] == [True, False, False]
+    # a kernel's grid from the profiler's metadata (what the trace's "grid" holds), on its table row
+    meta = '"queued": 0, "grid": [80, 1, 1], "block": [128, 1, 1]'
+    assert _grid(SimpleNamespace(metadata_json=lambda: meta)) == "80x1x1"
+    assert _grid(SimpleNamespace(metadata_json=lambda: "")) == "" and _grid(SimpleNamespace()) == ""
+    assert DeviceEvent(0, 1, "_linear_kernel", 7, "80x1x1").label == "_linear_kernel (80x1x1)"
+    assert DeviceEvent(0, 1, "x" * 60, 7, "1x4x32").label == "x" * 45 + "... (1x4x32)"
     assert _on_device(SimpleNamespace(activity_type=lambda: "gpu_memset"))
     assert not _on_device(SimpleNamespace(activity_type=lambda: "gpu_user_annotation"))
     # per launch (correlation 1 and 3: two graph replays; the copy is its own launch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -338,7 +339,7 @@ def profile_row(session: Session, row: Row, mix: Mix, folder: Path) -> None:
         window, steps = replays
         kernels: dict[str, float] = {}
         for e in window:
-            kernels[e.name] = kernels.get(e.name, 0.0) + (e.end - e.start) / steps
+            kernels[e.label] = kernels.get(e.label, 0.0) + (e.end - e.start) / steps
         row.kernel_us = kernels
         row.chain_us = {name: t / steps for name, t in chain_shares(window).items()}
         row.between_replays = True
@@ -393,7 +394,7 @@ def replay_steps(events: list[DeviceEvent]) -> tuple[list[DeviceEvent], int] | N
         return None
     lo, last = starts[0].start, starts[-1]
     # The last replay's first kernel as a mark of no length at the end: the idle time before it counts.
-    mark = DeviceEvent(last.start, last.start, last.name, last.correlation)
+    mark = last._replace(end=last.start)
     return [*(e for e in events if lo <= e.start < last.start), mark], len(starts) - 1
 
 
@@ -415,6 +416,16 @@ class DeviceEvent(NamedTuple):
     end: float
     name: str
     correlation: int
+    grid: str = ""  # a kernel's grid, "80x1x1", where the profiler gives it
+
+    @property
+    def label(self) -> str:
+        """Its name in the tables: with its grid where known, so that one kernel launched at several sizes
+        (the linear layer's q/k/v and o, say) shows as several rows."""
+        if not self.grid:
+            return self.name
+        name = self.name if len(self.name) <= 48 else self.name[:45] + "..."
+        return f"{name} ({self.grid})"
 
 
 def device_events(prof: Any) -> list[DeviceEvent]:
@@ -424,8 +435,17 @@ def device_events(prof: Any) -> list[DeviceEvent]:
     for e in prof.profiler.kineto_results.events():
         if _on_device(e):
             start = e.start_ns() / 1e3
-            out.append(DeviceEvent(start, start + e.duration_ns() / 1e3, e.name(), e.correlation_id()))
+            end = start + e.duration_ns() / 1e3
+            out.append(DeviceEvent(start, end, e.name(), e.correlation_id(), _grid(e)))
     return sorted(out)
+
+
+def _grid(event: Any) -> str:
+    """A profiler event's kernel grid as "AxBxC", from the metadata the trace's "grid" comes from ("" where
+    it has none: a copy, or a torch without the accessor)."""
+    meta = getattr(event, "metadata_json", None)
+    found = re.search(r'"grid":\s*\[\s*(\d+),\s*(\d+),\s*(\d+)\s*\]', meta() if meta is not None else "")
+    return "x".join(found.groups()) if found else ""
 
 
 def _on_device(event: Any) -> bool:
@@ -454,11 +474,11 @@ def chain_shares(events: list[DeviceEvent]) -> dict[str, float]:
     i = 0
     for a, b in itertools.pairwise(times):
         while i < len(device) and device[i].start <= a:
-            heapq.heappush(running, (device[i].end, i, device[i].name))
+            heapq.heappush(running, (device[i].end, i, device[i].label))
             i += 1
         while running and running[0][0] <= a:
             heapq.heappop(running)
-        name = running[0][2] if running else f"{IDLE} before {device[i].name}"
+        name = running[0][2] if running else f"{IDLE} before {device[i].label}"
         shares[name] = shares.get(name, 0.0) + (b - a)
     return shares
 
