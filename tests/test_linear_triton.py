@@ -135,6 +135,13 @@ def test_one_token_folds_its_shrink_into_the_gemv(dtype, programs_per_sm):
             assert (got.float() - base.float()).abs().max() > 10 * TOL[dtype], f"slot {s}: no delta"
 
 
+def test_linear_takes_up_to_64_tokens_where_the_plan_says():
+    """`linear_tokens` past 16: 40 tokens in one 64-row block, every slot kind among them."""
+    plan = replace(SMALL, linear_tokens=64)
+    check_linear(40, 80, (32, 16, 16), 8, torch.float32, False, plan, seed=7)
+    assert not triton_linear.fits(torch.empty(65, 80), 24, (32, 16, 16), plan)
+
+
 def test_linear_in_one_split():
     """The shipped tiles on a small layer: one input split, no partial sums."""
     check_linear(2, 96, (64, 32), 8, torch.float32, True, TUNED, seed=3)
@@ -541,8 +548,12 @@ def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
     [(2048, (4096, 512, 512), False), (4096, (2048,), True), (2048, (128,), False)],
 )
 def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: bool):
-    """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles."""
+    """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles; 64 tokens where the plan
+    takes that many (`linear_tokens=64`, untimed)."""
     check_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, bias, TUNED, seed=num_tokens)
+    if num_tokens == 16:
+        plan = replace(TUNED, linear_tokens=64)
+        check_linear(64, in_dim, sizes, 16, torch.bfloat16, bias, plan, seed=64)
 
 
 @pytest.mark.gpu
