@@ -200,6 +200,9 @@ def moe_cases() -> Iterator[Case]:
     yield align._count_kernel, dict(HAS_SLOT=True, BLOCK=1024), 4
     yield align._prefix_kernel, dict(E_PAD=128, C_PAD=32, BUSY_PAD=2048), 4
     yield align._scatter_kernel, dict(BLOCK=1024, BLOCKS=64, BLOCK_M=16, E_PAD=128), 4
+    # all four in one program (`align_one_launch`): Qwen3's 128 experts, 8 slots, 64 tokens of top 8
+    one = dict(HAS_SLOT=True, BLOCK=512, BLOCKS=64, BLOCK_M=16, E_PAD=128, C_PAD=16, BUSY_PAD=512)
+    yield align._align_one_kernel, one, 4
     for has_bias in (False, True):
         yield moe_sum._sum_kernel, dict(TOP_K=8, BLOCK_N=1024, HAS_BIAS=has_bias), 4
     for top_k, experts in ((8, 128), (2, 8)):

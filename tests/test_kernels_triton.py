@@ -84,11 +84,18 @@ def canonical(sorted_pairs: torch.Tensor, block_expert: torch.Tensor, cls: torch
     ("num_tokens", "k", "e_loc", "num_slots", "block_m"),
     [(1, 2, 4, 3, 16), (7, 3, 5, 0, 16), (45, 4, 6, 4, 16), (300, 2, 3, 2, 64), (200, 8, 100, 16, 16)],
 )
-def test_align_matches_twin(num_tokens: int, k: int, e_loc: int, num_slots: int, block_m: int):
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_align_matches_twin(
+    num_tokens: int, k: int, e_loc: int, num_slots: int, block_m: int, one_launch: bool
+):
+    """The alignment against the twin; `one_launch`: in one program where the case has at most 1,024 pairs
+    (`KernelPlan.align_one_launch`; the last case has more and keeps the four launches), its buckets, busy
+    list and blocks equal to the four launches'."""
     g = torch.Generator().manual_seed(num_tokens * 31 + k)
     ids = expert_ids(g, num_tokens, k, e_loc, empty=1)
     slot = slots(g, num_tokens, num_slots) if num_slots else None
-    got = triton_align.moe_align(ids, slot, e_loc, num_slots, block_m)
+    plan = KernelPlan(align_one_launch=one_launch)
+    got = triton_align.moe_align(ids, slot, e_loc, num_slots, block_m, plan)
     ref = torch_align.moe_align(ids.cpu(), None if slot is None else slot.cpu(), e_loc, num_slots, block_m)
     assert torch.equal(got[1].cpu(), ref[1])
     cls = [num_slots] * (num_tokens * k)
@@ -101,10 +108,14 @@ def test_align_matches_twin(num_tokens: int, k: int, e_loc: int, num_slots: int,
     valid = ((ids >= 0) & (ids < e_loc)).sum().item()
     assert (ref[0] < num_tokens * k).sum().item() == valid
     # The busy list: each bucket of a slot that holds pairs, in bucket order, then -1.
-    _, _, _, count, busy = triton_align.moe_align_buckets(ids, slot, e_loc, num_slots, block_m)
+    _, blocks, start, count, busy = triton_align.moe_align_buckets(ids, slot, e_loc, num_slots, block_m, plan)
     classes = torch.arange(count.numel()) % (num_slots + 1)
     want = ((count.cpu() > 0) & (classes < num_slots)).nonzero().squeeze(1).tolist()
     assert busy.cpu().tolist() == want + [-1] * (busy.numel() - len(want))
+    if one_launch:
+        four = triton_align.moe_align_buckets(ids, slot, e_loc, num_slots, block_m, KernelPlan())
+        for mine, theirs in zip((blocks, start, count, busy), four[1:], strict=True):
+            assert torch.equal(mine, theirs)
 
 
 def moe_weights(g: torch.Generator, e_loc: int, hidden: int, inter: int, dtype: torch.dtype):

@@ -326,6 +326,12 @@ class KernelPlan:
     fp8_linear_scale_dots: bool = False
     delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
     decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
+    # The aligned path's token alignment in one launch of one program (zero the bucket counts, count,
+    # prefix sums, scatter, with a barrier between them) where a step has at most 1,024 (token, choice)
+    # pairs, instead of four launches (`align.moe_align_buckets`). Off until the card has run it: its
+    # phases pass counts through L2 inside one program (interpreter tests only); then time it at batch 16
+    # and 64 (`align_one_launch=True`).
+    align_one_launch: bool = False
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
     down_expand_apart: bool | None = None  # the down LoRA expand in its own launch (not the down GEMM)

@@ -53,7 +53,7 @@ def fused_moe(
         return decode_moe(x, w_gate_up, w_down, local_ids, weights, None, plan, extras)
     w8a8 = fp8_activations(num_tokens * top_k, num_experts, _group(extras), x.dtype, plan)
     tiles = moe_tiles(num_tokens * top_k, num_experts, 0, plan, w8a8)
-    sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m)
+    sorted_pairs, block_expert = moe_align(local_ids, None, num_experts, 0, tiles.block_m, plan)
     rows = (sorted_pairs, block_expert)
     h, _ = moe_gate_up(x, w_gate_up, *rows, top_k, tiles, None, plan=plan, extras=extras, w8a8=w8a8)
     d = moe_down(h, w_down, *rows, num_tokens, top_k, tiles, None, plan, extras, w8a8)
@@ -88,7 +88,7 @@ def fused_moe_lora(
     w8a8 = fp8_activations(num_pairs, num_experts, _group(extras), x.dtype, plan)
     tiles = moe_tiles(num_pairs, num_experts, num_slots, plan, w8a8)
     sorted_pairs, block_expert, start, count, busy = moe_align_buckets(
-        local_ids, slot, num_experts, num_slots, tiles.block_m
+        local_ids, slot, num_experts, num_slots, tiles.block_m, plan
     )
     rows = (sorted_pairs, block_expert)
     step = shrink_rows(num_pairs, num_experts, num_slots, plan)
