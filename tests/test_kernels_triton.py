@@ -265,7 +265,8 @@ def path(request) -> KernelPlan:
     down GEMM (persistent without LoRA: 3 programs over all tiles; 32-column K steps, so I is not a whole
     number of them), and the alignment-free decode GEMVs up to 32 (token, choice) pairs, what the shipped
     rule sends them for up to 256 experts (`use_decode_path`); cases with more take the aligned path
-    there (in the interpreter the 111 and 280 pairs of cases 1 and 3 on the decode GEMVs took 30 s a test)."""
+    there (in the interpreter the 111 and 280 pairs of cases 1 and 3 on the decode GEMVs took 30 s a test).
+    The split path aligns its pairs in one program where they are few (`align_one_launch`)."""
     decode = request.param == "decode"
     plan = KernelPlan(decode_pairs=32 if decode else 0, down_shrink_in_gate_up=False)
     if request.param == "persistent":
@@ -274,6 +275,7 @@ def path(request) -> KernelPlan:
         plan = replace(
             plan, shrink_splits=3, down_shrink_in_gate_up=True, down_expand_apart=False, shrink_k=16
         )
+        plan = replace(plan, align_one_launch=True)  # and the alignment in one program (<= 1,024 pairs)
     return plan
 
 
