@@ -91,8 +91,13 @@ class DecodeTiles:
     block_n: int
     block_k: int
     warps: int
-    lora_regs: int = 128  # register cap of the gate/up launch with LoRA (0: none)
+    lora_regs: int = 128  # register cap of the gate/up launch with LoRA in the plain loop (0: none)
     lora_ahead_regs: int = 168  # and of that launch a step ahead (`lora_ahead`)
+    # Input columns a shrink program of the gate/up launch with LoRA sums (the pair's input in
+    # hidden / shrink_chunk parts). Qwen3 at batch 1: 8 pairs x 8 parts = 64 shrink programs beside 384 GEMV
+    # ones, 448 for the 396 places of 3 programs an SM (`lora_ahead_regs`); 2,048 gives 392, one wave. Not
+    # timed yet (`decode_tiles.shrink_chunk=2048`).
+    shrink_chunk: int = 256
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
     # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
     # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05), gate/up + down: steps of 512 with

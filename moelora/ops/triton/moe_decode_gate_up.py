@@ -42,7 +42,6 @@ from moelora.ops.triton.decode_common import (
 )
 from moelora.ops.triton.tiles import DecodeTiles
 
-_SHRINK_CHUNK = 256  # input columns per shrink program
 _SHRINK_K = 64  # input columns per step of a shrink program
 
 # The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done.
@@ -243,7 +242,7 @@ def decode_gate_up(
     else:
         slot, a, b, a_dn, rank_of = lora
         num_slots, rank = a.shape[0], a.shape[3]
-        chunk = triton.cdiv(min(_SHRINK_CHUNK, hidden), shrink_k) * shrink_k  # whole steps per program
+        chunk = triton.cdiv(min(tiles.shrink_chunk, hidden), shrink_k) * shrink_k  # whole steps per program
         splits = triton.cdiv(hidden, chunk)
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
