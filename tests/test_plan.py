@@ -38,7 +38,7 @@ def test_overrides_reach_nested_fields_and_leave_the_rest():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("nope=1", "KernelPlan has no field 'nope'; it has attn_decode_tiles"),
+        ("nope=1", "KernelPlan has no field 'nope'; it has align_one_launch, attn_decode_tiles"),
         ("linear_tiles.x=1", "LinearTiles has no field 'x'"),
         ("decode_pairs", "expected path=value"),
         ("expand_16bit=abc", "'abc' is not a Python literal"),
