@@ -16,21 +16,17 @@ import torch
 
 from moelora import LLM, ops
 from moelora.benchmark.args import LatencyArgs, WorkloadArgs
-from moelora.benchmark.latency import (
+from moelora.benchmark.latency import Row, kernel_table, print_latency, run_latency, split_steps
+from moelora.benchmark.profile import (
     GRAPH_KERNELS,
     IDLE,
     DeviceEvent,
-    Row,
     _grid,
     _on_device,
     chain_shares,
     device_events,
-    kernel_table,
     per_decode_step,
-    print_latency,
     replay_steps,
-    run_latency,
-    split_steps,
     timeline_summary,
 )
 from moelora.benchmark.session import open_session
