@@ -294,6 +294,11 @@ class KernelPlan:
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.
     # H100, Qwen3-30B-A3B bf16, batch 1, one process (2026-12-06, `--plan-variants`), ms a step base / 8
     # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70
+    # At most this many tokens take the one-launch router (`router.router`, and with the norm before it
+    # `router.add_norm_router`): a block of 16 token rows per grid row, each block's last input split taking
+    # its top-k; more tokens run `rms_norm`, cuBLAS and `route` (three launches). Past 16 not timed yet
+    # (`router_tokens=64`).
+    router_tokens: int = 16
     router_k_chunk: int = 64
     router_warps: int = 4
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch
