@@ -20,6 +20,7 @@ from moelora.benchmark.latency import Row, kernel_table, print_latency, run_late
 from moelora.benchmark.profile import (
     GRAPH_KERNELS,
     IDLE,
+    DecodeProfile,
     DeviceEvent,
     _grid,
     _on_device,
@@ -134,8 +135,8 @@ def test_profile_tables_each_kernel_a_decode_step_side_by_side():
     prefill = {"prefill_gemm": 40.0, "gemv": 0.0, "norm": 1.0}
     assert per_decode_step(run, prefill, 7) == {"gemv": 10.0, "norm": 6.0 / 7}
     base, mixed = Row(1, "base"), Row(1, "8 adapters", "rotary_in_decode=False")
-    base.kernel_us = {"gemv": 10.0, "norm": 2.0, "router": 1.0}
-    mixed.kernel_us = {"gemv": 12.5, "lora_shrink": 3.0, "norm": 2.0}
+    base.profile.kernel_us = {"gemv": 10.0, "norm": 2.0, "router": 1.0}
+    mixed.profile.kernel_us = {"gemv": 12.5, "lora_shrink": 3.0, "norm": 2.0}
     text = kernel_table([base, mixed], top=2)
     lines = text.splitlines()
     assert (
@@ -166,8 +167,8 @@ def test_chain_shares_add_up_to_the_span_with_and_without_overlap():
     assert shares == {idle: 10.0, "qkv": 50.0, "attn": 27.0, "Memcpy HtoD": 3.0, "o_proj": 10.0}
     assert sum(shares.values()) == 100.0
     base, mixed = Row(1, "base"), Row(1, "8 adapters")
-    base.kernel_us, mixed.kernel_us = {"qkv": 1.0}, {"qkv": 1.0}
-    base.chain_us, mixed.chain_us = {"qkv": 4.0, IDLE: 1.0}, {"qkv": 5.0, IDLE: 1.5}
+    base.profile = DecodeProfile({"qkv": 1.0}, {"qkv": 4.0, IDLE: 1.0})
+    mixed.profile = DecodeProfile({"qkv": 1.0}, {"qkv": 5.0, IDLE: 1.5})
     text = kernel_table([base, mixed], chain=True)
     assert text.startswith("each kernel's share of a decode step's wall time")
     assert "| qkv | 4.00 | 5.00 | 1.00 |" in text and "| all | 5.00 | 6.50 | 1.50 |" in text
@@ -220,9 +221,11 @@ def test_replay_steps_take_whole_decode_steps_between_graph_replays():
     }
     assert replay_steps(prefill + replay(100, 50)) is None  # one replay: no whole step
     row = Row(1, "base")
-    row.kernel_us, row.between_replays = {"layer": 8.0}, True
+    row.profile = DecodeProfile({"layer": 8.0}, between_replays=True)
     assert "from the first CUDA-graph replay to the last" in kernel_table([row])
-    assert "prefill-only run" in kernel_table([row, Row(1, "8 adapters", kernel_us={"layer": 9.0})])
+    assert "prefill-only run" in kernel_table(
+        [row, Row(1, "8 adapters", profile=DecodeProfile({"layer": 9.0}))]
+    )
 
 
 @pytest.mark.gpu

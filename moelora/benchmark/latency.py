@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from moelora.benchmark.args import LatencyArgs
 from moelora.benchmark.floors import prefill_flops
-from moelora.benchmark.profile import IDLE, profile_decode
+from moelora.benchmark.profile import IDLE, DecodeProfile, profile_decode
 from moelora.benchmark.report import fmt, percentile, print_table, table_text
 from moelora.benchmark.session import Session
 from moelora.benchmark.workload import Mix
@@ -73,12 +73,7 @@ class Row:
     iterations: list[Iteration] = field(default_factory=list)
     floor_ms: float = 0.0
     prefill_gflop: float = 0.0
-    kernel_us: dict[str, float] = field(default_factory=dict)  # --profile: each kernel's time a decode step
-    # --profile on a GPU: each kernel's share of a decode step's wall time on the card (`chain_shares`)
-    chain_us: dict[str, float] = field(default_factory=dict)
-    # --profile: the decode steps measured between CUDA-graph replays (`replay_steps`), not by subtracting
-    # a prefill-only run from the profiled one
-    between_replays: bool = False
+    profile: DecodeProfile = field(default_factory=DecodeProfile)  # --profile: its decode steps' kernels
 
     @property
     def label(self) -> str:
@@ -131,8 +126,8 @@ class Row:
             "decode_seqs_p50": self.running,
             "generated_tokens": sum(it.generated for it in self.iterations),
             "preemptions": sum(it.preemptions for it in self.iterations),
-            "decode_kernel_us": self.kernel_us,
-            "decode_chain_us": self.chain_us,
+            "decode_kernel_us": self.profile.kernel_us,
+            "decode_chain_us": self.profile.chain_us,
             "iterations": [asdict(it) for it in self.iterations],
         }
 
@@ -159,9 +154,9 @@ def run_latency(session: Session, args: LatencyArgs) -> list[Row]:
                 _run_row(session, args, row, bar, round_)
     if args.plan_variants:
         engine.use_plan("")  # the plan the process started with, for whatever runs next
-    if args.profile and any(r.kernel_us for r in rows):
+    if args.profile and any(r.profile.kernel_us for r in rows):
         table = kernel_table(rows)
-        if any(r.chain_us for r in rows):
+        if any(r.profile.chain_us for r in rows):
             table += "\n" + kernel_table(rows, chain=True)
         (Path(args.profile) / "decode_kernels.md").write_text(table)
         print(table)
@@ -207,20 +202,19 @@ def _run_row(session: Session, args: LatencyArgs, row: Row, bar: Any, round_: in
     if args.profile:
         name = f"{row.mix}_{row.plan}" if row.plan else row.mix
         stem = f"profile_b{row.batch}_{''.join(c if c.isalnum() else '_' for c in name)}"
-        p = profile_decode(session, row.batch, mix, Path(args.profile), stem)
-        row.kernel_us, row.chain_us, row.between_replays = p.kernel_us, p.chain_us, p.between_replays
+        row.profile = profile_decode(session, row.batch, mix, Path(args.profile), stem)
 
 
 def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     """The profiled rows' kernels side by side, us a decode step (`--profile`), the largest first; with
     several rows a last column: the last row's time less the first's (base against adapters, say).
-    `chain`: each kernel's share of the step's wall time (`Row.chain_us`) instead of its own time."""
-    profiled = [(r.label, t) for r in rows if (t := r.chain_us if chain else r.kernel_us)]
+    `chain`: each kernel's share of the step's wall time (`DecodeProfile.chain_us`), not its own time."""
+    profiled = [(r, t) for r in rows if (t := r.profile.chain_us if chain else r.profile.kernel_us)]
     names = sorted(
         {n for _, t in profiled for n in t}, key=lambda n: -max(t.get(n, 0.0) for _, t in profiled)
     )
     diff = len(profiled) > 1
-    header = ["kernel", *(label for label, _ in profiled), *(["last - first"] if diff else [])]
+    header = ["kernel", *(r.label for r, _ in profiled), *(["last - first"] if diff else [])]
 
     def line(name: str, values: list[float]) -> list[str]:
         return [name, *(fmt(v) for v in values), *([fmt(values[-1] - values[0])] if diff else [])]
@@ -233,16 +227,13 @@ def kernel_table(rows: list[Row], top: int = 30, chain: bool = False) -> str:
     if rest:
         table.append(line(f"{len(rest)} others", [sum(t.get(n, 0.0) for n in rest) for _, t in profiled]))
     table.append(line("all" if chain else "all kernels", [sum(t.values()) for _, t in profiled]))
-    replays = [r.between_replays for r in rows if (r.chain_us if chain else r.kernel_us)]
-    how = (
-        "the decode steps from the first CUDA-graph replay to the last"
-        if all(replays)
-        else "a profiled run's kernels less those of a prefill-only run of prompts as long, over its decode "
-        "steps"
-        if not any(replays)
-        else "between CUDA-graph replays where decode ran in graphs, else a profiled run less a prefill-only "
-        "run"
-    )
+    replays = [r.profile.between_replays for r, _ in profiled]
+    if all(replays):
+        how = "the decode steps from the first CUDA-graph replay to the last"
+    elif not any(replays):
+        how = "a profiled run's kernels less a prefill-only run's of prompts as long, over its decode steps"
+    else:
+        how = "between graph replays where decode ran in graphs, else a profiled run less a prefill-only run"
     title = (
         f"decode-step kernels (us a step: {how}; with PDL a kernel's time includes its wait on the one "
         "before: MOELORA_PDL=0 for each kernel's own)"
