@@ -55,10 +55,10 @@ def test_moe_base_rows_bit_for_bit(num_tokens: int):
         assert not torch.equal(mixed[~base_rows], base[~base_rows])  # the adapters did something
 
 
-@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 512])
+@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 65, 512])
 def test_linear_base_rows_bit_for_bit(num_tokens: int):
-    """Qwen3-30B-A3B's q/k/v (stacked, three parts): the one-launch kernel up to 16 tokens, cuBLAS and
-    the dense LoRA kernels above."""
+    """Qwen3-30B-A3B's q/k/v (stacked, three parts): the one-launch kernel up to `linear_tokens` (64),
+    cuBLAS and the dense LoRA kernels above."""
     g = torch.Generator().manual_seed(100 + num_tokens)
     h, sizes, s, r = 2048, (4096, 512, 512), 3, 16
     x, w = rand(g, num_tokens, h), rand(g, sum(sizes), h, scale=h**-0.5)

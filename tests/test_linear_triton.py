@@ -31,8 +31,10 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 # Tiny tiles, so that the interpreter's small shapes still split the input (5 splits of 16 columns for
 # in = 80) and the shrink (3 chunks of 32) and cut the output into several column tiles.
 # an FP8 weight takes the same small tiles unless a test gives it its own
-SMALL = KernelPlan(
-    linear_tiles=LinearTiles(16, 16, 4, 2, programs_per_sm=64, shrink_chunk=32), fp8_linear_tiles=None
+SMALL = KernelPlan(  # (the one launch up to 16 tokens: the cases below cross that line at 17)
+    linear_tiles=LinearTiles(16, 16, 4, 2, programs_per_sm=64, shrink_chunk=32),
+    fp8_linear_tiles=None,
+    linear_tokens=16,
 )
 
 
@@ -542,18 +544,15 @@ def test_fp8_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...]):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 4, 16])
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 64])
 @pytest.mark.parametrize(
     ("in_dim", "sizes", "bias"),
     [(2048, (4096, 512, 512), False), (4096, (2048,), True), (2048, (128,), False)],
 )
 def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: bool):
-    """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles; 64 tokens where the plan
-    takes that many (`linear_tokens=64`, untimed)."""
+    """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles (64 tokens: one 64-row
+    block, `linear_tokens`)."""
     check_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, bias, TUNED, seed=num_tokens)
-    if num_tokens == 16:
-        plan = replace(TUNED, linear_tokens=64)
-        check_linear(64, in_dim, sizes, 16, torch.bfloat16, bias, plan, seed=64)
 
 
 @pytest.mark.gpu
@@ -563,10 +562,15 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
 )
 def test_norm_shrink_gpu(num_tokens: int, weight_first: bool, group: int):
     """Qwen3-30B-A3B's input norm with q/k/v's shrink (2,048 columns, 3 parts of rank 16) in bf16 with the
-    shipped plan: the plain norm's bits, then q/k/v given the shrink (64 tokens: cuBLAS and the dense
-    LoRA's expand; group 128: an FP8 weight in its one launch)."""
+    shipped plan: the plain norm's bits, then q/k/v given the shrink (64 tokens: the one 64-row launch, and
+    with the one launch cut at 16 tokens cuBLAS and the dense LoRA's expand; group 128: an FP8 weight in its
+    one launch)."""
     assert check_norm_shrink(num_tokens, 2048, (4096, 512, 512), 16, torch.bfloat16, weight_first, TUNED,
                              num_tokens, group) == 256  # fmt: skip
+    if num_tokens == 64 and not group:
+        plan = replace(TUNED, linear_tokens=16)
+        sizes = (4096, 512, 512)
+        assert check_norm_shrink(64, 2048, sizes, 16, torch.bfloat16, weight_first, plan, 65) == 256
 
 
 @pytest.mark.gpu

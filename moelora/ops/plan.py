@@ -255,7 +255,11 @@ class KernelPlan:
     # shrink folded / apart: o (4 splits of 8 steps) 13.5 / 15.9, router (16 of 1) 4.5 / 8.7, but q/k/v
     # (1 split of 16 steps) 27.2 / 17.9.
     linear_fold_steps: int = 8
-    linear_tokens: int = 16  # at most this many tokens take it; more run cuBLAS plus the LoRA kernels
+    # At most this many tokens take the one launch; more run cuBLAS plus the LoRA kernels. H100,
+    # Qwen3-30B-A3B bf16, batch 64, one process (2026-12-06, 25th session, `--plan-variants`), ms a step p50
+    # base / 8 adapters r16: 64 tokens 22.82 / 26.16 against 16 tokens 22.84 / 26.38 (the dense LoRA's
+    # shrink and expand launches go). Batches 17-63 not timed.
+    linear_tokens: int = 64
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
     # launch before it (`norm.add_norm_shrink`), for at most this many tokens (0: never): one program per

@@ -358,8 +358,9 @@ def _column_tile(sizes: tuple[int, ...], tiles: LinearTiles) -> int:
 def fits(
     x: torch.Tensor, lora_lanes: int, sizes: tuple[int, ...], plan: KernelPlan = TUNED, fp8: bool = False
 ) -> bool:
-    """Whether `linear` runs this layer in one launch: few enough tokens (more with an `fp8` weight),
-    stacked rank lanes and parts, and a column tile that no part boundary cuts."""
+    """Whether `linear` runs this layer in one launch: few enough tokens (`linear_tokens`, with an `fp8`
+    weight `fp8_linear_tokens`), stacked rank lanes and parts, and a column tile that no part boundary
+    cuts."""
     return (
         x.shape[0] <= (plan.fp8_linear_tokens if fp8 else plan.linear_tokens)
         and lora_lanes <= _MAX_LANES
