@@ -63,7 +63,7 @@ INT_PTRS |= {"route_count_ptr", "rid_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
 FP32_PTRS |= {"xs_ptr", "hs_ptr", "oxa_ptr", "rp_ptr", "rs_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
-FLOATS = {"qk_scale", "eps", "scaling"}
+FLOATS = {"qk_scale", "eps", "scaling", "in_eps"}
 # Run-time strides that are 1 on the GPU (the contiguous dimension of x, the weights, the LoRA A and B, the
 # outputs): Triton's launcher specializes an int equal to 1 as a constant, and pointers as 16-byte aligned;
 # without both, loads compile unvectorized and unpipelined, and registers, spills and shared memory are
@@ -73,6 +73,7 @@ ONES = {"sx_k", "sw_k", "sa_k", "sd_k", "sb_r", "swr_k", "sy_n", "soa_k"}
 # and B): a hint of 16 as it gives them (other ints, such as the router's top-k stride, are left unhinted)
 DIV16 = {"sx_t", "sw_e", "sw_n", "sa_s", "sa_e", "sa_h", "sa_r", "sb_s", "sb_e", "sb_h", "sb_n", "sd_s"}
 DIV16 |= {"sd_e", "sd_r", "sy_t", "swr_e", "sa_l"}  # sa_l: a stacked A's lane rows (the linear layer's)
+DIV16 |= {"s_in_t"}  # the rows of the residual the linear layer's input norm adds
 Case = tuple[Callable, dict, int] | tuple[Callable, dict, int, int]  # kernel, constexprs, warps[, stages]
 
 
@@ -301,7 +302,14 @@ def linear_cases() -> Iterator[Case]:
         case |= dict(PRECISION="tf32", LINE=line, LINES=triton.next_power_of_2(-(-case["K_CHUNK"] // line)))
         case |= dict(EARLY=False, ROUTE=False, ROUTE_T=1, BLOCK_E=16, TOP_K=1, K_PAD=1, RENORMALIZE=False)
         case |= dict(WEIGHT_FIRST=False, NORM_K=16, ROUTE_LINES=1, ROUTE_DIM=1, ROUTE_TILES=1)
+        case |= dict(NORM=False, NORM_RES=False, NORM_WF=False, NORM_CHUNK=2048)
         yield linear._linear_kernel, case | dict(FOLD=False, XA_READY=False), tiles.warps, tiles.stages
+        if parts == 3 and block_m == 16:  # q/k/v with the input norm and its residual add in the launch
+            norm = dict(NORM=True, NORM_RES=True, FOLD=False)
+            yield linear._linear_kernel, case | norm | dict(XA_READY=False), tiles.warps, tiles.stages
+            if has_lora:  # given the shrink by `norm.norm_shrink`
+                ready = case | norm | dict(XA_READY=True, SHRINKS=0, EARLY=True)
+                yield linear._linear_kernel, ready, tiles.warps, tiles.stages
         for rows in (1, 16) if parts == 1 and block_m == 16 else ():
             # o, then the norm and Qwen3's router (128 experts, top 8) in its launch, for 1 and 16 tokens
             route = dict(ROUTE=True, ROUTE_T=rows, BLOCK_E=128, TOP_K=8, K_PAD=8, RENORMALIZE=True)
@@ -400,8 +408,11 @@ def attention_and_small_op_cases() -> Iterator[Case]:
         yield norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, WEIGHT_FIRST=weight_first, BLOCK_N=2048), 4
         # q/k/v's LoRA shrink in the input norm's launch: 3 parts of rank 16, or 256 lanes
         for block_l, chunk in ((64, 256), (256, 64)):
-            shrink = dict(WEIGHT_FIRST=weight_first, BLOCK_N=2048, CHUNK=chunk, BLOCK_L=block_l)
-            yield norm._add_norm_shrink_kernel, shrink, 8
+            for store in (True, False):  # `add_norm_shrink`, `norm_shrink`
+                shrink = dict(
+                    WEIGHT_FIRST=weight_first, BLOCK_N=2048, CHUNK=chunk, BLOCK_L=block_l, STORE=store
+                )
+                yield norm._add_norm_shrink_kernel, shrink, 8
     yield norm._gated_rms_norm_kernel, dict(ROUND=True, BLOCK_N=128), 1
     yield activation._silu_mul_kernel, dict(BLOCK=1024), 4
     yield activation._add_gated_kernel, dict(BLOCK=1024), 4

@@ -922,7 +922,9 @@ def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request
     its kernel (fp32; the interpreter on CPU): the input norm computes q/k/v's shrink and the decode
     attention o's (`ops.decode_o_shrink`: asserted to run), and the sampled tokens' log-probs match the
     twins' steps (tokens compared up to the reference's first near-tie); o, the post-attention norm and
-    the router run in one launch (`linear.linear_norm_router`: asserted to run)."""
+    the router run in one launch (`linear.linear_norm_router`: asserted to run). A third run with the input
+    norm inside q/k/v's launch (`norm_linear_tokens`; its norm launch then computes only the adapters'
+    shrink, `norm.norm_shrink`): both asserted to run."""
     from moelora.ops.triton import attention as triton_attention
     from moelora.ops.triton import linear as triton_linear
 
@@ -952,13 +954,29 @@ def test_demo_decode_steps_through_the_kernels_match_the_twins(tmp_path, request
             runs.append(llm.generate(prompts, params, lora=names))
     assert shrinks and all(shrinks), "every decode step's attention computed o's shrink"
     assert routed and set(routed) == {len(prompts)}, "o's launch ran the norm and router at every step"
-    for ref, got in zip(*runs, strict=True):
-        for want, have in zip(ref.outputs[0].logprobs, got.outputs[0].logprobs, strict=True):
-            top = sorted(want.values(), reverse=True)
-            first = next(iter(want))
-            assert first in have and abs(have[first] - want[first]) < 1e-4, (want, have)
-            if top[0] - top[1] < 1e-3:
-                break  # a near-tie: the two may pick different tokens from here on
+    from moelora.ops.triton import norm as triton_norm
+
+    takes, fused = triton_linear.norms_input, []
+    monkeypatch.setattr(  # as under MOELORA_PLAN="norm_linear_tokens=16"
+        triton_linear,
+        "norms_input",
+        lambda *a: takes(*a[:5], replace(a[5], norm_linear_tokens=16), *a[6:]),
+    )
+    for name in ("norm_linear", "norm_shrink"):
+        mod = triton_linear if name == "norm_linear" else triton_norm
+        run = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, _run=run, **k: fused.append(_n) or _run(*a, **k))
+    with LLM("demo", device=DEV, kernel_backend="triton", **kwargs) as llm:
+        runs.append(llm.generate(prompts, params, lora=names))
+    assert {"norm_linear", "norm_shrink"} <= set(fused), "q/k/v's launch ran the input norm"
+    for got_runs in (runs[1], runs[2]):
+        for ref, got in zip(runs[0], got_runs, strict=True):
+            for want, have in zip(ref.outputs[0].logprobs, got.outputs[0].logprobs, strict=True):
+                top = sorted(want.values(), reverse=True)
+                first = next(iter(want))
+                assert first in have and abs(have[first] - want[first]) < 1e-4, (want, have)
+                if top[0] - top[1] < 1e-3:
+                    break  # a near-tie: the two may pick different tokens from here on
 
 
 GPU_CASES = [

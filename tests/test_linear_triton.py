@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from moelora.ops.dense_lora import DenseLora  # noqa: E402
 from moelora.ops.fp8 import RowScales  # noqa: E402
+from moelora.ops.input_norm import InputNorm  # noqa: E402
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles, Tiles  # noqa: E402
 from moelora.ops.torch import lora as torch_lora  # noqa: E402
 from moelora.ops.torch.fp8 import dequantize_rows, quantize_rows  # noqa: E402
@@ -218,6 +219,90 @@ def test_norm_computes_the_shrink_of_the_linear_after_it(num_tokens, dtype, weig
                    linear_fold_steps=4)  # fmt: skip
     seed = 20 + num_tokens
     assert check_norm_shrink(num_tokens, 80, (32, 16, 16), 8, dtype, weight_first, plan, seed, group) == 32
+
+
+def check_norm_linear(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank: int, dtype,
+                      weight_first: bool, residual: bool, plan: KernelPlan, seed: int,
+                      group: int = 0) -> str:  # fmt: skip
+    """`linear.norm_linear` (the input norm inside the layer's launch) against the twin's norm and layer,
+    without adapters and with every slot kind; the adapters' shrink where the norm's launch would compute
+    it (`norm.norm_shrink`), else folded or in shrink programs, both normalising their input too; a base
+    row gets the launch-without-adapters' bits. Returns how the shrink ran."""
+    from moelora.ops.triton import norm as triton_norm
+
+    g = torch.Generator().manual_seed(seed)
+    x = rand(g, num_tokens, in_dim).to(dtype)
+    res = rand(g, num_tokens, in_dim).to(dtype) if residual else None
+    norm = InputNorm(res, (1 + 0.3 * rand(g, in_dim)).to(dtype), 1e-6, weight_first)
+    w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(dtype)
+    lora, noisy, slot = lora_inputs(g, num_tokens, in_dim, sizes, rank, dtype)
+    scales = None
+    if group:
+        w, scales = fp8_weight(g, sum(sizes), in_dim, group)
+    assert triton_linear.norms_input(x, norm, len(sizes) * rank, sizes, True, plan, group > 0)
+    base, s = triton_linear.norm_linear(x, norm, w, None, None, sizes, plan, scales)
+    ref_base, ref_s = torch_lora.norm_linear(x, norm, w, None, None, None, sizes, scales)
+    close(base, ref_base, TOL[dtype])
+    assert torch.equal(s, ref_s), "x + residual in x's dtype (x itself without a residual)"
+    chunk = triton_linear.shrink_chunk(x, noisy, sizes, True, plan, group or None)
+    xa, how = None, "shrink programs"
+    if chunk and res is not None:
+        xa, how = triton_norm.norm_shrink(x, norm.weight, 1e-6, res, weight_first, noisy, slot, chunk), "norm"
+    elif num_tokens == 1 and not chunk:
+        how = "folded"
+    args = (noisy.a, noisy.b, noisy.rank, slot)
+    got, s2 = triton_linear.norm_linear(x, norm, w, None, args, sizes, plan, scales, xa)
+    ref, _ = torch_lora.norm_linear(x, norm, w, None, lora, slot, sizes, scales)
+    close(got, ref, TOL[dtype])
+    assert torch.equal(s2, s)
+    valid = (slot >= 0) & (slot < lora.a.shape[0])
+    assert torch.equal(got[~valid], base[~valid]), "a base row must not depend on its neighbours"
+    assert (got[valid].float() - base[valid].float()).abs().max() > 10 * TOL[dtype], "no delta"
+    return how
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "dtype", "weight_first", "residual", "norm_shrink", "group", "how"),
+    [
+        (1, torch.float32, False, True, 64, 0, "folded"),
+        (5, torch.float16, False, True, 64, 0, "norm"),
+        (3, torch.float32, True, True, 0, 0, "shrink programs"),
+        (4, torch.float32, False, False, 64, 0, "shrink programs"),  # the first layer's norm: no residual
+        (3, torch.float32, False, True, 64, 16, "norm"),  # an FP8 weight in groups of 16 columns
+    ],
+)
+def test_norm_runs_inside_the_linear_layer(
+    num_tokens, dtype, weight_first, residual, norm_shrink, group, how
+):
+    """The input norm inside the layer's one launch (`norm_linear_tokens`): 5 input splits of one 16-column
+    step; the residual's sum stored by column tile 0's programs."""
+    plan = replace(SMALL, norm_linear_tokens=16, norm_shrink_tokens=norm_shrink)
+    seed = 20 + num_tokens
+    assert check_norm_linear(num_tokens, 80, (32, 16, 16), 8, dtype, weight_first, residual, plan, seed,
+                             group) == how  # fmt: skip
+
+
+def test_norms_input_says_where_the_norm_runs_inside():
+    """Only up to `norm_linear_tokens` tokens of a layer that takes its one launch, a norm output in x's
+    dtype (an fp32 weight applied after the cast would promote it) and a residual like x."""
+    g = torch.Generator().manual_seed(3)
+    x, sizes = rand(g, 4, 80), (32, 16, 16)
+    plan = replace(SMALL, norm_linear_tokens=4)
+
+    ones = torch.ones(80, device=DEV)
+
+    def takes(x=x, residual=x, weight=ones, weight_first=False, plan=plan, one=True):
+        return triton_linear.norms_input(
+            x, InputNorm(residual, weight, 1e-6, weight_first), 24, sizes, one, plan
+        )
+
+    assert takes() and takes(residual=None)
+    assert not takes(plan=SMALL) and not takes(one=False)  # off by default; the twin
+    assert not takes(x=rand(g, 5, 80), residual=None)  # more tokens than the plan's
+    half = x.half()
+    assert not takes(x=half, residual=half, weight=ones)  # fp32 weight: h in fp32
+    assert takes(x=half, residual=half, weight=ones, weight_first=True)
+    assert not takes(residual=rand(g, 80, 4).t())  # a residual whose rows are strided
 
 
 def test_shrink_chunk_says_where_the_norm_takes_the_shrink():
@@ -553,6 +638,20 @@ def test_linear_gpu(num_tokens: int, in_dim: int, sizes: tuple[int, ...], bias: 
     """Qwen3-30B-A3B's q/k/v, o and router shapes in bf16 with the shipped tiles (64 tokens: one 64-row
     block, `linear_tokens`)."""
     check_linear(num_tokens, in_dim, sizes, 16, torch.bfloat16, bias, TUNED, seed=num_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("num_tokens", "residual", "group"), [(1, True, 0), (4, True, 0), (16, False, 0), (1, True, 128)]
+)
+def test_norm_linear_gpu(num_tokens: int, residual: bool, group: int):
+    """Qwen3-30B-A3B's input norm inside q/k/v's launch (`norm_linear_tokens=16`) in bf16 with the shipped
+    tiles: one token folds nothing here (16 K steps), so its adapters' shrink comes from `norm_shrink`;
+    group 128: an FP8 weight."""
+    plan = replace(TUNED, norm_linear_tokens=16)
+    how = check_norm_linear(num_tokens, 2048, (4096, 512, 512), 16, torch.bfloat16, False, residual, plan,
+                            num_tokens, group)  # fmt: skip
+    assert how == ("norm" if residual else "shrink programs")
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec, sharded
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import Fp8Weights, RowScales
+from moelora.ops.input_norm import InputNorm
 from moelora.ops.torch.fp8 import FP8
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
@@ -123,6 +124,26 @@ class ColumnLinear(_Weight):
         return ops.linear(
             x, self.weight, self.bias, self.lora, token_slot, self.out_sizes, self.scales, xa=xa
         )
+
+    def norm_forward(
+        self,
+        x: torch.Tensor,
+        norm: InputNorm,
+        token_slot: torch.Tensor | None = None,
+        xa: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm before this layer, then the layer -> (y, x + residual) (`ops.norm_linear`); xa: the LoRA
+        shrink of the norm's output (`RMSNorm.shrink`), where `shrink_chunk` said so."""
+        assert self.lora_target
+        return ops.norm_linear(
+            x, norm, self.weight, self.bias, self.lora, token_slot, self.out_sizes, self.scales, xa=xa
+        )
+
+    def takes_norm(self, x: torch.Tensor, norm: InputNorm) -> bool:
+        """Whether `norm_forward` runs the norm inside this layer's launch for input x (`ops.norms_input`)."""
+        if not self.lora_target:
+            return False
+        return ops.norms_input(x, norm, self.weight, self.lora, self.out_sizes, self.scales)
 
     def shrink_chunk(self, x: torch.Tensor, token_slot: torch.Tensor | None) -> int:
         """Whether the norm before this layer should compute its LoRA shrink for input x (`ops.shrink_chunk`:

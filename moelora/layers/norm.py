@@ -9,6 +9,7 @@ from torch import nn
 from moelora import ops
 from moelora.layers.spec import Form, Piece, WeightSpec, sharded, whole
 from moelora.ops.dense_lora import DenseLora
+from moelora.ops.input_norm import InputNorm
 from moelora.parallel import comm
 from moelora.parallel.sharding import shard_range
 from moelora.parallel.state import ParallelState
@@ -46,6 +47,17 @@ class RMSNorm(nn.Module):
         return ops.add_norm_shrink(
             x, self.weight, self.eps, residual, self.weight_first, lora, token_slot, chunk
         )
+
+    def before(self, residual: torch.Tensor | None) -> InputNorm:
+        """This norm with `residual` to add first, as a layer after it runs it (`ops.norm_linear`)."""
+        return InputNorm(residual, self.weight, self.eps, self.weight_first)
+
+    def shrink(
+        self, x: torch.Tensor, residual: torch.Tensor, lora: DenseLora, token_slot: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        """`add_norm_shrink`'s LoRA shrink alone, where the layer after the norm runs the norm itself
+        (`ops.norm_shrink`)."""
+        return ops.norm_shrink(x, self.weight, self.eps, residual, self.weight_first, lora, token_slot, chunk)
 
     def weight_specs(self, key: str) -> list[WeightSpec]:
         if self.zero_centered:

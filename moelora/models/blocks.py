@@ -101,7 +101,13 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """xa: q/k/v's LoRA shrink of x, where `input_shrink` asked the norm for it."""
         o, o_xa = self.attend(x, batch, cos, sin, xa)
-        return comm.all_reduce(self.o_proj(o, batch.token_slot, o_xa), self.ps)
+        return self.project(o, batch.token_slot, o_xa)
+
+    def project(
+        self, o: torch.Tensor, token_slot: torch.Tensor | None, o_xa: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The output projection of `attend`'s (o, o_xa), summed over the TP ranks."""
+        return comm.all_reduce(self.o_proj(o, token_slot, o_xa), self.ps)
 
     def attend(
         self,
@@ -113,18 +119,25 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything before the output projection -> (its input [T, Hq_loc * D], its LoRA shrink where the
         decode attention computed it, else None)."""
+        return self.attend_qkv(self.qkv(x, batch.token_slot, xa), batch, cos, sin)
+
+    def attend_qkv(
+        self, qkv: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attend` after the q/k/v projection (its output qkv: the caller ran it, as
+        `ColumnLinear.norm_forward` with the norm before it)."""
         # [T, Hq_loc * D], [T, Hkv_loc * D] x2
-        q, k, v = self.qkv(x, batch.token_slot, xa).split(self.qkv.out_sizes, dim=-1)
+        q, k, v = qkv.split(self.qkv.out_sizes, dim=-1)
+        t, d = qkv.shape[0], self.head_dim
         gate = None
         if self.output_gate:
-            q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
-            q, gate = q.reshape(x.shape[0], -1), gate.reshape(x.shape[0], -1)
+            q, gate = q.view(t, -1, 2 * d).chunk(2, dim=-1)
+            q, gate = q.reshape(t, -1), gate.reshape(t, -1)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        t, d = x.shape[0], self.head_dim
+            q, k, v = (p.clamp(-self.clip, self.clip) for p in (q, k, v))
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
         # With a KV cache, the rotary launch also stores this step's keys and values in it.
         kv = batch.kv

@@ -63,34 +63,39 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (MLP output, residual before the MLP); residual None for the first layer."""
         xa = None  # q/k/v's LoRA shrink, where the norm's launch computes it (`ops.add_norm_shrink`)
+        qkv = None  # q/k/v's output, where its launch ran the norm too (`ops.norm_linear`)
+        self_attn = self.self_attn if isinstance(self.self_attn, SelfAttention) else None
+        h = x
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
-            shrink = None
-            if isinstance(self.self_attn, SelfAttention) and batch.token_slot is not None:
-                shrink = self.self_attn.input_shrink(x, batch.token_slot)
-            if shrink is None:
+            shrink, slot = None, batch.token_slot
+            if self_attn is not None and slot is not None:
+                shrink = self_attn.input_shrink(x, slot)
+            norm = self.input_layernorm.before(residual)
+            if self_attn is not None and self_attn.qkv.takes_norm(x, norm):
+                if shrink is not None:
+                    assert slot is not None
+                    xa = self.input_layernorm.shrink(x, residual, shrink[0], slot, shrink[1])
+                qkv, residual = self_attn.qkv.norm_forward(x, norm, slot, xa)
+            elif shrink is None:
                 h, residual = self.input_layernorm.add_norm(x, residual)
             else:
-                assert batch.token_slot is not None
+                assert slot is not None
                 lora, chunk = shrink
-                h, residual, xa = self.input_layernorm.add_norm_shrink(
-                    x, residual, lora, batch.token_slot, chunk
-                )
+                h, residual, xa = self.input_layernorm.add_norm_shrink(x, residual, lora, slot, chunk)
         mlp = self.mlp
-        if (
-            isinstance(self.self_attn, SelfAttention)
-            and isinstance(mlp, SparseMoeBlock)
-            and mlp.routes_after_o()
-        ):
-            # o, the norm and the router: one launch for a few tokens (`ops.linear_norm_router`)
-            o, o_xa = self.self_attn.attend(h, batch, cos, sin, xa)
-            o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
-            return mlp.o_norm_forward(o_proj, o, o_xa, residual, norm, batch.token_slot)
-        if xa is None:
+        if self_attn is None:
             attn = self.self_attn(h, batch, cos, sin)
         else:
-            attn = cast(SelfAttention, self.self_attn)(h, batch, cos, sin, xa)
+            if qkv is None:
+                qkv = self_attn.qkv(h, batch.token_slot, xa)
+            o, o_xa = self_attn.attend_qkv(qkv, batch, cos, sin)
+            if isinstance(mlp, SparseMoeBlock) and mlp.routes_after_o():
+                # o, the norm and the router: one launch for a few tokens (`ops.linear_norm_router`)
+                norm_after = self.post_attention_layernorm
+                return mlp.o_norm_forward(self_attn.o_proj, o, o_xa, residual, norm_after, batch.token_slot)
+            attn = self_attn.project(o, batch.token_slot, o_xa)
         if isinstance(mlp, SparseMoeBlock):
             return mlp.add_norm_forward(attn, residual, self.post_attention_layernorm, batch.token_slot)
         h, residual = self.post_attention_layernorm.add_norm(attn, residual)

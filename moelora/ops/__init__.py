@@ -23,6 +23,7 @@ from moelora.ops.dense_lora import DenseLora, GivenShrink
 from moelora.ops.expert_extras import ExpertExtras
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.input_norm import InputNorm
 from moelora.ops.norm_router import NormRouter
 from moelora.ops.plan import TUNED, KernelPlan
 from moelora.ops.torch import activation as _torch_activation
@@ -556,6 +557,50 @@ def linear(
     return mod.linear_layer(x, weight, bias, lora, token_slot, sizes, one_launch, plan, scales, xa)
 
 
+def norm_linear(
+    x: torch.Tensor,
+    norm: InputNorm,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    scales: RowScales | None = None,
+    plan: KernelPlan = TUNED,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RMSNorm before a layer adapters may modify, then the layer -> (y, s); see
+    `moelora.ops.torch.lora.norm_linear`. On the GPU the layer's one launch runs the norm too where
+    `norms_input` says (`KernelPlan.norm_linear_tokens`); otherwise `rms_norm`, then `linear`. xa: as
+    `linear`'s, of the norm's output (`norm_shrink`)."""
+    mod = _kernels("linear", x)
+    if mod is None:
+        return _torch_lora.norm_linear(x, norm, weight, bias, lora, token_slot, sizes, scales)
+    one_launch = _one_launch(x, weight, scales)
+    return mod.norm_linear_layer(x, norm, weight, bias, lora, token_slot, sizes, one_launch, plan, scales, xa)
+
+
+def norms_input(
+    x: torch.Tensor,
+    norm: InputNorm,
+    weight: torch.Tensor,
+    lora: DenseLora | None,
+    sizes: tuple[int, ...],
+    scales: RowScales | None = None,
+    plan: KernelPlan = TUNED,
+) -> bool:
+    """Whether `norm_linear` runs the norm inside the layer's launch (then the norm's launch before it, if
+    any, computes only the adapters' shrink: `norm_shrink`). The same answer with or without adapters in
+    the batch."""
+    mod = _kernels("linear", x)
+    if mod is None:
+        return False
+    lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
+    return bool(
+        mod.norms_input(x, norm, lanes, sizes, _one_launch(x, weight, scales), plan, scales is not None)
+    )
+
+
 def linear_norm_router(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -626,6 +671,23 @@ def add_norm_shrink(
     see `moelora.ops.torch.norm.add_norm_shrink`."""
     mod = _half_kernels("norm", x)
     impl = mod.add_norm_shrink if mod is not None else _torch_norm.add_norm_shrink
+    return impl(x, weight, eps, residual, weight_first, lora, token_slot, chunk)
+
+
+def norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """`add_norm_shrink`'s xa alone (nothing else stored), for a layer that normalises its input itself
+    (`norms_input`); see `moelora.ops.torch.norm.norm_shrink`."""
+    mod = _half_kernels("norm", x)
+    impl = mod.norm_shrink if mod is not None else _torch_norm.norm_shrink
     return impl(x, weight, eps, residual, weight_first, lora, token_slot, chunk)
 
 

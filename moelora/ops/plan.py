@@ -260,6 +260,11 @@ class KernelPlan:
     # base / 8 adapters r16: 64 tokens 22.82 / 26.16 against 16 tokens 22.84 / 26.38 (the dense LoRA's
     # shrink and expand launches go). Batches 17-63 not timed.
     linear_tokens: int = 64
+    # The input RMSNorm (and the residual add before it) inside q/k/v's one launch for at most this many
+    # tokens (0: never; `linear.norm_linear`): every program computes its rows' rstd and normalises its
+    # input columns as it loads them; one launch a layer fewer. With adapters the norm's launch computes
+    # only their shrink (`norm.norm_shrink`). Not yet timed (25th session): `norm_linear_tokens=1` etc.
+    norm_linear_tokens: int = 0
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
     # launch before it (`norm.add_norm_shrink`), for at most this many tokens (0: never): one program per

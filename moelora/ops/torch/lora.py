@@ -9,8 +9,10 @@ from moelora.ops.dense_lora import DenseLora
 from moelora.ops.expert_extras import ExpertExtras, activation
 from moelora.ops.expert_lora import ExpertLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.input_norm import InputNorm
 from moelora.ops.torch import acc_dtype
 from moelora.ops.torch.fp8 import dequantize_rows, expert_inputs, expert_weights
+from moelora.ops.torch.norm import rms_norm
 
 
 def _slots(token_slot: torch.Tensor, num_slots: int) -> list[int]:
@@ -97,6 +99,24 @@ def linear(
     else:
         add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank)
     return y
+
+
+def norm_linear(
+    x: torch.Tensor,
+    norm: InputNorm,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    scales: RowScales | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RMSNorm before a layer, then the layer -> (y, s): h = `rms_norm` of x + residual (of x where
+    `norm.residual` is None; then s is x itself), y = `linear(h, ...)`. Kernels may compute the norm's rstd
+    in another order (an rstd's last bit, so h's rounding) where they fuse the two."""
+    out = rms_norm(x, norm.weight, norm.eps, norm.residual, norm.weight_first)
+    h, s = (out, x) if isinstance(out, torch.Tensor) else out
+    return linear(h, weight, bias, lora, token_slot, sizes, scales), s
 
 
 def fused_moe_lora(

@@ -78,6 +78,21 @@ def add_norm_shrink(
     return y, s, torch.where(valid[None, :, None], xa, 0)
 
 
+def norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """`add_norm_shrink`'s xa alone, where the layer after the norm normalises its input itself
+    (`ops.norm_linear`)."""
+    return add_norm_shrink(x, weight, eps, residual, weight_first, lora, token_slot, chunk)[2]
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Qwen3NextRMSNormGated: `rms_norm(x, weight, eps)` (the weight after the cast to x's
     dtype) times silu(gate) computed in fp32, the product in fp32, rounded once to x's dtype.

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.input_norm import InputNorm
 from moelora.ops.norm_router import NormRouter
 from moelora.ops.plan import TUNED, KernelPlan, LinearTiles
 from moelora.ops.triton.common import (
@@ -54,6 +55,7 @@ from moelora.ops.triton.common import (
 from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.fp8_linear import check_scales, dequantize, fp8_matmul
 from moelora.ops.triton.lora import add_lora, add_lora_parts, stacked_shrink
+from moelora.ops.triton.norm import norm_weighted, rms_norm
 from moelora.ops.triton.router import ROUTER_TOKENS, route_last, route_tile
 from moelora.ops.triton.tiles import dot_precision, expand_mode
 
@@ -71,15 +73,62 @@ def _tile_part(n0, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr):
 
 
 @triton.jit
+def _input_rstd(x_ptr, r_ptr, num_tokens, sx_t, sx_k, s_in_t, eps, IN_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+    """[BLOCK_M] fp32: each token row's rstd under the input RMSNorm, 1 / sqrt(mean(s^2) + eps) with s = x +
+    residual rounded to x's dtype (HAS_RES) or x. A row at a time, its loads in CHUNK-column pieces of an
+    unrolled loop (issued together: about one trip to memory a row; a loop over K steps would wait for
+    each step's loads in turn)."""
+    t = tl.arange(0, BLOCK_M)
+    k = tl.arange(0, CHUNK)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    i = 0
+    while i < num_tokens:  # (a `while`: the interpreter runs no `range` over a run-time bound)
+        squares = tl.zeros([CHUNK], dtype=tl.float32)
+        for c in tl.static_range(0, IN_DIM, CHUNK):
+            ok = c + k < IN_DIM
+            xk = tl.load(x_ptr + i * sx_t + (c + k) * sx_k, mask=ok, other=0.0)
+            sf = _input_sum(xk, r_ptr + i * s_in_t + c + k, ok, HAS_RES).to(tl.float32)
+            squares += sf * sf
+        rstd = tl.where(t == i, tl.rsqrt(tl.sum(squares, axis=0) / IN_DIM + eps), rstd)
+        i += 1
+    return rstd
+
+
+@triton.jit
+def _input_sum(xk, r_ptrs, mask, HAS_RES: tl.constexpr):
+    """x + residual at a step's columns in x's dtype (as the twin's `x + residual`), or x."""
+    if HAS_RES:
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+        return (xk.to(tl.float32) + r.to(tl.float32)).to(xk.dtype)
+    return xk
+
+
+@triton.jit
+def _input_normed(xk, r_ptrs, w_ptr, s_ptrs, cols, mask, rstd, store, HAS_RES: tl.constexpr,
+                  WEIGHT_FIRST: tl.constexpr):  # fmt: skip
+    """A step's input columns xk [BLOCK_M, BLOCK_K] through the input RMSNorm (`norm.norm_weighted`'s steps,
+    in x's dtype); where `store` (and HAS_RES) the sum with the residual stored at s_ptrs. cols: the
+    columns as [BLOCK_M, BLOCK_K] (every row the same), so that the norm weight's load is a tile like x's,
+    which the loop's pipelining issues ahead (a [BLOCK_K] load, 2 bytes a thread, would wait each step)."""
+    s = _input_sum(xk, r_ptrs, mask, HAS_RES)
+    if HAS_RES and store:
+        tl.store(s_ptrs, s, mask=mask)
+    return norm_weighted(s, w_ptr, rstd[:, None], cols, mask, WEIGHT_FIRST).to(xk.dtype)
+
+
+@triton.jit
 def _shrink(
     x_ptr, a_ptr, xa_ptr, slot_ptr, rank_ptr, item, num_tokens, num_slots, lanes, part_rank,
-    sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp,
+    sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp, in_res_ptr, in_w_ptr, s_in_t, in_eps,
     IN_DIM: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, HAS_RANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr,
+    NORM: tl.constexpr, NORM_RES: tl.constexpr, NORM_WF: tl.constexpr, NORM_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Shrink `item` = (j, input chunk c): xa[c, t, l] = a[s, l, cols] @ x[t, cols] over the chunk's
     input columns for the tokens t on s, the batch's j-th distinct slot (rows of other tokens untouched;
-    no work if the batch has j slots or fewer); lane l is part l // part_rank's lane l % part_rank."""
+    no work if the batch has j slots or fewer); lane l is part l // part_rank's lane l % part_rank. With
+    NORM x is the input norm's output (`_input_normed`)."""
     j = item // CHUNKS
     chunk = item % CHUNKS
     t = tl.arange(0, BLOCK_M)
@@ -98,13 +147,19 @@ def _shrink(
             l_ok = stacked_lanes_in_rank(lane, l_ok, part_rank, rank_ptr + s * s_rs, s_rp)
         kk = chunk * CHUNK + tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if NORM:
+            rstd = _input_rstd(x_ptr, in_res_ptr, num_tokens, sx_t, sx_k, s_in_t, in_eps, IN_DIM, BLOCK_M,
+                               NORM_CHUNK, NORM_RES)  # fmt: skip
         for k0 in range(0, CHUNK, BLOCK_K):
             k_ok = kk + k0 < IN_DIM
-            xk = tl.load(
-                x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k,
-                mask=sel[:, None] & k_ok[None, :],
-                other=0.0,
-            )
+            x_mask = sel[:, None] & k_ok[None, :]
+            xk = tl.load(x_ptr + t[:, None] * sx_t + (kk + k0)[None, :] * sx_k, mask=x_mask, other=0.0)
+            if NORM:
+                r_ptrs = in_res_ptr + t[:, None] * s_in_t + (kk + k0)[None, :]
+                cols = (kk + k0)[None, :] + 0 * t[:, None]
+                xk = _input_normed(xk, r_ptrs, in_w_ptr, r_ptrs, cols, x_mask, rstd, False, NORM_RES,
+                                   NORM_WF)  # fmt: skip
             ak = tl.load(
                 a_ptr + s.to(tl.int64) * sa_s + lane[None, :] * sa_l + (kk + k0)[:, None] * sa_k,
                 mask=k_ok[:, None] & l_ok[None, :],
@@ -159,26 +214,38 @@ def _expand(
 
 @triton.jit
 def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows, r_ok, sa_k,
+               in_res_ptr, in_w_ptr, in_sum_ptr, s_in_t, rstd, store_s,
                IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
-               PRECISION: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+               PRECISION: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr,
+               NORM_RES: tl.constexpr, NORM_WF: tl.constexpr):  # fmt: skip
     """(x[:, cols] @ w[n, cols]^T [BLOCK_M, BLOCK_N], xa) in fp32 over this split's input columns; with
     HAS_SCALE w is FP8 times its rows' scales (sc_ptr [n, group]; a step lies in one group: BLOCK_K <=
     GROUP): HAS_SCALE 1 scales the weight tile before the dot (rounded to x's dtype), 2 takes the weights
     as they are (FP8 values are exact in 16 bits) and scales each step's dot (`fp8_linear_scale_dots`).
     With FOLD also xa = x[:, cols] @ a[r, cols]^T [BLOCK_M, BLOCK_R] over the same columns, the LoRA
     shrink's part (a_rows [BLOCK_R]: lane r's row of A, read where r_ok), its loads beside the weight's
-    in the same steps; else xa is zeros."""
+    in the same steps; else xa is zeros. With NORM x goes through the input norm first (rows' `rstd`), and
+    where `store_s` its sum with the residual is stored over the split's columns (`_input_normed`)."""
     t = tl.arange(0, BLOCK_M)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
+    r_ptrs = in_res_ptr + t[:, None] * s_in_t + kk[None, :]  # the residual and the sum: rows of unit stride
+    s_ptrs = in_sum_ptr + t[:, None] * IN_DIM + kk[None, :]
     w_ptrs = w_ptr + n[None, :].to(tl.int64) * sw_n + kk[:, None] * sw_k
     a_ptrs = a_rows[None, :] + kk[:, None] * sa_k
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K_CHUNK, BLOCK_K):
         k_ok = kk + k0 < IN_DIM
-        xk = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        x_mask = t_ok[:, None] & k_ok[None, :]
+        xk = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if NORM:
+            cols = (kk + k0)[None, :] + 0 * t[:, None]
+            xk = _input_normed(xk, r_ptrs, in_w_ptr, s_ptrs, cols, x_mask, rstd, store_s, NORM_RES,
+                               NORM_WF)  # fmt: skip
+            r_ptrs += BLOCK_K
+            s_ptrs += BLOCK_K
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_SCALE:
             group = (split * K_CHUNK + k0) // GROUP
@@ -216,9 +283,10 @@ def _linear_kernel(
     x_ptr, w_ptr, sc_ptr, bias_ptr, y_ptr, part_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, rank_ptr,
     ticket_ptr, shrunk_ptr, exited_ptr, tile_count_ptr, route_count_ptr,
     res_ptr, nw_ptr, wr_ptr, rp_ptr, rs_ptr, rw_ptr, rid_ptr, rh_ptr, rsum_ptr,
+    in_res_ptr, in_w_ptr, in_sum_ptr,
     num_tokens, out_dim, rank, num_experts,
     sx_t, sx_k, sw_n, sw_k, ss_n, sy_t, sy_n, sa_s, sa_l, sa_k, sb_s, sb_n, sb_r, s_rs, s_rp,
-    swr_e, swr_k, eps,
+    swr_e, swr_k, eps, s_in_t, in_eps,
     IN_DIM: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_RANK: tl.constexpr,
     NUM_SLOTS: tl.constexpr, SHRINKS: tl.constexpr, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr,
@@ -230,8 +298,12 @@ def _linear_kernel(
     PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr, ROUTE: tl.constexpr, ROUTE_T: tl.constexpr,
     BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
     WEIGHT_FIRST: tl.constexpr, NORM_K: tl.constexpr, ROUTE_LINES: tl.constexpr, ROUTE_DIM: tl.constexpr,
-    ROUTE_TILES: tl.constexpr,
+    ROUTE_TILES: tl.constexpr, NORM: tl.constexpr, NORM_RES: tl.constexpr, NORM_WF: tl.constexpr,
+    NORM_CHUNK: tl.constexpr,
 ):  # fmt: skip
+    """NORM: x is the input of the RMSNorm before the layer (with the residual in_res_ptr where NORM_RES, the
+    norm's weight in_w_ptr): every program computes its rows' rstd and normalises each step's columns as it
+    loads them; the programs of column tile 0 store x + residual (in_sum_ptr) over their split's columns."""
     n_tiles = tl.cdiv(out_dim, BLOCK_N)
     if PDL:  # this program's weights (its GEMV item where start order and tickets agree) while waiting
         guess = tl.maximum(tl.program_id(0) - SHRINKS * HAS_LORA, 0)
@@ -269,8 +341,9 @@ def _linear_kernel(
     if item < num_shrinks:
         _shrink(
             x_ptr, a_ptr, xa_ptr, slot_ptr, rank_ptr, item, num_tokens, NUM_SLOTS, PARTS * rank, rank,
-            sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp,
-            IN_DIM, CHUNKS, SHRINK_CHUNK, HAS_RANK, BLOCK_M, BLOCK_K, BLOCK_L, PRECISION,
+            sx_t, sx_k, sa_s, sa_l, sa_k, s_rs, s_rp, in_res_ptr, in_w_ptr, s_in_t, in_eps,
+            IN_DIM, CHUNKS, SHRINK_CHUNK, HAS_RANK, BLOCK_M, BLOCK_K, BLOCK_L, PRECISION, NORM, NORM_RES,
+            NORM_WF, NORM_CHUNK,
         )  # fmt: skip
         signal(shrunk_ptr)
     else:
@@ -293,9 +366,14 @@ def _linear_kernel(
             part = _tile_part(tile * BLOCK_N, END0, END1, END2)
             r_ok = (s < NUM_SLOTS) & lanes_in_rank(r, rank, rank_ptr + part * s_rp, s * s_rs, HAS_RANK)
         a_rows = a_ptr + tl.where(s < NUM_SLOTS, s, 0).to(tl.int64) * sa_s + (part * rank + r) * sa_l
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if NORM:
+            rstd = _input_rstd(x_ptr, in_res_ptr, num_tokens, sx_t, sx_k, s_in_t, in_eps, IN_DIM, BLOCK_M,
+                               NORM_CHUNK, NORM_RES)  # fmt: skip
         acc, xa = _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows,
-                             r_ok, sa_k, IN_DIM, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP,
-                             PRECISION, FOLD, BLOCK_R)  # fmt: skip
+                             r_ok, sa_k, in_res_ptr, in_w_ptr, in_sum_ptr, s_in_t, rstd, tile == 0, IN_DIM,
+                             K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP, PRECISION, FOLD, BLOCK_R,
+                             NORM, NORM_RES, NORM_WF)  # fmt: skip
         if FOLD:
             if s < NUM_SLOTS:  # this split's part of the delta: b[s][n] @ xa (the splits add up below)
                 b_ptrs = b_ptr + s.to(tl.int64) * sb_s + n[None, :] * sb_n + r[:, None] * sb_r
@@ -459,6 +537,47 @@ def linear(
     return y
 
 
+def norms_input(x: torch.Tensor, norm: InputNorm, lanes: int, sizes: tuple[int, ...], one_launch: bool,
+                plan: KernelPlan = TUNED, fp8: bool = False) -> bool:  # fmt: skip
+    """Whether `norm_linear_layer` runs the norm inside the layer's one launch: the launch `fits`, at most
+    `KernelPlan.norm_linear_tokens` tokens, the norm's output in x's dtype, a residual like x with rows of
+    unit stride. It does not depend on the batch's slots, so a base row gets the same bits in any batch."""
+    res = norm.residual
+    h_dtype = x.dtype if norm.weight_first else torch.promote_types(norm.weight.dtype, x.dtype)
+    return (
+        one_launch
+        and x.dim() == 2
+        and x.shape[0] <= plan.norm_linear_tokens
+        and fits(x, lanes, sizes, plan, fp8)
+        and h_dtype == x.dtype
+        and norm.weight.shape == (x.shape[1],)
+        and (res is None or (res.shape == x.shape and res.dtype == x.dtype and res.stride(1) == 1))
+    )
+
+
+def norm_linear(
+    x: torch.Tensor,
+    norm: InputNorm,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    sizes: tuple[int, ...],
+    plan: KernelPlan = TUNED,
+    scales: RowScales | None = None,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm, then `linear` of its output, in the layer's one launch (the caller checks `norms_input`)
+    -> (y, s): s = x + residual (x itself without a residual), stored by the programs of column tile 0
+    over their input columns. Every program computes its rows' rstd from the whole rows and normalises
+    each K step's columns as it loads them (its shrink programs too), so the norm's output is never
+    stored; its bits follow this launch's reduction, not `rms_norm`'s. xa: as `linear`'s (the adapters'
+    shrink of the norm's output, `norm.norm_shrink`)."""
+    summed = x if norm.residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _launch(x, weight, bias, lora, sizes, plan, scales, xa, None, norm, summed)
+    assert isinstance(y, torch.Tensor)
+    return y, summed
+
+
 def routes(x: torch.Tensor, weight: torch.Tensor, sizes: tuple[int, ...], route: NormRouter,
            plan: KernelPlan = TUNED) -> bool:  # fmt: skip
     """Whether `linear_norm_router` runs the norm and the router inside the layer's one launch (the caller
@@ -512,8 +631,11 @@ def _launch(
     scales: RowScales | None,
     xa: torch.Tensor | None,
     route: NormRouter | None,
+    norm: InputNorm | None = None,
+    summed: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one launch of `linear` (route None: -> y) or `linear_norm_router` (-> weights, ids, h, s)."""
+    """The one launch of `linear` (route None: -> y) or `linear_norm_router` (-> weights, ids, h, s); with
+    `norm` (`norm_linear`), x goes through it first and x + residual is stored in `summed`."""
     num_tokens, in_dim = x.shape
     out_dim = weight.shape[0]
     xa_ready = xa is not None
@@ -571,16 +693,20 @@ def _launch(
     # one per (distinct slot, chunk) at most, none where folded or given
     shrinks = 0 if fold or xa_ready else min(num_tokens, num_slots) * chunks
     table = x if scales is None else scales.table  # a placeholder, never read, without scales
+    # the norm before the layer (placeholders, never read, without it)
+    xn = norm if norm is not None else InputNorm(None, x, 0.0, False)
+    xr = xn.residual if xn.residual is not None else x
+    xs = summed if summed is not None else x
     pdl = dependent_launch(x.device, plan.pdl)
     line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,
         sync, sync[1:], sync[2:], sync[4:], sync[3:],
         rt.residual, rt.norm_weight, rt.weight, r.logits, r.squares, r.weights, r.ids, r.h, r.s,
-        num_tokens, out_dim, rank, rt.weight.shape[0],
+        xr, xn.weight, xs, num_tokens, out_dim, rank, rt.weight.shape[0],
         *x.stride(), *weight.stride(), table.stride(0), *y.stride(), *a_strides, b.stride(0), b.stride(1),
         b.stride(-1), ranks.stride(0), ranks.stride(-1) if ranks.dim() > 1 else 0,
-        *rt.weight.stride(), rt.eps,
+        *rt.weight.stride(), rt.eps, xr.stride(0), xn.eps,
         IN_DIM=in_dim, HAS_SCALE=0 if scales is None else 2 if plan.fp8_linear_scale_dots else 1,
         GROUP=1 if scales is None else scales.group,
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_RANK=rank_of is not None,
@@ -596,7 +722,9 @@ def _launch(
         BLOCK_E=r.block_e, TOP_K=rt.top_k, K_PAD=triton.next_power_of_2(rt.top_k), RENORMALIZE=rt.renormalize,
         WEIGHT_FIRST=rt.weight_first, NORM_K=min(triton.next_power_of_2(out_dim), max(16, 8192 // r.rows)),
         ROUTE_LINES=triton.next_power_of_2(triton.cdiv(block_n, line)), ROUTE_DIM=out_dim,
-        ROUTE_TILES=n_tiles if route is not None else 1,
+        ROUTE_TILES=n_tiles if route is not None else 1, NORM=norm is not None,
+        NORM_RES=xn.residual is not None, NORM_WF=xn.weight_first,
+        NORM_CHUNK=min(triton.next_power_of_2(in_dim), 2048),
         num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=pdl,
     )  # fmt: skip
     if route is None:
@@ -668,3 +796,27 @@ def linear_layer(
         else:
             add_lora_parts(y, x, lora.a, lora.b, token_slot, sizes, lora.rank, plan, xa)
     return y
+
+
+def norm_linear_layer(
+    x: torch.Tensor,
+    norm: InputNorm,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: DenseLora | None,
+    token_slot: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    one_launch: bool,
+    plan: KernelPlan = TUNED,
+    scales: RowScales | None = None,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.norm_linear`: the norm inside the layer's one launch where `norms_input` says (`norm_linear`),
+    else `rms_norm`, then `linear_layer`."""
+    lanes = 0 if lora is None else lora.a.shape[1] * lora.a.shape[2]
+    if norms_input(x, norm, lanes, sizes, one_launch, plan, scales is not None):
+        args = None if lora is None or token_slot is None else (lora.a, lora.b, lora.rank, token_slot)
+        return norm_linear(x, norm, weight, bias, args, sizes, plan, scales, xa if args is not None else None)
+    out = rms_norm(x, norm.weight, norm.eps, norm.residual, norm.weight_first)
+    h, s = (out, x) if isinstance(out, torch.Tensor) else out
+    return linear_layer(h, weight, bias, lora, token_slot, sizes, one_launch, plan, scales, xa), s

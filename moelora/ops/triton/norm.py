@@ -24,7 +24,7 @@ def _summed(x_ptr, r_ptr, row, s_x, s_r, cols, ok, s_dtype: tl.constexpr, HAS_RE
 
 
 @triton.jit
-def _normed(s, w_ptr, rstd, cols, ok, WEIGHT_FIRST: tl.constexpr):
+def norm_weighted(s, w_ptr, rstd, cols, ok, WEIGHT_FIRST: tl.constexpr):
     """weight * the normalised row s at `cols`, in fp32 (before the cast to the output's dtype)."""
     normed = s.to(tl.float32) * rstd
     if not WEIGHT_FIRST:
@@ -45,7 +45,7 @@ def _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, store, H
     if store:
         if HAS_RESIDUAL:
             tl.store(s_ptr + row * n + i, s, mask=ok)
-        y = _normed(s, w_ptr, rstd, i, ok, WEIGHT_FIRST)
+        y = norm_weighted(s, w_ptr, rstd, i, ok, WEIGHT_FIRST)
         tl.store(y_ptr + row * n + i, y.to(y_ptr.dtype.element_ty), mask=ok)
     return rstd
 
@@ -66,11 +66,12 @@ def _add_norm_shrink_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, slot_ptr, a_ptr, rank_ptr, xa_ptr, n, eps, s_x, s_r, num_tokens,
     num_slots, lanes, part_rank, sa_s, sa_l, sa_k, s_rs, s_rp,
     WEIGHT_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
-    """Program (row t, input chunk c): the norm of row t (stored by chunk 0's program), and xa[c, t, l] =
-    a[s, l, cols] @ y[t, cols] over the chunk's columns for t's slot s (nothing for a row without one);
-    lane l is part l // part_rank's lane l % part_rank, read below the slot's rank rounded up to 8."""
+    """Program (row t, input chunk c): the norm of row t (stored by chunk 0's program where STORE), and
+    xa[c, t, l] = a[s, l, cols] @ y[t, cols] over the chunk's columns for t's slot s (nothing for a row
+    without one); lane l is part l // part_rank's lane l % part_rank, read below the slot's rank rounded up
+    to 8."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     # Before the wait: the token's slot and its adapter's A over the chunk. The step writes slot ids and
@@ -89,12 +90,13 @@ def _add_norm_shrink_kernel(
         other=0.0,
     )
     after_previous(PDL)
-    rstd = _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, chunk == 0, True,
+    rstd = _norm_row(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, row, n, eps, s_x, s_r, STORE and chunk == 0, True,
                      WEIGHT_FIRST, BLOCK_N)  # fmt: skip
     if s < num_slots:
         # the chunk's normed columns as stored (the same elementwise steps), rounded to y's dtype
         part = _summed(x_ptr, r_ptr, row, s_x, s_r, cols, c_ok, s_ptr.dtype.element_ty, True)
-        y = _normed(part, w_ptr, rstd, cols, c_ok, WEIGHT_FIRST).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = norm_weighted(part, w_ptr, rstd, cols, c_ok, WEIGHT_FIRST)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
         xa = tl.sum(a.to(tl.float32) * y[None, :], axis=1)
         tl.store(xa_ptr + (chunk * num_tokens + row) * lanes + lane, xa, mask=lane < lanes)
 
@@ -132,10 +134,15 @@ def rms_norm(
 
 
 def _norm_buffers(
-    op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, weight_first: bool
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight_first: bool,
+    store: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x's rows, residual's rows, y, s) of an RMSNorm launch, the shapes checked: y in the twin's dtype,
-    s the sum with the residual (x itself without one)."""
+    s the sum with the residual (x itself without one); without `store` y and s are x (never written)."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"{op}: weight {tuple(weight.shape)} for rows of {n} (x {tuple(x.shape)})")
@@ -145,6 +152,8 @@ def _norm_buffers(
         )
     xr = _rows(x, n)
     rr = xr if residual is None else _rows(residual, n)
+    if not store:
+        return xr, rr, x, x
     y_dtype = x.dtype if weight_first else torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     s = x if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -190,6 +199,38 @@ def add_norm_shrink(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.norm.add_norm_shrink` (rows of a token without
     a slot are left unwritten in xa). One launch: one program per (row, chunk of `chunk` columns)."""
+    y, s, xa = _norm_shrink(x, weight, eps, residual, weight_first, lora, token_slot, chunk, True)
+    assert y is not None and s is not None
+    return y, s, xa
+
+
+def norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """Same signature and Semantics as `moelora.ops.torch.norm.norm_shrink`: `add_norm_shrink`'s launch,
+    storing neither the norm's output nor the sum."""
+    return _norm_shrink(x, weight, eps, residual, weight_first, lora, token_slot, chunk, False)[2]
+
+
+def _norm_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    weight_first: bool,
+    lora: DenseLora,
+    token_slot: torch.Tensor,
+    chunk: int,
+    store: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(y, s, xa) of `add_norm_shrink` (store) or (None, None, xa)."""
     n = x.shape[-1]
     num_slots, parts, rank = lora.a.shape[:3]
     if x.dim() != 2 or lora.a.shape[3] != n or token_slot.shape != (x.shape[0],) or chunk & (chunk - 1):
@@ -198,7 +239,7 @@ def add_norm_shrink(
             f"{tuple(token_slot.shape)}, chunk {chunk}: x [T, N], A [S, P, R, N], token_slot [T], chunk a "
             "power of 2"
         )
-    xr, rr, y, s = _norm_buffers("add_norm_shrink", x, weight, residual, weight_first)
+    xr, rr, y, s = _norm_buffers("add_norm_shrink", x, weight, residual, weight_first, store)
     chunks = triton.cdiv(n, chunk)
     lanes = parts * rank
     xa = torch.empty(chunks, x.shape[0], lanes, dtype=torch.float32, device=x.device)
@@ -209,10 +250,10 @@ def add_norm_shrink(
         xr, rr, weight.contiguous(), y, s, token_slot, a, lora.rank, xa, n, eps, xr.stride(0), rr.stride(0),
         x.shape[0], num_slots, lanes, rank, *a.stride(), *lora.rank.stride(),
         WEIGHT_FIRST=weight_first, BLOCK_N=block_n, CHUNK=chunk,
-        BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl, num_warps=_norm_warps(block_n),
+        BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl, STORE=store, num_warps=_norm_warps(block_n),
         launch_pdl=pdl,
     )  # fmt: skip
-    return y, s, xa
+    return (y, s, xa) if store else (None, None, xa)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
