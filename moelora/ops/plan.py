@@ -263,7 +263,11 @@ class KernelPlan:
     # The input RMSNorm (and the residual add before it) inside q/k/v's one launch for at most this many
     # tokens (0: never; `linear.norm_linear`): every program computes its rows' rstd and normalises its
     # input columns as it loads them; one launch a layer fewer. With adapters the norm's launch computes
-    # only their shrink (`norm.norm_shrink`). Not yet timed (25th session): `norm_linear_tokens=1` etc.
+    # only their shrink (`norm.norm_shrink`). The 18th session's form of it cost 0.35 ms a step at batch 1
+    # (removed): by the sm_90 TTGIR of this form before its last change, a [BLOCK_K] load of the norm weight
+    # (2 bytes a thread) is not staged by the loop's pipelining (each K step waits for it) and a K-step
+    # loop over the rows for the rstd waits each step too; here the weight is loaded as a tile like x's
+    # (staged with it) and the rstd takes a row's loads at once. Not yet timed (`norm_linear_tokens=16`).
     norm_linear_tokens: int = 0
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
@@ -305,8 +309,9 @@ class KernelPlan:
     # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70
     # At most this many tokens take the one-launch router (`router.router`, and with the norm before it
     # `router.add_norm_router`): a block of 16 token rows per grid row, each block's last input split taking
-    # its top-k; more tokens run `rms_norm`, cuBLAS and `route` (three launches). Past 16 not timed yet
-    # (`router_tokens=64`).
+    # its top-k; more tokens run `rms_norm`, cuBLAS and `route` (three launches). H100, Qwen3-30B-A3B bf16,
+    # batch 64, one process (2026-12-06, 25th session), ms a step p50 base / 8 adapters: 64 tokens 23.10 /
+    # 26.51 against 22.84 / 26.38 (with `linear_tokens=64` too: 23.14 / 26.53 against 22.82 / 26.16). So 16.
     router_tokens: int = 16
     router_k_chunk: int = 64
     router_warps: int = 4
@@ -344,12 +349,18 @@ class KernelPlan:
     # off until measured
     fp8_linear_scale_dots: bool = False
     delta: DeltaTiles = DeltaTiles()  # the chunked delta-rule prefill
-    decode_pairs: int | None = None  # at most this many (token, choice) pairs take the decode path
+    # At most this many (token, choice) pairs take the decode path (None: the shape rule, 16 for Qwen3).
+    # H100, Qwen3-30B-A3B bf16, one process (2026-12-06, 25th session), ms a step p50 base / 8 adapters,
+    # the rule against 32 and 64 pairs: batch 4 7.69 / 8.47 against 7.67 / 8.66 and 7.64 / 8.63; batch 8
+    # 11.03 / 12.42 against 11.09 / 12.42 and 12.23 / 13.88; batch 16 the same (15.6 / 17.7).
+    decode_pairs: int | None = None
     # The aligned path's token alignment in one launch of one program (zero the bucket counts, count,
     # prefix sums, scatter, with a barrier between them) where a step has at most 1,024 (token, choice)
-    # pairs, instead of four launches (`align.moe_align_buckets`). Off until the card has run it: its
-    # phases pass counts through L2 inside one program (interpreter tests only); then time it at batch 16
-    # and 64 (`align_one_launch=True`).
+    # pairs, instead of four launches (`align.moe_align_buckets`). Off until the card has run it in the
+    # model: its phases pass counts through L2 inside one program. On an H100 (2026-12-06, 25th session) its
+    # own tests passed (`test_align_matches_twin`, up to 600 pairs, against the four launches), but the
+    # kernel tests' MoE paths with it stopped at their 90-150 s limits (7 of the split path's passed):
+    # a hang or slow compiles, not told apart; the split path no longer takes it. Untimed.
     align_one_launch: bool = False
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
