@@ -180,6 +180,8 @@ def check_norm_shrink(num_tokens: int, in_dim: int, sizes: tuple[int, ...], rank
     valid = (slot >= 0) & (slot < lora.a.shape[0])
     assert xa.shape == (-(-in_dim // chunk), num_tokens, len(sizes) * rank)
     close(xa[:, valid], ref_xa[:, valid], TOL[dtype])
+    alone = triton_norm.norm_shrink(x, weight, 1e-6, residual, weight_first, noisy, slot, chunk)
+    assert torch.equal(alone[:, valid], xa[:, valid]), "the shrink alone: the same launch's bits"
     # (one launch up to linear_tokens, past it cuBLAS with the dense LoRA's expand of the given xa)
     got = triton_linear.linear_layer(y, w, None, noisy, slot, sizes, True, plan, scales, xa)
     close(got, torch_lora.linear(y, w, None, lora, slot, sizes, scales), TOL[dtype])

@@ -142,7 +142,8 @@ def _norm_buffers(
     store: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x's rows, residual's rows, y, s) of an RMSNorm launch, the shapes checked: y in the twin's dtype,
-    s the sum with the residual (x itself without one); without `store` y and s are x (never written)."""
+    s the sum with the residual (x itself without one); without `store` y is empty (of y's dtype, which
+    the shrink rounds the normed row to) and s is x: neither is written."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"{op}: weight {tuple(weight.shape)} for rows of {n} (x {tuple(x.shape)})")
@@ -152,9 +153,9 @@ def _norm_buffers(
         )
     xr = _rows(x, n)
     rr = xr if residual is None else _rows(residual, n)
-    if not store:
-        return xr, rr, x, x
     y_dtype = x.dtype if weight_first else torch.promote_types(weight.dtype, x.dtype)
+    if not store:
+        return xr, rr, torch.empty(0, dtype=y_dtype, device=x.device), x
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     s = x if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     return xr, rr, y, s
