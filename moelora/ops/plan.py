@@ -356,11 +356,13 @@ class KernelPlan:
     decode_pairs: int | None = None
     # The aligned path's token alignment in one launch of one program (zero the bucket counts, count,
     # prefix sums, scatter, with a barrier between them) where a step has at most 1,024 (token, choice)
-    # pairs, instead of four launches (`align.moe_align_buckets`). Off until the card has run it in the
-    # model: its phases pass counts through L2 inside one program. On an H100 (2026-12-06, 25th session) its
-    # own tests passed (`test_align_matches_twin`, up to 600 pairs, against the four launches), but the
-    # kernel tests' MoE paths with it stopped at their 90-150 s limits (7 of the split path's passed):
-    # a hang or slow compiles, not told apart; the split path no longer takes it. Untimed.
+    # pairs, instead of four launches (`align.moe_align_buckets`). Off until timed. On an H100 (2026-12-06,
+    # 25th session) its own tests passed (`test_align_matches_twin`, up to 600 pairs with slots: blocks,
+    # bucket starts and counts and the busy list equal to the four launches', the pairs the same per
+    # bucket), so the kernels after it see the inputs they see after the four launches. The kernel tests'
+    # MoE paths with it stopped at the run's 90-150 s limits after 7 and 35 tests: most likely Triton
+    # compiling their many variants (a test whose kernels another run had compiled took 1.8 s), not told
+    # apart from a hang in the time left. The split path went back to the four launches.
     align_one_launch: bool = False
     shrink_splits: int | None = None  # input splits of the aligned MoE-LoRA shrink
     down_shrink_in_gate_up: bool | None = None  # the down LoRA shrink in the gate/up GEMM's epilogue
