@@ -703,6 +703,41 @@ def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
         close(y, torch_lora.linear(x, w, None, lora, slot, sizes, scales), TOL[torch.bfloat16])
 
 
+@pytest.mark.gpu
+def test_norm_linear_cuda_graph_replay():
+    """The input norm inside q/k/v's launch with its adapters' shrink from `norm_shrink`, captured once and
+    replayed with new inputs, residuals and slots: against the twin's norm and layer each time."""
+    from moelora.ops.triton import norm as triton_norm
+
+    g = torch.Generator().manual_seed(2)
+    sizes, in_dim, num_tokens = (512, 128, 128), 1024, 4
+    plan = replace(TUNED, norm_linear_tokens=16)
+    x, res = (rand(g, num_tokens, in_dim).to(torch.bfloat16) for _ in range(2))
+    norm = InputNorm(res, (1 + 0.3 * rand(g, in_dim)).to(torch.bfloat16), 1e-6, False)
+    w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(torch.bfloat16)
+    lora, _, slot = lora_inputs(g, num_tokens, in_dim, sizes, 16, torch.bfloat16)
+    chunk = triton_linear.shrink_chunk(x, lora, sizes, True, plan)
+    assert chunk and triton_linear.norms_input(x, norm, 48, sizes, True, plan)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        xa = triton_norm.norm_shrink(x, norm.weight, 1e-6, res, False, lora, slot, chunk)
+        return triton_linear.norm_linear_layer(x, norm, w, None, lora, slot, sizes, True, plan, None, xa)
+
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s = run()
+    for seed in range(3):
+        g2 = torch.Generator().manual_seed(seed + 10)
+        x.copy_(rand(g2, num_tokens, in_dim).to(torch.bfloat16))
+        res.copy_(rand(g2, num_tokens, in_dim).to(torch.bfloat16))
+        slot.copy_(torch.randint(-1, 5, (num_tokens,), generator=g2).to(torch.int32).to(DEV))
+        graph.replay()
+        ref_y, ref_s = torch_lora.norm_linear(x, norm, w, None, lora, slot, sizes)
+        close(y, ref_y, TOL[torch.bfloat16])
+        assert torch.equal(s, ref_s)
+
+
 def test_fp8_linear_takes_the_norms_shrink_where_it_does_not_fold():
     """An FP8 weight's scale group narrows the launch's K steps (16 here against the tiles' 32), which can
     turn a folded one-token launch into one with shrink programs: `shrink_chunk` decides from the same
