@@ -125,6 +125,7 @@ def test_plan_variants_run_every_row_under_each_plan_in_one_process(tiny_llm, mo
     out = capsys.readouterr().out
     assert "| plan | batch |" in out and "| 'rotary_in_decode=False' | 2 | 1 adapter |" in out
     assert out.count("| 100% |") == 4  # each plan's base row against itself
+    assert "| p50 / first plan's |" in out and out.count("| 1.000 |") >= 4  # the first plan against itself
 
 
 def test_profile_tables_each_kernel_a_decode_step_side_by_side():

@@ -271,9 +271,14 @@ def waves_warning(session: Session, row: Row) -> str:
 
 def print_latency(session: Session, rows: list[Row]) -> None:
     """The rows as a table ("vs base": the base row of the same batch and plan); with `--plan-variants` a
-    first column names each row's plan."""
+    first column names each row's plan, and each row's decode p50 is also given over that of the first
+    plan's row of the same batch and mix (below 1: faster)."""
     base = {(r.plan, r.batch): r.decode_tok_s for r in rows if r.mix == "base"}
     variants = any(r.plan for r in rows)
+    first = {}  # (batch, mix) -> the first plan's decode p50
+    for r in rows:
+        if r.plan == rows[0].plan:
+            first[(r.batch, r.mix)] = r.summary()["decode_ms_p50"]
     gemm = session.ceilings.gemm_flops
     table = []
     for r in rows:
@@ -291,6 +296,7 @@ def print_latency(session: Session, rows: list[Row]) -> None:
                 fmt(s["prefill_ms"], 1),
                 fmt(prefill_rate / gemm * 100, 0) + "%" if gemm else "-",
                 f"{fmt(s['decode_ms_p50'])} / {fmt(s['decode_ms_p90'])} / {fmt(s['decode_ms_p99'])}",
+                *([_over_first(s["decode_ms_p50"], first.get((r.batch, r.mix)))] if variants else []),
                 fmt(s["decode_tok_s"], 0),
                 fmt(s["decode_tok_s"] / own_base * 100, 0) + "%" if own_base else "-",
                 fmt(r.floor_ms),
@@ -304,6 +310,15 @@ def print_latency(session: Session, rows: list[Row]) -> None:
         f"{session.settings()['dtype']}; floor = bytes a decode step reads at "
         f"{session.ceilings.bytes_per_s / 1e12:.2f} TB/s (the faster of a measured copy and read)",
         [*(["plan"] if variants else []), "batch", "mix", "prefill ms", "prefill / GEMM rate",
-         "decode ms/step p50 / p90 / p99", "decode tok/s", "vs base", "floor ms", "floor / p50", "spread"],
+         "decode ms/step p50 / p90 / p99", *(["p50 / first plan's"] if variants else []), "decode tok/s",
+         "vs base", "floor ms", "floor / p50", "spread"],
         table,
     )  # fmt: skip
+
+
+def _over_first(p50: float | None, first: float | None) -> str:
+    """A row's decode p50 over the first plan's (same batch and mix), 3 decimals; "-" where either is
+    missing."""
+    if p50 is None or not first:
+        return "-"
+    return f"{p50 / first:.3f}"
