@@ -852,31 +852,6 @@ def test_add_norm_router_matches_twin(
     assert torch.equal(got[3], ref[3]) and got[2].shape == ref[2].shape
 
 
-def test_router_takes_token_blocks_where_the_plan_says():
-    """`router_tokens` past 16: 40 tokens in three blocks of 16 rows, each block's last split taking its
-    top-k, with and without the norm before it, against the twins (ids where the k-th and (k+1)-th
-    logits are apart); at the plan's default the same call runs the norm, cuBLAS and `route` instead."""
-    g = torch.Generator().manual_seed(40)
-    num_tokens, num_experts, k, in_dim = 40, 24, 4, 96
-    plan = KernelPlan(router_tokens=64)
-    x, residual = rand(g, num_tokens, in_dim).half(), rand(g, num_tokens, in_dim, scale=3.0).half()
-    norm_w = (1 + rand(g, in_dim, scale=0.2)).half()
-    w = rand(g, num_experts, in_dim, scale=in_dim**-0.5).half()
-    assert triton_router._one_launch(x, w, plan) and not triton_router._one_launch(x, w, KernelPlan())
-    got = triton_router.add_norm_router(x, residual, norm_w, 1e-6, False, w, k, True, False, plan=plan)
-    ref = torch_router.add_norm_router(x, residual, norm_w, 1e-6, False, w, k, True, False)
-    assert torch.equal(got[3], ref[3])
-    assert_close(got[2], ref[2], 2e-3)
-    plain = triton_router.router(x, w, k, True, False, plan=plan)
-    for (weights, ids), inputs in [((got[0], got[1]), ref[2]), (plain, x)]:  # the router of h, then of x
-        logits = torch.nn.functional.linear(inputs.float(), w.float())
-        top = logits.sort(dim=-1, descending=True)[0]
-        clear = (top[:, k - 1] - top[:, k]) > 0.01
-        assert clear.sum() > num_tokens // 2
-        assert torch.equal(ids[clear].long(), logits.topk(k, dim=-1).indices[clear])
-        assert weights.shape == (num_tokens, k)
-
-
 def test_add_norm_router_bad_shapes():
     x, w = (
         torch.zeros(2, 32, dtype=torch.float16, device=DEV),

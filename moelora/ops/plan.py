@@ -95,8 +95,9 @@ class DecodeTiles:
     lora_ahead_regs: int = 168  # and of that launch a step ahead (`lora_ahead`)
     # Input columns a shrink program of the gate/up launch with LoRA sums (the pair's input in
     # hidden / shrink_chunk parts). Qwen3 at batch 1: 8 pairs x 8 parts = 64 shrink programs beside 384 GEMV
-    # ones, 448 for the 396 places of 3 programs an SM (`lora_ahead_regs`); 2,048 gives 392, one wave. Not
-    # timed yet (`decode_tiles.shrink_chunk=2048`).
+    # ones. H100, Qwen3-30B-A3B bf16, batch 1, 8 adapters (2026-12-06, 25th session): 256 4.21 ms a step,
+    # 1,024 4.48, 2,048 (one wave of 392 programs) 4.59: the longer a shrink program's walk, the later the
+    # GEMV programs' epilogues get their xa.
     shrink_chunk: int = 256
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
     # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
@@ -307,12 +308,6 @@ class KernelPlan:
     # program for one token (more tokens: 128 each, a tensor-core dot over 16 rows), and warps a program.
     # H100, Qwen3-30B-A3B bf16, batch 1, one process (2026-12-06, `--plan-variants`), ms a step base / 8
     # adapters: shipped 3.88 / 4.59; 1, 2 or 8 warps 3.91-3.93 / 4.62-4.66; 128 columns 3.98 / 4.70
-    # At most this many tokens take the one-launch router (`router.router`, and with the norm before it
-    # `router.add_norm_router`): a block of 16 token rows per grid row, each block's last input split taking
-    # its top-k; more tokens run `rms_norm`, cuBLAS and `route` (three launches). H100, Qwen3-30B-A3B bf16,
-    # batch 64, one process (2026-12-06, 25th session), ms a step p50 base / 8 adapters: 64 tokens 23.10 /
-    # 26.51 against 22.84 / 26.38 (with `linear_tokens=64` too: 23.14 / 26.53 against 22.82 / 26.16). So 16.
-    router_tokens: int = 16
     router_k_chunk: int = 64
     router_warps: int = 4
     # A decode step's rotary embedding (q/k norm, cache write) inside the decode attention launch

@@ -200,9 +200,7 @@ def add_norm_shrink(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.norm.add_norm_shrink` (rows of a token without
     a slot are left unwritten in xa). One launch: one program per (row, chunk of `chunk` columns)."""
-    y, s, xa = _norm_shrink(x, weight, eps, residual, weight_first, lora, token_slot, chunk, True)
-    assert y is not None and s is not None
-    return y, s, xa
+    return _norm_shrink(x, weight, eps, residual, weight_first, lora, token_slot, chunk, True)
 
 
 def norm_shrink(
@@ -230,8 +228,8 @@ def _norm_shrink(
     token_slot: torch.Tensor,
     chunk: int,
     store: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """(y, s, xa) of `add_norm_shrink` (store) or (None, None, xa)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, xa) of `add_norm_shrink`; without `store` y and s are placeholders, never written."""
     n = x.shape[-1]
     num_slots, parts, rank = lora.a.shape[:3]
     if x.dim() != 2 or lora.a.shape[3] != n or token_slot.shape != (x.shape[0],) or chunk & (chunk - 1):
@@ -254,7 +252,7 @@ def _norm_shrink(
         BLOCK_L=max(16, triton.next_power_of_2(lanes)), PDL=pdl, STORE=store, num_warps=_norm_warps(block_n),
         launch_pdl=pdl,
     )  # fmt: skip
-    return (y, s, xa) if store else (None, None, xa)
+    return y, s, xa
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moelora.ops.plan import TUNED, KernelPlan
+from moelora.ops.plan import TUNED
 from moelora.ops.triton.common import after_previous, dependent_launch, prefetch_l2
 from moelora.ops.triton.counters import last_one, launch_counters
 from moelora.ops.triton.norm import rms_norm
@@ -115,17 +115,16 @@ def _router_kernel(
     WEIGHT_FIRST: tl.constexpr, NORM_K: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
     LINES: tl.constexpr,
 ):  # fmt: skip
-    """Program (`split`, token block): the logits' fp32 partial over its K_CHUNK input columns for the
-    block's BLOCK_T token rows (a tensor-core dot for 16 rows, or products summed in registers for one
-    token); the block's last split to finish adds its partials up in split order (their loads all in
-    flight at once), rounds the logits to x's dtype (as the linear layer's output) and takes the top-k.
+    """Program `split`: the logits' fp32 partial over its K_CHUNK input columns (a tensor-core dot for 16
+    token rows, or products summed in registers for one token); the last to finish adds the partials up
+    in split order (their loads all in flight at once), rounds the logits to x's dtype (as the linear
+    layer's output) and takes the top-k.
     With NORM the router's input is RMSNorm(x + residual) (`_normed_step`): every program finds the rows'
     scale from their whole sums (rows of [IN_DIM] 16-bit values: a few KB each from L2), then normalises
     only its own columns and stores them, and their sums s, into h and s (the MoE's input, the next
     residual)."""
     split = tl.program_id(0)
-    block = tl.program_id(1)
-    t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
     e = tl.arange(0, BLOCK_E)
     e_ok = (e < num_experts)[None, :]
@@ -156,9 +155,9 @@ def _router_kernel(
             w_mask = (e < num_experts)[:, None] & k_ok[None, :]
             wk = tl.load(wr_ptr + e[:, None] * swr_e + (kk + k0)[None, :] * swr_k, mask=w_mask, other=0.0)
             acc += tl.sum(xk.to(tl.float32)[:, None, :] * wk.to(tl.float32)[None, :, :], axis=2)
-    rows = (block * SPLITS * BLOCK_T + tl.arange(0, BLOCK_T))[:, None] * BLOCK_E + e[None, :]
+    rows = t[:, None] * BLOCK_E + e[None, :]
     tl.store(part_ptr + split * BLOCK_T * BLOCK_E + rows, acc)
-    if last_one(count_ptr + block, SPLITS):
+    if last_one(count_ptr, SPLITS):
         logits = tl.load(part_ptr + rows, cache_modifier=".cg")
         for i in tl.static_range(1, SPLITS):
             logits += tl.load(part_ptr + i * BLOCK_T * BLOCK_E + rows, cache_modifier=".cg")
@@ -242,7 +241,7 @@ def route(
     return weights, ids
 
 
-ROUTER_TOKENS = 16  # at most this many tokens take the router in o's launch (`linear.linear_norm_router`)
+ROUTER_TOKENS = 16  # at most this many tokens take the one-launch router; more: cuBLAS, then `route`
 # More tokens than this: the partial logits by a tensor-core dot over 16 token rows. One token: products
 # summed in registers, 64 input columns a program (H200, 128 experts x 2,048 inputs, 256 layers' weights in
 # a CUDA graph: 9.35 -> 7.8 us a call, the ids equal to the twin's; two tokens that way: 10.9 vs 9.6 us).
@@ -259,15 +258,13 @@ def router(
     block_k: int | None = None,
     num_warps: int | None = None,
     pdl: bool | None = None,
-    plan: KernelPlan = TUNED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.router`: one launch for a few tokens in
     16 bits (the logits' partial sums split along the input, the last split taking the top-k), else
     cuBLAS and `route`. `k_chunk` (input columns per program), `block_k` (per step), `num_warps`: tiles
     for benchmarks; None: the plan's (`KernelPlan.router_k_chunk`, `router_warps`). `pdl`: launched as
-    a programmatic dependent (`common.dependent_launch`; None: the plan's `pdl`). `plan`: how many
-    tokens take the one launch (`KernelPlan.router_tokens`)."""
-    if not _one_launch(x, weight, plan):
+    a programmatic dependent (`common.dependent_launch`; None: the plan's `pdl`)."""
+    if not _one_launch(x, weight):
         return route(F.linear(x, weight), top_k, renormalize, fp32_weights)
     weights, ids, _, _ = _launch(
         x, weight, top_k, renormalize, fp32_weights, None, k_chunk, block_k, num_warps, pdl
@@ -286,30 +283,27 @@ def add_norm_router(
     renormalize: bool,
     fp32_weights: bool,
     pdl: bool | None = None,
-    plan: KernelPlan = TUNED,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same signature and Semantics as `moelora.ops.torch.router.add_norm_router`: for a few tokens the
     residual add, the RMSNorm, the router's linear layer and its top-k in one launch (`_router_kernel`
-    with NORM); else `rms_norm`, then `router`. `plan`: how many tokens take the one launch
-    (`KernelPlan.router_tokens`)."""
+    with NORM); else `rms_norm`, then `router`."""
     if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (x.shape[-1],):
         raise ValueError(
             f"add_norm_router: x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
             f"{residual.dtype}, norm weight {tuple(norm_weight.shape)}: residual like x, the weight [H]"
         )
     h_dtype = x.dtype if weight_first else torch.promote_types(norm_weight.dtype, x.dtype)
-    if h_dtype != x.dtype or not _one_launch(x, weight, plan) or residual.stride(-1) != 1:
+    if h_dtype != x.dtype or not _one_launch(x, weight) or residual.stride(-1) != 1:
         h, s = rms_norm(x, norm_weight, eps, residual, weight_first)
-        return *router(h, weight, top_k, renormalize, fp32_weights, pdl=pdl, plan=plan), h, s
+        return *router(h, weight, top_k, renormalize, fp32_weights, pdl=pdl), h, s
     norm = (residual, norm_weight.contiguous(), eps, weight_first)
     return _launch(x, weight, top_k, renormalize, fp32_weights, norm, None, None, None, pdl)
 
 
-def _one_launch(x: torch.Tensor, weight: torch.Tensor, plan: KernelPlan) -> bool:
-    """Whether the router of x [T, H] takes the one launch: a few tokens (`plan.router_tokens`), 16 bits, at
-    most 256 experts."""
+def _one_launch(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the router of x [T, H] takes the one launch: a few tokens, 16 bits, at most 256 experts."""
     return (
-        x.shape[0] <= plan.router_tokens
+        x.shape[0] <= ROUTER_TOKENS
         and x.element_size() == 2
         and weight.dtype == x.dtype
         and weight.shape[0] <= 256
@@ -336,14 +330,13 @@ def _launch(
         raise ValueError(f"router: top_k {top_k} must be in [1, {num_experts}] (the router's experts)")
     dot = num_tokens > _DOT_TOKENS
     block_t = 16 if dot else triton.next_power_of_2(num_tokens)
-    blocks = triton.cdiv(num_tokens, block_t)
     block_e = max(16, triton.next_power_of_2(num_experts))
     if block_k is None:  # the non-dot step holds [T, E, K] products in registers: 8,192 at most
         block_k = 128 if dot else max(16, 8192 // (block_t * block_e))
     block_k = min(block_k, max(16, triton.next_power_of_2(in_dim)))
     k_chunk = max(block_k, k_chunk or (128 if dot else TUNED.router_k_chunk))
     splits = triton.cdiv(in_dim, k_chunk)
-    part = torch.empty(blocks, splits, block_t, block_e, dtype=torch.float32, device=x.device)
+    part = torch.empty(splits, block_t, block_e, dtype=torch.float32, device=x.device)
     weights = torch.empty(
         num_tokens, top_k, dtype=torch.float32 if fp32_weights else x.dtype, device=x.device
     )
@@ -355,8 +348,8 @@ def _launch(
         h, s = torch.empty(num_tokens, in_dim, dtype=x.dtype, device=x.device), torch.empty_like(h)
     pdl = dependent_launch(x.device, TUNED.pdl if pdl is None else pdl)
     line = 128 // weight.element_size()  # weights a 128-byte cache line holds
-    _router_kernel[(splits, blocks)](
-        x, weight, part, weights, ids, launch_counters(x.device, blocks), residual, norm_weight, h, s,
+    _router_kernel[(splits,)](
+        x, weight, part, weights, ids, launch_counters(x.device, 1), residual, norm_weight, h, s,
         num_tokens, num_experts, *x.stride(), *weight.stride(), residual.stride(0), eps,
         IN_DIM=in_dim, SPLITS=splits, K_CHUNK=k_chunk, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, DOT=dot,
