@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -381,3 +382,24 @@ def test_moelora_pdl_sets_the_plans_default(value: str | None, pdl: bool | None)
     else:
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == [str(pdl), str(pdl)]
+
+
+def test_latency_rows_reach_a_pipe_as_they_are_measured():
+    """A row's line is written through (line-buffered stdout) as soon as it is measured, also into a pipe:
+    the first row is read while the run still measures the rest, so a run cut short keeps its rows."""
+    cmd = [sys.executable, "-m", "moelora.cli", "bench", "latency", "demo", "--no-progress"]
+    cmd += ["--input-len", "8", "--output-len", "64", "--num-iters", "3", "--batch-size", "1", "8", "32"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("batch 1 base:"):
+                time.sleep(1.0)  # the rows left take several seconds more
+                assert proc.poll() is None, "the first row came only when the run ended"
+                break
+        else:
+            raise AssertionError("no row line")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import sys
 from typing import Any
 
 from moelora.benchmark.args import LatencyArgs, ServeBenchArgs, ThroughputArgs, WorkloadArgs
@@ -33,6 +35,10 @@ def add_bench_commands(commands: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    # Each row's line as soon as it is measured, also into a file or a pipe: a run cut short (a time
+    # limit, Ctrl-C) keeps the rows it finished.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     workload: WorkloadArgs = from_args(WorkloadArgs, args)
     if args.bench == "serve":
         return _run_serve(args, workload)
