@@ -1082,7 +1082,8 @@ def test_decode_shrink_parts_in_gemv_programs_gpu(num_tokens: int):
     with new ids and slots."""
     case = (num_tokens, 8, 128, 2048, 768, torch.bfloat16)
     plan = KernelPlan(decode_pairs=1 << 30, decode_tiles=replace(TUNED.decode_tiles, shrink_in_gemv=True))
-    check_fused_moe_lora(case, seed=num_tokens + 3, num_slots=4, rank=16, plan=plan)
+    # (seeds whose tokens include one on a valid slot: the delta must be visible)
+    check_fused_moe_lora(case, seed=num_tokens + 4, num_slots=4, rank=16, plan=plan)
     g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
     bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)
     slot = slots(g, num_tokens, 4)
