@@ -59,7 +59,7 @@ INT_PTRS = {"ids_ptr", "slot_ptr", "counts_ptr", "bucket_ptr", "rank_ptr", "star
 INT_PTRS |= {"sorted_ptr", "block_expert_ptr", "bt_ptr", "lens_ptr", "meta_ptr", "tile_ptr", "count_ptr"}
 INT_PTRS |= {"ticket_ptr", "shrunk_ptr", "exited_ptr", "pair_count_ptr", "busy_ptr", "tile_count_ptr"}
 INT_PTRS |= {"row_hash_ptr", "index_ptr", "starts_ptr", "chunks_ptr", "oslot_ptr", "orank_ptr"}
-INT_PTRS |= {"route_count_ptr", "rid_ptr", "part_state_ptr"}
+INT_PTRS |= {"route_count_ptr", "rid_ptr"}
 FP32_PTRS = {"xa_ptr", "part_ptr", "ha_ptr", "hp_ptr", "out_ptr", "lse_ptr", "cos_ptr", "sin_ptr"}
 FP32_PTRS |= {"xs_ptr", "hs_ptr", "oxa_ptr", "rp_ptr", "rs_ptr"}
 FP32_PTRS |= {"logits_ptr", "top_ptr", "temp_ptr", "best_ptr", "state_ptr", "final_ptr", "sc_ptr", "m_ptr"}
@@ -235,7 +235,7 @@ def decode_cases() -> Iterator[Case]:
     for has_lora, step_sum in itertools.product((False, True), (False, True)):
         tiles = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=64)
         gate_up = dict(HIDDEN=2048, SPLITS=8, CHUNK=256, SHRINK_K=64, N_TILES=48, STEP_SUM=step_sum, **tiles)
-        gate_up |= dict(AHEAD=False, SHARED=False)
+        gate_up |= dict(AHEAD=False)
         down = dict(HAS_LORA=has_lora, HAS_RANK=has_lora, BLOCK_N=d.block_n, BLOCK_K=d.block_k, BLOCK_R=64)
         down |= dict(STEP_SUM=step_sum, SHRINK_PARTS=48, AHEAD=False)
         # each step's loads a step ahead (`decode_common.ahead_mode`; with LoRA `lora_ahead`), and not
@@ -243,8 +243,6 @@ def decode_cases() -> Iterator[Case]:
         for gpt_oss, a in itertools.product((False, True), ahead):  # GPT-OSS's biases and clamped SwiGLU
             extras = dict(HAS_BIAS=gpt_oss, CLAMPED=gpt_oss, HAS_SCALE=False, GROUP=1, AHEAD=a)
             yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras, t.warps
-            if has_lora:  # the shrink parts in the first GEMV programs (`shrink_in_gemv`)
-                yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | extras | dict(SHARED=True), t.warps
             down_case = dict(INTER=2880 if gpt_oss else 768, TOP_K=8, HAS_BIAS=gpt_oss, **down)
             down_case |= dict(LINE=64, LINES=64 if gpt_oss else 16, AHEAD=a)  # (LINE: the PDL prefetch's)
             yield moe_decode_down._decode_down_kernel, down_case | dict(HAS_SCALE=False, GROUP=1), d.warps
@@ -260,9 +258,6 @@ def decode_cases() -> Iterator[Case]:
                 for a in ahead:
                     sums = dict(BLOCK_K=step, STEP_SUM=2, AHEAD=a)
                     yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | sums, t.warps
-                    if has_lora and step == 1024 and not a:  # the shipped FP8 step, shrink in the GEMVs
-                        shared = sums | dict(SHARED=True)
-                        yield moe_decode_gate_up._decode_gate_up_kernel, gate_up | fp8 | shared, t.warps
                     yield moe_decode_down._decode_down_kernel, down_case | sums, d.warps
             if step == 128 and not has_lora:  # steps in one group, a step ahead
                 one = dict(BLOCK_K=step, AHEAD=True)

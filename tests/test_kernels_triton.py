@@ -305,21 +305,6 @@ def test_decode_gemv_a_step_ahead(case):
         check_fused_moe_lora(case, seed=case[0] + 4, num_slots=4, rank=8, plan=plan)
 
 
-@pytest.mark.parametrize("case", [(5, 2, 4, 192, 80, torch.float32), CPU_CASES[2]])
-def test_decode_shrink_parts_in_gemv_programs(case):
-    """The decode gate/up launch with LoRA, its shrink parts run by its first GEMV programs
-    (`DecodeTiles.shrink_in_gemv`; case 0: 3 parts a pair, 30 parts in 50 GEMV programs), against the twin.
-    The interpreter runs one program at a time, so a program whose pair's parts are not all done claims and
-    runs them itself (`counters.claim`), and the programs that own those parts find them done. The
-    counters are zero again afterwards."""
-    from moelora.ops.triton.counters import launch_counters
-
-    tiles = replace(TUNED.decode_tiles, shrink_in_gemv=True, shrink_chunk=64)
-    plan = KernelPlan(decode_pairs=1 << 30, decode_tiles=tiles)
-    check_fused_moe_lora(case, seed=case[0] + 7, num_slots=3, rank=8, plan=plan)
-    assert not launch_counters(torch.device(DEV), 0).any()
-
-
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_fused_moe_matches_twin(case, path: KernelPlan):
     check_fused_moe(case, seed=case[0], plan=path)
@@ -1071,34 +1056,6 @@ def test_dependent_launches_in_a_graph_keep_the_stream_order():
         assert torch.equal(ids, ids_now) and torch.equal(h, h_now)
         ref = torch_moe.fused_moe(h_now, w_gu, w_dn, ids_now, weights_now)
         assert_close(out, ref, CPU_TOL[x.dtype])
-
-
-@pytest.mark.gpu
-@pytest.mark.cuda_graphs
-@pytest.mark.parametrize("num_tokens", [1, 4])
-def test_decode_shrink_parts_in_gemv_programs_gpu(num_tokens: int):
-    """Qwen3-30B-A3B's experts (8 shrink parts a pair) on the decode path with the gate/up shrink parts in
-    its first GEMV programs (`shrink_in_gemv`): the twin's result eagerly, then captured once and replayed
-    with new ids and slots."""
-    case = (num_tokens, 8, 128, 2048, 768, torch.bfloat16)
-    plan = KernelPlan(decode_pairs=1 << 30, decode_tiles=replace(TUNED.decode_tiles, shrink_in_gemv=True))
-    # (seeds whose tokens include one on a valid slot: the delta must be visible)
-    check_fused_moe_lora(case, seed=num_tokens + 4, num_slots=4, rank=16, plan=plan)
-    g, x, w_gu, w_dn, ids, weights = moe_inputs(case, seed=9)
-    bufs = lora_buffers(g, 4, case[2], case[3], case[4], 16, x.dtype)
-    slot = slots(g, num_tokens, 4)
-    triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan)  # compile first
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = triton_moe.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs, plan)
-    for seed in (1, 2):
-        g2 = torch.Generator().manual_seed(seed)
-        ids.copy_(expert_ids(g2, num_tokens, case[1], case[2], empty=0))
-        slot.copy_(torch.arange(num_tokens, device=DEV, dtype=slot.dtype) % 4)
-        graph.replay()
-        assert_close(
-            out, torch_lora.fused_moe_lora(x, w_gu, w_dn, ids, weights, slot, bufs), CPU_TOL[x.dtype]
-        )
 
 
 @pytest.mark.gpu

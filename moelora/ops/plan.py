@@ -97,13 +97,10 @@ class DecodeTiles:
     # hidden / shrink_chunk parts). Qwen3 at batch 1: 8 pairs x 8 parts = 64 shrink programs beside 384 GEMV
     # ones. H100, Qwen3-30B-A3B bf16, batch 1, 8 adapters (2026-12-06, 25th session): 256 4.21 ms a step,
     # 1,024 4.48, 2,048 (one wave of 392 programs) 4.59: the longer a shrink program's walk, the later the
-    # GEMV programs' epilogues get their xa.
+    # GEMV programs' epilogues get their xa. The parts run by the first GEMV programs instead (each part,
+    # then its GEMV; 384 programs in one wave, not 448; `shrink_in_gemv`, 26th session) took 4.30 against
+    # 4.23 ms (H100, 2026-12-07, one process): removed.
     shrink_chunk: int = 256
-    # The gate/up shrink parts run by the first GEMV programs (each a part, then its GEMV) instead of
-    # programs of their own: Qwen3 at batch 1 then takes 384 programs, not 448 (396 places at 3 an SM, so
-    # 52 GEMV programs started only as the shrink programs ended). A GEMV program that finds its pair's
-    # parts not all done runs the unclaimed ones itself (`counters.claim`). Not yet timed.
-    shrink_in_gemv: bool = False
     # With FP8 weights the K step: 0 for one scale group (block_k cut to it), or a power-of-two multiple of
     # the group (a step then loads one scale a row per group it spans). H100, Qwen3-30B-A3B's experts, one
     # token, 4 layers a graph (bench/fp8_moe.py --sweep, 2026-12-05), gate/up + down: steps of 512 with

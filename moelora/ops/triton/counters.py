@@ -40,23 +40,6 @@ def wait_for(counter_ptr, target):
 
 
 @triton.jit
-def claim(state_ptr):
-    """True for the one program that moves *state_ptr from 0 (not begun) to 1 (running): it then does that
-    piece of work and marks it done (`release`). A program that loses the claim may wait for the piece
-    (`wait_for(state_ptr, 2)`): its claimer is running and waits for nothing before its release."""
-    return tl.atomic_cas(state_ptr, 0, 1, sem="acq_rel") == 0
-
-
-@triton.jit
-def release(state_ptr, count_ptr):
-    """Mark a claimed piece done (*state_ptr = 2) and count it at *count_ptr; both release this program's
-    writes (the barrier first, as in `signal`)."""
-    tl.debug_barrier()
-    tl.atomic_xchg(state_ptr, 2, sem="release")
-    tl.atomic_add(count_ptr, 1, sem="release")
-
-
-@triton.jit
 def last_one(counter_ptr, count):
     """Count this program in (its writes done, as `signal`); True for the last of `count` programs,
     which then sees all their writes and resets the counter to zero for the next launch."""

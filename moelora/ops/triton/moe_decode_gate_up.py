@@ -24,7 +24,7 @@ from moelora.ops.triton.common import (
     lanes_in_rank,
     scale_args,
 )
-from moelora.ops.triton.counters import claim, last_one, launch_counters, release, signal, ticket, wait_for
+from moelora.ops.triton.counters import last_one, launch_counters, signal, ticket, wait_for
 from moelora.ops.triton.decode_common import (
     PARTIAL_ROWS,
     ahead_mode,
@@ -44,8 +44,7 @@ from moelora.ops.triton.tiles import DecodeTiles
 
 _SHRINK_K = 64  # input columns per step of a shrink program
 
-# The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done;
-# with the shrink parts in GEMV programs (`DecodeTiles.shrink_in_gemv`) then a state per part (`claim`).
+# The launch's counters (`counters.launch_counters`), in order: tickets, shrink parts done, programs done.
 
 
 @triton.jit
@@ -74,26 +73,6 @@ def _shrink_part(
         acc = fma_step(acc, a_ptrs + k0 * sa_k, j_ok[:, None] & k_ok[None, :], v)
     dst = xa_ptr + (split * num_pairs + p).to(tl.int64) * (2 * rank) + j
     tl.store(dst, tl.sum(acc, axis=1), mask=j < 2 * rank)
-
-
-@triton.jit
-def _claimed_part(
-    x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, state_ptr, done_ptr, item, top_k, num_experts, rank,
-    num_slots, num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-    HIDDEN: tl.constexpr, SPLITS: tl.constexpr, HAS_RANK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R2: tl.constexpr,
-):  # fmt: skip
-    """Shrink part `item` if this program claims it first (its state at state_ptr + item, `counters.claim`),
-    then marked done and counted at done_ptr -> whether this program ran it."""
-    won = claim(state_ptr + item)
-    if won:
-        _shrink_part(
-            x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, item, top_k, num_experts, rank, num_slots,
-            num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-            HIDDEN, SPLITS, HAS_RANK, CHUNK, BLOCK_K, BLOCK_R2,
-        )  # fmt: skip
-        release(state_ptr + item, done_ptr)
-    return won
 
 
 @triton.jit
@@ -162,7 +141,7 @@ def _lora_tiles(
 @triton.jit
 def _decode_gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, h_ptr, slot_ptr, a_ptr, xa_ptr, b_ptr, a_dn_ptr, hp_ptr, rank_ptr,
-    ticket_ptr, shrunk_ptr, exited_ptr, part_state_ptr, bias_ptr, sc_ptr,
+    ticket_ptr, shrunk_ptr, exited_ptr, bias_ptr, sc_ptr,
     top_k, inter, num_experts, rank, num_slots, num_pairs,
     sx_t, sx_k, s_id_t, s_id_k, sw_e, sw_n, sw_k, sa_s, sa_e, sa_h, sa_r, sa_k,
     sb_s, sb_e, sb_h, sb_n, sb_r, sd_s, sd_e, sd_r, sd_k, s_bias_e, ss_e, ss_n, limit, alpha,
@@ -170,36 +149,25 @@ def _decode_gate_up_kernel(
     HAS_RANK: tl.constexpr, SPLITS: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
     CHUNK: tl.constexpr, SHRINK_K: tl.constexpr, N_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STEP_SUM: tl.constexpr,
-    PDL: tl.constexpr, AHEAD: tl.constexpr, SHARED: tl.constexpr,
+    PDL: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     after_previous(PDL)
-    # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles. SHARED:
-    # the GEMV tiles alone, the first num_pairs * SPLITS of them each running a shrink part first.
+    # Programs, in start order: num_pairs * SPLITS shrink parts (with LoRA), then the GEMV tiles.
     num_shrink = 0
     item = tl.program_id(0)
     if HAS_LORA:
         num_shrink = num_pairs * SPLITS
         item = ticket(ticket_ptr)
-    gemv_item = item
-    if SHARED:
-        if item < num_shrink:
-            _claimed_part(
-                x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, part_state_ptr, shrunk_ptr, item, top_k,
-                num_experts, rank, num_slots, num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r,
-                sa_k, HIDDEN, SPLITS, HAS_RANK, CHUNK, SHRINK_K, 2 * BLOCK_R,
-            )  # fmt: skip
+    if item < num_shrink:
+        _shrink_part(
+            x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, item, top_k, num_experts, rank, num_slots,
+            num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
+            HIDDEN, SPLITS, HAS_RANK, CHUNK, SHRINK_K, 2 * BLOCK_R,
+        )  # fmt: skip
+        signal(shrunk_ptr)
     else:
-        gemv_item = item - num_shrink
-        if item < num_shrink:
-            _shrink_part(
-                x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, item, top_k, num_experts, rank, num_slots,
-                num_pairs, sx_t, sx_k, s_id_t, s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k,
-                HIDDEN, SPLITS, HAS_RANK, CHUNK, SHRINK_K, 2 * BLOCK_R,
-            )  # fmt: skip
-            signal(shrunk_ptr)
-    if gemv_item >= 0:
-        p = gemv_item // N_TILES
-        tile = gemv_item % N_TILES
+        p = (item - num_shrink) // N_TILES
+        tile = (item - num_shrink) % N_TILES
         t, e, runs = pair_expert(ids_ptr, p, top_k, s_id_t, s_id_k, num_experts)
         e64 = tl.where(runs, e, 0).to(tl.int64)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -222,20 +190,7 @@ def _decode_gate_up_kernel(
                                            sb_r, sd_s, sd_e, sd_r, sd_k)  # fmt: skip
             xa_row = xa_ptr + p.to(tl.int64) * (2 * rank)
             if on & runs:
-                if SHARED:  # this pair's parts done, by the programs that own them or by this one
-                    if tl.atomic_add(shrunk_ptr, 0, sem="acquire") < num_shrink:
-                        for i in range(SPLITS):
-                            part = p * SPLITS + i
-                            if not _claimed_part(
-                                x_ptr, ids_ptr, slot_ptr, a_ptr, xa_ptr, rank_ptr, part_state_ptr, shrunk_ptr,
-                                part, top_k, num_experts, rank, num_slots, num_pairs, sx_t, sx_k, s_id_t,
-                                s_id_k, sa_s, sa_e, sa_h, sa_r, sa_k, HIDDEN, SPLITS, HAS_RANK, CHUNK,
-                                SHRINK_K, 2 * BLOCK_R,
-                            ):  # fmt: skip
-                                wait_for(part_state_ptr + part, 2)  # another program runs it
-                    tl.debug_barrier()
-                else:
-                    wait_for(shrunk_ptr, num_shrink)
+                wait_for(shrunk_ptr, num_shrink)
                 xg = sum_partials(xa_row, num_pairs * 2 * rank, r, r_ok, SPLITS, PARTIAL_ROWS)
                 xu = sum_partials(xa_row + rank, num_pairs * 2 * rank, r, r_ok, SPLITS, PARTIAL_ROWS)
                 g += tl.sum(bg.to(tl.float32) * xg[None, :], axis=1)
@@ -247,18 +202,10 @@ def _decode_gate_up_kernel(
             part = tl.sum(a_dn.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
             tl.store(hp_ptr + (tile * num_pairs + p).to(tl.int64) * rank + r, part, mask=r < rank)
     if HAS_LORA:
-        programs = num_pairs * N_TILES
-        if not SHARED:
-            programs += num_shrink
+        programs = num_shrink + num_pairs * N_TILES
         if last_one(exited_ptr, programs):
             tl.atomic_xchg(ticket_ptr, 0)
             tl.atomic_xchg(shrunk_ptr, 0)
-            if SHARED:
-                lanes = tl.arange(0, 128)
-                i0 = num_shrink * 0
-                while i0 < num_shrink:
-                    tl.atomic_xchg(part_state_ptr + i0 + lanes, 0, mask=i0 + lanes < num_shrink)
-                    i0 += 128
 
 
 def decode_gate_up(
@@ -292,7 +239,6 @@ def decode_gate_up(
         xa = hp = h
         sync = h.view(-1)
         num_slots, rank = 0, 1
-        shared = False
     else:
         slot, a, b, a_dn, rank_of = lora
         num_slots, rank = a.shape[0], a.shape[3]
@@ -300,9 +246,8 @@ def decode_gate_up(
         splits = triton.cdiv(hidden, chunk)
         xa = torch.empty(splits, num_pairs, 2 * rank, dtype=torch.float32, device=x.device)
         hp = torch.empty(n_tiles, num_pairs, rank, dtype=torch.float32, device=x.device)
-        shared = tiles.shrink_in_gemv and splits <= n_tiles
-        sync = launch_counters(x.device, 3 + (num_pairs * splits if shared else 0))
-    programs = num_pairs * (n_tiles + (splits if lora is not None and not shared else 0))
+        sync = launch_counters(x.device, 3)
+    programs = num_pairs * (n_tiles + (splits if lora is not None else 0))
     bias, s_bias, limit, alpha = extras_args(extras, x)
     scales, block_k = scale_args(extras, x, "gate_up", tiles.block_k)
     block_k = fp8_step(block_k, scales.group, tiles, hidden) if scales.on else block_k
@@ -313,7 +258,7 @@ def decode_gate_up(
     pdl = dependent_launch(x.device, pdl)
     _decode_gate_up_kernel[(programs,)](
         x, local_ids, w_gate_up, h, slot, a, xa, b, a_dn, hp, slot if rank_of is None else rank_of,
-        sync, sync[1:], sync[2:], sync[3:], bias, scales.table,
+        sync, sync[1:], sync[2:], bias, scales.table,
         top_k, inter, num_experts, rank, num_slots, num_pairs,
         *x.stride(), *local_ids.stride(), *w_gate_up.stride(), *a.stride(), *b.stride(), *a_dn.stride(),
         s_bias, *scales.strides, limit, alpha,
@@ -322,6 +267,6 @@ def decode_gate_up(
         GROUP=scales.group, CHUNK=chunk, SHRINK_K=shrink_k, N_TILES=n_tiles, BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), STEP_SUM=step_sum, PDL=pdl,
-        AHEAD=ahead, SHARED=shared, num_warps=tiles.warps, launch_pdl=pdl, **regs,
+        AHEAD=ahead, num_warps=tiles.warps, launch_pdl=pdl, **regs,
     )  # fmt: skip
     return h, (hp if lora is not None else None)
