@@ -14,6 +14,7 @@ one-launch result is first checked against cuBLAS plus the LoRA twin.
     python bench/linear.py --lora-sweep    # tile variants of the dense LoRA kernels past the one launch
     python bench/linear.py --fp8           # FP8 weights (one launch, or dequantised for cuBLAS) vs bf16
     python bench/linear.py --sweep --fp8   # tile variants of the one launch with FP8 weights
+    python bench/linear.py --norm          # the input norm's launch against the norm inside q/k/v
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from timing import graph_us
 
 from moelora.ops.dense_lora import DenseLora
 from moelora.ops.fp8 import RowScales
+from moelora.ops.input_norm import InputNorm
 from moelora.ops.plan import TUNED, KernelPlan, LoraTiles
 from moelora.ops.torch import lora as twin
 from moelora.ops.torch.fp8 import quantize_rows
 from moelora.ops.triton import linear as kern
+from moelora.ops.triton.norm import rms_norm
 from moelora.ops.triton.tiles import lora_tiles
 
 SHAPES = {"qkv": (2048, (4096, 512, 512)), "o": (4096, (2048,)), "router": (2048, (128,))}
@@ -98,6 +101,49 @@ def rows(args) -> None:
                 fl = floor_us(in_dim, sizes, tokens, adapters, args.bandwidth)
                 cells = f"{old:.2f} | {new:.2f} | {apart} | {fl:.2f} | {fl / new:.0%}"
                 print(f"| {name} | {tokens} | {adapters} | {cells} |", flush=True)
+
+
+def norm_rows(args) -> None:
+    """The input RMSNorm before q/k/v in a launch of its own (`rms_norm`, then the one launch) against inside
+    q/k/v's launch (`linear.norm_linear`, `KernelPlan.norm_linear_tokens`), with and without the residual
+    add, each layer's q/k/v then o (o's input: q's output) chained as in a model's step."""
+    g = torch.Generator().manual_seed(0)
+    (in_q, sizes_q), (in_o, sizes_o) = SHAPES["qkv"], SHAPES["o"]
+    qkv = [Layer(g, in_q, sizes_q) for _ in range(args.layers)]
+    o = [Layer(g, in_o, sizes_o) for _ in range(args.layers)]
+    weights = [1 + 0.1 * torch.randn(in_q, generator=g) for _ in range(args.layers)]
+    weights = [w.to("cuda", torch.bfloat16) for w in weights]
+    plan = replace(TUNED, norm_linear_tokens=max(args.tokens))
+
+    def step(x: torch.Tensor, res: torch.Tensor | None, inside: bool) -> None:
+        for q_layer, o_layer, w in zip(qkv, o, weights, strict=True):
+            if inside:
+                norm = InputNorm(res, w, 1e-6, False)
+                y, _ = kern.norm_linear(x, norm, q_layer.w, None, None, sizes_q, plan)
+            else:
+                h = rms_norm(x, w, 1e-6, res)
+                y = kern.linear(h if res is None else h[0], q_layer.w, None, None, sizes_q, plan)
+            x = kern.linear(y[:, : sizes_q[0]], o_layer.w, None, None, sizes_o, plan)
+
+    print(
+        "| tokens | residual | norm launch + q/k/v + o us | norm inside q/k/v, + o us "
+        "| floor us | floor / it |"
+    )
+    print("|---|---|---|---|---|---|")
+    for tokens, residual in itertools.product(args.tokens, (True, False)):
+        x = torch.randn(tokens, in_q, generator=g).to("cuda", torch.bfloat16)
+        res = torch.randn(tokens, in_q, generator=g).to("cuda", torch.bfloat16) if residual else None
+        norm = InputNorm(res, weights[0], 1e-6, False)
+        got, s = kern.norm_linear(x, norm, qkv[0].w, None, None, sizes_q, plan)
+        ref, ref_s = twin.norm_linear(x, norm, qkv[0].w, None, None, None, sizes_q)
+        err = (got.float() - ref.float()).abs().max().item()
+        assert err < 0.05 * max(1.0, ref.float().abs().max().item()), f"T={tokens}: {err}"
+        assert torch.equal(s, ref_s), "x + residual"
+        apart = graph_us(lambda: step(x, res, False)) / args.layers  # noqa: B023
+        inside = graph_us(lambda: step(x, res, True)) / args.layers  # noqa: B023
+        fl = sum(floor_us(i, z, tokens, 0, args.bandwidth) for i, z in ((in_q, sizes_q), (in_o, sizes_o)))
+        cells = f"{apart:.2f} | {inside:.2f} | {fl:.2f} | {fl / inside:.0%}"
+        print(f"| {tokens} | {residual} | {cells} |", flush=True)
 
 
 def fp8_rows(args) -> None:
@@ -242,9 +288,12 @@ def main() -> None:
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--fp8", action="store_true", help="FP8 weights against bf16")
+    p.add_argument("--norm", action="store_true", help="the input norm's own launch against inside q/k/v")
     p.add_argument("--fp8-tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256, 2048])
     args = p.parse_args()
-    if args.fp8 and not args.sweep:
+    if args.norm:
+        norm_rows(args)
+    elif args.fp8 and not args.sweep:
         fp8_rows(args)
     elif args.lora_sweep:
         head = "| layer | tokens | cuBLAS alone us | + LoRA, shipped tiles us | best 4 (tiles: us) |"

@@ -270,7 +270,13 @@ class KernelPlan:
     # (removed): by the sm_90 TTGIR of this form before its last change, a [BLOCK_K] load of the norm weight
     # (2 bytes a thread) is not staged by the loop's pipelining (each K step waits for it) and a K-step
     # loop over the rows for the rstd waits each step too; here the weight is loaded as a tile like x's
-    # (staged with it) and the rstd takes a row's loads at once. Not yet timed (`norm_linear_tokens=16`).
+    # (staged with it) and the rstd takes a row's loads at once. H100, Qwen3-30B-A3B, batch 1, one process
+    # (2026-12-07, 27th session): that form took 5.78 / 5.14 ms a step base / 8 adapters against 3.65 /
+    # 4.23 without it; its q/k/v launch ended 49.5 us after the MoE's (a q/k/v launch alone takes about 8).
+    # In a chain of q/k/v and o (`bench/linear.py --norm`) it cost 14-16 us a layer more than the norm's
+    # own launch with the residual and nothing more without one; x + residual was stored in the GEMV's loop
+    # by column tile 0's programs, now with the rstd's loads before it (90 / 144 registers a thread, base
+    # / given the shrink, were 94 / 188). Not yet timed.
     norm_linear_tokens: int = 0
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's

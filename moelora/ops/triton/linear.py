@@ -73,12 +73,14 @@ def _tile_part(n0, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr):
 
 
 @triton.jit
-def _input_rstd(x_ptr, r_ptr, num_tokens, sx_t, sx_k, s_in_t, eps, IN_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+def _input_rstd(x_ptr, r_ptr, s_ptr, store_lo, store_hi, num_tokens, sx_t, sx_k, s_in_t, eps,
+                IN_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                HAS_RES: tl.constexpr):  # fmt: skip
     """[BLOCK_M] fp32: each token row's rstd under the input RMSNorm, 1 / sqrt(mean(s^2) + eps) with s = x +
-    residual rounded to x's dtype (HAS_RES) or x. A row at a time, its loads in CHUNK-column pieces of an
-    unrolled loop (issued together: about one trip to memory a row; a loop over K steps would wait for
-    each step's loads in turn)."""
+    residual rounded to x's dtype (HAS_RES) or x; with HAS_RES s is stored at s_ptr (rows of IN_DIM) over
+    columns [store_lo, store_hi). A row at a time, its loads in CHUNK-column pieces of an unrolled loop
+    (issued together: about one trip to memory a row; a loop over K steps would wait for each step's loads
+    in turn)."""
     t = tl.arange(0, BLOCK_M)
     k = tl.arange(0, CHUNK)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -88,7 +90,10 @@ def _input_rstd(x_ptr, r_ptr, num_tokens, sx_t, sx_k, s_in_t, eps, IN_DIM: tl.co
         for c in tl.static_range(0, IN_DIM, CHUNK):
             ok = c + k < IN_DIM
             xk = tl.load(x_ptr + i * sx_t + (c + k) * sx_k, mask=ok, other=0.0)
-            sf = _input_sum(xk, r_ptr + i * s_in_t + c + k, ok, HAS_RES).to(tl.float32)
+            s = _input_sum(xk, r_ptr + i * s_in_t + c + k, ok, HAS_RES)
+            if HAS_RES:
+                tl.store(s_ptr + i * IN_DIM + c + k, s, mask=ok & (c + k >= store_lo) & (c + k < store_hi))
+            sf = s.to(tl.float32)
             squares += sf * sf
         rstd = tl.where(t == i, tl.rsqrt(tl.sum(squares, axis=0) / IN_DIM + eps), rstd)
         i += 1
@@ -105,15 +110,12 @@ def _input_sum(xk, r_ptrs, mask, HAS_RES: tl.constexpr):
 
 
 @triton.jit
-def _input_normed(xk, r_ptrs, w_ptr, s_ptrs, cols, mask, rstd, store, HAS_RES: tl.constexpr,
-                  WEIGHT_FIRST: tl.constexpr):  # fmt: skip
+def _input_normed(xk, r_ptrs, w_ptr, cols, mask, rstd, HAS_RES: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
     """A step's input columns xk [BLOCK_M, BLOCK_K] through the input RMSNorm (`norm.norm_weighted`'s steps,
-    in x's dtype); where `store` (and HAS_RES) the sum with the residual stored at s_ptrs. cols: the
-    columns as [BLOCK_M, BLOCK_K] (every row the same), so that the norm weight's load is a tile like x's,
-    which the loop's pipelining issues ahead (a [BLOCK_K] load, 2 bytes a thread, would wait each step)."""
+    in x's dtype), the residual added first where HAS_RES. cols: the columns as [BLOCK_M, BLOCK_K] (every
+    row the same), so that the norm weight's load is a tile like x's, which the loop's pipelining issues
+    ahead (a [BLOCK_K] load, 2 bytes a thread, would wait each step)."""
     s = _input_sum(xk, r_ptrs, mask, HAS_RES)
-    if HAS_RES and store:
-        tl.store(s_ptrs, s, mask=mask)
     return norm_weighted(s, w_ptr, rstd[:, None], cols, mask, WEIGHT_FIRST).to(xk.dtype)
 
 
@@ -149,8 +151,8 @@ def _shrink(
         acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
         rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
-            rstd = _input_rstd(x_ptr, in_res_ptr, num_tokens, sx_t, sx_k, s_in_t, in_eps, IN_DIM, BLOCK_M,
-                               NORM_CHUNK, NORM_RES)  # fmt: skip
+            rstd = _input_rstd(x_ptr, in_res_ptr, in_res_ptr, 0, 0, num_tokens, sx_t, sx_k, s_in_t, in_eps,
+                               IN_DIM, BLOCK_M, NORM_CHUNK, NORM_RES)  # fmt: skip
         for k0 in range(0, CHUNK, BLOCK_K):
             k_ok = kk + k0 < IN_DIM
             x_mask = sel[:, None] & k_ok[None, :]
@@ -158,8 +160,7 @@ def _shrink(
             if NORM:
                 r_ptrs = in_res_ptr + t[:, None] * s_in_t + (kk + k0)[None, :]
                 cols = (kk + k0)[None, :] + 0 * t[:, None]
-                xk = _input_normed(xk, r_ptrs, in_w_ptr, r_ptrs, cols, x_mask, rstd, False, NORM_RES,
-                                   NORM_WF)  # fmt: skip
+                xk = _input_normed(xk, r_ptrs, in_w_ptr, cols, x_mask, rstd, NORM_RES, NORM_WF)
             ak = tl.load(
                 a_ptr + s.to(tl.int64) * sa_s + lane[None, :] * sa_l + (kk + k0)[:, None] * sa_k,
                 mask=k_ok[:, None] & l_ok[None, :],
@@ -214,7 +215,7 @@ def _expand(
 
 @triton.jit
 def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows, r_ok, sa_k,
-               in_res_ptr, in_w_ptr, in_sum_ptr, s_in_t, rstd, store_s,
+               in_res_ptr, in_w_ptr, s_in_t, rstd,
                IN_DIM: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, GROUP: tl.constexpr,
                PRECISION: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr,
@@ -226,12 +227,11 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
     With FOLD also xa = x[:, cols] @ a[r, cols]^T [BLOCK_M, BLOCK_R] over the same columns, the LoRA
     shrink's part (a_rows [BLOCK_R]: lane r's row of A, read where r_ok), its loads beside the weight's
     in the same steps; else xa is zeros. With NORM x goes through the input norm first (rows' `rstd`), and
-    where `store_s` its sum with the residual is stored over the split's columns (`_input_normed`)."""
+    the residual added first where NORM_RES (`_input_normed`)."""
     t = tl.arange(0, BLOCK_M)
     kk = split * K_CHUNK + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t[:, None] * sx_t + kk[None, :] * sx_k
-    r_ptrs = in_res_ptr + t[:, None] * s_in_t + kk[None, :]  # the residual and the sum: rows of unit stride
-    s_ptrs = in_sum_ptr + t[:, None] * IN_DIM + kk[None, :]
+    r_ptrs = in_res_ptr + t[:, None] * s_in_t + kk[None, :]  # the residual: rows of unit stride
     w_ptrs = w_ptr + n[None, :].to(tl.int64) * sw_n + kk[:, None] * sw_k
     a_ptrs = a_rows[None, :] + kk[:, None] * sa_k
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -242,10 +242,8 @@ def _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_
         xk = tl.load(x_ptrs, mask=x_mask, other=0.0)
         if NORM:
             cols = (kk + k0)[None, :] + 0 * t[:, None]
-            xk = _input_normed(xk, r_ptrs, in_w_ptr, s_ptrs, cols, x_mask, rstd, store_s, NORM_RES,
-                               NORM_WF)  # fmt: skip
+            xk = _input_normed(xk, r_ptrs, in_w_ptr, cols, x_mask, rstd, NORM_RES, NORM_WF)
             r_ptrs += BLOCK_K
-            s_ptrs += BLOCK_K
         wk = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_SCALE:
             group = (split * K_CHUNK + k0) // GROUP
@@ -368,10 +366,16 @@ def _linear_kernel(
         a_rows = a_ptr + tl.where(s < NUM_SLOTS, s, 0).to(tl.int64) * sa_s + (part * rank + r) * sa_l
         rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
-            rstd = _input_rstd(x_ptr, in_res_ptr, num_tokens, sx_t, sx_k, s_in_t, in_eps, IN_DIM, BLOCK_M,
-                               NORM_CHUNK, NORM_RES)  # fmt: skip
+            # x + residual stored here (by tile 0's programs, each over its split's columns), not in the
+            # GEMV's loop: with the store there (a branch of tile 0's programs) the launch took 14 us a layer
+            # more than the norm's own launch plus q/k/v, and as long as they without a residual (H100,
+            # 27th session, `bench/linear.py --norm`'s chain); this form is not yet timed
+            lo = tl.where(tile == 0, split * K_CHUNK, 0)
+            rstd = _input_rstd(x_ptr, in_res_ptr, in_sum_ptr, lo, tl.where(tile == 0, lo + K_CHUNK, 0),
+                               num_tokens, sx_t, sx_k, s_in_t, in_eps, IN_DIM, BLOCK_M, NORM_CHUNK,
+                               NORM_RES)  # fmt: skip
         acc, xa = _gemv_part(x_ptr, w_ptr, sc_ptr, t_ok, n, n_ok, split, sx_t, sx_k, sw_n, sw_k, ss_n, a_rows,
-                             r_ok, sa_k, in_res_ptr, in_w_ptr, in_sum_ptr, s_in_t, rstd, tile == 0, IN_DIM,
+                             r_ok, sa_k, in_res_ptr, in_w_ptr, s_in_t, rstd, IN_DIM,
                              K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE, GROUP, PRECISION, FOLD, BLOCK_R,
                              NORM, NORM_RES, NORM_WF)  # fmt: skip
         if FOLD:
