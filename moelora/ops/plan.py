@@ -278,6 +278,13 @@ class KernelPlan:
     # by column tile 0's programs, now with the rstd's loads before it (90 / 144 registers a thread, base
     # / given the shrink, were 94 / 188). Not yet timed.
     norm_linear_tokens: int = 0
+    # Whether that launch (q/k/v with the norm inside) is a programmatic dependent (`pdl`). Its predecessor
+    # is then the MoE's down launch, which fills every SM, not the norm's one program: its 80 programs
+    # would start in the places the down launch frees first, maybe two to an SM (86 KB of shared memory
+    # each) instead of one on each of 80 SMs. H100, 27th session, base at batch 1: the norm inside cost
+    # 2.13 ms a step with PDL on everywhere and 0.75 ms with it off everywhere (its cost in the q/k/v + o
+    # chain, 16 us a layer, did not depend on PDL). Off until timed against on.
+    norm_linear_pdl: bool = False
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
     # launch before it (`norm.add_norm_shrink`), for at most this many tokens (0: never): one program per
