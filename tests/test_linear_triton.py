@@ -708,12 +708,12 @@ def test_linear_cuda_graph_replay(num_tokens: int, fp8: bool):
 def test_norm_linear_cuda_graph_replay(pdl: bool):
     """The input norm inside q/k/v's launch with its adapters' shrink from `norm_shrink`, captured once and
     replayed with new inputs, residuals and slots: against the twin's norm and layer each time; the launch
-    a programmatic dependent of the norm's or not (`norm_linear_pdl`)."""
+    a programmatic dependent of the norm's or not (`pdl_off`)."""
     from moelora.ops.triton import norm as triton_norm
 
     g = torch.Generator().manual_seed(2)
     sizes, in_dim, num_tokens = (512, 128, 128), 1024, 4
-    plan = replace(TUNED, norm_linear_tokens=16, norm_linear_pdl=pdl)
+    plan = replace(TUNED, norm_linear_tokens=16, pdl_off="" if pdl else "norm_linear")
     x, res = (rand(g, num_tokens, in_dim).to(torch.bfloat16) for _ in range(2))
     norm = InputNorm(res, (1 + 0.3 * rand(g, in_dim)).to(torch.bfloat16), 1e-6, False)
     w = rand(g, sum(sizes), in_dim, scale=in_dim**-0.5).to(torch.bfloat16)

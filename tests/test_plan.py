@@ -35,6 +35,17 @@ def test_overrides_reach_nested_fields_and_leave_the_rest():
     assert with_overrides(KernelPlan(), "fp8_linear_tiles.stages=3").fp8_linear_tiles.stages == 3
 
 
+def test_pdl_off_names_the_launches_that_wait_for_the_kernel_before():
+    """`pdl_off`: launches (space-separated names) that are not programmatic dependents while `pdl` is on;
+    q/k/v with the input norm inside by default, none once set to ''."""
+    plan = with_overrides(KernelPlan(pdl=True), "pdl_off='attention down'")
+    assert not plan.pdl_for("attention") and not plan.pdl_for("down")
+    assert plan.pdl_for("norm_linear") and plan.pdl_for("linear") and plan.pdl_for("gate_up")
+    assert not KernelPlan(pdl=True).pdl_for("norm_linear") and KernelPlan(pdl=True).pdl_for("linear_router")
+    assert with_overrides(KernelPlan(pdl=True), "pdl_off=''").pdl_for("norm_linear")
+    assert not any(KernelPlan(pdl=False).pdl_for(name) for name in ("linear", "attention"))
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -49,6 +60,10 @@ def test_overrides_reach_nested_fields_and_leave_the_rest():
         ("linear_tiles=None", "only scalar fields"),  # tiles that must be there
         ("fp8_linear_tiles=None; fp8_linear_tiles.stages=3", "'fp8_linear_tiles' has no fields"),
         ("decode_pairs.x=1", "'decode_pairs' has no fields"),
+        (
+            "pdl_off='attention o_proj'",
+            "KernelPlan.pdl_off: no launch 'o_proj'; the launches are attention, down",
+        ),
     ],
 )
 def test_bad_overrides_are_refused_by_name(spec: str, message: str):

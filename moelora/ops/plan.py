@@ -21,6 +21,13 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+# The decode step's launches `KernelPlan.pdl_off` may name: the RMSNorm's (with or without the adapters'
+# shrink), the one-launch linear layer, q/k/v with the input norm inside, o with the norm and the router
+# after it, the rotary embedding, decode attention, the router, the decode MoE's gate/up and down GEMVs.
+PDL_LAUNCHES = frozenset(
+    {"norm", "linear", "norm_linear", "linear_router", "rotary", "attention", "router", "gate_up", "down"}
+)
+
 
 def _pdl_from_env() -> bool:
     """`KernelPlan.pdl`'s default: on unless MOELORA_PDL is 0."""
@@ -278,13 +285,6 @@ class KernelPlan:
     # by column tile 0's programs, now with the rstd's loads before it (90 / 144 registers a thread, base
     # / given the shrink, were 94 / 188). Not yet timed.
     norm_linear_tokens: int = 0
-    # Whether that launch (q/k/v with the norm inside) is a programmatic dependent (`pdl`). Its predecessor
-    # is then the MoE's down launch, which fills every SM, not the norm's one program: its 80 programs
-    # would start in the places the down launch frees first, maybe two to an SM (86 KB of shared memory
-    # each) instead of one on each of 80 SMs. H100, 27th session, base at batch 1: the norm inside cost
-    # 2.13 ms a step with PDL on everywhere and 0.75 ms with it off everywhere (its cost in the q/k/v + o
-    # chain, 16 us a layer, did not depend on PDL). Off until timed against on.
-    norm_linear_pdl: bool = False
     # The LoRA shrink of the attention's q/k/v (where its one launch would take shrink programs: not
     # folded; past the one launch, in place of the dense LoRA's shrink launch) in the input RMSNorm's
     # launch before it (`norm.add_norm_shrink`), for at most this many tokens (0: never): one program per
@@ -407,6 +407,28 @@ class KernelPlan:
     # twelfth session): 4.08 -> 4.03 ms a step base, 4.98 -> 4.80 with 8 adapters; H200, thirteenth session:
     # 3.54 / 4.27 ms (tenth session, before it: 3.62 / 4.41). MOELORA_PDL=0 turns it off.
     pdl: bool = field(default_factory=_pdl_from_env)
+    # Launches (`PDL_LAUNCHES`' names, separated by spaces) that are not programmatic dependents even with
+    # `pdl` on: they start only once the kernel before them has finished. A dependent launch's programs
+    # are placed while that kernel still runs, in the places its programs free first; one of fewer
+    # programs than SMs after one that fills the card may then run several to an SM on part of the card.
+    # q/k/v with the input norm inside (`norm_linear`, off by default) follows the MoE's down launch
+    # (every SM full), not the norm's one program: at 86 KB of shared memory two of its 80 programs fit an
+    # SM. H100, 27th session, base at batch 1: the norm inside cost 2.13 ms a step with PDL on everywhere,
+    # 0.75 ms with it off everywhere (its cost in a q/k/v + o chain, 16 us a layer, did not depend on PDL).
+    # So it is off there until timed against on (`pdl_off=''`).
+    pdl_off: str = "norm_linear"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.pdl_off.split()) - PDL_LAUNCHES)
+        if unknown:
+            raise ValueError(
+                f"KernelPlan.pdl_off: no launch {', '.join(map(repr, unknown))}; the launches are "
+                f"{', '.join(sorted(PDL_LAUNCHES))}"
+            )
+
+    def pdl_for(self, launch: str) -> bool:
+        """Whether `launch` (one of `PDL_LAUNCHES`) is a programmatic dependent under this plan."""
+        return self.pdl and launch not in self.pdl_off.split()
 
 
 def with_overrides(plan: KernelPlan, spec: str) -> KernelPlan:
@@ -454,7 +476,10 @@ def _replace_path(obj: Any, path: list[str], value: Any, item: str) -> Any:
             raise ValueError(
                 f"MOELORA_PLAN item {item!r}: {path[0]} takes {_a(type(current).__name__)}, not {value!r}"
             )
-    return replace(obj, **{path[0]: value})
+    try:
+        return replace(obj, **{path[0]: value})
+    except ValueError as err:  # a value the plan itself refuses (`KernelPlan.pdl_off`'s names)
+        raise ValueError(f"MOELORA_PLAN item {item!r}: {err}") from None
 
 
 def _a(noun: str) -> str:

@@ -422,7 +422,7 @@ def paged_decode(
     out = torch.empty_like(q)
     part, lse, counts = split_buffers(out, splits, kv_heads)
     sinks_l2 = kv_lens if sinks is None else sinks.float() * LOG2E  # (a placeholder when there are none)
-    pdl = dependent_launch(q.device, TUNED.pdl)
+    pdl = dependent_launch(q.device, TUNED.pdl_for("attention"))
     k, v, cos, sin, slots, qw, kw, eps = q, q, q[:, 0], q[:, 0], kv_lens, q, q, 0.0  # unread placeholders
     norm = 0
     if rotary is not None:

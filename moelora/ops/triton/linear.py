@@ -701,7 +701,8 @@ def _launch(
     xn = norm if norm is not None else InputNorm(None, x, 0.0, False)
     xr = xn.residual if xn.residual is not None else x
     xs = summed if summed is not None else x
-    pdl = dependent_launch(x.device, plan.pdl and (norm is None or plan.norm_linear_pdl))
+    launch = "norm_linear" if norm is not None else "linear_router" if route is not None else "linear"
+    pdl = dependent_launch(x.device, plan.pdl_for(launch))
     line = max(1, 128 // weight.element_size())  # weights a 128-byte cache line holds
     _linear_kernel[(shrinks + n_tiles * splits,)](
         x, weight, table, weight if bias is None else bias, y, part, slot, a, xa, b, ranks,

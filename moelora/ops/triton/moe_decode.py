@@ -28,11 +28,11 @@ def decode_moe(
     launches with or without LoRA, no alignment, every size from the shapes (CUDA-graph safe)."""
     tiles, down = plan.decode_tiles, plan.decode_down_tiles  # (K steps of at most a group with FP8)
     if lora is None:
-        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras, plan.pdl)
-        return decode_down(h, w_down, local_ids, weights, None, down, extras, plan.pdl)
+        h, _ = decode_gate_up(x, w_gate_up, local_ids, None, tiles, extras, plan.pdl_for("gate_up"))
+        return decode_down(h, w_down, local_ids, weights, None, down, extras, plan.pdl_for("down"))
     slot, lo = lora
-    h, ha = decode_gate_up(
-        x, w_gate_up, local_ids, (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank), tiles, extras, plan.pdl
-    )
+    lora_gu = (slot, lo.a_gu, lo.b_gu, lo.a_dn, lo.rank)
+    h, ha = decode_gate_up(x, w_gate_up, local_ids, lora_gu, tiles, extras, plan.pdl_for("gate_up"))
     assert ha is not None  # given LoRA, the gate/up launch returns the down shrink
-    return decode_down(h, w_down, local_ids, weights, (slot, ha, lo.b_dn, lo.rank), down, extras, plan.pdl)
+    lora_dn = (slot, ha, lo.b_dn, lo.rank)
+    return decode_down(h, w_down, local_ids, weights, lora_dn, down, extras, plan.pdl_for("down"))

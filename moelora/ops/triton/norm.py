@@ -124,7 +124,7 @@ def rms_norm(
     """Same signature and Semantics as `moelora.ops.torch.norm.rms_norm`."""
     xr, rr, y, s = _norm_buffers("rms_norm", x, weight, residual, weight_first)
     n, block_n = x.shape[-1], triton.next_power_of_2(x.shape[-1])
-    pdl = dependent_launch(x.device, TUNED.pdl)
+    pdl = dependent_launch(x.device, TUNED.pdl_for("norm"))
     _rms_norm_kernel[(xr.shape[0],)](
         xr, rr, weight.contiguous(), y, s, n, eps, xr.stride(0), rr.stride(0),
         HAS_RESIDUAL=residual is not None, WEIGHT_FIRST=weight_first, BLOCK_N=block_n, PDL=pdl,
@@ -244,7 +244,7 @@ def _norm_shrink(
     xa = torch.empty(chunks, x.shape[0], lanes, dtype=torch.float32, device=x.device)
     a = lora.a.reshape(num_slots, lanes, n)
     block_n = triton.next_power_of_2(n)
-    pdl = dependent_launch(x.device, TUNED.pdl)
+    pdl = dependent_launch(x.device, TUNED.pdl_for("norm"))
     _add_norm_shrink_kernel[(x.shape[0], chunks)](
         xr, rr, weight.contiguous(), y, s, token_slot, a, lora.rank, xa, n, eps, xr.stride(0), rr.stride(0),
         x.shape[0], num_slots, lanes, rank, *a.stride(), *lora.rank.stride(),

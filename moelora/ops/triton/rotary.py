@@ -168,7 +168,7 @@ def _launch(
     v, k_cache, v_cache, slots = cache if cache is not None else (k, k[None], k[None], q)
     slots = slots.contiguous()
     num_blocks, page = k_cache.shape[:2]
-    pdl = dependent_launch(q.device, TUNED.pdl)
+    pdl = dependent_launch(q.device, TUNED.pdl_for("rotary"))
     _rotary_kernel[(t, q_blocks + triton.cdiv(hkv, block_h))](
         q, k, q_out, k_out, qw, kw, cos, sin, v, k_cache, v_cache, slots,
         hq, hkv, d // 2, eps, q_blocks, num_blocks * page, page,

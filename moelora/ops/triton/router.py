@@ -346,7 +346,7 @@ def _launch(
     if norm is not None:
         residual, norm_weight, eps, weight_first = norm
         h, s = torch.empty(num_tokens, in_dim, dtype=x.dtype, device=x.device), torch.empty_like(h)
-    pdl = dependent_launch(x.device, TUNED.pdl if pdl is None else pdl)
+    pdl = dependent_launch(x.device, TUNED.pdl_for("router") if pdl is None else pdl)
     line = 128 // weight.element_size()  # weights a 128-byte cache line holds
     _router_kernel[(splits,)](
         x, weight, part, weights, ids, launch_counters(x.device, 1), residual, norm_weight, h, s,
