@@ -24,7 +24,7 @@ from typing import Any
 # The decode step's launches `KernelPlan.pdl_off` may name: the RMSNorm's (with or without the adapters'
 # shrink), the one-launch linear layer, q/k/v with the input norm inside, o with the norm and the router
 # after it, the rotary embedding, decode attention, the router, the decode MoE's gate/up and down GEMVs.
-PDL_LAUNCHES = frozenset(
+_PDL_LAUNCHES = frozenset(
     {"norm", "linear", "norm_linear", "linear_router", "rotary", "attention", "router", "gate_up", "down"}
 )
 
@@ -407,7 +407,7 @@ class KernelPlan:
     # twelfth session): 4.08 -> 4.03 ms a step base, 4.98 -> 4.80 with 8 adapters; H200, thirteenth session:
     # 3.54 / 4.27 ms (tenth session, before it: 3.62 / 4.41). MOELORA_PDL=0 turns it off.
     pdl: bool = field(default_factory=_pdl_from_env)
-    # Launches (`PDL_LAUNCHES`' names, separated by spaces) that are not programmatic dependents even with
+    # Launches (`_PDL_LAUNCHES`, separated by spaces) that are not programmatic dependents even with
     # `pdl` on: they start only once the kernel before them has finished. A dependent launch's programs
     # are placed while that kernel still runs, in the places its programs free first; one of fewer
     # programs than SMs after one that fills the card may then run several to an SM on part of the card.
@@ -419,15 +419,15 @@ class KernelPlan:
     pdl_off: str = "norm_linear"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.pdl_off.split()) - PDL_LAUNCHES)
+        unknown = sorted(set(self.pdl_off.split()) - _PDL_LAUNCHES)
         if unknown:
             raise ValueError(
                 f"KernelPlan.pdl_off: no launch {', '.join(map(repr, unknown))}; the launches are "
-                f"{', '.join(sorted(PDL_LAUNCHES))}"
+                f"{', '.join(sorted(_PDL_LAUNCHES))}"
             )
 
     def pdl_for(self, launch: str) -> bool:
-        """Whether `launch` (one of `PDL_LAUNCHES`) is a programmatic dependent under this plan."""
+        """Whether `launch` (one of `_PDL_LAUNCHES`) is a programmatic dependent under this plan."""
         return self.pdl and launch not in self.pdl_off.split()
 
 
